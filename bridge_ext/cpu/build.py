@@ -1,0 +1,79 @@
+"""Build a Megatron-Core model from a Hugging Face folder through Megatron-Bridge, on CPU.
+
+Call inside :func:`bridge_ext.cpu.distributed.megatron_parallel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Megatron-Bridge LoRA settings (``megatron.bridge.peft.lora.LoRA``)."""
+
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    dim: int = 4
+    alpha: int = 8
+
+
+@dataclass
+class BuiltModel:
+    """A Megatron model (list of virtual-pipeline chunks) and the bridge that made it."""
+
+    chunks: list[torch.nn.Module]
+    bridge: object
+    provider: object
+    lora: object | None = None
+    hf_dir: Path = field(default_factory=Path)
+
+
+def build_megatron_model(
+    hf_dir: str | Path,
+    *,
+    lora: LoraSettings | None = None,
+    load_weights: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> BuiltModel:
+    """Build the Megatron model of ``hf_dir`` with local (non-TE) layers, load its weights.
+
+    With ``lora`` the model is wrapped by Megatron-Bridge LoRA (A, B initialised by it).
+    """
+    from megatron.bridge import AutoBridge
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
+    provider = bridge.to_megatron_provider(load_weights=False)
+    provider.transformer_layer_spec = get_gpt_layer_local_spec(
+        num_experts=getattr(provider, "num_moe_experts", None),
+        qk_layernorm=bool(getattr(provider, "qk_layernorm", False)),
+    )
+    provider.params_dtype = dtype
+    provider.bf16 = dtype == torch.bfloat16
+    provider.fp16 = dtype == torch.float16
+    lora_module = None
+    if lora is not None:
+        from megatron.bridge.peft.lora import LoRA
+
+        lora_module = LoRA(target_modules=list(lora.target_modules), dim=lora.dim, alpha=lora.alpha)
+        provider.register_pre_wrap_hook(lambda chunks: lora_module(chunks, training=True))
+    provider.finalize()
+    chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    if load_weights:
+        bridge.load_hf_weights(chunks)
+    return BuiltModel(chunks=list(chunks), bridge=bridge, provider=provider, lora=lora_module, hf_dir=Path(hf_dir))
+
+
+def randomize_lora(chunks: list[torch.nn.Module], seed: int = 0, std: float = 0.05) -> None:
+    """Give every LoRA A and B random non-zero values (B starts at zero after init)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for chunk in chunks:
+            for name, param in chunk.named_parameters():
+                if ".adapter." in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
