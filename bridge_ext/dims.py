@@ -1,0 +1,57 @@
+"""The sizes that mapping operations need, read once from a Hugging Face config.
+
+Operations name sizes (``"head_dim"``, ``"gdn_qk_rows"``...) instead of computing them, so a
+table stays data; this module is the one place that knows where each size lives in a config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+def text_config(config) -> object:
+    """The language-model part of a config (``text_config`` of multimodal configs)."""
+    return getattr(config, "text_config", None) or config
+
+
+def vision_config(config) -> object | None:
+    return getattr(config, "vision_config", None)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Named integer sizes of one model; missing names raise a KeyError naming them."""
+
+    sizes: Mapping[str, int]
+
+    def __getitem__(self, name: str) -> int:
+        try:
+            return self.sizes[name]
+        except KeyError:
+            raise KeyError(f"the model's config does not define the size {name!r}") from None
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelDims:
+        text = text_config(config)
+        sizes: dict[str, int] = {"hidden_size": text.hidden_size, "vocab_size": text.vocab_size}
+        heads = text.num_attention_heads
+        groups = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        sizes.update(
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            head_dim=head_dim,
+            q_rows_per_group=heads // groups * head_dim,
+        )
+        if getattr(text, "linear_num_value_heads", None):
+            sizes.update(
+                gdn_qk_rows=text.linear_num_key_heads * text.linear_key_head_dim,
+                gdn_v_rows=text.linear_num_value_heads * text.linear_value_head_dim,
+                gdn_heads=text.linear_num_value_heads,
+            )
+        vision = vision_config(config)
+        if vision is not None:
+            vision_heads = vision.num_heads
+            sizes.update(vision_heads=vision_heads, vision_head_dim=vision.hidden_size // vision_heads)
+        return cls(sizes)

@@ -1,0 +1,226 @@
+"""The generic conversion engine: plans tasks from a table, converts one task at a time.
+
+A task is one instance of a rule: the Megatron tensor(s) it reads (several when experts are
+stacked or a shared tensor has copies) and the Hugging Face tensors it writes. Planning uses
+names only, so every unmapped parameter and every missing or unexpected name is reported
+before any tensor moves; converting holds one task's tensors at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from bridge_ext.dims import ModelDims
+from bridge_ext.ops import Op
+from bridge_ext.source import Adapter, TensorSource
+from bridge_ext.table import MappingTable, Rule
+
+PEFT_PREFIX = "base_model.model."
+
+
+class ExportError(ValueError):
+    """The model and the mapping table disagree; the message names the tensors concerned."""
+
+
+@dataclass(frozen=True)
+class Task:
+    rule: Rule
+    values: dict[str, str]
+    sources: tuple[str, ...]
+    hf_names: tuple[str, ...]
+
+    @property
+    def module(self) -> str | None:
+        """The Megatron module a LoRA adapter of this task would wrap."""
+        first = self.sources[0]
+        return first[: -len(".weight")] if first.endswith(".weight") else None
+
+
+class Mode(Enum):
+    """What an export yields."""
+
+    PEFT = "peft"  # clean base weights and the adapters in PEFT's key format
+    MERGED = "merged"  # base weights with LoRA merged in, no adapters
+    ADAPTERS = "adapters"  # adapters only
+
+
+def plan_tasks(names: list[str], table: MappingTable, variants: frozenset[str] = frozenset()) -> list[Task]:
+    """Group Megatron names into tasks, in order of first appearance.
+
+    Raises ExportError naming every parameter no rule covers.
+    """
+    groups: dict[tuple, list[tuple[int, str]]] = {}
+    group_rules: dict[tuple, tuple[Rule, dict[str, str]]] = {}
+    unmapped = []
+    for name in names:
+        found = table.match(name, variants)
+        if found is None:
+            unmapped.append(name)
+            continue
+        reduced = found.rule.stack or found.rule.shared
+        kept = {key: value for key, value in found.values.items() if key != reduced}
+        key = (id(found.rule), tuple(sorted(kept.items())))
+        order = int(found.values[reduced]) if reduced else 0
+        groups.setdefault(key, []).append((order, name))
+        group_rules[key] = (found.rule, kept)
+    if unmapped:
+        raise ExportError(
+            f"{len(unmapped)} Megatron parameter(s) have no rule in the {table.model_types} table: "
+            + ", ".join(unmapped)
+        )
+    tasks = []
+    for key, members in groups.items():
+        rule, kept = group_rules[key]
+        members.sort()
+        if rule.stack and [order for order, _ in members] != list(range(len(members))):
+            raise ExportError(
+                f"cannot stack {rule.stack} tensors {[name for _, name in members]}: "
+                f"numbers are not 0..{len(members) - 1}"
+            )
+        sources = tuple(name for _, name in members)
+        tasks.append(Task(rule, kept, sources, tuple(rule.hf_names(kept))))
+    return tasks
+
+
+def _apply(ops: list[Op], tensors: list[torch.Tensor], dims: ModelDims) -> list[torch.Tensor]:
+    for op in ops:
+        tensors = op.forward(tensors, dims)
+    return tensors
+
+
+def run_rule(rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, axis: int | None = None,
+             rows_only: bool = False) -> list[torch.Tensor]:
+    """Convert one Megatron tensor, given as tensor-parallel shards, with the rule's ops.
+
+    ``axis`` overrides the concatenation axis of the shards (LoRA factors are split over
+    ranks differently from their base weight); ``rows_only`` skips value-changing ops and is
+    how a ``lora_B`` goes through its base weight's rule.
+    """
+    per_rank = [op for op in rule.ops if op.per_rank]
+    global_ops = [op for op in rule.ops if not op.per_rank and not (rows_only and op.changes_values)]
+    if rule.tp == "replicated" and axis is None:
+        shards = shards[:1]
+    parts_by_rank = [_apply(per_rank, [shard], dims) for shard in shards]
+    if len(parts_by_rank) == 1:
+        parts = parts_by_rank[0]
+    else:
+        cat_axis = axis if axis is not None else (1 if rule.tp == "row" else 0)
+        parts = [torch.cat(same_part, dim=cat_axis) for same_part in zip(*parts_by_rank)]
+    return _apply(global_ops, parts, dims)
+
+
+def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: ModelDims) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(lora_A, lora_B) for each Hugging Face output of ``rule``.
+
+    Megatron-Bridge shards ``B`` over rows for every base, and ``A`` over rows (the rank
+    dimension) for column-parallel bases, over columns for row-parallel ones. ``B`` takes the
+    base's row operations; ``A`` is shared by every output.
+    """
+    if rule.changes_values:
+        raise ExportError(f"{adapter.module} has a LoRA adapter but its rule changes values ({rule.megatron})")
+    a_shards = source.shards(adapter.lora_a)
+    lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards, dim=1 if rule.tp == "row" else 0)
+    lora_bs = run_rule(rule, source.shards(adapter.lora_b), dims, axis=0, rows_only=True)
+    return [(lora_a, lora_b) for lora_b in lora_bs]
+
+
+def _merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + scale * B @ A`` in fp32, cast back to the base dtype."""
+    merged = base.float() + scale * (lora_b.float() @ lora_a.float())
+    return merged.to(base.dtype)
+
+
+def peft_key(hf_name: str, factor: str) -> str:
+    """PEFT's saved key of ``lora_A``/``lora_B`` for the Hugging Face weight ``hf_name``."""
+    if not hf_name.endswith(".weight"):
+        raise ExportError(f"{hf_name} is not a module weight; PEFT keys it as a target parameter")
+    return f"{PEFT_PREFIX}{hf_name[: -len('.weight')]}.{factor}.weight"
+
+
+class TaskConverter:
+    """Converts planned tasks of one model; yields ``(name, tensor)`` pairs."""
+
+    def __init__(self, source: TensorSource, dims: ModelDims, mode: Mode, dtype: torch.dtype | None = None,
+                 expert_adapters=None):
+        self.source = source
+        self.dims = dims
+        self.mode = mode
+        self.dtype = dtype
+        self.adapters = source.adapters()
+        self.expert_adapters = expert_adapters
+
+    def adapter_of(self, task: Task, source_name: str) -> Adapter | None:
+        module = source_name[: -len(".weight")] if source_name.endswith(".weight") else None
+        return self.adapters.get(module) if module else None
+
+    def __call__(self, task: Task) -> Iterator[tuple[str, torch.Tensor]]:
+        if task.rule.shared:
+            self._check_copies_equal(task)
+        if task.rule.stack:
+            yield from self._stacked(task)
+            return
+        name = task.sources[0]
+        adapter = self.adapter_of(task, name)
+        factors = _lora_factors(task.rule, adapter, self.source, self.dims) if adapter else None
+        if self.mode is not Mode.ADAPTERS:
+            bases = run_rule(task.rule, self.source.shards(name), self.dims)
+            for index, (hf_name, base) in enumerate(zip(task.hf_names, bases, strict=True)):
+                if self.mode is Mode.MERGED and factors:
+                    base = _merge(base, *factors[index], adapter.scale)
+                yield hf_name, self._cast(base)
+        if factors and self.mode is not Mode.MERGED:
+            for hf_name, (lora_a, lora_b) in zip(task.hf_names, factors, strict=True):
+                yield peft_key(hf_name, "lora_A"), self._cast(lora_a)
+                yield peft_key(hf_name, "lora_B"), self._cast(lora_b)
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.dtype is None else tensor.to(self.dtype)
+
+    def _check_copies_equal(self, task: Task) -> None:
+        first = self.source.shards(task.sources[0])
+        for other_name in task.sources[1:]:
+            other = self.source.shards(other_name)
+            if any(not torch.equal(a, b) for a, b in zip(first, other, strict=True)):
+                raise ExportError(
+                    f"{task.hf_names} has one tensor in Hugging Face's format, but Megatron's "
+                    f"{task.sources[0]} and {other_name} differ; refusing to drop either"
+                )
+            if self.adapter_of(task, other_name) is not None:
+                raise ExportError(f"{other_name} has a LoRA adapter; shared tensors cannot take one")
+
+    def _stacked(self, task: Task) -> Iterator[tuple[str, torch.Tensor]]:
+        """Experts fused into ``[E, ...]``: each output is filled expert by expert."""
+        outputs: list[torch.Tensor] | None = None
+        expert_factors = []
+        for expert, name in enumerate(task.sources):
+            adapter = self.adapter_of(task, name)
+            factors = _lora_factors(task.rule, adapter, self.source, self.dims) if adapter else None
+            expert_factors.append((adapter, factors))
+            if self.mode is Mode.ADAPTERS:
+                continue
+            bases = run_rule(task.rule, self.source.shards(name), self.dims)
+            if self.mode is Mode.MERGED and factors:
+                bases = [_merge(base, *pair, adapter.scale) for base, pair in zip(bases, factors)]
+            if outputs is None:
+                outputs = [torch.empty((len(task.sources), *base.shape), dtype=self.dtype or base.dtype)
+                           for base in bases]
+            for output, base in zip(outputs, bases, strict=True):
+                output[expert].copy_(base)
+        if outputs is not None:
+            yield from zip(task.hf_names, outputs)
+        if self.mode is Mode.MERGED or all(adapter is None for adapter, _ in expert_factors):
+            return
+        if any(adapter is None for adapter, _ in expert_factors):
+            missing = [name for name, (adapter, _) in zip(task.sources, expert_factors) if adapter is None]
+            raise ExportError(f"experts {missing} have no LoRA adapter while their siblings do")
+        if self.expert_adapters is None:
+            raise ExportError(f"{task.hf_names}: fused experts need an expert adapter layout")
+        for output_index, hf_name in enumerate(task.hf_names):
+            lora_as = [factors[output_index][0] for _, factors in expert_factors]
+            lora_bs = [factors[output_index][1] for _, factors in expert_factors]
+            for key, tensor in self.expert_adapters(hf_name, lora_as, lora_bs):
+                yield key, self._cast(tensor)

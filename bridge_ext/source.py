@@ -1,0 +1,47 @@
+"""Where Megatron tensors come from: a live model (any parallel layout) or a checkpoint.
+
+The engine sees a :class:`TensorSource`: normalised Megatron names (no ``module.`` wrapper
+prefixes, no LoRA ``to_wrap``, global layer and expert numbers), each tensor's
+tensor-parallel shards on demand, and the LoRA adapters by module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter on one Megatron linear: ``W + alpha / rank * B @ A``.
+
+    ``lora_a`` and ``lora_b`` are the Megatron names of its ``linear_in`` / ``linear_out``
+    weights, read through the same source as the base weights.
+    """
+
+    module: str
+    lora_a: str
+    lora_b: str
+    alpha: float
+    rank: int
+    dropout: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class TensorSource(Protocol):
+    """What the engine reads Megatron tensors through."""
+
+    def base_names(self) -> list[str]:
+        """Normalised names of all base tensors, in a stable order shared by every rank."""
+
+    def adapters(self) -> dict[str, Adapter]:
+        """LoRA adapters by the normalised name of the module they wrap."""
+
+    def shards(self, name: str) -> list[torch.Tensor]:
+        """The tensor-parallel shards of ``name`` in rank order (one: the whole tensor)."""
+

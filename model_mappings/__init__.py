@@ -1,0 +1,15 @@
+"""Declarative mapping tables, one per architecture family, found by Hugging Face model_type."""
+
+from bridge_ext.table import MappingTable
+from model_mappings import llama
+
+TABLES: tuple[MappingTable, ...] = (llama.TABLE,)
+
+
+def table_for(model_type: str) -> MappingTable:
+    """The table for a Hugging Face ``model_type``; a clear error for unknown ones."""
+    for table in TABLES:
+        if model_type in table.model_types:
+            return table
+    known = sorted(model for table in TABLES for model in table.model_types)
+    raise KeyError(f"no mapping table for model_type {model_type!r}; known: {', '.join(known)}")

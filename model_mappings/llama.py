@@ -1,0 +1,16 @@
+"""Llama, Qwen2 and Qwen3 (dense): GQA attention (Qwen3: q/k norms; Qwen2: qkv bias)."""
+
+from bridge_ext.table import MappingTable, prefixed
+from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm
+
+DECODER_LAYER = prefixed(
+    [*attention(qkv_bias=True), *post_attention_norm(), *dense_mlp()],
+    "decoder.layers.{layer}.",
+    "model.layers.{layer}.",
+)
+
+TABLE = MappingTable(
+    model_types=("llama", "qwen2", "qwen3"),
+    rules=(*embeddings("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"), *DECODER_LAYER),
+    description="Llama / Qwen2 / Qwen3 dense decoder",
+)
