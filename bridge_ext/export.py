@@ -12,6 +12,7 @@ import torch
 from bridge_ext.dims import ModelDims, text_config
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, plan_tasks
 from bridge_ext.live import LiveModelSource, unwrap_chunks
+from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.source import TensorSource
 
 ExpertLayout = Literal["fused", "per_expert"]
@@ -48,6 +49,7 @@ class ExportPlan:
     variants: frozenset[str]
     expert_layout: ExpertLayout
     hf_names: list[str] = field(default_factory=list)
+    hf_keys: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def plan_export(source: TensorSource, config, *, expert_layout: ExpertLayout = "fused") -> ExportPlan:
@@ -62,7 +64,8 @@ def plan_export(source: TensorSource, config, *, expert_layout: ExpertLayout = "
     duplicates = sorted({name for name in produced if produced.count(name) > 1})
     if duplicates:
         raise ExportError(f"several Megatron tensors map to {duplicates}")
-    expected = set(hf_checkpoint_keys(config, expert_layout=expert_layout))
+    hf_keys = hf_checkpoint_keys(config, expert_layout=expert_layout)
+    expected = set(hf_keys)
     mtp_layers = mtp_layer_count(config)
     unexpected = [n for n in produced if n not in expected and not (mtp_layers and n.startswith("mtp."))]
     missing = sorted(expected - set(produced))
@@ -71,7 +74,7 @@ def plan_export(source: TensorSource, config, *, expert_layout: ExpertLayout = "
             f"the export does not match the {config.model_type} checkpoint format: "
             f"unexpected {unexpected or 'none'}; missing {missing or 'none'}"
         )
-    return ExportPlan(config, ModelDims.from_hf_config(config), tasks, variants, expert_layout, produced)
+    return ExportPlan(config, ModelDims.from_hf_config(config), tasks, variants, expert_layout, produced, hf_keys)
 
 
 def mtp_layer_count(config) -> int:
@@ -84,6 +87,12 @@ def mtp_layer_count(config) -> int:
     return 0
 
 
+def prepare(model, hf_config=None, expert_layout: ExpertLayout = "fused") -> tuple[TensorSource, ExportPlan]:
+    """The model as a tensor source, and its checked export plan."""
+    source = LiveModelSource(model)
+    return source, plan_export(source, resolve_hf_config(model, hf_config), expert_layout=expert_layout)
+
+
 def _mode(peft: bool, adapters_only: bool) -> Mode:
     if adapters_only:
         if not peft:
@@ -94,15 +103,13 @@ def _mode(peft: bool, adapters_only: bool) -> Mode:
 
 def stream(source: TensorSource, plan: ExportPlan, mode: Mode, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Convert the planned tasks one by one."""
-    converter = TaskConverter(source, plan.dims, mode, dtype, expert_adapters=_fused_expert_adapters)
+    adapters = source.adapters()
+    if mode is Mode.ADAPTERS and not adapters:
+        raise ExportError("adapters_only=True, but the model has no LoRA adapters")
+    expert_keys = FusedExpertKeys(adapted_outputs(plan, adapters))
+    converter = TaskConverter(source, plan.dims, mode, dtype, expert_adapters=expert_keys)
     for task in plan.tasks:
         yield from converter(task)
-
-
-def _fused_expert_adapters(hf_name, lora_as, lora_bs):
-    from bridge_ext.peft_experts import fused_expert_adapter_tensors
-
-    return fused_expert_adapter_tensors(hf_name, lora_as, lora_bs)
 
 
 def export_hf_weights(
@@ -135,9 +142,20 @@ def export_hf_weights(
     invent, raises :class:`ExportError` before the first tensor is produced.
     """
     mode = _mode(peft, adapters_only)
-    source = LiveModelSource(model)
-    plan = plan_export(source, resolve_hf_config(model, hf_config), expert_layout=expert_layout)
+    source, plan = prepare(model, hf_config, expert_layout)
     yield from stream(source, plan, mode, dtype)
+
+
+def peft_adapter_config(model, *, hf_config=None, expert_layout: ExpertLayout = "fused",
+                        base_model_name_or_path: str | None = None):
+    """PEFT's ``LoraConfig`` for the model's adapters, as :func:`export_hf_weights` names them.
+
+    ``base_model_name_or_path`` defaults to the Hugging Face source of the model.
+    """
+    source, plan = prepare(model, hf_config, expert_layout)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(unwrap_chunks(model)[0].config, "hf_model_id", None)
+    return lora_config(plan, source.adapters(), plan.hf_keys, base_model_name_or_path)
 
 
 @dataclass

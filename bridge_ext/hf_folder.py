@@ -1,0 +1,106 @@
+"""Write Hugging Face folders: sharded safetensors with an index, atomically.
+
+:func:`atomic_directory` builds the folder under a temporary name beside the target and
+renames it into place only when complete, so a failed or interrupted run leaves nothing
+half-written. :class:`ShardedSafetensorsWriter` takes tensors one at a time and holds at most
+one shard in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and is not empty, and overwriting was not asked for."""
+
+
+@contextmanager
+def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``target`` when the block succeeds."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{target} exists and is not empty (pass overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` / ``"500MiB"`` / ``1024`` -> bytes."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+class ShardedSafetensorsWriter:
+    """Streams tensors into ``model-0000i-of-0000n.safetensors`` files plus their index."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None):
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+        self.tensor_count = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in names for _, names in self._shards):
+            raise ValueError(f"{name} was written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+        self.tensor_count += 1
+
+    def _flush(self) -> None:
+        file_name = f"shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, str(self.directory / file_name), metadata=self.metadata)
+        self._shards.append((file_name, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write the last shard, give shards their final names, write the index if several."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        if count == 1:
+            os.replace(self.directory / self._shards[0][0], self.directory / SINGLE_FILE)
+            return [SINGLE_FILE]
+        weight_map, names = {}, []
+        for number, (temporary, tensor_names) in enumerate(self._shards, start=1):
+            final = f"model-{number:05d}-of-{count:05d}.safetensors"
+            os.replace(self.directory / temporary, self.directory / final)
+            weight_map.update(dict.fromkeys(tensor_names, final))
+            names.append(final)
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return names

@@ -1,0 +1,116 @@
+"""Save a Megatron model as a Hugging Face folder and a PEFT adapter folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bridge_ext.engine import PEFT_PREFIX, ExportError, Mode
+from bridge_ext.export import ExpertLayout, ExportPlan, hf_source_folder, mtp_layer_count, prepare, stream
+from bridge_ext.hf_folder import ShardedSafetensorsWriter, atomic_directory, parse_size
+from bridge_ext.peft_config import lora_config
+
+# Files of a Hugging Face folder that describe the model but hold no weights.
+COMPANION_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+    "generation_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+)
+
+
+@dataclass
+class SaveResult:
+    model_dir: Path | None
+    adapter_dir: Path | None
+    tensors: int
+    bytes: int
+
+
+def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, dtype: torch.dtype | None) -> None:
+    """config.json (the source's own when known: it names the exact architecture) + companions."""
+    if source_folder is not None and (source_folder / "config.json").is_file():
+        config = json.loads((source_folder / "config.json").read_text())
+        for name in COMPANION_FILES:
+            if (source_folder / name).is_file():
+                shutil.copy2(source_folder / name, directory / name)
+    else:
+        config = plan.config.to_dict()
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+    mtp_layers = mtp_layer_count(plan.config)
+    holder = config.get("text_config", config) if "text_config" in config else config
+    if mtp_layers and not any(k in holder or k in config for k in ("mtp_num_hidden_layers", "num_nextn_predict_layers")):
+        holder["mtp_num_hidden_layers"] = mtp_layers  # transformers' to_dict can drop it
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_hf_pretrained(
+    model,
+    model_dir: str | Path | None = None,
+    adapter_dir: str | Path | None = None,
+    *,
+    merge: bool = False,
+    hf_config=None,
+    expert_layout: ExpertLayout = "fused",
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> SaveResult:
+    """Write the base model to ``model_dir`` and/or the LoRA adapters to ``adapter_dir``.
+
+    ``model_dir`` gets sharded safetensors, their index and config.json (plus tokenizer and
+    generation files of the Hugging Face source folder, when it is local); ``adapter_dir``
+    gets ``adapter_model.safetensors`` and PEFT's ``adapter_config.json``. With ``merge=True``
+    the adapters are merged into the base weights instead. Each folder appears only when
+    complete. Refuses to write a base without its adapters unless ``merge`` says so.
+    """
+    if model_dir is None and adapter_dir is None:
+        raise ValueError("give model_dir, adapter_dir or both")
+    source, plan = prepare(model, hf_config, expert_layout)
+    adapters = source.adapters()
+    if merge and adapter_dir is not None:
+        raise ValueError("merge=True writes no adapter folder")
+    if adapters and model_dir is not None and adapter_dir is None and not merge:
+        raise ExportError("the model has LoRA adapters: pass adapter_dir=, or merge=True to merge them")
+    if adapter_dir is not None and not adapters:
+        raise ExportError("adapter_dir given, but the model has no LoRA adapters")
+    mode = Mode.MERGED if merge else (Mode.ADAPTERS if model_dir is None else Mode.PEFT)
+    with ExitStack() as stack:
+        base_writer = adapter_tensors = None
+        if model_dir is not None:
+            staged_model = stack.enter_context(atomic_directory(model_dir, overwrite=overwrite))
+            base_writer = ShardedSafetensorsWriter(staged_model, parse_size(max_shard_size))
+        if adapter_dir is not None:
+            staged_adapter = stack.enter_context(atomic_directory(adapter_dir, overwrite=overwrite))
+            adapter_tensors = {}
+        count = total = 0
+        for name, tensor in stream(source, plan, mode, dtype):
+            count += 1
+            total += tensor.numel() * tensor.element_size()
+            if name.startswith(PEFT_PREFIX):
+                adapter_tensors[name] = tensor.detach().to("cpu").contiguous()
+            else:
+                base_writer.add(name, tensor)
+        if base_writer is not None:
+            base_writer.close()
+            write_config(plan, staged_model, hf_source_folder(model, hf_config), dtype)
+        if adapter_tensors is not None:
+            base_name = str(Path(model_dir).resolve()) if model_dir is not None else None
+            if base_name is None:
+                folder = hf_source_folder(model, hf_config)
+                base_name = str(folder) if folder else getattr(plan.config, "_name_or_path", None)
+            save_file(adapter_tensors, str(staged_adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+            lora_config(plan, adapters, plan.hf_keys, base_name).save_pretrained(str(staged_adapter))
+    return SaveResult(
+        Path(model_dir) if model_dir is not None else None,
+        Path(adapter_dir) if adapter_dir is not None else None,
+        count,
+        total,
+    )
