@@ -1,0 +1,262 @@
+"""MoE expert LoRA in PEFT's ``target_parameters`` layout (fused 3-D experts).
+
+transformers v5 keeps the experts of Qwen3-MoE / Qwen3.5-MoE fused in two ``nn.Parameter`` s of
+the ``mlp.experts`` module::
+
+    gate_up_proj  [E, 2I, H]   (per expert: rows = [gate; up], nn.Linear (out, in) convention)
+    down_proj     [E, H,  I]
+
+PEFT 0.21.2 adapts such parameters with ``lora.ParamWrapper`` (``peft/tuners/lora/layer.py``).
+Everything below was read off that class and checked on tiny models
+(``tests/test_peft_experts.py``).
+
+Shapes
+------
+``ParamWrapper._get_in_out_features`` reads a 3-D parameter as ``(E, in, out)``; because the
+experts module has ``is_transposed = False`` (``use_experts_implementation``), ``update_layer``
+swaps them, so for a parameter ``[E, out, in]``::
+
+    lora_A = nn.Linear(in, r * E)   -> lora_A.weight  [r*E, in]
+    lora_B = nn.Linear(r * E, out)  -> lora_B.weight  [out, r*E]
+
+i.e. gate_up_proj: A ``[r*E, H]``, B ``[2I, r*E]``; down_proj: A ``[r*E, I]``, B ``[H, r*E]``.
+
+Packing of the r*E axis (``ParamWrapper.get_delta_weight`` / ``get_delta_factors``)
+----------------------------------------------------------------------------------
+* ``lora_A.weight.reshape(E, r, in)``: **expert-major** -- rows ``e*r : (e+1)*r`` are ``A_e``.
+* ``lora_B.weight.reshape(out, r, E)``: **rank-major, expert-minor** -- column ``k*E + e`` is
+  column ``k`` of ``B_e``. (Not ``e*r + k``! The two factors are packed differently.)
+* ``delta[e] = scaling * B_e @ A_e`` (``einsum("o r e, e r i -> e o i")``), no transpose, added to
+  ``param[e]`` in the parameter's own ``[out, in]`` convention.
+
+PEFT's transformers-v4->v5 adapter conversion (``peft/utils/transformers_weight_conversion.py``,
+``build_peft_weight_mapping``) packs per-expert LoRA into the same layout (``FlattenDims`` on A,
+``PermuteDims(2, 0, 1)`` + flatten + transpose on B), which confirms it.
+
+Scaling
+-------
+``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), where ``r`` is the
+config's (per-expert) rank -- *not* ``r*E``. Megatron's ``alpha / r`` therefore carries over with
+the same ``r`` and ``lora_alpha``.
+
+Constraints
+-----------
+* All experts of one parameter must have the same rank (the r*E axis is a plain reshape).
+* ``lora_dropout`` must be 0, ``fan_in_fan_out``, ``use_dora``, ``lora_bias`` false: ParamWrapper
+  raises otherwise.
+* gate_up_proj and down_proj may have different ranks / alphas only via ``rank_pattern`` /
+  ``alpha_pattern`` keyed on ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj`` (PEFT
+  matches patterns against ``<module path>.<parameter name>``).
+
+Saved key names (nesting)
+-------------------------
+Each ParamWrapper adapts one parameter; a second targeted parameter on the same module wraps
+the first wrapper. PEFT (``BaseTuner._inject_parameters``) walks
+``experts.named_parameters(recurse=False)``, i.e. the module's **registration order**
+(``gate_up_proj`` then ``down_proj`` in Qwen3MoeExperts / Qwen3_5MoeExperts), wrapping each
+matching parameter; the first one wrapped ends up innermost. The order of
+``target_parameters`` in the config does not matter (PEFT even sorts it). Hence::
+
+    <experts>.base_layer.lora_A.weight / .lora_B.weight   -> gate_up_proj  (inner wrapper)
+    <experts>.lora_A.weight            / .lora_B.weight   -> down_proj     (outer wrapper)
+
+each with PEFT's ``base_model.model.`` prefix, e.g.
+``base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight`` for a CausalLM, or
+``base_model.model.model.language_model.layers.0.mlp.experts...`` for Qwen3.5-MoE
+ConditionalGeneration. If only one of the two is targeted, it carries no ``base_layer``.
+
+Trap for qwen2_moe-family model types (qwen3_moe, ...)
+-----------------------------------------------------
+On load, PEFT rewrites v4-style configs (``_convert_peft_config_moe``): for model types whose
+transformers conversion pattern is ``qwen2_moe`` (qwen3_moe included; *not* qwen3_5_moe /
+qwen3_5_moe_text, whose pattern is ``qwen3_5_text``) every ``target_modules`` entry named
+``gate_proj``, ``up_proj``, ``down_proj`` or ``gate`` is moved into ``target_parameters`` and, if
+both gate_proj and up_proj are present, ``rank_pattern``/``alpha_pattern`` for gate_up_proj are
+set to ``2r``/``2 alpha``. An adapter written in this layout then no longer fits (shape mismatch
+or silently re-targeted modules). :func:`check_target_modules` refuses such configs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+GATE_UP = "gate_up_proj"
+DOWN = "down_proj"
+#: registration order of the fused expert parameters in transformers' Qwen3(.5)-MoE experts.
+EXPERT_PARAM_ORDER: tuple[str, ...] = (GATE_UP, DOWN)
+#: ``target_parameters`` entries (matched by suffix against ``<module path>.<param name>``).
+TARGET_PARAMETERS: tuple[str, ...] = (f"mlp.experts.{GATE_UP}", f"mlp.experts.{DOWN}")
+
+# Model types for which PEFT 0.21.2 rewrites gate_proj/up_proj/down_proj/gate target modules
+# into target_parameters (transformers' _MODEL_TO_CONVERSION_PATTERN -> "qwen2_moe" / "mixtral").
+_V4_MOE_REWRITTEN_NAMES = {
+    "qwen2_moe": ("gate_proj", "up_proj", "down_proj", "gate"),
+    "mixtral": ("w1", "w2", "w3", "gate"),
+}
+
+
+def fuse_expert_lora(
+    a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack per-expert LoRA factors into PEFT ParamWrapper's ``(lora_A, lora_B)`` weights.
+
+    ``a_list[e]`` is ``A_e [r, in]`` and ``b_list[e]`` is ``B_e [out, r]`` (nn.Linear convention,
+    ``delta W_e = scale * B_e @ A_e`` of shape ``[out, in]``). For Megatron ``linear_fc1`` that is
+    ``A_e [r, H]``, ``B_e [2I, r]`` (gate rows then up rows, same as HF's gate_up_proj[e]); for
+    ``linear_fc2`` ``A_e [r, I]``, ``B_e [H, r]``.
+
+    Returns ``lora_A [r*E, in]`` (expert-major: rows ``e*r+k`` = ``A_e[k]``) and
+    ``lora_B [out, r*E]`` (rank-major: column ``k*E+e`` = ``B_e[:, k]``). All experts must share
+    one rank ``r``.
+    """
+    if len(a_list) == 0 or len(a_list) != len(b_list):
+        raise ValueError(f"need one A and one B per expert, got {len(a_list)} A and {len(b_list)} B")
+    r, d_in = a_list[0].shape
+    d_out = b_list[0].shape[0]
+    for e, (a, b) in enumerate(zip(a_list, b_list)):
+        if a.dim() != 2 or b.dim() != 2:
+            raise ValueError(f"expert {e}: A and B must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
+        if tuple(a.shape) != (r, d_in) or tuple(b.shape) != (d_out, r):
+            raise ValueError(
+                f"expert {e}: A {tuple(a.shape)} / B {tuple(b.shape)} differ from expert 0's A {(r, d_in)} / "
+                f"B {(d_out, r)}; PEFT's r*E packing needs equal ranks and shapes for all experts"
+            )
+    lora_a = torch.cat(list(a_list), dim=0)  # [E*r, in]
+    lora_b = torch.stack(list(b_list), dim=-1).reshape(d_out, r * len(b_list))  # [out, r, E] -> [out, r*E]
+    return lora_a.contiguous(), lora_b.contiguous()
+
+
+def split_expert_lora(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Inverse of :func:`fuse_expert_lora`: PEFT ``(lora_A [r*E, in], lora_B [out, r*E])`` ->
+    per-expert ``([A_e [r, in]], [B_e [out, r]])``."""
+    if lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError("lora_A and lora_B must be 2-D")
+    re_a, d_in = lora_a.shape
+    d_out, re_b = lora_b.shape
+    if re_a != re_b or re_a % num_experts:
+        raise ValueError(
+            f"lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} do not share an r*E axis "
+            f"divisible by num_experts={num_experts}"
+        )
+    r = re_a // num_experts
+    a = lora_a.reshape(num_experts, r, d_in)
+    b = lora_b.reshape(d_out, r, num_experts)
+    return [a[e].clone() for e in range(num_experts)], [b[:, :, e].clone() for e in range(num_experts)]
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's scaling for a ParamWrapper with per-expert rank ``r`` (the config's r, not r*E)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def expert_delta(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int, scaling: float
+) -> torch.Tensor:
+    """The ``[E, out, in]`` delta PEFT merges for packed ``(lora_A, lora_B)`` (re-implements
+    ``ParamWrapper.get_delta_weight`` for a non-transposed 3-D parameter)."""
+    a = lora_a.reshape(num_experts, -1, lora_a.shape[-1])  # e r i
+    b = lora_b.reshape(lora_b.shape[0], -1, num_experts)  # o r e
+    return torch.einsum("ore,eri->eoi", b, a) * scaling
+
+
+def peft_param_key_infixes(
+    targeted: Sequence[str] = EXPERT_PARAM_ORDER, registration_order: Sequence[str] = EXPERT_PARAM_ORDER
+) -> dict[str, str]:
+    """Infix between ``<experts module>.`` and ``lora_A.weight`` for each targeted parameter.
+
+    The first targeted parameter in the module's *registration order* is wrapped first and is
+    therefore innermost: with n targeted parameters the i-th gets ``"base_layer." * (n-1-i)``.
+    The order of ``target_parameters`` in the config plays no role. For transformers'
+    Qwen3(.5)-MoE experts: ``{"gate_up_proj": "base_layer.", "down_proj": ""}``.
+    """
+    unknown = set(targeted) - set(registration_order)
+    if unknown:
+        raise ValueError(f"parameters {sorted(unknown)} are not in registration order {list(registration_order)}")
+    ordered = [p for p in registration_order if p in set(targeted)]
+    n = len(ordered)
+    return {p: "base_layer." * (n - 1 - i) for i, p in enumerate(ordered)}
+
+
+def peft_expert_adapter_keys(
+    experts_module: str,
+    targeted: Sequence[str] = EXPERT_PARAM_ORDER,
+    registration_order: Sequence[str] = EXPERT_PARAM_ORDER,
+) -> dict[str, tuple[str, str]]:
+    """Saved adapter keys for one experts module.
+
+    ``experts_module`` is the HF module path, e.g. ``"model.layers.0.mlp.experts"`` (CausalLM) or
+    ``"model.language_model.layers.0.mlp.experts"`` (Qwen3.5-MoE ConditionalGeneration). Returns
+    ``{param_name: (lora_A key, lora_B key)}``, keys as in ``adapter_model.safetensors``
+    (``base_model.model.`` prefix, no adapter name).
+    """
+    infixes = peft_param_key_infixes(targeted, registration_order)
+    base = f"base_model.model.{experts_module}."
+    return {p: (f"{base}{inf}lora_A.weight", f"{base}{inf}lora_B.weight") for p, inf in infixes.items()}
+
+
+def expert_adapter_config_fields(
+    r: int,
+    lora_alpha: float,
+    *,
+    use_rslora: bool = False,
+    down_r: int | None = None,
+    down_alpha: float | None = None,
+    targeted: Sequence[str] = EXPERT_PARAM_ORDER,
+) -> dict:
+    """adapter_config.json fields that the 3-D expert layout needs (merge them into the rest).
+
+    ``r``/``lora_alpha`` are those of gate_up_proj (Megatron linear_fc1); ``down_r``/``down_alpha``
+    those of down_proj (linear_fc2) when they differ, which yields ``rank_pattern`` /
+    ``alpha_pattern`` entries keyed ``mlp.experts.down_proj``. ``target_modules`` is left to the
+    caller (the non-expert leaves; ``[]`` when only experts are adapted) -- see
+    :func:`check_target_modules`.
+    """
+    fields: dict = {
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "use_rslora": use_rslora,
+        "target_parameters": [f"mlp.experts.{p}" for p in EXPERT_PARAM_ORDER if p in set(targeted)],
+        "lora_dropout": 0.0,  # ParamWrapper raises for != 0
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "bias": "none",
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    if down_r is not None and down_r != r:
+        fields["rank_pattern"][f"mlp.experts.{DOWN}"] = down_r
+    if down_alpha is not None and down_alpha != lora_alpha:
+        fields["alpha_pattern"][f"mlp.experts.{DOWN}"] = down_alpha
+    return fields
+
+
+def check_target_modules(model_type: str, target_modules: Sequence[str]) -> None:
+    """Refuse ``target_modules`` that PEFT 0.21.2 would rewrite into ``target_parameters`` on load.
+
+    For model types whose transformers conversion pattern is ``qwen2_moe`` (e.g. qwen3_moe) or
+    ``mixtral``, PEFT's ``_convert_peft_config_moe`` treats ``gate_proj``/``up_proj``/``down_proj``/
+    ``gate`` (``w1``/``w2``/``w3``/``gate``) as v4 per-expert targets and moves them to
+    ``target_parameters`` (doubling r/alpha of gate_up_proj when both gate and up are listed), which
+    breaks an adapter written with the 3-D expert layout (and also mis-targets dense MLPs).
+    """
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
+    except ImportError:  # pragma: no cover - transformers < 5
+        return
+    pattern = {"mixtral": "mixtral"}.get(model_type, _MODEL_TO_CONVERSION_PATTERN.get(model_type))
+    names = _V4_MOE_REWRITTEN_NAMES.get(pattern or "")
+    if not names:
+        return
+    bad = [t for t in target_modules if any(t == n or t.endswith(f".{n}") for n in names)]
+    if bad:
+        raise ValueError(
+            f"target_modules {bad} cannot be used for model_type {model_type!r}: PEFT rewrites "
+            f"{list(names)} into target_parameters on load (v4->v5 MoE conversion), which breaks the "
+            "3-D expert adapter layout"
+        )
