@@ -5,3 +5,21 @@ from bridge_ext import compat
 compat.install()  # before anything imports megatron: see bridge_ext/compat.py
 
 __version__ = "0.1.0"
+
+from bridge_ext.engine import ExportError  # noqa: E402
+from bridge_ext.export import (  # noqa: E402
+    Bucket,
+    export_hf_buckets,
+    export_hf_weights,
+    peft_adapter_config,
+)
+from bridge_ext.save import save_hf_pretrained  # noqa: E402
+
+__all__ = [
+    "Bucket",
+    "ExportError",
+    "export_hf_buckets",
+    "export_hf_weights",
+    "peft_adapter_config",
+    "save_hf_pretrained",
+]

@@ -41,11 +41,11 @@ class Task:
 
 
 class Mode(Enum):
-    """What an export yields."""
+    """What a conversion pass yields."""
 
-    PEFT = "peft"  # clean base weights and the adapters in PEFT's key format
-    MERGED = "merged"  # base weights with LoRA merged in, no adapters
-    ADAPTERS = "adapters"  # adapters only
+    BASE = "base"  # base weights under clean names, adapters left out
+    MERGED = "merged"  # base weights with LoRA merged in
+    ADAPTERS = "adapters"  # adapters only, in PEFT's key format
 
 
 def plan_tasks(names: list[str], table: MappingTable, variants: frozenset[str] = frozenset()) -> list[Task]:
@@ -165,17 +165,22 @@ class TaskConverter:
             return
         name = task.sources[0]
         adapter = self.adapter_of(task, name)
-        factors = _lora_factors(task.rule, adapter, self.source, self.dims) if adapter else None
+        factors = self._factors(task, adapter)
         if self.mode is not Mode.ADAPTERS:
             bases = run_rule(task.rule, self.source.shards(name), self.dims)
             for index, (hf_name, base) in enumerate(zip(task.hf_names, bases, strict=True)):
                 if self.mode is Mode.MERGED and factors:
                     base = _merge(base, *factors[index], adapter.scale)
                 yield hf_name, self._cast(base)
-        if factors and self.mode is not Mode.MERGED:
+        if factors and self.mode is Mode.ADAPTERS:
             for hf_name, (lora_a, lora_b) in zip(task.hf_names, factors, strict=True):
                 yield peft_key(hf_name, "lora_A"), self._cast(lora_a)
                 yield peft_key(hf_name, "lora_B"), self._cast(lora_b)
+
+    def _factors(self, task: Task, adapter: Adapter | None):
+        if adapter is None or self.mode is Mode.BASE:
+            return None
+        return _lora_factors(task.rule, adapter, self.source, self.dims)
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.dtype is None else tensor.to(self.dtype)
@@ -198,7 +203,7 @@ class TaskConverter:
         expert_factors = []
         for expert, name in enumerate(task.sources):
             adapter = self.adapter_of(task, name)
-            factors = _lora_factors(task.rule, adapter, self.source, self.dims) if adapter else None
+            factors = self._factors(task, adapter)
             expert_factors.append((adapter, factors))
             if self.mode is Mode.ADAPTERS:
                 continue
@@ -212,7 +217,7 @@ class TaskConverter:
                 output[expert].copy_(base)
         if outputs is not None:
             yield from zip(task.hf_names, outputs)
-        if self.mode is Mode.MERGED or all(adapter is None for adapter, _ in expert_factors):
+        if self.mode is not Mode.ADAPTERS or all(adapter is None for adapter, _ in expert_factors):
             return
         if any(adapter is None for adapter, _ in expert_factors):
             missing = [name for name, (adapter, _) in zip(task.sources, expert_factors) if adapter is None]

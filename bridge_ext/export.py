@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,42 +41,89 @@ def resolve_hf_config(model, hf_config=None):
     return AutoConfig.from_pretrained(str(hf_config))
 
 
+@dataclass(frozen=True)
+class ExpertLayouts:
+    """How MoE experts are laid out in an export.
+
+    ``experts`` / ``mtp_experts``: the base weights of the main model's and the MTP layers'
+    experts (published Qwen3.5-MoE checkpoints fuse the first and not the second);
+    ``adapters``: the expert adapters, ``fused`` being PEFT's ``target_parameters`` layout.
+    """
+
+    experts: ExpertLayout = "fused"
+    mtp_experts: ExpertLayout = "fused"
+    adapters: ExpertLayout = "fused"
+
+    @property
+    def base_variants(self) -> frozenset[str]:
+        return frozenset({f"experts:{self.experts}", f"mtp_experts:{self.mtp_experts}"})
+
+    @property
+    def adapter_variants(self) -> frozenset[str]:
+        return frozenset({f"experts:{self.adapters}", f"mtp_experts:{self.adapters}"})
+
+
+def source_expert_layouts(folder: Path | None) -> dict[str, ExpertLayout]:
+    """The expert layouts a Hugging Face folder's safetensors use (empty when unknown)."""
+    if folder is None:
+        return {}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = list(json.loads(index.read_text())["weight_map"])
+    elif (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+            names = list(handle.keys())
+    else:
+        return {}
+    found: dict[str, ExpertLayout] = {}
+    for name in names:
+        part = "mtp_experts" if name.startswith("mtp.") else "experts"
+        if ".experts.gate_up_proj" in name:
+            found.setdefault(part, "fused")
+        elif re.search(r"\.experts\.\d+\.", name):
+            found.setdefault(part, "per_expert")
+    return found
+
+
 @dataclass
 class ExportPlan:
     """Everything about one export that names alone decide, checked before tensors move."""
 
     config: object
     dims: ModelDims
-    tasks: list[Task]
-    variants: frozenset[str]
-    expert_layout: ExpertLayout
-    hf_names: list[str] = field(default_factory=list)
+    base_tasks: list[Task]
+    adapter_tasks: list[Task]
+    layouts: ExpertLayouts
     hf_keys: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
-def plan_export(source: TensorSource, config, *, expert_layout: ExpertLayout = "fused") -> ExportPlan:
+def plan_export(source: TensorSource, config, layouts: ExpertLayouts = ExpertLayouts()) -> ExportPlan:
     """Match every Megatron tensor to a rule and every output name to the HF checkpoint's keys."""
     from bridge_ext.hf_keys import hf_checkpoint_keys
     from model_mappings import table_for
 
     table = table_for(config.model_type)
-    variants = frozenset({f"experts:{expert_layout}"})
-    tasks = plan_tasks(source.base_names(), table, variants)
-    produced = [name for task in tasks for name in task.hf_names]
+    base_tasks = plan_tasks(source.base_names(), table, layouts.base_variants)
+    adapter_tasks = (
+        base_tasks if layouts.adapter_variants == layouts.base_variants
+        else plan_tasks(source.base_names(), table, layouts.adapter_variants)
+    )
+    produced = [name for task in base_tasks for name in task.hf_names]
     duplicates = sorted({name for name in produced if produced.count(name) > 1})
     if duplicates:
         raise ExportError(f"several Megatron tensors map to {duplicates}")
-    hf_keys = hf_checkpoint_keys(config, expert_layout=expert_layout)
-    expected = set(hf_keys)
+    hf_keys = hf_checkpoint_keys(config, expert_layout=layouts.experts)
     mtp_layers = mtp_layer_count(config)
-    unexpected = [n for n in produced if n not in expected and not (mtp_layers and n.startswith("mtp."))]
-    missing = sorted(expected - set(produced))
+    unexpected = [n for n in produced if n not in hf_keys and not (mtp_layers and n.startswith("mtp."))]
+    missing = sorted(set(hf_keys) - set(produced))
     if unexpected or missing:
         raise ExportError(
             f"the export does not match the {config.model_type} checkpoint format: "
             f"unexpected {unexpected or 'none'}; missing {missing or 'none'}"
         )
-    return ExportPlan(config, ModelDims.from_hf_config(config), tasks, variants, expert_layout, produced, hf_keys)
+    return ExportPlan(config, ModelDims.from_hf_config(config), base_tasks, adapter_tasks, layouts, hf_keys)
 
 
 def mtp_layer_count(config) -> int:
@@ -87,29 +136,38 @@ def mtp_layer_count(config) -> int:
     return 0
 
 
-def prepare(model, hf_config=None, expert_layout: ExpertLayout = "fused") -> tuple[TensorSource, ExportPlan]:
-    """The model as a tensor source, and its checked export plan."""
+def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
+            expert_adapter_layout: ExpertLayout = "fused") -> tuple[TensorSource, ExportPlan]:
+    """The model as a tensor source, and its checked export plan.
+
+    ``expert_layout=None`` follows the Hugging Face source folder's own layout where it is
+    known, else fuses.
+    """
     source = LiveModelSource(model)
-    return source, plan_export(source, resolve_hf_config(model, hf_config), expert_layout=expert_layout)
+    found = source_expert_layouts(hf_source_folder(model, hf_config))
+    layouts = ExpertLayouts(
+        experts=expert_layout or found.get("experts", "fused"),
+        mtp_experts=expert_layout or found.get("mtp_experts", "fused"),
+        adapters=expert_adapter_layout,
+    )
+    return source, plan_export(source, resolve_hf_config(model, hf_config), layouts)
 
 
-def _mode(peft: bool, adapters_only: bool) -> Mode:
-    if adapters_only:
-        if not peft:
-            raise ValueError("adapters_only=True needs peft=True")
-        return Mode.ADAPTERS
-    return Mode.PEFT if peft else Mode.MERGED
-
-
-def stream(source: TensorSource, plan: ExportPlan, mode: Mode, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Convert the planned tasks one by one."""
-    adapters = source.adapters()
-    if mode is Mode.ADAPTERS and not adapters:
-        raise ExportError("adapters_only=True, but the model has no LoRA adapters")
-    expert_keys = FusedExpertKeys(adapted_outputs(plan, adapters))
-    converter = TaskConverter(source, plan.dims, mode, dtype, expert_adapters=expert_keys)
-    for task in plan.tasks:
-        yield from converter(task)
+def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,
+           dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Base weights (``Mode.BASE`` or ``Mode.MERGED``, or None), then the adapters if asked."""
+    found = source.adapters()
+    if adapters and not found:
+        raise ExportError("adapters were asked for, but the model has no LoRA adapters")
+    if base is not None:
+        converter = TaskConverter(source, plan.dims, base, dtype)
+        for task in plan.base_tasks:
+            yield from converter(task)
+    if adapters:
+        expert_keys = FusedExpertKeys(adapted_outputs(plan.adapter_tasks, found))
+        converter = TaskConverter(source, plan.dims, Mode.ADAPTERS, dtype, expert_adapters=expert_keys)
+        for task in plan.adapter_tasks:
+            yield from converter(task)
 
 
 def export_hf_weights(
@@ -118,7 +176,8 @@ def export_hf_weights(
     *,
     adapters_only: bool = False,
     hf_config=None,
-    expert_layout: ExpertLayout = "fused",
+    expert_layout: ExpertLayout | None = None,
+    expert_adapter_layout: ExpertLayout = "fused",
     dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(hf_name, tensor)`` pairs out of a Megatron model.
@@ -133,26 +192,32 @@ def export_hf_weights(
         adapters_only: Only the adapters (per-step weight sync); needs ``peft=True``.
         hf_config: A transformers config or a folder with config.json; by default the
             Hugging Face source Megatron-Bridge recorded in ``model.config.hf_model_id``.
-        expert_layout: MoE experts as Hugging Face's fused ``experts.gate_up_proj``
-            (adapters in PEFT's ``target_parameters`` layout) or per expert.
+        expert_layout: MoE expert base weights as Hugging Face's fused
+            ``experts.gate_up_proj`` / ``down_proj`` or per expert (``experts.<e>.gate_proj``);
+            by default the layout of the Hugging Face source folder, else fused.
+        expert_adapter_layout: Expert adapters in PEFT's ``target_parameters`` layout
+            (``fused``: the one PEFT loads onto transformers v5 models) or per expert (vLLM's
+            mixed MoE LoRA format).
         dtype: Cast every exported tensor to this dtype (default: keep the model's).
 
     Every rank of a parallel job must iterate the generator together. Nothing is silently
     dropped: a parameter no rule covers, or a Hugging Face name the export would miss or
     invent, raises :class:`ExportError` before the first tensor is produced.
     """
-    mode = _mode(peft, adapters_only)
-    source, plan = prepare(model, hf_config, expert_layout)
-    yield from stream(source, plan, mode, dtype)
+    if adapters_only and not peft:
+        raise ValueError("adapters_only=True needs peft=True")
+    source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout)
+    base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
+    yield from stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype)
 
 
-def peft_adapter_config(model, *, hf_config=None, expert_layout: ExpertLayout = "fused",
+def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertLayout = "fused",
                         base_model_name_or_path: str | None = None):
     """PEFT's ``LoraConfig`` for the model's adapters, as :func:`export_hf_weights` names them.
 
     ``base_model_name_or_path`` defaults to the Hugging Face source of the model.
     """
-    source, plan = prepare(model, hf_config, expert_layout)
+    source, plan = prepare(model, hf_config, expert_adapter_layout=expert_adapter_layout)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(unwrap_chunks(model)[0].config, "hf_model_id", None)
     return lora_config(plan, source.adapters(), plan.hf_keys, base_model_name_or_path)

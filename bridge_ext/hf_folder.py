@@ -76,7 +76,11 @@ class ShardedSafetensorsWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()
+        if any(tensor.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
+               for other in self._pending.values()):
+            tensor = tensor.clone()  # safetensors refuses tensors sharing memory
+        self._pending[name] = tensor
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
         self.tensor_count += 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bridge_ext.engine import ExportError
+from bridge_ext.engine import ExportError, Task
 from bridge_ext.peft_experts import EXPERT_PARAM_ORDER, fuse_expert_lora, peft_param_key_infixes
 from bridge_ext.source import Adapter
 
@@ -42,10 +42,10 @@ class AdaptedOutput:
         return self.hf_name[: -len(".weight")] if not self.is_parameter else self.hf_name
 
 
-def adapted_outputs(plan, adapters: dict[str, Adapter]) -> list[AdaptedOutput]:
-    """Every Hugging Face output of the plan that carries a LoRA pair."""
+def adapted_outputs(tasks: list[Task], adapters: dict[str, Adapter]) -> list[AdaptedOutput]:
+    """Every Hugging Face output of the tasks that carries a LoRA pair."""
     outputs = []
-    for task in plan.tasks:
+    for task in tasks:
         for source in task.sources[:1] if not task.rule.stack else task.sources:
             module = source[: -len(".weight")] if source.endswith(".weight") else None
             adapter = adapters.get(module) if module else None
@@ -101,7 +101,7 @@ def lora_config(plan, adapters: dict[str, Adapter], hf_keys: dict[str, tuple[int
     """The ``peft.LoraConfig`` describing the exported adapters (``save_pretrained`` writes it)."""
     from peft import LoraConfig
 
-    outputs = adapted_outputs(plan, adapters)
+    outputs = adapted_outputs(plan.adapter_tasks, adapters)
     if not outputs:
         raise ExportError("the model has no LoRA adapters")
     module_targets = [o.target for o in outputs if not o.is_parameter]

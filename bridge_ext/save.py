@@ -58,7 +58,8 @@ def save_hf_pretrained(
     *,
     merge: bool = False,
     hf_config=None,
-    expert_layout: ExpertLayout = "fused",
+    expert_layout: ExpertLayout | None = None,
+    expert_adapter_layout: ExpertLayout = "fused",
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
@@ -73,7 +74,7 @@ def save_hf_pretrained(
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
-    source, plan = prepare(model, hf_config, expert_layout)
+    source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout)
     adapters = source.adapters()
     if merge and adapter_dir is not None:
         raise ValueError("merge=True writes no adapter folder")
@@ -81,7 +82,7 @@ def save_hf_pretrained(
         raise ExportError("the model has LoRA adapters: pass adapter_dir=, or merge=True to merge them")
     if adapter_dir is not None and not adapters:
         raise ExportError("adapter_dir given, but the model has no LoRA adapters")
-    mode = Mode.MERGED if merge else (Mode.ADAPTERS if model_dir is None else Mode.PEFT)
+    base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
     with ExitStack() as stack:
         base_writer = adapter_tensors = None
         if model_dir is not None:
@@ -91,11 +92,12 @@ def save_hf_pretrained(
             staged_adapter = stack.enter_context(atomic_directory(adapter_dir, overwrite=overwrite))
             adapter_tensors = {}
         count = total = 0
-        for name, tensor in stream(source, plan, mode, dtype):
+        for name, tensor in stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype):
             count += 1
             total += tensor.numel() * tensor.element_size()
             if name.startswith(PEFT_PREFIX):
-                adapter_tensors[name] = tensor.detach().to("cpu").contiguous()
+                # lora_A of a fused projection is one tensor shared by its HF modules: copy
+                adapter_tensors[name] = tensor.detach().to("cpu").clone()
             else:
                 base_writer.add(name, tensor)
         if base_writer is not None:

@@ -1,0 +1,118 @@
+"""Check exported folders the way their consumers will read them: transformers and PEFT.
+
+* every tensor name of the model folder against the architecture's own key set (MTP names,
+  which transformers never loads, are listed apart);
+* the adapter folder loaded by ``PeftModel.from_pretrained`` with no missing and no
+  unexpected key: the expected keys are PEFT's own ``get_peft_model_state_dict`` of the
+  wrapped model, compared with the file's keys (PEFT itself only warns);
+* logits of the Hugging Face model (with the adapter) for given input ids.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class VerificationError(AssertionError):
+    """An exported folder is not what its consumer expects; the message says what differs."""
+
+
+@dataclass
+class Report:
+    """What was checked, one line per check, for people to read."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def folder_tensor_names(folder: str | Path, file_name: str = "model.safetensors") -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor in a Hugging Face (or adapter) folder."""
+    folder = Path(folder)
+    index = folder / f"{file_name}.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [file_name]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        with safe_open(str(folder / name), "pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def check_model_folder(model_dir: str | Path, report: Report, *, expert_layout: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Every name and shape in ``model_dir`` equals the architecture's checkpoint key set."""
+    from transformers import AutoConfig
+
+    from bridge_ext.export import mtp_layer_count, source_expert_layouts
+    from bridge_ext.hf_keys import hf_checkpoint_keys
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    written = folder_tensor_names(model_dir)
+    layout = expert_layout or source_expert_layouts(Path(model_dir)).get("experts", "per_expert")
+    expected = hf_checkpoint_keys(config, expert_layout=layout)
+    mtp = {name: shape for name, shape in written.items() if name.startswith("mtp.")}
+    if mtp and not mtp_layer_count(config):
+        raise VerificationError(f"{len(mtp)} mtp.* tensors, but config.json declares no MTP layers")
+    main = {name: shape for name, shape in written.items() if name not in mtp}
+    missing = sorted(set(expected) - set(main))
+    unexpected = sorted(set(main) - set(expected))
+    wrong_shape = sorted(n for n in set(main) & set(expected) if tuple(main[n]) != tuple(expected[n]))
+    if missing or unexpected or wrong_shape:
+        raise VerificationError(
+            f"{model_dir}: missing {missing or 'none'}; unexpected {unexpected or 'none'}; "
+            f"wrong shape {wrong_shape or 'none'}"
+        )
+    report.add(f"{len(main)} tensor names and shapes equal the {config.model_type} checkpoint key set"
+               + (f"; {len(mtp)} mtp.* tensors beside them" if mtp else ""))
+    return written
+
+
+def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """The folder loaded with transformers' Auto classes (image-text models included)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    return auto.from_pretrained(str(model_dir), dtype=dtype).eval()
+
+
+def load_adapter_strict(base_model, adapter_dir: str | Path, report: Report):
+    """``PeftModel.from_pretrained``, then fail on any missing or unexpected adapter key."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+    expected = get_peft_model_state_dict(peft_model)
+    saved = folder_tensor_names(adapter_dir, "adapter_model.safetensors")
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    wrong_shape = sorted(k for k in set(saved) & set(expected) if tuple(saved[k]) != tuple(expected[k].shape))
+    if missing or unexpected or wrong_shape:
+        raise VerificationError(
+            f"{adapter_dir}: PEFT expects {len(expected)} keys; missing {missing or 'none'}; "
+            f"unexpected {unexpected or 'none'}; wrong shape {wrong_shape or 'none'}"
+        )
+    report.add(f"PEFT loaded {len(saved)} adapter tensors: no missing, no unexpected key")
+    return peft_model
+
+
+@torch.no_grad()
+def hf_logits(model, input_ids: torch.Tensor, **model_inputs) -> torch.Tensor:
+    return model(input_ids=input_ids, **model_inputs).logits.float()
+
+
+def compare_logits(ours: torch.Tensor, reference: torch.Tensor, report: Report, *, what: str,
+                   relative_tolerance: float) -> float:
+    """Max |difference| relative to the largest |logit|; fails above the tolerance."""
+    if ours.shape != reference.shape:
+        raise VerificationError(f"{what}: logits shapes differ, {tuple(ours.shape)} vs {tuple(reference.shape)}")
+    relative = ((ours - reference).abs().max() / reference.abs().max()).item()
+    if not relative <= relative_tolerance:
+        raise VerificationError(f"{what}: logits differ by {relative:.2e} of the largest logit (> {relative_tolerance:g})")
+    report.add(f"{what}: logits agree to {relative:.1e} of the largest logit")
+    return relative
