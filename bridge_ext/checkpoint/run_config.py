@@ -1,0 +1,155 @@
+"""Parse Megatron-Bridge's ``run_config.yaml`` (``yaml.safe_load`` only) into plain settings.
+
+Bridge writes ``ConfigContainer.to_yaml`` into each iteration folder: Hydra-style dicts with
+``_target_``. The sections used here:
+
+* ``model``: ``_target_: megatron.bridge.models.gpt_provider.GPTModelProvider`` (generic; no HF
+  architecture name) with ``hf_model_id``, ``num_layers``, ``hidden_size``, ``ffn_hidden_size``,
+  ``num_attention_heads``, ``num_query_groups``, ``kv_channels``, ``vocab_size``,
+  ``share_embeddings_and_output_weights``, ``qk_layernorm``, ``num_moe_experts``,
+  ``gated_linear_unit``, ``tensor_model_parallel_size``, ... Object references such as
+  ``params_dtype: {_call_: false, _target_: torch.float32}`` or ``activation_func`` become their
+  target string (``"torch.float32"``) in :attr:`RunConfig.model`.
+* ``peft``: null, or ``_target_: megatron.bridge.peft.lora.LoRA`` (or ``DoRA``...) with
+  ``target_modules``, ``dim``, ``alpha``, ``dropout``, ``dropout_position``, ``exclude_modules``,
+  ``lora_A_init_method``, ``lora_B_init_method``, ``params_to_save`` (a YAML ``!!set``),
+  ``share_expert_adapters``...
+* ``checkpoint``: ``ckpt_format``, ``pretrained_checkpoint`` (the base for adapter-only runs),
+  ``save``, ``load``, ...
+
+Nothing is instantiated and nothing named by ``_target_`` is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from bridge_ext.checkpoint.errors import RunConfigError
+
+_DTYPES = {
+    f"torch.{name}": getattr(torch, name)
+    for name in ("float32", "float16", "bfloat16", "float64", "float", "half", "double")
+}
+
+
+@dataclass(frozen=True)
+class PeftSettings:
+    """The ``peft`` section: ``kind`` is the class name (``LoRA``, ``DoRA``, ...)."""
+
+    target: str
+    kind: str
+    target_modules: tuple[str, ...]
+    dim: int | None
+    alpha: int | float | None
+    dropout: float | None
+    dropout_position: str | None
+    exclude_modules: tuple[str, ...]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float | None:
+        """``alpha / dim``, the LoRA scaling Megatron-Bridge applies."""
+        if self.alpha is None or not self.dim:
+            return None
+        return self.alpha / self.dim
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``run_config.yaml`` as plain data: ``model`` settings, ``peft`` (or None), ``checkpoint``, ``raw``."""
+
+    path: Path
+    model_target: str | None
+    model: dict[str, Any]
+    peft: PeftSettings | None
+    checkpoint: dict[str, Any]
+    raw: dict[str, Any]
+
+    @property
+    def hf_model_id(self) -> str | None:
+        return self.model.get("hf_model_id")
+
+    @property
+    def params_dtype(self) -> torch.dtype | None:
+        """``model.params_dtype`` as a torch dtype (None when absent or not a float dtype)."""
+        return _DTYPES.get(str(self.model.get("params_dtype")))
+
+    @property
+    def pretrained_checkpoint(self) -> str | None:
+        return self.checkpoint.get("pretrained_checkpoint")
+
+
+def plain(value: Any) -> Any:
+    """Collapse Hydra references: ``{_target_: X, _call_: false}`` -> ``"X"``; recurse elsewhere."""
+    if isinstance(value, dict):
+        if "_target_" in value and value.get("_call_") is False and set(value) <= {"_target_", "_call_"}:
+            return str(value["_target_"])
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(plain(item) for item in value)
+    return value
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read ``run_config.yaml`` with ``yaml.safe_load``; needs a ``model`` section."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RunConfigError(f"{path}: cannot read: {exc}", path) from exc
+    except yaml.YAMLError as exc:
+        raise RunConfigError(f"{path}: not valid YAML (safe loader): {exc}", path) from exc
+    if not isinstance(raw, dict):
+        raise RunConfigError(f"{path}: expected a mapping at the top level", path)
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        raise RunConfigError(f"{path}: no 'model' section", path)
+    checkpoint = raw.get("checkpoint") or {}
+    if not isinstance(checkpoint, dict):
+        raise RunConfigError(f"{path}: 'checkpoint' section is not a mapping", path)
+    return RunConfig(
+        path=path,
+        model_target=model.get("_target_"),
+        model={key: plain(value) for key, value in model.items() if key != "_target_"},
+        peft=_peft(raw.get("peft"), path),
+        checkpoint=plain(checkpoint),
+        raw=raw,
+    )
+
+
+def _peft(section: Any, path: Path) -> PeftSettings | None:
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise RunConfigError(f"{path}: 'peft' section is not a mapping", path)
+    target = str(section.get("_target_", ""))
+    settings = {key: plain(value) for key, value in section.items() if key != "_target_"}
+    modules = settings.get("target_modules") or []
+    if isinstance(modules, str):
+        modules = [modules]
+    return PeftSettings(
+        target=target,
+        kind=target.rsplit(".", 1)[-1] if target else "",
+        target_modules=tuple(str(name) for name in modules),
+        dim=_number(settings.get("dim"), int, path, "peft.dim"),
+        alpha=_number(settings.get("alpha"), None, path, "peft.alpha"),
+        dropout=_number(settings.get("dropout"), float, path, "peft.dropout"),
+        dropout_position=settings.get("dropout_position"),
+        exclude_modules=tuple(str(name) for name in settings.get("exclude_modules") or ()),
+        settings=settings,
+    )
+
+
+def _number(value: Any, kind: type | None, path: Path, name: str) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RunConfigError(f"{path}: {name} must be a number, found {value!r}", path)
+    return value if kind is None else kind(value)
