@@ -110,6 +110,10 @@ def plan_export(source: TensorSource, config, layouts: ExpertLayouts = ExpertLay
         base_tasks if layouts.adapter_variants == layouts.base_variants
         else plan_tasks(source.base_names(), table, layouts.adapter_variants)
     )
+    planned = {name for task in base_tasks for name in task.sources}
+    orphans = sorted(module for module in source.adapters() if f"{module}.weight" not in planned)
+    if orphans:
+        raise ExportError(f"LoRA adapters on {orphans} wrap no weight a rule exports; they would be lost")
     produced = [name for task in base_tasks for name in task.hf_names]
     duplicates = sorted({name for name in produced if produced.count(name) > 1})
     if duplicates:
@@ -220,7 +224,7 @@ def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertL
     source, plan = prepare(model, hf_config, expert_adapter_layout=expert_adapter_layout)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(unwrap_chunks(model)[0].config, "hf_model_id", None)
-    return lora_config(plan, source.adapters(), plan.hf_keys, base_model_name_or_path)
+    return lora_config(plan, source.adapters(), base_model_name_or_path)
 
 
 @dataclass

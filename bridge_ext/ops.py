@@ -30,6 +30,15 @@ def _resolve(size: Size, dims: ModelDims) -> int:
     return size if isinstance(size, int) else dims[size]
 
 
+def _proportional_rows(rows: int, sizes: tuple[Size, ...], dims: ModelDims) -> list[int]:
+    """``rows`` cut in the proportions of ``sizes`` (a shard of a tensor is cut like the whole)."""
+    resolved = [_resolve(size, dims) for size in sizes]
+    total = sum(resolved)
+    if any(rows * size % total for size in resolved):
+        raise ValueError(f"{rows} rows cannot be cut in proportions {resolved}")
+    return [rows * size // total for size in resolved]
+
+
 class Op:
     """Base class: one step of a rule."""
 
@@ -57,16 +66,9 @@ class SplitRows(Op):
     def __init__(self, *sizes: Size):
         object.__setattr__(self, "sizes", sizes)
 
-    def _rows(self, rows: int, dims: ModelDims) -> list[int]:
-        sizes = [_resolve(size, dims) for size in self.sizes]
-        total = sum(sizes)
-        if any(rows * size % total for size in sizes):
-            raise ValueError(f"{rows} rows cannot be cut in proportions {sizes}")
-        return [rows * size // total for size in sizes]
-
     def forward(self, tensors, dims):
         (tensor,) = tensors
-        return list(torch.split(tensor, self._rows(tensor.shape[0], dims)))
+        return list(torch.split(tensor, _proportional_rows(tensor.shape[0], self.sizes, dims)))
 
     def reverse(self, tensors, dims):
         return [torch.cat(tensors)]
@@ -108,7 +110,8 @@ class Concat(Op):
     """Join consecutive parts into Hugging Face tensors; each group lists its parts' sizes.
 
     ``Concat(("gdn_qk_rows", "gdn_qk_rows", "gdn_v_rows"), ("gdn_v_rows",))`` makes two
-    tensors from four parts: ``[q; k; v]`` and ``z``.
+    tensors from four parts: ``[q; k; v]`` and ``z``. The sizes (or proportions: ``(1, 1)``
+    for gate and up) tell the reverse direction where to cut.
     """
 
     groups: tuple[tuple[Size, ...], ...]
@@ -128,7 +131,7 @@ class Concat(Op):
     def reverse(self, tensors, dims):
         parts: list[torch.Tensor] = []
         for tensor, group in zip(tensors, self.groups, strict=True):
-            parts.extend(torch.split(tensor, [_resolve(size, dims) for size in group]))
+            parts.extend(torch.split(tensor, _proportional_rows(tensor.shape[0], group, dims)))
         return parts
 
 

@@ -77,16 +77,18 @@ class FusedExpertKeys:
         yield f"base_model.model.{module}.{infix}lora_B.weight", lora_b
 
 
-def _leaf_or_full_names(module_targets: list[str], hf_keys: dict[str, tuple[int, ...]]) -> list[str]:
-    """Leaf names, unless a leaf name also matches an un-adapted linear of the HF model."""
+def _leaf_or_full_names(module_targets: list[str], module_names: set[str]) -> list[str]:
+    """Leaf names, unless a leaf name also matches a module of the HF model without adapter.
+
+    (PEFT would wrap that module too, e.g. ``proj`` would catch the vision patch embedding.)
+    """
     adapted = set(module_targets)
-    linears = {key[: -len(".weight")] for key, shape in hf_keys.items() if key.endswith(".weight") and len(shape) == 2}
     by_leaf: dict[str, list[str]] = defaultdict(list)
     for target in module_targets:
         by_leaf[target.rsplit(".", 1)[-1]].append(target)
     names: list[str] = []
     for leaf, targets in sorted(by_leaf.items()):
-        others = {m for m in linears if m.rsplit(".", 1)[-1] == leaf} - adapted
+        others = {m for m in module_names if m.rsplit(".", 1)[-1] == leaf} - adapted
         names.extend([leaf] if not others else sorted(targets))
     return names
 
@@ -96,10 +98,15 @@ def _parameter_suffix(target: str) -> str:
     return _LAYER_NUMBER.sub("", target, count=1)
 
 
-def lora_config(plan, adapters: dict[str, Adapter], hf_keys: dict[str, tuple[int, ...]],
-                base_model_name_or_path: str | None = None):
+def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str | None = None):
     """The ``peft.LoraConfig`` describing the exported adapters (``save_pretrained`` writes it)."""
     from peft import LoraConfig
+
+    from bridge_ext.hf_keys import hf_checkpoint_keys
+
+    # PEFT matches targets against the model in memory, where transformers v5 fuses experts.
+    in_memory = hf_checkpoint_keys(plan.config, expert_layout="fused")
+    module_names = {key.rsplit(".", 1)[0] for key in in_memory if key.endswith(".weight")}
 
     outputs = adapted_outputs(plan.adapter_tasks, adapters)
     if not outputs:
@@ -118,7 +125,7 @@ def lora_config(plan, adapters: dict[str, Adapter], hf_keys: dict[str, tuple[int
     return LoraConfig(
         r=rank,
         lora_alpha=alpha_value,
-        target_modules=_leaf_or_full_names(module_targets, hf_keys) or None,
+        target_modules=_leaf_or_full_names(module_targets, module_names) or None,
         target_parameters=parameter_targets or None,
         lora_dropout=dropout,
         bias="none",

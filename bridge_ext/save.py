@@ -109,7 +109,7 @@ def save_hf_pretrained(
                 folder = hf_source_folder(model, hf_config)
                 base_name = str(folder) if folder else getattr(plan.config, "_name_or_path", None)
             save_file(adapter_tensors, str(staged_adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-            lora_config(plan, adapters, plan.hf_keys, base_name).save_pretrained(str(staged_adapter))
+            lora_config(plan, adapters, base_name).save_pretrained(str(staged_adapter))
     return SaveResult(
         Path(model_dir) if model_dir is not None else None,
         Path(adapter_dir) if adapter_dir is not None else None,

@@ -18,6 +18,9 @@ import torch
 from safetensors import safe_open
 
 
+MTP_ADAPTER_PREFIX = "base_model.model.mtp."
+
+
 class VerificationError(AssertionError):
     """An exported folder is not what its consumer expects; the message says what differs."""
 
@@ -89,6 +92,9 @@ def load_adapter_strict(base_model, adapter_dir: str | Path, report: Report):
     peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     expected = get_peft_model_state_dict(peft_model)
     saved = folder_tensor_names(adapter_dir, "adapter_model.safetensors")
+    # transformers builds no MTP module, so PEFT cannot load MTP adapters (nor MTP weights).
+    mtp = {key for key in saved if key.startswith(MTP_ADAPTER_PREFIX)}
+    saved = {key: shape for key, shape in saved.items() if key not in mtp}
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     wrong_shape = sorted(k for k in set(saved) & set(expected) if tuple(saved[k]) != tuple(expected[k].shape))
@@ -97,7 +103,8 @@ def load_adapter_strict(base_model, adapter_dir: str | Path, report: Report):
             f"{adapter_dir}: PEFT expects {len(expected)} keys; missing {missing or 'none'}; "
             f"unexpected {unexpected or 'none'}; wrong shape {wrong_shape or 'none'}"
         )
-    report.add(f"PEFT loaded {len(saved)} adapter tensors: no missing, no unexpected key")
+    report.add(f"PEFT loaded {len(saved)} adapter tensors: no missing, no unexpected key"
+               + (f"; {len(mtp)} MTP adapter tensors beside them" if mtp else ""))
     return peft_model
 
 

@@ -1,9 +1,9 @@
 """Declarative mapping tables, one per architecture family, found by Hugging Face model_type."""
 
 from bridge_ext.table import MappingTable
-from model_mappings import llama
+from model_mappings import llama, qwen3_5
 
-TABLES: tuple[MappingTable, ...] = (llama.TABLE,)
+TABLES: tuple[MappingTable, ...] = (llama.TABLE, qwen3_5.TEXT, qwen3_5.IMAGE_TEXT)
 
 
 def table_for(model_type: str) -> MappingTable:
