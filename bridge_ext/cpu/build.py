@@ -1,6 +1,10 @@
 """Build a Megatron-Core model from a Hugging Face folder through Megatron-Bridge, on CPU.
 
 Call inside :func:`bridge_ext.cpu.distributed.megatron_parallel`.
+
+Qwen3.5 (HF model types ``qwen3_5_text``, ``qwen3_5_moe_text``, ``qwen3_5``, ``qwen3_5_moe``) is
+built through Megatron-Bridge's Qwen3.5 bridges with the local layer / MTP / vision specs of
+:mod:`bridge_ext.cpu.qwen35`; other models (Qwen3, Llama...) with megatron-core's local GPT spec.
 """
 
 from __future__ import annotations
@@ -44,15 +48,27 @@ def build_megatron_model(
 
     With ``lora`` the model is wrapped by Megatron-Bridge LoRA (A, B initialised by it).
     """
+    from contextlib import nullcontext
+
     from megatron.bridge import AutoBridge
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
+    from bridge_ext.cpu import qwen35
+
+    is_qwen35 = qwen35.is_qwen35(hf_dir)
+    bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 else AutoBridge
+    bridge = bridge_cls.from_hf_pretrained(str(hf_dir))
     provider = bridge.to_megatron_provider(load_weights=False)
-    provider.transformer_layer_spec = get_gpt_layer_local_spec(
-        num_experts=getattr(provider, "num_moe_experts", None),
-        qk_layernorm=bool(getattr(provider, "qk_layernorm", False)),
-    )
+    if is_qwen35:
+        qwen35.configure_provider(provider)
+    else:
+        provider.transformer_layer_spec = get_gpt_layer_local_spec(
+            num_experts=getattr(provider, "num_moe_experts", None),
+            qk_layernorm=bool(getattr(provider, "qk_layernorm", False)),
+        )
+    # Fused kernels of Transformer Engine / Apex that some providers (Llama) ask for.
+    provider.apply_rope_fusion = False
+    provider.persist_layer_norm = False
     provider.params_dtype = dtype
     provider.bf16 = dtype == torch.bfloat16
     provider.fp16 = dtype == torch.float16
@@ -63,9 +79,18 @@ def build_megatron_model(
         lora_module = LoRA(target_modules=list(lora.target_modules), dim=lora.dim, alpha=lora.alpha)
         provider.register_pre_wrap_hook(lambda chunks: lora_module(chunks, training=True))
     provider.finalize()
-    chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
-    if load_weights:
-        bridge.load_hf_weights(chunks)
+    with qwen35.cpu_build_context(provider) if is_qwen35 else nullcontext():
+        chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+        if load_weights:
+            if is_qwen35:
+                missing = qwen35.unmapped_parameters(bridge, chunks)
+                if missing:
+                    raise RuntimeError(
+                        f"Megatron-Bridge has no weight mapping for {len(missing)} parameter(s) of this "
+                        f"{qwen35.hf_model_type(hf_dir)} model, so it cannot load {hf_dir}: "
+                        f"{', '.join(missing)}. (Use load_weights=False to build it without weights.)"
+                    )
+            bridge.load_hf_weights(chunks)
     return BuiltModel(chunks=list(chunks), bridge=bridge, provider=provider, lora=lora_module, hf_dir=Path(hf_dir))
 
 

@@ -1,0 +1,377 @@
+"""Pure-torch stand-ins for the three flash-linear-attention (``fla``) functions megatron-core's
+Gated DeltaNet imports, so that Qwen3.5 / Qwen3-Next Megatron models build and run without a GPU.
+
+megatron-core 0.19 (``megatron/core/ssm/gated_delta_net/common.py``) does::
+
+    from fla.modules.convolution import causal_conv1d
+    from fla.modules.l2norm import l2norm
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+and refuses to build a ``GatedDeltaNet`` when that import fails (``HAVE_FLA`` False). fla's
+functions are Triton kernels (GPU only). This module implements the same three functions in
+plain torch, with fla's call conventions (``[batch, time, ...]`` layouts, ``g`` as a log-space
+decay, a default scale ``1/sqrt(head_k_dim)``, ``cu_seqlens`` for packed sequences), following
+the math of the torch reference code that transformers ships for its own CPU path
+(``transformers/models/qwen3_5/modeling_qwen3_5.py``: ``causal_conv1d_fn``, ``l2norm``,
+``torch_chunk_gated_delta_rule``). They are written for correctness on small CPU models, not
+speed.
+
+:func:`install` gives megatron's GDN these functions, and ONLY when the real ``fla`` is not
+importable; a real fla is never shadowed or replaced:
+
+* if megatron's GDN package (``megatron.core.ssm.gated_delta_net``) is not imported yet, it is
+  imported while stand-in modules ``fla``, ``fla.modules``, ``fla.modules.convolution``,
+  ``fla.modules.l2norm``, ``fla.ops``, ``fla.ops.gated_delta_rule`` (each marked
+  ``BRIDGE_EXT_STAND_IN = True``) are in ``sys.modules``, so megatron's own
+  ``from fla... import ...`` lines bind them and set ``HAVE_FLA = True``; the stand-ins are
+  removed from ``sys.modules`` right after (see :func:`stand_in_fla_modules`);
+* if it was imported before (``import megatron.bridge`` does so as a side effect), its three
+  names are ``None`` and ``HAVE_FLA`` is False: exactly those ``None`` names are bound to the
+  stand-ins and ``HAVE_FLA`` set to True.
+
+Why not leave ``fla`` in ``sys.modules`` for good: transformers resolves its Qwen3.5 kernels
+when ``modeling_qwen3_5`` is imported (``use_kernel_func_from_hub_with_fallback`` does
+``importlib.import_module("fla")`` with no CUDA check) and would then run THIS code as the
+Hugging Face reference, so the HF-vs-Megatron comparison would no longer be independent
+(checked: with the stand-ins left in ``sys.modules``, HF's ``torch_chunk_gated_delta_rule``
+resolved to ``bridge_ext.cpu.fla_torch``). With :func:`install` as written, transformers keeps
+its own torch code on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+STAND_IN_FLAG = "BRIDGE_EXT_STAND_IN"
+
+# megatron-core modules that bind the fla names at import time.
+_GDN_MODULES = (
+    "megatron.core.ssm.gated_delta_net.common",
+    "megatron.core.ssm.gated_delta_net.gdn",
+    "megatron.core.ssm.gated_delta_net",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# fla.modules.convolution.causal_conv1d
+# --------------------------------------------------------------------------------------------
+def _segments(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int):
+    """(batch index, start, end) of each sequence: rows of a batch, or packed ``cu_seqlens``."""
+    if cu_seqlens is None:
+        return [(b, 0, seq_len) for b in range(batch)], False
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got {batch}")
+    bounds = [int(v) for v in cu_seqlens.tolist()]
+    return [(0, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)], True
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    activation: str | None = None,
+    backend: str | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    **unused,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Depthwise causal 1-D convolution, fla's signature.
+
+    Args:
+        x: ``[B, T, D]`` input (``B == 1`` with ``cu_seqlens`` for packed sequences).
+        weight: ``[D, W]`` per-channel kernel (``None``: identity, as in fla).
+        bias: ``[D]`` or None.
+        residual: added to the output (after the activation), as in fla.
+        initial_state: ``[N, D, W]`` previous inputs per sequence (the last ``W - 1`` columns
+            are used), or None for zeros.
+        output_final_state: also return the last ``W`` inputs of each sequence ``[N, D, W]``.
+        activation: None, ``"silu"`` or ``"swish"``.
+
+    Returns:
+        ``(y [B, T, D], final_state or None)``.
+    """
+    del backend, unused
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    batch, seq_len, dim = x.shape
+    if weight is None:
+        y = x if activation is None else F.silu(x)
+        return (y + residual if residual is not None else y), None
+    width = weight.shape[-1]
+    kernel = weight.reshape(dim, 1, width)
+    segments, packed = _segments(cu_seqlens, batch, seq_len)
+    outputs, states = [], []
+    for n, (b, start, end) in enumerate(segments):
+        seq = x[b, start:end].transpose(0, 1).unsqueeze(0).to(weight.dtype)  # [1, D, t]
+        if initial_state is not None:
+            history = initial_state[n : n + 1, :, -(width - 1) :].to(seq) if width > 1 else seq[..., :0]
+        else:
+            history = seq.new_zeros(1, dim, width - 1)
+        padded = torch.cat([history, seq], dim=-1)  # causal: W - 1 earlier inputs on the left
+        out = F.conv1d(padded, kernel, bias, groups=dim)  # [1, D, t]
+        if activation is not None:
+            out = F.silu(out)
+        outputs.append(out[0].transpose(0, 1))  # [t, D]
+        if output_final_state:
+            tail = padded[..., -width:]
+            if tail.shape[-1] < width:
+                tail = F.pad(tail, (width - tail.shape[-1], 0))
+            states.append(tail[0])
+    if packed:
+        y = torch.cat(outputs, dim=0).unsqueeze(0)
+    else:
+        y = torch.stack(outputs, dim=0)
+    y = y.to(x.dtype)
+    if residual is not None:
+        y = y + residual
+    return y, (torch.stack(states, dim=0) if output_final_state else None)
+
+
+# --------------------------------------------------------------------------------------------
+# fla.modules.l2norm.l2norm
+# --------------------------------------------------------------------------------------------
+def l2norm(x: torch.Tensor, eps: float = 1e-6, output_dtype: torch.dtype | None = None, **unused) -> torch.Tensor:
+    """``x / sqrt(sum(x**2, -1) + eps)`` over the last dimension, computed in fp32 as fla does."""
+    del unused
+    x32 = x.float()
+    y = x32 * torch.rsqrt((x32 * x32).sum(dim=-1, keepdim=True) + eps)
+    return y.to(output_dtype or x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# fla.ops.gated_delta_rule.chunk_gated_delta_rule
+# --------------------------------------------------------------------------------------------
+def _gated_delta_rule_one(q, k, v, g, beta, scale, state, chunk_size):
+    """Chunked gated delta rule for one batch of equal-length sequences, all fp32.
+
+    q, k ``[B, H, T, K]``; v ``[B, H, T, V]``; g, beta ``[B, H, T]``; state ``[B, H, K, V]``.
+    Recurrence per step t (S: K x V):  S = exp(g_t) S;  S += k_t (beta_t (v_t - S^T k_t))^T;
+    o_t = S^T (scale q_t). Chunks of ``chunk_size`` steps are solved at once with the
+    UT transform (a unit lower-triangular solve), then carried over chunks sequentially.
+    """
+    batch, heads, seq_len, k_dim = k.shape
+    v_dim = v.shape[-1]
+    q = q * scale
+    pad = (chunk_size - seq_len % chunk_size) % chunk_size
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
+    n_chunks = (seq_len + pad) // chunk_size
+
+    def chunked(t):
+        return t.reshape(batch, heads, n_chunks, chunk_size, t.shape[-1])
+
+    q, k, v = chunked(q), chunked(k), chunked(v)
+    beta = beta.reshape(batch, heads, n_chunks, chunk_size)
+    log_decay = g.reshape(batch, heads, n_chunks, chunk_size).cumsum(dim=-1)  # within a chunk
+
+    k_beta = k * beta.unsqueeze(-1)
+    v_beta = v * beta.unsqueeze(-1)
+    future = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
+    # decay between positions j <= i of a chunk: exp(G_i - G_j); zero above the diagonal.
+    pair_decay = (log_decay.unsqueeze(-1) - log_decay.unsqueeze(-2)).masked_fill(future, float("-inf")).exp()
+
+    # UT transform: (I + strictly-lower(diag(beta) K K^T * decay)) X = RHS.
+    system = (k_beta @ k.transpose(-1, -2)) * pair_decay  # diagonal is replaced by 1 (unitriangular)
+    new_values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    decayed_k_beta = k_beta * log_decay.exp().unsqueeze(-1)
+    k_cumdecay = torch.linalg.solve_triangular(system, decayed_k_beta, upper=False, unitriangular=True)
+
+    intra = (q @ k.transpose(-1, -2)) * pair_decay  # causal within the chunk (diagonal kept)
+    q_decayed = q * log_decay.exp().unsqueeze(-1)
+    k_to_end = k * (log_decay[..., -1:] - log_decay).exp().unsqueeze(-1)
+    chunk_decay = log_decay[..., -1].exp()[..., None, None]
+
+    out = torch.zeros(batch, heads, n_chunks, chunk_size, v_dim, dtype=q.dtype, device=q.device)
+    for i in range(n_chunks):
+        v_new = new_values[:, :, i] - k_cumdecay[:, :, i] @ state
+        out[:, :, i] = q_decayed[:, :, i] @ state + intra[:, :, i] @ v_new
+        state = state * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ v_new
+    out = out.reshape(batch, heads, n_chunks * chunk_size, v_dim)[:, :, :seq_len]
+    return out, state
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    **unused,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated delta rule over whole sequences, fla's signature and layout.
+
+    Args:
+        q, k: ``[B, T, Hk, K]``; v: ``[B, T, Hv, V]`` (``Hv`` a multiple of ``Hk``: grouped
+            value heads, each q/k head serving ``Hv // Hk`` consecutive value heads).
+        g: ``[B, T, Hv]`` log-space decay (the state is multiplied by ``exp(g)``; ``g <= 0``).
+        beta: ``[B, T, Hv]`` write strength.
+        scale: query scale, default ``K ** -0.5``.
+        initial_state: ``[N, Hv, K, V]`` (N sequences) or None for zeros.
+        use_qk_l2norm_in_kernel: L2-normalise q and k (last dim) first.
+        cu_seqlens: cumulative lengths of packed sequences (then ``B == 1``).
+
+    Returns:
+        ``(o [B, T, Hv, V] in q's dtype, final state [N, Hv, K, V] fp32 or None)``.
+    """
+    if unused.get("head_first"):
+        raise NotImplementedError("head_first=True layout is not supported by this stand-in")
+    out_dtype = q.dtype
+    batch, seq_len, k_heads, k_dim = k.shape
+    v_heads = v.shape[2]
+    if v_heads != k_heads:
+        if v_heads % k_heads:
+            raise ValueError(f"value heads ({v_heads}) must be a multiple of key heads ({k_heads})")
+        q = q.repeat_interleave(v_heads // k_heads, dim=2)
+        k = k.repeat_interleave(v_heads // k_heads, dim=2)
+    # [B, T, H, D] -> [B, H, T, D] in fp32
+    q, k, v = (t.transpose(1, 2).float().contiguous() for t in (q, k, v))
+    g, beta = (t.transpose(1, 2).float().contiguous() for t in (g, beta))
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    scale = k_dim**-0.5 if scale is None else scale
+
+    segments, packed = _segments(cu_seqlens, batch, seq_len)
+    if not packed:
+        state = (
+            torch.zeros(batch, v_heads, k_dim, v.shape[-1], dtype=torch.float32, device=q.device)
+            if initial_state is None
+            else initial_state.float()
+        )
+        out, state = _gated_delta_rule_one(q, k, v, g, beta, scale, state, chunk_size)
+        final = state if output_final_state else None
+        return out.transpose(1, 2).to(out_dtype).contiguous(), final
+    outputs, finals = [], []
+    for n, (_, start, end) in enumerate(segments):
+        state = (
+            torch.zeros(1, v_heads, k_dim, v.shape[-1], dtype=torch.float32, device=q.device)
+            if initial_state is None
+            else initial_state[n : n + 1].float()
+        )
+        part = slice(start, end)
+        out, state = _gated_delta_rule_one(
+            q[:, :, part], k[:, :, part], v[:, :, part], g[:, :, part], beta[:, :, part], scale, state, chunk_size
+        )
+        outputs.append(out)
+        finals.append(state)
+    out = torch.cat(outputs, dim=2).transpose(1, 2).to(out_dtype).contiguous()
+    return out, (torch.cat(finals, dim=0) if output_final_state else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+def real_fla_available() -> bool:
+    """True when a real flash-linear-attention package is importable (never our stand-in)."""
+    module = sys.modules.get("fla")
+    if module is not None:
+        return not getattr(module, STAND_IN_FLAG, False)
+    try:
+        return importlib.util.find_spec("fla") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _module(name: str, doc: str, **attributes) -> types.ModuleType:
+    module = types.ModuleType(name, doc)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)
+    module.__path__ = []  # a package: submodules resolve through sys.modules
+    setattr(module, STAND_IN_FLAG, True)
+    for key, value in attributes.items():
+        setattr(module, key, value)
+    return module
+
+
+def _stand_in_modules() -> dict[str, types.ModuleType]:
+    doc = "bridge_ext stand-in for flash-linear-attention (pure torch); see bridge_ext.cpu.fla_torch."
+    convolution = _module("fla.modules.convolution", doc, causal_conv1d=causal_conv1d)
+    l2norm_module = _module("fla.modules.l2norm", doc, l2norm=l2norm)
+    gdr = _module("fla.ops.gated_delta_rule", doc, chunk_gated_delta_rule=chunk_gated_delta_rule)
+    modules_pkg = _module("fla.modules", doc, convolution=convolution, l2norm=l2norm_module)
+    ops_pkg = _module("fla.ops", doc, gated_delta_rule=gdr)
+    root = _module("fla", doc, modules=modules_pkg, ops=ops_pkg, __version__="0+bridge_ext.stand_in")
+    return {
+        "fla": root,
+        "fla.modules": modules_pkg,
+        "fla.modules.convolution": convolution,
+        "fla.modules.l2norm": l2norm_module,
+        "fla.ops": ops_pkg,
+        "fla.ops.gated_delta_rule": gdr,
+    }
+
+
+@contextmanager
+def stand_in_fla_modules() -> Iterator[None]:
+    """Make ``import fla...`` resolve to the stand-ins inside the block (real fla: no-op).
+
+    Anything that imports fla inside the block keeps references to the stand-ins; keep the block
+    short (see the module doc for why they must not stay in ``sys.modules``).
+    """
+    if real_fla_available():
+        yield
+        return
+    modules = _stand_in_modules()
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+
+
+_BINDINGS = {
+    "causal_conv1d": causal_conv1d,
+    "l2norm": l2norm,
+    "chunk_gated_delta_rule": chunk_gated_delta_rule,
+}
+
+
+def install() -> bool:
+    """Give megatron-core's GDN the torch stand-ins unless a real fla is importable. Idempotent.
+
+    Returns True when megatron's GDN uses the stand-ins, False when the real fla is importable
+    (then nothing is done).
+    """
+    if real_fla_available():
+        return False
+    if _GDN_MODULES[0] not in sys.modules:
+        with stand_in_fla_modules():
+            importlib.import_module(_GDN_MODULES[2])
+    for module_name in _GDN_MODULES:
+        module = sys.modules.get(module_name)
+        if module is None:
+            continue
+        for attribute, function in _BINDINGS.items():
+            if hasattr(module, attribute) and getattr(module, attribute) is None:
+                setattr(module, attribute, function)
+        if getattr(module, "HAVE_FLA", True) is False:
+            module.HAVE_FLA = True
+    common = sys.modules[_GDN_MODULES[0]]
+    if not (common.HAVE_FLA and common.causal_conv1d and common.l2norm and common.chunk_gated_delta_rule):
+        raise RuntimeError("megatron's GDN did not take the fla stand-ins; see bridge_ext.cpu.fla_torch")
+    return True
+
+
+def using_stand_in() -> bool:
+    """True when megatron's GDN runs this module's functions (not a real fla)."""
+    common = sys.modules.get(_GDN_MODULES[0])
+    return common is not None and getattr(common, "chunk_gated_delta_rule", None) is chunk_gated_delta_rule
