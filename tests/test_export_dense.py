@@ -1,0 +1,139 @@
+"""export_hf_weights on real Megatron models (Llama, Qwen3; tied and untied), TP=PP=1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bridge_ext import export_hf_weights, save_hf_pretrained
+from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext.cpu.forward import megatron_logits
+from bridge_ext.cpu.tiny_dense import tiny_dense
+from bridge_ext.dims import ModelDims
+from bridge_ext.engine import PEFT_PREFIX, ExportError
+from bridge_ext.export import buckets, export_hf_buckets
+from bridge_ext.live import LiveModelSource
+from bridge_ext.reverse import hf_to_megatron
+from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
+from model_mappings import table_for
+
+MEGATRON_SPELLINGS = ("base_layer", "to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.", "layer_norm_weight")
+MODELS = ["qwen3", "qwen3-tied", "llama"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def built(request, megatron_cpu, tmp_path_factory):
+    kind = request.param
+    hf_dir = tiny_dense(tmp_path_factory.mktemp(kind), kind.split("-")[0], tied="tied" in kind)
+    model = build_megatron_model(hf_dir, lora=LoraSettings())
+    randomize_lora(model.chunks, seed=len(kind))
+    return model
+
+
+def base_part(pairs):
+    return {name: tensor for name, tensor in pairs if not name.startswith(PEFT_PREFIX)}
+
+
+def test_base_weights_are_bit_exact_and_clean(built):
+    original = load_file(str(built.hf_dir / "model.safetensors"))
+    exported = dict(export_hf_weights(built.chunks))
+    base = base_part(exported.items())
+    assert sorted(base) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(base[name], tensor), name
+    for name in exported:
+        bare = name.removeprefix(PEFT_PREFIX)
+        assert not any(spelling in bare for spelling in MEGATRON_SPELLINGS), name
+    adapters = [name for name in exported if name.startswith(PEFT_PREFIX)]
+    assert len(adapters) == 2 * 7 * 2  # two layers, 7 HF projections, lora_A and lora_B
+
+
+def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")
+    report = Report()
+    check_model_folder(tmp_path / "model", report)
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", report)
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    reference = megatron_logits(built.chunks, input_ids)
+    relative = compare_logits(hf_logits(peft_model, input_ids), reference, report, what="HF + adapter",
+                              relative_tolerance=1e-5)
+    without_adapter = hf_logits(load_hf_model(tmp_path / "model"), input_ids)
+    assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+
+
+def test_merged_export_equals_megatron_bridge(built):
+    ours = dict(export_hf_weights(built.chunks, peft=False))
+    theirs = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+
+
+def test_adapters_equal_megatron_bridge(built):
+    ours = {name.removeprefix(PEFT_PREFIX): t for name, t in export_hf_weights(built.chunks, adapters_only=True)}
+    theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+
+
+def test_merged_weights_are_base_plus_scaled_lora(built):
+    merged = dict(export_hf_weights(built.chunks, peft=False))
+    pairs = dict(export_hf_weights(built.chunks))
+    q_name = "model.layers.1.self_attn.q_proj"
+    a, b = pairs[f"{PEFT_PREFIX}{q_name}.lora_A.weight"], pairs[f"{PEFT_PREFIX}{q_name}.lora_B.weight"]
+    expected = pairs[f"{q_name}.weight"] + (8 / 4) * (b @ a)
+    assert torch.allclose(merged[f"{q_name}.weight"], expected, atol=1e-6)
+    assert not torch.allclose(merged[f"{q_name}.weight"], pairs[f"{q_name}.weight"])
+
+
+def test_buckets_are_complete_and_flag_only_the_last(built):
+    whole = dict(export_hf_weights(built.chunks))
+    adapter_bytes = sum(t.numel() * t.element_size() for n, t in whole.items() if n.startswith(PEFT_PREFIX))
+    got = list(export_hf_buckets(built.chunks, bucket_bytes=adapter_bytes // 5))
+    assert sum(bucket.is_last for bucket in got) == 1 and got[-1].is_last
+    adapter_buckets = [b for b in got if any(n.startswith(PEFT_PREFIX) for n, _ in b.tensors)]
+    assert len(adapter_buckets) >= 3  # the adapter set really is spread over several buckets
+    received = {}
+    for bucket in got:
+        assert bucket.nbytes <= adapter_bytes // 5 or len(bucket.tensors) == 1
+        for name, tensor in bucket.tensors:
+            assert name not in received
+            received[name] = tensor.clone()
+    assert sorted(received) == sorted(whole)
+    assert all(torch.equal(received[name], whole[name]) for name in whole)
+    assert [b.is_last for b in buckets(iter([]), 10)] == [True]
+
+
+def test_unmapped_parameter_is_an_error_naming_it(built):
+    layer = built.chunks[0].decoder.layers[0]
+    layer.register_parameter("mystery", torch.nn.Parameter(torch.zeros(3)))
+    try:
+        with pytest.raises(ExportError, match=r"decoder\.layers\.0\.mystery"):
+            next(export_hf_weights(built.chunks))
+    finally:
+        del layer.mystery
+
+
+def test_names_are_checked_against_the_hf_key_set(built):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(built.hf_dir))
+    config.num_hidden_layers = 3
+    if getattr(config, "layer_types", None):
+        config.layer_types = [*config.layer_types, config.layer_types[-1]]
+    with pytest.raises(ExportError, match=r"missing \['model\.layers\.2\."):
+        next(export_hf_weights(built.chunks, hf_config=config))
+
+
+def test_table_reverse_agrees_with_megatron_bridge_loader(built):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(built.hf_dir))
+    source = LiveModelSource(built.chunks)
+    names = source.base_names()
+    rebuilt = hf_to_megatron(load_file(str(built.hf_dir / "model.safetensors")), names,
+                             table_for(config.model_type), ModelDims.from_hf_config(config))
+    assert sorted(rebuilt) == sorted(names)
+    for name in names:
+        (live,) = source.shards(name)
+        assert torch.equal(rebuilt[name], live[: rebuilt[name].shape[0]]), name
