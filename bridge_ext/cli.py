@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
 
+def quiet_upstream_notices() -> None:
+    """Keep megatron's and transformers' notices (no TE, no Apex, slow kernels...) out of the
+    command's output; errors still show."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.disable(logging.WARNING)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option("--verbose", is_flag=True, help="Show megatron's own log messages and warnings.")
+def main(verbose: bool) -> None:
     """Clean Hugging Face weights and PEFT adapters out of Megatron-Core models."""
+    if not verbose:
+        quiet_upstream_notices()
 
 
 @main.command()
@@ -36,3 +52,189 @@ def demo(example: str | None, workdir: Path | None) -> None:
         click.echo(f"verification FAILED: {error}", err=True)
         sys.exit(1)
     click.echo("demo passed")
+
+
+# Exit codes of `bridge-ext convert` (documented in its --help and in docs/convert.md).
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_MISMATCH, EXIT_OUTPUT_EXISTS, EXIT_VERIFY = 0, 1, 2, 3, 4, 5, 6
+DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+@main.command(context_settings={"max_content_width": 100})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--model-out", type=click.Path(path_type=Path), default=None,
+              help="Write the Hugging Face model folder here (safetensors shards, index, config.json, "
+                   "tokenizer files of --hf-base).")
+@click.option("--adapter-out", type=click.Path(path_type=Path), default=None,
+              help="Write the PEFT adapter folder here (adapter_config.json, adapter_model.safetensors).")
+@click.option("--hf-base", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Hugging Face folder of the base model: config.json and tokenizer files are taken from it, "
+                   "and for an adapter-only checkpoint its weights are the base.")
+@click.option("--hf-config", type=click.Path(exists=True, path_type=Path), default=None,
+              help="config.json (or its folder) when there is no --hf-base. Default: the hf_model_id "
+                   "recorded in run_config.yaml (a local folder, or a Hub id in the local cache).")
+@click.option("--iteration", type=int, default=None,
+              help="Iteration to convert when CHECKPOINT is a root folder (default: the latest).")
+@click.option("--merge", is_flag=True,
+              help="Merge the LoRA adapters into the base weights (W + alpha/r * B A, in fp32) instead of "
+                   "writing an adapter folder.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
+              help="dtype of every written tensor; auto keeps the checkpoint's.")
+@click.option("--expert-layout", type=click.Choice(["auto", "fused", "per_expert"]), default="auto",
+              show_default=True,
+              help="MoE expert weights fused (experts.gate_up_proj [E, 2I, H]) or per expert "
+                   "(experts.<e>.gate_proj); auto follows --hf-base, else fused.")
+@click.option("--expert-adapter-layout", type=click.Choice(["fused", "per_expert"]), default="fused",
+              show_default=True,
+              help="Expert adapters in PEFT's target_parameters layout (fused: what PEFT loads onto "
+                   "transformers v5 models) or per expert (vLLM's MoE LoRA format).")
+@click.option("--max-shard-size", default="5GB", show_default=True, callback=lambda ctx, param, value: _size(value),
+              help="Largest safetensors shard (e.g. 500MB, 2GiB). Memory use is about one shard plus the "
+                   "largest tensor.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace output folders that exist and are not empty (only once the new ones are complete).")
+@click.option("--verify", is_flag=True,
+              help="Afterwards load the result with transformers (and PEFT), run a short forward pass and "
+                   "report key counts.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar (default: when stderr is a terminal).")
+def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, hf_base: Path | None,
+            hf_config: Path | None, iteration: int | None, merge: bool, dtype: str, expert_layout: str,
+            expert_adapter_layout: str, max_shard_size: str, overwrite: bool, verify: bool,
+            progress: bool | None) -> None:
+    """Convert a Megatron checkpoint on disk to a Hugging Face folder and/or a PEFT adapter folder.
+
+    CHECKPOINT is a Megatron-Core / Megatron-Bridge torch_dist checkpoint: a root folder with
+    latest_checkpointed_iteration.txt and iter_XXXXXXX/ folders, or one iteration folder. Full
+    checkpoints and LoRA adapter-only checkpoints (their base comes from --hf-base) are read
+    tensor by tensor through the checkpoint's metadata, at whatever TP/PP/EP they were saved;
+    no model is built, no GPU or Transformer Engine is needed, and no pickle is loaded except
+    through an allowlist or with weights_only. Outputs are built in a temporary folder beside
+    the target and renamed into place only when complete.
+
+    \b
+    Examples:
+      # full LoRA checkpoint -> base model folder + PEFT adapter folder, then check both
+      bridge-ext convert ckpts/run1 --hf-base Qwen3-0.6B \\
+          --model-out out/model --adapter-out out/adapter --verify
+      # adapter-only checkpoint (Megatron-Bridge PEFT run) -> PEFT adapter folder
+      bridge-ext convert ckpts/lora_run --hf-base Qwen3-0.6B --adapter-out out/adapter
+      # the same, merged into the base, in bfloat16, 2 GB shards
+      bridge-ext convert ckpts/lora_run --hf-base Qwen3-0.6B --model-out out/merged \\
+          --merge --dtype bfloat16 --max-shard-size 2GB
+      # one iteration of a root, per-expert MoE layout, replacing an earlier result
+      bridge-ext convert ckpts/moe_run --iteration 2000 --model-out out/moe \\
+          --expert-layout per_expert --overwrite
+
+    \b
+    Exit codes:
+      0  converted (and verified, with --verify)
+      1  internal error (a bug: please report the traceback)
+      2  usage error (bad or conflicting options)
+      3  the checkpoint cannot be read: missing, not torch_dist, unsafe pickle, truncated or
+         corrupted file, missing run_config.yaml for an adapter-only checkpoint
+      4  the checkpoint, config.json and mapping tables disagree: unknown architecture,
+         unmapped or missing tensors, shape mismatch (named with both shapes)
+      5  an output folder exists and is not empty (use --overwrite)
+      6  --verify failed
+    """
+    from bridge_ext.checkpoint import CheckpointError
+    from bridge_ext.convert import ConvertError, convert_checkpoint, verify_conversion
+    from bridge_ext.engine import ExportError
+    from bridge_ext.hf_folder import OutputExistsError
+    from bridge_ext.verify import VerificationError
+
+    if model_out is None and adapter_out is None:
+        raise click.UsageError("give --model-out, --adapter-out or both")
+    if merge and adapter_out is not None:
+        raise click.UsageError("--merge writes the adapters into --model-out; drop --adapter-out")
+    if merge and model_out is None:
+        raise click.UsageError("--merge needs --model-out")
+    bar = _ProgressBar(enabled=sys.stderr.isatty() if progress is None else progress)
+    try:
+        with bar:
+            result = convert_checkpoint(
+                checkpoint, model_dir=model_out, adapter_dir=adapter_out, hf_base=hf_base, hf_config=hf_config,
+                iteration=iteration, merge=merge, dtype=_torch_dtype(DTYPES[dtype]),
+                expert_layout=None if expert_layout == "auto" else expert_layout,
+                expert_adapter_layout=expert_adapter_layout, max_shard_size=max_shard_size, overwrite=overwrite,
+                on_start=bar.start, on_tensor=bar.advance,
+            )
+    except CheckpointError as error:
+        _fail(error, EXIT_CHECKPOINT)
+    except OutputExistsError as error:
+        _fail(error, EXIT_OUTPUT_EXISTS)
+    except (ConvertError, ExportError) as error:
+        _fail(error, EXIT_MISMATCH)
+    mib = result.bytes / 2**20
+    click.echo(f"converted {result.checkpoint}{' (LoRA adapter-only)' if result.adapter_only else ''}")
+    for label, folder in (("model", result.model_dir), ("adapter", result.adapter_dir)):
+        if folder is not None:
+            click.echo(f"  {label:<8}{folder}")
+    click.echo(f"  {result.tensors} tensors, {mib:.1f} MiB in {result.seconds:.1f} s "
+               f"({result.throughput / 2**20:.1f} MiB/s)")
+    if verify:
+        try:
+            report = verify_conversion(result, hf_base)
+        except VerificationError as error:
+            _fail(f"verification failed: {error}", EXIT_VERIFY)
+        for line in report.lines:
+            click.echo(f"  ok  {line}")
+
+
+def _size(value: str) -> str:
+    from bridge_ext.hf_folder import parse_size
+
+    try:
+        if parse_size(value) <= 0:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size such as 500MB or 2GiB") from None
+    return value
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
+def _fail(error: object, code: int) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(code)
+
+
+class _ProgressBar:
+    """A rich progress bar over the tensors written, with bytes and throughput, on stderr."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._progress = self._task = None
+        self._bytes = 0
+
+    def __enter__(self) -> _ProgressBar:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
+                TextColumn("{task.fields[mib]:.0f} MiB, {task.fields[rate]:.0f} MiB/s"), TimeElapsedColumn(),
+                console=Console(stderr=True), transient=True)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc_info)
+
+    def start(self, total: int) -> None:
+        if self._progress is not None:
+            self._task = self._progress.add_task("convert", total=total, mib=0.0, rate=0.0)
+
+    def advance(self, name: str, nbytes: int) -> None:
+        if self._task is None:
+            return
+        self._bytes += nbytes
+        elapsed = self._progress.tasks[0].elapsed or 0.0
+        mib = self._bytes / 2**20
+        self._progress.update(self._task, advance=1, mib=mib, rate=mib / elapsed if elapsed else 0.0)

@@ -34,8 +34,20 @@ def _tiny_dense(directory: Path) -> tuple[Path, tuple[str, ...]]:
     return tiny_dense(directory, "qwen3"), DEFAULT_LORA_TARGETS
 
 
-EXAMPLES: dict[str, Callable[[Path], tuple[Path, tuple[str, ...]]]] = {"qwen3": _tiny_dense}
-DEFAULT_EXAMPLE = "qwen3"
+QWEN35_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")
+
+
+def _tiny_qwen35_moe(directory: Path) -> tuple[Path, tuple[str, ...]]:
+    from bridge_ext.cpu.tiny_models import tiny_qwen35_moe
+
+    return tiny_qwen35_moe(directory, mtp_layers=1), QWEN35_LORA_TARGETS
+
+
+EXAMPLES: dict[str, Callable[[Path], tuple[Path, tuple[str, ...]]]] = {
+    "qwen3.5-moe": _tiny_qwen35_moe,
+    "qwen3": _tiny_dense,
+}
+DEFAULT_EXAMPLE = "qwen3.5-moe"
 
 
 def _source_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
