@@ -45,10 +45,14 @@ class ModelDims:
             q_rows_per_group=heads // groups * head_dim,
         )
         if getattr(text, "linear_num_value_heads", None):
+            value_heads_per_key_head = text.linear_num_value_heads // text.linear_num_key_heads
             sizes.update(
                 gdn_qk_rows=text.linear_num_key_heads * text.linear_key_head_dim,
                 gdn_v_rows=text.linear_num_value_heads * text.linear_value_head_dim,
                 gdn_heads=text.linear_num_value_heads,
+                gdn_key_head_dim=text.linear_key_head_dim,
+                gdn_v_heads_per_key_head=value_heads_per_key_head,
+                gdn_v_rows_per_key_head=value_heads_per_key_head * text.linear_value_head_dim,
             )
         vision = vision_config(config)
         if vision is not None:

@@ -106,6 +106,32 @@ class SplitGroupedRows(Op):
 
 
 @dataclass(frozen=True)
+class GroupRows(Op):
+    """Interleave consecutive parts group by group: the inverse of :class:`SplitGroupedRows`.
+
+    ``GroupRows("a", "b", first=1)`` replaces parts 1 and 2 (each ``G`` groups of ``a`` resp.
+    ``b`` rows) with one tensor ``[a_0; b_0; a_1; b_1; ...]``; other parts pass through.
+    Qwen3-Next's ``in_proj_qkvz`` holds per key head ``[q; k; v; z]``.
+    """
+
+    sizes: tuple[Size, ...]
+    first: int = 0
+
+    def __init__(self, *sizes: Size, first: int = 0):
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "first", first)
+
+    def forward(self, tensors, dims):
+        end = self.first + len(self.sizes)
+        (grouped,) = SplitGroupedRows(*self.sizes).reverse(tensors[self.first : end], dims)
+        return [*tensors[: self.first], grouped, *tensors[end:]]
+
+    def reverse(self, tensors, dims):
+        parts = SplitGroupedRows(*self.sizes).forward([tensors[self.first]], dims)
+        return [*tensors[: self.first], *parts, *tensors[self.first + 1 :]]
+
+
+@dataclass(frozen=True)
 class Concat(Op):
     """Join consecutive parts into Hugging Face tensors; each group lists its parts' sizes.
 

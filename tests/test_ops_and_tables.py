@@ -5,7 +5,7 @@ import torch
 
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, plan_tasks, run_rule
-from bridge_ext.ops import AddOne, Concat, InterleaveRows, SplitGroupedRows, SplitRows, TrimVocab
+from bridge_ext.ops import AddOne, Concat, GroupRows, InterleaveRows, SplitGroupedRows, SplitRows, TrimVocab
 from bridge_ext.patterns import NamePattern
 from bridge_ext.reverse import reverse_rule
 from bridge_ext.table import MappingTable, rule
@@ -35,6 +35,15 @@ def test_grouped_split_takes_each_part_of_every_group():
     assert torch.equal(q, torch.cat([tensor[0:4], tensor[8:12]]))
     assert torch.equal(k, torch.cat([tensor[4:6], tensor[12:14]]))
     assert torch.equal(v, torch.cat([tensor[6:8], tensor[14:16]]))
+
+
+def test_group_rows_inverts_grouped_split():
+    tensor = rows(16)
+    parts = SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim").forward([tensor], DIMS)
+    marker = rows(1)
+    (regrouped, passed) = GroupRows("q_rows_per_group", "head_dim", "head_dim").forward([*parts, marker], DIMS)
+    assert torch.equal(regrouped, tensor) and passed is marker
+    assert [t.shape[0] for t in GroupRows("head_dim", "head_dim", first=1).reverse([marker, rows(8)], DIMS)] == [1, 4, 4]
 
 
 def test_interleave_alternates_blocks():
