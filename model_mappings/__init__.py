@@ -1,9 +1,9 @@
 """Declarative mapping tables, one per architecture family, found by Hugging Face model_type."""
 
 from bridge_ext.table import MappingTable
-from model_mappings import llama, qwen3_5
+from model_mappings import llama, qwen3_5, qwen3_next
 
-TABLES: tuple[MappingTable, ...] = (llama.TABLE, qwen3_5.TEXT, qwen3_5.IMAGE_TEXT)
+TABLES: tuple[MappingTable, ...] = (llama.TABLE, qwen3_5.TEXT, qwen3_5.IMAGE_TEXT, qwen3_next.TABLE)
 
 
 def table_for(model_type: str) -> MappingTable:

@@ -4,7 +4,8 @@ Call inside :func:`bridge_ext.cpu.distributed.megatron_parallel`.
 
 Qwen3.5 (HF model types ``qwen3_5_text``, ``qwen3_5_moe_text``, ``qwen3_5``, ``qwen3_5_moe``) is
 built through Megatron-Bridge's Qwen3.5 bridges with the local layer / MTP / vision specs of
-:mod:`bridge_ext.cpu.qwen35`; other models (Qwen3, Llama...) with megatron-core's local GPT spec.
+:mod:`bridge_ext.cpu.qwen35`, Qwen3-Next (``qwen3_next``) through its ``Qwen3NextBridge`` with the
+same specs; other models (Qwen3, Llama...) with megatron-core's local GPT spec.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def build_megatron_model(
     provider = bridge.to_megatron_provider(load_weights=False)
     if is_qwen35:
         qwen35.configure_provider(provider)
+        rotary_percent = qwen35.qwen3_next_rotary_percent(hf_dir)
+        if rotary_percent is not None:  # see qwen35.qwen3_next_rotary_percent
+            provider.rotary_percent = rotary_percent
     else:
         provider.transformer_layer_spec = get_gpt_layer_local_spec(
             num_experts=getattr(provider, "num_moe_experts", None),

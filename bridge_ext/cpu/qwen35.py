@@ -77,6 +77,8 @@ QWEN35_MODEL_TYPES = {
     "qwen3_5_moe_text": "Qwen35MoEBridge",
     "qwen3_5": "Qwen35VLBridge",
     "qwen3_5_moe": "Qwen35VLMoEBridge",
+    # Qwen3-Next: the same GDN + gated attention + MoE + MTP modules, so the same local specs.
+    "qwen3_next": "Qwen3NextBridge",
 }
 VL_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe")
 
@@ -574,4 +576,24 @@ def hf_model_type(hf_dir) -> str:
 
 
 def is_qwen35(hf_dir) -> bool:
+    """Whether ``hf_dir`` is built with this module's local specs (Qwen3.5, and Qwen3-Next)."""
     return hf_model_type(hf_dir) in QWEN35_MODEL_TYPES
+
+
+def qwen3_next_rotary_percent(hf_dir) -> float | None:
+    """The rotary fraction of a ``qwen3_next`` folder (None for other model types).
+
+    Megatron-Bridge 0.6.2's ``Qwen3NextBridge`` reads ``config.partial_rotary_factor``, which
+    transformers 5.x moves into ``config.rope_parameters``; the provider then keeps
+    ``rotary_percent=1.0`` and the model rotates all 16 of 16 head dims instead of 4 (logits
+    differ from Hugging Face's by ~0.1 on the tiny model; weights are unaffected).
+    ``Qwen35Bridge`` reads ``rope_parameters`` itself.
+    """
+    import json
+    from pathlib import Path
+
+    if hf_model_type(hf_dir) != "qwen3_next":
+        return None
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    return float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.25)))

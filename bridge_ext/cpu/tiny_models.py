@@ -1,6 +1,6 @@
-"""Tiny Hugging Face Qwen3.5 models (fp32) saved to a folder, for CPU tests.
+"""Tiny Hugging Face Qwen3.5 and Qwen3-Next models (fp32) saved to a folder, for CPU tests.
 
-Four HF model types are covered:
+Five HF model types are covered:
 
 =====================  ====================================  ==============================
 function               HF model type (config.json)           HF class written
@@ -9,6 +9,7 @@ tiny_qwen35_dense      ``qwen3_5_text``                      ``Qwen3_5ForCausalL
 tiny_qwen35_moe        ``qwen3_5_moe_text``                  ``Qwen3_5MoeForCausalLM``
 tiny_qwen35_vl         ``qwen3_5`` (``moe=False``)           ``Qwen3_5ForConditionalGeneration``
 tiny_qwen35_vl         ``qwen3_5_moe`` (``moe=True``)        ``Qwen3_5MoeForConditionalGeneration``
+tiny_qwen3_next        ``qwen3_next``                        ``Qwen3NextForCausalLM``
 =====================  ====================================  ==============================
 
 Shapes: hidden 64, 4 layers ``[linear, linear, linear, full]``, 4 query heads / 2 KV heads of
@@ -292,3 +293,22 @@ def tiny_vl_inputs(batch: int = 1, text_before: int = 5, text_after: int = 6, *,
         "image_grid_thw": grid,
         "mm_token_type_ids": (input_ids == IMAGE_TOKEN_ID).long(),
     }
+
+
+def tiny_qwen3_next(directory: str | Path, mtp_layers: int = 1, *, seed: int = 0) -> Path:
+    """Save a tiny ``qwen3_next`` model (``Qwen3NextForCausalLM``) to ``directory``.
+
+    The Qwen3.5-MoE shapes above (4 layers ``[linear, linear, linear, full]``, GDN 2 key / 4
+    value heads, 4 experts + gated shared expert, gated attention); Qwen3-Next fuses the GDN
+    projections into ``in_proj_qkvz`` / ``in_proj_ba`` and keeps experts per expert. Plain
+    RoPE (no MRoPE), rotary dim ``16 * 0.25 = 4``. MTP tensors as for Qwen3.5 (per-expert MTP
+    experts, the published Qwen3-Next layout), ``mtp_num_hidden_layers`` in config.json.
+    """
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.manual_seed(seed)
+    text = _text_kwargs(moe=True, mtp_layers=mtp_layers)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
+    model = Qwen3NextForCausalLM(Qwen3NextConfig(**text)).float().eval()
+    _perturb(model, torch.Generator().manual_seed(seed))
+    return _finish(model, Path(directory), text, True, mtp_layers, nested=False, seed=seed)
