@@ -72,6 +72,9 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
 @click.option("--hf-config", type=click.Path(exists=True, path_type=Path), default=None,
               help="config.json (or its folder) when there is no --hf-base. Default: the hf_model_id "
                    "recorded in run_config.yaml (a local folder, or a Hub id in the local cache).")
+@click.option("--model-type", default=None,
+              help="Without --hf-base / --hf-config: build config.json from run_config.yaml for this Hugging "
+                   "Face model type (e.g. qwen3), through Megatron-Bridge's config mapping.")
 @click.option("--iteration", type=int, default=None,
               help="Iteration to convert when CHECKPOINT is a root folder (default: the latest).")
 @click.option("--merge", is_flag=True,
@@ -98,8 +101,8 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
 def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, hf_base: Path | None,
-            hf_config: Path | None, iteration: int | None, merge: bool, dtype: str, expert_layout: str,
-            expert_adapter_layout: str, max_shard_size: str, overwrite: bool, verify: bool,
+            hf_config: Path | None, model_type: str | None, iteration: int | None, merge: bool, dtype: str,
+            expert_layout: str, expert_adapter_layout: str, max_shard_size: str, overwrite: bool, verify: bool,
             progress: bool | None) -> None:
     """Convert a Megatron checkpoint on disk to a Hugging Face folder and/or a PEFT adapter folder.
 
@@ -124,6 +127,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
       # one iteration of a root, per-expert MoE layout, replacing an earlier result
       bridge-ext convert ckpts/moe_run --iteration 2000 --model-out out/moe \\
           --expert-layout per_expert --overwrite
+      # no Hugging Face folder at hand: config.json built from run_config.yaml
+      bridge-ext convert ckpts/run1 --model-type qwen3 --model-out out/merged --merge
 
     \b
     Exit codes:
@@ -154,7 +159,7 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
         with bar:
             result = convert_checkpoint(
                 checkpoint, model_dir=model_out, adapter_dir=adapter_out, hf_base=hf_base, hf_config=hf_config,
-                iteration=iteration, merge=merge, dtype=_torch_dtype(DTYPES[dtype]),
+                model_type=model_type, iteration=iteration, merge=merge, dtype=_torch_dtype(DTYPES[dtype]),
                 expert_layout=None if expert_layout == "auto" else expert_layout,
                 expert_adapter_layout=expert_adapter_layout, max_shard_size=max_shard_size, overwrite=overwrite,
                 on_start=bar.start, on_tensor=bar.advance,

@@ -6,7 +6,10 @@
 * :mod:`.reader` — list global tensors and byte objects; stream one global tensor (or one layer /
   expert of it) at a time from the ``.distcp`` chunks; byte objects with ``weights_only=True``;
 * :mod:`.run_config` — Megatron-Bridge ``run_config.yaml`` (model and PEFT settings);
-* :mod:`.errors` — every failure is a :class:`CheckpointError` naming the path.
+* :mod:`.errors` — every failure is a :class:`CheckpointError` naming the path;
+* :mod:`.source` — the checkpoint as the engine's tensor source (stored keys -> model names);
+* :mod:`.hf_base` — the base of an adapter-only checkpoint, from a Hugging Face folder;
+* :mod:`.writer` — write such checkpoints with megatron-core's own saver (examples, benchmarks).
 """
 
 from bridge_ext.checkpoint.errors import (
@@ -27,6 +30,8 @@ from bridge_ext.checkpoint.layout import CheckpointLocation, is_adapter_key, loc
 from bridge_ext.checkpoint.reader import ChunkInfo, CheckpointReader, TensorInfo
 from bridge_ext.checkpoint.run_config import PeftSettings, RunConfig, load_run_config
 from bridge_ext.checkpoint.safe_pickle import ALLOWED_GLOBALS, load_dcp_metadata, safe_unpickle
+from bridge_ext.checkpoint.source import CheckpointSource
+from bridge_ext.checkpoint.writer import save_megatron_checkpoint
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -34,6 +39,7 @@ __all__ = [
     "CheckpointLocation",
     "CheckpointNotFoundError",
     "CheckpointReader",
+    "CheckpointSource",
     "ChunkInfo",
     "CorruptCheckpointError",
     "MissingIterationError",
@@ -53,5 +59,6 @@ __all__ = [
     "load_run_config",
     "locate_checkpoint",
     "safe_unpickle",
+    "save_megatron_checkpoint",
     "split_object_key",
 ]

@@ -1,0 +1,371 @@
+"""Convert a Megatron torch_dist checkpoint on disk into a Hugging Face folder and/or a PEFT adapter folder.
+
+No model is built: global tensors are read through the checkpoint's own metadata one at a time
+(:class:`bridge_ext.checkpoint.source.CheckpointSource`) and converted by the same tables and
+engine as a live model (:func:`bridge_ext.export.plan_export`, :func:`bridge_ext.save.write_export`).
+Everything that names alone or shapes alone can decide is checked before the first tensor is
+read: the architecture has a table, every stored tensor has a rule, every Hugging Face name is
+produced, every produced shape is the one config.json implies, every adapter fits its base.
+Outputs are built beside their targets and renamed into place only when complete.
+
+For a LoRA adapter-only checkpoint the base model comes from a Hugging Face folder
+(``hf_base``), turned into Megatron tensors by the same tables in reverse.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bridge_ext.checkpoint import CheckpointReader
+from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource
+from bridge_ext.checkpoint.source import CheckpointSource
+from bridge_ext.dims import ModelDims
+from bridge_ext.engine import run_rule
+from bridge_ext.export import ExpertLayout, ExpertLayouts, ExportPlan, plan_export, source_expert_layouts
+from bridge_ext.hf_folder import OutputExistsError
+from bridge_ext.peft_config import adapted_outputs
+from bridge_ext.verify import Report
+
+
+class ConvertError(ValueError):
+    """The inputs cannot be converted as asked; the message says why (tensor names, shapes, paths)."""
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion wrote and how long it took."""
+
+    model_dir: Path | None
+    adapter_dir: Path | None
+    checkpoint: Path
+    adapter_only: bool
+    tensors: int
+    bytes: int
+    seconds: float
+    config: object = field(repr=False, default=None)
+
+    @property
+    def throughput(self) -> float:
+        """Bytes written per second."""
+        return self.bytes / self.seconds if self.seconds > 0 else float("inf")
+
+
+def check_output_folder(target: Path, overwrite: bool, protected: list[Path]) -> None:
+    """Refuse a non-empty output (unless ``overwrite``) and any output overlapping an input."""
+    resolved = target.resolve()
+    for source in protected:
+        source = source.resolve()
+        if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+            raise ConvertError(f"{target}: the output would overlap the input {source}; choose another folder")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{target} exists and is not empty (pass --overwrite to replace it)")
+
+
+def _load_config(folder_or_file: Path):
+    from transformers import AutoConfig
+
+    path = folder_or_file.parent if folder_or_file.name == "config.json" else folder_or_file
+    if not (path / "config.json").is_file():
+        raise ConvertError(f"{folder_or_file}: no config.json there")
+    try:
+        return AutoConfig.from_pretrained(str(path)), path
+    except (ValueError, KeyError, OSError) as error:
+        raise ConvertError(f"{path / 'config.json'}: transformers cannot read it: {error}") from error
+
+
+def resolve_config(reader: CheckpointReader, hf_base: Path | None, hf_config: Path | None,
+                   model_type: str | None = None):
+    """The Hugging Face config (and the folder whose tokenizer files go with it, if any).
+
+    In order: the base folder, an explicit config, a config built from run_config.yaml for
+    ``model_type``, then the ``hf_model_id`` Megatron-Bridge recorded in run_config.yaml (a
+    local folder, or a Hub id already in the local cache).
+    """
+    if hf_base is not None:
+        return _load_config(hf_base)
+    if hf_config is not None:
+        return _load_config(hf_config)
+    if model_type is not None:
+        return config_from_run_config(reader, model_type), None
+    run_config = reader.run_config
+    model_id = run_config.hf_model_id if run_config is not None else None
+    if model_id and Path(model_id).is_dir():
+        return _load_config(Path(model_id))
+    if model_id:
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(model_id, local_files_only=True), None
+        except (OSError, ValueError):
+            pass
+    where = f"run_config.yaml names hf_model_id {model_id!r}, which is neither a local folder nor in the local Hugging Face cache" \
+        if model_id else "the checkpoint records no Hugging Face model (no run_config.yaml hf_model_id)"
+    raise ConvertError(f"cannot tell the model's architecture: {where}; pass --hf-base, --hf-config or --model-type")
+
+
+def config_from_run_config(reader: CheckpointReader, model_type: str):
+    """A Hugging Face config of ``model_type`` built from run_config.yaml's model settings.
+
+    Uses Megatron-Bridge's own ``megatron_to_hf_config`` of the bridge registered for that model
+    type (what its ``AutoBridge.from_auto_config`` does); settings it does not map keep
+    transformers' defaults, and the shape check then names any tensor they do not fit.
+    """
+    import torch.nn.functional as functional
+    from megatron.bridge import AutoBridge
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    if model_type not in CONFIG_MAPPING:
+        raise ConvertError(f"unknown architecture: transformers has no model type {model_type!r}")
+    _table(model_type)
+    settings = dict(reader.require_run_config().model)
+    # run_config.yaml names the activation by its import path; only torch.nn.functional is looked up.
+    activation = getattr(functional, str(settings.get("activation_func", "")).rsplit(".", 1)[-1], None)
+    settings["activation_func"] = activation if callable(activation) else functional.silu
+    architecture = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type) or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    reference = CONFIG_MAPPING[model_type](architectures=[architecture])
+    model_bridge = AutoBridge.from_hf_config(reference)._model_bridge
+    values = model_bridge.megatron_to_hf_config(types.SimpleNamespace(**settings))
+    return type(reference)(**{key: value for key, value in values.items() if value is not None})
+
+
+def _table(model_type: str):
+    from model_mappings import table_for
+
+    try:
+        return table_for(model_type)
+    except KeyError as error:
+        raise ConvertError(f"unknown architecture: {error.args[0]}") from None
+
+
+def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts_found: dict[str, ExpertLayout]):
+    """The checkpoint as a tensor source; for adapter-only checkpoints, with the HF base beside it."""
+    run_config = reader.run_config
+    checkpoint = CheckpointSource(reader, run_config.peft if run_config is not None else None)
+    if not reader.is_adapter_only:
+        return checkpoint
+    from bridge_ext.hf_keys import hf_checkpoint_keys
+    from bridge_ext.verify import folder_tensor_names
+
+    if hf_base is not None:
+        shapes = folder_tensor_names(hf_base)
+    else:  # names and shapes suffice to export adapters alone
+        shapes = hf_checkpoint_keys(config, expert_layout=layouts_found.get("experts", "fused"))
+    variants = frozenset(f"{part}:{layout}" for part in ("experts", "mtp_experts")
+                         for layout in ([layouts_found[part]] if part in layouts_found else ["fused", "per_expert"]))
+    base = HfBaseSource(shapes, _table(config.model_type), ModelDims.from_hf_config(config), variants, hf_base)
+    return CombinedSource(base, checkpoint)
+
+
+def expected_shapes(plan: ExportPlan, hf_base: Path | None) -> dict[str, tuple[int, ...]]:
+    """Shapes config.json implies, plus the base folder's own (MTP tensors transformers does not know)."""
+    from bridge_ext.verify import folder_tensor_names
+
+    shapes = dict(plan.hf_keys)
+    if hf_base is not None:
+        for name, shape in folder_tensor_names(hf_base).items():
+            shapes.setdefault(name, tuple(shape))
+    return shapes
+
+
+def check_shapes(source, plan: ExportPlan, expected: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+    """Run every rule on meta tensors of the stored shapes; compare with ``expected``.
+
+    Returns how many base and adapter tensors an export writes. Raises ConvertError naming the
+    Megatron tensor, the Hugging Face tensor and both shapes at the first disagreement.
+    """
+    def meta(name: str) -> list[torch.Tensor]:
+        return [torch.empty(shape, device="meta") for shape in source.shard_shapes(name)]
+
+    def whole(name: str) -> tuple[int, ...]:
+        shapes = source.shard_shapes(name)
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    count = 0
+    for task in plan.base_tasks:
+        first = task.sources[0]
+        try:
+            outputs = run_rule(task.rule, meta(first), plan.dims)
+        except (ValueError, RuntimeError) as error:
+            wanted = {hf: expected.get(hf) for hf in task.hf_names}
+            raise ConvertError(f"checkpoint and config disagree: {first} has shape {whole(first)}, "
+                               f"which cannot become {wanted} ({error})") from None
+        stack = (len(task.sources),) if task.rule.stack else ()
+        for hf_name, output in zip(task.hf_names, outputs, strict=True):
+            got = (*stack, *output.shape)
+            if hf_name in expected and tuple(expected[hf_name]) != got:
+                raise ConvertError(
+                    f"checkpoint and config disagree on {hf_name}: the checkpoint's {first} "
+                    f"{whole(first)} gives {got}, config.json implies {tuple(expected[hf_name])}")
+        count += len(task.hf_names)
+    for module, adapter in source.adapters().items():
+        base, lora_a, lora_b = whole(f"{module}.weight"), whole(adapter.lora_a), whole(adapter.lora_b)
+        if lora_a[1:] != base[1:] or lora_b[0] != base[0] or lora_a[0] != lora_b[1]:
+            raise ConvertError(
+                f"checkpoint and config disagree: LoRA {adapter.lora_a} {lora_a} and {adapter.lora_b} "
+                f"{lora_b} do not fit the base weight {module}.weight {base}")
+    return count, 2 * len(adapted_outputs(plan.adapter_tasks, source.adapters()))
+
+
+def convert_checkpoint(
+    checkpoint: str | Path,
+    *,
+    model_dir: str | Path | None = None,
+    adapter_dir: str | Path | None = None,
+    hf_base: str | Path | None = None,
+    hf_config: str | Path | None = None,
+    model_type: str | None = None,
+    iteration: int | None = None,
+    merge: bool = False,
+    dtype: torch.dtype | None = None,
+    expert_layout: ExpertLayout | None = None,
+    expert_adapter_layout: ExpertLayout = "fused",
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> ConvertResult:
+    """Convert a Megatron checkpoint (root or iteration folder) to Hugging Face / PEFT folders.
+
+    Args:
+        checkpoint: A checkpoint root (``latest_checkpointed_iteration.txt``) or iteration folder.
+        model_dir: Write the Hugging Face model folder here (base weights, or merged with ``merge``).
+        adapter_dir: Write the PEFT adapter folder here.
+        hf_base: The Hugging Face folder of the base model: its config.json and tokenizer files
+            are used, and for an adapter-only checkpoint its weights are the base.
+        hf_config: A config.json (or its folder) when there is no ``hf_base``; by default the
+            ``hf_model_id`` recorded in run_config.yaml.
+        model_type: Without ``hf_base`` / ``hf_config``: build config.json from run_config.yaml
+            for this Hugging Face model type (e.g. ``qwen3``) through Megatron-Bridge's mapping.
+        iteration: Which iteration of a root (default: the latest).
+        merge: Merge the LoRA adapters into the base weights (``W + alpha/r * B @ A``, in fp32).
+        dtype: Cast every written tensor (default: keep the checkpoint's dtype).
+        expert_layout: MoE experts fused (``gate_up_proj``) or per expert; default: the base
+            folder's layout, else fused.
+        expert_adapter_layout: Expert adapters in PEFT's fused ``target_parameters`` layout or per expert.
+        max_shard_size: Largest safetensors shard, e.g. ``"5GB"``; bounds memory use.
+        overwrite: Replace non-empty output folders (only once the new ones are complete).
+        on_start: Called with the number of tensors to write, once all checks passed.
+        on_tensor: Called with each written tensor's name and size.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, unsafe, truncated or corrupted.
+        ConvertError / ExportError: config, tables and checkpoint disagree, or the options conflict.
+        OutputExistsError: an output folder exists and is not empty.
+    """
+    from bridge_ext.save import write_export
+
+    started = time.perf_counter()
+    if model_dir is None and adapter_dir is None:
+        raise ConvertError("nothing to write: give a model folder, an adapter folder or both")
+    if merge and adapter_dir is not None:
+        raise ConvertError("--merge writes the adapters into the model folder; drop the adapter folder")
+    checkpoint, hf_base = Path(checkpoint), Path(hf_base) if hf_base is not None else None
+    protected = [checkpoint, *([hf_base] if hf_base else [])]
+    outputs = [Path(p) for p in (model_dir, adapter_dir) if p is not None]
+    if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
+        raise ConvertError("the model folder and the adapter folder must differ")
+    for output in outputs:
+        check_output_folder(output, overwrite, protected)
+
+    reader = CheckpointReader(checkpoint, iteration=iteration)
+    adapter_only = reader.is_adapter_only
+    if adapter_only:
+        reader.require_run_config()
+        if model_dir is not None and hf_base is None:
+            raise ConvertError(f"{reader.path} is a LoRA adapter-only checkpoint: the base weights of a model "
+                               "folder come from the Hugging Face base model; pass --hf-base")
+    config, config_folder = resolve_config(reader, hf_base, Path(hf_config) if hf_config else None, model_type)
+    _table(config.model_type)
+    found = source_expert_layouts(hf_base or config_folder)
+    source = build_source(reader, config, hf_base, found)
+    layouts = ExpertLayouts(
+        experts=expert_layout or found.get("experts", "fused"),
+        mtp_experts=expert_layout or found.get("mtp_experts", "fused"),
+        adapters=expert_adapter_layout,
+    )
+    plan = plan_export(source, config, layouts)
+    if adapter_dir is not None and not source.adapters():
+        raise ConvertError(f"{reader.path} holds no LoRA adapters; drop the adapter folder")
+    if model_dir is not None and adapter_dir is None and source.adapters() and not merge:
+        raise ConvertError(f"{reader.path} holds LoRA adapters: give an adapter folder too, or --merge")
+    base_count, adapter_count = check_shapes(source, plan, expected_shapes(plan, hf_base))
+    if on_start is not None:
+        on_start(base_count * (model_dir is not None) + adapter_count * (adapter_dir is not None))
+    written_dtype = dtype or _stored_dtype(reader)
+    run_config = reader.run_config
+    base_name = str(hf_base.resolve()) if hf_base else (run_config.hf_model_id if run_config else None)
+    result = write_export(
+        source, plan, model_dir, adapter_dir,
+        merge=merge, dtype=dtype, config_dtype=written_dtype, max_shard_size=max_shard_size,
+        overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
+    )
+    return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,
+                         result.bytes, time.perf_counter() - started, config)
+
+
+def _stored_dtype(reader: CheckpointReader) -> torch.dtype | None:
+    """The dtype most of the checkpoint's bytes are in (what config.json should record)."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for info in reader.tensors.values():
+        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+    return max(by_dtype, key=by_dtype.get) if by_dtype else None
+
+
+def verify_conversion(result: ConvertResult, hf_base: str | Path | None = None, *, seq_len: int = 8) -> Report:
+    """Load what was written with transformers (and PEFT), run a short forward, report.
+
+    The model folder must load with no missing and no unexpected weight; the adapter folder
+    must load strictly onto the written model folder (or ``hf_base`` when only adapters were
+    written); both must give finite logits.
+    """
+    from transformers import AutoConfig
+
+    from bridge_ext.verify import (
+        VerificationError,
+        check_model_folder,
+        hf_logits,
+        load_adapter_strict,
+        load_hf_model,
+    )
+
+    report = Report()
+    model = None
+    if result.model_dir is not None:
+        written = check_model_folder(result.model_dir, report)
+        model, info = _load_with_info(result.model_dir)
+        missing, unexpected = info["missing_keys"], info["unexpected_keys"]
+        if missing or unexpected:
+            raise VerificationError(f"{result.model_dir}: transformers reports missing {sorted(missing) or 'none'}; "
+                                    f"unexpected {sorted(unexpected) or 'none'}")
+        report.add(f"transformers loaded {result.model_dir} ({len(written)} tensors): nothing missing or unexpected")
+    if result.adapter_dir is not None:
+        base_dir = result.model_dir or (Path(hf_base) if hf_base is not None else None)
+        if base_dir is None:
+            raise VerificationError("verifying an adapter folder needs its base model: pass --hf-base")
+        model = load_adapter_strict(model if model is not None else load_hf_model(base_dir), result.adapter_dir, report)
+    vocab = AutoConfig.from_pretrained(str(result.model_dir or hf_base)).get_text_config().vocab_size
+    input_ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    logits = hf_logits(model, input_ids)
+    if not torch.isfinite(logits).all():
+        raise VerificationError("the forward pass gave non-finite logits")
+    report.add(f"forward pass on {seq_len} tokens: logits {tuple(logits.shape)}, all finite")
+    return report
+
+
+def _load_with_info(model_dir: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    model, info = auto.from_pretrained(str(model_dir), dtype=torch.float32, output_loading_info=True)
+    return model.eval(), info

@@ -1,0 +1,94 @@
+"""Write real megatron-core checkpoints of tiny Qwen3.5 models for the convert tests.
+
+Used in-process (TP=1) and as a torchrun script (TP=2)::
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 qwen35_factory.py HF_DIR OUT_DIR
+
+``HF_DIR`` is a tiny model of :func:`tiny_model`. Writes ``OUT/lora`` (the LoRA model, everything)
+and ``OUT/adapter`` (adapters only, as Megatron-Bridge saves PEFT runs) with :mod:`ckpt_factory`,
+and ``OUT/logits.pt``: the saved model's own forward (at the saving TP) on :data:`INPUT_IDS`, the
+reference for what the converted folders compute; at TP=1 also ``OUT/live_model`` and
+``OUT/live_adapter``, the live-model export of the same weights. LoRA covers every projection kind:
+attention, Gated DeltaNet, dense and expert MLPs, MTP.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ckpt_factory  # noqa: E402
+
+TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")
+LORA_SEED = 5
+INPUT_IDS = torch.randint(0, 120, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def tiny_model(kind: str, directory: Path) -> Path:
+    from bridge_ext.cpu import tiny_models
+
+    makers = {
+        "qwen3_5_moe_text": lambda d: tiny_models.tiny_qwen35_moe(d, mtp_layers=1),
+        "qwen3_5": lambda d: tiny_models.tiny_qwen35_vl(d, moe=False, mtp_layers=1),
+    }
+    return makers[kind](directory)
+
+
+def build(hf_dir: Path, *, routed_expert_lora: bool = True):
+    """The LoRA model with random non-zero adapters (call inside megatron_parallel)."""
+    from bridge_ext.cpu.build import LoraSettings, build_megatron_model
+
+    with ckpt_factory.cpu_stand_ins():
+        built = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=TARGETS))
+    randomize_adapters(built.chunks[0], routed_expert_lora)
+    return built
+
+
+def randomize_adapters(chunk: torch.nn.Module, routed_expert_lora: bool) -> None:
+    """Random adapters: tensor-parallel shards differ between ranks, replicated ones agree.
+
+    (Equal shards on every rank could hide a rank-order mistake; unequal replicas would make the
+    live model disagree with its own checkpoint, which stores one replica.) Without
+    ``routed_expert_lora`` the routed experts' ``B`` stay zero: at TP=2 on CPU, Megatron-Bridge's
+    forward through routed-expert LoRA disagrees with megatron-core's own reload of the
+    checkpoint it saves (see test_convert_qwen35.py), so it cannot serve as the reference there.
+    """
+    rank = torch.distributed.get_rank()
+    with torch.no_grad():
+        for number, (name, param) in enumerate(chunk.named_parameters()):
+            if ".adapter." in name:
+                if not routed_expert_lora and ".local_experts." in name and "linear_out" in name:
+                    param.zero_()
+                    continue
+                sharded = getattr(param, "tensor_model_parallel", False)
+                generator = torch.Generator().manual_seed(LORA_SEED * 1000 + number + (100000 * rank if sharded else 0))
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def save_all(hf_dir: Path, out: Path, *, tensor_parallel: int) -> None:
+    """Save ``out/lora``, ``out/adapter`` and ``out/logits.pt``; at TP=1 also the live export."""
+    from bridge_ext.cpu.distributed import megatron_parallel
+    from bridge_ext.cpu.forward import megatron_logits
+
+    with megatron_parallel(tensor_parallel=tensor_parallel):
+        built = build(hf_dir, routed_expert_lora=tensor_parallel == 1)
+        ckpt_factory.save_variant(built, out / "lora")
+        ckpt_factory.save_variant(built, out / "adapter", adapter_only=True)
+        with ckpt_factory.cpu_stand_ins():
+            logits = megatron_logits(built.chunks, INPUT_IDS)
+        if torch.distributed.get_rank() == 0:
+            torch.save(logits, out / "logits.pt")
+        if tensor_parallel == 1:
+            from bridge_ext import save_hf_pretrained
+
+            save_hf_pretrained(built.chunks, out / "live_model", out / "live_adapter")
+
+
+if __name__ == "__main__":
+    import bridge_ext  # noqa: F401  (makes megatron importable without TE / Triton)
+
+    save_all(Path(sys.argv[1]), Path(sys.argv[2]), tensor_parallel=int(os.environ.get("WORLD_SIZE", "1")))

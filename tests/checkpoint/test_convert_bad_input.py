@@ -1,0 +1,190 @@
+"""``bridge-ext convert`` on bad input: a clear message, the documented exit code, and no output folder.
+
+Each test damages a copy of a real checkpoint (or its config) in one way, runs the command and
+checks that neither the output folder nor a staging folder beside it was left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bridge_ext.checkpoint import CheckpointReader, CorruptCheckpointError
+from bridge_ext.cli import EXIT_CHECKPOINT, EXIT_MISMATCH, EXIT_OUTPUT_EXISTS, EXIT_USAGE, main
+from bridge_ext.convert import convert_checkpoint
+
+ITER = "iter_0000010"
+
+
+def convert(*args: str | Path) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["convert", *map(str, args)])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, " ".join(result.output.split())  # unwrap terminal line breaks
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    """The output parent: must hold nothing but what a test put there."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+def assert_nothing_written(out: Path, *kept: str) -> None:
+    assert sorted(p.name for p in out.iterdir()) == sorted(kept)  # no model/, no .model.partial-*
+
+
+def copy_checkpoint(root: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "ckpt"
+    shutil.copytree(root, copy)
+    return copy
+
+
+def test_unknown_architecture(qwen3_ckpts, tmp_path, out):
+    config = tmp_path / "gpt2"
+    config.mkdir()
+    (config / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    code, message = convert(qwen3_ckpts / "dense", "--hf-config", config, "--model-out", out / "model")
+    assert code == EXIT_MISMATCH
+    assert "unknown architecture: no mapping table for model_type 'gpt2'" in message and "qwen3" in message
+    assert_nothing_written(out)
+
+
+def test_checkpoint_and_config_disagree_names_tensor_and_both_shapes(qwen3_ckpts, qwen3_hf, tmp_path, out):
+    config = tmp_path / "config"
+    shutil.copytree(qwen3_hf, config)
+    settings = json.loads((config / "config.json").read_text())
+    (config / "config.json").write_text(json.dumps({**settings, "intermediate_size": 128}))
+    code, message = convert(qwen3_ckpts / "dense", "--hf-config", config, "--model-out", out / "model")
+    assert code == EXIT_MISMATCH
+    assert ("checkpoint and config disagree on model.layers.0.mlp.gate_proj.weight: the checkpoint's "
+            "decoder.layers.0.mlp.linear_fc1.weight (192, 64) gives (96, 64), config.json implies (128, 64)") in message
+    assert_nothing_written(out)
+
+
+def test_config_whose_heads_cannot_split_the_checkpoint(qwen3_ckpts, qwen3_hf, tmp_path, out):
+    config = tmp_path / "config"
+    shutil.copytree(qwen3_hf, config)
+    settings = json.loads((config / "config.json").read_text())
+    (config / "config.json").write_text(json.dumps({**settings, "num_key_value_heads": 1}))
+    code, message = convert(qwen3_ckpts / "dense", "--hf-config", config, "--model-out", out / "model")
+    assert code == EXIT_MISMATCH
+    assert re.search(r"decoder\.layers\.0\.self_attention\.linear_qkv\.weight has shape \(128, 64\), "
+                     r"which cannot become \{'model\.layers\.0\.self_attn\.q_proj\.weight': \(64, 64\), "
+                     r"'model\.layers\.0\.self_attn\.k_proj\.weight': \(16, 64\)", message), message
+    assert_nothing_written(out)
+
+
+def test_missing_tensors(qwen3_ckpts, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+    metadata_file = root / ITER / ".metadata"
+    metadata = pickle.loads(metadata_file.read_bytes())  # our own test file
+    del metadata.state_dict_metadata["decoder.layers.mlp.linear_fc2.weight"]
+    metadata_file.write_bytes(pickle.dumps(metadata))
+    code, message = convert(root, "--model-out", out / "model")
+    assert code == EXIT_MISMATCH
+    assert ("missing ['model.layers.0.mlp.down_proj.weight', 'model.layers.1.mlp.down_proj.weight']"
+            in message)
+    assert_nothing_written(out)
+
+
+def test_truncated_file_fails_mid_write_and_leaves_nothing(qwen3_ckpts, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "lora", tmp_path)
+    data = root / ITER / "__0_0.distcp"
+    size = data.stat().st_size
+    with open(data, "r+b") as handle:
+        handle.truncate(size * 3 // 5)
+    written = []
+    with pytest.raises(CorruptCheckpointError, match=rf"{re.escape(str(data))}: truncated: "):
+        convert_checkpoint(root, model_dir=out / "model", adapter_dir=out / "adapter",
+                           on_tensor=lambda name, nbytes: written.append(name))
+    assert written  # the failure came after tensors had been written to the staging folder
+    assert_nothing_written(out)
+    code, message = convert(root, "--model-out", out / "model", "--adapter-out", out / "adapter")
+    assert code == EXIT_CHECKPOINT and "truncated" in message and "error:" in message
+    assert_nothing_written(out)
+
+
+def test_corrupted_file(qwen3_ckpts, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+    key = "decoder.layers.mlp.linear_fc2.weight"
+    chunk = next(c for c in CheckpointReader(root).tensors[key].chunks if c.offsets[0] == 1)
+    data = root / ITER / chunk.stored.file
+    with open(data, "r+b") as handle:  # the archive header of layer 1's chunk: DCP has no checksum
+        handle.seek(chunk.stored.offset)
+        handle.write(b"\xff" * 64)
+    code, message = convert(root, "--model-out", out / "model")
+    assert code == EXIT_CHECKPOINT
+    assert f"{data}: corrupted data for {key} chunk at offset (1, 0, 0)" in message, message
+    assert_nothing_written(out)
+
+
+def test_adapter_only_checkpoint_without_run_config(qwen3_ckpts, qwen3_hf, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "adapter", tmp_path)
+    (root / ITER / "run_config.yaml").unlink()
+    code, message = convert(root, "--hf-base", qwen3_hf, "--adapter-out", out / "adapter")
+    assert code == EXIT_CHECKPOINT
+    assert f"{root / ITER / 'run_config.yaml'}: missing, but {root / ITER} holds only adapter weights" in message
+    assert_nothing_written(out)
+
+
+def test_adapter_only_merge_needs_the_hf_base(qwen3_ckpts, out):
+    code, message = convert(qwen3_ckpts / "adapter", "--model-out", out / "model", "--merge")
+    assert code == EXIT_MISMATCH and "LoRA adapter-only checkpoint" in message and "--hf-base" in message
+    assert_nothing_written(out)
+
+
+def test_output_folder_exists_and_is_not_empty(qwen3_ckpts, qwen3_hf, out):
+    (out / "model").mkdir()
+    (out / "model" / "keep.txt").write_text("mine")
+    args = (qwen3_ckpts / "lora", "--hf-base", qwen3_hf, "--model-out", out / "model", "--adapter-out", out / "adapter")
+    code, message = convert(*args)
+    assert code == EXIT_OUTPUT_EXISTS
+    assert f"{out / 'model'} exists and is not empty (pass --overwrite to replace it)" in message
+    assert (out / "model" / "keep.txt").read_text() == "mine"
+    assert_nothing_written(out, "model")
+    code, message = convert(*args, "--overwrite")
+    assert code == 0, message
+    assert not (out / "model" / "keep.txt").exists() and (out / "model" / "config.json").is_file()
+    assert_nothing_written(out, "model", "adapter")
+
+
+def test_output_inside_an_input_is_refused_even_with_overwrite(qwen3_ckpts, qwen3_hf, out):
+    code, message = convert(qwen3_ckpts / "dense", "--hf-base", qwen3_hf, "--model-out", qwen3_hf, "--overwrite")
+    assert code == EXIT_MISMATCH and "would overlap the input" in message
+    assert (qwen3_hf / "model.safetensors").is_file()
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_never_loaded(qwen3_ckpts, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+    marker = tmp_path / "pwned"
+    (root / ITER / ".metadata").write_bytes(pickle.dumps(_Exploit(marker)))
+    code, message = convert(root, "--model-out", out / "model")
+    assert code == EXIT_CHECKPOINT
+    assert re.search(r"refusing to unpickle global (posix|os)\.system", message), message
+    assert not marker.exists()
+    assert_nothing_written(out)
+
+
+def test_usage_errors(qwen3_ckpts, out):
+    assert convert(qwen3_ckpts / "dense")[0] == EXIT_USAGE
+    code, message = convert(qwen3_ckpts / "lora", "--model-out", out / "m", "--adapter-out", out / "a", "--merge")
+    assert code == EXIT_USAGE and "--merge" in message
+    assert convert(qwen3_ckpts / "dense", "--model-out", out / "m", "--max-shard-size", "lots")[0] == EXIT_USAGE
+    assert_nothing_written(out)

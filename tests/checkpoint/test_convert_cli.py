@@ -1,0 +1,61 @@
+"""The ``bridge-ext convert`` command: help, summary, progress, --verify; and the convert demo."""
+
+from __future__ import annotations
+
+import re
+
+import click
+from click.testing import CliRunner
+
+from bridge_ext.cli import convert, main
+from bridge_ext.convert import convert_checkpoint
+from bridge_ext.convert_demo import run_convert_demo
+
+
+def invoke(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["convert", *map(str, args)])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def test_help_documents_every_option_examples_and_exit_codes():
+    code, text = invoke("--help")
+    assert code == 0
+    options = [opt for param in convert.params if isinstance(param, click.Option)
+               for opt in (*param.opts, *param.secondary_opts)]
+    assert len(options) >= 14
+    assert [opt for opt in options if opt not in text] == []
+    assert all(param.help for param in convert.params if isinstance(param, click.Option))
+    assert "Examples:" in text and text.count("bridge-ext convert ") >= 4
+    codes = re.findall(r"^\s+(\d)\s+\S", text.split("Exit codes:")[1], flags=re.M)
+    assert codes == ["0", "1", "2", "3", "4", "5", "6"]
+
+
+def test_convert_prints_a_summary_and_verifies(qwen3_ckpts, qwen3_hf, tmp_path):
+    code, text = invoke(qwen3_ckpts / "lora", "--hf-base", qwen3_hf, "--model-out", tmp_path / "m",
+                        "--adapter-out", tmp_path / "a", "--verify", "--progress")
+    assert code == 0, text
+    assert re.search(r"53 tensors, [\d.]+ MiB in [\d.]+ s \([\d.]+ MiB/s\)", text), text
+    assert "ok  transformers loaded" in text and "nothing missing or unexpected" in text
+    assert "ok  PEFT loaded 28 adapter tensors: no missing, no unexpected key" in text
+    assert "all finite" in text
+
+
+def test_progress_total_is_what_gets_written(qwen3_ckpts, qwen3_hf, tmp_path):
+    for root, outputs in ((qwen3_ckpts / "lora", {"model_dir": tmp_path / "m", "adapter_dir": tmp_path / "a"}),
+                          (qwen3_ckpts / "adapter", {"adapter_dir": tmp_path / "b"}),
+                          (qwen3_ckpts / "adapter", {"model_dir": tmp_path / "c", "merge": True})):
+        totals, written = [], []
+        result = convert_checkpoint(root, hf_base=qwen3_hf, on_start=totals.append,
+                                    on_tensor=lambda name, nbytes: written.append(nbytes), **outputs)
+        assert totals == [len(written)] == [result.tensors] and sum(written) == result.bytes
+
+
+def test_convert_demo_on_qwen3(tmp_path):
+    lines = []
+    report = run_convert_demo(tmp_path, lines.append, example="qwen3")
+    assert any("bit-exact" in line for line in report.lines)
+    assert any("transformers + PEFT vs the saved Megatron model" in line for line in report.lines)
+    assert (tmp_path / "checkpoints" / "adapter-only" / "latest_checkpointed_iteration.txt").is_file()
+    assert any(line.startswith("  ok  ") for line in lines)
