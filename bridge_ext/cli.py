@@ -34,12 +34,17 @@ def main(verbose: bool) -> None:
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the tiny model and the exported folders here instead of a temporary folder.")
 def demo(example: str | None, workdir: Path | None) -> None:
-    """Build a tiny model in Megatron with LoRA, export it, and verify the result.
+    """Export a tiny model from Megatron, live and from checkpoints, and verify the results.
 
-    Verifies: names and shapes against the Hugging Face checkpoint key set, base weights
-    bit-exact, the adapter loaded by PEFT with no missing or unexpected key, and the logits of
-    transformers + PEFT equal to the Megatron model's own forward.
+    \b
+    1. Live: build the model in Megatron with LoRA, save the Hugging Face and PEFT folders.
+    2. Checkpoints: save it with megatron-core's dist_checkpointing (full and adapter-only,
+       as Megatron-Bridge training writes them) and convert both without building a model.
+    Each result is verified: names and shapes against the Hugging Face checkpoint key set,
+    base weights bit-exact, the adapter loaded by PEFT with no missing or unexpected key, and
+    the logits of transformers + PEFT equal to the Megatron model's own forward.
     """
+    from bridge_ext.convert_demo import run_convert_demo
     from bridge_ext.demo import DEFAULT_EXAMPLE, EXAMPLES, run_demo
     from bridge_ext.verify import VerificationError
 
@@ -47,7 +52,10 @@ def demo(example: str | None, workdir: Path | None) -> None:
     if example not in EXAMPLES:
         raise click.BadParameter(f"choose one of {', '.join(EXAMPLES)}", param_hint="--example")
     try:
-        run_demo(example, workdir, echo=click.echo)
+        click.echo("== live export (export_hf_weights / save_hf_pretrained)")
+        run_demo(example, workdir / "live" if workdir else None, echo=click.echo)
+        click.echo("== checkpoint conversion (bridge-ext convert)")
+        run_convert_demo(workdir / "checkpoints" if workdir else None, echo=click.echo, example=example)
     except VerificationError as error:
         click.echo(f"verification FAILED: {error}", err=True)
         sys.exit(1)
