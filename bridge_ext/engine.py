@@ -128,10 +128,37 @@ def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: Mode
     return [(lora_a, lora_b) for lora_b in lora_bs]
 
 
+MERGE_BLOCK_BYTES = 1 << 20
+
+
 def _merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``W + scale * B @ A`` in fp32, cast back to the base dtype."""
-    merged = base.float() + scale * (lora_b.float() @ lora_a.float())
-    return merged.to(base.dtype)
+    """``W + scale * B @ A`` in fp32, cast back to the base dtype.
+
+    The same roundings as ``base.float() + scale * (B @ A)``, computed in place on the
+    product; on CPU a block of rows at a time, so that the fp32 rows stay in cache.
+    """
+    lora_a, lora_b = lora_a.float(), lora_b.float()
+    rows = max(1, MERGE_BLOCK_BYTES // (4 * base.shape[1])) if base.device.type == "cpu" else base.shape[0]
+    if rows >= base.shape[0]:
+        return (lora_b @ lora_a).mul_(scale).add_(base).to(base.dtype)
+    merged = torch.empty_like(base)
+    block = torch.empty(rows, base.shape[1], device=base.device)
+    for start in range(0, base.shape[0], rows):
+        stop = min(start + rows, base.shape[0])
+        product = torch.matmul(lora_b[start:stop], lora_a, out=block[: stop - start])
+        merged[start:stop] = product.mul_(scale).add_(base[start:stop])
+    return merged
+
+
+def convert_tasks(source: TensorSource, converter: TaskConverter,
+                  tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``converter`` over ``tasks``; a source that spans processes (``convert_tasks``) drives it."""
+    drive = getattr(source, "convert_tasks", None)
+    if drive is not None:
+        yield from drive(converter, tasks)
+        return
+    for task in tasks:
+        yield from converter(task)
 
 
 def peft_key(hf_name: str, factor: str) -> str:
@@ -176,6 +203,20 @@ class TaskConverter:
             for hf_name, (lora_a, lora_b) in zip(task.hf_names, factors, strict=True):
                 yield peft_key(hf_name, "lora_A"), self._cast(lora_a)
                 yield peft_key(hf_name, "lora_B"), self._cast(lora_b)
+
+    def reads(self, task: Task) -> list[str]:
+        """The source names ``self(task)`` reads, in the order it reads them (repeats kept).
+
+        Lets a source that moves tensors between processes schedule them ahead.
+        """
+        names = list(task.sources) if task.rule.shared else []  # _check_copies_equal
+        for name in task.sources if task.rule.stack else task.sources[:1]:
+            adapter = self.adapter_of(task, name)
+            if adapter is not None and self.mode is not Mode.BASE:
+                names += [adapter.lora_a, adapter.lora_b]
+            if self.mode is not Mode.ADAPTERS:
+                names.append(name)
+        return names
 
     def _factors(self, task: Task, adapter: Adapter | None):
         if adapter is None or self.mode is Mode.BASE:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +14,12 @@ from typing import Literal
 import torch
 
 from bridge_ext.dims import ModelDims, text_config
-from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, plan_tasks
+from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
+from bridge_ext.distributed import Destination, all_agree
 from bridge_ext.live import LiveModelSource, unwrap_chunks
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.source import TensorSource
+from bridge_ext.sync import to_host
 
 ExpertLayout = Literal["fused", "per_expert"]
 
@@ -26,7 +30,7 @@ def resolve_hf_config(model, hf_config=None):
     Megatron-Bridge keeps the Hugging Face folder or id a model was built from in
     ``model.config.hf_model_id``.
     """
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import PretrainedConfig
 
     if isinstance(hf_config, PretrainedConfig):
         return hf_config
@@ -38,7 +42,34 @@ def resolve_hf_config(model, hf_config=None):
                 "cannot tell the model's Hugging Face architecture: pass hf_config= "
                 "(a transformers config or a folder holding config.json)"
             )
-    return AutoConfig.from_pretrained(str(hf_config))
+    return _load_config(str(hf_config), _mtime(Path(str(hf_config)) / "config.json"))
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns if path.is_file() else 0
+
+
+@functools.lru_cache(maxsize=8)
+def _load_config(name_or_path: str, mtime: int):
+    """``AutoConfig.from_pretrained``, once per folder version (exports repeat every step)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path)
+
+
+_KEY_SETS: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
+
+
+def checkpoint_keys(config, expert_layout: ExpertLayout) -> dict[str, tuple[int, ...]]:
+    """``hf_checkpoint_keys``, remembered per config and layout (it builds a meta model)."""
+    from bridge_ext.hf_keys import hf_checkpoint_keys
+
+    key = (config.to_json_string(), expert_layout)
+    if key not in _KEY_SETS:
+        if len(_KEY_SETS) >= 8:
+            _KEY_SETS.clear()
+        _KEY_SETS[key] = hf_checkpoint_keys(config, expert_layout=expert_layout)
+    return _KEY_SETS[key]
 
 
 @dataclass(frozen=True)
@@ -101,7 +132,6 @@ class ExportPlan:
 
 def plan_export(source: TensorSource, config, layouts: ExpertLayouts = ExpertLayouts()) -> ExportPlan:
     """Match every Megatron tensor to a rule and every output name to the HF checkpoint's keys."""
-    from bridge_ext.hf_keys import hf_checkpoint_keys
     from model_mappings import table_for
 
     table = table_for(config.model_type)
@@ -118,7 +148,7 @@ def plan_export(source: TensorSource, config, layouts: ExpertLayouts = ExpertLay
     duplicates = sorted({name for name in produced if produced.count(name) > 1})
     if duplicates:
         raise ExportError(f"several Megatron tensors map to {duplicates}")
-    hf_keys = hf_checkpoint_keys(config, expert_layout=layouts.experts)
+    hf_keys = checkpoint_keys(config, layouts.experts)
     mtp_layers = mtp_layer_count(config)
     unexpected = [n for n in produced if n not in hf_keys and not (mtp_layers and n.startswith("mtp."))]
     missing = sorted(set(hf_keys) - set(produced))
@@ -141,20 +171,45 @@ def mtp_layer_count(config) -> int:
 
 
 def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
-            expert_adapter_layout: ExpertLayout = "fused") -> tuple[TensorSource, ExportPlan]:
+            expert_adapter_layout: ExpertLayout = "fused", destination: Destination = "all",
+            ) -> tuple[TensorSource, ExportPlan]:
     """The model as a tensor source, and its checked export plan.
 
     ``expert_layout=None`` follows the Hugging Face source folder's own layout where it is
-    known, else fuses.
+    known, else fuses. ``destination``: see :func:`export_hf_weights`.
+
+    Exports repeat every training step, so both are remembered per model while its parameter
+    objects (and their shapes and dtypes), its Hugging Face folder's config.json and these
+    arguments stay the same (not when ``hf_config`` is a config object: it may have changed).
     """
-    source = LiveModelSource(model)
+    chunks = unwrap_chunks(model)
+    key = _prepared_key(chunks, hf_config, expert_layout, expert_adapter_layout, destination)
+    cached = _PREPARED.get(chunks[0])
+    if all_agree(key is not None and cached is not None and cached[0] == key):
+        return cached[1], cached[2]
+    source = LiveModelSource(model, destination)
     found = source_expert_layouts(hf_source_folder(model, hf_config))
     layouts = ExpertLayouts(
         experts=expert_layout or found.get("experts", "fused"),
         mtp_experts=expert_layout or found.get("mtp_experts", "fused"),
         adapters=expert_adapter_layout,
     )
-    return source, plan_export(source, resolve_hf_config(model, hf_config), layouts)
+    plan = plan_export(source, resolve_hf_config(model, hf_config), layouts)
+    if key is not None:
+        _PREPARED[chunks[0]] = (key, source, plan)
+    return source, plan
+
+
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prepared_key(chunks: list[torch.nn.Module], hf_config, *options) -> tuple | None:
+    """What a remembered :func:`prepare` result depends on (None: do not remember)."""
+    if hf_config is not None and not isinstance(hf_config, (str, Path)):
+        return None
+    folder = str(hf_config or getattr(chunks[0].config, "hf_model_id", None))
+    parameters = tuple((id(p), p.dtype, p.shape) for chunk in chunks for p in chunk.parameters())
+    return (tuple(map(id, chunks)), folder, _mtime(Path(folder) / "config.json"), options, parameters)
 
 
 def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,
@@ -165,13 +220,11 @@ def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapter
         raise ExportError("adapters were asked for, but the model has no LoRA adapters")
     if base is not None:
         converter = TaskConverter(source, plan.dims, base, dtype)
-        for task in plan.base_tasks:
-            yield from converter(task)
+        yield from convert_tasks(source, converter, plan.base_tasks)
     if adapters:
         expert_keys = FusedExpertKeys(adapted_outputs(plan.adapter_tasks, found))
         converter = TaskConverter(source, plan.dims, Mode.ADAPTERS, dtype, expert_adapters=expert_keys)
-        for task in plan.adapter_tasks:
-            yield from converter(task)
+        yield from convert_tasks(source, converter, plan.adapter_tasks)
 
 
 def export_hf_weights(
@@ -183,6 +236,8 @@ def export_hf_weights(
     expert_layout: ExpertLayout | None = None,
     expert_adapter_layout: ExpertLayout = "fused",
     dtype: torch.dtype | None = None,
+    destination: Destination = "all",
+    device: str | torch.device | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(hf_name, tensor)`` pairs out of a Megatron model.
 
@@ -203,16 +258,24 @@ def export_hf_weights(
             (``fused``: the one PEFT loads onto transformers v5 models) or per expert (vLLM's
             mixed MoE LoRA format).
         dtype: Cast every exported tensor to this dtype (default: keep the model's).
+        destination: In a parallel job, the ranks the tensors come out on: ``"all"`` (every
+            rank, e.g. colocated inference engines), ``"owner"`` (each tensor on one rank of
+            the pipeline stage / expert rank holding it: the union over ranks is the export)
+            or ``"rank0"``. Other ranks yield nothing for that tensor and build no full copy
+            of it. See docs/distributed.md.
+        device: ``"cpu"``: CPU tensors, copied from the GPU into pinned memory while the
+            next tensors are gathered (default: where the model is).
 
-    Every rank of a parallel job must iterate the generator together. Nothing is silently
-    dropped: a parameter no rule covers, or a Hugging Face name the export would miss or
-    invent, raises :class:`ExportError` before the first tensor is produced.
+    Every rank of a parallel job must iterate the generator to its end together. Nothing is
+    silently dropped: a parameter no rule covers, or a Hugging Face name the export would miss
+    or invent, raises :class:`ExportError` before the first tensor is produced.
     """
     if adapters_only and not peft:
         raise ValueError("adapters_only=True needs peft=True")
-    source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout)
+    source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout, destination)
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
-    yield from stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype)
+    pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype)
+    yield from to_host(pairs) if device is not None and torch.device(device).type == "cpu" else pairs
 
 
 def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertLayout = "fused",

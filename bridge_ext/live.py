@@ -1,17 +1,32 @@
 """A live Megatron model (a module or a list of virtual-pipeline chunks) as a TensorSource.
 
-Names are normalised: wrapper prefixes (``module.``) and Megatron-Bridge LoRA's ``to_wrap``
-are removed; adapters (``<module>.adapter.linear_in/linear_out``) are listed by module.
+Names are normalised and global: wrapper prefixes (``module.``) and Megatron-Bridge LoRA's
+``to_wrap`` are removed, and local layer and expert numbers become global ones (a pipeline
+stage's ``decoder.layers.0`` is the layer whose ``layer_number`` says so; an expert-parallel
+rank's ``local_experts.0`` is its MoE layer's ``local_expert_indices[0]``). Adapters
+(``<module>.adapter.linear_in/linear_out``) are listed by module.
+
+In one process every tensor is whole and local. In a parallel job (``torch.distributed`` with
+more than one rank) each rank holds some tensor-parallel shards of some tensors;
+:mod:`bridge_ext.distributed` exchanges the names and shapes once and moves shards to the
+ranks the ``destination`` names, and only there.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 
-from bridge_ext.engine import ExportError
+from bridge_ext.distributed import DESTINATIONS, Destination, ShardExchange, is_parallel_job
+from bridge_ext.engine import ExportError, Task, TaskConverter
 from bridge_ext.source import Adapter
 
 LORA_IN, LORA_OUT = ".adapter.linear_in.weight", ".adapter.linear_out.weight"
+# Transformer Engine grouped experts number their parameters: ``linear_fc1.weight3``.
+_GROUPED_EXPERT_PARAM = re.compile(r"^(weight|bias)(\d+)$")
 
 
 def unwrap_chunks(model) -> list[torch.nn.Module]:
@@ -32,41 +47,153 @@ def normalise(name: str) -> str:
     return name.replace(".to_wrap.", ".")
 
 
-class LiveModelSource:
-    """The parameters of a model held whole by this process (no tensor or pipeline split)."""
+@dataclass(frozen=True)
+class LocalTensor:
+    """A parameter this process holds, under its global normalised name.
 
-    def __init__(self, model):
+    ``tensor`` is the parameter itself (read it with ``.detach()`` when needed: a remembered
+    source then follows ``param.data`` being replaced, e.g. by offloading). ``shard`` of
+    ``shards``: its place among the tensor-parallel shards (``shards == 1``: the whole tensor).
+    ``expert``: split over the expert-parallel groups rather than the dense model-parallel
+    ones (Megatron marks such parameters ``allreduce=False``).
+    """
+
+    name: str
+    tensor: torch.Tensor
+    shard: int = 0
+    shards: int = 1
+    expert: bool = False
+
+
+def _expert_owner(path: str, modules: dict[str, torch.nn.Module]) -> torch.nn.Module | None:
+    """The nearest enclosing MoE layer (it knows its experts' global numbers)."""
+    while path:
+        path = path.rpartition(".")[0]
+        if hasattr(modules.get(path), "local_expert_indices"):
+            return modules[path]
+    return None
+
+
+def global_module_paths(modules: dict[str, torch.nn.Module]) -> dict[str, str]:
+    """Each module path (``dict(chunk.named_modules())``) with global layer and expert numbers."""
+    paths = {"": ""}
+    for path, module in modules.items():
+        if not path:
+            continue
+        parent, _, leaf = path.rpartition(".")
+        container = parent.rpartition(".")[2]
+        if leaf.isdigit() and container == "layers" and hasattr(module, "layer_number"):
+            leaf = str(module.layer_number - 1)
+        elif leaf.isdigit() and container == "local_experts":
+            leaf = str(_expert_owner(path, modules).local_expert_indices[int(leaf)])
+        paths[path] = f"{paths[parent]}.{leaf}" if paths[parent] else leaf
+    return paths
+
+
+def _global_name(owner: str, leaf: str, paths: dict[str, str], modules: dict[str, torch.nn.Module]) -> str:
+    grouped = _GROUPED_EXPERT_PARAM.match(leaf)
+    moe = _expert_owner(f"{owner}.{leaf}", modules) if grouped else None
+    if moe is not None:
+        leaf = f"{grouped[1]}{moe.local_expert_indices[int(grouped[2])]}"
+    return normalise(f"{paths[owner]}.{leaf}" if paths[owner] else leaf)
+
+
+def _shard_of(param: torch.nn.Parameter) -> tuple[int, int, bool]:
+    """(shard index, shard count, expert) from the attributes Megatron sets on parameters."""
+    from megatron.core import parallel_state
+
+    expert = not getattr(param, "allreduce", True)
+    if not getattr(param, "tensor_model_parallel", False):
+        return 0, 1, expert
+    if expert:
+        return (parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size(), True)
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size(), False
+
+
+def _parameters(modules: dict[str, torch.nn.Module]) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
+    """``(module path, leaf, parameter)`` in ``named_parameters`` order, without another module
+    walk; copies Megatron keeps of another stage's tensor (tied / MTP embeddings: ``shared``)
+    are left out."""
+    seen: set[int] = set()
+    for owner, module in modules.items():
+        for leaf, param in module._parameters.items():
+            if param is None or id(param) in seen or getattr(param, "shared", False):
+                continue
+            seen.add(id(param))
+            yield owner, leaf, param
+
+
+def local_tensors(chunks: list[torch.nn.Module], sharded: bool) -> tuple[list[LocalTensor], dict[str, Adapter]]:
+    """This process's parameters under global names, and its LoRA adapters by module.
+
+    ``sharded``: read tensor-parallel placement from Megatron's parallel state (else every
+    tensor counts as whole).
+    """
+    tensors: dict[str, LocalTensor] = {}
+    adapters: dict[str, Adapter] = {}
+    for chunk in chunks:
+        modules = dict(chunk.named_modules())
+        paths = global_module_paths(modules)
+        for owner, leaf, param in _parameters(modules):
+            raw_name = f"{owner}.{leaf}" if owner else leaf
+            name = _global_name(owner, leaf, paths, modules)
+            if name in tensors:
+                raise ExportError(f"two parameters normalise to {name}")
+            shard, shards, expert = _shard_of(param) if sharded else (0, 1, False)
+            tensors[name] = LocalTensor(name, param, shard, shards, expert)
+            if name.endswith(LORA_IN):
+                module = name[: -len(LORA_IN)]
+                adapters[module] = _adapter(module, modules[raw_name[: -len(".linear_in.weight")]])
+            elif ".adapter." in name and not name.endswith(LORA_OUT):
+                raise ExportError(
+                    f"{raw_name}: only LoRA adapters with one linear_in/linear_out pair per "
+                    "module are supported (not CanonicalLoRA or DoRA)"
+                )
+    return list(tensors.values()), adapters
+
+
+class LiveModelSource:
+    """The parameters of a live model, at any parallel layout.
+
+    ``destination`` (parallel jobs only, see :mod:`bridge_ext.distributed`): which ranks the
+    exported tensors come out on: ``"all"``, ``"owner"`` (each tensor on one rank of the
+    stage / expert rank that holds it) or ``"rank0"``.
+    """
+
+    def __init__(self, model, destination: Destination = "all"):
+        if destination not in DESTINATIONS:
+            raise ValueError(f"destination must be one of {DESTINATIONS}, not {destination!r}")
         self.chunks = unwrap_chunks(model)
-        self._params: dict[str, torch.Tensor] = {}
-        self._adapters: dict[str, Adapter] = {}
-        for chunk in self.chunks:
-            modules = dict(chunk.named_modules())
-            for raw_name, param in chunk.named_parameters():
-                name = normalise(raw_name)
-                if name in self._params:
-                    raise ExportError(f"two parameters normalise to {name}")
-                self._params[name] = param
-                if name.endswith(LORA_IN):
-                    module = name[: -len(LORA_IN)]
-                    self._adapters[module] = _adapter(module, modules, raw_name[: -len(".linear_in.weight")])
-                elif ".adapter." in name and not name.endswith(LORA_OUT):
-                    raise ExportError(
-                        f"{raw_name}: only LoRA adapters with one linear_in/linear_out pair per "
-                        "module are supported (not CanonicalLoRA or DoRA)"
-                    )
+        parallel = is_parallel_job()
+        tensors, adapters = local_tensors(self.chunks, sharded=parallel)
+        self.exchange = None
+        if parallel:
+            self.exchange = ShardExchange(tensors, adapters, destination)
+        else:
+            self._tensors = {tensor.name: tensor.tensor for tensor in tensors}
+            self._adapters = adapters
 
     def base_names(self) -> list[str]:
-        return [name for name in self._params if ".adapter." not in name]
+        names = self.exchange.names if self.exchange else list(self._tensors)
+        return [name for name in names if ".adapter." not in name]
 
     def adapters(self) -> dict[str, Adapter]:
-        return dict(self._adapters)
+        return dict(self.exchange.adapters if self.exchange else self._adapters)
 
     def shards(self, name: str) -> list[torch.Tensor]:
-        return [self._params[name].detach()]
+        return self.exchange.shards(name) if self.exchange else [self._tensors[name].detach()]
+
+    def convert_tasks(self, converter: TaskConverter, tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Run ``converter`` over ``tasks`` on the ranks that receive them."""
+        if self.exchange:
+            yield from self.exchange.convert_tasks(converter, tasks)
+            return
+        for task in tasks:
+            yield from converter(task)
 
 
-def _adapter(module: str, modules: dict[str, torch.nn.Module], raw_adapter_path: str) -> Adapter:
-    adapter = modules[raw_adapter_path]
+def _adapter(module: str, adapter: torch.nn.Module) -> Adapter:
     dropout = getattr(adapter, "dropout", None)
     return Adapter(
         module=module,

@@ -1,0 +1,299 @@
+"""Moving a live model's shards between the ranks of a parallel job, only where needed.
+
+Each rank holds tensor-parallel shards of some tensors (its pipeline stage's layers, its
+expert-parallel rank's experts). Two Megatron groups each hold one complete copy of what
+they cover: the model-parallel group (tensor x pipeline ranks) for dense tensors, and the
+expert model-parallel group (expert-tensor x expert x pipeline ranks) for expert tensors
+(parameters Megatron marks ``allreduce=False``). Within such a group every shard has a
+holder; data-parallel replicas are other groups and never talk to each other here.
+
+* Names, shard shapes and dtypes are exchanged once, with one ``all_gather_object`` in each
+  of the two groups, never per tensor (and the export remembers the result per model).
+* A task (one Megatron tensor and its LoRA factors -> Hugging Face tensors) is converted on its
+  receivers only (:data:`Destination`); each shard a receiver lacks is sent to it by one
+  holder (the lowest rank holding it) with point-to-point operations. Nothing is broadcast
+  to ranks that do not need it; ranks that are neither holder nor receiver do nothing.
+* Transfers are batched into steps of about :data:`STEP_BYTES` (one ``batch_isend_irecv``
+  per step, in the same order on every rank, so the job cannot deadlock), and the next step
+  is posted before the current one is waited for, so communication overlaps conversion. A
+  received shard is freed after its last read.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from bridge_ext.engine import ExportError, Task, TaskConverter
+from bridge_ext.source import Adapter
+
+Destination = Literal["all", "owner", "rank0"]
+DESTINATIONS: tuple[str, ...] = ("all", "owner", "rank0")
+STEP_BYTES = 64 << 20
+STEPS_AHEAD = 3
+FAMILIES = ("dense", "expert")
+
+
+def is_parallel_job() -> bool:
+    """True inside a ``torch.distributed`` job of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_agree(flag: bool) -> bool:
+    """True when every rank of the job says True (one small all-reduce; ``flag`` in one process)."""
+    if not is_parallel_job():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+@dataclass
+class GlobalTensor:
+    """One tensor as the ranks of this rank's group hold it."""
+
+    name: str
+    family: str
+    dtype: torch.dtype
+    shapes: list[tuple[int, ...]]
+    holders: list[list[int]]  # per shard: the global ranks holding it, ascending
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.dtype.itemsize * torch.Size(shape).numel() for shape in self.shapes)
+
+
+def family_group(family: str):
+    """The Megatron process group that holds one complete copy of a family's tensors."""
+    from megatron.core import parallel_state
+
+    if family == "expert":
+        return parallel_state.get_expert_tensor_model_pipeline_parallel_group()
+    return parallel_state.get_model_parallel_group()
+
+
+def tensor_parallel_group_id(family: str) -> int:
+    """The lowest rank of this rank's (expert) tensor-parallel group: copies of a shard live there."""
+    from megatron.core import parallel_state
+
+    group = (parallel_state.get_expert_tensor_parallel_group() if family == "expert"
+             else parallel_state.get_tensor_model_parallel_group())
+    return min(dist.get_process_group_ranks(group))
+
+
+def _round_robin(rows: list[list]) -> Iterator:
+    """``[[a0, a1], [b0]] -> a0, b0, a1``: pipeline stages' tensors interleave."""
+    for row in itertools.zip_longest(*rows):
+        yield from (item for item in row if item is not None)
+
+
+def _gather(family: str, local, adapters: dict[str, Adapter]) -> tuple[list[int], list]:
+    """This family's group ranks and, per rank, ``(entries, adapters, TP group id)``."""
+    group = family_group(family)
+    ranks = dist.get_process_group_ranks(group)
+    mine = [(t.name, t.shard, t.shards, tuple(t.tensor.shape), t.tensor.dtype)
+            for t in local if t.expert == (family == "expert")]
+    gathered: list = [None] * len(ranks)
+    dist.all_gather_object(gathered, (mine, adapters, tensor_parallel_group_id(family)), group=group)
+    return ranks, gathered
+
+
+def _merge(family: str, ranks: list[int], gathered: list, tensors: dict[str, GlobalTensor]) -> list[str]:
+    """Add the gathered shards to ``tensors``; the new names, in a rank-independent order."""
+    names = []
+    rows = [[(rank, *entry) for entry in entries] for rank, (entries, _, _) in zip(ranks, gathered)]
+    for rank, name, shard, shards, shape, dtype in _round_robin(rows):
+        tensor = tensors.get(name)
+        if tensor is None:
+            tensor = tensors[name] = GlobalTensor(name, family, dtype, [None] * shards, [[] for _ in range(shards)])
+            names.append(name)
+        if tensor.family != family or len(tensor.shapes) != shards or tensor.dtype != dtype or (
+                tensor.shapes[shard] not in (None, shape)):
+            raise ExportError(f"ranks disagree on {name}: shard {shard}/{shards} {shape} {dtype} on rank {rank}")
+        tensor.shapes[shard] = shape
+        tensor.holders[shard].append(rank)
+    tp_group_of = {rank: tp_group for rank, (_, _, tp_group) in zip(ranks, gathered)}
+    for tensor in (tensors[name] for name in names):
+        missing = [shard for shard, holders in enumerate(tensor.holders) if not holders]
+        if missing:
+            raise ExportError(f"{tensor.name}: no rank holds tensor-parallel shard(s) {missing}")
+        for holders in tensor.holders:
+            holders.sort()
+            if len({tp_group_of[rank] for rank in holders}) > 1:  # copies live in one TP group
+                raise ExportError(f"{tensor.name} is held by ranks {holders} of different pipeline stages or "
+                                  "expert ranks: its local layer or expert number was not made global")
+    return names
+
+
+def exchange_metadata(local, adapters: dict[str, Adapter]):
+    """Gather names, shard shapes and dtypes in each family's group (the one exchange).
+
+    Returns ``(tensors by name, names in an order every rank shares, adapters of the whole
+    model, group ranks by family)``.
+    """
+    tensors: dict[str, GlobalTensor] = {}
+    order: list[str] = []
+    all_adapters = dict(adapters)
+    group_ranks = {}
+    for family in FAMILIES:
+        group_ranks[family], gathered = _gather(family, local, adapters)
+        for _, their_adapters, _ in gathered:
+            all_adapters.update(their_adapters)
+        order += _merge(family, group_ranks[family], gathered, tensors)
+    return tensors, order, all_adapters, group_ranks
+
+
+@dataclass
+class Step:
+    """Transfers posted together (one ``batch_isend_irecv``); ``entries``: (name, receivers)."""
+
+    entries: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    nbytes: int = 0
+    family: str = ""
+    works: list | None = None
+    received: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    done: torch.cuda.Event | None = None  # on GPU: passed once the step's data is in
+
+
+class ShardExchange:
+    """The tensors of a live model in a parallel job, delivered to ``destination``."""
+
+    def __init__(self, local, adapters: dict[str, Adapter], destination: Destination = "all",
+                 step_bytes: int = STEP_BYTES):
+        self.destination = destination
+        self.step_bytes = step_bytes
+        self.rank = dist.get_rank()
+        self.local = {tensor.name: tensor for tensor in local}
+        self.tensors, self.names, self.adapters, self.group_ranks = exchange_metadata(local, adapters)
+        self.groups = {family: family_group(family) for family in FAMILIES}
+        self.sent_bytes = self.received_bytes = 0  # over this source's exports
+        self.device = torch.device("cpu")  # where received shards go; set per export
+        self._steps: list[Step] = []
+        self._step_of: dict[str, int] = {}
+        self._reads_left: Counter = Counter()
+        self._posted = self._done = 0
+
+    # -- who receives what -------------------------------------------------------------
+    def receivers(self, task: Task) -> tuple[int, ...]:
+        """Ranks of this rank's group that convert ``task`` (empty: another group's concern)."""
+        tensor = self.tensors[task.sources[0]]
+        ranks = self.group_ranks[tensor.family]
+        if self.destination == "all":
+            return tuple(ranks)
+        if 0 not in ranks:
+            return ()
+        if self.destination == "rank0":
+            return (0,)
+        return (min(holders[0] for holders in tensor.holders),)
+
+    def _transfers(self, name: str, receivers: tuple[int, ...]) -> Iterator[tuple[int, int, int]]:
+        """``(shard, source rank, receiving rank)`` for each shard a receiver lacks."""
+        for receiver in receivers:
+            for shard, holders in enumerate(self.tensors[name].holders):
+                if receiver not in holders:
+                    yield shard, holders[0], receiver
+
+    # -- scheduling ------------------------------------------------------------------
+    def _schedule(self, reads: list[tuple[str, tuple[int, ...]]]) -> None:
+        """Cut the reads into steps (same cut on every rank: it depends on metadata only)."""
+        self._steps, self._step_of, self._posted, self._done = [], {}, 0, 0
+        self._reads_left = Counter(name for name, _ in reads)
+        step = Step()
+        for name, receivers in reads:
+            if name in self._step_of:
+                continue
+            tensor = self.tensors[name]
+            if step.entries and (step.nbytes + tensor.nbytes > self.step_bytes or step.family != tensor.family):
+                self._steps.append(step)
+                step = Step()
+            step.entries.append((name, receivers))
+            step.nbytes += tensor.nbytes
+            step.family = tensor.family
+            self._step_of[name] = len(self._steps)
+        if step.entries:
+            self._steps.append(step)
+
+    def _post(self, index: int) -> None:
+        """Post the transfers of step ``index`` that involve this rank."""
+        step = self._steps[index]
+        group = self.groups[step.family]
+        ops = []
+        for name, receivers in step.entries:
+            tensor = self.tensors[name]
+            for shard, source, receiver in self._transfers(name, receivers):
+                if source == self.rank:
+                    shard_tensor = self.local[name].tensor.detach().contiguous()
+                    ops.append(dist.P2POp(dist.isend, shard_tensor, receiver, group))
+                    self.sent_bytes += _nbytes(shard_tensor)
+                elif receiver == self.rank:
+                    buffer = torch.empty(tensor.shapes[shard], dtype=tensor.dtype, device=self.device)
+                    ops.append(dist.P2POp(dist.irecv, buffer, source, group))
+                    step.received[(name, shard)] = buffer
+                    self.received_bytes += _nbytes(buffer)
+        step.works = dist.batch_isend_irecv(ops) if ops else []
+
+    def _complete(self, index: int) -> None:
+        """Post steps up to ``index + 1`` (one ahead), wait for steps up to ``index``.
+
+        On GPU waiting only orders the streams; the host is held at most
+        :data:`STEPS_AHEAD` steps ahead of the device, which bounds the memory in flight.
+        """
+        while self._posted < min(index + 2, len(self._steps)):
+            self._post(self._posted)
+            self._posted += 1
+        while self._done <= index:
+            step = self._steps[self._done]
+            for work in step.works:
+                work.wait()
+            step.works = []
+            if self.device.type == "cuda":
+                step.done = torch.cuda.current_stream(self.device).record_event()
+            self._done += 1
+        behind = self._steps[self._done - STEPS_AHEAD] if self._done >= STEPS_AHEAD else None
+        if behind is not None and behind.done is not None:
+            behind.done.synchronize()
+
+    # -- the TensorSource side --------------------------------------------------------
+    def shards(self, name: str) -> list[torch.Tensor]:
+        """All shards of ``name`` (on a receiver of its task, inside :meth:`convert_tasks`)."""
+        if name not in self._step_of:
+            raise ExportError(f"{name} was read but not scheduled for this task")
+        step = self._steps[self._step_of[name]]
+        self._complete(self._step_of[name])
+        local = self.local.get(name)
+        shards = [local.tensor.detach() if local is not None and local.shard == shard else step.received[(name, shard)]
+                  for shard in range(len(self.tensors[name].shapes))]
+        self._reads_left[name] -= 1
+        if self._reads_left[name] == 0:
+            for shard in range(len(shards)):
+                step.received.pop((name, shard), None)
+        return shards
+
+    def convert_tasks(self, converter: TaskConverter, tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Convert each task on its receivers; every rank posts its sends in the same order."""
+        # received shards go where this rank's parameters are now (they may have been offloaded)
+        self.device = next((t.tensor.device for t in self.local.values()), torch.device("cpu"))
+        receivers = [self.receivers(task) for task in tasks]
+        reads = [converter.reads(task) for task in tasks]
+        for task, names in zip(tasks, reads):
+            families = {self.tensors[name].family for name in names} - {self.tensors[task.sources[0]].family}
+            if families:
+                raise ExportError(f"{task.sources[0]} and its LoRA factors are split over different groups")
+        self._schedule([(name, ranks) for names, ranks in zip(reads, receivers) for name in names])
+        for task, names, ranks in zip(tasks, reads, receivers):
+            if self.rank in ranks:
+                yield from converter(task)
+            elif names:
+                self._complete(self._step_of[names[-1]])
+        self._complete(len(self._steps) - 1)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -1,0 +1,142 @@
+"""The weight-sync stream as a consumer sees it: receiver contract, receiver helper, host copies.
+
+Receiver contract of :func:`bridge_ext.export_hf_buckets` (and :func:`bridge_ext.export.buckets`):
+
+1. Every rank that iterates the export gets its own sequence of buckets (what its
+   ``destination`` gives it); exactly one bucket, the last, has ``is_last=True``. A rank that
+   receives nothing gets one empty last bucket.
+2. Names are final. Base tensors carry the Hugging Face checkpoint names (hand them to the
+   inference engine's ``load_weights`` as they are); adapter tensors carry PEFT's saved keys
+   (``base_model.model.<module>.lora_A.weight``, as in ``adapter_model.safetensors``). The
+   consumer renames nothing.
+3. Each name appears once per export. A base tensor is complete when it arrives and can be
+   applied at once. The adapter is complete only at ``is_last``: apply it then, as a whole, so
+   that the engine never runs a ``lora_A`` of one step with a ``lora_B`` of another.
+4. A tensor is valid until the consumer asks for the next bucket. Tensors may share storage
+   with each other (one ``lora_A`` serves ``q_proj``, ``k_proj`` and ``v_proj``) or with the
+   training model's parameters: never modify one in place; copy what you keep.
+5. Tensors are on the model's device (GPU), or in pinned CPU memory with ``device="cpu"``.
+
+:class:`BucketReceiver` implements the consumer side; :func:`load_into_module` and
+:func:`load_into_peft` are the two appliers for a transformers / PEFT model.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+PEFT_PREFIX = "base_model.model."
+HOST_WINDOW_BYTES = 256 << 20
+
+Pairs = Iterable[tuple[str, torch.Tensor]]
+
+
+class BucketReceiver:
+    """Consumer side of a bucketed export: base tensors as they come, the adapter once, whole.
+
+    ``load_weights(pairs)`` gets each bucket's base tensors (Hugging Face names);
+    ``load_adapter(tensors)`` gets the complete adapter (PEFT keys -> tensors, copied) at the
+    last bucket. Call the receiver with each bucket; it returns True after the last one.
+    """
+
+    def __init__(self, load_weights: Callable[[list[tuple[str, torch.Tensor]]], None],
+                 load_adapter: Callable[[dict[str, torch.Tensor]], None] | None = None):
+        self.load_weights = load_weights
+        self.load_adapter = load_adapter
+        self._adapter: dict[str, torch.Tensor] = {}
+
+    def __call__(self, bucket) -> bool:
+        base = [(name, tensor) for name, tensor in bucket.tensors if not name.startswith(PEFT_PREFIX)]
+        if base:
+            self.load_weights(base)
+        for name, tensor in bucket.tensors:
+            if name.startswith(PEFT_PREFIX):
+                if name in self._adapter:
+                    raise ValueError(f"{name} arrived twice in one export")
+                self._adapter[name] = tensor.clone()
+        if not bucket.is_last:
+            return False
+        adapter, self._adapter = self._adapter, {}
+        if adapter:
+            if self.load_adapter is None:
+                raise ValueError("the export holds an adapter, but no load_adapter was given")
+            self.load_adapter(adapter)
+        return True
+
+
+def load_into_module(module: torch.nn.Module) -> Callable[[list[tuple[str, torch.Tensor]]], None]:
+    """``load_weights`` for a transformers model whose parameter names are the checkpoint's.
+
+    With a PEFT model pass ``peft_model.get_base_model()``: PEFT's wrapped layers keep the
+    base weight at ``<module>.base_layer.weight``, which is looked up as well.
+    """
+    params = dict(module.named_parameters())
+
+    def load(pairs: list[tuple[str, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for name, tensor in pairs:
+                target = params.get(name)
+                if target is None:
+                    module_path, _, leaf = name.rpartition(".")
+                    target = params.get(f"{module_path}.base_layer.{leaf}")
+                if target is None:
+                    raise KeyError(f"{name}: the receiving model has no such parameter")
+                target.copy_(tensor)
+
+    return load
+
+
+def load_into_peft(peft_model, adapter_name: str = "default") -> Callable[[dict[str, torch.Tensor]], None]:
+    """``load_adapter`` for a PEFT model: the keys are exactly the ones PEFT saves."""
+    from peft import set_peft_model_state_dict
+
+    def load(tensors: dict[str, torch.Tensor]) -> None:
+        result = set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter_name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise KeyError(f"PEFT did not take {unexpected}")
+
+    return load
+
+
+def to_host(pairs: Pairs, window_bytes: int = HOST_WINDOW_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stream with GPU tensors copied to pinned CPU memory, overlapped with production.
+
+    Copies run on a side stream; a tensor is yielded once its copy is done, while the copies
+    of up to ``window_bytes`` of later tensors (and the gathers producing them) proceed.
+    CPU tensors pass through unchanged.
+    """
+    pending: deque[tuple[str, torch.Tensor, torch.cuda.Event]] = deque()
+    in_flight = 0
+    copy_stream = None
+    for name, tensor in pairs:
+        if not tensor.is_cuda:
+            yield from _drain(pending)
+            in_flight = 0
+            yield name, tensor
+            continue
+        if copy_stream is None:
+            copy_stream = torch.cuda.Stream(device=tensor.device)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        copy_stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(copy_stream):
+            host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(copy_stream)
+        pending.append((name, host, copy_stream.record_event()))
+        in_flight += host.numel() * host.element_size()
+        while in_flight > window_bytes and len(pending) > 1:
+            name_done, host_done, event = pending.popleft()
+            event.synchronize()
+            in_flight -= host_done.numel() * host_done.element_size()
+            yield name_done, host_done
+    yield from _drain(pending)
+
+
+def _drain(pending: deque) -> Iterator[tuple[str, torch.Tensor]]:
+    while pending:
+        name, host, event = pending.popleft()
+        event.synchronize()
+        yield name, host

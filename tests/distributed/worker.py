@@ -1,0 +1,180 @@
+"""One parallel layout's exports of a tiny model, for the layout tests (a torchrun script)::
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 worker.py \
+        OUT_DIR HF_DIR [HF_DIR...] --tp 2 [--pp 2 --vpp 2 --ep 2 --etp 1] [--megatron-bridge]
+
+Builds the Megatron model of ``HF_DIR`` with LoRA at the layout, gives every LoRA factor the
+values of one global tensor drawn from a seed keyed on its global name (scattered to this
+rank's shard the way Megatron lays shards out), and saves what this rank receives from every
+export mode and destination (and the bytes it received) to ``OUT_DIR/<model>_<rank>.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import zlib
+from contextlib import ExitStack, contextmanager
+from unittest import mock
+
+import bridge_ext  # noqa: F401  (first: makes megatron importable without TE)
+import torch
+
+from bridge_ext.distributed import DESTINATIONS
+
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")
+MODES = {  # mode -> export_hf_weights keyword arguments
+    "peft": dict(peft=True),
+    "merged": dict(peft=False),
+    "adapters": dict(adapters_only=True),
+    "per_expert": dict(peft=True, expert_layout="per_expert", expert_adapter_layout="per_expert"),
+}
+
+
+@contextmanager
+def cpu_parallel_build(sizes: dict[str, int | None]):
+    """What building a parallel model on CPU needs that ``build_megatron_model`` does not give.
+
+    * the provider gets the parallel sizes (the layer split per pipeline stage reads them);
+    * ``torch.cuda.current_device`` answers (Megatron-Bridge's TP weight loading asks);
+    * the duplicate embedding of the MTP / last stage is synchronised with ``.cuda()``
+      (language_module.py): on CPU the tensor stays where it is.
+    """
+    from megatron.bridge import AutoBridge
+
+    from bridge_ext.cpu.qwen35 import cpu_current_device
+
+    to_provider = AutoBridge.to_megatron_provider
+
+    def sized_provider(self, *args, **kwargs):
+        provider = to_provider(self, *args, **kwargs)
+        for key, value in sizes.items():
+            setattr(provider, key, value)
+        return provider
+
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(AutoBridge, "to_megatron_provider", sized_provider))
+        stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self))
+        stack.enter_context(cpu_current_device())
+        yield
+
+
+def shard_of_global(rule, full: torch.Tensor, shards: int, shard: int, dims, *,
+                    lora_b: bool, axis: int) -> torch.Tensor:
+    """This rank's shard of a global LoRA factor: the inverse of the engine's gather.
+
+    ``lora_B`` rows follow the base weight's per-rank layout (its ``per_rank`` row ops);
+    ``lora_A`` is cut plainly along ``axis``.
+    """
+    per_rank = [op for op in rule.ops if op.per_rank] if lora_b else []
+    parts = [full]
+    for op in per_rank:
+        parts = op.forward(parts, dims)
+    parts = [part.chunk(shards, dim=axis)[shard] for part in parts]
+    for op in reversed(per_rank):
+        parts = op.reverse(parts, dims)
+    (tensor,) = parts
+    return tensor
+
+
+@torch.no_grad()
+def set_global_lora(chunks, config, seed: int = 0, std: float = 0.05) -> None:
+    """Give every LoRA factor the values of a global tensor keyed on its global name."""
+    from bridge_ext.dims import ModelDims
+    from bridge_ext.export import ExpertLayouts
+    from bridge_ext.live import LORA_IN, LORA_OUT, is_parallel_job, local_tensors
+    from model_mappings import table_for
+
+    table, dims = table_for(config.model_type), ModelDims.from_hf_config(config)
+    tensors, _ = local_tensors(chunks, sharded=is_parallel_job())
+    for local in tensors:
+        suffix = next((s for s in (LORA_IN, LORA_OUT) if local.name.endswith(s)), None)
+        if suffix is None:
+            continue
+        rule = table.match(local.name[: -len(suffix)] + ".weight", ExpertLayouts().base_variants).rule
+        axis = 1 if suffix == LORA_IN and rule.tp == "row" else 0
+        shape = list(local.tensor.shape)
+        shape[axis] *= local.shards
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(local.name.encode()))
+        full = torch.randn(shape, generator=generator, dtype=torch.float32).to(local.tensor.dtype) * std
+        local.tensor.copy_(shard_of_global(rule, full, local.shards, local.shard, dims,
+                                          lora_b=suffix == LORA_OUT, axis=axis))
+
+
+def export_all(chunks, moe: bool) -> tuple[dict, dict]:
+    """What this rank receives from every mode and destination, and the bytes it received."""
+    from bridge_ext import export_hf_weights
+    from bridge_ext.distributed import ShardExchange
+
+    results, received = {}, {}
+    exchanges = set()
+    convert_tasks = ShardExchange.convert_tasks
+
+    def recording(self, *args):
+        exchanges.add(self)
+        return convert_tasks(self, *args)
+
+    def received_so_far() -> int:
+        return sum(exchange.received_bytes for exchange in exchanges)
+
+    with mock.patch.object(ShardExchange, "convert_tasks", recording):
+        for mode, kwargs in MODES.items():
+            if mode == "per_expert" and not moe:
+                continue
+            for destination in DESTINATIONS:
+                before = received_so_far()
+                pairs = export_hf_weights(chunks, destination=destination, **kwargs)
+                results[f"{mode}/{destination}"] = {name: tensor.clone() for name, tensor in pairs}
+                received[f"{mode}/{destination}"] = received_so_far() - before
+    return results, received
+
+
+def megatron_bridge_exports(built) -> dict:
+    """Megatron-Bridge's merged and adapter exports at this layout (every rank gets all)."""
+    from bridge_ext.engine import PEFT_PREFIX
+
+    merged = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
+    adapters = built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False)
+    return {"merged": merged, "adapters": {PEFT_PREFIX + name: tensor for name, tensor in adapters}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", help="output folder: <model folder name>_<rank>.pt per model")
+    parser.add_argument("hf_dirs", nargs="+")
+    for flag in ("tp", "pp", "ep"):
+        parser.add_argument(f"--{flag}", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=None)
+    parser.add_argument("--etp", type=int, default=None)
+    parser.add_argument("--megatron-bridge", action="store_true", help="also save Megatron-Bridge's exports")
+    args = parser.parse_args()
+
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from bridge_ext.cpu.build import LoraSettings, build_megatron_model
+    from bridge_ext.cpu.distributed import megatron_parallel
+    from bridge_ext.dims import text_config
+
+    torch.set_num_threads(1)
+    sizes = dict(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                 virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep,
+                 expert_tensor_parallel_size=args.etp or args.tp)
+    with megatron_parallel(args.tp, args.pp, args.vpp, args.ep, args.etp):
+        rank = torch.distributed.get_rank()
+        for hf_dir in map(Path, args.hf_dirs):
+            with cpu_parallel_build(sizes):
+                built = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=LORA_TARGETS))
+            config = AutoConfig.from_pretrained(hf_dir)
+            set_global_lora(built.chunks, config)
+            moe = bool(getattr(text_config(config), "num_experts", None))
+            results, received = export_all(built.chunks, moe)
+            saved = {"results": results, "received_bytes": received}
+            if args.megatron_bridge:
+                with cpu_parallel_build(sizes):
+                    saved["megatron_bridge"] = megatron_bridge_exports(built)
+            torch.save(saved, Path(args.out) / f"{hf_dir.name}_{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
