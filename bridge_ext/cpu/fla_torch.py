@@ -345,6 +345,25 @@ _BINDINGS = {
 }
 
 
+@contextmanager
+def torch_kernels_in_megatron() -> Iterator[None]:
+    """Inside the block megatron's GDN calls these torch functions even where the real fla is
+    installed (to tell a kernel's rounding from a mapping error on a GPU machine)."""
+    importlib.import_module(_GDN_MODULES[2])
+    saved = []
+    for module_name in _GDN_MODULES:
+        module = sys.modules[module_name]
+        for attribute, function in _BINDINGS.items():
+            if hasattr(module, attribute):
+                saved.append((module, attribute, getattr(module, attribute)))
+                setattr(module, attribute, function)
+    try:
+        yield
+    finally:
+        for module, attribute, previous in saved:
+            setattr(module, attribute, previous)
+
+
 def install() -> bool:
     """Give megatron-core's GDN the torch stand-ins unless a real fla is importable. Idempotent.
 

