@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 
 from bridge_ext.engine import PEFT_PREFIX, ExportError, Mode
@@ -67,6 +68,7 @@ def write_export(
     source_folder: Path | None = None,
     base_model_name: str | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
+    write: bool = True,
 ) -> SaveResult:
     """Stream ``plan`` out of ``source`` into a Hugging Face folder and/or a PEFT adapter folder.
 
@@ -74,7 +76,8 @@ def write_export(
     base weights (``max_shard_size``) plus the tensor being converted, and the adapters (small).
     Each folder is built beside its target and renamed into place only when complete.
     ``config_dtype`` is the dtype config.json records (default: ``dtype``); ``on_tensor`` is
-    called with each written tensor's name and size (progress).
+    called with each written tensor's name and size (progress). ``write=False``: take part in
+    a parallel export (its collectives) without writing anything.
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
@@ -86,6 +89,10 @@ def write_export(
     if adapter_dir is not None and not adapters:
         raise ExportError("adapter_dir given, but the model has no LoRA adapters")
     base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
+    if not write:
+        for _ in stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype):
+            pass
+        return SaveResult(None, None, 0, 0)
     with ExitStack() as stack:
         base_writer = adapter_tensors = None
         if model_dir is not None:
@@ -143,14 +150,20 @@ def save_hf_pretrained(
     gets ``adapter_model.safetensors`` and PEFT's ``adapter_config.json``. With ``merge=True``
     the adapters are merged into the base weights instead. Each folder appears only when
     complete. Refuses to write a base without its adapters unless ``merge`` says so.
+
+    In a parallel job every rank calls it; tensors are gathered to global rank 0 only, which
+    writes the folders.
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
-    source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout)
+    parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout,
+                           destination="rank0" if parallel else "all")
     folder = hf_source_folder(model, hf_config)
     return write_export(
         source, plan, model_dir, adapter_dir,
         merge=merge, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
         source_folder=folder,
         base_model_name=str(folder) if folder else getattr(plan.config, "_name_or_path", None),
+        write=not parallel or dist.get_rank() == 0,
     )

@@ -123,3 +123,12 @@ def test_tensor_parallel_export_equals_megatron_bridge(run_layout, model):
         assert_same({n: t for n, t in ours.items() if n not in known},
                     {n: t for n, t in mb.items() if n not in known}, what)
         assert all(not torch.equal(ours[name], mb[name]) for name in known), "Megatron-Bridge's split changed?"
+
+
+@pytest.mark.parametrize(("layout", "model"), [("pp2_vpp2", "moe"), ("tp2", "vl_moe")])
+def test_save_hf_pretrained_in_a_parallel_job_is_written_once_by_rank0(run_layout, layout, model):
+    (reference,) = run_layout("single", model)
+    ranks = run_layout(layout, model)
+    assert_same(ranks[0]["save"]["tensors"], reference["save"]["tensors"], f"{layout} {model} saved folders")
+    assert ranks[0]["save"]["written"] == len(reference["save"]["tensors"])
+    assert all(rank["save"]["written"] == 0 for rank in ranks[1:])

@@ -137,6 +137,23 @@ def megatron_bridge_exports(built) -> dict:
     return {"merged": merged, "adapters": {PEFT_PREFIX + name: tensor for name, tensor in adapters}}
 
 
+def save_from_every_rank(chunks, folder) -> dict:
+    """save_hf_pretrained called by every rank: rank 0 alone writes; it reads the folders back."""
+    from safetensors.torch import load_file
+
+    from bridge_ext import save_hf_pretrained
+
+    result = save_hf_pretrained(chunks, folder / "model", folder / "adapter")
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() != 0:
+        return {"written": result.tensors, "exists": folder.exists()}
+    tensors = {}
+    for file in sorted((folder / "model").glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    tensors.update(load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+    return {"written": result.tensors, "tensors": tensors}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", help="output folder: <model folder name>_<rank>.pt per model")
@@ -169,7 +186,8 @@ def main() -> None:
             set_global_lora(built.chunks, config)
             moe = bool(getattr(text_config(config), "num_experts", None))
             results, received = export_all(built.chunks, moe)
-            saved = {"results": results, "received_bytes": received}
+            saved = {"results": results, "received_bytes": received,
+                     "save": save_from_every_rank(built.chunks, Path(args.out) / f"{hf_dir.name}_saved")}
             if args.megatron_bridge:
                 with cpu_parallel_build(sizes):
                     saved["megatron_bridge"] = megatron_bridge_exports(built)
