@@ -164,7 +164,8 @@ class _PlaceholderTE(types.ModuleType):
 
 
 @contextmanager
-def _placeholder_modules(modules: dict[str, types.ModuleType]) -> Iterator[None]:
+def modules_in_place(modules: dict[str, types.ModuleType]) -> Iterator[None]:
+    """``sys.modules`` holds ``modules`` inside the block; what was there before comes back."""
     saved = {name: sys.modules.get(name) for name in modules}
     sys.modules.update(modules)
     try:
@@ -219,7 +220,7 @@ def _exec_lora_layers(loader: importlib.abc.Loader, module: types.ModuleType) ->
     te_package = types.ModuleType("transformer_engine")
     te_pytorch = _PlaceholderTE("transformer_engine.pytorch")
     te_package.pytorch = te_pytorch
-    with _placeholder_modules({"transformer_engine": te_package, "transformer_engine.pytorch": te_pytorch}):
+    with modules_in_place({"transformer_engine": te_package, "transformer_engine.pytorch": te_pytorch}):
         loader.exec_module(module)
 
 

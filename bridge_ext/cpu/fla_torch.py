@@ -50,6 +50,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from bridge_ext.compat import modules_in_place
+
 STAND_IN_FLAG = "BRIDGE_EXT_STAND_IN"
 
 # megatron-core modules that bind the fla names at import time.
@@ -325,17 +327,8 @@ def stand_in_fla_modules() -> Iterator[None]:
     if real_fla_available():
         yield
         return
-    modules = _stand_in_modules()
-    saved = {name: sys.modules.get(name) for name in modules}
-    sys.modules.update(modules)
-    try:
+    with modules_in_place(_stand_in_modules()):
         yield
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = previous
 
 
 _BINDINGS = {
