@@ -48,6 +48,17 @@ def folder_tensor_names(folder: str | Path, file_name: str = "model.safetensors"
     return shapes
 
 
+def require_same_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """Fail naming every missing, unexpected and wrongly shaped key."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong_shape = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
+    if missing or unexpected or wrong_shape:
+        raise VerificationError(
+            f"{what}: missing {missing or 'none'}; unexpected {unexpected or 'none'}; wrong shape {wrong_shape or 'none'}"
+        )
+
+
 def check_model_folder(model_dir: str | Path, report: Report, *, expert_layout: str | None = None) -> dict[str, tuple[int, ...]]:
     """Every name and shape in ``model_dir`` equals the architecture's checkpoint key set."""
     from transformers import AutoConfig
@@ -63,14 +74,7 @@ def check_model_folder(model_dir: str | Path, report: Report, *, expert_layout: 
     if mtp and not mtp_layer_count(config):
         raise VerificationError(f"{len(mtp)} mtp.* tensors, but config.json declares no MTP layers")
     main = {name: shape for name, shape in written.items() if name not in mtp}
-    missing = sorted(set(expected) - set(main))
-    unexpected = sorted(set(main) - set(expected))
-    wrong_shape = sorted(n for n in set(main) & set(expected) if tuple(main[n]) != tuple(expected[n]))
-    if missing or unexpected or wrong_shape:
-        raise VerificationError(
-            f"{model_dir}: missing {missing or 'none'}; unexpected {unexpected or 'none'}; "
-            f"wrong shape {wrong_shape or 'none'}"
-        )
+    require_same_keys(main, expected, f"{model_dir}")
     report.add(f"{len(main)} tensor names and shapes equal the {config.model_type} checkpoint key set"
                + (f"; {len(mtp)} mtp.* tensors beside them" if mtp else ""))
     return written
@@ -95,14 +99,8 @@ def load_adapter_strict(base_model, adapter_dir: str | Path, report: Report):
     # transformers builds no MTP module, so PEFT cannot load MTP adapters (nor MTP weights).
     mtp = {key for key in saved if key.startswith(MTP_ADAPTER_PREFIX)}
     saved = {key: shape for key, shape in saved.items() if key not in mtp}
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    wrong_shape = sorted(k for k in set(saved) & set(expected) if tuple(saved[k]) != tuple(expected[k].shape))
-    if missing or unexpected or wrong_shape:
-        raise VerificationError(
-            f"{adapter_dir}: PEFT expects {len(expected)} keys; missing {missing or 'none'}; "
-            f"unexpected {unexpected or 'none'}; wrong shape {wrong_shape or 'none'}"
-        )
+    expected_shapes = {key: tuple(tensor.shape) for key, tensor in expected.items()}
+    require_same_keys(saved, expected_shapes, f"{adapter_dir}: PEFT expects {len(expected)} keys")
     report.add(f"PEFT loaded {len(saved)} adapter tensors: no missing, no unexpected key"
                + (f"; {len(mtp)} MTP adapter tensors beside them" if mtp else ""))
     return peft_model

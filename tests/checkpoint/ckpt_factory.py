@@ -29,8 +29,6 @@ import yaml
 
 ITERATION = 10
 VARIANTS = ("dense", "lora", "adapter")
-# Megatron-Bridge's model_sd_kwargs metadata (_build_sharded_state_dict_metadata, no distributed optimizer)
-SHARDED_SD_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
 def tiny_qwen3(hf_dir: Path) -> Path:
@@ -88,26 +86,21 @@ def run_config(built, *, adapter_only: bool, root: Path, base_root: Path | None)
 
 
 def save_variant(built, root: Path, *, adapter_only: bool = False, base_root: Path | None = None) -> None:
-    """Save ``built`` (a BuiltModel) as ``root/iter_0000010`` + tracker + run_config.yaml (all ranks call)."""
-    from megatron.core import dist_checkpointing
+    """Save ``built`` (a BuiltModel) as ``root/iter_0000010`` + tracker + run_config.yaml (all ranks call).
+
+    The project's own writer saves; run_config.yaml is then rewritten with the checkpoint section
+    a Megatron-Bridge PEFT run records (``pretrained_checkpoint``).
+    """
     from megatron.training.config.yaml_utils import safe_yaml_representers
 
-    rank = torch.distributed.get_rank()
-    folder = root / f"iter_{ITERATION:07d}"
-    if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
-    model_sd = built.chunks[0].sharded_state_dict(metadata=dict(SHARDED_SD_METADATA))
-    if adapter_only:
-        model_sd = {k: v for k, v in model_sd.items() if ".adapter." in k and "_extra_state" not in k}
-    state = {"checkpoint_version": 3.0, "iteration": ITERATION, "model": model_sd}
-    with cpu_stand_ins():
-        dist_checkpointing.save(state, str(folder), content_metadata=dict(SHARDED_SD_METADATA))
-    if rank == 0:
+    from bridge_ext.checkpoint.writer import save_megatron_checkpoint
+
+    folder = save_megatron_checkpoint(built.chunks, built.provider, root, lora=built.lora, iteration=ITERATION,
+                                      adapter_only=adapter_only)
+    if torch.distributed.get_rank() == 0:
         config = run_config(built, adapter_only=adapter_only, root=root, base_root=base_root)
         with safe_yaml_representers():
             (folder / "run_config.yaml").write_text(yaml.safe_dump(config, default_flow_style=False))
-        (root / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
     torch.distributed.barrier()
 
 
