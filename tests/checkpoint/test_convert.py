@@ -40,8 +40,10 @@ def live(megatron_cpu, qwen3_hf):
 def load_with_megatron(built, root, adapter_only: bool) -> None:
     from megatron.core import dist_checkpointing
 
+    from bridge_ext.checkpoint.writer import SHARDED_SD_METADATA
+
     chunk = built.chunks[0]
-    sharded = chunk.sharded_state_dict(metadata=dict(ckpt_factory.SHARDED_SD_METADATA))
+    sharded = chunk.sharded_state_dict(metadata=dict(SHARDED_SD_METADATA))
     sharded = {k: v for k, v in sharded.items()
                if "_extra_state" not in k and (".adapter." in k or not adapter_only)}
     folder = root / f"iter_{ckpt_factory.ITERATION:07d}"
