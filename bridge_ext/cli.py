@@ -46,7 +46,7 @@ def demo(example: str | None, workdir: Path | None) -> None:
     """
     from bridge_ext.convert_demo import run_convert_demo
     from bridge_ext.demo import DEFAULT_EXAMPLE, EXAMPLES, run_demo
-    from bridge_ext.verify import VerificationError
+    from bridge_ext.errors import VerificationError
 
     example = example or DEFAULT_EXAMPLE
     if example not in EXAMPLES:
@@ -151,10 +151,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
       6  --verify failed
     """
     from bridge_ext.checkpoint import CheckpointError
-    from bridge_ext.convert import ConvertError, convert_checkpoint, verify_conversion
-    from bridge_ext.engine import ExportError
-    from bridge_ext.hf_folder import OutputExistsError
-    from bridge_ext.verify import VerificationError
+    from bridge_ext.convert import convert_checkpoint, verify_conversion
+    from bridge_ext.errors import ConvertError, ExportError, OutputExistsError, VerificationError
 
     if model_out is None and adapter_out is None:
         raise click.UsageError("give --model-out, --adapter-out or both")

@@ -38,6 +38,8 @@ import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from bridge_ext.errors import CompatibilityError
+
 SUPPORTED_VERSIONS = {"megatron-core": "0.19.2", "megatron-bridge": "0.6.2"}
 
 LORA_LAYERS = "megatron.bridge.peft.lora_layers"
@@ -78,10 +80,6 @@ LORA_LAYERS_DEPENDENCIES = (
     "megatron.bridge.peft.adapter_wrapper",
     "megatron.bridge.peft.lora_merge",
 )
-
-
-class CompatibilityError(RuntimeError):
-    """The installed Megatron packages are not the ones this workaround was written for."""
 
 
 def have_module(name: str) -> bool:

@@ -28,13 +28,9 @@ from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import run_rule
 from bridge_ext.export import ExpertLayout, ExpertLayouts, ExportPlan, plan_export, source_expert_layouts
-from bridge_ext.hf_folder import OutputExistsError
+from bridge_ext.errors import ConvertError, OutputExistsError
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.verify import Report
-
-
-class ConvertError(ValueError):
-    """The inputs cannot be converted as asked; the message says why (tensor names, shapes, paths)."""
 
 
 @dataclass

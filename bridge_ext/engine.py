@@ -15,15 +15,12 @@ from enum import Enum
 import torch
 
 from bridge_ext.dims import ModelDims
+from bridge_ext.errors import ExportError
 from bridge_ext.ops import Op
 from bridge_ext.source import Adapter, TensorSource
 from bridge_ext.table import MappingTable, Rule
 
 PEFT_PREFIX = "base_model.model."
-
-
-class ExportError(ValueError):
-    """The model and the mapping table disagree; the message names the tensors concerned."""
 
 
 @dataclass(frozen=True)

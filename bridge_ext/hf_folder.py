@@ -19,12 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from bridge_ext.errors import OutputExistsError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class OutputExistsError(FileExistsError):
-    """The output folder exists and is not empty, and overwriting was not asked for."""
 
 
 @contextmanager

@@ -17,12 +17,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from bridge_ext.errors import VerificationError
+
 
 MTP_ADAPTER_PREFIX = "base_model.model.mtp."
-
-
-class VerificationError(AssertionError):
-    """An exported folder is not what its consumer expects; the message says what differs."""
 
 
 @dataclass

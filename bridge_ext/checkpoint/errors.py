@@ -6,15 +6,9 @@ command-line tool can print ``str(error)`` and nothing else.
 
 from __future__ import annotations
 
-from pathlib import Path
+from bridge_ext.errors import CheckpointError
 
-
-class CheckpointError(Exception):
-    """A checkpoint could not be located or read. ``path`` is the file or folder concerned."""
-
-    def __init__(self, message: str, path: str | Path | None = None) -> None:
-        super().__init__(message)
-        self.path = Path(path) if path is not None else None
+__all__ = ["CheckpointError"]  # the root of these errors lives with the others
 
 
 class CheckpointNotFoundError(CheckpointError):

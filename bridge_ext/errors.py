@@ -1,0 +1,41 @@
+"""Every error bridge_ext raises on purpose derives from :class:`BridgeExtError`.
+
+A caller can catch the root; the command-line tool maps each family to its exit code
+(docs/convert.md). Messages name the tensors, files and fields concerned, in library words.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class BridgeExtError(Exception):
+    """The root of bridge_ext's own errors."""
+
+
+class ExportError(BridgeExtError, ValueError):
+    """The model and the mapping table disagree; the message names the tensors concerned."""
+
+
+class CheckpointError(BridgeExtError):
+    """A checkpoint could not be located or read. ``path`` is the file or folder concerned."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+
+class ConvertError(BridgeExtError, ValueError):
+    """The inputs cannot be converted as asked; the message says why (tensor names, shapes, paths)."""
+
+
+class OutputExistsError(BridgeExtError, FileExistsError):
+    """The output folder exists and is not empty, and overwriting was not asked for."""
+
+
+class VerificationError(BridgeExtError):
+    """An exported folder is not what its consumer expects; the message says what differs."""
+
+
+class CompatibilityError(BridgeExtError, RuntimeError):
+    """The installed Megatron packages are not the ones a workaround was written for."""
