@@ -54,18 +54,20 @@ _UNDELETABLE_FLAGS = {0x10: "immutable", 0x20: "append-only"}
 
 @dataclass(frozen=True)
 class FoundTarget:
-    """What a target was when the run started: absent (``identity`` None) or this inode."""
+    """What a target was when the run started: absent (``identity`` None) or this inode, unchanged since."""
 
-    identity: tuple[int, int] | None
+    identity: tuple[int, int, int] | None
     empty: bool = True
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, ctime): the ctime tells a folder from a new one given a freed inode's number,
+    and changes when entries are added to or removed from it."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return None
-    return info.st_dev, info.st_ino
+    return info.st_dev, info.st_ino, info.st_ctime_ns
 
 
 def _is_empty_folder(path: Path) -> bool:
@@ -150,6 +152,8 @@ def staged_folders(targets: list[Path], *, overwrite: bool = False, found: dict[
                     stagings.append(staging)
                 locks.callback(os.close, lock)
             yield list(stagings)
+            for staging in stagings:
+                apply_umask(staging)
             asides = _install_all(list(zip(targets, stagings, strict=True)), found, overwrite)
         except BaseException as error:
             for staging in stagings:
@@ -183,6 +187,36 @@ def _make_staging(target: Path) -> tuple[Path, int]:
     except OSError:
         pass  # a filesystem without flock: a later run then cannot tell this folder is in use and leaves it
     return staging, lock
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (a change would race other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give ``folder`` and what it holds the modes ``mkdir`` and ``open`` give under the umask.
+
+    Some writers create a file under a temporary name with mode 0600 and rename it (safetensors
+    does); a serving account must be able to read what the umask allows it to.
+    """
+    umask = current_umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask, follow_symlinks=False)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
 
 
 def sweep_stale_staging(target: Path) -> list[str]:
@@ -251,7 +285,7 @@ def _parent_locks(targets: list[Path]) -> Iterator[None]:
     """flock every target's parent (in inode order: two runs never wait on each other crosswise)."""
     parents = {}
     for target in targets:
-        parents.setdefault(_identity(target.parent), target.parent)
+        parents.setdefault(_identity(target.parent)[:2], target.parent)
     fds = []
     try:
         for _, parent in sorted(parents.items()):
@@ -283,7 +317,7 @@ def _install_all(pairs: list[tuple[Path, Path]], found: dict[Path, FoundTarget],
 
 def _install(target: Path, staging: Path, found: FoundTarget, overwrite: bool) -> Path | None:
     if _identity(target) != found.identity:
-        what = "appeared" if found.identity is None else "was replaced"
+        what = "appeared" if found.identity is None else "changed"
         raise OutputExistsError(f"{target} {what} during the conversion (another run or process wrote it): "
                                 "it was left untouched and nothing was installed")
     if found.identity is None:
@@ -295,7 +329,8 @@ def _install(target: Path, staging: Path, found: FoundTarget, overwrite: bool) -
         return None
     aside = _aside_name(target)
     rename_noreplace(target, aside)
-    if _identity(aside) != found.identity or (not overwrite and not _is_empty_folder(aside)):
+    # the rename itself sets the ctime: the inode tells whether the checked folder is what moved
+    if _identity(aside)[:2] != found.identity[:2] or (not overwrite and not _is_empty_folder(aside)):
         rename_noreplace(aside, target)
         raise OutputExistsError(f"{target} changed during the conversion: it was left untouched and nothing "
                                 "was installed")
