@@ -366,7 +366,7 @@ def remove_replaced_folder(aside: Path) -> list[str]:
     failures: list[str] = []
     lock = _lock_if_free(aside)  # a run sweeping stale folders meanwhile sees this one is in use
     try:
-        shutil.rmtree(aside, onerror=lambda _function, path, info: failures.append(f"{path} ({info[1].strerror})"))
+        shutil.rmtree(aside, onerror=lambda _function, path, info: failures.append(f"{path} ({info[1]})"))
     finally:
         if lock is not None:
             os.close(lock)
