@@ -33,7 +33,7 @@ import signal
 import struct
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +143,7 @@ def staged_folders(targets: list[Path], *, overwrite: bool = False, found: dict[
     found = {t: (found or {}).get(t) or check_output_target(t, overwrite) for t in targets}
     for target in targets:
         notes.extend(sweep_stale_staging(target))
+    created = [folder for target in targets for folder in _missing_folders(target.parent)]
     with ExitStack() as locks:
         stagings: list[Path] = []
         try:
@@ -158,12 +159,24 @@ def staged_folders(targets: list[Path], *, overwrite: bool = False, found: dict[
         except BaseException as error:
             for staging in stagings:
                 shutil.rmtree(staging, ignore_errors=True)
+            for folder in created:  # deepest first; kept if anything else is in it by now
+                with suppress(OSError):
+                    os.rmdir(folder)
             translated = output_write_error(error, targets)
             if translated is not None:
                 raise translated from error
             raise
     for aside in asides:
         notes.extend(remove_replaced_folder(aside))
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first (created for the staging folder)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _make_staging(target: Path) -> tuple[Path, int]:

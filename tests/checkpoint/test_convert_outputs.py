@@ -228,6 +228,32 @@ def test_an_output_that_appears_meanwhile_is_never_replaced(qwen3_ckpts, out, mo
     assert listing(target) == ([] if appearing == "an empty folder" else ["theirs.txt"])
 
 
+@pytest.mark.parametrize("renameat2", ["renameat2", "fallback without renameat2"])
+def test_the_final_rename_never_replaces_even_an_empty_folder(tmp_path, monkeypatch, renameat2):
+    if renameat2 != "renameat2":
+        monkeypatch.setattr(output_folder, "_RENAMEAT2", None)
+    elif output_folder._RENAMEAT2 is None:
+        pytest.skip("this C library has no renameat2 (not glibc >= 2.28 on Linux)")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "model.safetensors").write_text("new")
+    (tmp_path / "theirs").mkdir()
+    with pytest.raises(FileExistsError):
+        output_folder.rename_noreplace(tmp_path / "new", tmp_path / "theirs")
+    assert listing(tmp_path / "theirs") == [] and listing(tmp_path / "new") == ["model.safetensors"]
+    output_folder.rename_noreplace(tmp_path / "new", tmp_path / "model")
+    assert listing(tmp_path) == ["model", "theirs"]
+
+
+def test_a_failure_leaves_no_folder_it_created_for_the_output(qwen3_ckpts, out, monkeypatch):
+    def quota_exceeded(writer) -> list[str]:
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(ShardedSafetensorsWriter, "close", quota_exceeded)
+    code, message = run(qwen3_ckpts / "dense", "--model-out", out / "new" / "deeper" / "model")
+    assert code == EXIT_OUTPUT_IO and "disk quota exceeded" in message, message
+    assert listing(out) == []
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_outputs_honour_the_umask(qwen3_ckpts, out, umask):
     previous = os.umask(umask)
