@@ -151,7 +151,7 @@ def staged_folders(targets: list[Path], *, overwrite: bool = False, found: dict[
                 with signals_deferred():
                     staging, lock = _make_staging(target)
                     stagings.append(staging)
-                locks.callback(os.close, lock)
+                    locks.callback(os.close, lock)
             yield list(stagings)
             for staging in stagings:
                 apply_umask(staging)

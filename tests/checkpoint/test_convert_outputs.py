@@ -228,6 +228,22 @@ def test_an_output_that_appears_meanwhile_is_never_replaced(qwen3_ckpts, out, mo
     assert listing(target) == ([] if appearing == "an empty folder" else ["theirs.txt"])
 
 
+def test_both_outputs_are_installed_or_neither(qwen3_ckpts, out, monkeypatch):
+    (out / "model").mkdir()
+    (out / "model" / "old.txt").write_text("old")
+
+    def the_adapter_target_appears(bar, name: str, nbytes: int) -> None:
+        (out / "adapter").mkdir(exist_ok=True)
+        (out / "adapter" / "theirs.txt").write_text("theirs")
+
+    monkeypatch.setattr(cli._ProgressBar, "advance", the_adapter_target_appears)
+    code, message = run(qwen3_ckpts / "lora", "--model-out", out / "model", "--adapter-out", out / "adapter",
+                        "--overwrite")
+    assert code == EXIT_OUTPUT_EXISTS and f"{out / 'adapter'} appeared during the conversion" in message, message
+    assert listing(out) == ["adapter", "model"]  # the model folder installed first was taken back out
+    assert listing(out / "model") == ["old.txt"] and listing(out / "adapter") == ["theirs.txt"]
+
+
 @pytest.mark.parametrize("renameat2", ["renameat2", "fallback without renameat2"])
 def test_the_final_rename_never_replaces_even_an_empty_folder(tmp_path, monkeypatch, renameat2):
     if renameat2 != "renameat2":
