@@ -160,8 +160,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
       5  an output folder exists and is not empty (use --overwrite), or something appeared at
          the output (or replaced the folder there) while it was written, e.g. another run
       6  --verify failed (checked before installing: nothing was installed)
-      7  an output cannot be written: permission denied, no space left, file size limit,
-         read-only file system, another I/O error
+      7  an I/O or permission error: an output cannot be written (parent not writable, no
+         space left, file size limit, read-only file system), or the system failed a read
     128+n  stopped by signal n (SIGINT 130, SIGHUP 129, SIGTERM 143): nothing installed, the
          staging folders removed
     """
