@@ -28,7 +28,8 @@ from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import run_rule
 from bridge_ext.export import ExportPlan, expert_layouts, plan_export, possible_variants, source_expert_layouts
-from bridge_ext.errors import ConvertError, OutputExistsError
+from bridge_ext.errors import ConvertError, OutputLocationError
+from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.table import ExpertLayout
 from bridge_ext.verify import Report
@@ -46,6 +47,8 @@ class ConvertResult:
     bytes: int
     seconds: float
     config: object = field(repr=False, default=None)
+    notes: list[str] = field(default_factory=list)  # for the user: files not copied, folders removed or kept
+    report: Report | None = None  # with verify=True: what the staged folders passed before being installed
 
     @property
     def throughput(self) -> float:
@@ -53,15 +56,24 @@ class ConvertResult:
         return self.bytes / self.seconds if self.seconds > 0 else float("inf")
 
 
-def check_output_folder(target: Path, overwrite: bool, protected: list[Path]) -> None:
-    """Refuse a non-empty output (unless ``overwrite``) and any output overlapping an input."""
+def check_output_folder(target: Path, overwrite: bool, protected: list[Path]) -> FoundTarget:
+    """Refuse an output that is, holds or lies inside an input, a dangerous or occupied target.
+
+    Returns what is at the target now: installing the output later fails (OutputExistsError)
+    if anything else is there by then. See :func:`bridge_ext.output_folder.check_output_target`.
+    """
+    check_outside_inputs(target, protected)
+    return check_output_target(target, overwrite)
+
+
+def check_outside_inputs(target: Path, protected: list[Path]) -> None:
+    """OutputLocationError if ``target`` is an input, inside one, or a folder holding one."""
     resolved = target.resolve()
     for source in protected:
         source = source.resolve()
         if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
-            raise ConvertError(f"{target}: the output would overlap the input {source}; choose another folder")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{target} exists and is not empty (pass --overwrite to replace it)")
+            raise OutputLocationError(f"{target}: the output would overlap the input {source} (replacing the "
+                                      "output folder would delete it); choose another folder")
 
 
 def _load_config(folder_or_file: Path):
@@ -229,8 +241,10 @@ def convert_checkpoint(
     expert_adapter_layout: ExpertLayout = "fused",
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    verify: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
+    notes: list[str] | None = None,
 ) -> ConvertResult:
     """Convert a Megatron checkpoint (root or iteration folder) to Hugging Face / PEFT folders.
 
@@ -252,13 +266,20 @@ def convert_checkpoint(
         expert_adapter_layout: Expert adapters in PEFT's fused ``target_parameters`` layout or per expert.
         max_shard_size: Largest safetensors shard, e.g. ``"5GB"``; bounds memory use.
         overwrite: Replace non-empty output folders (only once the new ones are complete).
+        verify: Check the written folders with :func:`verify_conversion` before installing them:
+            a failure installs nothing (an existing folder stays as it was).
         on_start: Called with the number of tensors to write, once all checks passed.
         on_tensor: Called with each written tensor's name and size.
+        notes: Collects what the user should hear about (also on failure): stale staging
+            folders removed, files of the config folder not copied, a replaced folder kept.
 
     Raises:
         CheckpointError: the checkpoint is missing, unsafe, truncated or corrupted.
         ConvertError / ExportError: config, tables and checkpoint disagree, or the options conflict.
-        OutputExistsError: an output folder exists and is not empty.
+        OutputLocationError: an output is refused wherever it is (an input, the working directory...).
+        OutputExistsError: an output folder exists and is not empty, or appeared meanwhile.
+        OutputWriteError: the filesystem refused to write an output.
+        VerificationError: ``verify`` failed.
     """
     from bridge_ext.save import write_export
 
@@ -268,12 +289,11 @@ def convert_checkpoint(
     if merge and adapter_dir is not None:
         raise ConvertError("--merge writes the adapters into the model folder; drop the adapter folder")
     checkpoint, hf_base = Path(checkpoint), Path(hf_base) if hf_base is not None else None
-    protected = [checkpoint, *([hf_base] if hf_base else [])]
+    protected = [checkpoint, *(Path(p) for p in (hf_base, hf_config) if p is not None)]
     outputs = [Path(p) for p in (model_dir, adapter_dir) if p is not None]
-    if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
-        raise ConvertError("the model folder and the adapter folder must differ")
-    for output in outputs:
-        check_output_folder(output, overwrite, protected)
+    check_distinct_outputs(*outputs)
+    found = {output: check_output_folder(output, overwrite, protected) for output in outputs}
+    notes = notes if notes is not None else []
 
     reader = CheckpointReader(checkpoint, iteration=iteration)
     adapter_only = reader.is_adapter_only
@@ -283,6 +303,8 @@ def convert_checkpoint(
             raise ConvertError(f"{reader.path} is a LoRA adapter-only checkpoint: the base weights of a model "
                                "folder come from the Hugging Face base model; pass --hf-base")
     config, config_folder = resolve_config(reader, hf_base, Path(hf_config) if hf_config else None, model_type)
+    for output in outputs if config_folder is not None else ():
+        check_outside_inputs(output, [config_folder])  # e.g. the hf_model_id folder of run_config.yaml
     table = _table(config)
     found = source_expert_layouts(hf_base or config_folder, table)
     source = build_source(reader, config, hf_base, found)
@@ -297,13 +319,24 @@ def convert_checkpoint(
     written_dtype = dtype or _stored_dtype(reader)
     run_config = reader.run_config
     base_name = str(hf_base.resolve()) if hf_base else (run_config.hf_model_id if run_config else None)
+    reports, verify_started = [], []
+
+    def verify_staged(staged_model: Path | None, staged_adapter: Path | None) -> None:
+        verify_started.append(time.perf_counter())
+        staged = ConvertResult(staged_model, staged_adapter, reader.path, adapter_only, 0, 0, 0.0, config)
+        reports.append(verify_conversion(staged, hf_base))
+        verify_started.append(time.perf_counter())
+
     result = write_export(
         source, plan, model_dir, adapter_dir,
         merge=merge, dtype=dtype, config_dtype=written_dtype, max_shard_size=max_shard_size,
         overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
+        found=found, before_install=verify_staged if verify else None, notes=notes,
     )
+    verify_seconds = verify_started[1] - verify_started[0] if reports else 0.0
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,
-                         result.bytes, time.perf_counter() - started, config)
+                         result.bytes, time.perf_counter() - started - verify_seconds, config, notes,
+                         reports[0] if reports else None)
 
 
 def _stored_dtype(reader: CheckpointReader) -> torch.dtype | None:

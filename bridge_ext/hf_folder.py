@@ -1,58 +1,43 @@
-"""Write Hugging Face folders: sharded safetensors with an index, atomically.
+"""Write Hugging Face folders: sharded safetensors with an index.
 
-:func:`atomic_directory` builds the folder under a temporary name beside the target and
-renames it into place only when complete, so a failed or interrupted run leaves nothing
-half-written. :class:`ShardedSafetensorsWriter` takes tensors one at a time and holds at most
-one shard in memory.
+:class:`ShardedSafetensorsWriter` takes tensors one at a time and holds at most one shard in
+memory. Folders are staged and installed by :mod:`bridge_ext.output_folder`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from bridge_ext.errors import OutputExistsError
-
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-@contextmanager
-def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``target`` when the block succeeds."""
-    target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{target} exists and is not empty (pass overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+# Larger than any one disk: a shard size beyond it is a typo (1e100B), not a plan.
+MAX_SHARD_BYTES = 1 << 50
 
 
 def parse_size(size: int | str) -> int:
-    """``"5GB"`` / ``"500MiB"`` / ``1024`` -> bytes."""
+    """``"5GB"`` / ``"500MiB"`` / ``1024`` -> bytes; ValueError unless 1 byte to 1 PiB."""
     if isinstance(size, int):
-        return size
-    text = size.strip().upper().replace(" ", "")
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+        number = size
+    else:
+        text = size.strip().upper().replace(" ", "")
+        units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+                 "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+        unit = next((unit for unit in units if text.endswith(unit)), "")
+        value = float(text[: len(text) - len(unit)])  # ValueError on garbage
+        if not math.isfinite(value):
+            raise ValueError(f"{size!r} is not a finite size")
+        number = value * units.get(unit, 1)
+    if not 1 <= number <= MAX_SHARD_BYTES:
+        raise ValueError(f"{size!r} is not between 1 byte and 1 PiB")
+    return int(number)
 
 
 class ShardedSafetensorsWriter:

@@ -159,7 +159,7 @@ def test_output_folder_exists_and_is_not_empty(qwen3_ckpts, qwen3_hf, out):
 
 def test_output_inside_an_input_is_refused_even_with_overwrite(qwen3_ckpts, qwen3_hf, out):
     code, message = convert(qwen3_ckpts / "dense", "--hf-base", qwen3_hf, "--model-out", qwen3_hf, "--overwrite")
-    assert code == EXIT_MISMATCH and "would overlap the input" in message
+    assert code == EXIT_USAGE and "would overlap the input" in message
     assert (qwen3_hf / "model.safetensors").is_file()
 
 
