@@ -11,12 +11,14 @@ import os
 import pickle
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
-from bridge_ext.checkpoint import CheckpointReader, CorruptCheckpointError
+from bridge_ext.checkpoint import CheckpointReader, CorruptCheckpointError, UnsafePickleError, safe_unpickle
 from bridge_ext.cli import EXIT_CHECKPOINT, EXIT_MISMATCH, EXIT_OUTPUT_EXISTS, EXIT_USAGE, main
 from bridge_ext.convert import convert_checkpoint
 
@@ -187,4 +189,137 @@ def test_usage_errors(qwen3_ckpts, out):
     code, message = convert(qwen3_ckpts / "lora", "--model-out", out / "m", "--adapter-out", out / "a", "--merge")
     assert code == EXIT_USAGE and "--merge" in message
     assert convert(qwen3_ckpts / "dense", "--model-out", out / "m", "--max-shard-size", "lots")[0] == EXIT_USAGE
+    assert_nothing_written(out)
+
+
+# ---------------------------------------------------------------- hostile and unlucky checkpoints
+def edit_metadata(root: Path, change) -> None:
+    """Apply ``change`` to the test checkpoint's own Metadata object and write it back."""
+    metadata_file = root / ITER / ".metadata"
+    metadata = pickle.loads(metadata_file.read_bytes())  # our own test file
+    change(metadata)
+    metadata_file.write_bytes(pickle.dumps(metadata))
+
+
+def test_overlapping_chunks_whose_counts_add_up_are_refused(qwen3_ckpts, tmp_path, out):
+    """Layer 1's chunk moved onto layer 0's: the element counts still add up, layer 1 is a gap."""
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+    key = "decoder.layers.mlp.linear_fc2.weight"
+
+    def overlap(metadata):
+        first, second = metadata.state_dict_metadata[key].chunks
+        second.offsets = first.offsets
+
+    edit_metadata(root, overlap)
+    code, message = convert(root, "--model-out", out / "model")
+    assert code == EXIT_CHECKPOINT, message
+    assert (f"{root / ITER / '.metadata'}: {key} (2, 64, 96) (data in __0_0.distcp): the chunk at offset "
+            "(0, 0, 0) (size (1, 64, 96)) overlaps the chunk at offset (0, 0, 0)") in message, message
+    assert_nothing_written(out)
+
+
+def test_chunk_record_too_small_for_an_absurd_size(qwen3_ckpts, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+
+    def absurd(metadata):
+        entry = metadata.state_dict_metadata["output_layer.weight"]
+        entry.size = torch.Size([10**12, 64])
+        entry.chunks[0].sizes = torch.Size([10**12, 64])
+
+    edit_metadata(root, absurd)
+    code, message = convert(root, "--model-out", out / "model")
+    assert code == EXIT_CHECKPOINT, message
+    assert re.search(r"output_layer\.weight chunk at offset \(0, 0\) of size \(1000000000000, 64\) needs "
+                     r"256000000000000 bytes, but its record in __0_0\.distcp has \d+", message), message
+    assert_nothing_written(out)
+
+
+def test_non_string_state_dict_key(qwen3_ckpts, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+    edit_metadata(root, lambda m: m.state_dict_metadata.__setitem__(7, m.state_dict_metadata.pop("output_layer.weight")))
+    code, message = convert(root, "--model-out", out / "model")
+    assert code == EXIT_CHECKPOINT, message
+    assert "malformed DCP metadata" in message and "a state dict key is a int (7), not a name" in message
+    assert_nothing_written(out)
+
+
+def deep_tuple_key_pickle(depth: int) -> bytes:
+    """``{((((),),)...): None}``, the tuple nested ``depth`` deep: built opcode by opcode (pickle.dumps recurses)."""
+    return b"\x80\x04}" + b")" + b"\x85" * depth + b"Ns."
+
+
+@pytest.mark.parametrize("depth", [20_000])
+def test_deeply_nested_metadata_pickle(qwen3_ckpts, tmp_path, out, depth):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+    (root / ITER / ".metadata").write_bytes(deep_tuple_key_pickle(depth))
+    code, message = convert(root, "--model-out", out / "model")
+    assert code == EXIT_CHECKPOINT, message
+    assert "refusing to unpickle: objects nested more than 100 deep" in message, message
+    assert_nothing_written(out)
+
+
+def test_million_deep_pickle_is_refused_before_anything_is_built():
+    """A million deep: hashing that key overflows the C stack (the process dies with SIGSEGV)."""
+    started = time.perf_counter()
+    with pytest.raises(UnsafePickleError, match="objects nested more than 100 deep"):
+        safe_unpickle(deep_tuple_key_pickle(1_000_000), "deep.pickle")
+    assert time.perf_counter() - started < 1
+
+
+@pytest.mark.parametrize("name, limit", [(".metadata", "1 GiB"), ("run_config.yaml", "16 MiB"),
+                                         ("metadata.json", "1 MiB")])
+def test_huge_sparse_control_file_is_refused_quickly(qwen3_ckpts, tmp_path, out, name, limit):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+    with open(root / ITER / name, "r+b") as handle:
+        handle.truncate(8 << 30)  # sparse: 8 GiB on paper, nothing on disk
+    started = time.perf_counter()
+    code, message = convert(root, "--model-out", out / "model")
+    assert code == EXIT_CHECKPOINT, message
+    assert f"{root / ITER / name}: 8589934592 bytes, more than the {limit} such a file may hold" in message
+    assert time.perf_counter() - started < 5
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("tracker", ["\u00b9\u2070", "\uff11\uff10", "9" * 5000, "1e1", "-10", "", "10 release"],
+                         ids=["superscript", "full-width", "5000-digits", "exponent", "negative", "empty", "two-words"])
+def test_tracker_holds_ascii_digits_or_release_only(qwen3_ckpts, tmp_path, out, tracker):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+    (root / "latest_checkpointed_iteration.txt").write_text(tracker, encoding="utf-8")
+    code, message = convert(root, "--model-out", out / "model")
+    assert code == EXIT_CHECKPOINT, message
+    assert f"{root / 'latest_checkpointed_iteration.txt'}: " in message
+    assert ("expected an iteration number (ASCII digits, at most 18) or 'release'" in message
+            or "5000 bytes, more than the 4 KiB such a file may hold" in message), message
+    assert_nothing_written(out)
+
+
+def test_tracker_with_surrounding_whitespace_is_fine(qwen3_ckpts, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+    (root / "latest_checkpointed_iteration.txt").write_text(" 10\n")
+    code, message = convert(root, "--model-out", out / "model")
+    assert code == 0, message
+
+
+def test_distcp_that_is_a_directory(qwen3_ckpts, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+    data = root / ITER / "__0_0.distcp"
+    data.unlink()
+    data.mkdir()
+    code, message = convert(root, "--model-out", out / "model")
+    assert code == EXIT_CHECKPOINT, message
+    assert f"{data}: a directory, but the metadata stores tensor data in it" in message
+    assert_nothing_written(out)
+
+
+def test_billion_laughs_run_config_fails_fast(qwen3_ckpts, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+    laughs = ["  lol0: &lol0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    laughs += [f"  lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * 10)}]" for i in range(1, 10)]
+    run_config = root / ITER / "run_config.yaml"
+    run_config.write_text(run_config.read_text().replace("model:\n", "model:\n" + "\n".join(laughs) + "\n", 1))
+    started = time.perf_counter()
+    code, message = convert(root, "--model-out", out / "model")
+    assert time.perf_counter() - started < 2
+    assert code == EXIT_CHECKPOINT, message
+    assert f"{run_config}: expands to more than 100000 values (aliases repeating aliases)" in message
     assert_nothing_written(out)
