@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from bridge_ext.checkpoint import CheckpointReader
-from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource
+from bridge_ext.checkpoint.config_check import check_config_fields, check_config_matches_run_config, load_hf_config
+from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, hf_folder_shapes
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import run_rule
@@ -63,18 +64,6 @@ def check_output_folder(target: Path, overwrite: bool, protected: list[Path]) ->
         raise OutputExistsError(f"{target} exists and is not empty (pass --overwrite to replace it)")
 
 
-def _load_config(folder_or_file: Path):
-    from transformers import AutoConfig
-
-    path = folder_or_file.parent if folder_or_file.name == "config.json" else folder_or_file
-    if not (path / "config.json").is_file():
-        raise ConvertError(f"{folder_or_file}: no config.json there")
-    try:
-        return AutoConfig.from_pretrained(str(path)), path
-    except (ValueError, KeyError, OSError) as error:
-        raise ConvertError(f"{path / 'config.json'}: transformers cannot read it: {error}") from error
-
-
 def resolve_config(reader: CheckpointReader, hf_base: Path | None, hf_config: Path | None,
                    model_type: str | None = None):
     """The Hugging Face config (and the folder whose tokenizer files go with it, if any).
@@ -84,22 +73,25 @@ def resolve_config(reader: CheckpointReader, hf_base: Path | None, hf_config: Pa
     local folder, or a Hub id already in the local cache).
     """
     if hf_base is not None:
-        return _load_config(hf_base)
+        return load_hf_config(hf_base)
     if hf_config is not None:
-        return _load_config(hf_config)
+        return load_hf_config(hf_config)
     if model_type is not None:
         return config_from_run_config(reader, model_type), None
     run_config = reader.run_config
     model_id = run_config.hf_model_id if run_config is not None else None
     if model_id and Path(model_id).is_dir():
-        return _load_config(Path(model_id))
+        return load_hf_config(Path(model_id))
     if model_id:
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(model_id, local_files_only=True), None
-        except (OSError, ValueError):
-            pass
+            config = AutoConfig.from_pretrained(model_id, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the cache (or not loadable): say so below
+            config = None
+        if config is not None:
+            check_config_fields(config, f"the cached config of {model_id}")
+            return config, None
     where = f"run_config.yaml names hf_model_id {model_id!r}, which is neither a local folder nor in the local Hugging Face cache" \
         if model_id else "the checkpoint records no Hugging Face model (no run_config.yaml hf_model_id)"
     raise ConvertError(f"cannot tell the model's architecture: {where}; pass --hf-base, --hf-config or --model-type")
@@ -131,7 +123,9 @@ def config_from_run_config(reader: CheckpointReader, model_type: str):
     reference = CONFIG_MAPPING[model_type](architectures=[architecture])
     model_bridge = AutoBridge.from_hf_config(reference)._model_bridge
     values = model_bridge.megatron_to_hf_config(types.SimpleNamespace(**settings))
-    return type(reference)(**{key: value for key, value in values.items() if value is not None})
+    config = type(reference)(**{key: value for key, value in values.items() if value is not None})
+    check_config_fields(config, f"the config built from {reader.location.run_config_file}")
+    return config
 
 
 def _table(model_type: str):
@@ -150,10 +144,9 @@ def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts
     if not reader.is_adapter_only:
         return checkpoint
     from bridge_ext.hf_keys import hf_checkpoint_keys
-    from bridge_ext.verify import folder_tensor_names
 
     if hf_base is not None:
-        shapes = folder_tensor_names(hf_base)
+        shapes = hf_folder_shapes(hf_base)
     else:  # names and shapes suffice to export adapters alone
         shapes = hf_checkpoint_keys(config, expert_layout=layouts_found.get("experts", "fused"))
     variants = frozenset(f"{part}:{layout}" for part in ("experts", "mtp_experts")
@@ -164,11 +157,9 @@ def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts
 
 def expected_shapes(plan: ExportPlan, hf_base: Path | None) -> dict[str, tuple[int, ...]]:
     """Shapes config.json implies, plus the base folder's own (MTP tensors transformers does not know)."""
-    from bridge_ext.verify import folder_tensor_names
-
     shapes = dict(plan.hf_keys)
     if hf_base is not None:
-        for name, shape in folder_tensor_names(hf_base).items():
+        for name, shape in hf_folder_shapes(hf_base).items():
             shapes.setdefault(name, tuple(shape))
     return shapes
 
@@ -280,8 +271,13 @@ def convert_checkpoint(
         if model_dir is not None and hf_base is None:
             raise ConvertError(f"{reader.path} is a LoRA adapter-only checkpoint: the base weights of a model "
                                "folder come from the Hugging Face base model; pass --hf-base")
+    if hf_base is not None:
+        hf_folder_shapes(hf_base)  # index and headers readable, nothing outside the folder
     config, config_folder = resolve_config(reader, hf_base, Path(hf_config) if hf_config else None, model_type)
     _table(config.model_type)
+    if reader.run_config is not None and (hf_base is not None or hf_config is not None or model_type is None):
+        source_label = str(config_folder / "config.json") if config_folder else f"the config of {reader.run_config.hf_model_id}"
+        check_config_matches_run_config(config, reader.run_config, source_label)
     found = source_expert_layouts(hf_base or config_folder)
     source = build_source(reader, config, hf_base, found)
     layouts = ExpertLayouts(

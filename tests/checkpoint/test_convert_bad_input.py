@@ -60,12 +60,20 @@ def test_unknown_architecture(qwen3_ckpts, tmp_path, out):
     assert_nothing_written(out)
 
 
+def without_run_config(root: Path, tmp_path: Path) -> Path:
+    """A copy without run_config.yaml (as Megatron-LM writes them): only the shapes can tell a wrong config."""
+    copy = copy_checkpoint(root, tmp_path)
+    (copy / ITER / "run_config.yaml").unlink()
+    return copy
+
+
 def test_checkpoint_and_config_disagree_names_tensor_and_both_shapes(qwen3_ckpts, qwen3_hf, tmp_path, out):
     config = tmp_path / "config"
     shutil.copytree(qwen3_hf, config)
     settings = json.loads((config / "config.json").read_text())
     (config / "config.json").write_text(json.dumps({**settings, "intermediate_size": 128}))
-    code, message = convert(qwen3_ckpts / "dense", "--hf-config", config, "--model-out", out / "model")
+    root = without_run_config(qwen3_ckpts / "dense", tmp_path)
+    code, message = convert(root, "--hf-config", config, "--model-out", out / "model")
     assert code == EXIT_MISMATCH
     assert ("checkpoint and config disagree on model.layers.0.mlp.gate_proj.weight: the checkpoint's "
             "decoder.layers.0.mlp.linear_fc1.weight (192, 64) gives (96, 64), config.json implies (128, 64)") in message
@@ -77,7 +85,8 @@ def test_config_whose_heads_cannot_split_the_checkpoint(qwen3_ckpts, qwen3_hf, t
     shutil.copytree(qwen3_hf, config)
     settings = json.loads((config / "config.json").read_text())
     (config / "config.json").write_text(json.dumps({**settings, "num_key_value_heads": 1}))
-    code, message = convert(qwen3_ckpts / "dense", "--hf-config", config, "--model-out", out / "model")
+    root = without_run_config(qwen3_ckpts / "dense", tmp_path)
+    code, message = convert(root, "--hf-config", config, "--model-out", out / "model")
     assert code == EXIT_MISMATCH
     assert re.search(r"decoder\.layers\.0\.self_attention\.linear_qkv\.weight has shape \(128, 64\), "
                      r"which cannot become \{'model\.layers\.0\.self_attn\.q_proj\.weight': \(64, 64\), "
@@ -322,4 +331,143 @@ def test_billion_laughs_run_config_fails_fast(qwen3_ckpts, tmp_path, out):
     assert time.perf_counter() - started < 2
     assert code == EXIT_CHECKPOINT, message
     assert f"{run_config}: expands to more than 100000 values (aliases repeating aliases)" in message
+    assert_nothing_written(out)
+
+
+# ---------------------------------------------------------------- the config against run_config.yaml
+def changed_config(qwen3_hf: Path, tmp_path: Path, change) -> Path:
+    config = tmp_path / "config"
+    shutil.copytree(qwen3_hf, config)
+    settings = json.loads((config / "config.json").read_text())
+    change(settings)
+    (config / "config.json").write_text(json.dumps(settings))
+    return config
+
+
+CONFIG_DISAGREEMENTS = {  # family: (change to the tiny Qwen3's config.json, what the message must name)
+    # same q/k/v widths (8 x 8 = 4 x 16, 4 x 8 = 2 x 16): the shapes agree, the heads do not
+    "attention heads and groups": (
+        {"num_attention_heads": 8, "head_dim": 8, "num_key_value_heads": 4},
+        ["attention: config.json has num_attention_heads = 8, run_config.yaml has num_attention_heads = 4",
+         "config.json has num_key_value_heads = 4, run_config.yaml has num_query_groups = 2",
+         "config.json has head_dim = 8, run_config.yaml has kv_channels = 16"]),
+    "widths": (
+        {"intermediate_size": 128, "num_hidden_layers": 3, "layer_types": ["full_attention"] * 3},
+        ["layers and widths: config.json has num_hidden_layers = 3, run_config.yaml has num_layers = 2",
+         "config.json has intermediate_size = 128, run_config.yaml has ffn_hidden_size = 96"]),
+    "rotary": (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5}},
+        ["rotary embedding: config.json has rope_theta = 500000.0, run_config.yaml has rotary_base = 10000.0",
+         "config.json has partial_rotary_factor = 0.5, run_config.yaml has rotary_percent = 1.0"]),
+    "norm": (
+        {"rms_norm_eps": 1e-5},
+        ["normalization: config.json has rms_norm_eps = 1e-05, run_config.yaml has layernorm_epsilon = 1e-06"]),
+    "vocabulary and tying": (
+        {"tie_word_embeddings": True, "vocab_size": 256},
+        ["config.json has vocab_size = 256, run_config.yaml has vocab_size = 128",
+         "config.json has tie_word_embeddings = True, run_config.yaml has share_embeddings_and_output_weights = False"]),
+}
+
+
+@pytest.mark.parametrize("family", CONFIG_DISAGREEMENTS)
+def test_config_that_is_another_model_than_run_config_is_refused(qwen3_ckpts, qwen3_hf, tmp_path, out, family):
+    change, expected = CONFIG_DISAGREEMENTS[family]
+    config = changed_config(qwen3_hf, tmp_path, lambda settings: settings.update(change))
+    code, message = convert(qwen3_ckpts / "dense", "--hf-config", config, "--model-out", out / "model")
+    assert code == EXIT_MISMATCH, message
+    assert (f"{config / 'config.json'} describes another model than the checkpoint's "
+            f"{qwen3_ckpts / 'dense' / ITER / 'run_config.yaml'}") in message, message
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+    assert_nothing_written(out)
+
+
+def test_moe_settings_are_cross_checked(qwen3_ckpts):
+    """Expert count, expert width, top-k and shared expert of a Qwen3-MoE config against a run config."""
+    from dataclasses import replace
+
+    from transformers import Qwen3MoeConfig
+
+    from bridge_ext.checkpoint.config_check import ConfigMismatchError, check_config_matches_run_config
+
+    recorded = CheckpointReader(qwen3_ckpts / "dense").run_config
+    trained = replace(recorded, model={**recorded.model, "num_moe_experts": 8, "moe_ffn_hidden_size": 32,
+                                       "moe_router_topk": 2})
+    def moe_config(experts: int, width: int, top_k: int) -> Qwen3MoeConfig:
+        return Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                              num_experts=experts, moe_intermediate_size=width, num_experts_per_tok=top_k)
+
+    check_config_matches_run_config(moe_config(8, 32, 2), trained, "moe/config.json")  # the same model: accepted
+    config = moe_config(16, 16, 4)
+    with pytest.raises(ConfigMismatchError) as error:
+        check_config_matches_run_config(config, trained, "moe/config.json")
+    message = str(error.value)
+    for fragment in ("mixture of experts: config.json has num_experts = 16, run_config.yaml has num_moe_experts = 8",
+                     "config.json has moe_intermediate_size = 16, run_config.yaml has moe_ffn_hidden_size = 32",
+                     "config.json has num_experts_per_tok = 4, run_config.yaml has moe_router_topk = 2"):
+        assert fragment in message, (fragment, message)
+
+
+# ---------------------------------------------------------------- a hostile --hf-base
+BAD_FIELDS = {
+    "num_attention_heads": (0, "num_attention_heads is 0; it must be an integer from 1 to"),
+    "head_dim": (0, "head_dim is 0; it must be an integer from 1 to"),
+    "vocab_size": (-5, "vocab_size is -5; it must be an integer from 1 to"),
+    "hidden_size": ("abc", "hidden_size is 'abc'; it must be an integer from 1 to"),
+    "num_hidden_layers": (10**9, "num_hidden_layers is 1000000000; it must be an integer from 1 to 10000"),
+    "rms_norm_eps": (-1.0, "rms_norm_eps is -1.0; it must be a positive number"),
+    "num_key_value_heads": (3, "num_attention_heads (4) is not a multiple of num_key_value_heads (3)"),
+}
+
+
+@pytest.mark.parametrize("field", BAD_FIELDS)
+def test_hf_base_config_with_impossible_values(qwen3_ckpts, qwen3_hf, tmp_path, out, field):
+    value, expected = BAD_FIELDS[field]
+    base = changed_config(qwen3_hf, tmp_path, lambda settings: settings.update({field: value}))
+    code, message = convert(qwen3_ckpts / "dense", "--hf-base", base, "--model-out", out / "model")
+    assert code == EXIT_MISMATCH, message
+    assert f"{base / 'config.json'}: {expected}" in message, message
+    assert_nothing_written(out)
+
+
+def hf_base_copy(qwen3_hf: Path, tmp_path: Path) -> Path:
+    base = tmp_path / "base"
+    shutil.copytree(qwen3_hf, base)
+    return base
+
+
+def test_hf_base_with_broken_index(qwen3_ckpts, qwen3_hf, tmp_path, out):
+    base = hf_base_copy(qwen3_hf, tmp_path)
+    (base / "model.safetensors.index.json").write_text('{"weight_map": {"model.embed_tokens.weight": ')
+    code, message = convert(qwen3_ckpts / "adapter", "--hf-base", base, "--model-out", out / "model", "--merge")
+    assert code == EXIT_MISMATCH, message
+    assert f"{base / 'model.safetensors.index.json'}: not valid JSON" in message, message
+    assert_nothing_written(out)
+
+
+def test_hf_base_with_garbage_safetensors_header(qwen3_ckpts, qwen3_hf, tmp_path, out):
+    base = hf_base_copy(qwen3_hf, tmp_path)
+    with open(base / "model.safetensors", "r+b") as handle:
+        handle.write(b"\xff" * 64)
+    code, message = convert(qwen3_ckpts / "adapter", "--hf-base", base, "--model-out", out / "model", "--merge")
+    assert code == EXIT_MISMATCH, message
+    assert f"{base / 'model.safetensors'}: not a readable safetensors file" in message, message
+    assert_nothing_written(out)
+
+
+def test_hf_base_index_pointing_outside_the_folder_is_refused(qwen3_ckpts, qwen3_hf, tmp_path, out):
+    base = hf_base_copy(qwen3_hf, tmp_path)
+    (tmp_path / "other").mkdir()
+    (base / "model.safetensors").rename(tmp_path / "other" / "model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "other" / "model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, "../other/model.safetensors")}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, message = convert(qwen3_ckpts / "adapter", "--hf-base", base, "--model-out", out / "model", "--merge")
+    assert code == EXIT_MISMATCH, message
+    assert (f"{base / 'model.safetensors.index.json'}: weight_map points at '../other/model.safetensors', "
+            f"outside {base}; refusing to read it") in message, message
     assert_nothing_written(out)
