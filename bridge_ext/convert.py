@@ -31,6 +31,7 @@ from bridge_ext.engine import run_rule
 from bridge_ext.export import ExpertLayout, ExpertLayouts, ExportPlan, plan_export, source_expert_layouts
 from bridge_ext.errors import ConvertError, OutputExistsError
 from bridge_ext.peft_config import adapted_outputs
+from bridge_ext.value_check import ValueCheck
 from bridge_ext.verify import Report
 
 
@@ -46,6 +47,7 @@ class ConvertResult:
     bytes: int
     seconds: float
     config: object = field(repr=False, default=None)
+    non_finite: dict[str, int] = field(default_factory=dict)  # tensor -> NaN / Inf values written
 
     @property
     def throughput(self) -> float:
@@ -218,6 +220,7 @@ def convert_checkpoint(
     expert_adapter_layout: ExpertLayout = "fused",
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    allow_overflow: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
 ) -> ConvertResult:
@@ -241,6 +244,8 @@ def convert_checkpoint(
         expert_adapter_layout: Expert adapters in PEFT's fused ``target_parameters`` layout or per expert.
         max_shard_size: Largest safetensors shard, e.g. ``"5GB"``; bounds memory use.
         overwrite: Replace non-empty output folders (only once the new ones are complete).
+        allow_overflow: Write the infinities a cast to ``dtype`` makes of values beyond its range
+            (by default such a cast is refused, naming the tensor).
         on_start: Called with the number of tensors to write, once all checks passed.
         on_tensor: Called with each written tensor's name and size.
 
@@ -296,13 +301,15 @@ def convert_checkpoint(
     written_dtype = dtype or _stored_dtype(reader)
     run_config = reader.run_config
     base_name = str(hf_base.resolve()) if hf_base else (run_config.hf_model_id if run_config else None)
+    values = ValueCheck(dtype, allow_overflow)  # casts, counts NaN / Inf, refuses an overflowing cast
     result = write_export(
         source, plan, model_dir, adapter_dir,
-        merge=merge, dtype=dtype, config_dtype=written_dtype, max_shard_size=max_shard_size,
+        merge=merge, config_dtype=written_dtype, max_shard_size=max_shard_size,
         overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
+        transform=values,
     )
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,
-                         result.bytes, time.perf_counter() - started, config)
+                         result.bytes, time.perf_counter() - started, config, values.non_finite)
 
 
 def _stored_dtype(reader: CheckpointReader) -> torch.dtype | None:

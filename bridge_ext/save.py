@@ -69,6 +69,7 @@ def write_export(
     base_model_name: str | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
     write: bool = True,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> SaveResult:
     """Stream ``plan`` out of ``source`` into a Hugging Face folder and/or a PEFT adapter folder.
 
@@ -77,7 +78,8 @@ def write_export(
     Each folder is built beside its target and renamed into place only when complete.
     ``config_dtype`` is the dtype config.json records (default: ``dtype``); ``on_tensor`` is
     called with each written tensor's name and size (progress). ``write=False``: take part in
-    a parallel export (its collectives) without writing anything.
+    a parallel export (its collectives) without writing anything. ``transform`` is applied to
+    each produced tensor before it is written.
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
@@ -103,6 +105,8 @@ def write_export(
             adapter_tensors = {}
         count = total = 0
         for name, tensor in stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype):
+            if transform is not None:  # e.g. a cast that checks the values (bridge_ext.value_check)
+                tensor = transform(name, tensor)
             nbytes = tensor.numel() * tensor.element_size()
             count += 1
             total += nbytes

@@ -6,6 +6,7 @@ checks that neither the output folder nor a staging folder beside it was left be
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -470,4 +471,69 @@ def test_hf_base_index_pointing_outside_the_folder_is_refused(qwen3_ckpts, qwen3
     assert code == EXIT_MISMATCH, message
     assert (f"{base / 'model.safetensors.index.json'}: weight_map points at '../other/model.safetensors', "
             f"outside {base}; refusing to read it") in message, message
+    assert_nothing_written(out)
+
+
+# ---------------------------------------------------------------- NaN, Inf and casts that overflow
+def replace_chunk(root: Path, key: str, offsets: tuple[int, ...], change) -> None:
+    """Store ``change(chunk)`` as a new record of that chunk (appended to its .distcp, as DCP writes records)."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    reader = CheckpointReader(root)
+    chunk = next(c for c in reader.tensors[key].chunks if c.offsets == offsets)
+    index = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
+    value = change(reader.read_tensor(key)[index].clone())
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    data = root / ITER / chunk.stored.file
+    start = data.stat().st_size
+    with open(data, "ab") as handle:
+        handle.write(buffer.getvalue())
+
+    def point_at_new_record(metadata):
+        info = metadata.storage_data[MetadataIndex(key, torch.Size(offsets))]
+        info.offset, info.length = start, len(buffer.getvalue())
+
+    edit_metadata(root, point_at_new_record)
+
+
+def test_nan_and_inf_are_counted_and_reported(qwen3_ckpts, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+
+    def poison(chunk):
+        chunk.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        return chunk
+
+    replace_chunk(root, "decoder.layers.mlp.linear_fc2.weight", (1, 0, 0), poison)
+    code, message = convert(root, "--model-out", out / "model")
+    assert code == 0, message
+    assert ("warning: 3 non-finite value(s) (NaN or Inf) in 1 tensor(s): model.layers.1.mlp.down_proj.weight (3)"
+            in message), message
+
+
+def test_float16_cast_beyond_its_range_is_refused_unless_allowed(qwen3_ckpts, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
+    replace_chunk(root, "decoder.layers.mlp.linear_fc2.weight", (0, 0, 0), lambda chunk: chunk.mul_(0).add_(1e5))
+    code, message = convert(root, "--model-out", out / "model", "--dtype", "float16")
+    assert code == EXIT_MISMATCH, message
+    assert ("model.layers.0.mlp.down_proj.weight: casting torch.float32 to torch.float16 turns 6144 finite value(s) "
+            "into infinities (largest magnitude 1e+05; torch.float16 ends at 65504)") in message, message
+    assert "--allow-overflow" in message
+    assert_nothing_written(out)
+    code, message = convert(root, "--model-out", out / "model", "--dtype", "float16", "--allow-overflow")
+    assert code == 0, message
+    assert "warning: 6144 non-finite value(s) (NaN or Inf) in 1 tensor(s): model.layers.0.mlp.down_proj.weight" in message
+    code, message = convert(root, "--model-out", out / "bf16", "--dtype", "bfloat16")  # in range: no warning
+    assert code == 0 and "warning" not in message, message
+
+
+def test_merged_lora_beyond_float16_is_refused(qwen3_ckpts, qwen3_hf, tmp_path, out):
+    """Base and adapter are in range; W + alpha/r * B A is not (the merge is computed in float32)."""
+    root = copy_checkpoint(qwen3_ckpts / "adapter", tmp_path)
+    replace_chunk(root, "decoder.layers.mlp.linear_fc2.adapter.linear_out.weight", (1, 0, 0),
+                  lambda chunk: chunk.mul_(0).add_(1e6))
+    code, message = convert(root, "--hf-base", qwen3_hf, "--model-out", out / "model", "--merge", "--dtype", "float16")
+    assert code == EXIT_MISMATCH, message
+    assert re.search(r"model\.layers\.1\.mlp\.down_proj\.weight: casting torch\.float32 to torch\.float16 turns "
+                     r"\d+ finite value\(s\) into infinities", message), message
     assert_nothing_written(out)
