@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from bridge_ext.checkpoint import CheckpointReader
-from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource
+from bridge_ext.checkpoint.config_check import check_config_fields, check_config_matches_run_config, load_hf_config
+from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, hf_folder_shapes
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import run_rule
@@ -32,6 +33,7 @@ from bridge_ext.errors import ConvertError, OutputLocationError
 from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.table import ExpertLayout
+from bridge_ext.value_check import ValueCheck
 from bridge_ext.verify import Report
 
 
@@ -49,6 +51,7 @@ class ConvertResult:
     config: object = field(repr=False, default=None)
     notes: list[str] = field(default_factory=list)  # for the user: files not copied, folders removed or kept
     report: Report | None = None  # with verify=True: what the staged folders passed before being installed
+    non_finite: dict[str, int] = field(default_factory=dict)  # tensor -> NaN / Inf values written
 
     @property
     def throughput(self) -> float:
@@ -76,18 +79,6 @@ def check_outside_inputs(target: Path, protected: list[Path]) -> None:
                                       "output folder would delete it); choose another folder")
 
 
-def _load_config(folder_or_file: Path):
-    from transformers import AutoConfig
-
-    path = folder_or_file.parent if folder_or_file.name == "config.json" else folder_or_file
-    if not (path / "config.json").is_file():
-        raise ConvertError(f"{folder_or_file}: no config.json there")
-    try:
-        return AutoConfig.from_pretrained(str(path)), path
-    except (ValueError, KeyError, OSError) as error:
-        raise ConvertError(f"{path / 'config.json'}: transformers cannot read it: {error}") from error
-
-
 def resolve_config(reader: CheckpointReader, hf_base: Path | None, hf_config: Path | None,
                    model_type: str | None = None):
     """The Hugging Face config (and the folder whose tokenizer files go with it, if any).
@@ -97,22 +88,25 @@ def resolve_config(reader: CheckpointReader, hf_base: Path | None, hf_config: Pa
     local folder, or a Hub id already in the local cache).
     """
     if hf_base is not None:
-        return _load_config(hf_base)
+        return load_hf_config(hf_base)
     if hf_config is not None:
-        return _load_config(hf_config)
+        return load_hf_config(hf_config)
     if model_type is not None:
         return config_from_run_config(reader, model_type), None
     run_config = reader.run_config
     model_id = run_config.hf_model_id if run_config is not None else None
     if model_id and Path(model_id).is_dir():
-        return _load_config(Path(model_id))
+        return load_hf_config(Path(model_id))
     if model_id:
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(model_id, local_files_only=True), None
-        except (OSError, ValueError):
-            pass
+            config = AutoConfig.from_pretrained(model_id, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the cache (or not loadable): say so below
+            config = None
+        if config is not None:
+            check_config_fields(config, f"the cached config of {model_id}")
+            return config, None
     where = f"run_config.yaml names hf_model_id {model_id!r}, which is neither a local folder nor in the local Hugging Face cache" \
         if model_id else "the checkpoint records no Hugging Face model (no run_config.yaml hf_model_id)"
     raise ConvertError(f"cannot tell the model's architecture: {where}; pass --hf-base, --hf-config or --model-type")
@@ -144,7 +138,9 @@ def config_from_run_config(reader: CheckpointReader, model_type: str):
     reference = CONFIG_MAPPING[model_type](architectures=[architecture])
     model_bridge = AutoBridge.from_hf_config(reference)._model_bridge
     values = model_bridge.megatron_to_hf_config(types.SimpleNamespace(**settings))
-    return type(reference)(**{key: value for key, value in values.items() if value is not None})
+    config = type(reference)(**{key: value for key, value in values.items() if value is not None})
+    check_config_fields(config, f"the config built from {reader.location.run_config_file}")
+    return config
 
 
 def _table(config_or_model_type):
@@ -165,11 +161,10 @@ def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts
     if not reader.is_adapter_only:
         return checkpoint
     from bridge_ext.hf_keys import hf_checkpoint_keys
-    from bridge_ext.verify import folder_tensor_names
 
     table = _table(config)
     if hf_base is not None:
-        shapes = folder_tensor_names(hf_base)
+        shapes = hf_folder_shapes(hf_base)
     else:  # names and shapes suffice to export adapters alone
         shapes = hf_checkpoint_keys(config, expert_layout=expert_layouts(table, layouts_found).transformers_layout(table))
     base = HfBaseSource(shapes, table, ModelDims.from_hf_config(config), possible_variants(table, layouts_found), hf_base)
@@ -178,11 +173,9 @@ def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts
 
 def expected_shapes(plan: ExportPlan, hf_base: Path | None) -> dict[str, tuple[int, ...]]:
     """Shapes config.json implies, plus the base folder's own (MTP tensors transformers does not know)."""
-    from bridge_ext.verify import folder_tensor_names
-
     shapes = dict(plan.hf_keys)
     if hf_base is not None:
-        for name, shape in folder_tensor_names(hf_base).items():
+        for name, shape in hf_folder_shapes(hf_base).items():
             shapes.setdefault(name, tuple(shape))
     return shapes
 
@@ -242,6 +235,7 @@ def convert_checkpoint(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     verify: bool = False,
+    allow_overflow: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
     notes: list[str] | None = None,
@@ -268,6 +262,8 @@ def convert_checkpoint(
         overwrite: Replace non-empty output folders (only once the new ones are complete).
         verify: Check the written folders with :func:`verify_conversion` before installing them:
             a failure installs nothing (an existing folder stays as it was).
+        allow_overflow: Write the infinities a cast to ``dtype`` makes of values beyond its range
+            (by default such a cast is refused, naming the tensor).
         on_start: Called with the number of tensors to write, once all checks passed.
         on_tensor: Called with each written tensor's name and size.
         notes: Collects what the user should hear about (also on failure): stale staging
@@ -302,10 +298,15 @@ def convert_checkpoint(
         if model_dir is not None and hf_base is None:
             raise ConvertError(f"{reader.path} is a LoRA adapter-only checkpoint: the base weights of a model "
                                "folder come from the Hugging Face base model; pass --hf-base")
+    if hf_base is not None:
+        hf_folder_shapes(hf_base)  # index and headers readable, nothing outside the folder
     config, config_folder = resolve_config(reader, hf_base, Path(hf_config) if hf_config else None, model_type)
     for output in outputs if config_folder is not None else ():
         check_outside_inputs(output, [config_folder])  # e.g. the hf_model_id folder of run_config.yaml
     table = _table(config)
+    if reader.run_config is not None and (hf_base is not None or hf_config is not None or model_type is None):
+        source_label = str(config_folder / "config.json") if config_folder else f"the config of {reader.run_config.hf_model_id}"
+        check_config_matches_run_config(config, reader.run_config, source_label)
     found = source_expert_layouts(hf_base or config_folder, table)
     source = build_source(reader, config, hf_base, found)
     plan = plan_export(source, config, expert_layouts(table, found, expert_layout, expert_adapter_layout))
@@ -327,16 +328,18 @@ def convert_checkpoint(
         reports.append(verify_conversion(staged, hf_base))
         verify_started.append(time.perf_counter())
 
+    values = ValueCheck(dtype, allow_overflow)  # casts, counts NaN / Inf, refuses an overflowing cast
     result = write_export(
         source, plan, model_dir, adapter_dir,
-        merge=merge, dtype=dtype, config_dtype=written_dtype, max_shard_size=max_shard_size,
+        merge=merge, config_dtype=written_dtype, max_shard_size=max_shard_size,
         overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
         found=found, before_install=verify_staged if verify else None, notes=notes,
+        transform=values,
     )
     verify_seconds = verify_started[1] - verify_started[0] if reports else 0.0
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,
                          result.bytes, time.perf_counter() - started - verify_seconds, config, notes,
-                         reports[0] if reports else None)
+                         reports[0] if reports else None, values.non_finite)
 
 
 def _stored_dtype(reader: CheckpointReader) -> torch.dtype | None:

@@ -120,6 +120,7 @@ def write_export(
     found: dict[Path, FoundTarget] | None = None,
     before_install: Callable[[Path | None, Path | None], None] | None = None,
     notes: list[str] | None = None,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> SaveResult:
     """Stream ``plan`` out of ``source`` into a Hugging Face folder and/or a PEFT adapter folder.
 
@@ -133,6 +134,7 @@ def write_export(
     called with each written tensor's name and size (progress); ``notes`` collects what the user
     should hear about (files not copied, stale staging folders removed, a replaced folder kept).
     ``write=False``: take part in a parallel export (its collectives) without writing anything.
+    ``transform`` is applied to each produced tensor before it is written.
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
@@ -160,6 +162,8 @@ def write_export(
             adapter_tensors = {}
         count = total = 0
         for name, tensor in stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype):
+            if transform is not None:  # e.g. a cast that checks the values (bridge_ext.value_check)
+                tensor = transform(name, tensor)
             nbytes = tensor.numel() * tensor.element_size()
             count += 1
             total += nbytes

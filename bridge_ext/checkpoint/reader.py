@@ -33,14 +33,18 @@ import math
 import os
 import pickle
 import re
+import reprlib
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
+from bridge_ext.checkpoint.coverage import coverage_problem
 from bridge_ext.checkpoint.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -112,51 +116,100 @@ class CheckpointReader:
         try:
             self._stored = self._storage_ranges(metadata)
             self.tensors: Mapping[str, TensorInfo] = self._tensor_infos(metadata)
+            self.objects: tuple[str, ...] = tuple(
+                key for key, entry in metadata.state_dict_metadata.items() if isinstance(entry, BytesStorageMetadata)
+            )
         except CheckpointError:
             raise
-        except (AttributeError, TypeError, ValueError) as exc:
+        except (AttributeError, TypeError, ValueError, OverflowError) as exc:
             raise CheckpointError(
                 f"{self.location.metadata_file}: malformed DCP metadata: {type(exc).__name__}: {exc}",
                 self.location.metadata_file,
             ) from exc
-        self.objects: tuple[str, ...] = tuple(
-            key for key, entry in metadata.state_dict_metadata.items() if isinstance(entry, BytesStorageMetadata)
-        )
+        self._check_data_files()
         self._run_config: RunConfig | None | bool = False  # False: not loaded yet
 
     def _storage_ranges(self, metadata: Any) -> dict[tuple[str, tuple[int, ...] | None], StoredRange]:
         stored: dict[tuple[str, tuple[int, ...] | None], StoredRange] = {}
         for index, info in metadata.storage_data.items():
+            if not isinstance(index, MetadataIndex) or not isinstance(index.fqn, str):
+                raise TypeError(f"storage entry {_shown(index)} is not keyed by a tensor name")
+            if not isinstance(info, _StorageInfo):
+                raise TypeError(f"{index.fqn}: storage entry is a {type(info).__name__}, not a _StorageInfo")
             if getattr(info, "transform_descriptors", None):
                 raise UnsupportedFormatError(
                     f"{self.location.metadata_file}: {index.fqn} is stored through stream transforms "
-                    f"{list(info.transform_descriptors)} (e.g. compression), which this reader does not support",
+                    f"{_shown(info.transform_descriptors)} (e.g. compression), which this reader does not support",
                     self.location.metadata_file,
                 )
-            offset = None if index.offset is None else tuple(int(v) for v in index.offset)
-            stored[(str(index.fqn), offset)] = StoredRange(
-                str(info.relative_path), int(info.offset), int(info.length)
-            )
+            offset = None if index.offset is None else _ints(index.offset, f"{index.fqn} storage offset")
+            if not isinstance(info.relative_path, str):
+                raise TypeError(f"{index.fqn}: the data file name is a {type(info.relative_path).__name__}")
+            start, length = _ints((info.offset, info.length), f"{index.fqn} byte range")
+            if start < 0 or length < 0:
+                raise ValueError(f"{index.fqn}: negative byte range {start}..{start + length}")
+            stored[(index.fqn, offset)] = StoredRange(info.relative_path, start, length)
         return stored
 
     def _tensor_infos(self, metadata: Any) -> dict[str, TensorInfo]:
+        """Every global tensor, after proving its chunks cover it exactly once (:mod:`.coverage`)."""
         tensors: dict[str, TensorInfo] = {}
         for key, entry in metadata.state_dict_metadata.items():
+            if not isinstance(key, str):
+                raise TypeError(f"a state dict key is a {type(key).__name__} ({_shown(key)}), not a name")
             if isinstance(entry, BytesStorageMetadata):
                 continue
             if not isinstance(entry, TensorStorageMetadata) or not isinstance(entry.properties.dtype, torch.dtype):
                 raise TypeError(f"{key}: unexpected entry {type(entry).__name__}")
-            shape = tuple(int(v) for v in entry.size)
+            shape = _ints(entry.size, f"{key} size")
+            if any(n < 0 for n in shape):
+                raise ValueError(f"{key}: negative size {shape}")
             chunks = []
             for chunk in entry.chunks:
-                offsets, sizes = tuple(int(v) for v in chunk.offsets), tuple(int(v) for v in chunk.sizes)
+                offsets, sizes = _ints(chunk.offsets, f"{key} chunk offsets"), _ints(chunk.sizes, f"{key} chunk sizes")
                 if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
                     o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)
                 ):
                     raise ValueError(f"{key}: chunk at {offsets} of size {sizes} lies outside {shape}")
                 chunks.append(ChunkInfo(offsets, sizes, self._stored.get((key, offsets))))
-            tensors[key] = TensorInfo(key, shape, entry.properties.dtype, tuple(chunks))
+            info = TensorInfo(key, shape, entry.properties.dtype, tuple(chunks))
+            self._check_chunks(info)
+            tensors[key] = info
         return tensors
+
+    def _check_chunks(self, info: TensorInfo) -> None:
+        """Each element stored exactly once, and each chunk's record big enough for its elements."""
+        problem = coverage_problem(info.shape, [(chunk.offsets, chunk.sizes) for chunk in info.chunks])
+        files = sorted({chunk.stored.file for chunk in info.chunks if chunk.stored is not None})
+        if problem is not None:
+            raise CorruptCheckpointError(
+                f"{self.location.metadata_file}: {info.key} {info.shape} (data in {', '.join(files) or 'no file'}): "
+                f"{problem}; the metadata is damaged or was not written by torch DCP",
+                self.location.metadata_file,
+            )
+        for chunk in info.chunks:
+            needed = math.prod(chunk.sizes) * info.dtype.itemsize
+            if chunk.stored is not None and chunk.stored.length < needed:
+                raise CorruptCheckpointError(
+                    f"{self.location.metadata_file}: {info.key} chunk at offset {chunk.offsets} of size "
+                    f"{chunk.sizes} needs {needed} bytes, but its record in {chunk.stored.file} has "
+                    f"{chunk.stored.length}",
+                    self.location.metadata_file,
+                )
+
+    def _check_data_files(self) -> None:
+        """A name the metadata gives as a data file must not be a folder, a device or a pipe."""
+        for name in sorted({stored.file for stored in self._stored.values()}):
+            file = self.path / name
+            if name != os.path.basename(name) or name in ("", ".", ".."):
+                continue  # refused, naming the tensor, when read (_data_file)
+            try:
+                mode = file.stat().st_mode
+            except OSError:
+                continue  # missing: named with the tensor that needs it when read
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+                raise CorruptCheckpointError(f"{file}: {kind}, but the metadata stores tensor data in it", file)
 
     # ------------------------------------------------------------------ listing
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -427,6 +480,21 @@ def _box(info: TensorInfo, index: Index) -> tuple[list[int], list[int], list[int
             raise IndexError(f"{info.key}: index {i} out of range for axis {dim} of size {size}")
         starts[dim], stops[dim] = position, position + 1
     return starts, stops, list(range(len(indices)))
+
+
+def _ints(values: Any, what: str) -> tuple[int, ...]:
+    """A tuple of plain ints (a float or a string there means the metadata is damaged)."""
+    if not isinstance(values, (tuple, list)):
+        raise TypeError(f"{what}: expected a sequence of integers, found a {type(values).__name__}")
+    if not all(type(value) is int for value in values):
+        raise TypeError(f"{what}: expected integers, found {_shown(values)}")
+    return tuple(values)
+
+
+def _shown(value: Any) -> str:
+    """A short repr for messages (a hostile value may be huge)."""
+    text = reprlib.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _load_error(file: Path, what: str, exc: Exception) -> CheckpointError:
