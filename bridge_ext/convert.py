@@ -26,10 +26,11 @@ from bridge_ext.checkpoint import CheckpointReader
 from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
-from bridge_ext.engine import run_rule
+from bridge_ext.engine import Mode, run_rule
 from bridge_ext.export import ExpertLayout, ExpertLayouts, ExportPlan, plan_export, source_expert_layouts
 from bridge_ext.errors import ConvertError, OutputExistsError
 from bridge_ext.peft_config import adapted_outputs
+from bridge_ext.stream_plan import planned_layout, planned_reads
 from bridge_ext.verify import Report
 
 
@@ -300,11 +301,18 @@ def convert_checkpoint(
     written_dtype = dtype or _stored_dtype(reader)
     run_config = reader.run_config
     base_name = str(hf_base.resolve()) if hf_base else (run_config.hf_model_id if run_config else None)
-    result = write_export(
-        source, plan, model_dir, adapter_dir,
-        merge=merge, dtype=dtype, config_dtype=written_dtype, max_shard_size=max_shard_size,
-        overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
-    )
+    # Shard headers are laid out from the plan, and the checkpoint's tensors are read ahead in the
+    # order the stream needs them: reading, conversion and writing overlap, no shard is held in memory.
+    base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
+    layout = planned_layout(source, plan, base_mode, dtype) if base_mode is not None else None
+    checkpoint_source = source.adapter_source if isinstance(source, CombinedSource) else source
+    with checkpoint_source.read_ahead(planned_reads(source, plan, base_mode, adapter_dir is not None)):
+        result = write_export(
+            source, plan, model_dir, adapter_dir,
+            merge=merge, dtype=dtype, config_dtype=written_dtype, max_shard_size=max_shard_size,
+            overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
+            layout=layout,
+        )
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,
                          result.bytes, time.perf_counter() - started, config)
 

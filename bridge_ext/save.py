@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from bridge_ext.engine import PEFT_PREFIX, ExportError, Mode
 from bridge_ext.export import ExpertLayout, ExportPlan, hf_source_folder, mtp_layer_count, prepare, stream
-from bridge_ext.hf_folder import ShardedSafetensorsWriter, atomic_directory, parse_size
+from bridge_ext.hf_folder import ShardedSafetensorsWriter, TensorSpec, atomic_directory, parse_size
 from bridge_ext.peft_config import lora_config
 from bridge_ext.source import TensorSource
 
@@ -69,6 +69,7 @@ def write_export(
     base_model_name: str | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
     write: bool = True,
+    layout: list[TensorSpec] | None = None,
 ) -> SaveResult:
     """Stream ``plan`` out of ``source`` into a Hugging Face folder and/or a PEFT adapter folder.
 
@@ -77,7 +78,8 @@ def write_export(
     Each folder is built beside its target and renamed into place only when complete.
     ``config_dtype`` is the dtype config.json records (default: ``dtype``); ``on_tensor`` is
     called with each written tensor's name and size (progress). ``write=False``: take part in
-    a parallel export (its collectives) without writing anything.
+    a parallel export (its collectives) without writing anything. ``layout``: the base tensors
+    the export will produce, in order, when known (then each is written to its shard at once).
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
@@ -97,7 +99,7 @@ def write_export(
         base_writer = adapter_tensors = None
         if model_dir is not None:
             staged_model = stack.enter_context(atomic_directory(model_dir, overwrite=overwrite))
-            base_writer = ShardedSafetensorsWriter(staged_model, parse_size(max_shard_size))
+            base_writer = ShardedSafetensorsWriter(staged_model, parse_size(max_shard_size), layout=layout)
         if adapter_dir is not None:
             staged_adapter = stack.enter_context(atomic_directory(adapter_dir, overwrite=overwrite))
             adapter_tensors = {}
