@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from bridge_ext.engine import ExportError, Mode
 from bridge_ext.export import ExportPlan, hf_source_folder, prepare, stream
-from bridge_ext.hf_folder import ShardedSafetensorsWriter, parse_size
+from bridge_ext.hf_folder import ShardedSafetensorsWriter, TensorSpec, parse_size
 from bridge_ext.output_folder import FoundTarget, staged_folders
 from bridge_ext.peft_config import lora_config
 from bridge_ext.peft_keys import PEFT_PREFIX
@@ -121,6 +121,7 @@ def write_export(
     before_install: Callable[[Path | None, Path | None], None] | None = None,
     notes: list[str] | None = None,
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    layout: list[TensorSpec] | None = None,
 ) -> SaveResult:
     """Stream ``plan`` out of ``source`` into a Hugging Face folder and/or a PEFT adapter folder.
 
@@ -135,6 +136,8 @@ def write_export(
     should hear about (files not copied, stale staging folders removed, a replaced folder kept).
     ``write=False``: take part in a parallel export (its collectives) without writing anything.
     ``transform`` is applied to each produced tensor before it is written.
+    ``layout``: the base tensors the export will produce, in order, when known (then each is
+    written to its shard at once).
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
@@ -157,7 +160,7 @@ def write_export(
         staged_adapter = staged[-1] if adapter_dir is not None else None
         base_writer = adapter_tensors = None
         if model_dir is not None:
-            base_writer = ShardedSafetensorsWriter(staged_model, parse_size(max_shard_size))
+            base_writer = ShardedSafetensorsWriter(staged_model, parse_size(max_shard_size), layout=layout)
         if adapter_dir is not None:
             adapter_tensors = {}
         count = total = 0

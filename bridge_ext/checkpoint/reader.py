@@ -22,8 +22,11 @@ chunks. Byte objects load with ``weights_only=True`` only (DCP's own planner wou
 allowlist (megatron/core/safe_globals.py: BytesIO, PosixPath, SimpleNamespace, argparse.Namespace,
 numpy arrays, OptimizerConfig, RerunState, ...); all are plain data classes.
 
-There is no checksum in DCP files: a truncated file, a broken zip structure or a mismatching shape
-is detected, but flipped bits inside a tensor's payload are not.
+Tensor records are not read through ``torch.load`` but taken apart by
+:mod:`bridge_ext.checkpoint.record`: large reads straight into the tensor's memory and the CRC-32
+of every byte checked (torch's own loader checks none), so a flipped bit is an error naming the
+tensor and the file. :meth:`CheckpointReader.read_ahead` reads planned tensors in a background
+thread while the caller converts earlier ones.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ import pickle
 import re
 import reprlib
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -60,10 +64,14 @@ from bridge_ext.checkpoint.layout import (
     is_adapter_key,
     locate_checkpoint,
 )
+from bridge_ext.checkpoint.read_ahead import ReadAhead
+from bridge_ext.checkpoint.record import RecordFile, read_tensor_record
 from bridge_ext.checkpoint.run_config import RunConfig, load_run_config
 from bridge_ext.checkpoint.safe_pickle import load_dcp_metadata
 
 Index = int | tuple[int, ...] | slice | None
+# Bytes read ahead of the conversion: a few tensors, so that the disk never waits for the converter.
+READ_AHEAD_BYTES = 192 << 20
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,7 @@ class CheckpointReader:
             ) from exc
         self._check_data_files()
         self._run_config: RunConfig | None | bool = False  # False: not loaded yet
+        self._read_ahead: ReadAhead | None = None
 
     def _storage_ranges(self, metadata: Any) -> dict[tuple[str, tuple[int, ...] | None], StoredRange]:
         stored: dict[tuple[str, tuple[int, ...] | None], StoredRange] = {}
@@ -238,13 +247,19 @@ class CheckpointReader:
 
         ``index``: None (whole tensor); an int (one layer of ``(L, ...)``, axis removed); a tuple of
         ints (``(layer, expert)`` of ``(L, E, ...)``, axes removed); a ``slice`` of the first axis
-        (step 1). Memory: the result plus one chunk.
+        (step 1). Memory: the result plus one chunk; a request that is exactly one stored chunk
+        (one layer of a stacked tensor, a TP=1 tensor) is read straight into the result.
         """
+        if self._read_ahead is not None:
+            tensor = self._read_ahead.take((key, index))
+            if tensor is not None:
+                return tensor
+        return self._read_now(key, index)
+
+    def _read_now(self, key: str, index: Index) -> torch.Tensor:
         info = self.tensor_info(key)
         starts, stops, drop = _box(info, index)
-        out = torch.empty([b - a for a, b in zip(starts, stops)], dtype=info.dtype)
-        wanted = out.numel()
-        covered = 0
+        wanted = math.prod(b - a for a, b in zip(starts, stops))
         pieces = []
         for chunk in info.chunks:
             lo = [max(a, o) for a, o in zip(starts, chunk.offsets)]
@@ -253,18 +268,25 @@ class CheckpointReader:
                 continue
             pieces.append((chunk, lo, hi))
         pieces.sort(key=lambda p: (p[0].stored.file, p[0].stored.offset) if p[0].stored else ("", 0))
-        handles: dict[str, IO[bytes]] = {}
+        handles: dict[str, RecordFile] = {}
         try:
-            for chunk, lo, hi in pieces:
-                data = self._load_chunk(info, chunk, handles)
-                source = data
-                target = out
-                for dim, (low, high) in enumerate(zip(lo, hi)):
-                    source = source.narrow(dim, low - chunk.offsets[dim], high - low)
-                    target = target.narrow(dim, low - starts[dim], high - low)
-                target.copy_(source)
-                covered += source.numel()
-                del data, source
+            if len(pieces) == 1 and pieces[0][0].offsets == tuple(starts) and pieces[0][0].sizes == tuple(
+                b - a for a, b in zip(starts, stops)
+            ):
+                out = self._load_chunk(info, pieces[0][0], handles)  # the chunk is the request
+                covered = out.numel()
+            else:
+                out = torch.empty([b - a for a, b in zip(starts, stops)], dtype=info.dtype)
+                covered = 0
+                for chunk, lo, hi in pieces:
+                    source = self._load_chunk(info, chunk, handles)
+                    target = out
+                    for dim, (low, high) in enumerate(zip(lo, hi)):
+                        source = source.narrow(dim, low - chunk.offsets[dim], high - low)
+                        target = target.narrow(dim, low - starts[dim], high - low)
+                    target.copy_(source)
+                    covered += source.numel()
+                    del source
         finally:
             for handle in handles.values():
                 handle.close()
@@ -277,6 +299,31 @@ class CheckpointReader:
         for dim in sorted(drop, reverse=True):
             out = out.select(dim, 0)
         return out
+
+    @contextmanager
+    def read_ahead(self, requests: Sequence[tuple[str, Index]],
+                   max_bytes: int = READ_AHEAD_BYTES) -> Iterator[ReadAhead]:
+        """Within the block, :meth:`read_tensor` of ``requests`` (``(key, index)``, in this order) was read ahead.
+
+        A background thread reads them at most ``max_bytes`` ahead of the caller. A request
+        out of this order is read directly and ends the read-ahead.
+        """
+        if self._read_ahead is not None:
+            raise RuntimeError("read_ahead is already active on this reader")
+
+        def nbytes(request: tuple[str, Index]) -> int:
+            key, index = request
+            info = self.tensor_info(key)
+            starts, stops, _ = _box(info, index)
+            return math.prod(b - a for a, b in zip(starts, stops)) * info.dtype.itemsize
+
+        ahead = ReadAhead(lambda request: self._read_now(*request), requests, nbytes, max_bytes)
+        self._read_ahead = ahead
+        try:
+            yield ahead
+        finally:
+            self._read_ahead = None
+            ahead.close()
 
     def iter_tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, global tensor)`` one at a time (all tensors by default, in metadata order)."""
@@ -291,7 +338,7 @@ class CheckpointReader:
         for i in range(info.shape[0]):
             yield i, self.read_tensor(key, i)
 
-    def _load_chunk(self, info: TensorInfo, chunk: ChunkInfo, handles: dict[str, IO[bytes]]) -> torch.Tensor:
+    def _load_chunk(self, info: TensorInfo, chunk: ChunkInfo, handles: dict[str, RecordFile]) -> torch.Tensor:
         if chunk.stored is None:
             raise CorruptCheckpointError(
                 f"{self.location.metadata_file}: no storage entry for {info.key} chunk at offset "
@@ -302,12 +349,12 @@ class CheckpointReader:
         file = self._data_file(stored, info.key)
         handle = handles.get(stored.file)
         if handle is None:
-            handle = handles[stored.file] = open(file, "rb")  # noqa: SIM115 - closed by the caller
+            handle = handles[stored.file] = RecordFile(file)  # closed by the caller
         what = f"{info.key} chunk at offset {chunk.offsets} (bytes {stored.offset}..{stored.offset + stored.length})"
         try:
-            tensor = torch.load(
-                _FileSlice(handle, stored.offset, stored.length), map_location="cpu", weights_only=True
-            )
+            tensor = read_tensor_record(handle, stored.offset, stored.length, what)
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise _load_error(file, what, exc) from exc
         if not isinstance(tensor, torch.Tensor):
@@ -318,7 +365,7 @@ class CheckpointReader:
                 f"{chunk.sizes} {info.dtype}",
                 file,
             )
-        return tensor
+        return tensor.contiguous()
 
     def _data_file(self, stored: StoredRange, key: str) -> Path:
         name = stored.file
@@ -423,37 +470,6 @@ class CheckpointReader:
         if not adapters and not base:
             raise CheckpointError(f"{self.path}: no tensors stored", self.path)
         return not base
-
-
-class _FileSlice(io.RawIOBase):
-    """A seekable read-only view of ``length`` bytes at ``start`` of an open binary file."""
-
-    def __init__(self, handle: IO[bytes], start: int, length: int) -> None:
-        super().__init__()
-        self._handle, self._start, self._length, self._pos = handle, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        count = min(len(buffer), self._length - self._pos)
-        if count <= 0:
-            return 0
-        self._handle.seek(self._start + self._pos)
-        read = self._handle.readinto(memoryview(buffer)[:count]) or 0
-        self._pos += read
-        return read
 
 
 def _box(info: TensorInfo, index: Index) -> tuple[list[int], list[int], list[int]]:
