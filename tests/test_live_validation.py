@@ -59,3 +59,67 @@ def test_a_rule_maps_a_buffer(built, mlp, monkeypatch):
     model_mappings.register_table(extended, overwrite=True)
     exported = dict(export_hf_weights(built.chunks))
     assert torch.equal(exported["extra.layers.1.bias"], torch.arange(4.0))
+
+
+def _config(built, **changes):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(built.hf_dir))
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"num_attention_heads": 8, "head_dim": 8}, r"decoder\.layers\.0\.self_attention\.linear_qkv\.weight"),
+    ({"intermediate_size": 80}, r"mlp\.(gate|up)_proj\.weight"),
+])
+def test_a_config_the_model_does_not_fit_fails_before_the_first_tensor(built, changes, named):
+    config = _config(built, **changes)
+    with pytest.raises(ExportError, match=named):
+        next(export_hf_weights(built.chunks, hf_config=config))
+
+
+def test_adapters_only_without_lora_and_unknown_architectures_are_errors(built):
+    from transformers import GPT2Config
+
+    with pytest.raises(ExportError, match="no LoRA adapters"):
+        next(export_hf_weights(built.chunks, adapters_only=True))
+    with pytest.raises(ExportError, match="register_table"):
+        next(export_hf_weights(built.chunks, hf_config=GPT2Config()))
+
+
+def test_a_wrong_late_layer_tensor_fails_before_the_first_bucket_naming_it(built):
+    from bridge_ext import export_hf_buckets
+
+    fc2 = built.chunks[0].decoder.layers[1].mlp.linear_fc2
+    original = fc2.weight
+    fc2.weight = torch.nn.Parameter(torch.zeros(original.shape[0], original.shape[1] + 2))
+    try:
+        with pytest.raises(ExportError, match=r"decoder\.layers\.1\.mlp\.linear_fc2\.weight"):
+            next(export_hf_buckets(built.chunks, bucket_bytes=1 << 10))
+    finally:
+        fc2.weight = original
+
+
+def test_recorded_reads_are_what_the_conversion_reads(built):
+    from bridge_ext.engine import Mode, TaskConverter
+    from bridge_ext.export import prepare
+
+    source, plan = prepare(built.chunks)
+    read: list[str] = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(source, name)
+
+        def shards(self, name):
+            read.append(name)
+            return source.shards(name)
+
+    for mode in (Mode.BASE, Mode.MERGED):
+        converter = TaskConverter(Recording(), plan.dims, mode)
+        for task in plan.base_tasks:
+            read.clear()
+            list(converter(task))
+            assert converter.reads(task) == read, task.sources
