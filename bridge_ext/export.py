@@ -207,13 +207,15 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     arguments stay the same (not when ``hf_config`` is a config object: it may have changed).
     """
     chunks = unwrap_chunks(model)
-    key = _prepared_key(chunks, hf_config, expert_layout, expert_adapter_layout, destination)
+    from model_mappings import registered_table, table_for
+
+    config = resolve_hf_config(model, hf_config)
+    # the table registered for the model type (register_table may replace it between exports)
+    entry = id(registered_table(config.model_type))
+    key = _prepared_key(chunks, hf_config, expert_layout, expert_adapter_layout, destination, entry)
     cached = _PREPARED.get(chunks[0])
     if all_agree(key is not None and cached is not None and cached[0] == key):
         return cached[1], cached[2]
-    from model_mappings import table_for
-
-    config = resolve_hf_config(model, hf_config)
     table = table_for(config)
     source = LiveModelSource(model, destination)
     folder = hf_source_folder(model, hf_config)

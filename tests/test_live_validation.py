@@ -123,3 +123,43 @@ def test_recorded_reads_are_what_the_conversion_reads(built):
             read.clear()
             list(converter(task))
             assert converter.reads(task) == read, task.sources
+
+
+@pytest.fixture(scope="module")
+def moe(megatron_cpu, tmp_path_factory):
+    from bridge_ext.cpu import tiny_models
+    from bridge_ext.cpu.build import LoraSettings, randomize_lora
+
+    model = build_megatron_model(tiny_models.tiny_qwen35_moe(tmp_path_factory.mktemp("moe")),
+                                 lora=LoraSettings(target_modules=("linear_fc1", "linear_fc2")))
+    randomize_lora(model.chunks, seed=2)
+    return model
+
+
+FUSED_EXPERT_ADAPTER = r"layers\.0\.mlp\.experts\.base_layer\.lora_A\.weight$"
+PER_EXPERT_ADAPTER = r"layers\.0\.mlp\.experts\.3\.up_proj\.lora_B\.weight$"
+
+
+def _has(pattern: str, names) -> bool:
+    import re
+
+    return any(re.search(pattern, name) for name in names)
+
+
+def test_live_exports_default_to_the_tables_vllm_layout_files_to_peft(moe, monkeypatch, tmp_path):
+    import model_mappings
+    from bridge_ext import save_hf_pretrained
+    from safetensors import safe_open
+
+    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
+    assert _has(FUSED_EXPERT_ADAPTER, names)  # Qwen3.5-MoE: vLLM loads the 3-D layout
+    table = model_mappings.table_for("qwen3_5_moe_text")
+    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
+    model_mappings.register_table(dataclasses.replace(table, vllm_expert_adapter_layout="per_expert"), overwrite=True)
+    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
+    assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
+    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True, expert_adapter_layout="fused")]
+    assert _has(FUSED_EXPERT_ADAPTER, names)
+    save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as handle:
+        assert _has(FUSED_EXPERT_ADAPTER, handle.keys())
