@@ -11,8 +11,8 @@ renames that never replace anything the run did not expect to find there:
   run to the same target can tell the leftovers of a killed run (lock free: removed, and said)
   from a conversion still running (lock held: left alone).
 * At install, under an ``flock`` of each target's parent, every target must still be what was
-  found when the run started: absent, or the very same folder (device and inode) when
-  replacing. New folders go in with a no-replace rename (``renameat2(RENAME_NOREPLACE)``); an
+  found when the run started: absent, or the very same folder (device, inode and ctime, so
+  unchanged) when replacing. New folders go in with a no-replace rename (``renameat2(RENAME_NOREPLACE)``); an
   old folder is first renamed aside and put back if anything fails, and removed only once every
   new folder is in place. An old folder holding an entry that cannot be removed (immutable, or a
   read-only subfolder) is kept whole beside the target and named in the notes.
