@@ -108,6 +108,8 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=lambda ctx, param, value: _size(value),
               help="Largest safetensors shard (e.g. 500MB, 2GiB). Memory use is about one shard plus the "
                    "largest tensor.")
+@click.option("--allow-overflow", is_flag=True,
+              help="With --dtype float16: write values beyond float16's range as infinities instead of refusing.")
 @click.option("--overwrite", is_flag=True,
               help="Replace output folders that exist and are not empty (only once the new ones are complete; "
                    "the old one is moved aside, then removed).")
@@ -118,8 +120,8 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
               help="Show a progress bar (default: when stderr is a terminal).")
 def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, hf_base: Path | None,
             hf_config: Path | None, model_type: str | None, iteration: int | None, merge: bool, dtype: str,
-            expert_layout: str, expert_adapter_layout: str, max_shard_size: str, overwrite: bool, verify: bool,
-            progress: bool | None) -> None:
+            expert_layout: str, expert_adapter_layout: str, max_shard_size: str, allow_overflow: bool, overwrite: bool,
+            verify: bool, progress: bool | None) -> None:
     """Convert a Megatron checkpoint on disk to a Hugging Face folder and/or a PEFT adapter folder.
 
     CHECKPOINT is a Megatron-Core / Megatron-Bridge torch_dist checkpoint: a root folder with
@@ -183,7 +185,7 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
                     model_type=model_type, iteration=iteration, merge=merge, dtype=_torch_dtype(DTYPES[dtype]),
                     expert_layout=None if expert_layout == "auto" else expert_layout,
                     expert_adapter_layout=expert_adapter_layout, max_shard_size=max_shard_size,
-                    overwrite=overwrite, verify=verify, on_start=bar.start, on_tensor=bar.advance, notes=notes,
+                    overwrite=overwrite, verify=verify, allow_overflow=allow_overflow, on_start=bar.start, on_tensor=bar.advance, notes=notes,
                 )
     except KeyboardInterrupt as interrupt:
         number = getattr(interrupt, "signal_number", signal.SIGINT)
@@ -203,6 +205,10 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
             click.echo(f"  {label:<8}{folder}")
     click.echo(f"  {result.tensors} tensors, {mib:.1f} MiB in {result.seconds:.1f} s "
                f"({result.throughput / 2**20:.1f} MiB/s)")
+    if result.non_finite:
+        from bridge_ext.value_check import non_finite_summary
+
+        click.echo(f"  warning: {non_finite_summary(result.non_finite)}")
     for note in notes:
         click.echo(f"  note  {note}")
     for line in result.report.lines if result.report is not None else ():

@@ -14,12 +14,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from bridge_ext.engine import PEFT_PREFIX, ExportError, Mode
-from bridge_ext.export import ExpertLayout, ExportPlan, hf_source_folder, mtp_layer_count, prepare, stream
-from bridge_ext.hf_folder import ShardedSafetensorsWriter, parse_size
+from bridge_ext.engine import ExportError, Mode
+from bridge_ext.export import ExportPlan, hf_source_folder, prepare, stream
+from bridge_ext.hf_folder import ShardedSafetensorsWriter, TensorSpec, parse_size
 from bridge_ext.output_folder import FoundTarget, staged_folders
 from bridge_ext.peft_config import lora_config
+from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.source import TensorSource
+from bridge_ext.table import ExpertLayout
 
 # Files of a Hugging Face folder that describe the model but hold no weights.
 COMPANION_FILES = (
@@ -105,10 +107,11 @@ def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, 
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
-    mtp_layers = mtp_layer_count(plan.config)
+    extra = plan.table.extra_weights
+    layers = extra.count(plan.config) if extra is not None else 0
     holder = config.get("text_config", config) if "text_config" in config else config
-    if mtp_layers and not any(k in holder or k in config for k in ("mtp_num_hidden_layers", "num_nextn_predict_layers")):
-        holder["mtp_num_hidden_layers"] = mtp_layers  # transformers' to_dict can drop it
+    if layers and extra.count_key not in holder and extra.count_key not in config:
+        holder[extra.count_key] = layers  # transformers' to_dict can drop it
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return notes
 
@@ -131,6 +134,8 @@ def write_export(
     found: dict[Path, FoundTarget] | None = None,
     before_install: Callable[[Path | None, Path | None], None] | None = None,
     notes: list[str] | None = None,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    layout: list[TensorSpec] | None = None,
 ) -> SaveResult:
     """Stream ``plan`` out of ``source`` into a Hugging Face folder and/or a PEFT adapter folder.
 
@@ -144,6 +149,9 @@ def write_export(
     called with each written tensor's name and size (progress); ``notes`` collects what the user
     should hear about (files not copied, stale staging folders removed, a replaced folder kept).
     ``write=False``: take part in a parallel export (its collectives) without writing anything.
+    ``transform`` is applied to each produced tensor before it is written.
+    ``layout``: the base tensors the export will produce, in order, when known (then each is
+    written to its shard at once).
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
@@ -166,11 +174,13 @@ def write_export(
         staged_adapter = staged[-1] if adapter_dir is not None else None
         base_writer = adapter_tensors = None
         if model_dir is not None:
-            base_writer = ShardedSafetensorsWriter(staged_model, parse_size(max_shard_size))
+            base_writer = ShardedSafetensorsWriter(staged_model, parse_size(max_shard_size), layout=layout)
         if adapter_dir is not None:
             adapter_tensors = {}
         count = total = 0
         for name, tensor in stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype):
+            if transform is not None:  # e.g. a cast that checks the values (bridge_ext.value_check)
+                tensor = transform(name, tensor)
             nbytes = tensor.numel() * tensor.element_size()
             count += 1
             total += nbytes
