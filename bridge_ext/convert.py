@@ -290,7 +290,7 @@ def convert_checkpoint(
     protected = [checkpoint, *(Path(p) for p in (hf_base, hf_config) if p is not None)]
     outputs = [Path(p) for p in (model_dir, adapter_dir) if p is not None]
     check_distinct_outputs(*outputs)
-    found = {output: check_output_folder(output, overwrite, protected) for output in outputs}
+    found_outputs = {output: check_output_folder(output, overwrite, protected) for output in outputs}
     notes = notes if notes is not None else []
 
     reader = CheckpointReader(checkpoint, iteration=iteration)
@@ -322,13 +322,12 @@ def convert_checkpoint(
     written_dtype = dtype or _stored_dtype(reader)
     run_config = reader.run_config
     base_name = str(hf_base.resolve()) if hf_base else (run_config.hf_model_id if run_config else None)
-    reports, verify_started = [], []
+    verification: list[tuple[Report, float]] = []
 
     def verify_staged(staged_model: Path | None, staged_adapter: Path | None) -> None:
-        verify_started.append(time.perf_counter())
+        begun = time.perf_counter()
         staged = ConvertResult(staged_model, staged_adapter, reader.path, adapter_only, 0, 0, 0.0, config)
-        reports.append(verify_conversion(staged, hf_base))
-        verify_started.append(time.perf_counter())
+        verification.append((verify_conversion(staged, hf_base), time.perf_counter() - begun))
 
     values = ValueCheck(dtype, allow_overflow)  # casts, counts NaN / Inf, refuses an overflowing cast
     # Shard headers are laid out from the plan, and the checkpoint's tensors are read ahead in the
@@ -342,13 +341,13 @@ def convert_checkpoint(
             source, plan, model_dir, adapter_dir,
             merge=merge, config_dtype=written_dtype, max_shard_size=max_shard_size,
             overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
-            found=found, before_install=verify_staged if verify else None, notes=notes,
+            found=found_outputs, before_install=verify_staged if verify else None, notes=notes,
             transform=values, layout=layout,
         )
-    verify_seconds = verify_started[1] - verify_started[0] if reports else 0.0
+    report, verify_seconds = verification[0] if verification else (None, 0.0)
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,
-                         result.bytes, time.perf_counter() - started - verify_seconds, config, notes,
-                         reports[0] if reports else None, values.non_finite)
+                         result.bytes, time.perf_counter() - started - verify_seconds, config, notes, report,
+                         values.non_finite)
 
 
 @contextmanager
