@@ -25,7 +25,7 @@ import torch
 
 from bridge_ext.checkpoint import CheckpointReader
 from bridge_ext.checkpoint.config_check import check_config_fields, check_config_matches_run_config, load_hf_config
-from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, hf_folder_shapes
+from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, has_weights, hf_folder_shapes
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import Mode, run_rule
@@ -154,6 +154,24 @@ def _table(config_or_model_type):
         raise ConvertError(f"unknown architecture: no mapping table for model_type {model_type!r}; "
                            f"known: {', '.join(known_model_types())}")
     return None if isinstance(config_or_model_type, str) else table_for(config_or_model_type)
+
+
+def check_hf_side(reader: CheckpointReader, config, config_folder: Path | None, hf_base: Path | None,
+                  built_from_run_config: bool) -> None:
+    """The Hugging Face folders are readable and contained, and the config is the model trained.
+
+    ``hf_base`` must hold weights (index and headers readable, nothing outside the folder); a
+    config folder is checked when it has any (its index decides the expert layout). The config is
+    compared with run_config.yaml unless it was built from it.
+    """
+    if hf_base is not None:
+        hf_folder_shapes(hf_base)
+    elif config_folder is not None and has_weights(config_folder):
+        hf_folder_shapes(config_folder)
+    run_config = reader.run_config
+    if run_config is not None and not built_from_run_config:
+        label = str(config_folder / "config.json") if config_folder else f"the config of {run_config.hf_model_id}"
+        check_config_matches_run_config(config, run_config, label)
 
 
 def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts_found: dict[str, ExpertLayout]):
@@ -300,15 +318,12 @@ def convert_checkpoint(
         if model_dir is not None and hf_base is None:
             raise ConvertError(f"{reader.path} is a LoRA adapter-only checkpoint: the base weights of a model "
                                "folder come from the Hugging Face base model; pass --hf-base")
-    if hf_base is not None:
-        hf_folder_shapes(hf_base)  # index and headers readable, nothing outside the folder
     config, config_folder = resolve_config(reader, hf_base, Path(hf_config) if hf_config else None, model_type)
     for output in outputs if config_folder is not None else ():
         check_outside_inputs(output, [config_folder])  # e.g. the hf_model_id folder of run_config.yaml
     table = _table(config)
-    if reader.run_config is not None and (hf_base is not None or hf_config is not None or model_type is None):
-        source_label = str(config_folder / "config.json") if config_folder else f"the config of {reader.run_config.hf_model_id}"
-        check_config_matches_run_config(config, reader.run_config, source_label)
+    built_from_run_config = model_type is not None and hf_base is None and hf_config is None
+    check_hf_side(reader, config, config_folder, hf_base, built_from_run_config)
     found = source_expert_layouts(hf_base or config_folder, table)
     source = build_source(reader, config, hf_base, found)
     plan = plan_export(source, config, expert_layouts(table, found, expert_layout, expert_adapter_layout))

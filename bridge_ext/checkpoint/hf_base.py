@@ -58,6 +58,11 @@ def hf_folder_files(folder: Path) -> dict[str, Path]:
     return dict.fromkeys(safetensors_shapes(single), single)
 
 
+def has_weights(folder: Path) -> bool:
+    """Whether a Hugging Face folder holds weights (an index or a single safetensors file) at all."""
+    return (folder / INDEX_FILE).exists() or (folder / SINGLE_FILE).exists()
+
+
 def hf_folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of a Hugging Face folder, from the safetensors headers only."""
     shapes: dict[str, tuple[int, ...]] = {}
