@@ -65,7 +65,7 @@ from bridge_ext.checkpoint.layout import (
     locate_checkpoint,
 )
 from bridge_ext.checkpoint.read_ahead import ReadAhead
-from bridge_ext.checkpoint.record import RecordFile, read_tensor_record
+from bridge_ext.checkpoint.record import RecordFile, check_archive_crcs, read_tensor_record
 from bridge_ext.checkpoint.run_config import RunConfig, load_run_config
 from bridge_ext.checkpoint.safe_pickle import load_dcp_metadata
 
@@ -427,6 +427,7 @@ class CheckpointReader:
             handle.seek(stored.offset)
             data = handle.read(stored.length)
         what = f"byte object {key} (bytes {stored.offset}..{stored.offset + stored.length})"
+        check_archive_crcs(data, file, what)
         try:
             value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:
