@@ -65,7 +65,6 @@ def megatron_logits(
     inner = _unwrap(model)
     if not (getattr(inner, "pre_process", True) and getattr(inner, "post_process", True)):
         raise NotImplementedError("megatron_logits needs a model with both embedding and output layer")
-    fla_torch.install()
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     batch, seq_len = input_ids.shape
@@ -73,7 +72,7 @@ def megatron_logits(
     was_training = model.training
     model.eval()
     try:
-        with cpu_current_device():
+        with cpu_current_device(), fla_torch.gdn_torch_kernels():
             if is_vl:
                 kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vision_inputs.items()}
                 output = model(

@@ -281,7 +281,6 @@ def qwen35_layer_specs(config) -> list:
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-    fla_torch.install()  # megatron's GDN refuses to build without (a stand-in) fla
     _prepare_config(config)
     backend = _backend()
     if config.experimental_attention_variant != "gated_delta_net":
@@ -421,15 +420,16 @@ def is_vl_provider(provider) -> bool:
 def cpu_build_context(provider=None) -> Iterator[None]:
     """Scope in which a configured Qwen3.5 provider's ``provide*`` builds the local model.
 
-    Replaces, until exit: ``torch.cuda.current_device`` (CPU machines only, see
-    :func:`cpu_current_device`); Megatron-Bridge's ``gpt_provider.mtp_block_spec`` (TE only) by
+    Replaces, until exit: the fla functions of megatron's GDN where no fla is installed
+    (:func:`bridge_ext.cpu.fla_torch.gdn_torch_kernels`); ``torch.cuda.current_device`` (CPU
+    machines only, see :func:`cpu_current_device`); Megatron-Bridge's ``gpt_provider.mtp_block_spec`` (TE only) by
     :func:`qwen35_mtp_block_spec`; for VL providers, the block-spec function in
     ``qwen35_vl_provider`` by :func:`qwen35_block_spec` (the VL providers' ``build_language_spec``
     ignores ``transformer_layer_spec``) and the TE classes ``Qwen3VLModel`` builds its vision
     tower from by local ones (:func:`local_vit_layer_spec`, torch LayerNorm, local linears).
     """
-    fla_torch.install()
     with ExitStack() as stack:
+        stack.enter_context(fla_torch.gdn_torch_kernels())  # megatron's GDN refuses to build without fla
         stack.enter_context(cpu_current_device())
         stack.enter_context(_replaced("megatron.bridge.models.gpt_provider", mtp_block_spec=qwen35_mtp_block_spec))
         if provider is None or is_vl_provider(provider):
