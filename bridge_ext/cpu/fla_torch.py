@@ -1,41 +1,7 @@
-"""Pure-torch stand-ins for the three flash-linear-attention (``fla``) functions megatron-core's
-Gated DeltaNet imports, so that Qwen3.5 / Qwen3-Next Megatron models build and run without a GPU.
+"""Pure-torch stand-ins for the three ``fla`` functions megatron-core's Gated DeltaNet calls.
 
-megatron-core 0.19 (``megatron/core/ssm/gated_delta_net/common.py``) does::
-
-    from fla.modules.convolution import causal_conv1d
-    from fla.modules.l2norm import l2norm
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-and refuses to build a ``GatedDeltaNet`` when that import fails (``HAVE_FLA`` False). fla's
-functions are Triton kernels (GPU only). This module implements the same three functions in
-plain torch, with fla's call conventions (``[batch, time, ...]`` layouts, ``g`` as a log-space
-decay, a default scale ``1/sqrt(head_k_dim)``, ``cu_seqlens`` for packed sequences), following
-the math of the torch reference code that transformers ships for its own CPU path
-(``transformers/models/qwen3_5/modeling_qwen3_5.py``: ``causal_conv1d_fn``, ``l2norm``,
-``torch_chunk_gated_delta_rule``). They are written for correctness on small CPU models, not
-speed.
-
-:func:`install` gives megatron's GDN these functions, and ONLY when the real ``fla`` is not
-importable; a real fla is never shadowed or replaced:
-
-* if megatron's GDN package (``megatron.core.ssm.gated_delta_net``) is not imported yet, it is
-  imported while stand-in modules ``fla``, ``fla.modules``, ``fla.modules.convolution``,
-  ``fla.modules.l2norm``, ``fla.ops``, ``fla.ops.gated_delta_rule`` (each marked
-  ``BRIDGE_EXT_STAND_IN = True``) are in ``sys.modules``, so megatron's own
-  ``from fla... import ...`` lines bind them and set ``HAVE_FLA = True``; the stand-ins are
-  removed from ``sys.modules`` right after (see :func:`stand_in_fla_modules`);
-* if it was imported before (``import megatron.bridge`` does so as a side effect), its three
-  names are ``None`` and ``HAVE_FLA`` is False: exactly those ``None`` names are bound to the
-  stand-ins and ``HAVE_FLA`` set to True.
-
-Why not leave ``fla`` in ``sys.modules`` for good: transformers resolves its Qwen3.5 kernels
-when ``modeling_qwen3_5`` is imported (``use_kernel_func_from_hub_with_fallback`` does
-``importlib.import_module("fla")`` with no CUDA check) and would then run THIS code as the
-Hugging Face reference, so the HF-vs-Megatron comparison would no longer be independent
-(checked: with the stand-ins left in ``sys.modules``, HF's ``torch_chunk_gated_delta_rule``
-resolved to ``bridge_ext.cpu.fla_torch``). With :func:`install` as written, transformers keeps
-its own torch code on CPU.
+Support for the demo and the tests, not the exporter: bound into megatron's GDN modules only
+inside :func:`gdn_torch_kernels`, and only where fla is not installed. Details: docs/cpu_models.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run a Megatron-Core model's own forward on CPU and return its logits.
+"""Run a Megatron-Core model's own forward on CPU and return its logits (demo and tests support).
 
 :func:`megatron_logits` calls the model chunk's ``forward`` (``GPTModel`` or Megatron-Bridge's
 ``Qwen3VLModel``) in eval mode without gradients, with what a CPU needs:
@@ -8,8 +8,8 @@
 * :func:`bridge_ext.cpu.qwen35.cpu_current_device`: megatron-core calls
   ``torch.cuda.current_device()`` during forward (rotary ``inv_freq``, the MoE router weight,
   Qwen3-VL's vision rotary) - on CPU machines it answers the CPU device inside the call;
-* the fla stand-ins for Gated DeltaNet layers (:mod:`bridge_ext.cpu.fla_torch`, only when the
-  real fla is not importable);
+* the fla stand-ins for Gated DeltaNet layers inside the call
+  (:func:`bridge_ext.cpu.fla_torch.gdn_torch_kernels`, only when the real fla is not importable);
 * ``runtime_gather_output=True`` so tensor-parallel logits come back whole.
 
 Single-stage models only (one chunk holding embedding and output layer).
