@@ -39,3 +39,11 @@ class VerificationError(BridgeExtError):
 
 class CompatibilityError(BridgeExtError, RuntimeError):
     """The installed Megatron packages are not the ones a workaround was written for."""
+
+
+class NotASafetensorsFolderError(BridgeExtError, FileNotFoundError):
+    """A folder holds neither the safetensors file nor the index asked for; ``folder`` is it."""
+
+    def __init__(self, message: str, folder: str | Path) -> None:
+        super().__init__(message)
+        self.folder = Path(folder)
