@@ -86,6 +86,14 @@ def missing_text(missing: tuple[str, ...]) -> str:
     return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed"
 
 
+_patched: list[str] = []
+
+
+def patched_modules() -> tuple[str, ...]:
+    """The megatron modules patched in this process so far, in import order."""
+    return tuple(_patched)
+
+
 # --------------------------------------------------------------------------------------------
 # Checks made before a patch is applied
 # --------------------------------------------------------------------------------------------
@@ -223,6 +231,7 @@ class _PagedStashPlaceholder(importlib.abc.Loader):
         for name in PAGED_STASH_KERNELS:
             setattr(module, name, kernel_needs_triton)
         module.__all__ = ["GLOBAL_BLOCK_SIZE", *PAGED_STASH_KERNELS]
+        _patched.append(module.__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,13 +274,6 @@ PATCHES: dict[str, _Patch] = {
        for name in TYPING_OVERRIDE_USERS},
 }
 
-_patched: list[str] = []
-
-
-def patched_modules() -> tuple[str, ...]:
-    """The megatron modules patched in this process so far, in import order."""
-    return tuple(_patched)
-
 
 class _PatchingLoader(importlib.abc.Loader):
     """Wraps a module's own loader; the patch runs the module's execution."""
@@ -285,8 +287,11 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         self._patch.run(self._loader.exec_module, module)
+        _patched.append(module.__name__)
 
     def __getattr__(self, name: str):  # get_source, get_filename... for tracebacks and inspect
+        if name.startswith("_"):
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
 
@@ -304,7 +309,6 @@ class MegatronImportPatches(importlib.abc.MetaPathFinder):
         if patch.check_version:
             _check_version(fullname, patch.needs)
         _require_lines(fullname, spec, patch.required_lines, patch.needs)
-        _patched.append(fullname)
         if patch.run is None:
             return importlib.util.spec_from_loader(fullname, _PagedStashPlaceholder())
         spec.loader = _PatchingLoader(spec.loader, patch)
