@@ -60,3 +60,11 @@ class CompatibilityError(BridgeExtError, RuntimeError):
 class RuleError(ExportError):
     """An operation of a mapping rule cannot convert a tensor; the message names the rule, the
     Megatron tensor, the Hugging Face names and the shapes."""
+
+
+class NotASafetensorsFolderError(BridgeExtError, FileNotFoundError):
+    """A folder holds neither the safetensors file nor the index asked for; ``folder`` is it."""
+
+    def __init__(self, message: str, folder: str | Path) -> None:
+        super().__init__(message)
+        self.folder = Path(folder)

@@ -9,7 +9,6 @@ per-expert LoRA factors (Megatron convention: fc1 ``A_e [r, H]``, ``B_e [2I, r]`
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 import json
 import warnings
 
@@ -24,83 +23,16 @@ torch.manual_seed(0)
 
 H, I_MOE, E, VOCAB = 64, 24, 4, 96  # 2I = 48 != H, so any out/in swap shows up as a shape error
 GATE_UP, DOWN = EXPERTS.parameters
-EXPERT_PARAMETERS = EXPERTS.parameters  # transformers' registration order, as the table states it
-TARGET_PARAMETERS = tuple(f"mlp.experts.{p}" for p in EXPERT_PARAMETERS)
-
-# Model types for which PEFT 0.21.2 rewrites gate_proj/up_proj/down_proj/gate target modules
-# into target_parameters (transformers' _MODEL_TO_CONVERSION_PATTERN -> "qwen2_moe" / "mixtral").
-_V4_MOE_REWRITTEN_NAMES = {
-    "qwen2_moe": ("gate_proj", "up_proj", "down_proj", "gate"),
-    "mixtral": ("w1", "w2", "w3", "gate"),
-}
-
-
-def expert_adapter_config_fields(
-    r: int,
-    lora_alpha: float,
-    *,
-    use_rslora: bool = False,
-    down_r: int | None = None,
-    down_alpha: float | None = None,
-    targeted: Sequence[str] = EXPERT_PARAMETERS,
-) -> dict:
-    """adapter_config.json fields that the 3-D expert layout needs (merge them into the rest).
-
-    ``r``/``lora_alpha`` are those of gate_up_proj (Megatron linear_fc1); ``down_r``/``down_alpha``
-    those of down_proj (linear_fc2) when they differ, which yields ``rank_pattern`` /
-    ``alpha_pattern`` entries keyed ``mlp.experts.down_proj``. ``target_modules`` is left to the
-    caller (the non-expert leaves; ``[]`` when only experts are adapted) -- see
-    :func:`check_target_modules`.
-    """
-    fields: dict = {
-        "r": r,
-        "lora_alpha": lora_alpha,
-        "use_rslora": use_rslora,
-        "target_parameters": [f"mlp.experts.{p}" for p in EXPERT_PARAMETERS if p in set(targeted)],
-        "lora_dropout": 0.0,  # ParamWrapper raises for != 0
-        "fan_in_fan_out": False,
-        "use_dora": False,
-        "lora_bias": False,
-        "bias": "none",
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-    if down_r is not None and down_r != r:
-        fields["rank_pattern"][f"mlp.experts.{DOWN}"] = down_r
-    if down_alpha is not None and down_alpha != lora_alpha:
-        fields["alpha_pattern"][f"mlp.experts.{DOWN}"] = down_alpha
-    return fields
-
-
-def check_target_modules(model_type: str, target_modules: Sequence[str]) -> None:
-    """Refuse ``target_modules`` that PEFT 0.21.2 would rewrite into ``target_parameters`` on load.
-
-    For model types whose transformers conversion pattern is ``qwen2_moe`` (e.g. qwen3_moe) or
-    ``mixtral``, PEFT's ``_convert_peft_config_moe`` treats ``gate_proj``/``up_proj``/``down_proj``/
-    ``gate`` (``w1``/``w2``/``w3``/``gate``) as v4 per-expert targets and moves them to
-    ``target_parameters`` (doubling r/alpha of gate_up_proj when both gate and up are listed), which
-    breaks an adapter written with the 3-D expert layout (and also mis-targets dense MLPs).
-    """
-    try:
-        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
-    except ImportError:  # pragma: no cover - transformers < 5
-        return
-    pattern = {"mixtral": "mixtral"}.get(model_type, _MODEL_TO_CONVERSION_PATTERN.get(model_type))
-    names = _V4_MOE_REWRITTEN_NAMES.get(pattern or "")
-    if not names:
-        return
-    bad = [t for t in target_modules if any(t == n or t.endswith(f".{n}") for n in names)]
-    if bad:
-        raise ValueError(
-            f"target_modules {bad} cannot be used for model_type {model_type!r}: PEFT rewrites "
-            f"{list(names)} into target_parameters on load (v4->v5 MoE conversion), which breaks the "
-            "3-D expert adapter layout"
-        )
-
-
-def expert_adapter_keys(experts_module: str) -> dict[str, tuple[str, str]]:
-    return pe.peft_expert_adapter_keys(experts_module, EXPERT_PARAMETERS, EXPERT_PARAMETERS)
-
+from expert_helpers import (  # noqa: E402
+    EXPERT_PARAMETERS,
+    TARGET_PARAMETERS,
+    check_target_modules,
+    expert_adapter_config_fields,
+    expert_adapter_keys,
+    expert_delta,
+    lora_scaling,
+    split_expert_lora,
+)
 
 
 def _tiny_model(model_type: str):
@@ -208,15 +140,15 @@ def test_fuse_split_roundtrip_and_packing_order():
         for k in range(r):
             assert torch.equal(lora_a[e * r + k], a_list[e][k])
             assert torch.equal(lora_b[:, k * E + e], b_list[e][:, k])
-    a2, b2 = pe.split_expert_lora(lora_a, lora_b, E)
+    a2, b2 = split_expert_lora(lora_a, lora_b, E)
     assert all(torch.equal(x, y) for x, y in zip(a2, a_list)) and all(torch.equal(x, y) for x, y in zip(b2, b_list))
-    delta = pe.expert_delta(lora_a, lora_b, E, 0.5)
+    delta = expert_delta(lora_a, lora_b, E, 0.5)
     for e in range(E):
         torch.testing.assert_close(delta[e], 0.5 * b_list[e] @ a_list[e], rtol=0, atol=1e-6)
     with pytest.raises(ValueError):
         pe.fuse_expert_lora(a_list[:-1] + [torch.randn(r + 1, d_in)], b_list[:-1] + [torch.randn(d_out, r + 1)])
     with pytest.raises(ValueError):
-        pe.split_expert_lora(lora_a, lora_b, E + 1)
+        split_expert_lora(lora_a, lora_b, E + 1)
 
 
 def test_matches_peft_param_wrapper_directly():
@@ -237,7 +169,7 @@ def test_matches_peft_param_wrapper_directly():
         with torch.no_grad():
             wrapper.lora_A["default"].weight.copy_(a)
             wrapper.lora_B["default"].weight.copy_(b)
-        assert wrapper.scaling["default"] == pe.lora_scaling(3, 6) == 2.0
+        assert wrapper.scaling["default"] == lora_scaling(3, 6) == 2.0
         delta = wrapper.get_delta_weight("default")
         for e in range(E):
             torch.testing.assert_close(delta[e], 2.0 * lora[fc][1][e] @ lora[fc][0][e], rtol=0, atol=1e-6)
@@ -342,7 +274,7 @@ def test_wrong_packing_is_caught(tmp_path):
         out = {}
         for k, v in tensors.items():
             if k.endswith("lora_B.weight"):  # rebuild as cat over experts: column e*r + k
-                a_list, b_list = pe.split_expert_lora(torch.zeros(v.shape[1], 1), v, E)
+                a_list, b_list = split_expert_lora(torch.zeros(v.shape[1], 1), v, E)
                 v = torch.cat(b_list, dim=1)
             out[k] = v
         return out

@@ -46,7 +46,7 @@ Stored keys (verified on a tiny Qwen3, megatron-core 0.19.2 / megatron-bridge 0.
   like fc1 itself. Adapter-only checkpoints (Bridge ``apply_peft_adapter_filter_to_state_dict``)
   keep only keys containing ``.adapter.`` (no ``_extra_state``) plus ``common_state``; only
   ``run_config.yaml`` (``peft`` not null) says that the checkpoint is a PEFT one.
-* Gated DeltaNet (from source, megatron/core/ssm/gated_delta_net/gdn.py, not exercised here):
+* Gated DeltaNet (megatron/core/ssm/gated_delta_net/gdn.py; tiny Qwen3.5 checkpoints at TP=1 and 2):
   the fused in_proj is split into keys ``...self_attention.in_proj.weight.{query,key,value,z,beta,alpha}``
   and the conv into ``...conv1d.weight.{query,key,value}``, each in global head order;
   MTP's inner layer is keyed ``transformer_layer``.

@@ -1,11 +1,9 @@
 """Build a Megatron-Core model from a Hugging Face folder through Megatron-Bridge, on CPU.
 
-Call inside :func:`bridge_ext.cpu.distributed.megatron_parallel`.
-
-Qwen3.5 (HF model types ``qwen3_5_text``, ``qwen3_5_moe_text``, ``qwen3_5``, ``qwen3_5_moe``) is
-built through Megatron-Bridge's Qwen3.5 bridges with the local layer / MTP / vision specs of
-:mod:`bridge_ext.cpu.qwen35`, Qwen3-Next (``qwen3_next``) through its ``Qwen3NextBridge`` with the
-same specs; other models (Qwen3, Llama...) with megatron-core's local GPT spec.
+Support for the demo and the tests, not the exporter. Call inside
+:func:`bridge_ext.cpu.distributed.megatron_parallel`. Qwen3.5 and Qwen3-Next are built with the
+local specs of :mod:`bridge_ext.cpu.qwen35` (inside its scoped build context), other models (Qwen3,
+Llama...) with megatron-core's local GPT spec. docs/cpu_models.md.
 """
 
 from __future__ import annotations
