@@ -73,7 +73,7 @@ qwen3_5_moe_text, whose pattern is ``qwen3_5_text``) every ``target_modules`` en
 ``gate_proj``, ``up_proj``, ``down_proj`` or ``gate`` is moved into ``target_parameters`` and, if
 both gate_proj and up_proj are present, ``rank_pattern``/``alpha_pattern`` for gate_up_proj are
 set to ``2r``/``2 alpha``. An adapter written in this layout then no longer fits (shape mismatch
-or silently re-targeted modules).
+or silently re-targeted modules). The tests check adapter configs for it.
 """
 
 from __future__ import annotations
@@ -81,11 +81,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-GATE_UP = "gate_up_proj"
-DOWN = "down_proj"
-#: registration order of the fused expert parameters in transformers' Qwen3(.5)-MoE experts.
-EXPERT_PARAM_ORDER: tuple[str, ...] = (GATE_UP, DOWN)
 
 
 def fuse_expert_lora(
@@ -119,15 +114,14 @@ def fuse_expert_lora(
     return lora_a.contiguous(), lora_b.contiguous()
 
 
-def peft_param_key_infixes(
-    targeted: Sequence[str] = EXPERT_PARAM_ORDER, registration_order: Sequence[str] = EXPERT_PARAM_ORDER
-) -> dict[str, str]:
+def peft_param_key_infixes(targeted: Sequence[str], registration_order: Sequence[str]) -> dict[str, str]:
     """Infix between ``<experts module>.`` and ``lora_A.weight`` for each targeted parameter.
 
-    The first targeted parameter in the module's *registration order* is wrapped first and is
-    therefore innermost: with n targeted parameters the i-th gets ``"base_layer." * (n-1-i)``.
-    The order of ``target_parameters`` in the config plays no role. For transformers'
-    Qwen3(.5)-MoE experts: ``{"gate_up_proj": "base_layer.", "down_proj": ""}``.
+    The first targeted parameter in the module's *registration order* (the table's
+    ``ExpertFamily.parameters``) is wrapped first and is therefore innermost: with n targeted
+    parameters the i-th gets ``"base_layer." * (n-1-i)``. The order of ``target_parameters``
+    in the config plays no role. For transformers' Qwen3(.5)-MoE experts:
+    ``{"gate_up_proj": "base_layer.", "down_proj": ""}``.
     """
     unknown = set(targeted) - set(registration_order)
     if unknown:

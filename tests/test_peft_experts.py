@@ -64,8 +64,8 @@ def _write_adapter(path, model_type, lora, r, alpha, down_r=None, down_alpha=Non
                    mangle=None):
     tensors = {}
     for i, layer in enumerate(lora):
-        keys = eh.peft_expert_adapter_keys(f"model.layers.{i}.mlp.experts")
-        for param, fc in ((pe.GATE_UP, "fc1"), (pe.DOWN, "fc2")):
+        keys = eh.expert_adapter_keys(f"model.layers.{i}.mlp.experts")
+        for param, fc in ((eh.GATE_UP, "fc1"), (eh.DOWN, "fc2")):
             a, b = pe.fuse_expert_lora(*layer[fc])
             tensors[keys[param][0]] = a
             tensors[keys[param][1]] = b
@@ -149,7 +149,7 @@ def test_matches_peft_param_wrapper_directly():
                                           target_parameters=list(eh.TARGET_PARAMETERS)))
     outer = pm.base_model.model.model.layers[0].mlp.experts  # down_proj wrapper
     inner = outer.base_layer  # gate_up_proj wrapper
-    assert outer.parameter_name == pe.DOWN and inner.parameter_name == pe.GATE_UP
+    assert outer.parameter_name == eh.DOWN and inner.parameter_name == eh.GATE_UP
     lora = _megatron_lora(1, 3, 3, seed=5)[0]
     for wrapper, fc in ((inner, "fc1"), (outer, "fc2")):
         a, b = pe.fuse_expert_lora(*lora[fc])
@@ -165,10 +165,11 @@ def test_matches_peft_param_wrapper_directly():
 
 
 def test_key_infixes():
-    assert pe.peft_param_key_infixes() == {"gate_up_proj": "base_layer.", "down_proj": ""}
-    assert pe.peft_param_key_infixes(["down_proj", "gate_up_proj"]) == {"gate_up_proj": "base_layer.", "down_proj": ""}
-    assert pe.peft_param_key_infixes(["down_proj"]) == {"down_proj": ""}
-    keys = eh.peft_expert_adapter_keys("model.language_model.layers.3.mlp.experts")
+    order = eh.EXPERT_PARAMETERS
+    assert pe.peft_param_key_infixes(order, order) == {"gate_up_proj": "base_layer.", "down_proj": ""}
+    assert pe.peft_param_key_infixes(["down_proj", "gate_up_proj"], order) == {"gate_up_proj": "base_layer.", "down_proj": ""}
+    assert pe.peft_param_key_infixes(["down_proj"], order) == {"down_proj": ""}
+    keys = eh.expert_adapter_keys("model.language_model.layers.3.mlp.experts")
     assert keys["gate_up_proj"] == (
         "base_model.model.model.language_model.layers.3.mlp.experts.base_layer.lora_A.weight",
         "base_model.model.model.language_model.layers.3.mlp.experts.base_layer.lora_B.weight",
@@ -188,7 +189,7 @@ def test_saved_keys_from_peft_itself(model_type):
         sd = get_peft_model_state_dict(pm)
         expected = {}
         for i in range(2):
-            keys = eh.peft_expert_adapter_keys(f"model.layers.{i}.mlp.experts")
+            keys = eh.expert_adapter_keys(f"model.layers.{i}.mlp.experts")
             expected[keys["gate_up_proj"][0]] = (3 * E, H)
             expected[keys["gate_up_proj"][1]] = (2 * I_MOE, 3 * E)
             expected[keys["down_proj"][0]] = (3 * E, I_MOE)
@@ -352,8 +353,8 @@ def test_conditional_generation_prefix_with_attention_lora(tmp_path):
     lora = _megatron_lora(2, 3, 3, seed=8)
     tensors = {}
     for i, layer in enumerate(lora):
-        keys = eh.peft_expert_adapter_keys(f"model.language_model.layers.{i}.mlp.experts")
-        for param, fc in ((pe.GATE_UP, "fc1"), (pe.DOWN, "fc2")):
+        keys = eh.expert_adapter_keys(f"model.language_model.layers.{i}.mlp.experts")
+        for param, fc in ((eh.GATE_UP, "fc1"), (eh.DOWN, "fc2")):
             tensors[keys[param][0]], tensors[keys[param][1]] = pe.fuse_expert_lora(*layer[fc])
     q = "base_model.model.model.language_model.layers.1.self_attn.q_proj"
     tensors[f"{q}.lora_A.weight"] = torch.randn(3, H) * 0.1

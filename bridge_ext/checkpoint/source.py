@@ -28,6 +28,8 @@ stored ``linear_in`` and alpha / dropout from ``run_config.yaml``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +179,17 @@ class CheckpointSource:
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
         rows = self._tp_rows(name, stored)
         return list(torch.split(tensor, rows)) if rows else [tensor]
+
+    @contextmanager
+    def read_ahead(self, names: Iterable[str]) -> Iterator[None]:
+        """Within the block, :meth:`shards` of ``names`` (in this order) was read ahead in a background thread.
+
+        Names this source does not hold are left out (another source reads them).
+        """
+        requests = [(key, self.slices[name].index or None) for name in names if name in self.slices
+                    for key in self.slices[name].keys]
+        with self.reader.read_ahead(requests):
+            yield
 
     # ------------------------------------------------------------------ shapes, without reading
     def shape(self, name: str) -> tuple[int, ...]:
