@@ -66,6 +66,8 @@ def build_megatron_model(
         if rotary_percent is not None:  # see qwen35.qwen3_next_rotary_percent
             provider.rotary_percent = rotary_percent
     else:
+        if getattr(provider, "num_moe_experts", None):
+            qwen35._prepare_config(provider)  # sequential experts, allgather dispatcher, no fusions
         provider.transformer_layer_spec = get_gpt_layer_local_spec(
             num_experts=getattr(provider, "num_moe_experts", None),
             qk_layernorm=bool(getattr(provider, "qk_layernorm", False)),

