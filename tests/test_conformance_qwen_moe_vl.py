@@ -26,19 +26,23 @@ from typing import Callable
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from bridge_ext import export_hf_weights, save_hf_pretrained
 from bridge_ext.cpu import tiny_qwen_moe_vl as tiny
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext.cpu.build import LoraSettings, build_megatron_model
 from bridge_ext.cpu.forward import megatron_logits
 from bridge_ext.engine import PEFT_PREFIX
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
 
+sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+import worker  # noqa: E402  (the layout tests' torchrun script: global LoRA values, every export mode)
+
 MEGATRON_SPELLINGS = ("to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.",
                       "layer_norm_weight", "local_experts", "router", "vision_model", "language_model.decoder")
 PEFT_EXPERT_KEY = re.compile(r"\.mlp\.experts\.(base_layer\.)?lora_[AB]\.weight$")
-LORA = LoraSettings(target_modules=("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"), dim=4, alpha=8)
+LORA = LoraSettings(target_modules=worker.LORA_TARGETS, dim=4, alpha=8)  # every target Megatron-Bridge offers
 SCALE = LORA.alpha / LORA.dim
 
 
@@ -59,7 +63,8 @@ MOE_TYPES = [name for name, kind in TYPES.items() if kind.moe]
 def built(request, megatron_cpu, tmp_path_factory):
     hf_dir = TYPES[request.param].make(tmp_path_factory.mktemp(request.param))
     model = build_megatron_model(hf_dir, lora=LORA)
-    randomize_lora(model.chunks, seed=5, std=0.1)
+    # LoRA values keyed on global names: the parallel runs below hold the same model.
+    worker.set_global_lora(model.chunks, AutoConfig.from_pretrained(str(hf_dir)))
     model.model_type = request.param
     return model
 
@@ -84,8 +89,6 @@ def is_adapter(name: str) -> bool:
 
 
 def test_base_is_bit_exact_and_named_like_transformers(built):
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(str(built.hf_dir))
     original = source_tensors(built.hf_dir)
     exported = dict(export_hf_weights(built.chunks))
@@ -162,3 +165,46 @@ def test_comparison_with_megatron_bridge_exports(built):
     theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
     assert sorted(ours) == sorted(theirs)
     assert [n for n in ours if not torch.equal(ours[n], theirs[n])] == []
+
+
+# One 2-process gloo run: attention and dense layers at TP=2, experts at EP=2 (expert-TP 1), the
+# layout MoE models train with; every export mode and destination of every MoE type.
+PARALLEL_FLAGS = ["--tp", "2", "--ep", "2", "--etp", "1"]
+
+
+@pytest.fixture(scope="module")
+def parallel_run(tmp_path_factory) -> Callable[[Path], list[dict]]:
+    out = tmp_path_factory.mktemp("tp2_ep2")
+    hf_root = tmp_path_factory.mktemp("parallel_hf")
+    hf_dirs = {name: TYPES[name].make(hf_root / name) for name in PARALLEL_TYPES}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(worker.__file__), str(out), *map(str, hf_dirs.values()), *PARALLEL_FLAGS]
+    finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-6000:]
+    return lambda model_type: [torch.load(out / f"{model_type}_{rank}.pt") for rank in range(2)]
+
+
+def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert sorted(got) == sorted(expected), f"{what}: names differ: {sorted(set(got) ^ set(expected))[:6]}"
+    differing = [name for name in expected if not torch.equal(got[name], expected[name])]
+    assert not differing, f"{what}: {len(differing)} tensors differ, e.g. {differing[:4]}"
+
+
+PARALLEL_TYPES = MOE_TYPES
+
+
+@pytest.mark.parametrize("built", PARALLEL_TYPES, indirect=True)
+def test_tp2_ep2_exports_are_bit_identical_to_the_single_process(built, parallel_run):
+    ranks = parallel_run(built.model_type)
+    for mode, kwargs in worker.MODES.items():
+        expected = dict(export_hf_weights(built.chunks, **kwargs))
+        for rank, result in enumerate(ranks):
+            assert_same(result["results"][f"{mode}/all"], expected, f"{mode}/all rank {rank}")
+        assert_same(ranks[0]["results"][f"{mode}/rank0"], expected, f"{mode}/rank0")
+        assert ranks[1]["results"][f"{mode}/rank0"] == {} and ranks[1]["received_bytes"][f"{mode}/rank0"] == 0
+        owned = [rank["results"][f"{mode}/owner"] for rank in ranks]
+        assert not set(owned[0]) & set(owned[1]), f"{mode}/owner: a tensor came out on both ranks"
+        assert_same({**owned[0], **owned[1]}, expected, f"{mode}/owner")
+    saved = ranks[0]["save"]["tensors"]  # save_hf_pretrained in the parallel job: rank 0 writes
+    assert_same(saved, dict(export_hf_weights(built.chunks)), "saved folders")
