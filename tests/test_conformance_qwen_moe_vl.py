@@ -172,17 +172,30 @@ def test_comparison_with_megatron_bridge_exports(built):
 PARALLEL_FLAGS = ["--tp", "2", "--ep", "2", "--etp", "1"]
 
 
+@dataclass(frozen=True)
+class ParallelRun:
+    out: Path
+    hf_dirs: dict[str, Path]
+
+    def ranks(self, model_type: str) -> list[dict]:
+        return [torch.load(self.out / f"{model_type}_{rank}.pt") for rank in range(2)]
+
+    def checkpoint(self, model_type: str, variant: str) -> Path:
+        return self.out / f"{model_type}_ckpt" / variant
+
+
 @pytest.fixture(scope="module")
-def parallel_run(tmp_path_factory) -> Callable[[Path], list[dict]]:
+def parallel_run(tmp_path_factory) -> ParallelRun:
+    """The worker at TP=2 x EP=2 over every MoE type; it also saves torch_dist checkpoints."""
     out = tmp_path_factory.mktemp("tp2_ep2")
     hf_root = tmp_path_factory.mktemp("parallel_hf")
     hf_dirs = {name: TYPES[name].make(hf_root / name) for name in PARALLEL_TYPES}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(worker.__file__), str(out), *map(str, hf_dirs.values()), *PARALLEL_FLAGS]
+               str(worker.__file__), str(out), *map(str, hf_dirs.values()), *PARALLEL_FLAGS, "--checkpoints"]
     finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-6000:]
-    return lambda model_type: [torch.load(out / f"{model_type}_{rank}.pt") for rank in range(2)]
+    return ParallelRun(out, hf_dirs)
 
 
 def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
@@ -196,7 +209,7 @@ PARALLEL_TYPES = MOE_TYPES
 
 @pytest.mark.parametrize("built", PARALLEL_TYPES, indirect=True)
 def test_tp2_ep2_exports_are_bit_identical_to_the_single_process(built, parallel_run):
-    ranks = parallel_run(built.model_type)
+    ranks = parallel_run.ranks(built.model_type)
     for mode, kwargs in worker.MODES.items():
         expected = dict(export_hf_weights(built.chunks, **kwargs))
         for rank, result in enumerate(ranks):
@@ -208,3 +221,22 @@ def test_tp2_ep2_exports_are_bit_identical_to_the_single_process(built, parallel
         assert_same({**owned[0], **owned[1]}, expected, f"{mode}/owner")
     saved = ranks[0]["save"]["tensors"]  # save_hf_pretrained in the parallel job: rank 0 writes
     assert_same(saved, dict(export_hf_weights(built.chunks)), "saved folders")
+
+
+@pytest.mark.parametrize("variant", ["lora", "adapter"])
+@pytest.mark.parametrize("built", PARALLEL_TYPES, indirect=True)
+def test_convert_of_the_tp2_ep2_checkpoint_equals_the_live_export(built, parallel_run, variant, tmp_path):
+    """``bridge-ext convert`` of the full and the adapter-only checkpoint the parallel run saved."""
+    from bridge_ext.convert import convert_checkpoint
+
+    hf_dir = parallel_run.hf_dirs[built.model_type]
+    result = convert_checkpoint(parallel_run.checkpoint(built.model_type, variant), model_dir=tmp_path / "model",
+                                adapter_dir=tmp_path / "adapter", hf_base=hf_dir)
+    written = source_tensors(result.model_dir)
+    written.update(load_file(str(result.adapter_dir / "adapter_model.safetensors")))
+    assert_same(written, dict(export_hf_weights(built.chunks)), f"converted {variant} checkpoint")
+    report = Report()
+    peft_model = load_adapter_strict(load_hf_model(result.model_dir), result.adapter_dir, report)
+    input_ids, extra = inputs_for(built.model_type)
+    compare_logits(hf_logits(peft_model, input_ids, **extra), reference_logits(built, input_ids, extra), report,
+                   what=f"converted {variant}", relative_tolerance=1e-4)
