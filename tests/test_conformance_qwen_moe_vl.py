@@ -55,6 +55,7 @@ class ModelType:
 
 TYPES = {
     "qwen3_moe": ModelType(tiny.tiny_qwen3_moe),
+    "qwen2_moe": ModelType(tiny.tiny_qwen2_moe),
 }
 MOE_TYPES = [name for name, kind in TYPES.items() if kind.moe]
 

@@ -57,6 +57,8 @@ def build_megatron_model(
     from bridge_ext.cpu import qwen35
 
     is_qwen35 = qwen35.is_qwen35(hf_dir)
+    if qwen35.hf_model_type(hf_dir) == "qwen2_moe":
+        import bridge_ext.cpu.qwen2_moe_bridge  # noqa: F401  (registers the bridge Megatron-Bridge lacks)
     bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 else AutoBridge
     bridge = bridge_cls.from_hf_pretrained(str(hf_dir))
     provider = bridge.to_megatron_provider(load_weights=False)
