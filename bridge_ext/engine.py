@@ -90,15 +90,17 @@ def _apply(ops: list[Op], tensors: list[torch.Tensor], dims: ModelDims) -> list[
 
 
 def run_rule(rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, axis: int | None = None,
-             rows_only: bool = False) -> list[torch.Tensor]:
+             rows_only: bool = False, before_merge: bool = False) -> list[torch.Tensor]:
     """Convert one Megatron tensor, given as tensor-parallel shards, with the rule's ops.
 
     ``axis`` overrides the concatenation axis of the shards (LoRA factors are split over
     ranks differently from their base weight); ``rows_only`` skips value-changing ops and is
-    how a ``lora_B`` goes through its base weight's rule.
+    how a ``lora_B`` goes through its base weight's rule. ``before_merge`` (and ``rows_only``)
+    stop before the ``after_merge`` ops; :func:`after_merge` runs them.
     """
     per_rank = [op for op in rule.ops if op.per_rank]
-    global_ops = [op for op in rule.ops if not op.per_rank and not (rows_only and op.changes_values)]
+    global_ops = [op for op in rule.ops if not op.per_rank and not (rows_only and op.changes_values)
+                  and not ((rows_only or before_merge) and op.after_merge)]
     if rule.tp == "replicated" and axis is None:
         shards = shards[:1]
     parts_by_rank = [_apply(per_rank, [shard], dims) for shard in shards]
@@ -108,6 +110,11 @@ def run_rule(rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, axis: i
         cat_axis = axis if axis is not None else (1 if rule.tp == "row" else 0)
         parts = [torch.cat(same_part, dim=cat_axis) for same_part in zip(*parts_by_rank)]
     return _apply(global_ops, parts, dims)
+
+
+def after_merge(rule: Rule, tensors: list[torch.Tensor], dims: ModelDims) -> list[torch.Tensor]:
+    """The rule's ``after_merge`` ops (a layout change LoRA factors do not follow)."""
+    return _apply([op for op in rule.ops if op.after_merge], tensors, dims)
 
 
 def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: ModelDims) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -191,10 +198,10 @@ class TaskConverter:
         adapter = self.adapter_of(task, name)
         factors = self._factors(task, adapter)
         if self.mode is not Mode.ADAPTERS:
-            bases = run_rule(task.rule, self.source.shards(name), self.dims)
-            for index, (hf_name, base) in enumerate(zip(task.hf_names, bases, strict=True)):
-                if self.mode is Mode.MERGED and factors:
-                    base = _merge(base, *factors[index], adapter.scale)
+            bases = run_rule(task.rule, self.source.shards(name), self.dims, before_merge=True)
+            if self.mode is Mode.MERGED and factors:
+                bases = [_merge(base, *pair, adapter.scale) for base, pair in zip(bases, factors, strict=True)]
+            for hf_name, base in zip(task.hf_names, after_merge(task.rule, bases, self.dims), strict=True):
                 yield hf_name, self._cast(base)
         if factors and self.mode is Mode.ADAPTERS:
             for hf_name, (lora_a, lora_b) in zip(task.hf_names, factors, strict=True):
@@ -245,9 +252,10 @@ class TaskConverter:
             expert_factors.append((adapter, factors))
             if self.mode is Mode.ADAPTERS:
                 continue
-            bases = run_rule(task.rule, self.source.shards(name), self.dims)
+            bases = run_rule(task.rule, self.source.shards(name), self.dims, before_merge=True)
             if self.mode is Mode.MERGED and factors:
                 bases = [_merge(base, *pair, adapter.scale) for base, pair in zip(bases, factors)]
+            bases = after_merge(task.rule, bases, self.dims)
             if outputs is None:
                 outputs = [torch.empty((len(task.sources), *base.shape), dtype=self.dtype or base.dtype)
                            for base in bases]

@@ -21,7 +21,7 @@ from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.source import TensorSource
 from bridge_ext.sync import to_host
 
-ExpertLayout = Literal["fused", "per_expert"]
+ExpertLayout = Literal["fused", "per_expert", "fused_transposed"]
 
 
 def resolve_hf_config(model, hf_config=None):
@@ -111,11 +111,25 @@ def source_expert_layouts(folder: Path | None) -> dict[str, ExpertLayout]:
     found: dict[str, ExpertLayout] = {}
     for name in names:
         part = "mtp_experts" if name.startswith("mtp.") else "experts"
-        if ".experts.gate_up_proj" in name:
-            found.setdefault(part, "fused")
+        if name.endswith(".experts.gate_up_proj") and part not in found:
+            found[part] = "fused_transposed" if _stored_transposed(folder, name) else "fused"
         elif re.search(r"\.experts\.\d+\.", name):
             found.setdefault(part, "per_expert")
     return found
+
+
+def _stored_transposed(folder: Path, gate_up_name: str) -> bool:
+    """Whether fused experts are stored ``[E, in, out]`` (``gate_up_proj [E, H, 2I]``).
+
+    Told from the shapes alone: stored ``[E, 2I, H]`` / ``[E, H, I]``, gate_up's last dim equals
+    down's middle one (H); stored transposed, gate_up's middle dim equals down's last (H).
+    """
+    from bridge_ext.verify import folder_tensor_names
+
+    down_name = gate_up_name.removesuffix("gate_up_proj") + "down_proj"
+    shapes = folder_tensor_names(folder)
+    gate_up, down = shapes[gate_up_name], shapes.get(down_name)
+    return down is not None and gate_up[-2] == down[-1]
 
 
 @dataclass

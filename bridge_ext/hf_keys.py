@@ -45,7 +45,13 @@ Facts per model type (transformers 5.23.0, checked by ``tests/test_hf_keys.py`` 
   ``"per_expert"`` (default) -- what ``save_pretrained`` of a freshly built model writes;
   ``"fused"`` -- ``<...>.mlp.experts.gate_up_proj`` ``[E, 2I, H]`` and ``.down_proj``
   ``[E, H, I]`` (no ``.weight`` suffix): what a model loaded from a fused checkpoint re-saves, and
-  the other layout transformers' loader accepts.
+  the other layout transformers' loader accepts;
+  ``"fused_transposed"`` -- the same names, each expert's matrix stored ``[in, out]``
+  (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``): the published Qwen3-VL-MoE checkpoints.
+  transformers' qwen3_vl_moe conversion transposes them on load (``Transpose(1, 2,
+  check_dims=True)``: only when the shape differs from the parameter's, so a model with
+  ``hidden_size == 2 * moe_intermediate_size`` would load them untransposed); its reverse on
+  save is then a no-op, so ``save_pretrained`` writes ``"fused"``.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from typing import Literal
 
 import torch
 
-ExpertLayout = Literal["per_expert", "fused"]
+ExpertLayout = Literal["per_expert", "fused", "fused_transposed"]
 
 #: model_type -> the transformers class whose checkpoint names are meant.
 MODEL_CLASSES: dict[str, str] = {
@@ -72,6 +78,7 @@ MODEL_CLASSES: dict[str, str] = {
 #: text-only model types whose conversion mapping carries PrefixChange(language_model -> model).
 LANGUAGE_MODEL_PREFIX_TYPES = ("qwen3_5_text", "qwen3_5_moe_text")
 
+_FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(?P<mod>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -143,8 +150,8 @@ def hf_checkpoint_keys(
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    if expert_layout not in ("per_expert", "fused"):
-        raise ValueError(f"expert_layout must be 'per_expert' or 'fused', got {expert_layout!r}")
+    if expert_layout not in ("per_expert", "fused", "fused_transposed"):
+        raise ValueError(f"expert_layout must be 'per_expert', 'fused' or 'fused_transposed', got {expert_layout!r}")
     if language_model_prefix and config.model_type not in LANGUAGE_MODEL_PREFIX_TYPES:
         raise ValueError(
             f"language_model_prefix applies to {LANGUAGE_MODEL_PREFIX_TYPES} only, not {config.model_type!r}"
@@ -158,8 +165,10 @@ def hf_checkpoint_keys(
     state_dict = revert_weight_conversion(model, state_dict)
     keys = {name: tuple(t.shape) for name, t in state_dict.items()}
 
-    if expert_layout == "fused":
+    if expert_layout != "per_expert":
         keys = _fuse_experts(keys)
+    if expert_layout == "fused_transposed":
+        keys = {name: (*shape[:-2], shape[-1], shape[-2]) if _FUSED.search(name) else shape for name, shape in keys.items()}
     if language_model_prefix:
         keys = {
             (f"model.language_model.{k[len('model.'):]}" if k.startswith("model.") else k): v

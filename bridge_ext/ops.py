@@ -40,10 +40,16 @@ def _proportional_rows(rows: int, sizes: tuple[Size, ...], dims: ModelDims) -> l
 
 
 class Op:
-    """Base class: one step of a rule."""
+    """Base class: one step of a rule.
+
+    ``after_merge`` operations (a transpose) change a base weight's layout in a way its LoRA
+    factors cannot follow: they come last in a rule, run after the LoRA delta is merged, and
+    adapters keep the layout before them (the one a model holds in memory, which PEFT adapts).
+    """
 
     per_rank: ClassVar[bool] = False
     changes_values: ClassVar[bool] = False
+    after_merge: ClassVar[bool] = False
 
     def forward(self, tensors: list[torch.Tensor], dims: ModelDims) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -183,6 +189,23 @@ class InterleaveRows(Op):
         pairs = merged.reshape(merged.shape[0] // (2 * block), 2, block, *merged.shape[1:])
         first, second = (pairs[:, i].reshape(-1, *merged.shape[1:]) for i in range(2))
         return [first, second, *rest]
+
+
+@dataclass(frozen=True)
+class TransposeLast(Op):
+    """Swap the last two dims of every tensor: ``[out, in]`` -> ``[in, out]``.
+
+    Qwen3-VL-MoE checkpoints store each expert of the fused ``gate_up_proj`` / ``down_proj``
+    as ``[in, out]`` (``x @ W``); transformers transposes on load, to ``nn.Linear``'s ``[out, in]``.
+    """
+
+    after_merge: ClassVar[bool] = True
+
+    def forward(self, tensors, dims):
+        return [tensor.transpose(-2, -1).contiguous() for tensor in tensors]
+
+    def reverse(self, tensors, dims):
+        return self.forward(tensors, dims)
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,14 @@ class Rule:
         self._validate()
 
     def _validate(self) -> None:
-        seen_global = False
+        seen_global = seen_after_merge = False
         for op in self.ops:
             if op.per_rank and seen_global:
                 raise ValueError(f"{self.megatron}: per-rank operations must come first")
+            if seen_after_merge and not op.after_merge:
+                raise ValueError(f"{self.megatron}: operations that run after merging must come last")
             seen_global = seen_global or not op.per_rank
+            seen_after_merge = seen_after_merge or op.after_merge
         if self.tp == "row" and any(op.per_rank for op in self.ops):
             raise ValueError(f"{self.megatron}: row-parallel rules cannot split rows per rank")
         megatron_wildcards = set(self.megatron_pattern.wildcards)

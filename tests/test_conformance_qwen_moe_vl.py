@@ -32,15 +32,20 @@ from bridge_ext import export_hf_weights, save_hf_pretrained
 from bridge_ext.cpu import tiny_qwen_moe_vl as tiny
 from bridge_ext.cpu.build import LoraSettings, build_megatron_model
 from bridge_ext.cpu.forward import megatron_logits
+from bridge_ext.cpu.tiny_models import tiny_vl_inputs
 from bridge_ext.engine import PEFT_PREFIX
+from bridge_ext.export import source_expert_layouts
+from bridge_ext.dims import ModelDims
 from bridge_ext.hf_keys import hf_checkpoint_keys
+from bridge_ext.ops import SplitGroupedRows
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 import worker  # noqa: E402  (the layout tests' torchrun script: global LoRA values, every export mode)
 
-MEGATRON_SPELLINGS = ("to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.",
-                      "layer_norm_weight", "local_experts", "router", "vision_model", "language_model.decoder")
+# Megatron spellings no Hugging Face name of these types contains (HF's Qwen3-VL vision MLP is linear_fc1 too).
+MEGATRON_SPELLINGS = ("to_wrap", "decoder.", "linear_qkv", "linear_proj", ".adapter.", "layer_norm_weight",
+                      "local_experts", "router", "vision_model", "embedding.", "output_layer", "shared_experts")
 PEFT_EXPERT_KEY = re.compile(r"\.mlp\.experts\.(base_layer\.)?lora_[AB]\.weight$")
 LORA = LoraSettings(target_modules=worker.LORA_TARGETS, dim=4, alpha=8)  # every target Megatron-Bridge offers
 SCALE = LORA.alpha / LORA.dim
@@ -51,11 +56,16 @@ class ModelType:
     make: Callable[[Path], Path]
     moe: bool = True
     vl: bool = False
+    experts_on_disk: str = "per_expert"  # transformers' save-time layout of the experts
+    other_layouts: tuple[str, ...] = ()  # further base expert layouts transformers loads
 
 
 TYPES = {
     "qwen3_moe": ModelType(tiny.tiny_qwen3_moe),
     "qwen2_moe": ModelType(tiny.tiny_qwen2_moe),
+    "qwen3_vl_moe": ModelType(lambda d: tiny.tiny_qwen3_vl(d, moe=True), vl=True, experts_on_disk="fused",
+                              other_layouts=("fused_transposed",)),  # the published checkpoints' layout
+    "qwen3_vl": ModelType(tiny.tiny_qwen3_vl, moe=False, vl=True),
 }
 MOE_TYPES = [name for name, kind in TYPES.items() if kind.moe]
 
@@ -78,11 +88,31 @@ def source_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def inputs_for(model_type: str) -> tuple[torch.Tensor, dict]:
+    if TYPES[model_type].vl:  # two prompts with one 16x16 image each
+        inputs = tiny_vl_inputs(batch=2)
+        return inputs.pop("input_ids"), inputs
     return torch.randint(3, 120, (2, 24), generator=torch.Generator().manual_seed(1)), {}
 
 
 def reference_logits(built, input_ids: torch.Tensor, extra: dict) -> torch.Tensor:
-    return megatron_logits(built.chunks, input_ids)
+    """The Megatron model's own logits.
+
+    Megatron-Bridge's patch mergers (final and deepstack) use tanh-approximate GELU where
+    Hugging Face's use the exact one (~5e-5 of the largest logit on the tiny models); to compare
+    weights, both sides compute the same function (as in tests/test_export_qwen35.py).
+    """
+    if not TYPES[built.model_type].vl:
+        return megatron_logits(built.chunks, input_ids)
+    vision = built.chunks[0].vision_model
+    mergers = [vision.merger, *getattr(vision.decoder, "deepstack_merger_list", [])]
+    approximate = [merger.activation_func for merger in mergers]
+    try:
+        for merger in mergers:
+            merger.activation_func = torch.nn.functional.gelu
+        return megatron_logits(built.chunks, input_ids, **{k: v for k, v in extra.items() if k != "mm_token_type_ids"})
+    finally:
+        for merger, function in zip(mergers, approximate):
+            merger.activation_func = function
 
 
 def is_adapter(name: str) -> bool:
@@ -98,7 +128,8 @@ def test_base_is_bit_exact_and_named_like_transformers(built):
     assert [name for name in original if not torch.equal(base[name], original[name])] == []
     for name in exported:
         assert not any(spelling in name.removeprefix(PEFT_PREFIX) for spelling in MEGATRON_SPELLINGS), name
-    if TYPES[built.model_type].moe:  # the in-memory (fused) layout holds the same experts
+    kind = TYPES[built.model_type]
+    if kind.moe and kind.experts_on_disk == "per_expert":  # the in-memory (fused) layout holds the same experts
         fused = dict(export_hf_weights(built.chunks, expert_layout="fused", adapters_only=False))
         fused_base = {name: tensor for name, tensor in fused.items() if not is_adapter(name)}
         assert sorted(fused_base) == sorted(hf_checkpoint_keys(config, expert_layout="fused"))
@@ -123,8 +154,17 @@ def test_peft_loads_the_adapter_strictly_and_both_folders_give_megatron_logits(b
                    what=f"{built.model_type} merged", relative_tolerance=1e-4)
     without = hf_logits(load_hf_model(tmp_path / "model"), input_ids, **extra)
     assert (without - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+    for layout in TYPES[built.model_type].other_layouts:  # written in that layout, loaded by transformers
+        save_hf_pretrained(built.chunks, tmp_path / layout, merge=True, expert_layout=layout)
+        assert source_expert_layouts(tmp_path / layout) == {"experts": layout}
+        check_model_folder(tmp_path / layout, report)
+        compare_logits(hf_logits(load_hf_model(tmp_path / layout), input_ids, **extra), reference, report,
+                       what=f"{built.model_type} merged, experts {layout}", relative_tolerance=1e-4)
+    adapter_keys = list(load_file(str(tmp_path / "adapter/adapter_model.safetensors")))
     if TYPES[built.model_type].moe:  # PEFT wrapped the experts: its own merge is checked below
-        assert any(PEFT_EXPERT_KEY.search(name) for name in load_file(str(tmp_path / "adapter/adapter_model.safetensors")))
+        assert any(PEFT_EXPERT_KEY.search(name) for name in adapter_keys)
+    if TYPES[built.model_type].vl:  # LoRA on the vision tower too
+        assert any(".visual.blocks." in name for name in adapter_keys)
 
 
 @pytest.mark.parametrize("built", MOE_TYPES, indirect=True)
@@ -134,25 +174,29 @@ def test_peft_3d_expert_packing_equals_a_merge_per_expert(built, tmp_path):
     save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")
     peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", Report())
     merged = dict(peft_model.merge_and_unload().named_parameters())
-    per_expert = dict(export_hf_weights(built.chunks, expert_layout="per_expert", expert_adapter_layout="per_expert"))
-    pattern = re.compile(r"^(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+    source = dict(load_hf_model(built.hf_dir).named_parameters())  # transformers' own in-memory experts
+    per_expert = dict(export_hf_weights(built.chunks, adapters_only=True, expert_adapter_layout="per_expert"))
+    pattern = re.compile(r"^(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
     checked = 0
-    for name, weight in per_expert.items():
-        found = pattern.match(name)
-        if found is None:
+    for name, lora_a in per_expert.items():
+        found = pattern.match(name.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight"))
+        if found is None or not name.endswith("lora_A.weight"):
             continue
-        module = name.removesuffix(".weight")
-        lora_a, lora_b = (per_expert[f"{PEFT_PREFIX}{module}.lora_{f}.weight"] for f in "AB")
-        expected = weight + SCALE * lora_b @ lora_a
-        expert, proj = int(found["e"]), found["proj"]
-        if proj == "down_proj":
-            got = merged[f"{found['experts']}.down_proj"][expert]
-        else:
-            gate_up = merged[f"{found['experts']}.gate_up_proj"][expert]
-            got = gate_up.chunk(2)[0 if proj == "gate_proj" else 1]
-        torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+        expert, proj, experts = int(found["e"]), found["proj"], found["experts"]
+        lora_b = per_expert[name.replace("lora_A", "lora_B")]
+        fused = "down_proj" if proj == "down_proj" else "gate_up_proj"
+        rows = slice(None) if proj == "down_proj" else source[f"{experts}.{fused}"][expert].chunk(2)[0].shape[0]
+        part = (slice(None) if proj == "down_proj" else slice(0, rows) if proj == "gate_proj" else slice(rows, None))
+        expected = source[f"{experts}.{fused}"][expert][part] + SCALE * lora_b @ lora_a
+        torch.testing.assert_close(merged[f"{experts}.{fused}"][expert][part], expected, rtol=0, atol=2e-6)
         checked += 1
     assert checked == 3 * 4 * 2  # 3 projections x 4 experts x 2 layers
+
+
+# Megatron-Bridge emits the vision attn.qkv lora_B in Megatron's per-head [q_h; k_h; v_h] row
+# order (its merged export adds that delta to the de-interleaved base); ours follow the base's
+# [Q; K; V] (the logits tests above are the judge).
+MB_VISION_QKV = re.compile(r"\.visual\.blocks\.\d+\.attn\.qkv\.(lora_B\.)?weight$")
 
 
 def test_comparison_with_megatron_bridge_exports(built):
@@ -160,12 +204,22 @@ def test_comparison_with_megatron_bridge_exports(built):
     ours_merged = dict(export_hf_weights(built.chunks, peft=False))
     theirs_merged = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
     assert sorted(ours_merged) == sorted(theirs_merged)
-    assert [n for n in ours_merged if not torch.equal(ours_merged[n], theirs_merged[n])] == []
     ours = {n.removeprefix(PEFT_PREFIX): t for n, t in
             export_hf_weights(built.chunks, adapters_only=True, expert_adapter_layout="per_expert")}
     theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
     assert sorted(ours) == sorted(theirs)
-    assert [n for n in ours if not torch.equal(ours[n], theirs[n])] == []
+    expected = sorted(n for n in [*ours, *ours_merged] if MB_VISION_QKV.search(n))
+    assert sorted([n for n in ours_merged if not torch.equal(ours_merged[n], theirs_merged[n])]
+                  + [n for n in ours if not torch.equal(ours[n], theirs[n])]) == expected
+    base = dict(export_hf_weights(built.chunks)) if expected else {}
+    head_dim = ModelDims.from_hf_config(AutoConfig.from_pretrained(str(built.hf_dir)))["vision_head_dim"] if expected else 0
+    for name in (n for n in expected if "lora_B" in n):
+        per_head = SplitGroupedRows(head_dim, head_dim, head_dim).reverse(list(ours[name].chunk(3)), None)[0]
+        assert torch.equal(theirs[name], per_head)
+        weight = name.replace("lora_B.weight", "weight")
+        their_delta = theirs_merged[weight] - base[weight]
+        torch.testing.assert_close(their_delta, SCALE * theirs[name] @ ours[name.replace("lora_B", "lora_A")],
+                                   rtol=0, atol=1e-6)
 
 
 # One 2-process gloo run: attention and dense layers at TP=2, experts at EP=2 (expert-TP 1), the

@@ -26,7 +26,7 @@ MODES = {  # mode -> export_hf_weights keyword arguments
     "peft": dict(peft=True),
     "merged": dict(peft=False),
     "adapters": dict(adapters_only=True),
-    "per_expert": dict(peft=True, expert_layout="per_expert", expert_adapter_layout="per_expert"),
+    "per_expert": dict(peft=True, expert_adapter_layout="per_expert"),  # base in the source's expert layout
 }
 
 
