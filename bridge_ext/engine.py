@@ -15,12 +15,13 @@ from enum import Enum
 import torch
 
 from bridge_ext.dims import ModelDims
-from bridge_ext.errors import ExportError
+from bridge_ext.errors import ExportError, RuleError
 from bridge_ext.ops import Op
+from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import Adapter, TensorSource
 from bridge_ext.table import MappingTable, Rule
 
-PEFT_PREFIX = "base_model.model."
+__all__ = ["PEFT_PREFIX", "ExportError", "Mode", "Task", "TaskConverter", "convert_tasks", "plan_tasks", "run_rule"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class Task:
         """The Megatron module a LoRA adapter of this task would wrap."""
         first = self.sources[0]
         return first[: -len(".weight")] if first.endswith(".weight") else None
+
+
+def describe(task: Task, source: str | None = None) -> str:
+    """``megatron name -> [hf names]`` of a task, for error messages."""
+    return f"{source or task.sources[0]} -> {list(task.hf_names)}"
 
 
 class Mode(Enum):
@@ -66,7 +72,8 @@ def plan_tasks(names: list[str], table: MappingTable, variants: frozenset[str] =
         group_rules[key] = (found.rule, kept)
     if unmapped:
         raise ExportError(
-            f"{len(unmapped)} Megatron parameter(s) have no rule in the {table.model_types} table: "
+            f"{len(unmapped)} Megatron parameter(s) or persistent buffer(s) have no rule in the "
+            f"{table.model_types} table: "
             + ", ".join(unmapped)
         )
     tasks = []
@@ -83,64 +90,84 @@ def plan_tasks(names: list[str], table: MappingTable, variants: frozenset[str] =
     return tasks
 
 
-def _apply(ops: list[Op], tensors: list[torch.Tensor], dims: ModelDims) -> list[torch.Tensor]:
-    for op in ops:
-        tensors = op.forward(tensors, dims)
+def apply_ops(rule: Rule, ops: list[Op], tensors: list[torch.Tensor], dims: ModelDims, *, reverse: bool = False,
+              what: str | None = None) -> list[torch.Tensor]:
+    """``ops`` (forward, or reversed in reverse) on ``tensors``; an operation that cannot
+    convert them raises :class:`RuleError` naming the rule, ``what`` (the tensors concerned)
+    and the shapes."""
+    for op in reversed(ops) if reverse else ops:
+        try:
+            tensors = op.reverse(tensors, dims) if reverse else op.forward(tensors, dims)
+        except (ValueError, RuntimeError, KeyError) as error:
+            detail = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise RuleError(
+                f"{what or rule.megatron}: {type(op).__name__}{'.reverse' if reverse else ''} of the rule "
+                f"{rule.megatron} -> {list(rule.hf)} cannot convert shapes {[tuple(t.shape) for t in tensors]}: {detail}"
+            ) from None
     return tensors
 
 
 def run_rule(rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, axis: int | None = None,
-             rows_only: bool = False, before_merge: bool = False) -> list[torch.Tensor]:
+             rows_only: bool = False, what: str | None = None) -> list[torch.Tensor]:
     """Convert one Megatron tensor, given as tensor-parallel shards, with the rule's ops.
 
     ``axis`` overrides the concatenation axis of the shards (LoRA factors are split over
-    ranks differently from their base weight); ``rows_only`` skips value-changing ops and is
-    how a ``lora_B`` goes through its base weight's rule. ``before_merge`` (and ``rows_only``)
-    stop before the ``after_merge`` ops; :func:`after_merge` runs them.
+    ranks differently from their base weight); ``rows_only`` skips value-changing ops and a
+    final transpose, and is how a ``lora_B`` goes through its base weight's rule. ``what``
+    names the tensors in errors (e.g. ``"decoder.layers.3.x.weight -> ['model.layers.3.y']"``).
     """
     per_rank = [op for op in rule.ops if op.per_rank]
-    global_ops = [op for op in rule.ops if not op.per_rank and not (rows_only and op.changes_values)
-                  and not ((rows_only or before_merge) and op.after_merge)]
+    global_ops = [op for op in rule.ops
+                  if not op.per_rank and not (rows_only and (op.changes_values or op.transposes))]
     if rule.tp == "replicated" and axis is None:
         shards = shards[:1]
-    parts_by_rank = [_apply(per_rank, [shard], dims) for shard in shards]
+    parts_by_rank = [apply_ops(rule, per_rank, [shard], dims, what=what) for shard in shards]
     if len(parts_by_rank) == 1:
         parts = parts_by_rank[0]
     else:
         cat_axis = axis if axis is not None else (1 if rule.tp == "row" else 0)
-        parts = [torch.cat(same_part, dim=cat_axis) for same_part in zip(*parts_by_rank)]
-    return _apply(global_ops, parts, dims)
+        try:
+            parts = [torch.cat(same_part, dim=cat_axis) for same_part in zip(*parts_by_rank)]
+        except RuntimeError as error:
+            raise RuleError(f"{what or rule.megatron}: its tensor-parallel shards "
+                            f"{[tuple(shard.shape) for shard in shards]} do not join: {error}") from None
+    return apply_ops(rule, global_ops, parts, dims, what=what)
 
 
-def after_merge(rule: Rule, tensors: list[torch.Tensor], dims: ModelDims) -> list[torch.Tensor]:
-    """The rule's ``after_merge`` ops (a layout change LoRA factors do not follow)."""
-    return _apply([op for op in rule.ops if op.after_merge], tensors, dims)
-
-
-def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: ModelDims) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: ModelDims,
+                  what: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(lora_A, lora_B) for each Hugging Face output of ``rule``.
 
     Megatron-Bridge shards ``B`` over rows for every base, and ``A`` over rows (the rank
     dimension) for column-parallel bases, over columns for row-parallel ones. ``B`` takes the
-    base's row operations; ``A`` is shared by every output.
+    base's row operations; ``A`` is shared by every output. A final transpose swaps the
+    factors' roles for module weights (``A' = B^T``, ``B' = A^T``); a stacked (fused
+    parameter) output keeps the untransposed factors, as PEFT does (see :mod:`bridge_ext.ops`).
     """
     if rule.changes_values:
         raise ExportError(f"{adapter.module} has a LoRA adapter but its rule changes values ({rule.megatron})")
     a_shards = source.shards(adapter.lora_a)
     lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards, dim=1 if rule.tp == "row" else 0)
-    lora_bs = run_rule(rule, source.shards(adapter.lora_b), dims, axis=0, rows_only=True)
+    lora_bs = run_rule(rule, source.shards(adapter.lora_b), dims, axis=0, rows_only=True,
+                       what=f"{adapter.lora_b} (LoRA B of {what or adapter.module})")
+    if rule.transposes and not rule.stack:
+        return [(lora_b.t().contiguous(), lora_a.t().contiguous()) for lora_b in lora_bs]
     return [(lora_a, lora_b) for lora_b in lora_bs]
 
 
 MERGE_BLOCK_BYTES = 1 << 20
 
 
-def _merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``W + scale * B @ A`` in fp32, cast back to the base dtype.
+def _merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *,
+           transposed: bool = False) -> torch.Tensor:
+    """``W + scale * B @ A`` (``W + scale * (B @ A)^T`` when ``transposed``) in fp32, cast
+    back to the base dtype.
 
     The same roundings as ``base.float() + scale * (B @ A)``, computed in place on the
     product; on CPU a block of rows at a time, so that the fp32 rows stay in cache.
     """
+    if transposed:
+        return _merge(base.t(), lora_a, lora_b, scale).t()
     lora_a, lora_b = lora_a.float(), lora_b.float()
     rows = max(1, MERGE_BLOCK_BYTES // (4 * base.shape[1])) if base.device.type == "cpu" else base.shape[0]
     if rows >= base.shape[0]:
@@ -156,33 +183,49 @@ def _merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale
 
 def convert_tasks(source: TensorSource, converter: TaskConverter,
                   tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``converter`` over ``tasks``; a source that spans processes (``convert_tasks``) drives it."""
-    drive = getattr(source, "convert_tasks", None)
-    if drive is not None:
-        yield from drive(converter, tasks)
-        return
-    for task in tasks:
-        yield from converter(task)
+    """``converter`` over ``tasks``, driven by the source (a parallel one moves shards first)."""
+    yield from source.convert_tasks(converter, tasks)
 
 
-def peft_key(hf_name: str, factor: str) -> str:
-    """PEFT's saved key of ``lora_A``/``lora_B`` for the Hugging Face weight ``hf_name``."""
-    if not hf_name.endswith(".weight"):
-        raise ExportError(f"{hf_name} is not a module weight; PEFT keys it as a target parameter")
-    return f"{PEFT_PREFIX}{hf_name[: -len('.weight')]}.{factor}.weight"
+class MetaSource:
+    """A source's tensors as meta tensors of their shard shapes (nothing is read), recording
+    every name read, in order: a conversion run on it checks every shape and split and
+    records exactly what the real run will read."""
+
+    def __init__(self, source: TensorSource):
+        self.source = source
+        self.read: list[str] = []
+
+    def base_names(self) -> list[str]:
+        return self.source.base_names()
+
+    def adapters(self) -> dict[str, Adapter]:
+        return self.source.adapters()
+
+    def shard_shapes(self, name: str) -> list[tuple[int, ...]]:
+        return self.source.shard_shapes(name)
+
+    def shards(self, name: str) -> list[torch.Tensor]:
+        self.read.append(name)
+        return [torch.empty(shape, device="meta") for shape in self.source.shard_shapes(name)]
+
+    def convert_tasks(self, converter: TaskConverter, tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
+        for task in tasks:
+            yield from converter(task)
 
 
 class TaskConverter:
     """Converts planned tasks of one model; yields ``(name, tensor)`` pairs."""
 
     def __init__(self, source: TensorSource, dims: ModelDims, mode: Mode, dtype: torch.dtype | None = None,
-                 expert_adapters=None):
+                 expert_adapters=None, recorded: dict[int, list[str]] | None = None):
         self.source = source
         self.dims = dims
         self.mode = mode
         self.dtype = dtype
         self.adapters = source.adapters()
         self.expert_adapters = expert_adapters
+        self._recorded = recorded if recorded is not None else {}  # id(task) -> reads
 
     def adapter_of(self, task: Task, source_name: str) -> Adapter | None:
         module = source_name[: -len(".weight")] if source_name.endswith(".weight") else None
@@ -198,34 +241,39 @@ class TaskConverter:
         adapter = self.adapter_of(task, name)
         factors = self._factors(task, adapter)
         if self.mode is not Mode.ADAPTERS:
-            bases = run_rule(task.rule, self.source.shards(name), self.dims, before_merge=True)
-            if self.mode is Mode.MERGED and factors:
-                bases = [_merge(base, *pair, adapter.scale) for base, pair in zip(bases, factors, strict=True)]
-            for hf_name, base in zip(task.hf_names, after_merge(task.rule, bases, self.dims), strict=True):
+            bases = run_rule(task.rule, self.source.shards(name), self.dims, what=describe(task))
+            for index, (hf_name, base) in enumerate(zip(task.hf_names, bases, strict=True)):
+                if self.mode is Mode.MERGED and factors:
+                    base = _merge(base, *factors[index], adapter.scale)
                 yield hf_name, self._cast(base)
         if factors and self.mode is Mode.ADAPTERS:
             for hf_name, (lora_a, lora_b) in zip(task.hf_names, factors, strict=True):
-                yield peft_key(hf_name, "lora_A"), self._cast(lora_a)
-                yield peft_key(hf_name, "lora_B"), self._cast(lora_b)
+                yield peft_key(hf_name, LORA_A), self._cast(lora_a)
+                yield peft_key(hf_name, LORA_B), self._cast(lora_b)
+
+    def dry_run(self, task: Task) -> tuple[list[str], list[tuple[str, tuple[int, ...]]]]:
+        """Convert ``task`` on meta tensors: the names it reads, in order (repeats kept), and
+        the ``(name, shape)`` it yields. Raises what the real conversion would raise on shapes."""
+        meta = MetaSource(self.source)
+        converter = TaskConverter(meta, self.dims, self.mode, self.dtype, self.expert_adapters)
+        outputs = [(name, tuple(tensor.shape)) for name, tensor in converter(task)]
+        self._recorded[id(task)] = meta.read
+        return meta.read, outputs
 
     def reads(self, task: Task) -> list[str]:
-        """The source names ``self(task)`` reads, in the order it reads them (repeats kept).
+        """The source names ``self(task)`` reads, in the order it reads them (repeats kept),
+        recorded from a run on meta tensors (see :meth:`dry_run`), so the two cannot drift.
 
         Lets a source that moves tensors between processes schedule them ahead.
         """
-        names = list(task.sources) if task.rule.shared else []  # _check_copies_equal
-        for name in task.sources if task.rule.stack else task.sources[:1]:
-            adapter = self.adapter_of(task, name)
-            if adapter is not None and self.mode is not Mode.BASE:
-                names += [adapter.lora_a, adapter.lora_b]
-            if self.mode is not Mode.ADAPTERS:
-                names.append(name)
-        return names
+        if id(task) not in self._recorded:
+            self.dry_run(task)
+        return self._recorded[id(task)]
 
     def _factors(self, task: Task, adapter: Adapter | None):
         if adapter is None or self.mode is Mode.BASE:
             return None
-        return _lora_factors(task.rule, adapter, self.source, self.dims)
+        return _lora_factors(task.rule, adapter, self.source, self.dims, describe(task))
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.dtype is None else tensor.to(self.dtype)
@@ -234,7 +282,9 @@ class TaskConverter:
         first = self.source.shards(task.sources[0])
         for other_name in task.sources[1:]:
             other = self.source.shards(other_name)
-            if any(not torch.equal(a, b) for a, b in zip(first, other, strict=True)):
+            if [tuple(a.shape) for a in first] != [tuple(b.shape) for b in other]:
+                raise ExportError(f"{task.hf_names}: Megatron's copies {task.sources[0]} and {other_name} differ in shape")
+            if not first[0].is_meta and any(not torch.equal(a, b) for a, b in zip(first, other, strict=True)):
                 raise ExportError(
                     f"{task.hf_names} has one tensor in Hugging Face's format, but Megatron's "
                     f"{task.sources[0]} and {other_name} differ; refusing to drop either"
@@ -252,13 +302,13 @@ class TaskConverter:
             expert_factors.append((adapter, factors))
             if self.mode is Mode.ADAPTERS:
                 continue
-            bases = run_rule(task.rule, self.source.shards(name), self.dims, before_merge=True)
+            bases = run_rule(task.rule, self.source.shards(name), self.dims, what=describe(task, name))
             if self.mode is Mode.MERGED and factors:
-                bases = [_merge(base, *pair, adapter.scale) for base, pair in zip(bases, factors)]
-            bases = after_merge(task.rule, bases, self.dims)
+                bases = [_merge(base, *pair, adapter.scale, transposed=task.rule.transposes)
+                         for base, pair in zip(bases, factors)]
             if outputs is None:
-                outputs = [torch.empty((len(task.sources), *base.shape), dtype=self.dtype or base.dtype)
-                           for base in bases]
+                outputs = [torch.empty((len(task.sources), *base.shape), dtype=self.dtype or base.dtype,
+                                       device=base.device) for base in bases]
             for output, base in zip(outputs, bases, strict=True):
                 output[expert].copy_(base)
         if outputs is not None:

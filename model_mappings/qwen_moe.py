@@ -11,9 +11,12 @@ Hugging Face names ``model.layers.{i}.*``. transformers v5 keeps the experts fus
 both are variants of the ``experts`` family.
 """
 
-from bridge_ext.table import MappingTable, prefixed, rule
+from bridge_ext.table import ExpertFamily, MappingTable, prefixed, rule
 from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm
-from model_mappings.qwen3_5 import routed_experts
+from model_mappings.qwen3_5 import EXPERT_PARAMETERS, routed_experts
+
+# Qwen3MoeExperts / Qwen2MoeExperts register gate_up_proj, then down_proj.
+EXPERTS = ExpertFamily("experts", EXPERT_PARAMETERS)
 
 
 def _moe_layer(*, shared_expert: bool) -> list:
@@ -21,7 +24,7 @@ def _moe_layer(*, shared_expert: bool) -> list:
         *attention(qkv_bias=shared_expert),
         *post_attention_norm(),
         rule("mlp.router.weight", "mlp.gate.weight", tp="replicated"),
-        *routed_experts("experts"),
+        *routed_experts(EXPERTS),
     ]
     if shared_expert:
         rules += [
@@ -43,10 +46,17 @@ QWEN3_MOE = MappingTable(
     model_types=("qwen3_moe",),
     rules=_decoder(shared_expert=False),
     description="Qwen3-MoE causal LM (q/k norms, routed experts)",
+    model_classes={"qwen3_moe": "Qwen3MoeForCausalLM"},
+    expert_families=(EXPERTS,),
+    # vLLM's Qwen3MoeForCausalLM is no is_3d_moe_weight model: experts.{e}.gate_proj LoRA.
+    vllm_expert_adapter_layout="per_expert",
 )
 
 QWEN2_MOE = MappingTable(
     model_types=("qwen2_moe",),
     rules=_decoder(shared_expert=True),
     description="Qwen2-MoE causal LM (qkv bias, routed experts, sigmoid-gated shared expert)",
+    model_classes={"qwen2_moe": "Qwen2MoeForCausalLM"},
+    expert_families=(EXPERTS,),
+    vllm_expert_adapter_layout="per_expert",  # vLLM's Qwen2MoeForCausalLM: no is_3d_moe_weight
 )

@@ -38,6 +38,7 @@ from bridge_ext.export import source_expert_layouts
 from bridge_ext.dims import ModelDims
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.ops import SplitGroupedRows
+from model_mappings import table_for
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
@@ -58,13 +59,14 @@ class ModelType:
     vl: bool = False
     experts_on_disk: str = "per_expert"  # transformers' save-time layout of the experts
     other_layouts: tuple[str, ...] = ()  # further base expert layouts transformers loads
+    vllm_adapters: str = "per_expert"  # vLLM's expert LoRA: 3-D ("fused") for is_3d_moe_weight models
 
 
 TYPES = {
     "qwen3_moe": ModelType(tiny.tiny_qwen3_moe),
     "qwen2_moe": ModelType(tiny.tiny_qwen2_moe),
     "qwen3_vl_moe": ModelType(lambda d: tiny.tiny_qwen3_vl(d, moe=True), vl=True, experts_on_disk="fused",
-                              other_layouts=("fused_transposed",)),  # the published checkpoints' layout
+                              other_layouts=("fused_transposed",), vllm_adapters="fused"),
     "qwen3_vl": ModelType(tiny.tiny_qwen3_vl, moe=False, vl=True),
 }
 MOE_TYPES = [name for name, kind in TYPES.items() if kind.moe]
@@ -120,6 +122,7 @@ def is_adapter(name: str) -> bool:
 
 
 def test_base_is_bit_exact_and_named_like_transformers(built):
+    kind = TYPES[built.model_type]
     config = AutoConfig.from_pretrained(str(built.hf_dir))
     original = source_tensors(built.hf_dir)
     exported = dict(export_hf_weights(built.chunks))
@@ -128,7 +131,8 @@ def test_base_is_bit_exact_and_named_like_transformers(built):
     assert [name for name in original if not torch.equal(base[name], original[name])] == []
     for name in exported:
         assert not any(spelling in name.removeprefix(PEFT_PREFIX) for spelling in MEGATRON_SPELLINGS), name
-    kind = TYPES[built.model_type]
+    per_expert_adapters = any(re.search(r"\.experts\.\d+\.", n) for n in exported if is_adapter(n))
+    assert per_expert_adapters == (kind.moe and kind.vllm_adapters == "per_expert")  # live export: vLLM's layout
     if kind.moe and kind.experts_on_disk == "per_expert":  # the in-memory (fused) layout holds the same experts
         fused = dict(export_hf_weights(built.chunks, expert_layout="fused", adapters_only=False))
         fused_base = {name: tensor for name, tensor in fused.items() if not is_adapter(name)}
@@ -156,8 +160,9 @@ def test_peft_loads_the_adapter_strictly_and_both_folders_give_megatron_logits(b
     assert (without - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
     for layout in TYPES[built.model_type].other_layouts:  # written in that layout, loaded by transformers
         save_hf_pretrained(built.chunks, tmp_path / layout, merge=True, expert_layout=layout)
-        assert source_expert_layouts(tmp_path / layout) == {"experts": layout}
-        check_model_folder(tmp_path / layout, report)
+        table = table_for(AutoConfig.from_pretrained(str(built.hf_dir)))
+        assert source_expert_layouts(tmp_path / layout, table) == {"experts": layout}
+        check_model_folder(tmp_path / layout, report, expert_layout=layout)
         compare_logits(hf_logits(load_hf_model(tmp_path / layout), input_ids, **extra), reference, report,
                        what=f"{built.model_type} merged, experts {layout}", relative_tolerance=1e-4)
     adapter_keys = list(load_file(str(tmp_path / "adapter/adapter_model.safetensors")))
@@ -275,7 +280,7 @@ def test_tp2_ep2_exports_are_bit_identical_to_the_single_process(built, parallel
         assert not set(owned[0]) & set(owned[1]), f"{mode}/owner: a tensor came out on both ranks"
         assert_same({**owned[0], **owned[1]}, expected, f"{mode}/owner")
     saved = ranks[0]["save"]["tensors"]  # save_hf_pretrained in the parallel job: rank 0 writes
-    assert_same(saved, dict(export_hf_weights(built.chunks)), "saved folders")
+    assert_same(saved, dict(export_hf_weights(built.chunks, expert_adapter_layout="fused")), "saved folders")
 
 
 @pytest.mark.parametrize("variant", ["lora", "adapter"])
@@ -289,7 +294,7 @@ def test_convert_of_the_tp2_ep2_checkpoint_equals_the_live_export(built, paralle
                                 adapter_dir=tmp_path / "adapter", hf_base=hf_dir)
     written = source_tensors(result.model_dir)
     written.update(load_file(str(result.adapter_dir / "adapter_model.safetensors")))
-    assert_same(written, dict(export_hf_weights(built.chunks)), f"converted {variant} checkpoint")
+    assert_same(written, dict(export_hf_weights(built.chunks, expert_adapter_layout="fused")), f"converted {variant} checkpoint")
     report = Report()
     peft_model = load_adapter_strict(load_hf_model(result.model_dir), result.adapter_dir, report)
     input_ids, extra = inputs_for(built.model_type)

@@ -1,0 +1,165 @@
+"""A live export refuses bad inputs before the first tensor leaves; persistent buffers are state.
+
+One tiny dense Qwen3 Megatron model (no LoRA) for the whole module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from bridge_ext import export_hf_weights
+from bridge_ext.cpu.build import build_megatron_model
+from bridge_ext.cpu.tiny_dense import tiny_dense
+from bridge_ext.errors import ExportError
+from bridge_ext.live import LiveModelSource
+from bridge_ext.table import ExtraWeights, rule
+
+
+@pytest.fixture(scope="module")
+def built(megatron_cpu, tmp_path_factory):
+    return build_megatron_model(tiny_dense(tmp_path_factory.mktemp("qwen3"), "qwen3"))
+
+
+@pytest.fixture()
+def mlp(built):
+    """Layer 1's MLP; buffers a test registers there are removed afterwards."""
+    module = built.chunks[0].decoder.layers[1].mlp
+    before = set(module._buffers)
+    yield module
+    for name in set(module._buffers) - before:
+        del module._buffers[name]
+        module._non_persistent_buffers_set.discard(name)
+
+
+def test_persistent_buffers_are_model_state_and_refused_when_unmapped(built, mlp):
+    mlp.register_buffer("token_counts", torch.zeros(4), persistent=False)  # runtime state: ignored
+    assert "decoder.layers.1.mlp.token_counts" not in LiveModelSource(built.chunks).base_names()
+    assert len(dict(export_hf_weights(built.chunks))) > 0
+    mlp.register_buffer("router_bias", torch.arange(4.0))
+    source = LiveModelSource(built.chunks)
+    assert "decoder.layers.1.mlp.router_bias" in source.base_names()
+    assert torch.equal(source.shards("decoder.layers.1.mlp.router_bias")[0], torch.arange(4.0))
+    with pytest.raises(ExportError, match=r"decoder\.layers\.1\.mlp\.router_bias"):
+        next(export_hf_weights(built.chunks))
+
+
+def test_a_rule_maps_a_buffer(built, mlp, monkeypatch):
+    import model_mappings
+
+    mlp.register_buffer("router_bias", torch.arange(4.0))
+    table = model_mappings.table_for("qwen3")
+    extended = dataclasses.replace(
+        table, rules=(*table.rules, rule("decoder.layers.{layer}.mlp.router_bias", "extra.layers.{layer}.bias",
+                                         tp="replicated")),
+        extra_weights=ExtraWeights(prefixes=("extra.",), count_key="num_hidden_layers"))
+    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
+    model_mappings.register_table(extended, overwrite=True)
+    exported = dict(export_hf_weights(built.chunks))
+    assert torch.equal(exported["extra.layers.1.bias"], torch.arange(4.0))
+
+
+def _config(built, **changes):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(built.hf_dir))
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"num_attention_heads": 8, "head_dim": 8}, r"decoder\.layers\.0\.self_attention\.linear_qkv\.weight"),
+    ({"intermediate_size": 80}, r"mlp\.(gate|up)_proj\.weight"),
+])
+def test_a_config_the_model_does_not_fit_fails_before_the_first_tensor(built, changes, named):
+    config = _config(built, **changes)
+    with pytest.raises(ExportError, match=named):
+        next(export_hf_weights(built.chunks, hf_config=config))
+
+
+def test_adapters_only_without_lora_and_unknown_architectures_are_errors(built):
+    from transformers import GPT2Config
+
+    with pytest.raises(ExportError, match="no LoRA adapters"):
+        next(export_hf_weights(built.chunks, adapters_only=True))
+    with pytest.raises(ExportError, match="register_table"):
+        next(export_hf_weights(built.chunks, hf_config=GPT2Config()))
+
+
+def test_a_wrong_late_layer_tensor_fails_before_the_first_bucket_naming_it(built):
+    from bridge_ext import export_hf_buckets
+
+    fc2 = built.chunks[0].decoder.layers[1].mlp.linear_fc2
+    original = fc2.weight
+    fc2.weight = torch.nn.Parameter(torch.zeros(original.shape[0], original.shape[1] + 2))
+    try:
+        with pytest.raises(ExportError, match=r"decoder\.layers\.1\.mlp\.linear_fc2\.weight"):
+            next(export_hf_buckets(built.chunks, bucket_bytes=1 << 10))
+    finally:
+        fc2.weight = original
+
+
+def test_recorded_reads_are_what_the_conversion_reads(built):
+    from bridge_ext.engine import Mode, TaskConverter
+    from bridge_ext.export import prepare
+
+    source, plan = prepare(built.chunks)
+    read: list[str] = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(source, name)
+
+        def shards(self, name):
+            read.append(name)
+            return source.shards(name)
+
+    for mode in (Mode.BASE, Mode.MERGED):
+        converter = TaskConverter(Recording(), plan.dims, mode)
+        for task in plan.base_tasks:
+            read.clear()
+            list(converter(task))
+            assert converter.reads(task) == read, task.sources
+
+
+@pytest.fixture(scope="module")
+def moe(megatron_cpu, tmp_path_factory):
+    from bridge_ext.cpu import tiny_models
+    from bridge_ext.cpu.build import LoraSettings, randomize_lora
+
+    model = build_megatron_model(tiny_models.tiny_qwen35_moe(tmp_path_factory.mktemp("moe")),
+                                 lora=LoraSettings(target_modules=("linear_fc1", "linear_fc2")))
+    randomize_lora(model.chunks, seed=2)
+    return model
+
+
+FUSED_EXPERT_ADAPTER = r"layers\.0\.mlp\.experts\.base_layer\.lora_A\.weight$"
+PER_EXPERT_ADAPTER = r"layers\.0\.mlp\.experts\.3\.up_proj\.lora_B\.weight$"
+
+
+def _has(pattern: str, names) -> bool:
+    import re
+
+    return any(re.search(pattern, name) for name in names)
+
+
+def test_live_exports_default_to_the_tables_vllm_layout_files_to_peft(moe, monkeypatch, tmp_path):
+    import model_mappings
+    from bridge_ext import save_hf_pretrained
+    from safetensors import safe_open
+
+    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
+    assert _has(FUSED_EXPERT_ADAPTER, names)  # Qwen3.5-MoE: vLLM loads the 3-D layout
+    table = model_mappings.table_for("qwen3_5_moe_text")
+    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
+    model_mappings.register_table(dataclasses.replace(table, vllm_expert_adapter_layout="per_expert"), overwrite=True)
+    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
+    assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
+    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True, expert_adapter_layout="fused")]
+    assert _has(FUSED_EXPERT_ADAPTER, names)
+    save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as handle:
+        assert _has(FUSED_EXPERT_ADAPTER, handle.keys())
