@@ -97,7 +97,7 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
                    "writing an adapter folder.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
               help="dtype of every written tensor; auto keeps the checkpoint's.")
-@click.option("--expert-layout", type=click.Choice(["auto", "fused", "per_expert"]), default="auto",
+@click.option("--expert-layout", type=click.Choice(["auto", "fused", "per_expert", "fused_transposed"]), default="auto",
               show_default=True,
               help="MoE expert weights fused (experts.gate_up_proj [E, 2I, H]) or per expert "
                    "(experts.<e>.gate_proj); auto follows --hf-base, else fused.")

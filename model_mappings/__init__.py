@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from bridge_ext.errors import ExportError
 from bridge_ext.table import MappingTable, TableBuilder
-from model_mappings import llama, qwen3_5, qwen3_next
+from model_mappings import llama, qwen3_5, qwen3_next, qwen_moe, qwen_vl
 
-_BUILT_IN: tuple[MappingTable | TableBuilder, ...] = (llama.TABLE, qwen3_5.TEXT, qwen3_5.IMAGE_TEXT, qwen3_next.TABLE)
+_BUILT_IN: tuple[MappingTable | TableBuilder, ...] = (llama.TABLE, qwen3_5.TEXT, qwen3_5.IMAGE_TEXT, qwen3_next.TABLE,
+                                                      qwen_moe.QWEN3_MOE, qwen_moe.QWEN2_MOE, qwen_vl.QWEN3_VL,
+                                                      qwen_vl.QWEN3_VL_MOE)
 _REGISTERED: dict[str, MappingTable | TableBuilder] = {}
 
 
