@@ -4,8 +4,9 @@ Dangerous targets are refused, an old folder is replaced only by renames (and pu
 anything fails), a target that appears meanwhile is never replaced, outputs honour the umask,
 errors of the filesystem and stop signals leave nothing partial behind, and files of the config
 folder are copied only when they are regular files inside it. Most cases run the command in
-this process; signals, two concurrent runs and the file size limit need processes of their own:
-they are started together (``background_runs``) and paused mid-write by ``convert_slowly.py``.
+this process; signals, two concurrent runs, the file size limit and a full tmpfs need processes
+of their own: they are started together (``background_runs``), those to be signalled paused
+mid-write by ``convert_slowly.py``.
 """
 
 from __future__ import annotations
@@ -399,6 +400,8 @@ def limit_file_size() -> None:
 
 
 STOPPING = ["SIGINT", "SIGTERM", "SIGHUP", "SIGKILL"]
+# Mount a 100 kB tmpfs on $1, run the rest, then list what is left on the tmpfs (it vanishes with the namespace).
+TINY_TMPFS_SCRIPT = 'dir=$1; shift; mount -t tmpfs -o size=100k tmpfs "$dir" || exit 99; "$@"; code=$?; ls -A "$dir"; exit $code'
 
 
 @pytest.fixture(scope="module")
@@ -423,6 +426,11 @@ def background_runs(qwen3_ckpts, tmp_path_factory):
     (base / "fsize").mkdir()
     runs["fsize"] = start(convert_command(qwen3_ckpts / "dense", "--model-out", base / "fsize" / "model"),
                           preexec_fn=limit_file_size), base / "fsize"
+    (base / "tmpfs").mkdir()
+    if shutil.which("unshare") is not None:  # a tmpfs too small for the model, in a mount namespace of its own
+        on_tmpfs = ["unshare", "-rm", "sh", "-c", TINY_TMPFS_SCRIPT, "sh", str(base / "tmpfs"),
+                    *convert_command(qwen3_ckpts / "dense", "--model-out", base / "tmpfs" / "model")]
+        runs["tmpfs"] = start(on_tmpfs), base / "tmpfs"
     yield runs
     for process, _ in runs.values():
         if process.poll() is None:
@@ -481,3 +489,15 @@ def test_a_file_size_limit_is_a_clean_error_that_leaves_nothing(background_runs)
     assert process.returncode == EXIT_OUTPUT_IO, stderr
     assert "file too large" in stderr and "Traceback" not in stderr
     assert listing(folder) == []
+
+
+def test_a_full_disk_is_a_clean_error_that_leaves_nothing_on_it(background_runs):
+    if "tmpfs" not in background_runs:
+        pytest.skip("no unshare command: a tmpfs cannot be mounted without privileges")
+    process, folder = background_runs["tmpfs"]
+    left, stderr = process.communicate(timeout=300)
+    if process.returncode == 99:
+        pytest.skip(f"no user and mount namespaces here (unshare -rm), so no tmpfs can be mounted: {stderr.strip()}")
+    assert process.returncode == EXIT_OUTPUT_IO, stderr
+    assert f"cannot write {folder / 'model'}: no space left on the device" in stderr and "Traceback" not in stderr
+    assert left == ""  # what the full filesystem held after the run
