@@ -194,23 +194,37 @@ def check_pickle_shape(data: bytes, max_nesting: int = MAX_NESTING) -> None:
     memoised one) still counts. Raises :class:`_ShapeError`; malformed opcodes raise ValueError.
     """
     children: list[list[int]] = [[]]  # node 0: every atom
-    known_depth: list[int] = [0]  # a lower bound per node: refuses a plain deep chain at once
+    # Depth of each node when it was last filled: exact unless a node is filled after another
+    # holds it (then its holders' depths are stale, and the exact pass below runs).
+    known_depth: list[int] = [0]
+    is_held: list[bool] = [False]
+    filled_late = False
     stack: list[int] = []
     marks: list[int] = []
     memo: dict[int, int] = {}
 
-    def new(held: list[int]) -> int:
+    def new(items: list[int]) -> int:
         children.append([])
         known_depth.append(0)
-        return hold(len(children) - 1, held)
+        is_held.append(False)
+        return hold(len(children) - 1, items)
 
     def hold(node: int, items: list[int]) -> int:
+        nonlocal filled_late
+        if not items:
+            return node
         children[node].extend(items)
-        deepest = 1 + max((known_depth[item] for item in items), default=-1)
-        if deepest > known_depth[node]:
-            if deepest > max_nesting:
+        if is_held[node] or node in items:
+            filled_late = True
+        deepest = 0
+        for item in items:
+            is_held[item] = True
+            if known_depth[item] > deepest:
+                deepest = known_depth[item]
+        if deepest + 1 > known_depth[node]:
+            if deepest + 1 > max_nesting:
                 raise _ShapeError(f"objects nested more than {max_nesting} deep (real metadata nests about 10)")
-            known_depth[node] = deepest
+            known_depth[node] = deepest + 1
         return node
 
     def pop(count: int) -> list[int]:
@@ -276,7 +290,7 @@ def check_pickle_shape(data: bytes, max_nesting: int = MAX_NESTING) -> None:
             raise _ShapeError(f"opcode {name} is not allowed in checkpoint metadata")
     if result is None:
         raise ValueError("no STOP opcode")
-    depth = _longest_path(children, result)
+    depth = _longest_path(children, result) if filled_late else known_depth[result]
     if depth > max_nesting:
         raise _ShapeError(f"objects nested {depth} deep (more than {max_nesting}; real metadata nests about 10)")
 
