@@ -97,7 +97,7 @@ def resolve_config(reader: CheckpointReader, hf_base: Path | None, hf_config: Pa
         return config_from_run_config(reader, model_type), None
     run_config = reader.run_config
     model_id = run_config.hf_model_id if run_config is not None else None
-    if model_id and Path(model_id).is_dir():
+    if model_id and _is_folder(Path(model_id)):
         return load_hf_config(Path(model_id))
     if model_id:
         from transformers import AutoConfig
@@ -112,6 +112,13 @@ def resolve_config(reader: CheckpointReader, hf_base: Path | None, hf_config: Pa
     where = f"run_config.yaml names hf_model_id {model_id!r}, which is neither a local folder nor in the local Hugging Face cache" \
         if model_id else "the checkpoint records no Hugging Face model (no run_config.yaml hf_model_id)"
     raise ConvertError(f"cannot tell the model's architecture: {where}; pass --hf-base, --hf-config or --model-type")
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. a name too long to be a path: then it is not a local folder
+        return False
 
 
 def config_from_run_config(reader: CheckpointReader, model_type: str):

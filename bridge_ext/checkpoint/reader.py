@@ -190,8 +190,8 @@ class CheckpointReader:
     def _check_chunks(self, info: TensorInfo) -> None:
         """Each element stored exactly once, and each chunk's record big enough for its elements."""
         problem = coverage_problem(info.shape, [(chunk.offsets, chunk.sizes) for chunk in info.chunks])
-        files = sorted({chunk.stored.file for chunk in info.chunks if chunk.stored is not None})
         if problem is not None:
+            files = sorted({chunk.stored.file for chunk in info.chunks if chunk.stored is not None})
             raise CorruptCheckpointError(
                 f"{self.location.metadata_file}: {info.key} {info.shape} (data in {', '.join(files) or 'no file'}): "
                 f"{problem}; the metadata is damaged or was not written by torch DCP",

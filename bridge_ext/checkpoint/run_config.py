@@ -73,7 +73,9 @@ class RunConfig:
 
     @property
     def hf_model_id(self) -> str | None:
-        return self.model.get("hf_model_id")
+        """The Hugging Face model the run started from (None unless a non-empty string of sane length)."""
+        value = self.model.get("hf_model_id")
+        return value if isinstance(value, str) and 0 < len(value) <= 4096 and "\0" not in value else None
 
     @property
     def params_dtype(self) -> torch.dtype | None:

@@ -33,7 +33,6 @@ import importlib
 import io
 import pickle
 import pickletools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,65 +119,49 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 MAX_NESTING = 100  # objects inside objects; real DCP metadata: about 10
 
-# Opcodes that push one new atom (no reference to anything else on the stack).
-_ATOMS = frozenset({
-    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
-    "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NONE", "NEWTRUE",
-    "NEWFALSE", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT", "BINFLOAT", "GLOBAL",
-})  # fmt: skip
-_EMPTY_CONTAINERS = frozenset({"EMPTY_DICT", "EMPTY_LIST", "EMPTY_SET", "EMPTY_TUPLE"})
-_FROM_MARK = frozenset({"TUPLE", "LIST", "DICT", "FROZENSET", "OBJ", "INST"})
-_ADD_FROM_MARK = frozenset({"APPENDS", "SETITEMS", "ADDITEMS"})
-_ADD_ONE = {"APPEND": 1, "BUILD": 1, "SETITEM": 2}
-_FIXED_TUPLES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
-_BUILT_FROM = {"REDUCE": 2, "NEWOBJ": 2, "NEWOBJ_EX": 3, "STACK_GLOBAL": 2}
-_MEMO_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
-_MEMO_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
-_MEMO_OPS = _MEMO_GET | _MEMO_PUT
-_NO_EFFECT = frozenset({"PROTO", "FRAME"})
-
-
-# opcode byte -> (name, how its argument is laid out), from pickletools' own table.
-_OPCODES = {op.code.encode("latin-1")[0]: (op.name, op.arg.n if op.arg else 0) for op in pickletools.opcodes}
+# What each opcode does to the unpickler's stack, as one small action code (plus a count).
+_ATOM, _EMPTY, _MARK, _FROM_MARK, _BUILD_N, _ADD_FROM_MARK, _ADD_N = range(7)
+_PUT, _MEMOIZE, _GET, _DUP, _POP, _POP_MARK, _STOP, _NO_EFFECT, _REFUSED = range(7, 16)
+_ACTIONS: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
+                     "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NONE", "NEWTRUE",
+                     "NEWFALSE", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT", "BINFLOAT",
+                     "GLOBAL"), (_ATOM, 0)),
+    **dict.fromkeys(("EMPTY_DICT", "EMPTY_LIST", "EMPTY_SET", "EMPTY_TUPLE"), (_EMPTY, 0)),
+    "MARK": (_MARK, 0),
+    **dict.fromkeys(("TUPLE", "LIST", "DICT", "FROZENSET", "OBJ", "INST"), (_FROM_MARK, 0)),
+    "TUPLE1": (_BUILD_N, 1), "TUPLE2": (_BUILD_N, 2), "TUPLE3": (_BUILD_N, 3),
+    "REDUCE": (_BUILD_N, 2), "NEWOBJ": (_BUILD_N, 2), "NEWOBJ_EX": (_BUILD_N, 3), "STACK_GLOBAL": (_BUILD_N, 2),
+    **dict.fromkeys(("APPENDS", "SETITEMS", "ADDITEMS"), (_ADD_FROM_MARK, 0)),
+    "APPEND": (_ADD_N, 1), "BUILD": (_ADD_N, 1), "SETITEM": (_ADD_N, 2),
+    **dict.fromkeys(("PUT", "BINPUT", "LONG_BINPUT"), (_PUT, 0)), "MEMOIZE": (_MEMOIZE, 0),
+    **dict.fromkeys(("GET", "BINGET", "LONG_BINGET"), (_GET, 0)),
+    "DUP": (_DUP, 0), "POP": (_POP, 0), "POP_MARK": (_POP_MARK, 0), "STOP": (_STOP, 0),
+    "PROTO": (_NO_EFFECT, 0), "FRAME": (_NO_EFFECT, 0),
+}  # fmt: skip
+# Anything else (persistent ids, extension codes, out-of-band buffers) is refused.
+_LINE, _TWO_LINES = -1, -100  # arguments ending at a newline (GLOBAL and INST: two of them)
 _LENGTH_PREFIX = {pickletools.TAKEN_FROM_ARGUMENT1: (1, False), pickletools.TAKEN_FROM_ARGUMENT4: (4, True),
                   pickletools.TAKEN_FROM_ARGUMENT4U: (4, False), pickletools.TAKEN_FROM_ARGUMENT8U: (8, False)}
-_TWO_LINES = frozenset({"GLOBAL", "INST"})
 
 
-def _opcodes(data: bytes) -> Iterator[tuple[str, int | None]]:
-    """``(opcode name, memo index or None)`` for each opcode, arguments skipped (faster than genops)."""
-    end, position = len(data), 0
-    while position < end:
-        code = data[position]
-        position += 1
-        if code not in _OPCODES:
-            raise ValueError(f"unknown opcode {code:#04x} at byte {position - 1}")
-        name, layout = _OPCODES[code]
-        start = position
-        if layout > 0:
-            position += layout
-        elif layout == pickletools.UP_TO_NEWLINE:
-            for _ in range(2 if name in _TWO_LINES else 1):
-                newline = data.find(b"\n", position)
-                if newline < 0:
-                    raise ValueError(f"{name} at byte {start - 1}: no end of line")
-                position = newline + 1
-        elif layout:
-            size, signed = _LENGTH_PREFIX[layout]
-            length = int.from_bytes(data[position:position + size], "little", signed=signed)
-            if length < 0:
-                raise ValueError(f"{name} at byte {start - 1}: negative length")
-            position += size + length
-        if position > end:
-            raise ValueError(f"{name} at byte {start - 1}: the pickle ends inside its argument")
-        memo_index = None
-        if name in _MEMO_OPS:
-            argument = data[start:position]
-            memo_index = int(argument) if layout == pickletools.UP_TO_NEWLINE else int.from_bytes(argument, "little")
-        yield name, memo_index
-        if name == "STOP":
-            return
-    raise ValueError("the pickle ends without STOP")
+def _opcode_table() -> list[tuple[str, int, int, int, bool, int] | None]:
+    """opcode byte -> (name, action, count, argument size or _LINE / _TWO_LINES / -prefix, signed, prefix size)."""
+    table: list[tuple[str, int, int, int, bool, int] | None] = [None] * 256
+    for op in pickletools.opcodes:
+        action, count = _ACTIONS.get(op.name, (_REFUSED, 0))
+        layout = op.arg.n if op.arg else 0
+        signed, prefix = False, 0
+        if layout == pickletools.UP_TO_NEWLINE:
+            layout = _TWO_LINES if op.name in ("GLOBAL", "INST") else _LINE
+        elif layout < 0:
+            prefix, signed = _LENGTH_PREFIX[layout]
+            layout = -2
+        table[op.code.encode("latin-1")[0]] = (op.name, action, count, layout, signed, prefix)
+    return table
+
+
+_OPCODES = _opcode_table()
 
 
 class _ShapeError(Exception):
@@ -188,97 +171,150 @@ class _ShapeError(Exception):
 def check_pickle_shape(data: bytes, max_nesting: int = MAX_NESTING) -> None:
     """Refuse, before anything is built, a pickle nesting deeper than ``max_nesting`` or cyclic.
 
-    Simulates the unpickler's stack with one node per object and an edge per "holds": the
-    nesting is the longest path from the result. Identity is tracked through the memo, so an
-    object filled in after being placed in another (``APPEND`` / ``SETITEM`` / ``BUILD`` on a
-    memoised one) still counts. Raises :class:`_ShapeError`; malformed opcodes raise ValueError.
+    Simulates the unpickler's stack with one node per object (atoms share node 0) and tracks how
+    deep each is: a container's depth is one more than its deepest item's when it is filled.
+    That is exact unless an object is filled after another already holds it (``APPEND`` /
+    ``SETITEM`` / ``BUILD`` on a memoised one, which picklers do not write); then a second pass
+    records every "holds" edge and measures the longest path, refusing cycles. Raises
+    :class:`_ShapeError`; malformed opcodes raise ValueError.
     """
-    children: list[list[int]] = [[]]  # node 0: every atom
-    known_depth: list[int] = [0]  # a lower bound per node: refuses a plain deep chain at once
+    depth = _scan(data, max_nesting, exact=False)
+    if depth is None:  # filled late: the first pass's depths may be stale
+        depth = _scan(data, max_nesting, exact=True)
+    if depth > max_nesting:
+        raise _ShapeError(f"objects nested {depth} deep (more than {max_nesting}; real metadata nests about 10)")
+
+
+def _scan(data: bytes, max_nesting: int, exact: bool) -> int | None:  # noqa: C901 - one loop, one branch per action
+    """The result's nesting; None when ``exact`` is False and an object was filled late."""
+    table, end, position = _OPCODES, len(data), 0
+    depth: list[int] = [0]  # node -> depth when last filled (node 0: every atom)
+    held: list[bool] = [False]  # node -> already inside another object
+    children: list[list[int]] = [[]]  # node -> held nodes (exact pass only)
     stack: list[int] = []
     marks: list[int] = []
     memo: dict[int, int] = {}
+    floor = 0  # the stack below the last mark is out of reach
 
-    def new(held: list[int]) -> int:
-        children.append([])
-        known_depth.append(0)
-        return hold(len(children) - 1, held)
-
-    def hold(node: int, items: list[int]) -> int:
-        children[node].extend(items)
-        deepest = 1 + max((known_depth[item] for item in items), default=-1)
-        if deepest > known_depth[node]:
-            if deepest > max_nesting:
+    def fill(node: int, items: list[int]) -> bool:
+        """Put ``items`` into ``node``; False when that makes earlier depths stale."""
+        late = held[node] or node in items
+        deepest = 0
+        for item in items:
+            held[item] = True
+            if depth[item] > deepest:
+                deepest = depth[item]
+        if deepest >= depth[node]:
+            if deepest + 1 > max_nesting:
                 raise _ShapeError(f"objects nested more than {max_nesting} deep (real metadata nests about 10)")
-            known_depth[node] = deepest
-        return node
+            depth[node] = deepest + 1
+        if exact:
+            children[node].extend(items)
+        return not late
 
-    def pop(count: int) -> list[int]:
-        if len(stack) - count < (marks[-1] if marks else 0):
-            raise ValueError("stack underflow")
-        taken = stack[len(stack) - count:]
-        del stack[len(stack) - count:]
-        return taken
+    while True:
+        if position >= end:
+            raise ValueError("the pickle ends without STOP")
+        entry = table[data[position]]
+        if entry is None:
+            raise ValueError(f"unknown opcode {data[position]:#04x} at byte {position}")
+        name, action, count, layout, signed, prefix = entry
+        start = position = position + 1
+        if layout > 0:
+            position += layout
+        elif layout == -2:
+            length = int.from_bytes(data[position:position + prefix], "little", signed=signed)
+            if length < 0:
+                raise ValueError(f"{name} at byte {start - 1}: negative length")
+            position += prefix + length
+        elif layout:
+            for _ in range(2 if layout == _TWO_LINES else 1):
+                newline = data.find(b"\n", position)
+                if newline < 0:
+                    raise ValueError(f"{name} at byte {start - 1}: no end of line")
+                position = newline + 1
+        if position > end:
+            raise ValueError(f"{name} at byte {start - 1}: the pickle ends inside its argument")
 
-    def pop_mark() -> list[int]:
-        if not marks:
-            raise ValueError("no mark on the stack")
-        start = marks.pop()
-        taken = stack[start:]
-        del stack[start:]
-        return taken
-
-    def top() -> int:
-        if len(stack) <= (marks[-1] if marks else 0):
-            raise ValueError("stack underflow")
-        return stack[-1]
-
-    result = None
-    for name, arg in _opcodes(data):
-        if name in _ATOMS:
+        if action == _ATOM:
             stack.append(0)
-        elif name in _EMPTY_CONTAINERS:
-            stack.append(new([]))
-        elif name == "MARK":
+        elif action == _MEMOIZE or action == _PUT:
+            if len(stack) <= floor:
+                raise ValueError(f"{name} at byte {start - 1}: nothing to memoise")
+            index = len(memo)
+            if action == _PUT:
+                argument = data[start:position]
+                index = int(argument) if layout == _LINE else int.from_bytes(argument, "little")
+                if index > len(memo):  # picklers number entries in order; a huge index would size the memo
+                    raise _ShapeError(f"memo index {index} out of order (the memo holds {len(memo)} entries)")
+            memo[index] = stack[-1]
+        elif action == _GET:
+            argument = data[start:position]
+            index = int(argument) if layout == _LINE else int.from_bytes(argument, "little")
+            if index not in memo:
+                raise ValueError(f"memo entry {index} used before it is set")
+            stack.append(memo[index])
+        elif action == _EMPTY or action == _BUILD_N or action == _FROM_MARK:
+            if action == _FROM_MARK:
+                if not marks:
+                    raise ValueError(f"{name} at byte {start - 1}: no mark on the stack")
+                split = marks.pop()
+                floor = marks[-1] if marks else 0
+            else:
+                split = len(stack) - count
+                if split < floor:
+                    raise ValueError(f"{name} at byte {start - 1}: stack underflow")
+            items = stack[split:]
+            del stack[split:]
+            depth.append(0)
+            held.append(False)
+            if exact:
+                children.append([])
+            node = len(depth) - 1
+            if items:
+                fill(node, items)
+            stack.append(node)
+        elif action == _MARK:
             marks.append(len(stack))
-        elif name in _FROM_MARK:
-            stack.append(new(pop_mark()))
-        elif name in _FIXED_TUPLES:
-            stack.append(new(pop(_FIXED_TUPLES[name])))
-        elif name in _BUILT_FROM:
-            stack.append(new(pop(_BUILT_FROM[name])))
-        elif name in _ADD_FROM_MARK or name in _ADD_ONE:
-            items = pop_mark() if name in _ADD_FROM_MARK else pop(_ADD_ONE[name])
-            hold(top(), items)  # the container below them
-        elif name in _MEMO_PUT:
-            if arg > len(memo):  # picklers number entries in order; a huge index would size the memo
-                raise _ShapeError(f"memo index {arg} out of order (the memo holds {len(memo)} entries)")
-            memo[arg] = top()
-        elif name == "MEMOIZE":
-            memo[len(memo)] = top()
-        elif name in _MEMO_GET:
-            if arg not in memo:
-                raise ValueError(f"memo entry {arg} used before it is set")
-            stack.append(memo[arg])
-        elif name == "DUP":
-            stack.append(top())
-        elif name == "POP":
+            floor = len(stack)
+        elif action == _ADD_N or action == _ADD_FROM_MARK:
+            if action == _ADD_FROM_MARK:
+                if not marks:
+                    raise ValueError(f"{name} at byte {start - 1}: no mark on the stack")
+                split = marks.pop()
+                floor = marks[-1] if marks else 0
+            else:
+                split = len(stack) - count
+            if split - 1 < floor:
+                raise ValueError(f"{name} at byte {start - 1}: stack underflow")
+            items = stack[split:]
+            del stack[split:]
+            if not fill(stack[-1], items) and not exact:
+                return None
+        elif action == _DUP:
+            if len(stack) <= floor:
+                raise ValueError("DUP on an empty stack")
+            stack.append(stack[-1])
+        elif action == _POP:
             if marks and marks[-1] == len(stack):
                 marks.pop()
+                floor = marks[-1] if marks else 0
+            elif len(stack) > floor:
+                stack.pop()
             else:
-                pop(1)
-        elif name == "POP_MARK":
-            pop_mark()
-        elif name == "STOP":
-            result = top()
-            break
-        elif name not in _NO_EFFECT:  # persistent ids, extension codes, out-of-band buffers
+                raise ValueError("POP on an empty stack")
+        elif action == _POP_MARK:
+            if not marks:
+                raise ValueError("POP_MARK without a mark")
+            del stack[marks.pop():]
+            floor = marks[-1] if marks else 0
+        elif action == _STOP:
+            if len(stack) <= floor:
+                raise ValueError("STOP on an empty stack")
+            result = stack[-1]
+            return _longest_path(children, result) if exact else depth[result]
+        elif action == _REFUSED:
             raise _ShapeError(f"opcode {name} is not allowed in checkpoint metadata")
-    if result is None:
-        raise ValueError("no STOP opcode")
-    depth = _longest_path(children, result)
-    if depth > max_nesting:
-        raise _ShapeError(f"objects nested {depth} deep (more than {max_nesting}; real metadata nests about 10)")
 
 
 def _longest_path(children: list[list[int]], root: int) -> int:
