@@ -138,6 +138,7 @@ class CheckpointReader:
         self._check_records_disjoint()
         self._run_config: RunConfig | None | bool = False  # False: not loaded yet
         self._read_ahead: ReadAhead | None = None
+        self._chunks_by_layer: dict[str, dict[int, list[ChunkInfo]]] = {}
 
     def _storage_ranges(self, metadata: Any) -> dict[tuple[str, tuple[int, ...] | None], StoredRange]:
         stored: dict[tuple[str, tuple[int, ...] | None], StoredRange] = {}
@@ -283,7 +284,7 @@ class CheckpointReader:
         starts, stops, drop = _box(info, index)
         wanted = math.prod(b - a for a, b in zip(starts, stops))
         pieces = []
-        for chunk in info.chunks:
+        for chunk in self._chunks_near(info, starts, stops):
             lo = [max(a, o) for a, o in zip(starts, chunk.offsets)]
             hi = [min(b, o + s) for b, o, s in zip(stops, chunk.offsets, chunk.sizes)]
             if any(h <= low for low, h in zip(lo, hi)):
@@ -301,14 +302,19 @@ class CheckpointReader:
                 out = torch.empty([b - a for a, b in zip(starts, stops)], dtype=info.dtype)
                 covered = 0
                 for chunk, lo, hi in pieces:
-                    source = self._load_chunk(info, chunk, handles)
                     target = out
                     for dim, (low, high) in enumerate(zip(lo, hi)):
-                        source = source.narrow(dim, low - chunk.offsets[dim], high - low)
                         target = target.narrow(dim, low - starts[dim], high - low)
-                    target.copy_(source)
-                    covered += source.numel()
-                    del source
+                    whole = all(lo[d] == o and hi[d] == o + n for d, (o, n) in enumerate(zip(chunk.offsets, chunk.sizes)))
+                    if whole and target.is_contiguous():  # e.g. the gate or the up half of a fc1 layer
+                        self._load_chunk(info, chunk, handles, into=target)
+                    else:
+                        source = self._load_chunk(info, chunk, handles)
+                        for dim, (low, high) in enumerate(zip(lo, hi)):
+                            source = source.narrow(dim, low - chunk.offsets[dim], high - low)
+                        target.copy_(source)
+                        del source
+                    covered += target.numel()
         finally:
             for handle in handles.values():
                 handle.close()
@@ -321,6 +327,22 @@ class CheckpointReader:
         for dim in sorted(drop, reverse=True):
             out = out.select(dim, 0)
         return out
+
+    def _chunks_near(self, info: TensorInfo, starts: list[int], stops: list[int]) -> tuple[ChunkInfo, ...]:
+        """The chunks that can overlap the request: of one layer only, when it asks for one layer.
+
+        Keeps reading a stacked tensor layer by layer linear in the number of layers.
+        """
+        if not info.shape or stops[0] - starts[0] != 1:
+            return info.chunks
+        by_layer = self._chunks_by_layer.get(info.key)
+        if by_layer is None:
+            by_layer = {}
+            if all(chunk.sizes[0] == 1 for chunk in info.chunks):
+                for chunk in info.chunks:
+                    by_layer.setdefault(chunk.offsets[0], []).append(chunk)
+            self._chunks_by_layer[info.key] = by_layer
+        return tuple(by_layer.get(starts[0], ())) if by_layer else info.chunks
 
     @contextmanager
     def read_ahead(self, requests: Sequence[tuple[str, Index]],
@@ -360,7 +382,9 @@ class CheckpointReader:
         for i in range(info.shape[0]):
             yield i, self.read_tensor(key, i)
 
-    def _load_chunk(self, info: TensorInfo, chunk: ChunkInfo, handles: dict[str, RecordFile]) -> torch.Tensor:
+    def _load_chunk(self, info: TensorInfo, chunk: ChunkInfo, handles: dict[str, RecordFile],
+                    into: torch.Tensor | None = None) -> torch.Tensor:
+        """One stored chunk as a tensor (or read into ``into``, contiguous and of the chunk's shape)."""
         if chunk.stored is None:
             raise CorruptCheckpointError(
                 f"{self.location.metadata_file}: no storage entry for {info.key} chunk at offset "
@@ -374,13 +398,11 @@ class CheckpointReader:
             handle = handles[stored.file] = RecordFile(file)  # closed by the caller
         what = f"{info.key} chunk at offset {chunk.offsets} (bytes {stored.offset}..{stored.offset + stored.length})"
         try:
-            tensor = read_tensor_record(handle, stored.offset, stored.length, what)
+            tensor = read_tensor_record(handle, stored.offset, stored.length, what, into)
         except CheckpointError:
             raise
         except Exception as exc:
             raise _load_error(file, what, exc) from exc
-        if not isinstance(tensor, torch.Tensor):
-            raise CorruptCheckpointError(f"{file}: {what} holds a {type(tensor).__name__}, not a tensor", file)
         if tuple(tensor.shape) != chunk.sizes or tensor.dtype != info.dtype:
             raise CorruptCheckpointError(
                 f"{file}: {what} holds {tuple(tensor.shape)} {tensor.dtype}, metadata says "

@@ -72,12 +72,15 @@ class RecordFile:
         return crc
 
 
-def read_tensor_record(file: RecordFile, offset: int, length: int, what: str) -> torch.Tensor:
+def read_tensor_record(file: RecordFile, offset: int, length: int, what: str,
+                       into: torch.Tensor | None = None) -> torch.Tensor:
     """The tensor stored as a ``torch.save`` archive at ``offset`` (``length`` bytes) of ``file``.
 
-    ``what`` names the record in errors (tensor and chunk). Pickle errors propagate as they are
-    (the caller tells an unsafe pickle from a corrupt one); everything else that is wrong with
-    the record raises :class:`CorruptCheckpointError`.
+    ``what`` names the record in errors (tensor and chunk). With ``into`` (a contiguous tensor)
+    the record must hold a contiguous tensor of its dtype and shape, and its bytes are read
+    straight into ``into``'s memory. Pickle errors propagate as they are (the caller tells an
+    unsafe pickle from a corrupt one); everything else that is wrong with the record raises
+    :class:`CorruptCheckpointError`.
     """
     members = _members(file, offset, length, what)
     pickles = [info for name, info in members.items() if name.endswith("/data.pkl")]
@@ -93,10 +96,24 @@ def read_tensor_record(file: RecordFile, offset: int, length: int, what: str) ->
     pickled = file.read(_data_offset(file, offset, length, pickle_info, what), pickle_info.file_size)
     if zlib.crc32(pickled) != pickle_info.CRC:
         raise _corrupt(file, what, f"CRC-32 mismatch in {pickle_info.filename}")
-    storage = torch.UntypedStorage(data_info.file_size)
-    tensor = _unpickle(pickled, storage, data_info.file_size)
-    if storage.nbytes():
-        buffer = memoryview(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
+    nbytes = data_info.file_size
+    layout = _unpickle(pickled, torch.UntypedStorage(nbytes, device="meta"), nbytes)
+    if not isinstance(layout, torch.Tensor):
+        raise _corrupt(file, what, f"it holds a {type(layout).__name__}, not a tensor")
+    if into is None:
+        storage = torch.UntypedStorage(nbytes)
+        tensor = torch.empty(0, dtype=layout.dtype).set_(storage, layout.storage_offset(), layout.shape, layout.stride())
+        target = torch.empty(0, dtype=torch.uint8).set_(storage)
+    else:
+        if (layout.dtype, layout.shape) != (into.dtype, into.shape):
+            raise _corrupt(file, what, f"it holds {tuple(layout.shape)} {layout.dtype}, metadata says "
+                                       f"{tuple(into.shape)} {into.dtype}")
+        if not layout.is_contiguous() or layout.storage_offset() or layout.numel() * layout.dtype.itemsize != nbytes:
+            raise _corrupt(file, what, "its tensor does not fill its storage contiguously")
+        tensor = into
+        target = into.reshape(-1).view(torch.uint8)
+    if nbytes:
+        buffer = memoryview(target.numpy())
         if file.read_into(_data_offset(file, offset, length, data_info, what), buffer) != data_info.CRC:
             raise _corrupt(file, what, f"CRC-32 mismatch in {data_info.filename}: its bytes changed after "
                                        "they were written (disk, copy or transfer error)")
