@@ -25,7 +25,7 @@ import torch
 
 from bridge_ext.checkpoint import CheckpointReader
 from bridge_ext.checkpoint.config_check import check_config_fields, check_config_matches_run_config, load_hf_config
-from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, hf_folder_shapes
+from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, has_weights, hf_folder_shapes
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import Mode, run_rule
@@ -154,6 +154,24 @@ def _table(config_or_model_type):
         raise ConvertError(f"unknown architecture: no mapping table for model_type {model_type!r}; "
                            f"known: {', '.join(known_model_types())}")
     return None if isinstance(config_or_model_type, str) else table_for(config_or_model_type)
+
+
+def check_hf_side(reader: CheckpointReader, config, config_folder: Path | None, hf_base: Path | None,
+                  built_from_run_config: bool) -> None:
+    """The Hugging Face folders are readable and contained, and the config is the model trained.
+
+    ``hf_base`` must hold weights (index and headers readable, nothing outside the folder); a
+    config folder is checked when it has any (its index decides the expert layout). The config is
+    compared with run_config.yaml unless it was built from it.
+    """
+    if hf_base is not None:
+        hf_folder_shapes(hf_base)
+    elif config_folder is not None and has_weights(config_folder):
+        hf_folder_shapes(config_folder)
+    run_config = reader.run_config
+    if run_config is not None and not built_from_run_config:
+        label = str(config_folder / "config.json") if config_folder else f"the config of {run_config.hf_model_id}"
+        check_config_matches_run_config(config, run_config, label)
 
 
 def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts_found: dict[str, ExpertLayout]):
@@ -290,7 +308,7 @@ def convert_checkpoint(
     protected = [checkpoint, *(Path(p) for p in (hf_base, hf_config) if p is not None)]
     outputs = [Path(p) for p in (model_dir, adapter_dir) if p is not None]
     check_distinct_outputs(*outputs)
-    found = {output: check_output_folder(output, overwrite, protected) for output in outputs}
+    found_outputs = {output: check_output_folder(output, overwrite, protected) for output in outputs}
     notes = notes if notes is not None else []
 
     reader = CheckpointReader(checkpoint, iteration=iteration)
@@ -300,15 +318,12 @@ def convert_checkpoint(
         if model_dir is not None and hf_base is None:
             raise ConvertError(f"{reader.path} is a LoRA adapter-only checkpoint: the base weights of a model "
                                "folder come from the Hugging Face base model; pass --hf-base")
-    if hf_base is not None:
-        hf_folder_shapes(hf_base)  # index and headers readable, nothing outside the folder
     config, config_folder = resolve_config(reader, hf_base, Path(hf_config) if hf_config else None, model_type)
     for output in outputs if config_folder is not None else ():
         check_outside_inputs(output, [config_folder])  # e.g. the hf_model_id folder of run_config.yaml
     table = _table(config)
-    if reader.run_config is not None and (hf_base is not None or hf_config is not None or model_type is None):
-        source_label = str(config_folder / "config.json") if config_folder else f"the config of {reader.run_config.hf_model_id}"
-        check_config_matches_run_config(config, reader.run_config, source_label)
+    built_from_run_config = model_type is not None and hf_base is None and hf_config is None
+    check_hf_side(reader, config, config_folder, hf_base, built_from_run_config)
     found = source_expert_layouts(hf_base or config_folder, table)
     source = build_source(reader, config, hf_base, found)
     plan = plan_export(source, config, expert_layouts(table, found, expert_layout, expert_adapter_layout))
@@ -322,13 +337,12 @@ def convert_checkpoint(
     written_dtype = dtype or _stored_dtype(reader)
     run_config = reader.run_config
     base_name = str(hf_base.resolve()) if hf_base else (run_config.hf_model_id if run_config else None)
-    reports, verify_started = [], []
+    verification: list[tuple[Report, float]] = []
 
     def verify_staged(staged_model: Path | None, staged_adapter: Path | None) -> None:
-        verify_started.append(time.perf_counter())
+        begun = time.perf_counter()
         staged = ConvertResult(staged_model, staged_adapter, reader.path, adapter_only, 0, 0, 0.0, config)
-        reports.append(verify_conversion(staged, hf_base))
-        verify_started.append(time.perf_counter())
+        verification.append((verify_conversion(staged, hf_base), time.perf_counter() - begun))
 
     values = ValueCheck(dtype, allow_overflow)  # casts, counts NaN / Inf, refuses an overflowing cast
     # Shard headers are laid out from the plan, and the checkpoint's tensors are read ahead in the
@@ -342,13 +356,13 @@ def convert_checkpoint(
             source, plan, model_dir, adapter_dir,
             merge=merge, config_dtype=written_dtype, max_shard_size=max_shard_size,
             overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
-            found=found, before_install=verify_staged if verify else None, notes=notes,
+            found=found_outputs, before_install=verify_staged if verify else None, notes=notes,
             transform=values, layout=layout,
         )
-    verify_seconds = verify_started[1] - verify_started[0] if reports else 0.0
+    report, verify_seconds = verification[0] if verification else (None, 0.0)
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,
-                         result.bytes, time.perf_counter() - started - verify_seconds, config, notes,
-                         reports[0] if reports else None, values.non_finite)
+                         result.bytes, time.perf_counter() - started - verify_seconds, config, notes, report,
+                         values.non_finite)
 
 
 @contextmanager

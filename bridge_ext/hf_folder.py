@@ -118,6 +118,8 @@ class SafetensorsFile:
             raise ExportError(f"{name} was written twice")
         if spec.nbytes:
             _write_at(self._fd, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), offset)
+            if hasattr(os, "posix_fadvise"):  # start writing these pages to disk now, not all at the end
+                os.posix_fadvise(self._fd, offset, spec.nbytes, os.POSIX_FADV_DONTNEED)
         self._unwritten.discard(name)
 
     def close(self) -> None:

@@ -11,8 +11,8 @@ renames that never replace anything the run did not expect to find there:
   run to the same target can tell the leftovers of a killed run (lock free: removed, and said)
   from a conversion still running (lock held: left alone).
 * At install, under an ``flock`` of each target's parent, every target must still be what was
-  found when the run started: absent, or the very same folder (device and inode) when
-  replacing. New folders go in with a no-replace rename (``renameat2(RENAME_NOREPLACE)``); an
+  found when the run started: absent, or the very same folder (device, inode and ctime, so
+  unchanged) when replacing. New folders go in with a no-replace rename (``renameat2(RENAME_NOREPLACE)``); an
   old folder is first renamed aside and put back if anything fails, and removed only once every
   new folder is in place. An old folder holding an entry that cannot be removed (immutable, or a
   read-only subfolder) is kept whole beside the target and named in the notes.
@@ -182,24 +182,35 @@ def _missing_folders(folder: Path) -> list[Path]:
 def _make_staging(target: Path) -> tuple[Path, int]:
     """A new folder beside ``target`` (mode 0777 less the umask, like mkdir), locked by this process."""
     parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            staging = parent / f".{target.name}{STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-            try:
-                os.mkdir(staging)
-                break
-            except FileExistsError:
-                continue
-    except OSError as error:
-        reason = _WRITE_ERRNOS.get(error.errno, error.strerror)
-        raise OutputWriteError(f"cannot create {target}: cannot create a folder in {parent}: {reason}", parent) from error
-    lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        pass  # a filesystem without flock: a later run then cannot tell this folder is in use and leaves it
-    return staging, lock
+    while True:
+        staging = parent / f".{target.name}{STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(staging)
+            lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            continue  # another run's sweep took it for a stale folder between mkdir and lock: a new name
+        except OSError as error:
+            reason = _WRITE_ERRNOS.get(error.errno, error.strerror.lower())
+            raise OutputWriteError(f"cannot create {target}: cannot create a folder in {parent}: {reason}",
+                                   parent) from error
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)  # another run's sweep holds it and is removing it: a new name
+            continue
+        except OSError:
+            pass  # a filesystem without flock: a later run cannot tell this folder is in use and leaves it
+        if _identity(staging) is not None and _identity(staging)[:2] == _fd_identity(lock):
+            return staging, lock
+        os.close(lock)  # swept and gone before the lock was taken
+
+
+def _fd_identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
 
 
 def current_umask() -> int:
@@ -238,46 +249,47 @@ def sweep_stale_staging(target: Path) -> list[str]:
     if not parent.is_dir():
         return notes
     for entry in sorted(os.scandir(parent), key=lambda e: e.name):
-        name = entry.name
-        if name.startswith(f".{target.name}{REPLACED_MARK}") and entry.is_dir(follow_symlinks=False):
-            if not _held_by_live_process(Path(entry.path), release=True):
-                notes.append(f"{entry.path} holds a folder an interrupted run was replacing; it was kept: "
-                             "remove it (or move it back) yourself")
+        name, folder = entry.name, Path(entry.path)
+        replaced = name.startswith(f".{target.name}{REPLACED_MARK}")
+        if not (replaced or name.startswith(f".{target.name}{STAGING_MARK}")) or not entry.is_dir(follow_symlinks=False):
             continue
-        if not name.startswith(f".{target.name}{STAGING_MARK}") or not entry.is_dir(follow_symlinks=False):
-            continue
-        pid = name.removeprefix(f".{target.name}{STAGING_MARK}").split("-")[0]
-        lock = _lock_if_free(Path(entry.path))
-        if lock is None:
-            notes.append(f"{entry.path} is being written by a running conversion (pid {pid}): left alone")
-            continue
-        try:
-            shutil.rmtree(entry.path, ignore_errors=True)
-        finally:
+        owner = re.search(r"-(\d+)-[0-9a-f]+$", name)
+        pid = owner.group(1) if owner else "unknown"
+        lock = _lock(folder)
+        if lock is _HELD:
+            notes.append(f"{folder} is being written by a running conversion (pid {pid}): left alone")
+        elif lock is None:
+            notes.append(f"{folder} was left by a conversion (pid {pid}); without file locks here it cannot "
+                         "be told whether that run is over: left alone, remove it if it is")
+        elif replaced:
             os.close(lock)
-        notes.append(f"removed {entry.path}: an unfinished staging folder of {target} left by a killed run (pid {pid})")
+            notes.append(f"{folder} holds the folder a killed run (pid {pid}) was replacing: kept, remove it "
+                         "(or move it back) yourself")
+        else:
+            try:
+                shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                os.close(lock)
+            notes.append(f"removed {folder}: an unfinished staging folder of {target} left by a killed run (pid {pid})")
     return notes
 
 
-def _lock_if_free(folder: Path) -> int | None:
-    """An fd holding ``folder``'s flock, or None when a live process holds it (or it cannot be told)."""
+_HELD = -1
+
+
+def _lock(folder: Path) -> int | None:
+    """An fd holding ``folder``'s flock; ``_HELD`` when another open file holds it (a live run); None
+    when it cannot be told (no such folder any more, no file locks on this filesystem)."""
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as error:
         os.close(fd)
-        return None
+        return _HELD if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
     return fd
-
-
-def _held_by_live_process(folder: Path, release: bool) -> bool:
-    lock = _lock_if_free(folder)
-    if lock is not None and release:
-        os.close(lock)
-    return lock is None
 
 
 @contextmanager
@@ -377,11 +389,11 @@ def remove_replaced_folder(aside: Path) -> list[str]:
     if blocker is not None:
         return [f"the replaced folder was kept whole at {aside}: {blocker}; remove it yourself"]
     failures: list[str] = []
-    lock = _lock_if_free(aside)  # a run sweeping stale folders meanwhile sees this one is in use
+    lock = _lock(aside)  # a run sweeping stale folders meanwhile sees this one is in use
     try:
         shutil.rmtree(aside, onerror=lambda _function, path, info: failures.append(f"{path} ({info[1]})"))
     finally:
-        if lock is not None:
+        if lock is not None and lock != _HELD:
             os.close(lock)
     if failures:
         return [f"the replaced folder could not be removed entirely; what is left is at {aside}: {', '.join(failures)}"]

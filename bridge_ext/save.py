@@ -68,11 +68,25 @@ def copy_companion_files(folder: Path, directory: Path) -> list[str]:
         if not os.path.lexists(path):
             continue
         reason = companion_refusal(path, folder)
+        if reason is None and not _copy_regular_file(path.resolve() if path.is_symlink() else path, directory / name):
+            reason = "not a regular file"  # replaced since it was looked at
         if reason is not None:
             refused.append(f"not copied from {folder}: {name} ({reason})")
-            continue
-        shutil.copyfile(path, directory / name)  # new file: mode from the umask, like the weights
     return refused
+
+
+def _copy_regular_file(source: Path, destination: Path) -> bool:
+    """Copy ``source`` if it is still a regular file and not a link (checked on the open file)."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as reader:
+        if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
+            return False
+        with open(destination, "wb") as writer:  # a new file: its mode follows the umask, like the weights
+            shutil.copyfileobj(reader, writer)
+    return True
 
 
 def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, dtype: torch.dtype | None) -> list[str]:

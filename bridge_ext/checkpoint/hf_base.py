@@ -21,7 +21,7 @@ from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError
 from bridge_ext.errors import ConvertError
 from bridge_ext.reverse import reverse_rule
-from bridge_ext.source import Adapter
+from bridge_ext.source import Adapter, convert_in_order
 from bridge_ext.table import MappingTable, Rule
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -56,6 +56,11 @@ def hf_folder_files(folder: Path) -> dict[str, Path]:
         raise HfFolderError(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}: not a Hugging Face model folder")
     _require_regular_file(single, "")
     return dict.fromkeys(safetensors_shapes(single), single)
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether a Hugging Face folder holds weights (an index or a single safetensors file) at all."""
+    return (folder / INDEX_FILE).exists() or (folder / SINGLE_FILE).exists()
 
 
 def hf_folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -156,6 +161,9 @@ class HfBaseSource:
                  for hf in rule.hf_names(values)]
         return [tuple(reverse_rule(rule, metas, self.dims).shape)]
 
+    def convert_tasks(self, converter, tasks):
+        return convert_in_order(converter, tasks)
+
     def _read(self, hf_name: str, expert: int | None) -> torch.Tensor:
         if hf_name not in self.files:
             raise ExportError(f"{self.folder}: the base model has no tensor {hf_name}")
@@ -187,3 +195,6 @@ class CombinedSource:
 
     def shard_shapes(self, name: str) -> list[tuple[int, ...]]:
         return (self.adapter_source if ".adapter." in name else self.base).shard_shapes(name)
+
+    def convert_tasks(self, converter, tasks):
+        return convert_in_order(converter, tasks)

@@ -27,7 +27,8 @@ class ReadAhead:
 
     def __init__(self, read: Callable[[Any], torch.Tensor], requests: Sequence[Hashable],
                  nbytes: Callable[[Any], int], max_bytes: int) -> None:
-        self._read, self._requests, self._nbytes, self._max_bytes = read, list(requests), nbytes, max_bytes
+        self._read, self._requests, self._max_bytes = read, list(requests), max_bytes
+        self._sizes = [nbytes(request) for request in self._requests]
         self._done: deque[tuple[torch.Tensor | None, BaseException | None]] = deque()
         self._ahead_bytes = 0
         self._next = 0  # index of the next request take() expects
@@ -38,8 +39,7 @@ class ReadAhead:
         self._thread.start()
 
     def _run(self) -> None:
-        for request in self._requests:
-            size = self._nbytes(request)
+        for request, size in zip(self._requests, self._sizes):
             with self._changed:
                 self._changed.wait_for(lambda: self._stopped or not self._done
                                        or self._ahead_bytes + size <= self._max_bytes)
@@ -67,7 +67,7 @@ class ReadAhead:
                 return None
             self._changed.wait_for(lambda: self._done)
             tensor, error = self._done.popleft()
-            self._ahead_bytes -= self._nbytes(request)
+            self._ahead_bytes -= self._sizes[self._next]
             self._next += 1
             self._changed.notify_all()
         if error is not None:

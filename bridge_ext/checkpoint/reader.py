@@ -65,7 +65,7 @@ from bridge_ext.checkpoint.layout import (
     locate_checkpoint,
 )
 from bridge_ext.checkpoint.read_ahead import ReadAhead
-from bridge_ext.checkpoint.record import RecordFile, read_tensor_record
+from bridge_ext.checkpoint.record import RecordFile, check_archive_crcs, read_tensor_record
 from bridge_ext.checkpoint.run_config import RunConfig, load_run_config
 from bridge_ext.checkpoint.safe_pickle import load_dcp_metadata
 
@@ -135,6 +135,7 @@ class CheckpointReader:
                 self.location.metadata_file,
             ) from exc
         self._check_data_files()
+        self._check_records_disjoint()
         self._run_config: RunConfig | None | bool = False  # False: not loaded yet
         self._read_ahead: ReadAhead | None = None
 
@@ -205,6 +206,27 @@ class CheckpointReader:
                     f"{chunk.stored.length}",
                     self.location.metadata_file,
                 )
+
+    def _check_records_disjoint(self) -> None:
+        """No two stored entries share bytes: DCP writes each record once, one after the other.
+
+        A damaged offset pointing at another chunk's record of the same shape would otherwise
+        read that chunk's values in silence.
+        """
+        by_file: dict[str, list[tuple[int, int, str]]] = {}
+        for (key, offsets), stored in self._stored.items():
+            if stored.length:
+                what = key if offsets is None else f"{key} chunk at offset {offsets}"
+                by_file.setdefault(stored.file, []).append((stored.offset, stored.offset + stored.length, what))
+        for name, ranges in by_file.items():
+            ranges.sort()
+            for (start, end, what), (next_start, _, next_what) in zip(ranges, ranges[1:]):
+                if next_start < end:
+                    raise CorruptCheckpointError(
+                        f"{self.location.metadata_file}: {what} (bytes {start}..{end} of {name}) and {next_what} "
+                        f"(from byte {next_start}) share bytes; the metadata is damaged",
+                        self.location.metadata_file,
+                    )
 
     def _check_data_files(self) -> None:
         """A name the metadata gives as a data file must not be a folder, a device or a pipe."""
@@ -405,6 +427,7 @@ class CheckpointReader:
             handle.seek(stored.offset)
             data = handle.read(stored.length)
         what = f"byte object {key} (bytes {stored.offset}..{stored.offset + stored.length})"
+        check_archive_crcs(data, file, what)
         try:
             value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:

@@ -228,6 +228,8 @@ def check_pickle_shape(data: bytes, max_nesting: int = MAX_NESTING) -> None:
             items = pop_mark() if name in _ADD_FROM_MARK else pop(_ADD_ONE[name])
             hold(top(), items)  # the container below them
         elif name in _MEMO_PUT:
+            if arg > len(memo):  # picklers number entries in order; a huge index would size the memo
+                raise _ShapeError(f"memo index {arg} out of order (the memo holds {len(memo)} entries)")
             memo[arg] = top()
         elif name == "MEMOIZE":
             memo[len(memo)] = top()

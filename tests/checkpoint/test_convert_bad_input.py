@@ -228,6 +228,22 @@ def test_overlapping_chunks_whose_counts_add_up_are_refused(qwen3_ckpts, tmp_pat
     assert_nothing_written(out)
 
 
+@pytest.mark.parametrize("boxes, problem", [
+    ([((0, 0), (2, 4)), ((2, 0), (2, 4))], None),  # layers
+    ([((0, 0), (4, 2)), ((0, 2), (4, 2))], None),  # columns
+    ([((0, 0), (2, 2)), ((0, 2), (2, 2)), ((2, 0), (2, 4))], None),  # not a grid, still a tiling
+    ([((0, 0), (2, 4)), ((0, 0), (2, 4))], "overlaps"),  # the same box twice: counts add up to 16
+    ([((0, 0), (3, 4)), ((2, 0), (1, 4))], "overlaps"),  # partly: counts add up, row 3 is a gap
+    ([((0, 0), (3, 3)), ((1, 1), (3, 3)), ((0, 3), (1, 1)), ((3, 0), (1, 1))], "overlaps"),  # staggered
+    ([((0, 0), (2, 4))], "cover 8 of its 16 elements"),
+])
+def test_chunk_coverage_on_boxes(boxes, problem):
+    from bridge_ext.checkpoint.coverage import coverage_problem
+
+    found = coverage_problem((4, 4), boxes)
+    assert found is None if problem is None else problem in found, found
+
+
 def test_chunk_record_too_small_for_an_absurd_size(qwen3_ckpts, tmp_path, out):
     root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
 
@@ -454,6 +470,15 @@ def test_hf_base_with_garbage_safetensors_header(qwen3_ckpts, qwen3_hf, tmp_path
     code, message = convert(qwen3_ckpts / "adapter", "--hf-base", base, "--model-out", out / "model", "--merge")
     assert code == EXIT_MISMATCH, message
     assert f"{base / 'model.safetensors'}: not a readable safetensors file" in message, message
+    assert_nothing_written(out)
+
+
+def test_hf_config_folder_with_broken_index(qwen3_ckpts, qwen3_hf, tmp_path, out):
+    config = hf_base_copy(qwen3_hf, tmp_path)
+    (config / "model.safetensors.index.json").write_text("[1, 2")
+    code, message = convert(qwen3_ckpts / "dense", "--hf-config", config, "--model-out", out / "model")
+    assert code == EXIT_MISMATCH, message
+    assert f"{config / 'model.safetensors.index.json'}: not valid JSON" in message, message
     assert_nothing_written(out)
 
 

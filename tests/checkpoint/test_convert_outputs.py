@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from bridge_ext import cli, output_folder, verify
+from bridge_ext import convert as convert_module
 from bridge_ext.cli import EXIT_OUTPUT_EXISTS, EXIT_OUTPUT_IO, EXIT_USAGE, EXIT_VERIFY, main
 from bridge_ext.errors import OutputLocationError
 from bridge_ext.output_folder import STAGING_MARK, atomic_directory, check_output_target, sweep_stale_staging
@@ -268,6 +269,21 @@ def test_a_failure_leaves_no_folder_it_created_for_the_output(qwen3_ckpts, out, 
     code, message = run(qwen3_ckpts / "dense", "--model-out", out / "new" / "deeper" / "model")
     assert code == EXIT_OUTPUT_IO and "disk quota exceeded" in message, message
     assert listing(out) == []
+
+
+def test_overwrite_replaces_only_what_was_there_when_the_run_started(qwen3_ckpts, out, monkeypatch):
+    target = out / "model"
+    check_shapes = convert_module.check_shapes
+
+    def another_run_installs_first(*args, **kwargs):
+        target.mkdir()
+        (target / "theirs.txt").write_text("theirs")
+        return check_shapes(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "check_shapes", another_run_installs_first)
+    code, message = run(qwen3_ckpts / "dense", "--model-out", target, "--overwrite")
+    assert code == EXIT_OUTPUT_EXISTS and f"{target} appeared during the conversion" in message, message
+    assert listing(out) == ["model"] and listing(target) == ["theirs.txt"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

@@ -29,18 +29,22 @@ def copy_root(qwen3_ckpts, variant, destination):
 
 
 def member_offset(reader: CheckpointReader, key: str, layer: int, suffix: str):
-    """(data file, absolute offset) of the member ending in ``suffix`` in ``key``'s chunk of ``layer``."""
+    """(data file, absolute offset, size) of the member ending in ``suffix`` in ``key``'s chunk of ``layer``."""
     chunk = next(c for c in reader.tensors[key].chunks if c.offsets[0] == layer)
-    stored = chunk.stored
-    file = reader.path / stored.file
+    return record_member(reader.path / chunk.stored.file, chunk.stored.offset, chunk.stored.length, suffix)
+
+
+def record_member(file, offset: int, length: int, suffix: str):
+    """(file, absolute offset, size) of a member's bytes in the zip record at ``offset`` of ``file``."""
     with open(file, "rb") as handle:
-        handle.seek(stored.offset)
-        record = handle.read(stored.length)
+        handle.seek(offset)
+        record = handle.read(length)
     archive = zipfile.ZipFile(io.BytesIO(record))
     info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
-    name_length, extra_length = int.from_bytes(record[info.header_offset + 26 : info.header_offset + 28], "little"), \
-        int.from_bytes(record[info.header_offset + 28 : info.header_offset + 30], "little")
-    return file, stored.offset + info.header_offset + 30 + name_length + extra_length, info.file_size
+    local = info.header_offset  # the local header's name and extra lengths (its extra is torch's padding)
+    name_length = int.from_bytes(record[local + 26 : local + 28], "little")
+    extra_length = int.from_bytes(record[local + 28 : local + 30], "little")
+    return file, offset + local + 30 + name_length + extra_length, info.file_size
 
 
 def flip_bit(file, offset: int, bit: int = 3) -> None:
@@ -100,3 +104,14 @@ def test_intact_checkpoint_converts_bit_exactly(qwen3_ckpts, qwen3_hf, tmp_path)
     original = load_file(str(qwen3_hf / "model.safetensors"))
     assert written.keys() == original.keys()
     assert all(torch.equal(written[k], original[k]) for k in original)
+
+
+def test_flipped_bit_in_a_byte_object_is_found(qwen3_ckpts, tmp_path):
+    root = copy_root(qwen3_ckpts, "dense", tmp_path / "ckpt")
+    reader = CheckpointReader(root)
+    key = "common_state/shard_0_1"
+    stored = reader._stored[(key, None)]
+    file, start, size = record_member(reader.path / stored.file, stored.offset, stored.length, "/data.pkl")
+    flip_bit(file, start + size // 2)
+    with pytest.raises(CorruptCheckpointError, match=rf"corrupted data for byte object {key}.*CRC-32 mismatch"):
+        reader.common_state()

@@ -157,3 +157,27 @@ def test_convert_streams_and_reads_ahead_without_a_miss(qwen3_ckpts, qwen3_hf, t
                         assert (written.shape, written.dtype) == (expected.shape, expected.dtype), key
                     else:
                         assert torch.equal(written, expected), key
+
+
+def test_read_ahead_stays_within_its_bytes_and_hands_errors_to_their_request():
+    taken = []
+    started = []
+
+    def read(request):
+        started.append(request)
+        # 25 bytes hold two requests of 10; plus one taken but not yet recorded in ``taken``
+        assert len(started) - len(taken) <= 3, "read more than max_bytes ahead"
+        if request == 5:
+            raise OSError("disk error at 5")
+        return torch.full((10,), request, dtype=torch.uint8)
+
+    with ReadAhead(read, list(range(8)), lambda request: 10, max_bytes=25) as ahead:
+        for request in range(5):
+            assert torch.equal(ahead.take(request), torch.full((10,), request, dtype=torch.uint8))
+            taken.append(request)
+        with pytest.raises(OSError, match="disk error at 5"):
+            ahead.take(5)
+        taken.append(5)
+        assert ahead.take(7) is None  # not the next planned request: read-ahead stops, the caller reads
+        assert ahead.misses == 1 and ahead.take(6) is None
+    assert started == list(range(len(started))) and len(started) <= 8
