@@ -62,9 +62,10 @@ class RuleError(ExportError):
     Megatron tensor, the Hugging Face names and the shapes."""
 
 
-class NotASafetensorsFolderError(BridgeExtError, FileNotFoundError):
-    """A folder holds neither the safetensors file nor the index asked for; ``folder`` is it."""
+class SafetensorsFolderError(BridgeExtError, ValueError):
+    """A model or adapter folder's safetensors files are missing, damaged or reach outside the
+    folder; ``path`` is the file or folder concerned."""
 
-    def __init__(self, message: str, folder: str | Path) -> None:
+    def __init__(self, message: str, path: str | Path) -> None:
         super().__init__(message)
-        self.folder = Path(folder)
+        self.path = Path(path)

@@ -1,30 +1,7 @@
-"""Read a DCP ``.metadata`` file without trusting it: a restricted unpickler with an allowlist.
+"""Read a DCP ``.metadata`` file without trusting it: a restricted unpickler with an allowlist of
+plain data classes, after an opcode walk that refuses deep or self-referring objects.
 
-torch's ``FileSystemReader.read_metadata`` (torch/distributed/checkpoint/filesystem.py) reads
-``.metadata`` with a bare ``pickle.load``, which runs whatever a crafted file asks for. The
-metadata Megatron-Core 0.19 / torch 2.x write references only these globals (verified by
-recording ``find_class`` calls on real saves, TP=1 and TP=2, with and without LoRA):
-
-* ``torch.distributed.checkpoint.metadata``: ``Metadata``, ``TensorStorageMetadata``,
-  ``BytesStorageMetadata``, ``ChunkStorageMetadata``, ``TensorProperties``, ``MetadataIndex``,
-  ``StorageMeta``, ``_MEM_FORMAT_ENCODING``;
-* ``torch.distributed.checkpoint.filesystem``: ``_StorageInfo``;
-* ``torch.distributed.checkpoint.planner``: ``SavePlan``, ``WriteItem``, ``WriteItemType``,
-  ``TensorWriteData`` (Megatron stores the per-rank save plans in ``Metadata.all_local_plans``);
-* ``torch``: ``Size`` and dtypes (``torch.float32``...); ``torch.serialization._get_layout``.
-
-:data:`ALLOWED_GLOBALS` adds a few neighbours a different torch version or planner may use
-(``BytesIOWriteData``, ``_StoragePrefix``, the load-plan classes, the pre-2.1 location of
-``TensorProperties``, ``collections.OrderedDict``, and the ``pathlib`` path classes: plain
-torch DCP saves store ``StorageMeta.checkpoint_id`` as a ``PosixPath``). Every one of them is a plain data class,
-an ``Enum`` or a pure lookup: calling or building it runs no code of the file's choosing.
-Anything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ...) raises
-:class:`UnsafePickleError` before it is resolved; persistent ids are refused too.
-
-Before any object is built, :func:`check_pickle_shape` walks the opcodes (``pickletools.genops``,
-which builds nothing) and refuses a pickle whose objects would nest deeper than
-:data:`MAX_NESTING` or refer to themselves: hashing or printing a tuple nested a million deep
-overflows the C stack (the process dies with SIGSEGV), and real DCP metadata nests about 10 deep.
+The allowlist's origin and the limits: docs/checkpoint_metadata.md.
 """
 
 from __future__ import annotations
