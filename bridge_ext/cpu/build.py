@@ -54,10 +54,11 @@ def build_megatron_model(
     from megatron.bridge import AutoBridge
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from bridge_ext.cpu import qwen35
+    from bridge_ext.cpu import gpt_families, qwen35
 
     is_qwen35 = qwen35.is_qwen35(hf_dir)
-    bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 else AutoBridge
+    is_gpt_family = gpt_families.is_gpt_family(hf_dir)
+    bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 or is_gpt_family else AutoBridge
     bridge = bridge_cls.from_hf_pretrained(str(hf_dir))
     provider = bridge.to_megatron_provider(load_weights=False)
     if is_qwen35:
@@ -65,6 +66,8 @@ def build_megatron_model(
         rotary_percent = qwen35.qwen3_next_rotary_percent(hf_dir)
         if rotary_percent is not None:  # see qwen35.qwen3_next_rotary_percent
             provider.rotary_percent = rotary_percent
+    elif is_gpt_family:
+        gpt_families.configure_provider(provider, hf_dir)
     else:
         provider.transformer_layer_spec = get_gpt_layer_local_spec(
             num_experts=getattr(provider, "num_moe_experts", None),
@@ -83,10 +86,12 @@ def build_megatron_model(
         lora_module = LoRA(target_modules=list(lora.target_modules), dim=lora.dim, alpha=lora.alpha)
         provider.register_pre_wrap_hook(lambda chunks: lora_module(chunks, training=True))
     provider.finalize()
-    with qwen35.cpu_build_context(provider) if is_qwen35 else nullcontext():
+    build_context = (qwen35.cpu_build_context if is_qwen35 else
+                     gpt_families.cpu_build_context if is_gpt_family else lambda _: nullcontext())
+    with build_context(provider):
         chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
         if load_weights:
-            if is_qwen35:
+            if is_qwen35 or is_gpt_family:
                 missing = qwen35.unmapped_parameters(bridge, chunks)
                 if missing:
                     raise RuntimeError(
