@@ -165,7 +165,7 @@ def tiny_gpt_oss(directory: str | Path, *, seed: int = 0, rope_parameters: dict 
 
     torch.manual_seed(seed)
     config = GptOssConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
         num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
         max_position_embeddings=4096, tie_word_embeddings=False, initializer_range=INIT_STD,
