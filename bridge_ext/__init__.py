@@ -6,7 +6,7 @@ compat.install()  # before anything imports megatron: see bridge_ext/compat.py
 
 __version__ = "0.1.0"
 
-from bridge_ext.engine import ExportError  # noqa: E402
+from bridge_ext.errors import ExportError  # noqa: E402
 from bridge_ext.export import (  # noqa: E402
     Bucket,
     export_hf_buckets,
@@ -14,12 +14,17 @@ from bridge_ext.export import (  # noqa: E402
     peft_adapter_config,
 )
 from bridge_ext.save import save_hf_pretrained  # noqa: E402
+from bridge_ext.table import MappingTable, TableBuilder  # noqa: E402
+from model_mappings import register_table  # noqa: E402
 
 __all__ = [
     "Bucket",
     "ExportError",
+    "MappingTable",
+    "TableBuilder",
     "export_hf_buckets",
     "export_hf_weights",
     "peft_adapter_config",
+    "register_table",
     "save_hf_pretrained",
 ]

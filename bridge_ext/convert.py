@@ -27,9 +27,10 @@ from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import run_rule
-from bridge_ext.export import ExpertLayout, ExpertLayouts, ExportPlan, plan_export, source_expert_layouts
+from bridge_ext.export import ExportPlan, expert_layouts, plan_export, possible_variants, source_expert_layouts
 from bridge_ext.errors import ConvertError, OutputExistsError
 from bridge_ext.peft_config import adapted_outputs
+from bridge_ext.table import ExpertLayout
 from bridge_ext.verify import Report
 
 
@@ -134,13 +135,15 @@ def config_from_run_config(reader: CheckpointReader, model_type: str):
     return type(reference)(**{key: value for key, value in values.items() if value is not None})
 
 
-def _table(model_type: str):
-    from model_mappings import table_for
+def _table(config_or_model_type):
+    """The mapping table of a config (None for a bare model type: only checked to exist)."""
+    from model_mappings import known_model_types, table_for
 
-    try:
-        return table_for(model_type)
-    except KeyError as error:
-        raise ConvertError(f"unknown architecture: {error.args[0]}") from None
+    model_type = getattr(config_or_model_type, "model_type", config_or_model_type)
+    if model_type not in known_model_types():
+        raise ConvertError(f"unknown architecture: no mapping table for model_type {model_type!r}; "
+                           f"known: {', '.join(known_model_types())}")
+    return None if isinstance(config_or_model_type, str) else table_for(config_or_model_type)
 
 
 def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts_found: dict[str, ExpertLayout]):
@@ -152,13 +155,12 @@ def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts
     from bridge_ext.hf_keys import hf_checkpoint_keys
     from bridge_ext.verify import folder_tensor_names
 
+    table = _table(config)
     if hf_base is not None:
         shapes = folder_tensor_names(hf_base)
     else:  # names and shapes suffice to export adapters alone
-        shapes = hf_checkpoint_keys(config, expert_layout=layouts_found.get("experts", "fused"))
-    variants = frozenset(f"{part}:{layout}" for part in ("experts", "mtp_experts")
-                         for layout in ([layouts_found[part]] if part in layouts_found else ["fused", "per_expert"]))
-    base = HfBaseSource(shapes, _table(config.model_type), ModelDims.from_hf_config(config), variants, hf_base)
+        shapes = hf_checkpoint_keys(config, expert_layout=expert_layouts(table, layouts_found).transformers_layout(table))
+    base = HfBaseSource(shapes, table, ModelDims.from_hf_config(config), possible_variants(table, layouts_found), hf_base)
     return CombinedSource(base, checkpoint)
 
 
@@ -209,7 +211,7 @@ def check_shapes(source, plan: ExportPlan, expected: dict[str, tuple[int, ...]])
             raise ConvertError(
                 f"checkpoint and config disagree: LoRA {adapter.lora_a} {lora_a} and {adapter.lora_b} "
                 f"{lora_b} do not fit the base weight {module}.weight {base}")
-    return count, 2 * len(adapted_outputs(plan.adapter_tasks, source.adapters()))
+    return count, 2 * len(adapted_outputs(plan.adapter_tasks, source.adapters(), plan.table))
 
 
 def convert_checkpoint(
@@ -281,15 +283,10 @@ def convert_checkpoint(
             raise ConvertError(f"{reader.path} is a LoRA adapter-only checkpoint: the base weights of a model "
                                "folder come from the Hugging Face base model; pass --hf-base")
     config, config_folder = resolve_config(reader, hf_base, Path(hf_config) if hf_config else None, model_type)
-    _table(config.model_type)
-    found = source_expert_layouts(hf_base or config_folder)
+    table = _table(config)
+    found = source_expert_layouts(hf_base or config_folder, table)
     source = build_source(reader, config, hf_base, found)
-    layouts = ExpertLayouts(
-        experts=expert_layout or found.get("experts", "fused"),
-        mtp_experts=expert_layout or found.get("mtp_experts", "fused"),
-        adapters=expert_adapter_layout,
-    )
-    plan = plan_export(source, config, layouts)
+    plan = plan_export(source, config, expert_layouts(table, found, expert_layout, expert_adapter_layout))
     if adapter_dir is not None and not source.adapters():
         raise ConvertError(f"{reader.path} holds no LoRA adapters; drop the adapter folder")
     if model_dir is not None and adapter_dir is None and source.adapters() and not merge:

@@ -17,10 +17,11 @@ import torch
 from bridge_ext.dims import ModelDims
 from bridge_ext.errors import ExportError
 from bridge_ext.ops import Op
+from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import Adapter, TensorSource
 from bridge_ext.table import MappingTable, Rule
 
-PEFT_PREFIX = "base_model.model."
+__all__ = ["PEFT_PREFIX", "ExportError", "Mode", "Task", "TaskConverter", "convert_tasks", "plan_tasks", "run_rule"]
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,6 @@ def convert_tasks(source: TensorSource, converter: TaskConverter,
         yield from converter(task)
 
 
-def peft_key(hf_name: str, factor: str) -> str:
-    """PEFT's saved key of ``lora_A``/``lora_B`` for the Hugging Face weight ``hf_name``."""
-    if not hf_name.endswith(".weight"):
-        raise ExportError(f"{hf_name} is not a module weight; PEFT keys it as a target parameter")
-    return f"{PEFT_PREFIX}{hf_name[: -len('.weight')]}.{factor}.weight"
-
-
 class TaskConverter:
     """Converts planned tasks of one model; yields ``(name, tensor)`` pairs."""
 
@@ -198,8 +192,8 @@ class TaskConverter:
                 yield hf_name, self._cast(base)
         if factors and self.mode is Mode.ADAPTERS:
             for hf_name, (lora_a, lora_b) in zip(task.hf_names, factors, strict=True):
-                yield peft_key(hf_name, "lora_A"), self._cast(lora_a)
-                yield peft_key(hf_name, "lora_B"), self._cast(lora_b)
+                yield peft_key(hf_name, LORA_A), self._cast(lora_a)
+                yield peft_key(hf_name, LORA_B), self._cast(lora_b)
 
     def reads(self, task: Task) -> list[str]:
         """The source names ``self(task)`` reads, in the order it reads them (repeats kept).

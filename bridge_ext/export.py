@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from bridge_ext.dims import ModelDims, text_config
+from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.distributed import Destination, all_agree
 from bridge_ext.live import LiveModelSource, unwrap_chunks
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.source import TensorSource
 from bridge_ext.sync import to_host
-
-ExpertLayout = Literal["fused", "per_expert"]
+from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout, MappingTable
 
 
 def resolve_hf_config(model, hf_config=None):
@@ -76,46 +73,69 @@ def checkpoint_keys(config, expert_layout: ExpertLayout) -> dict[str, tuple[int,
 class ExpertLayouts:
     """How MoE experts are laid out in an export.
 
-    ``experts`` / ``mtp_experts``: the base weights of the main model's and the MTP layers'
-    experts (published Qwen3.5-MoE checkpoints fuse the first and not the second);
-    ``adapters``: the expert adapters, ``fused`` being PEFT's ``target_parameters`` layout.
+    ``base``: the base weights' layout per expert family of the table (by name; a family not
+    listed takes ``default``); e.g. published Qwen3.5-MoE checkpoints fuse the main model's
+    experts and not the MTP layers'. ``adapters``: the expert adapters of every family,
+    ``fused`` being PEFT's ``target_parameters`` layout.
     """
 
-    experts: ExpertLayout = "fused"
-    mtp_experts: ExpertLayout = "fused"
+    base: tuple[tuple[str, ExpertLayout], ...] = ()
+    default: ExpertLayout = "fused"
     adapters: ExpertLayout = "fused"
 
-    @property
-    def base_variants(self) -> frozenset[str]:
-        return frozenset({f"experts:{self.experts}", f"mtp_experts:{self.mtp_experts}"})
+    def base_layout(self, family: str) -> ExpertLayout:
+        return dict(self.base).get(family, self.default)
 
-    @property
-    def adapter_variants(self) -> frozenset[str]:
-        return frozenset({f"experts:{self.adapters}", f"mtp_experts:{self.adapters}"})
+    def base_variants(self, table: MappingTable) -> frozenset[str]:
+        return frozenset(family.variant(self.base_layout(family.name)) for family in table.expert_families)
+
+    def adapter_variants(self, table: MappingTable) -> frozenset[str]:
+        return frozenset(family.variant(self.adapters) for family in table.expert_families)
+
+    def transformers_layout(self, table: MappingTable) -> ExpertLayout:
+        """The layout of the families inside transformers' key set (they must agree)."""
+        inside = {self.base_layout(family.name) for family in table.expert_families if not family.extra}
+        if len(inside) > 1:
+            raise ExportError(f"the {table.model_types} experts inside transformers' key set must share one "
+                              f"layout, not {sorted(inside)}")
+        return inside.pop() if inside else self.default
 
 
-def source_expert_layouts(folder: Path | None) -> dict[str, ExpertLayout]:
-    """The expert layouts a Hugging Face folder's safetensors use (empty when unknown)."""
-    if folder is None:
-        return {}
+def expert_layouts(table: MappingTable, found: dict[str, ExpertLayout], expert_layout: ExpertLayout | None = None,
+                   expert_adapter_layout: ExpertLayout = "fused") -> ExpertLayouts:
+    """``expert_layout`` for every family, else each family's layout in the source folder
+    (``found``, see :func:`source_expert_layouts`), else fused."""
+    for what, value in (("expert_layout", expert_layout), ("expert_adapter_layout", expert_adapter_layout)):
+        if value is not None and value not in EXPERT_LAYOUTS:
+            raise ExportError(f"{what} must be one of {EXPERT_LAYOUTS}, not {value!r}")
+    base = tuple((family.name, expert_layout or found.get(family.name, "fused")) for family in table.expert_families)
+    return ExpertLayouts(base=base, adapters=expert_adapter_layout)
+
+
+def possible_variants(table: MappingTable, found: dict[str, ExpertLayout]) -> frozenset[str]:
+    """Each family's variant for its ``found`` layout, both variants where it is unknown."""
+    return frozenset(family.variant(layout) for family in table.expert_families
+                     for layout in ([found[family.name]] if family.name in found else EXPERT_LAYOUTS))
+
+
+def folder_weight_names(folder: Path) -> list[str]:
+    """The tensor names of a Hugging Face folder's safetensors (empty when there are none)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = list(json.loads(index.read_text())["weight_map"])
-    elif (folder / "model.safetensors").is_file():
+        return list(json.loads(index.read_text())["weight_map"])
+    if (folder / "model.safetensors").is_file():
         from safetensors import safe_open
 
         with safe_open(str(folder / "model.safetensors"), "pt") as handle:
-            names = list(handle.keys())
-    else:
+            return list(handle.keys())
+    return []
+
+
+def source_expert_layouts(folder: Path | None, table: MappingTable) -> dict[str, ExpertLayout]:
+    """The layout of each expert family in a Hugging Face folder's safetensors (empty when unknown)."""
+    if folder is None or not table.expert_families:
         return {}
-    found: dict[str, ExpertLayout] = {}
-    for name in names:
-        part = "mtp_experts" if name.startswith("mtp.") else "experts"
-        if ".experts.gate_up_proj" in name:
-            found.setdefault(part, "fused")
-        elif re.search(r"\.experts\.\d+\.", name):
-            found.setdefault(part, "per_expert")
-    return found
+    return table.expert_layouts_of(folder_weight_names(folder))
 
 
 @dataclass
@@ -123,22 +143,29 @@ class ExportPlan:
     """Everything about one export that names alone decide, checked before tensors move."""
 
     config: object
+    table: MappingTable
     dims: ModelDims
     base_tasks: list[Task]
     adapter_tasks: list[Task]
     layouts: ExpertLayouts
     hf_keys: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
+    def is_extra(self, hf_name: str) -> bool:
+        """A name outside transformers' key set that the table and the config allow (MTP)."""
+        extra = self.table.extra_weights
+        return extra is not None and extra.count(self.config) > 0 and extra.holds(hf_name)
 
-def plan_export(source: TensorSource, config, layouts: ExpertLayouts = ExpertLayouts()) -> ExportPlan:
+
+def plan_export(source: TensorSource, config, layouts: ExpertLayouts | None = None) -> ExportPlan:
     """Match every Megatron tensor to a rule and every output name to the HF checkpoint's keys."""
     from model_mappings import table_for
 
-    table = table_for(config.model_type)
-    base_tasks = plan_tasks(source.base_names(), table, layouts.base_variants)
+    table = table_for(config)
+    layouts = layouts or ExpertLayouts()
+    base_variants, adapter_variants = layouts.base_variants(table), layouts.adapter_variants(table)
+    base_tasks = plan_tasks(source.base_names(), table, base_variants)
     adapter_tasks = (
-        base_tasks if layouts.adapter_variants == layouts.base_variants
-        else plan_tasks(source.base_names(), table, layouts.adapter_variants)
+        base_tasks if adapter_variants == base_variants else plan_tasks(source.base_names(), table, adapter_variants)
     )
     planned = {name for task in base_tasks for name in task.sources}
     orphans = sorted(module for module in source.adapters() if f"{module}.weight" not in planned)
@@ -148,35 +175,27 @@ def plan_export(source: TensorSource, config, layouts: ExpertLayouts = ExpertLay
     duplicates = sorted({name for name in produced if produced.count(name) > 1})
     if duplicates:
         raise ExportError(f"several Megatron tensors map to {duplicates}")
-    hf_keys = checkpoint_keys(config, layouts.experts)
-    mtp_layers = mtp_layer_count(config)
-    unexpected = [n for n in produced if n not in hf_keys and not (mtp_layers and n.startswith("mtp."))]
+    hf_keys = checkpoint_keys(config, layouts.transformers_layout(table))
+    plan = ExportPlan(config, table, ModelDims.from_hf_config(config), base_tasks, adapter_tasks, layouts, hf_keys)
+    unexpected = [name for name in produced if name not in hf_keys and not plan.is_extra(name)]
     missing = sorted(set(hf_keys) - set(produced))
     if unexpected or missing:
         raise ExportError(
             f"the export does not match the {config.model_type} checkpoint format: "
             f"unexpected {unexpected or 'none'}; missing {missing or 'none'}"
         )
-    return ExportPlan(config, ModelDims.from_hf_config(config), base_tasks, adapter_tasks, layouts, hf_keys)
-
-
-def mtp_layer_count(config) -> int:
-    """Number of MTP layers a Hugging Face config declares (0 when none)."""
-    for holder in (config, text_config(config)):
-        for key in ("mtp_num_hidden_layers", "num_nextn_predict_layers"):
-            value = getattr(holder, key, None)
-            if value:
-                return int(value)
-    return 0
+    return plan
 
 
 def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
-            expert_adapter_layout: ExpertLayout = "fused", destination: Destination = "all",
+            expert_adapter_layout: ExpertLayout | None = None, destination: Destination = "all",
             ) -> tuple[TensorSource, ExportPlan]:
     """The model as a tensor source, and its checked export plan.
 
     ``expert_layout=None`` follows the Hugging Face source folder's own layout where it is
-    known, else fuses. ``destination``: see :func:`export_hf_weights`.
+    known, else fuses; ``expert_adapter_layout=None`` is the layout vLLM loads for the
+    architecture (the table's ``vllm_expert_adapter_layout``). ``destination``: see
+    :func:`export_hf_weights`.
 
     Exports repeat every training step, so both are remembered per model while its parameter
     objects (and their shapes and dtypes), its Hugging Face folder's config.json and these
@@ -187,14 +206,14 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     cached = _PREPARED.get(chunks[0])
     if all_agree(key is not None and cached is not None and cached[0] == key):
         return cached[1], cached[2]
+    from model_mappings import table_for
+
+    config = resolve_hf_config(model, hf_config)
+    table = table_for(config)
     source = LiveModelSource(model, destination)
-    found = source_expert_layouts(hf_source_folder(model, hf_config))
-    layouts = ExpertLayouts(
-        experts=expert_layout or found.get("experts", "fused"),
-        mtp_experts=expert_layout or found.get("mtp_experts", "fused"),
-        adapters=expert_adapter_layout,
-    )
-    plan = plan_export(source, resolve_hf_config(model, hf_config), layouts)
+    found = source_expert_layouts(hf_source_folder(model, hf_config), table)
+    layouts = expert_layouts(table, found, expert_layout, expert_adapter_layout or table.vllm_expert_adapter_layout)
+    plan = plan_export(source, config, layouts)
     if key is not None:
         _PREPARED[chunks[0]] = (key, source, plan)
     return source, plan
@@ -222,7 +241,7 @@ def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapter
         converter = TaskConverter(source, plan.dims, base, dtype)
         yield from convert_tasks(source, converter, plan.base_tasks)
     if adapters:
-        expert_keys = FusedExpertKeys(adapted_outputs(plan.adapter_tasks, found))
+        expert_keys = FusedExpertKeys(adapted_outputs(plan.adapter_tasks, found, plan.table))
         converter = TaskConverter(source, plan.dims, Mode.ADAPTERS, dtype, expert_adapters=expert_keys)
         yield from convert_tasks(source, converter, plan.adapter_tasks)
 
@@ -234,7 +253,7 @@ def export_hf_weights(
     adapters_only: bool = False,
     hf_config=None,
     expert_layout: ExpertLayout | None = None,
-    expert_adapter_layout: ExpertLayout = "fused",
+    expert_adapter_layout: ExpertLayout | None = None,
     dtype: torch.dtype | None = None,
     destination: Destination = "all",
     device: str | torch.device | None = None,
@@ -255,8 +274,11 @@ def export_hf_weights(
             ``experts.gate_up_proj`` / ``down_proj`` or per expert (``experts.<e>.gate_proj``);
             by default the layout of the Hugging Face source folder, else fused.
         expert_adapter_layout: Expert adapters in PEFT's ``target_parameters`` layout
-            (``fused``: the one PEFT loads onto transformers v5 models) or per expert (vLLM's
-            mixed MoE LoRA format).
+            (``fused``: the one PEFT loads onto transformers v5 models) or per expert
+            (``experts.<e>.gate_proj``); by default the layout vLLM loads for the
+            architecture (its table's ``vllm_expert_adapter_layout``), since a live export
+            feeds an inference engine. Files for PEFT (:func:`save_hf_pretrained`,
+            ``bridge-ext convert``) default to ``fused``.
         dtype: Cast every exported tensor to this dtype (default: keep the model's).
         destination: In a parallel job, the ranks the tensors come out on: ``"all"`` (every
             rank, e.g. colocated inference engines), ``"owner"`` (each tensor on one rank of
@@ -278,9 +300,10 @@ def export_hf_weights(
     yield from to_host(pairs) if device is not None and torch.device(device).type == "cpu" else pairs
 
 
-def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertLayout = "fused",
+def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertLayout | None = None,
                         base_model_name_or_path: str | None = None):
-    """PEFT's ``LoraConfig`` for the model's adapters, as :func:`export_hf_weights` names them.
+    """PEFT's ``LoraConfig`` for the model's adapters, as :func:`export_hf_weights` names them
+    (the same ``expert_adapter_layout`` default: the table's vLLM layout).
 
     ``base_model_name_or_path`` defaults to the Hugging Face source of the model.
     """

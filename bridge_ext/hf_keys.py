@@ -43,44 +43,37 @@ Facts per model type (transformers 5.23.0, checked by ``tests/test_hf_keys.py`` 
 
 ``expert_layout``:
   ``"per_expert"`` (default) -- what ``save_pretrained`` of a freshly built model writes;
-  ``"fused"`` -- ``<...>.mlp.experts.gate_up_proj`` ``[E, 2I, H]`` and ``.down_proj``
-  ``[E, H, I]`` (no ``.weight`` suffix): what a model loaded from a fused checkpoint re-saves, and
-  the other layout transformers' loader accepts.
+  ``"fused"`` -- the tensors transformers holds in memory, none of the model's
+  ``WeightConverter`` s reverted (for Qwen3(.5)-MoE ``<...>.mlp.experts.gate_up_proj``
+  ``[E, 2I, H]`` and ``.down_proj`` ``[E, H, I]``, no ``.weight`` suffix): what a model loaded
+  from such a checkpoint re-saves, and the other layout transformers' loader accepts.
+
+``prefix_change=True`` keeps the mapping's ``PrefixChange`` entries: what a model loaded from
+a checkpoint that carried the prefix re-saves (Qwen3.5 CausalLM: ``model.language_model.``).
+
+The transformers class comes from the architecture's mapping table (``model_classes``).
 """
 
 from __future__ import annotations
 
 import copy
-import re
-from typing import Literal
 
 import torch
 
-ExpertLayout = Literal["per_expert", "fused"]
-
-#: model_type -> the transformers class whose checkpoint names are meant.
-MODEL_CLASSES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "qwen3_5_text": "Qwen3_5ForCausalLM",
-    "qwen3_5": "Qwen3_5ForConditionalGeneration",
-    "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
-    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
-}
-
-#: text-only model types whose conversion mapping carries PrefixChange(language_model -> model).
-LANGUAGE_MODEL_PREFIX_TYPES = ("qwen3_5_text", "qwen3_5_moe_text")
-
-_PER_EXPERT = re.compile(r"^(?P<mod>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout
 
 
 def model_class_for(config):
-    """The transformers model class for ``config`` (see :data:`MODEL_CLASSES`; otherwise
-    ``config.architectures[0]``, otherwise the AutoModelForCausalLM class)."""
+    """The transformers model class whose checkpoint names ``config``'s table produces: the
+    table's ``model_classes`` entry, else ``config.architectures[0]``, else the causal-LM
+    auto class."""
     import transformers
 
-    name = MODEL_CLASSES.get(config.model_type)
+    from model_mappings import known_model_types, table_for
+
+    name = None
+    if config.model_type in known_model_types():
+        name = table_for(config).model_classes.get(config.model_type)
     if name is None and getattr(config, "architectures", None):
         name = config.architectures[0]
     if name is not None:
@@ -99,36 +92,24 @@ def build_meta_model(config, model_class=None):
     return model.eval()
 
 
-def _fuse_experts(keys: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    groups: dict[str, dict[str, dict[int, tuple[int, ...]]]] = {}
-    out: dict[str, tuple[int, ...]] = {}
-    for name, shape in keys.items():
-        m = _PER_EXPERT.match(name)
-        if m is None:
-            out[name] = shape
-            continue
-        groups.setdefault(m["mod"], {}).setdefault(m["proj"], {})[int(m["e"])] = shape
-    for mod, projs in groups.items():
-        if set(projs) != {"gate_proj", "up_proj", "down_proj"}:
-            raise ValueError(f"{mod}: expected gate_proj/up_proj/down_proj per expert, found {sorted(projs)}")
-        experts = sorted(projs["gate_proj"])
-        if any(sorted(p) != experts for p in projs.values()) or experts != list(range(len(experts))):
-            raise ValueError(f"{mod}: expert indices differ between projections or are not 0..E-1")
-        (inter, hidden), = {projs["gate_proj"][e] for e in experts}
-        if {projs["up_proj"][e] for e in experts} != {(inter, hidden)} or {
-            projs["down_proj"][e] for e in experts
-        } != {(hidden, inter)}:
-            raise ValueError(f"{mod}: inconsistent per-expert shapes")
-        out[f"{mod}.gate_up_proj"] = (len(experts), 2 * inter, hidden)
-        out[f"{mod}.down_proj"] = (len(experts), hidden, inter)
-    return out
+def _save_conversions(model, *, fused: bool, prefix_change: bool) -> list:
+    """The conversions ``save_pretrained`` reverts, as for a model loaded from a checkpoint in
+    the chosen layout (``model._weight_conversions`` holds what matched on load)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter
+
+    conversions = get_model_conversion_mapping(model, add_legacy=False)
+    if prefix_change and not any(isinstance(each, PrefixChange) for each in conversions):
+        raise ValueError(f"{type(model).__name__} has no PrefixChange in its conversion mapping")
+    return [each for each in conversions
+            if not (fused and isinstance(each, WeightConverter)) and (prefix_change or not isinstance(each, PrefixChange))]
 
 
 def hf_checkpoint_keys(
     config,
     *,
     expert_layout: ExpertLayout = "per_expert",
-    language_model_prefix: bool = False,
+    prefix_change: bool = False,
     model_class=None,
 ) -> dict[str, tuple[int, ...]]:
     """``{name: shape}`` of the safetensors ``save_pretrained`` writes for ``config``'s architecture.
@@ -136,33 +117,22 @@ def hf_checkpoint_keys(
     Computed on the meta device with transformers' own save-time functions
     (``remove_tied_weights_from_state_dict``, ``revert_weight_conversion``); see the module
     docstring for what is covered. ``expert_layout`` selects per-expert (default, a fresh model's
-    save) or fused 3-D expert names for MoE types; ``language_model_prefix=True`` (only
-    qwen3_5_text / qwen3_5_moe_text) gives the ``model.language_model.`` names a CausalLM loaded
-    from such a checkpoint re-saves. ``mtp.*`` names are never included.
+    save) or fused (in-memory) expert tensors; ``prefix_change=True`` gives the names a model
+    loaded from a checkpoint that carried its mapping's ``PrefixChange`` prefix re-saves.
+    Tensors transformers builds no module for (MTP layers) are never included.
     """
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    if expert_layout not in ("per_expert", "fused"):
-        raise ValueError(f"expert_layout must be 'per_expert' or 'fused', got {expert_layout!r}")
-    if language_model_prefix and config.model_type not in LANGUAGE_MODEL_PREFIX_TYPES:
-        raise ValueError(
-            f"language_model_prefix applies to {LANGUAGE_MODEL_PREFIX_TYPES} only, not {config.model_type!r}"
-        )
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {expert_layout!r}")
 
     model = build_meta_model(config, model_class)
     state_dict = model.state_dict()
     for key in model._keys_to_ignore_on_save or ():
         state_dict.pop(key, None)
     state_dict = remove_tied_weights_from_state_dict(state_dict, model)
+    model._weight_conversions = _save_conversions(model, fused=expert_layout == "fused", prefix_change=prefix_change)
     state_dict = revert_weight_conversion(model, state_dict)
     keys = {name: tuple(t.shape) for name, t in state_dict.items()}
-
-    if expert_layout == "fused":
-        keys = _fuse_experts(keys)
-    if language_model_prefix:
-        keys = {
-            (f"model.language_model.{k[len('model.'):]}" if k.startswith("model.") else k): v
-            for k, v in keys.items()
-        }
     return dict(sorted(keys.items()))

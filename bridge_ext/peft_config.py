@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from bridge_ext.engine import ExportError, Task
-from bridge_ext.peft_experts import EXPERT_PARAM_ORDER, fuse_expert_lora, peft_param_key_infixes
+from bridge_ext.peft_experts import fuse_expert_lora, peft_param_key_infixes
+from bridge_ext.peft_keys import LORA_A, LORA_B, peft_parameter_key
 from bridge_ext.source import Adapter
+from bridge_ext.table import ExpertFamily, MappingTable
 
 _LAYER_NUMBER = re.compile(r"^.*?\.\d+\.")
 
@@ -30,6 +32,7 @@ class AdaptedOutput:
 
     hf_name: str
     adapter: Adapter
+    family: ExpertFamily | None = None  # the expert family of a fused parameter
 
     @property
     def is_parameter(self) -> bool:
@@ -42,8 +45,10 @@ class AdaptedOutput:
         return self.hf_name[: -len(".weight")] if not self.is_parameter else self.hf_name
 
 
-def adapted_outputs(tasks: list[Task], adapters: dict[str, Adapter]) -> list[AdaptedOutput]:
-    """Every Hugging Face output of the tasks that carries a LoRA pair."""
+def adapted_outputs(tasks: list[Task], adapters: dict[str, Adapter], table: MappingTable | None = None
+                    ) -> list[AdaptedOutput]:
+    """Every Hugging Face output of the tasks that carries a LoRA pair (``table``: to know the
+    expert family of fused parameters)."""
     outputs = []
     for task in tasks:
         for source in task.sources[:1] if not task.rule.stack else task.sources:
@@ -51,7 +56,8 @@ def adapted_outputs(tasks: list[Task], adapters: dict[str, Adapter]) -> list[Ada
             adapter = adapters.get(module) if module else None
             if adapter is None:
                 continue
-            outputs.extend(AdaptedOutput(hf_name, adapter) for hf_name in task.hf_names)
+            family = table.family(task.rule) if table is not None else None
+            outputs.extend(AdaptedOutput(hf_name, adapter, family) for hf_name in task.hf_names)
             if task.rule.stack:
                 break  # one entry per fused parameter
     return outputs
@@ -62,19 +68,24 @@ class FusedExpertKeys:
 
     def __init__(self, outputs: list[AdaptedOutput]):
         self._targeted: dict[str, list[str]] = defaultdict(list)
+        self._order: dict[str, tuple[str, ...]] = {}
         for output in outputs:
             if output.is_parameter:
                 module, parameter = output.hf_name.rsplit(".", 1)
                 self._targeted[module].append(parameter)
+                if output.family is None:
+                    raise ExportError(f"{output.hf_name}: a fused expert parameter of no expert family of the table")
+                self._order[module] = output.family.parameters
 
     def __call__(self, hf_name: str, lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         module, parameter = hf_name.rsplit(".", 1)
-        if parameter not in EXPERT_PARAM_ORDER:
-            raise ExportError(f"{hf_name}: PEFT's parameter targets are known for {EXPERT_PARAM_ORDER} only")
-        infix = peft_param_key_infixes(self._targeted[module])[parameter]
+        order = self._order.get(module, ())
+        if parameter not in order:
+            raise ExportError(f"{hf_name}: the table's expert family lists the parameters {order}, not {parameter!r}")
+        infix = peft_param_key_infixes(self._targeted[module], order)[parameter]
         lora_a, lora_b = fuse_expert_lora(lora_as, lora_bs)
-        yield f"base_model.model.{module}.{infix}lora_A.weight", lora_a
-        yield f"base_model.model.{module}.{infix}lora_B.weight", lora_b
+        yield peft_parameter_key(module, infix, LORA_A), lora_a
+        yield peft_parameter_key(module, infix, LORA_B), lora_b
 
 
 def _leaf_or_full_names(module_targets: list[str], module_names: set[str]) -> list[str]:
@@ -108,7 +119,7 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
     in_memory = hf_checkpoint_keys(plan.config, expert_layout="fused")
     module_names = {key.rsplit(".", 1)[0] for key in in_memory if key.endswith(".weight")}
 
-    outputs = adapted_outputs(plan.adapter_tasks, adapters)
+    outputs = adapted_outputs(plan.adapter_tasks, adapters, plan.table)
     if not outputs:
         raise ExportError("the model has no LoRA adapters")
     module_targets = [o.target for o in outputs if not o.is_parameter]

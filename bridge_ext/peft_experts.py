@@ -73,7 +73,7 @@ qwen3_5_moe_text, whose pattern is ``qwen3_5_text``) every ``target_modules`` en
 ``gate_proj``, ``up_proj``, ``down_proj`` or ``gate`` is moved into ``target_parameters`` and, if
 both gate_proj and up_proj are present, ``rank_pattern``/``alpha_pattern`` for gate_up_proj are
 set to ``2r``/``2 alpha``. An adapter written in this layout then no longer fits (shape mismatch
-or silently re-targeted modules). :func:`check_target_modules` refuses such configs.
+or silently re-targeted modules). The tests check adapter configs for it.
 """
 
 from __future__ import annotations
@@ -83,20 +83,7 @@ from collections.abc import Sequence
 
 import torch
 
-GATE_UP = "gate_up_proj"
-DOWN = "down_proj"
-#: registration order of the fused expert parameters in transformers' Qwen3(.5)-MoE experts.
-EXPERT_PARAM_ORDER: tuple[str, ...] = (GATE_UP, DOWN)
-#: ``target_parameters`` entries (matched by suffix against ``<module path>.<param name>``).
-TARGET_PARAMETERS: tuple[str, ...] = (f"mlp.experts.{GATE_UP}", f"mlp.experts.{DOWN}")
-
-# Model types for which PEFT 0.21.2 rewrites gate_proj/up_proj/down_proj/gate target modules
-# into target_parameters (transformers' _MODEL_TO_CONVERSION_PATTERN -> "qwen2_moe" / "mixtral").
-_V4_MOE_REWRITTEN_NAMES = {
-    "qwen2_moe": ("gate_proj", "up_proj", "down_proj", "gate"),
-    "mixtral": ("w1", "w2", "w3", "gate"),
-}
-
+from bridge_ext.peft_keys import LORA_A, LORA_B, peft_parameter_key
 
 def fuse_expert_lora(
     a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor]
@@ -164,15 +151,14 @@ def expert_delta(
     return torch.einsum("ore,eri->eoi", b, a) * scaling
 
 
-def peft_param_key_infixes(
-    targeted: Sequence[str] = EXPERT_PARAM_ORDER, registration_order: Sequence[str] = EXPERT_PARAM_ORDER
-) -> dict[str, str]:
+def peft_param_key_infixes(targeted: Sequence[str], registration_order: Sequence[str]) -> dict[str, str]:
     """Infix between ``<experts module>.`` and ``lora_A.weight`` for each targeted parameter.
 
-    The first targeted parameter in the module's *registration order* is wrapped first and is
-    therefore innermost: with n targeted parameters the i-th gets ``"base_layer." * (n-1-i)``.
-    The order of ``target_parameters`` in the config plays no role. For transformers'
-    Qwen3(.5)-MoE experts: ``{"gate_up_proj": "base_layer.", "down_proj": ""}``.
+    The first targeted parameter in the module's *registration order* (the table's
+    ``ExpertFamily.parameters``) is wrapped first and is therefore innermost: with n targeted
+    parameters the i-th gets ``"base_layer." * (n-1-i)``. The order of ``target_parameters``
+    in the config plays no role. For transformers' Qwen3(.5)-MoE experts:
+    ``{"gate_up_proj": "base_layer.", "down_proj": ""}``.
     """
     unknown = set(targeted) - set(registration_order)
     if unknown:
@@ -183,80 +169,14 @@ def peft_param_key_infixes(
 
 
 def peft_expert_adapter_keys(
-    experts_module: str,
-    targeted: Sequence[str] = EXPERT_PARAM_ORDER,
-    registration_order: Sequence[str] = EXPERT_PARAM_ORDER,
+    experts_module: str, targeted: Sequence[str], registration_order: Sequence[str]
 ) -> dict[str, tuple[str, str]]:
     """Saved adapter keys for one experts module.
 
-    ``experts_module`` is the HF module path, e.g. ``"model.layers.0.mlp.experts"`` (CausalLM) or
-    ``"model.language_model.layers.0.mlp.experts"`` (Qwen3.5-MoE ConditionalGeneration). Returns
+    ``experts_module`` is the HF module path, e.g. ``"model.layers.0.mlp.experts"``. Returns
     ``{param_name: (lora_A key, lora_B key)}``, keys as in ``adapter_model.safetensors``
     (``base_model.model.`` prefix, no adapter name).
     """
     infixes = peft_param_key_infixes(targeted, registration_order)
-    base = f"base_model.model.{experts_module}."
-    return {p: (f"{base}{inf}lora_A.weight", f"{base}{inf}lora_B.weight") for p, inf in infixes.items()}
-
-
-def expert_adapter_config_fields(
-    r: int,
-    lora_alpha: float,
-    *,
-    use_rslora: bool = False,
-    down_r: int | None = None,
-    down_alpha: float | None = None,
-    targeted: Sequence[str] = EXPERT_PARAM_ORDER,
-) -> dict:
-    """adapter_config.json fields that the 3-D expert layout needs (merge them into the rest).
-
-    ``r``/``lora_alpha`` are those of gate_up_proj (Megatron linear_fc1); ``down_r``/``down_alpha``
-    those of down_proj (linear_fc2) when they differ, which yields ``rank_pattern`` /
-    ``alpha_pattern`` entries keyed ``mlp.experts.down_proj``. ``target_modules`` is left to the
-    caller (the non-expert leaves; ``[]`` when only experts are adapted) -- see
-    :func:`check_target_modules`.
-    """
-    fields: dict = {
-        "r": r,
-        "lora_alpha": lora_alpha,
-        "use_rslora": use_rslora,
-        "target_parameters": [f"mlp.experts.{p}" for p in EXPERT_PARAM_ORDER if p in set(targeted)],
-        "lora_dropout": 0.0,  # ParamWrapper raises for != 0
-        "fan_in_fan_out": False,
-        "use_dora": False,
-        "lora_bias": False,
-        "bias": "none",
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-    if down_r is not None and down_r != r:
-        fields["rank_pattern"][f"mlp.experts.{DOWN}"] = down_r
-    if down_alpha is not None and down_alpha != lora_alpha:
-        fields["alpha_pattern"][f"mlp.experts.{DOWN}"] = down_alpha
-    return fields
-
-
-def check_target_modules(model_type: str, target_modules: Sequence[str]) -> None:
-    """Refuse ``target_modules`` that PEFT 0.21.2 would rewrite into ``target_parameters`` on load.
-
-    For model types whose transformers conversion pattern is ``qwen2_moe`` (e.g. qwen3_moe) or
-    ``mixtral``, PEFT's ``_convert_peft_config_moe`` treats ``gate_proj``/``up_proj``/``down_proj``/
-    ``gate`` (``w1``/``w2``/``w3``/``gate``) as v4 per-expert targets and moves them to
-    ``target_parameters`` (doubling r/alpha of gate_up_proj when both gate and up are listed), which
-    breaks an adapter written with the 3-D expert layout (and also mis-targets dense MLPs).
-    """
-    try:
-        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
-    except ImportError:  # pragma: no cover - transformers < 5
-        return
-    pattern = {"mixtral": "mixtral"}.get(model_type, _MODEL_TO_CONVERSION_PATTERN.get(model_type))
-    names = _V4_MOE_REWRITTEN_NAMES.get(pattern or "")
-    if not names:
-        return
-    bad = [t for t in target_modules if any(t == n or t.endswith(f".{n}") for n in names)]
-    if bad:
-        raise ValueError(
-            f"target_modules {bad} cannot be used for model_type {model_type!r}: PEFT rewrites "
-            f"{list(names)} into target_parameters on load (v4->v5 MoE conversion), which breaks the "
-            "3-D expert adapter layout"
-        )
+    return {p: (peft_parameter_key(experts_module, inf, LORA_A), peft_parameter_key(experts_module, inf, LORA_B))
+            for p, inf in infixes.items()}

@@ -13,11 +13,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from bridge_ext.engine import PEFT_PREFIX, ExportError, Mode
-from bridge_ext.export import ExpertLayout, ExportPlan, hf_source_folder, mtp_layer_count, prepare, stream
+from bridge_ext.engine import ExportError, Mode
+from bridge_ext.export import ExportPlan, hf_source_folder, prepare, stream
 from bridge_ext.hf_folder import ShardedSafetensorsWriter, atomic_directory, parse_size
 from bridge_ext.peft_config import lora_config
+from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.source import TensorSource
+from bridge_ext.table import ExpertLayout
 
 # Files of a Hugging Face folder that describe the model but hold no weights.
 COMPANION_FILES = (
@@ -47,10 +49,11 @@ def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, 
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
-    mtp_layers = mtp_layer_count(plan.config)
+    extra = plan.table.extra_weights
+    layers = extra.count(plan.config) if extra is not None else 0
     holder = config.get("text_config", config) if "text_config" in config else config
-    if mtp_layers and not any(k in holder or k in config for k in ("mtp_num_hidden_layers", "num_nextn_predict_layers")):
-        holder["mtp_num_hidden_layers"] = mtp_layers  # transformers' to_dict can drop it
+    if layers and extra.count_key not in holder and extra.count_key not in config:
+        holder[extra.count_key] = layers  # transformers' to_dict can drop it
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

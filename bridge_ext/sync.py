@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-PEFT_PREFIX = "base_model.model."
+from bridge_ext.peft_keys import PEFT_PREFIX
+
 HOST_WINDOW_BYTES = 256 << 20
 
 Pairs = Iterable[tuple[str, torch.Tensor]]

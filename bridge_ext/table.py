@@ -5,18 +5,30 @@ chain of operations (:mod:`bridge_ext.ops`) and how the tensor is split over
 tensor-parallel ranks. The same rule converts the base weight, its LoRA factors, and (in
 reverse) a Hugging Face tensor back to Megatron. A :class:`MappingTable` is an ordered list
 of rules for some Hugging Face ``model_type`` s; the first matching rule wins.
+
+Beside its rules a table states every convention of its architecture that the generic
+engine needs: the transformers class per model type, the MoE expert families (their layout
+variants and the order PEFT nests their fused parameters in), the Hugging Face tensors that
+transformers does not build (MTP layers), and the expert-adapter layout vLLM loads. A table
+whose names depend on the config is a :class:`TableBuilder`. docs/adding_an_architecture.md
+walks through the fields.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from bridge_ext.dims import text_config
 from bridge_ext.ops import Op
 from bridge_ext.patterns import NamePattern
 
 TensorParallel = Literal["column", "row", "replicated"]
+#: MoE experts as one ``[E, ...]`` tensor per parameter (transformers v5 in memory, PEFT's
+#: ``target_parameters``) or one tensor per expert (``experts.{e}.gate_proj.weight``).
+ExpertLayout = Literal["fused", "per_expert"]
+EXPERT_LAYOUTS: tuple[ExpertLayout, ...] = ("fused", "per_expert")
 
 
 @dataclass(frozen=True)
@@ -33,8 +45,8 @@ class Rule:
             ascending order (experts fused into one ``[E, ...]`` tensor).
         shared: A wildcard absent from ``hf`` whose tensors must all be equal and are emitted
             once (a Hugging Face tensor Megatron keeps one copy of per depth, e.g. MTP).
-        variant: Rules with a variant apply only when the export asks for it (e.g.
-            ``"experts:fused"``); rules without one always apply.
+        variant: Rules with a variant apply only when the export asks for it: an expert
+            family's layout (:meth:`ExpertFamily.variant`); rules without one always apply.
     """
 
     megatron: str
@@ -114,12 +126,83 @@ class RuleMatch:
 
 
 @dataclass(frozen=True)
+class ExpertFamily:
+    """MoE experts of one part of the model, exported per expert or fused ``[E, ...]``.
+
+    Attributes:
+        name: The family's rules carry ``variant=family.variant(layout)`` for each layout.
+        parameters: The fused Hugging Face parameter names of one experts module in the
+            order the transformers module registers them (PEFT wraps ``target_parameters``
+            in this order, the first innermost: it decides the saved adapter keys).
+        extra: Its tensors lie outside transformers' key set (experts of MTP layers).
+    """
+
+    name: str
+    parameters: tuple[str, ...]
+    extra: bool = False
+
+    def variant(self, layout: ExpertLayout) -> str:
+        return f"{self.name}:{layout}"
+
+
+@dataclass(frozen=True)
+class ExtraWeights:
+    """Hugging Face tensors an architecture's checkpoints hold but transformers neither builds
+    nor saves (MTP layers): names under ``prefixes``, checked against source files instead of
+    transformers' key set, and exported only when the config's ``count_key`` is positive."""
+
+    prefixes: tuple[str, ...]
+    count_key: str
+
+    def holds(self, hf_name: str) -> bool:
+        return hf_name.startswith(self.prefixes)
+
+    def count(self, config) -> int:
+        """How many such layers ``config`` (or its text config) declares."""
+        for holder in (config, text_config(config)):
+            value = getattr(holder, self.count_key, None)
+            if value:
+                return int(value)
+        return 0
+
+
+@dataclass(frozen=True)
 class MappingTable:
-    """The rules of one architecture family, for the listed Hugging Face model types."""
+    """The rules of one architecture family, for the listed Hugging Face model types.
+
+    Attributes:
+        model_types: The Hugging Face ``model_type`` s it serves.
+        rules: Ordered; the first matching rule wins.
+        description: One line for people.
+        model_classes: ``model_type`` -> the transformers class whose checkpoint names the
+            rules produce (e.g. the causal LM rather than the base model); default: the
+            config's ``architectures[0]``, else transformers' causal-LM auto class.
+        expert_families: The MoE expert families the rules' variants name.
+        extra_weights: Tensors outside transformers' key set (MTP layers), if any.
+        vllm_expert_adapter_layout: The expert-adapter layout vLLM loads for this
+            architecture: what a live export (weight sync) writes by default.
+    """
 
     model_types: tuple[str, ...]
     rules: tuple[Rule, ...]
     description: str = ""
+    model_classes: Mapping[str, str] = field(default_factory=dict, compare=False)
+    expert_families: tuple[ExpertFamily, ...] = ()
+    extra_weights: ExtraWeights | None = None
+    vllm_expert_adapter_layout: ExpertLayout = "fused"
+
+    def __post_init__(self) -> None:
+        known = {family.name for family in self.expert_families}
+        for each in self.rules:
+            if each.variant is not None and each.variant.partition(":")[0] not in known:
+                raise ValueError(f"{each.megatron}: variant {each.variant!r} names no expert family of the table")
+
+    def family(self, candidate: Rule) -> ExpertFamily | None:
+        """The expert family whose layout variant ``candidate`` belongs to."""
+        if candidate.variant is None:
+            return None
+        name = candidate.variant.partition(":")[0]
+        return next(family for family in self.expert_families if family.name == name)
 
     def match(self, megatron_name: str, variants: frozenset[str] = frozenset()) -> RuleMatch | None:
         for candidate in self.rules:
@@ -140,3 +223,28 @@ class MappingTable:
                 if values is not None:
                     return RuleMatch(candidate, values), index
         return None
+
+    def expert_layouts_of(self, hf_names: Iterable[str]) -> dict[str, ExpertLayout]:
+        """The layout each expert family has in a list of Hugging Face names (families whose
+        experts do not occur are left out): read off the rules, first name decides."""
+        variant_rules = [candidate for candidate in self.rules if candidate.variant is not None]
+        found: dict[str, ExpertLayout] = {}
+        for name in hf_names:
+            if len(found) == len(self.expert_families):
+                break
+            for candidate in variant_rules:
+                if any(pattern.match(name) is not None for pattern in candidate.hf_patterns):
+                    family, _, layout = candidate.variant.partition(":")
+                    found.setdefault(family, layout)
+                    break
+        return found
+
+
+@dataclass(frozen=True)
+class TableBuilder:
+    """A table whose names depend on the config (e.g. MTP layers numbered after the decoder's
+    layers: ``model.layers.{depth+61}``); ``build(config)`` makes the table."""
+
+    model_types: tuple[str, ...]
+    build: Callable[[object], MappingTable]
+    description: str = ""

@@ -1,7 +1,7 @@
 """Check exported folders the way their consumers will read them: transformers and PEFT.
 
-* every tensor name of the model folder against the architecture's own key set (MTP names,
-  which transformers never loads, are listed apart);
+* every tensor name of the model folder against the architecture's own key set (names the
+  table marks as outside transformers' key set, e.g. MTP layers, are listed apart);
 * the adapter folder loaded by ``PeftModel.from_pretrained`` with no missing and no
   unexpected key: the expected keys are PEFT's own ``get_peft_model_state_dict`` of the
   wrapped model, compared with the file's keys (PEFT itself only warns);
@@ -18,9 +18,7 @@ import torch
 from safetensors import safe_open
 
 from bridge_ext.errors import VerificationError
-
-
-MTP_ADAPTER_PREFIX = "base_model.model.mtp."
+from bridge_ext.peft_keys import PEFT_PREFIX
 
 
 @dataclass
@@ -57,24 +55,34 @@ def require_same_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tup
         )
 
 
+def _table_or_none(config):
+    """The architecture's table, or None for a model type without one (only transformers' view)."""
+    from model_mappings import known_model_types, table_for
+
+    return table_for(config) if config.model_type in known_model_types() else None
+
+
 def check_model_folder(model_dir: str | Path, report: Report, *, expert_layout: str | None = None) -> dict[str, tuple[int, ...]]:
     """Every name and shape in ``model_dir`` equals the architecture's checkpoint key set."""
     from transformers import AutoConfig
 
-    from bridge_ext.export import mtp_layer_count, source_expert_layouts
     from bridge_ext.hf_keys import hf_checkpoint_keys
 
     config = AutoConfig.from_pretrained(str(model_dir))
+    table = _table_or_none(config)
     written = folder_tensor_names(model_dir)
-    layout = expert_layout or source_expert_layouts(Path(model_dir)).get("experts", "per_expert")
-    expected = hf_checkpoint_keys(config, expert_layout=layout)
-    mtp = {name: shape for name, shape in written.items() if name.startswith("mtp.")}
-    if mtp and not mtp_layer_count(config):
-        raise VerificationError(f"{len(mtp)} mtp.* tensors, but config.json declares no MTP layers")
-    main = {name: shape for name, shape in written.items() if name not in mtp}
-    require_same_keys(main, expected, f"{model_dir}")
+    extra = table.extra_weights if table is not None else None
+    outside = {name: shape for name, shape in written.items() if extra is not None and extra.holds(name)}
+    if outside and not extra.count(config):
+        raise VerificationError(f"{len(outside)} tensors under {list(extra.prefixes)}, but config.json declares "
+                                f"no such layers ({extra.count_key})")
+    main = {name: shape for name, shape in written.items() if name not in outside}
+    inside = {family.name for family in table.expert_families if not family.extra} if table is not None else set()
+    found = {layout for family, layout in table.expert_layouts_of(main).items() if family in inside} if inside else set()
+    layout = expert_layout or (found.pop() if len(found) == 1 else "per_expert")
+    require_same_keys(main, hf_checkpoint_keys(config, expert_layout=layout), f"{model_dir}")
     report.add(f"{len(main)} tensor names and shapes equal the {config.model_type} checkpoint key set"
-               + (f"; {len(mtp)} mtp.* tensors beside them" if mtp else ""))
+               + (f"; {len(outside)} tensors outside it (under {list(extra.prefixes)}) beside them" if outside else ""))
     return written
 
 
@@ -94,13 +102,16 @@ def load_adapter_strict(base_model, adapter_dir: str | Path, report: Report):
     peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     expected = get_peft_model_state_dict(peft_model)
     saved = folder_tensor_names(adapter_dir, "adapter_model.safetensors")
-    # transformers builds no MTP module, so PEFT cannot load MTP adapters (nor MTP weights).
-    mtp = {key for key in saved if key.startswith(MTP_ADAPTER_PREFIX)}
-    saved = {key: shape for key, shape in saved.items() if key not in mtp}
+    # transformers builds no module for the table's extra weights (MTP), so PEFT cannot load their adapters.
+    table = _table_or_none(base_model.config)
+    extra = table.extra_weights if table is not None else None
+    prefixes = tuple(PEFT_PREFIX + prefix for prefix in extra.prefixes) if extra is not None else ()
+    outside = {key for key in saved if prefixes and key.startswith(prefixes)}
+    saved = {key: shape for key, shape in saved.items() if key not in outside}
     expected_shapes = {key: tuple(tensor.shape) for key, tensor in expected.items()}
     require_same_keys(saved, expected_shapes, f"{adapter_dir}: PEFT expects {len(expected)} keys")
     report.add(f"PEFT loaded {len(saved)} adapter tensors: no missing, no unexpected key"
-               + (f"; {len(mtp)} MTP adapter tensors beside them" if mtp else ""))
+               + (f"; {len(outside)} adapter tensors outside transformers' model beside them" if outside else ""))
     return peft_model
 
 

@@ -1,15 +1,59 @@
-"""Declarative mapping tables, one per architecture family, found by Hugging Face model_type."""
+"""Declarative mapping tables, one per architecture family, found by Hugging Face model_type.
 
-from bridge_ext.table import MappingTable
+:func:`register_table` adds a table (or a :class:`~bridge_ext.table.TableBuilder`) for a
+model of one's own, the way transformers' ``register_checkpoint_conversion_mapping`` does;
+a registered table takes precedence over a built-in one for its model types.
+"""
+
+from __future__ import annotations
+
+from bridge_ext.errors import ExportError
+from bridge_ext.table import MappingTable, TableBuilder
 from model_mappings import llama, qwen3_5, qwen3_next
 
-TABLES: tuple[MappingTable, ...] = (llama.TABLE, qwen3_5.TEXT, qwen3_5.IMAGE_TEXT, qwen3_next.TABLE)
+_BUILT_IN: tuple[MappingTable | TableBuilder, ...] = (llama.TABLE, qwen3_5.TEXT, qwen3_5.IMAGE_TEXT, qwen3_next.TABLE)
+_REGISTERED: dict[str, MappingTable | TableBuilder] = {}
 
 
-def table_for(model_type: str) -> MappingTable:
-    """The table for a Hugging Face ``model_type``; a clear error for unknown ones."""
-    for table in TABLES:
-        if model_type in table.model_types:
-            return table
-    known = sorted(model for table in TABLES for model in table.model_types)
-    raise KeyError(f"no mapping table for model_type {model_type!r}; known: {', '.join(known)}")
+def register_table(table: MappingTable | TableBuilder, *, overwrite: bool = False) -> None:
+    """Export models of ``table.model_types`` with ``table``.
+
+    Raises ExportError when a model type already has a table, unless ``overwrite``.
+    """
+    if not isinstance(table, (MappingTable, TableBuilder)):
+        raise ExportError(f"register_table takes a MappingTable or a TableBuilder, not {type(table).__name__}")
+    taken = [model_type for model_type in table.model_types if _entry(model_type) is not None]
+    if taken and not overwrite:
+        raise ExportError(f"model types {taken} already have a table; pass overwrite=True to replace it")
+    for model_type in table.model_types:
+        _REGISTERED[model_type] = table
+
+
+def known_model_types() -> list[str]:
+    return sorted({*(model for table in _BUILT_IN for model in table.model_types), *_REGISTERED})
+
+
+def _entry(model_type: str) -> MappingTable | TableBuilder | None:
+    if model_type in _REGISTERED:
+        return _REGISTERED[model_type]
+    return next((table for table in _BUILT_IN if model_type in table.model_types), None)
+
+
+def table_for(config_or_model_type) -> MappingTable:
+    """The table for a Hugging Face config (or ``model_type``: tables that need no config).
+
+    Raises ExportError for an unknown model type, listing the known ones.
+    """
+    by_name = isinstance(config_or_model_type, str)
+    model_type = config_or_model_type if by_name else config_or_model_type.model_type
+    entry = _entry(model_type)
+    if entry is None:
+        raise ExportError(
+            f"no mapping table for model_type {model_type!r}; known: {', '.join(known_model_types())}. "
+            "Write one and add it with bridge_ext.register_table (see docs/adding_an_architecture.md)"
+        )
+    if isinstance(entry, MappingTable):
+        return entry
+    if by_name:
+        raise ExportError(f"the {model_type!r} table is built from the model's config: pass the config")
+    return entry.build(config_or_model_type)

@@ -13,4 +13,5 @@ TABLE = MappingTable(
     model_types=("llama", "qwen2", "qwen3"),
     rules=(*embeddings("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"), *DECODER_LAYER),
     description="Llama / Qwen2 / Qwen3 dense decoder",
+    model_classes={"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"},
 )

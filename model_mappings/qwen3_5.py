@@ -7,8 +7,16 @@ tower under ``model.visual.*``, while Megatron-Bridge prefixes ``language_model.
 """
 
 from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows
-from bridge_ext.table import MappingTable, Rule, prefixed, rule
+from bridge_ext.table import ExpertFamily, ExtraWeights, MappingTable, Rule, prefixed, rule
 from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm
+
+# transformers' Qwen3.5-MoE experts register gate_up_proj, then down_proj.
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+EXPERTS = ExpertFamily("experts", EXPERT_PARAMETERS)
+# Published Qwen3.5-MoE checkpoints fuse the main experts but not the MTP layer's.
+MTP_EXPERTS = ExpertFamily("mtp_experts", EXPERT_PARAMETERS, extra=True)
+# transformers builds no MTP module (``_keys_to_ignore_on_load_unexpected = [r"^mtp.*"]``).
+MTP = ExtraWeights(prefixes=("mtp.",), count_key="mtp_num_hidden_layers")
 
 GDN_IN_PROJ_PARTS = ("gdn_qk_rows", "gdn_qk_rows", "gdn_v_rows", "gdn_v_rows", "gdn_heads", "gdn_heads")
 GDN_CONV_PARTS = ("gdn_qk_rows", "gdn_qk_rows", "gdn_v_rows")
@@ -33,8 +41,8 @@ def gated_delta_net() -> list[Rule]:
     ]
 
 
-def routed_experts(family: str) -> list[Rule]:
-    """Experts per expert, or fused ``[E, ...]`` (rule variants ``<family>:per_expert|fused``).
+def routed_experts(family: ExpertFamily) -> list[Rule]:
+    """Experts per expert, or fused ``[E, ...]`` (the family's two layout variants).
 
     Sequential experts (``local_experts.{expert}.linear_fc1``) and Transformer Engine grouped
     experts (``linear_fc1.weight{expert}``) are both spelled out.
@@ -44,17 +52,17 @@ def routed_experts(family: str) -> list[Rule]:
                      ("mlp.experts.linear_fc1.weight{expert}", "mlp.experts.linear_fc2.weight{expert}")):
         rules += [
             rule(fc1, ["mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"],
-                 SplitRows(1, 1), variant=f"{family}:per_expert"),
-            rule(fc2, "mlp.experts.{expert}.down_proj.weight", tp="row", variant=f"{family}:per_expert"),
+                 SplitRows(1, 1), variant=family.variant("per_expert")),
+            rule(fc2, "mlp.experts.{expert}.down_proj.weight", tp="row", variant=family.variant("per_expert")),
             # Hugging Face's gate_up_proj[e] is [gate; up]: Megatron's fc1 with ranks rejoined.
             rule(fc1, "mlp.experts.gate_up_proj", SplitRows(1, 1), Concat((1, 1)), stack="expert",
-                 variant=f"{family}:fused"),
-            rule(fc2, "mlp.experts.down_proj", tp="row", stack="expert", variant=f"{family}:fused"),
+                 variant=family.variant("fused")),
+            rule(fc2, "mlp.experts.down_proj", tp="row", stack="expert", variant=family.variant("fused")),
         ]
     return rules
 
 
-def moe(family: str) -> list[Rule]:
+def moe(family: ExpertFamily) -> list[Rule]:
     return [
         rule("mlp.router.weight", "mlp.gate.weight", tp="replicated"),
         rule("mlp.shared_experts.gate_weight", "mlp.shared_expert_gate.weight", tp="replicated"),
@@ -63,7 +71,7 @@ def moe(family: str) -> list[Rule]:
     ]
 
 
-def decoder_layer(family: str, *, linear_attention: bool) -> list[Rule]:
+def decoder_layer(family: ExpertFamily, *, linear_attention: bool) -> list[Rule]:
     """One layer: gated attention (and Gated DeltaNet), norms, dense MLP and MoE."""
     return [
         *attention(gated=True),
@@ -86,7 +94,7 @@ def mtp_block() -> list[Rule]:
         rule("mtp.layers.{depth}.eh_proj.weight", "mtp.fc.weight", shared="depth"),
         rule("mtp.layers.{depth}.final_layernorm.weight", "mtp.norm.weight", tp="replicated", shared="depth"),
     ]
-    inner = prefixed(decoder_layer("mtp_experts", linear_attention=False),
+    inner = prefixed(decoder_layer(MTP_EXPERTS, linear_attention=False),
                      "mtp.layers.{layer}.mtp_model_layer.", "mtp.layers.{layer}.")
     return shared + inner
 
@@ -95,7 +103,7 @@ def language_model(megatron: str, hf: str) -> list[Rule]:
     """The text decoder under a Megatron prefix and a Hugging Face prefix, with MTP."""
     return [
         *prefixed(embeddings(f"{hf}embed_tokens.weight", "lm_head.weight", f"{hf}norm.weight"), megatron, ""),
-        *prefixed(decoder_layer("experts", linear_attention=True), f"{megatron}decoder.layers.{{layer}}.",
+        *prefixed(decoder_layer(EXPERTS, linear_attention=True), f"{megatron}decoder.layers.{{layer}}.",
                   f"{hf}layers.{{layer}}."),
         *prefixed(mtp_block(), megatron, ""),
     ]
@@ -146,10 +154,18 @@ TEXT = MappingTable(
     model_types=("qwen3_5_text", "qwen3_5_moe_text"),
     rules=tuple(language_model("", "model.")),
     description="Qwen3.5 / Qwen3.5-MoE causal LM (Gated DeltaNet, gated attention, MTP)",
+    model_classes={"qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM"},
+    expert_families=(EXPERTS, MTP_EXPERTS),
+    extra_weights=MTP,
+    vllm_expert_adapter_layout="fused",  # vLLM: is_3d_moe_weight (reference/architectures.md)
 )
 
 IMAGE_TEXT = MappingTable(
     model_types=("qwen3_5", "qwen3_5_moe"),
     rules=(*language_model("language_model.", "model.language_model."), *vision_tower()),
     description="Qwen3.5 / Qwen3.5-MoE image-text model (language model, MTP, vision tower)",
+    model_classes={"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"},
+    expert_families=(EXPERTS, MTP_EXPERTS),
+    extra_weights=MTP,
+    vllm_expert_adapter_layout="fused",
 )

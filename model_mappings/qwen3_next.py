@@ -21,9 +21,10 @@ is plain ``x * w`` -> Megatron ``out_norm`` + 1.
 """
 
 from bridge_ext.ops import GroupRows, SplitRows
-from bridge_ext.table import MappingTable, Rule, prefixed, rule
+from bridge_ext.table import ExpertFamily, MappingTable, Rule, prefixed, rule
 from model_mappings.blocks import embeddings
-from model_mappings.qwen3_5 import GDN_IN_PROJ_PARTS, decoder_layer, gated_delta_net, mtp_block
+from model_mappings.qwen3_5 import (EXPERTS, GDN_IN_PROJ_PARTS, MTP, MTP_EXPERTS, decoder_layer, gated_delta_net,
+                                    mtp_block)
 
 IN_PROJ = "self_attention.in_proj.weight"
 # One key head's rows of in_proj_qkvz, and of in_proj_ba.
@@ -43,14 +44,14 @@ def gated_delta_net_qkvz_ba() -> list[Rule]:
     return [in_proj, *(each for each in gated_delta_net() if each.megatron != IN_PROJ)]
 
 
-def decoder_layer_next(family: str) -> list[Rule]:
+def decoder_layer_next(family: ExpertFamily) -> list[Rule]:
     return [*decoder_layer(family, linear_attention=False), *gated_delta_net_qkvz_ba()]
 
 
 def language_model() -> list[Rule]:
     return [
         *embeddings("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"),
-        *prefixed(decoder_layer_next("experts"), "decoder.layers.{layer}.", "model.layers.{layer}."),
+        *prefixed(decoder_layer_next(EXPERTS), "decoder.layers.{layer}.", "model.layers.{layer}."),
         *mtp_block(),
     ]
 
@@ -59,4 +60,9 @@ TABLE = MappingTable(
     model_types=("qwen3_next",),
     rules=tuple(language_model()),
     description="Qwen3-Next causal LM (Gated DeltaNet with in_proj_qkvz/in_proj_ba, gated attention, MoE, MTP)",
+    model_classes={"qwen3_next": "Qwen3NextForCausalLM"},
+    expert_families=(EXPERTS, MTP_EXPERTS),
+    extra_weights=MTP,
+    # vLLM packs Qwen3-Next expert LoRA per expert (not an is_3d_moe_weight model).
+    vllm_expert_adapter_layout="per_expert",
 )

@@ -124,7 +124,7 @@ def test_fused_layout_is_what_a_fused_checkpoint_resaves(tmp_path, case):
 
 @pytest.mark.parametrize("case,layout", [("qwen3_5_text", "per_expert"), ("qwen3_5_moe_text", "per_expert"),
                                          ("qwen3_5_moe_text", "fused")])
-def test_language_model_prefix_is_what_a_prefixed_checkpoint_resaves(tmp_path, case, layout):
+def test_prefix_change_is_what_a_prefixed_checkpoint_resaves(tmp_path, case, layout):
     config = _config(case)
     model = _real_model(config)
     model.save_pretrained(tmp_path / "fresh")
@@ -140,7 +140,7 @@ def test_language_model_prefix_is_what_a_prefixed_checkpoint_resaves(tmp_path, c
     loaded, info = type(model).from_pretrained(tmp_path / "in", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     loaded.save_pretrained(tmp_path / "out")
-    expected = hf_checkpoint_keys(config, expert_layout=layout, language_model_prefix=True)
+    expected = hf_checkpoint_keys(config, expert_layout=layout, prefix_change=True)
     assert expected == _disk_keys(tmp_path / "out")
     assert all(k.startswith("model.language_model.") or k == "lm_head.weight" for k in expected)
 
@@ -149,4 +149,4 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         hf_checkpoint_keys(_config("qwen3"), expert_layout="stacked")
     with pytest.raises(ValueError):
-        hf_checkpoint_keys(_config("qwen3_5"), language_model_prefix=True)
+        hf_checkpoint_keys(_config("qwen3"), prefix_change=True)

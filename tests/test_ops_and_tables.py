@@ -1,5 +1,9 @@
 """Operations, patterns and rules on small hand-made tensors (no Megatron model)."""
 
+import ast
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,7 +12,7 @@ from bridge_ext.engine import ExportError, plan_tasks, run_rule
 from bridge_ext.ops import AddOne, Concat, GroupRows, InterleaveRows, SplitGroupedRows, SplitRows, TrimVocab
 from bridge_ext.patterns import NamePattern
 from bridge_ext.reverse import reverse_rule
-from bridge_ext.table import MappingTable, rule
+from bridge_ext.table import ExpertFamily, MappingTable, rule
 
 DIMS = ModelDims({"head_dim": 2, "q_rows_per_group": 4, "a": 3, "b": 1, "vocab_size": 5})
 
@@ -129,3 +133,98 @@ def test_planning_names_every_unmapped_parameter_and_stacks_in_order():
     assert "layers.1.other" in str(error.value)
     with pytest.raises(ExportError, match="not 0..1"):
         plan_tasks(["layers.0.experts.0.w", "layers.0.experts.2.w"], table)
+
+
+# The demo builds named tiny models and the CLI's help shows an example model type: neither is
+# the engine, which must hold no architecture fact.
+NOT_ENGINE = {"demo.py", "convert_demo.py", "cli.py"}
+ARCHITECTURE_FACT = re.compile(r"qwen|deepseek|glm|gpt_oss|(^|\W)mtp[._]|mlp\.experts|language_model", re.IGNORECASE)
+
+
+def _code_strings(tree: ast.AST) -> list[ast.Constant]:
+    """Every string literal of a module except docstrings (f-string pieces included)."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [node for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_the_generic_layer_holds_no_architecture_fact():
+    found = []
+    for path in sorted((Path(__file__).parents[1] / "bridge_ext").glob("*.py")):
+        if path.name in NOT_ENGINE:
+            continue
+        for node in _code_strings(ast.parse(path.read_text())):
+            if ARCHITECTURE_FACT.search(node.value):
+                found.append(f"{path.name}:{node.lineno}: {node.value!r}")
+    assert not found, "architecture facts belong in model_mappings/:\n" + "\n".join(found)
+
+
+def test_the_fact_finder_sees_code_strings_and_skips_docstrings():
+    source = 'def f():\n    """qwen docstring"""\n    return f"mtp.{x}" + "ok"\n'
+    hits = [node.value for node in _code_strings(ast.parse(source)) if ARCHITECTURE_FACT.search(node.value)]
+    assert hits == ["mtp."]
+
+
+def test_offset_wildcards_name_layers_after_the_decoder():
+    pattern = NamePattern("model.layers.{depth+61}.enorm.weight")
+    assert pattern.wildcards == ("depth",)
+    assert pattern.fill({"depth": "0"}) == "model.layers.61.enorm.weight"
+    assert pattern.match("model.layers.62.enorm.weight") == {"depth": "1"}
+    assert pattern.match("model.layers.60.enorm.weight") is None
+    mtp = rule("mtp.layers.{depth}.enorm.weight", "model.layers.{depth+61}.enorm.weight", tp="replicated")
+    assert plan_tasks(["mtp.layers.0.enorm.weight"], MappingTable(("toy",), (mtp,)))[0].hf_names == (
+        "model.layers.61.enorm.weight",)
+
+
+def _toy_table(model_type: str = "toy") -> MappingTable:
+    return MappingTable((model_type,), (rule("embedding.weight", "model.embed.weight"),),
+                        model_classes={model_type: "ToyForCausalLM"})
+
+
+def test_register_table_and_unknown_model_types(monkeypatch):
+    import model_mappings
+    from bridge_ext import register_table
+    from bridge_ext.table import TableBuilder
+
+    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
+    with pytest.raises(ExportError, match="register_table") as error:
+        model_mappings.table_for("toy")
+    assert "qwen3" in str(error.value) and "llama" in str(error.value)
+    table = _toy_table()
+    register_table(table)
+    assert model_mappings.table_for("toy") is table and "toy" in model_mappings.known_model_types()
+    with pytest.raises(ExportError, match="already have a table"):
+        register_table(_toy_table())
+    register_table(_toy_table(), overwrite=True)
+
+    class Config:
+        model_type = "sized"
+        num_hidden_layers = 3
+
+    register_table(TableBuilder(("sized",), lambda config: MappingTable(("sized",), (
+        rule("mtp.layers.{depth}.enorm.weight", f"model.layers.{{depth+{config.num_hidden_layers}}}.enorm.weight"),))))
+    built = model_mappings.table_for(Config())
+    assert built.rules[0].hf_names({"depth": "0"}) == ["model.layers.3.enorm.weight"]
+    with pytest.raises(ExportError, match="built from the model's config"):
+        model_mappings.table_for("sized")
+
+
+def test_expert_families_name_their_variants_and_are_read_off_names():
+    family = ExpertFamily("experts", ("gate_up_proj", "down_proj"))
+    table = MappingTable(("toy",), (
+        rule("layers.{layer}.experts.{expert}.fc2.weight", "model.layers.{layer}.experts.{expert}.down.weight",
+             tp="row", variant=family.variant("per_expert")),
+        rule("layers.{layer}.experts.{expert}.fc2.weight", "model.layers.{layer}.experts.down_proj",
+             tp="row", stack="expert", variant=family.variant("fused")),
+    ), expert_families=(family,))
+    assert table.expert_layouts_of(["model.norm.weight", "model.layers.0.experts.down_proj"]) == {"experts": "fused"}
+    assert table.expert_layouts_of(["model.layers.1.experts.3.down.weight"]) == {"experts": "per_expert"}
+    assert table.expert_layouts_of(["model.norm.weight"]) == {}
+    assert table.family(table.rules[1]) is family
+    with pytest.raises(ValueError, match="names no expert family"):
+        MappingTable(("toy",), (rule("a.weight", "b.weight", variant="other:fused"),))

@@ -90,7 +90,7 @@ def set_global_lora(chunks, config, seed: int = 0, std: float = 0.05) -> None:
         suffix = next((s for s in (LORA_IN, LORA_OUT) if local.name.endswith(s)), None)
         if suffix is None:
             continue
-        rule = table.match(local.name[: -len(suffix)] + ".weight", ExpertLayouts().base_variants).rule
+        rule = table.match(local.name[: -len(suffix)] + ".weight", ExpertLayouts().base_variants(table)).rule
         axis = 1 if suffix == LORA_IN and rule.tp == "row" else 0
         shape = list(local.tensor.shape)
         shape[axis] *= local.shards
