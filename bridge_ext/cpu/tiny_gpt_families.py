@@ -23,8 +23,8 @@ with ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm``, ``shared_head.head
 shares them), so the file is what a trained checkpoint holds.
 
 MiMo is Xiaomi's remote-code architecture (``MiMoForCausalLM``: Qwen2 plus ``mtp_layers``);
-its main model is transformers' Qwen2, which :class:`MiMoConfig` (registered for
-``AutoConfig``) and the ``Qwen2ForCausalLM`` class stand for here.
+its main model is transformers' Qwen2 (``Qwen2ForCausalLM``); :mod:`model_mappings.mimo`
+registers its config for ``AutoConfig``.
 """
 
 from __future__ import annotations
@@ -179,30 +179,12 @@ def tiny_gpt_oss(directory: str | Path, *, seed: int = 0, rope_parameters: dict 
     return _save(model, Path(directory), {})
 
 
-def mimo_config_class():
-    """``MiMoConfig``: Qwen2's config with ``num_nextn_predict_layers``, registered as ``mimo``."""
-    from transformers import AutoConfig, Qwen2Config
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    if "mimo" in CONFIG_MAPPING:
-        return CONFIG_MAPPING["mimo"]
-
-    class MiMoConfig(Qwen2Config):
-        model_type = "mimo"
-
-        def __init__(self, num_nextn_predict_layers: int = 0, **kwargs):
-            self.num_nextn_predict_layers = num_nextn_predict_layers
-            super().__init__(**kwargs)
-
-    AutoConfig.register("mimo", MiMoConfig)
-    return MiMoConfig
-
-
 def tiny_mimo(directory: str | Path, mtp_layers: int = 1, *, seed: int = 0) -> Path:
     """A MiMo model: a Qwen2 decoder (qkv bias) saved with ``model_type: mimo`` plus MTP layers."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    mimo_config_class()
+    import model_mappings.mimo  # noqa: F401  (registers MiMoConfig for AutoConfig)
+
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
