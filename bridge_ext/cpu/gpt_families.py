@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+import model_mappings  # noqa: F401  (registers the MiMo and Kimi-K2 configs for AutoConfig)
+
 MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss", "mimo")
 
 
