@@ -15,7 +15,7 @@ from enum import Enum
 import torch
 
 from bridge_ext.dims import ModelDims
-from bridge_ext.errors import ExportError
+from bridge_ext.errors import ExportError, RuleError
 from bridge_ext.ops import Op
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import Adapter, TensorSource
@@ -36,6 +36,11 @@ class Task:
         """The Megatron module a LoRA adapter of this task would wrap."""
         first = self.sources[0]
         return first[: -len(".weight")] if first.endswith(".weight") else None
+
+
+def describe(task: Task, source: str | None = None) -> str:
+    """``megatron name -> [hf names]`` of a task, for error messages."""
+    return f"{source or task.sources[0]} -> {list(task.hf_names)}"
 
 
 class Mode(Enum):
@@ -67,7 +72,8 @@ def plan_tasks(names: list[str], table: MappingTable, variants: frozenset[str] =
         group_rules[key] = (found.rule, kept)
     if unmapped:
         raise ExportError(
-            f"{len(unmapped)} Megatron parameter(s) have no rule in the {table.model_types} table: "
+            f"{len(unmapped)} Megatron parameter(s) or persistent buffer(s) have no rule in the "
+            f"{table.model_types} table: "
             + ", ".join(unmapped)
         )
     tasks = []
@@ -84,57 +90,84 @@ def plan_tasks(names: list[str], table: MappingTable, variants: frozenset[str] =
     return tasks
 
 
-def _apply(ops: list[Op], tensors: list[torch.Tensor], dims: ModelDims) -> list[torch.Tensor]:
-    for op in ops:
-        tensors = op.forward(tensors, dims)
+def apply_ops(rule: Rule, ops: list[Op], tensors: list[torch.Tensor], dims: ModelDims, *, reverse: bool = False,
+              what: str | None = None) -> list[torch.Tensor]:
+    """``ops`` (forward, or reversed in reverse) on ``tensors``; an operation that cannot
+    convert them raises :class:`RuleError` naming the rule, ``what`` (the tensors concerned)
+    and the shapes."""
+    for op in reversed(ops) if reverse else ops:
+        try:
+            tensors = op.reverse(tensors, dims) if reverse else op.forward(tensors, dims)
+        except (ValueError, RuntimeError, KeyError) as error:
+            detail = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise RuleError(
+                f"{what or rule.megatron}: {type(op).__name__}{'.reverse' if reverse else ''} of the rule "
+                f"{rule.megatron} -> {list(rule.hf)} cannot convert shapes {[tuple(t.shape) for t in tensors]}: {detail}"
+            ) from None
     return tensors
 
 
 def run_rule(rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, axis: int | None = None,
-             rows_only: bool = False) -> list[torch.Tensor]:
+             rows_only: bool = False, what: str | None = None) -> list[torch.Tensor]:
     """Convert one Megatron tensor, given as tensor-parallel shards, with the rule's ops.
 
     ``axis`` overrides the concatenation axis of the shards (LoRA factors are split over
-    ranks differently from their base weight); ``rows_only`` skips value-changing ops and is
-    how a ``lora_B`` goes through its base weight's rule.
+    ranks differently from their base weight); ``rows_only`` skips value-changing ops and a
+    final transpose, and is how a ``lora_B`` goes through its base weight's rule. ``what``
+    names the tensors in errors (e.g. ``"decoder.layers.3.x.weight -> ['model.layers.3.y']"``).
     """
     per_rank = [op for op in rule.ops if op.per_rank]
-    global_ops = [op for op in rule.ops if not op.per_rank and not (rows_only and op.changes_values)]
+    global_ops = [op for op in rule.ops
+                  if not op.per_rank and not (rows_only and (op.changes_values or op.transposes))]
     if rule.tp == "replicated" and axis is None:
         shards = shards[:1]
-    parts_by_rank = [_apply(per_rank, [shard], dims) for shard in shards]
+    parts_by_rank = [apply_ops(rule, per_rank, [shard], dims, what=what) for shard in shards]
     if len(parts_by_rank) == 1:
         parts = parts_by_rank[0]
     else:
         cat_axis = axis if axis is not None else (1 if rule.tp == "row" else 0)
-        parts = [torch.cat(same_part, dim=cat_axis) for same_part in zip(*parts_by_rank)]
-    return _apply(global_ops, parts, dims)
+        try:
+            parts = [torch.cat(same_part, dim=cat_axis) for same_part in zip(*parts_by_rank)]
+        except RuntimeError as error:
+            raise RuleError(f"{what or rule.megatron}: its tensor-parallel shards "
+                            f"{[tuple(shard.shape) for shard in shards]} do not join: {error}") from None
+    return apply_ops(rule, global_ops, parts, dims, what=what)
 
 
-def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: ModelDims) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: ModelDims,
+                  what: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(lora_A, lora_B) for each Hugging Face output of ``rule``.
 
     Megatron-Bridge shards ``B`` over rows for every base, and ``A`` over rows (the rank
     dimension) for column-parallel bases, over columns for row-parallel ones. ``B`` takes the
-    base's row operations; ``A`` is shared by every output.
+    base's row operations; ``A`` is shared by every output. A final transpose swaps the
+    factors' roles for module weights (``A' = B^T``, ``B' = A^T``); a stacked (fused
+    parameter) output keeps the untransposed factors, as PEFT does (see :mod:`bridge_ext.ops`).
     """
     if rule.changes_values:
         raise ExportError(f"{adapter.module} has a LoRA adapter but its rule changes values ({rule.megatron})")
     a_shards = source.shards(adapter.lora_a)
     lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards, dim=1 if rule.tp == "row" else 0)
-    lora_bs = run_rule(rule, source.shards(adapter.lora_b), dims, axis=0, rows_only=True)
+    lora_bs = run_rule(rule, source.shards(adapter.lora_b), dims, axis=0, rows_only=True,
+                       what=f"{adapter.lora_b} (LoRA B of {what or adapter.module})")
+    if rule.transposes and not rule.stack:
+        return [(lora_b.t().contiguous(), lora_a.t().contiguous()) for lora_b in lora_bs]
     return [(lora_a, lora_b) for lora_b in lora_bs]
 
 
 MERGE_BLOCK_BYTES = 1 << 20
 
 
-def _merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``W + scale * B @ A`` in fp32, cast back to the base dtype.
+def _merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *,
+           transposed: bool = False) -> torch.Tensor:
+    """``W + scale * B @ A`` (``W + scale * (B @ A)^T`` when ``transposed``) in fp32, cast
+    back to the base dtype.
 
     The same roundings as ``base.float() + scale * (B @ A)``, computed in place on the
     product; on CPU a block of rows at a time, so that the fp32 rows stay in cache.
     """
+    if transposed:
+        return _merge(base.t(), lora_a, lora_b, scale).t()
     lora_a, lora_b = lora_a.float(), lora_b.float()
     rows = max(1, MERGE_BLOCK_BYTES // (4 * base.shape[1])) if base.device.type == "cpu" else base.shape[0]
     if rows >= base.shape[0]:
@@ -185,7 +218,7 @@ class TaskConverter:
         adapter = self.adapter_of(task, name)
         factors = self._factors(task, adapter)
         if self.mode is not Mode.ADAPTERS:
-            bases = run_rule(task.rule, self.source.shards(name), self.dims)
+            bases = run_rule(task.rule, self.source.shards(name), self.dims, what=describe(task))
             for index, (hf_name, base) in enumerate(zip(task.hf_names, bases, strict=True)):
                 if self.mode is Mode.MERGED and factors:
                     base = _merge(base, *factors[index], adapter.scale)
@@ -212,7 +245,7 @@ class TaskConverter:
     def _factors(self, task: Task, adapter: Adapter | None):
         if adapter is None or self.mode is Mode.BASE:
             return None
-        return _lora_factors(task.rule, adapter, self.source, self.dims)
+        return _lora_factors(task.rule, adapter, self.source, self.dims, describe(task))
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.dtype is None else tensor.to(self.dtype)
@@ -239,9 +272,10 @@ class TaskConverter:
             expert_factors.append((adapter, factors))
             if self.mode is Mode.ADAPTERS:
                 continue
-            bases = run_rule(task.rule, self.source.shards(name), self.dims)
+            bases = run_rule(task.rule, self.source.shards(name), self.dims, what=describe(task, name))
             if self.mode is Mode.MERGED and factors:
-                bases = [_merge(base, *pair, adapter.scale) for base, pair in zip(bases, factors)]
+                bases = [_merge(base, *pair, adapter.scale, transposed=task.rule.transposes)
+                         for base, pair in zip(bases, factors)]
             if outputs is None:
                 outputs = [torch.empty((len(task.sources), *base.shape), dtype=self.dtype or base.dtype)
                            for base in bases]

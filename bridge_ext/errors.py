@@ -39,3 +39,8 @@ class VerificationError(BridgeExtError):
 
 class CompatibilityError(BridgeExtError, RuntimeError):
     """The installed Megatron packages are not the ones a workaround was written for."""
+
+
+class RuleError(ExportError):
+    """An operation of a mapping rule cannot convert a tensor; the message names the rule, the
+    Megatron tensor, the Hugging Face names and the shapes."""

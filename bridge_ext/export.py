@@ -227,7 +227,7 @@ def _prepared_key(chunks: list[torch.nn.Module], hf_config, *options) -> tuple |
     if hf_config is not None and not isinstance(hf_config, (str, Path)):
         return None
     folder = str(hf_config or getattr(chunks[0].config, "hf_model_id", None))
-    parameters = tuple((id(p), p.dtype, p.shape) for chunk in chunks for p in chunk.parameters())
+    parameters = tuple((id(p), p.dtype, p.shape) for chunk in chunks for p in (*chunk.parameters(), *chunk.buffers()))
     return (tuple(map(id, chunks)), folder, _mtime(Path(folder) / "config.json"), options, parameters)
 
 

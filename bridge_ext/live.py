@@ -49,7 +49,7 @@ def normalise(name: str) -> str:
 
 @dataclass(frozen=True)
 class LocalTensor:
-    """A parameter this process holds, under its global normalised name.
+    """A parameter (or persistent buffer) this process holds, under its global normalised name.
 
     ``tensor`` is the parameter itself (read it with ``.detach()`` when needed: a remembered
     source then follows ``param.data`` being replaced, e.g. by offloading). ``shard`` of
@@ -98,7 +98,7 @@ def _global_name(owner: str, leaf: str, paths: dict[str, str], modules: dict[str
     return normalise(f"{paths[owner]}.{leaf}" if paths[owner] else leaf)
 
 
-def _shard_of(param: torch.nn.Parameter) -> tuple[int, int, bool]:
+def _shard_of(param: torch.Tensor) -> tuple[int, int, bool]:
     """(shard index, shard count, expert) from the attributes Megatron sets on parameters."""
     from megatron.core import parallel_state
 
@@ -111,21 +111,29 @@ def _shard_of(param: torch.nn.Parameter) -> tuple[int, int, bool]:
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size(), False
 
 
-def _parameters(modules: dict[str, torch.nn.Module]) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
-    """``(module path, leaf, parameter)`` in ``named_parameters`` order, without another module
-    walk; copies Megatron keeps of another stage's tensor (tied / MTP embeddings: ``shared``)
-    are left out."""
+def _state_tensors(modules: dict[str, torch.nn.Module]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """``(module path, leaf, tensor)`` of every parameter, then every persistent buffer, module by
+    module, without another module walk.
+
+    Persistent buffers are model state a checkpoint holds (a router's ``expert_bias``); tables
+    map them like parameters, and an unmapped one is refused like an unmapped parameter.
+    Non-persistent buffers are runtime state (token counts, rotary caches) and are left out, as
+    are copies Megatron keeps of another stage's tensor (tied / MTP embeddings: ``shared``).
+    """
     seen: set[int] = set()
     for owner, module in modules.items():
-        for leaf, param in module._parameters.items():
-            if param is None or id(param) in seen or getattr(param, "shared", False):
+        persistent = ((leaf, buffer) for leaf, buffer in module._buffers.items()
+                      if leaf not in module._non_persistent_buffers_set)
+        for leaf, tensor in (*module._parameters.items(), *persistent):
+            if tensor is None or id(tensor) in seen or getattr(tensor, "shared", False):
                 continue
-            seen.add(id(param))
-            yield owner, leaf, param
+            seen.add(id(tensor))
+            yield owner, leaf, tensor
 
 
 def local_tensors(chunks: list[torch.nn.Module], sharded: bool) -> tuple[list[LocalTensor], dict[str, Adapter]]:
-    """This process's parameters under global names, and its LoRA adapters by module.
+    """This process's parameters and persistent buffers under global names, and its LoRA
+    adapters by module.
 
     ``sharded``: read tensor-parallel placement from Megatron's parallel state (else every
     tensor counts as whole).
@@ -135,7 +143,7 @@ def local_tensors(chunks: list[torch.nn.Module], sharded: bool) -> tuple[list[Lo
     for chunk in chunks:
         modules = dict(chunk.named_modules())
         paths = global_module_paths(modules)
-        for owner, leaf, param in _parameters(modules):
+        for owner, leaf, param in _state_tensors(modules):
             raw_name = f"{owner}.{leaf}" if owner else leaf
             name = _global_name(owner, leaf, paths, modules)
             if name in tensors:

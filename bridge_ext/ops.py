@@ -5,6 +5,15 @@ Every operation maps a list of tensors to a list of tensors, Megatron -> Hugging
 so the very same call converts a base weight and a LoRA ``lora_B`` (``[out, r]``); operations
 that change values (``changes_values``) apply to base weights only.
 
+:class:`Transpose` (the last operation of a rule) is the one that is not a row operation.
+For ``W' = W^T`` the delta is ``(B A)^T = A^T B^T``, so the factors swap roles:
+``lora_A' = B^T`` and ``lora_B' = A^T``; that is what an output that is a module weight gets.
+A fused parameter targeted by PEFT's ``target_parameters`` (``ParamWrapper``, peft 0.21.2) on
+a parameter stored ``[E, in, out]`` (transformers' ``is_transposed`` experts, e.g. gpt-oss
+``gate_up_proj [E, H, 2I]``) keeps ``nn.Linear``'s ``(out, in)`` factors,
+``lora_A [r*E, in]`` / ``lora_B [out, r*E]``, and transposes the product itself
+(``einsum("o r e, e r i -> e i o")``): there the factors are the untransposed ones.
+
 ``per_rank`` operations see one tensor-parallel shard at a time (Megatron lays fused
 projections out per rank: ``[q_r; k_r; v_r; ...]``); the engine concatenates their outputs
 across ranks part by part, then runs the remaining (global) operations. On a single rank, or
@@ -44,6 +53,7 @@ class Op:
 
     per_rank: ClassVar[bool] = False
     changes_values: ClassVar[bool] = False
+    transposes: ClassVar[bool] = False
 
     def forward(self, tensors: list[torch.Tensor], dims: ModelDims) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -111,7 +121,8 @@ class GroupRows(Op):
 
     ``GroupRows("a", "b", first=1)`` replaces parts 1 and 2 (each ``G`` groups of ``a`` resp.
     ``b`` rows) with one tensor ``[a_0; b_0; a_1; b_1; ...]``; other parts pass through.
-    Qwen3-Next's ``in_proj_qkvz`` holds per key head ``[q; k; v; z]``.
+    Qwen3-Next's ``in_proj_qkvz`` holds per key head ``[q; k; v; z]``; ``GroupRows(h, h)``
+    alternates blocks of ``h`` rows of two parts (gated ``q_proj``: ``[q_h; gate_h]`` per head).
     """
 
     sizes: tuple[Size, ...]
@@ -162,27 +173,40 @@ class Concat(Op):
 
 
 @dataclass(frozen=True)
-class InterleaveRows(Op):
-    """Merge the first two parts block by block: ``[a_0; b_0; a_1; b_1; ...]``.
+class Copies(Op):
+    """Fan-out: the same tensor under ``count`` Hugging Face names (DeepSeek-V3 style MTP
+    layers hold copies of the embedding and the output layer). The reverse direction takes
+    one copy after checking that all are equal."""
 
-    Hugging Face's gated ``q_proj`` holds per head ``[q_h; gate_h]`` (block = head_dim).
-    """
-
-    block: Size
+    count: int
 
     def forward(self, tensors, dims):
-        first, second, *rest = tensors
-        block = _resolve(self.block, dims)
-        shape = (first.shape[0] // block, 1, block, *first.shape[1:])
-        merged = torch.cat([first.reshape(shape), second.reshape(shape)], dim=1)
-        return [merged.reshape(-1, *first.shape[1:]), *rest]
+        (tensor,) = tensors
+        return [tensor] * self.count
 
     def reverse(self, tensors, dims):
-        merged, *rest = tensors
-        block = _resolve(self.block, dims)
-        pairs = merged.reshape(merged.shape[0] // (2 * block), 2, block, *merged.shape[1:])
-        first, second = (pairs[:, i].reshape(-1, *merged.shape[1:]) for i in range(2))
-        return [first, second, *rest]
+        first, *others = tensors
+        differ = [index + 1 for index, other in enumerate(others) if not torch.equal(first, other)]
+        if len(tensors) != self.count or differ:
+            raise ValueError(f"the {self.count} copies must be equal; copies {differ} differ from copy 0"
+                             if differ else f"expected {self.count} copies, got {len(tensors)}")
+        return [first]
+
+
+@dataclass(frozen=True)
+class Transpose(Op):
+    """``W' = W^T`` (the last two dims): a layout stored ``[in, out]``, e.g. gpt-oss experts.
+
+    Must be a rule's last operation; LoRA factors follow the rule in the module docstring.
+    """
+
+    transposes: ClassVar[bool] = True
+
+    def forward(self, tensors, dims):
+        return [tensor.transpose(-2, -1).contiguous() for tensor in tensors]
+
+    def reverse(self, tensors, dims):
+        return [tensor.transpose(-2, -1).contiguous() for tensor in tensors]
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,14 @@ from collections.abc import Mapping
 import torch
 
 from bridge_ext.dims import ModelDims
-from bridge_ext.engine import ExportError, plan_tasks
+from bridge_ext.engine import ExportError, apply_ops, plan_tasks
 from bridge_ext.table import MappingTable, Rule
 
 
-def reverse_rule(rule: Rule, hf_tensors: list[torch.Tensor], dims: ModelDims) -> torch.Tensor:
-    """Undo ``rule``'s operations on its Hugging Face outputs: the whole Megatron tensor."""
-    tensors = list(hf_tensors)
-    for op in reversed(rule.ops):
-        tensors = op.reverse(tensors, dims)
-    (tensor,) = tensors
+def reverse_rule(rule: Rule, hf_tensors: list[torch.Tensor], dims: ModelDims, what: str | None = None) -> torch.Tensor:
+    """Undo ``rule``'s operations on its Hugging Face outputs: the whole Megatron tensor
+    (copies written under several names must be equal)."""
+    (tensor,) = apply_ops(rule, list(rule.ops), list(hf_tensors), dims, reverse=True, what=what)
     return tensor
 
 
@@ -40,8 +38,9 @@ def hf_to_megatron(
         outputs = [hf_tensors[name] for name in task.hf_names]
         if task.rule.stack:
             for expert, source in enumerate(task.sources):
-                out[source] = reverse_rule(task.rule, [output[expert] for output in outputs], dims)
+                out[source] = reverse_rule(task.rule, [output[expert] for output in outputs], dims,
+                                           f"{list(task.hf_names)}[{expert}] -> {source}")
         else:
-            tensor = reverse_rule(task.rule, outputs, dims)
+            tensor = reverse_rule(task.rule, outputs, dims, f"{list(task.hf_names)} -> {task.sources[0]}")
             out.update(dict.fromkeys(task.sources, tensor))
     return out

@@ -72,6 +72,8 @@ class Rule:
             if op.per_rank and seen_global:
                 raise ValueError(f"{self.megatron}: per-rank operations must come first")
             seen_global = seen_global or not op.per_rank
+        if any(op.transposes for op in self.ops[:-1]):
+            raise ValueError(f"{self.megatron}: a transpose must be the last operation (LoRA factors swap there)")
         if self.tp == "row" and any(op.per_rank for op in self.ops):
             raise ValueError(f"{self.megatron}: row-parallel rules cannot split rows per rank")
         megatron_wildcards = set(self.megatron_pattern.wildcards)
@@ -88,6 +90,10 @@ class Rule:
     @property
     def changes_values(self) -> bool:
         return any(op.changes_values for op in self.ops)
+
+    @property
+    def transposes(self) -> bool:
+        return any(op.transposes for op in self.ops)
 
     def hf_names(self, values: dict[str, str]) -> list[str]:
         return [pattern.fill(values) for pattern in self.hf_patterns]

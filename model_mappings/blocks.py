@@ -6,14 +6,14 @@ them into the next linear (``linear_qkv.layer_norm_weight``), local specs keep a
 (``input_layernorm``); both occur in real checkpoints, so both are listed.
 """
 
-from bridge_ext.ops import InterleaveRows, SplitGroupedRows, SplitRows, TrimVocab
+from bridge_ext.ops import GroupRows, SplitGroupedRows, SplitRows, TrimVocab
 from bridge_ext.table import Rule, rule
 
 # Megatron linear_qkv rows per query group: [q heads; k; v] (GQA).
 QKV_GROUPS = SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim")
 # With an output gate: [q heads; gate heads; k; v]; HF q_proj holds [q_h; gate_h] per head.
 GATED_QKV_GROUPS = (SplitGroupedRows("q_rows_per_group", "q_rows_per_group", "head_dim", "head_dim"),
-                    InterleaveRows("head_dim"))
+                    GroupRows("head_dim", "head_dim"))
 QKV_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 

@@ -9,7 +9,7 @@ import torch
 
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, plan_tasks, run_rule
-from bridge_ext.ops import AddOne, Concat, GroupRows, InterleaveRows, SplitGroupedRows, SplitRows, TrimVocab
+from bridge_ext.ops import AddOne, Concat, GroupRows, SplitGroupedRows, SplitRows, Transpose, TrimVocab
 from bridge_ext.patterns import NamePattern
 from bridge_ext.reverse import reverse_rule
 from bridge_ext.table import ExpertFamily, MappingTable, rule
@@ -52,7 +52,7 @@ def test_group_rows_inverts_grouped_split():
 
 def test_interleave_alternates_blocks():
     first, second = rows(4), rows(4) + 100
-    (merged,) = InterleaveRows("head_dim").forward([first, second], DIMS)
+    (merged,) = GroupRows("head_dim", "head_dim").forward([first, second], DIMS)
     assert torch.equal(merged, torch.cat([first[:2], second[:2], first[2:], second[2:]]))
 
 
@@ -70,7 +70,7 @@ def test_split_rows_scales_named_sizes_to_a_shard():
     ("ops", "rows_in", "outputs"),
     [
         ((SplitGroupedRows("q_rows_per_group", "q_rows_per_group", "head_dim", "head_dim"),
-          InterleaveRows("head_dim")), 24, 3),
+          GroupRows("head_dim", "head_dim")), 24, 3),
         ((SplitRows("a", "a", "b"), Concat(("a", "a"), ("b",))), 7, 2),
         ((SplitRows(1, 1),), 8, 2),
     ],
@@ -228,3 +228,151 @@ def test_expert_families_name_their_variants_and_are_read_off_names():
     assert table.family(table.rules[1]) is family
     with pytest.raises(ValueError, match="names no expert family"):
         MappingTable(("toy",), (rule("a.weight", "b.weight", variant="other:fused"),))
+
+
+class DictSource:
+    """Whole tensors by Megatron name, adapters by module: a one-process TensorSource."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], adapters: dict | None = None):
+        self.tensors, self._adapters = tensors, adapters or {}
+
+    def base_names(self):
+        return [name for name in self.tensors if ".adapter." not in name]
+
+    def adapters(self):
+        return dict(self._adapters)
+
+    def shards(self, name):
+        return [self.tensors[name]]
+
+    def shard_shapes(self, name):
+        return [tuple(self.tensors[name].shape)]
+
+    def convert_tasks(self, converter, tasks):
+        for task in tasks:
+            yield from converter(task)
+
+
+def _with_lora(tensors: dict, module: str, rank: int, rows: int, cols: int, alpha: float, seed: int):
+    from bridge_ext.source import Adapter
+
+    generator = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(rank, cols, generator=generator), torch.randn(rows, rank, generator=generator)
+    tensors[f"{module}.adapter.linear_in.weight"], tensors[f"{module}.adapter.linear_out.weight"] = a, b
+    return Adapter(module, f"{module}.adapter.linear_in.weight", f"{module}.adapter.linear_out.weight", alpha, rank), a, b
+
+
+def _interleave_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """``[gate; up]`` rows -> ``[g0; u0; g1; u1; ...]``, computed without the ops."""
+    gate, up = tensor.chunk(2)
+    return torch.stack([gate, up], dim=1).reshape(tensor.shape)
+
+
+INTERLEAVED_TRANSPOSED = (SplitRows(1, 1), GroupRows(1, 1), Transpose())
+
+
+def _convert(table, source, mode, **kwargs):
+    from bridge_ext.engine import Mode, TaskConverter
+
+    converter = TaskConverter(source, DIMS, Mode[mode], **kwargs)
+    return {name: t for task in plan_tasks(source.base_names(), table) for name, t in converter(task)}
+
+
+def test_transpose_round_trips_and_must_come_last():
+    r = rule("fc1.weight", "gate_up.weight", *INTERLEAVED_TRANSPOSED)
+    weight = torch.randn(6, 4)
+    (out,) = run_rule(r, [weight], DIMS)
+    assert torch.equal(out, _interleave_halves(weight).T)
+    assert torch.equal(reverse_rule(r, [out], DIMS), weight)
+    with pytest.raises(ValueError, match="last operation"):
+        rule("fc1.weight", "x.weight", Transpose(), TrimVocab())
+
+
+def test_transposed_module_weight_swaps_lora_factor_roles():
+    tensors = {"fc1.weight": torch.randn(6, 4)}
+    adapter, a, b = _with_lora(tensors, "fc1", rank=2, rows=6, cols=4, alpha=3.0, seed=1)
+    table = MappingTable(("toy",), (rule("fc1.weight", "gate_up.weight", *INTERLEAVED_TRANSPOSED),))
+    source = DictSource(tensors, {"fc1": adapter})
+    adapters = _convert(table, source, "ADAPTERS")
+    lora_a, lora_b = adapters["base_model.model.gate_up.lora_A.weight"], adapters["base_model.model.gate_up.lora_B.weight"]
+    assert lora_a.shape == (2, 6) and lora_b.shape == (4, 2)  # A' = B^T [r, out'], B' = A^T [in', r]
+    expected_delta = _interleave_halves(b @ a).T
+    torch.testing.assert_close(lora_b @ lora_a, expected_delta, rtol=0, atol=1e-5)
+    (merged,) = _convert(table, source, "MERGED").values()
+    torch.testing.assert_close(merged, _interleave_halves(tensors["fc1.weight"] + 1.5 * b @ a).T, rtol=0, atol=1e-5)
+
+
+def test_transposed_fused_experts_keep_peft_param_wrapper_factors():
+    """gpt-oss style ``[E, H, 2I]`` experts: PEFT's own ParamWrapper on an ``is_transposed``
+    parameter gives the same delta as our merge, and both equal W + scale * (B A) (transposed)."""
+    from peft import LoraConfig, get_peft_model
+
+    from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs
+
+    experts, rank, alpha, hidden, inter2 = 3, 2, 4.0, 4, 6
+    family = ExpertFamily("experts", ("gate_up_proj",))
+    table = MappingTable(("toy",), (rule("experts.{expert}.fc1.weight", "model.experts.gate_up_proj",
+                                         *INTERLEAVED_TRANSPOSED, stack="expert", variant=family.variant("fused")),),
+                         expert_families=(family,))
+    tensors, adapters, factors = {}, {}, []
+    for e in range(experts):
+        tensors[f"experts.{e}.fc1.weight"] = torch.randn(inter2, hidden)
+        adapters[f"experts.{e}.fc1"], a, b = _with_lora(tensors, f"experts.{e}.fc1", rank, inter2, hidden, alpha, 10 + e)
+        factors.append((a, b))
+    source = DictSource(tensors, adapters)
+    variants = frozenset({family.variant("fused")})
+    tasks = plan_tasks(source.base_names(), table, variants)
+    from bridge_ext.engine import Mode, TaskConverter
+
+    (base,) = [t for _, t in TaskConverter(source, DIMS, Mode.BASE)(tasks[0])]
+    (merged,) = [t for _, t in TaskConverter(source, DIMS, Mode.MERGED)(tasks[0])]
+    keys = FusedExpertKeys(adapted_outputs(tasks, adapters, table))
+    saved = dict(TaskConverter(source, DIMS, Mode.ADAPTERS, expert_adapters=keys)(tasks[0]))
+    assert base.shape == (experts, hidden, inter2)
+    for e, (a, b) in enumerate(factors):
+        want = _interleave_halves(tensors[f"experts.{e}.fc1.weight"] + alpha / rank * b @ a).T
+        torch.testing.assert_close(merged[e], want, rtol=0, atol=1e-5)
+
+    class Experts(torch.nn.Module):
+        is_transposed = True  # transformers' gpt-oss experts: parameters stored [E, in, out]
+
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(base.clone())
+
+    model = torch.nn.Module()
+    model.experts = Experts()
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_parameters=["experts.gate_up_proj"]))
+    wrapper = peft_model.base_model.model.experts
+    wrapper.lora_A["default"].weight.data.copy_(saved["base_model.model.model.experts.lora_A.weight"])
+    wrapper.lora_B["default"].weight.data.copy_(saved["base_model.model.model.experts.lora_B.weight"])
+    torch.testing.assert_close(base + wrapper.get_delta_weight("default"), merged, rtol=0, atol=1e-5)
+
+
+def test_fan_out_writes_copies_and_the_reverse_checks_them():
+    from bridge_ext.ops import Copies
+
+    r = rule("output_layer.weight", ["lm_head.weight", "model.layers.3.shared_head.head.weight"], TrimVocab(), Copies(2))
+    weight = torch.randn(8, 3)
+    head, copy = run_rule(r, [weight], DIMS)
+    assert torch.equal(head, weight[:5]) and torch.equal(copy, weight[:5])
+    assert torch.equal(reverse_rule(r, [head, copy.clone()], DIMS), weight[:5])
+    with pytest.raises(ExportError, match=r"shared_head\.head.*copies \[1\] differ"):
+        reverse_rule(r, [head, copy + 1], DIMS, "['lm_head.weight', 'model.layers.3.shared_head.head.weight']")
+    tensors = {"fc.weight": torch.randn(4, 3)}
+    adapter, a, b = _with_lora(tensors, "fc", rank=2, rows=4, cols=3, alpha=2.0, seed=5)
+    table = MappingTable(("toy",), (rule("fc.weight", ["x.weight", "y.weight"], Copies(2)),))
+    pairs = _convert(table, DictSource(tensors, {"fc": adapter}), "ADAPTERS")
+    for module in ("x", "y"):
+        assert torch.equal(pairs[f"base_model.model.{module}.lora_A.weight"], a)
+        assert torch.equal(pairs[f"base_model.model.{module}.lora_B.weight"], b)
+
+
+def test_op_errors_name_the_rule_the_tensor_and_the_hf_names():
+    table = MappingTable(("toy",), (rule("layers.{layer}.fc.weight", ["m.{layer}.a.weight", "m.{layer}.b.weight"],
+                                         SplitRows(3, 1)),))
+    with pytest.raises(ExportError) as error:
+        _convert(table, DictSource({"layers.2.fc.weight": torch.zeros(7, 2)}), "BASE")
+    message = str(error.value)
+    for part in ("layers.2.fc.weight", "m.2.a.weight", "m.2.b.weight", "layers.{layer}.fc.weight", "SplitRows", "(7, 2)"):
+        assert part in message, (part, message)
