@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from bridge_ext.errors import ExportError
 from bridge_ext.table import MappingTable, TableBuilder
-from model_mappings import llama, mimo, qwen3_5, qwen3_next
+from model_mappings import deepseek, glm, gpt_oss, llama, mimo, qwen3_5, qwen3_next
 
 _BUILT_IN: tuple[MappingTable | TableBuilder, ...] = (llama.TABLE, qwen3_5.TEXT, qwen3_5.IMAGE_TEXT, qwen3_next.TABLE,
-                                                      mimo.TABLE)
+                                                      mimo.TABLE, deepseek.TABLE, glm.TABLE, gpt_oss.TABLE)
 _REGISTERED: dict[str, MappingTable | TableBuilder] = {}
 
 
