@@ -138,8 +138,11 @@ TABLE = TableBuilder(model_types=("deepseek_v3", "kimi_k2"), build=build,
 
 
 def register_kimi_k2_config() -> type:
-    """A ``kimi_k2`` config (DeepSeek-V3's, under Kimi-K2's model type) for ``AutoConfig``."""
+    """A ``kimi_k2`` config (DeepSeek-V3's, under Kimi-K2's model type) for ``AutoConfig``, and
+    DeepSeek-V3's checkpoint conversion for it: Kimi-K2 checkpoints keep experts per expert,
+    which transformers v5 fuses in memory only for model types it has a conversion for."""
     from transformers import AutoConfig, DeepseekV3Config
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if "kimi_k2" in CONFIG_MAPPING:
@@ -149,6 +152,8 @@ def register_kimi_k2_config() -> type:
         model_type = "kimi_k2"
 
     AutoConfig.register("kimi_k2", KimiK2Config)
+    if get_checkpoint_conversion_mapping("kimi_k2") is None:
+        register_checkpoint_conversion_mapping("kimi_k2", get_checkpoint_conversion_mapping("deepseek_v3"))
     return KimiK2Config
 
 

@@ -43,12 +43,21 @@ def local_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[i
 
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization,
                                        vp_stage=vp_stage, pp_rank=pp_rank)
+    for layer in block.layer_specs:
+        _local_mla(config, layer)
+    return block
+
+
+def _local_mla(config, layer_spec) -> None:
+    """MLA layers get the MLA core attention.
+
+    (megatron-core 0.19.2 builds MLA without ``q_lora_rank`` and with ``qk_layernorm`` only
+    with a fused norm+linear ``linear_q_proj``, i.e. Transformer Engine: not on CPU.)
+    """
     if config.multi_latent_attention:
         from bridge_ext.cpu.mla import MLACoreAttention
 
-        for layer in block.layer_specs:
-            layer.submodules.self_attention.submodules.core_attention = MLACoreAttention
-    return block
+        layer_spec.submodules.self_attention.submodules.core_attention = MLACoreAttention
 
 
 def local_mtp_block_spec(config, vp_stage: Optional[int] = None):
@@ -62,10 +71,7 @@ def local_mtp_block_spec(config, vp_stage: Optional[int] = None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs, get_gpt_mtp_block_spec
 
     last = get_gpt_decoder_layer_specs(config, use_transformer_engine=False, normalization=config.normalization)[-1]
-    if config.multi_latent_attention:
-        from bridge_ext.cpu.mla import MLACoreAttention
-
-        last.submodules.self_attention.submodules.core_attention = MLACoreAttention
+    _local_mla(config, last)
     return get_gpt_mtp_block_spec(config, last, use_transformer_engine=False, vp_stage=vp_stage)
 
 
