@@ -172,7 +172,7 @@ def main() -> None:
 
     from bridge_ext.cpu.build import LoraSettings, build_megatron_model
     from bridge_ext.cpu.distributed import megatron_parallel
-    from bridge_ext.dims import text_config
+    from model_mappings import table_for
 
     torch.set_num_threads(1)
     sizes = dict(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
@@ -185,7 +185,8 @@ def main() -> None:
                 built = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=LORA_TARGETS))
             config = AutoConfig.from_pretrained(hf_dir)
             set_global_lora(built.chunks, config)
-            moe = any(getattr(text_config(config), key, None) for key in ("num_experts", "n_routed_experts"))
+            # the per-expert modes apply where the table has per-expert expert rules (not gpt-oss)
+            moe = any((rule.variant or "").endswith(":per_expert") for rule in table_for(config).rules)
             results, received = export_all(built.chunks, moe)
             saved = {"results": results, "received_bytes": received,
                      "save": save_from_every_rank(built.chunks, Path(args.out) / f"{hf_dir.name}_saved")}
