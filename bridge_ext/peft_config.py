@@ -104,6 +104,25 @@ def _leaf_or_full_names(module_targets: list[str], module_names: set[str]) -> li
     return names
 
 
+def peft_rewritten_leaves(model_type: str) -> set[str]:
+    """Module leaf names PEFT rewrites into fused expert parameters for ``model_type``.
+
+    With transformers v5, PEFT (0.21, ``transformers_weight_conversion._convert_peft_config_moe``)
+    reads ``target_modules`` of MoE types converted like ``qwen2_moe`` (e.g. ``deepseek_v3``,
+    ``glm4_moe``) as written for transformers v4: ``gate_proj`` / ``up_proj`` / ``down_proj``
+    become the experts' ``gate_up_proj`` (rank and alpha doubled) / ``down_proj`` and are
+    dropped from ``target_modules``, so dense MLPs and shared experts would lose their adapters.
+    Such module weights are therefore listed in ``target_parameters`` (PEFT wraps a 2-D weight
+    with the same ``lora_A`` / ``lora_B`` keys and shapes).
+    """
+    try:
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+    except ImportError:  # a PEFT without the rewrite
+        return set()
+    mapping = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type)) or {}
+    return {old for old, new in mapping.items() if new != f"{old}.weight"}
+
+
 def _parameter_suffix(target: str) -> str:
     """``model.layers.3.mlp.experts.gate_up_proj`` -> ``mlp.experts.gate_up_proj``."""
     return _LAYER_NUMBER.sub("", target, count=1)
@@ -122,8 +141,11 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
     outputs = adapted_outputs(plan.adapter_tasks, adapters, plan.table)
     if not outputs:
         raise ExportError("the model has no LoRA adapters")
-    module_targets = [o.target for o in outputs if not o.is_parameter]
+    rewritten = peft_rewritten_leaves(plan.config.model_type)
+    as_parameters = [o.target for o in outputs if not o.is_parameter and o.target.rsplit(".", 1)[-1] in rewritten]
+    module_targets = [o.target for o in outputs if not o.is_parameter and o.target not in as_parameters]
     parameter_targets = sorted({_parameter_suffix(o.target) for o in outputs if o.is_parameter})
+    parameter_targets += [f"{name}.weight" for name in _leaf_or_full_names(as_parameters, module_names)]
     ranks = Counter(o.adapter.rank for o in outputs)
     alphas = Counter(o.adapter.alpha for o in outputs)
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]

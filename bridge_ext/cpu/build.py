@@ -52,14 +52,15 @@ def build_megatron_model(
     from megatron.bridge import AutoBridge
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from bridge_ext.cpu import qwen3_vl, qwen35
+    from bridge_ext.cpu import gpt_families, qwen3_vl, qwen35
 
     is_qwen35 = qwen35.is_qwen35(hf_dir)
     model_type = qwen35.hf_model_type(hf_dir)
     if model_type == "qwen2_moe":
         import bridge_ext.cpu.qwen2_moe_bridge  # noqa: F401  (registers the bridge Megatron-Bridge lacks)
     is_qwen3_vl = model_type in qwen3_vl.MODEL_TYPES
-    bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 or is_qwen3_vl else AutoBridge
+    is_gpt_family = gpt_families.is_gpt_family(hf_dir)
+    bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 or is_qwen3_vl or is_gpt_family else AutoBridge
     bridge = bridge_cls.from_hf_pretrained(str(hf_dir))
     provider = bridge.to_megatron_provider(load_weights=False)
     if is_qwen3_vl:
@@ -69,6 +70,8 @@ def build_megatron_model(
         rotary_percent = qwen35.qwen3_next_rotary_percent(hf_dir)
         if rotary_percent is not None:  # see qwen35.qwen3_next_rotary_percent
             provider.rotary_percent = rotary_percent
+    elif is_gpt_family:
+        gpt_families.configure_provider(provider, hf_dir)
     else:
         if getattr(provider, "num_moe_experts", None):
             qwen35._prepare_config(provider)  # sequential experts, allgather dispatcher, no fusions
@@ -91,11 +94,12 @@ def build_megatron_model(
     provider.finalize()
     if is_qwen3_vl:  # its finalize turns sequence parallelism on at TP > 1; torch norms refuse it
         provider.sequence_parallel = False
-    build_context = qwen3_vl.cpu_build_context if is_qwen3_vl else qwen35.cpu_build_context if is_qwen35 else None
-    with build_context(provider) if build_context else nullcontext():
+    build_context = (qwen3_vl.cpu_build_context if is_qwen3_vl else qwen35.cpu_build_context if is_qwen35 else
+                     gpt_families.cpu_build_context if is_gpt_family else lambda _: nullcontext())
+    with build_context(provider):
         chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
         if load_weights:
-            if is_qwen35:
+            if is_qwen35 or is_gpt_family:
                 missing = qwen35.unmapped_parameters(bridge, chunks)
                 if missing:
                     raise RuntimeError(

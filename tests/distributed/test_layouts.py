@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bridge_ext.cpu.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe, tiny_gpt_oss, tiny_mimo
 from bridge_ext.cpu.tiny_models import tiny_qwen35_dense, tiny_qwen35_moe, tiny_qwen35_vl
 from bridge_ext.engine import PEFT_PREFIX
 
@@ -32,13 +33,18 @@ MODELS = {
     "dense": tiny_qwen35_dense,
     "moe": tiny_qwen35_moe,
     "vl_moe": lambda directory, mtp_layers: tiny_qwen35_vl(directory, moe=True, mtp_layers=mtp_layers),
+    "mimo": tiny_mimo,
+    "deepseek": tiny_deepseek_v3,
+    "glm": tiny_glm4_moe,
+    "gpt_oss": lambda directory, mtp_layers: tiny_gpt_oss(directory),  # (no MTP)
 }
+# gpt-oss needs expert-TP 1 at TP 2 (megatron-core: "Bias in Moe is only supported when ETP==1").
 # name -> (processes, worker flags, models)
 LAYOUTS = {
-    "single": (1, [], ("dense", "moe", "vl_moe")),
-    "tp2": (2, ["--tp", "2", "--megatron-bridge"], ("dense", "moe", "vl_moe")),
+    "single": (1, [], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "gpt_oss")),
+    "tp2": (2, ["--tp", "2", "--megatron-bridge"], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm")),
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"], ("dense", "moe", "vl_moe")),
-    "ep2": (2, ["--ep", "2"], ("moe",)),
+    "ep2": (2, ["--ep", "2"], ("moe", "deepseek", "glm", "gpt_oss")),
     "tp2_pp2_ep2_etp1": (4, ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1"], ("moe",)),
 }
 CASES = [(layout, model) for layout, (_, _, models) in LAYOUTS.items() if layout != "single" for model in models]
@@ -110,7 +116,7 @@ def test_every_destination_matches_the_single_process_export(run_layout, layout,
 MB_EXPERT_TP_BUG = re.compile(r"\.experts\.\d+\.(gate|up)_proj\.(lora_B\.)?weight$")
 
 
-@pytest.mark.parametrize("model", ("dense", "moe"))  # (MB leaves the vision qkv LoRA B interleaved)
+@pytest.mark.parametrize("model", ("dense", "moe", "mimo"))  # (MB leaves the vision qkv LoRA B interleaved)
 def test_tensor_parallel_export_equals_megatron_bridge(run_layout, model):
     rank0 = run_layout("tp2", model)[0]
     theirs = rank0["megatron_bridge"]

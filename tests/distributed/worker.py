@@ -21,7 +21,8 @@ import torch
 
 from bridge_ext.distributed import DESTINATIONS
 
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj", "linear_q_proj",
+                "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")
 MODES = {  # mode -> export_hf_weights keyword arguments
     "peft": dict(peft=True),
     "merged": dict(peft=False),
@@ -84,7 +85,7 @@ def set_global_lora(chunks, config, seed: int = 0, std: float = 0.05) -> None:
     from bridge_ext.live import LORA_IN, LORA_OUT, is_parallel_job, local_tensors
     from model_mappings import table_for
 
-    table, dims = table_for(config.model_type), ModelDims.from_hf_config(config)
+    table, dims = table_for(config), ModelDims.from_hf_config(config)
     tensors, _ = local_tensors(chunks, sharded=is_parallel_job())
     for local in tensors:
         suffix = next((s for s in (LORA_IN, LORA_OUT) if local.name.endswith(s)), None)
@@ -186,7 +187,7 @@ def main() -> None:
 
     from bridge_ext.cpu.build import LoraSettings, build_megatron_model
     from bridge_ext.cpu.distributed import megatron_parallel
-    from bridge_ext.dims import text_config
+    from model_mappings import table_for
 
     torch.set_num_threads(1)
     sizes = dict(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
@@ -199,7 +200,8 @@ def main() -> None:
                 built = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=LORA_TARGETS))
             config = AutoConfig.from_pretrained(hf_dir)
             set_global_lora(built.chunks, config)
-            moe = bool(getattr(text_config(config), "num_experts", None))
+            # the per-expert modes apply where the table has per-expert expert rules (not gpt-oss)
+            moe = any((rule.variant or "").endswith(":per_expert") for rule in table_for(config).rules)
             results, received = export_all(built.chunks, moe)
             saved = {"results": results, "received_bytes": received,
                      "save": save_from_every_rank(built.chunks, Path(args.out) / f"{hf_dir.name}_saved")}

@@ -1,0 +1,74 @@
+"""gpt-oss (``gpt_oss``): GQA with biases, attention sinks, alternating sliding-window
+layers (no effect on names), and MoE experts stored fused and transposed with biases:
+``mlp.experts.gate_up_proj [E, H, 2I]`` whose last dim interleaves gate and up
+(``gate = [..., ::2]``, ``up = [..., 1::2]``), ``gate_up_proj_bias [E, 2I]`` (interleaved
+alike), ``down_proj [E, I, H]``, ``down_proj_bias [E, H]``; router ``mlp.router.weight`` /
+``bias``. Megatron's expert ``linear_fc1`` is ``[gate; up]`` ``[2I, H]``: its halves are
+interleaved row by row (``GroupRows(1, 1)``), then transposed.
+
+Expert LoRA goes through :class:`bridge_ext.ops.Transpose` (see its A/B semantics): PEFT's
+``target_parameters`` wraps the ``[E, in, out]`` parameter with ``nn.Linear``-shaped factors,
+which are Megatron's own (B's rows interleaved like the base). vLLM loads gpt-oss expert LoRA
+in this 3-D layout (``GptOssForCausalLM.is_3d_moe_weight``).
+"""
+
+from __future__ import annotations
+
+from bridge_ext.ops import GroupRows, SplitRows, Transpose
+from bridge_ext.table import ExpertFamily, MappingTable, Rule, prefixed, rule
+from model_mappings.blocks import attention, embeddings, post_attention_norm
+
+# transformers' GptOssExperts registers gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias;
+# PEFT targets the two weights.
+EXPERTS = ExpertFamily("experts", ("gate_up_proj", "down_proj"))
+INTERLEAVE_GATE_UP = (SplitRows(1, 1), GroupRows(1, 1))
+
+
+def experts() -> list[Rule]:
+    fused = EXPERTS.variant("fused")
+    rules = []
+    for fc1, fc2, kind in _expert_names():
+        if kind == "weight":
+            rules += [
+                rule(fc1, "mlp.experts.gate_up_proj", *INTERLEAVE_GATE_UP, Transpose(), stack="expert", variant=fused),
+                rule(fc2, "mlp.experts.down_proj", Transpose(), tp="row", stack="expert", variant=fused),
+            ]
+        else:
+            rules += [
+                rule(fc1, "mlp.experts.gate_up_proj_bias", *INTERLEAVE_GATE_UP, stack="expert", variant=fused),
+                rule(fc2, "mlp.experts.down_proj_bias", tp="replicated", stack="expert", variant=fused),
+            ]
+    return rules
+
+
+def _expert_names() -> list[tuple[str, str, str]]:
+    """(fc1, fc2, weight|bias) for sequential and Transformer Engine grouped experts."""
+    names = []
+    for kind in ("weight", "bias"):
+        names.append((f"mlp.experts.local_experts.{{expert}}.linear_fc1.{kind}",
+                      f"mlp.experts.local_experts.{{expert}}.linear_fc2.{kind}", kind))
+        names.append((f"mlp.experts.linear_fc1.{kind}{{expert}}", f"mlp.experts.linear_fc2.{kind}{{expert}}", kind))
+    return names
+
+
+def decoder_layer() -> list[Rule]:
+    return [
+        *attention(qkv_bias=True),
+        rule("self_attention.linear_proj.bias", "self_attn.o_proj.bias", tp="replicated"),
+        rule("self_attention.core_attention.softmax_offset", "self_attn.sinks"),
+        *post_attention_norm(),
+        rule("mlp.router.weight", "mlp.router.weight", tp="replicated"),
+        rule("mlp.router.bias", "mlp.router.bias", tp="replicated"),
+        *experts(),
+    ]
+
+
+TABLE = MappingTable(
+    model_types=("gpt_oss",),
+    rules=(*embeddings("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"),
+           *prefixed(decoder_layer(), "decoder.layers.{layer}.", "model.layers.{layer}.")),
+    description="gpt-oss: GQA with sinks and sliding windows, fused transposed experts with biases",
+    model_classes={"gpt_oss": "GptOssForCausalLM"},
+    expert_families=(EXPERTS,),
+    vllm_expert_adapter_layout="fused",  # GptOssForCausalLM.is_3d_moe_weight
+)
