@@ -272,6 +272,15 @@ def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapter
     Every task is first run on meta tensors (:func:`check_shapes`): nothing is yielded unless
     the whole export can be converted.
     """
+    passes = conversion_passes(source, plan, base=base, adapters=adapters, dtype=dtype)
+    check_shapes(source, plan, passes)
+    for converter, tasks in passes:
+        yield from convert_tasks(source, converter, tasks)
+
+
+def conversion_passes(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,
+                      dtype: torch.dtype | None = None) -> list[tuple[TaskConverter, list[Task]]]:
+    """The converters :func:`stream` runs, each with the tasks it converts, in order."""
     found = source.adapters()
     if adapters and not found:
         raise ExportError("adapters were asked for, but the model has no LoRA adapters")
@@ -283,9 +292,7 @@ def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapter
         expert_keys = FusedExpertKeys(adapted_outputs(plan.adapter_tasks, found, plan.table))
         passes.append((TaskConverter(source, plan.dims, Mode.ADAPTERS, dtype, expert_adapters=expert_keys,
                                      recorded=plan.recorded.setdefault(Mode.ADAPTERS, {})), plan.adapter_tasks))
-    check_shapes(source, plan, passes)
-    for converter, tasks in passes:
-        yield from convert_tasks(source, converter, tasks)
+    return passes
 
 
 def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[TaskConverter, list[Task]]]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from bridge_ext.engine import Mode, Task, TaskConverter
-from bridge_ext.export import ExportPlan
+from bridge_ext.export import ExportPlan, conversion_passes
 from bridge_ext.hf_folder import TensorSpec
 from bridge_ext.source import Adapter
 
@@ -49,11 +49,5 @@ def planned_layout(source, plan: ExportPlan, mode: Mode, dtype: torch.dtype | No
 
 def planned_reads(source, plan: ExportPlan, base: Mode | None, adapters: bool) -> list[str]:
     """Source tensor names ``stream(source, plan, base=base, adapters=adapters)`` reads, in order (repeats kept)."""
-    names: list[str] = []
-    if base is not None:
-        converter = TaskConverter(source, plan.dims, base)
-        names += [name for task in plan.base_tasks for name in converter.reads(task)]
-    if adapters:
-        converter = TaskConverter(source, plan.dims, Mode.ADAPTERS)
-        names += [name for task in plan.adapter_tasks for name in converter.reads(task)]
-    return names
+    passes = conversion_passes(source, plan, base=base, adapters=adapters)
+    return [name for converter, tasks in passes for task in tasks for name in converter.reads(task)]
