@@ -104,6 +104,10 @@ def check_config_fields(config: Any, where: Path | str) -> None:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= 0):
                 raise ConfigFieldError(f"{where}: {prefix}{name} is {_shown(value)}; it must be a positive number")
+        fraction = _get(part, "partial_rotary_factor")
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not 0 < fraction <= 1):
+            raise ConfigFieldError(f"{where}: {prefix}partial_rotary_factor is {_shown(fraction)}; it must be in (0, 1]")
         _check_divides(part, prefix, where, "num_attention_heads", "num_key_value_heads")
         _check_divides(part, prefix, where, "linear_num_value_heads", "linear_num_key_heads")
         if _get(part, "head_dim") is None:
@@ -113,11 +117,16 @@ def check_config_fields(config: Any, where: Path | str) -> None:
 
 
 def _parts(config: Any) -> list[tuple[str, Any]]:
+    """The config, its nested text and vision configs, and their ``rope_parameters`` (transformers v5)."""
     parts = [("", config)]
     for name in _NESTED:
         nested = _get(config, name)
         if nested is not None:
             parts.append((f"{name}.", nested))
+    for prefix, part in list(parts):
+        rope = _get(part, "rope_parameters")
+        if isinstance(rope, Mapping):
+            parts.append((f"{prefix}rope_parameters.", rope))
     return parts
 
 
