@@ -185,8 +185,14 @@ def field_pairs() -> tuple[tuple[str, str], ...]:
     seconds a conversion does not otherwise spend. A layout it cannot read raises
     :class:`~bridge_ext.errors.CompatibilityError`.
     """
-    spec = importlib.util.find_spec("megatron.bridge")
-    source = Path(next(iter(spec.submodule_search_locations or []), "")) / "models" / "conversion" / "model_bridge.py"
+    try:
+        spec = importlib.util.find_spec("megatron.bridge")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise CompatibilityError("megatron-bridge is not installed: the configuration cross-check reads its "
+                                 "CONFIG_MAPPING (pip install megatron-bridge)")
+    source = Path(next(iter(spec.submodule_search_locations))) / "models" / "conversion" / "model_bridge.py"
     try:
         tree = ast.parse(source.read_text(encoding="utf-8"))
         found = next(
