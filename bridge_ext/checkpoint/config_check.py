@@ -104,6 +104,10 @@ def check_config_fields(config: Any, where: Path | str) -> None:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= 0):
                 raise ConfigFieldError(f"{where}: {prefix}{name} is {_shown(value)}; it must be a positive number")
+        fraction = _get(part, "partial_rotary_factor")
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not 0 < fraction <= 1):
+            raise ConfigFieldError(f"{where}: {prefix}partial_rotary_factor is {_shown(fraction)}; it must be in (0, 1]")
         _check_divides(part, prefix, where, "num_attention_heads", "num_key_value_heads")
         _check_divides(part, prefix, where, "linear_num_value_heads", "linear_num_key_heads")
         if _get(part, "head_dim") is None:
@@ -113,11 +117,16 @@ def check_config_fields(config: Any, where: Path | str) -> None:
 
 
 def _parts(config: Any) -> list[tuple[str, Any]]:
+    """The config, its nested text and vision configs, and their ``rope_parameters`` (transformers v5)."""
     parts = [("", config)]
     for name in _NESTED:
         nested = _get(config, name)
         if nested is not None:
             parts.append((f"{name}.", nested))
+    for prefix, part in list(parts):
+        rope = _get(part, "rope_parameters")
+        if isinstance(rope, Mapping):
+            parts.append((f"{prefix}rope_parameters.", rope))
     return parts
 
 
@@ -176,8 +185,14 @@ def field_pairs() -> tuple[tuple[str, str], ...]:
     seconds a conversion does not otherwise spend. A layout it cannot read raises
     :class:`~bridge_ext.errors.CompatibilityError`.
     """
-    spec = importlib.util.find_spec("megatron.bridge")
-    source = Path(next(iter(spec.submodule_search_locations or []), "")) / "models" / "conversion" / "model_bridge.py"
+    try:
+        spec = importlib.util.find_spec("megatron.bridge")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise CompatibilityError("megatron-bridge is not installed: the configuration cross-check reads its "
+                                 "CONFIG_MAPPING (pip install megatron-bridge)")
+    source = Path(next(iter(spec.submodule_search_locations))) / "models" / "conversion" / "model_bridge.py"
     try:
         tree = ast.parse(source.read_text(encoding="utf-8"))
         found = next(

@@ -435,6 +435,8 @@ BAD_FIELDS = {
     "num_hidden_layers": (10**9, "num_hidden_layers is 1000000000; it must be an integer from 1 to 10000"),
     "rms_norm_eps": (-1.0, "rms_norm_eps is -1.0; it must be a positive number"),
     "num_key_value_heads": (3, "num_attention_heads (4) is not a multiple of num_key_value_heads (3)"),
+    "rope_parameters": ({"rope_type": "default", "rope_theta": float("nan")},
+                        "rope_parameters.rope_theta is nan; it must be a positive number"),
 }
 
 
