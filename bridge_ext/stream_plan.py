@@ -13,6 +13,7 @@ import torch
 from bridge_ext.engine import Mode, Task, TaskConverter
 from bridge_ext.export import ExportPlan
 from bridge_ext.hf_folder import TensorSpec
+from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs
 from bridge_ext.source import Adapter
 
 
@@ -53,7 +54,8 @@ def planned_reads(source, plan: ExportPlan, base: Mode | None, adapters: bool) -
     if base is not None:
         converter = TaskConverter(source, plan.dims, base)
         names += [name for task in plan.base_tasks for name in converter.reads(task)]
-    if adapters:
-        converter = TaskConverter(source, plan.dims, Mode.ADAPTERS)
+    if adapters:  # the stream's adapter pass, with its fused-expert keys (bridge_ext.export.stream)
+        expert_keys = FusedExpertKeys(adapted_outputs(plan.adapter_tasks, source.adapters(), plan.table))
+        converter = TaskConverter(source, plan.dims, Mode.ADAPTERS, expert_adapters=expert_keys)
         names += [name for task in plan.adapter_tasks for name in converter.reads(task)]
     return names
