@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
-import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -102,6 +101,8 @@ def _distribution(module_name: str) -> str:
 
 
 def _check_version(module_name: str, needs: str) -> None:
+    import importlib.metadata  # here: it costs a tenth of a second, and only patching needs it
+
     package = _distribution(module_name)
     wanted = SUPPORTED_VERSIONS[package]
     try:

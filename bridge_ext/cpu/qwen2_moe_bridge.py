@@ -3,7 +3,8 @@
 Declared from Megatron-Bridge's own building blocks (``GPTModelProvider`` settings as its
 Qwen3-MoE / Qwen3-Next bridges set them, its ``AutoMapping`` / ``QKVMapping`` /
 ``GatedMLPMapping``), so that a ``qwen2_moe`` folder builds, loads and exports through
-``AutoBridge`` like the shipped types. Importing this module registers it.
+``AutoBridge`` like the shipped types. Importing this module registers it (the CPU builder does,
+for a ``qwen2_moe`` folder): support for the CPU demo and tests; the exporter does not use it.
 
 Qwen2-MoE against Qwen3-MoE: qkv bias, no q/k norms, a shared expert scaled by
 ``sigmoid(shared_expert_gate(x))`` (Megatron's ``moe_shared_expert_gate``), router softmax over

@@ -6,6 +6,7 @@ mergers from TE classes. Inside :func:`cpu_build_context` the language spec func
 providers call returns megatron-core's local GPT spec instead (sequential experts) and the
 vision tower is built from the local ViT spec (:func:`bridge_ext.cpu.qwen35.local_vit_layer_spec`,
 as for Qwen3.5, which reuses ``Qwen3VLModel``); everything else of the bridges stays as it is.
+Supports the CPU demo and tests; the exporter does not use it.
 """
 
 from __future__ import annotations

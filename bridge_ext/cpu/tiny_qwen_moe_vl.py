@@ -5,6 +5,7 @@ experts of width 32, top 2 (Qwen2-MoE: a shared expert of width 48 behind its si
 Each model is saved with ``save_pretrained``, i.e. in transformers' own save-time layout.
 Norm weights get a random offset (a norm mapped to the wrong place shows in the logits) and
 routers a larger std (top-k choices far from ties), as in :mod:`bridge_ext.cpu.tiny_models`.
+Supports the CPU demo and tests; the exporter does not use it.
 """
 
 from __future__ import annotations

@@ -1,21 +1,42 @@
-"""The CPU builder's patches hold inside its blocks only (the autouse fixture checks every test after)."""
+"""The CPU builders' patches hold inside their blocks only (the autouse fixture checks every test after)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from bridge_ext.cpu import fla_torch
-from bridge_ext.cpu.qwen35 import cpu_build_context
+from bridge_ext.cpu import fla_torch, gpt_families, qwen3_vl, qwen35
+
+# Each block -> what it rebinds (names of tests/cpu/conftest.py's REBOUND).
+TORCH_CUDA = ("torch.cuda.current_device", "torch.cuda.nvtx.range_push", "torch.cuda.nvtx.range_pop")
+GDN_PACKAGE = "megatron.core.ssm.gated_delta_net"
+GDN = tuple(f"{module}.{name}" for module in (GDN_PACKAGE, f"{GDN_PACKAGE}.common")
+            for name in ("causal_conv1d", "l2norm", "chunk_gated_delta_rule", "HAVE_FLA")) + (
+    f"{GDN_PACKAGE}.gdn.causal_conv1d", f"{GDN_PACKAGE}.gdn.chunk_gated_delta_rule")
+VISION = tuple(f"megatron.bridge.models.qwen_vl.modelling_qwen3_vl.model.{name}" for name in (
+    "get_vit_layer_with_transformer_engine_spec", "TENorm", "TEColumnParallelLinear", "TERowParallelLinear"))
+MTP = ("megatron.bridge.models.gpt_provider.mtp_block_spec",)
+BLOCKS = {
+    # no provider: the vision-language replacements are made too
+    "qwen35.cpu_build_context": (qwen35.cpu_build_context, TORCH_CUDA + GDN + MTP + VISION + (
+        "megatron.bridge.models.qwen_vl.qwen35_vl_provider."
+        "get_transformer_block_with_experimental_attention_variant_spec",)),
+    "qwen3_vl.cpu_build_context": (qwen3_vl.cpu_build_context, TORCH_CUDA + VISION + (
+        "megatron.bridge.models.qwen_vl.qwen3_vl_provider.get_gpt_layer_with_transformer_engine_spec",)),
+    "gpt_families.cpu_build_context": (gpt_families.cpu_build_context, TORCH_CUDA + MTP),
+    "gpt_families.cpu_forward_context": (gpt_families.cpu_forward_context,
+                                         ("megatron.core.fusions.fused_softmax.get_sliding_window_causal_mask",)),
+}
 
 
-def test_build_context_rebinds_then_restores(bindings):
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_block_rebinds_then_restores(bindings, block):
+    enter, rebound = BLOCKS[block]
     before = bindings()
-    assert len(before) == 19  # every name of REBOUND exists in the installed versions
-    with cpu_build_context():  # no provider: the vision-language replacements are made too
+    assert len(before) == 21  # every name of REBOUND exists in the installed versions
+    with enter():
         inside = bindings()
-        if not torch.cuda.is_available():
-            assert torch.cuda.current_device() == torch.device("cpu")
-    expected = {name for name in before
+    expected = {name for name in rebound
                 if not (torch.cuda.is_available() and name.startswith("torch.cuda."))
                 and not (fla_torch.real_fla_available() and ".gated_delta_net" in name)}
     assert {name for name in before if inside[name] is not before[name]} == expected
