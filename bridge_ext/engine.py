@@ -135,7 +135,7 @@ def run_rule(rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, axis: i
 
 
 def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: ModelDims,
-                  what: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  what: str | None = None, run=run_rule) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(lora_A, lora_B) for each Hugging Face output of ``rule``.
 
     Megatron-Bridge shards ``B`` over rows for every base, and ``A`` over rows (the rank
@@ -148,7 +148,7 @@ def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: Mode
         raise ExportError(f"{adapter.module} has a LoRA adapter but its rule changes values ({rule.megatron})")
     a_shards = source.shards(adapter.lora_a)
     lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards, dim=1 if rule.tp == "row" else 0)
-    lora_bs = run_rule(rule, source.shards(adapter.lora_b), dims, axis=0, rows_only=True,
+    lora_bs = run(rule, source.shards(adapter.lora_b), dims, axis=0, rows_only=True,
                        what=f"{adapter.lora_b} (LoRA B of {what or adapter.module})")
     if rule.transposes and not rule.stack:
         return [(lora_b.t().contiguous(), lora_a.t().contiguous()) for lora_b in lora_bs]
@@ -214,6 +214,10 @@ class MetaSource:
             yield from converter(task)
 
 
+def _pack_nothing(hf_name: str, lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor]) -> Iterator:
+    return iter(())
+
+
 class TaskConverter:
     """Converts planned tasks of one model; yields ``(name, tensor)`` pairs."""
 
@@ -226,6 +230,18 @@ class TaskConverter:
         self.adapters = source.adapters()
         self.expert_adapters = expert_adapters
         self._recorded = recorded if recorded is not None else {}  # id(task) -> reads
+        self._on_meta: dict[tuple, list[torch.Tensor]] = {}
+
+    def _run(self, rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, what: str | None = None,
+             **options) -> list[torch.Tensor]:
+        """:func:`run_rule`; on meta tensors once per rule and shard shapes (the experts of a
+        stacked task share them, and a check of a large MoE runs thousands)."""
+        if not shards[0].is_meta:
+            return run_rule(rule, shards, dims, what=what, **options)
+        key = (id(rule), tuple(tuple(shard.shape) for shard in shards), tuple(sorted(options.items())))
+        if key not in self._on_meta:
+            self._on_meta[key] = run_rule(rule, shards, dims, what=what, **options)
+        return self._on_meta[key]
 
     def adapter_of(self, task: Task, source_name: str) -> Adapter | None:
         module = source_name[: -len(".weight")] if source_name.endswith(".weight") else None
@@ -241,7 +257,7 @@ class TaskConverter:
         adapter = self.adapter_of(task, name)
         factors = self._factors(task, adapter)
         if self.mode is not Mode.ADAPTERS:
-            bases = run_rule(task.rule, self.source.shards(name), self.dims, what=describe(task))
+            bases = self._run(task.rule, self.source.shards(name), self.dims, what=describe(task))
             for index, (hf_name, base) in enumerate(zip(task.hf_names, bases, strict=True)):
                 if self.mode is Mode.MERGED and factors:
                     base = _merge(base, *factors[index], adapter.scale)
@@ -255,7 +271,9 @@ class TaskConverter:
         """Convert ``task`` on meta tensors: the names it reads, in order (repeats kept), and
         the ``(name, shape)`` it yields. Raises what the real conversion would raise on shapes."""
         meta = MetaSource(self.source)
-        converter = TaskConverter(meta, self.dims, self.mode, self.dtype, self.expert_adapters)
+        # without an expert-adapter layout the real run reads every expert, then refuses
+        expert_adapters = self.expert_adapters or _pack_nothing
+        converter = TaskConverter(meta, self.dims, self.mode, self.dtype, expert_adapters)
         outputs = [(name, tuple(tensor.shape)) for name, tensor in converter(task)]
         self._recorded[id(task)] = meta.read
         return meta.read, outputs
@@ -273,7 +291,7 @@ class TaskConverter:
     def _factors(self, task: Task, adapter: Adapter | None):
         if adapter is None or self.mode is Mode.BASE:
             return None
-        return _lora_factors(task.rule, adapter, self.source, self.dims, describe(task))
+        return _lora_factors(task.rule, adapter, self.source, self.dims, describe(task), self._run)
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.dtype is None else tensor.to(self.dtype)
@@ -302,7 +320,7 @@ class TaskConverter:
             expert_factors.append((adapter, factors))
             if self.mode is Mode.ADAPTERS:
                 continue
-            bases = run_rule(task.rule, self.source.shards(name), self.dims, what=describe(task, name))
+            bases = self._run(task.rule, self.source.shards(name), self.dims, what=describe(task, name))
             if self.mode is Mode.MERGED and factors:
                 bases = [_merge(base, *pair, adapter.scale, transposed=task.rule.transposes)
                          for base, pair in zip(bases, factors)]
