@@ -16,6 +16,7 @@ from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_ta
 from bridge_ext.distributed import Destination, all_agree
 from bridge_ext.live import LiveModelSource, unwrap_chunks
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
+from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.source import TensorSource
 from bridge_ext.sync import to_host
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout, MappingTable
@@ -275,7 +276,11 @@ def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapter
     passes = conversion_passes(source, plan, base=base, adapters=adapters, dtype=dtype)
     check_shapes(source, plan, passes)
     for converter, tasks in passes:
-        yield from convert_tasks(source, converter, tasks)
+        pairs = convert_tasks(source, converter, tasks)
+        if converter.mode is Mode.ADAPTERS and plan.table.in_memory_prefixes:
+            pairs = ((PEFT_PREFIX + plan.table.in_memory_name(name.removeprefix(PEFT_PREFIX)), tensor)
+                     for name, tensor in pairs)
+        yield from pairs
 
 
 def conversion_passes(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,

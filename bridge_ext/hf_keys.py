@@ -64,14 +64,10 @@ The transformers class comes from the architecture's mapping table (``model_clas
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout
-
-
-_FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 
 
 def model_class_for(config):
@@ -147,6 +143,14 @@ def hf_checkpoint_keys(
     state_dict = revert_weight_conversion(model, state_dict)
     keys = {name: tuple(t.shape) for name, t in state_dict.items()}
     if expert_layout == "fused_transposed":
-        keys = {name: (*shape[:-2], shape[-1], shape[-2]) if _FUSED_EXPERTS.search(name) else shape
+        keys = {name: (*shape[:-2], shape[-1], shape[-2]) if _is_fused_expert(config, name, shape) else shape
                 for name, shape in keys.items()}
     return dict(sorted(keys.items()))
+
+
+def _is_fused_expert(config, name: str, shape: tuple[int, ...]) -> bool:
+    """A 3-D ``[E, out, in]`` parameter of one of the table's expert families."""
+    from model_mappings import table_for
+
+    parameters = {p for family in table_for(config).expert_families for p in family.parameters}
+    return len(shape) == 3 and name.rsplit(".", 1)[-1] in parameters

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -135,10 +135,11 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
     from bridge_ext.hf_keys import hf_checkpoint_keys
 
     # PEFT matches targets against the model in memory, where transformers v5 fuses experts.
-    in_memory = hf_checkpoint_keys(plan.config, expert_layout="fused")
+    in_memory = map(plan.table.in_memory_name, hf_checkpoint_keys(plan.config, expert_layout="fused"))
     module_names = {key.rsplit(".", 1)[0] for key in in_memory if key.endswith(".weight")}
 
-    outputs = adapted_outputs(plan.adapter_tasks, adapters, plan.table)
+    outputs = [replace(o, hf_name=plan.table.in_memory_name(o.hf_name))
+               for o in adapted_outputs(plan.adapter_tasks, adapters, plan.table)]
     if not outputs:
         raise ExportError("the model has no LoRA adapters")
     rewritten = peft_rewritten_leaves(plan.config.model_type)

@@ -189,6 +189,10 @@ class MappingTable:
         extra_weights: Tensors outside transformers' key set (MTP layers), if any.
         vllm_expert_adapter_layout: The expert-adapter layout vLLM loads for this
             architecture: what a live export (weight sync) writes by default.
+        in_memory_prefixes: ``(checkpoint prefix, in-memory prefix)`` pairs, first fit wins,
+            where transformers renames on load (Qwen2.5-VL: ``model.`` -> ``model.language_model.``,
+            ``visual.`` -> ``model.visual.``): the rules name the checkpoint; adapter keys and
+            PEFT's targets use the in-memory names.
     """
 
     model_types: tuple[str, ...]
@@ -198,6 +202,15 @@ class MappingTable:
     expert_families: tuple[ExpertFamily, ...] = ()
     extra_weights: ExtraWeights | None = None
     vllm_expert_adapter_layout: ExpertLayout = "fused"
+    in_memory_prefixes: tuple[tuple[str, str], ...] = ()
+
+    def in_memory_name(self, hf_name: str) -> str:
+        """``hf_name`` as the model in memory spells it (where PEFT matches and keys adapters):
+        the first ``(checkpoint prefix, in-memory prefix)`` of ``in_memory_prefixes`` that fits."""
+        for saved, loaded in self.in_memory_prefixes:
+            if hf_name.startswith(saved):
+                return loaded + hf_name[len(saved):]
+        return hf_name
 
     def __post_init__(self) -> None:
         known = {family.name for family in self.expert_families}

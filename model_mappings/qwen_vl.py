@@ -1,5 +1,13 @@
-"""Qwen3-VL and Qwen3-VL-MoE: a Qwen3 (-MoE) language model beside a vision tower.
+"""Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: a Qwen2 / Qwen3 (-MoE) language model beside a vision tower.
 
+Qwen2.5-VL: transformers 5.23 saves the legacy names (``model.layers.*``, ``visual.*``); its
+conversion mapping renames them to ``model.language_model.*`` / ``model.visual.*`` in memory,
+which is where PEFT matches targets and keys adapters (``in_memory_prefixes``). Megatron-Bridge's
+``Qwen25VLModel`` keeps Hugging Face's own vision module (RMSNorms, gated MLPs, window
+attention, ``merger.ln_q`` / ``merger.mlp.{0,2}``) under the same ``visual.*`` names, replicated
+over tensor-parallel ranks, and the Qwen2 decoder under ``language_model.*``.
+
+Qwen3-VL:
 Hugging Face names the language model ``model.language_model.*`` (``lm_head`` at top level) and
 the vision tower ``model.visual.*``; Megatron-Bridge's ``Qwen3VLModel`` names them
 ``language_model.*`` and ``vision_model.*``. Qwen3-VL's vision tower adds deepstack mergers
@@ -68,6 +76,32 @@ def qwen3_language_model(*, moe: bool) -> list[Rule]:
         *prefixed(layer, "language_model.decoder.layers.{layer}.", "model.language_model.layers.{layer}."),
     ]
 
+
+def qwen2_5_vision_tower() -> list[Rule]:
+    """Hugging Face's own module inside Megatron: every name maps to itself, replicated."""
+    block = [f"{kind}.{leaf}" for kind in ("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+             for leaf in ("weight", "bias")] + ["norm1.weight", "norm2.weight"]
+    tower = ["patch_embed.proj.weight", "merger.ln_q.weight",
+             *(f"merger.mlp.{i}.{leaf}" for i in (0, 2) for leaf in ("weight", "bias"))]
+    names = [f"visual.blocks.{{block}}.{name}" for name in block] + [f"visual.{name}" for name in tower]
+    return [rule(name, name, tp="replicated") for name in names]
+
+
+def qwen2_language_model() -> list[Rule]:
+    layer = [*attention(qkv_bias=True), *post_attention_norm(), *dense_mlp()]
+    return [
+        *prefixed(embeddings("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"), "language_model.", ""),
+        *prefixed(layer, "language_model.decoder.layers.{layer}.", "model.layers.{layer}."),
+    ]
+
+
+QWEN2_5_VL = MappingTable(
+    model_types=("qwen2_5_vl",),
+    rules=(*qwen2_language_model(), *qwen2_5_vision_tower()),
+    description="Qwen2.5-VL image-text model (Qwen2 decoder, vision tower with window attention)",
+    model_classes={"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"},
+    in_memory_prefixes=(("model.", "model.language_model."), ("visual.", "model.visual.")),
+)
 
 QWEN3_VL = MappingTable(
     model_types=("qwen3_vl",),

@@ -63,6 +63,8 @@ def build_megatron_model(
     bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 or is_qwen3_vl or is_gpt_family else AutoBridge
     bridge = bridge_cls.from_hf_pretrained(str(hf_dir))
     provider = bridge.to_megatron_provider(load_weights=False)
+    if model_type == "qwen2_5_vl":
+        provider.mrope_section = qwen3_vl.qwen2_5_vl_mrope_section(hf_dir)
     if is_qwen3_vl:
         qwen3_vl.configure_provider(provider)
     elif is_qwen35:
@@ -94,9 +96,17 @@ def build_megatron_model(
     provider.finalize()
     if is_qwen3_vl:  # its finalize turns sequence parallelism on at TP > 1; torch norms refuse it
         provider.sequence_parallel = False
-    build_context = (qwen3_vl.cpu_build_context if is_qwen3_vl else qwen35.cpu_build_context if is_qwen35 else
-                     gpt_families.cpu_build_context if is_gpt_family else lambda _: nullcontext())
-    with build_context(provider):
+    if is_qwen3_vl:
+        build_context = qwen3_vl.cpu_build_context(provider)
+    elif is_qwen35:
+        build_context = qwen35.cpu_build_context(provider)
+    elif is_gpt_family:
+        build_context = gpt_families.cpu_build_context(provider)
+    elif model_type == "qwen2_5_vl":  # its language model asks torch.cuda for the rotary device
+        build_context = qwen35.cpu_current_device()
+    else:
+        build_context = nullcontext()
+    with build_context:
         chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
         if load_weights:
             if is_qwen35 or is_gpt_family:

@@ -1,4 +1,4 @@
-"""Megatron-Bridge's Qwen3-VL / Qwen3-VL-MoE models on CPU, with local (non-TE) specs.
+"""Megatron-Bridge's Qwen3-VL / Qwen3-VL-MoE (and Qwen2.5-VL) models on CPU, with local (non-TE) specs.
 
 ``Qwen3VLModelProvider`` / ``Qwen3VLMoEModelProvider.provide`` build the language model from
 megatron-core's Transformer Engine layer spec and ``Qwen3VLModel`` its vision tower and patch
@@ -40,3 +40,19 @@ def cpu_build_context(provider=None) -> Iterator[None]:
                                              get_gpt_layer_with_transformer_engine_spec=local_language_spec))
         stack.enter_context(qwen35._vision_overrides())
         yield
+
+
+def qwen2_5_vl_mrope_section(hf_dir) -> list[int]:
+    """The MRoPE sections of a ``qwen2_5_vl`` folder's text config.
+
+    Megatron-Bridge 0.6.2's ``Qwen25VLBridge`` never reads them and keeps its default
+    ``[16, 24, 24]`` (the released models' head_dim 128); any other head size fails in the
+    rotary split.
+    """
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    text = config.get("text_config", config)
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or config.get("rope_scaling") or {}
+    return list(rope["mrope_section"])

@@ -97,3 +97,23 @@ def tiny_qwen3_vl(directory: str | Path, *, moe: bool = False, seed: int = 0) ->
         text.update(MOE, moe_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
     config = Config(text_config=text, vision_config=_vision(deepstack=True), tie_word_embeddings=False, **_vl_tokens())
     return _save(Model(config).float().eval(), directory, seed)
+
+
+def tiny_qwen2_5_vl(directory: str | Path, *, seed: int = 0) -> Path:
+    """Save a tiny ``qwen2_5_vl`` image-text model: a Qwen2 decoder (qkv bias, MRoPE sections
+    4/2/2 over 8 frequencies) and a vision tower of RMSNorms and gated MLPs with window
+    attention in block 0 (8-pixel windows: one merged 2x2 patch group each, four windows in a
+    16x16 image) and full attention in block 1."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(TEXT, intermediate_size=96, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                             "mrope_section": [4, 2, 2]})
+    vision = dict(_vision(deepstack=False), hidden_act="silu", window_size=8, fullatt_block_indexes=[1])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_vl_tokens())
+    model = Qwen2_5_VLForConditionalGeneration(config).float().eval()
+    with torch.no_grad():  # a wrong qkv bias mapping must show
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.05)
+    return _save(model, directory, seed)
