@@ -135,7 +135,7 @@ def run_rule(rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, axis: i
 
 
 def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: ModelDims,
-                  what: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  what: str | None = None, run=run_rule) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(lora_A, lora_B) for each Hugging Face output of ``rule``.
 
     Megatron-Bridge shards ``B`` over rows for every base, and ``A`` over rows (the rank
@@ -148,7 +148,7 @@ def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: Mode
         raise ExportError(f"{adapter.module} has a LoRA adapter but its rule changes values ({rule.megatron})")
     a_shards = source.shards(adapter.lora_a)
     lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards, dim=1 if rule.tp == "row" else 0)
-    lora_bs = run_rule(rule, source.shards(adapter.lora_b), dims, axis=0, rows_only=True,
+    lora_bs = run(rule, source.shards(adapter.lora_b), dims, axis=0, rows_only=True,
                        what=f"{adapter.lora_b} (LoRA B of {what or adapter.module})")
     if rule.transposes and not rule.stack:
         return [(lora_b.t().contiguous(), lora_a.t().contiguous()) for lora_b in lora_bs]
@@ -183,26 +183,61 @@ def _merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale
 
 def convert_tasks(source: TensorSource, converter: TaskConverter,
                   tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``converter`` over ``tasks``; a source that spans processes (``convert_tasks``) drives it."""
-    drive = getattr(source, "convert_tasks", None)
-    if drive is not None:
-        yield from drive(converter, tasks)
-        return
-    for task in tasks:
-        yield from converter(task)
+    """``converter`` over ``tasks``, driven by the source (a parallel one moves shards first)."""
+    yield from source.convert_tasks(converter, tasks)
+
+
+class MetaSource:
+    """A source's tensors as meta tensors of their shard shapes (nothing is read), recording
+    every name read, in order: a conversion run on it checks every shape and split and
+    records exactly what the real run will read."""
+
+    def __init__(self, source: TensorSource):
+        self.source = source
+        self.read: list[str] = []
+
+    def base_names(self) -> list[str]:
+        return self.source.base_names()
+
+    def adapters(self) -> dict[str, Adapter]:
+        return self.source.adapters()
+
+    def shard_shapes(self, name: str) -> list[tuple[int, ...]]:
+        return self.source.shard_shapes(name)
+
+    def shards(self, name: str) -> list[torch.Tensor]:
+        self.read.append(name)
+        return [torch.empty(shape, device="meta") for shape in self.source.shard_shapes(name)]
+
+    def convert_tasks(self, converter: TaskConverter, tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
+        for task in tasks:
+            yield from converter(task)
 
 
 class TaskConverter:
     """Converts planned tasks of one model; yields ``(name, tensor)`` pairs."""
 
     def __init__(self, source: TensorSource, dims: ModelDims, mode: Mode, dtype: torch.dtype | None = None,
-                 expert_adapters=None):
+                 expert_adapters=None, recorded: dict[int, list[str]] | None = None):
         self.source = source
         self.dims = dims
         self.mode = mode
         self.dtype = dtype
         self.adapters = source.adapters()
         self.expert_adapters = expert_adapters
+        self._recorded = recorded if recorded is not None else {}  # id(task) -> reads
+        self._on_meta: dict[tuple, list[torch.Tensor]] = {}
+
+    def _run(self, rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, what: str | None = None,
+             **options) -> list[torch.Tensor]:
+        """:func:`run_rule`; on meta tensors once per rule and shard shapes (the experts of a
+        stacked task share them, and a check of a large MoE runs thousands)."""
+        if not shards[0].is_meta:
+            return run_rule(rule, shards, dims, what=what, **options)
+        key = (id(rule), tuple(tuple(shard.shape) for shard in shards), tuple(sorted(options.items())))
+        if key not in self._on_meta:
+            self._on_meta[key] = run_rule(rule, shards, dims, what=what, **options)
+        return self._on_meta[key]
 
     def adapter_of(self, task: Task, source_name: str) -> Adapter | None:
         module = source_name[: -len(".weight")] if source_name.endswith(".weight") else None
@@ -218,7 +253,7 @@ class TaskConverter:
         adapter = self.adapter_of(task, name)
         factors = self._factors(task, adapter)
         if self.mode is not Mode.ADAPTERS:
-            bases = run_rule(task.rule, self.source.shards(name), self.dims, what=describe(task))
+            bases = self._run(task.rule, self.source.shards(name), self.dims, what=describe(task))
             for index, (hf_name, base) in enumerate(zip(task.hf_names, bases, strict=True)):
                 if self.mode is Mode.MERGED and factors:
                     base = _merge(base, *factors[index], adapter.scale)
@@ -228,24 +263,29 @@ class TaskConverter:
                 yield peft_key(hf_name, LORA_A), self._cast(lora_a)
                 yield peft_key(hf_name, LORA_B), self._cast(lora_b)
 
+    def dry_run(self, task: Task) -> tuple[list[str], list[tuple[str, tuple[int, ...]]]]:
+        """Convert ``task`` on meta tensors: the names it reads, in order (repeats kept), and
+        the ``(name, shape)`` it yields. Raises what the real conversion would raise on shapes."""
+        meta = MetaSource(self.source)
+        converter = TaskConverter(meta, self.dims, self.mode, self.dtype, self.expert_adapters)
+        outputs = [(name, tuple(tensor.shape)) for name, tensor in converter(task)]
+        self._recorded[id(task)] = meta.read
+        return meta.read, outputs
+
     def reads(self, task: Task) -> list[str]:
-        """The source names ``self(task)`` reads, in the order it reads them (repeats kept).
+        """The source names ``self(task)`` reads, in the order it reads them (repeats kept),
+        recorded from a run on meta tensors (see :meth:`dry_run`), so the two cannot drift.
 
         Lets a source that moves tensors between processes schedule them ahead.
         """
-        names = list(task.sources) if task.rule.shared else []  # _check_copies_equal
-        for name in task.sources if task.rule.stack else task.sources[:1]:
-            adapter = self.adapter_of(task, name)
-            if adapter is not None and self.mode is not Mode.BASE:
-                names += [adapter.lora_a, adapter.lora_b]
-            if self.mode is not Mode.ADAPTERS:
-                names.append(name)
-        return names
+        if id(task) not in self._recorded:
+            self.dry_run(task)
+        return self._recorded[id(task)]
 
     def _factors(self, task: Task, adapter: Adapter | None):
         if adapter is None or self.mode is Mode.BASE:
             return None
-        return _lora_factors(task.rule, adapter, self.source, self.dims, describe(task))
+        return _lora_factors(task.rule, adapter, self.source, self.dims, describe(task), self._run)
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.dtype is None else tensor.to(self.dtype)
@@ -254,7 +294,9 @@ class TaskConverter:
         first = self.source.shards(task.sources[0])
         for other_name in task.sources[1:]:
             other = self.source.shards(other_name)
-            if any(not torch.equal(a, b) for a, b in zip(first, other, strict=True)):
+            if [tuple(a.shape) for a in first] != [tuple(b.shape) for b in other]:
+                raise ExportError(f"{task.hf_names}: Megatron's copies {task.sources[0]} and {other_name} differ in shape")
+            if not first[0].is_meta and any(not torch.equal(a, b) for a, b in zip(first, other, strict=True)):
                 raise ExportError(
                     f"{task.hf_names} has one tensor in Hugging Face's format, but Megatron's "
                     f"{task.sources[0]} and {other_name} differ; refusing to drop either"
@@ -272,13 +314,13 @@ class TaskConverter:
             expert_factors.append((adapter, factors))
             if self.mode is Mode.ADAPTERS:
                 continue
-            bases = run_rule(task.rule, self.source.shards(name), self.dims, what=describe(task, name))
+            bases = self._run(task.rule, self.source.shards(name), self.dims, what=describe(task, name))
             if self.mode is Mode.MERGED and factors:
                 bases = [_merge(base, *pair, adapter.scale, transposed=task.rule.transposes)
                          for base, pair in zip(bases, factors)]
             if outputs is None:
-                outputs = [torch.empty((len(task.sources), *base.shape), dtype=self.dtype or base.dtype)
-                           for base in bases]
+                outputs = [torch.empty((len(task.sources), *base.shape), dtype=self.dtype or base.dtype,
+                                       device=base.device) for base in bases]
             for output, base in zip(outputs, bases, strict=True):
                 output[expert].copy_(base)
         if outputs is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from bridge_ext.dims import ModelDims
-from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
+from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, describe, plan_tasks
 from bridge_ext.distributed import Destination, all_agree
 from bridge_ext.live import LiveModelSource, unwrap_chunks
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
@@ -149,6 +149,11 @@ class ExportPlan:
     adapter_tasks: list[Task]
     layouts: ExpertLayouts
     hf_keys: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: shapes of names outside transformers' key set, from the source folder when known
+    extra_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: per conversion mode, the reads recorded for each task (see TaskConverter.reads)
+    recorded: dict[Mode, dict[int, list[str]]] = field(default_factory=dict, repr=False)
+    checked: set = field(default_factory=set, repr=False)
 
     def is_extra(self, hf_name: str) -> bool:
         """A name outside transformers' key set that the table and the config allow (MTP)."""
@@ -202,18 +207,26 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     arguments stay the same (not when ``hf_config`` is a config object: it may have changed).
     """
     chunks = unwrap_chunks(model)
-    key = _prepared_key(chunks, hf_config, expert_layout, expert_adapter_layout, destination)
+    from model_mappings import registered_table, table_for
+
+    config = resolve_hf_config(model, hf_config)
+    # the table registered for the model type (register_table may replace it between exports)
+    entry = id(registered_table(config.model_type))
+    key = _prepared_key(chunks, hf_config, expert_layout, expert_adapter_layout, destination, entry)
     cached = _PREPARED.get(chunks[0])
     if all_agree(key is not None and cached is not None and cached[0] == key):
         return cached[1], cached[2]
-    from model_mappings import table_for
-
-    config = resolve_hf_config(model, hf_config)
     table = table_for(config)
     source = LiveModelSource(model, destination)
-    found = source_expert_layouts(hf_source_folder(model, hf_config), table)
+    folder = hf_source_folder(model, hf_config)
+    found = source_expert_layouts(folder, table)
     layouts = expert_layouts(table, found, expert_layout, expert_adapter_layout or table.vllm_expert_adapter_layout)
     plan = plan_export(source, config, layouts)
+    if folder is not None and table.extra_weights is not None:
+        from bridge_ext.verify import folder_tensor_names
+
+        shapes = folder_tensor_names(folder) if folder_weight_names(folder) else {}
+        plan.extra_shapes = {name: shape for name, shape in shapes.items() if plan.is_extra(name)}
     if key is not None:
         _PREPARED[chunks[0]] = (key, source, plan)
     return source, plan
@@ -233,17 +246,52 @@ def _prepared_key(chunks: list[torch.nn.Module], hf_config, *options) -> tuple |
 
 def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,
            dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Base weights (``Mode.BASE`` or ``Mode.MERGED``, or None), then the adapters if asked."""
+    """Base weights (``Mode.BASE`` or ``Mode.MERGED``, or None), then the adapters if asked.
+
+    Every task is first run on meta tensors (:func:`check_shapes`): nothing is yielded unless
+    the whole export can be converted.
+    """
     found = source.adapters()
     if adapters and not found:
         raise ExportError("adapters were asked for, but the model has no LoRA adapters")
+    passes = []
     if base is not None:
-        converter = TaskConverter(source, plan.dims, base, dtype)
-        yield from convert_tasks(source, converter, plan.base_tasks)
+        passes.append((TaskConverter(source, plan.dims, base, dtype, recorded=plan.recorded.setdefault(base, {})),
+                       plan.base_tasks))
     if adapters:
         expert_keys = FusedExpertKeys(adapted_outputs(plan.adapter_tasks, found, plan.table))
-        converter = TaskConverter(source, plan.dims, Mode.ADAPTERS, dtype, expert_adapters=expert_keys)
-        yield from convert_tasks(source, converter, plan.adapter_tasks)
+        passes.append((TaskConverter(source, plan.dims, Mode.ADAPTERS, dtype, expert_adapters=expert_keys,
+                                     recorded=plan.recorded.setdefault(Mode.ADAPTERS, {})), plan.adapter_tasks))
+    check_shapes(source, plan, passes)
+    for converter, tasks in passes:
+        yield from convert_tasks(source, converter, tasks)
+
+
+def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[TaskConverter, list[Task]]]) -> None:
+    """Run every task of ``passes`` on meta tensors of the source's shard shapes (splits,
+    tensor-parallel joins, LoRA factor shapes, merges) and compare every output with the
+    Hugging Face shapes; raise ExportError naming the first tensor that does not fit.
+    Checked once per plan and conversion mode."""
+    expected = {**plan.hf_keys, **plan.extra_shapes}
+    for converter, tasks in passes:
+        if converter.mode in plan.checked:
+            continue
+        merged = TaskConverter(source, plan.dims, Mode.MERGED)  # adapters must also merge into their bases
+        for task in tasks:
+            for run in (converter, merged) if converter.mode is Mode.ADAPTERS else (converter,):
+                try:
+                    _, outputs = run.dry_run(task)
+                except ExportError:
+                    raise
+                except (ValueError, RuntimeError) as error:
+                    raise ExportError(f"{describe(task)}: {error}") from None
+                for name, shape in outputs:
+                    if name in expected and tuple(expected[name]) != shape:
+                        raise ExportError(
+                            f"the model and the Hugging Face config disagree on {name}: {task.sources[0]} "
+                            f"{source.shard_shapes(task.sources[0])} gives {shape}, the config implies "
+                            f"{tuple(expected[name])}")
+        plan.checked.add(converter.mode)
 
 
 def export_hf_weights(
@@ -293,8 +341,10 @@ def export_hf_weights(
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
     if adapters_only and not peft:
-        raise ValueError("adapters_only=True needs peft=True")
+        raise ExportError("adapters_only=True needs peft=True")
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout, destination)
+    if adapters_only and not source.adapters():
+        raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
     pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype)
     yield from to_host(pairs) if device is not None and torch.device(device).type == "cpu" else pairs

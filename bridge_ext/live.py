@@ -192,6 +192,11 @@ class LiveModelSource:
     def shards(self, name: str) -> list[torch.Tensor]:
         return self.exchange.shards(name) if self.exchange else [self._tensors[name].detach()]
 
+    def shard_shapes(self, name: str) -> list[tuple[int, ...]]:
+        if self.exchange:
+            return [tuple(shape) for shape in self.exchange.tensors[name].shapes]
+        return [tuple(self._tensors[name].shape)]
+
     def convert_tasks(self, converter: TaskConverter, tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
         """Run ``converter`` over ``tasks`` on the ranks that receive them."""
         if self.exchange:

@@ -7,10 +7,14 @@ tensor-parallel shards on demand, and the LoRA adapters by module.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from bridge_ext.engine import Task, TaskConverter
 
 
 @dataclass(frozen=True)
@@ -44,4 +48,17 @@ class TensorSource(Protocol):
 
     def shards(self, name: str) -> list[torch.Tensor]:
         """The tensor-parallel shards of ``name`` in rank order (one: the whole tensor)."""
+
+    def shard_shapes(self, name: str) -> list[tuple[int, ...]]:
+        """The shapes of ``shards(name)``, known without reading (checks run on them first)."""
+
+    def convert_tasks(self, converter: TaskConverter, tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
+        """``converter`` over ``tasks``, in order; a source spanning processes schedules its
+        transfers from ``converter.reads(task)``. One process: :func:`convert_in_order`."""
+
+
+def convert_in_order(converter: TaskConverter, tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``convert_tasks`` of a source whose tensors are all at hand."""
+    for task in tasks:
+        yield from converter(task)
 

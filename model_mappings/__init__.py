@@ -23,7 +23,7 @@ def register_table(table: MappingTable | TableBuilder, *, overwrite: bool = Fals
     """
     if not isinstance(table, (MappingTable, TableBuilder)):
         raise ExportError(f"register_table takes a MappingTable or a TableBuilder, not {type(table).__name__}")
-    taken = [model_type for model_type in table.model_types if _entry(model_type) is not None]
+    taken = [model_type for model_type in table.model_types if registered_table(model_type) is not None]
     if taken and not overwrite:
         raise ExportError(f"model types {taken} already have a table; pass overwrite=True to replace it")
     for model_type in table.model_types:
@@ -34,7 +34,8 @@ def known_model_types() -> list[str]:
     return sorted({*(model for table in _BUILT_IN for model in table.model_types), *_REGISTERED})
 
 
-def _entry(model_type: str) -> MappingTable | TableBuilder | None:
+def registered_table(model_type: str) -> MappingTable | TableBuilder | None:
+    """What serves ``model_type``: a table, a builder, or None."""
     if model_type in _REGISTERED:
         return _REGISTERED[model_type]
     return next((table for table in _BUILT_IN if model_type in table.model_types), None)
@@ -47,7 +48,7 @@ def table_for(config_or_model_type) -> MappingTable:
     """
     by_name = isinstance(config_or_model_type, str)
     model_type = config_or_model_type if by_name else config_or_model_type.model_type
-    entry = _entry(model_type)
+    entry = registered_table(model_type)
     if entry is None:
         raise ExportError(
             f"no mapping table for model_type {model_type!r}; known: {', '.join(known_model_types())}. "

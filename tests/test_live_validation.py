@@ -59,3 +59,107 @@ def test_a_rule_maps_a_buffer(built, mlp, monkeypatch):
     model_mappings.register_table(extended, overwrite=True)
     exported = dict(export_hf_weights(built.chunks))
     assert torch.equal(exported["extra.layers.1.bias"], torch.arange(4.0))
+
+
+def _config(built, **changes):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(built.hf_dir))
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"num_attention_heads": 8, "head_dim": 8}, r"decoder\.layers\.0\.self_attention\.linear_qkv\.weight"),
+    ({"intermediate_size": 80}, r"mlp\.(gate|up)_proj\.weight"),
+])
+def test_a_config_the_model_does_not_fit_fails_before_the_first_tensor(built, changes, named):
+    config = _config(built, **changes)
+    with pytest.raises(ExportError, match=named):
+        next(export_hf_weights(built.chunks, hf_config=config))
+
+
+def test_adapters_only_without_lora_and_unknown_architectures_are_errors(built):
+    from transformers import GPT2Config
+
+    with pytest.raises(ExportError, match="no LoRA adapters"):
+        next(export_hf_weights(built.chunks, adapters_only=True))
+    with pytest.raises(ExportError, match="register_table"):
+        next(export_hf_weights(built.chunks, hf_config=GPT2Config()))
+
+
+def test_a_wrong_late_layer_tensor_fails_before_the_first_bucket_naming_it(built):
+    from bridge_ext import export_hf_buckets
+
+    fc2 = built.chunks[0].decoder.layers[1].mlp.linear_fc2
+    original = fc2.weight
+    fc2.weight = torch.nn.Parameter(torch.zeros(original.shape[0], original.shape[1] + 2))
+    try:
+        with pytest.raises(ExportError, match=r"decoder\.layers\.1\.mlp\.linear_fc2\.weight"):
+            next(export_hf_buckets(built.chunks, bucket_bytes=1 << 10))
+    finally:
+        fc2.weight = original
+
+
+def test_recorded_reads_are_what_the_conversion_reads(built):
+    from bridge_ext.engine import Mode, TaskConverter
+    from bridge_ext.export import prepare
+
+    source, plan = prepare(built.chunks)
+    read: list[str] = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(source, name)
+
+        def shards(self, name):
+            read.append(name)
+            return source.shards(name)
+
+    for mode in (Mode.BASE, Mode.MERGED):
+        converter = TaskConverter(Recording(), plan.dims, mode)
+        for task in plan.base_tasks:
+            read.clear()
+            list(converter(task))
+            assert converter.reads(task) == read, task.sources
+
+
+@pytest.fixture(scope="module")
+def moe(megatron_cpu, tmp_path_factory):
+    from bridge_ext.cpu import tiny_models
+    from bridge_ext.cpu.build import LoraSettings, randomize_lora
+
+    model = build_megatron_model(tiny_models.tiny_qwen35_moe(tmp_path_factory.mktemp("moe")),
+                                 lora=LoraSettings(target_modules=("linear_fc1", "linear_fc2")))
+    randomize_lora(model.chunks, seed=2)
+    return model
+
+
+FUSED_EXPERT_ADAPTER = r"layers\.0\.mlp\.experts\.base_layer\.lora_A\.weight$"
+PER_EXPERT_ADAPTER = r"layers\.0\.mlp\.experts\.3\.up_proj\.lora_B\.weight$"
+
+
+def _has(pattern: str, names) -> bool:
+    import re
+
+    return any(re.search(pattern, name) for name in names)
+
+
+def test_live_exports_default_to_the_tables_vllm_layout_files_to_peft(moe, monkeypatch, tmp_path):
+    import model_mappings
+    from bridge_ext import save_hf_pretrained
+    from safetensors import safe_open
+
+    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
+    assert _has(FUSED_EXPERT_ADAPTER, names)  # Qwen3.5-MoE: vLLM loads the 3-D layout
+    table = model_mappings.table_for("qwen3_5_moe_text")
+    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
+    model_mappings.register_table(dataclasses.replace(table, vllm_expert_adapter_layout="per_expert"), overwrite=True)
+    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
+    assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
+    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True, expert_adapter_layout="fused")]
+    assert _has(FUSED_EXPERT_ADAPTER, names)
+    save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as handle:
+        assert _has(FUSED_EXPERT_ADAPTER, handle.keys())

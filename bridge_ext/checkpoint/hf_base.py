@@ -18,7 +18,7 @@ from safetensors import safe_open
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError
 from bridge_ext.reverse import reverse_rule
-from bridge_ext.source import Adapter
+from bridge_ext.source import Adapter, convert_in_order
 from bridge_ext.table import MappingTable, Rule
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -90,6 +90,9 @@ class HfBaseSource:
                  for hf in rule.hf_names(values)]
         return [tuple(reverse_rule(rule, metas, self.dims).shape)]
 
+    def convert_tasks(self, converter, tasks):
+        return convert_in_order(converter, tasks)
+
     def _read(self, hf_name: str, expert: int | None) -> torch.Tensor:
         if hf_name not in self.files:
             raise ExportError(f"{self.folder}: the base model has no tensor {hf_name}")
@@ -117,3 +120,6 @@ class CombinedSource:
 
     def shard_shapes(self, name: str) -> list[tuple[int, ...]]:
         return (self.adapter_source if ".adapter." in name else self.base).shard_shapes(name)
+
+    def convert_tasks(self, converter, tasks):
+        return convert_in_order(converter, tasks)

@@ -35,7 +35,7 @@ import torch
 from bridge_ext.checkpoint.errors import CheckpointError
 from bridge_ext.checkpoint.reader import CheckpointReader
 from bridge_ext.checkpoint.run_config import PeftSettings
-from bridge_ext.source import Adapter
+from bridge_ext.source import Adapter, convert_in_order
 
 LORA_IN, LORA_OUT = ".adapter.linear_in.weight", ".adapter.linear_out.weight"
 NOT_MODEL_PREFIXES = ("optimizer.",)
@@ -190,6 +190,9 @@ class CheckpointSource:
         shape = self.shape(name)
         rows = self._tp_rows(name, self._slice(name))
         return [(size, *shape[1:]) for size in rows] if rows else [shape]
+
+    def convert_tasks(self, converter, tasks):
+        return convert_in_order(converter, tasks)
 
     def dtype(self, name: str) -> torch.dtype:
         return self.reader.tensors[self._slice(name).keys[0]].dtype
