@@ -214,6 +214,10 @@ class MetaSource:
             yield from converter(task)
 
 
+def _pack_nothing(hf_name: str, lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor]) -> Iterator:
+    return iter(())
+
+
 class TaskConverter:
     """Converts planned tasks of one model; yields ``(name, tensor)`` pairs."""
 
@@ -267,7 +271,9 @@ class TaskConverter:
         """Convert ``task`` on meta tensors: the names it reads, in order (repeats kept), and
         the ``(name, shape)`` it yields. Raises what the real conversion would raise on shapes."""
         meta = MetaSource(self.source)
-        converter = TaskConverter(meta, self.dims, self.mode, self.dtype, self.expert_adapters)
+        # without an expert-adapter layout the real run reads every expert, then refuses
+        expert_adapters = self.expert_adapters or _pack_nothing
+        converter = TaskConverter(meta, self.dims, self.mode, self.dtype, expert_adapters)
         outputs = [(name, tuple(tensor.shape)) for name, tensor in converter(task)]
         self._recorded[id(task)] = meta.read
         return meta.read, outputs

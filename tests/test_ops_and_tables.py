@@ -328,6 +328,8 @@ def test_transposed_fused_experts_keep_peft_param_wrapper_factors():
     (merged,) = [t for _, t in TaskConverter(source, DIMS, Mode.MERGED)(tasks[0])]
     keys = FusedExpertKeys(adapted_outputs(tasks, adapters, table))
     saved = dict(TaskConverter(source, DIMS, Mode.ADAPTERS, expert_adapters=keys)(tasks[0]))
+    reads = [f"experts.{e}.fc1.adapter.linear_{kind}.weight" for e in range(experts) for kind in ("in", "out")]
+    assert TaskConverter(source, DIMS, Mode.ADAPTERS).reads(tasks[0]) == reads  # no layout needed to list reads
     assert base.shape == (experts, hidden, inter2)
     for e, (a, b) in enumerate(factors):
         want = _interleave_halves(tensors[f"experts.{e}.fc1.weight"] + alpha / rank * b @ a).T
