@@ -3,6 +3,7 @@
 One command::
 
     python benchmarks/checkpoint_convert.py [--layers 20] [--max-shard-size 200MB] [--workdir DIR]
+                                            [--repeat 3] [--no-megatron-bridge]
 
 1. writes a Qwen3-shaped Hugging Face folder with random bf16 weights (default about 0.64 GB),
    builds the Megatron-Core model from it through Megatron-Bridge and saves it with
@@ -10,6 +11,9 @@ One command::
    Megatron-Bridge LoRA (random A and B) and saves the adapters as an adapter-only checkpoint
    (the layouts Megatron-Bridge training writes);
 2. measures, each in a fresh process (peak RSS = ``ru_maxrss`` of that process):
+
+   * ``copy``: ``cp -r`` of the checkpoint's iteration folder, then ``sync`` of the copied files
+     (the speed of the disk and page cache for the same bytes: the bound for any conversion);
 
    * ``full``: checkpoint -> Hugging Face folder. Ours: :func:`bridge_ext.convert.convert_checkpoint`
      (no model built). Megatron-Bridge: what ``AutoBridge.export_ckpt`` does - build the model
@@ -20,7 +24,13 @@ One command::
      with the base weights loaded and LoRA in fp32, load the adapters, ``save_hf_adapter``;
 
 3. prints one table: seconds, throughput (MB written per second), peak RSS, and the peak above
-   the process's footprint after imports (the conversion's own memory), with the ratios.
+   the process's footprint after imports (the conversion's own memory), with the ratios. Ours is
+   timed twice: the conversion alone, and the conversion plus ``fsync`` of every file written
+   (what the copy's ``sync`` does), which is the figure compared with the copy. ``--repeat``
+   measures the copy and ours that many times (the median is shown, every run listed).
+
+The copy and the conversions read the same checkpoint, from the page cache when it is warm
+(as after the preparation step); the load average is printed with the results.
 
 Megatron-Bridge's ``export_ckpt`` / ``export_adapter_ckpt`` themselves cannot run on this CPU
 install: they import ``megatron.bridge.training``, which needs nvidia-modelopt and the training
@@ -33,7 +43,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +58,7 @@ SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, n
              head_dim=64, vocab_size=32768)
 LORA = dict(target_modules=("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"), dim=16, alpha=32)
 STAGES = ("ours-full", "bridge-full", "ours-adapter", "bridge-adapter")
+REPEATED = ("copy", "ours-full", "ours-adapter")
 
 
 def peak_rss_mib() -> float:
@@ -53,6 +67,17 @@ def peak_rss_mib() -> float:
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def fsync_files(folder: Path) -> None:
+    """What ``sync FILE...`` does for every file under ``folder``."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 # -- preparation ------------------------------------------------------------------------------
@@ -158,12 +183,33 @@ def measure(stage: str, work: Path, max_shard_size: str) -> dict:
     adapter = stage.endswith("adapter")
     out = ours(work, adapter, max_shard_size) if stage.startswith("ours") else megatron_bridge(work, adapter)
     seconds = time.perf_counter() - started
+    fsync_files(out)
+    synced = time.perf_counter() - started
     written = folder_bytes(out) if not adapter else (out / "adapter_model.safetensors").stat().st_size
-    return {"stage": stage, "seconds": seconds, "bytes": written, "peak_mib": peak_rss_mib(), "baseline_mib": baseline}
+    shutil.rmtree(out)
+    return {"stage": stage, "seconds": seconds, "synced_seconds": synced, "bytes": written,
+            "peak_mib": peak_rss_mib(), "baseline_mib": baseline}
+
+
+def measure_copy(work: Path) -> dict:
+    """``cp -r`` of the full checkpoint's iteration folder, then ``sync`` of the copied files."""
+    source, target = work / "ckpt-full" / "iter_0000001", work / "copy"
+    shutil.rmtree(target, ignore_errors=True)
+    started = time.perf_counter()
+    subprocess.run(["cp", "-r", str(source), str(target)], check=True)
+    copied = time.perf_counter() - started
+    subprocess.run(["sync", *map(str, sorted(target.iterdir()))], check=True)
+    synced = time.perf_counter() - started
+    written = sum(f.stat().st_size for f in target.iterdir())
+    shutil.rmtree(target)
+    return {"stage": "copy", "seconds": copied, "synced_seconds": synced, "bytes": written}
 
 
 # -- driver ---------------------------------------------------------------------------------
 def run_stage(stage: str, work: Path, args: argparse.Namespace) -> dict:
+    if stage == "copy":
+        return measure_copy(work)
+    shutil.rmtree(work / stage, ignore_errors=True)  # the stage's output folder, left by an interrupted run
     command = [sys.executable, __file__, "--stage", stage, "--workdir", str(work),
                "--layers", str(args.layers), "--max-shard-size", args.max_shard_size]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -172,21 +218,43 @@ def run_stage(stage: str, work: Path, args: argparse.Namespace) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def report(results: dict[str, dict], checkpoint_bytes: int, max_shard_size: str) -> None:
-    print(f"\ncheckpoint: {checkpoint_bytes / 1e9:.2f} GB of bf16 weights (Qwen3-shaped); our --max-shard-size "
-          f"{max_shard_size}; each measurement in a fresh process")
-    columns = f"{'case':<30}{'tool':<24}{'seconds':>8}{'MB/s':>8}{'peak RSS MiB':>14}{'above imports':>15}"
+def median_run(runs: list[dict]) -> dict:
+    """The run of median ``synced_seconds`` (a real run, so its numbers belong together)."""
+    ordered = sorted(runs, key=lambda r: r["synced_seconds"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def report(results: dict[str, list[dict]], checkpoint_bytes: int, args: argparse.Namespace) -> None:
+    print(f"\ncheckpoint: {checkpoint_bytes / 1e9:.2f} GB of bf16 weights (Qwen3-shaped, {args.layers} layers); our "
+          f"--max-shard-size {args.max_shard_size}; each measurement in a fresh process; {os.cpu_count()} CPUs, "
+          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the end")
+    copy = median_run(results["copy"])
+    copy_rate = copy["bytes"] / copy["synced_seconds"]
+    columns = (f"{'case':<30}{'tool':<28}{'seconds':>8}{'+sync s':>8}{'MB/s':>8}{'of copy':>8}"
+               f"{'peak RSS MiB':>13}{'above imports':>14}")
     print(columns)
     print("-" * len(columns))
+    print(f"{'copy the checkpoint folder':<30}{'cp -r + sync':<28}{copy['seconds']:>8.2f}{copy['synced_seconds']:>8.2f}"
+          f"{copy_rate / 1e6:>8.0f}{'100%':>8}")
     for kind, label in (("full", "full ckpt -> HF folder"), ("adapter", "adapter-only -> PEFT folder")):
         for who, tool in (("ours", "bridge-ext convert"), ("bridge", "Megatron-Bridge export")):
-            r = results[f"{who}-{kind}"]
-            print(f"{label:<30}{tool:<24}{r['seconds']:>8.1f}{r['bytes'] / 1e6 / r['seconds']:>8.1f}"
-                  f"{r['peak_mib']:>14.0f}{r['peak_mib'] - r['baseline_mib']:>15.0f}")
-        ours, theirs = results[f"ours-{kind}"], results[f"bridge-{kind}"]
-        extra = (theirs["peak_mib"] - theirs["baseline_mib"]) / max(ours["peak_mib"] - ours["baseline_mib"], 1)
-        print(f"{label:<30}{'ratio MB / ours':<24}{theirs['seconds'] / ours['seconds']:>7.1f}x{'':>8}"
-              f"{theirs['peak_mib'] / ours['peak_mib']:>13.1f}x{extra:>14.1f}x")
+            if f"{who}-{kind}" not in results:
+                continue
+            r = median_run(results[f"{who}-{kind}"])
+            rate = r["bytes"] / r["synced_seconds"]
+            share = f"{rate / copy_rate:.0%}" if kind == "full" else ""
+            print(f"{label:<30}{tool:<28}{r['seconds']:>8.2f}{r['synced_seconds']:>8.2f}{rate / 1e6:>8.0f}{share:>8}"
+                  f"{r['peak_mib']:>13.0f}{r['peak_mib'] - r['baseline_mib']:>14.0f}")
+        if f"bridge-{kind}" in results:
+            ours, theirs = median_run(results[f"ours-{kind}"]), median_run(results[f"bridge-{kind}"])
+            extra = (theirs["peak_mib"] - theirs["baseline_mib"]) / max(ours["peak_mib"] - ours["baseline_mib"], 1)
+            print(f"{label:<30}{'ratio Megatron-Bridge / ours':<28}{theirs['synced_seconds'] / ours['synced_seconds']:>15.1f}x"
+                  f"{'':>16}{theirs['peak_mib'] / ours['peak_mib']:>12.1f}x{extra:>13.1f}x")
+    if args.repeat > 1:
+        print("every run (seconds / +sync seconds):")
+        for stage in REPEATED:
+            runs = results.get(stage, [])
+            print(f"  {stage:<14}" + "  ".join(f"{r['seconds']:.2f}/{r['synced_seconds']:.2f}" for r in runs))
 
 
 def main() -> None:
@@ -194,6 +262,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=20, help="decoder layers (20: about 0.64 GB in bf16)")
     parser.add_argument("--max-shard-size", default="200MB", help="our shard size (bounds our memory)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the model, checkpoints and outputs here")
+    parser.add_argument("--repeat", type=int, default=1, help="measure the copy and ours this many times")
+    parser.add_argument("--no-megatron-bridge", action="store_true",
+                        help="skip Megatron-Bridge's path (it holds the whole model in memory)")
     parser.add_argument("--stage", choices=("prepare", *STAGES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage == "prepare":
@@ -206,19 +277,29 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as scratch:
         work = args.workdir or Path(scratch)
-        print(f"preparing the model and checkpoints in {work} ...", flush=True)
-        started = time.perf_counter()
-        command = [sys.executable, __file__, "--stage", "prepare", "--workdir", str(work), "--layers", str(args.layers)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"preparation failed:\n{result.stderr[-4000:]}")
-        print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
-        results = {}
-        for stage in STAGES:
-            print(f"measuring {stage} ...", flush=True)
-            results[stage] = run_stage(stage, work, args)
+        config = work / "hf" / "config.json"
+        if (work / "ckpt-adapter").is_dir() and config.is_file() and \
+                json.loads(config.read_text())["num_hidden_layers"] == args.layers:
+            print(f"reusing the model and checkpoints in {work}", flush=True)
+        else:
+            print(f"preparing the model and checkpoints in {work} ...", flush=True)
+            started = time.perf_counter()
+            command = [sys.executable, __file__, "--stage", "prepare", "--workdir", str(work),
+                       "--layers", str(args.layers)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"preparation failed:\n{result.stderr[-4000:]}")
+            print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+        results: dict[str, list[dict]] = {}
+        stages = [s for s in ("copy", *STAGES) if not (args.no_megatron_bridge and s.startswith("bridge"))]
+        for round_number in range(args.repeat):
+            for stage in stages:
+                if round_number and stage not in REPEATED:
+                    continue
+                print(f"measuring {stage} ...", flush=True)
+                results.setdefault(stage, []).append(run_stage(stage, work, args))
         from_folder = sum(f.stat().st_size for f in (work / "ckpt-full" / "iter_0000001").glob("*.distcp"))
-        report(results, from_folder, args.max_shard_size)
+        report(results, from_folder, args)
 
 
 if __name__ == "__main__":

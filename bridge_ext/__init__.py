@@ -2,7 +2,9 @@
 
 from bridge_ext import compat
 
-compat.install()  # before anything imports megatron: see bridge_ext/compat.py
+# An import hook that stays inert unless megatron is imported where Transformer Engine, Triton or
+# Python 3.12 is missing (docs/compatibility.md).
+compat.install()
 
 __version__ = "0.1.0"
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -64,6 +68,9 @@ def demo(example: str | None, workdir: Path | None) -> None:
 
 # Exit codes of `bridge-ext convert` (documented in its --help and in docs/convert.md).
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_MISMATCH, EXIT_OUTPUT_EXISTS, EXIT_VERIFY = 0, 1, 2, 3, 4, 5, 6
+EXIT_OUTPUT_IO = 7
+EXIT_SIGNAL_BASE = 128  # stopped by signal n: 128 + n, as shells report it
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
@@ -90,7 +97,7 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
                    "writing an adapter folder.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
               help="dtype of every written tensor; auto keeps the checkpoint's.")
-@click.option("--expert-layout", type=click.Choice(["auto", "fused", "per_expert"]), default="auto",
+@click.option("--expert-layout", type=click.Choice(["auto", "fused", "per_expert", "fused_transposed"]), default="auto",
               show_default=True,
               help="MoE expert weights fused (experts.gate_up_proj [E, 2I, H]) or per expert "
                    "(experts.<e>.gate_proj); auto follows --hf-base, else fused.")
@@ -101,17 +108,20 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=lambda ctx, param, value: _size(value),
               help="Largest safetensors shard (e.g. 500MB, 2GiB). Memory use is about one shard plus the "
                    "largest tensor.")
+@click.option("--allow-overflow", is_flag=True,
+              help="With --dtype float16: write values beyond float16's range as infinities instead of refusing.")
 @click.option("--overwrite", is_flag=True,
-              help="Replace output folders that exist and are not empty (only once the new ones are complete).")
+              help="Replace output folders that exist and are not empty (only once the new ones are complete; "
+                   "the old one is moved aside, then removed).")
 @click.option("--verify", is_flag=True,
-              help="Afterwards load the result with transformers (and PEFT), run a short forward pass and "
-                   "report key counts.")
+              help="Before installing the folders, load them with transformers (and PEFT), run a short forward "
+                   "pass and report key counts; a failure installs nothing.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
 def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, hf_base: Path | None,
             hf_config: Path | None, model_type: str | None, iteration: int | None, merge: bool, dtype: str,
-            expert_layout: str, expert_adapter_layout: str, max_shard_size: str, overwrite: bool, verify: bool,
-            progress: bool | None) -> None:
+            expert_layout: str, expert_adapter_layout: str, max_shard_size: str, allow_overflow: bool, overwrite: bool,
+            verify: bool, progress: bool | None) -> None:
     """Convert a Megatron checkpoint on disk to a Hugging Face folder and/or a PEFT adapter folder.
 
     CHECKPOINT is a Megatron-Core / Megatron-Bridge torch_dist checkpoint: a root folder with
@@ -142,18 +152,21 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
     Exit codes:
       0  converted (and verified, with --verify)
       1  internal error (a bug: please report the traceback)
-      2  usage error (bad or conflicting options)
+      2  usage error (bad or conflicting options), or an output refused wherever it is: the
+         filesystem root, the working directory or a parent of it, a symbolic link, an input
+         or a folder holding one, one output inside the other
       3  the checkpoint cannot be read: missing, not torch_dist, unsafe pickle, truncated or
          corrupted file, missing run_config.yaml for an adapter-only checkpoint
       4  the checkpoint, config.json and mapping tables disagree: unknown architecture,
          unmapped or missing tensors, shape mismatch (named with both shapes)
-      5  an output folder exists and is not empty (use --overwrite)
-      6  --verify failed
+      5  an output folder exists and is not empty (use --overwrite), or something appeared at
+         the output (or replaced the folder there) while it was written, e.g. another run
+      6  --verify failed (checked before installing: nothing was installed)
+      7  an I/O or permission error: an output cannot be written (parent not writable, no
+         space left, file size limit, read-only file system), or the system failed a read
+    128+n  stopped by signal n (SIGINT 130, SIGHUP 129, SIGTERM 143): nothing installed, the
+         staging folders removed
     """
-    from bridge_ext.checkpoint import CheckpointError
-    from bridge_ext.convert import convert_checkpoint, verify_conversion
-    from bridge_ext.errors import ConvertError, ExportError, OutputExistsError, VerificationError
-
     if model_out is None and adapter_out is None:
         raise click.UsageError("give --model-out, --adapter-out or both")
     if merge and adapter_out is not None:
@@ -161,21 +174,30 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
     if merge and model_out is None:
         raise click.UsageError("--merge needs --model-out")
     bar = _ProgressBar(enabled=sys.stderr.isatty() if progress is None else progress)
+    notes: list[str] = []
     try:
-        with bar:
-            result = convert_checkpoint(
-                checkpoint, model_dir=model_out, adapter_dir=adapter_out, hf_base=hf_base, hf_config=hf_config,
-                model_type=model_type, iteration=iteration, merge=merge, dtype=_torch_dtype(DTYPES[dtype]),
-                expert_layout=None if expert_layout == "auto" else expert_layout,
-                expert_adapter_layout=expert_adapter_layout, max_shard_size=max_shard_size, overwrite=overwrite,
-                on_start=bar.start, on_tensor=bar.advance,
-            )
-    except CheckpointError as error:
-        _fail(error, EXIT_CHECKPOINT)
-    except OutputExistsError as error:
-        _fail(error, EXIT_OUTPUT_EXISTS)
-    except (ConvertError, ExportError) as error:
-        _fail(error, EXIT_MISMATCH)
+        with _stop_signals_raise():
+            from bridge_ext.convert import convert_checkpoint
+
+            with bar:
+                result = convert_checkpoint(
+                    checkpoint, model_dir=model_out, adapter_dir=adapter_out, hf_base=hf_base, hf_config=hf_config,
+                    model_type=model_type, iteration=iteration, merge=merge, dtype=_torch_dtype(DTYPES[dtype]),
+                    expert_layout=None if expert_layout == "auto" else expert_layout,
+                    expert_adapter_layout=expert_adapter_layout, max_shard_size=max_shard_size,
+                    overwrite=overwrite, verify=verify, allow_overflow=allow_overflow, on_start=bar.start, on_tensor=bar.advance, notes=notes,
+                )
+    except KeyboardInterrupt as interrupt:
+        number = getattr(interrupt, "signal_number", signal.SIGINT)
+        _fail(f"stopped by {signal.Signals(number).name}: nothing partial was installed and the staging folders "
+              "were removed", EXIT_SIGNAL_BASE + number, notes)
+    except Exception as error:
+        code = _exit_code(error)
+        if code is None:
+            raise
+        prefix = "verification failed (nothing was installed; the outputs are as before the run): " \
+            if code == EXIT_VERIFY else ""
+        _fail(f"{prefix}{error}", code, notes)
     mib = result.bytes / 2**20
     click.echo(f"converted {result.checkpoint}{' (LoRA adapter-only)' if result.adapter_only else ''}")
     for label, folder in (("model", result.model_dir), ("adapter", result.adapter_dir)):
@@ -183,23 +205,76 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
             click.echo(f"  {label:<8}{folder}")
     click.echo(f"  {result.tensors} tensors, {mib:.1f} MiB in {result.seconds:.1f} s "
                f"({result.throughput / 2**20:.1f} MiB/s)")
-    if verify:
-        try:
-            report = verify_conversion(result, hf_base)
-        except VerificationError as error:
-            _fail(f"verification failed: {error}", EXIT_VERIFY)
-        for line in report.lines:
-            click.echo(f"  ok  {line}")
+    if result.non_finite:
+        from bridge_ext.value_check import non_finite_summary
+
+        click.echo(f"  warning: {non_finite_summary(result.non_finite)}")
+    for note in notes:
+        click.echo(f"  note  {note}")
+    for line in result.report.lines if result.report is not None else ():
+        click.echo(f"  ok  {line}")
+
+
+def _exit_code(error: Exception) -> int | None:
+    """The documented exit code of an error (docs/convert.md); None for a bug."""
+    from bridge_ext.errors import (
+        CheckpointError,
+        ConvertError,
+        ExportError,
+        OutputExistsError,
+        OutputLocationError,
+        OutputWriteError,
+        VerificationError,
+    )
+
+    for family, code in ((CheckpointError, EXIT_CHECKPOINT), (OutputExistsError, EXIT_OUTPUT_EXISTS),
+                         (OutputLocationError, EXIT_USAGE), (OutputWriteError, EXIT_OUTPUT_IO),
+                         (VerificationError, EXIT_VERIFY), ((ConvertError, ExportError), EXIT_MISMATCH),
+                         (OSError, EXIT_OUTPUT_IO)):
+        if isinstance(error, family):
+            return code
+    return None
+
+
+class _Stopped(KeyboardInterrupt):
+    """A stop signal, raised in the main thread so that every staging folder is removed on the way out."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+@contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """SIGINT / SIGTERM / SIGHUP raise :class:`_Stopped` (the first one only: a second signal does not
+    cut the clean-up short). SIGXFSZ is ignored: a file size limit (``ulimit -f``) then fails the
+    write with EFBIG, a clean error, instead of killing the process with a staging folder left."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def stop(signal_number: int, _frame) -> None:
+        if not received:
+            received.append(signal_number)
+            raise _Stopped(signal_number)
+
+    previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
+    previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _size(value: str) -> str:
     from bridge_ext.hf_folder import parse_size
 
     try:
-        if parse_size(value) <= 0:
-            raise ValueError
+        parse_size(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a size such as 500MB or 2GiB") from None
+        raise click.BadParameter(f"{value!r} is not a size such as 500MB or 2GiB (1 byte to 1 PiB)") from None
     return value
 
 
@@ -209,7 +284,9 @@ def _torch_dtype(name: str | None):
     return getattr(torch, name) if name else None
 
 
-def _fail(error: object, code: int) -> None:
+def _fail(error: object, code: int, notes: list[str] = ()) -> None:
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"error: {error}", err=True)
     sys.exit(code)
 

@@ -1,55 +1,46 @@
-"""Import megatron-core and megatron-bridge on machines without Transformer Engine or Triton.
+"""Lets megatron-core and megatron-bridge import where Transformer Engine, Triton or Python 3.12 is missing.
 
-Two upstream imports are unconditional although the code behind them is only used on GPUs:
-
-* ``megatron/bridge/peft/lora_layers.py`` does ``import transformer_engine.pytorch as te``
-  (used for TE-fused LoRA branches and ``isinstance`` checks against TE modules);
-* ``megatron/core/transformer/moe/ops/paged_stash.py`` does ``import triton`` (GPU kernels
-  for MoE activation stashing).
-
-And without TE, megatron-core defines its ``TE*`` classes on top of ``MagicMock`` objects, so
-megatron-bridge's ``HAVE_TE*`` probes (``peft/utils.py``, ``peft/module_matcher.py``) read
-True and the LoRA code then calls ``isinstance(module, <MagicMock instance>)``, which raises.
-
-:func:`install` works around exactly these things, and nothing else:
-
-A fourth: megatron-core 0.19 and megatron-bridge 0.6 declare Python >= 3.12 and use one 3.12
-name, ``typing.override`` (``megatron/training/models/{gpt,hybrid}.py``); on 3.11 it is
-supplied from ``typing_extensions`` (same decorator, backported).
-
-* it does nothing when Transformer Engine is importable (resp. Triton, for the second);
-* it refuses, with a message naming the file, when the installed versions or the lines it
-  works around are not the ones it was written for;
-* it never edits installed files: a meta-path hook supplies a placeholder ``te`` only while
-  ``lora_layers`` itself executes, a placeholder module stands in for the Triton kernels
-  (raising if a kernel is ever called), and the ``HAVE_TE*`` flags are set to False right
-  after their modules load.
+``import bridge_ext`` only puts :class:`MegatronImportPatches` on ``sys.meta_path``: it answers "not
+mine" for every module except the few megatron modules below, and for those only when what they
+need is missing; each is then patched as it is first imported. Details: docs/compatibility.md.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import os
 import sys
 import types
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
 
 from bridge_ext.errors import CompatibilityError
 
+#: The versions the patches below were written for and checked against (line by line).
 SUPPORTED_VERSIONS = {"megatron-core": "0.19.2", "megatron-bridge": "0.6.2"}
+TRANSFORMER_ENGINE = "Transformer Engine"
+TRITON = "Triton"
 
 LORA_LAYERS = "megatron.bridge.peft.lora_layers"
-LORA_LAYERS_TE_IMPORT = "import transformer_engine.pytorch as te"
+# Modules that lora_layers imports besides TE; loaded before the placeholder appears, so that
+# nothing but lora_layers' own ``import transformer_engine.pytorch`` can see it.
+LORA_LAYERS_DEPENDENCIES = (
+    "megatron.core.extensions.transformer_engine",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.bridge.peft.adapter_wrapper",
+    "megatron.bridge.peft.lora_merge",
+)
 PAGED_STASH_OPS = "megatron.core.transformer.moe.ops.paged_stash"
-PAGED_STASH_TRITON_IMPORT = "import triton"
-PAGED_STASH_EXPORTS = {"GLOBAL_BLOCK_SIZE": "GLOBAL_BLOCK_SIZE = 1024"}
+PAGED_STASH_BLOCK_SIZE = 1024
 PAGED_STASH_KERNELS = ("paged_stash_copy_kernel", "paged_stash_pop_kernel")
-
-# Module -> the TE availability flags it computes at import time.
+# Module -> the TE availability flags it computes at import time (True without TE, see the doc).
 TE_FLAGS = {
     "megatron.bridge.peft.utils": (
         "HAVE_TE",
@@ -71,63 +62,78 @@ TE_FLAGS = {
         "HAVE_TE_ROW_LINEAR",
     ),
 }
-
-# Modules that lora_layers imports besides TE; loaded before the placeholder appears, so
-# that nothing but lora_layers' own ``import transformer_engine.pytorch`` can see it.
-LORA_LAYERS_DEPENDENCIES = (
-    "megatron.core.extensions.transformer_engine",
-    "megatron.core.transformer.moe.moe_utils",
-    "megatron.bridge.peft.adapter_wrapper",
-    "megatron.bridge.peft.lora_merge",
-)
+# Modules that do ``from typing import ..., override`` (a Python 3.12 name).
+TYPING_OVERRIDE_USERS = ("megatron.training.models.gpt", "megatron.training.models.hybrid")
 
 
 def have_module(name: str) -> bool:
-    """True when ``name`` can be imported (without importing it)."""
+    """True when the top-level package ``name`` can be imported (found without importing it)."""
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
 
 
-def _source_of(module_name: str) -> tuple[str, str]:
-    """Path and text of a module's source, found without importing its parent packages."""
-    top, *rest = module_name.split(".")
-    spec = importlib.util.find_spec(top)
-    roots = list(spec.submodule_search_locations or []) if spec else []
-    for root in roots:
-        path = os.path.join(root, *rest) + ".py"
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
-                return path, handle.read()
-    raise CompatibilityError(f"cannot locate the source of {module_name}; is it installed?")
+@cache
+def missing_dependencies() -> tuple[str, ...]:
+    """What of Transformer Engine and Triton is not installed (asked once, when first needed)."""
+    return tuple(name for name, module in ((TRANSFORMER_ENGINE, "transformer_engine"), (TRITON, "triton"))
+                 if not have_module(module))
 
 
-def _require_lines(module_name: str, lines: list[str]) -> None:
+def missing_text(missing: tuple[str, ...]) -> str:
+    """``"Triton is not installed"``, ``"Transformer Engine and Triton are not installed"``..."""
+    return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed"
+
+
+_patched: list[str] = []
+
+
+def patched_modules() -> tuple[str, ...]:
+    """The megatron modules patched in this process so far, in import order."""
+    return tuple(_patched)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks made before a patch is applied
+# --------------------------------------------------------------------------------------------
+def _distribution(module_name: str) -> str:
+    return "megatron-bridge" if module_name.startswith("megatron.bridge.") else "megatron-core"
+
+
+def _check_version(module_name: str, needs: str) -> None:
+    package = _distribution(module_name)
+    wanted = SUPPORTED_VERSIONS[package]
+    try:
+        found = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise CompatibilityError(f"{package} is not installed, but {module_name} is being imported") from error
+    if found != wanted:
+        raise CompatibilityError(
+            f"{missing_text(missing_dependencies())}, so bridge_ext.compat patches {module_name} (which "
+            f"needs {needs}) as it is imported; that patch was written for {package} {wanted}, but "
+            f"{package} {found} is installed. Install {needs}, or {package}=={wanted}."
+        )
+
+
+def _require_lines(module_name: str, spec: importlib.machinery.ModuleSpec, lines: tuple[str, ...], needs: str) -> None:
     """Fail unless each of ``lines`` begins a line of the module's source."""
-    path, source = _source_of(module_name)
-    present = [line.strip() for line in source.splitlines()]
+    path = spec.origin or module_name
+    if not (path and os.path.isfile(path)):
+        raise CompatibilityError(f"cannot read the source of {module_name} to check it before patching it")
+    with open(path, encoding="utf-8") as handle:
+        present = [line.strip() for line in handle]
     for line in lines:
         if not any(candidate.startswith(line) for candidate in present):
             raise CompatibilityError(
-                f"{path} no longer contains {line!r}; bridge_ext.compat was written for "
-                f"{SUPPORTED_VERSIONS} and must be reviewed for this version."
+                f"{path} no longer contains {line!r}, which bridge_ext.compat works around because {needs} "
+                f"is not installed; it was written for {SUPPORTED_VERSIONS} and must be reviewed for this version."
             )
 
 
-def _check_versions() -> None:
-    for package, wanted in SUPPORTED_VERSIONS.items():
-        try:
-            found = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError as error:
-            raise CompatibilityError(f"{package} is not installed") from error
-        if found != wanted:
-            raise CompatibilityError(
-                f"{package} {found} is installed, but bridge_ext.compat (needed because "
-                f"Transformer Engine is absent) was written for {package} {wanted}."
-            )
-
-
+# --------------------------------------------------------------------------------------------
+# Transformer Engine: lora_layers' import, and the HAVE_TE flags
+# --------------------------------------------------------------------------------------------
 class _Unavailable:
     """A Transformer Engine name: can be looked up (upstream annotations do), not used."""
 
@@ -162,7 +168,7 @@ class _PlaceholderTE(types.ModuleType):
 
 
 @contextmanager
-def modules_in_place(modules: dict[str, types.ModuleType]) -> Iterator[None]:
+def _modules_in_place(modules: dict[str, types.ModuleType]) -> Iterator[None]:
     """``sys.modules`` holds ``modules`` inside the block; what was there before comes back."""
     saved = {name: sys.modules.get(name) for name in modules}
     sys.modules.update(modules)
@@ -176,112 +182,140 @@ def modules_in_place(modules: dict[str, types.ModuleType]) -> Iterator[None]:
                 sys.modules[name] = previous
 
 
-class _AfterExec(importlib.abc.Loader):
-    """Wraps a module's own loader; runs hooks around its execution."""
-
-    def __init__(self, loader: importlib.abc.Loader, around: Callable[[types.ModuleType], object]):
-        self._loader = loader
-        self._around = around
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        self._around(module)
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    """Meta-path hook that wraps the loaders of a few named megatron modules."""
-
-    def __init__(self, hooks: dict[str, Callable[[importlib.abc.Loader, types.ModuleType], None]]):
-        self._hooks = hooks
-
-    def find_spec(self, fullname, path=None, target=None):
-        hook = self._hooks.get(fullname)
-        if hook is None:
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is None or spec.loader is None:
-            return None
-        loader = spec.loader
-        spec.loader = _AfterExec(loader, lambda module: hook(loader, module))
-        return spec
-
-
-def _exec_lora_layers(loader: importlib.abc.Loader, module: types.ModuleType) -> None:
+def _exec_lora_layers(exec_module: Callable[[types.ModuleType], None], module: types.ModuleType) -> None:
     for dependency in LORA_LAYERS_DEPENDENCIES:
         importlib.import_module(dependency)
     te_package = types.ModuleType("transformer_engine")
     te_pytorch = _PlaceholderTE("transformer_engine.pytorch")
     te_package.pytorch = te_pytorch
-    with modules_in_place({"transformer_engine": te_package, "transformer_engine.pytorch": te_pytorch}):
-        loader.exec_module(module)
+    with _modules_in_place({"transformer_engine": te_package, "transformer_engine.pytorch": te_pytorch}):
+        exec_module(module)
 
 
-def _clear_te_flags(loader: importlib.abc.Loader, module: types.ModuleType) -> None:
-    loader.exec_module(module)
+def _exec_clearing_te_flags(exec_module: Callable[[types.ModuleType], None], module: types.ModuleType) -> None:
+    exec_module(module)
     for flag in TE_FLAGS[module.__name__]:
         if not hasattr(module, flag):
-            raise CompatibilityError(f"{module.__name__} no longer defines {flag}")
+            raise CompatibilityError(f"{module.__name__} no longer defines {flag}; bridge_ext.compat must be reviewed")
         setattr(module, flag, False)
 
 
-def _paged_stash_placeholder() -> types.ModuleType:
-    module = types.ModuleType(PAGED_STASH_OPS, "Placeholder: Triton is not installed.")
-    module.GLOBAL_BLOCK_SIZE = 1024
+# --------------------------------------------------------------------------------------------
+# Python 3.11: typing.override while the two modules that import it execute
+# --------------------------------------------------------------------------------------------
+def _exec_with_typing_override(exec_module: Callable[[types.ModuleType], None], module: types.ModuleType) -> None:
+    import typing_extensions
 
-    def kernel_needs_triton(*args, **kwargs):
-        raise CompatibilityError("MoE paged-stash kernels need Triton and a GPU.")
-
-    for name in PAGED_STASH_KERNELS:
-        setattr(module, name, kernel_needs_triton)
-    module.__all__ = ["GLOBAL_BLOCK_SIZE", *PAGED_STASH_KERNELS]
-    return module
-
-
-_installed = False
+    typing.override = typing_extensions.override
+    try:
+        exec_module(module)
+    finally:
+        del typing.override
 
 
-def _backport_typing_override() -> None:
-    import typing
+# --------------------------------------------------------------------------------------------
+# Triton: a placeholder for the MoE paged-stash kernels
+# --------------------------------------------------------------------------------------------
+class _PagedStashPlaceholder(importlib.abc.Loader):
+    """Loads a module with paged_stash's names; its kernels raise when called (they need a GPU)."""
 
-    if not hasattr(typing, "override"):
-        import typing_extensions
+    def create_module(self, spec):
+        return None
 
-        typing.override = typing_extensions.override
+    def exec_module(self, module: types.ModuleType) -> None:
+        def kernel_needs_triton(*args, **kwargs):
+            raise CompatibilityError("MoE paged-stash kernels need Triton and a GPU.")
+
+        module.__doc__ = "Placeholder made by bridge_ext.compat: Triton is not installed."
+        module.GLOBAL_BLOCK_SIZE = PAGED_STASH_BLOCK_SIZE
+        for name in PAGED_STASH_KERNELS:
+            setattr(module, name, kernel_needs_triton)
+        module.__all__ = ["GLOBAL_BLOCK_SIZE", *PAGED_STASH_KERNELS]
+        _patched.append(module.__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# The patches and the finder that applies them
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Patch:
+    """How one megatron module is patched, when what it ``needs`` is missing."""
+
+    needs: str
+    is_missing: Callable[[], bool]
+    required_lines: tuple[str, ...] = ()  # its source must still hold these (checked first)
+    check_version: bool = True
+    run: Callable[[Callable[[types.ModuleType], None], types.ModuleType], None] | None = None  # None: placeholder
+
+
+def _te_missing() -> bool:
+    return TRANSFORMER_ENGINE in missing_dependencies()
+
+
+def _triton_missing() -> bool:
+    return TRITON in missing_dependencies()
+
+
+def _typing_override_missing() -> bool:
+    return not hasattr(typing, "override")
+
+
+PATCHES: dict[str, _Patch] = {
+    PAGED_STASH_OPS: _Patch(
+        TRITON, _triton_missing,
+        ("import triton", f"GLOBAL_BLOCK_SIZE = {PAGED_STASH_BLOCK_SIZE}", *(f"def {k}(" for k in PAGED_STASH_KERNELS)),
+    ),
+    LORA_LAYERS: _Patch(TRANSFORMER_ENGINE, _te_missing, ("import transformer_engine.pytorch as te",),
+                        run=_exec_lora_layers),
+    **{name: _Patch(TRANSFORMER_ENGINE, _te_missing, (f"{flags[0]} = all(",), run=_exec_clearing_te_flags)
+       for name, flags in TE_FLAGS.items()},
+    **{name: _Patch("Python 3.12 (typing.override)", _typing_override_missing, check_version=False,
+                    run=_exec_with_typing_override)
+       for name in TYPING_OVERRIDE_USERS},
+}
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Wraps a module's own loader; the patch runs the module's execution."""
+
+    def __init__(self, loader: importlib.abc.Loader, patch: _Patch):
+        self._loader = loader
+        self._patch = patch
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._patch.run(self._loader.exec_module, module)
+        _patched.append(module.__name__)
+
+    def __getattr__(self, name: str):  # get_source, get_filename... for tracebacks and inspect
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+
+class MegatronImportPatches(importlib.abc.MetaPathFinder):
+    """Meta-path hook: finds nothing itself except the megatron modules of :data:`PATCHES`, and
+    those only when what they need is missing."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        patch = PATCHES.get(fullname)
+        if patch is None or not patch.is_missing():
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        if patch.check_version:
+            _check_version(fullname, patch.needs)
+        _require_lines(fullname, spec, patch.required_lines, patch.needs)
+        if patch.run is None:
+            return importlib.util.spec_from_loader(fullname, _PagedStashPlaceholder())
+        spec.loader = _PatchingLoader(spec.loader, patch)
+        return spec
 
 
 def install() -> None:
-    """Make ``import megatron.core`` / ``megatron.bridge`` work without TE and Triton.
-
-    Must run before megatron is imported; ``import bridge_ext`` calls it. Idempotent.
-    """
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    _backport_typing_override()
-    te_missing = not have_module("transformer_engine")
-    triton_missing = not have_module("triton")
-    if not (te_missing or triton_missing):
-        return
-    _check_versions()
-    if triton_missing and PAGED_STASH_OPS not in sys.modules:
-        _require_lines(PAGED_STASH_OPS, [PAGED_STASH_TRITON_IMPORT, *PAGED_STASH_EXPORTS.values()])
-        sys.modules[PAGED_STASH_OPS] = _paged_stash_placeholder()
-    if te_missing:
-        if LORA_LAYERS in sys.modules:
-            raise CompatibilityError(
-                "megatron.bridge was imported before bridge_ext; import bridge_ext first "
-                "when Transformer Engine is not installed."
-            )
-        _require_lines(LORA_LAYERS, [LORA_LAYERS_TE_IMPORT])
-        for module_name, flags in TE_FLAGS.items():
-            _require_lines(module_name, [f"{flags[0]} = all("])
-        hooks = {LORA_LAYERS: _exec_lora_layers}
-        hooks.update({name: _clear_te_flags for name in TE_FLAGS})
-        sys.meta_path.insert(0, _Finder(hooks))
+    """Put :class:`MegatronImportPatches` first on ``sys.meta_path`` (once). ``import bridge_ext`` calls it."""
+    if not any(isinstance(finder, MegatronImportPatches) for finder in sys.meta_path):
+        sys.meta_path.insert(0, MegatronImportPatches())

@@ -16,21 +16,26 @@ from __future__ import annotations
 
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from bridge_ext.checkpoint import CheckpointReader
-from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource
+from bridge_ext.checkpoint.config_check import check_config_fields, check_config_matches_run_config, load_hf_config
+from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, has_weights, hf_folder_shapes
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
-from bridge_ext.engine import run_rule
+from bridge_ext.engine import Mode, run_rule
 from bridge_ext.export import ExportPlan, expert_layouts, plan_export, possible_variants, source_expert_layouts
-from bridge_ext.errors import ConvertError, OutputExistsError
+from bridge_ext.errors import ConvertError, OutputLocationError
+from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.table import ExpertLayout
+from bridge_ext.value_check import ValueCheck
+from bridge_ext.stream_plan import planned_layout, planned_reads
 from bridge_ext.verify import Report
 
 
@@ -46,6 +51,9 @@ class ConvertResult:
     bytes: int
     seconds: float
     config: object = field(repr=False, default=None)
+    notes: list[str] = field(default_factory=list)  # for the user: files not copied, folders removed or kept
+    report: Report | None = None  # with verify=True: what the staged folders passed before being installed
+    non_finite: dict[str, int] = field(default_factory=dict)  # tensor -> NaN / Inf values written
 
     @property
     def throughput(self) -> float:
@@ -53,27 +61,24 @@ class ConvertResult:
         return self.bytes / self.seconds if self.seconds > 0 else float("inf")
 
 
-def check_output_folder(target: Path, overwrite: bool, protected: list[Path]) -> None:
-    """Refuse a non-empty output (unless ``overwrite``) and any output overlapping an input."""
+def check_output_folder(target: Path, overwrite: bool, protected: list[Path]) -> FoundTarget:
+    """Refuse an output that is, holds or lies inside an input, a dangerous or occupied target.
+
+    Returns what is at the target now: installing the output later fails (OutputExistsError)
+    if anything else is there by then. See :func:`bridge_ext.output_folder.check_output_target`.
+    """
+    check_outside_inputs(target, protected)
+    return check_output_target(target, overwrite)
+
+
+def check_outside_inputs(target: Path, protected: list[Path]) -> None:
+    """OutputLocationError if ``target`` is an input, inside one, or a folder holding one."""
     resolved = target.resolve()
     for source in protected:
         source = source.resolve()
         if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
-            raise ConvertError(f"{target}: the output would overlap the input {source}; choose another folder")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{target} exists and is not empty (pass --overwrite to replace it)")
-
-
-def _load_config(folder_or_file: Path):
-    from transformers import AutoConfig
-
-    path = folder_or_file.parent if folder_or_file.name == "config.json" else folder_or_file
-    if not (path / "config.json").is_file():
-        raise ConvertError(f"{folder_or_file}: no config.json there")
-    try:
-        return AutoConfig.from_pretrained(str(path)), path
-    except (ValueError, KeyError, OSError) as error:
-        raise ConvertError(f"{path / 'config.json'}: transformers cannot read it: {error}") from error
+            raise OutputLocationError(f"{target}: the output would overlap the input {source} (replacing the "
+                                      "output folder would delete it); choose another folder")
 
 
 def resolve_config(reader: CheckpointReader, hf_base: Path | None, hf_config: Path | None,
@@ -85,25 +90,35 @@ def resolve_config(reader: CheckpointReader, hf_base: Path | None, hf_config: Pa
     local folder, or a Hub id already in the local cache).
     """
     if hf_base is not None:
-        return _load_config(hf_base)
+        return load_hf_config(hf_base)
     if hf_config is not None:
-        return _load_config(hf_config)
+        return load_hf_config(hf_config)
     if model_type is not None:
         return config_from_run_config(reader, model_type), None
     run_config = reader.run_config
     model_id = run_config.hf_model_id if run_config is not None else None
-    if model_id and Path(model_id).is_dir():
-        return _load_config(Path(model_id))
+    if model_id and _is_folder(Path(model_id)):
+        return load_hf_config(Path(model_id))
     if model_id:
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(model_id, local_files_only=True), None
-        except (OSError, ValueError):
-            pass
+            config = AutoConfig.from_pretrained(model_id, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the cache (or not loadable): say so below
+            config = None
+        if config is not None:
+            check_config_fields(config, f"the cached config of {model_id}")
+            return config, None
     where = f"run_config.yaml names hf_model_id {model_id!r}, which is neither a local folder nor in the local Hugging Face cache" \
         if model_id else "the checkpoint records no Hugging Face model (no run_config.yaml hf_model_id)"
     raise ConvertError(f"cannot tell the model's architecture: {where}; pass --hf-base, --hf-config or --model-type")
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. a name too long to be a path: then it is not a local folder
+        return False
 
 
 def config_from_run_config(reader: CheckpointReader, model_type: str):
@@ -132,7 +147,9 @@ def config_from_run_config(reader: CheckpointReader, model_type: str):
     reference = CONFIG_MAPPING[model_type](architectures=[architecture])
     model_bridge = AutoBridge.from_hf_config(reference)._model_bridge
     values = model_bridge.megatron_to_hf_config(types.SimpleNamespace(**settings))
-    return type(reference)(**{key: value for key, value in values.items() if value is not None})
+    config = type(reference)(**{key: value for key, value in values.items() if value is not None})
+    check_config_fields(config, f"the config built from {reader.location.run_config_file}")
+    return config
 
 
 def _table(config_or_model_type):
@@ -146,6 +163,24 @@ def _table(config_or_model_type):
     return None if isinstance(config_or_model_type, str) else table_for(config_or_model_type)
 
 
+def check_hf_side(reader: CheckpointReader, config, config_folder: Path | None, hf_base: Path | None,
+                  built_from_run_config: bool) -> None:
+    """The Hugging Face folders are readable and contained, and the config is the model trained.
+
+    ``hf_base`` must hold weights (index and headers readable, nothing outside the folder); a
+    config folder is checked when it has any (its index decides the expert layout). The config is
+    compared with run_config.yaml unless it was built from it.
+    """
+    if hf_base is not None:
+        hf_folder_shapes(hf_base)
+    elif config_folder is not None and has_weights(config_folder):
+        hf_folder_shapes(config_folder)
+    run_config = reader.run_config
+    if run_config is not None and not built_from_run_config:
+        label = str(config_folder / "config.json") if config_folder else f"the config of {run_config.hf_model_id}"
+        check_config_matches_run_config(config, run_config, label)
+
+
 def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts_found: dict[str, ExpertLayout]):
     """The checkpoint as a tensor source; for adapter-only checkpoints, with the HF base beside it."""
     run_config = reader.run_config
@@ -153,11 +188,10 @@ def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts
     if not reader.is_adapter_only:
         return checkpoint
     from bridge_ext.hf_keys import hf_checkpoint_keys
-    from bridge_ext.verify import folder_tensor_names
 
     table = _table(config)
     if hf_base is not None:
-        shapes = folder_tensor_names(hf_base)
+        shapes = hf_folder_shapes(hf_base)
     else:  # names and shapes suffice to export adapters alone
         shapes = hf_checkpoint_keys(config, expert_layout=expert_layouts(table, layouts_found).transformers_layout(table))
     base = HfBaseSource(shapes, table, ModelDims.from_hf_config(config), possible_variants(table, layouts_found), hf_base)
@@ -166,11 +200,9 @@ def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts
 
 def expected_shapes(plan: ExportPlan, hf_base: Path | None) -> dict[str, tuple[int, ...]]:
     """Shapes config.json implies, plus the base folder's own (MTP tensors transformers does not know)."""
-    from bridge_ext.verify import folder_tensor_names
-
     shapes = dict(plan.hf_keys)
     if hf_base is not None:
-        for name, shape in folder_tensor_names(hf_base).items():
+        for name, shape in hf_folder_shapes(hf_base).items():
             shapes.setdefault(name, tuple(shape))
     return shapes
 
@@ -229,8 +261,11 @@ def convert_checkpoint(
     expert_adapter_layout: ExpertLayout = "fused",
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    verify: bool = False,
+    allow_overflow: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
+    notes: list[str] | None = None,
 ) -> ConvertResult:
     """Convert a Megatron checkpoint (root or iteration folder) to Hugging Face / PEFT folders.
 
@@ -252,13 +287,22 @@ def convert_checkpoint(
         expert_adapter_layout: Expert adapters in PEFT's fused ``target_parameters`` layout or per expert.
         max_shard_size: Largest safetensors shard, e.g. ``"5GB"``; bounds memory use.
         overwrite: Replace non-empty output folders (only once the new ones are complete).
+        verify: Check the written folders with :func:`verify_conversion` before installing them:
+            a failure installs nothing (an existing folder stays as it was).
+        allow_overflow: Write the infinities a cast to ``dtype`` makes of values beyond its range
+            (by default such a cast is refused, naming the tensor).
         on_start: Called with the number of tensors to write, once all checks passed.
         on_tensor: Called with each written tensor's name and size.
+        notes: Collects what the user should hear about (also on failure): stale staging
+            folders removed, files of the config folder not copied, a replaced folder kept.
 
     Raises:
         CheckpointError: the checkpoint is missing, unsafe, truncated or corrupted.
         ConvertError / ExportError: config, tables and checkpoint disagree, or the options conflict.
-        OutputExistsError: an output folder exists and is not empty.
+        OutputLocationError: an output is refused wherever it is (an input, the working directory...).
+        OutputExistsError: an output folder exists and is not empty, or appeared meanwhile.
+        OutputWriteError: the filesystem refused to write an output.
+        VerificationError: ``verify`` failed.
     """
     from bridge_ext.save import write_export
 
@@ -268,12 +312,11 @@ def convert_checkpoint(
     if merge and adapter_dir is not None:
         raise ConvertError("--merge writes the adapters into the model folder; drop the adapter folder")
     checkpoint, hf_base = Path(checkpoint), Path(hf_base) if hf_base is not None else None
-    protected = [checkpoint, *([hf_base] if hf_base else [])]
+    protected = [checkpoint, *(Path(p) for p in (hf_base, hf_config) if p is not None)]
     outputs = [Path(p) for p in (model_dir, adapter_dir) if p is not None]
-    if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
-        raise ConvertError("the model folder and the adapter folder must differ")
-    for output in outputs:
-        check_output_folder(output, overwrite, protected)
+    check_distinct_outputs(*outputs)
+    found_outputs = {output: check_output_folder(output, overwrite, protected) for output in outputs}
+    notes = notes if notes is not None else []
 
     reader = CheckpointReader(checkpoint, iteration=iteration)
     adapter_only = reader.is_adapter_only
@@ -283,7 +326,11 @@ def convert_checkpoint(
             raise ConvertError(f"{reader.path} is a LoRA adapter-only checkpoint: the base weights of a model "
                                "folder come from the Hugging Face base model; pass --hf-base")
     config, config_folder = resolve_config(reader, hf_base, Path(hf_config) if hf_config else None, model_type)
+    for output in outputs if config_folder is not None else ():
+        check_outside_inputs(output, [config_folder])  # e.g. the hf_model_id folder of run_config.yaml
     table = _table(config)
+    built_from_run_config = model_type is not None and hf_base is None and hf_config is None
+    check_hf_side(reader, config, config_folder, hf_base, built_from_run_config)
     found = source_expert_layouts(hf_base or config_folder, table)
     source = build_source(reader, config, hf_base, found)
     plan = plan_export(source, config, expert_layouts(table, found, expert_layout, expert_adapter_layout))
@@ -297,13 +344,47 @@ def convert_checkpoint(
     written_dtype = dtype or _stored_dtype(reader)
     run_config = reader.run_config
     base_name = str(hf_base.resolve()) if hf_base else (run_config.hf_model_id if run_config else None)
-    result = write_export(
-        source, plan, model_dir, adapter_dir,
-        merge=merge, dtype=dtype, config_dtype=written_dtype, max_shard_size=max_shard_size,
-        overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
-    )
+    verification: list[tuple[Report, float]] = []
+
+    def verify_staged(staged_model: Path | None, staged_adapter: Path | None) -> None:
+        begun = time.perf_counter()
+        staged = ConvertResult(staged_model, staged_adapter, reader.path, adapter_only, 0, 0, 0.0, config)
+        verification.append((verify_conversion(staged, hf_base), time.perf_counter() - begun))
+
+    values = ValueCheck(dtype, allow_overflow)  # casts, counts NaN / Inf, refuses an overflowing cast
+    # Shard headers are laid out from the plan, and the checkpoint's tensors are read ahead in the
+    # order the stream needs them: reading, conversion and writing overlap, no shard is held in memory.
+    base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
+    layout = planned_layout(source, plan, base_mode, dtype) if base_mode is not None else None
+    checkpoint_source = source.adapter_source if isinstance(source, CombinedSource) else source
+    with (checkpoint_source.read_ahead(planned_reads(source, plan, base_mode, adapter_dir is not None)),
+          _core_left_for_reading()):
+        result = write_export(
+            source, plan, model_dir, adapter_dir,
+            merge=merge, config_dtype=written_dtype, max_shard_size=max_shard_size,
+            overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
+            found=found_outputs, before_install=verify_staged if verify else None, notes=notes,
+            transform=values, layout=layout,
+        )
+    report, verify_seconds = verification[0] if verification else (None, 0.0)
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,
-                         result.bytes, time.perf_counter() - started, config)
+                         result.bytes, time.perf_counter() - started - verify_seconds, config, notes, report,
+                         values.non_finite)
+
+
+@contextmanager
+def _core_left_for_reading() -> Iterator[None]:
+    """One intra-op thread fewer while converting, so that the read-ahead thread has a core.
+
+    The conversion's tensor operations are mostly memory copies: sharing a core with the
+    reader, torch's threads wait on each other (measured on 2 cores: 5x the CPU time of one thread).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _stored_dtype(reader: CheckpointReader) -> torch.dtype | None:

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from bridge_ext.hf_files import ADAPTER_FILE, list_safetensors
 from bridge_ext.verify import (
     Report,
     VerificationError,
     check_model_folder,
     compare_logits,
-    folder_tensor_names,
     hf_logits,
     load_adapter_strict,
     load_hf_model,
@@ -87,7 +87,7 @@ def run_demo(example: str = DEFAULT_EXAMPLE, workdir: Path | None = None, echo: 
         peft_model = load_adapter_strict(load_hf_model(result.model_dir), result.adapter_dir, report)
         compare_logits(hf_logits(peft_model, input_ids), reference, report,
                        what="transformers + PEFT vs the Megatron model's own forward", relative_tolerance=1e-4)
-        report.add(f"adapter folder holds {len(folder_tensor_names(result.adapter_dir, 'adapter_model.safetensors'))} tensors")
+        report.add(f"adapter folder holds {len(list_safetensors(result.adapter_dir, ADAPTER_FILE))} tensors")
     for line in report.lines:
         echo(f"  ok  {line}")
     return report

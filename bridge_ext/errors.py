@@ -30,7 +30,23 @@ class ConvertError(BridgeExtError, ValueError):
 
 
 class OutputExistsError(BridgeExtError, FileExistsError):
-    """The output folder exists and is not empty, and overwriting was not asked for."""
+    """The output folder exists and is not empty, and overwriting was not asked for; or something
+    appeared at the output, or replaced the folder found there, while the output was being written."""
+
+
+class OutputLocationError(BridgeExtError, ValueError):
+    """An output path that is refused whatever the options: the filesystem root, the working
+    directory or a parent of it, a symbolic link, an input (or inside or around one), or a folder
+    nested in the other output."""
+
+
+class OutputWriteError(BridgeExtError):
+    """The filesystem refused to create or write an output (permission denied, no space left, file
+    size limit, read-only). ``path`` is the file or folder concerned, when known."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
 
 
 class VerificationError(BridgeExtError):
@@ -44,3 +60,12 @@ class CompatibilityError(BridgeExtError, RuntimeError):
 class RuleError(ExportError):
     """An operation of a mapping rule cannot convert a tensor; the message names the rule, the
     Megatron tensor, the Hugging Face names and the shapes."""
+
+
+class SafetensorsFolderError(BridgeExtError, ValueError):
+    """A model or adapter folder's safetensors files are missing, damaged or reach outside the
+    folder; ``path`` is the file or folder concerned."""
+
+    def __init__(self, message: str, path: str | Path) -> None:
+        super().__init__(message)
+        self.path = Path(path)

@@ -135,7 +135,28 @@ def source_expert_layouts(folder: Path | None, table: MappingTable) -> dict[str,
     """The layout of each expert family in a Hugging Face folder's safetensors (empty when unknown)."""
     if folder is None or not table.expert_families:
         return {}
-    return table.expert_layouts_of(folder_weight_names(folder))
+    names = folder_weight_names(folder)
+    found = table.expert_layouts_of(names)
+    for family in table.expert_families:
+        transposed = family.variant("fused_transposed")
+        if found.get(family.name) == "fused" and any(rule.variant == transposed for rule in table.rules):
+            if _stored_transposed(folder, names, family.parameters):
+                found[family.name] = "fused_transposed"
+    return found
+
+
+def _stored_transposed(folder: Path, names: list[str], parameters: tuple[str, ...]) -> bool:
+    """Whether fused ``gate_up_proj`` / ``down_proj`` are stored ``[E, in, out]``, told from
+    shapes alone: stored ``[E, 2I, H]`` / ``[E, H, I]``, gate_up's last dim equals down's
+    middle one (H); stored transposed, gate_up's middle dim equals down's last one."""
+    from bridge_ext.verify import folder_tensor_names
+
+    gate_up_name = next((n for n in names if n.endswith(f".experts.{parameters[0]}")), None)
+    if gate_up_name is None or len(parameters) < 2:
+        return False
+    shapes = folder_tensor_names(folder)
+    down = shapes.get(gate_up_name.removesuffix(parameters[0]) + parameters[1])
+    return down is not None and shapes[gate_up_name][-2] == down[-1]
 
 
 @dataclass

@@ -48,6 +48,13 @@ Facts per model type (transformers 5.23.0, checked by ``tests/test_hf_keys.py`` 
   ``[E, 2I, H]`` and ``.down_proj`` ``[E, H, I]``, no ``.weight`` suffix): what a model loaded
   from such a checkpoint re-saves, and the other layout transformers' loader accepts.
 
+``"fused_transposed"`` -- the same names, each expert's matrix stored ``[in, out]``
+  (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``): the published Qwen3-VL-MoE
+  checkpoints. transformers' ``qwen3_vl_moe`` conversion (``Transpose(1, 2, check_dims=True)``)
+  transposes on load only when the shape differs from the parameter's (so not when
+  ``hidden_size == 2 * moe_intermediate_size``), and its reverse on save is then a no-op:
+  ``save_pretrained`` writes the in-memory ``[E, 2I, H]``.
+
 ``prefix_change=True`` keeps the mapping's ``PrefixChange`` entries: what a model loaded from
 a checkpoint that carried the prefix re-saves (Qwen3.5 CausalLM: ``model.language_model.``).
 
@@ -57,10 +64,14 @@ The transformers class comes from the architecture's mapping table (``model_clas
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout
+
+
+_FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 
 
 def model_class_for(config):
@@ -132,7 +143,10 @@ def hf_checkpoint_keys(
     for key in model._keys_to_ignore_on_save or ():
         state_dict.pop(key, None)
     state_dict = remove_tied_weights_from_state_dict(state_dict, model)
-    model._weight_conversions = _save_conversions(model, fused=expert_layout == "fused", prefix_change=prefix_change)
+    model._weight_conversions = _save_conversions(model, fused=expert_layout != "per_expert", prefix_change=prefix_change)
     state_dict = revert_weight_conversion(model, state_dict)
     keys = {name: tuple(t.shape) for name, t in state_dict.items()}
+    if expert_layout == "fused_transposed":
+        keys = {name: (*shape[:-2], shape[-1], shape[-2]) if _FUSED_EXPERTS.search(name) else shape
+                for name, shape in keys.items()}
     return dict(sorted(keys.items()))

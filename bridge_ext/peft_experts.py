@@ -78,12 +78,10 @@ or silently re-targeted modules). The tests check adapter configs for it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
-from bridge_ext.peft_keys import LORA_A, LORA_B, peft_parameter_key
 
 def fuse_expert_lora(
     a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor]
@@ -116,41 +114,6 @@ def fuse_expert_lora(
     return lora_a.contiguous(), lora_b.contiguous()
 
 
-def split_expert_lora(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Inverse of :func:`fuse_expert_lora`: PEFT ``(lora_A [r*E, in], lora_B [out, r*E])`` ->
-    per-expert ``([A_e [r, in]], [B_e [out, r]])``."""
-    if lora_a.dim() != 2 or lora_b.dim() != 2:
-        raise ValueError("lora_A and lora_B must be 2-D")
-    re_a, d_in = lora_a.shape
-    d_out, re_b = lora_b.shape
-    if re_a != re_b or re_a % num_experts:
-        raise ValueError(
-            f"lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} do not share an r*E axis "
-            f"divisible by num_experts={num_experts}"
-        )
-    r = re_a // num_experts
-    a = lora_a.reshape(num_experts, r, d_in)
-    b = lora_b.reshape(d_out, r, num_experts)
-    return [a[e].clone() for e in range(num_experts)], [b[:, :, e].clone() for e in range(num_experts)]
-
-
-def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
-    """PEFT's scaling for a ParamWrapper with per-expert rank ``r`` (the config's r, not r*E)."""
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-
-
-def expert_delta(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int, scaling: float
-) -> torch.Tensor:
-    """The ``[E, out, in]`` delta PEFT merges for packed ``(lora_A, lora_B)`` (re-implements
-    ``ParamWrapper.get_delta_weight`` for a non-transposed 3-D parameter)."""
-    a = lora_a.reshape(num_experts, -1, lora_a.shape[-1])  # e r i
-    b = lora_b.reshape(lora_b.shape[0], -1, num_experts)  # o r e
-    return torch.einsum("ore,eri->eoi", b, a) * scaling
-
-
 def peft_param_key_infixes(targeted: Sequence[str], registration_order: Sequence[str]) -> dict[str, str]:
     """Infix between ``<experts module>.`` and ``lora_A.weight`` for each targeted parameter.
 
@@ -167,16 +130,3 @@ def peft_param_key_infixes(targeted: Sequence[str], registration_order: Sequence
     n = len(ordered)
     return {p: "base_layer." * (n - 1 - i) for i, p in enumerate(ordered)}
 
-
-def peft_expert_adapter_keys(
-    experts_module: str, targeted: Sequence[str], registration_order: Sequence[str]
-) -> dict[str, tuple[str, str]]:
-    """Saved adapter keys for one experts module.
-
-    ``experts_module`` is the HF module path, e.g. ``"model.layers.0.mlp.experts"``. Returns
-    ``{param_name: (lora_A key, lora_B key)}``, keys as in ``adapter_model.safetensors``
-    (``base_model.model.`` prefix, no adapter name).
-    """
-    infixes = peft_param_key_infixes(targeted, registration_order)
-    return {p: (peft_parameter_key(experts_module, inf, LORA_A), peft_parameter_key(experts_module, inf, LORA_B))
-            for p, inf in infixes.items()}

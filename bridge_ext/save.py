@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from collections.abc import Callable
-from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ from safetensors.torch import save_file
 
 from bridge_ext.engine import ExportError, Mode
 from bridge_ext.export import ExportPlan, hf_source_folder, prepare, stream
-from bridge_ext.hf_folder import ShardedSafetensorsWriter, atomic_directory, parse_size
+from bridge_ext.hf_folder import ShardedSafetensorsWriter, TensorSpec, parse_size
+from bridge_ext.output_folder import FoundTarget, staged_folders
 from bridge_ext.peft_config import lora_config
 from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.source import TensorSource
@@ -35,16 +37,72 @@ class SaveResult:
     adapter_dir: Path | None
     tensors: int
     bytes: int
+    notes: list[str] = field(default_factory=list)  # for the user: files not copied, folders kept or removed
 
 
-def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, dtype: torch.dtype | None) -> None:
-    """config.json (the source's own when known: it names the exact architecture) + companions."""
+def companion_refusal(path: Path, folder: Path) -> str | None:
+    """Why ``path`` (a file of ``folder``) must not be copied into an output, or None.
+
+    Only regular files inside the folder are copied: outputs are often published, and a link
+    to a file elsewhere (a key, another user's data) must not travel with them. A Hugging Face
+    cache snapshot is the one exception: its files are links into the ``blobs`` folder of the
+    same cached repository.
+    """
+    if path.is_symlink():
+        real, inside = path.resolve(), folder.resolve()
+        cache_blobs = inside.parent.parent / "blobs" if inside.parent.name == "snapshots" else None
+        if not (real.is_relative_to(inside) or (cache_blobs is not None and real.is_relative_to(cache_blobs))):
+            return f"a symbolic link to {real}, outside {folder}"
+    elif not path.resolve().is_relative_to(folder.resolve()):
+        return f"outside {folder}"
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        return "not a regular file"
+    return None
+
+
+def copy_companion_files(folder: Path, directory: Path) -> list[str]:
+    """Copy the tokenizer, template and generation files of ``folder``; name those refused."""
+    refused = []
+    for name in COMPANION_FILES:
+        path = folder / name
+        if not os.path.lexists(path):
+            continue
+        reason = companion_refusal(path, folder)
+        if reason is None and not _copy_regular_file(path.resolve() if path.is_symlink() else path, directory / name):
+            reason = "not a regular file"  # replaced since it was looked at
+        if reason is not None:
+            refused.append(f"not copied from {folder}: {name} ({reason})")
+    return refused
+
+
+def _copy_regular_file(source: Path, destination: Path) -> bool:
+    """Copy ``source`` if it is still a regular file and not a link (checked on the open file)."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as reader:
+        if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
+            return False
+        with open(destination, "wb") as writer:  # a new file: its mode follows the umask, like the weights
+            shutil.copyfileobj(reader, writer)
+    return True
+
+
+def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, dtype: torch.dtype | None) -> list[str]:
+    """config.json (the source's own when known: it names the exact architecture) + companions.
+
+    Returns a note per file of ``source_folder`` that was not copied (see :func:`companion_refusal`).
+    """
+    notes, config = [], None
     if source_folder is not None and (source_folder / "config.json").is_file():
-        config = json.loads((source_folder / "config.json").read_text())
-        for name in COMPANION_FILES:
-            if (source_folder / name).is_file():
-                shutil.copy2(source_folder / name, directory / name)
-    else:
+        notes.extend(copy_companion_files(source_folder, directory))
+        reason = companion_refusal(source_folder / "config.json", source_folder)
+        if reason is None:
+            config = json.loads((source_folder / "config.json").read_text())
+        else:
+            notes.append(f"not copied from {source_folder}: config.json ({reason}); written from the parsed config")
+    if config is None:
         config = plan.config.to_dict()
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
@@ -55,6 +113,7 @@ def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, 
     if layers and extra.count_key not in holder and extra.count_key not in config:
         holder[extra.count_key] = layers  # transformers' to_dict can drop it
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return notes
 
 
 def write_export(
@@ -72,15 +131,27 @@ def write_export(
     base_model_name: str | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
     write: bool = True,
+    found: dict[Path, FoundTarget] | None = None,
+    before_install: Callable[[Path | None, Path | None], None] | None = None,
+    notes: list[str] | None = None,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    layout: list[TensorSpec] | None = None,
 ) -> SaveResult:
     """Stream ``plan`` out of ``source`` into a Hugging Face folder and/or a PEFT adapter folder.
 
     The one writer of both the live-model and the checkpoint paths. Holds at most one shard of
     base weights (``max_shard_size``) plus the tensor being converted, and the adapters (small).
-    Each folder is built beside its target and renamed into place only when complete.
+    Each folder is built beside its target and renamed into place only when both are complete
+    (:func:`bridge_ext.output_folder.staged_folders`; ``found``: what the caller saw at each
+    target when it checked it). ``before_install`` is called with the complete staging folders
+    (model, adapter) before they are installed: an exception there installs nothing.
     ``config_dtype`` is the dtype config.json records (default: ``dtype``); ``on_tensor`` is
-    called with each written tensor's name and size (progress). ``write=False``: take part in
-    a parallel export (its collectives) without writing anything.
+    called with each written tensor's name and size (progress); ``notes`` collects what the user
+    should hear about (files not copied, stale staging folders removed, a replaced folder kept).
+    ``write=False``: take part in a parallel export (its collectives) without writing anything.
+    ``transform`` is applied to each produced tensor before it is written.
+    ``layout``: the base tensors the export will produce, in order, when known (then each is
+    written to its shard at once).
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
@@ -96,16 +167,20 @@ def write_export(
         for _ in stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype):
             pass
         return SaveResult(None, None, 0, 0)
-    with ExitStack() as stack:
+    notes = notes if notes is not None else []
+    targets = [Path(folder) for folder in (model_dir, adapter_dir) if folder is not None]
+    with staged_folders(targets, overwrite=overwrite, found=found, notes=notes) as staged:
+        staged_model = staged[0] if model_dir is not None else None
+        staged_adapter = staged[-1] if adapter_dir is not None else None
         base_writer = adapter_tensors = None
         if model_dir is not None:
-            staged_model = stack.enter_context(atomic_directory(model_dir, overwrite=overwrite))
-            base_writer = ShardedSafetensorsWriter(staged_model, parse_size(max_shard_size))
+            base_writer = ShardedSafetensorsWriter(staged_model, parse_size(max_shard_size), layout=layout)
         if adapter_dir is not None:
-            staged_adapter = stack.enter_context(atomic_directory(adapter_dir, overwrite=overwrite))
             adapter_tensors = {}
         count = total = 0
         for name, tensor in stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype):
+            if transform is not None:  # e.g. a cast that checks the values (bridge_ext.value_check)
+                tensor = transform(name, tensor)
             nbytes = tensor.numel() * tensor.element_size()
             count += 1
             total += nbytes
@@ -119,17 +194,20 @@ def write_export(
                 on_tensor(name, nbytes)
         if base_writer is not None:
             base_writer.close()
-            write_config(plan, staged_model, source_folder, config_dtype or dtype)
+            notes.extend(write_config(plan, staged_model, source_folder, config_dtype or dtype))
         if adapter_tensors is not None:
             if model_dir is not None:
                 base_model_name = str(Path(model_dir).resolve())
             save_file(adapter_tensors, str(staged_adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
             lora_config(plan, adapters, base_model_name).save_pretrained(str(staged_adapter))
+        if before_install is not None:
+            before_install(staged_model, staged_adapter)
     return SaveResult(
         Path(model_dir) if model_dir is not None else None,
         Path(adapter_dir) if adapter_dir is not None else None,
         count,
         total,
+        notes,
     )
 
 

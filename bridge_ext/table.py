@@ -26,9 +26,11 @@ from bridge_ext.patterns import NamePattern
 
 TensorParallel = Literal["column", "row", "replicated"]
 #: MoE experts as one ``[E, ...]`` tensor per parameter (transformers v5 in memory, PEFT's
-#: ``target_parameters``) or one tensor per expert (``experts.{e}.gate_proj.weight``).
-ExpertLayout = Literal["fused", "per_expert"]
-EXPERT_LAYOUTS: tuple[ExpertLayout, ...] = ("fused", "per_expert")
+#: ``target_parameters``), one tensor per expert (``experts.{e}.gate_proj.weight``), or fused
+#: with each expert's matrix stored ``[in, out]`` (published Qwen3-VL-MoE checkpoints; only
+#: tables with ``fused_transposed`` rule variants offer it).
+ExpertLayout = Literal["fused", "per_expert", "fused_transposed"]
+EXPERT_LAYOUTS: tuple[ExpertLayout, ...] = ("fused", "per_expert", "fused_transposed")
 
 
 @dataclass(frozen=True)

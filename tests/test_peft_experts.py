@@ -9,7 +9,6 @@ per-expert LoRA factors (Megatron convention: fc1 ``A_e [r, H]``, ``B_e [2I, r]`
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 import json
 import warnings
 
@@ -17,90 +16,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import expert_helpers as eh
 from bridge_ext import peft_experts as pe
-from model_mappings.qwen3_5 import EXPERTS
 
 torch.manual_seed(0)
 
 H, I_MOE, E, VOCAB = 64, 24, 4, 96  # 2I = 48 != H, so any out/in swap shows up as a shape error
-GATE_UP, DOWN = EXPERTS.parameters
-EXPERT_PARAMETERS = EXPERTS.parameters  # transformers' registration order, as the table states it
-TARGET_PARAMETERS = tuple(f"mlp.experts.{p}" for p in EXPERT_PARAMETERS)
-
-# Model types for which PEFT 0.21.2 rewrites gate_proj/up_proj/down_proj/gate target modules
-# into target_parameters (transformers' _MODEL_TO_CONVERSION_PATTERN -> "qwen2_moe" / "mixtral").
-_V4_MOE_REWRITTEN_NAMES = {
-    "qwen2_moe": ("gate_proj", "up_proj", "down_proj", "gate"),
-    "mixtral": ("w1", "w2", "w3", "gate"),
-}
-
-
-def expert_adapter_config_fields(
-    r: int,
-    lora_alpha: float,
-    *,
-    use_rslora: bool = False,
-    down_r: int | None = None,
-    down_alpha: float | None = None,
-    targeted: Sequence[str] = EXPERT_PARAMETERS,
-) -> dict:
-    """adapter_config.json fields that the 3-D expert layout needs (merge them into the rest).
-
-    ``r``/``lora_alpha`` are those of gate_up_proj (Megatron linear_fc1); ``down_r``/``down_alpha``
-    those of down_proj (linear_fc2) when they differ, which yields ``rank_pattern`` /
-    ``alpha_pattern`` entries keyed ``mlp.experts.down_proj``. ``target_modules`` is left to the
-    caller (the non-expert leaves; ``[]`` when only experts are adapted) -- see
-    :func:`check_target_modules`.
-    """
-    fields: dict = {
-        "r": r,
-        "lora_alpha": lora_alpha,
-        "use_rslora": use_rslora,
-        "target_parameters": [f"mlp.experts.{p}" for p in EXPERT_PARAMETERS if p in set(targeted)],
-        "lora_dropout": 0.0,  # ParamWrapper raises for != 0
-        "fan_in_fan_out": False,
-        "use_dora": False,
-        "lora_bias": False,
-        "bias": "none",
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-    if down_r is not None and down_r != r:
-        fields["rank_pattern"][f"mlp.experts.{DOWN}"] = down_r
-    if down_alpha is not None and down_alpha != lora_alpha:
-        fields["alpha_pattern"][f"mlp.experts.{DOWN}"] = down_alpha
-    return fields
-
-
-def check_target_modules(model_type: str, target_modules: Sequence[str]) -> None:
-    """Refuse ``target_modules`` that PEFT 0.21.2 would rewrite into ``target_parameters`` on load.
-
-    For model types whose transformers conversion pattern is ``qwen2_moe`` (e.g. qwen3_moe) or
-    ``mixtral``, PEFT's ``_convert_peft_config_moe`` treats ``gate_proj``/``up_proj``/``down_proj``/
-    ``gate`` (``w1``/``w2``/``w3``/``gate``) as v4 per-expert targets and moves them to
-    ``target_parameters`` (doubling r/alpha of gate_up_proj when both gate and up are listed), which
-    breaks an adapter written with the 3-D expert layout (and also mis-targets dense MLPs).
-    """
-    try:
-        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
-    except ImportError:  # pragma: no cover - transformers < 5
-        return
-    pattern = {"mixtral": "mixtral"}.get(model_type, _MODEL_TO_CONVERSION_PATTERN.get(model_type))
-    names = _V4_MOE_REWRITTEN_NAMES.get(pattern or "")
-    if not names:
-        return
-    bad = [t for t in target_modules if any(t == n or t.endswith(f".{n}") for n in names)]
-    if bad:
-        raise ValueError(
-            f"target_modules {bad} cannot be used for model_type {model_type!r}: PEFT rewrites "
-            f"{list(names)} into target_parameters on load (v4->v5 MoE conversion), which breaks the "
-            "3-D expert adapter layout"
-        )
-
-
-def expert_adapter_keys(experts_module: str) -> dict[str, tuple[str, str]]:
-    return pe.peft_expert_adapter_keys(experts_module, EXPERT_PARAMETERS, EXPERT_PARAMETERS)
-
 
 
 def _tiny_model(model_type: str):
@@ -143,8 +64,8 @@ def _write_adapter(path, model_type, lora, r, alpha, down_r=None, down_alpha=Non
                    mangle=None):
     tensors = {}
     for i, layer in enumerate(lora):
-        keys = expert_adapter_keys(f"model.layers.{i}.mlp.experts")
-        for param, fc in ((GATE_UP, "fc1"), (DOWN, "fc2")):
+        keys = eh.expert_adapter_keys(f"model.layers.{i}.mlp.experts")
+        for param, fc in ((eh.GATE_UP, "fc1"), (eh.DOWN, "fc2")):
             a, b = pe.fuse_expert_lora(*layer[fc])
             tensors[keys[param][0]] = a
             tensors[keys[param][1]] = b
@@ -158,11 +79,11 @@ def _write_adapter(path, model_type, lora, r, alpha, down_r=None, down_alpha=Non
         "target_modules": [],
         "modules_to_save": None,
         "inference_mode": True,
-        **expert_adapter_config_fields(r, alpha, down_r=down_r, down_alpha=down_alpha),
+        **eh.expert_adapter_config_fields(r, alpha, down_r=down_r, down_alpha=down_alpha),
     }
     if config_order is not None:
         cfg["target_parameters"] = list(config_order)
-    check_target_modules(model_type, cfg["target_modules"])
+    eh.check_target_modules(model_type, cfg["target_modules"])
     (path / "adapter_config.json").write_text(json.dumps(cfg))
 
 
@@ -208,15 +129,15 @@ def test_fuse_split_roundtrip_and_packing_order():
         for k in range(r):
             assert torch.equal(lora_a[e * r + k], a_list[e][k])
             assert torch.equal(lora_b[:, k * E + e], b_list[e][:, k])
-    a2, b2 = pe.split_expert_lora(lora_a, lora_b, E)
+    a2, b2 = eh.split_expert_lora(lora_a, lora_b, E)
     assert all(torch.equal(x, y) for x, y in zip(a2, a_list)) and all(torch.equal(x, y) for x, y in zip(b2, b_list))
-    delta = pe.expert_delta(lora_a, lora_b, E, 0.5)
+    delta = eh.expert_delta(lora_a, lora_b, E, 0.5)
     for e in range(E):
         torch.testing.assert_close(delta[e], 0.5 * b_list[e] @ a_list[e], rtol=0, atol=1e-6)
     with pytest.raises(ValueError):
         pe.fuse_expert_lora(a_list[:-1] + [torch.randn(r + 1, d_in)], b_list[:-1] + [torch.randn(d_out, r + 1)])
     with pytest.raises(ValueError):
-        pe.split_expert_lora(lora_a, lora_b, E + 1)
+        eh.split_expert_lora(lora_a, lora_b, E + 1)
 
 
 def test_matches_peft_param_wrapper_directly():
@@ -225,10 +146,10 @@ def test_matches_peft_param_wrapper_directly():
 
     model = _tiny_model("qwen3_moe")
     pm = get_peft_model(model, LoraConfig(r=3, lora_alpha=6, target_modules=[],
-                                          target_parameters=list(TARGET_PARAMETERS)))
+                                          target_parameters=list(eh.TARGET_PARAMETERS)))
     outer = pm.base_model.model.model.layers[0].mlp.experts  # down_proj wrapper
     inner = outer.base_layer  # gate_up_proj wrapper
-    assert outer.parameter_name == DOWN and inner.parameter_name == GATE_UP
+    assert outer.parameter_name == eh.DOWN and inner.parameter_name == eh.GATE_UP
     lora = _megatron_lora(1, 3, 3, seed=5)[0]
     for wrapper, fc in ((inner, "fc1"), (outer, "fc2")):
         a, b = pe.fuse_expert_lora(*lora[fc])
@@ -237,18 +158,18 @@ def test_matches_peft_param_wrapper_directly():
         with torch.no_grad():
             wrapper.lora_A["default"].weight.copy_(a)
             wrapper.lora_B["default"].weight.copy_(b)
-        assert wrapper.scaling["default"] == pe.lora_scaling(3, 6) == 2.0
+        assert wrapper.scaling["default"] == eh.lora_scaling(3, 6) == 2.0
         delta = wrapper.get_delta_weight("default")
         for e in range(E):
             torch.testing.assert_close(delta[e], 2.0 * lora[fc][1][e] @ lora[fc][0][e], rtol=0, atol=1e-6)
 
 
 def test_key_infixes():
-    order = EXPERT_PARAMETERS
+    order = eh.EXPERT_PARAMETERS
     assert pe.peft_param_key_infixes(order, order) == {"gate_up_proj": "base_layer.", "down_proj": ""}
     assert pe.peft_param_key_infixes(["down_proj", "gate_up_proj"], order) == {"gate_up_proj": "base_layer.", "down_proj": ""}
     assert pe.peft_param_key_infixes(["down_proj"], order) == {"down_proj": ""}
-    keys = expert_adapter_keys("model.language_model.layers.3.mlp.experts")
+    keys = eh.expert_adapter_keys("model.language_model.layers.3.mlp.experts")
     assert keys["gate_up_proj"] == (
         "base_model.model.model.language_model.layers.3.mlp.experts.base_layer.lora_A.weight",
         "base_model.model.model.language_model.layers.3.mlp.experts.base_layer.lora_B.weight",
@@ -262,13 +183,13 @@ def test_saved_keys_from_peft_itself(model_type):
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
 
-    for order in (list(TARGET_PARAMETERS), list(reversed(TARGET_PARAMETERS))):
+    for order in (list(eh.TARGET_PARAMETERS), list(reversed(eh.TARGET_PARAMETERS))):
         pm = get_peft_model(_tiny_model(model_type),
                             LoraConfig(r=3, lora_alpha=6, target_modules=[], target_parameters=order))
         sd = get_peft_model_state_dict(pm)
         expected = {}
         for i in range(2):
-            keys = expert_adapter_keys(f"model.layers.{i}.mlp.experts")
+            keys = eh.expert_adapter_keys(f"model.layers.{i}.mlp.experts")
             expected[keys["gate_up_proj"][0]] = (3 * E, H)
             expected[keys["gate_up_proj"][1]] = (2 * I_MOE, 3 * E)
             expected[keys["down_proj"][0]] = (3 * E, I_MOE)
@@ -283,7 +204,7 @@ def test_saved_keys_from_peft_itself(model_type):
     "model_type,r_fc1,r_fc2,alpha_fc1,alpha_fc2,config_order",
     [
         ("qwen3_5_moe_text", 3, 3, 6.0, 6.0, None),
-        ("qwen3_5_moe_text", 4, 2, 8.0, 3.0, list(reversed(TARGET_PARAMETERS))),
+        ("qwen3_5_moe_text", 4, 2, 8.0, 3.0, list(reversed(eh.TARGET_PARAMETERS))),
         ("qwen3_moe", 3, 3, 6.0, 6.0, None),
         ("qwen3_moe", 2, 5, 4.0, 1.0, None),
     ],
@@ -342,7 +263,7 @@ def test_wrong_packing_is_caught(tmp_path):
         out = {}
         for k, v in tensors.items():
             if k.endswith("lora_B.weight"):  # rebuild as cat over experts: column e*r + k
-                a_list, b_list = pe.split_expert_lora(torch.zeros(v.shape[1], 1), v, E)
+                a_list, b_list = eh.split_expert_lora(torch.zeros(v.shape[1], 1), v, E)
                 v = torch.cat(b_list, dim=1)
             out[k] = v
         return out
@@ -383,17 +304,17 @@ def test_wrong_nesting_is_caught(tmp_path):
 
 
 def test_config_fields_and_target_module_trap():
-    f = expert_adapter_config_fields(8, 16, down_r=4, down_alpha=8)
+    f = eh.expert_adapter_config_fields(8, 16, down_r=4, down_alpha=8)
     assert f["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     assert f["lora_dropout"] == 0.0 and f["rank_pattern"] == {"mlp.experts.down_proj": 4}
     assert f["alpha_pattern"] == {"mlp.experts.down_proj": 8}
-    assert expert_adapter_config_fields(8, 16)["rank_pattern"] == {}
+    assert eh.expert_adapter_config_fields(8, 16)["rank_pattern"] == {}
 
-    check_target_modules("qwen3_5_moe_text", ["q_proj", "gate_proj", "up_proj", "down_proj"])
-    check_target_modules("qwen3_5_moe", ["down_proj"])
-    check_target_modules("qwen3_moe", ["q_proj", "o_proj"])
+    eh.check_target_modules("qwen3_5_moe_text", ["q_proj", "gate_proj", "up_proj", "down_proj"])
+    eh.check_target_modules("qwen3_5_moe", ["down_proj"])
+    eh.check_target_modules("qwen3_moe", ["q_proj", "o_proj"])
     with pytest.raises(ValueError, match="down_proj"):
-        check_target_modules("qwen3_moe", ["q_proj", "down_proj"])
+        eh.check_target_modules("qwen3_moe", ["q_proj", "down_proj"])
 
     # the premise: PEFT really rewrites such a config for qwen3_moe, and leaves qwen3_5_moe_text alone
     from peft import LoraConfig
@@ -401,7 +322,7 @@ def test_config_fields_and_target_module_trap():
 
     for model_type, rewritten in (("qwen3_moe", True), ("qwen3_5_moe_text", False)):
         cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj", "up_proj"],
-                         target_parameters=list(TARGET_PARAMETERS))
+                         target_parameters=list(eh.TARGET_PARAMETERS))
         convert_peft_config_for_transformers(cfg, _tiny_model(model_type), None)
         assert (set(cfg.target_modules) == {"q_proj"}) is rewritten
         assert (cfg.rank_pattern.get(r".*\.gate_up_proj") == 8) is rewritten
@@ -413,7 +334,7 @@ def test_peft_refuses_dropout(tmp_path):
     with pytest.raises(ValueError, match="lora_dropout"):
         get_peft_model(_tiny_model("qwen3_moe"),
                        LoraConfig(r=2, lora_alpha=2, lora_dropout=0.1, target_modules=[],
-                                  target_parameters=list(TARGET_PARAMETERS)))
+                                  target_parameters=list(eh.TARGET_PARAMETERS)))
 
 
 def test_conditional_generation_prefix_with_attention_lora(tmp_path):
@@ -432,16 +353,16 @@ def test_conditional_generation_prefix_with_attention_lora(tmp_path):
     lora = _megatron_lora(2, 3, 3, seed=8)
     tensors = {}
     for i, layer in enumerate(lora):
-        keys = expert_adapter_keys(f"model.language_model.layers.{i}.mlp.experts")
-        for param, fc in ((GATE_UP, "fc1"), (DOWN, "fc2")):
+        keys = eh.expert_adapter_keys(f"model.language_model.layers.{i}.mlp.experts")
+        for param, fc in ((eh.GATE_UP, "fc1"), (eh.DOWN, "fc2")):
             tensors[keys[param][0]], tensors[keys[param][1]] = pe.fuse_expert_lora(*layer[fc])
     q = "base_model.model.model.language_model.layers.1.self_attn.q_proj"
     tensors[f"{q}.lora_A.weight"] = torch.randn(3, H) * 0.1
     tensors[f"{q}.lora_B.weight"] = torch.randn(2 * 4 * 16, 3) * 0.1
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "target_modules": ["q_proj"],
-           **expert_adapter_config_fields(3, 6.0)}
-    check_target_modules("qwen3_5_moe", cfg["target_modules"])
+           **eh.expert_adapter_config_fields(3, 6.0)}
+    eh.check_target_modules("qwen3_5_moe", cfg["target_modules"])
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     base_gu = base.model.language_model.layers[1].mlp.experts.gate_up_proj.detach().clone()
 

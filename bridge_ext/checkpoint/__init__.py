@@ -5,7 +5,10 @@
 * :mod:`.safe_pickle` — ``.metadata`` through an allowlisting unpickler (never ``pickle.load``);
 * :mod:`.reader` — list global tensors and byte objects; stream one global tensor (or one layer /
   expert of it) at a time from the ``.distcp`` chunks; byte objects with ``weights_only=True``;
-* :mod:`.run_config` — Megatron-Bridge ``run_config.yaml`` (model and PEFT settings);
+* :mod:`.coverage` — proof that a tensor's chunks store each element exactly once;
+* :mod:`.control_files` — the small files read whole (``.metadata``, tracker, YAML, JSON), size-capped;
+* :mod:`.run_config` — Megatron-Bridge ``run_config.yaml`` (model and PEFT settings), aliases bounded;
+* :mod:`.config_check` — the Hugging Face config read safely and compared with ``run_config.yaml``;
 * :mod:`.errors` — every failure is a :class:`CheckpointError` naming the path;
 * :mod:`.source` — the checkpoint as the engine's tensor source (stored keys -> model names);
 * :mod:`.hf_base` — the base of an adapter-only checkpoint, from a Hugging Face folder;

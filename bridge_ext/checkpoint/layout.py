@@ -46,7 +46,7 @@ Stored keys (verified on a tiny Qwen3, megatron-core 0.19.2 / megatron-bridge 0.
   like fc1 itself. Adapter-only checkpoints (Bridge ``apply_peft_adapter_filter_to_state_dict``)
   keep only keys containing ``.adapter.`` (no ``_extra_state``) plus ``common_state``; only
   ``run_config.yaml`` (``peft`` not null) says that the checkpoint is a PEFT one.
-* Gated DeltaNet (from source, megatron/core/ssm/gated_delta_net/gdn.py, not exercised here):
+* Gated DeltaNet (megatron/core/ssm/gated_delta_net/gdn.py; tiny Qwen3.5 checkpoints at TP=1 and 2):
   the fused in_proj is split into keys ``...self_attention.in_proj.weight.{query,key,value,z,beta,alpha}``
   and the conv into ``...conv1d.weight.{query,key,value}``, each in global head order;
   MTP's inner layer is keyed ``transformer_layer``.
@@ -59,6 +59,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bridge_ext.checkpoint.control_files import SMALL_JSON_LIMIT, TRACKER_LIMIT, read_control_file
 from bridge_ext.checkpoint.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -76,6 +77,8 @@ LEGACY_COMMON_FILE = "common.pt"
 COMMON_STATE_KEY = "common_state/shard_0_1"
 ITERATION_MARKERS = (BACKEND_FILE, DCP_METADATA_FILE, RUN_CONFIG_FILE, "train_state.pt")
 
+_MAX_ITERATION_DIGITS = 18  # fits int64, as Megatron's own iteration counter
+_TRACKER_NUMBER = re.compile(rb"[0-9]{1,%d}" % _MAX_ITERATION_DIGITS)
 _OBJECT_SHARD = re.compile(r"^(?P<base>.+)/shard_(?P<index>[0-9_.]+)_(?P<count>\d+)$")
 
 
@@ -121,20 +124,16 @@ def locate_checkpoint(path: str | Path, iteration: int | None = None) -> Checkpo
 
     tracker = path / TRACKER_FILE
     if iteration is not None:
+        if not 0 <= iteration < 10**_MAX_ITERATION_DIGITS:
+            raise MissingIterationError(f"{path}: iteration {iteration} is not an iteration number", path)
         folder = path / iteration_dir_name(iteration)
         if not folder.is_dir():
             raise MissingIterationError(f"{path}: no folder {folder.name} for iteration {iteration}", folder)
         return _check_torch_dist(CheckpointLocation(folder, path, iteration))
-    if tracker.is_file():
-        text = tracker.read_text(encoding="utf-8", errors="replace").strip()
-        if text == "release":
-            number, release, folder = None, True, path / "release"
-        elif text.isdigit():
-            number, release, folder = int(text), False, path / iteration_dir_name(int(text))
-        else:
-            raise CheckpointError(
-                f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}", tracker
-            )
+    if tracker.exists():
+        number = read_tracker(tracker)
+        release = number is None
+        folder = path / ("release" if release else iteration_dir_name(number))
         if not folder.is_dir():
             raise MissingIterationError(
                 f"{tracker} points at {folder.name}, which does not exist in {path}", folder
@@ -151,6 +150,26 @@ def locate_checkpoint(path: str | Path, iteration: int | None = None) -> Checkpo
     )
 
 
+def read_tracker(tracker: Path) -> int | None:
+    """The iteration a tracker file names (None for ``release``).
+
+    Megatron writes ASCII digits or ``release``; anything else (other Unicode digits, which
+    ``int`` would accept, a number too long to be an iteration) is refused, naming the file.
+    """
+    data = read_control_file(tracker, TRACKER_LIMIT)
+    text = data.strip(b" \t\r\n")
+    if text == b"release":
+        return None
+    if _TRACKER_NUMBER.fullmatch(text) is None:
+        shown = text[:40].decode("utf-8", errors="replace")
+        raise CheckpointError(
+            f"{tracker}: expected an iteration number (ASCII digits, at most {_MAX_ITERATION_DIGITS}) or "
+            f"'release', found {shown!r}",
+            tracker,
+        )
+    return int(text)
+
+
 def _looks_like_iteration_dir(path: Path) -> bool:
     if any((path / marker).exists() for marker in ITERATION_MARKERS):
         return True
@@ -160,27 +179,32 @@ def _looks_like_iteration_dir(path: Path) -> bool:
 def _check_torch_dist(location: CheckpointLocation) -> CheckpointLocation:
     folder = location.path
     backend_file = folder / BACKEND_FILE
-    if not backend_file.is_file():
+    if not backend_file.exists():
         kind = "an fsdp_dtensor checkpoint" if (folder / DCP_METADATA_FILE).exists() else "not torch_dist"
         raise UnsupportedFormatError(
             f"{folder}: {kind}: {BACKEND_FILE} is missing (only Megatron torch_dist checkpoints are supported)",
             folder,
         )
+    data = read_control_file(backend_file, SMALL_JSON_LIMIT, _unsupported)
     try:
-        config = json.loads(backend_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        config = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
         raise UnsupportedFormatError(f"{backend_file}: unreadable: {exc}", backend_file) from exc
     backend = config.get("sharded_backend") if isinstance(config, dict) else None
     if backend != "torch_dist":
         raise UnsupportedFormatError(
-            f"{backend_file}: sharded_backend is {backend!r}; only 'torch_dist' is supported", backend_file
+            f"{backend_file}: sharded_backend is {repr(backend)[:80]}; only 'torch_dist' is supported", backend_file
         )
-    if not location.metadata_file.is_file():
+    if not location.metadata_file.exists():
         raise MissingMetadataError(
             f"{folder}: {DCP_METADATA_FILE} is missing (incomplete or corrupted torch_dist checkpoint)",
             location.metadata_file,
         )
     return location
+
+
+def _unsupported(message: str, path: Path) -> Exception:
+    return UnsupportedFormatError(message, path)
 
 
 def is_adapter_key(key: str) -> bool:

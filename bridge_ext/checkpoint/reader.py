@@ -22,8 +22,11 @@ chunks. Byte objects load with ``weights_only=True`` only (DCP's own planner wou
 allowlist (megatron/core/safe_globals.py: BytesIO, PosixPath, SimpleNamespace, argparse.Namespace,
 numpy arrays, OptimizerConfig, RerunState, ...); all are plain data classes.
 
-There is no checksum in DCP files: a truncated file, a broken zip structure or a mismatching shape
-is detected, but flipped bits inside a tensor's payload are not.
+Tensor records are not read through ``torch.load`` but taken apart by
+:mod:`bridge_ext.checkpoint.record`: large reads straight into the tensor's memory and the CRC-32
+of every byte checked (torch's own loader checks none), so a flipped bit is an error naming the
+tensor and the file. :meth:`CheckpointReader.read_ahead` reads planned tensors in a background
+thread while the caller converts earlier ones.
 """
 
 from __future__ import annotations
@@ -33,14 +36,19 @@ import math
 import os
 import pickle
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import reprlib
+import stat
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
+from bridge_ext.checkpoint.coverage import coverage_problem
 from bridge_ext.checkpoint.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -56,10 +64,14 @@ from bridge_ext.checkpoint.layout import (
     is_adapter_key,
     locate_checkpoint,
 )
+from bridge_ext.checkpoint.read_ahead import ReadAhead
+from bridge_ext.checkpoint.record import RecordFile, check_archive_crcs, read_tensor_record
 from bridge_ext.checkpoint.run_config import RunConfig, load_run_config
 from bridge_ext.checkpoint.safe_pickle import load_dcp_metadata
 
 Index = int | tuple[int, ...] | slice | None
+# Bytes read ahead of the conversion: a few tensors, so that the disk never waits for the converter.
+READ_AHEAD_BYTES = 192 << 20
 
 
 @dataclass(frozen=True)
@@ -112,51 +124,124 @@ class CheckpointReader:
         try:
             self._stored = self._storage_ranges(metadata)
             self.tensors: Mapping[str, TensorInfo] = self._tensor_infos(metadata)
+            self.objects: tuple[str, ...] = tuple(
+                key for key, entry in metadata.state_dict_metadata.items() if isinstance(entry, BytesStorageMetadata)
+            )
         except CheckpointError:
             raise
-        except (AttributeError, TypeError, ValueError) as exc:
+        except (AttributeError, TypeError, ValueError, OverflowError) as exc:
             raise CheckpointError(
                 f"{self.location.metadata_file}: malformed DCP metadata: {type(exc).__name__}: {exc}",
                 self.location.metadata_file,
             ) from exc
-        self.objects: tuple[str, ...] = tuple(
-            key for key, entry in metadata.state_dict_metadata.items() if isinstance(entry, BytesStorageMetadata)
-        )
+        self._check_data_files()
+        self._check_records_disjoint()
         self._run_config: RunConfig | None | bool = False  # False: not loaded yet
+        self._read_ahead: ReadAhead | None = None
+        self._chunks_by_layer: dict[str, dict[int, list[ChunkInfo]]] = {}
 
     def _storage_ranges(self, metadata: Any) -> dict[tuple[str, tuple[int, ...] | None], StoredRange]:
         stored: dict[tuple[str, tuple[int, ...] | None], StoredRange] = {}
         for index, info in metadata.storage_data.items():
+            if not isinstance(index, MetadataIndex) or not isinstance(index.fqn, str):
+                raise TypeError(f"storage entry {_shown(index)} is not keyed by a tensor name")
+            if not isinstance(info, _StorageInfo):
+                raise TypeError(f"{index.fqn}: storage entry is a {type(info).__name__}, not a _StorageInfo")
             if getattr(info, "transform_descriptors", None):
                 raise UnsupportedFormatError(
                     f"{self.location.metadata_file}: {index.fqn} is stored through stream transforms "
-                    f"{list(info.transform_descriptors)} (e.g. compression), which this reader does not support",
+                    f"{_shown(info.transform_descriptors)} (e.g. compression), which this reader does not support",
                     self.location.metadata_file,
                 )
-            offset = None if index.offset is None else tuple(int(v) for v in index.offset)
-            stored[(str(index.fqn), offset)] = StoredRange(
-                str(info.relative_path), int(info.offset), int(info.length)
-            )
+            offset = None if index.offset is None else _ints(index.offset, f"{index.fqn} storage offset")
+            if not isinstance(info.relative_path, str):
+                raise TypeError(f"{index.fqn}: the data file name is a {type(info.relative_path).__name__}")
+            start, length = _ints((info.offset, info.length), f"{index.fqn} byte range")
+            if start < 0 or length < 0:
+                raise ValueError(f"{index.fqn}: negative byte range {start}..{start + length}")
+            stored[(index.fqn, offset)] = StoredRange(info.relative_path, start, length)
         return stored
 
     def _tensor_infos(self, metadata: Any) -> dict[str, TensorInfo]:
+        """Every global tensor, after proving its chunks cover it exactly once (:mod:`.coverage`)."""
         tensors: dict[str, TensorInfo] = {}
         for key, entry in metadata.state_dict_metadata.items():
+            if not isinstance(key, str):
+                raise TypeError(f"a state dict key is a {type(key).__name__} ({_shown(key)}), not a name")
             if isinstance(entry, BytesStorageMetadata):
                 continue
             if not isinstance(entry, TensorStorageMetadata) or not isinstance(entry.properties.dtype, torch.dtype):
                 raise TypeError(f"{key}: unexpected entry {type(entry).__name__}")
-            shape = tuple(int(v) for v in entry.size)
+            shape = _ints(entry.size, f"{key} size")
+            if any(n < 0 for n in shape):
+                raise ValueError(f"{key}: negative size {shape}")
             chunks = []
             for chunk in entry.chunks:
-                offsets, sizes = tuple(int(v) for v in chunk.offsets), tuple(int(v) for v in chunk.sizes)
+                offsets, sizes = _ints(chunk.offsets, f"{key} chunk offsets"), _ints(chunk.sizes, f"{key} chunk sizes")
                 if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
                     o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)
                 ):
                     raise ValueError(f"{key}: chunk at {offsets} of size {sizes} lies outside {shape}")
                 chunks.append(ChunkInfo(offsets, sizes, self._stored.get((key, offsets))))
-            tensors[key] = TensorInfo(key, shape, entry.properties.dtype, tuple(chunks))
+            info = TensorInfo(key, shape, entry.properties.dtype, tuple(chunks))
+            self._check_chunks(info)
+            tensors[key] = info
         return tensors
+
+    def _check_chunks(self, info: TensorInfo) -> None:
+        """Each element stored exactly once, and each chunk's record big enough for its elements."""
+        problem = coverage_problem(info.shape, [(chunk.offsets, chunk.sizes) for chunk in info.chunks])
+        if problem is not None:
+            files = sorted({chunk.stored.file for chunk in info.chunks if chunk.stored is not None})
+            raise CorruptCheckpointError(
+                f"{self.location.metadata_file}: {info.key} {info.shape} (data in {', '.join(files) or 'no file'}): "
+                f"{problem}; the metadata is damaged or was not written by torch DCP",
+                self.location.metadata_file,
+            )
+        for chunk in info.chunks:
+            needed = math.prod(chunk.sizes) * info.dtype.itemsize
+            if chunk.stored is not None and chunk.stored.length < needed:
+                raise CorruptCheckpointError(
+                    f"{self.location.metadata_file}: {info.key} chunk at offset {chunk.offsets} of size "
+                    f"{chunk.sizes} needs {needed} bytes, but its record in {chunk.stored.file} has "
+                    f"{chunk.stored.length}",
+                    self.location.metadata_file,
+                )
+
+    def _check_records_disjoint(self) -> None:
+        """No two stored entries share bytes: DCP writes each record once, one after the other.
+
+        A damaged offset pointing at another chunk's record of the same shape would otherwise
+        read that chunk's values in silence.
+        """
+        by_file: dict[str, list[tuple[int, int, str]]] = {}
+        for (key, offsets), stored in self._stored.items():
+            if stored.length:
+                what = key if offsets is None else f"{key} chunk at offset {offsets}"
+                by_file.setdefault(stored.file, []).append((stored.offset, stored.offset + stored.length, what))
+        for name, ranges in by_file.items():
+            ranges.sort()
+            for (start, end, what), (next_start, _, next_what) in zip(ranges, ranges[1:]):
+                if next_start < end:
+                    raise CorruptCheckpointError(
+                        f"{self.location.metadata_file}: {what} (bytes {start}..{end} of {name}) and {next_what} "
+                        f"(from byte {next_start}) share bytes; the metadata is damaged",
+                        self.location.metadata_file,
+                    )
+
+    def _check_data_files(self) -> None:
+        """A name the metadata gives as a data file must not be a folder, a device or a pipe."""
+        for name in sorted({stored.file for stored in self._stored.values()}):
+            file = self.path / name
+            if name != os.path.basename(name) or name in ("", ".", ".."):
+                continue  # refused, naming the tensor, when read (_data_file)
+            try:
+                mode = file.stat().st_mode
+            except OSError:
+                continue  # missing: named with the tensor that needs it when read
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+                raise CorruptCheckpointError(f"{file}: {kind}, but the metadata stores tensor data in it", file)
 
     # ------------------------------------------------------------------ listing
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -185,33 +270,51 @@ class CheckpointReader:
 
         ``index``: None (whole tensor); an int (one layer of ``(L, ...)``, axis removed); a tuple of
         ints (``(layer, expert)`` of ``(L, E, ...)``, axes removed); a ``slice`` of the first axis
-        (step 1). Memory: the result plus one chunk.
+        (step 1). Memory: the result plus one chunk; a request that is exactly one stored chunk
+        (one layer of a stacked tensor, a TP=1 tensor) is read straight into the result.
         """
+        if self._read_ahead is not None:
+            tensor = self._read_ahead.take((key, index))
+            if tensor is not None:
+                return tensor
+        return self._read_now(key, index)
+
+    def _read_now(self, key: str, index: Index) -> torch.Tensor:
         info = self.tensor_info(key)
         starts, stops, drop = _box(info, index)
-        out = torch.empty([b - a for a, b in zip(starts, stops)], dtype=info.dtype)
-        wanted = out.numel()
-        covered = 0
+        wanted = math.prod(b - a for a, b in zip(starts, stops))
         pieces = []
-        for chunk in info.chunks:
+        for chunk in self._chunks_near(info, starts, stops):
             lo = [max(a, o) for a, o in zip(starts, chunk.offsets)]
             hi = [min(b, o + s) for b, o, s in zip(stops, chunk.offsets, chunk.sizes)]
             if any(h <= low for low, h in zip(lo, hi)):
                 continue
             pieces.append((chunk, lo, hi))
         pieces.sort(key=lambda p: (p[0].stored.file, p[0].stored.offset) if p[0].stored else ("", 0))
-        handles: dict[str, IO[bytes]] = {}
+        handles: dict[str, RecordFile] = {}
         try:
-            for chunk, lo, hi in pieces:
-                data = self._load_chunk(info, chunk, handles)
-                source = data
-                target = out
-                for dim, (low, high) in enumerate(zip(lo, hi)):
-                    source = source.narrow(dim, low - chunk.offsets[dim], high - low)
-                    target = target.narrow(dim, low - starts[dim], high - low)
-                target.copy_(source)
-                covered += source.numel()
-                del data, source
+            if len(pieces) == 1 and pieces[0][0].offsets == tuple(starts) and pieces[0][0].sizes == tuple(
+                b - a for a, b in zip(starts, stops)
+            ):
+                out = self._load_chunk(info, pieces[0][0], handles)  # the chunk is the request
+                covered = out.numel()
+            else:
+                out = torch.empty([b - a for a, b in zip(starts, stops)], dtype=info.dtype)
+                covered = 0
+                for chunk, lo, hi in pieces:
+                    target = out
+                    for dim, (low, high) in enumerate(zip(lo, hi)):
+                        target = target.narrow(dim, low - starts[dim], high - low)
+                    whole = all(lo[d] == o and hi[d] == o + n for d, (o, n) in enumerate(zip(chunk.offsets, chunk.sizes)))
+                    if whole and target.is_contiguous():  # e.g. the gate or the up half of a fc1 layer
+                        self._load_chunk(info, chunk, handles, into=target)
+                    else:
+                        source = self._load_chunk(info, chunk, handles)
+                        for dim, (low, high) in enumerate(zip(lo, hi)):
+                            source = source.narrow(dim, low - chunk.offsets[dim], high - low)
+                        target.copy_(source)
+                        del source
+                    covered += target.numel()
         finally:
             for handle in handles.values():
                 handle.close()
@@ -224,6 +327,47 @@ class CheckpointReader:
         for dim in sorted(drop, reverse=True):
             out = out.select(dim, 0)
         return out
+
+    def _chunks_near(self, info: TensorInfo, starts: list[int], stops: list[int]) -> tuple[ChunkInfo, ...]:
+        """The chunks that can overlap the request: of one layer only, when it asks for one layer.
+
+        Keeps reading a stacked tensor layer by layer linear in the number of layers.
+        """
+        if not info.shape or stops[0] - starts[0] != 1:
+            return info.chunks
+        by_layer = self._chunks_by_layer.get(info.key)
+        if by_layer is None:
+            by_layer = {}
+            if all(chunk.sizes[0] == 1 for chunk in info.chunks):
+                for chunk in info.chunks:
+                    by_layer.setdefault(chunk.offsets[0], []).append(chunk)
+            self._chunks_by_layer[info.key] = by_layer
+        return tuple(by_layer.get(starts[0], ())) if by_layer else info.chunks
+
+    @contextmanager
+    def read_ahead(self, requests: Sequence[tuple[str, Index]],
+                   max_bytes: int = READ_AHEAD_BYTES) -> Iterator[ReadAhead]:
+        """Within the block, :meth:`read_tensor` of ``requests`` (``(key, index)``, in this order) was read ahead.
+
+        A background thread reads them at most ``max_bytes`` ahead of the caller. A request
+        out of this order is read directly and ends the read-ahead.
+        """
+        if self._read_ahead is not None:
+            raise RuntimeError("read_ahead is already active on this reader")
+
+        def nbytes(request: tuple[str, Index]) -> int:
+            key, index = request
+            info = self.tensor_info(key)
+            starts, stops, _ = _box(info, index)
+            return math.prod(b - a for a, b in zip(starts, stops)) * info.dtype.itemsize
+
+        ahead = ReadAhead(lambda request: self._read_now(*request), requests, nbytes, max_bytes)
+        self._read_ahead = ahead
+        try:
+            yield ahead
+        finally:
+            self._read_ahead = None
+            ahead.close()
 
     def iter_tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, global tensor)`` one at a time (all tensors by default, in metadata order)."""
@@ -238,7 +382,9 @@ class CheckpointReader:
         for i in range(info.shape[0]):
             yield i, self.read_tensor(key, i)
 
-    def _load_chunk(self, info: TensorInfo, chunk: ChunkInfo, handles: dict[str, IO[bytes]]) -> torch.Tensor:
+    def _load_chunk(self, info: TensorInfo, chunk: ChunkInfo, handles: dict[str, RecordFile],
+                    into: torch.Tensor | None = None) -> torch.Tensor:
+        """One stored chunk as a tensor (or read into ``into``, contiguous and of the chunk's shape)."""
         if chunk.stored is None:
             raise CorruptCheckpointError(
                 f"{self.location.metadata_file}: no storage entry for {info.key} chunk at offset "
@@ -249,23 +395,21 @@ class CheckpointReader:
         file = self._data_file(stored, info.key)
         handle = handles.get(stored.file)
         if handle is None:
-            handle = handles[stored.file] = open(file, "rb")  # noqa: SIM115 - closed by the caller
+            handle = handles[stored.file] = RecordFile(file)  # closed by the caller
         what = f"{info.key} chunk at offset {chunk.offsets} (bytes {stored.offset}..{stored.offset + stored.length})"
         try:
-            tensor = torch.load(
-                _FileSlice(handle, stored.offset, stored.length), map_location="cpu", weights_only=True
-            )
+            tensor = read_tensor_record(handle, stored.offset, stored.length, what, into)
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise _load_error(file, what, exc) from exc
-        if not isinstance(tensor, torch.Tensor):
-            raise CorruptCheckpointError(f"{file}: {what} holds a {type(tensor).__name__}, not a tensor", file)
         if tuple(tensor.shape) != chunk.sizes or tensor.dtype != info.dtype:
             raise CorruptCheckpointError(
                 f"{file}: {what} holds {tuple(tensor.shape)} {tensor.dtype}, metadata says "
                 f"{chunk.sizes} {info.dtype}",
                 file,
             )
-        return tensor
+        return tensor.contiguous()
 
     def _data_file(self, stored: StoredRange, key: str) -> Path:
         name = stored.file
@@ -305,6 +449,7 @@ class CheckpointReader:
             handle.seek(stored.offset)
             data = handle.read(stored.length)
         what = f"byte object {key} (bytes {stored.offset}..{stored.offset + stored.length})"
+        check_archive_crcs(data, file, what)
         try:
             value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -372,37 +517,6 @@ class CheckpointReader:
         return not base
 
 
-class _FileSlice(io.RawIOBase):
-    """A seekable read-only view of ``length`` bytes at ``start`` of an open binary file."""
-
-    def __init__(self, handle: IO[bytes], start: int, length: int) -> None:
-        super().__init__()
-        self._handle, self._start, self._length, self._pos = handle, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        count = min(len(buffer), self._length - self._pos)
-        if count <= 0:
-            return 0
-        self._handle.seek(self._start + self._pos)
-        read = self._handle.readinto(memoryview(buffer)[:count]) or 0
-        self._pos += read
-        return read
-
-
 def _box(info: TensorInfo, index: Index) -> tuple[list[int], list[int], list[int]]:
     """The requested region as per-axis [start, stop) and the axes to drop afterwards."""
     starts = [0] * len(info.shape)
@@ -427,6 +541,21 @@ def _box(info: TensorInfo, index: Index) -> tuple[list[int], list[int], list[int
             raise IndexError(f"{info.key}: index {i} out of range for axis {dim} of size {size}")
         starts[dim], stops[dim] = position, position + 1
     return starts, stops, list(range(len(indices)))
+
+
+def _ints(values: Any, what: str) -> tuple[int, ...]:
+    """A tuple of plain ints (a float or a string there means the metadata is damaged)."""
+    if not isinstance(values, (tuple, list)):
+        raise TypeError(f"{what}: expected a sequence of integers, found a {type(values).__name__}")
+    if not all(type(value) is int for value in values):
+        raise TypeError(f"{what}: expected integers, found {_shown(values)}")
+    return tuple(values)
+
+
+def _shown(value: Any) -> str:
+    """A short repr for messages (a hostile value may be huge)."""
+    text = reprlib.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _load_error(file: Path, what: str, exc: Exception) -> CheckpointError:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import yaml
 
+from bridge_ext.checkpoint.control_files import RUN_CONFIG_LIMIT, read_control_file
 from bridge_ext.checkpoint.errors import RunConfigError
 
 _DTYPES = {
@@ -72,7 +73,9 @@ class RunConfig:
 
     @property
     def hf_model_id(self) -> str | None:
-        return self.model.get("hf_model_id")
+        """The Hugging Face model the run started from (None unless a non-empty string of sane length)."""
+        value = self.model.get("hf_model_id")
+        return value if isinstance(value, str) and 0 < len(value) <= 4096 and "\0" not in value else None
 
     @property
     def params_dtype(self) -> torch.dtype | None:
@@ -97,15 +100,24 @@ def plain(value: Any) -> Any:
     return value
 
 
+# Bounds on what a YAML file may expand to: aliases let a few kB stand for billions of nodes
+# ("billion laughs"). A real run_config.yaml has about 1,000 nodes, nested 4 deep.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 50
+
+
 def load_run_config(path: str | Path) -> RunConfig:
-    """Read ``run_config.yaml`` with ``yaml.safe_load``; needs a ``model`` section."""
+    """Read ``run_config.yaml`` with the safe loader, bounded in size; needs a ``model`` section."""
     path = Path(path)
+    data = read_control_file(path, RUN_CONFIG_LIMIT, lambda message, where: RunConfigError(message, where))
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RunConfigError(f"{path}: cannot read: {exc}", path) from exc
+        raw = _bounded_safe_load(data.decode("utf-8"), path)
+    except UnicodeDecodeError as exc:
+        raise RunConfigError(f"{path}: not UTF-8 text: {exc}", path) from None
     except yaml.YAMLError as exc:
         raise RunConfigError(f"{path}: not valid YAML (safe loader): {exc}", path) from exc
+    except RecursionError:
+        raise RunConfigError(f"{path}: nested too deeply to be a run configuration", path) from None
     if not isinstance(raw, dict):
         raise RunConfigError(f"{path}: expected a mapping at the top level", path)
     model = raw.get("model")
@@ -122,6 +134,57 @@ def load_run_config(path: str | Path) -> RunConfig:
         checkpoint=plain(checkpoint),
         raw=raw,
     )
+
+
+def _bounded_safe_load(text: str, path: Path) -> Any:
+    """``yaml.safe_load``, refusing documents that expand (through aliases) or nest beyond the bounds.
+
+    The node graph is measured before any Python object is built: each node counts once per
+    place it appears, so an alias of an alias of ... is counted as what it expands to.
+    """
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # libyaml: fast, bounded nesting
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, path)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, path: Path) -> None:
+    expanded: dict[int, int] = {}  # id(node) -> nodes it stands for, itself included
+    on_path: set[int] = set()
+    pending: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while pending:
+        node, depth, done = pending.pop()
+        children = _yaml_children(node)
+        if done:
+            on_path.discard(id(node))
+            expanded[id(node)] = min(1 + sum(expanded[id(child)] for child in children), MAX_YAML_NODES + 1)
+            if expanded[id(node)] > MAX_YAML_NODES:
+                raise RunConfigError(
+                    f"{path}: expands to more than {MAX_YAML_NODES} values (aliases repeating aliases); "
+                    "refusing to read it", path)
+            continue
+        if id(node) in expanded:
+            continue
+        if id(node) in on_path:
+            raise RunConfigError(f"{path}: a value contains itself (a recursive alias)", path)
+        if depth > MAX_YAML_DEPTH:
+            raise RunConfigError(f"{path}: nested more than {MAX_YAML_DEPTH} deep", path)
+        on_path.add(id(node))
+        pending.append((node, depth, True))
+        pending.extend((child, depth + 1, False) for child in children if id(child) not in expanded)
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def _peft(section: Any, path: Path) -> PeftSettings | None:

@@ -1,25 +1,7 @@
-"""Read a DCP ``.metadata`` file without trusting it: a restricted unpickler with an allowlist.
+"""Read a DCP ``.metadata`` file without trusting it: a restricted unpickler with an allowlist of
+plain data classes, after an opcode walk that refuses deep or self-referring objects.
 
-torch's ``FileSystemReader.read_metadata`` (torch/distributed/checkpoint/filesystem.py) reads
-``.metadata`` with a bare ``pickle.load``, which runs whatever a crafted file asks for. The
-metadata Megatron-Core 0.19 / torch 2.x write references only these globals (verified by
-recording ``find_class`` calls on real saves, TP=1 and TP=2, with and without LoRA):
-
-* ``torch.distributed.checkpoint.metadata``: ``Metadata``, ``TensorStorageMetadata``,
-  ``BytesStorageMetadata``, ``ChunkStorageMetadata``, ``TensorProperties``, ``MetadataIndex``,
-  ``StorageMeta``, ``_MEM_FORMAT_ENCODING``;
-* ``torch.distributed.checkpoint.filesystem``: ``_StorageInfo``;
-* ``torch.distributed.checkpoint.planner``: ``SavePlan``, ``WriteItem``, ``WriteItemType``,
-  ``TensorWriteData`` (Megatron stores the per-rank save plans in ``Metadata.all_local_plans``);
-* ``torch``: ``Size`` and dtypes (``torch.float32``...); ``torch.serialization._get_layout``.
-
-:data:`ALLOWED_GLOBALS` adds a few neighbours a different torch version or planner may use
-(``BytesIOWriteData``, ``_StoragePrefix``, the load-plan classes, the pre-2.1 location of
-``TensorProperties``, ``collections.OrderedDict``, and the ``pathlib`` path classes: plain
-torch DCP saves store ``StorageMeta.checkpoint_id`` as a ``PosixPath``). Every one of them is a plain data class,
-an ``Enum`` or a pure lookup: calling or building it runs no code of the file's choosing.
-Anything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ...) raises
-:class:`UnsafePickleError` before it is resolved; persistent ids are refused too.
+The allowlist's origin and the limits: docs/checkpoint_metadata.md.
 """
 
 from __future__ import annotations
@@ -27,11 +9,13 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
+import pickletools
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bridge_ext.checkpoint.control_files import DCP_METADATA_LIMIT, read_control_file
 from bridge_ext.checkpoint.errors import CheckpointError, UnsafePickleError
 
 _DCP = "torch.distributed.checkpoint"
@@ -110,15 +94,255 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"{self._source}: persistent ids are not allowed in .metadata", self._source)
 
 
+MAX_NESTING = 100  # objects inside objects; real DCP metadata: about 10
+
+# What each opcode does to the unpickler's stack, as one small action code (plus a count).
+_ATOM, _EMPTY, _MARK, _FROM_MARK, _BUILD_N, _ADD_FROM_MARK, _ADD_N = range(7)
+_PUT, _MEMOIZE, _GET, _DUP, _POP, _POP_MARK, _STOP, _NO_EFFECT, _REFUSED = range(7, 16)
+_ACTIONS: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
+                     "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NONE", "NEWTRUE",
+                     "NEWFALSE", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT", "BINFLOAT",
+                     "GLOBAL"), (_ATOM, 0)),
+    **dict.fromkeys(("EMPTY_DICT", "EMPTY_LIST", "EMPTY_SET", "EMPTY_TUPLE"), (_EMPTY, 0)),
+    "MARK": (_MARK, 0),
+    **dict.fromkeys(("TUPLE", "LIST", "DICT", "FROZENSET", "OBJ", "INST"), (_FROM_MARK, 0)),
+    "TUPLE1": (_BUILD_N, 1), "TUPLE2": (_BUILD_N, 2), "TUPLE3": (_BUILD_N, 3),
+    "REDUCE": (_BUILD_N, 2), "NEWOBJ": (_BUILD_N, 2), "NEWOBJ_EX": (_BUILD_N, 3), "STACK_GLOBAL": (_BUILD_N, 2),
+    **dict.fromkeys(("APPENDS", "SETITEMS", "ADDITEMS"), (_ADD_FROM_MARK, 0)),
+    "APPEND": (_ADD_N, 1), "BUILD": (_ADD_N, 1), "SETITEM": (_ADD_N, 2),
+    **dict.fromkeys(("PUT", "BINPUT", "LONG_BINPUT"), (_PUT, 0)), "MEMOIZE": (_MEMOIZE, 0),
+    **dict.fromkeys(("GET", "BINGET", "LONG_BINGET"), (_GET, 0)),
+    "DUP": (_DUP, 0), "POP": (_POP, 0), "POP_MARK": (_POP_MARK, 0), "STOP": (_STOP, 0),
+    "PROTO": (_NO_EFFECT, 0), "FRAME": (_NO_EFFECT, 0),
+}  # fmt: skip
+# Anything else (persistent ids, extension codes, out-of-band buffers) is refused.
+_LINE, _TWO_LINES = -1, -100  # arguments ending at a newline (GLOBAL and INST: two of them)
+_LENGTH_PREFIX = {pickletools.TAKEN_FROM_ARGUMENT1: (1, False), pickletools.TAKEN_FROM_ARGUMENT4: (4, True),
+                  pickletools.TAKEN_FROM_ARGUMENT4U: (4, False), pickletools.TAKEN_FROM_ARGUMENT8U: (8, False)}
+
+
+def _opcode_table() -> list[tuple[str, int, int, int, bool, int] | None]:
+    """opcode byte -> (name, action, count, argument size or _LINE / _TWO_LINES / -prefix, signed, prefix size)."""
+    table: list[tuple[str, int, int, int, bool, int] | None] = [None] * 256
+    for op in pickletools.opcodes:
+        action, count = _ACTIONS.get(op.name, (_REFUSED, 0))
+        layout = op.arg.n if op.arg else 0
+        signed, prefix = False, 0
+        if layout == pickletools.UP_TO_NEWLINE:
+            layout = _TWO_LINES if op.name in ("GLOBAL", "INST") else _LINE
+        elif layout < 0:
+            prefix, signed = _LENGTH_PREFIX[layout]
+            layout = -2
+        table[op.code.encode("latin-1")[0]] = (op.name, action, count, layout, signed, prefix)
+    return table
+
+
+_OPCODES = _opcode_table()
+
+
+class _ShapeError(Exception):
+    """The pickle's structure is refused (message says why)."""
+
+
+def check_pickle_shape(data: bytes, max_nesting: int = MAX_NESTING) -> None:
+    """Refuse, before anything is built, a pickle nesting deeper than ``max_nesting`` or cyclic.
+
+    Simulates the unpickler's stack with one node per object (atoms share node 0) and tracks how
+    deep each is: a container's depth is one more than its deepest item's when it is filled.
+    That is exact unless an object is filled after another already holds it (``APPEND`` /
+    ``SETITEM`` / ``BUILD`` on a memoised one, which picklers do not write); then a second pass
+    records every "holds" edge and measures the longest path, refusing cycles. Raises
+    :class:`_ShapeError`; malformed opcodes raise ValueError.
+    """
+    depth = _scan(data, max_nesting, exact=False)
+    if depth is None:  # filled late: the first pass's depths may be stale
+        depth = _scan(data, max_nesting, exact=True)
+    if depth > max_nesting:
+        raise _ShapeError(f"objects nested {depth} deep (more than {max_nesting}; real metadata nests about 10)")
+
+
+def _scan(data: bytes, max_nesting: int, exact: bool) -> int | None:  # noqa: C901 - one loop, one branch per action
+    """The result's nesting; None when ``exact`` is False and an object was filled late."""
+    table, end, position = _OPCODES, len(data), 0
+    depth: list[int] = [0]  # node -> depth when last filled (node 0: every atom)
+    held: list[bool] = [False]  # node -> already inside another object
+    children: list[list[int]] = [[]]  # node -> held nodes (exact pass only)
+    stack: list[int] = []
+    marks: list[int] = []
+    memo: dict[int, int] = {}
+    floor = 0  # the stack below the last mark is out of reach
+
+    def fill(node: int, items: list[int]) -> bool:
+        """Put ``items`` into ``node``; False when that makes earlier depths stale."""
+        late = held[node] or node in items
+        deepest = 0
+        for item in items:
+            held[item] = True
+            if depth[item] > deepest:
+                deepest = depth[item]
+        if deepest >= depth[node]:
+            if deepest + 1 > max_nesting:
+                raise _ShapeError(f"objects nested more than {max_nesting} deep (real metadata nests about 10)")
+            depth[node] = deepest + 1
+        if exact:
+            children[node].extend(items)
+        return not late
+
+    while True:
+        if position >= end:
+            raise ValueError("the pickle ends without STOP")
+        entry = table[data[position]]
+        if entry is None:
+            raise ValueError(f"unknown opcode {data[position]:#04x} at byte {position}")
+        name, action, count, layout, signed, prefix = entry
+        start = position = position + 1
+        if layout > 0:
+            position += layout
+        elif layout == -2:
+            length = int.from_bytes(data[position:position + prefix], "little", signed=signed)
+            if length < 0:
+                raise ValueError(f"{name} at byte {start - 1}: negative length")
+            position += prefix + length
+        elif layout:
+            for _ in range(2 if layout == _TWO_LINES else 1):
+                newline = data.find(b"\n", position)
+                if newline < 0:
+                    raise ValueError(f"{name} at byte {start - 1}: no end of line")
+                position = newline + 1
+        if position > end:
+            raise ValueError(f"{name} at byte {start - 1}: the pickle ends inside its argument")
+
+        if action == _ATOM:
+            stack.append(0)
+        elif action == _MEMOIZE or action == _PUT:
+            if len(stack) <= floor:
+                raise ValueError(f"{name} at byte {start - 1}: nothing to memoise")
+            index = len(memo)
+            if action == _PUT:
+                argument = data[start:position]
+                index = int(argument) if layout == _LINE else int.from_bytes(argument, "little")
+                if index > len(memo):  # picklers number entries in order; a huge index would size the memo
+                    raise _ShapeError(f"memo index {index} out of order (the memo holds {len(memo)} entries)")
+            memo[index] = stack[-1]
+        elif action == _GET:
+            argument = data[start:position]
+            index = int(argument) if layout == _LINE else int.from_bytes(argument, "little")
+            if index not in memo:
+                raise ValueError(f"memo entry {index} used before it is set")
+            stack.append(memo[index])
+        elif action == _EMPTY or action == _BUILD_N or action == _FROM_MARK:
+            if action == _FROM_MARK:
+                if not marks:
+                    raise ValueError(f"{name} at byte {start - 1}: no mark on the stack")
+                split = marks.pop()
+                floor = marks[-1] if marks else 0
+            else:
+                split = len(stack) - count
+                if split < floor:
+                    raise ValueError(f"{name} at byte {start - 1}: stack underflow")
+            items = stack[split:]
+            del stack[split:]
+            depth.append(0)
+            held.append(False)
+            if exact:
+                children.append([])
+            node = len(depth) - 1
+            if items:
+                fill(node, items)
+            stack.append(node)
+        elif action == _MARK:
+            marks.append(len(stack))
+            floor = len(stack)
+        elif action == _ADD_N or action == _ADD_FROM_MARK:
+            if action == _ADD_FROM_MARK:
+                if not marks:
+                    raise ValueError(f"{name} at byte {start - 1}: no mark on the stack")
+                split = marks.pop()
+                floor = marks[-1] if marks else 0
+            else:
+                split = len(stack) - count
+            if split - 1 < floor:
+                raise ValueError(f"{name} at byte {start - 1}: stack underflow")
+            items = stack[split:]
+            del stack[split:]
+            if not fill(stack[-1], items) and not exact:
+                return None
+        elif action == _DUP:
+            if len(stack) <= floor:
+                raise ValueError("DUP on an empty stack")
+            stack.append(stack[-1])
+        elif action == _POP:
+            if marks and marks[-1] == len(stack):
+                marks.pop()
+                floor = marks[-1] if marks else 0
+            elif len(stack) > floor:
+                stack.pop()
+            else:
+                raise ValueError("POP on an empty stack")
+        elif action == _POP_MARK:
+            if not marks:
+                raise ValueError("POP_MARK without a mark")
+            del stack[marks.pop():]
+            floor = marks[-1] if marks else 0
+        elif action == _STOP:
+            if len(stack) <= floor:
+                raise ValueError("STOP on an empty stack")
+            result = stack[-1]
+            return _longest_path(children, result) if exact else depth[result]
+        elif action == _REFUSED:
+            raise _ShapeError(f"opcode {name} is not allowed in checkpoint metadata")
+
+
+def _longest_path(children: list[list[int]], root: int) -> int:
+    """Longest chain of "holds" below ``root`` (iterative: the graph may be a million deep)."""
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    pending: list[tuple[int, bool]] = [(root, False)]
+    while pending:
+        node, done = pending.pop()
+        if done:
+            on_path.discard(node)
+            depth[node] = 1 + max((depth[child] for child in children[node]), default=-1)
+            continue
+        if node in depth:
+            continue
+        if node in on_path:
+            raise _ShapeError("an object contains itself")
+        on_path.add(node)
+        pending.append((node, True))
+        for child in children[node]:
+            if child in on_path:
+                raise _ShapeError("an object contains itself")
+            if child not in depth:
+                pending.append((child, False))
+    return depth[root]
+
+
 def safe_unpickle(data: bytes, source: str | Path = "<bytes>") -> Any:
-    """Unpickle ``data`` allowing only :data:`ALLOWED_GLOBALS`; other globals raise before use."""
+    """Unpickle ``data`` allowing only :data:`ALLOWED_GLOBALS`; other globals raise before use.
+
+    The structure is checked first (:func:`check_pickle_shape`): nothing is built from a pickle
+    nesting deeper than :data:`MAX_NESTING`.
+    """
     source = Path(source)
+    try:
+        check_pickle_shape(data)
+    except _ShapeError as exc:
+        raise UnsafePickleError(f"{source}: refusing to unpickle: {exc} (file not trusted)", source) from None
+    except Exception as exc:  # pickletools' own errors on truncated or malformed opcodes
+        raise CheckpointError(f"{source}: cannot unpickle: malformed pickle: {_short(exc)}", source) from None
     try:
         return _RestrictedUnpickler(io.BytesIO(data), source).load()
     except CheckpointError:
         raise
     except Exception as exc:  # truncated or malformed pickle
-        raise CheckpointError(f"{source}: cannot unpickle: {type(exc).__name__}: {exc}", source) from exc
+        raise CheckpointError(f"{source}: cannot unpickle: {type(exc).__name__}: {_short(exc)}", source) from exc
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def load_dcp_metadata(path: str | Path) -> Any:
@@ -126,7 +350,7 @@ def load_dcp_metadata(path: str | Path) -> Any:
     from torch.distributed.checkpoint.metadata import Metadata
 
     path = Path(path)
-    metadata = safe_unpickle(path.read_bytes(), path)
+    metadata = safe_unpickle(read_control_file(path, DCP_METADATA_LIMIT), path)
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"{path}: expected a torch Metadata object, found {type(metadata).__name__}", path)
     if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):

@@ -7,6 +7,7 @@ here by name alone, so that every architecture table applies unchanged:
 * ``layers.`` followed by a non-number (``decoder.layers.mlp.linear_fc2.weight``): layers
   stacked on a leading axis; each index becomes ``layers.{i}.`` (several such axes nest in
   order of appearance);
+* ``deepstack_merger_list.`` followed by a non-number: likewise (Qwen3-VL's vision block);
 * ``experts.experts.``: experts on a leading axis; each becomes ``experts.local_experts.{e}.``
   (the in-memory name of sequential experts);
 * ``mtp.layers.{i}.transformer_layer.``: the MTP inner layer, ``mtp_model_layer`` in memory;
@@ -28,6 +29,8 @@ stored ``linear_in`` and alpha / dropout from ``run_config.yaml``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +50,8 @@ SPLIT_PART_ORDERS = (
 )
 SUPPORTED_PEFT = ("LoRA", "VLMLoRA")
 
-_STACKED = re.compile(r"(?<![^.])(layers|experts\.experts)\.(?!\d)")
+# Module lists stored on a leading axis (Qwen3-VL's vision block stacks its deepstack mergers too).
+_STACKED = re.compile(r"(?<![^.])(layers|deepstack_merger_list|experts\.experts)\.(?!\d)")
 _SPLIT = re.compile(r"^(?P<weight>.+\.weight)\.(?P<part>[A-Za-z]+)$")
 
 
@@ -75,7 +79,7 @@ def unstacked_names(key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[i
     start = 0
     for axis, match in enumerate(found):
         literal = key[start : match.start()]
-        infix = "layers" if match.group(1) == "layers" else "experts.local_experts"
+        infix = "experts.local_experts" if match.group(1) == "experts.experts" else match.group(1)
         names = [(f"{name}{literal}{infix}.{i}.", index + (i,)) for name, index in names for i in range(shape[axis])]
         start = match.end()
     return [(name + key[start:], index) for name, index in names]
@@ -177,6 +181,17 @@ class CheckpointSource:
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
         rows = self._tp_rows(name, stored)
         return list(torch.split(tensor, rows)) if rows else [tensor]
+
+    @contextmanager
+    def read_ahead(self, names: Iterable[str]) -> Iterator[None]:
+        """Within the block, :meth:`shards` of ``names`` (in this order) was read ahead in a background thread.
+
+        Names this source does not hold are left out (another source reads them).
+        """
+        requests = [(key, self.slices[name].index or None) for name in names if name in self.slices
+                    for key in self.slices[name].keys]
+        with self.reader.read_ahead(requests):
+            yield
 
     # ------------------------------------------------------------------ shapes, without reading
     def shape(self, name: str) -> tuple[int, ...]:

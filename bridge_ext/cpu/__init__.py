@@ -1,4 +1,4 @@
-"""Run real Megatron-Core models on a CPU-only machine (tests, the demo, CPU users).
+"""Real Megatron-Core models on a CPU-only machine, for the demo and the tests (not the exporter).
 
-Nothing here replaces a GPU kernel when the real one is present.
+Every patch of megatron or torch here is scoped to a block and undone on exit; docs/cpu_models.md.
 """

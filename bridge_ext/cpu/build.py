@@ -1,11 +1,9 @@
 """Build a Megatron-Core model from a Hugging Face folder through Megatron-Bridge, on CPU.
 
-Call inside :func:`bridge_ext.cpu.distributed.megatron_parallel`.
-
-Qwen3.5 (HF model types ``qwen3_5_text``, ``qwen3_5_moe_text``, ``qwen3_5``, ``qwen3_5_moe``) is
-built through Megatron-Bridge's Qwen3.5 bridges with the local layer / MTP / vision specs of
-:mod:`bridge_ext.cpu.qwen35`, Qwen3-Next (``qwen3_next``) through its ``Qwen3NextBridge`` with the
-same specs; other models (Qwen3, Llama...) with megatron-core's local GPT spec.
+Support for the demo and the tests, not the exporter. Call inside
+:func:`bridge_ext.cpu.distributed.megatron_parallel`. Qwen3.5 and Qwen3-Next are built with the
+local specs of :mod:`bridge_ext.cpu.qwen35` (inside its scoped build context), other models (Qwen3,
+Llama...) with megatron-core's local GPT spec. docs/cpu_models.md.
 """
 
 from __future__ import annotations
@@ -54,14 +52,20 @@ def build_megatron_model(
     from megatron.bridge import AutoBridge
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from bridge_ext.cpu import gpt_families, qwen35
+    from bridge_ext.cpu import gpt_families, qwen3_vl, qwen35
 
     is_qwen35 = qwen35.is_qwen35(hf_dir)
+    model_type = qwen35.hf_model_type(hf_dir)
+    if model_type == "qwen2_moe":
+        import bridge_ext.cpu.qwen2_moe_bridge  # noqa: F401  (registers the bridge Megatron-Bridge lacks)
+    is_qwen3_vl = model_type in qwen3_vl.MODEL_TYPES
     is_gpt_family = gpt_families.is_gpt_family(hf_dir)
-    bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 or is_gpt_family else AutoBridge
+    bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 or is_qwen3_vl or is_gpt_family else AutoBridge
     bridge = bridge_cls.from_hf_pretrained(str(hf_dir))
     provider = bridge.to_megatron_provider(load_weights=False)
-    if is_qwen35:
+    if is_qwen3_vl:
+        qwen3_vl.configure_provider(provider)
+    elif is_qwen35:
         qwen35.configure_provider(provider)
         rotary_percent = qwen35.qwen3_next_rotary_percent(hf_dir)
         if rotary_percent is not None:  # see qwen35.qwen3_next_rotary_percent
@@ -69,6 +73,8 @@ def build_megatron_model(
     elif is_gpt_family:
         gpt_families.configure_provider(provider, hf_dir)
     else:
+        if getattr(provider, "num_moe_experts", None):
+            qwen35._prepare_config(provider)  # sequential experts, allgather dispatcher, no fusions
         provider.transformer_layer_spec = get_gpt_layer_local_spec(
             num_experts=getattr(provider, "num_moe_experts", None),
             qk_layernorm=bool(getattr(provider, "qk_layernorm", False)),
@@ -86,7 +92,9 @@ def build_megatron_model(
         lora_module = LoRA(target_modules=list(lora.target_modules), dim=lora.dim, alpha=lora.alpha)
         provider.register_pre_wrap_hook(lambda chunks: lora_module(chunks, training=True))
     provider.finalize()
-    build_context = (qwen35.cpu_build_context if is_qwen35 else
+    if is_qwen3_vl:  # its finalize turns sequence parallelism on at TP > 1; torch norms refuse it
+        provider.sequence_parallel = False
+    build_context = (qwen3_vl.cpu_build_context if is_qwen3_vl else qwen35.cpu_build_context if is_qwen35 else
                      gpt_families.cpu_build_context if is_gpt_family else lambda _: nullcontext())
     with build_context(provider):
         chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)

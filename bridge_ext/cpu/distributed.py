@@ -1,4 +1,7 @@
-"""A process group and Megatron parallel state on CPU (gloo), for one or more processes."""
+"""A process group and Megatron parallel state on CPU (gloo), for one or more processes.
+
+Support for the demo and the tests, not the exporter (which runs in the caller's own job).
+"""
 
 from __future__ import annotations
 

@@ -1,58 +1,19 @@
-"""Pure-torch stand-ins for the three flash-linear-attention (``fla``) functions megatron-core's
-Gated DeltaNet imports, so that Qwen3.5 / Qwen3-Next Megatron models build and run without a GPU.
+"""Pure-torch stand-ins for the three ``fla`` functions megatron-core's Gated DeltaNet calls.
 
-megatron-core 0.19 (``megatron/core/ssm/gated_delta_net/common.py``) does::
-
-    from fla.modules.convolution import causal_conv1d
-    from fla.modules.l2norm import l2norm
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-and refuses to build a ``GatedDeltaNet`` when that import fails (``HAVE_FLA`` False). fla's
-functions are Triton kernels (GPU only). This module implements the same three functions in
-plain torch, with fla's call conventions (``[batch, time, ...]`` layouts, ``g`` as a log-space
-decay, a default scale ``1/sqrt(head_k_dim)``, ``cu_seqlens`` for packed sequences), following
-the math of the torch reference code that transformers ships for its own CPU path
-(``transformers/models/qwen3_5/modeling_qwen3_5.py``: ``causal_conv1d_fn``, ``l2norm``,
-``torch_chunk_gated_delta_rule``). They are written for correctness on small CPU models, not
-speed.
-
-:func:`install` gives megatron's GDN these functions, and ONLY when the real ``fla`` is not
-importable; a real fla is never shadowed or replaced:
-
-* if megatron's GDN package (``megatron.core.ssm.gated_delta_net``) is not imported yet, it is
-  imported while stand-in modules ``fla``, ``fla.modules``, ``fla.modules.convolution``,
-  ``fla.modules.l2norm``, ``fla.ops``, ``fla.ops.gated_delta_rule`` (each marked
-  ``BRIDGE_EXT_STAND_IN = True``) are in ``sys.modules``, so megatron's own
-  ``from fla... import ...`` lines bind them and set ``HAVE_FLA = True``; the stand-ins are
-  removed from ``sys.modules`` right after (see :func:`stand_in_fla_modules`);
-* if it was imported before (``import megatron.bridge`` does so as a side effect), its three
-  names are ``None`` and ``HAVE_FLA`` is False: exactly those ``None`` names are bound to the
-  stand-ins and ``HAVE_FLA`` set to True.
-
-Why not leave ``fla`` in ``sys.modules`` for good: transformers resolves its Qwen3.5 kernels
-when ``modeling_qwen3_5`` is imported (``use_kernel_func_from_hub_with_fallback`` does
-``importlib.import_module("fla")`` with no CUDA check) and would then run THIS code as the
-Hugging Face reference, so the HF-vs-Megatron comparison would no longer be independent
-(checked: with the stand-ins left in ``sys.modules``, HF's ``torch_chunk_gated_delta_rule``
-resolved to ``bridge_ext.cpu.fla_torch``). With :func:`install` as written, transformers keeps
-its own torch code on CPU.
+Support for the demo and the tests, not the exporter: bound into megatron's GDN modules only
+inside :func:`gdn_torch_kernels`, and only where fla is not installed. Details: docs/cpu_models.md.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
+import importlib
 import importlib.util
 import sys
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-
-from bridge_ext.compat import modules_in_place
-
-STAND_IN_FLAG = "BRIDGE_EXT_STAND_IN"
 
 # megatron-core modules that bind the fla names at import time.
 _GDN_MODULES = (
@@ -276,59 +237,14 @@ def chunk_gated_delta_rule(
 
 
 # --------------------------------------------------------------------------------------------
-# Registration
+# Binding into megatron's GDN (scoped)
 # --------------------------------------------------------------------------------------------
 def real_fla_available() -> bool:
-    """True when a real flash-linear-attention package is importable (never our stand-in)."""
-    module = sys.modules.get("fla")
-    if module is not None:
-        return not getattr(module, STAND_IN_FLAG, False)
+    """True when a real flash-linear-attention package is importable."""
     try:
         return importlib.util.find_spec("fla") is not None
     except (ImportError, ValueError):
         return False
-
-
-def _module(name: str, doc: str, **attributes) -> types.ModuleType:
-    module = types.ModuleType(name, doc)
-    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)
-    module.__path__ = []  # a package: submodules resolve through sys.modules
-    setattr(module, STAND_IN_FLAG, True)
-    for key, value in attributes.items():
-        setattr(module, key, value)
-    return module
-
-
-def _stand_in_modules() -> dict[str, types.ModuleType]:
-    doc = "bridge_ext stand-in for flash-linear-attention (pure torch); see bridge_ext.cpu.fla_torch."
-    convolution = _module("fla.modules.convolution", doc, causal_conv1d=causal_conv1d)
-    l2norm_module = _module("fla.modules.l2norm", doc, l2norm=l2norm)
-    gdr = _module("fla.ops.gated_delta_rule", doc, chunk_gated_delta_rule=chunk_gated_delta_rule)
-    modules_pkg = _module("fla.modules", doc, convolution=convolution, l2norm=l2norm_module)
-    ops_pkg = _module("fla.ops", doc, gated_delta_rule=gdr)
-    root = _module("fla", doc, modules=modules_pkg, ops=ops_pkg, __version__="0+bridge_ext.stand_in")
-    return {
-        "fla": root,
-        "fla.modules": modules_pkg,
-        "fla.modules.convolution": convolution,
-        "fla.modules.l2norm": l2norm_module,
-        "fla.ops": ops_pkg,
-        "fla.ops.gated_delta_rule": gdr,
-    }
-
-
-@contextmanager
-def stand_in_fla_modules() -> Iterator[None]:
-    """Make ``import fla...`` resolve to the stand-ins inside the block (real fla: no-op).
-
-    Anything that imports fla inside the block keeps references to the stand-ins; keep the block
-    short (see the module doc for why they must not stay in ``sys.modules``).
-    """
-    if real_fla_available():
-        yield
-        return
-    with modules_in_place(_stand_in_modules()):
-        yield
 
 
 _BINDINGS = {
@@ -339,48 +255,37 @@ _BINDINGS = {
 
 
 @contextmanager
-def torch_kernels_in_megatron() -> Iterator[None]:
-    """Inside the block megatron's GDN calls these torch functions even where the real fla is
-    installed (to tell a kernel's rounding from a mapping error on a GPU machine)."""
-    importlib.import_module(_GDN_MODULES[2])
+def gdn_torch_kernels(*, force: bool = False) -> Iterator[None]:
+    """Inside the block megatron's GDN modules call this module's functions and report ``HAVE_FLA``.
+
+    Without ``force`` nothing is done where a real fla is importable. Every name is restored on
+    exit. A ``GatedDeltaNet`` keeps the ``chunk_gated_delta_rule`` it was built with (its
+    ``gated_delta_rule`` attribute); ``causal_conv1d`` and ``l2norm`` are looked up at each forward.
+    """
+    if real_fla_available() and not force:
+        yield
+        return
+    importlib.import_module(_GDN_MODULES[-1])
     saved = []
     for module_name in _GDN_MODULES:
         module = sys.modules[module_name]
-        for attribute, function in _BINDINGS.items():
-            if hasattr(module, attribute):
-                saved.append((module, attribute, getattr(module, attribute)))
-                setattr(module, attribute, function)
+        replacements = {name: function for name, function in _BINDINGS.items() if hasattr(module, name)}
+        if hasattr(module, "HAVE_FLA"):
+            replacements["HAVE_FLA"] = True
+        for name, value in replacements.items():
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, value)
     try:
         yield
     finally:
-        for module, attribute, previous in saved:
-            setattr(module, attribute, previous)
+        for module, name, previous in reversed(saved):
+            setattr(module, name, previous)
 
 
-def install() -> bool:
-    """Give megatron-core's GDN the torch stand-ins unless a real fla is importable. Idempotent.
-
-    Returns True when megatron's GDN uses the stand-ins, False when the real fla is importable
-    (then nothing is done).
-    """
-    if real_fla_available():
-        return False
-    if _GDN_MODULES[0] not in sys.modules:
-        with stand_in_fla_modules():
-            importlib.import_module(_GDN_MODULES[2])
-    for module_name in _GDN_MODULES:
-        module = sys.modules.get(module_name)
-        if module is None:
-            continue
-        for attribute, function in _BINDINGS.items():
-            if hasattr(module, attribute) and getattr(module, attribute) is None:
-                setattr(module, attribute, function)
-        if getattr(module, "HAVE_FLA", True) is False:
-            module.HAVE_FLA = True
-    common = sys.modules[_GDN_MODULES[0]]
-    if not (common.HAVE_FLA and common.causal_conv1d and common.l2norm and common.chunk_gated_delta_rule):
-        raise RuntimeError("megatron's GDN did not take the fla stand-ins; see bridge_ext.cpu.fla_torch")
-    return True
+def torch_kernels_in_megatron():
+    """:func:`gdn_torch_kernels` even where the real fla is installed (to tell a kernel's rounding
+    from a mapping error on a GPU machine)."""
+    return gdn_torch_kernels(force=True)
 
 
 def using_stand_in() -> bool:

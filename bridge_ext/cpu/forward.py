@@ -1,4 +1,4 @@
-"""Run a Megatron-Core model's own forward on CPU and return its logits.
+"""Run a Megatron-Core model's own forward on CPU and return its logits (demo and tests support).
 
 :func:`megatron_logits` calls the model chunk's ``forward`` (``GPTModel`` or Megatron-Bridge's
 ``Qwen3VLModel``) in eval mode without gradients, with what a CPU needs:
@@ -8,8 +8,8 @@
 * :func:`bridge_ext.cpu.qwen35.cpu_current_device`: megatron-core calls
   ``torch.cuda.current_device()`` during forward (rotary ``inv_freq``, the MoE router weight,
   Qwen3-VL's vision rotary) - on CPU machines it answers the CPU device inside the call;
-* the fla stand-ins for Gated DeltaNet layers (:mod:`bridge_ext.cpu.fla_torch`, only when the
-  real fla is not importable);
+* the fla stand-ins for Gated DeltaNet layers inside the call
+  (:func:`bridge_ext.cpu.fla_torch.gdn_torch_kernels`, only when the real fla is not importable);
 * ``runtime_gather_output=True`` so tensor-parallel logits come back whole.
 
 Single-stage models only (one chunk holding embedding and output layer).
@@ -65,7 +65,6 @@ def megatron_logits(
     inner = _unwrap(model)
     if not (getattr(inner, "pre_process", True) and getattr(inner, "post_process", True)):
         raise NotImplementedError("megatron_logits needs a model with both embedding and output layer")
-    fla_torch.install()
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     batch, seq_len = input_ids.shape
@@ -73,7 +72,7 @@ def megatron_logits(
     was_training = model.training
     model.eval()
     try:
-        with cpu_current_device():
+        with cpu_current_device(), fla_torch.gdn_torch_kernels():
             if is_vl:
                 kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vision_inputs.items()}
                 output = model(

@@ -1,60 +1,7 @@
-"""Real Megatron-Core Qwen3.5 models (GDN + gated attention, dense / MoE, MTP, vision) on CPU.
+"""Local (non-TE) specs for Megatron-Bridge's Qwen3.5 / Qwen3-Next bridges, so they build on a CPU.
 
-Megatron-Bridge builds Qwen3.5 through ``Qwen35Bridge`` / ``Qwen35MoEBridge`` (text, HF types
-``qwen3_5_text`` / ``qwen3_5_moe_text``) and ``Qwen35VLBridge`` / ``Qwen35VLMoEBridge`` (HF types
-``qwen3_5`` / ``qwen3_5_moe``). Their providers use Transformer Engine (TE) only: megatron-core's
-experimental-attention block spec asserts TE, the bridge's MTP spec hard-codes TE, and
-``Qwen3VLModel`` builds its vision tower from TE classes. This module supplies local
-(non-TE) replacements for exactly those specs, and keeps everything else of the bridges
-(provider settings, weight mappings, model classes) as they are:
-
-* :func:`qwen35_block_spec` - the decoder: per layer either a Gated DeltaNet (GDN) layer
-  (local ``ColumnParallelLinear`` ``in_proj``, the norm as the layer's ``input_layernorm``,
-  ``out_norm``, ``RowParallelLinear`` ``out_proj``) or a gated-attention layer (local linears,
-  ``DotProductAttention``, q/k norms); the MLP dense (local ``MLP``) or MoE (``SequentialMLP``
-  experts, shared expert); the layer pattern is megatron-core's own
-  (``linear_attention_freq``, ``moe_layer_freq``).
-* :func:`qwen35_mtp_block_spec` - the MTP block, megatron-core's
-  ``get_gpt_mtp_block_spec_for_backend`` with the local backend below (inner layer = the last
-  decoder layer spec, i.e. full attention).
-* :class:`ZeroCenteredRMSNorm` (through the :class:`LocalNorm` builder) - every norm of the
-  language model: Qwen3.5 runs with ``layernorm_zero_centered_gamma=True``
-  (``y = x / rms(x) * (1 + w)``), which megatron-core's torch norm refuses and its fused norm
-  needs apex for.
-* the vision tower (VL types) from megatron-core's local ViT layer spec, with
-  :class:`PackedDotProductAttention` as core attention (the vision encoder always passes packed
-  ``thd`` sequences, which the local ``DotProductAttention`` rejects).
-
-:func:`configure_provider` also sets what the local modules need on CPU: MoE with
-``moe_grouped_gemm=False``, ``moe_permute_fusion=False``, the ``allgather`` dispatcher
-(``alltoall`` needs CUDA streams), ``transformer_impl="local"``, no gradient-accumulation / RoPE
-fusion.
-
-How the specs get in (all scoped, undone on exit, see :func:`cpu_build_context`, which must
-surround ``provide*`` calls of a configured provider):
-``provider.transformer_layer_spec`` is set to :func:`qwen35_block_spec` (the provider's own
-override point); during ``provide`` the bridge's module-level ``gpt_provider.mtp_block_spec``
-(hard-coded TE; the VL providers call it too) is replaced by :func:`qwen35_mtp_block_spec`; for
-VL providers the block-spec function ``qwen35_vl_provider`` calls and the TE names
-``Qwen3VLModel`` builds its vision tower from are replaced by local ones.
-
-CPU stand-ins: :func:`cpu_current_device` makes ``torch.cuda.current_device()`` return the CPU
-device (and ``torch.cuda.nvtx.range_push/pop`` do nothing) inside its block, only on machines
-without CUDA (megatron-core calls it while building GDN and rotary embeddings, and during
-forward: rotary, the MoE router, Qwen3-VL's vision rotary; ``Qwen3VLModel.forward`` pushes
-NVTX ranges).
-
-Missing weight mappings: Megatron-Bridge's Qwen3.5 mappings name the TE spellings of fused
-norms in MTP layers (``mtp.layers.0.mtp_model_layer.self_attention.linear_qkv.layer_norm_weight``
-/ ``mlp.linear_fc1.layer_norm_weight``) and only grouped-GEMM names for MTP experts
-(``...mtp_model_layer.mlp.experts.linear_fc1.weight<e>``); its registry adds local aliases only
-for patterns ending in ``*.<name>`` (mapping_registry.py ``_add_separate_layernorm_mappings``),
-so the local names ``mtp.layers.0.mtp_model_layer.input_layernorm.weight``,
-``...pre_mlp_layernorm.weight`` and ``...experts.local_experts.<e>.linear_fc{1,2}.weight`` have
-none and loading fails. :func:`add_local_spec_mappings` adds, for every such bridge mapping, the
-same mapping under the local name (same HF names, same conversion); ``Qwen35AutoBridge``
-(:func:`qwen35_auto_bridge_class`, an ``AutoBridge`` whose model bridges use it) is what :func:`bridge_ext.cpu.build.build_megatron_model`
-uses for Qwen3.5, so its ``load_hf_weights`` / ``export_hf_weights`` see these aliases too.
+Support for the demo and the tests, not the exporter; every rebinding is scoped to
+:func:`cpu_build_context` / :func:`cpu_current_device`. The upstream facts: docs/cpu_models.md.
 """
 
 from __future__ import annotations
@@ -281,7 +228,6 @@ def qwen35_layer_specs(config) -> list:
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-    fla_torch.install()  # megatron's GDN refuses to build without (a stand-in) fla
     _prepare_config(config)
     backend = _backend()
     if config.experimental_attention_variant != "gated_delta_net":
@@ -421,15 +367,16 @@ def is_vl_provider(provider) -> bool:
 def cpu_build_context(provider=None) -> Iterator[None]:
     """Scope in which a configured Qwen3.5 provider's ``provide*`` builds the local model.
 
-    Replaces, until exit: ``torch.cuda.current_device`` (CPU machines only, see
-    :func:`cpu_current_device`); Megatron-Bridge's ``gpt_provider.mtp_block_spec`` (TE only) by
+    Replaces, until exit: the fla functions of megatron's GDN where no fla is installed
+    (:func:`bridge_ext.cpu.fla_torch.gdn_torch_kernels`); ``torch.cuda.current_device`` (CPU
+    machines only, see :func:`cpu_current_device`); Megatron-Bridge's ``gpt_provider.mtp_block_spec`` (TE only) by
     :func:`qwen35_mtp_block_spec`; for VL providers, the block-spec function in
     ``qwen35_vl_provider`` by :func:`qwen35_block_spec` (the VL providers' ``build_language_spec``
     ignores ``transformer_layer_spec``) and the TE classes ``Qwen3VLModel`` builds its vision
     tower from by local ones (:func:`local_vit_layer_spec`, torch LayerNorm, local linears).
     """
-    fla_torch.install()
     with ExitStack() as stack:
+        stack.enter_context(fla_torch.gdn_torch_kernels())  # megatron's GDN refuses to build without fla
         stack.enter_context(cpu_current_device())
         stack.enter_context(_replaced("megatron.bridge.models.gpt_provider", mtp_block_spec=qwen35_mtp_block_spec))
         if provider is None or is_vl_provider(provider):

@@ -1,4 +1,4 @@
-"""Tiny dense Hugging Face models (Qwen3, Llama), saved for tests and examples."""
+"""Tiny dense Hugging Face models (Qwen3, Llama), saved for the demo and the tests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tiny Hugging Face Qwen3.5 and Qwen3-Next models (fp32) saved to a folder, for CPU tests.
+"""Tiny Hugging Face Qwen3.5 and Qwen3-Next models (fp32) saved to a folder, for the demo and the tests.
 
 Five HF model types are covered:
 

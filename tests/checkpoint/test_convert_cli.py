@@ -29,7 +29,8 @@ def test_help_documents_every_option_examples_and_exit_codes():
     assert all(param.help for param in convert.params if isinstance(param, click.Option))
     assert "Examples:" in text and text.count("bridge-ext convert ") >= 4
     codes = re.findall(r"^\s+(\d)\s+\S", text.split("Exit codes:")[1], flags=re.M)
-    assert codes == ["0", "1", "2", "3", "4", "5", "6"]
+    assert codes == ["0", "1", "2", "3", "4", "5", "6", "7"]
+    assert "128+n" in text
 
 
 def test_convert_prints_a_summary_and_verifies(qwen3_ckpts, qwen3_hf, tmp_path):

@@ -27,7 +27,7 @@ MODES = {  # mode -> export_hf_weights keyword arguments
     "peft": dict(peft=True),
     "merged": dict(peft=False),
     "adapters": dict(adapters_only=True),
-    "per_expert": dict(peft=True, expert_layout="per_expert", expert_adapter_layout="per_expert"),
+    "per_expert": dict(peft=True, expert_adapter_layout="per_expert"),  # base in the source's expert layout
 }
 
 
@@ -155,6 +155,19 @@ def save_from_every_rank(chunks, folder) -> dict:
     return {"written": result.tensors, "tensors": tensors}
 
 
+def save_checkpoints(built, folder) -> None:
+    """The model with its LoRA as a full and as an adapter-only torch_dist checkpoint."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "checkpoint"))
+    import ckpt_factory
+
+    with ckpt_factory.cpu_stand_ins():
+        ckpt_factory.save_variant(built, folder / "lora")
+        ckpt_factory.save_variant(built, folder / "adapter", adapter_only=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", help="output folder: <model folder name>_<rank>.pt per model")
@@ -164,6 +177,8 @@ def main() -> None:
     parser.add_argument("--vpp", type=int, default=None)
     parser.add_argument("--etp", type=int, default=None)
     parser.add_argument("--megatron-bridge", action="store_true", help="also save Megatron-Bridge's exports")
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="also save torch_dist checkpoints OUT/<model>_ckpt/{lora,adapter} (for convert)")
     args = parser.parse_args()
 
     from pathlib import Path
@@ -190,6 +205,8 @@ def main() -> None:
             results, received = export_all(built.chunks, moe)
             saved = {"results": results, "received_bytes": received,
                      "save": save_from_every_rank(built.chunks, Path(args.out) / f"{hf_dir.name}_saved")}
+            if args.checkpoints:
+                save_checkpoints(built, Path(args.out) / f"{hf_dir.name}_ckpt")
             if args.megatron_bridge:
                 with cpu_parallel_build(sizes):
                     saved["megatron_bridge"] = megatron_bridge_exports(built)

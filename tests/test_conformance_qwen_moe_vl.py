@@ -1,0 +1,302 @@
+"""Conformance of the Qwen MoE and VL tables on real Megatron-Core models (CPU, fp32).
+
+One tiny Hugging Face model per type, saved by transformers, built in Megatron once per module
+with LoRA (random non-zero A and B) on every target Megatron-Bridge offers for it. Per type:
+
+* the base export is bit-exact with the source files, its names are transformers' own
+  save-time key set (either expert layout), with no Megatron spelling;
+* the adapter folder loads strictly in PEFT, and HF + PEFT logits equal the Megatron forward;
+  the merged folder's logits too;
+* PEFT's 3-D expert packing, merged by PEFT itself, equals an independent merge per expert of
+  the per-expert (vLLM) layout;
+* merged weights and adapters are compared with Megatron-Bridge's exports, tensor by tensor;
+* TP2 and EP2 (torchrun, gloo) are bit-identical to the single process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from bridge_ext import export_hf_weights, save_hf_pretrained
+from bridge_ext.cpu import tiny_qwen_moe_vl as tiny
+from bridge_ext.cpu.build import LoraSettings, build_megatron_model
+from bridge_ext.cpu.forward import megatron_logits
+from bridge_ext.cpu.tiny_models import tiny_vl_inputs
+from bridge_ext.engine import PEFT_PREFIX
+from bridge_ext.export import source_expert_layouts
+from bridge_ext.dims import ModelDims
+from bridge_ext.hf_keys import hf_checkpoint_keys
+from bridge_ext.ops import SplitGroupedRows
+from model_mappings import table_for
+from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
+
+sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+import worker  # noqa: E402  (the layout tests' torchrun script: global LoRA values, every export mode)
+
+# Megatron spellings no Hugging Face name of these types contains (HF's Qwen3-VL vision MLP is linear_fc1 too).
+MEGATRON_SPELLINGS = ("to_wrap", "decoder.", "linear_qkv", "linear_proj", ".adapter.", "layer_norm_weight",
+                      "local_experts", "router", "vision_model", "embedding.", "output_layer", "shared_experts")
+PEFT_EXPERT_KEY = re.compile(r"\.mlp\.experts\.(base_layer\.)?lora_[AB]\.weight$")
+LORA = LoraSettings(target_modules=worker.LORA_TARGETS, dim=4, alpha=8)  # every target Megatron-Bridge offers
+SCALE = LORA.alpha / LORA.dim
+
+
+@dataclass(frozen=True)
+class ModelType:
+    make: Callable[[Path], Path]
+    moe: bool = True
+    vl: bool = False
+    experts_on_disk: str = "per_expert"  # transformers' save-time layout of the experts
+    other_layouts: tuple[str, ...] = ()  # further base expert layouts transformers loads
+    vllm_adapters: str = "per_expert"  # vLLM's expert LoRA: 3-D ("fused") for is_3d_moe_weight models
+
+
+TYPES = {
+    "qwen3_moe": ModelType(tiny.tiny_qwen3_moe),
+    "qwen2_moe": ModelType(tiny.tiny_qwen2_moe),
+    "qwen3_vl_moe": ModelType(lambda d: tiny.tiny_qwen3_vl(d, moe=True), vl=True, experts_on_disk="fused",
+                              other_layouts=("fused_transposed",), vllm_adapters="fused"),
+    "qwen3_vl": ModelType(tiny.tiny_qwen3_vl, moe=False, vl=True),
+}
+MOE_TYPES = [name for name, kind in TYPES.items() if kind.moe]
+
+
+@pytest.fixture(scope="module", params=list(TYPES))
+def built(request, megatron_cpu, tmp_path_factory):
+    hf_dir = TYPES[request.param].make(tmp_path_factory.mktemp(request.param))
+    model = build_megatron_model(hf_dir, lora=LORA)
+    # LoRA values keyed on global names: the parallel runs below hold the same model.
+    worker.set_global_lora(model.chunks, AutoConfig.from_pretrained(str(hf_dir)))
+    model.model_type = request.param
+    return model
+
+
+def source_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def inputs_for(model_type: str) -> tuple[torch.Tensor, dict]:
+    if TYPES[model_type].vl:  # two prompts with one 16x16 image each
+        inputs = tiny_vl_inputs(batch=2)
+        return inputs.pop("input_ids"), inputs
+    return torch.randint(3, 120, (2, 24), generator=torch.Generator().manual_seed(1)), {}
+
+
+def reference_logits(built, input_ids: torch.Tensor, extra: dict) -> torch.Tensor:
+    """The Megatron model's own logits.
+
+    Megatron-Bridge's patch mergers (final and deepstack) use tanh-approximate GELU where
+    Hugging Face's use the exact one (~5e-5 of the largest logit on the tiny models); to compare
+    weights, both sides compute the same function (as in tests/test_export_qwen35.py).
+    """
+    if not TYPES[built.model_type].vl:
+        return megatron_logits(built.chunks, input_ids)
+    vision = built.chunks[0].vision_model
+    mergers = [vision.merger, *getattr(vision.decoder, "deepstack_merger_list", [])]
+    approximate = [merger.activation_func for merger in mergers]
+    try:
+        for merger in mergers:
+            merger.activation_func = torch.nn.functional.gelu
+        return megatron_logits(built.chunks, input_ids, **{k: v for k, v in extra.items() if k != "mm_token_type_ids"})
+    finally:
+        for merger, function in zip(mergers, approximate):
+            merger.activation_func = function
+
+
+def is_adapter(name: str) -> bool:
+    return name.startswith(PEFT_PREFIX)
+
+
+def test_base_is_bit_exact_and_named_like_transformers(built):
+    kind = TYPES[built.model_type]
+    config = AutoConfig.from_pretrained(str(built.hf_dir))
+    original = source_tensors(built.hf_dir)
+    exported = dict(export_hf_weights(built.chunks))
+    base = {name: tensor for name, tensor in exported.items() if not is_adapter(name)}
+    assert sorted(base) == sorted(hf_checkpoint_keys(config)) == sorted(original)
+    assert [name for name in original if not torch.equal(base[name], original[name])] == []
+    for name in exported:
+        assert not any(spelling in name.removeprefix(PEFT_PREFIX) for spelling in MEGATRON_SPELLINGS), name
+    per_expert_adapters = any(re.search(r"\.experts\.\d+\.", n) for n in exported if is_adapter(n))
+    assert per_expert_adapters == (kind.moe and kind.vllm_adapters == "per_expert")  # live export: vLLM's layout
+    if kind.moe and kind.experts_on_disk == "per_expert":  # the in-memory (fused) layout holds the same experts
+        fused = dict(export_hf_weights(built.chunks, expert_layout="fused", adapters_only=False))
+        fused_base = {name: tensor for name, tensor in fused.items() if not is_adapter(name)}
+        assert sorted(fused_base) == sorted(hf_checkpoint_keys(config, expert_layout="fused"))
+        experts = next(name for name in fused_base if name.endswith("layers.1.mlp.experts.gate_up_proj"))
+        per_expert = experts.removesuffix("gate_up_proj") + "3."
+        assert torch.equal(fused_base[experts][3], torch.cat([original[per_expert + "gate_proj.weight"],
+                                                              original[per_expert + "up_proj.weight"]]))
+
+
+def test_peft_loads_the_adapter_strictly_and_both_folders_give_megatron_logits(built, tmp_path):
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")
+    save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True)
+    report = Report()
+    check_model_folder(tmp_path / "model", report)
+    check_model_folder(tmp_path / "merged", report)
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", report)
+    input_ids, extra = inputs_for(built.model_type)
+    reference = reference_logits(built, input_ids, extra)
+    relative = compare_logits(hf_logits(peft_model, input_ids, **extra), reference, report,
+                              what=f"{built.model_type} HF + PEFT", relative_tolerance=1e-4)
+    compare_logits(hf_logits(load_hf_model(tmp_path / "merged"), input_ids, **extra), reference, report,
+                   what=f"{built.model_type} merged", relative_tolerance=1e-4)
+    without = hf_logits(load_hf_model(tmp_path / "model"), input_ids, **extra)
+    assert (without - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+    for layout in TYPES[built.model_type].other_layouts:  # written in that layout, loaded by transformers
+        save_hf_pretrained(built.chunks, tmp_path / layout, merge=True, expert_layout=layout)
+        table = table_for(AutoConfig.from_pretrained(str(built.hf_dir)))
+        assert source_expert_layouts(tmp_path / layout, table) == {"experts": layout}
+        check_model_folder(tmp_path / layout, report, expert_layout=layout)
+        compare_logits(hf_logits(load_hf_model(tmp_path / layout), input_ids, **extra), reference, report,
+                       what=f"{built.model_type} merged, experts {layout}", relative_tolerance=1e-4)
+    adapter_keys = list(load_file(str(tmp_path / "adapter/adapter_model.safetensors")))
+    if TYPES[built.model_type].moe:  # PEFT wrapped the experts: its own merge is checked below
+        assert any(PEFT_EXPERT_KEY.search(name) for name in adapter_keys)
+    if TYPES[built.model_type].vl:  # LoRA on the vision tower too
+        assert any(".visual.blocks." in name for name in adapter_keys)
+
+
+@pytest.mark.parametrize("built", MOE_TYPES, indirect=True)
+def test_peft_3d_expert_packing_equals_a_merge_per_expert(built, tmp_path):
+    """PEFT merges our packed ``lora_A [r*E, in]`` / ``lora_B [out, r*E]`` itself; each expert
+    must come out as ``W_e + scale * B_e @ A_e`` of the per-expert (vLLM) layout's factors."""
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", Report())
+    merged = dict(peft_model.merge_and_unload().named_parameters())
+    source = dict(load_hf_model(built.hf_dir).named_parameters())  # transformers' own in-memory experts
+    per_expert = dict(export_hf_weights(built.chunks, adapters_only=True, expert_adapter_layout="per_expert"))
+    pattern = re.compile(r"^(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+    checked = 0
+    for name, lora_a in per_expert.items():
+        found = pattern.match(name.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight"))
+        if found is None or not name.endswith("lora_A.weight"):
+            continue
+        expert, proj, experts = int(found["e"]), found["proj"], found["experts"]
+        lora_b = per_expert[name.replace("lora_A", "lora_B")]
+        fused = "down_proj" if proj == "down_proj" else "gate_up_proj"
+        rows = slice(None) if proj == "down_proj" else source[f"{experts}.{fused}"][expert].chunk(2)[0].shape[0]
+        part = (slice(None) if proj == "down_proj" else slice(0, rows) if proj == "gate_proj" else slice(rows, None))
+        expected = source[f"{experts}.{fused}"][expert][part] + SCALE * lora_b @ lora_a
+        torch.testing.assert_close(merged[f"{experts}.{fused}"][expert][part], expected, rtol=0, atol=2e-6)
+        checked += 1
+    assert checked == 3 * 4 * 2  # 3 projections x 4 experts x 2 layers
+
+
+# Megatron-Bridge emits the vision attn.qkv lora_B in Megatron's per-head [q_h; k_h; v_h] row
+# order (its merged export adds that delta to the de-interleaved base); ours follow the base's
+# [Q; K; V] (the logits tests above are the judge).
+MB_VISION_QKV = re.compile(r"\.visual\.blocks\.\d+\.attn\.qkv\.(lora_B\.)?weight$")
+
+
+def test_comparison_with_megatron_bridge_exports(built):
+    """Merged weights and adapters (per-expert layout: Megatron-Bridge's) against Megatron-Bridge."""
+    ours_merged = dict(export_hf_weights(built.chunks, peft=False))
+    theirs_merged = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours_merged) == sorted(theirs_merged)
+    ours = {n.removeprefix(PEFT_PREFIX): t for n, t in
+            export_hf_weights(built.chunks, adapters_only=True, expert_adapter_layout="per_expert")}
+    theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours) == sorted(theirs)
+    expected = sorted(n for n in [*ours, *ours_merged] if MB_VISION_QKV.search(n))
+    assert sorted([n for n in ours_merged if not torch.equal(ours_merged[n], theirs_merged[n])]
+                  + [n for n in ours if not torch.equal(ours[n], theirs[n])]) == expected
+    base = dict(export_hf_weights(built.chunks)) if expected else {}
+    head_dim = ModelDims.from_hf_config(AutoConfig.from_pretrained(str(built.hf_dir)))["vision_head_dim"] if expected else 0
+    for name in (n for n in expected if "lora_B" in n):
+        per_head = SplitGroupedRows(head_dim, head_dim, head_dim).reverse(list(ours[name].chunk(3)), None)[0]
+        assert torch.equal(theirs[name], per_head)
+        weight = name.replace("lora_B.weight", "weight")
+        their_delta = theirs_merged[weight] - base[weight]
+        torch.testing.assert_close(their_delta, SCALE * theirs[name] @ ours[name.replace("lora_B", "lora_A")],
+                                   rtol=0, atol=1e-6)
+
+
+# One 2-process gloo run: attention and dense layers at TP=2, experts at EP=2 (expert-TP 1), the
+# layout MoE models train with; every export mode and destination of every MoE type.
+PARALLEL_FLAGS = ["--tp", "2", "--ep", "2", "--etp", "1"]
+
+
+@dataclass(frozen=True)
+class ParallelRun:
+    out: Path
+    hf_dirs: dict[str, Path]
+
+    def ranks(self, model_type: str) -> list[dict]:
+        return [torch.load(self.out / f"{model_type}_{rank}.pt") for rank in range(2)]
+
+    def checkpoint(self, model_type: str, variant: str) -> Path:
+        return self.out / f"{model_type}_ckpt" / variant
+
+
+@pytest.fixture(scope="module")
+def parallel_run(tmp_path_factory) -> ParallelRun:
+    """The worker at TP=2 x EP=2 over every MoE type; it also saves torch_dist checkpoints."""
+    out = tmp_path_factory.mktemp("tp2_ep2")
+    hf_root = tmp_path_factory.mktemp("parallel_hf")
+    hf_dirs = {name: TYPES[name].make(hf_root / name) for name in PARALLEL_TYPES}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(worker.__file__), str(out), *map(str, hf_dirs.values()), *PARALLEL_FLAGS, "--checkpoints"]
+    finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-6000:]
+    return ParallelRun(out, hf_dirs)
+
+
+def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert sorted(got) == sorted(expected), f"{what}: names differ: {sorted(set(got) ^ set(expected))[:6]}"
+    differing = [name for name in expected if not torch.equal(got[name], expected[name])]
+    assert not differing, f"{what}: {len(differing)} tensors differ, e.g. {differing[:4]}"
+
+
+PARALLEL_TYPES = MOE_TYPES
+
+
+@pytest.mark.parametrize("built", PARALLEL_TYPES, indirect=True)
+def test_tp2_ep2_exports_are_bit_identical_to_the_single_process(built, parallel_run):
+    ranks = parallel_run.ranks(built.model_type)
+    for mode, kwargs in worker.MODES.items():
+        expected = dict(export_hf_weights(built.chunks, **kwargs))
+        for rank, result in enumerate(ranks):
+            assert_same(result["results"][f"{mode}/all"], expected, f"{mode}/all rank {rank}")
+        assert_same(ranks[0]["results"][f"{mode}/rank0"], expected, f"{mode}/rank0")
+        assert ranks[1]["results"][f"{mode}/rank0"] == {} and ranks[1]["received_bytes"][f"{mode}/rank0"] == 0
+        owned = [rank["results"][f"{mode}/owner"] for rank in ranks]
+        assert not set(owned[0]) & set(owned[1]), f"{mode}/owner: a tensor came out on both ranks"
+        assert_same({**owned[0], **owned[1]}, expected, f"{mode}/owner")
+    saved = ranks[0]["save"]["tensors"]  # save_hf_pretrained in the parallel job: rank 0 writes
+    assert_same(saved, dict(export_hf_weights(built.chunks, expert_adapter_layout="fused")), "saved folders")
+
+
+@pytest.mark.parametrize("variant", ["lora", "adapter"])
+@pytest.mark.parametrize("built", PARALLEL_TYPES, indirect=True)
+def test_convert_of_the_tp2_ep2_checkpoint_equals_the_live_export(built, parallel_run, variant, tmp_path):
+    """``bridge-ext convert`` of the full and the adapter-only checkpoint the parallel run saved."""
+    from bridge_ext.convert import convert_checkpoint
+
+    hf_dir = parallel_run.hf_dirs[built.model_type]
+    result = convert_checkpoint(parallel_run.checkpoint(built.model_type, variant), model_dir=tmp_path / "model",
+                                adapter_dir=tmp_path / "adapter", hf_base=hf_dir)
+    written = source_tensors(result.model_dir)
+    written.update(load_file(str(result.adapter_dir / "adapter_model.safetensors")))
+    assert_same(written, dict(export_hf_weights(built.chunks, expert_adapter_layout="fused")), f"converted {variant} checkpoint")
+    report = Report()
+    peft_model = load_adapter_strict(load_hf_model(result.model_dir), result.adapter_dir, report)
+    input_ids, extra = inputs_for(built.model_type)
+    compare_logits(hf_logits(peft_model, input_ids, **extra), reference_logits(built, input_ids, extra), report,
+                   what=f"converted {variant}", relative_tolerance=1e-4)
