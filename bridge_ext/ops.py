@@ -186,7 +186,9 @@ class Copies(Op):
 
     def reverse(self, tensors, dims):
         first, *others = tensors
-        differ = [index + 1 for index, other in enumerate(others) if not torch.equal(first, other)]
+        # meta tensors (shape checks before any data moves): only shapes can be compared
+        differ = [index + 1 for index, other in enumerate(others)
+                  if other.shape != first.shape or not (first.is_meta or other.is_meta or torch.equal(first, other))]
         if len(tensors) != self.count or differ:
             raise ValueError(f"the {self.count} copies must be equal; copies {differ} differ from copy 0"
                              if differ else f"expected {self.count} copies, got {len(tensors)}")

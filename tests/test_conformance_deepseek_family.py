@@ -187,3 +187,23 @@ def test_two_mtp_layers_are_bit_exact(family, megatron_cpu, tmp_path):
     assert sorted(exported) == sorted(original)
     assert [n for n in original if not torch.equal(exported[n], original[n])] == []
     assert sum(n.startswith(SECOND_MTP_LAYER[family]) for n in exported) > 10
+
+
+def test_moonlight_plain_q_proj_keys_all_have_a_megatron_rule():
+    """Moonlight (``deepseek_v3`` with ``q_lora_rank: null``) names ``self_attn.q_proj``.
+
+    megatron-core 0.19.2's local spec cannot build that MLA on CPU (it wants Transformer
+    Engine's fused norm+linear ``linear_q_proj``), so only the names are checked here: every
+    tensor transformers saves has a rule, and ``q_proj`` comes from ``linear_q_proj``.
+    """
+    from transformers import DeepseekV3Config
+
+    config = DeepseekV3Config(**{**tiny._deepseek_kwargs(q_lora_rank=None), "num_nextn_predict_layers": 0})
+    table = table_for(config)
+    variants = frozenset(family.variant("per_expert") for family in table.expert_families)
+    keys = hf_checkpoint_keys(config)
+    assert "model.layers.0.self_attn.q_proj.weight" in keys and not any("q_a_proj" in k for k in keys)
+    unmatched = [key for key in keys if table.match_hf(key, variants) is None]
+    assert unmatched == []
+    found, _ = table.match_hf("model.layers.2.self_attn.q_proj.weight", variants)
+    assert found.rule.megatron == "decoder.layers.{layer}.self_attention.linear_q_proj.weight"

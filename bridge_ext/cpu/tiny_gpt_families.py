@@ -126,8 +126,10 @@ def tiny_deepseek_v3(directory: str | Path, mtp_layers: int = 1, *, model_type: 
                      q_lora_rank: int | None = 24, seed: int = 0) -> Path:
     """A ``DeepseekV3ForCausalLM``: MLA, 1 dense + 2 MoE layers (4 experts, 1 shared), MTP.
 
-    ``q_lora_rank=None`` gives plain ``q_proj`` (Moonlight); ``model_type="kimi_k2"`` writes the
-    model type Kimi-K2's config.json declares over the same architecture.
+    ``q_lora_rank=None`` gives plain ``q_proj`` (Moonlight; megatron-core 0.19.2's local spec
+    cannot build that MLA, see :func:`bridge_ext.cpu.gpt_families._local_mla`);
+    ``model_type="kimi_k2"`` writes the model type Kimi-K2's config.json declares over the same
+    architecture.
     """
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 

@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import ckpt_factory  # noqa: E402
 
-TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")
+TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj",
+           "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")  # (MLA)
 LORA_SEED = 5
 INPUT_IDS = torch.randint(0, 120, (2, 12), generator=torch.Generator().manual_seed(0))
 
