@@ -7,8 +7,7 @@ which is where PEFT matches targets and keys adapters (``in_memory_prefixes``). 
 attention, ``merger.ln_q`` / ``merger.mlp.{0,2}``) under the same ``visual.*`` names, replicated
 over tensor-parallel ranks, and the Qwen2 decoder under ``language_model.*``.
 
-Qwen3-VL:
-Hugging Face names the language model ``model.language_model.*`` (``lm_head`` at top level) and
+Qwen3-VL: Hugging Face names the language model ``model.language_model.*`` (``lm_head`` at top level) and
 the vision tower ``model.visual.*``; Megatron-Bridge's ``Qwen3VLModel`` names them
 ``language_model.*`` and ``vision_model.*``. Qwen3-VL's vision tower adds deepstack mergers
 (``deepstack_merger_list.{i}``: the features after some vision blocks, merged like the final
@@ -35,7 +34,8 @@ EXPERTS = ExpertFamily("experts", EXPERT_PARAMETERS)
 
 
 def transposed_fused_experts(family: ExpertFamily = EXPERTS) -> list[Rule]:
-    """Sequential and grouped Megatron experts -> fused ``[E, in, out]`` (or per expert)."""
+    """Sequential and grouped Megatron experts -> fused ``[E, out, in]`` (transformers' save),
+    fused ``[E, in, out]`` (published checkpoints) or per expert (per-expert adapters only)."""
     rules = []
     for fc1, fc2 in (("mlp.experts.local_experts.{expert}.linear_fc1.weight", "mlp.experts.local_experts.{expert}.linear_fc2.weight"),
                      ("mlp.experts.linear_fc1.weight{expert}", "mlp.experts.linear_fc2.weight{expert}")):
