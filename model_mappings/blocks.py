@@ -6,8 +6,8 @@ them into the next linear (``linear_qkv.layer_norm_weight``), local specs keep a
 (``input_layernorm``); both occur in real checkpoints, so both are listed.
 """
 
-from bridge_ext.ops import GroupRows, SplitGroupedRows, SplitRows, TrimVocab
-from bridge_ext.table import Rule, rule
+from bridge_ext.ops import Concat, GroupRows, SplitGroupedRows, SplitRows, Transpose, TrimVocab
+from bridge_ext.table import ExpertFamily, Rule, rule
 
 # Megatron linear_qkv rows per query group: [q heads; k; v] (GQA).
 QKV_GROUPS = SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim")
@@ -54,3 +54,36 @@ def post_attention_norm() -> list[Rule]:
         rule("mlp.linear_fc1.layer_norm_weight", "post_attention_layernorm.weight", tp="replicated"),
         rule("pre_mlp_layernorm.weight", "post_attention_layernorm.weight", tp="replicated"),
     ]
+
+
+# Megatron's routed experts: sequential (``local_experts.{expert}.linear_fc1``) and Transformer
+# Engine grouped (``linear_fc1.weight{expert}``); both occur in checkpoints.
+MEGATRON_EXPERT_NAMES = (
+    ("mlp.experts.local_experts.{expert}.linear_fc1.weight", "mlp.experts.local_experts.{expert}.linear_fc2.weight"),
+    ("mlp.experts.linear_fc1.weight{expert}", "mlp.experts.linear_fc2.weight{expert}"),
+)
+
+
+def routed_experts(family: ExpertFamily, *, transposed: bool = False) -> list[Rule]:
+    """Routed experts in the family's layout variants: per expert, fused ``[E, 2I, H]`` / ``[E, H, I]``
+    (transformers' in-memory layout) and, with ``transposed``, fused ``[E, H, 2I]`` / ``[E, I, H]``
+    (``fused_transposed``: how some published checkpoints store them)."""
+    rules = []
+    for fc1, fc2 in MEGATRON_EXPERT_NAMES:
+        rules += [
+            rule(fc1, ["mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"],
+                 SplitRows(1, 1), variant=family.variant("per_expert")),
+            rule(fc2, "mlp.experts.{expert}.down_proj.weight", tp="row", variant=family.variant("per_expert")),
+            # Hugging Face's gate_up_proj[e] is [gate; up]: Megatron's fc1 with ranks rejoined.
+            rule(fc1, "mlp.experts.gate_up_proj", SplitRows(1, 1), Concat((1, 1)), stack="expert",
+                 variant=family.variant("fused")),
+            rule(fc2, "mlp.experts.down_proj", tp="row", stack="expert", variant=family.variant("fused")),
+        ]
+        if transposed:
+            rules += [
+                rule(fc1, "mlp.experts.gate_up_proj", SplitRows(1, 1), Concat((1, 1)), Transpose(), stack="expert",
+                     variant=family.variant("fused_transposed")),
+                rule(fc2, "mlp.experts.down_proj", Transpose(), tp="row", stack="expert",
+                     variant=family.variant("fused_transposed")),
+            ]
+    return rules

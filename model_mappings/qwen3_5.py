@@ -8,7 +8,7 @@ tower under ``model.visual.*``, while Megatron-Bridge prefixes ``language_model.
 
 from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows
 from bridge_ext.table import ExpertFamily, ExtraWeights, MappingTable, Rule, prefixed, rule
-from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm
+from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
 
 # transformers' Qwen3.5-MoE experts register gate_up_proj, then down_proj.
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
@@ -39,27 +39,6 @@ def gated_delta_net() -> list[Rule]:
         rule("self_attention.out_norm.weight", "linear_attn.norm.weight", AddOne(), tp="replicated"),
         rule("self_attention.out_proj.weight", "linear_attn.out_proj.weight", tp="row"),
     ]
-
-
-def routed_experts(family: ExpertFamily) -> list[Rule]:
-    """Experts per expert, or fused ``[E, ...]`` (the family's two layout variants).
-
-    Sequential experts (``local_experts.{expert}.linear_fc1``) and Transformer Engine grouped
-    experts (``linear_fc1.weight{expert}``) are both spelled out.
-    """
-    rules = []
-    for fc1, fc2 in (("mlp.experts.local_experts.{expert}.linear_fc1.weight", "mlp.experts.local_experts.{expert}.linear_fc2.weight"),
-                     ("mlp.experts.linear_fc1.weight{expert}", "mlp.experts.linear_fc2.weight{expert}")):
-        rules += [
-            rule(fc1, ["mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"],
-                 SplitRows(1, 1), variant=family.variant("per_expert")),
-            rule(fc2, "mlp.experts.{expert}.down_proj.weight", tp="row", variant=family.variant("per_expert")),
-            # Hugging Face's gate_up_proj[e] is [gate; up]: Megatron's fc1 with ranks rejoined.
-            rule(fc1, "mlp.experts.gate_up_proj", SplitRows(1, 1), Concat((1, 1)), stack="expert",
-                 variant=family.variant("fused")),
-            rule(fc2, "mlp.experts.down_proj", tp="row", stack="expert", variant=family.variant("fused")),
-        ]
-    return rules
 
 
 def moe(family: ExpertFamily) -> list[Rule]:

@@ -12,8 +12,8 @@ both are variants of the ``experts`` family.
 """
 
 from bridge_ext.table import ExpertFamily, MappingTable, prefixed, rule
-from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm
-from model_mappings.qwen3_5 import EXPERT_PARAMETERS, routed_experts
+from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
+from model_mappings.qwen3_5 import EXPERT_PARAMETERS
 
 # Qwen3MoeExperts / Qwen2MoeExperts register gate_up_proj, then down_proj.
 EXPERTS = ExpertFamily("experts", EXPERT_PARAMETERS)

@@ -24,34 +24,12 @@ per-expert checkpoint layout (transformers would not load it); the per-expert va
 per-expert adapters only.
 """
 
-from bridge_ext.ops import Concat, SplitRows, Transpose
 from bridge_ext.table import ExpertFamily, MappingTable, Rule, prefixed, rule
-from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm
+from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
 from model_mappings.qwen3_5 import EXPERT_PARAMETERS, vision_tower
 
 # Qwen3VLMoeTextExperts registers gate_up_proj, then down_proj.
 EXPERTS = ExpertFamily("experts", EXPERT_PARAMETERS)
-
-
-def transposed_fused_experts(family: ExpertFamily = EXPERTS) -> list[Rule]:
-    """Sequential and grouped Megatron experts -> fused ``[E, out, in]`` (transformers' save),
-    fused ``[E, in, out]`` (published checkpoints) or per expert (per-expert adapters only)."""
-    rules = []
-    for fc1, fc2 in (("mlp.experts.local_experts.{expert}.linear_fc1.weight", "mlp.experts.local_experts.{expert}.linear_fc2.weight"),
-                     ("mlp.experts.linear_fc1.weight{expert}", "mlp.experts.linear_fc2.weight{expert}")):
-        rules += [
-            rule(fc1, ["mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"],
-                 SplitRows(1, 1), variant=family.variant("per_expert")),
-            rule(fc2, "mlp.experts.{expert}.down_proj.weight", tp="row", variant=family.variant("per_expert")),
-            rule(fc1, "mlp.experts.gate_up_proj", SplitRows(1, 1), Concat((1, 1)), stack="expert",
-                 variant=family.variant("fused")),
-            rule(fc2, "mlp.experts.down_proj", tp="row", stack="expert", variant=family.variant("fused")),
-            rule(fc1, "mlp.experts.gate_up_proj", SplitRows(1, 1), Concat((1, 1)), Transpose(), stack="expert",
-                 variant=family.variant("fused_transposed")),
-            rule(fc2, "mlp.experts.down_proj", Transpose(), tp="row", stack="expert",
-                 variant=family.variant("fused_transposed")),
-        ]
-    return rules
 
 
 def deepstack_mergers() -> list[Rule]:
@@ -68,7 +46,7 @@ def deepstack_mergers() -> list[Rule]:
 
 
 def qwen3_language_model(*, moe: bool) -> list[Rule]:
-    mlp = [rule("mlp.router.weight", "mlp.gate.weight", tp="replicated"), *transposed_fused_experts()] if moe else dense_mlp()
+    mlp = [rule("mlp.router.weight", "mlp.gate.weight", tp="replicated"), *routed_experts(EXPERTS, transposed=True)] if moe else dense_mlp()
     layer = [*attention(), *post_attention_norm(), *mlp]
     return [
         *prefixed(embeddings("model.language_model.embed_tokens.weight", "lm_head.weight",
