@@ -162,6 +162,14 @@ def check_pickle_shape(data: bytes, max_nesting: int = MAX_NESTING) -> None:
         raise _ShapeError(f"objects nested {depth} deep (more than {max_nesting}; real metadata nests about 10)")
 
 
+def _pop_mark(marks: list[int], opcode: str, byte: int) -> tuple[int, int]:
+    """The stack height at the innermost mark (removed), and the floor the mark below it sets."""
+    if not marks:
+        raise ValueError(f"{opcode} at byte {byte}: no mark on the stack")
+    split = marks.pop()
+    return split, (marks[-1] if marks else 0)
+
+
 def _scan(data: bytes, max_nesting: int, exact: bool) -> int | None:  # noqa: C901 - one loop, one branch per action
     """The result's nesting; None when ``exact`` is False and an object was filled late."""
     table, end, position = _OPCODES, len(data), 0
@@ -233,10 +241,7 @@ def _scan(data: bytes, max_nesting: int, exact: bool) -> int | None:  # noqa: C9
             stack.append(memo[index])
         elif action == _EMPTY or action == _BUILD_N or action == _FROM_MARK:
             if action == _FROM_MARK:
-                if not marks:
-                    raise ValueError(f"{name} at byte {start - 1}: no mark on the stack")
-                split = marks.pop()
-                floor = marks[-1] if marks else 0
+                split, floor = _pop_mark(marks, name, start - 1)
             else:
                 split = len(stack) - count
                 if split < floor:
@@ -256,10 +261,7 @@ def _scan(data: bytes, max_nesting: int, exact: bool) -> int | None:  # noqa: C9
             floor = len(stack)
         elif action == _ADD_N or action == _ADD_FROM_MARK:
             if action == _ADD_FROM_MARK:
-                if not marks:
-                    raise ValueError(f"{name} at byte {start - 1}: no mark on the stack")
-                split = marks.pop()
-                floor = marks[-1] if marks else 0
+                split, floor = _pop_mark(marks, name, start - 1)
             else:
                 split = len(stack) - count
             if split - 1 < floor:
