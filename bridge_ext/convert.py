@@ -25,12 +25,13 @@ import torch
 
 from bridge_ext.checkpoint import CheckpointReader
 from bridge_ext.checkpoint.config_check import check_config_fields, check_config_matches_run_config, load_hf_config
-from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, has_weights, hf_folder_shapes
+from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, hf_folder_shapes
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import Mode, run_rule
 from bridge_ext.export import ExportPlan, expert_layouts, plan_export, possible_variants, source_expert_layouts
 from bridge_ext.errors import ConvertError, OutputLocationError
+from bridge_ext.hf_files import has_safetensors
 from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.table import ExpertLayout
@@ -173,7 +174,7 @@ def check_hf_side(reader: CheckpointReader, config, config_folder: Path | None, 
     """
     if hf_base is not None:
         hf_folder_shapes(hf_base)
-    elif config_folder is not None and has_weights(config_folder):
+    elif config_folder is not None and has_safetensors(config_folder):
         hf_folder_shapes(config_folder)
     run_config = reader.run_config
     if run_config is not None and not built_from_run_config:

@@ -13,6 +13,12 @@ class BridgeExtError(Exception):
     """The root of bridge_ext's own errors."""
 
 
+def first_line(error: BaseException) -> str:
+    """An error's first line, at most 200 characters, to quote a third-party error in a message."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 class ExportError(BridgeExtError, ValueError):
     """The model and the mapping table disagree; the message names the tensors concerned."""
 

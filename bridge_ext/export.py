@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import torch
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, describe, plan_tasks
 from bridge_ext.distributed import Destination, all_agree
+from bridge_ext.hf_files import has_safetensors, list_safetensors
 from bridge_ext.live import LiveModelSource, unwrap_chunks
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.peft_keys import PEFT_PREFIX
@@ -121,15 +121,7 @@ def possible_variants(table: MappingTable, found: dict[str, ExpertLayout]) -> fr
 
 def folder_weight_names(folder: Path) -> list[str]:
     """The tensor names of a Hugging Face folder's safetensors (empty when there are none)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return list(json.loads(index.read_text())["weight_map"])
-    if (folder / "model.safetensors").is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(folder / "model.safetensors"), "pt") as handle:
-            return list(handle.keys())
-    return []
+    return list(list_safetensors(folder)) if has_safetensors(folder) else []
 
 
 def source_expert_layouts(folder: Path | None, table: MappingTable) -> dict[str, ExpertLayout]:
@@ -150,14 +142,12 @@ def _stored_transposed(folder: Path, names: list[str], parameters: tuple[str, ..
     """Whether fused ``gate_up_proj`` / ``down_proj`` are stored ``[E, in, out]``, told from
     shapes alone: stored ``[E, 2I, H]`` / ``[E, H, I]``, gate_up's last dim equals down's
     middle one (H); stored transposed, gate_up's middle dim equals down's last one."""
-    from bridge_ext.verify import folder_tensor_names
-
     gate_up_name = next((n for n in names if n.endswith(f".experts.{parameters[0]}")), None)
     if gate_up_name is None or len(parameters) < 2:
         return False
-    shapes = folder_tensor_names(folder)
-    down = shapes.get(gate_up_name.removesuffix(parameters[0]) + parameters[1])
-    return down is not None and shapes[gate_up_name][-2] == down[-1]
+    stored = list_safetensors(folder)
+    down = stored.get(gate_up_name.removesuffix(parameters[0]) + parameters[1])
+    return down is not None and stored[gate_up_name].shape[-2] == down.shape[-1]
 
 
 @dataclass

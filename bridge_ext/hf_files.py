@@ -6,18 +6,16 @@ the folder, every index entry must be in the file it names, and only file header
 
 from __future__ import annotations
 
-import json
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 
-from bridge_ext.checkpoint.control_files import JSON_LIMIT, read_control_file
-from bridge_ext.errors import SafetensorsFolderError
+from bridge_ext.checkpoint.control_files import JSON_LIMIT, read_json_file
+from bridge_ext.errors import SafetensorsFolderError, first_line
+from bridge_ext.hf_folder import INDEX_FILE, SINGLE_FILE  # noqa: F401 - readers import both from here
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = f"{SINGLE_FILE}.index.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
@@ -58,21 +56,23 @@ def list_safetensors(folder: str | Path, file_name: str = SINGLE_FILE) -> dict[s
     return stored
 
 
+def has_safetensors(folder: str | Path, file_name: str = SINGLE_FILE) -> bool:
+    """Whether ``folder`` has ``<file_name>.index.json`` or ``<file_name>`` at all (not whether they are sound)."""
+    folder = Path(folder)
+    return (folder / f"{file_name}.index.json").exists() or (folder / file_name).exists()
+
+
 def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape from a safetensors file's header; a damaged header is an error naming the file."""
     try:
         with safe_open(str(file), "pt") as handle:
             return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except Exception as error:  # noqa: BLE001 - safetensors raises its own errors and OS errors
-        raise SafetensorsFolderError(f"{file}: not a readable safetensors file: {_first_line(error)}", file) from None
+        raise SafetensorsFolderError(f"{file}: not a readable safetensors file: {first_line(error)}", file) from None
 
 
 def _weight_map(index: Path) -> dict[str, str]:
-    data = read_control_file(index, JSON_LIMIT, SafetensorsFolderError)
-    try:
-        parsed = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as error:
-        raise SafetensorsFolderError(f"{index}: not valid JSON: {_first_line(error)}", index) from None
+    parsed = read_json_file(index, JSON_LIMIT, SafetensorsFolderError)
     weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(name, str) and isinstance(file, str) and file for name, file in weight_map.items()
@@ -86,7 +86,8 @@ def _file_in(folder: Path, file_name: str, index: Path | None) -> Path:
     where = f" (named in {index})" if index is not None else ""
     # Judged by name, not by resolving links: the Hugging Face cache links every file to a blob.
     if Path(file_name).is_absolute() or ".." in Path(file_name).parts or "\\" in file_name:
-        raise SafetensorsFolderError(f"{index}: weight_map points at {file_name!r}, outside {folder}", index or folder)
+        raise SafetensorsFolderError(f"{index}: weight_map points at {file_name!r}, outside {folder}; refusing to read it",
+                                     index or folder)
     file = folder / file_name
     try:
         regular = stat.S_ISREG(file.stat().st_mode)
@@ -95,8 +96,3 @@ def _file_in(folder: Path, file_name: str, index: Path | None) -> Path:
     if not regular:
         raise SafetensorsFolderError(f"{file}{where}: not a regular file", file)
     return file
-
-
-def _first_line(error: BaseException) -> str:
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text if len(text) <= 200 else text[:197] + "..."

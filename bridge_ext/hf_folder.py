@@ -21,7 +21,7 @@ import torch
 from bridge_ext.errors import ExportError
 
 SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+INDEX_FILE = f"{SINGLE_FILE}.index.json"
 
 
 # Larger than any one disk: a shard size beyond it is a typo (1e100B), not a plan.

@@ -10,14 +10,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from bridge_ext.errors import VerificationError
+from bridge_ext.errors import SafetensorsFolderError, VerificationError
+from bridge_ext.hf_files import SINGLE_FILE, list_safetensors
 from bridge_ext.peft_keys import PEFT_PREFIX
 
 
@@ -31,17 +30,14 @@ class Report:
         self.lines.append(line)
 
 
-def folder_tensor_names(folder: str | Path, file_name: str = "model.safetensors") -> dict[str, tuple[int, ...]]:
-    """Names and shapes of every tensor in a Hugging Face (or adapter) folder."""
-    folder = Path(folder)
-    index = folder / f"{file_name}.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [file_name]
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in files:
-        with safe_open(str(folder / name), "pt") as handle:
-            for key in handle.keys():
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
-    return shapes
+def folder_tensor_names(folder: str | Path, file_name: str = SINGLE_FILE) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor in a Hugging Face (or adapter) folder; VerificationError
+    naming the file when the folder's safetensors are missing or damaged."""
+    try:
+        stored = list_safetensors(folder, file_name)
+    except SafetensorsFolderError as error:
+        raise VerificationError(str(error)) from None
+    return {name: tensor.shape for name, tensor in stored.items()}
 
 
 def require_same_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], what: str) -> None:

@@ -72,3 +72,11 @@ def test_damaged_folder_is_named(tmp_path, damage, message):
 def test_a_folder_without_safetensors_is_named(tmp_path):
     with pytest.raises(BridgeExtError, match=f"{tmp_path}: no model.safetensors and no {INDEX_FILE}"):
         list_safetensors(tmp_path)
+
+
+def test_verifying_a_folder_without_safetensors_names_it(tmp_path):
+    from bridge_ext.errors import VerificationError
+    from bridge_ext.verify import folder_tensor_names
+
+    with pytest.raises(VerificationError, match=f"{tmp_path}: no model.safetensors and no {INDEX_FILE}"):
+        folder_tensor_names(tmp_path)

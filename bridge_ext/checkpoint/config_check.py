@@ -17,13 +17,12 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bridge_ext.checkpoint.control_files import SMALL_JSON_LIMIT, read_control_file
+from bridge_ext.checkpoint.control_files import SMALL_JSON_LIMIT, read_json_file
 from bridge_ext.checkpoint.run_config import RunConfig
 from bridge_ext.dims import text_config
 from bridge_ext.errors import CompatibilityError, ConvertError
@@ -69,11 +68,7 @@ def load_hf_config(folder_or_file: Path):
     file = path / "config.json"
     if not file.exists():
         raise ConvertError(f"{folder_or_file}: no config.json there")
-    raw = read_control_file(file, SMALL_JSON_LIMIT, lambda message, _: ConfigFieldError(message))
-    try:
-        settings = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as error:
-        raise ConfigFieldError(f"{file}: not valid JSON: {error}") from None
+    settings = read_json_file(file, SMALL_JSON_LIMIT, lambda message, _: ConfigFieldError(message))
     if not isinstance(settings, dict):
         raise ConfigFieldError(f"{file}: expected a JSON object, found {type(settings).__name__}")
     check_config_fields(settings, file)

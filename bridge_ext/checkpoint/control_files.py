@@ -7,12 +7,15 @@ folder in its place) must fail at once with a message naming it, not exhaust mem
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bridge_ext.checkpoint.errors import CheckpointError
+from bridge_ext.errors import first_line
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 # Generous caps: the largest real files measured are far below them (a DCP .metadata of a
@@ -54,6 +57,16 @@ def read_control_file(path: str | Path, limit: int, error: ErrorFactory = checkp
     if len(data) > limit:
         raise error(f"{path}: more than the {_human(limit)} such a file may hold", path)
     return data
+
+
+def read_json_file(path: str | Path, limit: int, error: ErrorFactory = checkpoint_error) -> Any:
+    """The parsed content of the JSON file ``path`` read by :func:`read_control_file`;
+    ``error(message, path)`` also when it is not valid JSON."""
+    data = read_control_file(path, limit, error)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for the parser
+        raise error(f"{path}: not valid JSON: {first_line(exc)}", Path(path)) from None
 
 
 def _kind(mode: int) -> str:

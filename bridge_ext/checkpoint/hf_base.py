@@ -9,104 +9,45 @@ export is ``table(reverse(W) + scale * B @ A)``.
 
 from __future__ import annotations
 
-import json
-import stat
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from bridge_ext.checkpoint.control_files import JSON_LIMIT, read_control_file
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError
-from bridge_ext.errors import ConvertError
+from bridge_ext.errors import ConvertError, SafetensorsFolderError, first_line
+from bridge_ext.hf_files import StoredTensor, list_safetensors
 from bridge_ext.reverse import reverse_rule
 from bridge_ext.source import Adapter, convert_in_order
 from bridge_ext.table import MappingTable, Rule
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 
 class HfFolderError(ConvertError):
     """A Hugging Face folder (``--hf-base``) is damaged or reaches outside itself; the message names the file."""
 
 
-def hf_folder_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file of a Hugging Face folder (sharded or not).
+def hf_folder_tensors(folder: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a Hugging Face folder (sharded or not): its file and shape, headers only.
 
-    The index is size-capped and must map names to files inside the folder: an entry such as
-    ``../other/model.safetensors`` or an absolute path is refused, as are files that are not
-    regular files (a link to one is fine: the Hugging Face cache is made of them).
+    The listing is :func:`bridge_ext.hf_files.list_safetensors` (size-capped index naming regular
+    files inside the folder; a link to one is fine: the Hugging Face cache is made of them); its
+    errors become :class:`HfFolderError`, a conversion input error.
     """
-    index = folder / INDEX_FILE
-    if index.exists():
-        weight_map = _weight_map(index)
-        files: dict[str, Path] = {}
-        for file_name in sorted(set(weight_map.values())):
-            file = folder / file_name
-            # Judged by name, not by resolving links: the Hugging Face cache links every file to a blob.
-            if Path(file_name).is_absolute() or ".." in Path(file_name).parts or "\\" in file_name:
-                raise HfFolderError(f"{index}: weight_map points at {file_name!r}, outside {folder}; refusing to read it")
-            _require_regular_file(file, f"named in {index}")
-            files[file_name] = file
-        return {name: files[file_name] for name, file_name in weight_map.items()}
-    single = folder / SINGLE_FILE
-    if not single.exists():
-        raise HfFolderError(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}: not a Hugging Face model folder")
-    _require_regular_file(single, "")
-    return dict.fromkeys(safetensors_shapes(single), single)
+    try:
+        return list_safetensors(folder)
+    except SafetensorsFolderError as error:
+        raise HfFolderError(str(error)) from None
 
 
-def has_weights(folder: Path) -> bool:
-    """Whether a Hugging Face folder holds weights (an index or a single safetensors file) at all."""
-    return (folder / INDEX_FILE).exists() or (folder / SINGLE_FILE).exists()
+def hf_folder_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a Hugging Face folder."""
+    return {name: stored.file for name, stored in hf_folder_tensors(folder).items()}
 
 
 def hf_folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of a Hugging Face folder, from the safetensors headers only."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in sorted(set(hf_folder_files(folder).values())):
-        shapes.update(safetensors_shapes(file))
-    return shapes
-
-
-def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape from a safetensors file's header; a garbage header is an error naming the file."""
-    try:
-        with safe_open(str(file), "pt") as handle:
-            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own and OS errors for a bad file
-        raise HfFolderError(f"{file}: not a readable safetensors file: {_first_line(error)}") from None
-
-
-def _weight_map(index: Path) -> dict[str, str]:
-    data = read_control_file(index, JSON_LIMIT, lambda message, _: HfFolderError(message))
-    try:
-        parsed = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as error:
-        raise HfFolderError(f"{index}: not valid JSON: {_first_line(error)}") from None
-    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(name, str) and isinstance(file, str) and file for name, file in weight_map.items()
-    ):
-        raise HfFolderError(f"{index}: expected {{\"weight_map\": {{tensor name: file name}}}}")
-    return weight_map
-
-
-def _require_regular_file(file: Path, where: str) -> None:
-    try:
-        regular = stat.S_ISREG(file.stat().st_mode)
-    except OSError as error:
-        raise HfFolderError(f"{file}{' (' + where + ')' if where else ''}: cannot be read: "
-                            f"{error.strerror or error}") from None
-    if not regular:
-        raise HfFolderError(f"{file}{' (' + where + ')' if where else ''}: not a regular file")
-
-
-def _first_line(error: BaseException) -> str:
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text if len(text) <= 200 else text[:197] + "..."
+    return {name: stored.shape for name, stored in hf_folder_tensors(folder).items()}
 
 
 class HfBaseSource:
@@ -174,7 +115,7 @@ class HfBaseSource:
                     return handle.get_tensor(hf_name)
                 return handle.get_slice(hf_name)[expert]  # one expert, not the whole stack
         except Exception as error:  # noqa: BLE001 - a truncated or damaged file: safetensors' own errors
-            raise HfFolderError(f"{file}: cannot read {hf_name}: {_first_line(error)}") from None
+            raise HfFolderError(f"{file}: cannot read {hf_name}: {first_line(error)}") from None
 
 
 class CombinedSource:

@@ -54,12 +54,11 @@ Stored keys (verified on a tiny Qwen3, megatron-core 0.19.2 / megatron-bridge 0.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bridge_ext.checkpoint.control_files import SMALL_JSON_LIMIT, TRACKER_LIMIT, read_control_file
+from bridge_ext.checkpoint.control_files import SMALL_JSON_LIMIT, TRACKER_LIMIT, read_control_file, read_json_file
 from bridge_ext.checkpoint.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -185,11 +184,7 @@ def _check_torch_dist(location: CheckpointLocation) -> CheckpointLocation:
             f"{folder}: {kind}: {BACKEND_FILE} is missing (only Megatron torch_dist checkpoints are supported)",
             folder,
         )
-    data = read_control_file(backend_file, SMALL_JSON_LIMIT, _unsupported)
-    try:
-        config = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:
-        raise UnsupportedFormatError(f"{backend_file}: unreadable: {exc}", backend_file) from exc
+    config = read_json_file(backend_file, SMALL_JSON_LIMIT, _unsupported)
     backend = config.get("sharded_backend") if isinstance(config, dict) else None
     if backend != "torch_dist":
         raise UnsupportedFormatError(
