@@ -29,10 +29,11 @@ registers its config for ``AutoConfig``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from bridge_ext.cpu.tiny_models import add_saved_tensors, update_saved_config
 
 VOCAB = 128
 HIDDEN = 64
@@ -58,23 +59,14 @@ def _perturb(model: torch.nn.Module, generator: torch.Generator) -> None:
 
 def _save(model, out: Path, config_updates: dict, make_extra=None) -> Path:
     """``save_pretrained``, then ``make_extra(saved tensors)`` added to the file, config updated."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    path = out / "model.safetensors"
-    state = load_file(str(path))
-    extra = make_extra(state) if make_extra else {}
+    extra = make_extra(load_file(str(out / "model.safetensors"))) if make_extra else {}
     if extra:
-        clash = set(state) & set(extra)
-        if clash:
-            raise RuntimeError(f"save_pretrained already wrote MTP tensors: {sorted(clash)[:3]}")
-        state.update(extra)
-        save_file(state, str(path), metadata={"format": "pt"})
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
-    config.update(config_updates)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        add_saved_tensors(out, extra)
+    update_saved_config(out, config_updates)
     return out
 
 

@@ -178,12 +178,13 @@ def _mtp_tensors(text: dict, moe: bool, mtp_layers: int, generator: torch.Genera
     return tensors
 
 
-def _add_mtp(out: Path, tensors: dict[str, torch.Tensor], mtp_layers: int, nested: bool) -> None:
-    """Append MTP tensors to the saved checkpoint and record ``mtp_num_hidden_layers``."""
+def add_saved_tensors(out: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Add tensors transformers does not save (MTP) to a ``save_pretrained`` folder: one more
+    shard listed in the index when sharded, else into ``model.safetensors``."""
     from safetensors.torch import load_file, save_file
 
     index_path = out / "model.safetensors.index.json"
-    if index_path.exists():  # sharded: one more shard, listed in the index
+    if index_path.exists():
         shard = "model-mtp.safetensors"
         save_file(tensors, str(out / shard), metadata={"format": "pt"})
         index = json.loads(index_path.read_text())
@@ -198,10 +199,12 @@ def _add_mtp(out: Path, tensors: dict[str, torch.Tensor], mtp_layers: int, neste
         state.update(tensors)
         save_file(state, str(path), metadata={"format": "pt"})
 
+
+def update_saved_config(out: Path, updates: dict, *, nested: bool = False) -> None:
+    """Set ``updates`` in the folder's config.json (in ``text_config`` when ``nested``)."""
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
-    target = config["text_config"] if nested else config
-    target["mtp_num_hidden_layers"] = mtp_layers
+    (config["text_config"] if nested else config).update(updates)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
@@ -210,7 +213,8 @@ def _finish(model, out: Path, text: dict, moe: bool, mtp_layers: int, nested: bo
     model.save_pretrained(str(out), safe_serialization=True)
     if mtp_layers:
         generator = torch.Generator().manual_seed(seed + 1000)
-        _add_mtp(out, _mtp_tensors(text, moe, mtp_layers, generator), mtp_layers, nested)
+        add_saved_tensors(out, _mtp_tensors(text, moe, mtp_layers, generator))
+        update_saved_config(out, {"mtp_num_hidden_layers": mtp_layers}, nested=nested)
     return out
 
 
