@@ -10,24 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from bridge_ext.engine import Mode, Task, TaskConverter
+from bridge_ext.engine import MetaSource, Mode, Task, TaskConverter
 from bridge_ext.export import ExportPlan, conversion_passes
 from bridge_ext.hf_folder import TensorSpec
-from bridge_ext.source import Adapter
 
 
-class _MetaSource:
-    """A source's tensors as meta tensors of their shapes and dtypes."""
-
-    def __init__(self, source) -> None:
-        self._source = source
-
-    def adapters(self) -> dict[str, Adapter]:
-        return self._source.adapters()
+class _TypedMetaSource(MetaSource):
+    """The engine's meta source, with the source's dtypes (shard headers need them)."""
 
     def shards(self, name: str) -> list[torch.Tensor]:
-        dtype = self._source.dtype(name)
-        return [torch.empty(shape, dtype=dtype, device="meta") for shape in self._source.shard_shapes(name)]
+        dtype = self.source.dtype(name)
+        return [tensor.to(dtype) for tensor in super().shards(name)]
 
 
 class _LayoutConverter(TaskConverter):
@@ -42,7 +35,7 @@ def planned_layout(source, plan: ExportPlan, mode: Mode, dtype: torch.dtype | No
     """
     if not hasattr(source, "dtype"):
         return None
-    converter = _LayoutConverter(_MetaSource(source), plan.dims, mode, dtype)
+    converter = _LayoutConverter(_TypedMetaSource(source), plan.dims, mode, dtype)
     with torch.device("meta"):  # outputs the converter allocates (stacked experts) stay meta too
         return [TensorSpec.of(name, tensor) for task in plan.base_tasks for name, tensor in converter(task)]
 
