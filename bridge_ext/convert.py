@@ -28,8 +28,16 @@ from bridge_ext.checkpoint.config_check import check_config_fields, check_config
 from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, hf_folder_shapes
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
-from bridge_ext.engine import Mode, run_rule
-from bridge_ext.export import ExportPlan, expert_layouts, plan_export, possible_variants, source_expert_layouts
+from bridge_ext.engine import Mode
+from bridge_ext.export import (
+    ExportPlan,
+    check_shapes,
+    conversion_passes,
+    expert_layouts,
+    plan_export,
+    possible_variants,
+    source_expert_layouts,
+)
 from bridge_ext.errors import ConvertError, OutputLocationError
 from bridge_ext.hf_files import has_safetensors
 from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
@@ -199,52 +207,11 @@ def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts
     return CombinedSource(base, checkpoint)
 
 
-def expected_shapes(plan: ExportPlan, hf_base: Path | None) -> dict[str, tuple[int, ...]]:
-    """Shapes config.json implies, plus the base folder's own (MTP tensors transformers does not know)."""
-    shapes = dict(plan.hf_keys)
-    if hf_base is not None:
-        for name, shape in hf_folder_shapes(hf_base).items():
-            shapes.setdefault(name, tuple(shape))
-    return shapes
-
-
-def check_shapes(source, plan: ExportPlan, expected: dict[str, tuple[int, ...]]) -> tuple[int, int]:
-    """Run every rule on meta tensors of the stored shapes; compare with ``expected``.
-
-    Returns how many base and adapter tensors an export writes. Raises ConvertError naming the
-    Megatron tensor, the Hugging Face tensor and both shapes at the first disagreement.
-    """
-    def meta(name: str) -> list[torch.Tensor]:
-        return [torch.empty(shape, device="meta") for shape in source.shard_shapes(name)]
-
-    def whole(name: str) -> tuple[int, ...]:
-        shapes = source.shard_shapes(name)
-        return (sum(s[0] for s in shapes), *shapes[0][1:])
-
-    count = 0
-    for task in plan.base_tasks:
-        first = task.sources[0]
-        try:
-            outputs = run_rule(task.rule, meta(first), plan.dims)
-        except (ValueError, RuntimeError) as error:
-            wanted = {hf: expected.get(hf) for hf in task.hf_names}
-            raise ConvertError(f"checkpoint and config disagree: {first} has shape {whole(first)}, "
-                               f"which cannot become {wanted} ({error})") from None
-        stack = (len(task.sources),) if task.rule.stack else ()
-        for hf_name, output in zip(task.hf_names, outputs, strict=True):
-            got = (*stack, *output.shape)
-            if hf_name in expected and tuple(expected[hf_name]) != got:
-                raise ConvertError(
-                    f"checkpoint and config disagree on {hf_name}: the checkpoint's {first} "
-                    f"{whole(first)} gives {got}, config.json implies {tuple(expected[hf_name])}")
-        count += len(task.hf_names)
-    for module, adapter in source.adapters().items():
-        base, lora_a, lora_b = whole(f"{module}.weight"), whole(adapter.lora_a), whole(adapter.lora_b)
-        if lora_a[1:] != base[1:] or lora_b[0] != base[0] or lora_a[0] != lora_b[1]:
-            raise ConvertError(
-                f"checkpoint and config disagree: LoRA {adapter.lora_a} {lora_a} and {adapter.lora_b} "
-                f"{lora_b} do not fit the base weight {module}.weight {base}")
-    return count, 2 * len(adapted_outputs(plan.adapter_tasks, source.adapters(), plan.table))
+def base_folder_extra_shapes(plan: ExportPlan, hf_base: Path | None) -> dict[str, tuple[int, ...]]:
+    """The base folder's shapes of names config.json does not imply (MTP tensors transformers does not know)."""
+    if hf_base is None:
+        return {}
+    return {name: tuple(shape) for name, shape in hf_folder_shapes(hf_base).items() if name not in plan.hf_keys}
 
 
 def convert_checkpoint(
@@ -339,9 +306,17 @@ def convert_checkpoint(
         raise ConvertError(f"{reader.path} holds no LoRA adapters; drop the adapter folder")
     if model_dir is not None and adapter_dir is None and source.adapters() and not merge:
         raise ConvertError(f"{reader.path} holds LoRA adapters: give an adapter folder too, or --merge")
-    base_count, adapter_count = check_shapes(source, plan, expected_shapes(plan, hf_base))
+    base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
+    plan.extra_shapes = base_folder_extra_shapes(plan, hf_base)
+    # Every task on meta tensors first (base tensors too when only adapters are written: the
+    # config must be the model trained): a config that does not fit fails before any output exists.
+    check_shapes(source, plan, conversion_passes(source, plan, base=base_mode or Mode.BASE,
+                                                 adapters=adapter_dir is not None), exported="the checkpoint")
     if on_start is not None:
-        on_start(base_count * (model_dir is not None) + adapter_count * (adapter_dir is not None))
+        base_count = sum(len(task.hf_names) for task in plan.base_tasks) if model_dir is not None else 0
+        adapter_count = 2 * len(adapted_outputs(plan.adapter_tasks, source.adapters(), plan.table)) \
+            if adapter_dir is not None else 0
+        on_start(base_count + adapter_count)
     written_dtype = dtype or _stored_dtype(reader)
     run_config = reader.run_config
     base_name = str(hf_base.resolve()) if hf_base else (run_config.hf_model_id if run_config else None)
@@ -355,7 +330,6 @@ def convert_checkpoint(
     values = ValueCheck(dtype, allow_overflow)  # casts, counts NaN / Inf, refuses an overflowing cast
     # Shard headers are laid out from the plan, and the checkpoint's tensors are read ahead in the
     # order the stream needs them: reading, conversion and writing overlap, no shard is held in memory.
-    base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
     layout = planned_layout(source, plan, base_mode, dtype) if base_mode is not None else None
     checkpoint_source = source.adapter_source if isinstance(source, CombinedSource) else source
     with (checkpoint_source.read_ahead(planned_reads(source, plan, base_mode, adapter_dir is not None)),

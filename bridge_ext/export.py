@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from bridge_ext.dims import ModelDims
-from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, describe, plan_tasks
+from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
+from bridge_ext.errors import RuleError
 from bridge_ext.distributed import Destination, all_agree
 from bridge_ext.hf_files import has_safetensors, list_safetensors
 from bridge_ext.live import LiveModelSource, unwrap_chunks
@@ -290,31 +291,40 @@ def conversion_passes(source: TensorSource, plan: ExportPlan, *, base: Mode | No
     return passes
 
 
-def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[TaskConverter, list[Task]]]) -> None:
+def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[TaskConverter, list[Task]]], *,
+                 exported: str = "the model") -> None:
     """Run every task of ``passes`` on meta tensors of the source's shard shapes (splits,
     tensor-parallel joins, LoRA factor shapes, merges) and compare every output with the
-    Hugging Face shapes; raise ExportError naming the first tensor that does not fit.
-    Checked once per plan and conversion mode."""
+    Hugging Face shapes (``plan.hf_keys``, ``plan.extra_shapes``). Raises ExportError at the
+    first tensor that does not fit, naming the Megatron tensor, the Hugging Face tensor(s) and
+    both shapes; ``exported`` names the source in that message. Checked once per plan and mode."""
     expected = {**plan.hf_keys, **plan.extra_shapes}
     for converter, tasks in passes:
         if converter.mode in plan.checked:
             continue
         merged = TaskConverter(source, plan.dims, Mode.MERGED)  # adapters must also merge into their bases
         for task in tasks:
+            first = task.sources[0]
             for run in (converter, merged) if converter.mode is Mode.ADAPTERS else (converter,):
                 try:
                     _, outputs = run.dry_run(task)
-                except ExportError:
-                    raise
                 except (ValueError, RuntimeError) as error:
-                    raise ExportError(f"{describe(task)}: {error}") from None
+                    if isinstance(error, ExportError) and not isinstance(error, RuleError):
+                        raise  # not about shapes (e.g. a tensor the source lacks)
+                    wanted = {hf: expected.get(hf) for hf in task.hf_names}
+                    raise ExportError(f"{exported} and the Hugging Face config disagree: {first} has shape "
+                                      f"{_shapes_text(source, first)}, which cannot become {wanted} ({error})") from None
                 for name, shape in outputs:
                     if name in expected and tuple(expected[name]) != shape:
                         raise ExportError(
-                            f"the model and the Hugging Face config disagree on {name}: {task.sources[0]} "
-                            f"{source.shard_shapes(task.sources[0])} gives {shape}, the config implies "
-                            f"{tuple(expected[name])}")
+                            f"{exported} and the Hugging Face config disagree on {name}: {first} "
+                            f"{_shapes_text(source, first)} gives {shape}, the config implies {tuple(expected[name])}")
         plan.checked.add(converter.mode)
+
+
+def _shapes_text(source: TensorSource, name: str) -> str:
+    shapes = [tuple(shape) for shape in source.shard_shapes(name)]
+    return str(shapes[0]) if len(shapes) == 1 else f"{shapes} (tensor-parallel shards)"
 
 
 def export_hf_weights(

@@ -76,8 +76,8 @@ def test_checkpoint_and_config_disagree_names_tensor_and_both_shapes(qwen3_ckpts
     root = without_run_config(qwen3_ckpts / "dense", tmp_path)
     code, message = convert(root, "--hf-config", config, "--model-out", out / "model")
     assert code == EXIT_MISMATCH
-    assert ("checkpoint and config disagree on model.layers.0.mlp.gate_proj.weight: the checkpoint's "
-            "decoder.layers.0.mlp.linear_fc1.weight (192, 64) gives (96, 64), config.json implies (128, 64)") in message
+    assert ("the checkpoint and the Hugging Face config disagree on model.layers.0.mlp.gate_proj.weight: "
+            "decoder.layers.0.mlp.linear_fc1.weight (192, 64) gives (96, 64), the config implies (128, 64)") in message
     assert_nothing_written(out)
 
 
