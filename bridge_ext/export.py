@@ -312,8 +312,12 @@ def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[Task
                     if isinstance(error, ExportError) and not isinstance(error, RuleError):
                         raise  # not about shapes (e.g. a tensor the source lacks)
                     wanted = {hf: expected.get(hf) for hf in task.hf_names}
+                    adapter = source.adapters().get(first.removesuffix(".weight")) if run.mode is not Mode.BASE else None
+                    lora = (f" with LoRA {adapter.lora_a} {_shapes_text(source, adapter.lora_a)} and {adapter.lora_b} "
+                            f"{_shapes_text(source, adapter.lora_b)}" if adapter is not None else "")
                     raise ExportError(f"{exported} and the Hugging Face config disagree: {first} has shape "
-                                      f"{_shapes_text(source, first)}, which cannot become {wanted} ({error})") from None
+                                      f"{_shapes_text(source, first)}{lora}, which cannot become {wanted} "
+                                      f"({error})") from None
                 for name, shape in outputs:
                     if name in expected and tuple(expected[name]) != shape:
                         raise ExportError(

@@ -95,6 +95,26 @@ def test_config_whose_heads_cannot_split_the_checkpoint(qwen3_ckpts, qwen3_hf, t
     assert_nothing_written(out)
 
 
+@pytest.mark.parametrize("outputs", [("--model-out", "model", "--merge"), ("--adapter-out", "adapter")])
+def test_lora_that_does_not_fit_its_base_weight(qwen3_ckpts, tmp_path, out, outputs):
+    root = copy_checkpoint(qwen3_ckpts / "lora", tmp_path)
+    metadata_file = root / ITER / ".metadata"
+    metadata = pickle.loads(metadata_file.read_bytes())  # our own test file
+    lora_a = metadata.state_dict_metadata["decoder.layers.self_attention.linear_proj.adapter.linear_in.weight"]
+    lora_a.size = torch.Size([*lora_a.size[:-1], 32])  # A must be (rank, 64) to fit o_proj (64, 64)
+    for chunk in lora_a.chunks:
+        chunk.sizes = torch.Size([*chunk.sizes[:-1], 32])
+    metadata_file.write_bytes(pickle.dumps(metadata))
+    option, folder, *rest = outputs
+    code, message = convert(root, option, out / folder, *rest)
+    assert code == EXIT_MISMATCH, message
+    assert ("decoder.layers.0.self_attention.linear_proj.weight has shape (64, 64) with LoRA "
+            "decoder.layers.0.self_attention.linear_proj.adapter.linear_in.weight (4, 32) and "
+            "decoder.layers.0.self_attention.linear_proj.adapter.linear_out.weight (64, 4), which cannot become "
+            "{'model.layers.0.self_attn.o_proj.weight': (64, 64)}") in message, message
+    assert_nothing_written(out)
+
+
 def test_missing_tensors(qwen3_ckpts, tmp_path, out):
     root = copy_checkpoint(qwen3_ckpts / "dense", tmp_path)
     metadata_file = root / ITER / ".metadata"
