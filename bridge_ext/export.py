@@ -52,6 +52,9 @@ def _load_config(name_or_path: str, mtime: int):
     """``AutoConfig.from_pretrained``, once per folder version (exports repeat every step)."""
     from transformers import AutoConfig
 
+    from model_mappings import register_transformers_configs
+
+    register_transformers_configs()
     return AutoConfig.from_pretrained(name_or_path)
 
 
