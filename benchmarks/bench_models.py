@@ -118,7 +118,7 @@ def _write_qwen35_moe_layout(directory: Path, preset: str) -> Path:
     config = qwen35_moe_config(preset)
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
-    names = list(hf_checkpoint_keys(config)) + _mtp_keys(config)
+    names = list(hf_checkpoint_keys(config, expert_layout="fused")) + _mtp_keys(config)
     index = {"metadata": {"note": "layout only: no weight file is written"},
              "weight_map": {name: "model-not-written.safetensors" for name in names}}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -184,6 +184,7 @@ def _build_qwen3(hf_dir: Path, device: str, sizes: dict, lora_rank: int):
     provider = bridge.to_megatron_provider(load_weights=False)
     provider.transformer_layer_spec = get_gpt_layer_local_spec(qk_layernorm=True)
     provider.apply_rope_fusion = provider.persist_layer_norm = provider.gradient_accumulation_fusion = False
+    provider.masked_softmax_fusion = False
     provider.params_dtype, provider.bf16 = torch.bfloat16, True
     for key, value in sizes.items():
         setattr(provider, key, value)
@@ -208,7 +209,8 @@ def _build_qwen35_moe(hf_dir: Path, device: str, sizes: dict, lora_rank: int):
         provider = to_provider(self, *args, **kwargs)
         for key, value in sizes.items():
             setattr(provider, key, value)
-        provider.gradient_accumulation_fusion = False
+        # fused kernels of Transformer Engine / apex (the bf16 softmax one is asked for in forward)
+        provider.gradient_accumulation_fusion = provider.masked_softmax_fusion = False
         return provider
 
     with ExitStack() as stack:
