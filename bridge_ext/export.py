@@ -6,7 +6,8 @@ import functools
 import json
 import re
 import weakref
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -14,7 +15,7 @@ from typing import Literal
 import torch
 
 from bridge_ext.dims import ModelDims, text_config
-from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
+from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, peft_key, plan_tasks
 from bridge_ext.distributed import Destination, all_agree
 from bridge_ext.live import LiveModelSource, unwrap_chunks
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
@@ -302,29 +303,83 @@ class Bucket:
         return sum(tensor.numel() * tensor.element_size() for _, tensor in self.tensors)
 
 
-def buckets(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
+def buckets(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int,
+            groups: dict[str, Hashable] | None = None) -> Iterator[Bucket]:
     """Group a stream into buckets of at most ``bucket_bytes`` (a larger tensor goes alone).
 
     Exactly one bucket, the last, has ``is_last=True`` (an empty stream gives one empty
     bucket), so a consumer can apply one complete adapter when it sees it.
+
+    ``groups`` (name -> group) lists tensors a consumer loads together: no bucket ends while
+    a group has arrived in part (such a bucket may exceed ``bucket_bytes`` by what it takes to
+    complete the groups it opened). Every member of a group must be in the stream.
     """
     if bucket_bytes <= 0:
         raise ValueError("bucket_bytes must be positive")
+    groups = groups or {}
+    missing = Counter(groups.values())  # members of each group not yet in a bucket
+    open_groups: set[Hashable] = set()
     current: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, tensor in pairs:
         nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > bucket_bytes:
+        if current and size + nbytes > bucket_bytes and not open_groups:
             yield Bucket(current, is_last=False)
             current, size = [], 0
         current.append((name, tensor))
         size += nbytes
+        group = groups.get(name)
+        if group is not None:
+            missing[group] -= 1
+            if missing[group]:
+                open_groups.add(group)
+            else:
+                open_groups.discard(group)
     yield Bucket(current, is_last=True)
 
 
+def expert_adapter_groups(source: TensorSource, plan: ExportPlan) -> dict[str, str]:
+    """PEFT key -> group for per-expert adapters: one group per fused expert module (a layer's
+    experts), over the adapters this process receives; empty for other layouts.
+
+    The groups are read off the fused-layout plan of the same model: the per-expert tensors
+    one stacked task reads form one group, named by the module of the tensor it writes.
+    """
+    from model_mappings import table_for
+
+    if plan.layouts.adapters != "per_expert":
+        return {}
+    fused = plan_tasks(source.base_names(), table_for(plan.config.model_type),
+                       ExpertLayouts(experts="fused", mtp_experts="fused", adapters="fused").adapter_variants)
+    module_of = {name: task.hf_names[0].rpartition(".")[0] for task in fused if task.rule.stack
+                 for name in task.sources}
+    found = source.adapters()
+    exchange = source.exchange if isinstance(source, LiveModelSource) else None
+    groups = {}
+    for task in plan.adapter_tasks:
+        module = module_of.get(task.sources[0])
+        if module is None or task.module not in found:
+            continue
+        if exchange is not None and exchange.rank not in exchange.receivers(task):
+            continue
+        for hf_name in task.hf_names:
+            for factor in ("lora_A", "lora_B"):
+                groups[peft_key(hf_name, factor)] = module
+    return groups
+
+
 def export_hf_buckets(model, bucket_bytes: int = 512 << 20, **kwargs) -> Iterator[Bucket]:
-    """:func:`export_hf_weights` grouped into :class:`Bucket` s of at most ``bucket_bytes``."""
-    return buckets(export_hf_weights(model, **kwargs), bucket_bytes)
+    """:func:`export_hf_weights` grouped into :class:`Bucket` s of at most ``bucket_bytes``.
+
+    With ``expert_adapter_layout="per_expert"`` no bucket splits the adapters of one layer's
+    experts (receivers load such a group at once); that bucket may be larger.
+    """
+    groups = {}
+    if kwargs.get("expert_adapter_layout") == "per_expert" and kwargs.get("peft", True):
+        source, plan = prepare(model, kwargs.get("hf_config"), kwargs.get("expert_layout"), "per_expert",
+                               kwargs.get("destination", "all"))
+        groups = expert_adapter_groups(source, plan)
+    return buckets(export_hf_weights(model, **kwargs), bucket_bytes, groups)
 
 
 def hf_source_folder(model, hf_config=None) -> Path | None:
