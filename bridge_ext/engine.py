@@ -207,7 +207,13 @@ class TaskConverter:
         Lets a source that moves tensors between processes schedule them ahead.
         """
         names = list(task.sources) if task.rule.shared else []  # _check_copies_equal
-        for name in task.sources if task.rule.stack else task.sources[:1]:
+        if task.rule.stack:  # _stacked: every expert's adapter, then every expert's base
+            if self.mode is not Mode.BASE:
+                adapters = [self.adapter_of(task, name) for name in task.sources]
+                names += [factor for adapter in adapters if adapter is not None
+                          for factor in (adapter.lora_a, adapter.lora_b)]
+            return names + (list(task.sources) if self.mode is not Mode.ADAPTERS else [])
+        for name in task.sources[:1]:
             adapter = self.adapter_of(task, name)
             if adapter is not None and self.mode is not Mode.BASE:
                 names += [adapter.lora_a, adapter.lora_b]
@@ -236,34 +242,74 @@ class TaskConverter:
                 raise ExportError(f"{other_name} has a LoRA adapter; shared tensors cannot take one")
 
     def _stacked(self, task: Task) -> Iterator[tuple[str, torch.Tensor]]:
-        """Experts fused into ``[E, ...]``: each output is filled expert by expert."""
-        outputs: list[torch.Tensor] | None = None
-        expert_factors = []
-        for expert, name in enumerate(task.sources):
-            adapter = self.adapter_of(task, name)
-            factors = self._factors(task, adapter)
-            expert_factors.append((adapter, factors))
-            if self.mode is Mode.ADAPTERS:
-                continue
-            bases = run_rule(task.rule, self.source.shards(name), self.dims)
-            if self.mode is Mode.MERGED and factors:
-                bases = [_merge(base, *pair, adapter.scale) for base, pair in zip(bases, factors)]
-            if outputs is None:
-                outputs = [torch.empty((len(task.sources), *base.shape), dtype=self.dtype or base.dtype)
-                           for base in bases]
-            for output, base in zip(outputs, bases, strict=True):
-                output[expert].copy_(base)
-        if outputs is not None:
-            yield from zip(task.hf_names, outputs)
-        if self.mode is not Mode.ADAPTERS or all(adapter is None for adapter, _ in expert_factors):
-            return
-        if any(adapter is None for adapter, _ in expert_factors):
-            missing = [name for name, (adapter, _) in zip(task.sources, expert_factors) if adapter is None]
+        """Experts fused into ``[E, ...]``: bases filled expert by expert (one expert's shards
+        held at a time), merges and adapters computed for all experts at once."""
+        adapters = [self.adapter_of(task, name) for name in task.sources]
+        adapted = self.mode is not Mode.BASE and any(adapter is not None for adapter in adapters)
+        if adapted and any(adapter is None for adapter in adapters):
+            missing = [name for name, adapter in zip(task.sources, adapters) if adapter is None]
             raise ExportError(f"experts {missing} have no LoRA adapter while their siblings do")
+        packed = self._packed_factors(task, adapters) if adapted else None
+        if self.mode is not Mode.ADAPTERS:
+            outputs: list[torch.Tensor] | None = None
+            for expert, name in enumerate(task.sources):
+                bases = run_rule(task.rule, self.source.shards(name), self.dims)
+                if outputs is None:
+                    outputs = [torch.empty((len(task.sources), *base.shape), dtype=base.dtype, device=base.device)
+                               for base in bases]
+                for output, base in zip(outputs, bases, strict=True):
+                    output[expert].copy_(base)
+            for index, (hf_name, output) in enumerate(zip(task.hf_names, outputs or [], strict=True)):
+                if self.mode is Mode.MERGED and packed:
+                    _merge_experts(output, *packed[index], adapters[0].scale)
+                yield hf_name, self._cast(output)
+            return
+        if not adapted:
+            return
         if self.expert_adapters is None:
             raise ExportError(f"{task.hf_names}: fused experts need an expert adapter layout")
-        for output_index, hf_name in enumerate(task.hf_names):
-            lora_as = [factors[output_index][0] for _, factors in expert_factors]
-            lora_bs = [factors[output_index][1] for _, factors in expert_factors]
-            for key, tensor in self.expert_adapters(hf_name, lora_as, lora_bs):
+        for hf_name, (lora_a, lora_b) in zip(task.hf_names, packed, strict=True):
+            for key, tensor in self.expert_adapters(hf_name, lora_a, lora_b):
                 yield key, self._cast(tensor)
+
+    def _packed_factors(self, task: Task, adapters: list[Adapter]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per output, every expert's LoRA in PEFT's 3-D packing: ``lora_A [E*r, in]``
+        (expert-major), ``lora_B [out, r*E]`` (rank-major, expert-minor).
+
+        ``B``'s rule operations rearrange rows only, so they run once on all experts' ``B``
+        side by side instead of once per expert; ``A`` is shared by every output.
+        """
+        if task.rule.changes_values:
+            raise ExportError(f"{task.sources[0]} has a LoRA adapter but its rule changes values ({task.rule.megatron})")
+        a_parts, b_shards = [], []
+        for adapter in adapters:
+            a_shards = self.source.shards(adapter.lora_a)
+            a_parts.append(a_shards[0] if len(a_shards) == 1 else
+                           torch.cat(a_shards, dim=1 if task.rule.tp == "row" else 0))
+            b_shards.append(self.source.shards(adapter.lora_b))
+        shapes = {(tuple(a.shape), tuple(b[0].shape)) for a, b in zip(a_parts, b_shards)}
+        if len(shapes) != 1:
+            raise ExportError(f"{task.hf_names}: the experts' LoRA factors differ in shape {sorted(shapes)}; "
+                              "fused experts need one rank and one shape for all of them")
+        lora_a = torch.cat(a_parts)
+        side_by_side = [torch.stack([shards[s] for shards in b_shards], dim=-1).flatten(1)
+                        for s in range(len(b_shards[0]))]
+        lora_bs = run_rule(task.rule, side_by_side, self.dims, axis=0, rows_only=True)
+        return [(lora_a, lora_b) for lora_b in lora_bs]
+
+
+MERGE_EXPERT_BYTES = 256 << 20
+
+
+def _merge_experts(stacked: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
+    """``W_e += scale * B_e @ A_e`` for every expert, in place, computed like :func:`_merge`
+    (fp32, cast back), a few experts at a time so that the fp32 block stays small."""
+    experts, out_features, in_features = stacked.shape
+    rank = lora_a.shape[0] // experts
+    a = lora_a.view(experts, rank, in_features)
+    b = lora_b.view(out_features, rank, experts).permute(2, 0, 1)
+    step = max(1, MERGE_EXPERT_BYTES // (4 * out_features * in_features))
+    for start in range(0, experts, step):
+        stop = min(start + step, experts)
+        product = torch.bmm(b[start:stop].float(), a[start:stop].float())
+        stacked[start:stop] = product.mul_(scale).add_(stacked[start:stop]).to(stacked.dtype)

@@ -209,8 +209,19 @@ def _prepared_key(chunks: list[torch.nn.Module], hf_config, *options) -> tuple |
     if hf_config is not None and not isinstance(hf_config, (str, Path)):
         return None
     folder = str(hf_config or getattr(chunks[0].config, "hf_model_id", None))
-    parameters = tuple((id(p), p.dtype, p.shape) for chunk in chunks for p in chunk.parameters())
+    parameters = tuple((id(p), p.dtype, p.shape) for p in _all_parameters(chunks))
     return (tuple(map(id, chunks)), folder, _mtime(Path(folder) / "config.json"), options, parameters)
+
+
+def _all_parameters(chunks: list[torch.nn.Module]) -> Iterator[torch.nn.Parameter]:
+    """Every parameter of the chunks (shared ones once per holder): a plain walk of the module
+    tree, several times faster than ``parameters()`` on MoE models of thousands of modules,
+    and this runs at every export."""
+    stack = list(reversed(chunks))
+    while stack:
+        module = stack.pop()
+        yield from (param for param in module._parameters.values() if param is not None)
+        stack.extend(child for child in reversed(module._modules.values()) if child is not None)
 
 
 def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from bridge_ext.engine import ExportError, Task
-from bridge_ext.peft_experts import EXPERT_PARAM_ORDER, fuse_expert_lora, peft_param_key_infixes
+from bridge_ext.peft_experts import EXPERT_PARAM_ORDER, peft_param_key_infixes
 from bridge_ext.source import Adapter
 
 _LAYER_NUMBER = re.compile(r"^.*?\.\d+\.")
@@ -67,12 +67,13 @@ class FusedExpertKeys:
                 module, parameter = output.hf_name.rsplit(".", 1)
                 self._targeted[module].append(parameter)
 
-    def __call__(self, hf_name: str, lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    def __call__(self, hf_name: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """Keys for one fused parameter's LoRA, given packed as PEFT's ParamWrapper holds it
+        (``lora_A [E*r, in]``, ``lora_B [out, r*E]``: see :func:`fuse_expert_lora`)."""
         module, parameter = hf_name.rsplit(".", 1)
         if parameter not in EXPERT_PARAM_ORDER:
             raise ExportError(f"{hf_name}: PEFT's parameter targets are known for {EXPERT_PARAM_ORDER} only")
         infix = peft_param_key_infixes(self._targeted[module])[parameter]
-        lora_a, lora_b = fuse_expert_lora(lora_as, lora_bs)
         yield f"base_model.model.{module}.{infix}lora_A.weight", lora_a
         yield f"base_model.model.{module}.{infix}lora_B.weight", lora_b
 
