@@ -30,7 +30,10 @@ with the export (bit-exact) and the receiving model's logits with the Megatron m
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import os
+import signal
 import re
 import statistics
 import sys
@@ -263,6 +266,9 @@ def main() -> None:
     parser.add_argument("--hf-dir", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid>: where is it?
+    if os.environ.get("BENCH_WATCHDOG_S"):  # a hung collective: print every stack, then exit
+        faulthandler.dump_traceback_later(float(os.environ["BENCH_WATCHDOG_S"]), exit=True)
 
     trainer = torch.device("cuda:0") if args.device == "cuda" else torch.device("cpu")
     inference = torch.device("cuda:1" if torch.cuda.device_count() > 1 else "cuda:0") if args.device == "cuda" \
