@@ -99,6 +99,7 @@ def consume(streams: Iterable[Iterable[tuple[str, torch.Tensor]]]) -> tuple[int,
             size = tensor.numel() * tensor.element_size()
             nbytes += size
             largest = max(largest, size)
+            del tensor  # done with it (a consumer keeps nothing it does not need)
     return count, nbytes, largest
 
 
@@ -236,11 +237,10 @@ def check(chunks, bridge, hf_dir: Path, moe: bool, mb_merges: bool = True) -> li
         base = {n: t for n, t in _collect(export_hf_weights(chunks)).items() if not n.startswith(PEFT_PREFIX)}
         lines.append(f"check base vs Hugging Face files: {_compare(base, _files(hf_dir))[0]}")
     else:
-        base = {n: t for n, t in _collect(export_hf_weights(chunks, expert_layout="per_expert")).items()
-                if not n.startswith(PEFT_PREFIX)}
+        base = {n: t for n, t in _collect(export_hf_weights(chunks)).items() if not n.startswith(PEFT_PREFIX)}
         theirs = bridge.export_hf_weights(chunks, cpu=False, show_progress=False, merge_adapter_weights=False)
         result, _ = _compare(base, theirs, lambda name: name.replace(".base_layer.", "."))
-        lines.append(f"check base (per-expert) vs Megatron-Bridge unmerged: {result}")
+        lines.append(f"check base vs Megatron-Bridge unmerged (.base_layer removed): {result}")
     del base
     merged = _collect(export_hf_weights(chunks, peft=False))
     if mb_merges:

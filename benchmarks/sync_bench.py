@@ -236,7 +236,7 @@ def check_receiver(receiver: Receiver, chunks, input_ids: torch.Tensor, adapters
         total += 1
         equal += mine is not None and torch.equal(mine, tensor.to(mine.device))
     unwritten = sum(int(param.isnan().any()) for param in receiver.peft.parameters())
-    theirs = megatron_logits(chunks, input_ids)
+    theirs = megatron_logits(chunks, input_ids).cpu()
     ours = receiver.peft(input_ids=input_ids.to(receiver.device)).logits.float().cpu()
     relative = ((ours - theirs).norm() / theirs.norm()).item()
     agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
@@ -301,6 +301,8 @@ def main() -> None:
         for what, adapters_only in (("full sync", False), ("adapter-only sync", True)):
             results[what] = (timed(ours(adapters_only), devices, args.repeats),
                              timed(baseline(adapters_only), devices, args.repeats))
+            print(what, {label: round(result["seconds"], 4) for label, result in zip(("ours", "baseline"),
+                                                                                   results[what])}, flush=True)
             for label, run in (("ours", ours(adapters_only)), ("baseline", baseline(adapters_only))):
                 training_step(chunks, seed=len(lines))  # the trainer's adapter moved on
                 poison(receiver, adapters_only)

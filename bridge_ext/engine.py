@@ -251,14 +251,7 @@ class TaskConverter:
             raise ExportError(f"experts {missing} have no LoRA adapter while their siblings do")
         packed = self._packed_factors(task, adapters) if adapted else None
         if self.mode is not Mode.ADAPTERS:
-            outputs: list[torch.Tensor] | None = None
-            for expert, name in enumerate(task.sources):
-                bases = run_rule(task.rule, self.source.shards(name), self.dims)
-                if outputs is None:
-                    outputs = [torch.empty((len(task.sources), *base.shape), dtype=base.dtype, device=base.device)
-                               for base in bases]
-                for output, base in zip(outputs, bases, strict=True):
-                    output[expert].copy_(base)
+            outputs = self._stacked_bases(task)
             for index, (hf_name, output) in enumerate(zip(task.hf_names, outputs or [], strict=True)):
                 if self.mode is Mode.MERGED and packed:
                     _merge_experts(output, *packed[index], adapters[0].scale)
@@ -271,6 +264,42 @@ class TaskConverter:
         for hf_name, (lora_a, lora_b) in zip(task.hf_names, packed, strict=True):
             for key, tensor in self.expert_adapters(hf_name, lora_a, lora_b):
                 yield key, self._cast(tensor)
+
+    def _stacked_bases(self, task: Task) -> list[torch.Tensor]:
+        """Each output ``[E, out, in]``, filled a block of experts at a time.
+
+        The rule's row operations run once per block on the block's experts side by side
+        (``[out, experts * in]``: row operations ignore columns); one expert at a time where
+        the rule changes values or an expert comes in several tensor-parallel shards. A block
+        holds at most :data:`STACK_BLOCK_BYTES` of source shards.
+        """
+        outputs: list[torch.Tensor] = []
+        names = task.sources
+        start = 0
+        while start < len(names):
+            first = self.source.shards(names[start])
+            side_by_side = len(first) == 1 and not task.rule.changes_values
+            block = [first[0]]
+            if side_by_side:
+                step = max(1, STACK_BLOCK_BYTES // (first[0].numel() * first[0].element_size()))
+                for name in names[start + 1:start + step]:
+                    shards = self.source.shards(name)
+                    if len(shards) != 1 or shards[0].shape != first[0].shape:
+                        raise ExportError(f"{name}: experts of {task.hf_names} differ in shape or sharding")
+                    block.append(shards[0])
+                rows, columns = first[0].shape
+                joined = torch.stack(block, dim=1).view(rows, len(block) * columns)
+                parts = [part.view(part.shape[0], len(block), columns).transpose(0, 1)
+                         for part in run_rule(task.rule, [joined], self.dims)]
+            else:
+                parts = [part.unsqueeze(0) for part in run_rule(task.rule, first, self.dims)]
+            if not outputs:
+                outputs = [torch.empty((len(names), *part.shape[1:]), dtype=part.dtype, device=part.device)
+                           for part in parts]
+            for output, part in zip(outputs, parts, strict=True):
+                output[start:start + len(block)].copy_(part)
+            start += len(block)
+        return outputs
 
     def _packed_factors(self, task: Task, adapters: list[Adapter]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per output, every expert's LoRA in PEFT's 3-D packing: ``lora_A [E*r, in]``
@@ -298,7 +327,8 @@ class TaskConverter:
         return [(lora_a, lora_b) for lora_b in lora_bs]
 
 
-MERGE_EXPERT_BYTES = 256 << 20
+MERGE_EXPERT_BYTES = 64 << 20
+STACK_BLOCK_BYTES = 64 << 20
 
 
 def _merge_experts(stacked: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
