@@ -38,6 +38,7 @@ Destination = Literal["all", "owner", "rank0"]
 DESTINATIONS: tuple[str, ...] = ("all", "owner", "rank0")
 STEP_BYTES = 64 << 20
 STEPS_AHEAD = 3
+POSTED_AHEAD = 2  # steps posted beyond the one read: peers keep sending while this rank copies to host
 MESSAGE_ALIGN = 16
 FAMILIES = ("dense", "expert")
 
@@ -254,12 +255,12 @@ class ShardExchange:
         step.works = dist.batch_isend_irecv(ops) if ops else []
 
     def _complete(self, index: int) -> None:
-        """Post steps up to ``index + 1`` (one ahead), wait for steps up to ``index``.
+        """Post steps up to ``index + POSTED_AHEAD``, wait for steps up to ``index``.
 
         On GPU waiting only orders the streams; the host is held at most
         :data:`STEPS_AHEAD` steps ahead of the device, which bounds the memory in flight.
         """
-        while self._posted < min(index + 2, len(self._steps)):
+        while self._posted < min(index + 1 + POSTED_AHEAD, len(self._steps)):
             self._post(self._posted)
             self._posted += 1
         while self._done <= index:
