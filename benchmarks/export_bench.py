@@ -301,9 +301,20 @@ def profile(chunks, device: str, directory: Path, modes: list[str], table: dict)
             start = time.perf_counter()
             count, nbytes, _ = consume([to_host(iter(ready.items()))])
             elapsed = time.perf_counter() - start
+        del ready
+        whole = []  # the whole to-CPU export again, with neither profiler nor memory sampling
+        for attempt in range(3):
+            if dist.is_initialized():
+                dist.barrier()
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            consume([export_hf_weights(chunks, device="cpu")])
+            whole.append(over_ranks(time.perf_counter() - started, device))
         with (directory / f"profile-to_host-rank{rank}.txt").open("w") as out:
             print(f"to_host over {count} exported tensors already on the GPU: {nbytes / 1e9:.2f} GB in "
                   f"{elapsed:.3f} s = {nbytes / elapsed / 1e9:.1f} GB/s", file=out)
+            print(f"unmerged+adapters to CPU without profiler or memory sampling: {[round(t, 3) for t in whole]} s "
+                  f"= {nbytes / min(whole) / 1e9:.1f} GB/s at best", file=out)
 
 
 def report(results: dict, header: str) -> str:
