@@ -155,10 +155,11 @@ def init_parallel(device: str, tp: int = 1, pp: int = 1, vpp: int | None = None,
 
 
 # -- the Megatron model ----------------------------------------------------------------------
-def build(hf_dir: Path, preset: str, device: str, sizes: dict, lora_rank: int) -> tuple[list, object]:
-    """``(chunks, bridge)``: the preset's Megatron model in bf16 on ``device`` with LoRA."""
+def build(hf_dir: Path, preset: str, device: str, sizes: dict, lora_rank: int,
+          dtype: torch.dtype = torch.bfloat16) -> tuple[list, object]:
+    """``(chunks, bridge)``: the preset's Megatron model in ``dtype`` on ``device`` with LoRA."""
     chunks, bridge = (_build_qwen3 if family(preset) == "qwen3" else _build_qwen35_moe)(
-        hf_dir, device, sizes, lora_rank)
+        hf_dir, device, sizes, lora_rank, dtype)
     with torch.no_grad():  # LoRA B starts at zero: make merges real
         for chunk in chunks:
             for name, param in chunk.named_parameters():
@@ -173,7 +174,7 @@ def _cpu_tensor_cuda(device: str):
     return mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self) if device == "cpu" else nullcontext()
 
 
-def _build_qwen3(hf_dir: Path, device: str, sizes: dict, lora_rank: int):
+def _build_qwen3(hf_dir: Path, device: str, sizes: dict, lora_rank: int, dtype: torch.dtype):
     from megatron.bridge import AutoBridge
     from megatron.bridge.peft.lora import LoRA
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -185,7 +186,7 @@ def _build_qwen3(hf_dir: Path, device: str, sizes: dict, lora_rank: int):
     provider.transformer_layer_spec = get_gpt_layer_local_spec(qk_layernorm=True)
     provider.apply_rope_fusion = provider.persist_layer_norm = provider.gradient_accumulation_fusion = False
     provider.masked_softmax_fusion = False
-    provider.params_dtype, provider.bf16 = torch.bfloat16, True
+    provider.params_dtype, provider.bf16 = dtype, dtype == torch.bfloat16
     for key, value in sizes.items():
         setattr(provider, key, value)
     lora = LoRA(target_modules=list(QWEN3_LORA_TARGETS), dim=lora_rank, alpha=2 * lora_rank)
@@ -197,7 +198,7 @@ def _build_qwen3(hf_dir: Path, device: str, sizes: dict, lora_rank: int):
     return chunks, bridge
 
 
-def _build_qwen35_moe(hf_dir: Path, device: str, sizes: dict, lora_rank: int):
+def _build_qwen35_moe(hf_dir: Path, device: str, sizes: dict, lora_rank: int, dtype: torch.dtype):
     """Through :func:`bridge_ext.cpu.build.build_megatron_model` with the layout's sizes."""
     from megatron.bridge import AutoBridge
 
@@ -218,7 +219,7 @@ def _build_qwen35_moe(hf_dir: Path, device: str, sizes: dict, lora_rank: int):
         stack.enter_context(_cpu_tensor_cuda(device))
         built = build_megatron_model(
             hf_dir, lora=LoraSettings(target_modules=QWEN35_LORA_TARGETS, dim=lora_rank, alpha=2 * lora_rank),
-            load_weights=False, dtype=torch.bfloat16, on_gpu=device == "cuda")
+            load_weights=False, dtype=dtype, on_gpu=device == "cuda")
     with torch.no_grad():  # random norms and GDN gates where Megatron's init leaves constants;
         for chunk in built.chunks:  # seeded by name, so that tensor-parallel replicas agree
             for name, param in chunk.named_parameters():

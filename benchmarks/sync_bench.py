@@ -88,13 +88,13 @@ class SharedBuffer:
 class Receiver:
     """The inference stand-in: a transformers model wrapped by PEFT, and a draft-model dict."""
 
-    def __init__(self, hf_dir: Path, chunks, device: torch.device):
+    def __init__(self, hf_dir: Path, chunks, device: torch.device, dtype: torch.dtype):
         from peft import get_peft_model
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(str(hf_dir))
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.peft = get_peft_model(model.eval(), peft_adapter_config(chunks, base_model_name_or_path=str(hf_dir)))
         self.device = device
         self.draft: dict[str, torch.Tensor] = {}
@@ -236,13 +236,14 @@ def check_receiver(receiver: Receiver, chunks, input_ids: torch.Tensor, adapters
         total += 1
         equal += mine is not None and torch.equal(mine, tensor.to(mine.device))
     unwritten = sum(int(param.isnan().any()) for param in receiver.peft.parameters())
+    tensor_dtype = str(next(receiver.peft.parameters()).dtype).removeprefix("torch.")
     theirs = megatron_logits(chunks, input_ids).cpu()
     ours = receiver.peft(input_ids=input_ids.to(receiver.device)).logits.float().cpu()
     relative = ((ours - theirs).norm() / theirs.norm()).item()
     agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
     return (f"{equal}/{total} exported tensors bit-identical in the receiver, {unwritten} receiver tensors "
             f"left unwritten, {len(receiver.draft)} MTP tensors at the draft stand-in; logits vs Megatron "
-            f"(bf16): relative error {relative:.2e}, argmax agreement {agree:.3f}")
+            f"({tensor_dtype}): relative error {relative:.2e}, argmax agreement {agree:.3f}")
 
 
 @torch.no_grad()
@@ -265,6 +266,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hf-dir", type=Path)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="float32: the logits check then compares without bf16 rounding")
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid>: where is it?
     if os.environ.get("BENCH_WATCHDOG_S"):  # a hung collective: print every stack, then exit
@@ -280,8 +283,9 @@ def main() -> None:
             write_hf_folder(hf_dir, args.preset)
         sizes = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                      virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1)
-        chunks, bridge = build(hf_dir, args.preset, args.device, sizes, args.lora_rank)
-        receiver = Receiver(hf_dir, chunks, inference)
+        dtype = getattr(torch, args.dtype)
+        chunks, bridge = build(hf_dir, args.preset, args.device, sizes, args.lora_rank, dtype)
+        receiver = Receiver(hf_dir, chunks, inference, dtype)
         config = receiver.peft.get_base_model().config
         renamer = BaselineRenamer(getattr(config, "num_experts", 0) or 0)
         bucket_bytes = args.bucket_mib << 20
@@ -308,7 +312,7 @@ def main() -> None:
                 poison(receiver, adapters_only)
                 run()
                 lines.append(f"check {what}, {label}: {check_receiver(receiver, chunks, input_ids, adapters_only)}")
-        header = (f"weight sync: preset={args.preset} LoRA r{args.lora_rank}, trainer {trainer} -> shared buffer "
+        header = (f"weight sync: preset={args.preset} {args.dtype} LoRA r{args.lora_rank}, trainer {trainer} -> shared buffer "
                   f"on {inference} -> transformers + PEFT; {args.bucket_mib} MiB buckets; from first byte "
                   "exported to last weight applied, median of {} runs".format(args.repeats))
         table = [header, f"{'sync':22} {'baseline s':>11} {'GB/s':>7} {'ours s':>8} {'GB/s':>7} {'speedup':>8}"]
