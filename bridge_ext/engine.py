@@ -269,30 +269,29 @@ class TaskConverter:
         """Each output ``[E, out, in]``, filled a block of experts at a time.
 
         The rule's row operations run once per block on the block's experts side by side
-        (``[out, experts * in]``: row operations ignore columns); one expert at a time where
-        the rule changes values or an expert comes in several tensor-parallel shards. A block
-        holds at most :data:`STACK_BLOCK_BYTES` of source shards.
+        (``[out, experts * in]`` per tensor-parallel shard: row operations ignore columns);
+        one expert at a time where the rule changes values or the experts' shards are not
+        split by rows or columns. A block holds at most :data:`STACK_BLOCK_BYTES` of shards.
         """
         outputs: list[torch.Tensor] = []
         names = task.sources
         start = 0
         while start < len(names):
-            first = self.source.shards(names[start])
-            side_by_side = len(first) == 1 and not task.rule.changes_values
-            block = [first[0]]
+            block = [self.source.shards(names[start])]
+            side_by_side = not task.rule.changes_values and (len(block[0]) == 1 or task.rule.tp in ("column", "row"))
             if side_by_side:
-                step = max(1, STACK_BLOCK_BYTES // (first[0].numel() * first[0].element_size()))
+                step = max(1, STACK_BLOCK_BYTES // sum(_nbytes(shard) for shard in block[0]))
                 for name in names[start + 1:start + step]:
                     shards = self.source.shards(name)
-                    if len(shards) != 1 or shards[0].shape != first[0].shape:
+                    if [shard.shape for shard in shards] != [shard.shape for shard in block[0]]:
                         raise ExportError(f"{name}: experts of {task.hf_names} differ in shape or sharding")
-                    block.append(shards[0])
-                rows, columns = first[0].shape
-                joined = torch.stack(block, dim=1).view(rows, len(block) * columns)
+                    block.append(shards)
+                joined = _side_by_side(block, join_columns=task.rule.tp == "row")
+                columns = joined[0].shape[1] // len(block)
                 parts = [part.view(part.shape[0], len(block), columns).transpose(0, 1)
-                         for part in run_rule(task.rule, [joined], self.dims)]
+                         for part in run_rule(task.rule, joined, self.dims)]
             else:
-                parts = [part.unsqueeze(0) for part in run_rule(task.rule, first, self.dims)]
+                parts = [part.unsqueeze(0) for part in run_rule(task.rule, block[0], self.dims)]
             if not outputs:
                 outputs = [torch.empty((len(names), *part.shape[1:]), dtype=part.dtype, device=part.device)
                            for part in parts]
@@ -328,6 +327,20 @@ class TaskConverter:
 
 
 MERGE_EXPERT_BYTES = 64 << 20
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _side_by_side(block: list[list[torch.Tensor]], join_columns: bool) -> list[torch.Tensor]:
+    """Experts' shards ``block[e][s]`` ``[rows_s, cols_s]`` -> per shard ``[rows_s, E * cols_s]``
+    (expert ``e`` in columns ``e*cols_s : (e+1)*cols_s``); with ``join_columns`` the shards of
+    each expert are first joined along columns (row-parallel tensors), giving one tensor."""
+    stacked = [torch.stack([shards[s] for shards in block], dim=1) for s in range(len(block[0]))]
+    if join_columns and len(stacked) > 1:
+        stacked = [torch.cat(stacked, dim=2)]
+    return [tensor.view(tensor.shape[0], -1) for tensor in stacked]
 STACK_BLOCK_BYTES = 64 << 20
 
 
