@@ -136,6 +136,34 @@ def moe(megatron_cpu, tmp_path_factory):
     return model
 
 
+@pytest.mark.parametrize("base", ["base", "merged"])
+def test_recorded_reads_of_fused_experts_are_what_the_conversion_reads(moe, base):
+    """Fused experts convert a block of experts at a time and pack every expert's LoRA at
+    once; the reads recorded on meta tensors must still be the real reads, in order."""
+    from bridge_ext.engine import Mode
+    from bridge_ext.export import conversion_passes, prepare
+
+    source, plan = prepare(moe.chunks, expert_layout="fused", expert_adapter_layout="fused")
+    read: list[str] = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(source, name)
+
+        def shards(self, name):
+            read.append(name)
+            return source.shards(name)
+
+    stacked = 0
+    for converter, tasks in conversion_passes(Recording(), plan, base=Mode(base), adapters=True):
+        for task in tasks:
+            read.clear()
+            list(converter(task))
+            assert converter.reads(task) == read, task.sources
+            stacked += bool(task.rule.stack and converter.adapter_of(task, task.sources[0]))
+    assert stacked >= 2  # the base pass and the adapter pass each went through adapted fused experts
+
+
 FUSED_EXPERT_ADAPTER = r"layers\.0\.mlp\.experts\.base_layer\.lora_A\.weight$"
 PER_EXPERT_ADAPTER = r"layers\.0\.mlp\.experts\.3\.up_proj\.lora_B\.weight$"
 
