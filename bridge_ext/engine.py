@@ -318,12 +318,14 @@ class TaskConverter:
         expert's LoRA packed at once and merged batched over experts.
 
         A rule that transposes or changes values is not a row operation on the experts side
-        by side, and adapters on some experts only cannot be packed: those convert expert by
-        expert (:meth:`_stacked_each_expert`).
+        by side, and adapters on some experts only (or of different scales) cannot be packed:
+        those convert expert by expert (:meth:`_stacked_each_expert`).
         """
         adapters = [self.adapter_of(task, name) for name in task.sources]
         adapted = self.mode is not Mode.BASE and any(adapter is not None for adapter in adapters)
-        if task.rule.transposes or task.rule.changes_values or (adapted and any(adapter is None for adapter in adapters)):
+        packable = not adapted or (all(adapter is not None for adapter in adapters)
+                                   and len({adapter.scale for adapter in adapters}) == 1)
+        if task.rule.transposes or task.rule.changes_values or not packable:
             yield from self._stacked_each_expert(task)
             return
         packed = self._packed_factors(task, adapters) if adapted else None
