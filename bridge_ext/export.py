@@ -392,6 +392,17 @@ def export_hf_weights(
     silently dropped: a parameter no rule covers, or a Hugging Face name the export would miss
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
+    _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
+                                   dtype, destination, device)
+    yield from pairs
+
+
+def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_config=None,
+                     expert_layout: ExpertLayout | None = None, expert_adapter_layout: ExpertLayout | None = None,
+                     dtype: torch.dtype | None = None, destination: Destination = "all",
+                     device: str | torch.device | None = None,
+                     ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
+    """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
         raise ExportError("adapters_only=True needs peft=True")
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout, destination)
@@ -399,7 +410,7 @@ def export_hf_weights(
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
     pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype)
-    yield from to_host(pairs) if device is not None and torch.device(device).type == "cpu" else pairs
+    return source, plan, to_host(pairs) if device is not None and torch.device(device).type == "cpu" else pairs
 
 
 def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertLayout | None = None,
@@ -501,12 +512,9 @@ def export_hf_buckets(model, bucket_bytes: int = 512 << 20, **kwargs) -> Iterato
     vLLM layout by default) no bucket splits the adapters of one layer's experts (receivers
     load such a group at once); that bucket may be larger.
     """
-    groups = {}
-    if kwargs.get("peft", True):
-        source, plan = prepare(model, kwargs.get("hf_config"), kwargs.get("expert_layout"),
-                               kwargs.get("expert_adapter_layout"), kwargs.get("destination", "all"))
-        groups = expert_adapter_groups(source, plan)
-    return buckets(export_hf_weights(model, **kwargs), bucket_bytes, groups)
+    source, plan, pairs = _prepared_export(model, **kwargs)
+    groups = expert_adapter_groups(source, plan) if kwargs.get("peft", True) else {}
+    yield from buckets(pairs, bucket_bytes, groups)
 
 
 def hf_source_folder(model, hf_config=None) -> Path | None:
