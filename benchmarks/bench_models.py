@@ -1,6 +1,6 @@
 """The models the GPU benchmarks export: presets, their Hugging Face folders, the Megatron build.
 
-Two families:
+Three families:
 
 * ``qwen3``: dense Qwen3 shapes, a Hugging Face folder with random bf16 weights, loaded by
   Megatron-Bridge into a model built with megatron-core's local layer spec;
@@ -10,7 +10,11 @@ Two families:
   an 8-layer 35B-A3B-wide model has 8.6B parameters, too many to write, read and load for a
   benchmark). Its folder holds ``config.json`` and a ``model.safetensors.index.json`` naming
   the published checkpoint's keys (fused experts in the decoder, per-expert MTP experts), so
-  that both exporters pick the published layout; no weight file is written or read.
+  that both exporters pick the published layout; no weight file is written or read;
+* ``qwen3_moe``: Qwen3-MoE shapes (q/k-norm attention, routed experts in every layer, no
+  shared expert), built the same way (megatron-core's local GPT spec with sequential experts);
+  its folder holds ``config.json`` and an index of the published per-expert keys
+  (``mlp.experts.{e}.gate_proj.weight``...).
 
 Every model gets Megatron-Bridge LoRA (rank ``r``, alpha ``2r``) on every target
 Megatron-Bridge offers for it, with random non-zero ``B`` so that merges change values.
@@ -49,6 +53,14 @@ PRESETS = {
                             linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2,
                             moe_intermediate_size=32, shared_expert_intermediate_size=48, vocab_size=256,
                             mtp_num_hidden_layers=1),
+    # Qwen3-30B-A3B widths (its published config.json), 8 decoder layers, every layer MoE.
+    "qwen3-moe": dict(family="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_hidden_layers=8,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                      num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True, vocab_size=151936),
+    # The same structure, tiny: the CPU smoke test of the benchmarks.
+    "qwen3-moe-tiny": dict(family="qwen3_moe", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                           num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, vocab_size=256),
 }
 QWEN3_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 QWEN35_LORA_TARGETS = QWEN3_LORA_TARGETS + ("in_proj", "out_proj")
@@ -67,6 +79,8 @@ def write_hf_folder(directory: Path, preset: str, tied: bool = True) -> Path:
     """The preset's Hugging Face folder (made once; see the module docstring)."""
     if family(preset) == "qwen3":
         return _write_random_qwen3(directory, preset, tied)
+    if family(preset) == "qwen3_moe":
+        return _write_qwen3_moe_layout(directory, preset)
     return _write_qwen35_moe_layout(directory, preset)
 
 
@@ -118,11 +132,32 @@ def _write_qwen35_moe_layout(directory: Path, preset: str) -> Path:
     config = qwen35_moe_config(preset)
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
-    names = list(hf_checkpoint_keys(config, expert_layout="fused")) + _mtp_keys(config)
+    _write_key_index(directory, list(hf_checkpoint_keys(config, expert_layout="fused")) + _mtp_keys(config))
+    return directory
+
+
+def qwen3_moe_config(preset: str):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**_fields(preset), tie_word_embeddings=False, dtype="bfloat16",
+                          architectures=["Qwen3MoeForCausalLM"])
+
+
+def _write_qwen3_moe_layout(directory: Path, preset: str) -> Path:
+    from bridge_ext.hf_keys import hf_checkpoint_keys
+
+    config = qwen3_moe_config(preset)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    _write_key_index(directory, list(hf_checkpoint_keys(config, expert_layout="per_expert")))
+    return directory
+
+
+def _write_key_index(directory: Path, names: list[str]) -> None:
+    """A ``model.safetensors.index.json`` naming ``names``; the file it points to is never written."""
     index = {"metadata": {"note": "layout only: no weight file is written"},
              "weight_map": {name: "model-not-written.safetensors" for name in names}}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    return directory
 
 
 def hf_dir_for(preset: str, tied: bool, given: Path | None) -> Path:
@@ -158,8 +193,11 @@ def init_parallel(device: str, tp: int = 1, pp: int = 1, vpp: int | None = None,
 def build(hf_dir: Path, preset: str, device: str, sizes: dict, lora_rank: int,
           dtype: torch.dtype = torch.bfloat16) -> tuple[list, object]:
     """``(chunks, bridge)``: the preset's Megatron model in ``dtype`` on ``device`` with LoRA."""
-    chunks, bridge = (_build_qwen3 if family(preset) == "qwen3" else _build_qwen35_moe)(
-        hf_dir, device, sizes, lora_rank, dtype)
+    if family(preset) == "qwen3":
+        chunks, bridge = _build_qwen3(hf_dir, device, sizes, lora_rank, dtype)
+    else:
+        targets = QWEN3_LORA_TARGETS if family(preset) == "qwen3_moe" else QWEN35_LORA_TARGETS
+        chunks, bridge = _build_moe(hf_dir, device, sizes, lora_rank, dtype, targets)
     with torch.no_grad():  # LoRA B starts at zero: make merges real
         for chunk in chunks:
             for name, param in chunk.named_parameters():
@@ -198,8 +236,10 @@ def _build_qwen3(hf_dir: Path, device: str, sizes: dict, lora_rank: int, dtype: 
     return chunks, bridge
 
 
-def _build_qwen35_moe(hf_dir: Path, device: str, sizes: dict, lora_rank: int, dtype: torch.dtype):
-    """Through :func:`bridge_ext.cpu.build.build_megatron_model` with the layout's sizes."""
+def _build_moe(hf_dir: Path, device: str, sizes: dict, lora_rank: int, dtype: torch.dtype,
+               lora_targets: tuple[str, ...]):
+    """Through :func:`bridge_ext.cpu.build.build_megatron_model` with the layout's sizes (the
+    MoE families: LoRA on ``linear_fc1`` / ``linear_fc2`` includes the routed experts)."""
     from megatron.bridge import AutoBridge
 
     from bridge_ext.cpu.build import LoraSettings, build_megatron_model
@@ -218,9 +258,9 @@ def _build_qwen35_moe(hf_dir: Path, device: str, sizes: dict, lora_rank: int, dt
         stack.enter_context(mock.patch.object(AutoBridge, "to_megatron_provider", sized_provider))
         stack.enter_context(_cpu_tensor_cuda(device))
         built = build_megatron_model(
-            hf_dir, lora=LoraSettings(target_modules=QWEN35_LORA_TARGETS, dim=lora_rank, alpha=2 * lora_rank),
+            hf_dir, lora=LoraSettings(target_modules=lora_targets, dim=lora_rank, alpha=2 * lora_rank),
             load_weights=False, dtype=dtype, on_gpu=device == "cuda")
-    with torch.no_grad():  # random norms and GDN gates where Megatron's init leaves constants;
+    with torch.no_grad():  # random norms (and GDN gates) where Megatron's init leaves constants;
         for chunk in built.chunks:  # seeded by name, so that tensor-parallel replicas agree
             for name, param in chunk.named_parameters():
                 if ".adapter." not in name and param.dim() == 1:

@@ -9,11 +9,14 @@
 #   moe_ep1 (1 GPU), moe_ep2, moe_tp2, moe_pp2
 #                                        Qwen3.5-MoE shape (35B-A3B widths, 8 layers + MTP, 256
 #                                        experts), LoRA r16 on every target incl. GDN and experts
+#   moe3_ep1 (1 GPU), moe3_ep2           Qwen3-MoE shape (30B-A3B widths, 8 layers, 128 experts),
+#                                        LoRA r16 on linear_qkv/linear_proj/linear_fc1/linear_fc2
+#                                        incl. routed experts
 # Whole weight sync (benchmarks/sync_bench.py, trainer on GPU 0, receiver on GPU 1):
 #   sync (Qwen3.5-MoE shape), sync_dense (Qwen3-1.7B shape)
 #
-# The dense layouts write a random 3.4 GB Hugging Face folder once ($HF_ROOT); the Qwen3.5-MoE
-# model is initialised on the GPU (its folder holds config and key index only). DEVICE=cpu
+# The dense layouts write a random 3.4 GB Hugging Face folder once ($HF_ROOT); the MoE models
+# are initialised on the GPU (their folders hold config and key index only). DEVICE=cpu
 # runs the tiny presets on CPU (a smoke test of the scripts). PROFILE=1 adds torch.profiler
 # tables of one run per mode. Needs torch with CUDA, megatron-core, megatron-bridge,
 # transformers, peft (no Transformer Engine, no network). Results (tables, JSON, logs) go to
@@ -39,6 +42,7 @@ preset() {  # the preset a layout family runs (tiny ones on CPU)
     case "$1:$DEVICE" in
         dense:cuda) echo qwen3-1.7b ;; dense:*) echo small ;;
         moe:cuda) echo qwen35-moe ;; moe:*) echo qwen35-moe-tiny ;;
+        moe3:cuda) echo qwen3-moe ;; moe3:*) echo qwen3-moe-tiny ;;
     esac
 }
 
@@ -71,9 +75,10 @@ run() {  # run NAME FAMILY NPROC [flags...]
 declare -A LAYOUTS=(
     [tp1]="dense 1" [tp2]="dense 2 --tp 2" [pp2]="dense 2 --pp 2" [pp2_vpp2]="dense 2 --pp 2 --vpp 2"
     [moe_ep1]="moe 1" [moe_ep2]="moe 2 --ep 2" [moe_tp2]="moe 2 --tp 2" [moe_pp2]="moe 2 --pp 2"
+    [moe3_ep1]="moe3 1" [moe3_ep2]="moe3 2 --ep 2"
     [sync]="moe 1" [sync_dense]="dense 1"
 )
-for name in ${@:-tp1 tp2 pp2 pp2_vpp2 moe_ep1 moe_ep2 moe_tp2 moe_pp2 sync sync_dense}; do
+for name in ${@:-tp1 tp2 pp2 pp2_vpp2 moe_ep1 moe_ep2 moe_tp2 moe_pp2 moe3_ep1 moe3_ep2 sync sync_dense}; do
     # shellcheck disable=SC2086
     run "$name" ${LAYOUTS[$name]}
 done
