@@ -136,6 +136,16 @@ def folder_weight_names(folder: Path) -> list[str]:
     return []
 
 
+def _weight_files_present(folder: Path) -> bool:
+    """Whether the folder holds every safetensors file it names (a folder may hold only
+    ``config.json`` and the index, e.g. downloaded without its weights)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = set(json.loads(index.read_text())["weight_map"].values())
+        return bool(files) and all((folder / name).is_file() for name in files)
+    return (folder / "model.safetensors").is_file()
+
+
 def source_expert_layouts(folder: Path | None, table: MappingTable) -> dict[str, ExpertLayout]:
     """The layout of each expert family in a Hugging Face folder's safetensors (empty when unknown)."""
     if folder is None or not table.expert_families:
@@ -253,7 +263,7 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     if folder is not None and table.extra_weights is not None:
         from bridge_ext.verify import folder_tensor_names
 
-        shapes = folder_tensor_names(folder) if folder_weight_names(folder) else {}
+        shapes = folder_tensor_names(folder) if _weight_files_present(folder) else {}
         plan.extra_shapes = {name: shape for name, shape in shapes.items() if plan.is_extra(name)}
     if key is not None:
         _PREPARED[chunks[0]] = (key, source, plan)
