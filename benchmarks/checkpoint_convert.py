@@ -27,7 +27,9 @@ One command::
    the process's footprint after imports (the conversion's own memory), with the ratios. Ours is
    timed twice: the conversion alone, and the conversion plus ``fsync`` of every file written
    (what the copy's ``sync`` does), which is the figure compared with the copy. ``--repeat``
-   measures the copy and ours that many times (the median is shown, every run listed).
+   measures the copy and ours that many times (the median is shown, every run listed). ``CPU s``
+   is the user + system time of the measured process (all threads; for the copy, ``cp`` and
+   ``sync``): on a shared machine it is what the wall-clock time is made of.
 
 The copy and the conversions read the same checkpoint, from the page cache when it is warm
 (as after the preparation step); the load average is printed with the results.
@@ -46,7 +48,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -179,30 +180,37 @@ def measure(stage: str, work: Path, max_shard_size: str) -> dict:
     import transformers  # noqa: F401
 
     baseline = peak_rss_mib()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds(os.times(), children=False)
     adapter = stage.endswith("adapter")
     out = ours(work, adapter, max_shard_size) if stage.startswith("ours") else megatron_bridge(work, adapter)
     seconds = time.perf_counter() - started
     fsync_files(out)
     synced = time.perf_counter() - started
+    cpu = cpu_seconds(os.times(), children=False) - cpu_started
     written = folder_bytes(out) if not adapter else (out / "adapter_model.safetensors").stat().st_size
     shutil.rmtree(out)
-    return {"stage": stage, "seconds": seconds, "synced_seconds": synced, "bytes": written,
+    return {"stage": stage, "seconds": seconds, "synced_seconds": synced, "bytes": written, "cpu_seconds": cpu,
             "peak_mib": peak_rss_mib(), "baseline_mib": baseline}
+
+
+def cpu_seconds(times: os.times_result, children: bool) -> float:
+    """User + system CPU time of this process (all its threads) or of its finished children."""
+    return times.children_user + times.children_system if children else times.user + times.system
 
 
 def measure_copy(work: Path) -> dict:
     """``cp -r`` of the full checkpoint's iteration folder, then ``sync`` of the copied files."""
     source, target = work / "ckpt-full" / "iter_0000001", work / "copy"
     shutil.rmtree(target, ignore_errors=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds(os.times(), children=True)
     subprocess.run(["cp", "-r", str(source), str(target)], check=True)
     copied = time.perf_counter() - started
     subprocess.run(["sync", *map(str, sorted(target.iterdir()))], check=True)
     synced = time.perf_counter() - started
+    cpu = cpu_seconds(os.times(), children=True) - cpu_started
     written = sum(f.stat().st_size for f in target.iterdir())
     shutil.rmtree(target)
-    return {"stage": "copy", "seconds": copied, "synced_seconds": synced, "bytes": written}
+    return {"stage": "copy", "seconds": copied, "synced_seconds": synced, "bytes": written, "cpu_seconds": cpu}
 
 
 # -- driver ---------------------------------------------------------------------------------
@@ -230,12 +238,12 @@ def report(results: dict[str, list[dict]], checkpoint_bytes: int, args: argparse
           f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the end")
     copy = median_run(results["copy"])
     copy_rate = copy["bytes"] / copy["synced_seconds"]
-    columns = (f"{'case':<30}{'tool':<28}{'seconds':>8}{'+sync s':>8}{'MB/s':>8}{'of copy':>8}"
+    columns = (f"{'case':<30}{'tool':<28}{'seconds':>8}{'+sync s':>8}{'MB/s':>8}{'of copy':>8}{'CPU s':>7}"
                f"{'peak RSS MiB':>13}{'above imports':>14}")
     print(columns)
     print("-" * len(columns))
     print(f"{'copy the checkpoint folder':<30}{'cp -r + sync':<28}{copy['seconds']:>8.2f}{copy['synced_seconds']:>8.2f}"
-          f"{copy_rate / 1e6:>8.0f}{'100%':>8}")
+          f"{copy_rate / 1e6:>8.0f}{'100%':>8}{copy['cpu_seconds']:>7.2f}")
     for kind, label in (("full", "full ckpt -> HF folder"), ("adapter", "adapter-only -> PEFT folder")):
         for who, tool in (("ours", "bridge-ext convert"), ("bridge", "Megatron-Bridge export")):
             if f"{who}-{kind}" not in results:
@@ -244,17 +252,19 @@ def report(results: dict[str, list[dict]], checkpoint_bytes: int, args: argparse
             rate = r["bytes"] / r["synced_seconds"]
             share = f"{rate / copy_rate:.0%}" if kind == "full" else ""
             print(f"{label:<30}{tool:<28}{r['seconds']:>8.2f}{r['synced_seconds']:>8.2f}{rate / 1e6:>8.0f}{share:>8}"
-                  f"{r['peak_mib']:>13.0f}{r['peak_mib'] - r['baseline_mib']:>14.0f}")
+                  f"{r['cpu_seconds']:>7.2f}{r['peak_mib']:>13.0f}{r['peak_mib'] - r['baseline_mib']:>14.0f}")
         if f"bridge-{kind}" in results:
             ours, theirs = median_run(results[f"ours-{kind}"]), median_run(results[f"bridge-{kind}"])
             extra = (theirs["peak_mib"] - theirs["baseline_mib"]) / max(ours["peak_mib"] - ours["baseline_mib"], 1)
             print(f"{label:<30}{'ratio Megatron-Bridge / ours':<28}{theirs['synced_seconds'] / ours['synced_seconds']:>15.1f}x"
-                  f"{'':>16}{theirs['peak_mib'] / ours['peak_mib']:>12.1f}x{extra:>13.1f}x")
+                  f"{'':>16}{theirs['cpu_seconds'] / ours['cpu_seconds']:>6.1f}x"
+                  f"{theirs['peak_mib'] / ours['peak_mib']:>12.1f}x{extra:>13.1f}x")
     if args.repeat > 1:
-        print("every run (seconds / +sync seconds):")
+        print("every run (seconds / +sync seconds / CPU seconds):")
         for stage in REPEATED:
             runs = results.get(stage, [])
-            print(f"  {stage:<14}" + "  ".join(f"{r['seconds']:.2f}/{r['synced_seconds']:.2f}" for r in runs))
+            print(f"  {stage:<14}" + "  ".join(
+                f"{r['seconds']:.2f}/{r['synced_seconds']:.2f}/{r['cpu_seconds']:.2f}" for r in runs))
 
 
 def main() -> None:

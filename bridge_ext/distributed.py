@@ -14,9 +14,10 @@ holder; data-parallel replicas are other groups and never talk to each other her
   holder (the lowest rank holding it) with point-to-point operations. Nothing is broadcast
   to ranks that do not need it; ranks that are neither holder nor receiver do nothing.
 * Transfers are batched into steps of about :data:`STEP_BYTES` (one ``batch_isend_irecv``
-  per step, in the same order on every rank, so the job cannot deadlock), and the next step
+  per step, in the same order on every rank, so the job cannot deadlock; within a step one
+  message per pair of ranks, the shards packed into it, however small), and the next step
   is posted before the current one is waited for, so communication overlaps conversion. A
-  received shard is freed after its last read.
+  received message is freed after the last read of its shards.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ Destination = Literal["all", "owner", "rank0"]
 DESTINATIONS: tuple[str, ...] = ("all", "owner", "rank0")
 STEP_BYTES = 64 << 20
 STEPS_AHEAD = 3
+POSTED_AHEAD = 2  # steps posted beyond the one read: peers keep sending while this rank copies to host
+MESSAGE_ALIGN = 16
 FAMILIES = ("dense", "expert")
 
 
@@ -221,31 +224,43 @@ class ShardExchange:
             self._steps.append(step)
 
     def _post(self, index: int) -> None:
-        """Post the transfers of step ``index`` that involve this rank."""
+        """Post the transfers of step ``index`` that involve this rank: per peer and direction
+        one message (the step's shards packed into one byte buffer), however many shards."""
         step = self._steps[index]
         group = self.groups[step.family]
-        ops = []
+        outgoing: dict[int, list[torch.Tensor]] = {}
+        incoming: dict[int, list[tuple[str, int]]] = {}
         for name, receivers in step.entries:
-            tensor = self.tensors[name]
             for shard, source, receiver in self._transfers(name, receivers):
                 if source == self.rank:
-                    shard_tensor = self.local[name].tensor.detach().contiguous()
-                    ops.append(dist.P2POp(dist.isend, shard_tensor, receiver, group))
-                    self.sent_bytes += _nbytes(shard_tensor)
+                    outgoing.setdefault(receiver, []).append(self.local[name].tensor.detach())
                 elif receiver == self.rank:
-                    buffer = torch.empty(tensor.shapes[shard], dtype=tensor.dtype, device=self.device)
-                    ops.append(dist.P2POp(dist.irecv, buffer, source, group))
-                    step.received[(name, shard)] = buffer
-                    self.received_bytes += _nbytes(buffer)
+                    incoming.setdefault(source, []).append((name, shard))
+        ops = []
+        for peer, tensors in outgoing.items():
+            message = _pack(tensors)
+            ops.append(dist.P2POp(dist.isend, message, peer, group))
+            self.sent_bytes += _nbytes(message)
+        for peer, shards in incoming.items():
+            specs = [(self.tensors[name].shapes[shard], self.tensors[name].dtype) for name, shard in shards]
+            if len(specs) == 1:  # one shard: received in place, no unpacking
+                buffer = torch.empty(specs[0][0], dtype=specs[0][1], device=self.device)
+                views = [buffer]
+            else:
+                buffer = torch.empty(sum(_spec_bytes(spec) for spec in specs), dtype=torch.uint8, device=self.device)
+                views = _unpack(buffer, specs)
+            ops.append(dist.P2POp(dist.irecv, buffer, peer, group))
+            step.received.update(zip(shards, views))
+            self.received_bytes += _nbytes(buffer)
         step.works = dist.batch_isend_irecv(ops) if ops else []
 
     def _complete(self, index: int) -> None:
-        """Post steps up to ``index + 1`` (one ahead), wait for steps up to ``index``.
+        """Post steps up to ``index + POSTED_AHEAD``, wait for steps up to ``index``.
 
         On GPU waiting only orders the streams; the host is held at most
         :data:`STEPS_AHEAD` steps ahead of the device, which bounds the memory in flight.
         """
-        while self._posted < min(index + 2, len(self._steps)):
+        while self._posted < min(index + 1 + POSTED_AHEAD, len(self._steps)):
             self._post(self._posted)
             self._posted += 1
         while self._done <= index:
@@ -297,3 +312,33 @@ class ShardExchange:
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _spec_bytes(spec: tuple[tuple[int, ...], torch.dtype]) -> int:
+    """Bytes a shard takes in a packed message (padded so that every shard starts aligned)."""
+    shape, dtype = spec
+    return -(-torch.Size(shape).numel() * dtype.itemsize // MESSAGE_ALIGN) * MESSAGE_ALIGN
+
+
+def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One contiguous message: the tensor itself, or the bytes of several one after another."""
+    if len(tensors) == 1:
+        return tensors[0].contiguous()
+    parts = []
+    for tensor in tensors:
+        data = tensor.contiguous().view(-1).view(torch.uint8)
+        parts.append(data)
+        padding = _spec_bytes((tuple(tensor.shape), tensor.dtype)) - data.numel()
+        if padding:
+            parts.append(data.new_zeros(padding))
+    return torch.cat(parts)
+
+
+def _unpack(buffer: torch.Tensor, specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    """Views of a received message, in the order :func:`_pack` packed them."""
+    views, offset = [], 0
+    for shape, dtype in specs:
+        size = torch.Size(shape).numel() * dtype.itemsize
+        views.append(buffer[offset:offset + size].view(dtype).view(shape))
+        offset += _spec_bytes((shape, dtype))
+    return views

@@ -17,6 +17,7 @@ import torch
 from bridge_ext.dims import ModelDims
 from bridge_ext.errors import ExportError, RuleError
 from bridge_ext.ops import Op
+from bridge_ext.peft_experts import fuse_expert_lora
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import Adapter, TensorSource
 from bridge_ext.table import MappingTable, Rule
@@ -156,6 +157,8 @@ def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: Mode
 
 
 MERGE_BLOCK_BYTES = 1 << 20
+MERGE_EXPERT_BYTES = 64 << 20  # fp32 products of a batched expert merge
+STACK_BLOCK_BYTES = 64 << 20  # experts' shards converted side by side at once
 
 
 def _merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *,
@@ -214,7 +217,7 @@ class MetaSource:
             yield from converter(task)
 
 
-def _pack_nothing(hf_name: str, lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor]) -> Iterator:
+def _pack_nothing(hf_name: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> Iterator:
     return iter(())
 
 
@@ -311,7 +314,40 @@ class TaskConverter:
                 raise ExportError(f"{other_name} has a LoRA adapter; shared tensors cannot take one")
 
     def _stacked(self, task: Task) -> Iterator[tuple[str, torch.Tensor]]:
-        """Experts fused into ``[E, ...]``: each output is filled expert by expert."""
+        """Experts fused into ``[E, ...]``: bases filled a block of experts at a time, every
+        expert's LoRA packed at once and merged batched over experts.
+
+        A rule that transposes or changes values is not a row operation on the experts side
+        by side, and adapters on some experts only (or of different scales) cannot be packed:
+        those convert expert by expert (:meth:`_stacked_each_expert`).
+        """
+        adapters = [self.adapter_of(task, name) for name in task.sources]
+        adapted = self.mode is not Mode.BASE and any(adapter is not None for adapter in adapters)
+        packable = not adapted or (all(adapter is not None for adapter in adapters)
+                                   and len({adapter.scale for adapter in adapters}) == 1)
+        if task.rule.transposes or task.rule.changes_values or not packable:
+            yield from self._stacked_each_expert(task)
+            return
+        packed = self._packed_factors(task, adapters) if adapted else None
+        if self.mode is not Mode.ADAPTERS:
+            # merged in the base dtype (as one expert's merge), cast once after
+            outputs = self._stacked_bases(task, None if self.mode is Mode.MERGED else self.dtype)
+            for index, (hf_name, output) in enumerate(zip(task.hf_names, outputs, strict=True)):
+                if self.mode is Mode.MERGED and packed:
+                    _merge_experts(output, *packed[index], adapters[0].scale)
+                yield hf_name, self._cast(output)
+            return
+        if not adapted:
+            return
+        if self.expert_adapters is None:
+            raise ExportError(f"{task.hf_names}: fused experts need an expert adapter layout")
+        for hf_name, (lora_a, lora_b) in zip(task.hf_names, packed, strict=True):
+            for key, tensor in self.expert_adapters(hf_name, lora_a, lora_b):
+                yield key, self._cast(tensor)
+
+    def _stacked_each_expert(self, task: Task) -> Iterator[tuple[str, torch.Tensor]]:
+        """Experts fused into ``[E, ...]``, each output filled expert by expert (rules that
+        transpose or change values); adapters packed as :meth:`_packed_factors` packs them."""
         outputs: list[torch.Tensor] | None = None
         expert_factors = []
         for expert, name in enumerate(task.sources):
@@ -339,7 +375,100 @@ class TaskConverter:
         if self.expert_adapters is None:
             raise ExportError(f"{task.hf_names}: fused experts need an expert adapter layout")
         for output_index, hf_name in enumerate(task.hf_names):
-            lora_as = [factors[output_index][0] for _, factors in expert_factors]
-            lora_bs = [factors[output_index][1] for _, factors in expert_factors]
-            for key, tensor in self.expert_adapters(hf_name, lora_as, lora_bs):
+            lora_a, lora_b = fuse_expert_lora([factors[output_index][0] for _, factors in expert_factors],
+                                              [factors[output_index][1] for _, factors in expert_factors])
+            for key, tensor in self.expert_adapters(hf_name, lora_a, lora_b):
                 yield key, self._cast(tensor)
+
+    def _stacked_bases(self, task: Task, dtype: torch.dtype | None) -> list[torch.Tensor]:
+        """Each output ``[E, out, in]`` (in ``dtype``, else the converted dtype), filled a block
+        of experts at a time.
+
+        The rule's row operations run once per block on the block's experts side by side
+        (``[out, experts * in]`` per tensor-parallel shard: row operations ignore columns);
+        one expert at a time where the experts' shards are not split by rows, or by the
+        columns of a matrix. A block holds at most :data:`STACK_BLOCK_BYTES` of shards.
+        """
+        outputs: list[torch.Tensor] = []
+        names = task.sources
+        start = 0
+        while start < len(names):
+            block = [self.source.shards(names[start])]
+            if len(block[0]) == 1 or task.rule.tp == "column" or (task.rule.tp == "row" and block[0][0].dim() == 2):
+                step = max(1, STACK_BLOCK_BYTES // sum(_nbytes(shard) for shard in block[0]))
+                for name in names[start + 1:start + step]:
+                    shards = self.source.shards(name)
+                    if [shard.shape for shard in shards] != [shard.shape for shard in block[0]]:
+                        raise ExportError(f"{describe(task, name)}: the experts differ in shape or sharding "
+                                          f"({[tuple(s.shape) for s in shards]} against "
+                                          f"{[tuple(s.shape) for s in block[0]]} of {names[start]})")
+                    block.append(shards)
+                joined, trailing = _side_by_side(block, join_columns=task.rule.tp == "row")
+                what = describe(task, names[start] if len(block) == 1 else
+                                f"{names[start]} .. {names[start + len(block) - 1]} side by side")
+                parts = [part.reshape(part.shape[0], len(block), *trailing).transpose(0, 1)
+                         for part in self._run(task.rule, joined, self.dims, what=what)]
+            else:
+                parts = [part.unsqueeze(0)
+                         for part in self._run(task.rule, block[0], self.dims, what=describe(task, names[start]))]
+            if not outputs:
+                outputs = [torch.empty((len(names), *part.shape[1:]), dtype=dtype or part.dtype, device=part.device)
+                           for part in parts]
+            for output, part in zip(outputs, parts, strict=True):
+                output[start:start + len(block)].copy_(part)
+            start += len(block)
+        return outputs
+
+    def _packed_factors(self, task: Task, adapters: list[Adapter]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per output, every expert's LoRA in PEFT's 3-D packing: ``lora_A [E*r, in]``
+        (expert-major), ``lora_B [out, r*E]`` (rank-major, expert-minor), as
+        :func:`~bridge_ext.peft_experts.fuse_expert_lora` packs them.
+
+        ``B``'s rule operations rearrange rows only, so they run once on all experts' ``B``
+        side by side instead of once per expert; ``A`` is shared by every output.
+        """
+        a_parts, b_shards = [], []
+        for adapter in adapters:
+            a_shards = self.source.shards(adapter.lora_a)
+            a_parts.append(a_shards[0] if len(a_shards) == 1 else
+                           torch.cat(a_shards, dim=1 if task.rule.tp == "row" else 0))
+            b_shards.append(self.source.shards(adapter.lora_b))
+        shapes = {(tuple(a.shape), tuple(b[0].shape)) for a, b in zip(a_parts, b_shards)}
+        if len(shapes) != 1:
+            raise ExportError(f"{task.hf_names}: the experts' LoRA factors differ in shape {sorted(shapes)}; "
+                              "fused experts need one rank and one shape for all of them")
+        lora_a = torch.cat(a_parts)
+        side_by_side = [torch.stack([shards[s] for shards in b_shards], dim=-1).flatten(1)
+                        for s in range(len(b_shards[0]))]
+        lora_bs = self._run(task.rule, side_by_side, self.dims, axis=0, rows_only=True,
+                            what=f"LoRA B of {describe(task)} (every expert side by side)")
+        return [(lora_a, lora_b) for lora_b in lora_bs]
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _side_by_side(block: list[list[torch.Tensor]], join_columns: bool) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    """Experts' shards ``block[e][s]`` ``[rows_s, *rest]`` -> per shard ``[rows_s, E * prod(rest)]``
+    (expert ``e``'s ``rest`` flattened into its own run of columns; a bias is one column),
+    and one expert's ``rest``. With ``join_columns`` the 2-D shards of each expert are first
+    joined along columns (row-parallel tensors), giving one tensor."""
+    stacked = [torch.stack([shards[s] for shards in block], dim=1) for s in range(len(block[0]))]
+    if join_columns and len(stacked) > 1:
+        stacked = [torch.cat(stacked, dim=2)]
+    return [tensor.reshape(tensor.shape[0], -1) for tensor in stacked], tuple(stacked[0].shape[2:])
+
+
+def _merge_experts(stacked: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
+    """``W_e += scale * B_e @ A_e`` for every expert, in place, computed like :func:`_merge`
+    (fp32, cast back), a few experts at a time so that the fp32 block stays small."""
+    experts, out_features, in_features = stacked.shape
+    rank = lora_a.shape[0] // experts
+    a = lora_a.view(experts, rank, in_features)
+    b = lora_b.view(out_features, rank, experts).permute(2, 0, 1)
+    step = max(1, MERGE_EXPERT_BYTES // (4 * out_features * in_features))
+    for start in range(0, experts, step):
+        stop = min(start + step, experts)
+        product = torch.bmm(b[start:stop].float(), a[start:stop].float())
+        stacked[start:stop] = product.mul_(scale).add_(stacked[start:stop]).to(stacked.dtype)

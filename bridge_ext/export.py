@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from bridge_ext.distributed import Destination, all_agree
 from bridge_ext.hf_files import has_safetensors, list_safetensors
 from bridge_ext.live import LiveModelSource, unwrap_chunks
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
-from bridge_ext.peft_keys import PEFT_PREFIX
+from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import TensorSource
 from bridge_ext.sync import to_host
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout, MappingTable
@@ -53,6 +54,9 @@ def _load_config(name_or_path: str, mtime: int):
     """``AutoConfig.from_pretrained``, once per folder version (exports repeat every step)."""
     from transformers import AutoConfig
 
+    from model_mappings import register_transformers_configs
+
+    register_transformers_configs()
     return AutoConfig.from_pretrained(name_or_path)
 
 
@@ -125,6 +129,16 @@ def folder_weight_names(folder: Path) -> list[str]:
     return list(list_safetensors(folder)) if has_safetensors(folder) else []
 
 
+def _weight_files_present(folder: Path) -> bool:
+    """Whether the folder holds every safetensors file it names (a folder may hold only
+    ``config.json`` and the index, e.g. downloaded without its weights)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = set(json.loads(index.read_text())["weight_map"].values())
+        return bool(files) and all((folder / name).is_file() for name in files)
+    return (folder / "model.safetensors").is_file()
+
+
 def source_expert_layouts(folder: Path | None, table: MappingTable) -> dict[str, ExpertLayout]:
     """The layout of each expert family in a Hugging Face folder's safetensors (empty when unknown)."""
     if folder is None or not table.expert_families:
@@ -167,6 +181,8 @@ class ExportPlan:
     #: per conversion mode, the reads recorded for each task (see TaskConverter.reads)
     recorded: dict[Mode, dict[int, list[str]]] = field(default_factory=dict, repr=False)
     checked: set = field(default_factory=set, repr=False)
+    #: see :func:`expert_adapter_groups`
+    expert_adapter_groups: dict[str, str] | None = field(default=None, repr=False)
 
     def is_extra(self, hf_name: str) -> bool:
         """A name outside transformers' key set that the table and the config allow (MTP)."""
@@ -238,7 +254,7 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     if folder is not None and table.extra_weights is not None:
         from bridge_ext.verify import folder_tensor_names
 
-        shapes = folder_tensor_names(folder) if folder_weight_names(folder) else {}
+        shapes = folder_tensor_names(folder) if _weight_files_present(folder) else {}
         plan.extra_shapes = {name: shape for name, shape in shapes.items() if plan.is_extra(name)}
     if key is not None:
         _PREPARED[chunks[0]] = (key, source, plan)
@@ -253,8 +269,20 @@ def _prepared_key(chunks: list[torch.nn.Module], hf_config, *options) -> tuple |
     if hf_config is not None and not isinstance(hf_config, (str, Path)):
         return None
     folder = str(hf_config or getattr(chunks[0].config, "hf_model_id", None))
-    parameters = tuple((id(p), p.dtype, p.shape) for chunk in chunks for p in (*chunk.parameters(), *chunk.buffers()))
+    parameters = tuple((id(p), p.dtype, p.shape) for p in _all_tensors(chunks))
     return (tuple(map(id, chunks)), folder, _mtime(Path(folder) / "config.json"), options, parameters)
+
+
+def _all_tensors(chunks: list[torch.nn.Module]) -> Iterator[torch.Tensor]:
+    """Every parameter and buffer of the chunks (shared ones once per holder): a plain walk
+    of the module tree, several times faster than ``parameters()`` on MoE models of
+    thousands of modules, and this runs at every export."""
+    stack = list(reversed(chunks))
+    while stack:
+        module = stack.pop()
+        yield from (param for param in module._parameters.values() if param is not None)
+        yield from (buffer for buffer in module._buffers.values() if buffer is not None)
+        stack.extend(child for child in reversed(module._modules.values()) if child is not None)
 
 
 def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,
@@ -269,9 +297,13 @@ def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapter
     for converter, tasks in passes:
         pairs = convert_tasks(source, converter, tasks)
         if converter.mode is Mode.ADAPTERS and plan.table.in_memory_prefixes:
-            pairs = ((PEFT_PREFIX + plan.table.in_memory_name(name.removeprefix(PEFT_PREFIX)), tensor)
-                     for name, tensor in pairs)
+            pairs = ((_in_memory_adapter_key(plan, name), tensor) for name, tensor in pairs)
         yield from pairs
+
+
+def _in_memory_adapter_key(plan: ExportPlan, key: str) -> str:
+    """A saved PEFT key as the in-memory model names it (the table's ``in_memory_prefixes``)."""
+    return PEFT_PREFIX + plan.table.in_memory_name(key.removeprefix(PEFT_PREFIX))
 
 
 def conversion_passes(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,
@@ -377,6 +409,17 @@ def export_hf_weights(
     silently dropped: a parameter no rule covers, or a Hugging Face name the export would miss
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
+    _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
+                                   dtype, destination, device)
+    yield from pairs
+
+
+def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_config=None,
+                     expert_layout: ExpertLayout | None = None, expert_adapter_layout: ExpertLayout | None = None,
+                     dtype: torch.dtype | None = None, destination: Destination = "all",
+                     device: str | torch.device | None = None,
+                     ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
+    """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
         raise ExportError("adapters_only=True needs peft=True")
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout, destination)
@@ -384,7 +427,7 @@ def export_hf_weights(
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
     pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype)
-    yield from to_host(pairs) if device is not None and torch.device(device).type == "cpu" else pairs
+    return source, plan, to_host(pairs) if device is not None and torch.device(device).type == "cpu" else pairs
 
 
 def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertLayout | None = None,
@@ -412,29 +455,83 @@ class Bucket:
         return sum(tensor.numel() * tensor.element_size() for _, tensor in self.tensors)
 
 
-def buckets(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
+def buckets(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int,
+            groups: dict[str, Hashable] | None = None) -> Iterator[Bucket]:
     """Group a stream into buckets of at most ``bucket_bytes`` (a larger tensor goes alone).
 
     Exactly one bucket, the last, has ``is_last=True`` (an empty stream gives one empty
     bucket), so a consumer can apply one complete adapter when it sees it.
+
+    ``groups`` (name -> group) lists tensors a consumer loads together: no bucket ends while
+    a group has arrived in part (such a bucket may exceed ``bucket_bytes`` by what it takes to
+    complete the groups it opened). Every member of a group must be in the stream.
     """
     if bucket_bytes <= 0:
         raise ValueError("bucket_bytes must be positive")
+    groups = groups or {}
+    missing = Counter(groups.values())  # members of each group not yet in a bucket
+    open_groups: set[Hashable] = set()
     current: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, tensor in pairs:
         nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > bucket_bytes:
+        if current and size + nbytes > bucket_bytes and not open_groups:
             yield Bucket(current, is_last=False)
             current, size = [], 0
         current.append((name, tensor))
         size += nbytes
+        group = groups.get(name)
+        if group is not None:
+            missing[group] -= 1
+            if missing[group]:
+                open_groups.add(group)
+            else:
+                open_groups.discard(group)
     yield Bucket(current, is_last=True)
 
 
+def expert_adapter_groups(source: TensorSource, plan: ExportPlan) -> dict[str, str]:
+    """Adapter key (as :func:`stream` yields it) -> group for per-expert adapters: one group
+    per fused expert module (a layer's experts), over the adapters this process receives;
+    empty for other layouts. Remembered in the plan (exports repeat every training step).
+
+    The groups are read off the fused-layout plan of the same model: the per-expert tensors
+    one stacked task reads form one group, named by the module of the tensor it writes.
+    """
+    if plan.layouts.adapters != "per_expert":
+        return {}
+    if plan.expert_adapter_groups is not None:
+        return plan.expert_adapter_groups
+    fused = plan_tasks(source.base_names(), plan.table, ExpertLayouts(adapters="fused").adapter_variants(plan.table))
+    module_of = {name: task.hf_names[0].rpartition(".")[0] for task in fused if task.rule.stack
+                 for name in task.sources}
+    found = source.adapters()
+    exchange = source.exchange if isinstance(source, LiveModelSource) else None
+    groups = {}
+    for task in plan.adapter_tasks:
+        module = module_of.get(task.sources[0])
+        if module is None or task.module not in found:
+            continue
+        if exchange is not None and exchange.rank not in exchange.receivers(task):
+            continue
+        for hf_name in task.hf_names:
+            for factor in (LORA_A, LORA_B):
+                key = peft_key(hf_name, factor)
+                groups[_in_memory_adapter_key(plan, key) if plan.table.in_memory_prefixes else key] = module
+    plan.expert_adapter_groups = groups
+    return groups
+
+
 def export_hf_buckets(model, bucket_bytes: int = 512 << 20, **kwargs) -> Iterator[Bucket]:
-    """:func:`export_hf_weights` grouped into :class:`Bucket` s of at most ``bucket_bytes``."""
-    return buckets(export_hf_weights(model, **kwargs), bucket_bytes)
+    """:func:`export_hf_weights` grouped into :class:`Bucket` s of at most ``bucket_bytes``.
+
+    With per-expert expert adapters (``expert_adapter_layout="per_expert"``, or the table's
+    vLLM layout by default) no bucket splits the adapters of one layer's experts (receivers
+    load such a group at once); that bucket may be larger.
+    """
+    source, plan, pairs = _prepared_export(model, **kwargs)
+    groups = expert_adapter_groups(source, plan) if kwargs.get("peft", True) else {}
+    yield from buckets(pairs, bucket_bytes, groups)
 
 
 def hf_source_folder(model, hf_config=None) -> Path | None:

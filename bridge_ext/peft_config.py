@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from bridge_ext.engine import ExportError, Task
-from bridge_ext.peft_experts import fuse_expert_lora, peft_param_key_infixes
+from bridge_ext.peft_experts import peft_param_key_infixes
 from bridge_ext.peft_keys import LORA_A, LORA_B, peft_parameter_key
 from bridge_ext.source import Adapter
 from bridge_ext.table import ExpertFamily, MappingTable
@@ -77,13 +77,14 @@ class FusedExpertKeys:
                     raise ExportError(f"{output.hf_name}: a fused expert parameter of no expert family of the table")
                 self._order[module] = output.family.parameters
 
-    def __call__(self, hf_name: str, lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    def __call__(self, hf_name: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """Keys for one fused parameter's LoRA, given packed as PEFT's ParamWrapper holds it
+        (``lora_A [E*r, in]``, ``lora_B [out, r*E]``: see :func:`fuse_expert_lora`)."""
         module, parameter = hf_name.rsplit(".", 1)
         order = self._order.get(module, ())
         if parameter not in order:
             raise ExportError(f"{hf_name}: the table's expert family lists the parameters {order}, not {parameter!r}")
         infix = peft_param_key_infixes(self._targeted[module], order)[parameter]
-        lora_a, lora_b = fuse_expert_lora(lora_as, lora_bs)
         yield peft_parameter_key(module, infix, LORA_A), lora_a
         yield peft_parameter_key(module, infix, LORA_B), lora_b
 

@@ -72,17 +72,18 @@ def load_into_module(module: torch.nn.Module) -> Callable[[list[tuple[str, torch
     """``load_weights`` for a transformers model whose parameter names are the checkpoint's.
 
     With a PEFT model pass ``peft_model.get_base_model()``: PEFT's wrapped layers keep the
-    base weight at ``<module>.base_layer.weight``, which is looked up as well.
+    base weight at ``<module>.base_layer.weight`` (fused experts, adapted as parameters, at
+    ``experts.base_layer.base_layer.gate_up_proj``); those are found under the checkpoint name.
     """
-    params = dict(module.named_parameters())
+    params = {}
+    for name, param in module.named_parameters():
+        if ".lora_" not in name:
+            params[name.replace(".base_layer", "")] = param
 
     def load(pairs: list[tuple[str, torch.Tensor]]) -> None:
         with torch.no_grad():
             for name, tensor in pairs:
                 target = params.get(name)
-                if target is None:
-                    module_path, _, leaf = name.rpartition(".")
-                    target = params.get(f"{module_path}.base_layer.{leaf}")
                 if target is None:
                     raise KeyError(f"{name}: the receiving model has no such parameter")
                 target.copy_(tensor)

@@ -62,6 +62,9 @@ def check_model_folder(model_dir: str | Path, report: Report, *, expert_layout: 
     """Every name and shape in ``model_dir`` equals the architecture's checkpoint key set."""
     from transformers import AutoConfig
 
+    from model_mappings import register_transformers_configs
+
+    register_transformers_configs()
     from bridge_ext.hf_keys import hf_checkpoint_keys
 
     config = AutoConfig.from_pretrained(str(model_dir))

@@ -33,6 +33,14 @@ def register_table(table: MappingTable | TableBuilder, *, overwrite: bool = Fals
         _REGISTERED[model_type] = table
 
 
+def register_transformers_configs() -> None:
+    """Configs of model types transformers does not know but whose checkpoints the tables read
+    (MiMo's ``mimo``, Kimi-K2's ``kimi_k2``): registered for ``AutoConfig`` before a config is
+    loaded, not at import (importing bridge_ext does not import transformers)."""
+    mimo.register_config()
+    deepseek.register_kimi_k2_config()
+
+
 def known_model_types() -> list[str]:
     return sorted({*(model for table in _BUILT_IN for model in table.model_types), *_REGISTERED})
 

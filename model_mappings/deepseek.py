@@ -16,8 +16,8 @@ with the main model (the published DeepSeek-V3 checkpoint and vLLM's ``deepseek_
 load these names). transformers builds none of it.
 
 Kimi-K2's config.json declares ``model_type: kimi_k2`` over ``DeepseekV3ForCausalLM`` (its
-remote ``configuration_deepseek.py`` is DeepSeek-V3's); importing this module registers a
-``kimi_k2`` config for ``AutoConfig`` so such folders are read without remote code.
+remote ``configuration_deepseek.py`` is DeepSeek-V3's); :func:`register_kimi_k2_config`
+registers a ``kimi_k2`` config for ``AutoConfig`` so such folders are read without remote code.
 """
 
 from __future__ import annotations
@@ -156,5 +156,3 @@ def register_kimi_k2_config() -> type:
         register_checkpoint_conversion_mapping("kimi_k2", get_checkpoint_conversion_mapping("deepseek_v3"))
     return KimiK2Config
 
-
-KimiK2Config = register_kimi_k2_config()

@@ -12,9 +12,10 @@ MTP keeps the same pieces: ``enorm`` (token), ``hnorm`` (hidden), ``eh_proj``,
 ``input_proj`` reads ``cat([hidden, embedding])``, Megatron's ``eh_proj`` ``cat([embedding,
 hidden])``: the two column halves are swapped (Megatron-Bridge's MiMo bridge does the same).
 
-Importing this module registers :class:`MiMoConfig` for ``AutoConfig`` (Qwen2's config plus
+:func:`register_config` registers a ``MiMoConfig`` for ``AutoConfig`` (Qwen2's config plus
 ``num_nextn_predict_layers``, as Xiaomi's ``configuration_mimo.py``), so MiMo folders are read
-without running their remote code.
+without running their remote code (``model_mappings.register_transformers_configs`` calls it
+before a config is loaded; importing does not touch transformers).
 """
 
 from __future__ import annotations
@@ -93,5 +94,3 @@ def register_config() -> type:
     AutoConfig.register("mimo", MiMoConfig)
     return MiMoConfig
 
-
-MiMoConfig = register_config()

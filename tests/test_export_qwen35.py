@@ -104,6 +104,21 @@ def test_fused_expert_layout_holds_the_same_experts(built):
                                               original[f"{prefix}layers.0.mlp.experts.2.up_proj.weight"]]))
 
 
+@pytest.mark.parametrize("built", ["qwen3_5_moe_text"], indirect=True)
+def test_a_folder_without_its_weight_files_still_exports(built, tmp_path):
+    """config.json and the index only (a download without weights): the source's layout is
+    followed, the shapes of the MTP weights are simply not checked against files."""
+    import json
+    import shutil
+
+    original = source_file_tensors(built.hf_dir)
+    shutil.copy(built.hf_dir / "config.json", tmp_path / "config.json")
+    index = {"weight_map": {name: "model-00001-of-00002.safetensors" for name in original}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    exported = dict(export_hf_weights(built.chunks, hf_config=tmp_path))
+    assert sorted(n for n in exported if not n.startswith(PEFT_PREFIX)) == sorted(original)
+
+
 def test_every_name_is_in_the_hf_key_set_and_clean(built):
     from transformers import AutoConfig
 

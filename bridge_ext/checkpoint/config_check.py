@@ -64,6 +64,9 @@ def load_hf_config(folder_or_file: Path):
     """``(config, folder)`` for a config.json or its folder, its sizes checked before transformers sees it."""
     from transformers import AutoConfig
 
+    from model_mappings import register_transformers_configs
+
+    register_transformers_configs()
     path = folder_or_file.parent if folder_or_file.name == "config.json" else folder_or_file
     file = path / "config.json"
     if not file.exists():

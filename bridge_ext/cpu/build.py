@@ -42,10 +42,13 @@ def build_megatron_model(
     lora: LoraSettings | None = None,
     load_weights: bool = True,
     dtype: torch.dtype = torch.float32,
+    on_gpu: bool = False,
 ) -> BuiltModel:
     """Build the Megatron model of ``hf_dir`` with local (non-TE) layers, load its weights.
 
     With ``lora`` the model is wrapped by Megatron-Bridge LoRA (A, B initialised by it).
+    ``on_gpu``: initialise the parameters on the current CUDA device (the GPU benchmark's
+    models are too large to initialise on the CPU and copy).
     """
     from contextlib import nullcontext
 
@@ -107,7 +110,7 @@ def build_megatron_model(
     else:
         build_context = nullcontext()
     with build_context:
-        chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+        chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=not on_gpu)
         if load_weights:
             if is_qwen35 or is_gpt_family:
                 missing = qwen35.unmapped_parameters(bridge, chunks)

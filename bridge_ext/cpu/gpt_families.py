@@ -23,12 +23,13 @@ from typing import Optional
 
 import torch
 
-import model_mappings  # noqa: F401  (registers the MiMo and Kimi-K2 configs for AutoConfig)
+from model_mappings import register_transformers_configs
 
 MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss", "mimo")
 
 
 def hf_model_type(hf_dir: str | Path) -> str | None:
+    register_transformers_configs()  # Megatron-Bridge reads MiMo / Kimi-K2 folders with AutoConfig
     config = Path(hf_dir) / "config.json"
     return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 

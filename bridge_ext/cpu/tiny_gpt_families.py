@@ -177,7 +177,9 @@ def tiny_mimo(directory: str | Path, mtp_layers: int = 1, *, seed: int = 0) -> P
     """A MiMo model: a Qwen2 decoder (qkv bias) saved with ``model_type: mimo`` plus MTP layers."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import model_mappings.mimo  # noqa: F401  (registers MiMoConfig for AutoConfig)
+    from model_mappings import register_transformers_configs
+
+    register_transformers_configs()  # MiMoConfig for AutoConfig
 
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
