@@ -15,7 +15,7 @@ from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError
 from bridge_ext.distributed import Destination, all_agree
-from bridge_ext.hf_files import has_safetensors, list_safetensors
+from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
 from bridge_ext.live import LiveModelSource, unwrap_chunks
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
@@ -125,18 +125,22 @@ def possible_variants(table: MappingTable, found: dict[str, ExpertLayout]) -> fr
 
 
 def folder_weight_names(folder: Path) -> list[str]:
-    """The tensor names of a Hugging Face folder's safetensors (empty when there are none)."""
+    """The tensor names of a Hugging Face folder's safetensors (empty when there are none); an
+    index suffices (its weight files may be absent: a download without weights)."""
+    weight_map = index_weight_map(folder)
+    if weight_map is not None:
+        return list(weight_map)
     return list(list_safetensors(folder)) if has_safetensors(folder) else []
 
 
 def _weight_files_present(folder: Path) -> bool:
     """Whether the folder holds every safetensors file it names (a folder may hold only
     ``config.json`` and the index, e.g. downloaded without its weights)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = set(json.loads(index.read_text())["weight_map"].values())
+    weight_map = index_weight_map(folder)
+    if weight_map is not None:
+        files = set(weight_map.values())
         return bool(files) and all((folder / name).is_file() for name in files)
-    return (folder / "model.safetensors").is_file()
+    return (folder / SINGLE_FILE).is_file()
 
 
 def source_expert_layouts(folder: Path | None, table: MappingTable) -> dict[str, ExpertLayout]:

@@ -56,6 +56,20 @@ def list_safetensors(folder: str | Path, file_name: str = SINGLE_FILE) -> dict[s
     return stored
 
 
+def index_weight_map(folder: str | Path, file_name: str = SINGLE_FILE) -> dict[str, str] | None:
+    """Tensor name -> file name from ``<file_name>.index.json``, checked as :func:`list_safetensors`
+    checks it but without reading the files, which may be absent (a download without weights);
+    None when there is no index."""
+    folder = Path(folder)
+    index = folder / f"{file_name}.index.json"
+    if not index.exists():
+        return None
+    weight_map = _weight_map(index)
+    for name in set(weight_map.values()):
+        _require_inside(folder, name, index)
+    return weight_map
+
+
 def has_safetensors(folder: str | Path, file_name: str = SINGLE_FILE) -> bool:
     """Whether ``folder`` has ``<file_name>.index.json`` or ``<file_name>`` at all (not whether they are sound)."""
     folder = Path(folder)
@@ -84,10 +98,7 @@ def _weight_map(index: Path) -> dict[str, str]:
 def _file_in(folder: Path, file_name: str, index: Path | None) -> Path:
     """``folder / file_name``, refused unless it names a regular file inside the folder."""
     where = f" (named in {index})" if index is not None else ""
-    # Judged by name, not by resolving links: the Hugging Face cache links every file to a blob.
-    if Path(file_name).is_absolute() or ".." in Path(file_name).parts or "\\" in file_name:
-        raise SafetensorsFolderError(f"{index}: weight_map points at {file_name!r}, outside {folder}; refusing to read it",
-                                     index or folder)
+    _require_inside(folder, file_name, index)
     file = folder / file_name
     try:
         regular = stat.S_ISREG(file.stat().st_mode)
@@ -96,3 +107,10 @@ def _file_in(folder: Path, file_name: str, index: Path | None) -> Path:
     if not regular:
         raise SafetensorsFolderError(f"{file}{where}: not a regular file", file)
     return file
+
+
+def _require_inside(folder: Path, file_name: str, index: Path | None) -> None:
+    # Judged by name, not by resolving links: the Hugging Face cache links every file to a blob.
+    if Path(file_name).is_absolute() or ".." in Path(file_name).parts or "\\" in file_name:
+        raise SafetensorsFolderError(f"{index}: weight_map points at {file_name!r}, outside {folder}; refusing to read it",
+                                     index or folder)

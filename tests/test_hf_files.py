@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from bridge_ext.errors import BridgeExtError
-from bridge_ext.hf_files import ADAPTER_FILE, INDEX_FILE, StoredTensor, list_safetensors
+from bridge_ext.hf_files import ADAPTER_FILE, INDEX_FILE, StoredTensor, index_weight_map, list_safetensors
 
 FIRST, SECOND = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 
@@ -80,3 +80,13 @@ def test_verifying_a_folder_without_safetensors_names_it(tmp_path):
 
     with pytest.raises(VerificationError, match=f"{tmp_path}: no model.safetensors and no {INDEX_FILE}"):
         folder_tensor_names(tmp_path)
+
+
+def test_an_index_alone_gives_its_names_and_still_refuses_outside_files(tmp_path):
+    """A download without weights: the index's names, without the files; a name outside is refused."""
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"a.weight": FIRST, "b.weight": SECOND}}))
+    assert index_weight_map(tmp_path) == {"a.weight": FIRST, "b.weight": SECOND}
+    assert index_weight_map(tmp_path / "missing") is None
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"a.weight": "/etc/model.safetensors"}}))
+    with pytest.raises(BridgeExtError, match="outside"):
+        index_weight_map(tmp_path)
