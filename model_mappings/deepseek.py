@@ -117,10 +117,6 @@ def build(config) -> MappingTable:
                                 description="DeepSeek-V3 / Moonlight / Kimi-K2: MLA, MoE with shared experts, MTP")
 
 
-TABLE = TableBuilder(model_types=("deepseek_v3", "kimi_k2"), build=build,
-                     description="DeepSeek-V3 / Moonlight / Kimi-K2: MLA, MoE with shared experts, MTP")
-
-
 def register_kimi_k2_config() -> type:
     """A ``kimi_k2`` config (DeepSeek-V3's, under Kimi-K2's model type) for ``AutoConfig``, and
     DeepSeek-V3's checkpoint conversion for it: Kimi-K2 checkpoints keep experts per expert,
@@ -140,3 +136,7 @@ def register_kimi_k2_config() -> type:
         register_checkpoint_conversion_mapping("kimi_k2", get_checkpoint_conversion_mapping("deepseek_v3"))
     return KimiK2Config
 
+
+TABLE = TableBuilder(model_types=("deepseek_v3", "kimi_k2"), build=build,
+                     description="DeepSeek-V3 / Moonlight / Kimi-K2: MLA, MoE with shared experts, MTP",
+                     register_hf_config=register_kimi_k2_config)
