@@ -111,6 +111,9 @@ def resolve_config(reader: CheckpointReader, hf_base: Path | None, hf_config: Pa
     if model_id:
         from transformers import AutoConfig
 
+        from model_mappings import register_transformers_configs
+
+        register_transformers_configs()
         try:
             config = AutoConfig.from_pretrained(model_id, local_files_only=True)
         except Exception:  # noqa: BLE001 - not in the cache (or not loadable): say so below
@@ -145,6 +148,9 @@ def config_from_run_config(reader: CheckpointReader, model_type: str):
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
     )
 
+    from model_mappings import register_transformers_configs
+
+    register_transformers_configs()
     if model_type not in CONFIG_MAPPING:
         raise ConvertError(f"unknown architecture: transformers has no model type {model_type!r}")
     _table(model_type)

@@ -92,6 +92,9 @@ def model_class_for(config):
 
 def build_meta_model(config, model_class=None):
     """Instantiate the model for ``config`` on the meta device (no weight memory)."""
+    from model_mappings import register_transformers_configs
+
+    register_transformers_configs()  # e.g. Kimi-K2's checkpoint conversion (fused experts in memory)
     cls = model_class or model_class_for(config)
     config = copy.deepcopy(config)
     with torch.device("meta"):

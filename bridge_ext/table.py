@@ -203,6 +203,10 @@ class MappingTable:
     extra_weights: ExtraWeights | None = None
     vllm_expert_adapter_layout: ExpertLayout = "fused"
     in_memory_prefixes: tuple[tuple[str, str], ...] = ()
+    #: Registers with transformers what reading this family's config needs (e.g. a config class
+    #: for a model type transformers lacks); run by :func:`model_mappings.register_transformers_configs`
+    #: where bridge_ext reads a config, never at import.
+    register_hf_config: Callable[[], object] | None = field(default=None, compare=False)
 
     def in_memory_name(self, hf_name: str) -> str:
         """``hf_name`` as the model in memory spells it (where PEFT matches and keys adapters):
@@ -269,3 +273,7 @@ class TableBuilder:
     model_types: tuple[str, ...]
     build: Callable[[object], MappingTable]
     description: str = ""
+    #: Registers with transformers what reading this family's config needs (e.g. a config class
+    #: for a model type transformers lacks); run by :func:`model_mappings.register_transformers_configs`
+    #: where bridge_ext reads a config, never at import.
+    register_hf_config: Callable[[], object] | None = field(default=None, compare=False)

@@ -89,6 +89,9 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """The folder loaded with transformers' Auto classes (image-text models included)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from model_mappings import register_transformers_configs
+
+    register_transformers_configs()
     config = AutoConfig.from_pretrained(str(model_dir))
     auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
     return auto.from_pretrained(str(model_dir), dtype=dtype).eval()

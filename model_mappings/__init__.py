@@ -36,9 +36,11 @@ def register_table(table: MappingTable | TableBuilder, *, overwrite: bool = Fals
 def register_transformers_configs() -> None:
     """Configs of model types transformers does not know but whose checkpoints the tables read
     (MiMo's ``mimo``, Kimi-K2's ``kimi_k2``): registered for ``AutoConfig`` before a config is
-    loaded, not at import (importing bridge_ext does not import transformers)."""
-    mimo.register_config()
-    deepseek.register_kimi_k2_config()
+    loaded, not at import (importing bridge_ext does not import transformers). Each table
+    declares its own (``register_hf_config``), registered tables included."""
+    for table in (*_BUILT_IN, *_REGISTERED.values()):
+        if table.register_hf_config is not None:
+            table.register_hf_config()
 
 
 def known_model_types() -> list[str]:

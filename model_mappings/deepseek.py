@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bridge_ext.ops import Concat, Copies, SplitRows, TrimVocab
+from bridge_ext.ops import Copies, TrimVocab
 from bridge_ext.table import ExpertFamily, ExtraWeights, MappingTable, Rule, TableBuilder, prefixed, rule
-from model_mappings.blocks import dense_mlp, post_attention_norm
+from model_mappings.blocks import dense_mlp, post_attention_norm, routed_experts
 
 # transformers v5's DeepSeek-V3 / GLM-4.5 experts register gate_up_proj, then down_proj.
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
@@ -49,22 +49,6 @@ def mla_attention() -> list[Rule]:
         rule("self_attention.linear_kv_up_proj.weight", "self_attn.kv_b_proj.weight"),
         rule("self_attention.linear_proj.weight", "self_attn.o_proj.weight", tp="row"),
     ]
-
-
-def routed_experts(family: ExpertFamily) -> list[Rule]:
-    """Experts per expert (checkpoints on disk) or fused ``[E, 2I, H]`` / ``[E, H, I]`` (in memory)."""
-    rules = []
-    for fc1, fc2 in (("mlp.experts.local_experts.{expert}.linear_fc1.weight", "mlp.experts.local_experts.{expert}.linear_fc2.weight"),
-                     ("mlp.experts.linear_fc1.weight{expert}", "mlp.experts.linear_fc2.weight{expert}")):
-        rules += [
-            rule(fc1, ["mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"],
-                 SplitRows(1, 1), variant=family.variant("per_expert")),
-            rule(fc2, "mlp.experts.{expert}.down_proj.weight", tp="row", variant=family.variant("per_expert")),
-            rule(fc1, "mlp.experts.gate_up_proj", SplitRows(1, 1), Concat((1, 1)), stack="expert",
-                 variant=family.variant("fused")),
-            rule(fc2, "mlp.experts.down_proj", tp="row", stack="expert", variant=family.variant("fused")),
-        ]
-    return rules
 
 
 def moe(family: ExpertFamily) -> list[Rule]:
@@ -133,10 +117,6 @@ def build(config) -> MappingTable:
                                 description="DeepSeek-V3 / Moonlight / Kimi-K2: MLA, MoE with shared experts, MTP")
 
 
-TABLE = TableBuilder(model_types=("deepseek_v3", "kimi_k2"), build=build,
-                     description="DeepSeek-V3 / Moonlight / Kimi-K2: MLA, MoE with shared experts, MTP")
-
-
 def register_kimi_k2_config() -> type:
     """A ``kimi_k2`` config (DeepSeek-V3's, under Kimi-K2's model type) for ``AutoConfig``, and
     DeepSeek-V3's checkpoint conversion for it: Kimi-K2 checkpoints keep experts per expert,
@@ -156,3 +136,7 @@ def register_kimi_k2_config() -> type:
         register_checkpoint_conversion_mapping("kimi_k2", get_checkpoint_conversion_mapping("deepseek_v3"))
     return KimiK2Config
 
+
+TABLE = TableBuilder(model_types=("deepseek_v3", "kimi_k2"), build=build,
+                     description="DeepSeek-V3 / Moonlight / Kimi-K2: MLA, MoE with shared experts, MTP",
+                     register_hf_config=register_kimi_k2_config)

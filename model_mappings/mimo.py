@@ -63,19 +63,6 @@ def mtp_layers() -> list[Rule]:
     return per_depth + inner
 
 
-TABLE = MappingTable(
-    model_types=("mimo",),
-    rules=(
-        *embeddings("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"),
-        *mtp_layers(),
-        *prefixed(decoder_layer(), "decoder.layers.{layer}.", "model.layers.{layer}."),
-    ),
-    description="Xiaomi MiMo: Qwen2 decoder with MTP layers (model.mtp_layers.{i})",
-    model_classes={"mimo": "Qwen2ForCausalLM"},
-    extra_weights=MTP,
-)
-
-
 def register_config() -> type:
     """``MiMoConfig`` registered for ``AutoConfig`` under ``mimo`` (once)."""
     from transformers import AutoConfig, Qwen2Config
@@ -94,3 +81,16 @@ def register_config() -> type:
     AutoConfig.register("mimo", MiMoConfig)
     return MiMoConfig
 
+
+TABLE = MappingTable(
+    model_types=("mimo",),
+    rules=(
+        *embeddings("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"),
+        *mtp_layers(),
+        *prefixed(decoder_layer(), "decoder.layers.{layer}.", "model.layers.{layer}."),
+    ),
+    description="Xiaomi MiMo: Qwen2 decoder with MTP layers (model.mtp_layers.{i})",
+    model_classes={"mimo": "Qwen2ForCausalLM"},
+    extra_weights=MTP,
+    register_hf_config=register_config,
+)

@@ -73,22 +73,24 @@ sys.meta_path.append(_Finder())
 
 # Each case's code; they run side by side (each imports megatron, which takes seconds).
 CASES = {
-    # No megatron, TE or Triton module after importing bridge_ext and what ``convert`` loads;
-    # typing untouched; one finder added, which finds nothing itself.
+    # No megatron, TE, Triton or transformers module after importing bridge_ext and what
+    # ``convert`` loads; typing untouched; one finder added, which finds nothing itself.
     "import bridge_ext": """
         import sys, typing
         before_path, before_override = list(sys.meta_path), hasattr(typing, "override")
         import bridge_ext
         from bridge_ext import compat
-        # Ours is the one finder bridge_ext adds (libraries it imports may add their own).
-        ours = [f for f in sys.meta_path if type(f).__module__.startswith("bridge_ext")]
-        assert len(ours) == 1 and isinstance(ours[0], compat.MegatronImportPatches), sys.meta_path
-        assert sys.meta_path[0] is ours[0]
-        assert [f for f in sys.meta_path if f in before_path] == before_path
-        assert all(ours[0].find_spec(name) is None for name in ("json", "megatron", "megatron.core", "triton"))
+        # transformers is not imported (it would register its own finders; bridge_ext registers
+        # the tables' configs with it only where it reads one): ours is the one finder added.
+        assert "transformers" not in sys.modules
+        added = [f for f in sys.meta_path if f not in before_path]
+        assert len(added) == 1 and isinstance(added[0], compat.MegatronImportPatches), sys.meta_path
+        assert sys.meta_path[1:] == before_path
+        assert all(added[0].find_spec(name) is None for name in ("json", "megatron", "megatron.core", "triton"))
         assert hasattr(typing, "override") == before_override
         import bridge_ext.cli, bridge_ext.convert, bridge_ext.checkpoint  # everything `convert` loads
-        foreign = [m for m in sys.modules if m.split(".")[0] in ("megatron", "transformer_engine", "triton", "fla")]
+        foreign = [m for m in sys.modules
+                   if m.split(".")[0] in ("megatron", "transformer_engine", "triton", "fla", "transformers")]
         assert not foreign, foreign
         assert compat.patched_modules() == ()
     """,
