@@ -102,23 +102,31 @@ def test_a_wrong_late_layer_tensor_fails_before_the_first_bucket_naming_it(built
         fc2.weight = original
 
 
+class RecordingSource:
+    """A tensor source that notes every tensor read from it, in order."""
+
+    def __init__(self, source) -> None:
+        self._source = source
+        self.read: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+    def shards(self, name):
+        self.read.append(name)
+        return self._source.shards(name)
+
+
 def test_recorded_reads_are_what_the_conversion_reads(built):
     from bridge_ext.engine import Mode, TaskConverter
     from bridge_ext.export import prepare
 
     source, plan = prepare(built.chunks)
-    read: list[str] = []
-
-    class Recording:
-        def __getattr__(self, name):
-            return getattr(source, name)
-
-        def shards(self, name):
-            read.append(name)
-            return source.shards(name)
+    recording = RecordingSource(source)
+    read = recording.read
 
     for mode in (Mode.BASE, Mode.MERGED):
-        converter = TaskConverter(Recording(), plan.dims, mode)
+        converter = TaskConverter(recording, plan.dims, mode)
         for task in plan.base_tasks:
             read.clear()
             list(converter(task))
@@ -144,18 +152,11 @@ def test_recorded_reads_of_fused_experts_are_what_the_conversion_reads(moe, base
     from bridge_ext.export import conversion_passes, prepare
 
     source, plan = prepare(moe.chunks, expert_layout="fused", expert_adapter_layout="fused")
-    read: list[str] = []
-
-    class Recording:
-        def __getattr__(self, name):
-            return getattr(source, name)
-
-        def shards(self, name):
-            read.append(name)
-            return source.shards(name)
+    recording = RecordingSource(source)
+    read = recording.read
 
     stacked = 0
-    for converter, tasks in conversion_passes(Recording(), plan, base=Mode(base), adapters=True):
+    for converter, tasks in conversion_passes(recording, plan, base=Mode(base), adapters=True):
         for task in tasks:
             read.clear()
             list(converter(task))
