@@ -89,7 +89,7 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
                    "recorded in run_config.yaml (a local folder, or a Hub id in the local cache).")
 @click.option("--model-type", default=None,
               help="Without --hf-base / --hf-config: build config.json from run_config.yaml for this Hugging "
-                   "Face model type (e.g. qwen3), through Megatron-Bridge's config mapping.")
+                   "Face model type (a config.json `model_type`), through Megatron-Bridge's config mapping.")
 @click.option("--iteration", type=int, default=None,
               help="Iteration to convert when CHECKPOINT is a root folder (default: the latest).")
 @click.option("--merge", is_flag=True,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from bridge_ext.cpu.examples import DEFAULT_EXAMPLE, EXAMPLES
 from bridge_ext.hf_files import ADAPTER_FILE, list_safetensors
 from bridge_ext.verify import (
     Report,
@@ -27,27 +28,6 @@ from bridge_ext.verify import (
 )
 
 
-def _tiny_dense(directory: Path) -> tuple[Path, tuple[str, ...]]:
-    from bridge_ext.cpu.build import DEFAULT_LORA_TARGETS
-    from bridge_ext.cpu.tiny_dense import tiny_dense
-
-    return tiny_dense(directory, "qwen3"), DEFAULT_LORA_TARGETS
-
-
-QWEN35_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")
-
-
-def _tiny_qwen35_moe(directory: Path) -> tuple[Path, tuple[str, ...]]:
-    from bridge_ext.cpu.tiny_models import tiny_qwen35_moe
-
-    return tiny_qwen35_moe(directory, mtp_layers=1), QWEN35_LORA_TARGETS
-
-
-EXAMPLES: dict[str, Callable[[Path], tuple[Path, tuple[str, ...]]]] = {
-    "qwen3.5-moe": _tiny_qwen35_moe,
-    "qwen3": _tiny_dense,
-}
-DEFAULT_EXAMPLE = "qwen3.5-moe"
 
 
 def _source_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
