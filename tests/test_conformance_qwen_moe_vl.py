@@ -12,8 +12,10 @@ with LoRA (random non-zero A and B) on every target Megatron-Bridge offers for i
   the per-expert (vLLM) layout;
 * merged weights and adapters are compared with Megatron-Bridge's exports, tensor by tensor,
   every difference explained;
-* MoE types: TP=2 x EP=2 (torchrun, gloo) exports are bit-identical to the single process, and
-  ``convert`` of the full and adapter-only checkpoints that layout saved equals the live export.
+* every type's exports at a parallel layout (torchrun, gloo: TP=2 x EP=2 for the MoE types, TP=2
+  for the dense VL types) are bit-identical to the single process, every mode and destination;
+  MoE types: ``convert`` of the full and adapter-only checkpoints that layout saved equals the
+  live export.
 
 VL types get two prompts with one image each.
 """
@@ -41,6 +43,7 @@ from bridge_ext.cpu.tiny_models import tiny_vl_inputs
 from bridge_ext.engine import PEFT_PREFIX
 from bridge_ext.export import source_expert_layouts
 from bridge_ext.dims import ModelDims
+from bridge_ext.distributed import DESTINATIONS
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.ops import SplitGroupedRows
 from model_mappings import table_for
@@ -66,6 +69,7 @@ class ModelType:
     other_layouts: tuple[str, ...] = ()  # further base expert layouts transformers loads
     vllm_adapters: str = "per_expert"  # vLLM's expert LoRA: 3-D ("fused") for is_3d_moe_weight models
     vision_lora: bool = True  # Megatron-Bridge's LoRA reaches the vision tower
+    layout: str = "tp2_ep2"  # its parallel run's layout (PARALLEL_LAYOUTS below)
 
 
 TYPES = {
@@ -73,9 +77,9 @@ TYPES = {
     "qwen2_moe": ModelType(tiny.tiny_qwen2_moe),
     "qwen3_vl_moe": ModelType(lambda d: tiny.tiny_qwen3_vl(d, moe=True), vl=True, experts_on_disk="fused",
                               other_layouts=("fused_transposed",), vllm_adapters="fused"),
-    "qwen3_vl": ModelType(tiny.tiny_qwen3_vl, moe=False, vl=True),
+    "qwen3_vl": ModelType(tiny.tiny_qwen3_vl, moe=False, vl=True, layout="tp2"),
     # Megatron-Bridge's Qwen2.5-VL holds Hugging Face's vision module: no Megatron linears for LoRA.
-    "qwen2_5_vl": ModelType(tiny.tiny_qwen2_5_vl, moe=False, vl=True, vision_lora=False),
+    "qwen2_5_vl": ModelType(tiny.tiny_qwen2_5_vl, moe=False, vl=True, vision_lora=False, layout="tp2"),
 }
 MOE_TYPES = [name for name, kind in TYPES.items() if kind.moe]
 
@@ -253,11 +257,15 @@ def test_comparison_with_megatron_bridge_exports(built):
                                    rtol=0, atol=1e-6)
 
 
-# One 2-process gloo run over the MoE types: attention and vision towers at TP=2, experts at
-# EP=2 (expert-TP 1), the layout MoE models train with; every export mode and destination. The
-# dense VL types add no parallel code path of their own (Qwen3-VL's vision tower runs at TP=2
-# inside Qwen3-VL-MoE, qkv biases inside Qwen2-MoE) and are left out to keep the time down.
-PARALLEL_FLAGS = ["--tp", "2", "--ep", "2", "--etp", "1"]
+# One 2-process gloo run per layout over the types of that layout, every export mode and
+# destination. MoE types: attention and vision towers at TP=2, experts at EP=2 (expert-TP 1), the
+# layout MoE models train with; it also saves torch_dist checkpoints for ``convert``. Dense VL
+# types: TP=2 (Qwen3-VL's vision tower sharded by Megatron, Qwen2.5-VL's Hugging Face vision
+# module replicated on both ranks).
+PARALLEL_LAYOUTS = {
+    "tp2_ep2": ["--tp", "2", "--ep", "2", "--etp", "1", "--checkpoints"],
+    "tp2": ["--tp", "2"],
+}
 
 
 @dataclass(frozen=True)
@@ -272,18 +280,30 @@ class ParallelRun:
         return self.out / f"{model_type}_ckpt" / variant
 
 
-@pytest.fixture(scope="module")
-def parallel_run(tmp_path_factory) -> ParallelRun:
-    """The worker at TP=2 x EP=2 over every MoE type; it also saves torch_dist checkpoints."""
-    out = tmp_path_factory.mktemp("tp2_ep2")
-    hf_root = tmp_path_factory.mktemp("parallel_hf")
-    hf_dirs = {name: TYPES[name].make(hf_root / name) for name in MOE_TYPES}
+def run_worker(layout: str, tmp_path_factory) -> ParallelRun:
+    out = tmp_path_factory.mktemp(layout)
+    hf_root = tmp_path_factory.mktemp(f"{layout}_hf")
+    hf_dirs = {name: kind.make(hf_root / name) for name, kind in TYPES.items() if kind.layout == layout}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(worker.__file__), str(out), *map(str, hf_dirs.values()), *PARALLEL_FLAGS, "--checkpoints"]
+               str(worker.__file__), str(out), *map(str, hf_dirs.values()), *PARALLEL_LAYOUTS[layout]]
     finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-6000:]
     return ParallelRun(out, hf_dirs)
+
+
+@pytest.fixture(scope="module")
+def parallel_runs() -> dict[str, ParallelRun]:
+    return {}  # layout -> its run, made when a test first needs one of its types
+
+
+@pytest.fixture
+def parallel_run(built, parallel_runs, tmp_path_factory) -> ParallelRun:
+    """The worker's run of ``built``'s layout, over every type of that layout."""
+    layout = TYPES[built.model_type].layout
+    if layout not in parallel_runs:
+        parallel_runs[layout] = run_worker(layout, tmp_path_factory)
+    return parallel_runs[layout]
 
 
 def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
@@ -292,11 +312,23 @@ def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
     assert not differing, f"{what}: {len(differing)} tensors differ, e.g. {differing[:4]}"
 
 
-@pytest.mark.parametrize("built", MOE_TYPES, indirect=True)
-def test_tp2_ep2_exports_are_bit_identical_to_the_single_process(built, parallel_run):
+def test_parallel_exports_are_bit_identical_to_the_single_process(built, parallel_run):
+    kind = TYPES[built.model_type]
     ranks = parallel_run.ranks(built.model_type)
-    for mode, kwargs in worker.MODES.items():
-        expected = dict(export_hf_weights(built.chunks, **kwargs))
+    modes = [mode for mode in worker.MODES if kind.moe or mode != "per_expert"]  # per-expert: MoE only
+    single_shapes = {name: tuple(p.shape) for name, p in built.chunks[0].named_parameters()}
+    sharded = {name for name, shape in ranks[1]["shapes"].items() if shape != single_shapes[name]}
+    assert any("language_model." in name or name.startswith("decoder.") for name in sharded)
+    if kind.vl:  # Megatron linears in the vision tower (those LoRA reaches) are sharded at TP=2
+        vision = [name for name in single_shapes if name.startswith(("vision_model.", "visual."))]
+        assert vision and any(name in sharded for name in vision) == kind.vision_lora
+    for rank in ranks:
+        assert sorted(rank["results"]) == sorted(f"{mode}/{where}" for mode in modes for where in DESTINATIONS)
+    for mode in modes:
+        expected = dict(export_hf_weights(built.chunks, **worker.MODES[mode]))
+        if kind.vl:  # the vision tower is part of the export (its adapters where it has LoRA)
+            has_vision = any(re.search(r"(^|\.)visual\.", name) for name in expected)
+            assert has_vision == (mode != "adapters" or kind.vision_lora), mode
         for rank, result in enumerate(ranks):
             assert_same(result["results"][f"{mode}/all"], expected, f"{mode}/all rank {rank}")
         assert_same(ranks[0]["results"][f"{mode}/rank0"], expected, f"{mode}/rank0")

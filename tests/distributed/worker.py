@@ -6,7 +6,8 @@
 Builds the Megatron model of ``HF_DIR`` with LoRA at the layout, gives every LoRA factor the
 values of one global tensor drawn from a seed keyed on its global name (scattered to this
 rank's shard the way Megatron lays shards out), and saves what this rank receives from every
-export mode and destination (and the bytes it received) to ``OUT_DIR/<model>_<rank>.pt``.
+export mode and destination (and the bytes it received), with the shapes of its first model
+chunk's parameters, to ``OUT_DIR/<model>_<rank>.pt``.
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def main() -> None:
             moe = any((rule.variant or "").endswith(":per_expert") for rule in table_for(config).rules)
             results, received = export_all(built.chunks, moe)
             saved = {"results": results, "received_bytes": received,
+                     "shapes": {name: tuple(p.shape) for name, p in built.chunks[0].named_parameters()},
                      "save": save_from_every_rank(built.chunks, Path(args.out) / f"{hf_dir.name}_saved")}
             if args.checkpoints:
                 save_checkpoints(built, Path(args.out) / f"{hf_dir.name}_ckpt")
