@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from bridge_ext.engine import ExportError, Task, TaskConverter
+from bridge_ext.packing import pack, padded_bytes, unpack
 from bridge_ext.source import Adapter
 
 Destination = Literal["all", "owner", "rank0"]
@@ -39,7 +40,6 @@ DESTINATIONS: tuple[str, ...] = ("all", "owner", "rank0")
 STEP_BYTES = 64 << 20
 STEPS_AHEAD = 3
 POSTED_AHEAD = 2  # steps posted beyond the one read: peers keep sending while this rank copies to host
-MESSAGE_ALIGN = 16
 FAMILIES = ("dense", "expert")
 
 
@@ -238,7 +238,7 @@ class ShardExchange:
                     incoming.setdefault(source, []).append((name, shard))
         ops = []
         for peer, tensors in outgoing.items():
-            message = _pack(tensors)
+            message = tensors[0].contiguous() if len(tensors) == 1 else pack(tensors)
             ops.append(dist.P2POp(dist.isend, message, peer, group))
             self.sent_bytes += _nbytes(message)
         for peer, shards in incoming.items():
@@ -247,8 +247,8 @@ class ShardExchange:
                 buffer = torch.empty(specs[0][0], dtype=specs[0][1], device=self.device)
                 views = [buffer]
             else:
-                buffer = torch.empty(sum(_spec_bytes(spec) for spec in specs), dtype=torch.uint8, device=self.device)
-                views = _unpack(buffer, specs)
+                buffer = torch.empty(sum(padded_bytes(*spec) for spec in specs), dtype=torch.uint8, device=self.device)
+                views = unpack(buffer, specs)
             ops.append(dist.P2POp(dist.irecv, buffer, peer, group))
             step.received.update(zip(shards, views))
             self.received_bytes += _nbytes(buffer)
@@ -260,6 +260,8 @@ class ShardExchange:
         On GPU waiting only orders the streams; the host is held at most
         :data:`STEPS_AHEAD` steps ahead of the device, which bounds the memory in flight.
         """
+        if index < self._done:  # done already (and the steps after it posted then)
+            return
         while self._posted < min(index + 1 + POSTED_AHEAD, len(self._steps)):
             self._post(self._posted)
             self._posted += 1
@@ -271,24 +273,26 @@ class ShardExchange:
             if self.device.type == "cuda":
                 step.done = torch.cuda.current_stream(self.device).record_event()
             self._done += 1
-        behind = self._steps[self._done - STEPS_AHEAD] if self._done >= STEPS_AHEAD else None
-        if behind is not None and behind.done is not None:
-            behind.done.synchronize()
+            behind = self._steps[self._done - STEPS_AHEAD] if self._done >= STEPS_AHEAD else None
+            if behind is not None and behind.done is not None:
+                behind.done.synchronize()
 
     # -- the TensorSource side --------------------------------------------------------
     def shards(self, name: str) -> list[torch.Tensor]:
         """All shards of ``name`` (on a receiver of its task, inside :meth:`convert_tasks`)."""
-        if name not in self._step_of:
+        index = self._step_of.get(name)
+        if index is None:
             raise ExportError(f"{name} was read but not scheduled for this task")
-        step = self._steps[self._step_of[name]]
-        self._complete(self._step_of[name])
+        self._complete(index)
+        received = self._steps[index].received
         local = self.local.get(name)
-        shards = [local.tensor.detach() if local is not None and local.shard == shard else step.received[(name, shard)]
-                  for shard in range(len(self.tensors[name].shapes))]
+        count = len(self.tensors[name].shapes)
+        shards = [local.tensor.detach() if local is not None and local.shard == shard else received[(name, shard)]
+                  for shard in range(count)]
         self._reads_left[name] -= 1
         if self._reads_left[name] == 0:
-            for shard in range(len(shards)):
-                step.received.pop((name, shard), None)
+            for shard in range(count):
+                received.pop((name, shard), None)
         return shards
 
     def convert_tasks(self, converter: TaskConverter, tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -312,33 +316,3 @@ class ShardExchange:
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _spec_bytes(spec: tuple[tuple[int, ...], torch.dtype]) -> int:
-    """Bytes a shard takes in a packed message (padded so that every shard starts aligned)."""
-    shape, dtype = spec
-    return -(-torch.Size(shape).numel() * dtype.itemsize // MESSAGE_ALIGN) * MESSAGE_ALIGN
-
-
-def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One contiguous message: the tensor itself, or the bytes of several one after another."""
-    if len(tensors) == 1:
-        return tensors[0].contiguous()
-    parts = []
-    for tensor in tensors:
-        data = tensor.contiguous().view(-1).view(torch.uint8)
-        parts.append(data)
-        padding = _spec_bytes((tuple(tensor.shape), tensor.dtype)) - data.numel()
-        if padding:
-            parts.append(data.new_zeros(padding))
-    return torch.cat(parts)
-
-
-def _unpack(buffer: torch.Tensor, specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
-    """Views of a received message, in the order :func:`_pack` packed them."""
-    views, offset = [], 0
-    for shape, dtype in specs:
-        size = torch.Size(shape).numel() * dtype.itemsize
-        views.append(buffer[offset:offset + size].view(dtype).view(shape))
-        offset += _spec_bytes((shape, dtype))
-    return views

@@ -15,7 +15,8 @@ Receiver contract of :func:`bridge_ext.export_hf_buckets` (and :func:`bridge_ext
 4. A tensor is valid until the consumer asks for the next bucket. Tensors may share storage
    with each other (one ``lora_A`` serves ``q_proj``, ``k_proj`` and ``v_proj``) or with the
    training model's parameters: never modify one in place; copy what you keep.
-5. Tensors are on the model's device (GPU), or in pinned CPU memory with ``device="cpu"``.
+5. Tensors are on the model's device (GPU), or in pinned CPU memory with ``device="cpu"``
+   (there, neighbouring small tensors are views of one pinned buffer).
 
 :class:`BucketReceiver` implements the consumer side; :func:`load_into_module` and
 :func:`load_into_peft` are the two appliers for a transformers / PEFT model.
@@ -28,9 +29,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from bridge_ext.packing import pack, padded_bytes, unpack
 from bridge_ext.peft_keys import PEFT_PREFIX
 
 HOST_WINDOW_BYTES = 256 << 20
+PACK_BELOW_BYTES = 16 << 20
+PACK_BYTES = 64 << 20
 
 Pairs = Iterable[tuple[str, torch.Tensor]]
 
@@ -107,38 +111,73 @@ def load_into_peft(peft_model, adapter_name: str = "default") -> Callable[[dict[
 def to_host(pairs: Pairs, window_bytes: int = HOST_WINDOW_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
     """The stream with GPU tensors copied to pinned CPU memory, overlapped with production.
 
-    Copies run on a side stream; a tensor is yielded once its copy is done, while the copies
-    of up to ``window_bytes`` of later tensors (and the gathers producing them) proceed.
-    CPU tensors pass through unchanged.
+    Tensors under :data:`PACK_BELOW_BYTES` travel together: consecutive ones are packed on
+    the GPU into one message of up to :data:`PACK_BYTES` and copied with one transfer, then
+    handed out as views of that pinned copy (a transfer per tensor would cost more than its
+    bytes). Copies run on a side stream; a tensor is yielded once its copy is done, while
+    production goes on up to ``window_bytes`` beyond the oldest copy still running (so that
+    one large copy does not hold back the tensors behind it). CPU tensors pass through.
     """
-    pending: deque[tuple[str, torch.Tensor, torch.cuda.Event]] = deque()
-    in_flight = 0
-    copy_stream = None
+    pending: deque[_HostCopy] = deque()
+    group: list[tuple[str, torch.Tensor]] = []
+    group_bytes = in_flight = 0
+    streams: dict[torch.device, torch.cuda.Stream] = {}
     for name, tensor in pairs:
+        copies = []
+        if group and (not tensor.is_cuda or tensor.device != group[0][1].device):
+            copies.append(_HostCopy(group, streams))
+            group, group_bytes = [], 0
         if not tensor.is_cuda:
-            yield from _drain(pending)
+            pending.extend(copies)
+            while pending:
+                yield from pending.popleft().wait()
             in_flight = 0
             yield name, tensor
             continue
-        if copy_stream is None:
-            copy_stream = torch.cuda.Stream(device=tensor.device)
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        copy_stream.wait_stream(torch.cuda.current_stream(tensor.device))
-        with torch.cuda.stream(copy_stream):
-            host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(copy_stream)
-        pending.append((name, host, copy_stream.record_event()))
-        in_flight += host.numel() * host.element_size()
-        while in_flight > window_bytes and len(pending) > 1:
-            name_done, host_done, event = pending.popleft()
-            event.synchronize()
-            in_flight -= host_done.numel() * host_done.element_size()
-            yield name_done, host_done
-    yield from _drain(pending)
-
-
-def _drain(pending: deque) -> Iterator[tuple[str, torch.Tensor]]:
+        size = padded_bytes(tuple(tensor.shape), tensor.dtype)
+        if size >= PACK_BELOW_BYTES:
+            if group:
+                copies.append(_HostCopy(group, streams))
+                group, group_bytes = [], 0
+            copies.append(_HostCopy([(name, tensor)], streams))
+        else:
+            group.append((name, tensor))
+            group_bytes += size
+            if group_bytes >= PACK_BYTES:
+                copies.append(_HostCopy(group, streams))
+                group, group_bytes = [], 0
+        for copy in copies:
+            pending.append(copy)
+            in_flight += copy.nbytes
+        while len(pending) > 1 and in_flight - pending[0].nbytes > window_bytes:
+            done = pending.popleft()
+            in_flight -= done.nbytes
+            yield from done.wait()
+    if group:
+        pending.append(_HostCopy(group, streams))
     while pending:
-        name, host, event = pending.popleft()
-        event.synchronize()
-        yield name, host
+        yield from pending.popleft().wait()
+
+
+class _HostCopy:
+    """One device-to-host transfer on the device's copy stream: one tensor, or several packed."""
+
+    def __init__(self, pairs: list[tuple[str, torch.Tensor]], streams: dict[torch.device, torch.cuda.Stream]):
+        self.names = [name for name, _ in pairs]
+        tensors = [tensor for _, tensor in pairs]
+        source = tensors[0] if len(tensors) == 1 else pack(tensors)
+        stream = streams.get(source.device)
+        if stream is None:
+            stream = streams[source.device] = torch.cuda.Stream(device=source.device)
+        self.host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+        self.specs = [(tuple(tensor.shape), tensor.dtype) for tensor in tensors] if len(tensors) > 1 else None
+        self.nbytes = self.host.numel() * self.host.element_size()
+        stream.wait_stream(torch.cuda.current_stream(source.device))
+        with torch.cuda.stream(stream):
+            self.host.copy_(source, non_blocking=True)
+        source.record_stream(stream)
+        self.event = stream.record_event()
+
+    def wait(self) -> Iterator[tuple[str, torch.Tensor]]:
+        self.event.synchronize()
+        yield from zip(self.names, [self.host] if self.specs is None else unpack(self.host, self.specs))

@@ -1,0 +1,53 @@
+"""Copies to pinned host memory (``export_hf_weights(device="cpu")``'s last stage), on a GPU.
+
+Needs CUDA: on a GPU machine run ``python -m pytest tests/gpu/test_to_host.py``.
+"""
+
+import pytest
+import torch
+
+from bridge_ext.sync import PACK_BELOW_BYTES, PACK_BYTES, to_host
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (device-to-pinned-host copies); run it on a GPU machine")
+
+
+def _stream() -> list[tuple[str, torch.Tensor]]:
+    """Small, large and CPU tensors mixed, more small ones than one packed copy holds."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    pairs = []
+    for index in range(3 * PACK_BYTES // (1 << 20)):  # 1 MiB each: packed, several copies
+        pairs.append((f"small.{index}", torch.randn(512, 1024, device="cuda", generator=generator).bfloat16()))
+        if index % 50 == 7:
+            pairs.append((f"odd.{index}", torch.randn(3, 5, device="cuda", generator=generator).half()))
+        if index % 60 == 11:
+            large = torch.randn(PACK_BELOW_BYTES // 4 + 1, device="cuda", generator=generator)
+            pairs.append((f"large.{index}", large))
+        if index == 100:
+            pairs.append(("on.cpu", torch.arange(6.0)))
+    pairs.append(("transposed", torch.randn(64, 32, device="cuda", generator=generator).t()))
+    return pairs
+
+
+@pytest.mark.parametrize("window", [0, 1 << 20, 256 << 20])
+def test_every_tensor_arrives_on_the_host_in_order_and_bit_exact(window):
+    pairs = _stream()
+    expected = [(name, tensor.cpu()) for name, tensor in pairs]
+    received = []
+    for name, tensor in to_host(iter(pairs), window_bytes=window):
+        assert tensor.device.type == "cpu"
+        received.append((name, tensor.clone()))
+    assert [name for name, _ in received] == [name for name, _ in expected]
+    for (name, got), (_, want) in zip(received, expected):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got, want), name
+
+
+def test_host_tensors_are_pinned_and_small_ones_share_a_buffer():
+    pairs = _stream()
+    received = list(to_host(iter(pairs)))
+    by_name = dict(received)
+    assert all(tensor.is_pinned() for name, tensor in received if name != "on.cpu")
+    storages = {by_name[f"small.{index}"].untyped_storage().data_ptr() for index in range(20)}
+    assert len(storages) < 20  # packed copies
+    assert by_name["on.cpu"].data_ptr() == dict(pairs)["on.cpu"].data_ptr()  # CPU tensors pass through
