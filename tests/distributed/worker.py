@@ -1,12 +1,13 @@
 """One parallel layout's exports of a tiny model, for the layout tests (a torchrun script)::
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 worker.py \
-        OUT_DIR HF_DIR [HF_DIR...] --tp 2 [--pp 2 --vpp 2 --ep 2 --etp 1] [--megatron-bridge]
+        OUT_DIR HF_DIR [HF_DIR...] --tp 2 [--pp 2 --vpp 2 --ep 2 --etp 1] [--megatron-bridge] [--forward NAME...]
 
 Builds the Megatron model of ``HF_DIR`` with LoRA at the layout, gives every LoRA factor the
 values of one global tensor drawn from a seed keyed on its global name (scattered to this
 rank's shard the way Megatron lays shards out), and saves what this rank receives from every
-export mode and destination (and the bytes it received) to ``OUT_DIR/<model>_<rank>.pt``.
+export mode and destination (and the bytes it received) to ``OUT_DIR/<model>_<rank>.pt``; with
+``--megatron-bridge`` also Megatron-Bridge's exports, with ``--forward`` the Megatron model's logits.
 """
 
 from __future__ import annotations
