@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ MODELS = {
 # name -> (processes, worker flags, models)
 LAYOUTS = {
     "single": (1, [], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "gpt_oss")),
-    "tp2": (2, ["--tp", "2", "--megatron-bridge"], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm")),
+    "tp2": (2, ["--tp", "2", "--megatron-bridge", "--forward", "moe"], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm")),
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"], ("dense", "moe", "vl_moe")),
     "ep2": (2, ["--ep", "2"], ("moe", "deepseek", "glm", "gpt_oss")),
     "tp2_pp2_ep2_etp1": (4, ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1"], ("moe",)),
@@ -109,11 +110,20 @@ def test_every_destination_matches_the_single_process_export(run_layout, layout,
                 assert all(got), f"{key}: some pipeline stage exported nothing: {[len(r) for r in got]}"
 
 
-# Megatron-Bridge 0.6.2 splits an expert linear_fc1 LoRA B into gate / up as if it were not
-# tensor-parallel (peft_bridge.py _split_fused_fc1_linear_out_weight: tp_size = 1 if is_expert),
-# while expert-TP ranks hold [gate_r; up_r] like the base weight: its expert gate/up adapters
-# (and merged weights) are mixed up at expert-TP > 1. Everything else must agree bit for bit.
+# Megatron-Bridge 0.6.2 splits a routed expert's linear_fc1 LoRA B into gate / up as if it were
+# not tensor-parallel (peft_bridge.py, _split_fused_fc1_linear_out_weight: tp_size = 1 if is_expert),
+# but it gathers the expert-TP shards [gate_r; up_r] like the base weight: at expert-TP 2 its gate_proj
+# lora_B is [gate_0; up_0] and its up_proj lora_B [gate_1; up_1], and its merged gate / up weights
+# add those products. Everything else must agree bit for bit.
 MB_EXPERT_TP_BUG = re.compile(r"\.experts\.\d+\.(gate|up)_proj\.(lora_B\.)?weight$")
+LORA_SCALE = 8 / 4  # the worker's LoRA: alpha 8, rank 4
+EXPERT_TP = 2  # the tp2 layout's expert-tensor-parallel size (= its TP)
+
+
+def megatron_bridge_gate_up_rows(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What Megatron-Bridge calls gate and up at expert-TP 2: the halves of [gate_0; up_0; gate_1; up_1]."""
+    (gate_0, gate_1), (up_0, up_1) = gate.chunk(EXPERT_TP), up.chunk(EXPERT_TP)
+    return torch.cat([gate_0, up_0]), torch.cat([gate_1, up_1])
 
 
 @pytest.mark.parametrize("model", ("dense", "moe", "mimo"))  # (MB leaves the vision qkv LoRA B interleaved)
@@ -126,9 +136,89 @@ def test_tensor_parallel_export_equals_megatron_bridge(run_layout, model):
     for what, ours, mb in (("merged", ours_merged, theirs["merged"]), ("adapters", ours_adapters, theirs["adapters"])):
         assert sorted(ours) == sorted(mb), what
         known = {name for name in ours if MB_EXPERT_TP_BUG.search(name)}
+        assert bool(known) == (model == "moe"), what
         assert_same({n: t for n, t in ours.items() if n not in known},
                     {n: t for n, t in mb.items() if n not in known}, what)
-        assert all(not torch.equal(ours[name], mb[name]) for name in known), "Megatron-Bridge's split changed?"
+    for gate_b in (n for n in ours_adapters if MB_EXPERT_TP_BUG.search(n) and n.endswith("gate_proj.lora_B.weight")):
+        up_b, lora_a = gate_b.replace("gate_proj", "up_proj"), gate_b.replace("lora_B", "lora_A")
+        their_gate_b, their_up_b = megatron_bridge_gate_up_rows(ours_adapters[gate_b], ours_adapters[up_b])
+        assert torch.equal(theirs["adapters"][gate_b], their_gate_b), gate_b
+        assert torch.equal(theirs["adapters"][up_b], their_up_b), up_b
+        for name, their_b in ((gate_b, their_gate_b), (up_b, their_up_b)):
+            weight = name.removeprefix(PEFT_PREFIX).replace(".lora_B", "")
+            expected = peft[weight] + LORA_SCALE * their_b @ ours_adapters[lora_a]
+            torch.testing.assert_close(theirs["merged"][weight], expected, rtol=0, atol=1e-6)
+
+
+def hf_logits_of(tensors: dict[str, torch.Tensor], config_dir: Path, folder: Path, input_ids: torch.Tensor):
+    """transformers' logits with these weights (a folder: the source's config and one file)."""
+    from safetensors.torch import save_file
+
+    from bridge_ext.verify import hf_logits, load_hf_model
+
+    folder.mkdir()
+    shutil.copy(config_dir / "config.json", folder)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(folder / "model.safetensors"))
+    return hf_logits(load_hf_model(folder), input_ids)
+
+
+def relative_difference(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((logits - reference).abs().max() / reference.abs().max()).item()
+
+
+EXPERT_DOWN = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.down_proj\.weight$")
+
+
+def expert_tp_block_diagonal(lora_b: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """What Megatron-Bridge 0.6.2's forward adds for a routed expert's linear_fc2 LoRA at expert-TP 2:
+    each rank's unsummed partial B_r A_r x_r, all-gathered by linear_out, then summed once more
+    over the expert-TP ranks by the token dispatcher (``EXPERT_TP * blockdiag(B_r @ A_r)``)."""
+    delta = torch.zeros(lora_b.shape[0], lora_a.shape[1])
+    rows, columns = lora_b.shape[0] // EXPERT_TP, lora_a.shape[1] // EXPERT_TP
+    for r in range(EXPERT_TP):
+        block = lora_b[r * rows:(r + 1) * rows] @ lora_a[:, r * columns:(r + 1) * columns]
+        delta[r * rows:(r + 1) * rows, r * columns:(r + 1) * columns] = EXPERT_TP * LORA_SCALE * block
+    return delta
+
+
+def test_tensor_parallel_merged_exports_judged_by_the_megatron_forward(run_layout, hf_dirs, tmp_path):
+    """At TP2 / expert-TP 2, transformers with our merged weights computes what the Megatron model
+    computes; with Megatron-Bridge's merged weights (gate / up rows mixed up, above) it does not.
+
+    Megatron-Bridge 0.6.2's own forward of a routed expert's linear_fc2 LoRA at expert-TP > 1 is not
+    base + scale * B @ A (NVIDIA-NeMo/Megatron-Bridge#5634): its row-parallel linear_in skips the
+    all-reduce (megatron-core's explicit_expert_comm), linear_out all-gathers the unsummed partials
+    and the token dispatcher sums them once per rank. The comparison is therefore made with that
+    LoRA's B zeroed, and the defect itself is pinned: when Megatron-Bridge fixes it, this fails.
+    """
+    rank0 = run_layout("tp2", "moe")[0]
+    forward, config_dir = rank0["megatron_forward"], hf_dirs["moe"]
+    ids = forward["input_ids"]
+    base = rank0["results"]["per_expert/all"]
+    adapters = {n.removeprefix(PEFT_PREFIX): t for n, t in base.items() if n.startswith(PEFT_PREFIX)}
+    without_fc2 = forward["without_expert_fc2_lora"]
+
+    def expert_fc2_as(merged: dict, delta) -> dict:
+        return {name: base[name] + delta(name.removesuffix(".weight")) if EXPERT_DOWN.match(name) else tensor
+                for name, tensor in merged.items()}
+
+    def no_delta(module):
+        return 0
+
+    ours = expert_fc2_as(rank0["results"]["merged/all"], no_delta)
+    theirs = expert_fc2_as(rank0["megatron_bridge"]["merged"], no_delta)
+    ours_difference = relative_difference(hf_logits_of(ours, config_dir, tmp_path / "ours", ids), without_fc2)
+    their_difference = relative_difference(hf_logits_of(theirs, config_dir, tmp_path / "theirs", ids), without_fc2)
+    assert ours_difference <= 1e-4
+    assert their_difference > 100 * max(ours_difference, 1e-6)
+
+    plain = relative_difference(hf_logits_of(rank0["results"]["merged/all"], config_dir, tmp_path / "plain", ids),
+                                forward["all_lora"])
+    as_megatron = expert_fc2_as(rank0["results"]["merged/all"], lambda module: expert_tp_block_diagonal(
+        adapters[f"{module}.lora_B.weight"], adapters[f"{module}.lora_A.weight"]))
+    assert relative_difference(hf_logits_of(as_megatron, config_dir, tmp_path / "as_megatron", ids),
+                               forward["all_lora"]) <= 1e-4
+    assert plain > 1e-2, "Megatron-Bridge's expert linear_fc2 LoRA forward at expert-TP 2 is fixed?"
 
 
 @pytest.mark.parametrize(("layout", "model"), [("pp2_vpp2", "moe"), ("tp2", "vl_moe")])

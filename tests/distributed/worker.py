@@ -1,18 +1,20 @@
 """One parallel layout's exports of a tiny model, for the layout tests (a torchrun script)::
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 worker.py \
-        OUT_DIR HF_DIR [HF_DIR...] --tp 2 [--pp 2 --vpp 2 --ep 2 --etp 1] [--megatron-bridge]
+        OUT_DIR HF_DIR [HF_DIR...] --tp 2 [--pp 2 --vpp 2 --ep 2 --etp 1] [--megatron-bridge] [--forward NAME...]
 
 Builds the Megatron model of ``HF_DIR`` with LoRA at the layout, gives every LoRA factor the
 values of one global tensor drawn from a seed keyed on its global name (scattered to this
 rank's shard the way Megatron lays shards out), and saves what this rank receives from every
 export mode and destination (and the bytes it received), with the shapes of its first model
-chunk's parameters, to ``OUT_DIR/<model>_<rank>.pt``.
+chunk's parameters, to ``OUT_DIR/<model>_<rank>.pt``; with ``--megatron-bridge`` also
+Megatron-Bridge's exports, with ``--forward`` the Megatron model's logits.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import zlib
 from contextlib import ExitStack, contextmanager
 from unittest import mock
@@ -139,6 +141,27 @@ def megatron_bridge_exports(built) -> dict:
     return {"merged": merged, "adapters": {PEFT_PREFIX + name: tensor for name, tensor in adapters}}
 
 
+# The routed experts' linear_fc2 LoRA B (Megatron-Bridge 0.6.2's forward of that LoRA at expert-TP > 1
+# is not base + scale * B @ A; see test_layouts.py).
+EXPERT_FC2_LORA_B = re.compile(r"\.mlp\.experts\..*linear_fc2\.adapter\.linear_out\.weight$")
+
+
+@torch.no_grad()
+def megatron_forward(chunks) -> dict:
+    """The Megatron model's own logits at this layout for fixed tokens: with all its LoRA, then
+    with the routed experts' linear_fc2 LoRA B zeroed (changes the model: call it last)."""
+    from bridge_ext.cpu.forward import megatron_logits
+
+    input_ids = torch.randint(0, 120, (2, 16), generator=torch.Generator().manual_seed(1))
+    result = {"input_ids": input_ids, "all_lora": megatron_logits(chunks, input_ids)}
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if EXPERT_FC2_LORA_B.search(name):
+                param.zero_()
+    result["without_expert_fc2_lora"] = megatron_logits(chunks, input_ids)
+    return result
+
+
 def save_from_every_rank(chunks, folder) -> dict:
     """save_hf_pretrained called by every rank: rank 0 alone writes; it reads the folders back."""
     from safetensors.torch import load_file
@@ -178,6 +201,8 @@ def main() -> None:
     parser.add_argument("--vpp", type=int, default=None)
     parser.add_argument("--etp", type=int, default=None)
     parser.add_argument("--megatron-bridge", action="store_true", help="also save Megatron-Bridge's exports")
+    parser.add_argument("--forward", nargs="*", default=(), metavar="MODEL",
+                        help="also save the Megatron forward's logits of these models (HF folder names)")
     parser.add_argument("--checkpoints", action="store_true",
                         help="also save torch_dist checkpoints OUT/<model>_ckpt/{lora,adapter} (for convert)")
     args = parser.parse_args()
@@ -212,6 +237,8 @@ def main() -> None:
             if args.megatron_bridge:
                 with cpu_parallel_build(sizes):
                     saved["megatron_bridge"] = megatron_bridge_exports(built)
+            if hf_dir.name in args.forward:
+                saved["megatron_forward"] = megatron_forward(built.chunks)
             torch.save(saved, Path(args.out) / f"{hf_dir.name}_{rank}.pt")
 
 
