@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from bridge_ext import model_changes
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError
@@ -235,9 +236,10 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     architecture (the table's ``vllm_expert_adapter_layout``). ``destination``: see
     :func:`export_hf_weights`.
 
-    Exports repeat every training step, so both are remembered per model while its parameter
-    objects (and their shapes and dtypes), its Hugging Face folder's config.json and these
-    arguments stay the same (not when ``hf_config`` is a config object: it may have changed).
+    Exports repeat every training step, so both are remembered per model while its modules,
+    parameters and persistent buffers (and their shapes and dtypes), its Hugging Face folder's
+    config.json and these arguments stay the same (not when ``hf_config`` is a config object:
+    it may have changed). See :mod:`bridge_ext.model_changes`.
     """
     chunks = unwrap_chunks(model)
     from model_mappings import registered_table, table_for
@@ -247,7 +249,7 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     entry = id(registered_table(config.model_type))
     key = _prepared_key(chunks, hf_config, expert_layout, expert_adapter_layout, destination, entry)
     cached = _PREPARED.get(chunks[0])
-    if all_agree(key is not None and cached is not None and cached[0] == key):
+    if all_agree(key is not None and cached is not None and cached[0] == key and cached[1].layout() == cached[3]):
         return cached[1], cached[2]
     table = table_for(config)
     source = LiveModelSource(model, destination)
@@ -261,7 +263,8 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
         shapes = folder_tensor_names(folder) if _weight_files_present(folder) else {}
         plan.extra_shapes = {name: shape for name, shape in shapes.items() if plan.is_extra(name)}
     if key is not None:
-        _PREPARED[chunks[0]] = (key, source, plan)
+        model_changes.watch(chunks)
+        _PREPARED[chunks[0]] = (key, source, plan, source.layout())
     return source, plan
 
 
@@ -269,24 +272,12 @@ _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _prepared_key(chunks: list[torch.nn.Module], hf_config, *options) -> tuple | None:
-    """What a remembered :func:`prepare` result depends on (None: do not remember)."""
+    """What a remembered :func:`prepare` result depends on, besides its source's
+    :meth:`~bridge_ext.live.LiveModelSource.layout` (None: do not remember)."""
     if hf_config is not None and not isinstance(hf_config, (str, Path)):
         return None
     folder = str(hf_config or getattr(chunks[0].config, "hf_model_id", None))
-    parameters = tuple((id(p), p.dtype, p.shape) for p in _all_tensors(chunks))
-    return (tuple(map(id, chunks)), folder, _mtime(Path(folder) / "config.json"), options, parameters)
-
-
-def _all_tensors(chunks: list[torch.nn.Module]) -> Iterator[torch.Tensor]:
-    """Every parameter and buffer of the chunks (shared ones once per holder): a plain walk
-    of the module tree, several times faster than ``parameters()`` on MoE models of
-    thousands of modules, and this runs at every export."""
-    stack = list(reversed(chunks))
-    while stack:
-        module = stack.pop()
-        yield from (param for param in module._parameters.values() if param is not None)
-        yield from (buffer for buffer in module._buffers.values() if buffer is not None)
-        stack.extend(child for child in reversed(module._modules.values()) if child is not None)
+    return (tuple(map(id, chunks)), folder, _mtime(Path(folder) / "config.json"), options, model_changes.count())
 
 
 def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,

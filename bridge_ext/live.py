@@ -175,12 +175,17 @@ class LiveModelSource:
         self.chunks = unwrap_chunks(model)
         parallel = is_parallel_job()
         tensors, adapters = local_tensors(self.chunks, sharded=parallel)
+        self._local = [tensor.tensor for tensor in tensors]
         self.exchange = None
         if parallel:
             self.exchange = ShardExchange(tensors, adapters, destination)
         else:
             self._tensors = {tensor.name: tensor.tensor for tensor in tensors}
             self._adapters = adapters
+
+    def layout(self) -> list[tuple[torch.dtype, torch.Size]]:
+        """Dtype and shape of each tensor this process holds (``param.data`` may be replaced)."""
+        return [(tensor.dtype, tensor.shape) for tensor in self._local]
 
     def base_names(self) -> list[str]:
         names = self.exchange.names if self.exchange else list(self._tensors)

@@ -216,3 +216,38 @@ def test_live_exports_default_to_the_tables_vllm_layout_files_to_peft(moe, monke
     save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "adapter")
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as handle:
         assert _has(FUSED_EXPERT_ADAPTER, handle.keys())
+
+
+def test_the_plan_is_remembered_until_the_model_changes(built, mlp):
+    from bridge_ext.export import prepare
+
+    mlp.register_buffer("token_counts", torch.zeros(4), persistent=False)  # runtime state
+    source, plan = prepare(built.chunks)
+    assert prepare(built.chunks) == (source, plan)  # remembered
+    mlp.token_counts = torch.ones(4)  # reassigned (as every step may): the plan holds
+    assert prepare(built.chunks)[1] is plan
+    mlp.register_buffer("router_bias", torch.arange(4.0))  # model state: planned anew (and refused)
+    with pytest.raises(ExportError, match=r"router_bias"):
+        prepare(built.chunks)
+
+
+def test_a_new_parameter_or_a_changed_shape_or_dtype_is_planned_anew(built):
+    from bridge_ext.export import prepare
+
+    norm = built.chunks[0].decoder.final_layernorm
+    original = norm.weight
+    _, plan = prepare(built.chunks)
+    try:
+        norm.weight = torch.nn.Parameter(original.detach().clone())  # a new parameter object
+        _, replaced = prepare(built.chunks)
+        assert replaced is not plan
+        assert torch.equal(dict(export_hf_weights(built.chunks))["model.norm.weight"], norm.weight.detach())
+        norm.weight.data = norm.weight.data.double()  # same object, other dtype
+        _, recast = prepare(built.chunks)
+        assert recast is not replaced
+        norm.weight.data = torch.zeros(original.shape[0] + 1, dtype=original.dtype)  # other shape
+        with pytest.raises(ExportError, match="model.norm.weight|final_layernorm"):
+            next(export_hf_weights(built.chunks))
+    finally:
+        norm.weight = original
+    assert prepare(built.chunks)[1] is not plan
