@@ -198,12 +198,25 @@ def build(hf_dir: Path, preset: str, device: str, sizes: dict, lora_rank: int,
     else:
         targets = QWEN3_LORA_TARGETS if family(preset) == "qwen3_moe" else QWEN35_LORA_TARGETS
         chunks, bridge = _build_moe(hf_dir, device, sizes, lora_rank, dtype, targets)
-    with torch.no_grad():  # LoRA B starts at zero: make merges real
-        for chunk in chunks:
+    with torch.no_grad():  # LoRA B starts at zero: make merges real, with values that differ
+        for chunk in chunks:  # between pipeline stages and expert ranks (local names repeat there)
             for name, param in chunk.named_parameters():
                 if name.endswith("linear_out.weight"):
-                    param.normal_(std=0.01)
+                    generator = torch.Generator(device=param.device).manual_seed(zlib.crc32(
+                        f"{_rank_in('pipeline')}/{_rank_in('expert')}/{name}".encode()))
+                    param.normal_(std=0.01, generator=generator)
     return list(chunks), bridge
+
+
+def _rank_in(kind: str) -> int:
+    """This rank's pipeline or expert-parallel rank (0 outside a parallel job)."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        return 0
+    if kind == "pipeline":
+        return parallel_state.get_pipeline_model_parallel_rank()
+    return parallel_state.get_expert_model_parallel_rank()
 
 
 def _cpu_tensor_cuda(device: str):
