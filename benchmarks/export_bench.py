@@ -305,6 +305,11 @@ def check(chunks, bridge, hf_dir: Path, moe: bool, mb_merges: bool = True) -> li
     result, _ = _compare(merged, rank0)  # every rank iterates (other ranks receive nothing)
     lines.append(f"check destination=rank0 vs all: {result}")
     del merged
+    if torch.cuda.is_available() and next(chunks[0].parameters()).is_cuda:
+        on_device = _collect(export_hf_weights(chunks))
+        result, _ = _compare(on_device, ((name, tensor) for name, tensor in export_hf_weights(chunks, device="cpu")))
+        lines.append(f"check to-cpu vs on the GPU: {result}")
+        del on_device
     owned = [name for name, _ in export_hf_weights(chunks, peft=False, destination="owner")]
     all_names = [name for name, _ in export_hf_weights(chunks, peft=False)]
     gathered = [None] * world if dist.is_initialized() else [owned]
@@ -403,6 +408,7 @@ def main() -> None:
     parser.add_argument("--hf-dir", type=Path, help="the Hugging Face folder (made once, then reused; "
                         "default: <tmp>/bridge_ext_bench_<preset>)")
     parser.add_argument("--only", nargs="*", help="run only these modes")
+    parser.add_argument("--mb-modes", nargs="*", help="time Megatron-Bridge in these modes only (default: all)")
     parser.add_argument("--json", type=Path, help="also write the results here (rank 0)")
     parser.add_argument("--check", action="store_true", help="also check correctness at this layout")
     parser.add_argument("--profile", type=Path, help="also profile one run of some modes into this folder")
@@ -433,8 +439,9 @@ def main() -> None:
         for name, (ours, theirs) in table.items():
             if args.only and name not in args.only:
                 continue
+            timed_theirs = theirs and (args.mb_modes is None or name in args.mb_modes)
             results[name] = (measure(name, ours, args.device, args.repeats),
-                             measure(name, theirs, args.device, args.repeats) if theirs else None)
+                             measure(name, theirs, args.device, args.repeats) if timed_theirs else None)
         if args.profile:
             profile(chunks, args.device, args.profile, ["to-cpu unmerged+adapters", "adapters", "merged"], table)
         if rank == 0:

@@ -67,14 +67,15 @@ run() {  # run NAME FAMILY NPROC [flags...]
         return
     fi
     [ -n "${PROFILE:-}" ] && flags+=(--profile "$RESULTS/profile-$name")
-    launch "$nproc" benchmarks/export_bench.py "${flags[@]}" --check "$@" > "$RESULTS/$name.log" 2>&1 \
+    [[ " $* " == *" --mb-modes "* ]] || flags+=(--check)  # a partial Megatron-Bridge run skips the checks
+    launch "$nproc" benchmarks/export_bench.py "${flags[@]}" "$@" > "$RESULTS/$name.log" 2>&1 \
         || echo "FAILED: see $name.log"
     sed -n '/^device=/,$p' "$RESULTS/$name.log" | grep -v "^\[" | tee -a "$RESULTS/summary.txt" || true
 }
 
 declare -A LAYOUTS=(
     [tp1]="dense 1" [tp2]="dense 2 --tp 2" [pp2]="dense 2 --pp 2" [pp2_vpp2]="dense 2 --pp 2 --vpp 2"
-    [moe_ep1]="moe 1" [moe_ep2]="moe 2 --ep 2" [moe_tp2]="moe 2 --tp 2" [moe_pp2]="moe 2 --pp 2"
+    [moe_ep1]="moe 1" [moe_ep2]="moe 2 --ep 2" [moe_tp2]="moe 2 --tp 2" [moe_pp2]="moe 2 --pp 2 --mb-modes adapters"
     [moe3_ep1]="moe3 1" [moe3_ep2]="moe3 2 --ep 2"
     [sync]="moe 1" [sync_dense]="dense 1"
 )
