@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import signal
 import os
@@ -111,6 +112,7 @@ def measure(name: str, run: Callable[[], Iterable], device: str, repeats: int) -
     """Median seconds (slowest rank), exported bytes, peak extra RSS / GPU memory (this rank)."""
     seconds, rss, gpu = [], [], []
     for attempt in range(repeats + 1):
+        gc.collect()  # no full collection of the models' many objects inside a timed run (0.4-0.5 s outliers)
         if dist.is_initialized():
             dist.barrier()
         synchronize(device)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import os
 import signal
@@ -189,6 +190,7 @@ def synchronize(*devices: torch.device) -> None:
 def timed(run: Callable[[], int], devices, repeats: int) -> dict:
     seconds = []
     for attempt in range(repeats + 1):
+        gc.collect()  # no full collection of the models' many objects inside a timed run
         synchronize(*devices)
         start = time.perf_counter()
         moved = run()
