@@ -7,6 +7,9 @@ of the message is aligned for any dtype.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 ALIGN = 16
@@ -16,7 +19,11 @@ Spec = tuple[tuple[int, ...], torch.dtype]
 
 def padded_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Bytes a tensor takes in a message (its own, rounded up to :data:`ALIGN`)."""
-    return -(-torch.Size(shape).numel() * dtype.itemsize // ALIGN) * ALIGN
+    return _padded(math.prod(shape) * dtype.itemsize)
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -26,7 +33,7 @@ def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
     for tensor in tensors:
         data = tensor.contiguous().view(-1).view(torch.uint8)
         parts.append(data)
-        padding = padded_bytes(tuple(tensor.shape), tensor.dtype) - data.numel()
+        padding = _padded(data.numel()) - data.numel()
         if padding:
             if padding_source is None:
                 padding_source = data.new_zeros(ALIGN)
@@ -35,10 +42,23 @@ def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def unpack(message: torch.Tensor, specs: list[Spec]) -> list[torch.Tensor]:
-    """Views of a message, in the order :func:`pack` packed tensors of these shapes and dtypes."""
+    """Views of a message, in the order :func:`pack` packed tensors of these shapes and dtypes
+    (one strided view each: thousands of small tensors come out of one message)."""
+    typed: dict[torch.dtype, torch.Tensor] = {}
     views, offset = [], 0
     for shape, dtype in specs:
-        size = torch.Size(shape).numel() * dtype.itemsize
-        views.append(message[offset:offset + size].view(dtype).view(shape))
+        whole = typed.get(dtype)
+        if whole is None:
+            whole = typed[dtype] = message.view(dtype)
+        views.append(whole.as_strided(shape, _contiguous_strides(shape), offset // dtype.itemsize))
         offset += padded_bytes(shape, dtype)
     return views
+
+
+@functools.lru_cache(maxsize=4096)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from bridge_ext.packing import pack, padded_bytes, unpack
+from bridge_ext.packing import pack, unpack
 from bridge_ext.peft_keys import PEFT_PREFIX
 
 HOST_WINDOW_BYTES = 256 << 20
@@ -134,7 +134,7 @@ def to_host(pairs: Pairs, window_bytes: int = HOST_WINDOW_BYTES) -> Iterator[tup
             in_flight = 0
             yield name, tensor
             continue
-        size = padded_bytes(tuple(tensor.shape), tensor.dtype)
+        size = tensor.numel() * tensor.element_size()
         if size >= PACK_BELOW_BYTES:
             if group:
                 copies.append(_HostCopy(group, streams))
