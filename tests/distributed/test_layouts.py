@@ -43,7 +43,8 @@ MODELS = {
 # name -> (processes, worker flags, models)
 LAYOUTS = {
     "single": (1, [], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "gpt_oss")),
-    "tp2": (2, ["--tp", "2", "--megatron-bridge", "--forward", "moe"], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm")),
+    "tp2": (2, ["--tp", "2", "--megatron-bridge", "dense", "moe", "mimo", "--forward", "moe"],
+            ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm")),
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"], ("dense", "moe", "vl_moe")),
     "ep2": (2, ["--ep", "2"], ("moe", "deepseek", "glm", "gpt_oss")),
     "tp2_pp2_ep2_etp1": (4, ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1"], ("moe",)),
