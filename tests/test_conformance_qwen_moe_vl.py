@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -55,6 +54,10 @@ from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_log
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 import worker  # noqa: E402  (the layout tests' torchrun script: global LoRA values, every export mode)
+from megatron_bridge_expert_parallel import (  # noqa: E402
+    assert_megatron_bridge_merge_at_expert_parallelism,
+    assert_ours_alone_gives_the_megatron_forward,
+)
 
 # Megatron spellings no Hugging Face name of these types contains (HF's Qwen3-VL vision MLP is linear_fc1 too).
 MEGATRON_SPELLINGS = ("to_wrap", "decoder.", "linear_qkv", "linear_proj", ".adapter.", "layer_norm_weight",
@@ -365,66 +368,12 @@ def test_convert_of_the_parallel_checkpoint_equals_the_live_export(built, parall
                    what=f"converted {variant}", relative_tolerance=1e-4)
 
 
-# Megatron-Bridge 0.6.2's merged export at expert parallelism > 1 with SequentialMLP experts
-# (model_bridge.py, stream_weights_megatron_to_hf): _megatron_local_name_to_global renumbers a
-# routed expert's base weight to its global expert but leaves adapter names (".adapter.") at the
-# local number, so build_adapter_conversion_tasks keys rank r's adapters by local numbers while
-# its base weights look theirs up by global ones: rank 0 finds its own (global = local), the
-# other ranks none. The base weight's gather_from_ep_ranks then returns the expert of that local
-# index from every EP rank, and _merge_lora_adapter_weights (peft_bridge.py; per-expert selection
-# only for grouped experts) adds rank 0's one adapter to all of them. Rank 0: expert e gets the
-# LoRA of expert e mod (E / EP); the other ranks: no routed expert gets its LoRA.
-EXPERT_WEIGHT = re.compile(r"^(?P<experts>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>(gate|up|down)_proj)\.weight$")
-EXPERT_PARALLEL = 2  # the tp2_ep2 layout's
-
-
-def hf_logits_of(tensors: dict[str, torch.Tensor], config_dir: Path, folder: Path, input_ids: torch.Tensor):
-    """transformers' logits with these weights (a folder: the source's config and one file)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir()
-    shutil.copy(config_dir / "config.json", folder)
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(folder / "model.safetensors"))
-    return hf_logits(load_hf_model(folder), input_ids)
-
-
-def relative_difference(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((logits - reference).abs().max() / reference.abs().max()).item()
-
-
 @pytest.mark.parametrize("built", MB_EXPERT_PARALLEL_TYPES, indirect=True)
 def test_megatron_bridge_merged_export_at_expert_parallelism_2(built, parallel_run, tmp_path):
-    """Ours at TP=2 x EP=2 gives the Megatron forward's logits at that layout in transformers;
-    Megatron-Bridge's (rank 0) puts rank 0's LoRA of the same local index on the other rank's
-    experts and does not; its other rank's export has no routed-expert LoRA at all."""
+    """Megatron-Bridge's merged export at TP=2 x EP=2 puts EP rank 0's expert LoRA of the same local
+    index on the other rank's experts (megatron_bridge_expert_parallel.py says why); transformers
+    with ours gives the Megatron forward's logits at that layout, with theirs it does not."""
     ranks = parallel_run.ranks(built.model_type)
-    ours = ranks[0]["results"]["merged/all"]
-    split = ranks[0]["results"]["per_expert/all"]  # base experts per expert, adapters per expert
-    theirs = [rank["megatron_bridge"]["merged"] for rank in ranks]
-    local_experts = AutoConfig.from_pretrained(str(built.hf_dir)).num_experts // EXPERT_PARALLEL
-
-    def with_lora_of(name: str, expert: int) -> torch.Tensor:
-        found = EXPERT_WEIGHT.match(name)
-        module = f"{PEFT_PREFIX}{found['experts']}.{expert}.{found['proj']}"
-        return split[name] + SCALE * split[f"{module}.lora_B.weight"] @ split[f"{module}.lora_A.weight"]
-
-    experts = sorted(name for name in ours if EXPERT_WEIGHT.match(name))
-    remote = [name for name in experts if int(EXPERT_WEIGHT.match(name)["e"]) >= local_experts]
-    assert len(remote) == len(experts) // 2 > 0
-    for rank, merged in enumerate(theirs):
-        assert sorted(merged) == sorted(ours), rank
-        unaffected = set(ours) - set(remote if rank == 0 else experts)
-        assert_same({n: merged[n] for n in unaffected}, {n: ours[n] for n in unaffected}, f"rank {rank}")
-    for name in remote:
-        expert = int(EXPERT_WEIGHT.match(name)["e"])
-        torch.testing.assert_close(ours[name], with_lora_of(name, expert), rtol=0, atol=1e-6)
-        torch.testing.assert_close(theirs[0][name], with_lora_of(name, expert % local_experts), rtol=0, atol=1e-6)
-        assert not torch.allclose(theirs[0][name], ours[name], rtol=0, atol=1e-4), name
-    assert_same({n: theirs[1][n] for n in experts}, {n: split[n] for n in experts}, "rank 1 experts: base only")
-
-    forward = ranks[0]["megatron_forward"]  # the Megatron model at TP=2 x EP=2, fp32
-    ids, reference = forward["input_ids"], forward["all_lora"]
-    ours_difference = relative_difference(hf_logits_of(ours, built.hf_dir, tmp_path / "ours", ids), reference)
-    their_difference = relative_difference(hf_logits_of(theirs[0], built.hf_dir, tmp_path / "theirs", ids), reference)
-    assert ours_difference <= 1e-4
-    assert their_difference > 100 * max(ours_difference, 1e-6)
+    num_experts = AutoConfig.from_pretrained(str(built.hf_dir)).num_experts
+    assert_megatron_bridge_merge_at_expert_parallelism(ranks, num_experts, SCALE)
+    assert_ours_alone_gives_the_megatron_forward(ranks[0], built.hf_dir, tmp_path)
