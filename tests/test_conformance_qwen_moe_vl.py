@@ -16,6 +16,9 @@ with LoRA (random non-zero A and B) on every target Megatron-Bridge offers for i
   for the dense VL types) are bit-identical to the single process, every mode and destination,
   and ``convert`` of the full and adapter-only checkpoints that layout saved equals the live
   export.
+* at TP=2 x EP=2, transformers with our merged weights gives the Megatron forward's logits at that
+  layout; Megatron-Bridge's merged export there is pinned as wrong for the experts of the other
+  expert-parallel rank (Qwen3-MoE, Qwen2-MoE).
 
 VL types get two prompts with one image each.
 """
@@ -51,6 +54,10 @@ from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_log
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 import worker  # noqa: E402  (the layout tests' torchrun script: global LoRA values, every export mode)
+from megatron_bridge_expert_parallel import (  # noqa: E402
+    assert_megatron_bridge_merge_at_expert_parallelism,
+    assert_ours_alone_gives_the_megatron_forward,
+)
 
 # Megatron spellings no Hugging Face name of these types contains (HF's Qwen3-VL vision MLP is linear_fc1 too).
 MEGATRON_SPELLINGS = ("to_wrap", "decoder.", "linear_qkv", "linear_proj", ".adapter.", "layer_norm_weight",
@@ -261,9 +268,12 @@ def test_comparison_with_megatron_bridge_exports(built):
 # destination. MoE types: attention and vision towers at TP=2, experts at EP=2 (expert-TP 1), the
 # layout MoE models train with. Dense VL types: TP=2 (Qwen3-VL's vision tower sharded by
 # Megatron, Qwen2.5-VL's Hugging Face vision module replicated on both ranks). Each run also
-# saves torch_dist checkpoints for ``convert``.
+# saves torch_dist checkpoints for ``convert``; the MoE run also Megatron-Bridge's exports and the
+# Megatron forward of the types compared with Megatron-Bridge at EP=2 (MB_EXPERT_PARALLEL_TYPES).
+MB_EXPERT_PARALLEL_TYPES = ("qwen3_moe", "qwen2_moe")
 PARALLEL_LAYOUTS = {
-    "tp2_ep2": ["--tp", "2", "--ep", "2", "--etp", "1", "--checkpoints"],
+    "tp2_ep2": ["--tp", "2", "--ep", "2", "--etp", "1", "--checkpoints",
+                "--megatron-bridge", *MB_EXPERT_PARALLEL_TYPES, "--forward", *MB_EXPERT_PARALLEL_TYPES],
     "tp2": ["--tp", "2", "--checkpoints"],
 }
 
@@ -356,3 +366,14 @@ def test_convert_of_the_parallel_checkpoint_equals_the_live_export(built, parall
     input_ids, extra = inputs_for(built.model_type)
     compare_logits(hf_logits(peft_model, input_ids, **extra), reference_logits(built, input_ids, extra), report,
                    what=f"converted {variant}", relative_tolerance=1e-4)
+
+
+@pytest.mark.parametrize("built", MB_EXPERT_PARALLEL_TYPES, indirect=True)
+def test_megatron_bridge_merged_export_at_expert_parallelism_2(built, parallel_run, tmp_path):
+    """Megatron-Bridge's merged export at TP=2 x EP=2 puts EP rank 0's expert LoRA of the same local
+    index on the other rank's experts (megatron_bridge_expert_parallel.py says why); transformers
+    with ours gives the Megatron forward's logits at that layout, with theirs it does not."""
+    ranks = parallel_run.ranks(built.model_type)
+    num_experts = AutoConfig.from_pretrained(str(built.hf_dir)).num_experts
+    assert_megatron_bridge_merge_at_expert_parallelism(ranks, num_experts, SCALE)
+    assert_ours_alone_gives_the_megatron_forward(ranks[0], built.hf_dir, tmp_path)

@@ -10,14 +10,14 @@ the single-process export's names and bit-identical tensors:
 * ``rank0``: rank 0 gets it, the other ranks get nothing and receive no bytes;
 * ``owner``: each tensor comes out on exactly one rank, and pipeline stages export their own.
 
-At TP=2 Megatron-Bridge's own exports at the same layout are compared too.
+At TP=2 and at EP=2 Megatron-Bridge's own exports at the same layout are compared too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +28,12 @@ import torch
 from bridge_ext.cpu.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe, tiny_gpt_oss, tiny_mimo
 from bridge_ext.cpu.tiny_models import tiny_qwen35_dense, tiny_qwen35_moe, tiny_qwen35_vl
 from bridge_ext.engine import PEFT_PREFIX
+from megatron_bridge_expert_parallel import (
+    assert_megatron_bridge_merge_at_expert_parallelism,
+    assert_ours_alone_gives_the_megatron_forward,
+    hf_logits_of,
+    relative_difference,
+)
 
 WORKER = Path(__file__).with_name("worker.py")
 MODELS = {
@@ -39,13 +45,18 @@ MODELS = {
     "glm": tiny_glm4_moe,
     "gpt_oss": lambda directory, mtp_layers: tiny_gpt_oss(directory),  # (no MTP)
 }
+# Compared with Megatron-Bridge's merged export at EP=2 (the tiny Qwen3.5-MoE holds per-expert
+# experts; with fused ones, and for gpt-oss, that export stops at EP > 1 on mismatched all_gathers).
+MB_EXPERT_PARALLEL = ("moe", "deepseek", "glm")
 # gpt-oss needs expert-TP 1 at TP 2 (megatron-core: "Bias in Moe is only supported when ETP==1").
 # name -> (processes, worker flags, models)
 LAYOUTS = {
     "single": (1, [], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "gpt_oss")),
-    "tp2": (2, ["--tp", "2", "--megatron-bridge", "--forward", "moe"], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm")),
+    "tp2": (2, ["--tp", "2", "--megatron-bridge", "dense", "moe", "mimo", "--forward", "moe"],
+            ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm")),
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"], ("dense", "moe", "vl_moe")),
-    "ep2": (2, ["--ep", "2"], ("moe", "deepseek", "glm", "gpt_oss")),
+    "ep2": (2, ["--ep", "2", "--megatron-bridge", *MB_EXPERT_PARALLEL, "--forward", *MB_EXPERT_PARALLEL],
+            ("moe", "deepseek", "glm", "gpt_oss")),
     "tp2_pp2_ep2_etp1": (4, ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1"], ("moe",)),
 }
 CASES = [(layout, model) for layout, (_, _, models) in LAYOUTS.items() if layout != "single" for model in models]
@@ -150,22 +161,6 @@ def test_tensor_parallel_export_equals_megatron_bridge(run_layout, model):
             torch.testing.assert_close(theirs["merged"][weight], expected, rtol=0, atol=1e-6)
 
 
-def hf_logits_of(tensors: dict[str, torch.Tensor], config_dir: Path, folder: Path, input_ids: torch.Tensor):
-    """transformers' logits with these weights (a folder: the source's config and one file)."""
-    from safetensors.torch import save_file
-
-    from bridge_ext.verify import hf_logits, load_hf_model
-
-    folder.mkdir()
-    shutil.copy(config_dir / "config.json", folder)
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(folder / "model.safetensors"))
-    return hf_logits(load_hf_model(folder), input_ids)
-
-
-def relative_difference(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((logits - reference).abs().max() / reference.abs().max()).item()
-
-
 EXPERT_DOWN = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.down_proj\.weight$")
 
 
@@ -228,3 +223,22 @@ def test_save_hf_pretrained_in_a_parallel_job_is_written_once_by_rank0(run_layou
     assert_same(ranks[0]["save"]["tensors"], reference["save"]["tensors"], f"{layout} {model} saved folders")
     assert ranks[0]["save"]["written"] == len(reference["save"]["tensors"])
     assert all(rank["save"]["written"] == 0 for rank in ranks[1:])
+
+
+# Megatron-Bridge's DeepSeek-V3 / GLM-4.5 MTP mappings have no copies of the embedding and the
+# output layer (see tests/test_conformance_deepseek_family.py); Qwen3.5's MTP has none to copy.
+MTP_COPIES = re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
+
+
+@pytest.mark.parametrize("model", MB_EXPERT_PARALLEL)
+def test_expert_parallel_merged_export_against_megatron_bridge(run_layout, hf_dirs, model, tmp_path):
+    """At EP=2 Megatron-Bridge's merged export puts EP rank 0's expert LoRA of the same local index
+    on the other rank's experts (megatron_bridge_expert_parallel.py says why); transformers with
+    ours gives the Megatron forward's logits at that layout, with theirs it does not."""
+    ranks = run_layout("ep2", model)
+    config = json.loads((hf_dirs[model] / "config.json").read_text())
+    num_experts = config.get("n_routed_experts") or config["num_experts"]
+    only_ours = frozenset(name for name in ranks[0]["results"]["merged/all"] if MTP_COPIES.match(name))
+    assert bool(only_ours) == (model != "moe")
+    assert_megatron_bridge_merge_at_expert_parallelism(ranks, num_experts, LORA_SCALE, only_ours)
+    assert_ours_alone_gives_the_megatron_forward(ranks[0], hf_dirs[model], tmp_path)

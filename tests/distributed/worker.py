@@ -1,14 +1,15 @@
 """One parallel layout's exports of a tiny model, for the layout tests (a torchrun script)::
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 worker.py \
-        OUT_DIR HF_DIR [HF_DIR...] --tp 2 [--pp 2 --vpp 2 --ep 2 --etp 1] [--megatron-bridge] [--forward NAME...]
+        OUT_DIR HF_DIR [HF_DIR...] --tp 2 [--pp 2 --vpp 2 --ep 2 --etp 1] \
+        [--megatron-bridge NAME...] [--forward NAME...]
 
 Builds the Megatron model of ``HF_DIR`` with LoRA at the layout, gives every LoRA factor the
 values of one global tensor drawn from a seed keyed on its global name (scattered to this
 rank's shard the way Megatron lays shards out), and saves what this rank receives from every
 export mode and destination (and the bytes it received), with the shapes of its first model
-chunk's parameters, to ``OUT_DIR/<model>_<rank>.pt``; with ``--megatron-bridge`` also
-Megatron-Bridge's exports, with ``--forward`` the Megatron model's logits.
+chunk's parameters, to ``OUT_DIR/<model>_<rank>.pt``; for the models ``--megatron-bridge`` names
+also Megatron-Bridge's exports, for those ``--forward`` names the Megatron model's logits.
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ def main() -> None:
         parser.add_argument(f"--{flag}", type=int, default=1)
     parser.add_argument("--vpp", type=int, default=None)
     parser.add_argument("--etp", type=int, default=None)
-    parser.add_argument("--megatron-bridge", action="store_true", help="also save Megatron-Bridge's exports")
+    parser.add_argument("--megatron-bridge", nargs="*", default=(), metavar="MODEL",
+                        help="also save Megatron-Bridge's exports of these models (HF folder names)")
     parser.add_argument("--forward", nargs="*", default=(), metavar="MODEL",
                         help="also save the Megatron forward's logits of these models (HF folder names)")
     parser.add_argument("--checkpoints", action="store_true",
@@ -234,7 +236,7 @@ def main() -> None:
                      "save": save_from_every_rank(built.chunks, Path(args.out) / f"{hf_dir.name}_saved")}
             if args.checkpoints:
                 save_checkpoints(built, Path(args.out) / f"{hf_dir.name}_ckpt")
-            if args.megatron_bridge:
+            if hf_dir.name in args.megatron_bridge:
                 with cpu_parallel_build(sizes):
                     saved["megatron_bridge"] = megatron_bridge_exports(built)
             if hf_dir.name in args.forward:
