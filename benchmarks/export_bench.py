@@ -190,14 +190,17 @@ def _collect(pairs: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tenso
 
 
 # Known causes of tensors where Megatron-Bridge 0.6.2's export differs from ours (README,
-# "differs from Megatron-Bridge"; pinned by tests/distributed/test_layouts.py and
-# tests/test_megatron_bridge_bf16_merge.py). Anything else is printed as unexplained.
+# "differs from Megatron-Bridge"; pinned by tests/distributed/test_layouts.py,
+# tests/distributed/megatron_bridge_expert_parallel.py and tests/test_megatron_bridge_bf16_merge.py).
+# Anything else is printed as unexplained.
 KNOWN_DIFFERENCES = {
     "its routed-expert gate/up LoRA B split ignores expert-tensor parallelism":
         (re.compile(r"\.experts\.(\d+\.)?(gate|up)_proj(\.lora_B)?\.weight$|\.experts\.gate_up_proj$"),
          lambda: _expert_tensor_parallel() > 1),
     "it rounds the Gated DeltaNet in_proj LoRA delta to bf16 before adding it":
         (re.compile(r"\.linear_attn\.in_proj_(qkv|z|b|a)\.weight$"), lambda: True),
+    "its merged export gives other expert ranks' experts EP rank 0's LoRA of the same local index":
+        (re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$"), lambda: _expert_parallel() > 1),
 }
 
 
@@ -205,6 +208,12 @@ def _expert_tensor_parallel() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_expert_tensor_parallel_world_size() if dist.is_initialized() else 1
+
+
+def _expert_parallel() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_expert_model_parallel_world_size() if dist.is_initialized() else 1
 
 
 def _explain(names: list[str]) -> str:
@@ -265,9 +274,10 @@ def _files(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # Megatron-Bridge 0.6.2's merged export of an expert-parallel Qwen3.5-MoE model: its ranks call
-# different all_gathers in gather_from_ep_ranks (gloo: "Received data size doesn't match
-# expected size. 2048 vs 1024"; NCCL would hang), so it is left out at EP > 1. Its Qwen3-MoE
-# merged export at EP 2 runs (and equals ours bit for bit on CPU).
+# different all_gathers (rank 0 finds its experts' adapters under their global names, the other
+# ranks do not; gloo: "Received data size doesn't match expected size. 2048 vs 1024"; NCCL would
+# hang), so it is left out at EP > 1. Its Qwen3-MoE merged export at EP 2 runs, with the same
+# cause giving other ranks' experts rank 0's LoRA (tests/distributed/megatron_bridge_expert_parallel.py).
 MB_MERGED_FAILS = "Megatron-Bridge's merged export fails at expert parallelism > 1 (mismatched all_gather)"
 
 
