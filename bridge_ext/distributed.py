@@ -22,7 +22,9 @@ holder; data-parallel replicas are other groups and never talk to each other her
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,9 +70,10 @@ class GlobalTensor:
     shapes: list[tuple[int, ...]]
     holders: list[list[int]]  # per shard: the global ranks holding it, ascending
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
-        return sum(self.dtype.itemsize * torch.Size(shape).numel() for shape in self.shapes)
+        """Bytes of all shards (read once the shapes are complete: scheduling runs every export)."""
+        return sum(self.dtype.itemsize * math.prod(shape) for shape in self.shapes)
 
 
 def family_group(family: str):

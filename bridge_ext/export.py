@@ -188,6 +188,8 @@ class ExportPlan:
     checked: set = field(default_factory=set, repr=False)
     #: see :func:`expert_adapter_groups`
     expert_adapter_groups: dict[str, str] | None = field(default=None, repr=False)
+    #: how fused-expert adapters are named and packed (the plan's adapters decide it)
+    expert_keys: FusedExpertKeys | None = field(default=None, repr=False)
 
     def is_extra(self, hf_name: str) -> bool:
         """A name outside transformers' key set that the table and the config allow (MTP)."""
@@ -312,8 +314,9 @@ def conversion_passes(source: TensorSource, plan: ExportPlan, *, base: Mode | No
         passes.append((TaskConverter(source, plan.dims, base, dtype, recorded=plan.recorded.setdefault(base, {})),
                        plan.base_tasks))
     if adapters:
-        expert_keys = FusedExpertKeys(adapted_outputs(plan.adapter_tasks, found, plan.table))
-        passes.append((TaskConverter(source, plan.dims, Mode.ADAPTERS, dtype, expert_adapters=expert_keys,
+        if plan.expert_keys is None:
+            plan.expert_keys = FusedExpertKeys(adapted_outputs(plan.adapter_tasks, found, plan.table))
+        passes.append((TaskConverter(source, plan.dims, Mode.ADAPTERS, dtype, expert_adapters=plan.expert_keys,
                                      recorded=plan.recorded.setdefault(Mode.ADAPTERS, {})), plan.adapter_tasks))
     return passes
 
