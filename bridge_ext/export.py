@@ -15,7 +15,7 @@ from bridge_ext import model_changes
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError
-from bridge_ext.distributed import Destination, all_agree
+from bridge_ext.distributed import Destination, all_agree, is_parallel_job
 from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
 from bridge_ext.live import LiveModelSource, unwrap_chunks
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
@@ -23,6 +23,7 @@ from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import TensorSource
 from bridge_ext.sync import to_host
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout, MappingTable
+from bridge_ext.trained_forward import warn_if_expert_lora_differs
 
 
 def resolve_hf_config(model, hf_config=None):
@@ -259,6 +260,7 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     found = source_expert_layouts(folder, table)
     layouts = expert_layouts(table, found, expert_layout, expert_adapter_layout or table.vllm_expert_adapter_layout)
     plan = plan_export(source, config, layouts)
+    warn_if_expert_lora_differs(plan, source.adapters(), _expert_tensor_parallel_size())
     if folder is not None and table.extra_weights is not None:
         from bridge_ext.verify import folder_tensor_names
 
@@ -271,6 +273,14 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
 
 
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _expert_tensor_parallel_size() -> int:
+    if not is_parallel_job():
+        return 1
+    from megatron.core import parallel_state
+
+    return parallel_state.get_expert_tensor_parallel_world_size()
 
 
 def _prepared_key(chunks: list[torch.nn.Module], hf_config, *options) -> tuple | None:

@@ -251,3 +251,23 @@ def test_a_new_parameter_or_a_changed_shape_or_dtype_is_planned_anew(built):
     finally:
         norm.weight = original
     assert prepare(built.chunks)[1] is not plan
+
+
+def test_expert_row_parallel_lora_at_expert_tensor_parallelism_is_warned(moe, monkeypatch):
+    """The trained forward of such adapters is not W + scale B A (trained_forward.py)."""
+    import warnings
+
+    from bridge_ext import trained_forward
+    from bridge_ext.export import prepare
+
+    source, plan = prepare(moe.chunks)
+    adapters = source.adapters()
+    with pytest.warns(trained_forward.TrainedForwardWarning, match=r"linear_fc2.*expert-tensor parallelism 2"):
+        trained_forward.warn_if_expert_lora_differs(plan, adapters, expert_tensor_parallel=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trained_forward.warn_if_expert_lora_differs(plan, adapters, expert_tensor_parallel=1)
+        fc1_only = {module: adapter for module, adapter in adapters.items() if "linear_fc2" not in module}
+        trained_forward.warn_if_expert_lora_differs(plan, fc1_only, expert_tensor_parallel=2)
+        monkeypatch.setattr(trained_forward, "LAST_AFFECTED_MEGATRON_BRIDGE", (0, 6, 1))
+        trained_forward.warn_if_expert_lora_differs(plan, adapters, expert_tensor_parallel=2)
