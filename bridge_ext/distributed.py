@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from bridge_ext.engine import ExportError, Task, TaskConverter
+from bridge_ext.engine import ExportError, Task, TaskConverter, merge_batches
 from bridge_ext.packing import pack, padded_bytes, unpack
 from bridge_ext.source import Adapter
 
@@ -309,11 +309,15 @@ class ShardExchange:
             if families:
                 raise ExportError(f"{task.sources[0]} and its LoRA factors are split over different groups")
         self._schedule([(name, ranks) for names, ranks in zip(reads, receivers) for name in names])
-        for task, names, ranks in zip(tasks, reads, receivers):
-            if self.rank in ranks:
-                yield from converter(task)
-            elif names:
-                self._complete(self._step_of[names[-1]])
+        receivers_of = {id(task): ranks for task, ranks in zip(tasks, receivers)}
+        last_read = {id(task): names[-1] for task, names in zip(tasks, reads) if names}
+        for batch in merge_batches(converter, tasks, same=lambda task: receivers_of[id(task)]):
+            if self.rank in receivers_of[id(batch[0])]:
+                yield from converter.convert_batch(batch)
+            else:
+                steps = [self._step_of[last_read[id(task)]] for task in batch if id(task) in last_read]
+                if steps:
+                    self._complete(max(steps))
         self._complete(len(self._steps) - 1)
 
 

@@ -8,7 +8,8 @@ before any tensor moves; converting holds one task's tensors at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -159,6 +160,7 @@ def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: Mode
 MERGE_BLOCK_BYTES = 1 << 20
 MERGE_EXPERT_BYTES = 64 << 20  # fp32 products of a batched expert merge
 STACK_BLOCK_BYTES = 64 << 20  # experts' shards converted side by side at once
+MERGE_BATCH_ELEMENTS = 32 << 20  # base elements of consecutive per-expert tasks merged together
 
 
 def _merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *,
@@ -188,6 +190,33 @@ def convert_tasks(source: TensorSource, converter: TaskConverter,
                   tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
     """``converter`` over ``tasks``, driven by the source (a parallel one moves shards first)."""
     yield from source.convert_tasks(converter, tasks)
+
+
+def merge_batches(converter: TaskConverter, tasks: list[Task],
+                  same: Callable[[Task], Hashable] = lambda task: None) -> Iterator[list[Task]]:
+    """``tasks`` as batches that :meth:`TaskConverter.convert_batch` merges together.
+
+    A run of consecutive tasks that can merge batched (per-expert tasks, whose rules
+    interleave: an expert's ``linear_fc1`` then its ``linear_fc2``), at most
+    :data:`MERGE_BATCH_ELEMENTS` of base elements, is split by rule, shard and LoRA shapes and
+    scale (and ``same``) into batches, in order of first appearance; every other task is a
+    batch of its own. Within a run the order therefore changes (all ``gate``/``up`` of the run,
+    then all ``down``); every task is in exactly one batch.
+    """
+    run: dict[tuple, list[Task]] = {}
+    elements = 0
+    for task in tasks:
+        key = converter.batch_key(task)
+        size = sum(math.prod(shape) for shape in converter.source.shard_shapes(task.sources[0])) if key else 0
+        if run and (key is None or elements + size > MERGE_BATCH_ELEMENTS):
+            yield from run.values()
+            run, elements = {}, 0
+        if key is None:
+            yield [task]
+            continue
+        run.setdefault((key, same(task)), []).append(task)
+        elements += size
+    yield from run.values()
 
 
 class MetaSource:
@@ -269,6 +298,38 @@ class TaskConverter:
             for hf_name, (lora_a, lora_b) in zip(task.hf_names, factors, strict=True):
                 yield peft_key(hf_name, LORA_A), self._cast(lora_a)
                 yield peft_key(hf_name, LORA_B), self._cast(lora_b)
+
+    def batch_key(self, task: Task) -> tuple | None:
+        """What a merged per-expert task must share with the others of its batch (None: it
+        converts alone). Batching pays for merges only: one batched product for a run of
+        experts instead of half a dozen kernel launches per expert tensor."""
+        rule = task.rule
+        if (self.mode is not Mode.MERGED or rule.variant is None or rule.stack or rule.shared
+                or rule.transposes or rule.changes_values or len(task.sources) != 1):
+            return None
+        adapter = self.adapter_of(task, task.sources[0])
+        if adapter is None:
+            return None
+        shapes = tuple(tuple(shape) for shape in self.source.shard_shapes(task.sources[0]))
+        return id(rule), shapes, adapter.rank, adapter.scale
+
+    def convert_batch(self, tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Tasks of one :func:`merge_batches` run, yielding what each would yield, in order:
+        the experts' bases stacked a block at a time, their LoRA packed, merged with one
+        batched product (the same roundings as :func:`_merge`); each output is a view of its
+        batch's stacked tensor."""
+        if len(tasks) == 1:
+            yield from self(tasks[0])
+            return
+        batch = Task(tasks[0].rule, tasks[0].values, tuple(task.sources[0] for task in tasks), tasks[0].hf_names)
+        adapters = [self.adapter_of(task, task.sources[0]) for task in tasks]
+        packed = self._packed_factors(batch, adapters)
+        outputs = self._stacked_bases(batch, None)
+        for output, factors in zip(outputs, packed, strict=True):
+            _merge_experts(output, *factors, adapters[0].scale)
+        for expert, task in enumerate(tasks):
+            for output, hf_name in zip(outputs, task.hf_names, strict=True):
+                yield hf_name, self._cast(output[expert])
 
     def dry_run(self, task: Task) -> tuple[list[str], list[tuple[str, tuple[int, ...]]]]:
         """Convert ``task`` on meta tensors: the names it reads, in order (repeats kept), and

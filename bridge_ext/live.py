@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from bridge_ext.distributed import DESTINATIONS, Destination, ShardExchange, is_parallel_job
-from bridge_ext.engine import ExportError, Task, TaskConverter
+from bridge_ext.engine import ExportError, Task, TaskConverter, merge_batches
 from bridge_ext.source import Adapter
 
 LORA_IN, LORA_OUT = ".adapter.linear_in.weight", ".adapter.linear_out.weight"
@@ -207,8 +207,8 @@ class LiveModelSource:
         if self.exchange:
             yield from self.exchange.convert_tasks(converter, tasks)
             return
-        for task in tasks:
-            yield from converter(task)
+        for batch in merge_batches(converter, tasks):
+            yield from converter.convert_batch(batch)
 
 
 def _adapter(module: str, adapter: torch.nn.Module) -> Adapter:
