@@ -271,3 +271,20 @@ def test_expert_row_parallel_lora_at_expert_tensor_parallelism_is_warned(moe, mo
         trained_forward.warn_if_expert_lora_differs(plan, fc1_only, expert_tensor_parallel=2)
         monkeypatch.setattr(trained_forward, "LAST_AFFECTED_MEGATRON_BRIDGE", (0, 6, 1))
         trained_forward.warn_if_expert_lora_differs(plan, adapters, expert_tensor_parallel=2)
+
+
+def test_merged_per_expert_tasks_convert_in_batches_equal_to_one_by_one(moe):
+    from bridge_ext.engine import Mode, TaskConverter, merge_batches
+    from bridge_ext.export import prepare
+
+    source, plan = prepare(moe.chunks, expert_layout="per_expert")
+    converter = TaskConverter(source, plan.dims, Mode.MERGED)
+    batches = list(merge_batches(converter, plan.base_tasks))
+    assert sorted(id(task) for batch in batches for task in batch) == sorted(map(id, plan.base_tasks))
+    batched = [batch for batch in batches if len(batch) > 1]
+    assert batched and all(len({id(task.rule) for task in batch}) == 1 for batch in batched)
+    one_by_one = {name: tensor for task in plan.base_tasks for name, tensor in converter(task)}
+    together = {name: tensor for batch in batched for name, tensor in converter.convert_batch(batch)}
+    assert len(together) == sum(len(task.hf_names) for batch in batched for task in batch)
+    for name, tensor in together.items():
+        assert torch.equal(tensor, one_by_one[name]), name
