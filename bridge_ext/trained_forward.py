@@ -15,6 +15,11 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import warnings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bridge_ext.export import ExportPlan
+    from bridge_ext.source import Adapter
 
 LAST_AFFECTED_MEGATRON_BRIDGE = (0, 6, 2)
 
@@ -23,7 +28,7 @@ class TrainedForwardWarning(UserWarning):
     """The exported weights are not exactly what the live Megatron model computes."""
 
 
-def warn_if_expert_lora_differs(plan, adapters: dict, expert_tensor_parallel: int) -> None:
+def warn_if_expert_lora_differs(plan: ExportPlan, adapters: dict[str, Adapter], expert_tensor_parallel: int) -> None:
     """Warn when ``adapters`` hold routed-expert row-parallel LoRA trained at
     ``expert_tensor_parallel`` > 1 with an affected Megatron-Bridge."""
     if expert_tensor_parallel <= 1 or not _affected_megatron_bridge():
