@@ -172,9 +172,9 @@ class ShardExchange:
     """The tensors of a live model in a parallel job, delivered to ``destination``."""
 
     def __init__(self, local, adapters: dict[str, Adapter], destination: Destination = "all",
-                 step_bytes: int = STEP_BYTES):
+                 step_bytes: int | None = None):
         self.destination = destination
-        self.step_bytes = step_bytes
+        self.step_bytes = step_bytes or STEP_BYTES
         self.rank = dist.get_rank()
         self.local = {tensor.name: tensor for tensor in local}
         self.tensors, self.names, self.adapters, self.group_ranks = exchange_metadata(local, adapters)
@@ -183,6 +183,9 @@ class ShardExchange:
         self.device = torch.device("cpu")  # where received shards go; set per export
         self._steps: list[Step] = []
         self._step_of: dict[str, int] = {}
+        self._joinable: set[str] = set()  # received straight into one whole tensor (see _post)
+        self._whole: dict[str, torch.Tensor] = {}
+        self._in_place: set[tuple[str, int]] = set()
         self._reads_left: Counter = Counter()
         self._posted = self._done = 0
 
@@ -246,7 +249,11 @@ class ShardExchange:
             self.sent_bytes += _nbytes(message)
         for peer, shards in incoming.items():
             specs = [(self.tensors[name].shapes[shard], self.tensors[name].dtype) for name, shard in shards]
-            if len(specs) == 1:  # one shard: received in place, no unpacking
+            if len(specs) == 1 and shards[0][0] in self._joinable:  # into its rows of the whole tensor
+                buffer = self._rows(*shards[0], self._whole_of(shards[0][0]))
+                self._in_place.add(shards[0])
+                views = [buffer]
+            elif len(specs) == 1:  # one shard: received in place, no unpacking
                 buffer = torch.empty(specs[0][0], dtype=specs[0][1], device=self.device)
                 views = [buffer]
             else:
@@ -292,11 +299,34 @@ class ShardExchange:
         count = len(self.tensors[name].shapes)
         shards = [local.tensor.detach() if local is not None and local.shard == shard else received[(name, shard)]
                   for shard in range(count)]
+        whole = self._whole.get(name)
+        if whole is not None:  # some shards arrived in their rows of it: put the others there once
+            for shard, tensor in enumerate(shards):
+                if (name, shard) not in self._in_place:
+                    self._rows(name, shard, whole).copy_(tensor)
+                    self._in_place.add((name, shard))
+            shards = [whole]
         self._reads_left[name] -= 1
         if self._reads_left[name] == 0:
+            self._whole.pop(name, None)
             for shard in range(count):
                 received.pop((name, shard), None)
+                self._in_place.discard((name, shard))
         return shards
+
+    def _whole_of(self, name: str) -> torch.Tensor:
+        """The whole tensor ``name`` (its shards joined along rows), allocated at its first shard."""
+        whole = self._whole.get(name)
+        if whole is None:
+            tensor = self.tensors[name]
+            rows = sum(shape[0] for shape in tensor.shapes)
+            whole = self._whole[name] = torch.empty((rows, *tensor.shapes[0][1:]), dtype=tensor.dtype,
+                                                    device=self.device)
+        return whole
+
+    def _rows(self, name: str, shard: int, whole: torch.Tensor) -> torch.Tensor:
+        start = sum(shape[0] for shape in self.tensors[name].shapes[:shard])
+        return whole[start:start + self.tensors[name].shapes[shard][0]]
 
     def convert_tasks(self, converter: TaskConverter, tasks: list[Task]) -> Iterator[tuple[str, torch.Tensor]]:
         """Convert each task on its receivers; every rank posts its sends in the same order."""
@@ -308,6 +338,11 @@ class ShardExchange:
             families = {self.tensors[name].family for name in names} - {self.tensors[task.sources[0]].family}
             if families:
                 raise ExportError(f"{task.sources[0]} and its LoRA factors are split over different groups")
+        # a large tensor (a step of its own) whose shards are joined as they are is received
+        # straight into its rows of the whole tensor: no shard buffers, no join afterwards
+        self._joinable = {name for task, ranks in zip(tasks, receivers) if self.rank in ranks
+                          for name in converter.joins_rows(task)
+                          if len(self.tensors[name].shapes) > 1 and self.tensors[name].nbytes >= self.step_bytes}
         self._schedule([(name, ranks) for names, ranks in zip(reads, receivers) for name in names])
         receivers_of = {id(task): ranks for task, ranks in zip(tasks, receivers)}
         last_read = {id(task): names[-1] for task, names in zip(tasks, reads) if names}

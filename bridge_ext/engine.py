@@ -299,6 +299,15 @@ class TaskConverter:
                 yield peft_key(hf_name, LORA_A), self._cast(lora_a)
                 yield peft_key(hf_name, LORA_B), self._cast(lora_b)
 
+    def joins_rows(self, task: Task) -> tuple[str, ...]:
+        """The source names of ``task`` whose tensor-parallel shards this conversion joins
+        along rows exactly as they are (column-parallel, no per-shard operation, not stacked):
+        a source may deliver such a tensor whole, as one shard, and save the join."""
+        rule = task.rule
+        if self.mode is Mode.ADAPTERS or rule.tp != "column" or rule.stack or any(op.per_rank for op in rule.ops):
+            return ()
+        return task.sources
+
     def batch_key(self, task: Task) -> tuple | None:
         """What a merged per-expert task must share with the others of its batch (None: it
         converts alone). Batching pays for merges only: one batched product for a run of
@@ -364,6 +373,8 @@ class TaskConverter:
         first = self.source.shards(task.sources[0])
         for other_name in task.sources[1:]:
             other = self.source.shards(other_name)
+            if len(first) != len(other):  # one copy delivered whole (see joins_rows): compare joined
+                first, other = [torch.cat(first)], [torch.cat(other)]
             if [tuple(a.shape) for a in first] != [tuple(b.shape) for b in other]:
                 raise ExportError(f"{task.hf_names}: Megatron's copies {task.sources[0]} and {other_name} differ in shape")
             if not first[0].is_meta and any(not torch.equal(a, b) for a, b in zip(first, other, strict=True)):

@@ -57,7 +57,8 @@ LAYOUTS = {
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"], ("dense", "moe", "vl_moe")),
     "ep2": (2, ["--ep", "2", "--megatron-bridge", *MB_EXPERT_PARALLEL, "--forward", *MB_EXPERT_PARALLEL],
             ("moe", "deepseek", "glm", "gpt_oss")),
-    "tp2_pp2_ep2_etp1": (4, ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1"], ("moe",)),
+    # 16 KiB steps: the tiny model's larger tensors travel as large ones do (received whole)
+    "tp2_pp2_ep2_etp1": (4, ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1", "--step-bytes", "16384"], ("moe",)),
 }
 CASES = [(layout, model) for layout, (_, _, models) in LAYOUTS.items() if layout != "single" for model in models]
 

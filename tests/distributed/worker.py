@@ -205,6 +205,8 @@ def main() -> None:
                         help="also save Megatron-Bridge's exports of these models (HF folder names)")
     parser.add_argument("--forward", nargs="*", default=(), metavar="MODEL",
                         help="also save the Megatron forward's logits of these models (HF folder names)")
+    parser.add_argument("--step-bytes", type=int, default=None,
+                        help="the shard exchange's step size (small: large-tensor paths on tiny models)")
     parser.add_argument("--checkpoints", action="store_true",
                         help="also save torch_dist checkpoints OUT/<model>_ckpt/{lora,adapter} (for convert)")
     args = parser.parse_args()
@@ -218,6 +220,10 @@ def main() -> None:
     from model_mappings import table_for
 
     torch.set_num_threads(1)
+    if args.step_bytes:
+        import bridge_ext.distributed
+
+        bridge_ext.distributed.STEP_BYTES = args.step_bytes
     sizes = dict(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                  virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep,
                  expert_tensor_parallel_size=args.etp or args.tp)
