@@ -168,6 +168,21 @@ class Step:
     done: torch.cuda.Event | None = None  # on GPU: passed once the step's data is in
 
 
+@dataclass
+class ExchangePlan:
+    """What one kind of export over these tasks moves and when: it depends on metadata only, so
+    it is worked out once per task list and conversion mode and reused by every later export."""
+
+    tasks: list[Task]
+    receivers: dict[int, tuple[int, ...]]  # id(task) -> ranks converting it
+    last_read: dict[int, str]  # id(task) -> the last name it reads
+    batches: list[list[Task]]  # see merge_batches
+    joinable: set[str]  # received straight into one whole tensor (see ShardExchange._post)
+    cut: list[tuple[list[tuple[str, tuple[int, ...]]], int, str]]  # per step: entries, bytes, family
+    step_of: dict[str, int]
+    reads: Counter  # name -> times read
+
+
 class ShardExchange:
     """The tensors of a live model in a parallel job, delivered to ``destination``."""
 
@@ -184,6 +199,7 @@ class ShardExchange:
         self._steps: list[Step] = []
         self._step_of: dict[str, int] = {}
         self._joinable: set[str] = set()  # received straight into one whole tensor (see _post)
+        self._plans: dict[tuple, ExchangePlan] = {}
         self._whole: dict[str, torch.Tensor] = {}
         self._in_place: set[tuple[str, int]] = set()
         self._reads_left: Counter = Counter()
@@ -210,24 +226,30 @@ class ShardExchange:
                     yield shard, holders[0], receiver
 
     # -- scheduling ------------------------------------------------------------------
-    def _schedule(self, reads: list[tuple[str, tuple[int, ...]]]) -> None:
+    def _cut(self, reads: list[tuple[str, tuple[int, ...]]]) -> tuple[list, dict[str, int]]:
         """Cut the reads into steps (same cut on every rank: it depends on metadata only)."""
-        self._steps, self._step_of, self._posted, self._done = [], {}, 0, 0
-        self._reads_left = Counter(name for name, _ in reads)
-        step = Step()
+        cut, step_of = [], {}
+        entries, nbytes, family = [], 0, ""
         for name, receivers in reads:
-            if name in self._step_of:
+            if name in step_of:
                 continue
             tensor = self.tensors[name]
-            if step.entries and (step.nbytes + tensor.nbytes > self.step_bytes or step.family != tensor.family):
-                self._steps.append(step)
-                step = Step()
-            step.entries.append((name, receivers))
-            step.nbytes += tensor.nbytes
-            step.family = tensor.family
-            self._step_of[name] = len(self._steps)
-        if step.entries:
-            self._steps.append(step)
+            if entries and (nbytes + tensor.nbytes > self.step_bytes or family != tensor.family):
+                cut.append((entries, nbytes, family))
+                entries, nbytes = [], 0
+            entries.append((name, receivers))
+            nbytes += tensor.nbytes
+            family = tensor.family
+            step_of[name] = len(cut)
+        if entries:
+            cut.append((entries, nbytes, family))
+        return cut, step_of
+
+    def _start(self, plan: ExchangePlan) -> None:
+        """Fresh steps of ``plan`` for one export."""
+        self._steps = [Step(list(entries), nbytes, family) for entries, nbytes, family in plan.cut]
+        self._step_of, self._reads_left, self._joinable = plan.step_of, Counter(plan.reads), plan.joinable
+        self._posted = self._done = 0
 
     def _post(self, index: int) -> None:
         """Post the transfers of step ``index`` that involve this rank: per peer and direction
@@ -332,28 +354,40 @@ class ShardExchange:
         """Convert each task on its receivers; every rank posts its sends in the same order."""
         # received shards go where this rank's parameters are now (they may have been offloaded)
         self.device = next((t.tensor.device for t in self.local.values()), torch.device("cpu"))
+        key = (id(tasks), converter.mode, id(converter.expert_adapters))
+        plan = self._plans.get(key)
+        if plan is None or plan.tasks is not tasks:
+            plan = self._plans[key] = self._plan(converter, tasks)
+        self._start(plan)
+        for batch in plan.batches:
+            if self.rank in plan.receivers[id(batch[0])]:
+                yield from converter.convert_batch(batch)
+            else:
+                steps = [self._step_of[plan.last_read[id(task)]] for task in batch if id(task) in plan.last_read]
+                if steps:
+                    self._complete(max(steps))
+        self._complete(len(self._steps) - 1)
+
+    def _plan(self, converter: TaskConverter, tasks: list[Task]) -> ExchangePlan:
         receivers = [self.receivers(task) for task in tasks]
         reads = [converter.reads(task) for task in tasks]
         for task, names in zip(tasks, reads):
             families = {self.tensors[name].family for name in names} - {self.tensors[task.sources[0]].family}
             if families:
                 raise ExportError(f"{task.sources[0]} and its LoRA factors are split over different groups")
+        receivers_of = {id(task): ranks for task, ranks in zip(tasks, receivers)}
         # a large tensor (a step of its own) whose shards are joined as they are is received
         # straight into its rows of the whole tensor: no shard buffers, no join afterwards
-        self._joinable = {name for task, ranks in zip(tasks, receivers) if self.rank in ranks
-                          for name in converter.joins_rows(task)
-                          if len(self.tensors[name].shapes) > 1 and self.tensors[name].nbytes >= self.step_bytes}
-        self._schedule([(name, ranks) for names, ranks in zip(reads, receivers) for name in names])
-        receivers_of = {id(task): ranks for task, ranks in zip(tasks, receivers)}
-        last_read = {id(task): names[-1] for task, names in zip(tasks, reads) if names}
-        for batch in merge_batches(converter, tasks, same=lambda task: receivers_of[id(task)]):
-            if self.rank in receivers_of[id(batch[0])]:
-                yield from converter.convert_batch(batch)
-            else:
-                steps = [self._step_of[last_read[id(task)]] for task in batch if id(task) in last_read]
-                if steps:
-                    self._complete(max(steps))
-        self._complete(len(self._steps) - 1)
+        joinable = {name for task, ranks in zip(tasks, receivers) if self.rank in ranks
+                    for name in converter.joins_rows(task)
+                    if len(self.tensors[name].shapes) > 1 and self.tensors[name].nbytes >= self.step_bytes}
+        flat = [(name, ranks) for names, ranks in zip(reads, receivers) for name in names]
+        cut, step_of = self._cut(flat)
+        return ExchangePlan(
+            tasks=tasks, receivers=receivers_of,
+            last_read={id(task): names[-1] for task, names in zip(tasks, reads) if names},
+            batches=list(merge_batches(converter, tasks, same=lambda task: receivers_of[id(task)])),
+            joinable=joinable, cut=cut, step_of=step_of, reads=Counter(name for name, _ in flat))
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
