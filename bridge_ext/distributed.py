@@ -249,6 +249,7 @@ class ShardExchange:
         """Fresh steps of ``plan`` for one export."""
         self._steps = [Step(list(entries), nbytes, family) for entries, nbytes, family in plan.cut]
         self._step_of, self._reads_left, self._joinable = plan.step_of, Counter(plan.reads), plan.joinable
+        self._whole, self._in_place = {}, set()  # nothing of an export left unfinished is reused
         self._posted = self._done = 0
 
     def _post(self, index: int) -> None:
