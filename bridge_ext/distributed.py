@@ -17,7 +17,10 @@ holder; data-parallel replicas are other groups and never talk to each other her
   per step, in the same order on every rank, so the job cannot deadlock; within a step one
   message per pair of ranks, the shards packed into it, however small), and the next step
   is posted before the current one is waited for, so communication overlaps conversion. A
-  received message is freed after the last read of its shards.
+  received message is freed after the last read of its shards. A tensor of a step or more
+  whose shards are joined along rows as they are is received straight into its rows of the
+  whole tensor. The cut into steps depends on metadata only: it is made once per task list
+  and mode (:class:`ExchangePlan`).
 """
 
 from __future__ import annotations
