@@ -93,3 +93,16 @@ if __name__ == "__main__":
     import bridge_ext  # noqa: F401  (makes megatron importable without TE / Triton)
 
     save_all(Path(sys.argv[1]), Path(sys.argv[2]), tensor_parallel=int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def assert_converted_logits(result, reference: torch.Tensor, what: str) -> None:
+    """The converted model + adapter folders load strictly in transformers + PEFT and give the
+    saving Megatron model's logits (``reference``), which the model folder alone does not (the
+    adapter is no no-op)."""
+    from bridge_ext.verify import Report, compare_logits, hf_logits, load_adapter_strict, load_hf_model
+
+    report = Report()
+    model = load_adapter_strict(load_hf_model(result.model_dir), result.adapter_dir, report)
+    relative = compare_logits(hf_logits(model, INPUT_IDS), reference, report, what=what, relative_tolerance=2e-5)
+    plain = hf_logits(load_hf_model(result.model_dir), INPUT_IDS)
+    assert (plain - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)

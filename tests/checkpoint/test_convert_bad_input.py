@@ -476,22 +476,25 @@ def hf_base_copy(qwen3_hf: Path, tmp_path: Path) -> Path:
     return base
 
 
-def test_hf_base_with_broken_index(qwen3_ckpts, qwen3_hf, tmp_path, out):
-    base = hf_base_copy(qwen3_hf, tmp_path)
+def _break_index(base: Path) -> None:
     (base / "model.safetensors.index.json").write_text('{"weight_map": {"model.embed_tokens.weight": ')
-    code, message = convert(qwen3_ckpts / "adapter", "--hf-base", base, "--model-out", out / "model", "--merge")
-    assert code == EXIT_MISMATCH, message
-    assert f"{base / 'model.safetensors.index.json'}: not valid JSON" in message, message
-    assert_nothing_written(out)
 
 
-def test_hf_base_with_garbage_safetensors_header(qwen3_ckpts, qwen3_hf, tmp_path, out):
-    base = hf_base_copy(qwen3_hf, tmp_path)
+def _garble_safetensors_header(base: Path) -> None:
     with open(base / "model.safetensors", "r+b") as handle:
         handle.write(b"\xff" * 64)
+
+
+@pytest.mark.parametrize(("damage", "file", "complaint"), [
+    (_break_index, "model.safetensors.index.json", "not valid JSON"),
+    (_garble_safetensors_header, "model.safetensors", "not a readable safetensors file"),
+])
+def test_hf_base_with_a_damaged_file(qwen3_ckpts, qwen3_hf, tmp_path, out, damage, file, complaint):
+    base = hf_base_copy(qwen3_hf, tmp_path)
+    damage(base)
     code, message = convert(qwen3_ckpts / "adapter", "--hf-base", base, "--model-out", out / "model", "--merge")
     assert code == EXIT_MISMATCH, message
-    assert f"{base / 'model.safetensors'}: not a readable safetensors file" in message, message
+    assert f"{base / file}: {complaint}" in message, message
     assert_nothing_written(out)
 
 
