@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from bridge_ext.engine import ExportError, Task, TaskConverter, merge_batches
-from bridge_ext.packing import pack, padded_bytes, unpack
+from bridge_ext.packing import Spec, pack, padded_bytes, unpack
 from bridge_ext.source import Adapter
 
 Destination = Literal["all", "owner", "rank0"]
@@ -184,6 +184,16 @@ class ExchangePlan:
     cut: list[tuple[list[tuple[str, tuple[int, ...]]], int, str]]  # per step: entries, bytes, family
     step_of: dict[str, int]
     reads: Counter  # name -> times read
+    transfers: list[StepTransfers]  # per step: what this rank sends and receives
+
+
+@dataclass
+class StepTransfers:
+    """This rank's messages of one step: per peer, the local tensors it sends (packed into one
+    message) and the shards it receives (one message, unpacked by ``specs`` into views)."""
+
+    sends: list[tuple[int, list[str]]]
+    receives: list[tuple[int, list[tuple[str, int]], list[Spec], int]]  # peer, shards, specs, bytes
 
 
 class ShardExchange:
@@ -206,6 +216,7 @@ class ShardExchange:
         self._whole: dict[str, torch.Tensor] = {}
         self._in_place: set[tuple[str, int]] = set()
         self._reads_left: Counter = Counter()
+        self._transfers_of: list[StepTransfers] = []
         self._posted = self._done = 0
 
     # -- who receives what -------------------------------------------------------------
@@ -252,29 +263,39 @@ class ShardExchange:
         """Fresh steps of ``plan`` for one export."""
         self._steps = [Step(list(entries), nbytes, family) for entries, nbytes, family in plan.cut]
         self._step_of, self._reads_left, self._joinable = plan.step_of, Counter(plan.reads), plan.joinable
+        self._transfers_of = plan.transfers
         self._whole, self._in_place = {}, set()  # nothing of an export left unfinished is reused
         self._posted = self._done = 0
+
+    def _step_transfers(self, entries: list[tuple[str, tuple[int, ...]]]) -> StepTransfers:
+        """What this rank sends and receives in a step with these entries (metadata only)."""
+        sends: dict[int, list[str]] = {}
+        receives: dict[int, list[tuple[str, int]]] = {}
+        for name, receivers in entries:
+            for shard, source, receiver in self._transfers(name, receivers):
+                if source == self.rank:
+                    sends.setdefault(receiver, []).append(name)
+                elif receiver == self.rank:
+                    receives.setdefault(source, []).append((name, shard))
+        incoming = []
+        for peer, shards in receives.items():
+            specs = [(self.tensors[name].shapes[shard], self.tensors[name].dtype) for name, shard in shards]
+            incoming.append((peer, shards, specs, sum(padded_bytes(*spec) for spec in specs)))
+        return StepTransfers(list(sends.items()), incoming)
 
     def _post(self, index: int) -> None:
         """Post the transfers of step ``index`` that involve this rank: per peer and direction
         one message (the step's shards packed into one byte buffer), however many shards."""
         step = self._steps[index]
         group = self.groups[step.family]
-        outgoing: dict[int, list[torch.Tensor]] = {}
-        incoming: dict[int, list[tuple[str, int]]] = {}
-        for name, receivers in step.entries:
-            for shard, source, receiver in self._transfers(name, receivers):
-                if source == self.rank:
-                    outgoing.setdefault(receiver, []).append(self.local[name].tensor.detach())
-                elif receiver == self.rank:
-                    incoming.setdefault(source, []).append((name, shard))
+        transfers = self._transfers_of[index]
         ops = []
-        for peer, tensors in outgoing.items():
+        for peer, names in transfers.sends:
+            tensors = [self.local[name].tensor.detach() for name in names]
             message = tensors[0].contiguous() if len(tensors) == 1 else pack(tensors)
             ops.append(dist.P2POp(dist.isend, message, peer, group))
             self.sent_bytes += _nbytes(message)
-        for peer, shards in incoming.items():
-            specs = [(self.tensors[name].shapes[shard], self.tensors[name].dtype) for name, shard in shards]
+        for peer, shards, specs, nbytes in transfers.receives:
             if len(specs) == 1 and shards[0][0] in self._joinable:  # into its rows of the whole tensor
                 buffer = self._rows(*shards[0], self._whole_of(shards[0][0]))
                 self._in_place.add(shards[0])
@@ -283,7 +304,7 @@ class ShardExchange:
                 buffer = torch.empty(specs[0][0], dtype=specs[0][1], device=self.device)
                 views = [buffer]
             else:
-                buffer = torch.empty(sum(padded_bytes(*spec) for spec in specs), dtype=torch.uint8, device=self.device)
+                buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
                 views = unpack(buffer, specs)
             ops.append(dist.P2POp(dist.irecv, buffer, peer, group))
             step.received.update(zip(shards, views))
@@ -319,22 +340,24 @@ class ShardExchange:
         index = self._step_of.get(name)
         if index is None:
             raise ExportError(f"{name} was read but not scheduled for this task")
-        self._complete(index)
+        if index >= self._done:
+            self._complete(index)
         received = self._steps[index].received
         local = self.local.get(name)
         count = len(self.tensors[name].shapes)
         shards = [local.tensor.detach() if local is not None and local.shard == shard else received[(name, shard)]
                   for shard in range(count)]
-        whole = self._whole.get(name)
+        whole = self._whole.get(name) if self._whole else None
         if whole is not None:  # some shards arrived in their rows of it: put the others there once
             for shard, tensor in enumerate(shards):
                 if (name, shard) not in self._in_place:
                     self._rows(name, shard, whole).copy_(tensor)
                     self._in_place.add((name, shard))
             shards = [whole]
-        self._reads_left[name] -= 1
-        if self._reads_left[name] == 0:
-            self._whole.pop(name, None)
+        left = self._reads_left[name] = self._reads_left[name] - 1
+        if left == 0:
+            if whole is not None:
+                del self._whole[name]
             for shard in range(count):
                 received.pop((name, shard), None)
                 self._in_place.discard((name, shard))
@@ -391,7 +414,8 @@ class ShardExchange:
             tasks=tasks, receivers=receivers_of,
             last_read={id(task): names[-1] for task, names in zip(tasks, reads) if names},
             batches=list(merge_batches(converter, tasks, same=lambda task: receivers_of[id(task)])),
-            joinable=joinable, cut=cut, step_of=step_of, reads=Counter(name for name, _ in flat))
+            joinable=joinable, cut=cut, step_of=step_of, reads=Counter(name for name, _ in flat),
+            transfers=[self._step_transfers(entries) for entries, _, _ in cut])
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -499,17 +499,19 @@ class TaskConverter:
         ``B``'s rule operations rearrange rows only, so they run once on all experts' ``B``
         side by side instead of once per expert; ``A`` is shared by every output.
         """
-        a_parts, b_shards = [], []
+        a_shards, b_shards = [], []
         for adapter in adapters:
-            a_shards = self.source.shards(adapter.lora_a)
-            a_parts.append(a_shards[0] if len(a_shards) == 1 else
-                           torch.cat(a_shards, dim=1 if task.rule.tp == "row" else 0))
+            a_shards.append(self.source.shards(adapter.lora_a))
             b_shards.append(self.source.shards(adapter.lora_b))
-        shapes = {(tuple(a.shape), tuple(b[0].shape)) for a, b in zip(a_parts, b_shards)}
+        shapes = {(tuple(tuple(shard.shape) for shard in a), tuple(b[0].shape)) for a, b in zip(a_shards, b_shards)}
         if len(shapes) != 1:
             raise ExportError(f"{task.hf_names}: the experts' LoRA factors differ in shape {sorted(shapes)}; "
                               "fused experts need one rank and one shape for all of them")
-        lora_a = torch.cat(a_parts)
+        if len(a_shards[0]) == 1:
+            lora_a = torch.cat([shards[0] for shards in a_shards])
+        else:  # each expert's A joined from its shards: all experts at once, one stack per shard
+            per_shard = [torch.stack([shards[s] for shards in a_shards]) for s in range(len(a_shards[0]))]
+            lora_a = torch.cat(per_shard, dim=2 if task.rule.tp == "row" else 1).flatten(0, 1)
         side_by_side = [torch.stack([shards[s] for shards in b_shards], dim=-1).flatten(1)
                         for s in range(len(b_shards[0]))]
         lora_bs = self._run(task.rule, side_by_side, self.dims, axis=0, rows_only=True,
