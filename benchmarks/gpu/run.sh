@@ -13,7 +13,8 @@
 #                                        LoRA r16 on linear_qkv/linear_proj/linear_fc1/linear_fc2
 #                                        incl. routed experts
 # Whole weight sync (benchmarks/sync_bench.py, trainer on GPU 0, receiver on GPU 1):
-#   sync (Qwen3.5-MoE shape), sync_dense (Qwen3-1.7B shape)
+#   sync (Qwen3.5-MoE shape), sync_dense (Qwen3-1.7B shape); sync_fp32: the Qwen3.5-MoE sync in
+#   float32, where the logits check compares without bf16 rounding (one run)
 #
 # The dense layouts write a random 3.4 GB Hugging Face folder once ($HF_ROOT); the MoE models
 # are initialised on the GPU (their folders hold config and key index only). DEVICE=cpu
@@ -77,7 +78,7 @@ declare -A LAYOUTS=(
     [tp1]="dense 1" [tp2]="dense 2 --tp 2" [pp2]="dense 2 --pp 2" [pp2_vpp2]="dense 2 --pp 2 --vpp 2"
     [moe_ep1]="moe 1" [moe_ep2]="moe 2 --ep 2" [moe_tp2]="moe 2 --tp 2" [moe_pp2]="moe 2 --pp 2 --mb-modes adapters"
     [moe3_ep1]="moe3 1" [moe3_ep2]="moe3 2 --ep 2"
-    [sync]="moe 1" [sync_dense]="dense 1"
+    [sync]="moe 1" [sync_dense]="dense 1" [sync_fp32]="moe 1 --dtype float32 --repeats 1"
 )
 for name in ${@:-tp1 tp2 pp2 pp2_vpp2 moe_ep1 moe_ep2 moe_tp2 moe_pp2 moe3_ep1 moe3_ep2 sync sync_dense}; do
     # shellcheck disable=SC2086
