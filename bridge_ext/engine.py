@@ -254,11 +254,15 @@ class TaskConverter:
     """Converts planned tasks of one model; yields ``(name, tensor)`` pairs."""
 
     def __init__(self, source: TensorSource, dims: ModelDims, mode: Mode, dtype: torch.dtype | None = None,
-                 expert_adapters=None, recorded: dict[int, list[str]] | None = None):
+                 expert_adapters=None, recorded: dict[int, list[str]] | None = None, stacks_on_host: bool = False):
         self.source = source
         self.dims = dims
         self.mode = mode
         self.dtype = dtype
+        # an export to the CPU: fused experts (an MoE export's largest tensors) are assembled
+        # block by block straight into pinned host memory, so the GPU never holds a whole one
+        # and the host copies run while the next blocks are gathered (see _stacked_bases)
+        self.stacks_on_host = stacks_on_host
         self.adapters = source.adapters()
         self.expert_adapters = expert_adapters
         self._recorded = recorded if recorded is not None else {}  # id(task) -> reads
@@ -403,7 +407,8 @@ class TaskConverter:
         packed = self._packed_factors(task, adapters) if adapted else None
         if self.mode is not Mode.ADAPTERS:
             # merged in the base dtype (as one expert's merge), cast once after
-            outputs = self._stacked_bases(task, None if self.mode is Mode.MERGED else self.dtype)
+            outputs = self._stacked_bases(task, None if self.mode is Mode.MERGED else self.dtype,
+                                          on_host=self.stacks_on_host and self.mode is not Mode.MERGED)
             for index, (hf_name, output) in enumerate(zip(task.hf_names, outputs, strict=True)):
                 if self.mode is Mode.MERGED and packed:
                     _merge_experts(output, *packed[index], adapters[0].scale)
@@ -452,9 +457,11 @@ class TaskConverter:
             for key, tensor in self.expert_adapters(hf_name, lora_a, lora_b):
                 yield key, self._cast(tensor)
 
-    def _stacked_bases(self, task: Task, dtype: torch.dtype | None) -> list[torch.Tensor]:
+    def _stacked_bases(self, task: Task, dtype: torch.dtype | None, on_host: bool = False) -> list[torch.Tensor]:
         """Each output ``[E, out, in]`` (in ``dtype``, else the converted dtype), filled a block
-        of experts at a time.
+        of experts at a time; with ``on_host`` (and shards on a GPU) in pinned host memory, each
+        block copied there as soon as it is converted, without waiting for the copy: the
+        consumer must wait for the device's current stream before reading (``to_host`` does).
 
         The rule's row operations run once per block on the block's experts side by side
         (``[out, experts * in]`` per tensor-parallel shard: row operations ignore columns);
@@ -484,10 +491,10 @@ class TaskConverter:
                 parts = [part.unsqueeze(0)
                          for part in self._run(task.rule, block[0], self.dims, what=describe(task, names[start]))]
             if not outputs:
-                outputs = [torch.empty((len(names), *part.shape[1:]), dtype=dtype or part.dtype, device=part.device)
+                outputs = [_empty_output((len(names), *part.shape[1:]), dtype or part.dtype, part.device, on_host)
                            for part in parts]
             for output, part in zip(outputs, parts, strict=True):
-                output[start:start + len(block)].copy_(part)
+                output[start:start + len(block)].copy_(part, non_blocking=True)
             start += len(block)
         return outputs
 
@@ -521,6 +528,12 @@ class TaskConverter:
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _empty_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, on_host: bool) -> torch.Tensor:
+    if on_host and device.type == "cuda":
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _side_by_side(block: list[list[torch.Tensor]], join_columns: bool) -> tuple[list[torch.Tensor], tuple[int, ...]]:

@@ -293,13 +293,13 @@ def _prepared_key(chunks: list[torch.nn.Module], hf_config, *options) -> tuple |
 
 
 def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,
-           dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+           dtype: torch.dtype | None = None, stacks_on_host: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Base weights (``Mode.BASE`` or ``Mode.MERGED``, or None), then the adapters if asked.
 
     Every task is first run on meta tensors (:func:`check_shapes`): nothing is yielded unless
     the whole export can be converted.
     """
-    passes = conversion_passes(source, plan, base=base, adapters=adapters, dtype=dtype)
+    passes = conversion_passes(source, plan, base=base, adapters=adapters, dtype=dtype, stacks_on_host=stacks_on_host)
     check_shapes(source, plan, passes)
     for converter, tasks in passes:
         pairs = convert_tasks(source, converter, tasks)
@@ -314,15 +314,17 @@ def _in_memory_adapter_key(plan: ExportPlan, key: str) -> str:
 
 
 def conversion_passes(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,
-                      dtype: torch.dtype | None = None) -> list[tuple[TaskConverter, list[Task]]]:
-    """The converters :func:`stream` runs, each with the tasks it converts, in order."""
+                      dtype: torch.dtype | None = None, stacks_on_host: bool = False,
+                      ) -> list[tuple[TaskConverter, list[Task]]]:
+    """The converters :func:`stream` runs, each with the tasks it converts, in order
+    (``stacks_on_host``: see :class:`~bridge_ext.engine.TaskConverter`)."""
     found = source.adapters()
     if adapters and not found:
         raise ExportError("adapters were asked for, but the model has no LoRA adapters")
     passes = []
     if base is not None:
-        passes.append((TaskConverter(source, plan.dims, base, dtype, recorded=plan.recorded.setdefault(base, {})),
-                       plan.base_tasks))
+        passes.append((TaskConverter(source, plan.dims, base, dtype, recorded=plan.recorded.setdefault(base, {}),
+                                     stacks_on_host=stacks_on_host), plan.base_tasks))
     if adapters:
         if plan.expert_keys is None:
             plan.expert_keys = FusedExpertKeys(adapted_outputs(plan.adapter_tasks, found, plan.table))
@@ -434,8 +436,10 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
     if adapters_only and not source.adapters():
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
-    pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype)
-    return source, plan, to_host(pairs) if device is not None and torch.device(device).type == "cpu" else pairs
+    to_cpu = device is not None and torch.device(device).type == "cpu"
+    pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype,
+                   stacks_on_host=to_cpu)
+    return source, plan, to_host(pairs) if to_cpu else pairs
 
 
 def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertLayout | None = None,

@@ -33,6 +33,7 @@ from bridge_ext.packing import pack, unpack
 from bridge_ext.peft_keys import PEFT_PREFIX
 
 HOST_WINDOW_BYTES = 256 << 20
+HOST_AHEAD_BYTES = 2 << 30
 PACK_BELOW_BYTES = 16 << 20
 PACK_BYTES = 64 << 20
 
@@ -115,27 +116,35 @@ def to_host(pairs: Pairs, window_bytes: int = HOST_WINDOW_BYTES) -> Iterator[tup
     the GPU into one message of up to :data:`PACK_BYTES` and copied with one transfer, then
     handed out as views of that pinned copy (a transfer per tensor would cost more than its
     bytes). Copies run on a side stream; a tensor is yielded once its copy is done, while
-    production goes on up to ``window_bytes`` beyond the oldest copy still running (so that
-    one large copy does not hold back the tensors behind it). CPU tensors pass through.
+    production goes on up to ``window_bytes`` of GPU tensors beyond the oldest copy still
+    running (so that one large copy does not hold back the tensors behind it).
+
+    A pinned CPU tensor may still be written by copies queued on the current GPU stream (the
+    export assembles fused experts there, see :class:`~bridge_ext.engine.TaskConverter`): it
+    is yielded once that stream has passed the point where the tensor arrived; it holds no
+    GPU memory, and production runs at most :data:`HOST_AHEAD_BYTES` of such tensors ahead.
+    Other CPU tensors pass through.
     """
-    pending: deque[_HostCopy] = deque()
+    pending: deque[_HostCopy | _HostWritten] = deque()
     group: list[tuple[str, torch.Tensor]] = []
-    group_bytes = in_flight = 0
+    group_bytes = on_gpu = on_host = 0
     streams: dict[torch.device, torch.cuda.Stream] = {}
     for name, tensor in pairs:
-        copies = []
+        copies: list[_HostCopy | _HostWritten] = []
         if group and (not tensor.is_cuda or tensor.device != group[0][1].device):
             copies.append(_HostCopy(group, streams))
             group, group_bytes = [], 0
-        if not tensor.is_cuda:
+        if not tensor.is_cuda and not (torch.cuda.is_initialized() and tensor.is_pinned()):
             pending.extend(copies)
             while pending:
                 yield from pending.popleft().wait()
-            in_flight = 0
+            on_gpu = on_host = 0
             yield name, tensor
             continue
         size = tensor.numel() * tensor.element_size()
-        if size >= PACK_BELOW_BYTES:
+        if not tensor.is_cuda:
+            copies.append(_HostWritten(name, tensor))
+        elif size >= PACK_BELOW_BYTES:
             if group:
                 copies.append(_HostCopy(group, streams))
                 group, group_bytes = [], 0
@@ -148,15 +157,34 @@ def to_host(pairs: Pairs, window_bytes: int = HOST_WINDOW_BYTES) -> Iterator[tup
                 group, group_bytes = [], 0
         for copy in copies:
             pending.append(copy)
-            in_flight += copy.nbytes
-        while len(pending) > 1 and in_flight - pending[0].nbytes > window_bytes:
+            on_gpu += copy.gpu_bytes
+            on_host += copy.host_bytes
+        while pending and (pending[0].done() or len(pending) > 1 and (
+                on_gpu - pending[0].gpu_bytes > window_bytes or on_host - pending[0].host_bytes > HOST_AHEAD_BYTES)):
             done = pending.popleft()
-            in_flight -= done.nbytes
+            on_gpu -= done.gpu_bytes
+            on_host -= done.host_bytes
             yield from done.wait()
     if group:
         pending.append(_HostCopy(group, streams))
     while pending:
         yield from pending.popleft().wait()
+
+
+class _HostWritten:
+    """A pinned host tensor that copies queued on the current GPU stream may still be writing."""
+
+    def __init__(self, name: str, tensor: torch.Tensor):
+        self.name, self.tensor = name, tensor
+        self.gpu_bytes, self.host_bytes = 0, tensor.numel() * tensor.element_size()
+        self.event = torch.cuda.current_stream().record_event()
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def wait(self) -> Iterator[tuple[str, torch.Tensor]]:
+        self.event.synchronize()
+        yield self.name, self.tensor
 
 
 class _HostCopy:
@@ -171,12 +199,15 @@ class _HostCopy:
             stream = streams[source.device] = torch.cuda.Stream(device=source.device)
         self.host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
         self.specs = [(tuple(tensor.shape), tensor.dtype) for tensor in tensors] if len(tensors) > 1 else None
-        self.nbytes = self.host.numel() * self.host.element_size()
+        self.gpu_bytes, self.host_bytes = self.host.numel() * self.host.element_size(), 0
         stream.wait_stream(torch.cuda.current_stream(source.device))
         with torch.cuda.stream(stream):
             self.host.copy_(source, non_blocking=True)
         source.record_stream(stream)
         self.event = stream.record_event()
+
+    def done(self) -> bool:
+        return self.event.query()
 
     def wait(self) -> Iterator[tuple[str, torch.Tensor]]:
         self.event.synchronize()

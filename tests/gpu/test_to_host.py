@@ -1,4 +1,5 @@
-"""Copies to pinned host memory (``export_hf_weights(device="cpu")``'s last stage), on a GPU.
+"""Copies to pinned host memory (``export_hf_weights(device="cpu")``'s last stage), on a GPU,
+and whole exports to the CPU against the same exports on the GPU.
 
 Needs CUDA: on a GPU machine run ``python -m pytest tests/gpu/test_to_host.py``.
 """
@@ -51,3 +52,49 @@ def test_host_tensors_are_pinned_and_small_ones_share_a_buffer():
     storages = {by_name[f"small.{index}"].untyped_storage().data_ptr() for index in range(20)}
     assert len(storages) < 20  # packed copies
     assert by_name["on.cpu"].data_ptr() == dict(pairs)["on.cpu"].data_ptr()  # CPU tensors pass through
+
+
+def test_a_pinned_tensor_still_being_written_by_the_gpu_is_yielded_once_written():
+    source = torch.randn(16 << 20, device="cuda")  # 64 MiB
+    host = torch.empty(source.shape, pin_memory=True)
+    torch.cuda._sleep(200_000_000)  # the copy below starts well after to_host is called
+    host.copy_(source, non_blocking=True)
+    received = [(name, tensor.clone()) for name, tensor in to_host(iter([("written", host)]))]
+    assert [name for name, _ in received] == ["written"]
+    assert torch.equal(received[0][1], source.cpu())
+
+
+@pytest.fixture(scope="module")
+def moe_models():
+    """Tiny Qwen3.5-MoE and Qwen3-MoE models with LoRA on every target, on the GPU."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    from bench_models import build, hf_dir_for, init_parallel, write_hf_folder
+
+    sizes = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                 virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1)
+    models = {}
+    with init_parallel("cuda"):
+        for preset in ("qwen35-moe-tiny", "qwen3-moe-tiny"):
+            folder = hf_dir_for(preset, True, None)
+            if not (folder / "config.json").is_file():
+                write_hf_folder(folder, preset)
+            models[preset], _ = build(folder, preset, "cuda", sizes, lora_rank=4)
+        yield models
+
+
+@pytest.mark.parametrize("preset", ["qwen35-moe-tiny", "qwen3-moe-tiny"])
+def test_an_export_to_the_cpu_equals_the_export_on_the_gpu(moe_models, preset):
+    from bridge_ext import export_hf_weights
+
+    chunks = moe_models[preset]
+    on_gpu = [(name, tensor.cpu()) for name, tensor in export_hf_weights(chunks)]
+    to_cpu = [(name, tensor.clone(), tensor.is_pinned()) for name, tensor in export_hf_weights(chunks, device="cpu")]
+    assert [name for name, *_ in to_cpu] == [name for name, _ in on_gpu]
+    for (name, got, pinned), (_, want) in zip(to_cpu, on_gpu):
+        assert pinned, name
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    if preset == "qwen35-moe-tiny":  # fused experts: assembled block by block in pinned host memory
+        assert any(name.endswith("experts.gate_up_proj") for name, *_ in to_cpu)
