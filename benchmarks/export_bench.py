@@ -136,22 +136,35 @@ def measure(name: str, run: Callable[[], Iterable], device: str, repeats: int) -
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> dict:
-    """GB/s of cloning a large tensor (and on GPU, of copying it to pinned host memory)."""
+    """GB/s of cloning a large tensor and, on GPU, of copying it to pinned host memory: by rank
+    0 alone and, in a parallel job, by every rank at once (the limit of ``destination="all"``
+    to the CPU, where each rank copies the whole model over links that may share the host)."""
     source = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    result = {}
-    targets = {"clone": lambda: source.clone()}
+    result = {"clone": _copy_rate(lambda: source.clone(), nbytes, device, alone=True)}
     if device == "cuda":
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        targets["to_pinned_host"] = lambda: host.copy_(source, non_blocking=True)
-    for what, copy in targets.items():
-        copy()
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(3):
-            copy()
-        synchronize(device)
-        result[what] = 3 * nbytes / (time.perf_counter() - start) / 1e9
+        to_host = lambda: host.copy_(source, non_blocking=True)  # noqa: E731
+        result["to_pinned_host"] = _copy_rate(to_host, nbytes, device, alone=True)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            result["to_pinned_host every rank at once"] = _copy_rate(to_host, nbytes, device, alone=False)
     return result
+
+
+def _copy_rate(copy: Callable, nbytes: int, device: str, alone: bool) -> float:
+    """Best of three rounds of three copies (rank 0 only if ``alone``), GB/s on the slowest rank."""
+    active = not alone or not dist.is_initialized() or dist.get_rank() == 0
+    best = float("inf")
+    for _ in range(3):
+        synchronize(device)
+        if dist.is_initialized():
+            dist.barrier()
+        start = time.perf_counter()
+        if active:
+            for _ in range(3):
+                copy()
+            synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 3 * nbytes / over_ranks(best if active else 0.0, device) / 1e9
 
 
 # -- the comparisons ------------------------------------------------------------------------
