@@ -424,7 +424,8 @@ class TaskConverter:
 
     def _stacked_each_expert(self, task: Task) -> Iterator[tuple[str, torch.Tensor]]:
         """Experts fused into ``[E, ...]``, each output filled expert by expert (rules that
-        transpose or change values); adapters packed as :meth:`_packed_factors` packs them."""
+        transpose or change values; with ``stacks_on_host`` in pinned host memory, as
+        :meth:`_stacked_bases`); adapters packed as :meth:`_packed_factors` packs them."""
         outputs: list[torch.Tensor] | None = None
         expert_factors = []
         for expert, name in enumerate(task.sources):
@@ -438,10 +439,10 @@ class TaskConverter:
                 bases = [_merge(base, *pair, adapter.scale, transposed=task.rule.transposes)
                          for base, pair in zip(bases, factors)]
             if outputs is None:
-                outputs = [torch.empty((len(task.sources), *base.shape), dtype=self.dtype or base.dtype,
-                                       device=base.device) for base in bases]
+                outputs = [_empty_output((len(task.sources), *base.shape), self.dtype or base.dtype, base.device,
+                                         self.stacks_on_host) for base in bases]
             for output, base in zip(outputs, bases, strict=True):
-                output[expert].copy_(base)
+                output[expert].copy_(base, non_blocking=True)
         if outputs is not None:
             yield from zip(task.hf_names, outputs)
         if self.mode is not Mode.ADAPTERS or all(adapter is None for adapter, _ in expert_factors):

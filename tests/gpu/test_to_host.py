@@ -65,13 +65,17 @@ def test_a_pinned_tensor_still_being_written_by_the_gpu_is_yielded_once_written(
 
 
 @pytest.fixture(scope="module")
-def moe_models():
-    """Tiny Qwen3.5-MoE and Qwen3-MoE models with LoRA on every target, on the GPU."""
+def moe_models(tmp_path_factory):
+    """Tiny Qwen3.5-MoE, Qwen3-MoE and gpt-oss (fused transposed experts) models with LoRA on
+    every target, on the GPU."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
     from bench_models import build, hf_dir_for, init_parallel, write_hf_folder
+
+    from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
+    from bridge_ext.cpu.tiny_gpt_families import tiny_gpt_oss
 
     sizes = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                  virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1)
@@ -82,19 +86,26 @@ def moe_models():
             if not (folder / "config.json").is_file():
                 write_hf_folder(folder, preset)
             models[preset], _ = build(folder, preset, "cuda", sizes, lora_rank=4)
+        gpt_oss = build_megatron_model(tiny_gpt_oss(tmp_path_factory.mktemp("gpt_oss")), on_gpu=True,
+                                       lora=LoraSettings(("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"),
+                                                         dim=4, alpha=8))
+        randomize_lora(gpt_oss.chunks, seed=3, std=0.1)
+        models["gpt-oss-tiny"] = gpt_oss.chunks
         yield models
 
 
-@pytest.mark.parametrize("preset", ["qwen35-moe-tiny", "qwen3-moe-tiny"])
-def test_an_export_to_the_cpu_equals_the_export_on_the_gpu(moe_models, preset):
+@pytest.mark.parametrize("peft", [True, False])
+@pytest.mark.parametrize("preset", ["qwen35-moe-tiny", "qwen3-moe-tiny", "gpt-oss-tiny"])
+def test_an_export_to_the_cpu_equals_the_export_on_the_gpu(moe_models, preset, peft):
     from bridge_ext import export_hf_weights
 
     chunks = moe_models[preset]
-    on_gpu = [(name, tensor.cpu()) for name, tensor in export_hf_weights(chunks)]
-    to_cpu = [(name, tensor.clone(), tensor.is_pinned()) for name, tensor in export_hf_weights(chunks, device="cpu")]
+    on_gpu = [(name, tensor.cpu()) for name, tensor in export_hf_weights(chunks, peft=peft)]
+    to_cpu = [(name, tensor.clone(), tensor.is_pinned())
+              for name, tensor in export_hf_weights(chunks, peft=peft, device="cpu")]
     assert [name for name, *_ in to_cpu] == [name for name, _ in on_gpu]
     for (name, got, pinned), (_, want) in zip(to_cpu, on_gpu):
         assert pinned, name
         assert got.dtype == want.dtype and torch.equal(got, want), name
-    if preset == "qwen35-moe-tiny":  # fused experts: assembled block by block in pinned host memory
+    if preset != "qwen3-moe-tiny":  # fused experts: assembled in pinned host memory
         assert any(name.endswith("experts.gate_up_proj") for name, *_ in to_cpu)
