@@ -74,23 +74,25 @@ class BucketReceiver:
 
 
 def load_into_module(module: torch.nn.Module) -> Callable[[list[tuple[str, torch.Tensor]]], None]:
-    """``load_weights`` for a transformers model whose parameter names are the checkpoint's.
+    """``load_weights`` for a transformers model whose state-dict names are the checkpoint's:
+    its parameters and persistent buffers (e.g. DeepSeek-V3's and GLM-4.5's router
+    ``e_score_correction_bias``, a buffer kept in float32; a tensor is cast to its target's dtype).
 
     With a PEFT model pass ``peft_model.get_base_model()``: PEFT's wrapped layers keep the
     base weight at ``<module>.base_layer.weight`` (fused experts, adapted as parameters, at
     ``experts.base_layer.base_layer.gate_up_proj``); those are found under the checkpoint name.
     """
-    params = {}
-    for name, param in module.named_parameters():
+    targets = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
         if ".lora_" not in name:
-            params[name.replace(".base_layer", "")] = param
+            targets[name.replace(".base_layer", "")] = tensor
 
     def load(pairs: list[tuple[str, torch.Tensor]]) -> None:
         with torch.no_grad():
             for name, tensor in pairs:
-                target = params.get(name)
+                target = targets.get(name)
                 if target is None:
-                    raise KeyError(f"{name}: the receiving model has no such parameter")
+                    raise KeyError(f"{name}: the receiving model has no such parameter or buffer")
                 target.copy_(tensor)
 
     return load

@@ -207,3 +207,35 @@ def test_moonlight_plain_q_proj_keys_all_have_a_megatron_rule():
     assert unmatched == []
     found, _ = table.match_hf("model.layers.2.self_attn.q_proj.weight", variants)
     assert found.rule.megatron == "decoder.layers.{layer}.self_attention.linear_q_proj.weight"
+
+
+def test_a_merged_weight_sync_into_a_zeroed_transformers_model_gives_megatron_logits(built):
+    """Buckets through ``BucketReceiver`` and ``load_into_module``, as an engine's weight sync:
+    every parameter and persistent buffer (DeepSeek-V3's and GLM-4.5's router bias is a buffer)
+    is written; MTP tensors, which transformers has no layer for, go to the engine's draft model."""
+    from transformers import AutoConfig
+
+    from bridge_ext import export_hf_buckets
+    from bridge_ext.sync import BucketReceiver, load_into_module
+
+    model = hf_base_model(built.hf_dir)
+    held = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for tensor in held.values():
+            tensor.zero_()
+    extra = table_for(AutoConfig.from_pretrained(str(built.hf_dir))).extra_weights
+    load, applied, draft = load_into_module(model), [], []
+
+    def load_weights(pairs):
+        draft.extend(name for name, _ in pairs if name not in held)
+        load([(name, tensor) for name, tensor in pairs if name in held])
+        applied.extend(name for name, _ in pairs if name in held)
+
+    receiver = BucketReceiver(load_weights)
+    for bucket in export_hf_buckets(built.chunks, 1 << 16, peft=False, expert_layout="fused"):  # transformers' own
+        receiver(bucket)
+    assert all(extra is not None and extra.holds(name) for name in draft), draft
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    assert set(held) - set(applied) <= tied
+    compare_logits(hf_logits(model, input_ids()), reference_logits(built), Report(), what="weight sync",
+                   relative_tolerance=1e-4)
