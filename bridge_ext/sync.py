@@ -77,6 +77,7 @@ def load_into_module(module: torch.nn.Module) -> Callable[[list[tuple[str, torch
     """``load_weights`` for a transformers model whose state-dict names are the checkpoint's:
     its parameters and persistent buffers (e.g. DeepSeek-V3's and GLM-4.5's router
     ``e_score_correction_bias``, a buffer kept in float32; a tensor is cast to its target's dtype).
+    transformers v5 holds MoE experts fused: export with ``expert_layout="fused"`` for it.
 
     With a PEFT model pass ``peft_model.get_base_model()``: PEFT's wrapped layers keep the
     base weight at ``<module>.base_layer.weight`` (fused experts, adapted as parameters, at
