@@ -124,7 +124,8 @@ def to_host(pairs: Pairs, window_bytes: int = HOST_WINDOW_BYTES) -> Iterator[tup
 
     A pinned CPU tensor may still be written by copies queued on the current GPU stream (the
     export assembles fused experts there, see :class:`~bridge_ext.engine.TaskConverter`): it
-    is yielded once that stream has passed the point where the tensor arrived; it holds no
+    is yielded once that stream (of the device of the stream's GPU tensors; before the first
+    one, the current device) has passed the point where the tensor arrived; it holds no
     GPU memory, and production runs at most :data:`HOST_AHEAD_BYTES` of such tensors ahead.
     Other CPU tensors pass through.
     """
@@ -132,8 +133,11 @@ def to_host(pairs: Pairs, window_bytes: int = HOST_WINDOW_BYTES) -> Iterator[tup
     group: list[tuple[str, torch.Tensor]] = []
     group_bytes = on_gpu = on_host = 0
     streams: dict[torch.device, torch.cuda.Stream] = {}
+    device = None  # where the stream's GPU tensors are produced
     for name, tensor in pairs:
         copies: list[_HostCopy | _HostWritten] = []
+        if tensor.is_cuda:
+            device = tensor.device
         if group and (not tensor.is_cuda or tensor.device != group[0][1].device):
             copies.append(_HostCopy(group, streams))
             group, group_bytes = [], 0
@@ -146,7 +150,7 @@ def to_host(pairs: Pairs, window_bytes: int = HOST_WINDOW_BYTES) -> Iterator[tup
             continue
         size = tensor.numel() * tensor.element_size()
         if not tensor.is_cuda:
-            copies.append(_HostWritten(name, tensor))
+            copies.append(_HostWritten(name, tensor, device))
         elif size >= PACK_BELOW_BYTES:
             if group:
                 copies.append(_HostCopy(group, streams))
@@ -177,10 +181,10 @@ def to_host(pairs: Pairs, window_bytes: int = HOST_WINDOW_BYTES) -> Iterator[tup
 class _HostWritten:
     """A pinned host tensor that copies queued on the current GPU stream may still be writing."""
 
-    def __init__(self, name: str, tensor: torch.Tensor):
+    def __init__(self, name: str, tensor: torch.Tensor, device: torch.device | None):
         self.name, self.tensor = name, tensor
         self.gpu_bytes, self.host_bytes = 0, tensor.numel() * tensor.element_size()
-        self.event = torch.cuda.current_stream().record_event()
+        self.event = torch.cuda.current_stream(device).record_event()
 
     def done(self) -> bool:
         return self.event.query()
