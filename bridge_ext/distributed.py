@@ -161,11 +161,10 @@ def exchange_metadata(local, adapters: dict[str, Adapter]):
 
 @dataclass
 class Step:
-    """Transfers posted together (one ``batch_isend_irecv``); ``entries``: (name, receivers)."""
+    """One export's state of a step: transfers posted together (one ``batch_isend_irecv``) in
+    the group of ``family``; what they move is the plan's (:class:`StepTransfers`)."""
 
-    entries: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
-    nbytes: int = 0
-    family: str = ""
+    family: str
     works: list | None = None
     received: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     done: torch.cuda.Event | None = None  # on GPU: passed once the step's data is in
@@ -181,7 +180,7 @@ class ExchangePlan:
     last_read: dict[int, str]  # id(task) -> the last name it reads
     batches: list[list[Task]]  # see merge_batches
     joinable: set[str]  # received straight into one whole tensor (see ShardExchange._post)
-    cut: list[tuple[list[tuple[str, tuple[int, ...]]], int, str]]  # per step: entries, bytes, family
+    families: list[str]  # per step: the family whose group moves it
     step_of: dict[str, int]
     reads: Counter  # name -> times read
     transfers: list[StepTransfers]  # per step: what this rank sends and receives
@@ -241,7 +240,8 @@ class ShardExchange:
 
     # -- scheduling ------------------------------------------------------------------
     def _cut(self, reads: list[tuple[str, tuple[int, ...]]]) -> tuple[list, dict[str, int]]:
-        """Cut the reads into steps (same cut on every rank: it depends on metadata only)."""
+        """Cut the reads into steps of ``(entries, family)``, each entry ``(name, receivers)``
+        (same cut on every rank: it depends on metadata only)."""
         cut, step_of = [], {}
         entries, nbytes, family = [], 0, ""
         for name, receivers in reads:
@@ -249,19 +249,19 @@ class ShardExchange:
                 continue
             tensor = self.tensors[name]
             if entries and (nbytes + tensor.nbytes > self.step_bytes or family != tensor.family):
-                cut.append((entries, nbytes, family))
+                cut.append((entries, family))
                 entries, nbytes = [], 0
             entries.append((name, receivers))
             nbytes += tensor.nbytes
             family = tensor.family
             step_of[name] = len(cut)
         if entries:
-            cut.append((entries, nbytes, family))
+            cut.append((entries, family))
         return cut, step_of
 
     def _start(self, plan: ExchangePlan) -> None:
         """Fresh steps of ``plan`` for one export."""
-        self._steps = [Step(list(entries), nbytes, family) for entries, nbytes, family in plan.cut]
+        self._steps = [Step(family) for family in plan.families]
         self._step_of, self._reads_left, self._joinable = plan.step_of, Counter(plan.reads), plan.joinable
         self._transfers_of = plan.transfers
         self._whole, self._in_place = {}, set()  # nothing of an export left unfinished is reused
@@ -414,8 +414,8 @@ class ShardExchange:
             tasks=tasks, receivers=receivers_of,
             last_read={id(task): names[-1] for task, names in zip(tasks, reads) if names},
             batches=list(merge_batches(converter, tasks, same=lambda task: receivers_of[id(task)])),
-            joinable=joinable, cut=cut, step_of=step_of, reads=Counter(name for name, _ in flat),
-            transfers=[self._step_transfers(entries) for entries, _, _ in cut])
+            joinable=joinable, families=[family for _, family in cut], step_of=step_of,
+            reads=Counter(name for name, _ in flat), transfers=[self._step_transfers(entries) for entries, _ in cut])
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
