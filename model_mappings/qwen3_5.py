@@ -136,7 +136,8 @@ TEXT = MappingTable(
     model_classes={"qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM"},
     expert_families=(EXPERTS, MTP_EXPERTS),
     extra_weights=MTP,
-    vllm_expert_adapter_layout="fused",  # vLLM: is_3d_moe_weight (reference/architectures.md)
+    # vLLM wraps the text-only class's experts per expert (no is_3d_moe_weight), tests/consumers
+    vllm_expert_adapter_layouts={"Qwen3_5MoeForCausalLM": "per_expert"},
 )
 
 IMAGE_TEXT = MappingTable(
@@ -146,5 +147,5 @@ IMAGE_TEXT = MappingTable(
     model_classes={"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"},
     expert_families=(EXPERTS, MTP_EXPERTS),
     extra_weights=MTP,
-    vllm_expert_adapter_layout="fused",
+    vllm_expert_adapter_layouts={"Qwen3_5MoeForConditionalGeneration": "fused"},  # is_3d_moe_weight
 )

@@ -205,14 +205,16 @@ def test_live_exports_default_to_the_tables_vllm_layout_files_to_peft(moe, monke
     from safetensors import safe_open
 
     names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
-    assert _has(FUSED_EXPERT_ADAPTER, names)  # Qwen3.5-MoE: vLLM loads the 3-D layout
+    # vLLM's Qwen3_5MoeForCausalLM (the text-only class) loads expert adapters per expert
+    assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
     table = model_mappings.table_for("qwen3_5_moe_text")
     monkeypatch.setattr(model_mappings, "_REGISTERED", {})
-    model_mappings.register_table(dataclasses.replace(table, vllm_expert_adapter_layout="per_expert"), overwrite=True)
+    layouts = {"Qwen3_5MoeForCausalLM": "fused"}
+    model_mappings.register_table(dataclasses.replace(table, vllm_expert_adapter_layouts=layouts), overwrite=True)
     names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
-    assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
-    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True, expert_adapter_layout="fused")]
     assert _has(FUSED_EXPERT_ADAPTER, names)
+    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True, expert_adapter_layout="per_expert")]
+    assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
     save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "adapter")
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as handle:
         assert _has(FUSED_EXPERT_ADAPTER, handle.keys())
