@@ -9,19 +9,42 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
 from bridge_ext.engine import ExportError, Mode
-from bridge_ext.export import ExportPlan, hf_source_folder, prepare, stream
+from bridge_ext.export import ExportPlan, hf_source_folder, prepare, resolve_hf_config, stream
 from bridge_ext.hf_folder import ShardedSafetensorsWriter, TensorSpec, parse_size
 from bridge_ext.output_folder import FoundTarget, staged_folders
 from bridge_ext.peft_config import lora_config
 from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.source import TensorSource
 from bridge_ext.table import ExpertLayout
+
+AdapterConsumer = Literal["peft", "vllm"]
+ADAPTER_CONSUMERS: tuple[AdapterConsumer, ...] = ("peft", "vllm")
+
+
+def adapter_layout_for(config, adapter_for: str, expert_adapter_layout: ExpertLayout | None) -> ExpertLayout:
+    """The expert-adapter layout of a saved folder for ``adapter_for`` (see
+    :func:`save_hf_pretrained`); refuses, before anything is written, a layout that consumer
+    does not load."""
+    if adapter_for not in ADAPTER_CONSUMERS:
+        raise ExportError(f"adapter_for must be one of {ADAPTER_CONSUMERS}, not {adapter_for!r}")
+    if adapter_for == "peft":
+        return expert_adapter_layout or "fused"
+    from model_mappings import table_for
+
+    table = table_for(config)
+    wanted = table.vllm_expert_adapter_layout(config)
+    if expert_adapter_layout is not None and expert_adapter_layout != wanted and table.expert_families:
+        raise ExportError(
+            f"vLLM does not load {expert_adapter_layout} expert adapters for {table.architecture(config)}: "
+            f"it loads {wanted} ones (leave expert_adapter_layout unset for adapter_for='vllm')")
+    return wanted
 
 # Files of a Hugging Face folder that describe the model but hold no weights.
 COMPANION_FILES = (
@@ -219,7 +242,8 @@ def save_hf_pretrained(
     merge: bool = False,
     hf_config=None,
     expert_layout: ExpertLayout | None = None,
-    expert_adapter_layout: ExpertLayout = "fused",
+    expert_adapter_layout: ExpertLayout | None = None,
+    adapter_for: AdapterConsumer = "peft",
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
@@ -232,12 +256,20 @@ def save_hf_pretrained(
     the adapters are merged into the base weights instead. Each folder appears only when
     complete. Refuses to write a base without its adapters unless ``merge`` says so.
 
+    ``adapter_for``: the consumer the adapter folder is for. ``"peft"`` (default): expert
+    adapters in PEFT's fused ``target_parameters`` layout, the one PEFT loads onto
+    transformers v5 models. ``"vllm"``: the layout vLLM loads for the config's architecture
+    class (per expert for e.g. ``Qwen3MoeForCausalLM``, which rejects the fused folder). One
+    folder cannot serve both for such classes (docs/consumers.md). ``expert_adapter_layout``
+    overrides the layout; with ``adapter_for="vllm"`` one vLLM does not load is refused.
+
     In a parallel job every rank calls it; tensors are gathered to global rank 0 only, which
     writes the folders.
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
     parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    expert_adapter_layout = adapter_layout_for(resolve_hf_config(model, hf_config), adapter_for, expert_adapter_layout)
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout,
                            destination="rank0" if parallel else "all")
     folder = hf_source_folder(model, hf_config)

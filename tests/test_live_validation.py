@@ -220,6 +220,22 @@ def test_live_exports_default_to_the_tables_vllm_layout_files_to_peft(moe, monke
         assert _has(FUSED_EXPERT_ADAPTER, handle.keys())
 
 
+def test_adapter_folders_for_vllm_take_its_layout_and_refuse_the_other(moe, tmp_path):
+    from bridge_ext import save_hf_pretrained
+    from bridge_ext.errors import BridgeExtError
+    from safetensors import safe_open
+
+    save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "vllm", adapter_for="vllm")
+    with safe_open(str(tmp_path / "vllm" / "adapter_model.safetensors"), "pt") as handle:
+        assert _has(PER_EXPERT_ADAPTER, handle.keys()) and not _has(FUSED_EXPERT_ADAPTER, handle.keys())
+    with pytest.raises(BridgeExtError, match="vLLM does not load fused expert adapters for Qwen3_5MoeForCausalLM"):
+        save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "refused", adapter_for="vllm",
+                           expert_adapter_layout="fused")
+    with pytest.raises(BridgeExtError, match="adapter_for must be one of"):
+        save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "refused", adapter_for="sglang")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_the_plan_is_remembered_until_the_model_changes(built, mlp):
     from bridge_ext.export import prepare
 

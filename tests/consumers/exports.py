@@ -65,8 +65,12 @@ def _qwen3_5_moe_vl(d: Path) -> Path:
 
 def _deepseek_v3(d: Path) -> Path:
     from bridge_ext.cpu.tiny_gpt_families import tiny_deepseek_v3
+    from bridge_ext.cpu.tiny_models import update_saved_config
 
-    return tiny_deepseek_v3(d, mtp_layers=1)
+    folder = tiny_deepseek_v3(d, mtp_layers=1)
+    # as the published config.json says: vLLM builds the router's e_score_correction_bias only then
+    update_saved_config(folder, {"topk_method": "noaux_tc"})
+    return folder
 
 
 def _glm4_moe(d: Path) -> Path:
@@ -86,8 +90,8 @@ CASES: dict[str, Case] = {
     "qwen3_moe": Case(_qwen3_moe, GQA_TARGETS),
     "qwen3_5_moe_text": Case(_qwen3_5_moe_text, QWEN35_TARGETS, drafter="Qwen3_5MoeMTP"),
     "qwen3_5_moe_vl": Case(_qwen3_5_moe_vl, QWEN35_TARGETS, drafter="Qwen3_5MoeMTP"),
-    "deepseek_v3": Case(_deepseek_v3, MLA_TARGETS, drafter="DeepSeekMTP"),
-    "glm4_moe": Case(_glm4_moe, GQA_TARGETS, drafter="Glm4MoeMTP"),
+    "deepseek_v3": Case(_deepseek_v3, MLA_TARGETS, drafter="DeepSeekMTPModel"),
+    "glm4_moe": Case(_glm4_moe, GQA_TARGETS, drafter="Glm4MoeMTPModel"),
     "gpt_oss": Case(_gpt_oss, GQA_TARGETS),
 }
 
@@ -114,6 +118,7 @@ def write_exports(name: str, out: Path) -> dict:
     (out / "adapter_config.json").write_text(json.dumps(_jsonable(config), indent=1))
     merged = _save(export_hf_weights(model.chunks, peft=False), out / "merged.safetensors")
     save_hf_pretrained(model.chunks, adapter_dir=out / "saved_peft")
+    save_hf_pretrained(model.chunks, adapter_dir=out / "saved_vllm", adapter_for="vllm")
     manifest = {
         "case": name,
         "source": str(hf_dir),
@@ -121,7 +126,7 @@ def write_exports(name: str, out: Path) -> dict:
         "drafter": case.drafter,
         "scaling": LORA["alpha"] / LORA["dim"],
         "streams": {"base": base, "merged": merged, "adapters": adapters},
-        "saved": {"peft": str(out / "saved_peft")},
+        "saved": {"peft": str(out / "saved_peft"), "vllm": str(out / "saved_vllm")},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
