@@ -41,7 +41,7 @@ from bridge_ext.export import (
 from bridge_ext.errors import ConvertError, OutputLocationError
 from bridge_ext.hf_files import has_safetensors
 from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
-from bridge_ext.save import adapter_layout_for
+from bridge_ext.save import adapter_layout_for, is_mtp_adapter
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.table import ExpertLayout
 from bridge_ext.value_check import ValueCheck
@@ -352,6 +352,7 @@ def convert_checkpoint(
             overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
             found=found_outputs, before_install=verify_staged if verify else None, notes=notes,
             transform=values, layout=layout,
+            omit_adapter=(lambda key: is_mtp_adapter(plan, key)) if adapter_for == "vllm" else None,
         )
     report, verify_seconds = verification[0] if verification else (None, 0.0)
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable
@@ -159,6 +160,7 @@ def write_export(
     notes: list[str] | None = None,
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     layout: list[TensorSpec] | None = None,
+    omit_adapter: Callable[[str], bool] | None = None,
 ) -> SaveResult:
     """Stream ``plan`` out of ``source`` into a Hugging Face folder and/or a PEFT adapter folder.
 
@@ -174,7 +176,8 @@ def write_export(
     ``write=False``: take part in a parallel export (its collectives) without writing anything.
     ``transform`` is applied to each produced tensor before it is written.
     ``layout``: the base tensors the export will produce, in order, when known (then each is
-    written to its shard at once).
+    written to its shard at once). ``omit_adapter``: adapter keys left out of the adapter
+    folder (their count goes to ``notes``).
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
@@ -200,14 +203,16 @@ def write_export(
             base_writer = ShardedSafetensorsWriter(staged_model, parse_size(max_shard_size), layout=layout)
         if adapter_dir is not None:
             adapter_tensors = {}
-        count = total = 0
+        count = total = omitted = 0
         for name, tensor in stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype):
             if transform is not None:  # e.g. a cast that checks the values (bridge_ext.value_check)
                 tensor = transform(name, tensor)
             nbytes = tensor.numel() * tensor.element_size()
             count += 1
             total += nbytes
-            if name.startswith(PEFT_PREFIX):
+            if name.startswith(PEFT_PREFIX) and omit_adapter is not None and omit_adapter(name):
+                omitted += 1
+            elif name.startswith(PEFT_PREFIX):
                 # lora_A of a fused projection is one tensor shared by its HF modules: copy
                 adapter_tensors[name] = tensor.detach().to("cpu").clone()
             else:
@@ -218,6 +223,9 @@ def write_export(
         if base_writer is not None:
             base_writer.close()
             notes.extend(write_config(plan, staged_model, source_folder, config_dtype or dtype))
+        if omitted:
+            notes.append(f"{omitted} MTP adapter tensors not written: vLLM applies no LoRA to its MTP drafter "
+                         "(merge=True keeps their effect in the drafter's weights)")
         if adapter_tensors is not None:
             if model_dir is not None:
                 base_model_name = str(Path(model_dir).resolve())
@@ -261,7 +269,9 @@ def save_hf_pretrained(
     transformers v5 models. ``"vllm"``: the layout vLLM loads for the config's architecture
     class (per expert for e.g. ``Qwen3MoeForCausalLM``, which rejects the fused folder). One
     folder cannot serve both for such classes (docs/consumers.md). ``expert_adapter_layout``
-    overrides the layout; with ``adapter_for="vllm"`` one vLLM does not load is refused.
+    overrides the layout; with ``adapter_for="vllm"`` one vLLM does not load is refused, and
+    MTP adapters are left out (vLLM applies none: its drafters have no LoRA), said in the
+    result's ``notes``.
 
     In a parallel job every rank calls it; tensors are gathered to global rank 0 only, which
     writes the folders.
@@ -279,4 +289,11 @@ def save_hf_pretrained(
         source_folder=folder,
         base_model_name=str(folder) if folder else getattr(plan.config, "_name_or_path", None),
         write=not parallel or dist.get_rank() == 0,
+        omit_adapter=(lambda key: is_mtp_adapter(plan, key)) if adapter_for == "vllm" else None,
     )
+
+
+def is_mtp_adapter(plan: ExportPlan, key: str) -> bool:
+    """Whether a PEFT adapter key belongs to an MTP layer (names outside transformers' key set)."""
+    module = re.sub(r"\.(base_layer\.)?lora_[AB]\.weight$", "", key.removeprefix(PEFT_PREFIX))
+    return plan.is_extra(module + ".weight")

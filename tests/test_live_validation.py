@@ -225,9 +225,14 @@ def test_adapter_folders_for_vllm_take_its_layout_and_refuse_the_other(moe, tmp_
     from bridge_ext.errors import BridgeExtError
     from safetensors import safe_open
 
-    save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "vllm", adapter_for="vllm")
+    result = save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "vllm", adapter_for="vllm")
     with safe_open(str(tmp_path / "vllm" / "adapter_model.safetensors"), "pt") as handle:
         assert _has(PER_EXPERT_ADAPTER, handle.keys()) and not _has(FUSED_EXPERT_ADAPTER, handle.keys())
+        written = set(handle.keys())
+    # vLLM applies no LoRA to its MTP drafter: those adapters are left out, and said so
+    mtp = {name for name, _ in export_hf_weights(moe.chunks, adapters_only=True) if ".mtp." in name}
+    assert mtp and not mtp & written
+    assert any(f"{len(mtp)} MTP adapter tensors not written" in note for note in result.notes), result.notes
     with pytest.raises(BridgeExtError, match="vLLM does not load fused expert adapters for Qwen3_5MoeForCausalLM"):
         save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "refused", adapter_for="vllm",
                            expert_adapter_layout="fused")
