@@ -85,6 +85,18 @@ def _gpt_oss(d: Path) -> Path:
     return tiny_gpt_oss(d)
 
 
+def _qwen2_moe(d: Path) -> Path:
+    from bridge_ext.cpu.tiny_qwen_moe_vl import tiny_qwen2_moe
+
+    return tiny_qwen2_moe(d)
+
+
+def _qwen3_next(d: Path) -> Path:
+    from bridge_ext.cpu.tiny_models import tiny_qwen3_next
+
+    return tiny_qwen3_next(d, mtp_layers=1)
+
+
 CASES: dict[str, Case] = {
     "qwen3": Case(_qwen3, GQA_TARGETS),
     "qwen3_moe": Case(_qwen3_moe, GQA_TARGETS),
@@ -93,7 +105,12 @@ CASES: dict[str, Case] = {
     "deepseek_v3": Case(_deepseek_v3, MLA_TARGETS, drafter="DeepSeekMTPModel"),
     "glm4_moe": Case(_glm4_moe, GQA_TARGETS, drafter="Glm4MoeMTPModel"),
     "gpt_oss": Case(_gpt_oss, GQA_TARGETS),
+    "qwen2_moe": Case(_qwen2_moe, GQA_TARGETS),
+    "qwen3_next": Case(_qwen3_next, QWEN35_TARGETS, drafter="Qwen3NextMTP"),
 }
+# Not judged: qwen3_vl_moe (vLLM 0.34 cannot load the tiny model's own transformers-saved folder:
+# a size mismatch in its expert loader) and mimo (a remote-code model type vLLM's transformers
+# does not know without trust_remote_code). docs/consumers.md.
 
 
 def _save(pairs, path: Path) -> list[str]:
