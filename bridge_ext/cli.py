@@ -123,8 +123,8 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
               help="Show a progress bar (default: when stderr is a terminal).")
 def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, hf_base: Path | None,
             hf_config: Path | None, model_type: str | None, iteration: int | None, merge: bool, dtype: str,
-            expert_layout: str, expert_adapter_layout: str, adapter_for: str, max_shard_size: str, allow_overflow: bool, overwrite: bool,
-            verify: bool, progress: bool | None) -> None:
+            expert_layout: str, expert_adapter_layout: str, adapter_for: str, max_shard_size: str,
+            allow_overflow: bool, overwrite: bool, verify: bool, progress: bool | None) -> None:
     """Convert a Megatron checkpoint on disk to a Hugging Face folder and/or a PEFT adapter folder.
 
     CHECKPOINT is a Megatron-Core / Megatron-Bridge torch_dist checkpoint: a root folder with
