@@ -54,7 +54,7 @@ class Fp8Plan:
 
     #: quantized tensor name -> its equal row parts (see :class:`~bridge_ext.fp8_rules.Fp8Gemm`)
     parts: dict[str, int]
-    #: Hugging Face module names left bf16, export order (transformers' ``modules_to_not_convert``)
+    #: Hugging Face module names left bf16, sorted (transformers' ``modules_to_not_convert``)
     not_converted: list[str]
     #: the same plus the engine's fused names of wholly bf16 fused modules (vLLM's ``ignored_layers``)
     ignored: list[str]
@@ -116,7 +116,7 @@ def plan_fp8(table: MappingTable, shapes: dict[str, tuple[int, ...]], engine_tp_
         not_converted.append(module)
     if engine_tp_size is not None:
         check_engine_blocks(rules.gemms, shapes, engine_tp_size)
-    return Fp8Plan(parts, not_converted, not_converted + _engine_fused(rules, not_converted))
+    return Fp8Plan(parts, sorted(not_converted), sorted(not_converted + _engine_fused(rules, not_converted)))
 
 
 def _module(name: str) -> str:

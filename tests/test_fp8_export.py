@@ -174,6 +174,15 @@ def test_validation_before_the_first_tensor(built):
         plan_fp8(replace(table, fp8=None), {}, 1)
 
 
+def test_quantization_config_of_a_config(built):
+    config = _config(built.hf_dir)
+    if built.model_type in ("deepseek_v3", "qwen3_5_moe_text"):  # MTP layers: names outside transformers' key set
+        with pytest.raises(ExportError, match="pass the model itself"):
+            quantization_config(config, engine_tp_size=None)
+    else:
+        assert quantization_config(config, engine_tp_size=None) == quantization_config(built.chunks, engine_tp_size=None)
+
+
 def _config(folder):
     from transformers import AutoConfig
 
