@@ -45,7 +45,9 @@ def quantize_blocks(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Ten
         values = F.pad(values, (0, pad_cols, 0, pad_rows))
     blocks = values.reshape(*lead, row_blocks, block, col_blocks, block)
     amax = blocks.abs().amax(dim=(-3, -1))
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    # divide by a tensor: CUDA turns division by a Python number into multiplication by its
+    # rounded reciprocal, which moves some scales by an ulp (and their blocks' e4m3 values)
+    scale = torch.where(amax > 0, amax / amax.new_full((), E4M3_MAX), torch.ones_like(amax))
     quantized = (blocks / scale[..., :, None, :, None]).to(FP8)
     quantized = quantized.reshape(*lead, row_blocks * block, col_blocks * block)
     if pad_rows or pad_cols:
