@@ -106,3 +106,12 @@ def test_runs_keep_order_and_equal_tensor_by_tensor():
             assert same_bits(produced[name], expected_q) and torch.equal(produced[name + "_scale_inv"], expected_s)
         else:
             assert produced[name] is tensor
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(300, 200), (768, 2048), (4, 130, 257)])
+def test_quantizer_on_the_gpu_equals_the_cpu_bit_for_bit(shape):
+    weight = weight_of(shape, torch.bfloat16, seed=4)
+    quantized, scale = quantize_blocks(weight.cuda())
+    expected_q, expected_s = quantize_blocks(weight)
+    assert same_bits(quantized.cpu(), expected_q) and torch.equal(scale.cpu(), expected_s)
