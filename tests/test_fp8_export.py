@@ -148,9 +148,8 @@ def test_transformers_loads_the_saved_fp8_folder_with_close_logits(built, tmp_pa
     assert 0 < relative < 0.15  # e4m3 moves each weight by up to 3.6% of its block's amax
 
 
+@pytest.mark.parametrize("built", ["qwen3_moe"], indirect=True)
 def test_buckets_carry_the_same_fp8_tensors(built):
-    if built.model_type != "qwen3_moe":
-        pytest.skip("one model suffices")
     pairs = [pair for bucket in export_hf_buckets(built.chunks, 1 << 14, peft=False, quantize="fp8",
                                                   engine_tp_size=None) for pair in bucket.tensors]
     assert [name for name, _ in pairs] == list(built.fp8)
@@ -159,9 +158,8 @@ def test_buckets_carry_the_same_fp8_tensors(built):
                for n, t in pairs)
 
 
+@pytest.mark.parametrize("built", ["qwen3"], indirect=True)
 def test_validation_before_the_first_tensor(built):
-    if built.model_type != "qwen3":
-        pytest.skip("one model suffices")
     with pytest.raises(ExportError, match="quantize must be None or one of"):
         next(export_hf_weights(built.chunks, peft=False, quantize="int4"))
     # tiny widths: q_proj's 64 rows are the first part of vLLM's merged qkv_proj at TP 1
