@@ -227,3 +227,25 @@ def test_shard_size_limit_in_the_message_is_the_one_accepted(qwen3_ckpts, tmp_pa
     assert code == 2
     assert ("Invalid value for '--max-shard-size': '1.5PiB' is not a size from 1 byte to 1 PiB, such as 500MB or "
             "2GiB (a number, optionally with B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB or PiB)") in message, message
+
+
+@pytest.mark.parametrize("view", ["offset", "strided", "transposed", "every_other"])
+def test_record_views_read_their_own_values(tmp_path, view):
+    """Each way of reading a view (one run, run by run, a dense span) gives the view's values, into a result or not."""
+    from bridge_ext.checkpoint.record import RecordFile, read_tensor_record
+
+    storage = torch.arange(1 << 16, dtype=torch.float32)
+    tensor = {"offset": storage[1000:1064], "strided": storage[::4096], "transposed": storage[:4096].view(64, 64).t(),
+              "every_other": storage[:8192:2]}[view]
+    path = tmp_path / "record.bin"
+    with open(path, "wb") as handle:
+        handle.write(b"x" * 100)  # a record starts inside its file
+        torch.save(tensor, handle)
+    record = RecordFile(path)
+    try:
+        length = path.stat().st_size - 100
+        assert torch.equal(read_tensor_record(record, 100, length, view), tensor)
+        into = torch.empty(tensor.shape, dtype=tensor.dtype)
+        assert read_tensor_record(record, 100, length, view, into) is into and torch.equal(into, tensor)
+    finally:
+        record.close()
