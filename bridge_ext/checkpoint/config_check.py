@@ -84,7 +84,8 @@ def load_hf_config(folder_or_file: Path):
         cause = error
         while cause.__cause__ is not None:  # a validation wrapper's first line only names the validator
             cause = cause.__cause__
-        raise ConvertError(f"{file}: transformers cannot read it: {type(cause).__name__}: {first_line(cause)}") from error
+        raise ConvertError(
+            f"{file}: transformers cannot read it: {type(cause).__name__}: {first_line(cause)}") from error
     check_config_fields(config, file)
     return config, path
 

@@ -8,16 +8,20 @@ from bridge_ext.errors import first_line
 
 
 def yaml_problem(error: yaml.YAMLError) -> str:
-    """``"expected ',' or ']', but got ':' at line 3, column 4 (while parsing a flow sequence from line 2, column 6)"``."""
+    """E.g. ``did not find expected ',' or ']' at line 3, column 4 (while parsing a flow sequence from line 2,
+    column 6)``: the problem, where it is, and what the parser was doing (from where, if elsewhere)."""
     if not isinstance(error, yaml.MarkedYAMLError) or not error.problem:
         return first_line(error)
     text = f"{error.problem}{_at(error.problem_mark)}"
     if error.context:
-        start = _at(error.context_mark, "from")
-        start = "" if start.split()[1:] == _at(error.problem_mark).split()[1:] else start  # the same place
-        text += f" ({error.context}{start})"
+        elsewhere = _place(error.context_mark) != _place(error.problem_mark)
+        text += f" ({error.context}{_at(error.context_mark, 'from') if elsewhere else ''})"
     return " ".join(text.split())
 
 
 def _at(mark: yaml.Mark | None, word: str = "at") -> str:
     return f" {word} line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _place(mark: yaml.Mark | None) -> tuple[int, int] | None:
+    return (mark.line, mark.column) if mark is not None else None
