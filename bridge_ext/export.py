@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from bridge_ext import model_changes
+from bridge_ext.consumer import MTP_ADAPTERS_LEFT_OUT, adapter_layout_for, is_mtp_adapter, vllm_base_layout
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError
@@ -194,6 +197,8 @@ class ExportPlan:
     expert_keys: FusedExpertKeys | None = field(default=None, repr=False)
     #: block-FP8 plans per (base mode, engine tensor-parallel size), see :func:`fp8_plan`
     fp8_plans: dict = field(default_factory=dict, repr=False)
+    #: whether an ``adapter_for="vllm"`` export has warned that it leaves MTP adapters out
+    mtp_adapters_warned: bool = field(default=False, repr=False)
 
     def is_extra(self, hf_name: str) -> bool:
         """A name outside transformers' key set that the table and the config allow (MTP)."""
@@ -411,6 +416,7 @@ def export_hf_weights(
     device: str | torch.device | None = None,
     quantize: str | None = None,
     engine_tp_size: int | None = 1,
+    adapter_for: Literal["vllm"] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(hf_name, tensor)`` pairs out of a Megatron model.
 
@@ -449,13 +455,18 @@ def export_hf_weights(
         engine_tp_size: With ``quantize``, the inference engine's tensor-parallel size: a weight
             whose per-rank part vLLM's block check would refuse is refused before the first
             tensor (None: no check).
+        adapter_for: ``"vllm"``: the receiver is vLLM. Refused before the first tensor: an
+            ``expert_adapter_layout`` or ``expert_layout`` its loader for the config's class
+            does not load (the table's ``vllm_expert_adapter_layouts`` / ``vllm_expert_layouts``;
+            unset, they default to what it loads); MTP adapters are left out (vLLM applies no
+            LoRA to its drafters), with one warning per plan. None (default): no such checks.
 
     Every rank of a parallel job must iterate the generator to its end together. Nothing is
     silently dropped: a parameter no rule covers, or a Hugging Face name the export would miss
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
     _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
-                                   dtype, destination, device, quantize, engine_tp_size)
+                                   dtype, destination, device, quantize, engine_tp_size, adapter_for)
     yield from pairs
 
 
@@ -463,12 +474,18 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
                      expert_layout: ExpertLayout | None = None, expert_adapter_layout: ExpertLayout | None = None,
                      dtype: torch.dtype | None = None, destination: Destination = "all",
                      device: str | torch.device | None = None, quantize: str | None = None,
-                     engine_tp_size: int | None = 1,
+                     engine_tp_size: int | None = 1, adapter_for: Literal["vllm"] | None = None,
                      ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
     """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
         raise ExportError("adapters_only=True needs peft=True")
     check_quantize(quantize, engine_tp_size)
+    if adapter_for is not None:
+        if adapter_for != "vllm":
+            raise ExportError(f"adapter_for must be None or 'vllm' for a live export, not {adapter_for!r}")
+        config = resolve_hf_config(model, hf_config)
+        expert_layout = vllm_base_layout(config, expert_layout)
+        expert_adapter_layout = adapter_layout_for(config, adapter_for, expert_adapter_layout)
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout, destination)
     if adapters_only and not source.adapters():
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
@@ -480,7 +497,22 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
                    stacks_on_host=to_cpu and fp8 is None)
     if fp8 is not None:
         pairs = fp8.quantize(pairs)
+    if adapter_for == "vllm":
+        pairs = _without_mtp_adapters(plan, pairs)
     return source, plan, to_host(pairs) if to_cpu else pairs
+
+
+def _without_mtp_adapters(plan: ExportPlan, pairs: Iterator[tuple[str, torch.Tensor]],
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``pairs`` without MTP adapters, warned once per plan (a saved folder says it in its notes)."""
+    for name, tensor in pairs:
+        if name.startswith(PEFT_PREFIX) and is_mtp_adapter(plan, name):
+            if not plan.mtp_adapters_warned:
+                plan.mtp_adapters_warned = True
+                warnings.warn(f"MTP adapters left out of the export for vLLM: {MTP_ADAPTERS_LEFT_OUT} "
+                              "(peft=False keeps their effect in the drafter's weights)", stacklevel=2)
+            continue
+        yield name, tensor
 
 
 def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertLayout | None = None,
@@ -615,6 +647,8 @@ def export_hf_buckets(model, bucket_bytes: int = 512 << 20, **kwargs) -> Iterato
     """
     source, plan, pairs = _prepared_export(model, **kwargs)
     groups = expert_adapter_groups(source, plan) if kwargs.get("peft", True) else {}
+    if kwargs.get("adapter_for") == "vllm":  # MTP adapters are left out of the stream
+        groups = {key: group for key, group in groups.items() if not is_mtp_adapter(plan, key)}
     yield from buckets(pairs, bucket_bytes, groups)
 
 

@@ -134,6 +134,9 @@ def deepseek_style_table(config, *, model_class: str, decoder: Callable[[ExpertF
         extra_weights=ExtraWeights(prefixes=prefixes, count_key="num_nextn_predict_layers") if prefixes else None,
         # vLLM's DeepseekV3ForCausalLM and Glm4MoeForCausalLM: no is_3d_moe_weight
         vllm_expert_adapter_layouts={model_class: "per_expert"},
+        # vLLM 0.34: DeepseekV3ForCausalLM's loader raises KeyError on fused expert weights and
+        # Glm4MoeMTP loads none of them (docs/consumers.md)
+        vllm_expert_layouts={model_class: "per_expert"},
         fp8=fp8,
     )
 
