@@ -193,9 +193,9 @@ class MappingTable:
             export (weight sync) writes by default. vLLM decides it by the class it builds
             (``is_3d_moe_weight``), not by ``model_type``: e.g. ``Qwen3_5MoeForCausalLM`` is
             per expert and ``Qwen3_5MoeForConditionalGeneration`` fused.
-        vllm_expert_layouts: Architecture class -> the one base expert layout vLLM's loader for
-            that class takes (e.g. ``DeepseekV3ForCausalLM``: per expert, its loader raises
-            ``KeyError`` on fused experts); a class not listed loads both. An
+        vllm_expert_layouts: Architecture class -> the one base expert layout vLLM's loaders
+            for that class (and its MTP drafter) take (e.g. ``DeepseekV3ForCausalLM``: per
+            expert, its loader raises ``KeyError`` on fused experts); a class not listed loads both. An
             ``adapter_for="vllm"`` export refuses the other layout and defaults to this one.
         in_memory_prefixes: ``(checkpoint prefix, in-memory prefix)`` pairs, first fit wins,
             where transformers renames on load (Qwen2.5-VL: ``model.`` -> ``model.language_model.``,

@@ -292,16 +292,24 @@ def test_live_exports_for_vllm_refuse_a_base_expert_layout_its_loader_does_not_t
     assert _has(per_expert, names) and not _has(fused, names)
 
 
-@pytest.mark.parametrize(("model_type", "model_class"), [("deepseek_v3", "DeepseekV3ForCausalLM"),
-                                                         ("glm4_moe", "Glm4MoeForCausalLM")])
-def test_the_tables_say_vllm_loads_deepseek_and_glm_experts_only_per_expert(model_type, model_class):
+@pytest.mark.parametrize(("model_type", "model_class", "mtp_layers", "only"), [
+    ("deepseek_v3", "DeepseekV3ForCausalLM", 1, "per_expert"),
+    ("deepseek_v3", "DeepseekV3ForCausalLM", 0, "per_expert"),
+    ("glm4_moe", "Glm4MoeForCausalLM", 1, "per_expert"),  # its MTP drafter loads no fused experts
+    ("glm4_moe", "Glm4MoeForCausalLM", 0, None),  # the main class loads both
+])
+def test_the_tables_say_which_base_expert_layouts_vllm_loads(model_type, model_class, mtp_layers, only):
+    """tests/consumers/test_vllm.py shows vLLM's loaders refusing fused experts there."""
     from transformers import AutoConfig
 
     from bridge_ext.consumer import vllm_base_layout
     from bridge_ext.errors import BridgeExtError
 
-    config = AutoConfig.for_model(model_type, architectures=[model_class])
-    assert vllm_base_layout(config, None) == "per_expert"
+    config = AutoConfig.for_model(model_type, architectures=[model_class], num_nextn_predict_layers=mtp_layers)
+    assert vllm_base_layout(config, None) == only
+    if only is None:
+        assert vllm_base_layout(config, "fused") == "fused"
+        return
     with pytest.raises(BridgeExtError) as refused:
         vllm_base_layout(config, "fused")
     assert str(refused.value) == (f"vLLM does not load fused expert weights for {model_class}: it loads "
