@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import stat
@@ -112,7 +113,12 @@ def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, 
     holder = config.get("text_config", config) if "text_config" in config else config
     if layers and extra.count_key not in holder and extra.count_key not in config:
         holder[extra.count_key] = layers  # transformers' to_dict can drop it
-    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError:  # NaN or infinity: not JSON, and no model computes with it
+        raise ExportError(f"the Hugging Face config holds a non-finite number ({_non_finite(config)}); "
+                          "config.json would not be standard JSON") from None
+    (directory / "config.json").write_text(text + "\n")
     return notes
 
 
@@ -248,3 +254,15 @@ def save_hf_pretrained(
         base_model_name=str(folder) if folder else getattr(plan.config, "_name_or_path", None),
         write=not parallel or dist.get_rank() == 0,
     )
+
+
+def _non_finite(value: object, where: str = "") -> str | None:
+    """The dotted name of the first NaN or infinite number in a JSON-like value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} = {value}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None

@@ -68,3 +68,59 @@ def test_run_config_that_is_not_a_file_is_named_not_taken_as_absent(qwen3_ckpts,
     named = "a directory, where a file is expected" if kind == "a directory" else "not a regular file (a pipe)"
     assert message == f"error: {run_config}: {named}", message
     assert_nothing_written(out)
+
+
+# ---------------------------------------------------------------- numbers
+def with_run_config(root: Path, tmp_path: Path, section: str, **changes) -> Path:
+    import yaml
+
+    copy = copy_checkpoint(root, tmp_path)
+    file = copy / ITER / "run_config.yaml"
+    settings = yaml.safe_load(file.read_text())
+    settings[section].update(changes)
+    file.write_text(yaml.safe_dump(settings))
+    return copy
+
+
+@pytest.mark.parametrize(("field", "value", "wanted"), [
+    ("alpha", float("nan"), "nan; it must be a finite number above 0"),
+    ("alpha", float("inf"), "inf; it must be a finite number above 0"),
+    ("alpha", -8, "-8; it must be a finite number above 0"),
+    ("dropout", 7.5, "7.5; it must be a probability from 0 to 1"),
+    ("dim", 4.5, "4.5; it must be an integer of at least 1"),
+    ("dim", True, "True; it must be an integer of at least 1"),
+])
+def test_lora_numbers_out_of_range_are_refused(qwen3_ckpts, tmp_path, out, field, value, wanted):
+    root = with_run_config(qwen3_ckpts / "lora", tmp_path, "peft", **{field: value})
+    code, message = convert(root, "--adapter-out", out / "adapter", "--model-out", out / "model")
+    assert code == EXIT_CHECKPOINT, message
+    assert message == f"error: {root / ITER / 'run_config.yaml'}: peft.{field} is {wanted}", message
+    assert_nothing_written(out)
+
+
+def test_a_live_adapter_config_with_a_nan_alpha_is_refused():
+    from types import SimpleNamespace
+
+    from bridge_ext.errors import ExportError
+    from bridge_ext.peft_config import _check_lora_numbers
+    from bridge_ext.source import Adapter
+
+    adapter = Adapter(module="decoder.layers.0.mlp.linear_fc1", lora_a="a", lora_b="b", alpha=float("nan"),
+                      rank=4, dropout=1.5)
+    with pytest.raises(ExportError) as refused:
+        _check_lora_numbers(adapter)
+    assert str(refused.value) == ("LoRA adapter of decoder.layers.0.mlp.linear_fc1: alpha nan (must be a finite "
+                                  "number above 0), dropout 1.5 (must be a probability from 0 to 1); "
+                                  "PEFT cannot load it")
+    _check_lora_numbers(SimpleNamespace(module="m", rank=4, alpha=8.0, dropout=0.1))  # accepted
+
+
+def test_a_config_with_a_nan_is_not_written_as_non_standard_json(qwen3_ckpts, qwen3_hf, tmp_path, out):
+    base = hf_base_copy(qwen3_hf, tmp_path)
+    settings = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**settings, "initializer_range": float("nan")}))
+    code, message = convert(qwen3_ckpts / "dense", "--hf-base", base, "--model-out", out / "model")
+    assert code == EXIT_MISMATCH, message
+    assert message == ("error: the Hugging Face config holds a non-finite number (initializer_range = nan); "
+                       "config.json would not be standard JSON"), message
+    assert_nothing_written(out)
