@@ -111,8 +111,11 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
 @click.option("--allow-overflow", is_flag=True,
               help="With --dtype float16: write values beyond float16's range as infinities instead of refusing.")
 @click.option("--overwrite", is_flag=True,
-              help="Replace output folders that exist and are not empty (only once the new ones are complete; "
-                   "the old one is moved aside, then removed).")
+              help="Replace output folders that hold an earlier output: only the files of a Hugging Face model "
+                   "or PEFT adapter folder (only once the new ones are complete; the old one is moved aside, "
+                   "then removed). Anything else is refused, listing what the folder holds.")
+@click.option("--overwrite-any", is_flag=True,
+              help="Replace output folders whatever they hold (everything in them is deleted).")
 @click.option("--verify", is_flag=True,
               help="Before installing the folders, load them with transformers (and PEFT), run a short forward "
                    "pass and report key counts; a failure installs nothing.")
@@ -121,7 +124,7 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
 def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, hf_base: Path | None,
             hf_config: Path | None, model_type: str | None, iteration: int | None, merge: bool, dtype: str,
             expert_layout: str, expert_adapter_layout: str, max_shard_size: str, allow_overflow: bool, overwrite: bool,
-            verify: bool, progress: bool | None) -> None:
+            overwrite_any: bool, verify: bool, progress: bool | None) -> None:
     """Convert a Megatron checkpoint on disk to a Hugging Face folder and/or a PEFT adapter folder.
 
     CHECKPOINT is a Megatron-Core / Megatron-Bridge torch_dist checkpoint: a root folder with
@@ -159,7 +162,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
          corrupted file, missing run_config.yaml for an adapter-only checkpoint
       4  the checkpoint, config.json and mapping tables disagree: unknown architecture,
          unmapped or missing tensors, shape mismatch (named with both shapes)
-      5  an output folder exists and is not empty (use --overwrite), or something appeared at
+      5  an output folder exists and is not empty (use --overwrite), or, with --overwrite, holds
+         what is no earlier output (use --overwrite-any), or something appeared at
          the output (or replaced the folder there) while it was written, e.g. another run
       6  --verify failed (checked before installing: nothing was installed)
       7  an I/O or permission error: an output cannot be written (parent not writable, no
@@ -178,6 +182,7 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
     try:
         with _stop_signals_raise():
             from bridge_ext.convert import convert_checkpoint
+            from bridge_ext.output_folder import OVERWRITE_ANY
 
             with bar:
                 result = convert_checkpoint(
@@ -185,7 +190,7 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
                     model_type=model_type, iteration=iteration, merge=merge, dtype=_torch_dtype(DTYPES[dtype]),
                     expert_layout=None if expert_layout == "auto" else expert_layout,
                     expert_adapter_layout=expert_adapter_layout, max_shard_size=max_shard_size,
-                    overwrite=overwrite, verify=verify, allow_overflow=allow_overflow, on_start=bar.start, on_tensor=bar.advance, notes=notes,
+                    overwrite=OVERWRITE_ANY if overwrite_any else overwrite, verify=verify, allow_overflow=allow_overflow, on_start=bar.start, on_tensor=bar.advance, notes=notes,
                 )
     except KeyboardInterrupt as interrupt:
         number = getattr(interrupt, "signal_number", signal.SIGINT)

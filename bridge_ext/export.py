@@ -255,7 +255,6 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     if all_agree(key is not None and cached is not None and cached[0] == key and cached[1].layout() == cached[3]):
         return cached[1], cached[2]
     table = table_for(config)
-    _check_model_config(chunks, config, table, hf_config)
     source = LiveModelSource(model, destination)
     folder = hf_source_folder(model, hf_config)
     found = source_expert_layouts(folder, table)
@@ -276,15 +275,16 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _check_model_config(chunks: list[torch.nn.Module], config, table: MappingTable, hf_config) -> None:
-    """The Hugging Face config is the model's: compared with its own TransformerConfig, field by field."""
+def _check_model_config(source: TensorSource, plan: ExportPlan) -> None:
+    """A live model's Hugging Face config is the model's: compared with its own TransformerConfig,
+    field by field, once per plan (after the shapes, which name the tensor that does not fit)."""
     from bridge_ext.config_compare import check_live_config
     from model_mappings import config_fields_for
 
-    model_config = getattr(chunks[0], "config", None)
-    if model_config is not None:
-        source = "hf_config" if hf_config is not None else f"the config of {getattr(model_config, 'hf_model_id', None)}"
-        check_live_config(model_config, config, config_fields_for(table), source)
+    model_config = getattr(source.chunks[0], "config", None) if isinstance(source, LiveModelSource) else None
+    if model_config is not None and "config" not in plan.checked:
+        check_live_config(model_config, plan.config, config_fields_for(plan.table), "the Hugging Face config")
+        plan.checked.add("config")
 
 
 def _expert_tensor_parallel_size() -> int:
@@ -313,6 +313,7 @@ def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapter
     """
     passes = conversion_passes(source, plan, base=base, adapters=adapters, dtype=dtype, stacks_on_host=stacks_on_host)
     check_shapes(source, plan, passes)
+    _check_model_config(source, plan)
     for converter, tasks in passes:
         pairs = convert_tasks(source, converter, tasks)
         if converter.mode is Mode.ADAPTERS and plan.table.in_memory_prefixes:

@@ -5,7 +5,9 @@ renames that never replace anything the run did not expect to find there:
 
 * A target is refused when it is the filesystem root, the working directory or one of its
   parents, or a symbolic link (:func:`check_output_target`); two outputs may not nest
-  (:func:`check_distinct_outputs`).
+  (:func:`check_distinct_outputs`). ``overwrite`` replaces only a folder that holds nothing but
+  the files of a Hugging Face model or PEFT adapter folder (an earlier output), unless it is
+  ``"any"``; the notes say what was replaced and where the old folder went.
 * Staging folders are made with ``mkdir`` (so they honour the umask) and named
   ``.<name>.partial-<pid>-<token>``. The running process holds an ``flock`` on each, so a later
   run to the same target can tell the leftovers of a killed run (lock free: removed, and said)
@@ -52,12 +54,35 @@ _FS_IOC_GETFLAGS = 0x80086601  # _IOR('f', 1, long) on 64-bit Linux
 _UNDELETABLE_FLAGS = {0x10: "immutable", 0x20: "append-only"}
 
 
+#: ``overwrite=OVERWRITE_ANY`` (``--overwrite-any``) replaces a folder whatever it holds.
+OVERWRITE_ANY = "any"
+# What an earlier output holds: a Hugging Face model folder (config, weights, index, the
+# companion files bridge_ext copies) or a PEFT adapter folder (PEFT's save_pretrained adds README.md).
+_OUTPUT_FILE = re.compile(r"config\.json|model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors"
+                          r"|adapter_config\.json|adapter_model\.safetensors|README\.md")
+
+
 @dataclass(frozen=True)
 class FoundTarget:
-    """What a target was when the run started: absent (``identity`` None) or this inode, unchanged since."""
+    """What a target was when the run started: absent (``identity`` None) or this inode, unchanged
+    since; ``entries``: the names it held."""
 
     identity: tuple[int, int, int] | None
     empty: bool = True
+    entries: tuple[str, ...] = ()
+
+
+def foreign_entries(target: Path) -> list[str]:
+    """The entries of folder ``target`` that no Hugging Face model or PEFT adapter folder holds
+    (anything but regular files of those names: a subfolder, a link, ``.ssh``, ``notes.txt``)."""
+    from bridge_ext.save import COMPANION_FILES
+
+    foreign = []
+    for entry in sorted(os.scandir(target), key=lambda entry: entry.name):
+        known = _OUTPUT_FILE.fullmatch(entry.name) or entry.name in COMPANION_FILES
+        if not known or not entry.is_file(follow_symlinks=False):
+            foreign.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+    return foreign
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
@@ -74,11 +99,13 @@ def _is_empty_folder(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def check_output_target(target: str | Path, overwrite: bool) -> FoundTarget:
+def check_output_target(target: str | Path, overwrite: bool | str) -> FoundTarget:
     """Refuse a dangerous or occupied target; return what is there now.
 
     Raises OutputLocationError (root, working directory or a parent of it, a symlink),
-    OutputExistsError (not empty and no ``overwrite``), OutputWriteError (parent not writable).
+    OutputExistsError (not empty and no ``overwrite``; with ``overwrite=True``, holding anything
+    but the files of a Hugging Face model or PEFT adapter folder, see :func:`foreign_entries`;
+    ``overwrite="any"`` replaces whatever it holds), OutputWriteError (parent not writable).
     """
     target = Path(target)
     if target.is_symlink():
@@ -95,6 +122,8 @@ def check_output_target(target: str | Path, overwrite: bool) -> FoundTarget:
     if found.identity is not None and not found.empty and not overwrite:
         what = "is not empty" if target.is_dir() else "is not a folder"
         raise OutputExistsError(f"{target} exists and {what} (pass --overwrite to replace it)")
+    if found.identity is not None and not found.empty:
+        found = FoundTarget(found.identity, False, _check_replaceable(target, overwrite))
     ancestor = resolved.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -103,6 +132,22 @@ def check_output_target(target: str | Path, overwrite: bool) -> FoundTarget:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputWriteError(f"cannot create {target}: {ancestor} is not writable (permission denied)", ancestor)
     return found
+
+
+def _check_replaceable(target: Path, overwrite: bool | str) -> tuple[str, ...]:
+    """The entries of the occupied ``target``, refused unless they are an earlier output (or ``overwrite`` is ``"any"``)."""
+    if not target.is_dir():
+        if overwrite != OVERWRITE_ANY:
+            raise OutputExistsError(f"{target} exists and is not a folder: --overwrite replaces only an earlier "
+                                    "output folder (pass --overwrite-any to replace it anyway)")
+        return (target.name,)
+    foreign = foreign_entries(target)
+    if foreign and overwrite != OVERWRITE_ANY:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise OutputExistsError(f"{target} holds what no Hugging Face model or PEFT adapter folder holds ({shown}): "
+                                "--overwrite replaces only an earlier output; move those away, or pass "
+                                "--overwrite-any to replace the folder whatever it holds")
+    return tuple(sorted(os.listdir(target)))
 
 
 def check_distinct_outputs(*outputs: str | Path | None) -> None:
@@ -123,14 +168,14 @@ def check_distinct_outputs(*outputs: str | Path | None) -> None:
 
 
 @contextmanager
-def atomic_directory(target: str | Path, *, overwrite: bool = False, notes: list[str] | None = None) -> Iterator[Path]:
+def atomic_directory(target: str | Path, *, overwrite: bool | str = False, notes: list[str] | None = None) -> Iterator[Path]:
     """Yield a staging folder that becomes ``target`` when the block succeeds (see :func:`staged_folders`)."""
     with staged_folders([Path(target)], overwrite=overwrite, notes=notes) as (staging,):
         yield staging
 
 
 @contextmanager
-def staged_folders(targets: list[Path], *, overwrite: bool = False, found: dict[Path, FoundTarget] | None = None,
+def staged_folders(targets: list[Path], *, overwrite: bool | str = False, found: dict[Path, FoundTarget] | None = None,
                    notes: list[str] | None = None) -> Iterator[list[Path]]:
     """Yield one staging folder per target; install them all when the block succeeds, or none.
 
@@ -156,6 +201,7 @@ def staged_folders(targets: list[Path], *, overwrite: bool = False, found: dict[
             for staging in stagings:
                 apply_umask(staging)
             asides = _install_all(list(zip(targets, stagings, strict=True)), found, overwrite)
+            replaced = [(target, found[target].entries) for target in targets if found[target].identity is not None]
         except BaseException as error:
             for staging in stagings:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -166,8 +212,10 @@ def staged_folders(targets: list[Path], *, overwrite: bool = False, found: dict[
             if translated is not None:
                 raise translated from error
             raise
-    for aside in asides:
-        notes.extend(remove_replaced_folder(aside))
+    for aside, (target, entries) in zip(asides, replaced, strict=True):
+        kept = remove_replaced_folder(aside)
+        held = f"{len(entries)} entries: {', '.join(entries[:6])}{', ...' if len(entries) > 6 else ''}"
+        notes.extend(kept or ([f"replaced {target}: the folder that was there ({held}) was deleted"] if entries else []))
 
 
 def _missing_folders(folder: Path) -> list[Path]:
@@ -326,7 +374,7 @@ def _parent_locks(targets: list[Path]) -> Iterator[None]:
             os.close(fd)
 
 
-def _install_all(pairs: list[tuple[Path, Path]], found: dict[Path, FoundTarget], overwrite: bool) -> list[Path]:
+def _install_all(pairs: list[tuple[Path, Path]], found: dict[Path, FoundTarget], overwrite: bool | str) -> list[Path]:
     """Rename every staging folder onto its target, or none; return the replaced folders set aside."""
     done: list[tuple[Path, Path | None]] = []
     with _parent_locks([target for target, _ in pairs]), signals_deferred():
@@ -340,7 +388,7 @@ def _install_all(pairs: list[tuple[Path, Path]], found: dict[Path, FoundTarget],
     return [aside for _, aside in done if aside is not None]
 
 
-def _install(target: Path, staging: Path, found: FoundTarget, overwrite: bool) -> Path | None:
+def _install(target: Path, staging: Path, found: FoundTarget, overwrite: bool | str) -> Path | None:
     if _identity(target) != found.identity:
         what = "appeared" if found.identity is None else "changed"
         raise OutputExistsError(f"{target} {what} during the conversion (another run or process wrote it): "

@@ -50,8 +50,9 @@ def test_a_config_that_lies_about_what_shapes_cannot_see_is_refused(llama, lie):
     with pytest.raises(ExportError) as refused:
         next(export_hf_weights(llama.chunks, hf_config=_config(llama, **changes)))
     assert str(refused.value) == (
-        "hf_config describes another model than the Megatron model's own TransformerConfig (exporting would "
-        f"silently compute something else): {named}. Pass the hf_config of the model that was trained.")
+        "the Hugging Face config describes another model than the Megatron model's own TransformerConfig "
+        f"(exporting would silently compute something else): {named}. Pass the hf_config of the model that was "
+        "trained.")
 
 
 def test_the_true_config_is_accepted(llama):

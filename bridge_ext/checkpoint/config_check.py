@@ -22,7 +22,7 @@ from typing import Any
 from bridge_ext.checkpoint.control_files import SMALL_JSON_LIMIT, read_json_file
 from bridge_ext.checkpoint.run_config import RunConfig
 from bridge_ext.config_compare import Comparison, compare
-from bridge_ext.errors import ConvertError
+from bridge_ext.errors import ConvertError, VerificationError
 
 # Upper bounds far above any published model, low enough that loops over them end.
 MAX_LAYERS = 10_000
@@ -157,3 +157,15 @@ def check_config_matches_run_config(config, run_config: RunConfig, config_source
             "(converting would silently compute something else): " + "; ".join(comparison.differences)
             + ". Use the Hugging Face config of the model that was trained.")
     return comparison
+
+
+def config_matches_run_config(model_dir: Path, run_config: RunConfig) -> str:
+    """``--verify``: the config.json written to ``model_dir`` against run_config.yaml (the
+    Megatron side); a report line, or VerificationError naming every field that differs."""
+    written, _ = load_hf_config(model_dir)
+    try:
+        comparison = check_config_matches_run_config(written, run_config, str(model_dir / "config.json"))
+    except ConfigMismatchError as error:
+        raise VerificationError(str(error)) from None
+    return (f"{model_dir / 'config.json'} matches {run_config.path.name} in all {len(comparison.compared)} "
+            "fields both set")

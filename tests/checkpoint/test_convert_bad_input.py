@@ -183,7 +183,9 @@ def test_output_folder_exists_and_is_not_empty(qwen3_ckpts, qwen3_hf, out):
     assert f"{out / 'model'} exists and is not empty (pass --overwrite to replace it)" in message
     assert (out / "model" / "keep.txt").read_text() == "mine"
     assert_nothing_written(out, "model")
-    code, message = convert(*args, "--overwrite")
+    code, message = convert(*args, "--overwrite")  # keep.txt is no part of an earlier output
+    assert code == EXIT_OUTPUT_EXISTS and "(keep.txt): --overwrite replaces only an earlier output" in message
+    code, message = convert(*args, "--overwrite-any")
     assert code == 0, message
     assert not (out / "model" / "keep.txt").exists() and (out / "model" / "config.json").is_file()
     assert_nothing_written(out, "model", "adapter")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge_ext.cli import EXIT_CHECKPOINT, EXIT_MISMATCH
+from bridge_ext.cli import EXIT_CHECKPOINT, EXIT_MISMATCH, EXIT_OUTPUT_EXISTS
 from test_convert_bad_input import ITER, assert_nothing_written, convert, copy_checkpoint, hf_base_copy
 
 
@@ -124,3 +124,81 @@ def test_a_config_with_a_nan_is_not_written_as_non_standard_json(qwen3_ckpts, qw
     assert message == ("error: the Hugging Face config holds a non-finite number (initializer_range = nan); "
                        "config.json would not be standard JSON"), message
     assert_nothing_written(out)
+
+
+# ---------------------------------------------------------------- the Megatron side is the reference
+def test_verify_compares_the_written_config_with_run_config(qwen3_ckpts, qwen3_hf, tmp_path):
+    from bridge_ext.checkpoint import CheckpointReader
+    from bridge_ext.convert import ConvertResult, verify_conversion
+    from bridge_ext.errors import VerificationError
+
+    run_config = CheckpointReader(qwen3_ckpts / "dense").run_config
+    written = hf_base_copy(qwen3_hf, tmp_path)  # what a conversion of this checkpoint writes
+    result = ConvertResult(written, None, qwen3_ckpts / "dense", False, 0, 0, 0.0)
+    report = verify_conversion(result, run_config=run_config)
+    assert any(line.startswith(f"{written / 'config.json'} matches run_config.yaml in all ") for line in report.lines)
+    settings = json.loads((written / "config.json").read_text())
+    (written / "config.json").write_text(json.dumps({**settings, "hidden_act": "gelu"}))
+    with pytest.raises(VerificationError) as refused:
+        verify_conversion(result, run_config=run_config)
+    assert str(refused.value) == (
+        f"{written / 'config.json'} describes another model than the checkpoint's {run_config.path} (converting "
+        "would silently compute something else): activation: config.json has hidden_act = 'gelu' "
+        "(torch.nn.functional.gelu), run_config.yaml has activation_func = 'torch.nn.functional.silu'. "
+        "Use the Hugging Face config of the model that was trained.")
+
+
+CONFIG_LIES = {  # the reproductions: exit 0 and a wrong model before; shapes all agree
+    "activation": ({"hidden_act": "gelu"},
+                   "activation: config.json has hidden_act = 'gelu' (torch.nn.functional.gelu), run_config.yaml has "
+                   "activation_func = 'torch.nn.functional.silu'"),
+    "rope scaling": ({"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
+                     "rotary embedding: config.json has rope_parameters.rope_type = 'linear', run_config.yaml has "
+                     "position_embedding_type = 'default' (position_embedding_type = 'rope', rope_scaling = False)"),
+    "sliding window": ({"use_sliding_window": True, "sliding_window": 4, "layer_types": ["sliding_attention"] * 2},
+                       "sliding window: config.json has sliding_window = 4, run_config.yaml has window_size = None"),
+}
+
+
+@pytest.mark.parametrize("lie", CONFIG_LIES)
+def test_a_base_config_that_lies_about_what_shapes_cannot_see_is_refused(qwen3_ckpts, qwen3_hf, tmp_path, out, lie):
+    change, named = CONFIG_LIES[lie]
+    base = hf_base_copy(qwen3_hf, tmp_path)
+    settings = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**settings, **change}))
+    code, message = convert(qwen3_ckpts / "dense", "--hf-base", base, "--model-out", out / "model", "--verify")
+    assert code == EXIT_MISMATCH, message
+    assert message == (f"error: {base / 'config.json'} describes another model than the checkpoint's "
+                       f"{qwen3_ckpts / 'dense' / ITER / 'run_config.yaml'} (converting would silently compute "
+                       f"something else): {named}. Use the Hugging Face config of the model that was trained."), message
+    assert_nothing_written(out)
+
+
+# ---------------------------------------------------------------- --overwrite replaces only an earlier output
+def test_overwrite_refuses_a_folder_that_is_no_earlier_output(qwen3_ckpts, out):
+    home = out / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("secret")
+    for name in (".bashrc", "notes.txt", "config.json"):
+        (home / name).write_text("mine")
+    code, message = convert(qwen3_ckpts / "dense", "--model-out", home, "--overwrite")
+    assert code == EXIT_OUTPUT_EXISTS, message
+    assert message == (f"error: {home} holds what no Hugging Face model or PEFT adapter folder holds (.bashrc, .ssh/, "
+                       "notes.txt): --overwrite replaces only an earlier output; move those away, or pass "
+                       "--overwrite-any to replace the folder whatever it holds"), message
+    assert (home / ".ssh" / "id_rsa").read_text() == "secret" and sorted(os.listdir(home)) == [
+        ".bashrc", ".ssh", "config.json", "notes.txt"]
+    assert_nothing_written(out, "home")
+
+
+def test_overwrite_replaces_an_earlier_output_and_says_so(qwen3_ckpts, out):
+    model = out / "model"
+    code, message = convert(qwen3_ckpts / "dense", "--model-out", model)
+    assert code == 0, message
+    before = sorted(os.listdir(model))
+    code, message = convert(qwen3_ckpts / "dense", "--model-out", model, "--overwrite")
+    assert code == 0, message
+    assert (f"replaced {model}: the folder that was there ({len(before)} entries: {', '.join(before[:6])}"
+            f"{', ...' if len(before) > 6 else ''}) was deleted") in message, message
+    assert sorted(os.listdir(model)) == before
+    assert_nothing_written(out, "model")
