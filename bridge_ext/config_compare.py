@@ -209,6 +209,8 @@ def _normalised(name: str, settings: Mapping[str, Any]) -> Any:
         value = 4 * settings["hidden_size"]
     elif value is None and name == "moe_ffn_hidden_size" and settings.get("num_moe_experts"):
         value = _normalised("ffn_hidden_size", settings)
+    elif name == "add_qkv_bias":  # linear_qkv has a bias with either (megatron-core attention.py)
+        value = bool(value or settings.get("add_bias_linear"))
     if isinstance(value, tuple):
         value = list(value)
     return value
