@@ -14,16 +14,18 @@ import torch
 from bridge_ext import model_changes
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
-from bridge_ext.errors import RuleError
+from bridge_ext.errors import RuleError, first_line
 from bridge_ext.distributed import Destination, all_agree, is_parallel_job
 from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
 from bridge_ext.live import LiveModelSource, unwrap_chunks
+from bridge_ext.live_checks import check_device, check_dtype, check_model
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import TensorSource
 from bridge_ext.sync import to_host
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout, MappingTable
 from bridge_ext.trained_forward import warn_if_expert_lora_differs
+from bridge_ext.value_check import ValueCheck
 
 
 def resolve_hf_config(model, hf_config=None):
@@ -59,7 +61,11 @@ def _load_config(name_or_path: str, mtime: int):
     from model_mappings import register_transformers_configs
 
     register_transformers_configs()
-    return AutoConfig.from_pretrained(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except Exception as error:  # noqa: BLE001 - transformers' errors (OSError, ValueError...) about the folder or id
+        raise ExportError(f"hf_config {name_or_path!r}: transformers cannot read a config there: "
+                          f"{type(error).__name__}: {first_line(error)}") from None
 
 
 _KEY_SETS: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
@@ -244,6 +250,7 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     config.json and these arguments stay the same (not when ``hf_config`` is a config object:
     it may have changed). See :mod:`bridge_ext.model_changes`.
     """
+    check_model(model)
     chunks = unwrap_chunks(model)
     from model_mappings import registered_table, table_for
 
@@ -397,6 +404,7 @@ def export_hf_weights(
     dtype: torch.dtype | None = None,
     destination: Destination = "all",
     device: str | torch.device | None = None,
+    allow_overflow: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(hf_name, tensor)`` pairs out of a Megatron model.
 
@@ -419,39 +427,47 @@ def export_hf_weights(
             architecture (its table's ``vllm_expert_adapter_layout``), since a live export
             feeds an inference engine. Files for PEFT (:func:`save_hf_pretrained`,
             ``bridge-ext convert``) default to ``fused``.
-        dtype: Cast every exported tensor to this dtype (default: keep the model's).
+        dtype: Cast every exported tensor to this floating-point dtype (default: keep the
+            model's). A cast that turns finite values into infinities (float16 ends at 65504)
+            raises, naming the tensor, unless ``allow_overflow``; the check is one ``isfinite``
+            pass per tensor.
         destination: In a parallel job, the ranks the tensors come out on: ``"all"`` (every
             rank, e.g. colocated inference engines), ``"owner"`` (each tensor on one rank of
             the pipeline stage / expert rank holding it: the union over ranks is the export)
             or ``"rank0"``. Other ranks yield nothing for that tensor and build no full copy
             of it. See docs/distributed.md.
         device: ``"cpu"``: CPU tensors, copied from the GPU into pinned memory while the
-            next tensors are gathered (default: where the model is).
+            next tensors are gathered (default: where the model is); any other device is refused.
+        allow_overflow: Yield the infinities a cast to ``dtype`` makes instead of refusing.
 
     Every rank of a parallel job must iterate the generator to its end together. Nothing is
     silently dropped: a parameter no rule covers, or a Hugging Face name the export would miss
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
     _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
-                                   dtype, destination, device)
+                                   dtype, destination, device, allow_overflow)
     yield from pairs
 
 
 def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_config=None,
                      expert_layout: ExpertLayout | None = None, expert_adapter_layout: ExpertLayout | None = None,
                      dtype: torch.dtype | None = None, destination: Destination = "all",
-                     device: str | torch.device | None = None,
+                     device: str | torch.device | None = None, allow_overflow: bool = False,
                      ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
     """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
         raise ExportError("adapters_only=True needs peft=True")
+    check_dtype(dtype)
+    check_device(device)
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout, destination)
     if adapters_only and not source.adapters():
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
     to_cpu = device is not None and torch.device(device).type == "cpu"
-    pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype,
-                   stacks_on_host=to_cpu)
+    pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), stacks_on_host=to_cpu)
+    if dtype is not None:  # the CLI's rule: a cast that makes infinities of finite values is refused
+        check = ValueCheck(dtype, allow_overflow, allow_with="allow_overflow=True")
+        pairs = ((name, check(name, tensor)) for name, tensor in pairs)
     return source, plan, to_host(pairs) if to_cpu else pairs
 
 

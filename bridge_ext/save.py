@@ -18,11 +18,13 @@ from safetensors.torch import save_file
 from bridge_ext.engine import ExportError, Mode
 from bridge_ext.export import ExportPlan, hf_source_folder, prepare, stream
 from bridge_ext.hf_folder import ShardedSafetensorsWriter, TensorSpec, parse_size
+from bridge_ext.live_checks import check_dtype
 from bridge_ext.output_folder import FoundTarget, staged_folders
 from bridge_ext.peft_config import lora_config
 from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.source import TensorSource
 from bridge_ext.table import ExpertLayout
+from bridge_ext.value_check import ValueCheck
 
 # Files of a Hugging Face folder that describe the model but hold no weights.
 COMPANION_FILES = (
@@ -228,7 +230,8 @@ def save_hf_pretrained(
     expert_adapter_layout: ExpertLayout = "fused",
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
-    overwrite: bool = False,
+    overwrite: bool | str = False,
+    allow_overflow: bool = False,
 ) -> SaveResult:
     """Write the base model to ``model_dir`` and/or the LoRA adapters to ``adapter_dir``.
 
@@ -236,20 +239,25 @@ def save_hf_pretrained(
     generation files of the Hugging Face source folder, when it is local); ``adapter_dir``
     gets ``adapter_model.safetensors`` and PEFT's ``adapter_config.json``. With ``merge=True``
     the adapters are merged into the base weights instead. Each folder appears only when
-    complete. Refuses to write a base without its adapters unless ``merge`` says so.
+    complete. Refuses to write a base without its adapters unless ``merge`` says so. ``dtype``
+    (floating point) casts every tensor; a cast that turns finite values into infinities is
+    refused unless ``allow_overflow``. ``overwrite`` replaces a folder holding an earlier output
+    only; ``"any"``: whatever it holds (:func:`bridge_ext.output_folder.check_output_target`).
 
     In a parallel job every rank calls it; tensors are gathered to global rank 0 only, which
     writes the folders.
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
+    check_dtype(dtype)
     parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout,
                            destination="rank0" if parallel else "all")
     folder = hf_source_folder(model, hf_config)
     return write_export(
         source, plan, model_dir, adapter_dir,
-        merge=merge, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+        merge=merge, config_dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+        transform=ValueCheck(dtype, allow_overflow, allow_with="allow_overflow=True") if dtype is not None else None,
         source_folder=folder,
         base_model_name=str(folder) if folder else getattr(plan.config, "_name_or_path", None),
         write=not parallel or dist.get_rank() == 0,

@@ -58,3 +58,59 @@ def test_a_config_that_lies_about_what_shapes_cannot_see_is_refused(llama, lie):
 def test_the_true_config_is_accepted(llama):
     exported = dict(export_hf_weights(llama.chunks, hf_config=_config(llama)))
     assert exported["model.layers.0.self_attn.k_proj.weight"].shape == (32, 64)
+
+
+@pytest.mark.parametrize("model", [None, [], torch.nn.Linear(2, 2), [torch.nn.Linear(2, 2)]])
+def test_what_is_no_megatron_model_is_refused(model):
+    with pytest.raises(ExportError) as refused:
+        next(export_hf_weights(model, hf_config="/nonexistent"))
+    shown = "an empty list" if model == [] else None
+    if shown:
+        assert str(refused.value) == "model is an empty list: give a Megatron-Core model or its virtual-pipeline chunks"
+    else:
+        assert str(refused.value) == (
+            "model must be a Megatron-Core model (a torch.nn.Module whose .config is its TransformerConfig) or a "
+            f"list of its virtual-pipeline chunks, not {'None' if model is None else 'Linear'}")
+
+
+def test_an_hf_config_that_is_not_there_is_an_export_error(llama):
+    with pytest.raises(ExportError, match=r"^hf_config '/nonexistent': transformers cannot read a config there: "):
+        next(export_hf_weights(llama.chunks, hf_config="/nonexistent"))
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("dtype", torch.int8, "dtype must be a floating-point torch dtype (torch.bfloat16, torch.float16, "
+                          "torch.float32...), not torch.int8"),
+    ("device", "meta", "device must be None (tensors where the model is) or 'cpu', not 'meta'"),
+    ("device", "no such device", "device must be None (tensors where the model is) or 'cpu', not 'no such device'"),
+])
+def test_casts_and_devices_that_yield_no_export_are_refused(llama, option, value, message):
+    with pytest.raises(ExportError) as refused:
+        next(export_hf_weights(llama.chunks, **{option: value}))
+    assert str(refused.value) == message
+
+
+def test_a_float16_cast_that_overflows_is_refused_unless_allowed(llama, tmp_path):
+    from bridge_ext import save_hf_pretrained
+    from bridge_ext.value_check import OverflowingCastError
+
+    norm = llama.chunks[0].decoder.final_layernorm.weight
+    original = norm.detach().clone()
+    with torch.no_grad():
+        norm[0] = 1e6  # beyond float16's 65504
+    try:
+        with pytest.raises(OverflowingCastError) as refused:
+            dict(export_hf_weights(llama.chunks, dtype=torch.float16))
+        assert str(refused.value) == (
+            "model.norm.weight: casting torch.float32 to torch.float16 turns 1 finite value(s) into infinities "
+            "(largest magnitude 1e+06; torch.float16 ends at 65504); keep the checkpoint's dtype, choose bfloat16 "
+            "or float32, or pass allow_overflow=True to write them anyway")
+        with pytest.raises(OverflowingCastError, match="^model.norm.weight: casting"):
+            save_hf_pretrained(llama.chunks, tmp_path / "model", dtype=torch.float16)
+        assert not (tmp_path / "model").exists()
+        exported = dict(export_hf_weights(llama.chunks, dtype=torch.float16, allow_overflow=True))
+        assert exported["model.norm.weight"][0] == float("inf")
+        assert exported["model.norm.weight"].dtype == torch.float16
+    finally:
+        with torch.no_grad():
+            norm.copy_(original)
