@@ -194,8 +194,9 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
                 )
     except KeyboardInterrupt as interrupt:
         number = getattr(interrupt, "signal_number", signal.SIGINT)
-        _fail(f"stopped by {signal.Signals(number).name}: nothing partial was installed and the staging folders "
-              "were removed", EXIT_SIGNAL_BASE + number, notes)
+        what = "the outputs were installed, complete (see the notes)" if getattr(interrupt, "installed", None) \
+            else "nothing partial was installed and the staging folders were removed"
+        _fail(f"stopped by {signal.Signals(number).name}: {what}", EXIT_SIGNAL_BASE + number, notes)
     except Exception as error:
         code = _exit_code(error)
         if code is None:

@@ -203,6 +203,10 @@ def staged_folders(targets: list[Path], *, overwrite: bool | str = False, found:
             asides = _install_all(list(zip(targets, stagings, strict=True)), found, overwrite)
             replaced = [(target, found[target].entries) for target in targets if found[target].identity is not None]
         except BaseException as error:
+            for target, aside in getattr(error, "installed", ()):
+                kept = f"; the folder it replaced is kept at {aside}: remove it (or move it back) yourself" \
+                    if aside is not None else ""
+                notes.append(f"{target} was installed, complete, before the signal arrived{kept}")
             for staging in stagings:
                 shutil.rmtree(staging, ignore_errors=True)
             for folder in created:  # deepest first; kept if anything else is in it by now
@@ -377,14 +381,21 @@ def _parent_locks(targets: list[Path]) -> Iterator[None]:
 def _install_all(pairs: list[tuple[Path, Path]], found: dict[Path, FoundTarget], overwrite: bool | str) -> list[Path]:
     """Rename every staging folder onto its target, or none; return the replaced folders set aside."""
     done: list[tuple[Path, Path | None]] = []
-    with _parent_locks([target for target, _ in pairs]), signals_deferred():
-        try:
-            for target, staging in pairs:
-                done.append((target, _install(target, staging, found[target], overwrite)))
-        except BaseException:
-            for target, aside in reversed(done):  # put the old state back, newest first
-                _uninstall(target, aside)
-            raise
+    installed = False
+    try:
+        with _parent_locks([target for target, _ in pairs]), signals_deferred():
+            try:
+                for target, staging in pairs:
+                    done.append((target, _install(target, staging, found[target], overwrite)))
+            except BaseException:
+                for target, aside in reversed(done):  # put the old state back, newest first
+                    _uninstall(target, aside)
+                raise
+            installed = True
+    except BaseException as error:
+        if installed:  # a signal held back during the renames arrives once all are done: say so
+            error.installed = done  # type: ignore[attr-defined]
+        raise
     return [aside for _, aside in done if aside is not None]
 
 

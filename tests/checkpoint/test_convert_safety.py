@@ -202,3 +202,26 @@ def test_overwrite_replaces_an_earlier_output_and_says_so(qwen3_ckpts, out):
             f"{', ...' if len(before) > 6 else ''}) was deleted") in message, message
     assert sorted(os.listdir(model)) == before
     assert_nothing_written(out, "model")
+
+
+def test_a_signal_during_the_install_says_the_output_is_installed(qwen3_ckpts, out, monkeypatch):
+    import signal
+
+    from bridge_ext import output_folder
+
+    model = out / "model"
+    assert convert(qwen3_ckpts / "dense", "--model-out", model)[0] == 0
+    install = output_folder._install
+
+    def signalled_while_renaming(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # held back until the renames are done
+        return install(*args, **kwargs)
+
+    monkeypatch.setattr(output_folder, "_install", signalled_while_renaming)
+    code, message = convert(qwen3_ckpts / "dense", "--model-out", model, "--overwrite")
+    assert code == 128 + signal.SIGTERM, message
+    (kept,) = [path for path in out.iterdir() if path.name.startswith(".model.replaced-")]
+    assert message == (f"note: {model} was installed, complete, before the signal arrived; the folder it replaced "
+                       f"is kept at {kept}: remove it (or move it back) yourself error: stopped by SIGTERM: the "
+                       "outputs were installed, complete (see the notes)"), message
+    assert (model / "config.json").is_file() and (kept / "config.json").is_file()
