@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import signal
 import sys
 import threading
@@ -204,6 +206,22 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
         prefix = "verification failed (nothing was installed; the outputs are as before the run): " \
             if code == EXIT_VERIFY else ""
         _fail(f"{prefix}{error}", code, notes)
+    try:
+        _print_summary(result, notes)
+    except BrokenPipeError:  # `convert ... | head`: the outputs are installed; the reader left early
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # no real file descriptor behind stdout (tests): nothing will be flushed to a pipe
+
+
+def _print_summary(result, notes: list[str]) -> None:
     mib = result.bytes / 2**20
     click.echo(f"converted {result.checkpoint}{' (LoRA adapter-only)' if result.adapter_only else ''}")
     for label, folder in (("model", result.model_dir), ("adapter", result.adapter_dir)):

@@ -225,3 +225,17 @@ def test_a_signal_during_the_install_says_the_output_is_installed(qwen3_ckpts, o
                        f"is kept at {kept}: remove it (or move it back) yourself error: stopped by SIGTERM: the "
                        "outputs were installed, complete (see the notes)"), message
     assert (model / "config.json").is_file() and (kept / "config.json").is_file()
+
+
+def test_a_reader_that_leaves_early_does_not_fail_a_conversion(qwen3_ckpts, out):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    convert_command = [sys.executable, "-c", "from bridge_ext.cli import main; main()", "convert",
+                       str(qwen3_ckpts / "dense"), "--model-out", str(out / "model")]
+    script = " ".join(f"'{part}'" for part in convert_command) + " | true; exit ${PIPESTATUS[0]}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and (out / "model" / "config.json").is_file()
