@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -235,7 +236,7 @@ def _make_staging(target: Path) -> tuple[Path, int]:
     """A new folder beside ``target`` (mode 0777 less the umask, like mkdir), locked by this process."""
     parent = target.parent
     while True:
-        staging = parent / f".{target.name}{STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        staging = parent / f".{_stem(target)}{STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
         try:
             parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(staging)
@@ -302,8 +303,8 @@ def sweep_stale_staging(target: Path) -> list[str]:
         return notes
     for entry in sorted(os.scandir(parent), key=lambda e: e.name):
         name, folder = entry.name, Path(entry.path)
-        replaced = name.startswith(f".{target.name}{REPLACED_MARK}")
-        if not (replaced or name.startswith(f".{target.name}{STAGING_MARK}")) or not entry.is_dir(follow_symlinks=False):
+        replaced = name.startswith(f".{_stem(target)}{REPLACED_MARK}")
+        if not (replaced or name.startswith(f".{_stem(target)}{STAGING_MARK}")) or not entry.is_dir(follow_symlinks=False):
             continue
         owner = re.search(r"-(\d+)-[0-9a-f]+$", name)
         pid = owner.group(1) if owner else "unknown"
@@ -436,7 +437,21 @@ def _uninstall(target: Path, aside: Path | None) -> None:
 
 
 def _aside_name(target: Path, mark: str = REPLACED_MARK) -> Path:
-    return target.parent / f".{target.name}{mark}{os.getpid()}-{secrets.token_hex(4)}"
+    return target.parent / f".{_stem(target)}{mark}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+# A file name has at most 255 bytes; a staging name adds a dot, a mark, a pid and a token (< 40).
+_MAX_STEM_BYTES = 200
+
+
+def _stem(target: Path) -> str:
+    """The target's name as its staging and set-aside folders begin: whole when short, else cut
+    to fit and told apart by a hash of the whole name."""
+    encoded = os.fsencode(target.name)
+    if len(encoded) <= _MAX_STEM_BYTES:
+        return target.name
+    digest = hashlib.sha256(encoded).hexdigest()[:12]
+    return os.fsdecode(encoded[:_MAX_STEM_BYTES - 13]) + "~" + digest
 
 
 def remove_replaced_folder(aside: Path) -> list[str]:
@@ -541,7 +556,7 @@ def _is_output_path(path: Path, targets: list[Path]) -> bool:
         if path.is_relative_to(target):
             return True
         relative = path.relative_to(target.parent) if path.is_relative_to(target.parent) else None
-        if relative is not None and relative.parts and relative.parts[0].startswith(f".{target.name}."):
+        if relative is not None and relative.parts and relative.parts[0].startswith(f".{_stem(target)}."):
             return True
     return False
 

@@ -239,3 +239,13 @@ def test_a_reader_that_leaves_early_does_not_fail_a_conversion(qwen3_ckpts, out)
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and (out / "model" / "config.json").is_file()
+
+
+def test_a_long_output_name_gets_a_staging_name_that_fits(qwen3_ckpts, out):
+    model = out / ("m" * 240)  # 240 bytes: a legal name, 270 with the staging marks
+    code, message = convert(qwen3_ckpts / "dense", "--model-out", model)
+    assert code == 0, message
+    assert (model / "config.json").is_file()
+    code, message = convert(qwen3_ckpts / "dense", "--model-out", model, "--overwrite")
+    assert code == 0, message
+    assert sorted(os.listdir(out)) == [model.name]
