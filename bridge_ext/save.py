@@ -104,7 +104,10 @@ def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, 
         if reason is None:
             config = json.loads((source_folder / "config.json").read_text())
         else:
-            notes.append(f"not copied from {source_folder}: config.json ({reason}); written from the parsed config")
+            config, left_out = _defined_fields(plan.config)
+            extra = f" ({len(left_out)} other keys of it left out, e.g. {left_out[0]})" if left_out else ""
+            notes.append(f"not copied from {source_folder}: config.json ({reason}); written from the fields "
+                         f"transformers' {type(plan.config).__name__} defines{extra}")
     if config is None:
         config = plan.config.to_dict()
     if dtype is not None:
@@ -274,3 +277,14 @@ def _non_finite(value: object, where: str = "") -> str | None:
         if found:
             return found
     return None
+
+
+def _defined_fields(config) -> tuple[dict, list[str]]:
+    """The config's fields its transformers class defines (a default instance has them), and the
+    other keys, left out: a file linked from elsewhere must not carry its own keys into an output."""
+    values = config.to_dict()
+    try:
+        defined = set(type(config)().to_dict()) | {"architectures", "model_type", "dtype", "torch_dtype"}
+    except Exception:  # noqa: BLE001 - a config class without defaults: keep what transformers parsed
+        return values, []
+    return {key: value for key, value in values.items() if key in defined}, sorted(set(values) - defined)

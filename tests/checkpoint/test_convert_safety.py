@@ -249,3 +249,18 @@ def test_a_long_output_name_gets_a_staging_name_that_fits(qwen3_ckpts, out):
     code, message = convert(qwen3_ckpts / "dense", "--model-out", model, "--overwrite")
     assert code == 0, message
     assert sorted(os.listdir(out)) == [model.name]
+
+
+def test_a_config_json_linked_from_outside_carries_none_of_its_own_keys(qwen3_ckpts, qwen3_hf, tmp_path, out):
+    base = hf_base_copy(qwen3_hf, tmp_path)
+    outside = tmp_path / "elsewhere.json"
+    settings = json.loads((base / "config.json").read_text())
+    outside.write_text(json.dumps({**settings, "api_token": "hunter2"}))
+    (base / "config.json").unlink()
+    (base / "config.json").symlink_to(outside)
+    code, message = convert(qwen3_ckpts / "dense", "--hf-base", base, "--model-out", out / "model")
+    assert code == 0, message
+    assert (f"note not copied from {base}: config.json (a symbolic link to {outside.resolve()}, outside {base}); written from the "
+            "fields transformers' Qwen3Config defines (1 other keys of it left out, e.g. api_token)") in message, message
+    written = json.loads((out / "model" / "config.json").read_text())
+    assert "api_token" not in written and written["num_attention_heads"] == settings["num_attention_heads"]
