@@ -15,6 +15,7 @@ sizes, an activation as a function or its import path, a window as ``(left, righ
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,11 +53,18 @@ class ConfigField:
 @dataclass
 class Comparison:
     """What :func:`compare` found: ``differences`` (one line each, both names and values),
-    ``compared`` (Megatron names), ``not_compared`` (field: why)."""
+    ``compared`` (Megatron names), ``uncompared`` (fields the table cannot compare: why),
+    ``not_compared`` (fields one side does not set: which)."""
 
     differences: list[str] = field(default_factory=list)
     compared: list[str] = field(default_factory=list)
+    uncompared: dict[str, str] = field(default_factory=dict)
     not_compared: dict[str, str] = field(default_factory=dict)
+
+    def notes(self) -> list[str]:
+        """One line per field the table declares it cannot compare (said to the user)."""
+        return [f"config field {name} not compared with the Megatron model's: {why}"
+                for name, why in self.uncompared.items()]
 
 
 class Attributes(Mapping):
@@ -102,7 +110,7 @@ def compare(config, megatron: Mapping[str, Any], fields: tuple[ConfigField, ...]
         if spec.megatron in result.compared:
             continue
         if spec.uncompared is not None:
-            result.not_compared.setdefault(spec.hf, spec.uncompared)
+            result.uncompared.setdefault(spec.hf, spec.uncompared)
             continue
         ours = _READERS[spec.read][0](config, spec)
         theirs = _READERS[spec.read][1](megatron, spec)
@@ -340,4 +348,6 @@ def check_live_config(model_config: object, config, fields: tuple[ConfigField, .
             f"{config_source} describes another model than the Megatron model's own TransformerConfig (exporting "
             "would silently compute something else): " + "; ".join(comparison.differences)
             + ". Pass the hf_config of the model that was trained.")
+    for note in comparison.notes():  # once per export plan: said, not skipped silently
+        warnings.warn(note, UserWarning, stacklevel=3)
     return comparison

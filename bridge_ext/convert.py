@@ -185,12 +185,13 @@ def _table(config_or_model_type):
 
 
 def check_hf_side(reader: CheckpointReader, config, config_folder: Path | None, hf_base: Path | None,
-                  built_from_run_config: bool) -> None:
+                  built_from_run_config: bool) -> list[str]:
     """The Hugging Face folders are readable and contained, and the config is the model trained.
 
     ``hf_base`` must hold weights (index and headers readable, nothing outside the folder); a
     config folder is checked when it has any (its index decides the expert layout). The config is
-    compared with run_config.yaml unless it was built from it.
+    compared with run_config.yaml unless it was built from it; returns a note per field the
+    table cannot compare.
     """
     if hf_base is not None:
         hf_folder_shapes(hf_base)
@@ -199,7 +200,8 @@ def check_hf_side(reader: CheckpointReader, config, config_folder: Path | None, 
     run_config = reader.run_config
     if run_config is not None and not built_from_run_config:
         label = str(config_folder / "config.json") if config_folder else f"the config of {run_config.hf_model_id}"
-        check_config_matches_run_config(config, run_config, label)
+        return check_config_matches_run_config(config, run_config, label).notes()
+    return []
 
 
 def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts_found: dict[str, ExpertLayout]):
@@ -312,7 +314,7 @@ def convert_checkpoint(
         check_outside_inputs(output, [config_folder])  # e.g. the hf_model_id folder of run_config.yaml
     table = _table(config)
     built_from_run_config = model_type is not None and hf_base is None and hf_config is None
-    check_hf_side(reader, config, config_folder, hf_base, built_from_run_config)
+    notes.extend(check_hf_side(reader, config, config_folder, hf_base, built_from_run_config))
     found = source_expert_layouts(hf_base or config_folder, table)
     source = build_source(reader, config, hf_base, found)
     plan = plan_export(source, config, expert_layouts(table, found, expert_layout, expert_adapter_layout))

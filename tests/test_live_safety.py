@@ -114,3 +114,16 @@ def test_a_float16_cast_that_overflows_is_refused_unless_allowed(llama, tmp_path
     finally:
         with torch.no_grad():
             norm.copy_(original)
+
+
+def test_a_field_the_table_cannot_compare_is_said_not_skipped(llama):
+    from bridge_ext.config_compare import Attributes, compare
+    from model_mappings.config_fields import standard
+
+    fields = standard({"hidden_act": "this architecture's activation has no Megatron name"})
+    comparison = compare(_config(llama, hidden_act="gelu"), Attributes(llama.chunks[0].config), fields)
+    assert comparison.differences == []
+    assert comparison.notes() == ["config field hidden_act not compared with the Megatron model's: this "
+                                  "architecture's activation has no Megatron name"]
+    with pytest.raises(ValueError, match=r"no such config fields to leave uncompared: \['hidden_activation'\]"):
+        standard({"hidden_activation": "no such field in the list"})
