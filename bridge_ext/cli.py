@@ -108,8 +108,8 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
               help="Expert adapters in PEFT's target_parameters layout (fused: what PEFT loads onto "
                    "transformers v5 models) or per expert (vLLM's MoE LoRA format).")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=lambda ctx, param, value: _size(value),
-              help="Largest safetensors shard (e.g. 500MB, 2GiB). Memory use is about one shard plus the "
-                   "largest tensor.")
+              help="Largest safetensors shard (e.g. 500MB, 2GiB). Memory use does not grow with it: each "
+                   "tensor is written into its shard as it is converted.")
 @click.option("--allow-overflow", is_flag=True,
               help="With --dtype float16: write values beyond float16's range as infinities instead of refusing.")
 @click.option("--overwrite", is_flag=True,
