@@ -18,7 +18,7 @@ from bridge_ext.errors import RuleError, first_line
 from bridge_ext.distributed import Destination, all_agree, is_parallel_job
 from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
 from bridge_ext.live import LiveModelSource, unwrap_chunks
-from bridge_ext.live_checks import check_device, check_dtype, check_model
+from bridge_ext.live_checks import check_device, check_dtype, check_model, overflows
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import TensorSource
@@ -429,8 +429,8 @@ def export_hf_weights(
             ``bridge-ext convert``) default to ``fused``.
         dtype: Cast every exported tensor to this floating-point dtype (default: keep the
             model's). A cast that turns finite values into infinities (float16 ends at 65504)
-            raises, naming the tensor, unless ``allow_overflow``; the check is one ``isfinite``
-            pass per tensor.
+            raises, naming the tensor, unless ``allow_overflow``; for such dtypes the check is
+            one ``isfinite`` pass per tensor, after the conversion.
         destination: In a parallel job, the ranks the tensors come out on: ``"all"`` (every
             rank, e.g. colocated inference engines), ``"owner"`` (each tensor on one rank of
             the pipeline stage / expert rank holding it: the union over ranks is the export)
@@ -464,8 +464,12 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
     to_cpu = device is not None and torch.device(device).type == "cpu"
-    pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), stacks_on_host=to_cpu)
-    if dtype is not None:  # the CLI's rule: a cast that makes infinities of finite values is refused
+    # the CLI's rule: a cast that makes infinities of finite values is refused (checked after the
+    # conversion, which then keeps the model's dtype; other casts happen inside it, as before)
+    checked = overflows(dtype)
+    pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()),
+                   dtype=None if checked else dtype, stacks_on_host=to_cpu)
+    if checked:
         check = ValueCheck(dtype, allow_overflow, allow_with="allow_overflow=True")
         pairs = ((name, check(name, tensor)) for name, tensor in pairs)
     return source, plan, to_host(pairs) if to_cpu else pairs

@@ -45,3 +45,9 @@ def check_device(device) -> None:
         kind = None
     if kind != "cpu":
         raise ExportError(f"device must be None (tensors where the model is) or 'cpu', not {device!r}")
+
+
+def overflows(dtype: torch.dtype | None) -> bool:
+    """Whether a cast to ``dtype`` can make infinities of a model's values (float16 ends at 65504;
+    bfloat16 and float32 reach ~3.4e38, where weights never are): then it is checked."""
+    return dtype is not None and torch.finfo(dtype).max < 1e38

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from bridge_ext.engine import ExportError, Mode
 from bridge_ext.export import ExportPlan, hf_source_folder, prepare, stream
 from bridge_ext.hf_folder import ShardedSafetensorsWriter, TensorSpec, parse_size
-from bridge_ext.live_checks import check_dtype
+from bridge_ext.live_checks import check_dtype, overflows
 from bridge_ext.output_folder import FoundTarget, staged_folders
 from bridge_ext.peft_config import lora_config
 from bridge_ext.peft_keys import PEFT_PREFIX
@@ -259,8 +259,9 @@ def save_hf_pretrained(
     folder = hf_source_folder(model, hf_config)
     return write_export(
         source, plan, model_dir, adapter_dir,
-        merge=merge, config_dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-        transform=ValueCheck(dtype, allow_overflow, allow_with="allow_overflow=True") if dtype is not None else None,
+        merge=merge, dtype=None if overflows(dtype) else dtype, config_dtype=dtype, max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        transform=ValueCheck(dtype, allow_overflow, allow_with="allow_overflow=True") if overflows(dtype) else None,
         source_folder=folder,
         base_model_name=str(folder) if folder else getattr(plan.config, "_name_or_path", None),
         write=not parallel or dist.get_rank() == 0,
