@@ -351,11 +351,24 @@ def signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    # The mask holds back signals sent to this thread; one sent to the process may be delivered to
+    # another thread (a read-ahead thread), whose Python handler would still run here at once: Python
+    # handlers are replaced by ones that note the signal, which is raised again on exit.
+    noted: list[int] = []
+    handlers = {number: signal.getsignal(number) for number in _DEFERRED_SIGNALS}
+    for number, handler in handlers.items():
+        if callable(handler):
+            signal.signal(number, lambda received, _frame: noted.append(received))
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in handlers.items():
+            if callable(handler):
+                signal.signal(number, handler)
+        for number in dict.fromkeys(noted):
+            signal.raise_signal(number)
 
 
 @contextmanager
