@@ -171,7 +171,7 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
       7  an I/O or permission error: an output cannot be written (parent not writable, no
          space left, file size limit, read-only file system), or the system failed a read
     128+n  stopped by signal n (SIGINT 130, SIGHUP 129, SIGTERM 143): nothing installed, the
-         staging folders removed
+         staging folders removed (or, arriving during the final renames, all outputs installed)
     """
     if model_out is None and adapter_out is None:
         raise click.UsageError("give --model-out, --adapter-out or both")
