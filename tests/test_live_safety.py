@@ -127,3 +127,12 @@ def test_a_field_the_table_cannot_compare_is_said_not_skipped(llama):
                                   "architecture's activation has no Megatron name"]
     with pytest.raises(ValueError, match=r"no such config fields to leave uncompared: \['hidden_activation'\]"):
         standard({"hidden_activation": "no such field in the list"})
+
+
+def test_save_hf_pretrained_refuses_the_same_lie_and_writes_nothing(llama, tmp_path):
+    from bridge_ext import save_hf_pretrained
+
+    config = _config(llama, num_attention_heads=8, head_dim=8, num_key_value_heads=4)
+    with pytest.raises(ExportError, match=r"attention: the Hugging Face config has num_attention_heads = 8, "):
+        save_hf_pretrained(llama.chunks, tmp_path / "model", hf_config=config)
+    assert list(tmp_path.iterdir()) == []
