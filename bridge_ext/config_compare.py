@@ -25,8 +25,8 @@ from bridge_ext.dims import text_config
 # How a field is read on both sides (see _READERS):
 #   value: the field itself; activation: a function name; rope_type / rope_factor: the rotary
 #   scaling kind and factor; sliding_window: the window in tokens (None: no sliding layer);
-#   layer_types: which layers slide.
-READS = ("value", "activation", "rope_type", "rope_factor", "sliding_window", "layer_types")
+#   layer_types: which layers slide; topk_normalised: whether the top-k routing weights sum to one.
+READS = ("value", "activation", "rope_type", "rope_factor", "sliding_window", "layer_types", "topk_normalised")
 
 
 @dataclass(frozen=True)
@@ -300,6 +300,26 @@ def _megatron_layer_kinds(settings: Mapping[str, Any], spec: ConfigField) -> Any
     return kinds if kinds is not None else _MISSING
 
 
+def _hf_topk_normalised(config, spec: ConfigField) -> Any:
+    value = getattr(text_config(config), spec.hf, None)
+    return _MISSING if value is None else _Read(bool(value), f"{value!r} ({_sums(bool(value))})")
+
+
+def _sums(normalised: bool) -> str:
+    return "top-k weights summing to one" if normalised else "top-k weights not summing to one"
+
+
+def _megatron_topk_normalised(settings: Mapping[str, Any], spec: ConfigField) -> Any:
+    """megatron-core's ``topk_routing_with_score_function``: softmax after the top-k sums to one,
+    softmax before it does not; sigmoid scores are divided by their top-k sum."""
+    score = settings.get("moe_router_score_function")
+    if not settings.get("num_moe_experts") or score is None:
+        return _MISSING
+    pre = bool(settings.get("moe_router_pre_softmax"))
+    normalised = not pre if score == "softmax" else True
+    return _Read(normalised, f"{pre} with moe_router_score_function = {score!r} ({_sums(normalised)})")
+
+
 def _plain_rope(kind: Any, factor: Any) -> Any:
     """YaRN with a factor of 1 is the plain rotary embedding (Megatron-Bridge writes MLA models so)."""
     return "default" if kind == "yarn" and factor in (None, 1, 1.0) else kind
@@ -312,6 +332,7 @@ _READERS: dict[str, tuple[Callable[[Any, ConfigField], Any], Callable[[Mapping[s
     "rope_factor": (_hf_rope_factor, _megatron_rope_factor),
     "sliding_window": (_hf_sliding_window, _megatron_sliding_window),
     "layer_types": (_hf_layer_kinds, _megatron_layer_kinds),
+    "topk_normalised": (_hf_topk_normalised, _megatron_topk_normalised),
 }
 
 

@@ -54,6 +54,7 @@ STANDARD: tuple[ConfigField, ...] = (
              ("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"),
              ("scoring_func", "moe_router_score_function"), ("n_group", "moe_router_num_groups"),
              ("topk_group", "moe_router_group_topk"), ("routed_scaling_factor", "moe_router_topk_scaling_factor")),
+    ConfigField("mixture of experts", "norm_topk_prob", "moe_router_pre_softmax", read="topk_normalised"),
     *_fields("vocabulary and tied embeddings", ("vocab_size", "vocab_size"),
              ("tie_word_embeddings", "share_embeddings_and_output_weights")),
     *_fields("multi-token prediction", ("num_nextn_predict_layers", "mtp_num_layers"),

@@ -264,3 +264,29 @@ def test_a_config_json_linked_from_outside_carries_none_of_its_own_keys(qwen3_ck
             "fields transformers' Qwen3Config defines (1 other keys of it left out, e.g. api_token)") in message, message
     written = json.loads((out / "model" / "config.json").read_text())
     assert "api_token" not in written and written["num_attention_heads"] == settings["num_attention_heads"]
+
+
+def test_moe_routing_normalisation_is_cross_checked(qwen3_ckpts):
+    from dataclasses import replace
+
+    from transformers import Qwen3MoeConfig
+
+    from bridge_ext.checkpoint import CheckpointReader
+    from bridge_ext.checkpoint.config_check import ConfigMismatchError, check_config_matches_run_config
+
+    recorded = CheckpointReader(qwen3_ckpts / "dense").run_config
+    trained = replace(recorded, model={**recorded.model, "num_moe_experts": 8, "moe_ffn_hidden_size": 32,
+                                       "moe_router_topk": 2, "moe_router_pre_softmax": False})
+
+    def moe_config(normalised: bool) -> Qwen3MoeConfig:
+        return Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                              num_experts=8, moe_intermediate_size=32, num_experts_per_tok=2,
+                              norm_topk_prob=normalised)
+
+    check_config_matches_run_config(moe_config(True), trained, "moe/config.json")  # softmax after top-k: sums to 1
+    with pytest.raises(ConfigMismatchError) as refused:
+        check_config_matches_run_config(moe_config(False), trained, "moe/config.json")
+    assert ("mixture of experts: config.json has norm_topk_prob = False (top-k weights not summing to one), "
+            "run_config.yaml has moe_router_pre_softmax = False with moe_router_score_function = 'softmax' (top-k "
+            "weights summing to one)") in str(refused.value)
