@@ -430,8 +430,9 @@ def test_moe_settings_are_cross_checked(qwen3_ckpts):
     from bridge_ext.checkpoint.config_check import ConfigMismatchError, check_config_matches_run_config
 
     recorded = CheckpointReader(qwen3_ckpts / "dense").run_config
+    # softmax before the top-k: Qwen3MoeConfig's default norm_topk_prob=False (qwen3_moe_bridge.py)
     trained = replace(recorded, model={**recorded.model, "num_moe_experts": 8, "moe_ffn_hidden_size": 32,
-                                       "moe_router_topk": 2})
+                                       "moe_router_topk": 2, "moe_router_pre_softmax": True})
     def moe_config(experts: int, width: int, top_k: int) -> Qwen3MoeConfig:
         return Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
