@@ -77,7 +77,7 @@ TABLE = MappingTable(
     description="gpt-oss: GQA with sinks and sliding windows, fused transposed experts with biases",
     model_classes={"gpt_oss": "GptOssForCausalLM"},
     expert_families=(EXPERTS,),
-    vllm_expert_adapter_layout="fused",  # GptOssForCausalLM.is_3d_moe_weight
+    vllm_expert_adapter_layouts={"GptOssForCausalLM": "fused"},  # vLLM: is_3d_moe_weight
     # hidden_act "silu" names gpt-oss's clamped SwiGLU, which Megatron-Bridge runs as quick_gelu
     # with a clamp and a +1 offset (gpt_oss_bridge.py): no name-for-name comparison says more.
     config_fields=config_fields.standard({"hidden_act": "gpt-oss's clamped SwiGLU is Megatron's quick_gelu "
