@@ -378,6 +378,7 @@ def export_hf_weights(
     peft: bool = True,
     *,
     adapters_only: bool = False,
+    base_only: bool = False,
     hf_config=None,
     expert_layout: ExpertLayout | None = None,
     expert_adapter_layout: ExpertLayout | None = None,
@@ -395,6 +396,9 @@ def export_hf_weights(
             False: LoRA merged into the base weights (``W + alpha/r * B @ A`` in fp32), no
             adapter keys.
         adapters_only: Only the adapters (per-step weight sync); needs ``peft=True``.
+        base_only: Only the unmerged base weights, under their Hugging Face names, without
+            adapter tensors (the counterpart of ``adapters_only``: sync the frozen base once,
+            the adapters every step); needs ``peft=True``.
         hf_config: A transformers config or a folder with config.json; by default the
             Hugging Face source Megatron-Bridge recorded in ``model.config.hf_model_id``.
         expert_layout: MoE expert base weights as Hugging Face's fused
@@ -420,24 +424,28 @@ def export_hf_weights(
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
     _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
-                                   dtype, destination, device)
+                                   dtype, destination, device, base_only)
     yield from pairs
 
 
 def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_config=None,
                      expert_layout: ExpertLayout | None = None, expert_adapter_layout: ExpertLayout | None = None,
                      dtype: torch.dtype | None = None, destination: Destination = "all",
-                     device: str | torch.device | None = None,
+                     device: str | torch.device | None = None, base_only: bool = False,
                      ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
     """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
         raise ExportError("adapters_only=True needs peft=True")
+    if base_only and not peft:
+        raise ExportError("base_only=True needs peft=True (peft=False merges the adapters into the base)")
+    if base_only and adapters_only:
+        raise ExportError("base_only=True and adapters_only=True exclude each other: pass one")
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout, destination)
     if adapters_only and not source.adapters():
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
     to_cpu = device is not None and torch.device(device).type == "cpu"
-    pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype,
+    pairs = stream(source, plan, base=base, adapters=peft and not base_only and bool(source.adapters()), dtype=dtype,
                    stacks_on_host=to_cpu)
     return source, plan, to_host(pairs) if to_cpu else pairs
 
@@ -542,7 +550,8 @@ def export_hf_buckets(model, bucket_bytes: int = 512 << 20, **kwargs) -> Iterato
     load such a group at once); that bucket may be larger.
     """
     source, plan, pairs = _prepared_export(model, **kwargs)
-    groups = expert_adapter_groups(source, plan) if kwargs.get("peft", True) else {}
+    adapters = kwargs.get("peft", True) and not kwargs.get("base_only", False)
+    groups = expert_adapter_groups(source, plan) if adapters else {}
     yield from buckets(pairs, bucket_bytes, groups)
 
 

@@ -62,6 +62,19 @@ def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
     assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
 
 
+def test_base_only_is_the_unmerged_base_without_adapters(built):
+    original = load_file(str(built.hf_dir / "model.safetensors"))
+    base = dict(export_hf_weights(built.chunks, base_only=True))
+    assert sorted(base) == sorted(original)
+    assert [name for name, tensor in original.items() if not torch.equal(base[name], tensor)] == []
+    bucketed = [pair for bucket in export_hf_buckets(built.chunks, bucket_bytes=1 << 12, base_only=True)
+                for pair in bucket.tensors]
+    assert [name for name, _ in bucketed] == list(base)
+    for wrong, message in ((dict(peft=False), "needs peft=True"), (dict(adapters_only=True), "exclude each other")):
+        with pytest.raises(ExportError, match=message):
+            next(export_hf_weights(built.chunks, base_only=True, **wrong))
+
+
 def test_merged_export_equals_megatron_bridge(built):
     ours = dict(export_hf_weights(built.chunks, peft=False))
     theirs = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
