@@ -16,10 +16,11 @@ from enum import Enum
 import torch
 
 from bridge_ext.dims import ModelDims
+from bridge_ext.dora import dora_merge
 from bridge_ext.errors import ExportError, RuleError
 from bridge_ext.ops import Op
 from bridge_ext.peft_experts import fuse_expert_lora
-from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
+from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key, peft_magnitude_key
 from bridge_ext.source import Adapter, TensorSource
 from bridge_ext.table import MappingTable, Rule
 
@@ -292,16 +293,21 @@ class TaskConverter:
         name = task.sources[0]
         adapter = self.adapter_of(task, name)
         factors = self._factors(task, adapter)
+        magnitudes = self._magnitudes(task, adapter) if factors and adapter.magnitude else None
         if self.mode is not Mode.ADAPTERS:
             bases = self._run(task.rule, self.source.shards(name), self.dims, what=describe(task))
             for index, (hf_name, base) in enumerate(zip(task.hf_names, bases, strict=True)):
-                if self.mode is Mode.MERGED and factors:
+                if self.mode is Mode.MERGED and magnitudes:
+                    base = dora_merge(base, *factors[index], adapter.scale, magnitudes[index])
+                elif self.mode is Mode.MERGED and factors:
                     base = _merge(base, *factors[index], adapter.scale)
                 yield hf_name, self._cast(base)
         if factors and self.mode is Mode.ADAPTERS:
-            for hf_name, (lora_a, lora_b) in zip(task.hf_names, factors, strict=True):
+            for index, (hf_name, (lora_a, lora_b)) in enumerate(zip(task.hf_names, factors, strict=True)):
                 yield peft_key(hf_name, LORA_A), self._cast(lora_a)
                 yield peft_key(hf_name, LORA_B), self._cast(lora_b)
+                if magnitudes:
+                    yield peft_magnitude_key(hf_name), self._cast(magnitudes[index])
 
     def joins_rows(self, task: Task) -> tuple[str, ...]:
         """The source names of ``task`` whose tensor-parallel shards this conversion joins
@@ -321,7 +327,7 @@ class TaskConverter:
                 or rule.transposes or rule.changes_values or len(task.sources) != 1):
             return None
         adapter = self.adapter_of(task, task.sources[0])
-        if adapter is None:
+        if adapter is None or adapter.magnitude:
             return None
         shapes = tuple(tuple(shape) for shape in self.source.shard_shapes(task.sources[0]))
         return id(rule), shapes, adapter.rank, adapter.scale
@@ -370,6 +376,17 @@ class TaskConverter:
             return None
         return _lora_factors(task.rule, adapter, self.source, self.dims, describe(task), self._run)
 
+    def _magnitudes(self, task: Task, adapter: Adapter) -> list[torch.Tensor]:
+        """A DoRA magnitude ``[out]`` per Hugging Face output, its rows rearranged like ``lora_B``'s
+        (run through the rule as a one-column matrix)."""
+        if task.rule.transposes or task.rule.stack:
+            raise ExportError(f"{describe(task)}: DoRA on a weight Hugging Face stores transposed or fused "
+                              "takes its norm over another axis; not supported")
+        columns = [shard.unsqueeze(1) for shard in self.source.shards(adapter.magnitude)]
+        rows = self._run(task.rule, columns, self.dims, axis=0, rows_only=True,
+                         what=f"{adapter.magnitude} (DoRA magnitude of {describe(task)})")
+        return [row.squeeze(1) for row in rows]
+
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.dtype is None else tensor.to(self.dtype)
 
@@ -399,6 +416,8 @@ class TaskConverter:
         """
         adapters = [self.adapter_of(task, name) for name in task.sources]
         adapted = self.mode is not Mode.BASE and any(adapter is not None for adapter in adapters)
+        if adapted and any(adapter is not None and adapter.magnitude for adapter in adapters):
+            raise ExportError(f"{describe(task)}: DoRA on fused experts is not supported")
         packable = not adapted or (all(adapter is not None for adapter in adapters)
                                    and len({adapter.scale for adapter in adapters}) == 1)
         if task.rule.transposes or task.rule.changes_values or not packable:

@@ -16,6 +16,7 @@ from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError
 from bridge_ext.distributed import Destination, all_agree, is_parallel_job
+from bridge_ext.dora import check_dora
 from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
 from bridge_ext.live import LiveModelSource, unwrap_chunks
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
@@ -191,6 +192,14 @@ class ExportPlan:
     expert_adapter_groups: dict[str, str] | None = field(default=None, repr=False)
     #: how fused-expert adapters are named and packed (the plan's adapters decide it)
     expert_keys: FusedExpertKeys | None = field(default=None, repr=False)
+    #: the DoRA adapters (see :mod:`bridge_ext.dora`), listed once
+    dora: list | None = field(default=None, repr=False)
+
+    def dora_adapters(self, source: TensorSource) -> list:
+        """The source's DoRA adapters (remembered: exports repeat every training step)."""
+        if self.dora is None:
+            self.dora = [adapter for adapter in source.adapters().values() if adapter.magnitude]
+        return self.dora
 
     def is_extra(self, hf_name: str) -> bool:
         """A name outside transformers' key set that the table and the config allow (MTP)."""
@@ -321,6 +330,8 @@ def conversion_passes(source: TensorSource, plan: ExportPlan, *, base: Mode | No
     found = source.adapters()
     if adapters and not found:
         raise ExportError("adapters were asked for, but the model has no LoRA adapters")
+    if plan.dora_adapters(source):
+        check_dora(plan.dora, merged=base is Mode.MERGED, adapters_out=adapters)
     passes = []
     if base is not None:
         passes.append((TaskConverter(source, plan.dims, base, dtype, recorded=plan.recorded.setdefault(base, {}),
@@ -385,6 +396,7 @@ def export_hf_weights(
     dtype: torch.dtype | None = None,
     destination: Destination = "all",
     device: str | torch.device | None = None,
+    dora_adapters: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(hf_name, tensor)`` pairs out of a Megatron model.
 
@@ -418,13 +430,17 @@ def export_hf_weights(
             of it. See docs/distributed.md.
         device: ``"cpu"``: CPU tensors, copied from the GPU into pinned memory while the
             next tensors are gathered (default: where the model is).
+        dora_adapters: Stream DoRA adapters (with their ``lora_magnitude_vector``) for a
+            consumer that loads DoRA, e.g. PEFT's ``set_peft_model_state_dict``. Without it an
+            export that would carry DoRA adapters is refused: vLLM loads none (sync such a
+            model merged, ``peft=False``, or its base with ``base_only=True``).
 
     Every rank of a parallel job must iterate the generator to its end together. Nothing is
     silently dropped: a parameter no rule covers, or a Hugging Face name the export would miss
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
     _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
-                                   dtype, destination, device, base_only)
+                                   dtype, destination, device, base_only, dora_adapters)
     yield from pairs
 
 
@@ -432,6 +448,7 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
                      expert_layout: ExpertLayout | None = None, expert_adapter_layout: ExpertLayout | None = None,
                      dtype: torch.dtype | None = None, destination: Destination = "all",
                      device: str | torch.device | None = None, base_only: bool = False,
+                     dora_adapters: bool = False,
                      ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
     """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
@@ -444,8 +461,12 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
     if adapters_only and not source.adapters():
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
+    adapters = peft and not base_only and bool(source.adapters())
+    if adapters and not dora_adapters and plan.dora_adapters(source):
+        raise ExportError(f"the adapters are DoRA ({plan.dora[0].module}, ...), which vLLM cannot load: sync merged "
+                          "weights (peft=False), or pass dora_adapters=True for a consumer that loads DoRA (PEFT)")
     to_cpu = device is not None and torch.device(device).type == "cpu"
-    pairs = stream(source, plan, base=base, adapters=peft and not base_only and bool(source.adapters()), dtype=dtype,
+    pairs = stream(source, plan, base=base, adapters=adapters, dtype=dtype,
                    stacks_on_host=to_cpu)
     return source, plan, to_host(pairs) if to_cpu else pairs
 

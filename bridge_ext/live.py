@@ -25,6 +25,7 @@ from bridge_ext.engine import ExportError, Task, TaskConverter, merge_batches
 from bridge_ext.source import Adapter
 
 LORA_IN, LORA_OUT = ".adapter.linear_in.weight", ".adapter.linear_out.weight"
+DORA_MAGNITUDE = ".adapter.weight_magnitude"
 # Transformer Engine grouped experts number their parameters: ``linear_fc1.weight3``.
 _GROUPED_EXPERT_PARAM = re.compile(r"^(weight|bias)(\d+)$")
 
@@ -67,10 +68,16 @@ class LocalTensor:
 
 def _expert_owner(path: str, modules: dict[str, torch.nn.Module]) -> torch.nn.Module | None:
     """The nearest enclosing MoE layer (it knows its experts' global numbers)."""
+    owner = _expert_owner_path(path, modules)
+    return None if owner is None else modules[owner]
+
+
+def _expert_owner_path(path: str, modules: dict[str, torch.nn.Module]) -> str | None:
+    """The path of the nearest enclosing MoE layer."""
     while path:
         path = path.rpartition(".")[0]
         if hasattr(modules.get(path), "local_expert_indices"):
-            return modules[path]
+            return path
     return None
 
 
@@ -149,11 +156,14 @@ def local_tensors(chunks: list[torch.nn.Module], sharded: bool) -> tuple[list[Lo
             if name in tensors:
                 raise ExportError(f"two parameters normalise to {name}")
             shard, shards, expert = _shard_of(param) if sharded else (0, 1, False)
+            if name.endswith(DORA_MAGNITUDE) and sharded:
+                shard, shards = _magnitude_shard(raw_name, modules[owner])
             tensors[name] = LocalTensor(name, param, shard, shards, expert)
             if name.endswith(LORA_IN):
                 module = name[: -len(LORA_IN)]
-                adapters[module] = _adapter(module, modules[raw_name[: -len(".linear_in.weight")]])
-            elif ".adapter." in name and not name.endswith(LORA_OUT):
+                adapter_path = raw_name[: -len(".linear_in.weight")]
+                adapters[module] = _adapter(module, modules[adapter_path], modules, adapter_path)
+            elif ".adapter." in name and not name.endswith((LORA_OUT, DORA_MAGNITUDE)):
                 raise ExportError(
                     f"{raw_name}: only LoRA adapters with one linear_in/linear_out pair per "
                     "module are supported (not CanonicalLoRA or DoRA)"
@@ -211,8 +221,35 @@ class LiveModelSource:
             yield from converter.convert_batch(batch)
 
 
-def _adapter(module: str, adapter: torch.nn.Module) -> Adapter:
+def _magnitude_shard(raw_name: str, adapter: torch.nn.Module) -> tuple[int, int]:
+    """A DoRA magnitude's tensor-parallel place: split by rows with a column-parallel base
+    (Megatron-Bridge saves it so), whole with a row-parallel one. Megatron-Bridge leaves it
+    without Megatron's parallel attributes, so it is read off the adapter."""
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    if getattr(adapter, "input_is_parallel", False):
+        if size > 1:  # each rank's norm covers its own columns of W only
+            raise ExportError(f"{raw_name}: DoRA on a row-parallel linear at tensor-parallel size {size} scales "
+                              "each rank's output by the norm of that rank's columns only, which no Hugging Face "
+                              "module computes; train it at tensor-parallel size 1 or leave the module out")
+        return 0, 1
+    return parallel_state.get_tensor_model_parallel_rank(), size
+
+
+def _adds_bias_inside(linear: torch.nn.Module | None) -> bool:
+    """Whether a Megatron linear adds its bias to its output (rather than returning it for a
+    later fused add: ``skip_bias_add`` / Transformer Engine's ``te_return_bias``)."""
+    if linear is None or getattr(linear, "bias", None) is None:
+        return False
+    return not (getattr(linear, "skip_bias_add", False) or getattr(linear, "te_return_bias", False))
+
+
+def _adapter(module: str, adapter: torch.nn.Module, modules: dict[str, torch.nn.Module], path: str) -> Adapter:
     dropout = getattr(adapter, "dropout", None)
+    dora = isinstance(getattr(adapter, "weight_magnitude", None), torch.Tensor)
+    wrapper = path.removesuffix(".adapter")
+    moe_path = _expert_owner_path(path, modules) if dora else None
     return Adapter(
         module=module,
         lora_a=module + LORA_IN,
@@ -220,4 +257,7 @@ def _adapter(module: str, adapter: torch.nn.Module) -> Adapter:
         alpha=float(adapter.alpha),
         rank=int(adapter.dim),
         dropout=float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0,
+        magnitude=module + DORA_MAGNITUDE if dora else None,
+        bias_inside=dora and _adds_bias_inside(modules.get(f"{wrapper}.to_wrap")),
+        expert=moe_path is not None and wrapper.startswith(f"{moe_path}.experts."),
     )

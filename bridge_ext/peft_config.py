@@ -153,6 +153,11 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     rank_pattern = {o.target: o.adapter.rank for o in outputs if o.adapter.rank != rank}
     alpha_pattern = {o.target: o.adapter.alpha for o in outputs if o.adapter.alpha != alpha}
+    dora = {o.adapter.magnitude is not None for o in outputs}
+    if len(dora) > 1:
+        raise ExportError("some adapters are DoRA and some plain LoRA; one PEFT config cannot say so "
+                          f"(DoRA on {next(o.target for o in outputs if o.adapter.magnitude)}, plain LoRA on "
+                          f"{next(o.target for o in outputs if not o.adapter.magnitude)})")
     dropouts = {o.adapter.dropout for o in outputs}
     # PEFT's ParamWrapper (fused experts) refuses dropout; it does not change exported weights.
     dropout = 0.0 if parameter_targets else max(dropouts)
@@ -165,6 +170,7 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
         lora_dropout=dropout,
         bias="none",
         use_rslora=False,
+        use_dora=dora.pop(),
         task_type="CAUSAL_LM",
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,

@@ -23,6 +23,11 @@ class Adapter:
 
     ``lora_a`` and ``lora_b`` are the Megatron names of its ``linear_in`` / ``linear_out``
     weights, read through the same source as the base weights.
+
+    DoRA (``megatron.bridge.peft.dora``): ``magnitude`` names its ``weight_magnitude`` ``[out]``
+    and the layer computes ``m / ||W + s B A||_row * (W x + s B A x)``; ``bias_inside``: the
+    wrapped linear adds its bias inside that product (Megatron then scales the bias too);
+    ``expert``: the module is a routed expert's.
     """
 
     module: str
@@ -31,6 +36,9 @@ class Adapter:
     alpha: float
     rank: int
     dropout: float = 0.0
+    magnitude: str | None = None
+    bias_inside: bool = False
+    expert: bool = False
 
     @property
     def scale(self) -> float:

@@ -150,3 +150,99 @@ def test_table_reverse_agrees_with_megatron_bridge_loader(built):
     for name in names:
         (live,) = source.shards(name)
         assert torch.equal(rebuilt[name], live[: rebuilt[name].shape[0]]), name
+
+
+# DoRA (Megatron-Bridge's megatron.bridge.peft.dora.DoRA) ------------------------------------------
+
+MAGNITUDE = ".lora_magnitude_vector"
+
+
+@pytest.fixture(scope="module")
+def dora(megatron_cpu, tmp_path_factory):
+    hf_dir = tiny_dense(tmp_path_factory.mktemp("dora"), "qwen3")
+    model = build_megatron_model(hf_dir, lora=LoraSettings(kind="dora"))
+    randomize_lora(model.chunks, seed=3)  # magnitudes too: random, unlike the base rows' norms
+    return model
+
+
+def test_dora_folder_loads_strictly_and_gives_megatron_logits(dora, tmp_path):
+    import json
+
+    save_hf_pretrained(dora.chunks, tmp_path / "model", tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is False
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert len([name for name in saved if name.endswith(MAGNITUDE)]) == 2 * 7  # one per HF module
+    report = Report()
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", report)
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    reference = megatron_logits(dora.chunks, input_ids)
+    relative = compare_logits(hf_logits(peft_model, input_ids), reference, report, what="HF + DoRA",
+                              relative_tolerance=1e-5)
+    # the same folder without the magnitudes (as Megatron-Bridge writes it): PEFT initialises them anew
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    shutil.copytree(tmp_path / "adapter", tmp_path / "no_magnitude")
+    save_file({name: t for name, t in saved.items() if not name.endswith(MAGNITUDE)},
+              str(tmp_path / "no_magnitude" / "adapter_model.safetensors"))
+    without = PeftModel.from_pretrained(load_hf_model(tmp_path / "model"), str(tmp_path / "no_magnitude")).eval()
+    assert (hf_logits(without, input_ids) - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+
+
+def test_dora_merged_gives_megatron_logits_and_megatron_bridge_merge_does_not(dora, tmp_path):
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(1))
+    reference = megatron_logits(dora.chunks, input_ids)
+    ours = dict(export_hf_weights(dora.chunks, peft=False))
+    theirs = dict(dora.bridge.export_hf_weights(dora.chunks, cpu=True, show_progress=False))
+    assert sorted(ours) == sorted(theirs)
+    model = load_hf_model(dora.hf_dir)
+    model.load_state_dict(ours, strict=True)
+    compare_logits(hf_logits(model, input_ids), reference, Report(), what="merged DoRA", relative_tolerance=1e-5)
+    model.load_state_dict(theirs, strict=True)  # Megatron-Bridge merges DoRA as plain LoRA
+    assert (hf_logits(model, input_ids) - reference).abs().max() / reference.abs().max() > 1e-2
+
+
+def test_dora_magnitudes_follow_the_weight_rows_and_megatron_bridge_drops_them(dora):
+    adapters = dict(export_hf_weights(dora.chunks, adapters_only=True, dora_adapters=True))
+    merged = dict(export_hf_weights(dora.chunks, peft=False))
+    base = dict(export_hf_weights(dora.chunks, base_only=True))
+    magnitudes = {name.removeprefix(PEFT_PREFIX).removesuffix(MAGNITUDE): t for name, t in adapters.items()
+                  if name.endswith(MAGNITUDE)}
+    assert len(magnitudes) == 2 * 7
+    for module, magnitude in magnitudes.items():
+        weight = merged[f"{module}.weight"]
+        # the merged rows have the magnitudes as norms; the base rows do not
+        assert torch.allclose(torch.linalg.norm(weight, dim=1), magnitude, rtol=1e-5), module
+        assert not torch.allclose(torch.linalg.norm(base[f"{module}.weight"], dim=1), magnitude, rtol=1e-2), module
+    theirs = dict(dora.bridge.export_adapter_weights(dora.chunks, cpu=True, show_progress=False))
+    ours = {name.removeprefix(PEFT_PREFIX): t for name, t in adapters.items() if not name.endswith(MAGNITUDE)}
+    assert sorted(ours) == sorted(theirs)  # Megatron-Bridge's export has no magnitude
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+
+
+def test_dora_streams_are_refused_unless_asked_for(dora):
+    original = load_file(str(dora.hf_dir / "model.safetensors"))
+    for streamed in (dict(), dict(adapters_only=True)):
+        with pytest.raises(ExportError, match=r"DoRA .* vLLM cannot load: sync merged weights \(peft=False\)"):
+            next(export_hf_weights(dora.chunks, **streamed))
+    base = dict(export_hf_weights(dora.chunks, base_only=True))
+    assert sorted(base) == sorted(original) and all(torch.equal(base[n], t) for n, t in original.items())
+    got = [pair for bucket in export_hf_buckets(dora.chunks, bucket_bytes=1 << 12, adapters_only=True,
+                                                dora_adapters=True) for pair in bucket.tensors]
+    assert len([name for name, _ in got if name.endswith(MAGNITUDE)]) == 2 * 7
+
+
+def test_dora_on_a_linear_that_adds_its_bias_inside_is_refused_naming_it(megatron_cpu, tmp_path):
+    hf_dir = tiny_dense(tmp_path, "qwen2")
+    model = build_megatron_model(hf_dir, lora=LoraSettings(kind="dora", target_modules=("linear_qkv", "linear_fc2")))
+    randomize_lora(model.chunks, seed=4)
+    with pytest.raises(ExportError, match=r"DoRA on decoder\.layers\.0\.self_attention\.linear_qkv, .* PEFT's DoRA "
+                                          r"leaves unscaled"):
+        next(export_hf_weights(model.chunks, adapters_only=True, dora_adapters=True))
+    with pytest.raises(ExportError, match=r"linear_qkv.*merging it into the Hugging Face bias"):
+        next(export_hf_weights(model.chunks, peft=False))
+    base = dict(export_hf_weights(model.chunks, base_only=True))
+    assert "model.layers.0.self_attn.q_proj.bias" in base
