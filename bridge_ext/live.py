@@ -166,7 +166,7 @@ def local_tensors(chunks: list[torch.nn.Module], sharded: bool) -> tuple[list[Lo
             elif ".adapter." in name and not name.endswith((LORA_OUT, DORA_MAGNITUDE)):
                 raise ExportError(
                     f"{raw_name}: only LoRA adapters with one linear_in/linear_out pair per "
-                    "module are supported (not CanonicalLoRA or DoRA)"
+                    "module (LoRA, VLMLoRA, DoRA) are supported (not CanonicalLoRA)"
                 )
     return list(tensors.values()), adapters
 

@@ -41,6 +41,7 @@ from bridge_ext.checkpoint.run_config import PeftSettings
 from bridge_ext.source import Adapter, convert_in_order
 
 LORA_IN, LORA_OUT = ".adapter.linear_in.weight", ".adapter.linear_out.weight"
+MAGNITUDE = ".adapter.weight_magnitude"  # DoRA's, beside linear_in/linear_out
 NOT_MODEL_PREFIXES = ("optimizer.",)
 # Part orders of Megatron's split-tensor factories (megatron/core/ssm/gated_delta_net.py, mamba_mixer.py).
 SPLIT_PART_ORDERS = (
@@ -48,7 +49,7 @@ SPLIT_PART_ORDERS = (
     ("query", "key", "value"),
     ("z", "x", "B", "C", "dt"),
 )
-SUPPORTED_PEFT = ("LoRA", "VLMLoRA")
+SUPPORTED_PEFT = ("LoRA", "VLMLoRA", "DoRA")
 
 # Module lists stored on a leading axis (Qwen3-VL's vision block stacks its deepstack mergers too).
 _STACKED = re.compile(r"(?<![^.])(layers|deepstack_merger_list|experts\.experts)\.(?!\d)")
@@ -141,14 +142,17 @@ class CheckpointSource:
         if peft.kind not in SUPPORTED_PEFT:
             raise CheckpointError(f"{where}: peft is {peft.kind}; only LoRA adapters can be exported", where)
         adapters = {}
+        dora = peft.kind == "DoRA"
         for name in adapter_names:
-            if not name.endswith((LORA_IN, LORA_OUT)):
+            if not name.endswith((LORA_IN, LORA_OUT, MAGNITUDE) if dora else (LORA_IN, LORA_OUT)):
                 raise CheckpointError(
-                    f"{self.reader.path}: {name} is not a LoRA linear_in/linear_out weight "
-                    "(CanonicalLoRA and DoRA adapters are not supported)", self.reader.path)
+                    f"{self.reader.path}: {name} is not a {peft.kind} adapter weight "
+                    "(CanonicalLoRA adapters are not supported)", self.reader.path)
             if not name.endswith(LORA_IN):
                 continue
             module = name[: -len(LORA_IN)]
+            if dora:
+                self._check_dora(module)
             if module + LORA_OUT not in self.slices:
                 raise CheckpointError(f"{self.reader.path}: {module} has a LoRA linear_in but no linear_out",
                                       self.reader.path)
@@ -165,8 +169,26 @@ class CheckpointSource:
                 alpha=float(peft.alpha if peft.alpha is not None else rank),
                 rank=rank,
                 dropout=float(peft.dropout or 0.0),
+                magnitude=module + MAGNITUDE if dora else None,
+                expert=expert,
             )
         return adapters
+
+    def _check_dora(self, module: str) -> None:
+        """A DoRA module must have its magnitude, and be one whose forward PEFT's DoRA computes."""
+        path = self.reader.path
+        if module + MAGNITUDE not in self.slices:
+            raise CheckpointError(f"{path}: the DoRA adapter of {module} has no weight_magnitude", path)
+        if module + ".bias" in self.slices:  # a checkpoint does not say whether Megatron adds it inside
+            raise CheckpointError(f"{path}: DoRA on {module}, which has a bias: Megatron scales a bias it adds "
+                                  "inside the layer and PEFT's DoRA does not; converting it is not supported", path)
+        # a whole magnitude beside a sharded linear_in: a row-parallel linear saved at tensor-parallel size > 1
+        magnitude, lora_in = self.slices[module + MAGNITUDE], self.slices[module + LORA_IN]
+        if (len(self._chunk_starts(magnitude.keys[0], magnitude.index)) == 1
+                and len(self._chunk_starts(lora_in.keys[0], lora_in.index, all_axes=True)) > 1):
+            raise CheckpointError(f"{path}: DoRA on the row-parallel {module}, trained at tensor-parallel size > 1, "
+                                  "scaled each rank's output by the norm of that rank's columns only, which no "
+                                  "Hugging Face module computes", path)
 
     # ------------------------------------------------------------------ TensorSource
     def base_names(self) -> list[str]:
@@ -223,11 +245,13 @@ class CheckpointSource:
 
         A LoRA ``linear_out`` stored as a plain column-parallel tensor (one row chunk per rank, as
         many chunks as its ``linear_in``) is that; one in global order has a single chunk, or a
-        gate and an up chunk per rank (``linear_fc1``). None: use the tensor whole.
+        gate and an up chunk per rank (``linear_fc1``). A DoRA magnitude of a column-parallel
+        linear is stored the plain way (``linear_fc1``'s too). None: use the tensor whole.
         """
-        if len(stored.keys) != 1 or not name.endswith(LORA_OUT):
+        suffix = LORA_OUT if name.endswith(LORA_OUT) else MAGNITUDE if name.endswith(MAGNITUDE) else None
+        if len(stored.keys) != 1 or suffix is None:
             return None
-        lora_in = self.slices.get(name[: -len(LORA_OUT)] + LORA_IN)
+        lora_in = self.slices.get(name[: -len(suffix)] + LORA_IN)
         if lora_in is None:
             return None
         rows = self._chunk_starts(stored.keys[0], stored.index)
