@@ -220,6 +220,11 @@ def plan_export(source: TensorSource, config, layouts: ExpertLayouts | None = No
     )
     planned = {name for task in base_tasks for name in task.sources}
     orphans = sorted(module for module in source.adapters() if f"{module}.weight" not in planned)
+    shared = [module for module in orphans if f"{module}.weight0" in planned]
+    if shared:  # one adapter on a Transformer Engine grouped linear: every local expert's weight
+        raise ExportError(f"LoRA adapters on {shared} are shared by all the grouped experts of their module "
+                          "(Megatron-Bridge's LoRA(share_expert_adapters=True) on grouped experts), which is not "
+                          "supported; train expert LoRA on sequential experts (moe_grouped_gemm=False)")
     if orphans:
         raise ExportError(f"LoRA adapters on {orphans} wrap no weight a rule exports; they would be lost")
     produced = [name for task in base_tasks for name in task.hf_names]

@@ -26,6 +26,13 @@ from bridge_ext.source import Adapter
 
 LORA_IN, LORA_OUT = ".adapter.linear_in.weight", ".adapter.linear_out.weight"
 DORA_MAGNITUDE = ".adapter.weight_magnitude"
+# Megatron-Bridge's grouped-expert adapters (Transformer Engine grouped experts) and the LoRA
+# setting that selects each: one LoRA pair per expert packed in one tensor, or gate_up's A and
+# down's B shared by the experts. Neither is exported yet.
+_GROUPED_EXPERT_ADAPTERS = {
+    "GroupedExpertLinearAdapter": "share_expert_adapters=False",
+    "SharedOuterGroupedExpertAdapter": "experts_shared_outer_loras=True",
+}
 # Transformer Engine grouped experts number their parameters: ``linear_fc1.weight3``.
 _GROUPED_EXPERT_PARAM = re.compile(r"^(weight|bias)(\d+)$")
 
@@ -159,6 +166,8 @@ def local_tensors(chunks: list[torch.nn.Module], sharded: bool) -> tuple[list[Lo
             if name.endswith(DORA_MAGNITUDE) and sharded:
                 shard, shards = _magnitude_shard(raw_name, modules[owner])
             tensors[name] = LocalTensor(name, param, shard, shards, expert)
+            if ".adapter." in raw_name:
+                _refuse_grouped_expert_adapter(raw_name, modules)
             if name.endswith(LORA_IN):
                 module = name[: -len(LORA_IN)]
                 adapter_path = raw_name[: -len(".linear_in.weight")]
@@ -219,6 +228,15 @@ class LiveModelSource:
             return
         for batch in merge_batches(converter, tasks):
             yield from converter.convert_batch(batch)
+
+
+def _refuse_grouped_expert_adapter(raw_name: str, modules: dict[str, torch.nn.Module]) -> None:
+    path = raw_name[: raw_name.index(".adapter.") + len(".adapter")]
+    knob = _GROUPED_EXPERT_ADAPTERS.get(type(modules.get(path)).__name__)
+    if knob is not None:
+        raise ExportError(f"{path.removesuffix('.adapter')}: grouped-expert LoRA of Megatron-Bridge's LoRA({knob}) "
+                          f"({type(modules[path]).__name__}) is not supported; train expert LoRA on sequential "
+                          "experts (moe_grouped_gemm=False)")
 
 
 def _magnitude_shard(raw_name: str, adapter: torch.nn.Module) -> tuple[int, int]:

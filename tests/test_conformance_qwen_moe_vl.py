@@ -377,3 +377,41 @@ def test_megatron_bridge_merged_export_at_expert_parallelism_2(built, parallel_r
     num_experts = AutoConfig.from_pretrained(str(built.hf_dir)).num_experts
     assert_megatron_bridge_merge_at_expert_parallelism(ranks, num_experts, SCALE)
     assert_ours_alone_gives_the_megatron_forward(ranks[0], built.hf_dir, tmp_path)
+
+
+# Megatron-Bridge LoRA settings on MoE models ---------------------------------------------------------
+
+KNOBS = {
+    # expert rank dim // topk (2 here): the experts' rank and scale go to rank_pattern
+    "normalize_moe_lora": LoraSettings(options=(("normalize_moe_lora", True),)),
+    # LoRA on the router (its Hugging Face module is mlp.gate)
+    "router": LoraSettings(target_modules=("linear_qkv", "router")),
+}
+
+
+@pytest.mark.parametrize("knob", sorted(KNOBS))
+def test_moe_lora_settings_are_exported_exactly(knob, megatron_cpu, tmp_path):
+    import json
+
+    from bridge_ext.cpu.build import randomize_lora
+
+    built = build_megatron_model(tiny.tiny_qwen3_moe(tmp_path / "hf"), lora=KNOBS[knob])
+    randomize_lora(built.chunks, seed=7, std=0.1)
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    if knob == "normalize_moe_lora":
+        assert config["r"] == 4 and set(config["rank_pattern"].values()) == {2}
+        assert sorted(config["rank_pattern"]) == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2)
+                                                  for p in ("down_proj", "gate_up_proj")]
+    else:
+        assert "gate" in config["target_modules"] and config["rank_pattern"] == {}
+    report = Report()
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", report)
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    reference = megatron_logits(built.chunks, input_ids)
+    relative = compare_logits(hf_logits(peft_model, input_ids), reference, report, what=knob, relative_tolerance=1e-5)
+    merged = load_hf_model(tmp_path / "model")
+    merged.load_state_dict(dict(export_hf_weights(built.chunks, peft=False, expert_layout="fused")), strict=True)
+    compare_logits(hf_logits(merged, input_ids), reference, report, what=f"{knob} merged", relative_tolerance=1e-5)
+    without = hf_logits(load_hf_model(tmp_path / "model"), input_ids)
+    assert (without - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)

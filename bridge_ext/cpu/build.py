@@ -25,16 +25,18 @@ class LoraSettings:
     dim: int = 4
     alpha: int = 8
     kind: str = "lora"
+    #: further ``LoRA`` fields, e.g. ``(("normalize_moe_lora", True),)``
+    options: tuple[tuple[str, object], ...] = ()
 
     def peft(self):
         """The Megatron-Bridge PEFT object these settings describe."""
         if self.kind == "dora":
             from megatron.bridge.peft.dora import DoRA
 
-            return DoRA(target_modules=list(self.target_modules), dim=self.dim, alpha=self.alpha)
+            return DoRA(target_modules=list(self.target_modules), dim=self.dim, alpha=self.alpha, **dict(self.options))
         from megatron.bridge.peft.lora import LoRA
 
-        return LoRA(target_modules=list(self.target_modules), dim=self.dim, alpha=self.alpha)
+        return LoRA(target_modules=list(self.target_modules), dim=self.dim, alpha=self.alpha, **dict(self.options))
 
 
 @dataclass
