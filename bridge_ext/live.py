@@ -174,8 +174,8 @@ def local_tensors(chunks: list[torch.nn.Module], sharded: bool) -> tuple[list[Lo
                 adapters[module] = _adapter(module, modules[adapter_path], modules, adapter_path)
             elif ".adapter." in name and not name.endswith((LORA_OUT, DORA_MAGNITUDE)):
                 raise ExportError(
-                    f"{raw_name}: only LoRA adapters with one linear_in/linear_out pair per "
-                    "module (LoRA, VLMLoRA, DoRA) are supported (not CanonicalLoRA)"
+                    f"{raw_name}: only LoRA adapters with one linear_in/linear_out pair per module (LoRA, "
+                    "VLMLoRA, DoRA) are supported; CanonicalLoRA (one adapter per projection) is not supported yet"
                 )
     return list(tensors.values()), adapters
 

@@ -246,3 +246,10 @@ def test_dora_on_a_linear_that_adds_its_bias_inside_is_refused_naming_it(megatro
         next(export_hf_weights(model.chunks, peft=False))
     base = dict(export_hf_weights(model.chunks, base_only=True))
     assert "model.layers.0.self_attn.q_proj.bias" in base
+
+
+def test_canonical_lora_is_refused_naming_it(megatron_cpu, tmp_path):
+    model = build_megatron_model(tiny_dense(tmp_path, "qwen3"), lora=LoraSettings(kind="canonical_lora"))
+    with pytest.raises(ExportError, match=r"adapter\.adapter_q\.linear_in\.weight: .*CanonicalLoRA \(one adapter "
+                                          r"per projection\) is not supported yet"):
+        next(export_hf_weights(model.chunks, peft=False))

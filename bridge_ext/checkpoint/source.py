@@ -140,7 +140,8 @@ class CheckpointSource:
                 f"{self.reader.path} holds LoRA adapters, but {where} has no peft section "
                 "(alpha and dropout are needed to export them)", where)
         if peft.kind not in SUPPORTED_PEFT:
-            raise CheckpointError(f"{where}: peft is {peft.kind}; only LoRA adapters can be exported", where)
+            raise CheckpointError(f"{where}: peft is {peft.kind}; only {', '.join(SUPPORTED_PEFT)} adapters can be "
+                                  "exported (CanonicalLoRA is not supported yet)", where)
         adapters = {}
         dora = peft.kind == "DoRA"
         for name in adapter_names:

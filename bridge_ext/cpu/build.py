@@ -18,8 +18,10 @@ DEFAULT_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """Megatron-Bridge PEFT settings: ``kind`` ``"lora"`` (``megatron.bridge.peft.lora.LoRA``)
-    or ``"dora"`` (``megatron.bridge.peft.dora.DoRA``)."""
+    """Megatron-Bridge PEFT settings: ``kind`` ``"lora"`` (``megatron.bridge.peft.lora.LoRA``),
+    ``"dora"`` (``megatron.bridge.peft.dora.DoRA``) or ``"canonical_lora"``
+    (``megatron.bridge.peft.canonical_lora.CanonicalLoRA``, on its own default targets unless
+    ``target_modules`` names others)."""
 
     target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
     dim: int = 4
@@ -34,6 +36,12 @@ class LoraSettings:
             from megatron.bridge.peft.dora import DoRA
 
             return DoRA(target_modules=list(self.target_modules), dim=self.dim, alpha=self.alpha, **dict(self.options))
+        if self.kind == "canonical_lora":
+            from megatron.bridge.peft.canonical_lora import CanonicalLoRA
+
+            targets = [t for t in self.target_modules if t not in DEFAULT_LORA_TARGETS] or None
+            return CanonicalLoRA(**({"target_modules": targets} if targets else {}), dim=self.dim, alpha=self.alpha,
+                                 **dict(self.options))
         from megatron.bridge.peft.lora import LoRA
 
         return LoRA(target_modules=list(self.target_modules), dim=self.dim, alpha=self.alpha, **dict(self.options))
