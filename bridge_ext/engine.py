@@ -292,6 +292,9 @@ class TaskConverter:
             return
         name = task.sources[0]
         adapter = self.adapter_of(task, name)
+        if adapter is not None and adapter.parts:
+            yield from self._canonical(task, adapter)
+            return
         factors = self._factors(task, adapter)
         magnitudes = self._magnitudes(task, adapter) if factors and adapter.magnitude else None
         if self.mode is not Mode.ADAPTERS:
@@ -327,7 +330,7 @@ class TaskConverter:
                 or rule.transposes or rule.changes_values or len(task.sources) != 1):
             return None
         adapter = self.adapter_of(task, task.sources[0])
-        if adapter is None or adapter.magnitude:
+        if adapter is None or adapter.magnitude or adapter.parts:
             return None
         shapes = tuple(tuple(shape) for shape in self.source.shard_shapes(task.sources[0]))
         return id(rule), shapes, adapter.rank, adapter.scale
@@ -376,6 +379,36 @@ class TaskConverter:
             return None
         return _lora_factors(task.rule, adapter, self.source, self.dims, describe(task), self._run)
 
+    def _canonical(self, task: Task, adapter: Adapter) -> Iterator[tuple[str, torch.Tensor]]:
+        """A CanonicalLoRA module: each Hugging Face output takes its own part's pair (the rule's
+        ``lora_parts``), whose ``B`` rows already are that output's rows (tensor-parallel shards
+        joined as they are); an output without a part's adapter has none."""
+        rule = task.rule
+        names = sorted(name for name, _ in adapter.parts)
+        if (len(rule.lora_parts) != len(task.hf_names) or rule.stack or rule.transposes or rule.changes_values
+                or not set(names) <= set(rule.lora_parts)):
+            raise ExportError(f"{describe(task)}: CanonicalLoRA adapters {names} on a weight whose rule names the "
+                              f"parts {list(rule.lora_parts)}: not supported")
+        parts = [adapter.part(part) for part in rule.lora_parts]
+        factors = [None if part is None or self.mode is Mode.BASE else self._part_factors(rule, part)
+                   for part in parts]
+        if self.mode is not Mode.ADAPTERS:
+            bases = self._run(rule, self.source.shards(task.sources[0]), self.dims, what=describe(task))
+            for hf_name, base, part, pair in zip(task.hf_names, bases, parts, factors, strict=True):
+                if self.mode is Mode.MERGED and pair is not None:
+                    base = _merge(base, *pair, part.scale)
+                yield hf_name, self._cast(base)
+            return
+        for hf_name, pair in zip(task.hf_names, factors, strict=True):
+            if pair is not None:
+                yield peft_key(hf_name, LORA_A), self._cast(pair[0])
+                yield peft_key(hf_name, LORA_B), self._cast(pair[1])
+
+    def _part_factors(self, rule: Rule, part: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
+        a_shards, b_shards = self.source.shards(part.lora_a), self.source.shards(part.lora_b)
+        lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards, dim=1 if rule.tp == "row" else 0)
+        return lora_a, b_shards[0] if len(b_shards) == 1 else torch.cat(b_shards)
+
     def _magnitudes(self, task: Task, adapter: Adapter) -> list[torch.Tensor]:
         """A DoRA magnitude ``[out]`` per Hugging Face output, its rows rearranged like ``lora_B``'s
         (run through the rule as a one-column matrix)."""
@@ -416,8 +449,10 @@ class TaskConverter:
         """
         adapters = [self.adapter_of(task, name) for name in task.sources]
         adapted = self.mode is not Mode.BASE and any(adapter is not None for adapter in adapters)
-        if adapted and any(adapter is not None and adapter.magnitude for adapter in adapters):
-            raise ExportError(f"{describe(task)}: DoRA on fused experts is not supported")
+        if adapted and any(adapter is not None and (adapter.magnitude or adapter.parts) for adapter in adapters):
+            raise ExportError(f"{describe(task)}: DoRA or CanonicalLoRA on fused experts is not supported (for "
+                              "CanonicalLoRA export the experts per expert: expert_layout='per_expert', "
+                              "expert_adapter_layout='per_expert')")
         packable = not adapted or (all(adapter is not None for adapter in adapters)
                                    and len({adapter.scale for adapter in adapters}) == 1)
         if task.rule.transposes or task.rule.changes_values or not packable:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,6 +33,8 @@ _GROUPED_EXPERT_ADAPTERS = {
     "GroupedExpertLinearAdapter": "share_expert_adapters=False",
     "SharedOuterGroupedExpertAdapter": "experts_shared_outer_loras=True",
 }
+# CanonicalLoRA: one adapter per part of a fused module (``linear_qkv.adapter.adapter_q.linear_in``).
+_CANONICAL = re.compile(r"^(?P<module>.+)\.adapter\.adapter_(?P<part>[a-z]+)\.linear_(?P<factor>in|out)\.weight$")
 # Transformer Engine grouped experts number their parameters: ``linear_fc1.weight3``.
 _GROUPED_EXPERT_PARAM = re.compile(r"^(weight|bias)(\d+)$")
 
@@ -154,6 +156,7 @@ def local_tensors(chunks: list[torch.nn.Module], sharded: bool) -> tuple[list[Lo
     """
     tensors: dict[str, LocalTensor] = {}
     adapters: dict[str, Adapter] = {}
+    canonical: dict[str, dict[str, Adapter]] = {}
     for chunk in chunks:
         modules = dict(chunk.named_modules())
         paths = global_module_paths(modules)
@@ -168,15 +171,27 @@ def local_tensors(chunks: list[torch.nn.Module], sharded: bool) -> tuple[list[Lo
             tensors[name] = LocalTensor(name, param, shard, shards, expert)
             if ".adapter." in raw_name:
                 _refuse_grouped_expert_adapter(raw_name, modules)
-            if name.endswith(LORA_IN):
+            part = _CANONICAL.match(name) if ".adapter.adapter_" in name else None
+            if part is not None:
+                if part["factor"] == "in":
+                    path = raw_name[: -len(".linear_in.weight")]
+                    sub = _adapter(part["module"], modules[path], modules, path)
+                    prefix = name[: -len("in.weight")]
+                    canonical.setdefault(part["module"], {})[part["part"]] = replace(
+                        sub, lora_a=f"{prefix}in.weight", lora_b=f"{prefix}out.weight")
+            elif name.endswith(LORA_IN):
                 module = name[: -len(LORA_IN)]
                 adapter_path = raw_name[: -len(".linear_in.weight")]
                 adapters[module] = _adapter(module, modules[adapter_path], modules, adapter_path)
             elif ".adapter." in name and not name.endswith((LORA_OUT, DORA_MAGNITUDE)):
                 raise ExportError(
                     f"{raw_name}: only LoRA adapters with one linear_in/linear_out pair per module (LoRA, "
-                    "VLMLoRA, DoRA) are supported; CanonicalLoRA (one adapter per projection) is not supported yet"
+                    "VLMLoRA, DoRA) and CanonicalLoRA's per-part pairs are supported"
                 )
+    for module, parts in canonical.items():
+        first = next(iter(parts.values()))
+        adapters[module] = Adapter(module, first.lora_a, first.lora_b, first.alpha, first.rank, first.dropout,
+                                   expert=first.expert, parts=tuple(sorted(parts.items())))
     return list(tensors.values()), adapters
 
 

@@ -57,6 +57,10 @@ def adapted_outputs(tasks: list[Task], adapters: dict[str, Adapter], table: Mapp
             if adapter is None:
                 continue
             family = table.family(task.rule) if table is not None else None
+            if adapter.parts:  # CanonicalLoRA: each output its own part's adapter, if it has one
+                outputs.extend(AdaptedOutput(hf_name, adapter.part(part), family)
+                               for hf_name, part in zip(task.hf_names, task.rule.lora_parts) if adapter.part(part))
+                continue
             outputs.extend(AdaptedOutput(hf_name, adapter, family) for hf_name in task.hf_names)
             if task.rule.stack:
                 break  # one entry per fused parameter

@@ -415,3 +415,28 @@ def test_moe_lora_settings_are_exported_exactly(knob, megatron_cpu, tmp_path):
     compare_logits(hf_logits(merged, input_ids), reference, report, what=f"{knob} merged", relative_tolerance=1e-5)
     without = hf_logits(load_hf_model(tmp_path / "model"), input_ids)
     assert (without - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+
+
+def test_canonical_lora_on_sequential_experts_is_exact_per_expert_and_refused_fused(megatron_cpu, tmp_path):
+    """CanonicalLoRA splits each sequential expert's linear_fc1 into gate and up adapters: per
+    expert they are two modules' pairs; PEFT's fused gate_up_proj would need them as one
+    block-diagonal rank-2r pair, which is not exported yet."""
+    from bridge_ext.cpu.build import randomize_lora
+    from bridge_ext.errors import ExportError
+
+    built = build_megatron_model(tiny.tiny_qwen3_moe(tmp_path / "hf"), lora=LoraSettings(kind="canonical_lora"))
+    randomize_lora(built.chunks, seed=9, std=0.1)
+    per_expert = dict(expert_layout="per_expert", expert_adapter_layout="per_expert")
+    names = [n for n, _ in export_hf_weights(built.chunks, adapters_only=True, **per_expert)]
+    assert f"{PEFT_PREFIX}model.layers.1.mlp.experts.3.up_proj.lora_A.weight" in names
+    assert f"{PEFT_PREFIX}model.layers.1.mlp.experts.3.gate_proj.lora_B.weight" in names
+    ours = {n.removeprefix(PEFT_PREFIX): t for n, t in export_hf_weights(built.chunks, adapters_only=True, **per_expert)}
+    theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True, expert_layout="per_expert")
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    compare_logits(hf_logits(load_hf_model(tmp_path / "merged"), input_ids), megatron_logits(built.chunks, input_ids),
+                   Report(), what="merged CanonicalLoRA experts", relative_tolerance=1e-5)
+    for options in (dict(peft=False, expert_layout="fused"), dict(adapters_only=True, expert_adapter_layout="fused")):
+        with pytest.raises(ExportError, match=r"CanonicalLoRA on fused experts is not supported"):
+            next(export_hf_weights(built.chunks, **options))

@@ -248,8 +248,45 @@ def test_dora_on_a_linear_that_adds_its_bias_inside_is_refused_naming_it(megatro
     assert "model.layers.0.self_attn.q_proj.bias" in base
 
 
-def test_canonical_lora_is_refused_naming_it(megatron_cpu, tmp_path):
-    model = build_megatron_model(tiny_dense(tmp_path, "qwen3"), lora=LoraSettings(kind="canonical_lora"))
-    with pytest.raises(ExportError, match=r"adapter\.adapter_q\.linear_in\.weight: .*CanonicalLoRA \(one adapter "
-                                          r"per projection\) is not supported yet"):
-        next(export_hf_weights(model.chunks, peft=False))
+# CanonicalLoRA (Megatron-Bridge's megatron.bridge.peft.canonical_lora.CanonicalLoRA) ---------------
+
+# Megatron-Bridge 0.6.2's forward needs every part of a module it adapts (a missing adapter_k fails)
+CANONICAL = {"every module": (), "some modules": ("linear_q", "linear_k", "linear_v", "linear_fc2")}
+CANONICAL_MODULES = {"every module": 7, "some modules": 4}
+
+
+@pytest.mark.parametrize("targets", sorted(CANONICAL))
+def test_canonical_lora_gives_one_pair_per_part_and_megatron_logits(megatron_cpu, tmp_path, targets):
+    """Each part's adapter (adapter_q, adapter_k, adapter_v, adapter_gate, adapter_up) becomes its
+    own Hugging Face module's pair with its own lora_A."""
+    import json
+
+    model = build_megatron_model(tiny_dense(tmp_path / "hf", "qwen3"),
+                                 lora=LoraSettings(kind="canonical_lora", target_modules=CANONICAL[targets]))
+    randomize_lora(model.chunks, seed=8, std=0.1)
+    save_hf_pretrained(model.chunks, tmp_path / "model", tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert len(saved) == 2 * CANONICAL_MODULES[targets] * 2
+    q, k = (saved[f"{PEFT_PREFIX}model.layers.0.self_attn.{m}_proj.lora_A.weight"] for m in "qk")
+    assert not torch.equal(q, k)  # no shared A
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) == CANONICAL_MODULES[targets]
+    report = Report()
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", report)
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    reference = megatron_logits(model.chunks, input_ids)
+    relative = compare_logits(hf_logits(peft_model, input_ids), reference, report, what="HF + CanonicalLoRA",
+                              relative_tolerance=1e-5)
+    merged = dict(export_hf_weights(model.chunks, peft=False))
+    hf_model = load_hf_model(tmp_path / "model")
+    hf_model.load_state_dict(merged, strict=True)
+    compare_logits(hf_logits(hf_model, input_ids), reference, report, what="merged CanonicalLoRA",
+                   relative_tolerance=1e-5)
+    without = hf_logits(load_hf_model(tmp_path / "model"), input_ids)
+    assert (without - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+    # the same tensors as Megatron-Bridge's exports
+    ours = {name.removeprefix(PEFT_PREFIX): t for name, t in export_hf_weights(model.chunks, adapters_only=True)}
+    theirs = dict(model.bridge.export_adapter_weights(model.chunks, cpu=True, show_progress=False))
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    theirs_merged = dict(model.bridge.export_hf_weights(model.chunks, cpu=True, show_progress=False))
+    assert sorted(merged) == sorted(theirs_merged) and all(torch.equal(merged[n], theirs_merged[n]) for n in merged)

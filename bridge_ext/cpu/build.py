@@ -20,8 +20,8 @@ DEFAULT_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 class LoraSettings:
     """Megatron-Bridge PEFT settings: ``kind`` ``"lora"`` (``megatron.bridge.peft.lora.LoRA``),
     ``"dora"`` (``megatron.bridge.peft.dora.DoRA``) or ``"canonical_lora"``
-    (``megatron.bridge.peft.canonical_lora.CanonicalLoRA``, on its own default targets unless
-    ``target_modules`` names others)."""
+    (``megatron.bridge.peft.canonical_lora.CanonicalLoRA``, on its own default targets when
+    ``target_modules`` is empty or LoRA's default)."""
 
     target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
     dim: int = 4
@@ -39,9 +39,9 @@ class LoraSettings:
         if self.kind == "canonical_lora":
             from megatron.bridge.peft.canonical_lora import CanonicalLoRA
 
-            targets = [t for t in self.target_modules if t not in DEFAULT_LORA_TARGETS] or None
-            return CanonicalLoRA(**({"target_modules": targets} if targets else {}), dim=self.dim, alpha=self.alpha,
-                                 **dict(self.options))
+            targets = {} if self.target_modules in (DEFAULT_LORA_TARGETS, ()) else {
+                "target_modules": list(self.target_modules)}
+            return CanonicalLoRA(**targets, dim=self.dim, alpha=self.alpha, **dict(self.options))
         from megatron.bridge.peft.lora import LoRA
 
         return LoRA(target_modules=list(self.target_modules), dim=self.dim, alpha=self.alpha, **dict(self.options))
