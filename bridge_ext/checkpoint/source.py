@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -49,7 +49,9 @@ SPLIT_PART_ORDERS = (
     ("query", "key", "value"),
     ("z", "x", "B", "C", "dt"),
 )
-SUPPORTED_PEFT = ("LoRA", "VLMLoRA", "DoRA")
+SUPPORTED_PEFT = ("LoRA", "VLMLoRA", "DoRA", "CanonicalLoRA")
+# CanonicalLoRA's per-part pairs (``linear_qkv.adapter.adapter_q.linear_in.weight``)
+_CANONICAL = re.compile(r"^(?P<module>.+)\.adapter\.adapter_(?P<part>[a-z]+)\.linear_(?P<factor>in|out)\.weight$")
 
 # Module lists stored on a leading axis (Qwen3-VL's vision block stacks its deepstack mergers too).
 _STACKED = re.compile(r"(?<![^.])(layers|deepstack_merger_list|experts\.experts)\.(?!\d)")
@@ -141,39 +143,48 @@ class CheckpointSource:
                 "(alpha and dropout are needed to export them)", where)
         if peft.kind not in SUPPORTED_PEFT:
             raise CheckpointError(f"{where}: peft is {peft.kind}; only {', '.join(SUPPORTED_PEFT)} adapters can be "
-                                  "exported (CanonicalLoRA is not supported yet)", where)
+                                  "exported", where)
         adapters = {}
-        dora = peft.kind == "DoRA"
+        dora, canonical = peft.kind == "DoRA", peft.kind == "CanonicalLoRA"
+        parts: dict[str, dict[str, Adapter]] = {}
         for name in adapter_names:
-            if not name.endswith((LORA_IN, LORA_OUT, MAGNITUDE) if dora else (LORA_IN, LORA_OUT)):
-                raise CheckpointError(
-                    f"{self.reader.path}: {name} is not a {peft.kind} adapter weight "
-                    "(CanonicalLoRA adapters are not supported)", self.reader.path)
+            part = _CANONICAL.match(name) if canonical else None
+            if part is None and not name.endswith((LORA_IN, LORA_OUT, MAGNITUDE) if dora else (LORA_IN, LORA_OUT)):
+                raise CheckpointError(f"{self.reader.path}: {name} is not a {peft.kind} adapter weight",
+                                      self.reader.path)
+            if part is not None:
+                if part["factor"] == "in":
+                    prefix = name[: -len("in.weight")]
+                    parts.setdefault(part["module"], {})[part["part"]] = self._lora(
+                        part["module"], f"{prefix}in.weight", f"{prefix}out.weight", peft)
+                continue
             if not name.endswith(LORA_IN):
                 continue
             module = name[: -len(LORA_IN)]
             if dora:
                 self._check_dora(module)
-            if module + LORA_OUT not in self.slices:
-                raise CheckpointError(f"{self.reader.path}: {module} has a LoRA linear_in but no linear_out",
-                                      self.reader.path)
-            rank = self.shape(name)[0]
-            expert = ".experts." in module
-            if peft.dim is not None and rank != peft.dim and not (expert and peft.settings.get("normalize_moe_lora")):
-                raise CheckpointError(
-                    f"{self.reader.path}: {name} has shape {self.shape(name)} (rank {rank}), but {where} "
-                    f"says peft.dim = {peft.dim}", self.reader.path)
-            adapters[module] = Adapter(
-                module=module,
-                lora_a=module + LORA_IN,
-                lora_b=module + LORA_OUT,
-                alpha=float(peft.alpha if peft.alpha is not None else rank),
-                rank=rank,
-                dropout=float(peft.dropout or 0.0),
-                magnitude=module + MAGNITUDE if dora else None,
-                expert=expert,
-            )
+            adapters[module] = replace(self._lora(module, module + LORA_IN, module + LORA_OUT, peft),
+                                       magnitude=module + MAGNITUDE if dora else None)
+        for module, by_part in parts.items():
+            first = next(iter(by_part.values()))
+            adapters[module] = replace(first, parts=tuple(sorted(by_part.items())))
         return adapters
+
+    def _lora(self, module: str, lora_in: str, lora_out: str, peft: PeftSettings) -> Adapter:
+        """The LoRA pair ``lora_in`` / ``lora_out`` on ``module``, its rank checked against ``peft.dim``."""
+        where = self.reader.location.run_config_file
+        if lora_out not in self.slices:
+            raise CheckpointError(f"{self.reader.path}: {module} has a LoRA linear_in but no linear_out",
+                                  self.reader.path)
+        rank = self.shape(lora_in)[0]
+        expert = ".experts." in module
+        if peft.dim is not None and rank != peft.dim and not (expert and peft.settings.get("normalize_moe_lora")):
+            raise CheckpointError(
+                f"{self.reader.path}: {lora_in} has shape {self.shape(lora_in)} (rank {rank}), but {where} "
+                f"says peft.dim = {peft.dim}", self.reader.path)
+        return Adapter(module=module, lora_a=lora_in, lora_b=lora_out,
+                       alpha=float(peft.alpha if peft.alpha is not None else rank), rank=rank,
+                       dropout=float(peft.dropout or 0.0), expert=expert)
 
     def _check_dora(self, module: str) -> None:
         """A DoRA module must have its magnitude, and be one whose forward PEFT's DoRA computes."""

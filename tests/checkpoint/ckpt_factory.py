@@ -16,7 +16,8 @@ with that rank's live parameters and their TP attributes (for the expected globa
   (``apply_peft_adapter_filter_to_state_dict``, training/checkpointing.py), plus common state;
 * ``dora_adapter`` / ``dora_row_adapter``: DoRA adapter-only checkpoints (random A, B and
   magnitudes) on the column-parallel ``linear_qkv`` and ``linear_fc1``, and on the row-parallel
-  ``linear_proj``.
+  ``linear_proj``;
+* ``canonical_adapter``: a CanonicalLoRA adapter-only checkpoint on its default targets.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import yaml
 
 ITERATION = 10
-VARIANTS = ("dense", "lora", "adapter", "dora_adapter", "dora_row_adapter")
+VARIANTS = ("dense", "lora", "adapter", "dora_adapter", "dora_row_adapter", "canonical_adapter")
 DORA_TARGETS = {"dora_adapter": ("linear_qkv", "linear_fc1"), "dora_row_adapter": ("linear_proj",)}
 
 
@@ -148,6 +149,9 @@ def save_all(hf_dir: Path, out: Path, *, tensor_parallel: int) -> None:
             randomize_lora(dora.chunks, seed=2)
             save_variant(dora, out / variant, adapter_only=True, base_root=out / "dense")
             dump_params(dora, out / f"params_{variant}_rank{rank}.pt")
+        canonical = build(hf_dir, lora=LoraSettings(kind="canonical_lora"))
+        randomize_lora(canonical.chunks, seed=3)
+        save_variant(canonical, out / "canonical_adapter", adapter_only=True, base_root=out / "dense")
 
 
 if __name__ == "__main__":

@@ -225,3 +225,23 @@ def test_dora_on_a_row_parallel_linear_saved_at_tp2_is_refused(qwen3_hf, qwen3_c
                                               r"linear_proj, trained at tensor-parallel size > 1"):
         convert_checkpoint(qwen3_ckpts_tp2 / "dora_row_adapter", adapter_dir=tmp_path / "tp2", hf_base=qwen3_hf)
     assert not (tmp_path / "tp2").exists()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_canonical_lora_checkpoint_converts_to_the_live_export(tp, megatron_cpu, qwen3_hf, qwen3_ckpts,
+                                                               qwen3_ckpts_tp2, tmp_path):
+    """CanonicalLoRA (``peft._target_: megatron.bridge.peft.canonical_lora.CanonicalLoRA``), saved at
+    TP1 and TP2: the same folder as the live export of the loaded model, PEFT gives its logits."""
+    root = (qwen3_ckpts if tp == 1 else qwen3_ckpts_tp2) / "canonical_adapter"
+    live = build_megatron_model(qwen3_hf, lora=LoraSettings(kind="canonical_lora"))
+    load_with_megatron(live, root, adapter_only=True)
+    save_hf_pretrained(live.chunks, tmp_path / "live_model", tmp_path / "live_adapter")
+    result = convert_checkpoint(root, adapter_dir=tmp_path / "adapter", hf_base=qwen3_hf)
+    ours = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    expected = load_file(str(tmp_path / "live_adapter" / "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(expected) and len(ours) == 2 * 7 * 2
+    assert [name for name in ours if not torch.equal(ours[name], expected[name])] == []
+    report = Report()
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "live_model"), result.adapter_dir, report)
+    compare_logits(hf_logits(peft_model, INPUT_IDS), megatron_logits(live.chunks, INPUT_IDS), report,
+                   what="converted CanonicalLoRA", relative_tolerance=1e-5)
