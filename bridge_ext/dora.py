@@ -7,8 +7,9 @@ module's bias unscaled. So a bias-free or bias-returning linear exports as PEFT 
 magnitude under ``<module>.lora_magnitude_vector``, split by rows like ``lora_B`` (row norms
 do not mix rows), and merges as ``m / ||W + s B A||_row * (W + s B A)``.
 
-Not expressible, refused naming the modules: a linear that adds its bias inside the scaled
-product (Megatron scales the bias too, PEFT does not), and routed experts (PEFT refuses DoRA
+Not expressible, refused naming the modules: as a PEFT adapter, a linear that adds its bias
+inside the scaled product (Megatron scales the bias too, PEFT does not: the merged export scales
+it), and routed experts (PEFT refuses DoRA
 on fused expert parameters; Megatron-Bridge 0.6.2 cannot train it there: its magnitude is
 viewed ``(1, 1, -1)`` against the experts' 2-D inputs, and grouped experts have no single
 ``weight`` to take a norm of). vLLM loads no DoRA adapter at all (its PEFT helper refuses
@@ -37,7 +38,8 @@ def _listed(modules: list[str], limit: int = 4) -> str:
 
 
 def check_dora(adapters: list[Adapter], *, merged: bool, adapters_out: bool) -> None:
-    """Refuse, before any tensor moves, DoRA adapters that this export cannot reproduce."""
+    """Refuse, before any tensor moves, DoRA adapters that this export cannot reproduce (a merged
+    export scales a bias added inside by the same factor as its weight rows)."""
     experts = sorted(a.module for a in adapters if a.expert)
     if experts and (merged or adapters_out):
         raise ExportError(f"DoRA on routed experts ({_listed(experts)}): Megatron-Bridge cannot train it there "
@@ -46,6 +48,3 @@ def check_dora(adapters: list[Adapter], *, merged: bool, adapters_out: bool) -> 
     if inside and adapters_out:
         raise ExportError(f"DoRA on {_listed(inside)} scales the bias Megatron adds inside the layer, which PEFT's "
                           "DoRA leaves unscaled: no PEFT adapter expresses it; export merged weights (peft=False)")
-    if inside and merged:
-        raise ExportError(f"DoRA on {_listed(inside)} scales the bias Megatron adds inside the layer; merging it "
-                          "into the Hugging Face bias is not supported yet")

@@ -298,7 +298,10 @@ class TaskConverter:
         factors = self._factors(task, adapter)
         magnitudes = self._magnitudes(task, adapter) if factors and adapter.magnitude else None
         if self.mode is not Mode.ADAPTERS:
-            bases = self._run(task.rule, self.source.shards(name), self.dims, what=describe(task))
+            shards = self.source.shards(name)
+            if self.mode is Mode.MERGED and adapter is None and name.endswith(".bias"):
+                shards = self._dora_scaled_bias(name, shards)
+            bases = self._run(task.rule, shards, self.dims, what=describe(task))
             for index, (hf_name, base) in enumerate(zip(task.hf_names, bases, strict=True)):
                 if self.mode is Mode.MERGED and magnitudes:
                     base = dora_merge(base, *factors[index], adapter.scale, magnitudes[index])
@@ -408,6 +411,28 @@ class TaskConverter:
         a_shards, b_shards = self.source.shards(part.lora_a), self.source.shards(part.lora_b)
         lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards, dim=1 if rule.tp == "row" else 0)
         return lora_a, b_shards[0] if len(b_shards) == 1 else torch.cat(b_shards)
+
+    def _dora_scaled_bias(self, name: str, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A bias that its DoRA linear adds inside the scaled product, times the same factor
+        ``m / ||W + s B A||_row`` (per tensor-parallel shard of rows, as Megatron computes it);
+        other biases as they are."""
+        adapter = self.adapters.get(name.removesuffix(".bias"))
+        if adapter is None or not adapter.bias_inside:
+            return shards
+        weights, lora_bs = self.source.shards(adapter.module + ".weight"), self.source.shards(adapter.lora_b)
+        magnitudes, a_shards = self.source.shards(adapter.magnitude), self.source.shards(adapter.lora_a)
+        lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards)
+        if not len(weights) == len(lora_bs) == len(magnitudes) or weights[0].shape[1] != lora_a.shape[1]:
+            raise ExportError(f"{name}: DoRA's bias scale of a row-parallel or unevenly sharded linear is not supported")
+        factors = []
+        for weight, lora_b, magnitude in zip(weights, lora_bs, magnitudes):
+            row = (lora_b.float() @ lora_a.float()).mul_(adapter.scale).add_(weight)
+            factors.append(magnitude.float() / torch.linalg.norm(row, dim=1))
+        if len(shards) == 1 and len(factors) > 1:  # delivered whole (see joins_rows)
+            factors = [torch.cat(factors)]
+        if len(shards) != len(factors):
+            raise ExportError(f"{name}: its shards do not match its DoRA linear's")
+        return [(bias.float() * factor).to(bias.dtype) for bias, factor in zip(shards, factors)]
 
     def _magnitudes(self, task: Task, adapter: Adapter) -> list[torch.Tensor]:
         """A DoRA magnitude ``[out]`` per Hugging Face output, its rows rearranged like ``lora_B``'s

@@ -235,17 +235,27 @@ def test_dora_streams_are_refused_unless_asked_for(dora):
     assert len([name for name, _ in got if name.endswith(MAGNITUDE)]) == 2 * 7
 
 
-def test_dora_on_a_linear_that_adds_its_bias_inside_is_refused_naming_it(megatron_cpu, tmp_path):
+def test_dora_on_a_linear_that_adds_its_bias_inside_merges_its_bias_and_refuses_peft(megatron_cpu, tmp_path):
+    """Qwen2's linear_qkv adds its bias inside DoRA's scaled product: Megatron scales the bias,
+    PEFT's DoRA would not (refused, naming the module); the merged export scales it too."""
     hf_dir = tiny_dense(tmp_path, "qwen2")
     model = build_megatron_model(hf_dir, lora=LoraSettings(kind="dora", target_modules=("linear_qkv", "linear_fc2")))
     randomize_lora(model.chunks, seed=4)
+    with torch.no_grad():  # transformers initialises the biases to zero
+        for layer in model.chunks[0].decoder.layers:
+            bias = layer.self_attention.linear_qkv.to_wrap.bias
+            bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(5)) * 0.5)
     with pytest.raises(ExportError, match=r"DoRA on decoder\.layers\.0\.self_attention\.linear_qkv, .* PEFT's DoRA "
                                           r"leaves unscaled"):
         next(export_hf_weights(model.chunks, adapters_only=True, dora_adapters=True))
-    with pytest.raises(ExportError, match=r"linear_qkv.*merging it into the Hugging Face bias"):
-        next(export_hf_weights(model.chunks, peft=False))
+    merged = dict(export_hf_weights(model.chunks, peft=False))
     base = dict(export_hf_weights(model.chunks, base_only=True))
-    assert "model.layers.0.self_attn.q_proj.bias" in base
+    assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.bias"], base["model.layers.0.self_attn.q_proj.bias"])
+    hf_model = load_hf_model(hf_dir)
+    hf_model.load_state_dict(merged, strict=True)
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(2))
+    compare_logits(hf_logits(hf_model, input_ids), megatron_logits(model.chunks, input_ids), Report(),
+                   what="merged DoRA with an inside bias", relative_tolerance=1e-5)
 
 
 # CanonicalLoRA (Megatron-Bridge's megatron.bridge.peft.canonical_lora.CanonicalLoRA) ---------------
