@@ -474,10 +474,11 @@ class TaskConverter:
         """
         adapters = [self.adapter_of(task, name) for name in task.sources]
         adapted = self.mode is not Mode.BASE and any(adapter is not None for adapter in adapters)
-        if adapted and any(adapter is not None and (adapter.magnitude or adapter.parts) for adapter in adapters):
-            raise ExportError(f"{describe(task)}: DoRA or CanonicalLoRA on fused experts is not supported (for "
-                              "CanonicalLoRA export the experts per expert: expert_layout='per_expert', "
-                              "expert_adapter_layout='per_expert')")
+        if adapted and any(adapter is not None and adapter.magnitude for adapter in adapters):
+            raise ExportError(f"{describe(task)}: DoRA on fused experts is not supported")
+        if adapted and any(adapter is not None and adapter.parts for adapter in adapters):
+            yield from self._stacked_canonical(task, adapters)
+            return
         packable = not adapted or (all(adapter is not None for adapter in adapters)
                                    and len({adapter.scale for adapter in adapters}) == 1)
         if task.rule.transposes or task.rule.changes_values or not packable:
@@ -500,6 +501,49 @@ class TaskConverter:
         for hf_name, (lora_a, lora_b) in zip(task.hf_names, packed, strict=True):
             for key, tensor in self.expert_adapters(hf_name, lora_a, lora_b):
                 yield key, self._cast(tensor)
+
+    def _stacked_canonical(self, task: Task, adapters: list[Adapter | None]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Fused experts whose ``linear_fc1`` carries CanonicalLoRA's separate gate and up
+        adapters: each expert's pair becomes one block-diagonal pair of rank ``2r``
+        (:func:`block_diagonal_parts`), merged expert by expert or packed as PEFT's 3-D adapter."""
+        rule = task.rule
+        scales = {part.scale for adapter in adapters if adapter is not None for _, part in adapter.parts}
+        if (rule.transposes or rule.changes_values or len(task.hf_names) != 1 or len(scales) != 1
+                or any(adapter is None or adapter.part("gate") is None or adapter.part("up") is None
+                       or len(adapter.parts) != 2 for adapter in adapters)):
+            raise ExportError(f"{describe(task)}: CanonicalLoRA on these fused experts (every expert needs its "
+                              "gate and up adapters, of one scale) is not supported; export them per expert "
+                              "(expert_layout='per_expert', expert_adapter_layout='per_expert')")
+        pairs = [self._block_diagonal(task, adapter) for adapter in adapters]
+        (hf_name,), (scale,) = task.hf_names, scales
+        if self.mode is Mode.MERGED:
+            output = None
+            for expert, (name, (lora_a, lora_b)) in enumerate(zip(task.sources, pairs)):
+                (base,) = self._run(rule, self.source.shards(name), self.dims, what=describe(task, name))
+                base = _merge(base, lora_a, lora_b, scale)
+                if output is None:
+                    output = _empty_output((len(task.sources), *base.shape), self.dtype or base.dtype, base.device,
+                                           False)
+                output[expert].copy_(base)
+            yield hf_name, output
+            return
+        if self.expert_adapters is None:
+            raise ExportError(f"{task.hf_names}: fused experts need an expert adapter layout")
+        lora_a, lora_b = fuse_expert_lora([a for a, _ in pairs], [b for _, b in pairs])
+        for key, tensor in self.expert_adapters(hf_name, lora_a, lora_b):
+            yield key, self._cast(tensor)
+
+    def _block_diagonal(self, task: Task, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A = [A_gate; A_up]`` ``[2r, in]`` and, per tensor-parallel shard of rows ``[gate_s; up_s]``,
+        ``B_s = [[B_gate_s, 0], [0, B_up_s]]``, through the rule's row operations:
+        ``B A = [B_gate A_gate; B_up A_up]``, the two adapters' deltas on their own rows."""
+        gate, up = adapter.part("gate"), adapter.part("up")
+        lora_a = torch.cat([self._part_factors(task.rule, part)[0] for part in (gate, up)])
+        blocks = [torch.block_diag(g, u) for g, u in zip(self.source.shards(gate.lora_b), self.source.shards(up.lora_b),
+                                                        strict=True)]
+        (lora_b,) = self._run(task.rule, blocks, self.dims, axis=0, rows_only=True,
+                              what=f"CanonicalLoRA gate and up B of {describe(task)}")
+        return lora_a, lora_b
 
     def _stacked_each_expert(self, task: Task) -> Iterator[tuple[str, torch.Tensor]]:
         """Experts fused into ``[E, ...]``, each output filled expert by expert (rules that

@@ -57,6 +57,11 @@ def adapted_outputs(tasks: list[Task], adapters: dict[str, Adapter], table: Mapp
             if adapter is None:
                 continue
             family = table.family(task.rule) if table is not None else None
+            if adapter.parts and task.rule.stack:  # CanonicalLoRA gate and up: one block-diagonal pair
+                outputs.extend(AdaptedOutput(hf_name, replace(adapter, rank=sum(p.rank for _, p in adapter.parts),
+                                                              alpha=sum(p.alpha for _, p in adapter.parts)), family)
+                               for hf_name in task.hf_names)
+                break
             if adapter.parts:  # CanonicalLoRA: each output its own part's adapter, if it has one
                 outputs.extend(AdaptedOutput(hf_name, adapter.part(part), family)
                                for hf_name, part in zip(task.hf_names, task.rule.lora_parts) if adapter.part(part))

@@ -417,26 +417,39 @@ def test_moe_lora_settings_are_exported_exactly(knob, megatron_cpu, tmp_path):
     assert (without - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
 
 
-def test_canonical_lora_on_sequential_experts_is_exact_per_expert_and_refused_fused(megatron_cpu, tmp_path):
+def test_canonical_lora_on_sequential_experts_is_exact_per_expert_and_fused(megatron_cpu, tmp_path):
     """CanonicalLoRA splits each sequential expert's linear_fc1 into gate and up adapters: per
-    expert they are two modules' pairs; PEFT's fused gate_up_proj would need them as one
-    block-diagonal rank-2r pair, which is not exported yet."""
+    expert they are two modules' pairs (as Megatron-Bridge exports them); PEFT's fused
+    gate_up_proj takes them as one block-diagonal pair of rank 2r, alpha 2*alpha (the same
+    scale), in rank_pattern / alpha_pattern: PEFT loads it strictly and gives Megatron's logits."""
+    import json
+
     from bridge_ext.cpu.build import randomize_lora
-    from bridge_ext.errors import ExportError
 
     built = build_megatron_model(tiny.tiny_qwen3_moe(tmp_path / "hf"), lora=LoraSettings(kind="canonical_lora"))
     randomize_lora(built.chunks, seed=9, std=0.1)
     per_expert = dict(expert_layout="per_expert", expert_adapter_layout="per_expert")
-    names = [n for n, _ in export_hf_weights(built.chunks, adapters_only=True, **per_expert)]
-    assert f"{PEFT_PREFIX}model.layers.1.mlp.experts.3.up_proj.lora_A.weight" in names
-    assert f"{PEFT_PREFIX}model.layers.1.mlp.experts.3.gate_proj.lora_B.weight" in names
     ours = {n.removeprefix(PEFT_PREFIX): t for n, t in export_hf_weights(built.chunks, adapters_only=True, **per_expert)}
+    assert "model.layers.1.mlp.experts.3.up_proj.lora_A.weight" in ours
     theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
     assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
-    save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True, expert_layout="per_expert")
     input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
-    compare_logits(hf_logits(load_hf_model(tmp_path / "merged"), input_ids), megatron_logits(built.chunks, input_ids),
-                   Report(), what="merged CanonicalLoRA experts", relative_tolerance=1e-5)
-    for options in (dict(peft=False, expert_layout="fused"), dict(adapters_only=True, expert_adapter_layout="fused")):
-        with pytest.raises(ExportError, match=r"CanonicalLoRA on fused experts is not supported"):
-            next(export_hf_weights(built.chunks, **options))
+    reference = megatron_logits(built.chunks, input_ids)
+    report = Report()
+    save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True, expert_layout="per_expert")
+    compare_logits(hf_logits(load_hf_model(tmp_path / "merged"), input_ids), reference, report,
+                   what="merged CanonicalLoRA experts, per expert", relative_tolerance=1e-5)
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")  # fused: PEFT's layout
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    gate_up = [f"model.layers.{i}.mlp.experts.gate_up_proj" for i in range(2)]
+    assert config["r"] == 4 and {k: v for k, v in config["rank_pattern"].items()} == dict.fromkeys(gate_up, 8)
+    assert config["alpha_pattern"] == dict.fromkeys(gate_up, 16)
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", report)
+    relative = compare_logits(hf_logits(peft_model, input_ids), reference, report,
+                              what="HF + fused CanonicalLoRA experts", relative_tolerance=1e-5)
+    fused = load_hf_model(tmp_path / "model")
+    fused.load_state_dict(dict(export_hf_weights(built.chunks, peft=False, expert_layout="fused")), strict=True)
+    compare_logits(hf_logits(fused, input_ids), reference, report, what="merged CanonicalLoRA experts, fused",
+                   relative_tolerance=1e-5)
+    without = hf_logits(load_hf_model(tmp_path / "model"), input_ids)
+    assert (without - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
