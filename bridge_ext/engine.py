@@ -474,9 +474,9 @@ class TaskConverter:
         """
         adapters = [self.adapter_of(task, name) for name in task.sources]
         adapted = self.mode is not Mode.BASE and any(adapter is not None for adapter in adapters)
-        if adapted and any(adapter is not None and adapter.magnitude for adapter in adapters):
-            raise ExportError(f"{describe(task)}: DoRA on fused experts is not supported")
-        if adapted and any(adapter is not None and adapter.parts for adapter in adapters):
+        if adapted and any(adapter is not None and (adapter.magnitude or adapter.parts) for adapter in adapters):
+            if any(adapter is not None and adapter.magnitude for adapter in adapters):
+                raise ExportError(f"{describe(task)}: DoRA on fused experts is not supported")
             yield from self._stacked_canonical(task, adapters)
             return
         packable = not adapted or (all(adapter is not None for adapter in adapters)
