@@ -74,6 +74,14 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
+def _engine_tp(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"a positive integer or none, not {value!r}")
+    return int(value)
+
+
 @main.command(context_settings={"max_content_width": 100})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--model-out", type=click.Path(path_type=Path), default=None,
@@ -116,12 +124,18 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
 @click.option("--verify", is_flag=True,
               help="Before installing the folders, load them with transformers (and PEFT), run a short forward "
                    "pass and report key counts; a failure installs nothing.")
+@click.option("--quantize", type=click.Choice(["fp8"]), default=None,
+              help="Write the model folder's weights block-FP8 (e4m3 + float32 weight_scale_inv per 128x128 "
+                   "block, config.json's quantization_config), as vLLM loads them (docs/fp8.md).")
+@click.option("--engine-tp-size", default="1", show_default=True, callback=lambda ctx, param, value: _engine_tp(value),
+              help="With --quantize: the inference engine's tensor-parallel size, at which every FP8 weight must "
+                   "pass vLLM's block check; none skips the check.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
 def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, hf_base: Path | None,
             hf_config: Path | None, model_type: str | None, iteration: int | None, merge: bool, dtype: str,
             expert_layout: str, expert_adapter_layout: str, max_shard_size: str, allow_overflow: bool, overwrite: bool,
-            verify: bool, progress: bool | None) -> None:
+            verify: bool, quantize: str | None, engine_tp_size: int | None, progress: bool | None) -> None:
     """Convert a Megatron checkpoint on disk to a Hugging Face folder and/or a PEFT adapter folder.
 
     CHECKPOINT is a Megatron-Core / Megatron-Bridge torch_dist checkpoint: a root folder with
@@ -173,6 +187,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
         raise click.UsageError("--merge writes the adapters into --model-out; drop --adapter-out")
     if merge and model_out is None:
         raise click.UsageError("--merge needs --model-out")
+    if quantize is not None and (model_out is None or verify):
+        raise click.UsageError("--quantize needs --model-out and no --verify (which checks bf16 folders)")
     bar = _ProgressBar(enabled=sys.stderr.isatty() if progress is None else progress)
     notes: list[str] = []
     try:
@@ -186,6 +202,7 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
                     expert_layout=None if expert_layout == "auto" else expert_layout,
                     expert_adapter_layout=expert_adapter_layout, max_shard_size=max_shard_size,
                     overwrite=overwrite, verify=verify, allow_overflow=allow_overflow, on_start=bar.start, on_tensor=bar.advance, notes=notes,
+                    quantize=quantize, engine_tp_size=engine_tp_size,
                 )
     except KeyboardInterrupt as interrupt:
         number = getattr(interrupt, "signal_number", signal.SIGINT)

@@ -34,12 +34,15 @@ from bridge_ext.export import (
     check_shapes,
     conversion_passes,
     expert_layouts,
+    fp8_plan,
     plan_export,
     possible_variants,
     source_expert_layouts,
 )
 from bridge_ext.errors import ConvertError, OutputLocationError
+from bridge_ext.fp8_export import check_quantize
 from bridge_ext.hf_files import has_safetensors
+from bridge_ext.hf_folder import TensorSpec
 from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.table import ExpertLayout
@@ -237,6 +240,8 @@ def convert_checkpoint(
     overwrite: bool = False,
     verify: bool = False,
     allow_overflow: bool = False,
+    quantize: str | None = None,
+    engine_tp_size: int | None = 1,
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
     notes: list[str] | None = None,
@@ -265,6 +270,9 @@ def convert_checkpoint(
             a failure installs nothing (an existing folder stays as it was).
         allow_overflow: Write the infinities a cast to ``dtype`` makes of values beyond its range
             (by default such a cast is refused, naming the tensor).
+        quantize: ``"fp8"``: the model folder's weights block-FP8 (docs/fp8.md), quantized after
+            the ``dtype`` cast, with config.json's ``quantization_config``; ``engine_tp_size``:
+            the inference engine's tensor-parallel size its block check is run at (None: none).
         on_start: Called with the number of tensors to write, once all checks passed.
         on_tensor: Called with each written tensor's name and size.
         notes: Collects what the user should hear about (also on failure): stale staging
@@ -285,6 +293,10 @@ def convert_checkpoint(
         raise ConvertError("nothing to write: give a model folder, an adapter folder or both")
     if merge and adapter_dir is not None:
         raise ConvertError("--merge writes the adapters into the model folder; drop the adapter folder")
+    check_quantize(quantize, engine_tp_size)
+    if quantize is not None and (model_dir is None or verify):
+        raise ConvertError("--quantize writes a quantized model folder: give a model folder, without --verify "
+                           "(which checks bf16 folders against transformers' key set)")
     checkpoint, hf_base = Path(checkpoint), Path(hf_base) if hf_base is not None else None
     protected = [checkpoint, *(Path(p) for p in (hf_base, hf_config) if p is not None)]
     outputs = [Path(p) for p in (model_dir, adapter_dir) if p is not None]
@@ -318,8 +330,10 @@ def convert_checkpoint(
     # config must be the model trained): a config that does not fit fails before any output exists.
     check_shapes(source, plan, conversion_passes(source, plan, base=base_mode or Mode.BASE,
                                                  adapters=adapter_dir is not None), exported="the checkpoint")
+    fp8 = fp8_plan(source, plan, base_mode, quantize, engine_tp_size)
     if on_start is not None:
         base_count = sum(len(task.hf_names) for task in plan.base_tasks) if model_dir is not None else 0
+        base_count += len(fp8.parts) if fp8 is not None else 0
         adapter_count = 2 * len(adapted_outputs(plan.adapter_tasks, source.adapters(), plan.table)) \
             if adapter_dir is not None else 0
         on_start(base_count + adapter_count)
@@ -337,6 +351,9 @@ def convert_checkpoint(
     # Shard headers are laid out from the plan, and the checkpoint's tensors are read ahead in the
     # order the stream needs them: reading, conversion and writing overlap, no shard is held in memory.
     layout = planned_layout(source, plan, base_mode, dtype) if base_mode is not None else None
+    if layout is not None and fp8 is not None:
+        layout = [TensorSpec(name, kind or spec.dtype, shape) for spec in layout
+                  for name, shape, kind in fp8.output_shapes(spec.name, spec.shape)]
     checkpoint_source = source.adapter_source if isinstance(source, CombinedSource) else source
     with (checkpoint_source.read_ahead(planned_reads(source, plan, base_mode, adapter_dir is not None)),
           _core_left_for_reading()):
@@ -345,7 +362,7 @@ def convert_checkpoint(
             merge=merge, config_dtype=written_dtype, max_shard_size=max_shard_size,
             overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
             found=found_outputs, before_install=verify_staged if verify else None, notes=notes,
-            transform=values, layout=layout,
+            transform=values, layout=layout, fp8=fp8,
         )
     report, verify_seconds = verification[0] if verification else (None, 0.0)
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,

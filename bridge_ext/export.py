@@ -15,6 +15,7 @@ from bridge_ext import model_changes
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError
+from bridge_ext.fp8_export import Fp8Plan, check_quantize, fp8_rules_of, plan_fp8
 from bridge_ext.distributed import Destination, all_agree, is_parallel_job
 from bridge_ext.dora import check_dora
 from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
@@ -192,6 +193,8 @@ class ExportPlan:
     expert_adapter_groups: dict[str, str] | None = field(default=None, repr=False)
     #: how fused-expert adapters are named and packed (the plan's adapters decide it)
     expert_keys: FusedExpertKeys | None = field(default=None, repr=False)
+    #: block-FP8 plans per (base mode, engine tensor-parallel size), see :func:`fp8_plan`
+    fp8_plans: dict = field(default_factory=dict, repr=False)
     #: the DoRA adapters (see :mod:`bridge_ext.dora`), listed once
     dora: list | None = field(default=None, repr=False)
 
@@ -384,6 +387,27 @@ def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[Task
         plan.checked.add(converter.mode)
 
 
+def fp8_plan(source: TensorSource, plan: ExportPlan, mode: Mode | None, quantize: str | None,
+             engine_tp_size: int | None = 1) -> Fp8Plan | None:
+    """The block-FP8 plan of the base weights ``mode`` exports (None without ``quantize``), made
+    from the shapes of a meta run of every task: refuses an unknown quantization, a table without
+    FP8 rules and a weight the engine's block check refuses at ``engine_tp_size``."""
+    check_quantize(quantize, engine_tp_size)
+    if quantize is None:
+        return None
+    if mode is None:  # adapters only: nothing to quantize, but the table must allow FP8
+        fp8_rules_of(plan.table)
+        return None
+    key = (mode, engine_tp_size)
+    if key not in plan.fp8_plans:
+        passes = conversion_passes(source, plan, base=mode, adapters=False)
+        check_shapes(source, plan, passes)
+        converter, tasks = passes[0]
+        shapes = {name: shape for task in tasks for name, shape in converter.dry_run(task)[1]}
+        plan.fp8_plans[key] = plan_fp8(plan.table, shapes, engine_tp_size)
+    return plan.fp8_plans[key]
+
+
 def _shapes_text(source: TensorSource, name: str) -> str:
     shapes = [tuple(shape) for shape in source.shard_shapes(name)]
     return str(shapes[0]) if len(shapes) == 1 else f"{shapes} (tensor-parallel shards)"
@@ -402,6 +426,8 @@ def export_hf_weights(
     destination: Destination = "all",
     device: str | torch.device | None = None,
     dora_adapters: bool = False,
+    quantize: str | None = None,
+    engine_tp_size: int | None = 1,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(hf_name, tensor)`` pairs out of a Megatron model.
 
@@ -439,21 +465,29 @@ def export_hf_weights(
             consumer that loads DoRA, e.g. PEFT's ``set_peft_model_state_dict``. Without it an
             export that would carry DoRA adapters is refused: vLLM loads none (sync such a
             model merged, ``peft=False``, or its base with ``base_only=True``).
+        quantize: ``"fp8"``: every weight the table's FP8 rules name comes out as a
+            ``float8_e4m3fn`` tensor followed by its float32 ``<name>_scale_inv`` (128x128
+            blocks), quantized where the tensor is (the GPU); the rest as without it. LoRA
+            adapters (``peft=True``) are never quantized. See docs/fp8.md and
+            :func:`quantization_config`.
+        engine_tp_size: With ``quantize``, the inference engine's tensor-parallel size: a weight
+            whose per-rank part vLLM's block check would refuse is refused before the first
+            tensor (None: no check).
 
     Every rank of a parallel job must iterate the generator to its end together. Nothing is
     silently dropped: a parameter no rule covers, or a Hugging Face name the export would miss
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
     _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
-                                   dtype, destination, device, base_only, dora_adapters)
+                                   dtype, destination, device, quantize, engine_tp_size, base_only, dora_adapters)
     yield from pairs
 
 
 def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_config=None,
                      expert_layout: ExpertLayout | None = None, expert_adapter_layout: ExpertLayout | None = None,
                      dtype: torch.dtype | None = None, destination: Destination = "all",
-                     device: str | torch.device | None = None, base_only: bool = False,
-                     dora_adapters: bool = False,
+                     device: str | torch.device | None = None, quantize: str | None = None,
+                     engine_tp_size: int | None = 1, base_only: bool = False, dora_adapters: bool = False,
                      ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
     """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
@@ -462,6 +496,7 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
         raise ExportError("base_only=True needs peft=True (peft=False merges the adapters into the base)")
     if base_only and adapters_only:
         raise ExportError("base_only=True and adapters_only=True exclude each other: pass one")
+    check_quantize(quantize, engine_tp_size)
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout, destination)
     if adapters_only and not source.adapters():
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
@@ -470,9 +505,13 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
     if adapters and not dora_adapters and plan.dora_adapters(source):
         raise ExportError(f"the adapters are DoRA ({plan.dora[0].module}, ...), which vLLM cannot load: sync merged "
                           "weights (peft=False), or pass dora_adapters=True for a consumer that loads DoRA (PEFT)")
+    fp8 = fp8_plan(source, plan, base, quantize, engine_tp_size)
     to_cpu = device is not None and torch.device(device).type == "cpu"
+    # FP8 quantizes fused expert stacks where they are built: on the GPU, not in host memory
     pairs = stream(source, plan, base=base, adapters=adapters, dtype=dtype,
-                   stacks_on_host=to_cpu)
+                   stacks_on_host=to_cpu and fp8 is None)
+    if fp8 is not None:
+        pairs = fp8.quantize(pairs)
     return source, plan, to_host(pairs) if to_cpu else pairs
 
 
@@ -487,6 +526,37 @@ def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertL
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(unwrap_chunks(model)[0].config, "hf_model_id", None)
     return lora_config(plan, source.adapters(), base_model_name_or_path)
+
+
+def quantization_config(model_or_config, quantize: str = "fp8", *, hf_config=None,
+                        expert_layout: ExpertLayout | None = None, engine_tp_size: int | None = 1) -> dict:
+    """The ``quantization_config`` block of config.json that describes what
+    ``export_hf_weights(..., quantize=quantize)`` sends (a receiver that builds its engine
+    before the first weight sync needs it): ``quant_method``, ``weight_block_size``, and the
+    full names of the linear modules left bf16 under ``ignored_layers`` (what vLLM reads) and
+    ``modules_to_not_convert`` (what transformers reads).
+
+    ``model_or_config``: the Megatron model (exact for its export), or a transformers config
+    (for an architecture without MTP layers, whose names lie outside transformers' key set).
+    """
+    from transformers import PretrainedConfig
+
+    check_quantize(quantize, engine_tp_size)
+    if quantize is None:
+        raise ExportError("quantization_config needs a quantization, e.g. quantize='fp8'")
+    if not isinstance(model_or_config, PretrainedConfig):
+        source, plan = prepare(model_or_config, hf_config, expert_layout)
+        return fp8_plan(source, plan, Mode.BASE, quantize, engine_tp_size).config()
+    from model_mappings import register_transformers_configs, table_for
+
+    register_transformers_configs()
+    table = table_for(model_or_config)
+    extra = table.extra_weights
+    if extra is not None and extra.count(model_or_config) > 0:
+        raise ExportError(f"the {model_or_config.model_type} config declares MTP layers, whose names transformers "
+                          f"does not know: pass the model itself to quantization_config")
+    shapes = checkpoint_keys(model_or_config, expert_layout or "fused")
+    return plan_fp8(table, shapes, engine_tp_size).config()
 
 
 @dataclass

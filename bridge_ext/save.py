@@ -15,7 +15,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from bridge_ext.engine import ExportError, Mode
-from bridge_ext.export import ExportPlan, hf_source_folder, prepare, stream
+from bridge_ext.export import ExportPlan, fp8_plan, hf_source_folder, prepare, stream
+from bridge_ext.fp8_export import Fp8Plan, check_quantize
 from bridge_ext.hf_folder import ShardedSafetensorsWriter, TensorSpec, parse_size
 from bridge_ext.output_folder import FoundTarget, staged_folders
 from bridge_ext.peft_config import lora_config
@@ -89,8 +90,12 @@ def _copy_regular_file(source: Path, destination: Path) -> bool:
     return True
 
 
-def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, dtype: torch.dtype | None) -> list[str]:
+def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, dtype: torch.dtype | None,
+                 quantization: dict | None = None) -> list[str]:
     """config.json (the source's own when known: it names the exact architecture) + companions.
+
+    ``quantization``: the ``quantization_config`` of the weights written (none: the weights are
+    not quantized, and a source config's own block is dropped).
 
     Returns a note per file of ``source_folder`` that was not copied (see :func:`companion_refusal`).
     """
@@ -112,6 +117,9 @@ def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, 
     holder = config.get("text_config", config) if "text_config" in config else config
     if layers and extra.count_key not in holder and extra.count_key not in config:
         holder[extra.count_key] = layers  # transformers' to_dict can drop it
+    config.pop("quantization_config", None)
+    if quantization is not None:
+        config["quantization_config"] = quantization
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return notes
 
@@ -136,6 +144,7 @@ def write_export(
     notes: list[str] | None = None,
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     layout: list[TensorSpec] | None = None,
+    fp8: Fp8Plan | None = None,
 ) -> SaveResult:
     """Stream ``plan`` out of ``source`` into a Hugging Face folder and/or a PEFT adapter folder.
 
@@ -151,7 +160,8 @@ def write_export(
     ``write=False``: take part in a parallel export (its collectives) without writing anything.
     ``transform`` is applied to each produced tensor before it is written.
     ``layout``: the base tensors the export will produce, in order, when known (then each is
-    written to its shard at once).
+    written to its shard at once). ``fp8``: quantize the base weights it names after
+    ``transform`` (``layout`` already lists what it writes), and record it in config.json.
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
@@ -178,9 +188,12 @@ def write_export(
         if adapter_dir is not None:
             adapter_tensors = {}
         count = total = 0
-        for name, tensor in stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype):
-            if transform is not None:  # e.g. a cast that checks the values (bridge_ext.value_check)
-                tensor = transform(name, tensor)
+        pairs = stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype)
+        if transform is not None:  # e.g. a cast that checks the values (bridge_ext.value_check)
+            pairs = ((name, transform(name, tensor)) for name, tensor in pairs)
+        if fp8 is not None:
+            pairs = fp8.quantize(pairs)
+        for name, tensor in pairs:
             nbytes = tensor.numel() * tensor.element_size()
             count += 1
             total += nbytes
@@ -194,7 +207,8 @@ def write_export(
                 on_tensor(name, nbytes)
         if base_writer is not None:
             base_writer.close()
-            notes.extend(write_config(plan, staged_model, source_folder, config_dtype or dtype))
+            notes.extend(write_config(plan, staged_model, source_folder, config_dtype or dtype,
+                                      fp8.config() if fp8 is not None else None))
         if adapter_tensors is not None:
             if model_dir is not None:
                 base_model_name = str(Path(model_dir).resolve())
@@ -223,6 +237,8 @@ def save_hf_pretrained(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    quantize: str | None = None,
+    engine_tp_size: int | None = 1,
 ) -> SaveResult:
     """Write the base model to ``model_dir`` and/or the LoRA adapters to ``adapter_dir``.
 
@@ -231,20 +247,25 @@ def save_hf_pretrained(
     gets ``adapter_model.safetensors`` and PEFT's ``adapter_config.json``. With ``merge=True``
     the adapters are merged into the base weights instead. Each folder appears only when
     complete. Refuses to write a base without its adapters unless ``merge`` says so.
+    ``quantize="fp8"`` writes the base weights block-FP8 with config.json's ``quantization_config``
+    (``engine_tp_size``: see :func:`~bridge_ext.export.export_hf_weights`; adapters stay as they are).
 
     In a parallel job every rank calls it; tensors are gathered to global rank 0 only, which
     writes the folders.
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
+    check_quantize(quantize, engine_tp_size)
     parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout,
                            destination="rank0" if parallel else "all")
+    base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
+    fp8 = fp8_plan(source, plan, base_mode, quantize, engine_tp_size)
     folder = hf_source_folder(model, hf_config)
     return write_export(
         source, plan, model_dir, adapter_dir,
         merge=merge, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
         source_folder=folder,
         base_model_name=str(folder) if folder else getattr(plan.config, "_name_or_path", None),
-        write=not parallel or dist.get_rank() == 0,
+        write=not parallel or dist.get_rank() == 0, fp8=fp8,
     )

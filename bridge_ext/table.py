@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from bridge_ext.dims import text_config
+from bridge_ext.fp8_rules import Fp8Rules
 from bridge_ext.ops import Op
 from bridge_ext.patterns import NamePattern
 
@@ -199,6 +200,8 @@ class MappingTable:
             where transformers renames on load (Qwen2.5-VL: ``model.`` -> ``model.language_model.``,
             ``visual.`` -> ``model.visual.``): the rules name the checkpoint; adapter keys and
             PEFT's targets use the in-memory names.
+        fp8: Which weights a block-FP8 export quantizes and which linears stay bf16 (None: the
+            table offers no FP8 export). See :mod:`bridge_ext.fp8_rules`.
     """
 
     model_types: tuple[str, ...]
@@ -209,6 +212,7 @@ class MappingTable:
     extra_weights: ExtraWeights | None = None
     vllm_expert_adapter_layout: ExpertLayout = "fused"
     in_memory_prefixes: tuple[tuple[str, str], ...] = ()
+    fp8: Fp8Rules | None = field(default=None, compare=False)
     #: Registers with transformers what reading this family's config needs (e.g. a config class
     #: for a model type transformers lacks); run by :func:`model_mappings.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.
