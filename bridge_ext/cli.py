@@ -177,7 +177,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
          the output (or replaced the folder there) while it was written, e.g. another run
       6  --verify failed (checked before installing: nothing was installed)
       7  an I/O or permission error: an output cannot be written (parent not writable, no
-         space left, file size limit, read-only file system), or the system failed a read
+         space left, file size limit, read-only file system), or the system failed a read;
+         or out of memory (an allocation failed)
     128+n  stopped by signal n (SIGINT 130, SIGHUP 129, SIGTERM 143): nothing installed, the
          staging folders removed
     """
@@ -214,7 +215,7 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
             raise
         prefix = "verification failed (nothing was installed; the outputs are as before the run): " \
             if code == EXIT_VERIFY else ""
-        _fail(f"{prefix}{error}", code, notes)
+        _fail(f"{prefix}{_out_of_memory_message(error) or error}", code, notes)
     mib = result.bytes / 2**20
     click.echo(f"converted {result.checkpoint}{' (LoRA adapter-only)' if result.adapter_only else ''}")
     for label, folder in (("model", result.model_dir), ("adapter", result.adapter_dir)):
@@ -242,7 +243,11 @@ def _exit_code(error: Exception) -> int | None:
         OutputLocationError,
         OutputWriteError,
         VerificationError,
+        is_out_of_memory,
     )
+
+    if is_out_of_memory(error):
+        return EXIT_OUTPUT_IO
 
     for family, code in ((CheckpointError, EXIT_CHECKPOINT), (OutputExistsError, EXIT_OUTPUT_EXISTS),
                          (OutputLocationError, EXIT_USAGE), (OutputWriteError, EXIT_OUTPUT_IO),
@@ -291,7 +296,8 @@ def _size(value: str) -> str:
     try:
         parse_size(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a size such as 500MB or 2GiB (1 byte to 1 PiB)") from None
+        raise click.BadParameter(f"{value!r} is not a size from 1 byte to 1 PiB, such as 500MB or 2GiB (a number, "
+                                 "optionally with B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB or PiB)") from None
     return value
 
 
@@ -301,10 +307,27 @@ def _torch_dtype(name: str | None):
     return getattr(torch, name) if name else None
 
 
+def _out_of_memory_message(error: BaseException) -> str | None:
+    """One line for a failed allocation (None for any other error)."""
+    import re
+
+    from bridge_ext.errors import is_out_of_memory
+
+    if not is_out_of_memory(error):
+        return None
+    asked = re.search(r"you tried to allocate (\d+) bytes", str(error))
+    what = f"allocating {int(asked.group(1))} bytes failed" if asked else "an allocation failed"
+    return (f"out of memory: {what}; the conversion needs about one shard plus the largest tensor "
+            "(lower --max-shard-size, or raise the memory limit: ulimit -v, the job's allocation)")
+
+
 def _fail(error: object, code: int, notes: list[str] = ()) -> None:
+    import re
+
     for note in notes:
         click.echo(f"note: {note}", err=True)
-    click.echo(f"error: {error}", err=True)
+    # One line whatever the error's own text holds (a third-party message quoted with its line breaks).
+    click.echo("error: " + re.sub(r"\s*\n\s*", " ", str(error).strip()), err=True)
     sys.exit(code)
 
 
