@@ -109,10 +109,13 @@ def _engine_tp(value: str) -> int | None:
               show_default=True,
               help="MoE expert weights fused (experts.gate_up_proj [E, 2I, H]) or per expert "
                    "(experts.<e>.gate_proj); auto follows --hf-base, else fused.")
-@click.option("--expert-adapter-layout", type=click.Choice(["fused", "per_expert"]), default="fused",
+@click.option("--expert-adapter-layout", type=click.Choice(["auto", "fused", "per_expert"]), default="auto",
               show_default=True,
               help="Expert adapters in PEFT's target_parameters layout (fused: what PEFT loads onto "
-                   "transformers v5 models) or per expert (vLLM's MoE LoRA format).")
+                   "transformers v5 models) or per expert; auto: what --adapter-for loads.")
+@click.option("--adapter-for", type=click.Choice(["peft", "vllm"]), default="peft", show_default=True,
+              help="The consumer of the adapter folder: PEFT (fused expert adapters) or vLLM (the expert "
+                   "layout vLLM loads for the model's architecture class; docs/consumers.md).")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=lambda ctx, param, value: _size(value),
               help="Largest safetensors shard (e.g. 500MB, 2GiB). Memory use is about one shard plus the "
                    "largest tensor.")
@@ -134,8 +137,9 @@ def _engine_tp(value: str) -> int | None:
               help="Show a progress bar (default: when stderr is a terminal).")
 def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, hf_base: Path | None,
             hf_config: Path | None, model_type: str | None, iteration: int | None, merge: bool, dtype: str,
-            expert_layout: str, expert_adapter_layout: str, max_shard_size: str, allow_overflow: bool, overwrite: bool,
-            verify: bool, quantize: str | None, engine_tp_size: int | None, progress: bool | None) -> None:
+            expert_layout: str, expert_adapter_layout: str, adapter_for: str, max_shard_size: str,
+            allow_overflow: bool, overwrite: bool, verify: bool, quantize: str | None, engine_tp_size: int | None,
+            progress: bool | None) -> None:
     """Convert a Megatron checkpoint on disk to a Hugging Face folder and/or a PEFT adapter folder.
 
     CHECKPOINT is a Megatron-Core / Megatron-Bridge torch_dist checkpoint: a root folder with
@@ -201,7 +205,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
                     checkpoint, model_dir=model_out, adapter_dir=adapter_out, hf_base=hf_base, hf_config=hf_config,
                     model_type=model_type, iteration=iteration, merge=merge, dtype=_torch_dtype(DTYPES[dtype]),
                     expert_layout=None if expert_layout == "auto" else expert_layout,
-                    expert_adapter_layout=expert_adapter_layout, max_shard_size=max_shard_size,
+                    expert_adapter_layout=None if expert_adapter_layout == "auto" else expert_adapter_layout,
+                    adapter_for=adapter_for, max_shard_size=max_shard_size,
                     overwrite=overwrite, verify=verify, allow_overflow=allow_overflow, on_start=bar.start, on_tensor=bar.advance, notes=notes,
                     quantize=quantize, engine_tp_size=engine_tp_size,
                 )

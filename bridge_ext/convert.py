@@ -44,6 +44,7 @@ from bridge_ext.fp8_export import check_quantize
 from bridge_ext.hf_files import has_safetensors
 from bridge_ext.hf_folder import TensorSpec
 from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
+from bridge_ext.save import adapter_layout_for, is_mtp_adapter
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.table import ExpertLayout
 from bridge_ext.value_check import ValueCheck
@@ -235,7 +236,8 @@ def convert_checkpoint(
     merge: bool = False,
     dtype: torch.dtype | None = None,
     expert_layout: ExpertLayout | None = None,
-    expert_adapter_layout: ExpertLayout = "fused",
+    expert_adapter_layout: ExpertLayout | None = None,
+    adapter_for: str = "peft",
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     verify: bool = False,
@@ -263,7 +265,10 @@ def convert_checkpoint(
         dtype: Cast every written tensor (default: keep the checkpoint's dtype).
         expert_layout: MoE experts fused (``gate_up_proj``) or per expert; default: the base
             folder's layout, else fused.
-        expert_adapter_layout: Expert adapters in PEFT's fused ``target_parameters`` layout or per expert.
+        expert_adapter_layout: Expert adapters in PEFT's fused ``target_parameters`` layout or per expert
+            (default: what ``adapter_for`` loads).
+        adapter_for: ``"peft"`` or ``"vllm"``: the consumer the adapter folder is for, as for
+            :func:`bridge_ext.save.save_hf_pretrained`.
         max_shard_size: Largest safetensors shard, e.g. ``"5GB"``; bounds memory use.
         overwrite: Replace non-empty output folders (only once the new ones are complete).
         verify: Check the written folders with :func:`verify_conversion` before installing them:
@@ -319,7 +324,8 @@ def convert_checkpoint(
     check_hf_side(reader, config, config_folder, hf_base, built_from_run_config)
     found = source_expert_layouts(hf_base or config_folder, table)
     source = build_source(reader, config, hf_base, found)
-    plan = plan_export(source, config, expert_layouts(table, found, expert_layout, expert_adapter_layout))
+    adapter_layout = adapter_layout_for(config, adapter_for, expert_adapter_layout)  # a refusal writes nothing
+    plan = plan_export(source, config, expert_layouts(table, found, expert_layout, adapter_layout))
     if adapter_dir is not None and not source.adapters():
         raise ConvertError(f"{reader.path} holds no LoRA adapters; drop the adapter folder")
     if model_dir is not None and adapter_dir is None and source.adapters() and not merge:
@@ -363,6 +369,7 @@ def convert_checkpoint(
             overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
             found=found_outputs, before_install=verify_staged if verify else None, notes=notes,
             transform=values, layout=layout, fp8=fp8,
+            omit_adapter=(lambda key: is_mtp_adapter(plan, key)) if adapter_for == "vllm" else None,
         )
     report, verify_seconds = verification[0] if verification else (None, 0.0)
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,

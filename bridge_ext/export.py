@@ -253,7 +253,7 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
 
     ``expert_layout=None`` follows the Hugging Face source folder's own layout where it is
     known, else fuses; ``expert_adapter_layout=None`` is the layout vLLM loads for the
-    architecture (the table's ``vllm_expert_adapter_layout``). ``destination``: see
+    architecture class (the table's ``vllm_expert_adapter_layouts``). ``destination``: see
     :func:`export_hf_weights`.
 
     Exports repeat every training step, so both are remembered per model while its modules,
@@ -275,7 +275,8 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     source = LiveModelSource(model, destination)
     folder = hf_source_folder(model, hf_config)
     found = source_expert_layouts(folder, table)
-    layouts = expert_layouts(table, found, expert_layout, expert_adapter_layout or table.vllm_expert_adapter_layout)
+    adapter_layout = expert_adapter_layout or table.vllm_expert_adapter_layout(config)
+    layouts = expert_layouts(table, found, expert_layout, adapter_layout)
     plan = plan_export(source, config, layouts)
     warn_if_expert_lora_differs(plan, source.adapters(), _expert_tensor_parallel_size())
     if folder is not None and table.extra_weights is not None:
@@ -450,7 +451,7 @@ def export_hf_weights(
         expert_adapter_layout: Expert adapters in PEFT's ``target_parameters`` layout
             (``fused``: the one PEFT loads onto transformers v5 models) or per expert
             (``experts.<e>.gate_proj``); by default the layout vLLM loads for the
-            architecture (its table's ``vllm_expert_adapter_layout``), since a live export
+            config's architecture class (its table's ``vllm_expert_adapter_layouts``), since a live export
             feeds an inference engine. Files for PEFT (:func:`save_hf_pretrained`,
             ``bridge-ext convert``) default to ``fused``.
         dtype: Cast every exported tensor to this dtype (default: keep the model's).

@@ -132,7 +132,8 @@ def deepseek_style_table(config, *, model_class: str, decoder: Callable[[ExpertF
         model_classes={config.model_type: model_class},
         expert_families=(EXPERTS, MTP_EXPERTS),
         extra_weights=ExtraWeights(prefixes=prefixes, count_key="num_nextn_predict_layers") if prefixes else None,
-        vllm_expert_adapter_layout="per_expert",  # DeepseekV3ForCausalLM is not an is_3d_moe_weight model
+        # vLLM's DeepseekV3ForCausalLM and Glm4MoeForCausalLM: no is_3d_moe_weight
+        vllm_expert_adapter_layouts={model_class: "per_expert"},
         fp8=fp8,
     )
 

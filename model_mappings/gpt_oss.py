@@ -76,6 +76,6 @@ TABLE = MappingTable(
     description="gpt-oss: GQA with sinks and sliding windows, fused transposed experts with biases",
     model_classes={"gpt_oss": "GptOssForCausalLM"},
     expert_families=(EXPERTS,),
-    vllm_expert_adapter_layout="fused",  # GptOssForCausalLM.is_3d_moe_weight
+    vllm_expert_adapter_layouts={"GptOssForCausalLM": "fused"},  # vLLM: is_3d_moe_weight
     fp8=FP8,
 )

@@ -171,7 +171,8 @@ TEXT = MappingTable(
     model_classes={"qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM"},
     expert_families=(EXPERTS, MTP_EXPERTS),
     extra_weights=MTP,
-    vllm_expert_adapter_layout="fused",  # vLLM: is_3d_moe_weight (reference/architectures.md)
+    # vLLM wraps the text-only class's experts per expert (no is_3d_moe_weight), tests/consumers
+    vllm_expert_adapter_layouts={"Qwen3_5MoeForCausalLM": "per_expert"},
     fp8=qwen35_fp8("model.", vision=False),
 )
 
@@ -182,6 +183,6 @@ IMAGE_TEXT = MappingTable(
     model_classes={"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"},
     expert_families=(EXPERTS, MTP_EXPERTS),
     extra_weights=MTP,
-    vllm_expert_adapter_layout="fused",
+    vllm_expert_adapter_layouts={"Qwen3_5MoeForConditionalGeneration": "fused"},  # is_3d_moe_weight
     fp8=qwen35_fp8("model.language_model.", vision=True),
 )

@@ -61,7 +61,7 @@ QWEN3_MOE = MappingTable(
     model_classes={"qwen3_moe": "Qwen3MoeForCausalLM"},
     expert_families=(EXPERTS,),
     # vLLM's Qwen3MoeForCausalLM is no is_3d_moe_weight model: experts.{e}.gate_proj LoRA.
-    vllm_expert_adapter_layout="per_expert",
+    vllm_expert_adapter_layouts={"Qwen3MoeForCausalLM": "per_expert"},
     fp8=_fp8(shared_expert=False),
 )
 
@@ -71,6 +71,6 @@ QWEN2_MOE = MappingTable(
     description="Qwen2-MoE causal LM (qkv bias, routed experts, sigmoid-gated shared expert)",
     model_classes={"qwen2_moe": "Qwen2MoeForCausalLM"},
     expert_families=(EXPERTS,),
-    vllm_expert_adapter_layout="per_expert",  # vLLM's Qwen2MoeForCausalLM: no is_3d_moe_weight
+    vllm_expert_adapter_layouts={"Qwen2MoeForCausalLM": "per_expert"},  # vLLM: no is_3d_moe_weight
     fp8=_fp8(shared_expert=True),
 )
