@@ -48,3 +48,10 @@ def check_dora(adapters: list[Adapter], *, merged: bool, adapters_out: bool) -> 
     if inside and adapters_out:
         raise ExportError(f"DoRA on {_listed(inside)} scales the bias Megatron adds inside the layer, which PEFT's "
                           "DoRA leaves unscaled: no PEFT adapter expresses it; export merged weights (peft=False)")
+
+
+def refuse_for_vllm(adapters: list[Adapter]) -> None:
+    """vLLM loads no DoRA adapter (its PEFT helper refuses ``use_dora``)."""
+    if adapters:
+        raise ExportError(f"the adapters are DoRA ({adapters[0].module}, ...), which vLLM cannot load: give vLLM "
+                          "merged weights, or write the adapter folder for PEFT")

@@ -235,6 +235,12 @@ def test_dora_streams_are_refused_unless_asked_for(dora):
     assert len([name for name, _ in got if name.endswith(MAGNITUDE)]) == 2 * 7
 
 
+def test_a_dora_adapter_folder_for_vllm_is_refused(dora, tmp_path):
+    with pytest.raises(ExportError, match=r"DoRA .* which vLLM cannot load"):
+        save_hf_pretrained(dora.chunks, adapter_dir=tmp_path / "adapter", adapter_for="vllm")
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_dora_on_a_linear_that_adds_its_bias_inside_merges_its_bias_and_refuses_peft(megatron_cpu, tmp_path):
     """Qwen2's linear_qkv adds its bias inside DoRA's scaled product: Megatron scales the bias,
     PEFT's DoRA would not (refused, naming the module); the merged export scales it too."""

@@ -245,3 +245,12 @@ def test_canonical_lora_checkpoint_converts_to_the_live_export(tp, megatron_cpu,
     peft_model = load_adapter_strict(load_hf_model(tmp_path / "live_model"), result.adapter_dir, report)
     compare_logits(hf_logits(peft_model, INPUT_IDS), megatron_logits(live.chunks, INPUT_IDS), report,
                    what="converted CanonicalLoRA", relative_tolerance=1e-5)
+
+
+def test_a_dora_adapter_folder_for_vllm_is_refused(qwen3_hf, qwen3_ckpts, tmp_path):
+    from bridge_ext.errors import ExportError
+
+    with pytest.raises(ExportError, match=r"DoRA .* which vLLM cannot load"):
+        convert_checkpoint(qwen3_ckpts / "dora_adapter", adapter_dir=tmp_path / "adapter", hf_base=qwen3_hf,
+                           adapter_for="vllm")
+    assert not (tmp_path / "adapter").exists()
