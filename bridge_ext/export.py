@@ -17,17 +17,20 @@ from bridge_ext import model_changes
 from bridge_ext.consumer import MTP_ADAPTERS_LEFT_OUT, adapter_layout_for, is_mtp_adapter, vllm_base_layout
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
-from bridge_ext.errors import RuleError
+from bridge_ext.errors import RuleError, first_line
 from bridge_ext.fp8_export import Fp8Plan, check_quantize, fp8_rules_of, plan_fp8
 from bridge_ext.distributed import Destination, all_agree, is_parallel_job
+from bridge_ext.dora import check_dora, refuse_for_vllm
 from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
 from bridge_ext.live import LiveModelSource, unwrap_chunks
+from bridge_ext.live_checks import check_device, check_dtype, check_model, overflows
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import TensorSource
 from bridge_ext.sync import to_host
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout, MappingTable
 from bridge_ext.trained_forward import warn_if_expert_lora_differs
+from bridge_ext.value_check import ValueCheck
 
 
 def resolve_hf_config(model, hf_config=None):
@@ -63,7 +66,11 @@ def _load_config(name_or_path: str, mtime: int):
     from model_mappings import register_transformers_configs
 
     register_transformers_configs()
-    return AutoConfig.from_pretrained(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except Exception as error:  # noqa: BLE001 - transformers' errors (OSError, ValueError...) about the folder or id
+        raise ExportError(f"hf_config {name_or_path!r}: transformers cannot read a config there: "
+                          f"{type(error).__name__}: {first_line(error)}") from None
 
 
 _KEY_SETS: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
@@ -197,6 +204,14 @@ class ExportPlan:
     expert_keys: FusedExpertKeys | None = field(default=None, repr=False)
     #: block-FP8 plans per (base mode, engine tensor-parallel size), see :func:`fp8_plan`
     fp8_plans: dict = field(default_factory=dict, repr=False)
+    #: the DoRA adapters (see :mod:`bridge_ext.dora`), listed once
+    dora: list | None = field(default=None, repr=False)
+
+    def dora_adapters(self, source: TensorSource) -> list:
+        """The source's DoRA adapters (remembered: exports repeat every training step)."""
+        if self.dora is None:
+            self.dora = [adapter for adapter in source.adapters().values() if adapter.magnitude]
+        return self.dora
     #: whether an ``adapter_for="vllm"`` export has warned that it leaves MTP adapters out
     mtp_adapters_warned: bool = field(default=False, repr=False)
 
@@ -219,6 +234,11 @@ def plan_export(source: TensorSource, config, layouts: ExpertLayouts | None = No
     )
     planned = {name for task in base_tasks for name in task.sources}
     orphans = sorted(module for module in source.adapters() if f"{module}.weight" not in planned)
+    shared = [module for module in orphans if f"{module}.weight0" in planned]
+    if shared:  # one adapter on a Transformer Engine grouped linear: every local expert's weight
+        raise ExportError(f"LoRA adapters on {shared} are shared by all the grouped experts of their module "
+                          "(Megatron-Bridge's LoRA(share_expert_adapters=True) on grouped experts), which is not "
+                          "supported; train expert LoRA on sequential experts (moe_grouped_gemm=False)")
     if orphans:
         raise ExportError(f"LoRA adapters on {orphans} wrap no weight a rule exports; they would be lost")
     produced = [name for task in base_tasks for name in task.hf_names]
@@ -252,6 +272,7 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     config.json and these arguments stay the same (not when ``hf_config`` is a config object:
     it may have changed). See :mod:`bridge_ext.model_changes`.
     """
+    check_model(model)
     chunks = unwrap_chunks(model)
     from model_mappings import registered_table, table_for
 
@@ -284,6 +305,18 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _check_model_config(source: TensorSource, plan: ExportPlan) -> None:
+    """A live model's Hugging Face config is the model's: compared with its own TransformerConfig,
+    field by field, once per plan (after the shapes, which name the tensor that does not fit)."""
+    from bridge_ext.config_compare import check_live_config
+    from model_mappings import config_fields_for
+
+    model_config = getattr(source.chunks[0], "config", None) if isinstance(source, LiveModelSource) else None
+    if model_config is not None and "config" not in plan.checked:
+        check_live_config(model_config, plan.config, config_fields_for(plan.table), "the Hugging Face config")
+        plan.checked.add("config")
+
+
 def _expert_tensor_parallel_size() -> int:
     if not is_parallel_job():
         return 1
@@ -310,6 +343,7 @@ def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapter
     """
     passes = conversion_passes(source, plan, base=base, adapters=adapters, dtype=dtype, stacks_on_host=stacks_on_host)
     check_shapes(source, plan, passes)
+    _check_model_config(source, plan)
     for converter, tasks in passes:
         pairs = convert_tasks(source, converter, tasks)
         if converter.mode is Mode.ADAPTERS and plan.table.in_memory_prefixes:
@@ -330,6 +364,8 @@ def conversion_passes(source: TensorSource, plan: ExportPlan, *, base: Mode | No
     found = source.adapters()
     if adapters and not found:
         raise ExportError("adapters were asked for, but the model has no LoRA adapters")
+    if plan.dora_adapters(source):
+        check_dora(plan.dora, merged=base is Mode.MERGED, adapters_out=adapters)
     passes = []
     if base is not None:
         passes.append((TaskConverter(source, plan.dims, base, dtype, recorded=plan.recorded.setdefault(base, {}),
@@ -408,12 +444,15 @@ def export_hf_weights(
     peft: bool = True,
     *,
     adapters_only: bool = False,
+    base_only: bool = False,
     hf_config=None,
     expert_layout: ExpertLayout | None = None,
     expert_adapter_layout: ExpertLayout | None = None,
     dtype: torch.dtype | None = None,
     destination: Destination = "all",
     device: str | torch.device | None = None,
+    allow_overflow: bool = False,
+    dora_adapters: bool = False,
     quantize: str | None = None,
     engine_tp_size: int | None = 1,
     adapter_for: Literal["vllm"] | None = None,
@@ -428,6 +467,9 @@ def export_hf_weights(
             False: LoRA merged into the base weights (``W + alpha/r * B @ A`` in fp32), no
             adapter keys.
         adapters_only: Only the adapters (per-step weight sync); needs ``peft=True``.
+        base_only: Only the unmerged base weights, under their Hugging Face names, without
+            adapter tensors (the counterpart of ``adapters_only``: sync the frozen base once,
+            the adapters every step); needs ``peft=True``.
         hf_config: A transformers config or a folder with config.json; by default the
             Hugging Face source Megatron-Bridge recorded in ``model.config.hf_model_id``.
         expert_layout: MoE expert base weights as Hugging Face's fused
@@ -439,14 +481,22 @@ def export_hf_weights(
             config's architecture class (its table's ``vllm_expert_adapter_layouts``), since a live export
             feeds an inference engine. Files for PEFT (:func:`save_hf_pretrained`,
             ``bridge-ext convert``) default to ``fused``.
-        dtype: Cast every exported tensor to this dtype (default: keep the model's).
+        dtype: Cast every exported tensor to this floating-point dtype (default: keep the
+            model's). A cast that turns finite values into infinities (float16 ends at 65504)
+            raises, naming the tensor, unless ``allow_overflow``; for such dtypes the check is
+            one ``isfinite`` pass per tensor, after the conversion.
         destination: In a parallel job, the ranks the tensors come out on: ``"all"`` (every
             rank, e.g. colocated inference engines), ``"owner"`` (each tensor on one rank of
             the pipeline stage / expert rank holding it: the union over ranks is the export)
             or ``"rank0"``. Other ranks yield nothing for that tensor and build no full copy
             of it. See docs/distributed.md.
         device: ``"cpu"``: CPU tensors, copied from the GPU into pinned memory while the
-            next tensors are gathered (default: where the model is).
+            next tensors are gathered (default: where the model is); any other device is refused.
+        allow_overflow: Yield the infinities a cast to ``dtype`` makes instead of refusing.
+        dora_adapters: Stream DoRA adapters (with their ``lora_magnitude_vector``) for a
+            consumer that loads DoRA, e.g. PEFT's ``set_peft_model_state_dict``. Without it an
+            export that would carry DoRA adapters is refused: vLLM loads none (sync such a
+            model merged, ``peft=False``, or its base with ``base_only=True``).
         quantize: ``"fp8"``: every weight the table's FP8 rules name comes out as a
             ``float8_e4m3fn`` tensor followed by its float32 ``<name>_scale_inv`` (128x128
             blocks), quantized where the tensor is (the GPU); the rest as without it. LoRA
@@ -459,14 +509,16 @@ def export_hf_weights(
             ``expert_adapter_layout`` or ``expert_layout`` its loader for the config's class
             does not load (the table's ``vllm_expert_adapter_layouts`` / ``vllm_expert_layouts``;
             unset, they default to what it loads); MTP adapters are left out (vLLM applies no
-            LoRA to its drafters), with one warning per plan. None (default): no such checks.
+            LoRA to its drafters), with one warning per plan; DoRA adapters are refused, even
+            with ``dora_adapters=True``. None (default): no such checks.
 
     Every rank of a parallel job must iterate the generator to its end together. Nothing is
     silently dropped: a parameter no rule covers, or a Hugging Face name the export would miss
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
     _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
-                                   dtype, destination, device, quantize, engine_tp_size, adapter_for)
+                                   dtype, destination, device, quantize, engine_tp_size, base_only, dora_adapters,
+                                   allow_overflow, adapter_for)
     yield from pairs
 
 
@@ -474,11 +526,18 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
                      expert_layout: ExpertLayout | None = None, expert_adapter_layout: ExpertLayout | None = None,
                      dtype: torch.dtype | None = None, destination: Destination = "all",
                      device: str | torch.device | None = None, quantize: str | None = None,
-                     engine_tp_size: int | None = 1, adapter_for: Literal["vllm"] | None = None,
+                     engine_tp_size: int | None = 1, base_only: bool = False, dora_adapters: bool = False,
+                     allow_overflow: bool = False, adapter_for: Literal["vllm"] | None = None,
                      ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
     """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
         raise ExportError("adapters_only=True needs peft=True")
+    if base_only and not peft:
+        raise ExportError("base_only=True needs peft=True (peft=False merges the adapters into the base)")
+    if base_only and adapters_only:
+        raise ExportError("base_only=True and adapters_only=True exclude each other: pass one")
+    check_dtype(dtype)
+    check_device(device)
     check_quantize(quantize, engine_tp_size)
     if adapter_for is not None:
         if adapter_for != "vllm":
@@ -490,11 +549,23 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
     if adapters_only and not source.adapters():
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
+    adapters = peft and not base_only and bool(source.adapters())
+    if adapters and adapter_for == "vllm":
+        refuse_for_vllm(plan.dora_adapters(source))
+    if adapters and not dora_adapters and plan.dora_adapters(source):
+        raise ExportError(f"the adapters are DoRA ({plan.dora[0].module}, ...), which vLLM cannot load: sync merged "
+                          "weights (peft=False), or pass dora_adapters=True for a consumer that loads DoRA (PEFT)")
     fp8 = fp8_plan(source, plan, base, quantize, engine_tp_size)
     to_cpu = device is not None and torch.device(device).type == "cpu"
+    # the CLI's rule: a cast that makes infinities of finite values is refused (checked after the
+    # conversion, which then keeps the model's dtype; other casts happen inside it, as before)
+    checked = overflows(dtype)
     # FP8 quantizes fused expert stacks where they are built: on the GPU, not in host memory
-    pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype,
+    pairs = stream(source, plan, base=base, adapters=adapters, dtype=None if checked else dtype,
                    stacks_on_host=to_cpu and fp8 is None)
+    if checked:
+        check = ValueCheck(dtype, allow_overflow, allow_with="allow_overflow=True")
+        pairs = ((name, check(name, tensor)) for name, tensor in pairs)
     if fp8 is not None:
         pairs = fp8.quantize(pairs)
     if adapter_for == "vllm":
@@ -646,7 +717,8 @@ def export_hf_buckets(model, bucket_bytes: int = 512 << 20, **kwargs) -> Iterato
     load such a group at once); that bucket may be larger.
     """
     source, plan, pairs = _prepared_export(model, **kwargs)
-    groups = expert_adapter_groups(source, plan) if kwargs.get("peft", True) else {}
+    adapters = kwargs.get("peft", True) and not kwargs.get("base_only", False)
+    groups = expert_adapter_groups(source, plan) if adapters else {}
     if kwargs.get("adapter_for") == "vllm":  # MTP adapters are left out of the stream
         groups = {key: group for key, group in groups.items() if not is_mtp_adapter(plan, key)}
     yield from buckets(pairs, bucket_bytes, groups)

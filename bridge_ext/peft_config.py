@@ -10,6 +10,7 @@ Ranks and alphas that differ from the most common one go to ``rank_pattern`` /
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -57,6 +58,15 @@ def adapted_outputs(tasks: list[Task], adapters: dict[str, Adapter], table: Mapp
             if adapter is None:
                 continue
             family = table.family(task.rule) if table is not None else None
+            if adapter.parts and task.rule.stack:  # CanonicalLoRA gate and up: one block-diagonal pair
+                outputs.extend(AdaptedOutput(hf_name, replace(adapter, rank=sum(p.rank for _, p in adapter.parts),
+                                                              alpha=sum(p.alpha for _, p in adapter.parts)), family)
+                               for hf_name in task.hf_names)
+                break
+            if adapter.parts:  # CanonicalLoRA: each output its own part's adapter, if it has one
+                outputs.extend(AdaptedOutput(hf_name, adapter.part(part), family)
+                               for hf_name, part in zip(task.hf_names, task.rule.lora_parts) if adapter.part(part))
+                continue
             outputs.extend(AdaptedOutput(hf_name, adapter, family) for hf_name in task.hf_names)
             if task.rule.stack:
                 break  # one entry per fused parameter
@@ -148,11 +158,18 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
     module_targets = [o.target for o in outputs if not o.is_parameter and o.target not in as_parameters]
     parameter_targets = sorted({_parameter_suffix(o.target) for o in outputs if o.is_parameter})
     parameter_targets += [f"{name}.weight" for name in _leaf_or_full_names(as_parameters, module_names)]
+    for adapter in {o.adapter.module: o.adapter for o in outputs}.values():
+        _check_lora_numbers(adapter)
     ranks = Counter(o.adapter.rank for o in outputs)
     alphas = Counter(o.adapter.alpha for o in outputs)
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     rank_pattern = {o.target: o.adapter.rank for o in outputs if o.adapter.rank != rank}
     alpha_pattern = {o.target: o.adapter.alpha for o in outputs if o.adapter.alpha != alpha}
+    dora = {o.adapter.magnitude is not None for o in outputs}
+    if len(dora) > 1:
+        raise ExportError("some adapters are DoRA and some plain LoRA; one PEFT config cannot say so "
+                          f"(DoRA on {next(o.target for o in outputs if o.adapter.magnitude)}, plain LoRA on "
+                          f"{next(o.target for o in outputs if not o.adapter.magnitude)})")
     dropouts = {o.adapter.dropout for o in outputs}
     # PEFT's ParamWrapper (fused experts) refuses dropout; it does not change exported weights.
     dropout = 0.0 if parameter_targets else max(dropouts)
@@ -165,8 +182,23 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
         lora_dropout=dropout,
         bias="none",
         use_rslora=False,
+        use_dora=dora.pop(),
         task_type="CAUSAL_LM",
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         base_model_name_or_path=base_model_name_or_path,
     )
+
+
+def _check_lora_numbers(adapter: Adapter) -> None:
+    """Numbers PEFT accepts: it refuses a dropout outside [0, 1], and a NaN or infinite alpha
+    (written as non-standard JSON) makes every logit NaN."""
+    problems = []
+    if type(adapter.rank) is not int or adapter.rank < 1:
+        problems.append(f"rank {adapter.rank!r} (must be an integer of at least 1)")
+    if not math.isfinite(adapter.alpha) or adapter.alpha <= 0:
+        problems.append(f"alpha {adapter.alpha!r} (must be a finite number above 0)")
+    if not 0 <= adapter.dropout <= 1:
+        problems.append(f"dropout {adapter.dropout!r} (must be a probability from 0 to 1)")
+    if problems:
+        raise ExportError(f"LoRA adapter of {adapter.module}: " + ", ".join(problems) + "; PEFT cannot load it")

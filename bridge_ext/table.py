@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from bridge_ext.config_compare import ConfigField
 from bridge_ext.dims import text_config
 from bridge_ext.fp8_rules import Fp8Rules
 from bridge_ext.ops import Op
@@ -50,6 +51,9 @@ class Rule:
             once (a Hugging Face tensor Megatron keeps one copy of per depth, e.g. MTP).
         variant: Rules with a variant apply only when the export asks for it: an expert
             family's layout (:meth:`ExpertFamily.variant`); rules without one always apply.
+        lora_parts: Megatron-Bridge CanonicalLoRA's adapter of each ``hf`` output, by part name
+            (``("q", "k", "v")``: ``adapter.adapter_q`` adapts the first output); empty where
+            CanonicalLoRA keeps one adapter.
     """
 
     megatron: str
@@ -59,6 +63,7 @@ class Rule:
     stack: str | None = None
     shared: str | None = None
     variant: str | None = None
+    lora_parts: tuple[str, ...] = ()
     megatron_pattern: NamePattern = field(init=False, repr=False, compare=False)
     hf_patterns: tuple[NamePattern, ...] = field(init=False, repr=False, compare=False)
 
@@ -118,10 +123,12 @@ def rule(
     stack: str | None = None,
     shared: str | None = None,
     variant: str | None = None,
+    lora_parts: tuple[str, ...] = (),
 ) -> Rule:
     """Shorthand for :class:`Rule`: ``rule(megatron, hf, op, op, tp="row")``."""
     hf_tuple = (hf,) if isinstance(hf, str) else tuple(hf)
-    return Rule(megatron, hf_tuple, tuple(ops), tp=tp, stack=stack, shared=shared, variant=variant)
+    return Rule(megatron, hf_tuple, tuple(ops), tp=tp, stack=stack, shared=shared, variant=variant,
+                lora_parts=lora_parts)
 
 
 def prefixed(rules: Iterable[Rule], megatron_prefix: str, hf_prefix: str) -> list[Rule]:
@@ -219,6 +226,9 @@ class MappingTable:
     #: for a model type transformers lacks); run by :func:`model_mappings.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.
     register_hf_config: Callable[[], object] | None = field(default=None, compare=False)
+    #: The config fields that change the arithmetic, compared with the Megatron model's settings
+    #: before export (:mod:`bridge_ext.config_compare`); None: ``model_mappings.config_fields.STANDARD``.
+    config_fields: tuple[ConfigField, ...] | None = field(default=None, compare=False)
 
     def architecture(self, config) -> str | None:
         """The Hugging Face architecture class vLLM builds for ``config``: its
