@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from bridge_ext import model_changes
+from bridge_ext.aliasing import model_storages, without_aliases
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError
@@ -384,6 +385,7 @@ def export_hf_weights(
     dtype: torch.dtype | None = None,
     destination: Destination = "all",
     device: str | torch.device | None = None,
+    zero_copy: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(hf_name, tensor)`` pairs out of a Megatron model.
 
@@ -414,20 +416,25 @@ def export_hf_weights(
             of it. See docs/distributed.md.
         device: ``"cpu"``: CPU tensors, copied from the GPU into pinned memory while the
             next tensors are gathered (default: where the model is).
+        zero_copy: False (default): no yielded tensor shares memory with the model's
+            parameters or buffers; a tensor that would (a pass-through weight or LoRA factor, a
+            view of a fused one) is copied, one at a time, and a tensor made anew is not. True:
+            such tensors are the model's own memory, saving the copy; the caller must never
+            write to them (see :mod:`bridge_ext.aliasing`).
 
     Every rank of a parallel job must iterate the generator to its end together. Nothing is
     silently dropped: a parameter no rule covers, or a Hugging Face name the export would miss
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
     _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
-                                   dtype, destination, device)
+                                   dtype, destination, device, zero_copy)
     yield from pairs
 
 
 def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_config=None,
                      expert_layout: ExpertLayout | None = None, expert_adapter_layout: ExpertLayout | None = None,
                      dtype: torch.dtype | None = None, destination: Destination = "all",
-                     device: str | torch.device | None = None,
+                     device: str | torch.device | None = None, zero_copy: bool = False,
                      ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
     """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
@@ -439,7 +446,8 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
     to_cpu = device is not None and torch.device(device).type == "cpu"
     pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype,
                    stacks_on_host=to_cpu)
-    return source, plan, to_host(pairs) if to_cpu else pairs
+    pairs = to_host(pairs) if to_cpu else pairs
+    return source, plan, pairs if zero_copy else without_aliases(pairs, model_storages(unwrap_chunks(model)))
 
 
 def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertLayout | None = None,
