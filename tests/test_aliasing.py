@@ -42,7 +42,8 @@ def scribble(tensor: torch.Tensor) -> None:
     tensor.fill_(float("nan") if tensor.is_floating_point() else -7)
 
 
-@pytest.mark.parametrize(("kind", "options"), CASES, ids=[f"{k}-{'-'.join(map(str, o.values()))}" for k, o in CASES])
+@pytest.mark.parametrize(("kind", "options"), CASES,
+                         ids=[kind + "".join(f"-{key}={value}" for key, value in options.items()) for kind, options in CASES])
 def test_writing_to_every_exported_tensor_leaves_the_model_unchanged(models, kind, options, monkeypatch):
     chunks = models[kind]
     storages = aliasing.model_storages(chunks)
