@@ -11,6 +11,9 @@ case "${1:-}" in
   --compat) venv=.venv-compat requirements=scripts/requirements-oldest.txt ;;
   *) echo "usage: bash scripts/install.sh [--compat]" >&2; exit 2 ;;
 esac
+# Made anew: a downgrade leaves packages behind (transformers 5.25 brings `kernels`, which 5.9
+# then uses and fails on), so an old venv would not hold the oldest versions alone.
+[ "$venv" = .venv ] || rm -rf "$venv"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip() { "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
 
