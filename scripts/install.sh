@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Install bridge_ext with megatron-core and megatron-bridge into ./.venv on a CPU machine
 # (Python 3.11 or newer, no GPU, no Transformer Engine). Safe to run again.
-#   --compat   the oldest versions pyproject.toml declares (scripts/requirements-oldest.txt)
-#              into ./.venv-compat instead, for the compatibility job of .ci/run
+#   --consumers   instead: make ./.venv-consumers with vLLM 0.34.0, the inference engine that
+#                 judges bridge_ext's exports in tests/consumers (see docs/consumers.md).
+#   --compat      instead: make ./.venv-compat with the oldest versions pyproject.toml declares
+#                 (scripts/requirements-oldest.txt), for the compatibility job of .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+
+if [ "${1:-}" = "--consumers" ]; then
+  exec bash scripts/install_consumers.sh
+fi
 case "${1:-}" in
   "") venv=.venv requirements=scripts/requirements-cpu.txt ;;
   --compat) venv=.venv-compat requirements=scripts/requirements-oldest.txt ;;
-  *) echo "usage: bash scripts/install.sh [--compat]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/install.sh [--consumers | --compat]" >&2; exit 2 ;;
 esac
+[ $# -le 1 ] || { echo "usage: bash scripts/install.sh [--consumers | --compat]" >&2; exit 2; }
 # Made anew: a downgrade leaves packages behind (transformers 5.25 brings `kernels`, which 5.9
 # then uses and fails on), so an old venv would not hold the oldest versions alone.
 [ "$venv" = .venv ] || rm -rf "$venv"

@@ -205,17 +205,40 @@ def test_live_exports_default_to_the_tables_vllm_layout_files_to_peft(moe, monke
     from safetensors import safe_open
 
     names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
-    assert _has(FUSED_EXPERT_ADAPTER, names)  # Qwen3.5-MoE: vLLM loads the 3-D layout
+    # vLLM's Qwen3_5MoeForCausalLM (the text-only class) loads expert adapters per expert
+    assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
     table = model_mappings.table_for("qwen3_5_moe_text")
     monkeypatch.setattr(model_mappings, "_REGISTERED", {})
-    model_mappings.register_table(dataclasses.replace(table, vllm_expert_adapter_layout="per_expert"), overwrite=True)
+    layouts = {"Qwen3_5MoeForCausalLM": "fused"}
+    model_mappings.register_table(dataclasses.replace(table, vllm_expert_adapter_layouts=layouts), overwrite=True)
     names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
-    assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
-    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True, expert_adapter_layout="fused")]
     assert _has(FUSED_EXPERT_ADAPTER, names)
+    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True, expert_adapter_layout="per_expert")]
+    assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
     save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "adapter")
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as handle:
         assert _has(FUSED_EXPERT_ADAPTER, handle.keys())
+
+
+def test_adapter_folders_for_vllm_take_its_layout_and_refuse_the_other(moe, tmp_path):
+    from bridge_ext import save_hf_pretrained
+    from bridge_ext.errors import BridgeExtError
+    from safetensors import safe_open
+
+    result = save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "vllm", adapter_for="vllm")
+    with safe_open(str(tmp_path / "vllm" / "adapter_model.safetensors"), "pt") as handle:
+        assert _has(PER_EXPERT_ADAPTER, handle.keys()) and not _has(FUSED_EXPERT_ADAPTER, handle.keys())
+        written = set(handle.keys())
+    # vLLM applies no LoRA to its MTP drafter: those adapters are left out, and said so
+    mtp = {name for name, _ in export_hf_weights(moe.chunks, adapters_only=True) if ".mtp." in name}
+    assert mtp and not mtp & written
+    assert any(f"{len(mtp)} MTP adapter tensors not written" in note for note in result.notes), result.notes
+    with pytest.raises(BridgeExtError, match="vLLM does not load fused expert adapters for Qwen3_5MoeForCausalLM"):
+        save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "refused", adapter_for="vllm",
+                           expert_adapter_layout="fused")
+    with pytest.raises(BridgeExtError, match="adapter_for must be one of"):
+        save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "refused", adapter_for="sglang")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_the_plan_is_remembered_until_the_model_changes(built, mlp):
@@ -288,3 +311,46 @@ def test_merged_per_expert_tasks_convert_in_batches_equal_to_one_by_one(moe):
     assert len(together) == sum(len(task.hf_names) for batch in batched for task in batch)
     for name, tensor in together.items():
         assert torch.equal(tensor, one_by_one[name]), name
+
+
+# Megatron-Bridge LoRA settings for Transformer Engine grouped experts -------------------------------
+
+@pytest.mark.parametrize(("adapter_class", "knob"), [("GroupedExpertLinearAdapter", "share_expert_adapters=False"),
+                                                     ("SharedOuterGroupedExpertAdapter",
+                                                      "experts_shared_outer_loras=True")])
+def test_grouped_expert_adapters_are_refused_naming_their_setting(moe, adapter_class, knob):
+    from megatron.bridge.peft import utils
+
+    wrapper = moe.chunks[0].decoder.layers[0].mlp.experts.local_experts[0].linear_fc1
+    original = wrapper.adapter
+    grouped = getattr(utils, adapter_class)(
+        original.linear_in.weight.shape[1], original.linear_out.weight.shape[0], original.dim, num_local_experts=4,
+        base_linear_name="decoder.layers.0.mlp.experts.linear_fc1", model_parallel_config=wrapper.to_wrap.config,
+        alpha=original.alpha, params_device=torch.device("cpu"), params_dtype=torch.float32)
+    wrapper.adapter = grouped
+    try:
+        with pytest.raises(ExportError, match=rf"local_experts\.0\.linear_fc1: grouped-expert LoRA of Megatron-Bridge's "
+                                              rf"LoRA\({knob}\) \({adapter_class}\) is not supported"):
+            next(export_hf_weights(moe.chunks, peft=False))
+    finally:
+        wrapper.adapter = original
+
+
+def test_one_adapter_shared_by_grouped_experts_is_refused_naming_the_setting(moe):
+    """``share_expert_adapters=True`` (Megatron-Bridge's default) on a grouped linear puts one
+    ``linear_in`` / ``linear_out`` on ``experts.linear_fc1``, whose weights are ``weight0..``."""
+    from bridge_ext.export import plan_export, resolve_hf_config
+    from bridge_ext.source import Adapter
+
+    module = "decoder.layers.0.mlp.experts.linear_fc1"
+
+    class GroupedSource:
+        def base_names(self):
+            return [f"{module}.weight{e}" for e in range(4)]
+
+        def adapters(self):
+            return {module: Adapter(module, f"{module}.adapter.linear_in.weight",
+                                    f"{module}.adapter.linear_out.weight", alpha=8.0, rank=4)}
+
+    with pytest.raises(ExportError, match=r"shared by all the grouped experts .*share_expert_adapters=True"):
+        plan_export(GroupedSource(), resolve_hf_config(moe.chunks))
