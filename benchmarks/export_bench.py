@@ -10,6 +10,8 @@ experts) and times, in the same run and on the same model:
 * ``adapters``: adapters only (the per-step sync; MB: ``export_adapter_weights``; ours in the
   expert-adapter layout vLLM loads for the model, the table's default: 3-D for Qwen3.5-MoE,
   per expert for Qwen3-MoE);
+* ``..., zero_copy``: ours with ``zero_copy=True``: what copying the tensors that would share
+  memory with the model (the default) costs;
 * ``to-cpu``: base + adapters into CPU memory (GPU only; MB ``cpu=True``, ours ``device="cpu"``);
 * ours with ``destination="rank0"`` / ``"owner"`` in parallel runs (MB has no such choice);
 * ``merged fp8`` (and on GPU ``to-cpu merged`` / ``to-cpu merged fp8``): ours with
@@ -185,6 +187,9 @@ def cases(chunks, bridge, device: str, parallel: bool, mb_merges: bool = True) -
         "adapters": (lambda: [export_hf_weights(chunks, adapters_only=True)],
                      lambda: [bridge.export_adapter_weights(chunks, cpu=False, show_progress=False)]),
     }
+    # The rows above copy what would share memory with the model (the default); these skip it.
+    table["unmerged+adapters, zero_copy"] = (lambda: [export_hf_weights(chunks, zero_copy=True)], None)
+    table["adapters, zero_copy"] = (lambda: [export_hf_weights(chunks, adapters_only=True, zero_copy=True)], None)
     if device == "cuda":
         table["to-cpu unmerged+adapters"] = (lambda: [export_hf_weights(chunks, device="cpu")], mb_unmerged(True))
     table["merged, 256 MiB buckets"] = (

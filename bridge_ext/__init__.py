@@ -1,4 +1,8 @@
-"""bridge_ext: clean Hugging Face weights and PEFT adapters out of Megatron-Core models."""
+"""bridge_ext: clean Hugging Face weights and PEFT adapters out of Megatron-Core models.
+
+Every error bridge_ext raises on purpose is a :class:`BridgeExtError`; its families are
+exported here (``except bridge_ext.BridgeExtError`` catches them all).
+"""
 
 from bridge_ext import compat
 
@@ -8,7 +12,20 @@ compat.install()
 
 __version__ = "0.1.0"
 
-from bridge_ext.errors import ExportError  # noqa: E402
+from bridge_ext.errors import (  # noqa: E402
+    BridgeExtError,
+    CheckpointError,
+    CompatibilityError,
+    ConvertError,
+    ExportError,
+    OutputExistsError,
+    OutputLocationError,
+    OutputWriteError,
+    RuleError,
+    SafetensorsFolderError,
+    TableError,
+    VerificationError,
+)
 from bridge_ext.export import (  # noqa: E402
     Bucket,
     export_hf_buckets,
@@ -18,13 +35,35 @@ from bridge_ext.export import (  # noqa: E402
 )
 from bridge_ext.save import save_hf_pretrained  # noqa: E402
 from bridge_ext.table import MappingTable, TableBuilder  # noqa: E402
-from model_mappings import register_table  # noqa: E402
+
+
+def __getattr__(name: str):
+    # The registry imports this package (its tables are built of bridge_ext's rules), so it is
+    # reached on first use: `import model_mappings` then works first in a fresh interpreter.
+    if name == "register_table":
+        from model_mappings import register_table
+
+        globals()[name] = register_table
+        return register_table
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
+    "BridgeExtError",
     "Bucket",
+    "CheckpointError",
+    "CompatibilityError",
+    "ConvertError",
     "ExportError",
     "MappingTable",
+    "OutputExistsError",
+    "OutputLocationError",
+    "OutputWriteError",
+    "RuleError",
+    "SafetensorsFolderError",
     "TableBuilder",
+    "TableError",
+    "VerificationError",
     "export_hf_buckets",
     "export_hf_weights",
     "peft_adapter_config",

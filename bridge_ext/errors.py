@@ -29,6 +29,11 @@ class ExportError(BridgeExtError, ValueError):
     """The model and the mapping table disagree; the message names the tensors concerned."""
 
 
+class TableError(ExportError):
+    """A mapping table is malformed (a rule's operations or wildcards, a variant naming no
+    expert family) or cannot be registered; the message names the rule or the model types."""
+
+
 class CheckpointError(BridgeExtError):
     """A checkpoint could not be located or read. ``path`` is the file or folder concerned."""
 

@@ -15,6 +15,7 @@ import torch
 
 from bridge_ext import model_changes
 from bridge_ext.consumer import MTP_ADAPTERS_LEFT_OUT, adapter_layout_for, is_mtp_adapter, vllm_base_layout
+from bridge_ext.aliasing import model_storages, without_aliases
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError, first_line
@@ -456,6 +457,7 @@ def export_hf_weights(
     quantize: str | None = None,
     engine_tp_size: int | None = 1,
     adapter_for: Literal["vllm"] | None = None,
+    zero_copy: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(hf_name, tensor)`` pairs out of a Megatron model.
 
@@ -511,6 +513,11 @@ def export_hf_weights(
             unset, they default to what it loads); MTP adapters are left out (vLLM applies no
             LoRA to its drafters), with one warning per plan; DoRA adapters are refused, even
             with ``dora_adapters=True``. None (default): no such checks.
+        zero_copy: False (default): no yielded tensor shares memory with the model's
+            parameters or buffers; a tensor that would (a pass-through weight or LoRA factor, a
+            view of a fused one) is copied, one at a time, and a tensor made anew is not. True:
+            such tensors are the model's own memory, saving the copy; the caller must never
+            write to them (see :mod:`bridge_ext.aliasing`).
 
     Every rank of a parallel job must iterate the generator to its end together. Nothing is
     silently dropped: a parameter no rule covers, or a Hugging Face name the export would miss
@@ -518,7 +525,7 @@ def export_hf_weights(
     """
     _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
                                    dtype, destination, device, quantize, engine_tp_size, base_only, dora_adapters,
-                                   allow_overflow, adapter_for)
+                                   allow_overflow, adapter_for, zero_copy)
     yield from pairs
 
 
@@ -528,6 +535,7 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
                      device: str | torch.device | None = None, quantize: str | None = None,
                      engine_tp_size: int | None = 1, base_only: bool = False, dora_adapters: bool = False,
                      allow_overflow: bool = False, adapter_for: Literal["vllm"] | None = None,
+                     zero_copy: bool = False,
                      ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
     """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
@@ -570,7 +578,8 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
         pairs = fp8.quantize(pairs)
     if adapter_for == "vllm":
         pairs = _without_mtp_adapters(plan, pairs)
-    return source, plan, to_host(pairs) if to_cpu else pairs
+    pairs = to_host(pairs) if to_cpu else pairs
+    return source, plan, pairs if zero_copy else without_aliases(pairs, model_storages(unwrap_chunks(model)))
 
 
 def _without_mtp_adapters(plan: ExportPlan, pairs: Iterator[tuple[str, torch.Tensor]],

@@ -132,7 +132,6 @@ def hf_checkpoint_keys(
     Tensors transformers builds no module for (MTP layers) are never included.
     """
     from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {expert_layout!r}")
@@ -141,7 +140,7 @@ def hf_checkpoint_keys(
     state_dict = model.state_dict()
     for key in model._keys_to_ignore_on_save or ():
         state_dict.pop(key, None)
-    state_dict = remove_tied_weights_from_state_dict(state_dict, model)
+    state_dict = _without_tied_weights(state_dict, model)
     model._weight_conversions = _save_conversions(model, fused=expert_layout != "per_expert", prefix_change=prefix_change)
     state_dict = revert_weight_conversion(model, state_dict)
     keys = {name: tuple(t.shape) for name, t in state_dict.items()}
@@ -149,6 +148,18 @@ def hf_checkpoint_keys(
         keys = {name: (*shape[:-2], shape[-1], shape[-2]) if _is_fused_expert(config, name, shape) else shape
                 for name, shape in keys.items()}
     return dict(sorted(keys.items()))
+
+
+def _without_tied_weights(state_dict: dict, model) -> dict:
+    """``remove_tied_weights_from_state_dict`` on the parameters, persistent buffers kept as
+    they are (only parameters are tied). transformers before 5.14 looks meta tensors up with
+    ``get_parameter``, which refuses a buffer (DeepSeek-V3's ``e_score_correction_bias``)."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    kept = remove_tied_weights_from_state_dict(
+        {name: tensor for name, tensor in state_dict.items() if name in parameters}, model)
+    return {name: tensor for name, tensor in state_dict.items() if name in kept or name not in parameters}
 
 
 def _is_fused_expert(config, name: str, shape: tuple[int, ...]) -> bool:

@@ -13,8 +13,9 @@ Receiver contract of :func:`bridge_ext.export_hf_buckets` (and :func:`bridge_ext
    applied at once. The adapter is complete only at ``is_last``: apply it then, as a whole, so
    that the engine never runs a ``lora_A`` of one step with a ``lora_B`` of another.
 4. A tensor is valid until the consumer asks for the next bucket. Tensors may share storage
-   with each other (one ``lora_A`` serves ``q_proj``, ``k_proj`` and ``v_proj``) or with the
-   training model's parameters: never modify one in place; copy what you keep.
+   with each other (one ``lora_A`` serves ``q_proj``, ``k_proj`` and ``v_proj``): copy what you
+   keep. None shares storage with the training model's parameters or buffers unless the export
+   was asked for ``zero_copy=True`` (:mod:`bridge_ext.aliasing`); then never modify one in place.
 5. Tensors are on the model's device (GPU), or in pinned CPU memory with ``device="cpu"``
    (there, neighbouring small tensors are views of one pinned buffer).
 

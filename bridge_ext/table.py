@@ -22,6 +22,7 @@ from typing import Literal
 
 from bridge_ext.config_compare import ConfigField
 from bridge_ext.dims import text_config
+from bridge_ext.errors import TableError
 from bridge_ext.fp8_rules import Fp8Rules
 from bridge_ext.ops import Op
 from bridge_ext.patterns import NamePattern
@@ -78,19 +79,19 @@ class Rule:
         seen_global = False
         for op in self.ops:
             if op.per_rank and seen_global:
-                raise ValueError(f"{self.megatron}: per-rank operations must come first")
+                raise TableError(f"{self.megatron}: per-rank operations must come first")
             seen_global = seen_global or not op.per_rank
         if any(op.transposes for op in self.ops[:-1]):
-            raise ValueError(f"{self.megatron}: a transpose must be the last operation (LoRA factors swap there)")
+            raise TableError(f"{self.megatron}: a transpose must be the last operation (LoRA factors swap there)")
         if self.tp == "row" and any(op.per_rank for op in self.ops):
-            raise ValueError(f"{self.megatron}: row-parallel rules cannot split rows per rank")
+            raise TableError(f"{self.megatron}: row-parallel rules cannot split rows per rank")
         megatron_wildcards = set(self.megatron_pattern.wildcards)
         reduced = {name for name in (self.stack, self.shared) if name}
         for pattern in self.hf_patterns:
             missing = set(pattern.wildcards) - megatron_wildcards
             dropped = megatron_wildcards - set(pattern.wildcards)
             if missing or dropped != reduced:
-                raise ValueError(
+                raise TableError(
                     f"{self.megatron} -> {pattern.text}: wildcards must agree "
                     f"(only stack/shared ones may be dropped)"
                 )
@@ -258,7 +259,7 @@ class MappingTable:
         known = {family.name for family in self.expert_families}
         for each in self.rules:
             if each.variant is not None and each.variant.partition(":")[0] not in known:
-                raise ValueError(f"{each.megatron}: variant {each.variant!r} names no expert family of the table")
+                raise TableError(f"{each.megatron}: variant {each.variant!r} names no expert family of the table")
 
     def family(self, candidate: Rule) -> ExpertFamily | None:
         """The expert family whose layout variant ``candidate`` belongs to."""

@@ -7,7 +7,7 @@ a registered table takes precedence over a built-in one for its model types.
 
 from __future__ import annotations
 
-from bridge_ext.errors import ExportError
+from bridge_ext.errors import ExportError, TableError
 from bridge_ext.table import MappingTable, TableBuilder
 from model_mappings import deepseek, glm, gpt_oss, llama, mimo, qwen3_5, qwen3_next, qwen_moe, qwen_vl
 
@@ -22,13 +22,13 @@ _REGISTERED: dict[str, MappingTable | TableBuilder] = {}
 def register_table(table: MappingTable | TableBuilder, *, overwrite: bool = False) -> None:
     """Export models of ``table.model_types`` with ``table``.
 
-    Raises ExportError when a model type already has a table, unless ``overwrite``.
+    Raises TableError (an ExportError) when a model type already has a table, unless ``overwrite``.
     """
     if not isinstance(table, (MappingTable, TableBuilder)):
-        raise ExportError(f"register_table takes a MappingTable or a TableBuilder, not {type(table).__name__}")
+        raise TableError(f"register_table takes a MappingTable or a TableBuilder, not {type(table).__name__}")
     taken = [model_type for model_type in table.model_types if registered_table(model_type) is not None]
     if taken and not overwrite:
-        raise ExportError(f"model types {taken} already have a table; pass overwrite=True to replace it")
+        raise TableError(f"model types {taken} already have a table; pass overwrite=True to replace it")
     for model_type in table.model_types:
         _REGISTERED[model_type] = table
 

@@ -193,3 +193,72 @@ def test_import_case(processes, case):
 ])
 def test_message_names_what_is_missing(missing, text):
     assert compat.missing_text(missing) == text
+
+
+# -- every public module imports on its own --------------------------------------------------
+# One interpreter that has imported the third-party libraries (none of ours; they are slow to
+# import) forks a child per module: each child imports that one module first of bridge_ext's and
+# model_mappings', as a user's `python -c "import <module>"` would.
+EACH_ALONE = """
+    import importlib, os, sys, traceback
+    import click, numpy, rich, safetensors.torch, torch, transformers, yaml  # noqa: F401
+    failed = []
+    for name in sys.argv[1:]:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                importlib.import_module(name)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if status:
+            failed.append(name)
+    assert not failed, f"these modules do not import on their own: {failed}"
+"""
+
+
+# The CPU model harness (bridge_ext.cpu: test and demo support, which imports megatron at import by
+# design) would triple the check's time; every test that builds a model imports it.
+HARNESS = "bridge_ext.cpu"
+
+
+def public_modules() -> list[str]:
+    """Every module of the two installed packages whose name has no leading underscore, but the
+    CPU harness."""
+    names = []
+    for package in ("bridge_ext", "model_mappings"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            name = ".".join(parts)
+            if not any(part.startswith("_") for part in parts) and not name.startswith(HARNESS):
+                names.append(name)
+    return names
+
+
+def test_public_modules_are_found():
+    modules = public_modules()
+    assert {"bridge_ext", "model_mappings", "model_mappings.deepseek", "bridge_ext.checkpoint.reader"} <= set(modules)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the check forks one child per module")
+def test_each_public_module_imports_alone_in_a_fresh_interpreter():
+    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(EACH_ALONE), *public_modules()],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def test_the_library_has_one_error_root():
+    import bridge_ext
+    from bridge_ext import errors
+
+    families = {name: value for name, value in vars(errors).items()
+                if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == errors.__name__}
+    assert "BridgeExtError" in families and "TableError" in families
+    for name, family in families.items():
+        assert getattr(bridge_ext, name) is family and name in bridge_ext.__all__, name
+        assert issubclass(family, bridge_ext.BridgeExtError), name

@@ -9,6 +9,7 @@ import torch
 
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, plan_tasks, run_rule
+from bridge_ext.errors import TableError
 from bridge_ext.ops import AddOne, Concat, GroupRows, SplitGroupedRows, SplitRows, Transpose, TrimVocab
 from bridge_ext.patterns import NamePattern
 from bridge_ext.reverse import reverse_rule
@@ -111,11 +112,11 @@ def test_value_ops_are_skipped_for_lora_factors():
 
 
 def test_rules_refuse_inconsistent_wildcards_and_order():
-    with pytest.raises(ValueError, match="wildcards"):
+    with pytest.raises(TableError, match="wildcards"):
         rule("a.{layer}.w", "b.w")
-    with pytest.raises(ValueError, match="per-rank"):
+    with pytest.raises(TableError, match="per-rank"):
         rule("a.w", ["b.w", "c.w"], Concat((1,), (1,)), SplitRows(1, 1))
-    with pytest.raises(ValueError, match="row-parallel"):
+    with pytest.raises(TableError, match="row-parallel"):
         rule("a.w", ["b.w", "c.w"], SplitRows(1, 1), tp="row")
     assert rule("a.{layer}.{expert}.w", "b.{layer}.w", stack="expert").stack == "expert"
 
@@ -198,7 +199,7 @@ def test_register_table_and_unknown_model_types(monkeypatch):
     table = _toy_table()
     register_table(table)
     assert model_mappings.table_for("toy") is table and "toy" in model_mappings.known_model_types()
-    with pytest.raises(ExportError, match="already have a table"):
+    with pytest.raises(TableError, match="already have a table"):
         register_table(_toy_table())
     register_table(_toy_table(), overwrite=True)
 
