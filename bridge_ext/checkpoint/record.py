@@ -12,8 +12,8 @@ once:
   storage of exactly the data member's size, so the pickle cannot ask for more memory than the
   file holds;
 * ``<archive>/data/0`` (stored, not compressed) is read with large ``preadv`` calls straight into
-  that storage, and its CRC-32 computed piece by piece while each piece is still in cache. Both
-  calls release the GIL, so a read-ahead thread runs beside the conversion.
+  that storage, and its CRC-32 computed piece by piece while each piece is still in cache
+  (:mod:`bridge_ext.checkpoint.crc`). Both calls release the GIL, so a read-ahead thread runs beside the conversion.
 
 Every mismatch (a member missing, compressed or of the wrong size, a CRC-32 that differs, a
 tensor that is not what the metadata says) raises :class:`CorruptCheckpointError` naming the
@@ -26,13 +26,13 @@ import io
 import os
 import struct
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch._weights_only_unpickler as weights_only_unpickler  # what torch.load(weights_only=True) runs
 
+from bridge_ext.checkpoint.crc import crc32
 from bridge_ext.checkpoint.errors import CorruptCheckpointError
 
 # Reading and checking a piece at a time keeps it in cache between the two (and bounds one call).
@@ -67,7 +67,7 @@ class RecordFile:
             count = os.preadv(self.fd, [piece], offset + done)
             if count <= 0:
                 raise EOFError(f"{len(buffer)} bytes wanted at {offset}, {done} read")
-            crc = zlib.crc32(piece[:count], crc)
+            crc = crc32(piece[:count], crc)
             done += count
         return crc
 
@@ -94,7 +94,7 @@ def read_tensor_record(file: RecordFile, offset: int, length: int, what: str,
     if pickle_info.file_size > MAX_PICKLE_BYTES:
         raise _corrupt(file, what, f"{pickle_info.filename} has {pickle_info.file_size} bytes")
     pickled = file.read(_data_offset(file, offset, length, pickle_info, what), pickle_info.file_size)
-    if zlib.crc32(pickled) != pickle_info.CRC:
+    if crc32(pickled) != pickle_info.CRC:
         raise _corrupt(file, what, f"CRC-32 mismatch in {pickle_info.filename}")
     nbytes = data_info.file_size
     layout = _unpickle(pickled, torch.UntypedStorage(nbytes, device="meta"), nbytes)
