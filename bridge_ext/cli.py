@@ -116,12 +116,16 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
 @click.option("--verify", is_flag=True,
               help="Before installing the folders, load them with transformers (and PEFT), run a short forward "
                    "pass and report key counts; a failure installs nothing.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Convert and write the model folder's shards in this many processes at once (default: the "
+                   "cores available, fewer when memory or a small output says so). The files are the same "
+                   "whatever the number.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
 def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, hf_base: Path | None,
             hf_config: Path | None, model_type: str | None, iteration: int | None, merge: bool, dtype: str,
             expert_layout: str, expert_adapter_layout: str, max_shard_size: str, allow_overflow: bool, overwrite: bool,
-            verify: bool, progress: bool | None) -> None:
+            verify: bool, workers: int | None, progress: bool | None) -> None:
     """Convert a Megatron checkpoint on disk to a Hugging Face folder and/or a PEFT adapter folder.
 
     CHECKPOINT is a Megatron-Core / Megatron-Bridge torch_dist checkpoint: a root folder with
@@ -185,7 +189,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
                     model_type=model_type, iteration=iteration, merge=merge, dtype=_torch_dtype(DTYPES[dtype]),
                     expert_layout=None if expert_layout == "auto" else expert_layout,
                     expert_adapter_layout=expert_adapter_layout, max_shard_size=max_shard_size,
-                    overwrite=overwrite, verify=verify, allow_overflow=allow_overflow, on_start=bar.start, on_tensor=bar.advance, notes=notes,
+                    overwrite=overwrite, verify=verify, allow_overflow=allow_overflow, workers=workers,
+                    on_start=bar.start, on_tensor=bar.advance, notes=notes,
                 )
     except KeyboardInterrupt as interrupt:
         number = getattr(interrupt, "signal_number", signal.SIGINT)

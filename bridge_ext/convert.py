@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 import types
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,8 @@ import torch
 from bridge_ext.checkpoint import CheckpointReader
 from bridge_ext.checkpoint.config_check import check_config_fields, check_config_matches_run_config, load_hf_config
 from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, hf_folder_shapes
+from bridge_ext.checkpoint.parallel_write import base_in_workers
+from bridge_ext.checkpoint.reader import READ_AHEAD_BYTES
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import Mode
@@ -237,6 +239,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     verify: bool = False,
     allow_overflow: bool = False,
+    workers: int | None = None,
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
     notes: list[str] | None = None,
@@ -265,6 +268,9 @@ def convert_checkpoint(
             a failure installs nothing (an existing folder stays as it was).
         allow_overflow: Write the infinities a cast to ``dtype`` makes of values beyond its range
             (by default such a cast is refused, naming the tensor).
+        workers: Convert and write the model folder's shards in this many processes at once
+            (default: the cores this process may use, fewer when memory or the output's size
+            says so; the bytes written are the same whatever the number).
         on_start: Called with the number of tensors to write, once all checks passed.
         on_tensor: Called with each written tensor's name and size.
         notes: Collects what the user should hear about (also on failure): stale staging
@@ -338,14 +344,21 @@ def convert_checkpoint(
     # order the stream needs them: reading, conversion and writing overlap, no shard is held in memory.
     layout = planned_layout(source, plan, base_mode, dtype) if base_mode is not None else None
     checkpoint_source = source.adapter_source if isinstance(source, CombinedSource) else source
-    with (checkpoint_source.read_ahead(planned_reads(source, plan, base_mode, adapter_dir is not None)),
-          _core_left_for_reading()):
+    # With a layout the base tensors can go to their places from several processes at once.
+    write_base = None if layout is None else base_in_workers(
+        source, checkpoint_source, plan, base_mode, layout, transform=values, workers=workers,
+        read_ahead=READ_AHEAD_BYTES, on_tensor=on_tensor)
+    # Workers read ahead for themselves (and are forked with no thread running here); the
+    # adapters streamed here after them are small.
+    reading = nullcontext() if write_base is not None else \
+        checkpoint_source.read_ahead(planned_reads(source, plan, base_mode, adapter_dir is not None))
+    with reading, _core_left_for_reading():
         result = write_export(
             source, plan, model_dir, adapter_dir,
             merge=merge, config_dtype=written_dtype, max_shard_size=max_shard_size,
             overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
             found=found_outputs, before_install=verify_staged if verify else None, notes=notes,
-            transform=values, layout=layout,
+            transform=values, layout=layout, write_base=write_base,
         )
     report, verify_seconds = verification[0] if verification else (None, 0.0)
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,

@@ -136,6 +136,7 @@ def write_export(
     notes: list[str] | None = None,
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     layout: list[TensorSpec] | None = None,
+    write_base: Callable[[ShardedSafetensorsWriter], None] | None = None,
 ) -> SaveResult:
     """Stream ``plan`` out of ``source`` into a Hugging Face folder and/or a PEFT adapter folder.
 
@@ -151,7 +152,9 @@ def write_export(
     ``write=False``: take part in a parallel export (its collectives) without writing anything.
     ``transform`` is applied to each produced tensor before it is written.
     ``layout``: the base tensors the export will produce, in order, when known (then each is
-    written to its shard at once).
+    written to its shard at once). ``write_base``: writes every base tensor into the writer
+    itself (e.g. in worker processes, :mod:`bridge_ext.checkpoint.parallel_write`); the stream
+    then yields the adapters only.
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
@@ -177,8 +180,14 @@ def write_export(
             base_writer = ShardedSafetensorsWriter(staged_model, parse_size(max_shard_size), layout=layout)
         if adapter_dir is not None:
             adapter_tensors = {}
-        count = total = 0
-        for name, tensor in stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype):
+        streamed_base = base_mode
+        if write_base is not None and base_writer is not None:
+            write_base(base_writer)
+            streamed_base = None
+        count, total = (base_writer.tensor_count, base_writer.total_bytes) if base_writer is not None else (0, 0)
+        passes = [] if streamed_base is None and adapter_dir is None else \
+            stream(source, plan, base=streamed_base, adapters=adapter_dir is not None, dtype=dtype)
+        for name, tensor in passes:
             if transform is not None:  # e.g. a cast that checks the values (bridge_ext.value_check)
                 tensor = transform(name, tensor)
             nbytes = tensor.numel() * tensor.element_size()
