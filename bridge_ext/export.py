@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,15 +16,14 @@ from bridge_ext import model_changes
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError
-from bridge_ext.distributed import Destination, all_agree, is_parallel_job
 from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
-from bridge_ext.live import LiveModelSource, unwrap_chunks
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import TensorSource
-from bridge_ext.sync import to_host
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout, MappingTable
-from bridge_ext.trained_forward import warn_if_expert_lora_differs
+
+if TYPE_CHECKING:  # the live and parallel modules load only where a live model is exported
+    from bridge_ext.distributed import Destination
 
 
 def resolve_hf_config(model, hf_config=None):
@@ -33,6 +33,8 @@ def resolve_hf_config(model, hf_config=None):
     ``model.config.hf_model_id``.
     """
     from transformers import PretrainedConfig
+
+    from bridge_ext.live import unwrap_chunks
 
     if isinstance(hf_config, PretrainedConfig):
         return hf_config
@@ -244,8 +246,12 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     config.json and these arguments stay the same (not when ``hf_config`` is a config object:
     it may have changed). See :mod:`bridge_ext.model_changes`.
     """
-    chunks = unwrap_chunks(model)
+    from bridge_ext.distributed import all_agree
+    from bridge_ext.live import LiveModelSource, unwrap_chunks
+    from bridge_ext.trained_forward import warn_if_expert_lora_differs
     from model_mappings import registered_table, table_for
+
+    chunks = unwrap_chunks(model)
 
     config = resolve_hf_config(model, hf_config)
     # the table registered for the model type (register_table may replace it between exports)
@@ -276,6 +282,8 @@ _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _expert_tensor_parallel_size() -> int:
+    from bridge_ext.distributed import is_parallel_job
+
     if not is_parallel_job():
         return 1
     from megatron.core import parallel_state
@@ -439,7 +447,11 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
     to_cpu = device is not None and torch.device(device).type == "cpu"
     pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype,
                    stacks_on_host=to_cpu)
-    return source, plan, to_host(pairs) if to_cpu else pairs
+    if not to_cpu:
+        return source, plan, pairs
+    from bridge_ext.sync import to_host
+
+    return source, plan, to_host(pairs)
 
 
 def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertLayout | None = None,
@@ -451,6 +463,8 @@ def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertL
     """
     source, plan = prepare(model, hf_config, expert_adapter_layout=expert_adapter_layout)
     if base_model_name_or_path is None:
+        from bridge_ext.live import unwrap_chunks
+
         base_model_name_or_path = getattr(unwrap_chunks(model)[0].config, "hf_model_id", None)
     return lora_config(plan, source.adapters(), base_model_name_or_path)
 
@@ -518,7 +532,7 @@ def expert_adapter_groups(source: TensorSource, plan: ExportPlan) -> dict[str, s
     module_of = {name: task.hf_names[0].rpartition(".")[0] for task in fused if task.rule.stack
                  for name in task.sources}
     found = source.adapters()
-    exchange = source.exchange if isinstance(source, LiveModelSource) else None
+    exchange = getattr(source, "exchange", None)  # a live model's (bridge_ext.live.LiveModelSource)
     groups = {}
     for task in plan.adapter_tasks:
         module = module_of.get(task.sources[0])
@@ -550,5 +564,7 @@ def hf_source_folder(model, hf_config=None) -> Path | None:
     """The local Hugging Face folder the model came from, if there is one."""
     candidate = hf_config if isinstance(hf_config, (str, Path)) else None
     if candidate is None:
+        from bridge_ext.live import unwrap_chunks
+
         candidate = getattr(unwrap_chunks(model)[0].config, "hf_model_id", None)
     return Path(candidate) if candidate and Path(candidate).is_dir() else None
