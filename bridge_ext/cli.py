@@ -168,6 +168,7 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
       6  --verify failed (checked before installing: nothing was installed)
       7  an I/O or permission error: an output cannot be written (parent not writable, no
          space left, file size limit, read-only file system), or the system failed a read
+         or killed a conversion worker (e.g. out of memory)
     128+n  stopped by signal n (SIGINT 130, SIGHUP 129, SIGTERM 143): nothing installed, the
          staging folders removed
     """

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from bridge_ext.errors import BridgeExtError
 from bridge_ext.hf_folder import ShardedSafetensorsWriter, TensorSpec, write_tensor_at
 
 # Below this many bytes of output per worker, forking costs more than it gains.
@@ -43,8 +44,9 @@ _PR_SET_PDEATHSIG = 1
 Places = dict[str, tuple[int, int, TensorSpec]]
 
 
-class WorkerError(RuntimeError):
-    """A worker ended without reporting (killed by the system, e.g. out of memory)."""
+class WorkerError(BridgeExtError, OSError):
+    """A worker ended without reporting: the system killed it (e.g. out of memory). An OSError:
+    the command's exit code 7, as for other failures of the system."""
 
 
 def default_workers(output_bytes: int, largest_tensor: int, read_ahead: int) -> int:

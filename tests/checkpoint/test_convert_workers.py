@@ -16,6 +16,7 @@ import pytest
 
 from bridge_ext.checkpoint import CheckpointReader, parallel_write
 from bridge_ext.checkpoint.parallel_write import WorkerError, split_evenly
+from bridge_ext.cli import EXIT_OUTPUT_IO
 from bridge_ext.convert import convert_checkpoint
 from bridge_ext.errors import CheckpointError
 from bridge_ext.value_check import ValueCheck
@@ -127,6 +128,9 @@ def test_a_worker_killed_by_the_system_fails_the_conversion(qwen3_ckpts, tmp_pat
     (tmp_path / "out").mkdir()
     with pytest.raises(WorkerError, match="ended without a word"):
         convert_checkpoint(qwen3_ckpts / "dense", model_dir=tmp_path / "out" / "model", workers=2)
+    assert listing(tmp_path / "out") == []
+    code, message = convert(qwen3_ckpts / "dense", "--model-out", tmp_path / "out" / "model", "--workers", "2")
+    assert code == EXIT_OUTPUT_IO and "killed by the system" in message, message
     assert listing(tmp_path / "out") == []
     assert not workers_left()
 
