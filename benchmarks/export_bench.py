@@ -11,7 +11,9 @@ experts) and times, in the same run and on the same model:
   expert-adapter layout vLLM loads for the model, the table's default: 3-D for Qwen3.5-MoE,
   per expert for Qwen3-MoE);
 * ``to-cpu``: base + adapters into CPU memory (GPU only; MB ``cpu=True``, ours ``device="cpu"``);
-* ours with ``destination="rank0"`` / ``"owner"`` in parallel runs (MB has no such choice).
+* ours with ``destination="rank0"`` / ``"owner"`` in parallel runs (MB has no such choice);
+* ``merged fp8`` (and on GPU ``to-cpu merged`` / ``to-cpu merged fp8``): ours with
+  ``quantize="fp8"`` (MB quantizes no bf16 model); the ratios to our bf16 rows are printed.
 
 Each is run once to warm up, then ``--repeats`` times; the median is reported with the
 throughput (GB/s of exported tensors received by rank 0), the peak extra process memory (RSS
@@ -188,6 +190,12 @@ def cases(chunks, bridge, device: str, parallel: bool, mb_merges: bool = True) -
     table["merged, 256 MiB buckets"] = (
         lambda: [(pair for bucket in export_hf_buckets(chunks, 256 << 20, peft=False) for pair in bucket.tensors)],
         None)
+    # block FP8 (the engine's block-shape check is the tests' business: timing only, any width)
+    fp8 = dict(peft=False, quantize="fp8", engine_tp_size=None)
+    table["merged fp8"] = (lambda: [export_hf_weights(chunks, **fp8)], None)
+    if device == "cuda":
+        table["to-cpu merged"] = (lambda: [export_hf_weights(chunks, peft=False, device="cpu")], None)
+        table["to-cpu merged fp8"] = (lambda: [export_hf_weights(chunks, device="cpu", **fp8)], None)
     if parallel:
         for destination in ("rank0", "owner"):
             for mode, kwargs in (("merged", dict(peft=False)), ("adapters", dict(adapters_only=True))):
@@ -416,6 +424,12 @@ def report(results: dict, header: str) -> str:
         speedup = f"{theirs['seconds'] / ours['seconds']:7.1f}x" if theirs else ""
         lines.append(f"{name:34} {mb} {ours['seconds']:8.3f} {ours['gbps']:8.2f} {ours['peak_rss'] / mib:8.0f} "
                      f"{ours['peak_gpu'] / mib:8.0f} {ours['tensors']:7d} {speedup:>8}")
+    for fp8, bf16 in (("merged fp8", "merged"), ("to-cpu merged fp8", "to-cpu merged")):
+        if fp8 in results and bf16 in results:  # same parameters, so time ratios are rate ratios
+            ratio = results[fp8][0]["seconds"] / results[bf16][0]["seconds"]
+            lines.append(f"{fp8}: {ratio:.2f}x the time of ours {bf16} ({1 / ratio:.2f}x its parameters per second); "
+                         f"peak extra GPU {results[fp8][0]['peak_gpu'] / mib:.0f} MiB vs "
+                         f"{results[bf16][0]['peak_gpu'] / mib:.0f} MiB")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from bridge_ext.export import (  # noqa: E402
     export_hf_buckets,
     export_hf_weights,
     peft_adapter_config,
+    quantization_config,
 )
 from bridge_ext.save import save_hf_pretrained  # noqa: E402
 from bridge_ext.table import MappingTable, TableBuilder  # noqa: E402
@@ -27,6 +28,7 @@ __all__ = [
     "export_hf_buckets",
     "export_hf_weights",
     "peft_adapter_config",
+    "quantization_config",
     "register_table",
     "save_hf_pretrained",
 ]

@@ -74,6 +74,14 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
+def _engine_tp(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"a positive integer or none, not {value!r}")
+    return int(value)
+
+
 @main.command(context_settings={"max_content_width": 100})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--model-out", type=click.Path(path_type=Path), default=None,
@@ -101,10 +109,13 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
               show_default=True,
               help="MoE expert weights fused (experts.gate_up_proj [E, 2I, H]) or per expert "
                    "(experts.<e>.gate_proj); auto follows --hf-base, else fused.")
-@click.option("--expert-adapter-layout", type=click.Choice(["fused", "per_expert"]), default="fused",
+@click.option("--expert-adapter-layout", type=click.Choice(["auto", "fused", "per_expert"]), default="auto",
               show_default=True,
               help="Expert adapters in PEFT's target_parameters layout (fused: what PEFT loads onto "
-                   "transformers v5 models) or per expert (vLLM's MoE LoRA format).")
+                   "transformers v5 models) or per expert; auto: what --adapter-for loads.")
+@click.option("--adapter-for", type=click.Choice(["peft", "vllm"]), default="peft", show_default=True,
+              help="The consumer of the adapter folder: PEFT (fused expert adapters) or vLLM (the expert "
+                   "layout vLLM loads for the model's architecture class; docs/consumers.md).")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=lambda ctx, param, value: _size(value),
               help="Largest safetensors shard (e.g. 500MB, 2GiB). Memory use is about one shard plus the "
                    "largest tensor.")
@@ -116,6 +127,12 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
 @click.option("--verify", is_flag=True,
               help="Before installing the folders, load them with transformers (and PEFT), run a short forward "
                    "pass and report key counts; a failure installs nothing.")
+@click.option("--quantize", type=click.Choice(["fp8"]), default=None,
+              help="Write the model folder's weights block-FP8 (e4m3 + float32 weight_scale_inv per 128x128 "
+                   "block, config.json's quantization_config), as vLLM loads them (docs/fp8.md).")
+@click.option("--engine-tp-size", default="1", show_default=True, callback=lambda ctx, param, value: _engine_tp(value),
+              help="With --quantize: the inference engine's tensor-parallel size, at which every FP8 weight must "
+                   "pass vLLM's block check; none skips the check.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Convert and write the model folder's shards in this many processes at once (default: the "
                    "cores available, fewer when memory or a small output says so). The files are the same "
@@ -124,8 +141,9 @@ DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32":
               help="Show a progress bar (default: when stderr is a terminal).")
 def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, hf_base: Path | None,
             hf_config: Path | None, model_type: str | None, iteration: int | None, merge: bool, dtype: str,
-            expert_layout: str, expert_adapter_layout: str, max_shard_size: str, allow_overflow: bool, overwrite: bool,
-            verify: bool, workers: int | None, progress: bool | None) -> None:
+            expert_layout: str, expert_adapter_layout: str, adapter_for: str, max_shard_size: str,
+            allow_overflow: bool, overwrite: bool, verify: bool, quantize: str | None, engine_tp_size: int | None,
+            workers: int | None, progress: bool | None) -> None:
     """Convert a Megatron checkpoint on disk to a Hugging Face folder and/or a PEFT adapter folder.
 
     CHECKPOINT is a Megatron-Core / Megatron-Bridge torch_dist checkpoint: a root folder with
@@ -167,8 +185,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
          the output (or replaced the folder there) while it was written, e.g. another run
       6  --verify failed (checked before installing: nothing was installed)
       7  an I/O or permission error: an output cannot be written (parent not writable, no
-         space left, file size limit, read-only file system), or the system failed a read
-         or killed a conversion worker (e.g. out of memory)
+         space left, file size limit, read-only file system), or the system failed a read;
+         or out of memory (an allocation failed, or the system killed a conversion worker)
     128+n  stopped by signal n (SIGINT 130, SIGHUP 129, SIGTERM 143): nothing installed, the
          staging folders removed
     """
@@ -178,6 +196,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
         raise click.UsageError("--merge writes the adapters into --model-out; drop --adapter-out")
     if merge and model_out is None:
         raise click.UsageError("--merge needs --model-out")
+    if quantize is not None and (model_out is None or verify):
+        raise click.UsageError("--quantize needs --model-out and no --verify (which checks bf16 folders)")
     bar = _ProgressBar(enabled=sys.stderr.isatty() if progress is None else progress)
     notes: list[str] = []
     try:
@@ -189,9 +209,10 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
                     checkpoint, model_dir=model_out, adapter_dir=adapter_out, hf_base=hf_base, hf_config=hf_config,
                     model_type=model_type, iteration=iteration, merge=merge, dtype=_torch_dtype(DTYPES[dtype]),
                     expert_layout=None if expert_layout == "auto" else expert_layout,
-                    expert_adapter_layout=expert_adapter_layout, max_shard_size=max_shard_size,
-                    overwrite=overwrite, verify=verify, allow_overflow=allow_overflow, workers=workers,
-                    on_start=bar.start, on_tensor=bar.advance, notes=notes,
+                    expert_adapter_layout=None if expert_adapter_layout == "auto" else expert_adapter_layout,
+                    adapter_for=adapter_for, max_shard_size=max_shard_size,
+                    overwrite=overwrite, verify=verify, allow_overflow=allow_overflow, on_start=bar.start, on_tensor=bar.advance, notes=notes,
+                    quantize=quantize, engine_tp_size=engine_tp_size, workers=workers,
                 )
     except KeyboardInterrupt as interrupt:
         number = getattr(interrupt, "signal_number", signal.SIGINT)
@@ -203,7 +224,7 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
             raise
         prefix = "verification failed (nothing was installed; the outputs are as before the run): " \
             if code == EXIT_VERIFY else ""
-        _fail(f"{prefix}{error}", code, notes)
+        _fail(f"{prefix}{_out_of_memory_message(error) or error}", code, notes)
     mib = result.bytes / 2**20
     click.echo(f"converted {result.checkpoint}{' (LoRA adapter-only)' if result.adapter_only else ''}")
     for label, folder in (("model", result.model_dir), ("adapter", result.adapter_dir)):
@@ -231,7 +252,11 @@ def _exit_code(error: Exception) -> int | None:
         OutputLocationError,
         OutputWriteError,
         VerificationError,
+        is_out_of_memory,
     )
+
+    if is_out_of_memory(error):
+        return EXIT_OUTPUT_IO
 
     for family, code in ((CheckpointError, EXIT_CHECKPOINT), (OutputExistsError, EXIT_OUTPUT_EXISTS),
                          (OutputLocationError, EXIT_USAGE), (OutputWriteError, EXIT_OUTPUT_IO),
@@ -280,7 +305,8 @@ def _size(value: str) -> str:
     try:
         parse_size(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a size such as 500MB or 2GiB (1 byte to 1 PiB)") from None
+        raise click.BadParameter(f"{value!r} is not a size from 1 byte to 1 PiB, such as 500MB or 2GiB (a number, "
+                                 "optionally with B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB or PiB)") from None
     return value
 
 
@@ -290,10 +316,27 @@ def _torch_dtype(name: str | None):
     return getattr(torch, name) if name else None
 
 
+def _out_of_memory_message(error: BaseException) -> str | None:
+    """One line for a failed allocation (None for any other error)."""
+    import re
+
+    from bridge_ext.errors import is_out_of_memory
+
+    if not is_out_of_memory(error):
+        return None
+    asked = re.search(r"you tried to allocate (\d+) bytes", str(error))
+    what = f"allocating {int(asked.group(1))} bytes failed" if asked else "an allocation failed"
+    return (f"out of memory: {what}; the conversion needs about one shard plus the largest tensor "
+            "(lower --max-shard-size, or raise the memory limit: ulimit -v, the job's allocation)")
+
+
 def _fail(error: object, code: int, notes: list[str] = ()) -> None:
+    import re
+
     for note in notes:
         click.echo(f"note: {note}", err=True)
-    click.echo(f"error: {error}", err=True)
+    # One line whatever the error's own text holds (a third-party message quoted with its line breaks).
+    click.echo("error: " + re.sub(r"\s*\n\s*", " ", str(error).strip()), err=True)
     sys.exit(code)
 
 

@@ -36,13 +36,17 @@ from bridge_ext.export import (
     check_shapes,
     conversion_passes,
     expert_layouts,
+    fp8_plan,
     plan_export,
     possible_variants,
     source_expert_layouts,
 )
 from bridge_ext.errors import ConvertError, OutputLocationError
+from bridge_ext.fp8_export import check_quantize
 from bridge_ext.hf_files import has_safetensors
+from bridge_ext.hf_folder import TensorSpec
 from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
+from bridge_ext.save import adapter_layout_for, is_mtp_adapter
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.table import ExpertLayout
 from bridge_ext.value_check import ValueCheck
@@ -234,11 +238,14 @@ def convert_checkpoint(
     merge: bool = False,
     dtype: torch.dtype | None = None,
     expert_layout: ExpertLayout | None = None,
-    expert_adapter_layout: ExpertLayout = "fused",
+    expert_adapter_layout: ExpertLayout | None = None,
+    adapter_for: str = "peft",
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     verify: bool = False,
     allow_overflow: bool = False,
+    quantize: str | None = None,
+    engine_tp_size: int | None = 1,
     workers: int | None = None,
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
@@ -261,16 +268,23 @@ def convert_checkpoint(
         dtype: Cast every written tensor (default: keep the checkpoint's dtype).
         expert_layout: MoE experts fused (``gate_up_proj``) or per expert; default: the base
             folder's layout, else fused.
-        expert_adapter_layout: Expert adapters in PEFT's fused ``target_parameters`` layout or per expert.
+        expert_adapter_layout: Expert adapters in PEFT's fused ``target_parameters`` layout or per expert
+            (default: what ``adapter_for`` loads).
+        adapter_for: ``"peft"`` or ``"vllm"``: the consumer the adapter folder is for, as for
+            :func:`bridge_ext.save.save_hf_pretrained`.
         max_shard_size: Largest safetensors shard, e.g. ``"5GB"``; bounds memory use.
         overwrite: Replace non-empty output folders (only once the new ones are complete).
         verify: Check the written folders with :func:`verify_conversion` before installing them:
             a failure installs nothing (an existing folder stays as it was).
         allow_overflow: Write the infinities a cast to ``dtype`` makes of values beyond its range
             (by default such a cast is refused, naming the tensor).
+        quantize: ``"fp8"``: the model folder's weights block-FP8 (docs/fp8.md), quantized after
+            the ``dtype`` cast, with config.json's ``quantization_config``; ``engine_tp_size``:
+            the inference engine's tensor-parallel size its block check is run at (None: none).
         workers: Convert and write the model folder's shards in this many processes at once
             (default: the cores this process may use, fewer when memory or the output's size
-            says so; the bytes written are the same whatever the number).
+            says so; the bytes written are the same whatever the number). An FP8 conversion
+            (``quantize``) runs in one process.
         on_start: Called with the number of tensors to write, once all checks passed.
         on_tensor: Called with each written tensor's name and size.
         notes: Collects what the user should hear about (also on failure): stale staging
@@ -291,6 +305,10 @@ def convert_checkpoint(
         raise ConvertError("nothing to write: give a model folder, an adapter folder or both")
     if merge and adapter_dir is not None:
         raise ConvertError("--merge writes the adapters into the model folder; drop the adapter folder")
+    check_quantize(quantize, engine_tp_size)
+    if quantize is not None and (model_dir is None or verify):
+        raise ConvertError("--quantize writes a quantized model folder: give a model folder, without --verify "
+                           "(which checks bf16 folders against transformers' key set)")
     checkpoint, hf_base = Path(checkpoint), Path(hf_base) if hf_base is not None else None
     protected = [checkpoint, *(Path(p) for p in (hf_base, hf_config) if p is not None)]
     outputs = [Path(p) for p in (model_dir, adapter_dir) if p is not None]
@@ -313,7 +331,8 @@ def convert_checkpoint(
     check_hf_side(reader, config, config_folder, hf_base, built_from_run_config)
     found = source_expert_layouts(hf_base or config_folder, table)
     source = build_source(reader, config, hf_base, found)
-    plan = plan_export(source, config, expert_layouts(table, found, expert_layout, expert_adapter_layout))
+    adapter_layout = adapter_layout_for(config, adapter_for, expert_adapter_layout)  # a refusal writes nothing
+    plan = plan_export(source, config, expert_layouts(table, found, expert_layout, adapter_layout))
     if adapter_dir is not None and not source.adapters():
         raise ConvertError(f"{reader.path} holds no LoRA adapters; drop the adapter folder")
     if model_dir is not None and adapter_dir is None and source.adapters() and not merge:
@@ -324,8 +343,10 @@ def convert_checkpoint(
     # config must be the model trained): a config that does not fit fails before any output exists.
     check_shapes(source, plan, conversion_passes(source, plan, base=base_mode or Mode.BASE,
                                                  adapters=adapter_dir is not None), exported="the checkpoint")
+    fp8 = fp8_plan(source, plan, base_mode, quantize, engine_tp_size)
     if on_start is not None:
         base_count = sum(len(task.hf_names) for task in plan.base_tasks) if model_dir is not None else 0
+        base_count += len(fp8.parts) if fp8 is not None else 0
         adapter_count = 2 * len(adapted_outputs(plan.adapter_tasks, source.adapters(), plan.table)) \
             if adapter_dir is not None else 0
         on_start(base_count + adapter_count)
@@ -343,9 +364,13 @@ def convert_checkpoint(
     # Shard headers are laid out from the plan, and the checkpoint's tensors are read ahead in the
     # order the stream needs them: reading, conversion and writing overlap, no shard is held in memory.
     layout = planned_layout(source, plan, base_mode, dtype) if base_mode is not None else None
+    if layout is not None and fp8 is not None:
+        layout = [TensorSpec(name, kind or spec.dtype, shape) for spec in layout
+                  for name, shape, kind in fp8.output_shapes(spec.name, spec.shape)]
     checkpoint_source = source.adapter_source if isinstance(source, CombinedSource) else source
-    # With a layout the base tensors can go to their places from several processes at once.
-    write_base = None if layout is None else base_in_workers(
+    # With a layout the base tensors can go to their places from several processes at once
+    # (FP8 quantization runs in this process only).
+    write_base = None if layout is None or fp8 is not None else base_in_workers(
         source, checkpoint_source, plan, base_mode, layout, transform=values, workers=workers,
         read_ahead=READ_AHEAD_BYTES, on_tensor=on_tensor)
     # Workers read ahead for themselves (and are forked with no thread running here); the
@@ -358,7 +383,8 @@ def convert_checkpoint(
             merge=merge, config_dtype=written_dtype, max_shard_size=max_shard_size,
             overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
             found=found_outputs, before_install=verify_staged if verify else None, notes=notes,
-            transform=values, layout=layout, write_base=write_base,
+            transform=values, layout=layout, fp8=fp8, write_base=write_base,
+            omit_adapter=(lambda key: is_mtp_adapter(plan, key)) if adapter_for == "vllm" else None,
         )
     report, verify_seconds = verification[0] if verification else (None, 0.0)
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,

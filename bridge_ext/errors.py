@@ -19,6 +19,12 @@ def first_line(error: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: Python's ``MemoryError``, or torch's CPU allocator refusing (a RuntimeError)."""
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
 class ExportError(BridgeExtError, ValueError):
     """The model and the mapping table disagree; the message names the tensors concerned."""
 

@@ -16,6 +16,7 @@ from bridge_ext import model_changes
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError
+from bridge_ext.fp8_export import Fp8Plan, check_quantize, fp8_rules_of, plan_fp8
 from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
@@ -193,6 +194,8 @@ class ExportPlan:
     expert_adapter_groups: dict[str, str] | None = field(default=None, repr=False)
     #: how fused-expert adapters are named and packed (the plan's adapters decide it)
     expert_keys: FusedExpertKeys | None = field(default=None, repr=False)
+    #: block-FP8 plans per (base mode, engine tensor-parallel size), see :func:`fp8_plan`
+    fp8_plans: dict = field(default_factory=dict, repr=False)
 
     def is_extra(self, hf_name: str) -> bool:
         """A name outside transformers' key set that the table and the config allow (MTP)."""
@@ -238,7 +241,7 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
 
     ``expert_layout=None`` follows the Hugging Face source folder's own layout where it is
     known, else fuses; ``expert_adapter_layout=None`` is the layout vLLM loads for the
-    architecture (the table's ``vllm_expert_adapter_layout``). ``destination``: see
+    architecture class (the table's ``vllm_expert_adapter_layouts``). ``destination``: see
     :func:`export_hf_weights`.
 
     Exports repeat every training step, so both are remembered per model while its modules,
@@ -264,7 +267,8 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     source = LiveModelSource(model, destination)
     folder = hf_source_folder(model, hf_config)
     found = source_expert_layouts(folder, table)
-    layouts = expert_layouts(table, found, expert_layout, expert_adapter_layout or table.vllm_expert_adapter_layout)
+    adapter_layout = expert_adapter_layout or table.vllm_expert_adapter_layout(config)
+    layouts = expert_layouts(table, found, expert_layout, adapter_layout)
     plan = plan_export(source, config, layouts)
     warn_if_expert_lora_differs(plan, source.adapters(), _expert_tensor_parallel_size())
     if folder is not None and table.extra_weights is not None:
@@ -376,6 +380,27 @@ def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[Task
         plan.checked.add(converter.mode)
 
 
+def fp8_plan(source: TensorSource, plan: ExportPlan, mode: Mode | None, quantize: str | None,
+             engine_tp_size: int | None = 1) -> Fp8Plan | None:
+    """The block-FP8 plan of the base weights ``mode`` exports (None without ``quantize``), made
+    from the shapes of a meta run of every task: refuses an unknown quantization, a table without
+    FP8 rules and a weight the engine's block check refuses at ``engine_tp_size``."""
+    check_quantize(quantize, engine_tp_size)
+    if quantize is None:
+        return None
+    if mode is None:  # adapters only: nothing to quantize, but the table must allow FP8
+        fp8_rules_of(plan.table)
+        return None
+    key = (mode, engine_tp_size)
+    if key not in plan.fp8_plans:
+        passes = conversion_passes(source, plan, base=mode, adapters=False)
+        check_shapes(source, plan, passes)
+        converter, tasks = passes[0]
+        shapes = {name: shape for task in tasks for name, shape in converter.dry_run(task)[1]}
+        plan.fp8_plans[key] = plan_fp8(plan.table, shapes, engine_tp_size)
+    return plan.fp8_plans[key]
+
+
 def _shapes_text(source: TensorSource, name: str) -> str:
     shapes = [tuple(shape) for shape in source.shard_shapes(name)]
     return str(shapes[0]) if len(shapes) == 1 else f"{shapes} (tensor-parallel shards)"
@@ -392,6 +417,8 @@ def export_hf_weights(
     dtype: torch.dtype | None = None,
     destination: Destination = "all",
     device: str | torch.device | None = None,
+    quantize: str | None = None,
+    engine_tp_size: int | None = 1,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(hf_name, tensor)`` pairs out of a Megatron model.
 
@@ -411,7 +438,7 @@ def export_hf_weights(
         expert_adapter_layout: Expert adapters in PEFT's ``target_parameters`` layout
             (``fused``: the one PEFT loads onto transformers v5 models) or per expert
             (``experts.<e>.gate_proj``); by default the layout vLLM loads for the
-            architecture (its table's ``vllm_expert_adapter_layout``), since a live export
+            config's architecture class (its table's ``vllm_expert_adapter_layouts``), since a live export
             feeds an inference engine. Files for PEFT (:func:`save_hf_pretrained`,
             ``bridge-ext convert``) default to ``fused``.
         dtype: Cast every exported tensor to this dtype (default: keep the model's).
@@ -422,31 +449,45 @@ def export_hf_weights(
             of it. See docs/distributed.md.
         device: ``"cpu"``: CPU tensors, copied from the GPU into pinned memory while the
             next tensors are gathered (default: where the model is).
+        quantize: ``"fp8"``: every weight the table's FP8 rules name comes out as a
+            ``float8_e4m3fn`` tensor followed by its float32 ``<name>_scale_inv`` (128x128
+            blocks), quantized where the tensor is (the GPU); the rest as without it. LoRA
+            adapters (``peft=True``) are never quantized. See docs/fp8.md and
+            :func:`quantization_config`.
+        engine_tp_size: With ``quantize``, the inference engine's tensor-parallel size: a weight
+            whose per-rank part vLLM's block check would refuse is refused before the first
+            tensor (None: no check).
 
     Every rank of a parallel job must iterate the generator to its end together. Nothing is
     silently dropped: a parameter no rule covers, or a Hugging Face name the export would miss
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
     _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
-                                   dtype, destination, device)
+                                   dtype, destination, device, quantize, engine_tp_size)
     yield from pairs
 
 
 def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_config=None,
                      expert_layout: ExpertLayout | None = None, expert_adapter_layout: ExpertLayout | None = None,
                      dtype: torch.dtype | None = None, destination: Destination = "all",
-                     device: str | torch.device | None = None,
+                     device: str | torch.device | None = None, quantize: str | None = None,
+                     engine_tp_size: int | None = 1,
                      ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
     """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
         raise ExportError("adapters_only=True needs peft=True")
+    check_quantize(quantize, engine_tp_size)
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout, destination)
     if adapters_only and not source.adapters():
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
+    fp8 = fp8_plan(source, plan, base, quantize, engine_tp_size)
     to_cpu = device is not None and torch.device(device).type == "cpu"
+    # FP8 quantizes fused expert stacks where they are built: on the GPU, not in host memory
     pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype,
-                   stacks_on_host=to_cpu)
+                   stacks_on_host=to_cpu and fp8 is None)
+    if fp8 is not None:
+        pairs = fp8.quantize(pairs)
     if not to_cpu:
         return source, plan, pairs
     from bridge_ext.sync import to_host
@@ -467,6 +508,37 @@ def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertL
 
         base_model_name_or_path = getattr(unwrap_chunks(model)[0].config, "hf_model_id", None)
     return lora_config(plan, source.adapters(), base_model_name_or_path)
+
+
+def quantization_config(model_or_config, quantize: str = "fp8", *, hf_config=None,
+                        expert_layout: ExpertLayout | None = None, engine_tp_size: int | None = 1) -> dict:
+    """The ``quantization_config`` block of config.json that describes what
+    ``export_hf_weights(..., quantize=quantize)`` sends (a receiver that builds its engine
+    before the first weight sync needs it): ``quant_method``, ``weight_block_size``, and the
+    full names of the linear modules left bf16 under ``ignored_layers`` (what vLLM reads) and
+    ``modules_to_not_convert`` (what transformers reads).
+
+    ``model_or_config``: the Megatron model (exact for its export), or a transformers config
+    (for an architecture without MTP layers, whose names lie outside transformers' key set).
+    """
+    from transformers import PretrainedConfig
+
+    check_quantize(quantize, engine_tp_size)
+    if quantize is None:
+        raise ExportError("quantization_config needs a quantization, e.g. quantize='fp8'")
+    if not isinstance(model_or_config, PretrainedConfig):
+        source, plan = prepare(model_or_config, hf_config, expert_layout)
+        return fp8_plan(source, plan, Mode.BASE, quantize, engine_tp_size).config()
+    from model_mappings import register_transformers_configs, table_for
+
+    register_transformers_configs()
+    table = table_for(model_or_config)
+    extra = table.extra_weights
+    if extra is not None and extra.count(model_or_config) > 0:
+        raise ExportError(f"the {model_or_config.model_type} config declares MTP layers, whose names transformers "
+                          f"does not know: pass the model itself to quantization_config")
+    shapes = checkpoint_keys(model_or_config, expert_layout or "fused")
+    return plan_fp8(table, shapes, engine_tp_size).config()
 
 
 @dataclass

@@ -34,8 +34,8 @@ def parse_size(size: int | str) -> int:
         number = size
     else:
         text = size.strip().upper().replace(" ", "")
-        units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
-                 "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+        units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "PIB": 1 << 50,
+                 "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15, "B": 1}
         unit = next((unit for unit in units if text.endswith(unit)), "")
         value = float(text[: len(text) - len(unit)])  # ValueError on garbage
         if not math.isfinite(value):

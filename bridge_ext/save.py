@@ -4,24 +4,49 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
 from bridge_ext.engine import ExportError, Mode
-from bridge_ext.export import ExportPlan, hf_source_folder, prepare, stream
+from bridge_ext.export import ExportPlan, fp8_plan, hf_source_folder, prepare, resolve_hf_config, stream
+from bridge_ext.fp8_export import Fp8Plan, check_quantize
 from bridge_ext.hf_folder import ShardedSafetensorsWriter, TensorSpec, parse_size
 from bridge_ext.output_folder import FoundTarget, staged_folders
 from bridge_ext.peft_config import lora_config
 from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.source import TensorSource
 from bridge_ext.table import ExpertLayout
+
+AdapterConsumer = Literal["peft", "vllm"]
+ADAPTER_CONSUMERS: tuple[AdapterConsumer, ...] = ("peft", "vllm")
+
+
+def adapter_layout_for(config, adapter_for: str, expert_adapter_layout: ExpertLayout | None) -> ExpertLayout:
+    """The expert-adapter layout of a saved folder for ``adapter_for`` (see
+    :func:`save_hf_pretrained`); refuses, before anything is written, a layout that consumer
+    does not load."""
+    if adapter_for not in ADAPTER_CONSUMERS:
+        raise ExportError(f"adapter_for must be one of {ADAPTER_CONSUMERS}, not {adapter_for!r}")
+    if adapter_for == "peft":
+        return expert_adapter_layout or "fused"
+    from model_mappings import table_for
+
+    table = table_for(config)
+    wanted = table.vllm_expert_adapter_layout(config)
+    if expert_adapter_layout is not None and expert_adapter_layout != wanted and table.expert_families:
+        raise ExportError(
+            f"vLLM does not load {expert_adapter_layout} expert adapters for {table.architecture(config)}: "
+            f"it loads {wanted} ones (leave expert_adapter_layout unset for adapter_for='vllm')")
+    return wanted
 
 # Files of a Hugging Face folder that describe the model but hold no weights.
 COMPANION_FILES = (
@@ -89,8 +114,12 @@ def _copy_regular_file(source: Path, destination: Path) -> bool:
     return True
 
 
-def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, dtype: torch.dtype | None) -> list[str]:
+def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, dtype: torch.dtype | None,
+                 quantization: dict | None = None) -> list[str]:
     """config.json (the source's own when known: it names the exact architecture) + companions.
+
+    ``quantization``: the ``quantization_config`` of the weights written (none: the weights are
+    not quantized, and a source config's own block is dropped).
 
     Returns a note per file of ``source_folder`` that was not copied (see :func:`companion_refusal`).
     """
@@ -112,6 +141,9 @@ def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, 
     holder = config.get("text_config", config) if "text_config" in config else config
     if layers and extra.count_key not in holder and extra.count_key not in config:
         holder[extra.count_key] = layers  # transformers' to_dict can drop it
+    config.pop("quantization_config", None)
+    if quantization is not None:
+        config["quantization_config"] = quantization
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return notes
 
@@ -137,6 +169,8 @@ def write_export(
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     layout: list[TensorSpec] | None = None,
     write_base: Callable[[ShardedSafetensorsWriter], None] | None = None,
+    fp8: Fp8Plan | None = None,
+    omit_adapter: Callable[[str], bool] | None = None,
 ) -> SaveResult:
     """Stream ``plan`` out of ``source`` into a Hugging Face folder and/or a PEFT adapter folder.
 
@@ -154,7 +188,9 @@ def write_export(
     ``layout``: the base tensors the export will produce, in order, when known (then each is
     written to its shard at once). ``write_base``: writes every base tensor into the writer
     itself (e.g. in worker processes, :mod:`bridge_ext.checkpoint.parallel_write`); the stream
-    then yields the adapters only.
+    then yields the adapters only. ``fp8``: quantize the base weights it names after
+    ``transform`` (``layout`` already lists what it writes), and record it in config.json.
+    ``omit_adapter``: adapter keys left out of the adapter folder (their count goes to ``notes``).
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
@@ -180,16 +216,22 @@ def write_export(
             base_writer = ShardedSafetensorsWriter(staged_model, parse_size(max_shard_size), layout=layout)
         if adapter_dir is not None:
             adapter_tensors = {}
+        count = total = omitted = 0
         streamed_base = base_mode
         if write_base is not None and base_writer is not None:
             write_base(base_writer)
             streamed_base = None
-        count, total = (base_writer.tensor_count, base_writer.total_bytes) if base_writer is not None else (0, 0)
-        passes = [] if streamed_base is None and adapter_dir is None else \
+            count, total = base_writer.tensor_count, base_writer.total_bytes
+        pairs = iter(()) if streamed_base is None and adapter_dir is None else \
             stream(source, plan, base=streamed_base, adapters=adapter_dir is not None, dtype=dtype)
-        for name, tensor in passes:
-            if transform is not None:  # e.g. a cast that checks the values (bridge_ext.value_check)
-                tensor = transform(name, tensor)
+        if transform is not None:  # e.g. a cast that checks the values (bridge_ext.value_check)
+            pairs = ((name, transform(name, tensor)) for name, tensor in pairs)
+        if fp8 is not None:
+            pairs = fp8.quantize(pairs)
+        for name, tensor in pairs:
+            if name.startswith(PEFT_PREFIX) and omit_adapter is not None and omit_adapter(name):
+                omitted += 1
+                continue
             nbytes = tensor.numel() * tensor.element_size()
             count += 1
             total += nbytes
@@ -203,7 +245,11 @@ def write_export(
                 on_tensor(name, nbytes)
         if base_writer is not None:
             base_writer.close()
-            notes.extend(write_config(plan, staged_model, source_folder, config_dtype or dtype))
+            notes.extend(write_config(plan, staged_model, source_folder, config_dtype or dtype,
+                                      fp8.config() if fp8 is not None else None))
+        if omitted:
+            notes.append(f"{omitted} MTP adapter tensors not written: vLLM applies no LoRA to its MTP drafter "
+                         "(merge=True keeps their effect in the drafter's weights)")
         if adapter_tensors is not None:
             if model_dir is not None:
                 base_model_name = str(Path(model_dir).resolve())
@@ -228,10 +274,13 @@ def save_hf_pretrained(
     merge: bool = False,
     hf_config=None,
     expert_layout: ExpertLayout | None = None,
-    expert_adapter_layout: ExpertLayout = "fused",
+    expert_adapter_layout: ExpertLayout | None = None,
+    adapter_for: AdapterConsumer = "peft",
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    quantize: str | None = None,
+    engine_tp_size: int | None = 1,
 ) -> SaveResult:
     """Write the base model to ``model_dir`` and/or the LoRA adapters to ``adapter_dir``.
 
@@ -240,20 +289,42 @@ def save_hf_pretrained(
     gets ``adapter_model.safetensors`` and PEFT's ``adapter_config.json``. With ``merge=True``
     the adapters are merged into the base weights instead. Each folder appears only when
     complete. Refuses to write a base without its adapters unless ``merge`` says so.
+    ``quantize="fp8"`` writes the base weights block-FP8 with config.json's ``quantization_config``
+    (``engine_tp_size``: see :func:`~bridge_ext.export.export_hf_weights`; adapters stay as they are).
+
+    ``adapter_for``: the consumer the adapter folder is for. ``"peft"`` (default): expert
+    adapters in PEFT's fused ``target_parameters`` layout, the one PEFT loads onto
+    transformers v5 models. ``"vllm"``: the layout vLLM loads for the config's architecture
+    class (per expert for e.g. ``Qwen3MoeForCausalLM``, which rejects the fused folder). One
+    folder cannot serve both for such classes (docs/consumers.md). ``expert_adapter_layout``
+    overrides the layout; with ``adapter_for="vllm"`` one vLLM does not load is refused, and
+    MTP adapters are left out (vLLM applies none: its drafters have no LoRA), said in the
+    result's ``notes``.
 
     In a parallel job every rank calls it; tensors are gathered to global rank 0 only, which
     writes the folders.
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
+    check_quantize(quantize, engine_tp_size)
     parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    expert_adapter_layout = adapter_layout_for(resolve_hf_config(model, hf_config), adapter_for, expert_adapter_layout)
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout,
                            destination="rank0" if parallel else "all")
+    base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
+    fp8 = fp8_plan(source, plan, base_mode, quantize, engine_tp_size)
     folder = hf_source_folder(model, hf_config)
     return write_export(
         source, plan, model_dir, adapter_dir,
         merge=merge, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
         source_folder=folder,
         base_model_name=str(folder) if folder else getattr(plan.config, "_name_or_path", None),
-        write=not parallel or dist.get_rank() == 0,
+        write=not parallel or dist.get_rank() == 0, fp8=fp8,
+        omit_adapter=(lambda key: is_mtp_adapter(plan, key)) if adapter_for == "vllm" else None,
     )
+
+
+def is_mtp_adapter(plan: ExportPlan, key: str) -> bool:
+    """Whether a PEFT adapter key belongs to an MTP layer (names outside transformers' key set)."""
+    module = re.sub(r"\.(base_layer\.)?lora_[AB]\.weight$", "", key.removeprefix(PEFT_PREFIX))
+    return plan.is_extra(module + ".weight")

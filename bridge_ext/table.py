@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from bridge_ext.dims import text_config
+from bridge_ext.fp8_rules import Fp8Rules
 from bridge_ext.ops import Op
 from bridge_ext.patterns import NamePattern
 
@@ -187,12 +188,17 @@ class MappingTable:
             config's ``architectures[0]``, else transformers' causal-LM auto class.
         expert_families: The MoE expert families the rules' variants name.
         extra_weights: Tensors outside transformers' key set (MTP layers), if any.
-        vllm_expert_adapter_layout: The expert-adapter layout vLLM loads for this
-            architecture: what a live export (weight sync) writes by default.
+        vllm_expert_adapter_layouts: Hugging Face architecture class (``config.architectures``)
+            -> the expert-adapter layout vLLM loads for a model of that class: what a live
+            export (weight sync) writes by default. vLLM decides it by the class it builds
+            (``is_3d_moe_weight``), not by ``model_type``: e.g. ``Qwen3_5MoeForCausalLM`` is
+            per expert and ``Qwen3_5MoeForConditionalGeneration`` fused.
         in_memory_prefixes: ``(checkpoint prefix, in-memory prefix)`` pairs, first fit wins,
             where transformers renames on load (Qwen2.5-VL: ``model.`` -> ``model.language_model.``,
             ``visual.`` -> ``model.visual.``): the rules name the checkpoint; adapter keys and
             PEFT's targets use the in-memory names.
+        fp8: Which weights a block-FP8 export quantizes and which linears stay bf16 (None: the
+            table offers no FP8 export). See :mod:`bridge_ext.fp8_rules`.
     """
 
     model_types: tuple[str, ...]
@@ -201,12 +207,24 @@ class MappingTable:
     model_classes: Mapping[str, str] = field(default_factory=dict, compare=False)
     expert_families: tuple[ExpertFamily, ...] = ()
     extra_weights: ExtraWeights | None = None
-    vllm_expert_adapter_layout: ExpertLayout = "fused"
+    vllm_expert_adapter_layouts: Mapping[str, ExpertLayout] = field(default_factory=dict, compare=False)
     in_memory_prefixes: tuple[tuple[str, str], ...] = ()
+    fp8: Fp8Rules | None = field(default=None, compare=False)
     #: Registers with transformers what reading this family's config needs (e.g. a config class
     #: for a model type transformers lacks); run by :func:`model_mappings.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.
     register_hf_config: Callable[[], object] | None = field(default=None, compare=False)
+
+    def architecture(self, config) -> str | None:
+        """The Hugging Face architecture class vLLM builds for ``config``: its
+        ``architectures[0]``, else the table's transformers class for its model type."""
+        architectures = getattr(config, "architectures", None)
+        return architectures[0] if architectures else self.model_classes.get(config.model_type)
+
+    def vllm_expert_adapter_layout(self, config) -> ExpertLayout:
+        """The expert-adapter layout vLLM loads for ``config``'s architecture class; PEFT's
+        ``fused`` for a class the table does not list."""
+        return self.vllm_expert_adapter_layouts.get(self.architecture(config) or "", "fused")
 
     def in_memory_name(self, hf_name: str) -> str:
         """``hf_name`` as the model in memory spells it (where PEFT matches and keys adapters):

@@ -25,7 +25,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bridge_ext.ops import Copies, TrimVocab
+from bridge_ext.fp8_rules import Fp8Gemm, Fp8Rules, fp8_rules
 from bridge_ext.table import ExpertFamily, ExtraWeights, MappingTable, Rule, TableBuilder, prefixed, rule
+from model_mappings.fp8_blocks import ROUTER, expert_gemms, mlp_gemms, per_layer
 from model_mappings.blocks import dense_mlp, post_attention_norm, routed_experts
 
 # transformers v5's DeepSeek-V3 / GLM-4.5 experts register gate_up_proj, then down_proj.
@@ -98,8 +100,30 @@ def deepseek_style_rules(config, decoder: Callable[[ExpertFamily], list[Rule]]) 
     return rules + prefixed(decoder(EXPERTS), "decoder.layers.{layer}.", "model.layers.{layer}.")
 
 
+def mla_gemms() -> list[Fp8Gemm]:
+    """vLLM's MLA: ``q_a_proj`` and ``kv_a_proj_with_mqa`` form the replicated ``fused_qkv_a_proj``
+    (``kv_a_proj_with_mqa``'s 576 rows end in a partial block); the up-projections split by rows."""
+    return [
+        Fp8Gemm(("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"), "replicated"),
+        Fp8Gemm(("self_attn.q_proj.weight",), "column"),
+        Fp8Gemm(("self_attn.q_b_proj.weight",), "column"),
+        Fp8Gemm(("self_attn.kv_b_proj.weight",), "column"),
+        Fp8Gemm(("self_attn.o_proj.weight",), "row"),
+    ]
+
+
+def deepseek_fp8() -> Fp8Rules:
+    """Every decoder layer, MTP layers included (published DeepSeek-V3 FP8 checkpoints quantize
+    them; vLLM's drafter builds them with the quantization config). The MTP layer's ``eh_proj``
+    (a plain ``nn.Linear`` in vLLM) and ``shared_head.head`` stay bf16, as does the router."""
+    gemms, kept = per_layer("model.layers.{layer}.",
+                            [*mla_gemms(), *mlp_gemms(), *mlp_gemms("mlp.shared_experts."), *expert_gemms()],
+                            [ROUTER, "eh_proj", "shared_head.head"])
+    return fp8_rules(gemms, ["lm_head", *kept])
+
+
 def deepseek_style_table(config, *, model_class: str, decoder: Callable[[ExpertFamily], list[Rule]],
-                         description: str) -> MappingTable:
+                         description: str, fp8: Fp8Rules | None = None) -> MappingTable:
     prefixes = mtp_layer_prefixes(config)
     return MappingTable(
         model_types=(config.model_type,),
@@ -108,13 +132,16 @@ def deepseek_style_table(config, *, model_class: str, decoder: Callable[[ExpertF
         model_classes={config.model_type: model_class},
         expert_families=(EXPERTS, MTP_EXPERTS),
         extra_weights=ExtraWeights(prefixes=prefixes, count_key="num_nextn_predict_layers") if prefixes else None,
-        vllm_expert_adapter_layout="per_expert",  # DeepseekV3ForCausalLM is not an is_3d_moe_weight model
+        # vLLM's DeepseekV3ForCausalLM and Glm4MoeForCausalLM: no is_3d_moe_weight
+        vllm_expert_adapter_layouts={model_class: "per_expert"},
+        fp8=fp8,
     )
 
 
 def build(config) -> MappingTable:
     return deepseek_style_table(config, model_class="DeepseekV3ForCausalLM", decoder=decoder_layer,
-                                description="DeepSeek-V3 / Moonlight / Kimi-K2: MLA, MoE with shared experts, MTP")
+                                description="DeepSeek-V3 / Moonlight / Kimi-K2: MLA, MoE with shared experts, MTP",
+                                fp8=deepseek_fp8())
 
 
 def register_kimi_k2_config() -> type:

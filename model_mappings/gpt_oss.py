@@ -14,6 +14,7 @@ in this 3-D layout (``GptOssForCausalLM.is_3d_moe_weight``).
 
 from __future__ import annotations
 
+from bridge_ext.fp8_rules import Fp8Rules
 from bridge_ext.ops import GroupRows, SplitRows, Transpose
 from bridge_ext.table import ExpertFamily, MappingTable, Rule, prefixed, rule
 from model_mappings.blocks import attention, embeddings, post_attention_norm
@@ -63,6 +64,11 @@ def decoder_layer() -> list[Rule]:
     ]
 
 
+# Fed a synthetic block-FP8 export, vLLM 0.34's GptOssForCausalLM loader loads none of the expert
+# scales (published gpt-oss checkpoints ship MXFP4 experts): FP8 is refused rather than sent.
+FP8 = Fp8Rules(refused="vLLM's gpt-oss loader does not load block-FP8 expert scales "
+                       "(experts.gate_up_proj_scale_inv / down_proj_scale_inv): the experts would run unscaled")
+
 TABLE = MappingTable(
     model_types=("gpt_oss",),
     rules=(*embeddings("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"),
@@ -70,5 +76,6 @@ TABLE = MappingTable(
     description="gpt-oss: GQA with sinks and sliding windows, fused transposed experts with biases",
     model_classes={"gpt_oss": "GptOssForCausalLM"},
     expert_families=(EXPERTS,),
-    vllm_expert_adapter_layout="fused",  # GptOssForCausalLM.is_3d_moe_weight
+    vllm_expert_adapter_layouts={"GptOssForCausalLM": "fused"},  # vLLM: is_3d_moe_weight
+    fp8=FP8,
 )

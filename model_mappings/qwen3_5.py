@@ -7,8 +7,11 @@ tower under ``model.visual.*``, while Megatron-Bridge prefixes ``language_model.
 """
 
 from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows
+from bridge_ext.fp8_rules import Fp8Gemm, Fp8Rules, fp8_rules
 from bridge_ext.table import ExpertFamily, ExtraWeights, MappingTable, Rule, prefixed, rule
 from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
+from model_mappings.fp8_blocks import (ROUTER, SHARED_EXPERT_GATE, attention_gemms, expert_gemms, mlp_gemms,
+                                       per_layer)
 
 # transformers' Qwen3.5-MoE experts register gate_up_proj, then down_proj.
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
@@ -129,6 +132,38 @@ def vision_tower() -> list[Rule]:
     ]
 
 
+# vLLM fuses in_proj_qkv + in_proj_z into in_proj_qkvz (FP8) and in_proj_b + in_proj_a into
+# in_proj_ba, which it keeps unquantized and looks up under that fused name.
+GDN_GEMMS = [
+    Fp8Gemm(("linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight"), "column"),
+    Fp8Gemm(("linear_attn.out_proj.weight",), "row"),
+]
+GDN_KEPT = ["linear_attn.in_proj_b", "linear_attn.in_proj_a"]
+MTP_MODULES = [
+    *(f"self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")),
+    *(f"{mlp}{name}" for mlp in ("mlp.", "mlp.shared_expert.", "mlp.experts.{expert}.")
+      for name in ("gate_proj", "up_proj", "down_proj")),
+    "mlp.experts", ROUTER, SHARED_EXPERT_GATE,
+]
+VISION_MODULES = ["attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"]
+
+
+def qwen35_fp8(hf: str, vision: bool) -> Fp8Rules:
+    """The decoder in FP8; routers, shared-expert gates, GDN's ``in_proj_b`` / ``in_proj_a``,
+    ``lm_head``, the MTP block and the vision tower in bf16 (listed by full name)."""
+    gemms, kept = per_layer(f"{hf}layers.{{layer}}.",
+                            [*attention_gemms(), *GDN_GEMMS, *mlp_gemms(), *mlp_gemms("mlp.shared_expert."),
+                             *expert_gemms()],
+                            [ROUTER, SHARED_EXPERT_GATE, *GDN_KEPT])
+    kept += ["lm_head", "mtp.fc", *("mtp.layers.{layer}." + module for module in MTP_MODULES)]
+    if vision:
+        kept += [*("model.visual.blocks.{layer}." + module for module in VISION_MODULES),
+                 "model.visual.merger.linear_fc1", "model.visual.merger.linear_fc2"]
+    prefix = f"{hf}layers.{{layer}}.linear_attn."
+    fused = [(prefix + "in_proj_ba", (prefix + "in_proj_b", prefix + "in_proj_a"))]
+    return fp8_rules(gemms, kept, fused)
+
+
 TEXT = MappingTable(
     model_types=("qwen3_5_text", "qwen3_5_moe_text"),
     rules=tuple(language_model("", "model.")),
@@ -136,7 +171,9 @@ TEXT = MappingTable(
     model_classes={"qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM"},
     expert_families=(EXPERTS, MTP_EXPERTS),
     extra_weights=MTP,
-    vllm_expert_adapter_layout="fused",  # vLLM: is_3d_moe_weight (reference/architectures.md)
+    # vLLM wraps the text-only class's experts per expert (no is_3d_moe_weight), tests/consumers
+    vllm_expert_adapter_layouts={"Qwen3_5MoeForCausalLM": "per_expert"},
+    fp8=qwen35_fp8("model.", vision=False),
 )
 
 IMAGE_TEXT = MappingTable(
@@ -146,5 +183,6 @@ IMAGE_TEXT = MappingTable(
     model_classes={"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"},
     expert_families=(EXPERTS, MTP_EXPERTS),
     extra_weights=MTP,
-    vllm_expert_adapter_layout="fused",
+    vllm_expert_adapter_layouts={"Qwen3_5MoeForConditionalGeneration": "fused"},  # is_3d_moe_weight
+    fp8=qwen35_fp8("model.language_model.", vision=True),
 )

@@ -64,5 +64,5 @@ TABLE = MappingTable(
     expert_families=(EXPERTS, MTP_EXPERTS),
     extra_weights=MTP,
     # vLLM packs Qwen3-Next expert LoRA per expert (not an is_3d_moe_weight model).
-    vllm_expert_adapter_layout="per_expert",
+    vllm_expert_adapter_layouts={"Qwen3NextForCausalLM": "per_expert"},
 )

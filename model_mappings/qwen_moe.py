@@ -11,7 +11,9 @@ Hugging Face names ``model.layers.{i}.*``. transformers v5 keeps the experts fus
 both are variants of the ``experts`` family.
 """
 
+from bridge_ext.fp8_rules import fp8_rules
 from bridge_ext.table import ExpertFamily, MappingTable, prefixed, rule
+from model_mappings.fp8_blocks import ROUTER, SHARED_EXPERT_GATE, attention_gemms, expert_gemms, mlp_gemms, per_layer
 from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
 from model_mappings.qwen3_5 import EXPERT_PARAMETERS
 
@@ -42,6 +44,16 @@ def _decoder(*, shared_expert: bool) -> tuple:
     )
 
 
+def _fp8(*, shared_expert: bool):
+    gemms = [*attention_gemms(), *expert_gemms()]
+    kept = [ROUTER]
+    if shared_expert:
+        gemms += [*mlp_gemms("mlp.shared_expert."), *mlp_gemms()]
+        kept.append(SHARED_EXPERT_GATE)
+    layer_gemms, layer_kept = per_layer("model.layers.{layer}.", gemms, kept)
+    return fp8_rules(layer_gemms, ["lm_head", *layer_kept])
+
+
 QWEN3_MOE = MappingTable(
     model_types=("qwen3_moe",),
     rules=_decoder(shared_expert=False),
@@ -49,7 +61,8 @@ QWEN3_MOE = MappingTable(
     model_classes={"qwen3_moe": "Qwen3MoeForCausalLM"},
     expert_families=(EXPERTS,),
     # vLLM's Qwen3MoeForCausalLM is no is_3d_moe_weight model: experts.{e}.gate_proj LoRA.
-    vllm_expert_adapter_layout="per_expert",
+    vllm_expert_adapter_layouts={"Qwen3MoeForCausalLM": "per_expert"},
+    fp8=_fp8(shared_expert=False),
 )
 
 QWEN2_MOE = MappingTable(
@@ -58,5 +71,6 @@ QWEN2_MOE = MappingTable(
     description="Qwen2-MoE causal LM (qkv bias, routed experts, sigmoid-gated shared expert)",
     model_classes={"qwen2_moe": "Qwen2MoeForCausalLM"},
     expert_families=(EXPERTS,),
-    vllm_expert_adapter_layout="per_expert",  # vLLM's Qwen2MoeForCausalLM: no is_3d_moe_weight
+    vllm_expert_adapter_layouts={"Qwen2MoeForCausalLM": "per_expert"},  # vLLM: no is_3d_moe_weight
+    fp8=_fp8(shared_expert=True),
 )

@@ -94,5 +94,5 @@ QWEN3_VL_MOE = MappingTable(
     description="Qwen3-VL-MoE image-text model (fused experts, stored transposed when published; deepstack mergers)",
     model_classes={"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"},
     expert_families=(EXPERTS,),
-    vllm_expert_adapter_layout="fused",  # vLLM's Qwen3VLMoeForConditionalGeneration: is_3d_moe_weight
+    vllm_expert_adapter_layouts={"Qwen3VLMoeForConditionalGeneration": "fused"},  # vLLM: is_3d_moe_weight
 )

@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # Install bridge_ext with megatron-core and megatron-bridge into ./.venv on a CPU machine
 # (Python 3.11 or newer, no GPU, no Transformer Engine). Safe to run again.
+#   --consumers   instead: make ./.venv-consumers with vLLM 0.34.0, the inference engine that
+#                 judges bridge_ext's exports in tests/consumers (see docs/consumers.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+
+if [ "${1:-}" = "--consumers" ]; then
+  exec bash scripts/install_consumers.sh
+fi
+[ $# -eq 0 ] || { echo "usage: bash scripts/install.sh [--consumers]" >&2; exit 2; }
+
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
 

@@ -205,17 +205,40 @@ def test_live_exports_default_to_the_tables_vllm_layout_files_to_peft(moe, monke
     from safetensors import safe_open
 
     names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
-    assert _has(FUSED_EXPERT_ADAPTER, names)  # Qwen3.5-MoE: vLLM loads the 3-D layout
+    # vLLM's Qwen3_5MoeForCausalLM (the text-only class) loads expert adapters per expert
+    assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
     table = model_mappings.table_for("qwen3_5_moe_text")
     monkeypatch.setattr(model_mappings, "_REGISTERED", {})
-    model_mappings.register_table(dataclasses.replace(table, vllm_expert_adapter_layout="per_expert"), overwrite=True)
+    layouts = {"Qwen3_5MoeForCausalLM": "fused"}
+    model_mappings.register_table(dataclasses.replace(table, vllm_expert_adapter_layouts=layouts), overwrite=True)
     names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
-    assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
-    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True, expert_adapter_layout="fused")]
     assert _has(FUSED_EXPERT_ADAPTER, names)
+    names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True, expert_adapter_layout="per_expert")]
+    assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
     save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "adapter")
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as handle:
         assert _has(FUSED_EXPERT_ADAPTER, handle.keys())
+
+
+def test_adapter_folders_for_vllm_take_its_layout_and_refuse_the_other(moe, tmp_path):
+    from bridge_ext import save_hf_pretrained
+    from bridge_ext.errors import BridgeExtError
+    from safetensors import safe_open
+
+    result = save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "vllm", adapter_for="vllm")
+    with safe_open(str(tmp_path / "vllm" / "adapter_model.safetensors"), "pt") as handle:
+        assert _has(PER_EXPERT_ADAPTER, handle.keys()) and not _has(FUSED_EXPERT_ADAPTER, handle.keys())
+        written = set(handle.keys())
+    # vLLM applies no LoRA to its MTP drafter: those adapters are left out, and said so
+    mtp = {name for name, _ in export_hf_weights(moe.chunks, adapters_only=True) if ".mtp." in name}
+    assert mtp and not mtp & written
+    assert any(f"{len(mtp)} MTP adapter tensors not written" in note for note in result.notes), result.notes
+    with pytest.raises(BridgeExtError, match="vLLM does not load fused expert adapters for Qwen3_5MoeForCausalLM"):
+        save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "refused", adapter_for="vllm",
+                           expert_adapter_layout="fused")
+    with pytest.raises(BridgeExtError, match="adapter_for must be one of"):
+        save_hf_pretrained(moe.chunks, adapter_dir=tmp_path / "refused", adapter_for="sglang")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_the_plan_is_remembered_until_the_model_changes(built, mlp):

@@ -25,7 +25,7 @@ from typing import Any
 from bridge_ext.checkpoint.control_files import SMALL_JSON_LIMIT, read_json_file
 from bridge_ext.checkpoint.run_config import RunConfig
 from bridge_ext.dims import text_config
-from bridge_ext.errors import CompatibilityError, ConvertError
+from bridge_ext.errors import CompatibilityError, ConvertError, first_line
 
 # Upper bounds far above any published model, low enough that loops over them end.
 MAX_LAYERS = 10_000
@@ -62,7 +62,7 @@ class ConfigMismatchError(ConvertError):
 # ---------------------------------------------------------------------------- reading config.json
 def load_hf_config(folder_or_file: Path):
     """``(config, folder)`` for a config.json or its folder, its sizes checked before transformers sees it."""
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     from model_mappings import register_transformers_configs
 
@@ -75,10 +75,17 @@ def load_hf_config(folder_or_file: Path):
     if not isinstance(settings, dict):
         raise ConfigFieldError(f"{file}: expected a JSON object, found {type(settings).__name__}")
     check_config_fields(settings, file)
+    model_type = settings.get("model_type")
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+        raise ConvertError(f"{file}: unknown architecture: transformers has no model type {_shown(model_type)}")
     try:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as error:  # noqa: BLE001 - a third-party parser of an untrusted file: any failure is the file's
-        raise ConvertError(f"{file}: transformers cannot read it: {type(error).__name__}: {error}") from error
+        cause = error
+        while cause.__cause__ is not None:  # a validation wrapper's first line only names the validator
+            cause = cause.__cause__
+        raise ConvertError(
+            f"{file}: transformers cannot read it: {type(cause).__name__}: {first_line(cause)}") from error
     check_config_fields(config, file)
     return config, path
 

@@ -49,7 +49,14 @@ def read_control_file(path: str | Path, limit: int, error: ErrorFactory = checkp
             if info.st_size > limit:
                 raise error(f"{path}: {info.st_size} bytes, more than the {_human(limit)} such a file may hold "
                             "(damaged or not what it claims to be)", path)
-            data = handle.read(limit + 1)
+            # What the size says (plus one byte, to see a file that grew), then on until the limit:
+            # a read of limit + 1 bytes at once would allocate them all, whatever the file holds.
+            pieces = [handle.read(info.st_size + 1)]
+            total = len(pieces[0])
+            while total <= limit and pieces[-1]:
+                pieces.append(handle.read(min(limit + 1 - total, 1 << 24)))
+                total += len(pieces[-1])
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     except IsADirectoryError:
         raise error(f"{path}: a directory, where a file is expected", path) from None
     except OSError as exc:

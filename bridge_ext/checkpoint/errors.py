@@ -37,6 +37,10 @@ class UnsafePickleError(CheckpointError):
     """A pickle (``.metadata``) references a global outside the allowlist; nothing was executed."""
 
 
+class CheckpointLimitError(CheckpointError):
+    """A ``.metadata`` lists more entries than any real checkpoint has (bridge_ext.checkpoint.entry_limits)."""
+
+
 class UnsafeObjectError(CheckpointError):
     """A byte object cannot be loaded with ``torch.load(weights_only=True)``."""
 

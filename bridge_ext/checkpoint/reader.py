@@ -68,6 +68,7 @@ from bridge_ext.checkpoint.read_ahead import ReadAhead
 from bridge_ext.checkpoint.record import RecordFile, check_archive_crcs, read_tensor_record
 from bridge_ext.checkpoint.run_config import RunConfig, load_run_config
 from bridge_ext.checkpoint.safe_pickle import load_dcp_metadata
+from bridge_ext.errors import is_out_of_memory
 
 Index = int | tuple[int, ...] | slice | None
 # Bytes read ahead of the conversion: a few tensors, so that the disk never waits for the converter.
@@ -402,6 +403,8 @@ class CheckpointReader:
         except CheckpointError:
             raise
         except Exception as exc:
+            if is_out_of_memory(exc):
+                raise  # the machine's limit, not damage to the file
             raise _load_error(file, what, exc) from exc
         if tuple(tensor.shape) != chunk.sizes or tensor.dtype != info.dtype:
             raise CorruptCheckpointError(

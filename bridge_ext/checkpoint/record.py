@@ -8,12 +8,17 @@ once:
 * the central directory (at the record's end; Python's :mod:`zipfile`, zip64 included) gives
   each member's offset, size, compression and CRC-32;
 * ``<archive>/data.pkl`` (a few hundred bytes) is unpickled with torch's own ``weights_only``
-  unpickler, the one ``torch.load(weights_only=True)`` uses; its storage reference becomes a
-  storage of exactly the data member's size, so the pickle cannot ask for more memory than the
-  file holds;
-* ``<archive>/data/0`` (stored, not compressed) is read with large ``preadv`` calls straight into
-  that storage, and its CRC-32 computed piece by piece while each piece is still in cache
-  (:mod:`bridge_ext.checkpoint.crc`). Both calls release the GIL, so a read-ahead thread runs beside the conversion.
+  unpickler, the one ``torch.load(weights_only=True)`` uses, onto a storage on the ``meta``
+  device (no memory) of exactly the data member's size: it gives the tensor's dtype, shape,
+  strides and storage offset, which must lie inside that storage;
+* the bytes of ``<archive>/data/0`` (stored, not compressed) that the tensor views are read with
+  large ``preadv`` calls straight into the result, and the CRC-32 computed piece by piece while
+  each piece is still in cache (:mod:`bridge_ext.checkpoint.crc`). Both calls release the GIL, so
+  a read-ahead thread runs beside the conversion. torch DCP saves each chunk with a storage of its
+  own, so that is the whole member and its CRC-32 is checked; a tensor viewing part of a larger
+  storage (a crafted record) is read in the bytes it views only (seeking over the rest), and then
+  the member's CRC-32, which covers bytes not read, cannot be checked. Memory: the result, never
+  the storage.
 
 Every mismatch (a member missing, compressed or of the wrong size, a CRC-32 that differs, a
 tensor that is not what the metadata says) raises :class:`CorruptCheckpointError` naming the
@@ -23,6 +28,7 @@ tensor and the file.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import struct
 import zipfile
@@ -100,24 +106,55 @@ def read_tensor_record(file: RecordFile, offset: int, length: int, what: str,
     layout = _unpickle(pickled, torch.UntypedStorage(nbytes, device="meta"), nbytes)
     if not isinstance(layout, torch.Tensor):
         raise _corrupt(file, what, f"it holds a {type(layout).__name__}, not a tensor")
-    if into is None:
-        storage = torch.UntypedStorage(nbytes)
-        tensor = torch.empty(0, dtype=layout.dtype).set_(storage, layout.storage_offset(), layout.shape, layout.stride())
-        target = torch.empty(0, dtype=torch.uint8).set_(storage)
-    else:
-        if (layout.dtype, layout.shape) != (into.dtype, into.shape):
-            raise _corrupt(file, what, f"it holds {tuple(layout.shape)} {layout.dtype}, metadata says "
-                                       f"{tuple(into.shape)} {into.dtype}")
-        if not layout.is_contiguous() or layout.storage_offset() or layout.numel() * layout.dtype.itemsize != nbytes:
-            raise _corrupt(file, what, "its tensor does not fill its storage contiguously")
-        tensor = into
-        target = into.reshape(-1).view(torch.uint8)
-    if nbytes:
-        buffer = memoryview(target.numpy())
-        if file.read_into(_data_offset(file, offset, length, data_info, what), buffer) != data_info.CRC:
-            raise _corrupt(file, what, f"CRC-32 mismatch in {data_info.filename}: its bytes changed after "
-                                       "they were written (disk, copy or transfer error)")
-    return tensor
+    if into is not None and (layout.dtype, layout.shape) != (into.dtype, into.shape):
+        raise _corrupt(file, what, f"it holds {tuple(layout.shape)} {layout.dtype}, metadata says "
+                                   f"{tuple(into.shape)} {into.dtype}")
+    itemsize = layout.dtype.itemsize
+    first, last = _span(layout)
+    if last * itemsize > nbytes:
+        raise _corrupt(file, what, f"its tensor reaches byte {last * itemsize} of a {nbytes}-byte storage")
+    out = into if into is not None else torch.empty(layout.shape, dtype=layout.dtype)
+    if not layout.numel():
+        return out
+    start = _data_offset(file, offset, length, data_info, what)
+    whole = first == 0 and last * itemsize == nbytes  # the storage is the tensor's, as torch DCP writes it
+    if layout.is_contiguous():  # one run of bytes: straight into the result
+        crc = file.read_into(start + first * itemsize, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+    elif (last - first) <= 2 * layout.numel():  # a dense view (e.g. transposed): its span, then a copy
+        span = torch.empty(last - first, dtype=layout.dtype)
+        crc = file.read_into(start + first * itemsize, memoryview(span.view(torch.uint8).numpy()))
+        out.copy_(span.as_strided(layout.shape, layout.stride()))
+        del span
+    else:  # a sparse view of a larger storage: only the bytes it views, run by run
+        whole = False
+        crc = None
+        _read_runs(file, start, layout, out)
+    if whole and crc != data_info.CRC:
+        raise _corrupt(file, what, f"CRC-32 mismatch in {data_info.filename}: its bytes changed after "
+                                   "they were written (disk, copy or transfer error)")
+    return out
+
+
+def _span(layout: torch.Tensor) -> tuple[int, int]:
+    """The elements of its storage a tensor touches: [first, last) (first == last when it is empty)."""
+    first = layout.storage_offset()
+    if not layout.numel():
+        return first, first
+    return first, first + 1 + sum((size - 1) * stride for size, stride in zip(layout.shape, layout.stride()))
+
+
+def _read_runs(file: RecordFile, start: int, layout: torch.Tensor, out: torch.Tensor) -> None:
+    """Read a strided view into ``out`` (contiguous) one contiguous run of its elements at a time."""
+    shape, strides, itemsize = list(layout.shape), list(layout.stride()), layout.dtype.itemsize
+    run, inner = 1, len(shape)
+    while inner and (shape[inner - 1] == 1 or strides[inner - 1] == run):
+        inner -= 1
+        run *= shape[inner]
+    flat = out.reshape(-1).view(torch.uint8).numpy()
+    for number, index in enumerate(itertools.product(*map(range, shape[:inner]))):
+        element = layout.storage_offset() + sum(i * stride for i, stride in zip(index, strides))
+        done = number * run * itemsize
+        file.read_into(start + element * itemsize, memoryview(flat[done:done + run * itemsize]))
 
 
 def check_archive_crcs(data: bytes, path: Path, what: str) -> None:

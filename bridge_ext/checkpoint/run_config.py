@@ -31,6 +31,7 @@ import yaml
 
 from bridge_ext.checkpoint.control_files import RUN_CONFIG_LIMIT, read_control_file
 from bridge_ext.checkpoint.errors import RunConfigError
+from bridge_ext.checkpoint.yaml_message import yaml_problem
 
 _DTYPES = {
     f"torch.{name}": getattr(torch, name)
@@ -115,7 +116,7 @@ def load_run_config(path: str | Path) -> RunConfig:
     except UnicodeDecodeError as exc:
         raise RunConfigError(f"{path}: not UTF-8 text: {exc}", path) from None
     except yaml.YAMLError as exc:
-        raise RunConfigError(f"{path}: not valid YAML (safe loader): {exc}", path) from exc
+        raise RunConfigError(f"{path}: not valid YAML (safe loader): {yaml_problem(exc)}", path) from exc
     except RecursionError:
         raise RunConfigError(f"{path}: nested too deeply to be a run configuration", path) from None
     if not isinstance(raw, dict):

@@ -1,5 +1,5 @@
 """Read a DCP ``.metadata`` file without trusting it: a restricted unpickler with an allowlist of
-plain data classes, after an opcode walk that refuses deep or self-referring objects.
+plain data classes, after an opcode walk that refuses deep, self-referring or memo-repeated objects.
 
 The allowlist's origin and the limits: docs/checkpoint_metadata.md.
 """
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from bridge_ext.checkpoint.control_files import DCP_METADATA_LIMIT, read_control_file
+from bridge_ext.checkpoint.entry_limits import check_entry_counts
 from bridge_ext.checkpoint.errors import CheckpointError, UnsafePickleError
 
 _DCP = "torch.distributed.checkpoint"
@@ -95,6 +96,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 MAX_NESTING = 100  # objects inside objects; real DCP metadata: about 10
+# Objects a pickle may describe per byte of it, each memo reference counted with everything the
+# referenced object holds (what a reader walking the result visits). Real DCP metadata describes
+# about 0.5 per byte; a list repeating one chunk through the memo describes 4 to 10 per byte.
+MAX_OBJECTS_PER_BYTE = 2
+MIN_OBJECTS_ALLOWED = 1 << 16  # tiny pickles (a test's, a corrupted file's) are never refused for it
 
 # What each opcode does to the unpickler's stack, as one small action code (plus a count).
 _ATOM, _EMPTY, _MARK, _FROM_MARK, _BUILD_N, _ADD_FROM_MARK, _ADD_N = range(7)
@@ -145,21 +151,35 @@ class _ShapeError(Exception):
     """The pickle's structure is refused (message says why)."""
 
 
-def check_pickle_shape(data: bytes, max_nesting: int = MAX_NESTING) -> None:
-    """Refuse, before anything is built, a pickle nesting deeper than ``max_nesting`` or cyclic.
+def check_pickle_shape(data: bytes, max_nesting: int = MAX_NESTING, max_objects: int | None = None) -> int:
+    """Refuse, before anything is built, a pickle nesting deeper than ``max_nesting``, cyclic, or
+    describing more than ``max_objects`` objects (default: :data:`MAX_OBJECTS_PER_BYTE` per byte).
 
     Simulates the unpickler's stack with one node per object (atoms share node 0) and tracks how
-    deep each is: a container's depth is one more than its deepest item's when it is filled.
-    That is exact unless an object is filled after another already holds it (``APPEND`` /
-    ``SETITEM`` / ``BUILD`` on a memoised one, which picklers do not write); then a second pass
-    records every "holds" edge and measures the longest path, refusing cycles. Raises
-    :class:`_ShapeError`; malformed opcodes raise ValueError.
+    deep each is and how many objects it stands for (itself plus what it holds, a memo reference
+    counting the whole referenced object again): a container's depth is one more than its
+    deepest item's when it is filled, its count the sum of its items'. That is exact unless an
+    object is filled after another already holds it (``APPEND`` / ``SETITEM`` / ``BUILD`` on a
+    memoised one, which picklers do not write); then a second pass records every "holds" edge
+    and measures the longest path and the counts on that graph, refusing cycles. Returns the
+    count. Raises :class:`_ShapeError`; malformed opcodes raise ValueError.
     """
-    depth = _scan(data, max_nesting, exact=False)
-    if depth is None:  # filled late: the first pass's depths may be stale
-        depth = _scan(data, max_nesting, exact=True)
+    if max_objects is None:
+        max_objects = max(MIN_OBJECTS_ALLOWED, MAX_OBJECTS_PER_BYTE * len(data))
+    found = _scan(data, max_nesting, max_objects, exact=False)
+    if found is None:  # filled late: the first pass's depths may be stale
+        found = _scan(data, max_nesting, max_objects, exact=True)
+    depth, objects = found
     if depth > max_nesting:
         raise _ShapeError(f"objects nested {depth} deep (more than {max_nesting}; real metadata nests about 10)")
+    if objects > max_objects:
+        raise _ShapeError(_too_many(max_objects, len(data)))
+    return objects
+
+
+def _too_many(max_objects: int, nbytes: int) -> str:
+    return (f"its {nbytes} bytes describe more than {max_objects} objects through memo references "
+            f"(at most {MAX_OBJECTS_PER_BYTE} per byte; real metadata describes about 0.5)")
 
 
 def _pop_mark(marks: list[int], opcode: str, byte: int) -> tuple[int, int]:
@@ -170,10 +190,12 @@ def _pop_mark(marks: list[int], opcode: str, byte: int) -> tuple[int, int]:
     return split, (marks[-1] if marks else 0)
 
 
-def _scan(data: bytes, max_nesting: int, exact: bool) -> int | None:  # noqa: C901 - one loop, one branch per action
-    """The result's nesting; None when ``exact`` is False and an object was filled late."""
+def _scan(data: bytes, max_nesting: int, max_objects: int,  # noqa: C901 - one loop, one branch per action
+          exact: bool) -> tuple[int, int] | None:
+    """The result's nesting and object count; None when ``exact`` is False and an object was filled late."""
     table, end, position = _OPCODES, len(data), 0
     depth: list[int] = [0]  # node -> depth when last filled (node 0: every atom)
+    objects: list[int] = [1]  # node -> objects it stands for, capped just above max_objects
     held: list[bool] = [False]  # node -> already inside another object
     children: list[list[int]] = [[]]  # node -> held nodes (exact pass only)
     stack: list[int] = []
@@ -185,10 +207,15 @@ def _scan(data: bytes, max_nesting: int, exact: bool) -> int | None:  # noqa: C9
         """Put ``items`` into ``node``; False when that makes earlier depths stale."""
         late = held[node] or node in items
         deepest = 0
+        count = objects[node]
         for item in items:
             held[item] = True
+            count += objects[item]
             if depth[item] > deepest:
                 deepest = depth[item]
+        if count > max_objects and not exact:  # the first pass's counts never exceed the true ones
+            raise _ShapeError(_too_many(max_objects, end))
+        objects[node] = min(count, max_objects + 1)
         if deepest >= depth[node]:
             if deepest + 1 > max_nesting:
                 raise _ShapeError(f"objects nested more than {max_nesting} deep (real metadata nests about 10)")
@@ -249,6 +276,7 @@ def _scan(data: bytes, max_nesting: int, exact: bool) -> int | None:  # noqa: C9
             items = stack[split:]
             del stack[split:]
             depth.append(0)
+            objects.append(1)
             held.append(False)
             if exact:
                 children.append([])
@@ -291,14 +319,16 @@ def _scan(data: bytes, max_nesting: int, exact: bool) -> int | None:  # noqa: C9
             if len(stack) <= floor:
                 raise ValueError("STOP on an empty stack")
             result = stack[-1]
-            return _longest_path(children, result) if exact else depth[result]
+            return _measure(children, result, max_objects) if exact else (depth[result], objects[result])
         elif action == _REFUSED:
             raise _ShapeError(f"opcode {name} is not allowed in checkpoint metadata")
 
 
-def _longest_path(children: list[list[int]], root: int) -> int:
-    """Longest chain of "holds" below ``root`` (iterative: the graph may be a million deep)."""
+def _measure(children: list[list[int]], root: int, max_objects: int) -> tuple[int, int]:
+    """Longest chain of "holds" below ``root`` and the objects it stands for (capped just above
+    ``max_objects``); iterative: the graph may be a million deep."""
     depth: dict[int, int] = {}
+    objects: dict[int, int] = {}
     on_path: set[int] = set()
     pending: list[tuple[int, bool]] = [(root, False)]
     while pending:
@@ -306,6 +336,7 @@ def _longest_path(children: list[list[int]], root: int) -> int:
         if done:
             on_path.discard(node)
             depth[node] = 1 + max((depth[child] for child in children[node]), default=-1)
+            objects[node] = min(max_objects + 1, 1 + sum(objects[child] for child in children[node]))
             continue
         if node in depth:
             continue
@@ -318,25 +349,28 @@ def _longest_path(children: list[list[int]], root: int) -> int:
                 raise _ShapeError("an object contains itself")
             if child not in depth:
                 pending.append((child, False))
-    return depth[root]
+    return depth[root], objects[root]
 
 
 def safe_unpickle(data: bytes, source: str | Path = "<bytes>") -> Any:
     """Unpickle ``data`` allowing only :data:`ALLOWED_GLOBALS`; other globals raise before use.
 
     The structure is checked first (:func:`check_pickle_shape`): nothing is built from a pickle
-    nesting deeper than :data:`MAX_NESTING`.
+    nesting deeper than :data:`MAX_NESTING` or describing more than :data:`MAX_OBJECTS_PER_BYTE`
+    objects per byte through its memo.
     """
     source = Path(source)
     try:
         check_pickle_shape(data)
     except _ShapeError as exc:
         raise UnsafePickleError(f"{source}: refusing to unpickle: {exc} (file not trusted)", source) from None
+    except MemoryError:
+        raise  # the machine's limit, not the file's fault: reported as such (exit 7)
     except Exception as exc:  # pickletools' own errors on truncated or malformed opcodes
         raise CheckpointError(f"{source}: cannot unpickle: malformed pickle: {_short(exc)}", source) from None
     try:
         return _RestrictedUnpickler(io.BytesIO(data), source).load()
-    except CheckpointError:
+    except (CheckpointError, MemoryError):
         raise
     except Exception as exc:  # truncated or malformed pickle
         raise CheckpointError(f"{source}: cannot unpickle: {type(exc).__name__}: {_short(exc)}", source) from exc
@@ -357,4 +391,5 @@ def load_dcp_metadata(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: expected a torch Metadata object, found {type(metadata).__name__}", path)
     if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
         raise CheckpointError(f"{path}: metadata lacks state_dict_metadata or storage_data", path)
+    check_entry_counts(metadata, path)
     return metadata

@@ -124,3 +124,22 @@ def test_megatron_reload_of_tp2_gdn_lora_is_rank_ordered(saved):
     parts = [torch.cat(pair) for pair in zip(rank0.split(sizes), rank1.split(sizes))]
     assert torch.equal(torch.cat([rank0, rank1]), stored)
     assert not torch.equal(torch.cat(parts), stored)
+
+
+def test_adapter_for_vllm_writes_vllms_layout_without_mtp_adapters(saved, tmp_path):
+    from click.testing import CliRunner
+
+    from bridge_ext.cli import main
+
+    folder = saved["qwen3_5_moe_text", 1]
+    args = ["convert", str(folder / "lora"), "--hf-base", str(folder / "hf"), "--adapter-for", "vllm"]
+    result = CliRunner().invoke(main, [*args, "--adapter-out", str(tmp_path / "vllm")])
+    assert result.exit_code == 0, result.output
+    names = " ".join(load_file(str(tmp_path / "vllm" / "adapter_model.safetensors")))
+    # Qwen3_5MoeForCausalLM: vLLM loads per-expert adapters and applies none on its MTP drafter
+    assert ".experts.0.gate_proj.lora_A" in names and ".experts.base_layer." not in names
+    assert "mtp." not in names and "MTP adapter tensors not written" in result.output
+    refused = CliRunner().invoke(main, [*args, "--expert-adapter-layout", "fused", "--adapter-out",
+                                        str(tmp_path / "refused")])
+    assert refused.exit_code == 4 and "vLLM does not load fused expert adapters" in refused.output
+    assert not (tmp_path / "refused").exists()

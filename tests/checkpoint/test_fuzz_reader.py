@@ -6,6 +6,8 @@ in-process. An outcome passes when it is a :class:`~bridge_ext.errors.BridgeExtE
 turns those into its exit codes) or a folder equal, tensor for tensor, to the conversion of the
 undamaged checkpoint. Any other exception fails the test, listing every case that produced one.
 A bit flipped inside a tensor's values must be refused too: the reader checks each record's CRC-32.
+Besides the real checkpoint, the seeds include the crafted shapes of :mod:`hostile_factory`
+(staggered chunks, a chunk repeated through the memo, a view of a larger storage), smaller.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import hostile_factory
 from bridge_ext.checkpoint import CheckpointError, safe_unpickle
 from bridge_ext.convert import convert_checkpoint
 from bridge_ext.errors import BridgeExtError
@@ -66,14 +69,35 @@ def same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> bool:
     return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
 
 
-def test_damaged_checkpoints_fail_cleanly_or_convert_correctly(qwen3_ckpts, tmp_path):
-    source = qwen3_ckpts / "dense"
-    expected = written(convert_checkpoint(source, model_dir=tmp_path / "expected").model_dir)
+def crafted_seed(kind: str, folder: Path) -> None:
+    """The issue-#27 shapes, small: staggered chunks, a chunk repeated through the memo, a view of a larger storage."""
+    if kind == "staggered":
+        hostile_factory.add_staggered_tensor(folder, rows=8, columns=100)
+    elif kind == "memo":
+        hostile_factory.repeat_chunk(folder, "decoder.final_layernorm.weight", 5000)
+    elif kind == "view":
+        hostile_factory.view_of_large_storage(folder, "decoder.final_layernorm.weight", storage_bytes=1 << 20)
+
+
+SEEDS = {"real": CASES_PER_FILE_KIND, "staggered": 15, "memo": 15, "view": 15}  # seed: cases per file kind
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_damaged_checkpoints_fail_cleanly_or_convert_correctly(qwen3_ckpts, tmp_path, seed):
+    source = tmp_path / "seed"
+    shutil.copytree(qwen3_ckpts / "dense", source)
+    crafted_seed(seed, source / ITER)
+    try:  # the seed itself: the real one and the view convert; the staggered and memo ones are refused
+        expected = written(convert_checkpoint(source, model_dir=tmp_path / "expected").model_dir)
+    except BridgeExtError:
+        expected = written(convert_checkpoint(qwen3_ckpts / "dense", model_dir=tmp_path / "expected").model_dir)
     folder = source / ITER
     rng = random.Random(SEED)
-    cases = mutations(rng, ".metadata", (folder / ".metadata").stat().st_size, CASES_PER_FILE_KIND)
-    cases += mutations(rng, "__0_0.distcp", (folder / "__0_0.distcp").stat().st_size, CASES_PER_FILE_KIND)
-    cases += mutations(rng, "run_config.yaml", (folder / "run_config.yaml").stat().st_size, RUN_CONFIG_CASES)
+    count = SEEDS[seed]
+    cases = mutations(rng, ".metadata", (folder / ".metadata").stat().st_size, count)
+    cases += mutations(rng, "__0_0.distcp", (folder / "__0_0.distcp").stat().st_size, count)
+    cases += mutations(rng, "run_config.yaml", (folder / "run_config.yaml").stat().st_size,
+                       RUN_CONFIG_CASES * count // CASES_PER_FILE_KIND)
 
     started = time.perf_counter()
     outcomes: dict[str, int] = {}
@@ -101,16 +125,20 @@ def test_damaged_checkpoints_fail_cleanly_or_convert_correctly(qwen3_ckpts, tmp_
     assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n".join(failures)
     assert sum(outcomes.values()) == len(cases)
     assert any(name.startswith("refused") for name in outcomes), outcomes  # the damage was noticed at all
-    print(f"{len(cases)} damaged checkpoints in {elapsed:.1f} s: {outcomes}")  # about 10 s on 2 idle cores
+    print(f"{len(cases)} damaged checkpoints in {elapsed:.1f} s: {outcomes}")  # real seed: about 10 s on 2 idle cores
 
 
-def test_allowlisted_unpickler_survives_random_damage(qwen3_ckpts):
-    """600 mutated copies of a real .metadata (flips, cuts, insertions, repeated slices)."""
-    real = (qwen3_ckpts / "dense" / ITER / ".metadata").read_bytes()
+@pytest.mark.parametrize("seed, count", [("real", 600), ("staggered", 100), ("memo", 100)])
+def test_allowlisted_unpickler_survives_random_damage(qwen3_ckpts, tmp_path, seed, count):
+    """Mutated copies of a real .metadata, and of the crafted ones (flips, cuts, insertions, repeated slices)."""
+    folder = tmp_path / "seed"
+    shutil.copytree(qwen3_ckpts / "dense" / ITER, folder)
+    crafted_seed(seed, folder)
+    real = (folder / ".metadata").read_bytes()
     rng = random.Random(SEED)
     loaded = refused = 0
     started = time.perf_counter()
-    for _ in range(600):
+    for _ in range(count):
         data = bytearray(real)
         for _ in range(rng.randrange(1, 4)):
             operation = rng.randrange(4)
@@ -131,8 +159,8 @@ def test_allowlisted_unpickler_survives_random_damage(qwen3_ckpts):
             loaded += 1
         except CheckpointError:
             refused += 1
-    assert loaded + refused == 600 and refused > 0
-    print(f"600 damaged pickles in {time.perf_counter() - started:.1f} s: {loaded} loaded, {refused} refused")
+    assert loaded + refused == count and refused > 0
+    print(f"{count} damaged pickles in {time.perf_counter() - started:.1f} s: {loaded} loaded, {refused} refused")
 
 
 @pytest.mark.parametrize("depth", [101, 5000])

@@ -1,0 +1,366 @@
+"""vLLM judges bridge_ext's exports: run in the consumer environment (``.venv-consumers``).
+
+``python judge.py MANIFEST... --out VERDICTS.json``. For each export folder (see
+``exports.py``) it uses vLLM's own code on CPU, with a world of one (gloo):
+
+- ``base`` / ``merged``: vLLM's model class for ``config.architectures`` is built, every
+  parameter set to NaN, the stream fed to its ``load_weights``; every parameter must be in the
+  set it reports loaded and hold no NaN. ``base`` must equal, value for value, what the same
+  class loads from the source files; each tensor of the stream that the class ignores (loads
+  nothing from when fed alone) is listed.
+- ``live`` / ``saved_peft`` / ``saved_vllm``: the adapters through ``WorkerLoRAManager`` on the
+  base-loaded model, as RL frameworks feed it: live tensors through ``PEFTHelper.from_dict`` +
+  ``LoRAModel.from_lora_tensors`` (what verl's tensor request does), a saved folder through
+  ``add_adapter(LoRARequest(path))``. Then, for every LoRA-wrapped module, ``B @ A`` read
+  back from vLLM's LoRA buffers (scaling folded in by vLLM) must equal the trained delta
+  (vLLM's merged-stream parameter minus its base-stream parameter), and every parameter the
+  merged stream changes must be covered by a LoRA buffer (else vLLM drops that adapter).
+- ``mtp``: the MTP drafter class fed the base stream and the merged stream, judged as above.
+
+Device workarounds (no vLLM code is changed): vLLM's CUDA wheel on a machine without a GPU
+runs on its ``UnspecifiedPlatform``, which names no attention backend and no LoRA kernel
+wrapper; the judge names the CPU ones (they are only built here, never run) and turns
+vLLM's pinned-memory copies of adapters off (they need a CUDA driver). vLLM's CPU platform itself needs triton-cpu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+PORT = 29561
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:400] if lines else ''}"
+
+
+def _attention_backend_workaround() -> None:
+    from vllm.platforms import current_platform
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    def backend(cls, *args, attn_selector_config=None, **kwargs) -> str:
+        if attn_selector_config is not None and getattr(attn_selector_config, "use_mla", False):
+            return "vllm.v1.attention.backends.mla.cpu_mla.CPUMLABackend"
+        return "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend"
+
+    platform = type(current_platform)
+    platform.get_attn_backend_cls = classmethod(backend)
+    platform.current_device = classmethod(lambda cls: torch.device("cpu"))
+    platform.is_cpu = classmethod(lambda cls: True)  # e.g. MoE picks its CPU experts kernel
+    platform.get_mla_prefill_backend_cls = classmethod(lambda cls, *args, **kwargs: resolve_obj_by_qualname(
+        "vllm.v1.attention.backends.mla.prefill.cpu_sdpa.CPUSDPAMLAPrefillBackend"))
+    import vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method as moe_method
+    from vllm.model_executor.layers.fused_moe.oracle import unquantized as moe_oracle
+
+    select = moe_oracle.select_unquantized_moe_backend
+
+    def select_moe_kernel(*args, **kwargs):
+        try:
+            return select(*args, **kwargs)
+        except (NotImplementedError, ValueError):  # none for this device: Triton's (LoRA needs it), never run
+            backend = moe_oracle.UnquantizedMoeBackend.TRITON
+            return backend, moe_oracle.backend_to_kernel_cls(backend)[0]
+
+    moe_method.select_unquantized_moe_backend = select_moe_kernel
+    platform.get_punica_wrapper = classmethod(
+        lambda cls: "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU")
+    import vllm.lora.lora_model
+    import vllm.lora.lora_weights
+    import vllm.lora.model_manager
+
+    for module in (vllm.lora.lora_model, vllm.lora.lora_weights, vllm.lora.model_manager):
+        module.PIN_MEMORY = False  # pinned memory needs a CUDA driver
+
+
+def _configs(source: str, lora: dict | None = None, drafter: bool = False):
+    from vllm.config import DeviceConfig, LoRAConfig, ModelConfig, VllmConfig
+
+    model_config = ModelConfig(model=source, dtype=torch.float32, skip_tokenizer_init=True, enforce_eager=True)
+    lora_config = LoRAConfig(lora_dtype=torch.float32, **lora) if lora is not None else None
+    config = VllmConfig(model_config=model_config, device_config=DeviceConfig("cpu"), lora_config=lora_config)
+    if drafter:  # the drafter classes read the draft model's config from here
+        speculative = _Speculative(draft_model_config=model_config, target_model_config=model_config,
+                                   method="mtp", num_speculative_tokens=1,
+                                   use_multi_module_mtp=lambda: False)
+        object.__setattr__(config, "speculative_config", speculative)
+    return config
+
+
+class _Speculative(SimpleNamespace):
+    """What the drafter classes read of vLLM's speculative config; any other option is off."""
+
+    def __getattr__(self, name: str):
+        return None
+
+
+_DISTRIBUTED = False
+
+
+def build(source: str, class_name: str | None = None, lora: dict | None = None):
+    """vLLM's model class for the source folder (or ``class_name``), its parameters NaN."""
+    global _DISTRIBUTED
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import get_model_architecture
+    from vllm.model_executor.models import ModelRegistry
+
+    config = _configs(source, lora, drafter=class_name is not None)
+    with set_current_vllm_config(config):
+        from vllm.distributed import init_distributed_environment, initialize_model_parallel
+        from vllm.distributed.parallel_state import destroy_model_parallel
+
+        if not _DISTRIBUTED:
+            init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                         distributed_init_method=f"tcp://127.0.0.1:{PORT}")
+            _DISTRIBUTED = True
+        destroy_model_parallel()
+        initialize_model_parallel(1, 1)  # per config: the expert-parallel group exists only for MoE models
+        if class_name is None:
+            cls, _ = get_model_architecture(config.model_config)
+        else:
+            cls, _ = ModelRegistry.resolve_model_cls([class_name], config.model_config)
+        with torch.device("cpu"):
+            model = cls(vllm_config=config, prefix="")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(math.nan)
+    return model, config
+
+
+def stream(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        for name in handle.keys():
+            yield name, handle.get_tensor(name)
+
+
+def source_stream(folder: Path):
+    for path in sorted(folder.glob("*.safetensors")):
+        yield from stream(path)
+
+
+def load(model, config, pairs) -> dict:
+    """Feed ``pairs`` to ``load_weights``; what it reports and what it leaves unwritten."""
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(config), torch.no_grad():
+        loaded = model.load_weights(pairs)
+    params = dict(model.named_parameters())
+    not_reported = sorted(set(params) - set(loaded or ()))
+    nan = sorted(name for name, p in params.items() if torch.isnan(p).any())
+    return {"not_reported": not_reported, "nan": nan}
+
+
+def ignored(source: str, class_name: str | None, pairs: list) -> list[str]:
+    """Names of ``pairs`` from which the class loads nothing when fed alone."""
+    model, config = build(source, class_name)
+    from vllm.config import set_current_vllm_config
+
+    out = []
+    for name, tensor in pairs:
+        with set_current_vllm_config(config), torch.no_grad():
+            try:
+                loaded = model.load_weights([(name, tensor)])
+            except Exception:  # a loader that wants companions (one of a stacked group)
+                continue
+        if not loaded:
+            out.append(name)
+    return out
+
+
+def compare(model, reference) -> list[str]:
+    ref = dict(reference.named_parameters())
+    bad = []
+    for name, param in model.named_parameters():
+        if not torch.equal(param, ref[name]):
+            bad.append(name)
+    return bad
+
+
+def judge_stream(folder: Path, manifest: dict, kind: str, class_name: str | None, reference_models: dict) -> dict:
+    source = manifest["source"]
+    key = class_name or "main"
+    if key not in reference_models:
+        reference, config = build(source, class_name)
+        load(reference, config, source_stream(Path(source)))
+        reference_models[key] = reference
+    reference = reference_models[key]
+    model, config = build(source, class_name)
+    result = load(model, config, stream(folder / f"{kind}.safetensors"))
+    result["ignored"] = ignored(source, class_name, list(stream(folder / f"{kind}.safetensors")))
+    if kind == "base":
+        result["differs_from_source"] = compare(model, reference)
+    result["ok"] = not (result["not_reported"] or result["nan"] or result.get("differs_from_source"))
+    return result, model
+
+
+def lora_deltas(module, slot: int) -> dict[str, torch.Tensor]:
+    """``B @ A`` per base parameter of one vLLM LoRA layer (parameter suffix -> delta)."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.fused_moe import FusedMoEWithLoRA
+
+    if isinstance(module, FusedMoEWithLoRA):
+        w13 = []
+        for a, b in zip(module.w13_lora_a_stacked, module.w13_lora_b_stacked):
+            a_, b_ = a[slot], b[slot]  # (E, r, H), (E, out, r)
+            if a_.shape[0] != b_.shape[0]:
+                a_ = a_.expand(b_.shape[0], -1, -1)
+            w13.append(torch.bmm(b_, a_))
+        a2, b2 = module.w2_lora_a_stacked[0][slot], module.w2_lora_b_stacked[0][slot]
+        if b2.shape[0] != a2.shape[0]:
+            b2 = b2.expand(a2.shape[0], -1, -1)
+        return {"w13_weight": torch.cat(w13, dim=1), "w2_weight": torch.bmm(b2, a2)}
+    if isinstance(module, BaseLinearLayerWithLoRA):
+        parts = [b[slot, 0] @ a[slot, 0] for a, b in zip(module.lora_a_stacked, module.lora_b_stacked)]
+        return {"weight": torch.cat(parts, dim=0)}
+    return {}  # embeddings, logits: no adapter of bridge_ext's targets
+
+
+def judge_adapter(manager, model, how: str, folder: Path, manifest: dict, trained: dict, names: set) -> dict:
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.request import LoRARequest
+
+    adapter_id = {"live": 1, "saved_peft": 2, "saved_vllm": 3}[how]
+    try:
+        if how == "live":
+            tensors = dict(stream(folder / "adapters.safetensors"))
+            config = json.loads((folder / "adapter_config.json").read_text())
+            helper = PEFTHelper.from_dict(config)
+            mapper = getattr(model, "hf_to_vllm_mapper", None)
+            lora = LoRAModel.from_lora_tensors(
+                adapter_id, tensors, helper, device="cpu", dtype=torch.float32,
+                model_vocab_size=model.config.get_text_config().vocab_size if hasattr(model, "config") else None,
+                weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+                skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+            manager._adapter_manager.add_adapter(lora)
+            manager._adapter_manager.activate_adapter(adapter_id)
+        else:
+            path = manifest["saved"][how.removeprefix("saved_")]
+            manager.add_adapter(LoRARequest(how, adapter_id, path))
+    except Exception as error:  # noqa: BLE001 (the verdict names vLLM's refusal)
+        return {"ok": False, "error": _first_line(error), "trace": traceback.format_exc()[-1500:]}
+    adapters = manager._adapter_manager
+    slot = adapters.lora_index_to_id.index(adapter_id)
+    covered, wrong, zero = set(), [], []
+    for name, module in adapters.modules.items():
+        for suffix, delta in lora_deltas(module, slot).items():
+            # FusedMoE keeps its weights in routed_experts (vLLM 0.34)
+            param = next((p for p in (f"{name}.{suffix}", f"{name}.routed_experts.{suffix}") if p in names),
+                         f"{name}.{suffix}")
+            covered.add(param)
+            want = trained.get(param)
+            if want is None:
+                if delta.abs().max() > 0:
+                    wrong.append(f"{param}: vLLM applies a delta the merged stream does not have")
+                continue
+            if want.shape != delta.shape:
+                wrong.append(f"{param}: delta {tuple(delta.shape)} vs trained {tuple(want.shape)}")
+            elif not torch.allclose(delta, want, rtol=1e-4, atol=1e-6):
+                if delta.abs().max() == 0:
+                    zero.append(param)
+                else:
+                    worst = (delta - want).abs().max().item()
+                    wrong.append(f"{param}: max |B@A - trained| {worst:.3g}")
+    dropped = sorted(set(trained) - covered)
+    adapters.deactivate_adapter(adapter_id)
+    adapters.remove_adapter(adapter_id)
+    result = {"wrong": wrong, "zero": zero, "dropped": dropped, "checked": len(covered)}
+    result["ok"] = not (wrong or zero or dropped)
+    return result
+
+
+def trained_deltas(base_model, merged_model) -> dict[str, torch.Tensor]:
+    """vLLM parameter -> merged minus base, where the merged stream changed it."""
+    merged = dict(merged_model.named_parameters())
+    out = {}
+    for name, param in base_model.named_parameters():
+        delta = merged[name].detach() - param.detach()
+        if delta.abs().max() > 0:
+            out[name] = delta
+    return out
+
+
+def judge_case(manifest_path: Path) -> dict:
+    folder = manifest_path.parent
+    manifest = json.loads(manifest_path.read_text())
+    verdict: dict = {}
+    references: dict = {}
+
+    def guarded(kind, fn):
+        try:
+            verdict[kind] = fn()
+        except Exception as error:  # noqa: BLE001
+            verdict[kind] = {"ok": False, "error": _first_line(error),
+                             "trace": traceback.format_exc()[-1500:]}
+
+    models = {}
+
+    def base_and_merged(kind):
+        result, model = judge_stream(folder, manifest, kind, None, references)
+        models[kind] = model
+        return result
+
+    guarded("base", lambda: base_and_merged("base"))
+    guarded("merged", lambda: base_and_merged("merged"))
+    if manifest["streams"]["adapters"] and "base" in models and "merged" in models:
+        trained = trained_deltas(models["base"], models["merged"])
+        names = {name for name, _ in models["base"].named_parameters()}
+        guarded("live", lambda: judge_adapters(folder, manifest, trained, names, verdict))
+    if manifest.get("drafter"):
+        for kind in ("base", "merged"):
+            guarded(f"mtp_{kind}", lambda kind=kind: judge_stream(folder, manifest, kind, manifest["drafter"],
+                                                                references)[0])
+    return verdict
+
+
+def judge_adapters(folder: Path, manifest: dict, trained: dict, names: set, verdict: dict) -> dict:
+    """Build the LoRA-wrapped model once, judge each adapter route on it."""
+    from vllm.config import set_current_vllm_config
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    # default engine options: vision-tower adapters are applied only with enable_tower_connector_lora
+    # (which needs the multimodal processor, hence a tokenizer the tiny models lack)
+    lora = {"max_lora_rank": max(8, int(config["r"])), "max_loras": 3}
+    model, vllm_config = build(manifest["source"], lora=lora)
+    load(model, vllm_config, stream(folder / "base.safetensors"))
+    with set_current_vllm_config(vllm_config):
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+        # as vLLM's loader does after load_weights (MoE layers make their kernels here)
+        process_weights_after_loading(model, vllm_config.model_config, torch.device("cpu"))
+        manager = WorkerLoRAManager(vllm_config, torch.device("cpu"), getattr(model, "embedding_modules", {}))
+        manager.create_lora_manager(model, vllm_config)
+        for how in ("saved_peft", "saved_vllm"):
+            if how.removeprefix("saved_") in manifest["saved"]:
+                verdict[how] = judge_adapter(manager, model, how, folder, manifest, trained, names)
+        return judge_adapter(manager, model, "live", folder, manifest, trained, names)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("manifests", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    _attention_backend_workaround()
+    verdicts = {}
+    for path in args.manifests:
+        verdicts[json.loads(path.read_text())["case"]] = judge_case(path)
+    args.out.write_text(json.dumps(verdicts, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    sys.exit(main())
