@@ -30,6 +30,7 @@ from bridge_ext.checkpoint.parallel_write import base_in_workers
 from bridge_ext.checkpoint.reader import READ_AHEAD_BYTES
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.dims import ModelDims
+from bridge_ext.dora import refuse_for_vllm
 from bridge_ext.engine import Mode
 from bridge_ext.export import (
     ExportPlan,
@@ -335,6 +336,8 @@ def convert_checkpoint(
     plan = plan_export(source, config, expert_layouts(table, found, expert_layout, adapter_layout))
     if adapter_dir is not None and not source.adapters():
         raise ConvertError(f"{reader.path} holds no LoRA adapters; drop the adapter folder")
+    if adapter_dir is not None and adapter_for == "vllm":
+        refuse_for_vllm(plan.dora_adapters(source))
     if model_dir is not None and adapter_dir is None and source.adapters() and not merge:
         raise ConvertError(f"{reader.path} holds LoRA adapters: give an adapter folder too, or --merge")
     base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
@@ -347,7 +350,8 @@ def convert_checkpoint(
     if on_start is not None:
         base_count = sum(len(task.hf_names) for task in plan.base_tasks) if model_dir is not None else 0
         base_count += len(fp8.parts) if fp8 is not None else 0
-        adapter_count = 2 * len(adapted_outputs(plan.adapter_tasks, source.adapters(), plan.table)) \
+        adapter_count = sum(2 + (output.adapter.magnitude is not None)  # DoRA: and its magnitude
+                            for output in adapted_outputs(plan.adapter_tasks, source.adapters(), plan.table)) \
             if adapter_dir is not None else 0
         on_start(base_count + adapter_count)
     written_dtype = dtype or _stored_dtype(reader)

@@ -16,10 +16,11 @@ from enum import Enum
 import torch
 
 from bridge_ext.dims import ModelDims
+from bridge_ext.dora import dora_merge
 from bridge_ext.errors import ExportError, RuleError
 from bridge_ext.ops import Op
 from bridge_ext.peft_experts import fuse_expert_lora
-from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
+from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key, peft_magnitude_key
 from bridge_ext.source import Adapter, TensorSource
 from bridge_ext.table import MappingTable, Rule
 
@@ -291,17 +292,28 @@ class TaskConverter:
             return
         name = task.sources[0]
         adapter = self.adapter_of(task, name)
+        if adapter is not None and adapter.parts:
+            yield from self._canonical(task, adapter)
+            return
         factors = self._factors(task, adapter)
+        magnitudes = self._magnitudes(task, adapter) if factors and adapter.magnitude else None
         if self.mode is not Mode.ADAPTERS:
-            bases = self._run(task.rule, self.source.shards(name), self.dims, what=describe(task))
+            shards = self.source.shards(name)
+            if self.mode is Mode.MERGED and adapter is None and name.endswith(".bias"):
+                shards = self._dora_scaled_bias(name, shards)
+            bases = self._run(task.rule, shards, self.dims, what=describe(task))
             for index, (hf_name, base) in enumerate(zip(task.hf_names, bases, strict=True)):
-                if self.mode is Mode.MERGED and factors:
+                if self.mode is Mode.MERGED and magnitudes:
+                    base = dora_merge(base, *factors[index], adapter.scale, magnitudes[index])
+                elif self.mode is Mode.MERGED and factors:
                     base = _merge(base, *factors[index], adapter.scale)
                 yield hf_name, self._cast(base)
         if factors and self.mode is Mode.ADAPTERS:
-            for hf_name, (lora_a, lora_b) in zip(task.hf_names, factors, strict=True):
+            for index, (hf_name, (lora_a, lora_b)) in enumerate(zip(task.hf_names, factors, strict=True)):
                 yield peft_key(hf_name, LORA_A), self._cast(lora_a)
                 yield peft_key(hf_name, LORA_B), self._cast(lora_b)
+                if magnitudes:
+                    yield peft_magnitude_key(hf_name), self._cast(magnitudes[index])
 
     def joins_rows(self, task: Task) -> tuple[str, ...]:
         """The source names of ``task`` whose tensor-parallel shards this conversion joins
@@ -321,7 +333,7 @@ class TaskConverter:
                 or rule.transposes or rule.changes_values or len(task.sources) != 1):
             return None
         adapter = self.adapter_of(task, task.sources[0])
-        if adapter is None:
+        if adapter is None or adapter.magnitude or adapter.parts:
             return None
         shapes = tuple(tuple(shape) for shape in self.source.shard_shapes(task.sources[0]))
         return id(rule), shapes, adapter.rank, adapter.scale
@@ -370,6 +382,69 @@ class TaskConverter:
             return None
         return _lora_factors(task.rule, adapter, self.source, self.dims, describe(task), self._run)
 
+    def _canonical(self, task: Task, adapter: Adapter) -> Iterator[tuple[str, torch.Tensor]]:
+        """A CanonicalLoRA module: each Hugging Face output takes its own part's pair (the rule's
+        ``lora_parts``), whose ``B`` rows already are that output's rows (tensor-parallel shards
+        joined as they are); an output without a part's adapter has none."""
+        rule = task.rule
+        names = sorted(name for name, _ in adapter.parts)
+        if (len(rule.lora_parts) != len(task.hf_names) or rule.stack or rule.transposes or rule.changes_values
+                or not set(names) <= set(rule.lora_parts)):
+            raise ExportError(f"{describe(task)}: CanonicalLoRA adapters {names} on a weight whose rule names the "
+                              f"parts {list(rule.lora_parts)}: not supported")
+        parts = [adapter.part(part) for part in rule.lora_parts]
+        factors = [None if part is None or self.mode is Mode.BASE else self._part_factors(rule, part)
+                   for part in parts]
+        if self.mode is not Mode.ADAPTERS:
+            bases = self._run(rule, self.source.shards(task.sources[0]), self.dims, what=describe(task))
+            for hf_name, base, part, pair in zip(task.hf_names, bases, parts, factors, strict=True):
+                if self.mode is Mode.MERGED and pair is not None:
+                    base = _merge(base, *pair, part.scale)
+                yield hf_name, self._cast(base)
+            return
+        for hf_name, pair in zip(task.hf_names, factors, strict=True):
+            if pair is not None:
+                yield peft_key(hf_name, LORA_A), self._cast(pair[0])
+                yield peft_key(hf_name, LORA_B), self._cast(pair[1])
+
+    def _part_factors(self, rule: Rule, part: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
+        a_shards, b_shards = self.source.shards(part.lora_a), self.source.shards(part.lora_b)
+        lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards, dim=1 if rule.tp == "row" else 0)
+        return lora_a, b_shards[0] if len(b_shards) == 1 else torch.cat(b_shards)
+
+    def _dora_scaled_bias(self, name: str, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A bias that its DoRA linear adds inside the scaled product, times the same factor
+        ``m / ||W + s B A||_row`` (per tensor-parallel shard of rows, as Megatron computes it);
+        other biases as they are."""
+        adapter = self.adapters.get(name.removesuffix(".bias"))
+        if adapter is None or not adapter.bias_inside:
+            return shards
+        weights, lora_bs = self.source.shards(adapter.module + ".weight"), self.source.shards(adapter.lora_b)
+        magnitudes, a_shards = self.source.shards(adapter.magnitude), self.source.shards(adapter.lora_a)
+        lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards)
+        if not len(weights) == len(lora_bs) == len(magnitudes) or weights[0].shape[1] != lora_a.shape[1]:
+            raise ExportError(f"{name}: DoRA's bias scale of a row-parallel or unevenly sharded linear is not supported")
+        factors = []
+        for weight, lora_b, magnitude in zip(weights, lora_bs, magnitudes):
+            row = (lora_b.float() @ lora_a.float()).mul_(adapter.scale).add_(weight)
+            factors.append(magnitude.float() / torch.linalg.norm(row, dim=1))
+        if len(shards) == 1 and len(factors) > 1:  # delivered whole (see joins_rows)
+            factors = [torch.cat(factors)]
+        if len(shards) != len(factors):
+            raise ExportError(f"{name}: its shards do not match its DoRA linear's")
+        return [(bias.float() * factor).to(bias.dtype) for bias, factor in zip(shards, factors)]
+
+    def _magnitudes(self, task: Task, adapter: Adapter) -> list[torch.Tensor]:
+        """A DoRA magnitude ``[out]`` per Hugging Face output, its rows rearranged like ``lora_B``'s
+        (run through the rule as a one-column matrix)."""
+        if task.rule.transposes or task.rule.stack:
+            raise ExportError(f"{describe(task)}: DoRA on a weight Hugging Face stores transposed or fused "
+                              "takes its norm over another axis; not supported")
+        columns = [shard.unsqueeze(1) for shard in self.source.shards(adapter.magnitude)]
+        rows = self._run(task.rule, columns, self.dims, axis=0, rows_only=True,
+                         what=f"{adapter.magnitude} (DoRA magnitude of {describe(task)})")
+        return [row.squeeze(1) for row in rows]
+
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.dtype is None else tensor.to(self.dtype)
 
@@ -399,6 +474,11 @@ class TaskConverter:
         """
         adapters = [self.adapter_of(task, name) for name in task.sources]
         adapted = self.mode is not Mode.BASE and any(adapter is not None for adapter in adapters)
+        if adapted and any(adapter is not None and (adapter.magnitude or adapter.parts) for adapter in adapters):
+            if any(adapter is not None and adapter.magnitude for adapter in adapters):
+                raise ExportError(f"{describe(task)}: DoRA on fused experts is not supported")
+            yield from self._stacked_canonical(task, adapters)
+            return
         packable = not adapted or (all(adapter is not None for adapter in adapters)
                                    and len({adapter.scale for adapter in adapters}) == 1)
         if task.rule.transposes or task.rule.changes_values or not packable:
@@ -421,6 +501,49 @@ class TaskConverter:
         for hf_name, (lora_a, lora_b) in zip(task.hf_names, packed, strict=True):
             for key, tensor in self.expert_adapters(hf_name, lora_a, lora_b):
                 yield key, self._cast(tensor)
+
+    def _stacked_canonical(self, task: Task, adapters: list[Adapter | None]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Fused experts whose ``linear_fc1`` carries CanonicalLoRA's separate gate and up
+        adapters: each expert's pair becomes one block-diagonal pair of rank ``2r``
+        (:func:`block_diagonal_parts`), merged expert by expert or packed as PEFT's 3-D adapter."""
+        rule = task.rule
+        scales = {part.scale for adapter in adapters if adapter is not None for _, part in adapter.parts}
+        if (rule.transposes or rule.changes_values or len(task.hf_names) != 1 or len(scales) != 1
+                or any(adapter is None or adapter.part("gate") is None or adapter.part("up") is None
+                       or len(adapter.parts) != 2 for adapter in adapters)):
+            raise ExportError(f"{describe(task)}: CanonicalLoRA on these fused experts (every expert needs its "
+                              "gate and up adapters, of one scale) is not supported; export them per expert "
+                              "(expert_layout='per_expert', expert_adapter_layout='per_expert')")
+        pairs = [self._block_diagonal(task, adapter) for adapter in adapters]
+        (hf_name,), (scale,) = task.hf_names, scales
+        if self.mode is Mode.MERGED:
+            output = None
+            for expert, (name, (lora_a, lora_b)) in enumerate(zip(task.sources, pairs)):
+                (base,) = self._run(rule, self.source.shards(name), self.dims, what=describe(task, name))
+                base = _merge(base, lora_a, lora_b, scale)
+                if output is None:
+                    output = _empty_output((len(task.sources), *base.shape), self.dtype or base.dtype, base.device,
+                                           False)
+                output[expert].copy_(base)
+            yield hf_name, output
+            return
+        if self.expert_adapters is None:
+            raise ExportError(f"{task.hf_names}: fused experts need an expert adapter layout")
+        lora_a, lora_b = fuse_expert_lora([a for a, _ in pairs], [b for _, b in pairs])
+        for key, tensor in self.expert_adapters(hf_name, lora_a, lora_b):
+            yield key, self._cast(tensor)
+
+    def _block_diagonal(self, task: Task, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A = [A_gate; A_up]`` ``[2r, in]`` and, per tensor-parallel shard of rows ``[gate_s; up_s]``,
+        ``B_s = [[B_gate_s, 0], [0, B_up_s]]``, through the rule's row operations:
+        ``B A = [B_gate A_gate; B_up A_up]``, the two adapters' deltas on their own rows."""
+        gate, up = adapter.part("gate"), adapter.part("up")
+        lora_a = torch.cat([self._part_factors(task.rule, part)[0] for part in (gate, up)])
+        blocks = [torch.block_diag(g, u) for g, u in zip(self.source.shards(gate.lora_b), self.source.shards(up.lora_b),
+                                                        strict=True)]
+        (lora_b,) = self._run(task.rule, blocks, self.dims, axis=0, rows_only=True,
+                              what=f"CanonicalLoRA gate and up B of {describe(task)}")
+        return lora_a, lora_b
 
     def _stacked_each_expert(self, task: Task) -> Iterator[tuple[str, torch.Tensor]]:
         """Experts fused into ``[E, ...]``, each output filled expert by expert (rules that

@@ -17,6 +17,7 @@ from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError
 from bridge_ext.fp8_export import Fp8Plan, check_quantize, fp8_rules_of, plan_fp8
+from bridge_ext.dora import check_dora
 from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
@@ -196,6 +197,14 @@ class ExportPlan:
     expert_keys: FusedExpertKeys | None = field(default=None, repr=False)
     #: block-FP8 plans per (base mode, engine tensor-parallel size), see :func:`fp8_plan`
     fp8_plans: dict = field(default_factory=dict, repr=False)
+    #: the DoRA adapters (see :mod:`bridge_ext.dora`), listed once
+    dora: list | None = field(default=None, repr=False)
+
+    def dora_adapters(self, source: TensorSource) -> list:
+        """The source's DoRA adapters (remembered: exports repeat every training step)."""
+        if self.dora is None:
+            self.dora = [adapter for adapter in source.adapters().values() if adapter.magnitude]
+        return self.dora
 
     def is_extra(self, hf_name: str) -> bool:
         """A name outside transformers' key set that the table and the config allow (MTP)."""
@@ -216,6 +225,11 @@ def plan_export(source: TensorSource, config, layouts: ExpertLayouts | None = No
     )
     planned = {name for task in base_tasks for name in task.sources}
     orphans = sorted(module for module in source.adapters() if f"{module}.weight" not in planned)
+    shared = [module for module in orphans if f"{module}.weight0" in planned]
+    if shared:  # one adapter on a Transformer Engine grouped linear: every local expert's weight
+        raise ExportError(f"LoRA adapters on {shared} are shared by all the grouped experts of their module "
+                          "(Megatron-Bridge's LoRA(share_expert_adapters=True) on grouped experts), which is not "
+                          "supported; train expert LoRA on sequential experts (moe_grouped_gemm=False)")
     if orphans:
         raise ExportError(f"LoRA adapters on {orphans} wrap no weight a rule exports; they would be lost")
     produced = [name for task in base_tasks for name in task.hf_names]
@@ -333,6 +347,8 @@ def conversion_passes(source: TensorSource, plan: ExportPlan, *, base: Mode | No
     found = source.adapters()
     if adapters and not found:
         raise ExportError("adapters were asked for, but the model has no LoRA adapters")
+    if plan.dora_adapters(source):
+        check_dora(plan.dora, merged=base is Mode.MERGED, adapters_out=adapters)
     passes = []
     if base is not None:
         passes.append((TaskConverter(source, plan.dims, base, dtype, recorded=plan.recorded.setdefault(base, {}),
@@ -411,12 +427,14 @@ def export_hf_weights(
     peft: bool = True,
     *,
     adapters_only: bool = False,
+    base_only: bool = False,
     hf_config=None,
     expert_layout: ExpertLayout | None = None,
     expert_adapter_layout: ExpertLayout | None = None,
     dtype: torch.dtype | None = None,
     destination: Destination = "all",
     device: str | torch.device | None = None,
+    dora_adapters: bool = False,
     quantize: str | None = None,
     engine_tp_size: int | None = 1,
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -430,6 +448,9 @@ def export_hf_weights(
             False: LoRA merged into the base weights (``W + alpha/r * B @ A`` in fp32), no
             adapter keys.
         adapters_only: Only the adapters (per-step weight sync); needs ``peft=True``.
+        base_only: Only the unmerged base weights, under their Hugging Face names, without
+            adapter tensors (the counterpart of ``adapters_only``: sync the frozen base once,
+            the adapters every step); needs ``peft=True``.
         hf_config: A transformers config or a folder with config.json; by default the
             Hugging Face source Megatron-Bridge recorded in ``model.config.hf_model_id``.
         expert_layout: MoE expert base weights as Hugging Face's fused
@@ -449,6 +470,10 @@ def export_hf_weights(
             of it. See docs/distributed.md.
         device: ``"cpu"``: CPU tensors, copied from the GPU into pinned memory while the
             next tensors are gathered (default: where the model is).
+        dora_adapters: Stream DoRA adapters (with their ``lora_magnitude_vector``) for a
+            consumer that loads DoRA, e.g. PEFT's ``set_peft_model_state_dict``. Without it an
+            export that would carry DoRA adapters is refused: vLLM loads none (sync such a
+            model merged, ``peft=False``, or its base with ``base_only=True``).
         quantize: ``"fp8"``: every weight the table's FP8 rules name comes out as a
             ``float8_e4m3fn`` tensor followed by its float32 ``<name>_scale_inv`` (128x128
             blocks), quantized where the tensor is (the GPU); the rest as without it. LoRA
@@ -463,7 +488,7 @@ def export_hf_weights(
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
     _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
-                                   dtype, destination, device, quantize, engine_tp_size)
+                                   dtype, destination, device, quantize, engine_tp_size, base_only, dora_adapters)
     yield from pairs
 
 
@@ -471,20 +496,28 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
                      expert_layout: ExpertLayout | None = None, expert_adapter_layout: ExpertLayout | None = None,
                      dtype: torch.dtype | None = None, destination: Destination = "all",
                      device: str | torch.device | None = None, quantize: str | None = None,
-                     engine_tp_size: int | None = 1,
+                     engine_tp_size: int | None = 1, base_only: bool = False, dora_adapters: bool = False,
                      ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
     """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
         raise ExportError("adapters_only=True needs peft=True")
+    if base_only and not peft:
+        raise ExportError("base_only=True needs peft=True (peft=False merges the adapters into the base)")
+    if base_only and adapters_only:
+        raise ExportError("base_only=True and adapters_only=True exclude each other: pass one")
     check_quantize(quantize, engine_tp_size)
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout, destination)
     if adapters_only and not source.adapters():
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
+    adapters = peft and not base_only and bool(source.adapters())
+    if adapters and not dora_adapters and plan.dora_adapters(source):
+        raise ExportError(f"the adapters are DoRA ({plan.dora[0].module}, ...), which vLLM cannot load: sync merged "
+                          "weights (peft=False), or pass dora_adapters=True for a consumer that loads DoRA (PEFT)")
     fp8 = fp8_plan(source, plan, base, quantize, engine_tp_size)
     to_cpu = device is not None and torch.device(device).type == "cpu"
     # FP8 quantizes fused expert stacks where they are built: on the GPU, not in host memory
-    pairs = stream(source, plan, base=base, adapters=peft and bool(source.adapters()), dtype=dtype,
+    pairs = stream(source, plan, base=base, adapters=adapters, dtype=dtype,
                    stacks_on_host=to_cpu and fp8 is None)
     if fp8 is not None:
         pairs = fp8.quantize(pairs)
@@ -628,7 +661,8 @@ def export_hf_buckets(model, bucket_bytes: int = 512 << 20, **kwargs) -> Iterato
     load such a group at once); that bucket may be larger.
     """
     source, plan, pairs = _prepared_export(model, **kwargs)
-    groups = expert_adapter_groups(source, plan) if kwargs.get("peft", True) else {}
+    adapters = kwargs.get("peft", True) and not kwargs.get("base_only", False)
+    groups = expert_adapter_groups(source, plan) if adapters else {}
     yield from buckets(pairs, bucket_bytes, groups)
 
 

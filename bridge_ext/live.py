@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +25,16 @@ from bridge_ext.engine import ExportError, Task, TaskConverter, merge_batches
 from bridge_ext.source import Adapter
 
 LORA_IN, LORA_OUT = ".adapter.linear_in.weight", ".adapter.linear_out.weight"
+DORA_MAGNITUDE = ".adapter.weight_magnitude"
+# Megatron-Bridge's grouped-expert adapters (Transformer Engine grouped experts) and the LoRA
+# setting that selects each: one LoRA pair per expert packed in one tensor, or gate_up's A and
+# down's B shared by the experts. Neither is exported yet.
+_GROUPED_EXPERT_ADAPTERS = {
+    "GroupedExpertLinearAdapter": "share_expert_adapters=False",
+    "SharedOuterGroupedExpertAdapter": "experts_shared_outer_loras=True",
+}
+# CanonicalLoRA: one adapter per part of a fused module (``linear_qkv.adapter.adapter_q.linear_in``).
+_CANONICAL = re.compile(r"^(?P<module>.+)\.adapter\.adapter_(?P<part>[a-z]+)\.linear_(?P<factor>in|out)\.weight$")
 # Transformer Engine grouped experts number their parameters: ``linear_fc1.weight3``.
 _GROUPED_EXPERT_PARAM = re.compile(r"^(weight|bias)(\d+)$")
 
@@ -67,10 +77,16 @@ class LocalTensor:
 
 def _expert_owner(path: str, modules: dict[str, torch.nn.Module]) -> torch.nn.Module | None:
     """The nearest enclosing MoE layer (it knows its experts' global numbers)."""
+    owner = _expert_owner_path(path, modules)
+    return None if owner is None else modules[owner]
+
+
+def _expert_owner_path(path: str, modules: dict[str, torch.nn.Module]) -> str | None:
+    """The path of the nearest enclosing MoE layer."""
     while path:
         path = path.rpartition(".")[0]
         if hasattr(modules.get(path), "local_expert_indices"):
-            return modules[path]
+            return path
     return None
 
 
@@ -140,6 +156,7 @@ def local_tensors(chunks: list[torch.nn.Module], sharded: bool) -> tuple[list[Lo
     """
     tensors: dict[str, LocalTensor] = {}
     adapters: dict[str, Adapter] = {}
+    canonical: dict[str, dict[str, Adapter]] = {}
     for chunk in chunks:
         modules = dict(chunk.named_modules())
         paths = global_module_paths(modules)
@@ -149,15 +166,32 @@ def local_tensors(chunks: list[torch.nn.Module], sharded: bool) -> tuple[list[Lo
             if name in tensors:
                 raise ExportError(f"two parameters normalise to {name}")
             shard, shards, expert = _shard_of(param) if sharded else (0, 1, False)
+            if name.endswith(DORA_MAGNITUDE) and sharded:
+                shard, shards = _magnitude_shard(raw_name, modules[owner])
             tensors[name] = LocalTensor(name, param, shard, shards, expert)
-            if name.endswith(LORA_IN):
+            if ".adapter." in raw_name:
+                _refuse_grouped_expert_adapter(raw_name, modules)
+            part = _CANONICAL.match(name) if ".adapter.adapter_" in name else None
+            if part is not None:
+                if part["factor"] == "in":
+                    path = raw_name[: -len(".linear_in.weight")]
+                    sub = _adapter(part["module"], modules[path], modules, path)
+                    prefix = name[: -len("in.weight")]
+                    canonical.setdefault(part["module"], {})[part["part"]] = replace(
+                        sub, lora_a=f"{prefix}in.weight", lora_b=f"{prefix}out.weight")
+            elif name.endswith(LORA_IN):
                 module = name[: -len(LORA_IN)]
-                adapters[module] = _adapter(module, modules[raw_name[: -len(".linear_in.weight")]])
-            elif ".adapter." in name and not name.endswith(LORA_OUT):
+                adapter_path = raw_name[: -len(".linear_in.weight")]
+                adapters[module] = _adapter(module, modules[adapter_path], modules, adapter_path)
+            elif ".adapter." in name and not name.endswith((LORA_OUT, DORA_MAGNITUDE)):
                 raise ExportError(
-                    f"{raw_name}: only LoRA adapters with one linear_in/linear_out pair per "
-                    "module are supported (not CanonicalLoRA or DoRA)"
+                    f"{raw_name}: only LoRA adapters with one linear_in/linear_out pair per module (LoRA, "
+                    "VLMLoRA, DoRA) and CanonicalLoRA's per-part pairs are supported"
                 )
+    for module, parts in canonical.items():
+        first = next(iter(parts.values()))
+        adapters[module] = Adapter(module, first.lora_a, first.lora_b, first.alpha, first.rank, first.dropout,
+                                   expert=first.expert, parts=tuple(sorted(parts.items())))
     return list(tensors.values()), adapters
 
 
@@ -211,8 +245,44 @@ class LiveModelSource:
             yield from converter.convert_batch(batch)
 
 
-def _adapter(module: str, adapter: torch.nn.Module) -> Adapter:
+def _refuse_grouped_expert_adapter(raw_name: str, modules: dict[str, torch.nn.Module]) -> None:
+    path = raw_name[: raw_name.index(".adapter.") + len(".adapter")]
+    knob = _GROUPED_EXPERT_ADAPTERS.get(type(modules.get(path)).__name__)
+    if knob is not None:
+        raise ExportError(f"{path.removesuffix('.adapter')}: grouped-expert LoRA of Megatron-Bridge's LoRA({knob}) "
+                          f"({type(modules[path]).__name__}) is not supported; train expert LoRA on sequential "
+                          "experts (moe_grouped_gemm=False)")
+
+
+def _magnitude_shard(raw_name: str, adapter: torch.nn.Module) -> tuple[int, int]:
+    """A DoRA magnitude's tensor-parallel place: split by rows with a column-parallel base
+    (Megatron-Bridge saves it so), whole with a row-parallel one. Megatron-Bridge leaves it
+    without Megatron's parallel attributes, so it is read off the adapter."""
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    if getattr(adapter, "input_is_parallel", False):
+        if size > 1:  # each rank's norm covers its own columns of W only
+            raise ExportError(f"{raw_name}: DoRA on a row-parallel linear at tensor-parallel size {size} scales "
+                              "each rank's output by the norm of that rank's columns only, which no Hugging Face "
+                              "module computes; train it at tensor-parallel size 1 or leave the module out")
+        return 0, 1
+    return parallel_state.get_tensor_model_parallel_rank(), size
+
+
+def _adds_bias_inside(linear: torch.nn.Module | None) -> bool:
+    """Whether a Megatron linear adds its bias to its output (rather than returning it for a
+    later fused add: ``skip_bias_add`` / Transformer Engine's ``te_return_bias``)."""
+    if linear is None or getattr(linear, "bias", None) is None:
+        return False
+    return not (getattr(linear, "skip_bias_add", False) or getattr(linear, "te_return_bias", False))
+
+
+def _adapter(module: str, adapter: torch.nn.Module, modules: dict[str, torch.nn.Module], path: str) -> Adapter:
     dropout = getattr(adapter, "dropout", None)
+    dora = isinstance(getattr(adapter, "weight_magnitude", None), torch.Tensor)
+    wrapper = path.removesuffix(".adapter")
+    moe_path = _expert_owner_path(path, modules) if dora else None
     return Adapter(
         module=module,
         lora_a=module + LORA_IN,
@@ -220,4 +290,7 @@ def _adapter(module: str, adapter: torch.nn.Module) -> Adapter:
         alpha=float(adapter.alpha),
         rank=int(adapter.dim),
         dropout=float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0,
+        magnitude=module + DORA_MAGNITUDE if dora else None,
+        bias_inside=dora and _adds_bias_inside(modules.get(f"{wrapper}.to_wrap")),
+        expert=moe_path is not None and wrapper.startswith(f"{moe_path}.experts."),
     )

@@ -57,6 +57,15 @@ def adapted_outputs(tasks: list[Task], adapters: dict[str, Adapter], table: Mapp
             if adapter is None:
                 continue
             family = table.family(task.rule) if table is not None else None
+            if adapter.parts and task.rule.stack:  # CanonicalLoRA gate and up: one block-diagonal pair
+                outputs.extend(AdaptedOutput(hf_name, replace(adapter, rank=sum(p.rank for _, p in adapter.parts),
+                                                              alpha=sum(p.alpha for _, p in adapter.parts)), family)
+                               for hf_name in task.hf_names)
+                break
+            if adapter.parts:  # CanonicalLoRA: each output its own part's adapter, if it has one
+                outputs.extend(AdaptedOutput(hf_name, adapter.part(part), family)
+                               for hf_name, part in zip(task.hf_names, task.rule.lora_parts) if adapter.part(part))
+                continue
             outputs.extend(AdaptedOutput(hf_name, adapter, family) for hf_name in task.hf_names)
             if task.rule.stack:
                 break  # one entry per fused parameter
@@ -153,6 +162,11 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     rank_pattern = {o.target: o.adapter.rank for o in outputs if o.adapter.rank != rank}
     alpha_pattern = {o.target: o.adapter.alpha for o in outputs if o.adapter.alpha != alpha}
+    dora = {o.adapter.magnitude is not None for o in outputs}
+    if len(dora) > 1:
+        raise ExportError("some adapters are DoRA and some plain LoRA; one PEFT config cannot say so "
+                          f"(DoRA on {next(o.target for o in outputs if o.adapter.magnitude)}, plain LoRA on "
+                          f"{next(o.target for o in outputs if not o.adapter.magnitude)})")
     dropouts = {o.adapter.dropout for o in outputs}
     # PEFT's ParamWrapper (fused experts) refuses dropout; it does not change exported weights.
     dropout = 0.0 if parameter_targets else max(dropouts)
@@ -165,6 +179,7 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
         lora_dropout=dropout,
         bias="none",
         use_rslora=False,
+        use_dora=dora.pop(),
         task_type="CAUSAL_LM",
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,

@@ -26,3 +26,14 @@ def peft_key(hf_name: str, factor: str) -> str:
 def peft_parameter_key(module: str, infix: str, factor: str) -> str:
     """The saved key of a ``target_parameters`` factor on ``module`` (``infix``: its ``base_layer.`` s)."""
     return f"{PEFT_PREFIX}{module}.{infix}{factor}.weight"
+
+
+MAGNITUDE = "lora_magnitude_vector"
+
+
+def peft_magnitude_key(hf_name: str) -> str:
+    """PEFT's saved key of a DoRA magnitude for the Hugging Face weight ``hf_name`` (no
+    ``.weight``: ``get_peft_model_state_dict`` saves it so)."""
+    if not hf_name.endswith(".weight"):
+        raise ExportError(f"{hf_name} is not a module weight; PEFT has no DoRA for target parameters")
+    return f"{PEFT_PREFIX}{hf_name[: -len('.weight')]}.{MAGNITUDE}"

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from bridge_ext.dora import refuse_for_vllm
 from bridge_ext.engine import ExportError, Mode
 from bridge_ext.export import ExportPlan, fp8_plan, hf_source_folder, prepare, resolve_hf_config, stream
 from bridge_ext.fp8_export import Fp8Plan, check_quantize
@@ -311,6 +312,8 @@ def save_hf_pretrained(
     expert_adapter_layout = adapter_layout_for(resolve_hf_config(model, hf_config), adapter_for, expert_adapter_layout)
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout,
                            destination="rank0" if parallel else "all")
+    if adapter_dir is not None and adapter_for == "vllm":
+        refuse_for_vllm(plan.dora_adapters(source))
     base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
     fp8 = fp8_plan(source, plan, base_mode, quantize, engine_tp_size)
     folder = hf_source_folder(model, hf_config)

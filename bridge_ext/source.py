@@ -23,6 +23,15 @@ class Adapter:
 
     ``lora_a`` and ``lora_b`` are the Megatron names of its ``linear_in`` / ``linear_out``
     weights, read through the same source as the base weights.
+
+    DoRA (``megatron.bridge.peft.dora``): ``magnitude`` names its ``weight_magnitude`` ``[out]``
+    and the layer computes ``m / ||W + s B A||_row * (W x + s B A x)``; ``bias_inside``: the
+    wrapped linear adds its bias inside that product (Megatron then scales the bias too);
+    ``expert``: the module is a routed expert's.
+
+    CanonicalLoRA (``megatron.bridge.peft.canonical_lora``): ``parts`` holds one adapter per
+    part of the fused module (``("q", Adapter), ...``; see ``Rule.lora_parts``), and ``lora_a`` /
+    ``lora_b`` are the first part's.
     """
 
     module: str
@@ -31,10 +40,18 @@ class Adapter:
     alpha: float
     rank: int
     dropout: float = 0.0
+    magnitude: str | None = None
+    bias_inside: bool = False
+    expert: bool = False
+    parts: tuple[tuple[str, Adapter], ...] = ()
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def part(self, name: str) -> Adapter | None:
+        """The CanonicalLoRA adapter of the part ``name`` (None: that part has none)."""
+        return dict(self.parts).get(name)
 
 
 class TensorSource(Protocol):

@@ -50,6 +50,9 @@ class Rule:
             once (a Hugging Face tensor Megatron keeps one copy of per depth, e.g. MTP).
         variant: Rules with a variant apply only when the export asks for it: an expert
             family's layout (:meth:`ExpertFamily.variant`); rules without one always apply.
+        lora_parts: Megatron-Bridge CanonicalLoRA's adapter of each ``hf`` output, by part name
+            (``("q", "k", "v")``: ``adapter.adapter_q`` adapts the first output); empty where
+            CanonicalLoRA keeps one adapter.
     """
 
     megatron: str
@@ -59,6 +62,7 @@ class Rule:
     stack: str | None = None
     shared: str | None = None
     variant: str | None = None
+    lora_parts: tuple[str, ...] = ()
     megatron_pattern: NamePattern = field(init=False, repr=False, compare=False)
     hf_patterns: tuple[NamePattern, ...] = field(init=False, repr=False, compare=False)
 
@@ -118,10 +122,12 @@ def rule(
     stack: str | None = None,
     shared: str | None = None,
     variant: str | None = None,
+    lora_parts: tuple[str, ...] = (),
 ) -> Rule:
     """Shorthand for :class:`Rule`: ``rule(megatron, hf, op, op, tp="row")``."""
     hf_tuple = (hf,) if isinstance(hf, str) else tuple(hf)
-    return Rule(megatron, hf_tuple, tuple(ops), tp=tp, stack=stack, shared=shared, variant=variant)
+    return Rule(megatron, hf_tuple, tuple(ops), tp=tp, stack=stack, shared=shared, variant=variant,
+                lora_parts=lora_parts)
 
 
 def prefixed(rules: Iterable[Rule], megatron_prefix: str, hf_prefix: str) -> list[Rule]:

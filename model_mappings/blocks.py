@@ -29,7 +29,9 @@ def attention(*, gated: bool = False, qkv_bias: bool = False) -> list[Rule]:
     """Self-attention of a decoder layer: GQA ``linear_qkv``, optional q/k norms and gate."""
     ops = GATED_QKV_GROUPS if gated else (QKV_GROUPS,)
     rules = [
-        rule("self_attention.linear_qkv.weight", [f"{n}.weight" for n in QKV_NAMES], *ops),
+        # CanonicalLoRA's adapter_q covers the query heads only, not the output gate's rows
+        rule("self_attention.linear_qkv.weight", [f"{n}.weight" for n in QKV_NAMES], *ops,
+             lora_parts=() if gated else ("q", "k", "v")),
         rule("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight", tp="replicated"),
         rule("input_layernorm.weight", "input_layernorm.weight", tp="replicated"),
         rule("self_attention.q_layernorm.weight", "self_attn.q_norm.weight", tp="replicated"),
@@ -44,7 +46,8 @@ def attention(*, gated: bool = False, qkv_bias: bool = False) -> list[Rule]:
 def dense_mlp(megatron: str = "mlp.", hf: str = "mlp.") -> list[Rule]:
     """Gated MLP: ``linear_fc1 = [gate; up]`` per tensor-parallel rank."""
     return [
-        rule(f"{megatron}linear_fc1.weight", [f"{hf}gate_proj.weight", f"{hf}up_proj.weight"], SplitRows(1, 1)),
+        rule(f"{megatron}linear_fc1.weight", [f"{hf}gate_proj.weight", f"{hf}up_proj.weight"], SplitRows(1, 1),
+             lora_parts=("gate", "up")),
         rule(f"{megatron}linear_fc2.weight", f"{hf}down_proj.weight", tp="row"),
     ]
 
@@ -72,7 +75,7 @@ def routed_experts(family: ExpertFamily, *, transposed: bool = False) -> list[Ru
     for fc1, fc2 in MEGATRON_EXPERT_NAMES:
         rules += [
             rule(fc1, ["mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"],
-                 SplitRows(1, 1), variant=family.variant("per_expert")),
+                 SplitRows(1, 1), variant=family.variant("per_expert"), lora_parts=("gate", "up")),
             rule(fc2, "mlp.experts.{expert}.down_proj.weight", tp="row", variant=family.variant("per_expert")),
             # Hugging Face's gate_up_proj[e] is [gate; up]: Megatron's fc1 with ranks rejoined.
             rule(fc1, "mlp.experts.gate_up_proj", SplitRows(1, 1), Concat((1, 1)), stack="expert",

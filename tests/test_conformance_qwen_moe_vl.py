@@ -377,3 +377,79 @@ def test_megatron_bridge_merged_export_at_expert_parallelism_2(built, parallel_r
     num_experts = AutoConfig.from_pretrained(str(built.hf_dir)).num_experts
     assert_megatron_bridge_merge_at_expert_parallelism(ranks, num_experts, SCALE)
     assert_ours_alone_gives_the_megatron_forward(ranks[0], built.hf_dir, tmp_path)
+
+
+# Megatron-Bridge LoRA settings on MoE models ---------------------------------------------------------
+
+KNOBS = {
+    # expert rank dim // topk (2 here): the experts' rank and scale go to rank_pattern
+    "normalize_moe_lora": LoraSettings(options=(("normalize_moe_lora", True),)),
+    # LoRA on the router (its Hugging Face module is mlp.gate)
+    "router": LoraSettings(target_modules=("linear_qkv", "router")),
+}
+
+
+@pytest.mark.parametrize("knob", sorted(KNOBS))
+def test_moe_lora_settings_are_exported_exactly(knob, megatron_cpu, tmp_path):
+    import json
+
+    from bridge_ext.cpu.build import randomize_lora
+
+    built = build_megatron_model(tiny.tiny_qwen3_moe(tmp_path / "hf"), lora=KNOBS[knob])
+    randomize_lora(built.chunks, seed=7, std=0.1)
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    if knob == "normalize_moe_lora":
+        assert config["r"] == 4 and set(config["rank_pattern"].values()) == {2}
+        assert sorted(config["rank_pattern"]) == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2)
+                                                  for p in ("down_proj", "gate_up_proj")]
+    else:
+        assert "gate" in config["target_modules"] and config["rank_pattern"] == {}
+    report = Report()
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", report)
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    reference = megatron_logits(built.chunks, input_ids)
+    relative = compare_logits(hf_logits(peft_model, input_ids), reference, report, what=knob, relative_tolerance=1e-5)
+    merged = load_hf_model(tmp_path / "model")
+    merged.load_state_dict(dict(export_hf_weights(built.chunks, peft=False, expert_layout="fused")), strict=True)
+    compare_logits(hf_logits(merged, input_ids), reference, report, what=f"{knob} merged", relative_tolerance=1e-5)
+    without = hf_logits(load_hf_model(tmp_path / "model"), input_ids)
+    assert (without - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+
+
+def test_canonical_lora_on_sequential_experts_is_exact_per_expert_and_fused(megatron_cpu, tmp_path):
+    """CanonicalLoRA splits each sequential expert's linear_fc1 into gate and up adapters: per
+    expert they are two modules' pairs (as Megatron-Bridge exports them); PEFT's fused
+    gate_up_proj takes them as one block-diagonal pair of rank 2r, alpha 2*alpha (the same
+    scale), in rank_pattern / alpha_pattern: PEFT loads it strictly and gives Megatron's logits."""
+    import json
+
+    from bridge_ext.cpu.build import randomize_lora
+
+    built = build_megatron_model(tiny.tiny_qwen3_moe(tmp_path / "hf"), lora=LoraSettings(kind="canonical_lora"))
+    randomize_lora(built.chunks, seed=9, std=0.1)
+    per_expert = dict(expert_layout="per_expert", expert_adapter_layout="per_expert")
+    ours = {n.removeprefix(PEFT_PREFIX): t for n, t in export_hf_weights(built.chunks, adapters_only=True, **per_expert)}
+    assert "model.layers.1.mlp.experts.3.up_proj.lora_A.weight" in ours
+    theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    reference = megatron_logits(built.chunks, input_ids)
+    report = Report()
+    save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True, expert_layout="per_expert")
+    compare_logits(hf_logits(load_hf_model(tmp_path / "merged"), input_ids), reference, report,
+                   what="merged CanonicalLoRA experts, per expert", relative_tolerance=1e-5)
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")  # fused: PEFT's layout
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    gate_up = [f"model.layers.{i}.mlp.experts.gate_up_proj" for i in range(2)]
+    assert config["r"] == 4 and {k: v for k, v in config["rank_pattern"].items()} == dict.fromkeys(gate_up, 8)
+    assert config["alpha_pattern"] == dict.fromkeys(gate_up, 16)
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", report)
+    relative = compare_logits(hf_logits(peft_model, input_ids), reference, report,
+                              what="HF + fused CanonicalLoRA experts", relative_tolerance=1e-5)
+    fused = load_hf_model(tmp_path / "model")
+    fused.load_state_dict(dict(export_hf_weights(built.chunks, peft=False, expert_layout="fused")), strict=True)
+    compare_logits(hf_logits(fused, input_ids), reference, report, what="merged CanonicalLoRA experts, fused",
+                   relative_tolerance=1e-5)
+    without = hf_logits(load_hf_model(tmp_path / "model"), input_ids)
+    assert (without - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)

@@ -261,3 +261,71 @@ def test_two_mtp_layers_share_one_fc_or_are_refused(megatron_cpu, tmp_path):
         params["mtp.layers.1.eh_proj.weight"].add_(1.0)
     with pytest.raises(ExportError, match=r"mtp\.layers\.0\.eh_proj\.weight and mtp\.layers\.1\.eh_proj\.weight differ"):
         dict(export_hf_weights(model.chunks))
+
+
+# DoRA (Megatron-Bridge's megatron.bridge.peft.dora.DoRA) ------------------------------------------
+
+MAGNITUDE = ".lora_magnitude_vector"
+#: the routed experts left out (Megatron-Bridge's DoRA cannot run on them, see below)
+NON_EXPERT_TARGETS = ("linear_qkv", "linear_proj", "in_proj", "out_proj", "*.shared_experts.linear_fc1",
+                      "*.shared_experts.linear_fc2")
+
+
+@pytest.fixture(scope="module", params=["qwen3_5_text", "qwen3_5_moe_text"])
+def dora(request, megatron_cpu, tmp_path_factory):
+    hf_dir = MODELS[request.param](tmp_path_factory.mktemp(f"dora_{request.param}"))
+    targets = TARGETS if request.param not in MOE else NON_EXPERT_TARGETS
+    model = build_megatron_model(hf_dir, lora=LoraSettings(kind="dora", target_modules=targets))
+    randomize_lora(model.chunks, seed=5, std=0.1)  # magnitudes too: random, unlike the base rows' norms
+    model.model_type = request.param
+    return model
+
+
+def test_dora_adapter_loads_strictly_and_both_exports_give_megatron_logits(dora, tmp_path):
+    save_hf_pretrained(dora.chunks, tmp_path / "model", tmp_path / "adapter")
+    save_hf_pretrained(dora.chunks, tmp_path / "merged", merge=True)
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    fused_modules = ("q_proj", "k_proj", "v_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+    assert {m for m in fused_modules if any(n.endswith(f".{m}{MAGNITUDE}") for n in saved)} == set(fused_modules)
+    report = Report()
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", report)
+    assert peft_model.peft_config["default"].use_dora
+    input_ids, extra = model_inputs(dora.model_type)
+    reference = megatron_reference_logits(dora, input_ids, extra)
+    compare_logits(hf_logits(peft_model, input_ids, **extra), reference, report, what=f"{dora.model_type} + DoRA",
+                   relative_tolerance=1e-4)
+    compare_logits(hf_logits(load_hf_model(tmp_path / "merged"), input_ids, **extra), reference, report,
+                   what=f"{dora.model_type} merged DoRA", relative_tolerance=1e-4)
+
+
+def test_dora_magnitude_rows_are_split_like_the_weight_rows(dora):
+    """Every fused module's magnitude, split and de-interleaved, holds the row norms of its
+    own merged Hugging Face weight (which the logits above prove)."""
+    adapters = dict(export_hf_weights(dora.chunks, adapters_only=True, dora_adapters=True))
+    merged = dict(export_hf_weights(dora.chunks, peft=False))
+    magnitudes = {n.removeprefix(PEFT_PREFIX).removesuffix(MAGNITUDE): t for n, t in adapters.items()
+                  if n.endswith(MAGNITUDE)}
+    assert any(".in_proj_b" in m for m in magnitudes) and any(".q_proj" in m for m in magnitudes)
+    for module, magnitude in magnitudes.items():
+        norms = torch.linalg.norm(merged[f"{module}.weight"], dim=1)
+        assert torch.allclose(norms, magnitude, rtol=1e-5), module
+    theirs = dict(dora.bridge.export_adapter_weights(dora.chunks, cpu=True, show_progress=False))
+    ours = {n.removeprefix(PEFT_PREFIX): t for n, t in adapters.items() if not n.endswith(MAGNITUDE)}
+    assert sorted(ours) == sorted(theirs)  # Megatron-Bridge exports no magnitude
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+
+
+def test_dora_on_routed_experts_is_refused_naming_them(megatron_cpu, tmp_path):
+    hf_dir = tiny_models.tiny_qwen35_moe(tmp_path / "hf")
+    model = build_megatron_model(hf_dir, lora=LoraSettings(kind="dora", target_modules=("linear_fc1",)))
+    randomize_lora(model.chunks, seed=6)
+    # Megatron-Bridge 0.6.2's own DoRA forward cannot run on sequential experts (the reason for refusing)
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        megatron_logits(model.chunks, torch.randint(0, 120, (1, 8)))
+    expected = r"DoRA on routed experts \(decoder\.layers\.0\.mlp\.experts\.local_experts\.0\.linear_fc1, .*more\)"
+    for options in (dict(adapters_only=True, dora_adapters=True), dict(peft=False)):
+        with pytest.raises(ExportError, match=expected):
+            next(export_hf_weights(model.chunks, **options))
+    with pytest.raises(ExportError, match=expected):
+        save_hf_pretrained(model.chunks, tmp_path / "model", tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "model").exists()

@@ -311,3 +311,46 @@ def test_merged_per_expert_tasks_convert_in_batches_equal_to_one_by_one(moe):
     assert len(together) == sum(len(task.hf_names) for batch in batched for task in batch)
     for name, tensor in together.items():
         assert torch.equal(tensor, one_by_one[name]), name
+
+
+# Megatron-Bridge LoRA settings for Transformer Engine grouped experts -------------------------------
+
+@pytest.mark.parametrize(("adapter_class", "knob"), [("GroupedExpertLinearAdapter", "share_expert_adapters=False"),
+                                                     ("SharedOuterGroupedExpertAdapter",
+                                                      "experts_shared_outer_loras=True")])
+def test_grouped_expert_adapters_are_refused_naming_their_setting(moe, adapter_class, knob):
+    from megatron.bridge.peft import utils
+
+    wrapper = moe.chunks[0].decoder.layers[0].mlp.experts.local_experts[0].linear_fc1
+    original = wrapper.adapter
+    grouped = getattr(utils, adapter_class)(
+        original.linear_in.weight.shape[1], original.linear_out.weight.shape[0], original.dim, num_local_experts=4,
+        base_linear_name="decoder.layers.0.mlp.experts.linear_fc1", model_parallel_config=wrapper.to_wrap.config,
+        alpha=original.alpha, params_device=torch.device("cpu"), params_dtype=torch.float32)
+    wrapper.adapter = grouped
+    try:
+        with pytest.raises(ExportError, match=rf"local_experts\.0\.linear_fc1: grouped-expert LoRA of Megatron-Bridge's "
+                                              rf"LoRA\({knob}\) \({adapter_class}\) is not supported"):
+            next(export_hf_weights(moe.chunks, peft=False))
+    finally:
+        wrapper.adapter = original
+
+
+def test_one_adapter_shared_by_grouped_experts_is_refused_naming_the_setting(moe):
+    """``share_expert_adapters=True`` (Megatron-Bridge's default) on a grouped linear puts one
+    ``linear_in`` / ``linear_out`` on ``experts.linear_fc1``, whose weights are ``weight0..``."""
+    from bridge_ext.export import plan_export, resolve_hf_config
+    from bridge_ext.source import Adapter
+
+    module = "decoder.layers.0.mlp.experts.linear_fc1"
+
+    class GroupedSource:
+        def base_names(self):
+            return [f"{module}.weight{e}" for e in range(4)]
+
+        def adapters(self):
+            return {module: Adapter(module, f"{module}.adapter.linear_in.weight",
+                                    f"{module}.adapter.linear_out.weight", alpha=8.0, rank=4)}
+
+    with pytest.raises(ExportError, match=r"shared by all the grouped experts .*share_expert_adapters=True"):
+        plan_export(GroupedSource(), resolve_hf_config(moe.chunks))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,6 +41,7 @@ from bridge_ext.checkpoint.run_config import PeftSettings
 from bridge_ext.source import Adapter, convert_in_order
 
 LORA_IN, LORA_OUT = ".adapter.linear_in.weight", ".adapter.linear_out.weight"
+MAGNITUDE = ".adapter.weight_magnitude"  # DoRA's, beside linear_in/linear_out
 NOT_MODEL_PREFIXES = ("optimizer.",)
 # Part orders of Megatron's split-tensor factories (megatron/core/ssm/gated_delta_net.py, mamba_mixer.py).
 SPLIT_PART_ORDERS = (
@@ -48,7 +49,9 @@ SPLIT_PART_ORDERS = (
     ("query", "key", "value"),
     ("z", "x", "B", "C", "dt"),
 )
-SUPPORTED_PEFT = ("LoRA", "VLMLoRA")
+SUPPORTED_PEFT = ("LoRA", "VLMLoRA", "DoRA", "CanonicalLoRA")
+# CanonicalLoRA's per-part pairs (``linear_qkv.adapter.adapter_q.linear_in.weight``)
+_CANONICAL = re.compile(r"^(?P<module>.+)\.adapter\.adapter_(?P<part>[a-z]+)\.linear_(?P<factor>in|out)\.weight$")
 
 # Module lists stored on a leading axis (Qwen3-VL's vision block stacks its deepstack mergers too).
 _STACKED = re.compile(r"(?<![^.])(layers|deepstack_merger_list|experts\.experts)\.(?!\d)")
@@ -139,34 +142,65 @@ class CheckpointSource:
                 f"{self.reader.path} holds LoRA adapters, but {where} has no peft section "
                 "(alpha and dropout are needed to export them)", where)
         if peft.kind not in SUPPORTED_PEFT:
-            raise CheckpointError(f"{where}: peft is {peft.kind}; only LoRA adapters can be exported", where)
+            raise CheckpointError(f"{where}: peft is {peft.kind}; only {', '.join(SUPPORTED_PEFT)} adapters can be "
+                                  "exported", where)
         adapters = {}
+        dora, canonical = peft.kind == "DoRA", peft.kind == "CanonicalLoRA"
+        parts: dict[str, dict[str, Adapter]] = {}
         for name in adapter_names:
-            if not name.endswith((LORA_IN, LORA_OUT)):
-                raise CheckpointError(
-                    f"{self.reader.path}: {name} is not a LoRA linear_in/linear_out weight "
-                    "(CanonicalLoRA and DoRA adapters are not supported)", self.reader.path)
+            part = _CANONICAL.match(name) if canonical else None
+            if part is None and not name.endswith((LORA_IN, LORA_OUT, MAGNITUDE) if dora else (LORA_IN, LORA_OUT)):
+                raise CheckpointError(f"{self.reader.path}: {name} is not a {peft.kind} adapter weight",
+                                      self.reader.path)
+            if part is not None:
+                if part["factor"] == "in":
+                    prefix = name[: -len("in.weight")]
+                    parts.setdefault(part["module"], {})[part["part"]] = self._lora(
+                        part["module"], f"{prefix}in.weight", f"{prefix}out.weight", peft)
+                continue
             if not name.endswith(LORA_IN):
                 continue
             module = name[: -len(LORA_IN)]
-            if module + LORA_OUT not in self.slices:
-                raise CheckpointError(f"{self.reader.path}: {module} has a LoRA linear_in but no linear_out",
-                                      self.reader.path)
-            rank = self.shape(name)[0]
-            expert = ".experts." in module
-            if peft.dim is not None and rank != peft.dim and not (expert and peft.settings.get("normalize_moe_lora")):
-                raise CheckpointError(
-                    f"{self.reader.path}: {name} has shape {self.shape(name)} (rank {rank}), but {where} "
-                    f"says peft.dim = {peft.dim}", self.reader.path)
-            adapters[module] = Adapter(
-                module=module,
-                lora_a=module + LORA_IN,
-                lora_b=module + LORA_OUT,
-                alpha=float(peft.alpha if peft.alpha is not None else rank),
-                rank=rank,
-                dropout=float(peft.dropout or 0.0),
-            )
+            if dora:
+                self._check_dora(module)
+            adapters[module] = replace(self._lora(module, module + LORA_IN, module + LORA_OUT, peft),
+                                       magnitude=module + MAGNITUDE if dora else None)
+        for module, by_part in parts.items():
+            first = next(iter(by_part.values()))
+            adapters[module] = replace(first, parts=tuple(sorted(by_part.items())))
         return adapters
+
+    def _lora(self, module: str, lora_in: str, lora_out: str, peft: PeftSettings) -> Adapter:
+        """The LoRA pair ``lora_in`` / ``lora_out`` on ``module``, its rank checked against ``peft.dim``."""
+        where = self.reader.location.run_config_file
+        if lora_out not in self.slices:
+            raise CheckpointError(f"{self.reader.path}: {module} has a LoRA linear_in but no linear_out",
+                                  self.reader.path)
+        rank = self.shape(lora_in)[0]
+        expert = ".experts." in module
+        if peft.dim is not None and rank != peft.dim and not (expert and peft.settings.get("normalize_moe_lora")):
+            raise CheckpointError(
+                f"{self.reader.path}: {lora_in} has shape {self.shape(lora_in)} (rank {rank}), but {where} "
+                f"says peft.dim = {peft.dim}", self.reader.path)
+        return Adapter(module=module, lora_a=lora_in, lora_b=lora_out,
+                       alpha=float(peft.alpha if peft.alpha is not None else rank), rank=rank,
+                       dropout=float(peft.dropout or 0.0), expert=expert)
+
+    def _check_dora(self, module: str) -> None:
+        """A DoRA module must have its magnitude, and be one whose forward PEFT's DoRA computes."""
+        path = self.reader.path
+        if module + MAGNITUDE not in self.slices:
+            raise CheckpointError(f"{path}: the DoRA adapter of {module} has no weight_magnitude", path)
+        if module + ".bias" in self.slices:  # a checkpoint does not say whether Megatron adds it inside
+            raise CheckpointError(f"{path}: DoRA on {module}, which has a bias: Megatron scales a bias it adds "
+                                  "inside the layer and PEFT's DoRA does not; converting it is not supported", path)
+        # a whole magnitude beside a sharded linear_in: a row-parallel linear saved at tensor-parallel size > 1
+        magnitude, lora_in = self.slices[module + MAGNITUDE], self.slices[module + LORA_IN]
+        if (len(self._chunk_starts(magnitude.keys[0], magnitude.index)) == 1
+                and len(self._chunk_starts(lora_in.keys[0], lora_in.index, all_axes=True)) > 1):
+            raise CheckpointError(f"{path}: DoRA on the row-parallel {module}, trained at tensor-parallel size > 1, "
+                                  "scaled each rank's output by the norm of that rank's columns only, which no "
+                                  "Hugging Face module computes", path)
 
     # ------------------------------------------------------------------ TensorSource
     def base_names(self) -> list[str]:
@@ -224,11 +258,13 @@ class CheckpointSource:
 
         A LoRA ``linear_out`` stored as a plain column-parallel tensor (one row chunk per rank, as
         many chunks as its ``linear_in``) is that; one in global order has a single chunk, or a
-        gate and an up chunk per rank (``linear_fc1``). None: use the tensor whole.
+        gate and an up chunk per rank (``linear_fc1``). A DoRA magnitude of a column-parallel
+        linear is stored the plain way (``linear_fc1``'s too). None: use the tensor whole.
         """
-        if len(stored.keys) != 1 or not name.endswith(LORA_OUT):
+        suffix = LORA_OUT if name.endswith(LORA_OUT) else MAGNITUDE if name.endswith(MAGNITUDE) else None
+        if len(stored.keys) != 1 or suffix is None:
             return None
-        lora_in = self.slices.get(name[: -len(LORA_OUT)] + LORA_IN)
+        lora_in = self.slices.get(name[: -len(suffix)] + LORA_IN)
         if lora_in is None:
             return None
         rows = self._chunk_starts(stored.keys[0], stored.index)

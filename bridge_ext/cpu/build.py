@@ -18,11 +18,33 @@ DEFAULT_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """Megatron-Bridge LoRA settings (``megatron.bridge.peft.lora.LoRA``)."""
+    """Megatron-Bridge PEFT settings: ``kind`` ``"lora"`` (``megatron.bridge.peft.lora.LoRA``),
+    ``"dora"`` (``megatron.bridge.peft.dora.DoRA``) or ``"canonical_lora"``
+    (``megatron.bridge.peft.canonical_lora.CanonicalLoRA``, on its own default targets when
+    ``target_modules`` is empty or LoRA's default)."""
 
     target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
     dim: int = 4
     alpha: int = 8
+    kind: str = "lora"
+    #: further ``LoRA`` fields, e.g. ``(("normalize_moe_lora", True),)``
+    options: tuple[tuple[str, object], ...] = ()
+
+    def peft(self):
+        """The Megatron-Bridge PEFT object these settings describe."""
+        if self.kind == "dora":
+            from megatron.bridge.peft.dora import DoRA
+
+            return DoRA(target_modules=list(self.target_modules), dim=self.dim, alpha=self.alpha, **dict(self.options))
+        if self.kind == "canonical_lora":
+            from megatron.bridge.peft.canonical_lora import CanonicalLoRA
+
+            targets = {} if self.target_modules in (DEFAULT_LORA_TARGETS, ()) else {
+                "target_modules": list(self.target_modules)}
+            return CanonicalLoRA(**targets, dim=self.dim, alpha=self.alpha, **dict(self.options))
+        from megatron.bridge.peft.lora import LoRA
+
+        return LoRA(target_modules=list(self.target_modules), dim=self.dim, alpha=self.alpha, **dict(self.options))
 
 
 @dataclass
@@ -92,9 +114,7 @@ def build_megatron_model(
     provider.fp16 = dtype == torch.float16
     lora_module = None
     if lora is not None:
-        from megatron.bridge.peft.lora import LoRA
-
-        lora_module = LoRA(target_modules=list(lora.target_modules), dim=lora.dim, alpha=lora.alpha)
+        lora_module = lora.peft()
         provider.register_pre_wrap_hook(lambda chunks: lora_module(chunks, training=True))
     provider.finalize()
     if is_qwen3_vl:  # its finalize turns sequence parallelism on at TP > 1; torch norms refuse it
@@ -125,10 +145,14 @@ def build_megatron_model(
 
 
 def randomize_lora(chunks: list[torch.nn.Module], seed: int = 0, std: float = 0.05) -> None:
-    """Give every LoRA A and B random non-zero values (B starts at zero after init)."""
+    """Give every LoRA A and B random non-zero values (B starts at zero after init), and every
+    DoRA magnitude random positive values (DoRA initialises it to the row norms of the weights
+    it wraps; those are random before the Hugging Face weights are loaded)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for chunk in chunks:
             for name, param in chunk.named_parameters():
-                if ".adapter." in name:
+                if name.endswith(".adapter.weight_magnitude"):
+                    param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+                elif ".adapter." in name:
                     param.copy_(torch.randn(param.shape, generator=generator) * std)

@@ -11,13 +11,13 @@ TINY_DENSE = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidd
 
 
 def tiny_dense(directory: str | Path, kind: str = "qwen3", *, tied: bool = False, seed: int = 0) -> Path:
-    """Save a random tiny ``qwen3`` or ``llama`` causal LM (fp32) to ``directory``.
+    """Save a random tiny ``qwen3``, ``qwen2`` (biased q/k/v) or ``llama`` causal LM (fp32) to ``directory``.
 
     Norm weights are perturbed around 1 so that a mapping that mixes norms up shows.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
-    config_class = {"qwen3": Qwen3Config, "llama": LlamaConfig}[kind]
+    config_class = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig}[kind]
     config = config_class(**TINY_DENSE, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float()

@@ -13,7 +13,11 @@ with that rank's live parameters and their TP attributes (for the expected globa
 * ``lora``: the LoRA-wrapped model (adapters randomised), everything saved;
 * ``adapter``: the same LoRA model saved the way Megatron-Bridge saves PEFT runs: only the
   ``*.adapter.*`` entries of the model section, without ``_extra_state``
-  (``apply_peft_adapter_filter_to_state_dict``, training/checkpointing.py), plus common state.
+  (``apply_peft_adapter_filter_to_state_dict``, training/checkpointing.py), plus common state;
+* ``dora_adapter`` / ``dora_row_adapter``: DoRA adapter-only checkpoints (random A, B and
+  magnitudes) on the column-parallel ``linear_qkv`` and ``linear_fc1``, and on the row-parallel
+  ``linear_proj``;
+* ``canonical_adapter``: a CanonicalLoRA adapter-only checkpoint on its default targets.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import torch
 import yaml
 
 ITERATION = 10
-VARIANTS = ("dense", "lora", "adapter")
+VARIANTS = ("dense", "lora", "adapter", "dora_adapter", "dora_row_adapter", "canonical_adapter")
+DORA_TARGETS = {"dora_adapter": ("linear_qkv", "linear_fc1"), "dora_row_adapter": ("linear_proj",)}
 
 
 def tiny_qwen3(hf_dir: Path) -> Path:
@@ -139,6 +144,14 @@ def save_all(hf_dir: Path, out: Path, *, tensor_parallel: int) -> None:
         save_variant(lora, out / "lora")
         save_variant(lora, out / "adapter", adapter_only=True, base_root=out / "dense")
         dump_params(lora, out / f"params_lora_rank{rank}.pt")
+        for variant, targets in DORA_TARGETS.items():
+            dora = build(hf_dir, lora=LoraSettings(kind="dora", target_modules=targets))
+            randomize_lora(dora.chunks, seed=2)
+            save_variant(dora, out / variant, adapter_only=True, base_root=out / "dense")
+            dump_params(dora, out / f"params_{variant}_rank{rank}.pt")
+        canonical = build(hf_dir, lora=LoraSettings(kind="canonical_lora"))
+        randomize_lora(canonical.chunks, seed=3)
+        save_variant(canonical, out / "canonical_adapter", adapter_only=True, base_root=out / "dense")
 
 
 if __name__ == "__main__":

@@ -173,3 +173,84 @@ def test_config_built_from_run_config_for_a_model_type(qwen3_ckpts, qwen3_hf, tm
                 "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings"):
         assert config[key] == original[key], key
     assert any("nothing missing or unexpected" in line for line in verify_conversion(result).lines)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_dora_adapter_checkpoint_converts_to_the_live_export(tp, megatron_cpu, qwen3_hf, qwen3_ckpts,
+                                                             qwen3_ckpts_tp2, tmp_path):
+    """DoRA (run_config ``peft._target_: megatron.bridge.peft.dora.DoRA``) on column-parallel
+    linears, saved at TP1 and TP2: the same folder as the live export of the loaded model,
+    except where megatron-core's own load at TP1 misplaces the TP2 magnitude of ``linear_fc1``.
+
+    Megatron-Bridge saves that magnitude as a plain row-sharded tensor, so the checkpoint holds
+    it in the per-rank order ``[gate_0; up_0; gate_1; up_1]`` and a TP1 load takes it as
+    ``[gate; up]``. What the TP2 model computed is each rank's shard on its own ``[gate_r; up_r]``
+    rows: the test rebuilds gate and up from the saving ranks' own parameters."""
+    out = qwen3_ckpts if tp == 1 else qwen3_ckpts_tp2
+    root = out / "dora_adapter"
+    live = build_megatron_model(qwen3_hf, lora=LoraSettings(kind="dora", target_modules=ckpt_factory.DORA_TARGETS[
+        "dora_adapter"]))
+    load_with_megatron(live, root, adapter_only=True)
+    save_hf_pretrained(live.chunks, tmp_path / "live_model", tmp_path / "live_adapter")
+    result = convert_checkpoint(root, adapter_dir=tmp_path / "adapter", hf_base=qwen3_hf)
+    ours = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    expected = load_file(str(tmp_path / "live_adapter" / "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(expected)
+    assert len([n for n in ours if n.endswith(".lora_magnitude_vector")]) == 10
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["use_dora"] is True
+    if tp == 2:
+        ranks = [torch.load(out / f"params_dora_adapter_rank{r}.pt") for r in range(2)]
+        for layer in range(2):
+            shards = [params[f"decoder.layers.{layer}.mlp.linear_fc1.adapter.weight_magnitude"][0] for params in ranks]
+            for part, proj in enumerate(("gate_proj", "up_proj")):
+                name = f"{PEFT_PREFIX}model.layers.{layer}.mlp.{proj}.lora_magnitude_vector"
+                assert torch.equal(ours[name], torch.cat([shard.chunk(2)[part] for shard in shards])), name
+                assert not torch.equal(expected[name], ours[name])
+                expected[name] = ours[name]
+    assert [name for name in ours if not torch.equal(ours[name], expected[name])] == []
+    if tp == 1:
+        report = Report()
+        peft_model = load_adapter_strict(load_hf_model(tmp_path / "live_model"), result.adapter_dir, report)
+        compare_logits(hf_logits(peft_model, INPUT_IDS), megatron_logits(live.chunks, INPUT_IDS), report,
+                       what="converted DoRA", relative_tolerance=1e-5)
+
+
+def test_dora_on_a_row_parallel_linear_saved_at_tp2_is_refused(qwen3_hf, qwen3_ckpts, qwen3_ckpts_tp2, tmp_path):
+    from bridge_ext.checkpoint.errors import CheckpointError
+
+    result = convert_checkpoint(qwen3_ckpts / "dora_row_adapter", adapter_dir=tmp_path / "tp1", hf_base=qwen3_hf)
+    assert any(n.endswith("o_proj.lora_magnitude_vector") for n in load_file(str(result.adapter_dir /
+                                                                                 "adapter_model.safetensors")))
+    with pytest.raises(CheckpointError, match=r"DoRA on the row-parallel decoder\.layers\.0\.self_attention\."
+                                              r"linear_proj, trained at tensor-parallel size > 1"):
+        convert_checkpoint(qwen3_ckpts_tp2 / "dora_row_adapter", adapter_dir=tmp_path / "tp2", hf_base=qwen3_hf)
+    assert not (tmp_path / "tp2").exists()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_canonical_lora_checkpoint_converts_to_the_live_export(tp, megatron_cpu, qwen3_hf, qwen3_ckpts,
+                                                               qwen3_ckpts_tp2, tmp_path):
+    """CanonicalLoRA (``peft._target_: megatron.bridge.peft.canonical_lora.CanonicalLoRA``), saved at
+    TP1 and TP2: the same folder as the live export of the loaded model, PEFT gives its logits."""
+    root = (qwen3_ckpts if tp == 1 else qwen3_ckpts_tp2) / "canonical_adapter"
+    live = build_megatron_model(qwen3_hf, lora=LoraSettings(kind="canonical_lora"))
+    load_with_megatron(live, root, adapter_only=True)
+    save_hf_pretrained(live.chunks, tmp_path / "live_model", tmp_path / "live_adapter")
+    result = convert_checkpoint(root, adapter_dir=tmp_path / "adapter", hf_base=qwen3_hf)
+    ours = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    expected = load_file(str(tmp_path / "live_adapter" / "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(expected) and len(ours) == 2 * 7 * 2
+    assert [name for name in ours if not torch.equal(ours[name], expected[name])] == []
+    report = Report()
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "live_model"), result.adapter_dir, report)
+    compare_logits(hf_logits(peft_model, INPUT_IDS), megatron_logits(live.chunks, INPUT_IDS), report,
+                   what="converted CanonicalLoRA", relative_tolerance=1e-5)
+
+
+def test_a_dora_adapter_folder_for_vllm_is_refused(qwen3_hf, qwen3_ckpts, tmp_path):
+    from bridge_ext.errors import ExportError
+
+    with pytest.raises(ExportError, match=r"DoRA .* which vLLM cannot load"):
+        convert_checkpoint(qwen3_ckpts / "dora_adapter", adapter_dir=tmp_path / "adapter", hf_base=qwen3_hf,
+                           adapter_for="vllm")
+    assert not (tmp_path / "adapter").exists()

@@ -587,3 +587,14 @@ def test_merged_lora_beyond_float16_is_refused(qwen3_ckpts, qwen3_hf, tmp_path, 
     assert re.search(r"model\.layers\.1\.mlp\.down_proj\.weight: casting torch\.float32 to torch\.float16 turns "
                      r"\d+ finite value\(s\) into infinities", message), message
     assert_nothing_written(out)
+
+
+def test_a_peft_type_that_cannot_be_exported_is_refused_naming_it(qwen3_ckpts, tmp_path, out):
+    root = copy_checkpoint(qwen3_ckpts / "adapter", tmp_path)
+    run_config = root / ITER / "run_config.yaml"
+    run_config.write_text(run_config.read_text().replace("megatron.bridge.peft.lora.LoRA",
+                                                         "megatron.bridge.peft.ia3.IA3", 1))
+    code, message = convert(root, "--adapter-out", out / "adapter")
+    assert code == EXIT_CHECKPOINT, message
+    assert f"{run_config}: peft is IA3; only LoRA, VLMLoRA, DoRA, CanonicalLoRA adapters can be exported" in message
+    assert_nothing_written(out)

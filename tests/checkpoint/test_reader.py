@@ -223,7 +223,7 @@ def test_tp2_layout_facts(tp2):
 # ---------------------------------------------------------------- run_config / PEFT
 def test_run_config_and_adapter_only(tp1, tp2):
     for out in (tp1, tp2):
-        dense, lora, adapter = (CheckpointReader(out / v) for v in ckpt_factory.VARIANTS)
+        dense, lora, adapter = (CheckpointReader(out / v) for v in ckpt_factory.VARIANTS[:3])
         assert not dense.is_adapter_only and not lora.is_adapter_only and adapter.is_adapter_only
         config = adapter.require_run_config()
         assert config.model_target == "megatron.bridge.models.gpt_provider.GPTModelProvider"
