@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import signal
 import sys
 import threading
@@ -117,13 +119,16 @@ def _engine_tp(value: str) -> int | None:
               help="The consumer of the adapter folder: PEFT (fused expert adapters) or vLLM (the expert "
                    "layout vLLM loads for the model's architecture class; docs/consumers.md).")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=lambda ctx, param, value: _size(value),
-              help="Largest safetensors shard (e.g. 500MB, 2GiB). Memory use is about one shard plus the "
-                   "largest tensor.")
+              help="Largest safetensors shard (e.g. 500MB, 2GiB). Memory use does not grow with it: each "
+                   "tensor is written into its shard as it is converted.")
 @click.option("--allow-overflow", is_flag=True,
               help="With --dtype float16: write values beyond float16's range as infinities instead of refusing.")
 @click.option("--overwrite", is_flag=True,
-              help="Replace output folders that exist and are not empty (only once the new ones are complete; "
-                   "the old one is moved aside, then removed).")
+              help="Replace output folders that hold an earlier output: only the files of a Hugging Face model "
+                   "or PEFT adapter folder (only once the new ones are complete; the old one is moved aside, "
+                   "then removed). Anything else is refused, listing what the folder holds.")
+@click.option("--overwrite-any", is_flag=True,
+              help="Replace output folders whatever they hold (everything in them is deleted).")
 @click.option("--verify", is_flag=True,
               help="Before installing the folders, load them with transformers (and PEFT), run a short forward "
                    "pass and report key counts; a failure installs nothing.")
@@ -142,8 +147,8 @@ def _engine_tp(value: str) -> int | None:
 def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, hf_base: Path | None,
             hf_config: Path | None, model_type: str | None, iteration: int | None, merge: bool, dtype: str,
             expert_layout: str, expert_adapter_layout: str, adapter_for: str, max_shard_size: str,
-            allow_overflow: bool, overwrite: bool, verify: bool, quantize: str | None, engine_tp_size: int | None,
-            workers: int | None, progress: bool | None) -> None:
+            allow_overflow: bool, overwrite: bool, overwrite_any: bool, verify: bool, quantize: str | None,
+            engine_tp_size: int | None, workers: int | None, progress: bool | None) -> None:
     """Convert a Megatron checkpoint on disk to a Hugging Face folder and/or a PEFT adapter folder.
 
     CHECKPOINT is a Megatron-Core / Megatron-Bridge torch_dist checkpoint: a root folder with
@@ -181,14 +186,15 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
          corrupted file, missing run_config.yaml for an adapter-only checkpoint
       4  the checkpoint, config.json and mapping tables disagree: unknown architecture,
          unmapped or missing tensors, shape mismatch (named with both shapes)
-      5  an output folder exists and is not empty (use --overwrite), or something appeared at
+      5  an output folder exists and is not empty (use --overwrite), or, with --overwrite, holds
+         what is no earlier output (use --overwrite-any), or something appeared at
          the output (or replaced the folder there) while it was written, e.g. another run
       6  --verify failed (checked before installing: nothing was installed)
       7  an I/O or permission error: an output cannot be written (parent not writable, no
          space left, file size limit, read-only file system), or the system failed a read;
          or out of memory (an allocation failed, or the system killed a conversion worker)
     128+n  stopped by signal n (SIGINT 130, SIGHUP 129, SIGTERM 143): nothing installed, the
-         staging folders removed
+         staging folders removed (or, arriving during the final renames, all outputs installed)
     """
     if model_out is None and adapter_out is None:
         raise click.UsageError("give --model-out, --adapter-out or both")
@@ -203,6 +209,7 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
     try:
         with _stop_signals_raise():
             from bridge_ext.convert import convert_checkpoint
+            from bridge_ext.output_folder import OVERWRITE_ANY
 
             with bar:
                 result = convert_checkpoint(
@@ -211,13 +218,14 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
                     expert_layout=None if expert_layout == "auto" else expert_layout,
                     expert_adapter_layout=None if expert_adapter_layout == "auto" else expert_adapter_layout,
                     adapter_for=adapter_for, max_shard_size=max_shard_size,
-                    overwrite=overwrite, verify=verify, allow_overflow=allow_overflow, on_start=bar.start, on_tensor=bar.advance, notes=notes,
+                    overwrite=OVERWRITE_ANY if overwrite_any else overwrite, verify=verify, allow_overflow=allow_overflow, on_start=bar.start, on_tensor=bar.advance, notes=notes,
                     quantize=quantize, engine_tp_size=engine_tp_size, workers=workers,
                 )
     except KeyboardInterrupt as interrupt:
         number = getattr(interrupt, "signal_number", signal.SIGINT)
-        _fail(f"stopped by {signal.Signals(number).name}: nothing partial was installed and the staging folders "
-              "were removed", EXIT_SIGNAL_BASE + number, notes)
+        what = "the outputs were installed, complete (see the notes)" if getattr(interrupt, "installed", None) \
+            else "nothing partial was installed and the staging folders were removed"
+        _fail(f"stopped by {signal.Signals(number).name}: {what}", EXIT_SIGNAL_BASE + number, notes)
     except Exception as error:
         code = _exit_code(error)
         if code is None:
@@ -225,6 +233,22 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
         prefix = "verification failed (nothing was installed; the outputs are as before the run): " \
             if code == EXIT_VERIFY else ""
         _fail(f"{prefix}{_out_of_memory_message(error) or error}", code, notes)
+    try:
+        _print_summary(result, notes)
+    except BrokenPipeError:  # `convert ... | head`: the outputs are installed; the reader left early
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # no real file descriptor behind stdout (tests): nothing will be flushed to a pipe
+
+
+def _print_summary(result, notes: list[str]) -> None:
     mib = result.bytes / 2**20
     click.echo(f"converted {result.checkpoint}{' (LoRA adapter-only)' if result.adapter_only else ''}")
     for label, folder in (("model", result.model_dir), ("adapter", result.adapter_dir)):

@@ -24,7 +24,13 @@ from pathlib import Path
 import torch
 
 from bridge_ext.checkpoint import CheckpointReader
-from bridge_ext.checkpoint.config_check import check_config_fields, check_config_matches_run_config, load_hf_config
+from bridge_ext.checkpoint.config_check import (
+    check_config_fields,
+    check_config_matches_run_config,
+    config_matches_run_config,
+    load_hf_config,
+)
+from bridge_ext.checkpoint.run_config import RunConfig
 from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, hf_folder_shapes
 from bridge_ext.checkpoint.parallel_write import base_in_workers
 from bridge_ext.checkpoint.reader import READ_AHEAD_BYTES
@@ -77,7 +83,7 @@ class ConvertResult:
         return self.bytes / self.seconds if self.seconds > 0 else float("inf")
 
 
-def check_output_folder(target: Path, overwrite: bool, protected: list[Path]) -> FoundTarget:
+def check_output_folder(target: Path, overwrite: bool | str, protected: list[Path]) -> FoundTarget:
     """Refuse an output that is, holds or lies inside an input, a dangerous or occupied target.
 
     Returns what is at the target now: installing the output later fails (OutputExistsError)
@@ -186,12 +192,13 @@ def _table(config_or_model_type):
 
 
 def check_hf_side(reader: CheckpointReader, config, config_folder: Path | None, hf_base: Path | None,
-                  built_from_run_config: bool) -> None:
+                  built_from_run_config: bool) -> list[str]:
     """The Hugging Face folders are readable and contained, and the config is the model trained.
 
     ``hf_base`` must hold weights (index and headers readable, nothing outside the folder); a
     config folder is checked when it has any (its index decides the expert layout). The config is
-    compared with run_config.yaml unless it was built from it.
+    compared with run_config.yaml unless it was built from it; returns a note per field the
+    table cannot compare.
     """
     if hf_base is not None:
         hf_folder_shapes(hf_base)
@@ -200,7 +207,8 @@ def check_hf_side(reader: CheckpointReader, config, config_folder: Path | None, 
     run_config = reader.run_config
     if run_config is not None and not built_from_run_config:
         label = str(config_folder / "config.json") if config_folder else f"the config of {run_config.hf_model_id}"
-        check_config_matches_run_config(config, run_config, label)
+        return check_config_matches_run_config(config, run_config, label).notes()
+    return []
 
 
 def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts_found: dict[str, ExpertLayout]):
@@ -242,7 +250,7 @@ def convert_checkpoint(
     expert_adapter_layout: ExpertLayout | None = None,
     adapter_for: str = "peft",
     max_shard_size: int | str = "5GB",
-    overwrite: bool = False,
+    overwrite: bool | str = False,
     verify: bool = False,
     allow_overflow: bool = False,
     quantize: str | None = None,
@@ -274,7 +282,9 @@ def convert_checkpoint(
         adapter_for: ``"peft"`` or ``"vllm"``: the consumer the adapter folder is for, as for
             :func:`bridge_ext.save.save_hf_pretrained`.
         max_shard_size: Largest safetensors shard, e.g. ``"5GB"``; bounds memory use.
-        overwrite: Replace non-empty output folders (only once the new ones are complete).
+        overwrite: Replace output folders holding an earlier output, i.e. only the files of a Hugging
+            Face model or PEFT adapter folder (only once the new ones are complete); ``"any"``:
+            whatever they hold.
         verify: Check the written folders with :func:`verify_conversion` before installing them:
             a failure installs nothing (an existing folder stays as it was).
         allow_overflow: Write the infinities a cast to ``dtype`` makes of values beyond its range
@@ -329,7 +339,7 @@ def convert_checkpoint(
         check_outside_inputs(output, [config_folder])  # e.g. the hf_model_id folder of run_config.yaml
     table = _table(config)
     built_from_run_config = model_type is not None and hf_base is None and hf_config is None
-    check_hf_side(reader, config, config_folder, hf_base, built_from_run_config)
+    notes.extend(check_hf_side(reader, config, config_folder, hf_base, built_from_run_config))
     found = source_expert_layouts(hf_base or config_folder, table)
     source = build_source(reader, config, hf_base, found)
     adapter_layout = adapter_layout_for(config, adapter_for, expert_adapter_layout)  # a refusal writes nothing
@@ -362,7 +372,8 @@ def convert_checkpoint(
     def verify_staged(staged_model: Path | None, staged_adapter: Path | None) -> None:
         begun = time.perf_counter()
         staged = ConvertResult(staged_model, staged_adapter, reader.path, adapter_only, 0, 0, 0.0, config)
-        verification.append((verify_conversion(staged, hf_base), time.perf_counter() - begun))
+        verification.append((verify_conversion(staged, hf_base, run_config=reader.run_config),
+                             time.perf_counter() - begun))
 
     values = ValueCheck(dtype, allow_overflow)  # casts, counts NaN / Inf, refuses an overflowing cast
     # Shard headers are laid out from the plan, and the checkpoint's tensors are read ahead in the
@@ -419,12 +430,14 @@ def _stored_dtype(reader: CheckpointReader) -> torch.dtype | None:
     return max(by_dtype, key=by_dtype.get) if by_dtype else None
 
 
-def verify_conversion(result: ConvertResult, hf_base: str | Path | None = None, *, seq_len: int = 8) -> Report:
+def verify_conversion(result: ConvertResult, hf_base: str | Path | None = None, *, seq_len: int = 8,
+                      run_config: RunConfig | None = None) -> Report:
     """Load what was written with transformers (and PEFT), run a short forward, report.
 
     The model folder must load with no missing and no unexpected weight; the adapter folder
     must load strictly onto the written model folder (or ``hf_base`` when only adapters were
-    written); both must give finite logits.
+    written); both must give finite logits. With ``run_config`` (the Megatron side, which the
+    Hugging Face config cannot sway), the written config.json must match it field by field.
     """
     from transformers import AutoConfig
 
@@ -446,6 +459,8 @@ def verify_conversion(result: ConvertResult, hf_base: str | Path | None = None, 
             raise VerificationError(f"{result.model_dir}: transformers reports missing {sorted(missing) or 'none'}; "
                                     f"unexpected {sorted(unexpected) or 'none'}")
         report.add(f"transformers loaded {result.model_dir} ({len(written)} tensors): nothing missing or unexpected")
+        if run_config is not None:
+            report.add(config_matches_run_config(result.model_dir, run_config))
     if result.adapter_dir is not None:
         base_dir = result.model_dir or (Path(hf_base) if hf_base is not None else None)
         if base_dir is None:

@@ -15,14 +15,16 @@ import torch
 from bridge_ext import model_changes
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
-from bridge_ext.errors import RuleError
+from bridge_ext.errors import RuleError, first_line
 from bridge_ext.fp8_export import Fp8Plan, check_quantize, fp8_rules_of, plan_fp8
 from bridge_ext.dora import check_dora
 from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
+from bridge_ext.live_checks import check_device, check_dtype, check_model, overflows
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import TensorSource
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout, MappingTable
+from bridge_ext.value_check import ValueCheck
 
 if TYPE_CHECKING:  # the live and parallel modules load only where a live model is exported
     from bridge_ext.distributed import Destination
@@ -63,7 +65,11 @@ def _load_config(name_or_path: str, mtime: int):
     from model_mappings import register_transformers_configs
 
     register_transformers_configs()
-    return AutoConfig.from_pretrained(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except Exception as error:  # noqa: BLE001 - transformers' errors (OSError, ValueError...) about the folder or id
+        raise ExportError(f"hf_config {name_or_path!r}: transformers cannot read a config there: "
+                          f"{type(error).__name__}: {first_line(error)}") from None
 
 
 _KEY_SETS: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
@@ -266,8 +272,10 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     from bridge_ext.distributed import all_agree
     from bridge_ext.live import LiveModelSource, unwrap_chunks
     from bridge_ext.trained_forward import warn_if_expert_lora_differs
+
     from model_mappings import registered_table, table_for
 
+    check_model(model)
     chunks = unwrap_chunks(model)
 
     config = resolve_hf_config(model, hf_config)
@@ -299,6 +307,19 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _check_model_config(source: TensorSource, plan: ExportPlan) -> None:
+    """A live model's Hugging Face config is the model's: compared with its own TransformerConfig,
+    field by field, once per plan (after the shapes, which name the tensor that does not fit)."""
+    from bridge_ext.config_compare import check_live_config
+    from bridge_ext.live import LiveModelSource
+    from model_mappings import config_fields_for
+
+    model_config = getattr(source.chunks[0], "config", None) if isinstance(source, LiveModelSource) else None
+    if model_config is not None and "config" not in plan.checked:
+        check_live_config(model_config, plan.config, config_fields_for(plan.table), "the Hugging Face config")
+        plan.checked.add("config")
+
+
 def _expert_tensor_parallel_size() -> int:
     from bridge_ext.distributed import is_parallel_job
 
@@ -327,6 +348,7 @@ def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapter
     """
     passes = conversion_passes(source, plan, base=base, adapters=adapters, dtype=dtype, stacks_on_host=stacks_on_host)
     check_shapes(source, plan, passes)
+    _check_model_config(source, plan)
     for converter, tasks in passes:
         pairs = convert_tasks(source, converter, tasks)
         if converter.mode is Mode.ADAPTERS and plan.table.in_memory_prefixes:
@@ -434,6 +456,7 @@ def export_hf_weights(
     dtype: torch.dtype | None = None,
     destination: Destination = "all",
     device: str | torch.device | None = None,
+    allow_overflow: bool = False,
     dora_adapters: bool = False,
     quantize: str | None = None,
     engine_tp_size: int | None = 1,
@@ -462,14 +485,18 @@ def export_hf_weights(
             config's architecture class (its table's ``vllm_expert_adapter_layouts``), since a live export
             feeds an inference engine. Files for PEFT (:func:`save_hf_pretrained`,
             ``bridge-ext convert``) default to ``fused``.
-        dtype: Cast every exported tensor to this dtype (default: keep the model's).
+        dtype: Cast every exported tensor to this floating-point dtype (default: keep the
+            model's). A cast that turns finite values into infinities (float16 ends at 65504)
+            raises, naming the tensor, unless ``allow_overflow``; for such dtypes the check is
+            one ``isfinite`` pass per tensor, after the conversion.
         destination: In a parallel job, the ranks the tensors come out on: ``"all"`` (every
             rank, e.g. colocated inference engines), ``"owner"`` (each tensor on one rank of
             the pipeline stage / expert rank holding it: the union over ranks is the export)
             or ``"rank0"``. Other ranks yield nothing for that tensor and build no full copy
             of it. See docs/distributed.md.
         device: ``"cpu"``: CPU tensors, copied from the GPU into pinned memory while the
-            next tensors are gathered (default: where the model is).
+            next tensors are gathered (default: where the model is); any other device is refused.
+        allow_overflow: Yield the infinities a cast to ``dtype`` makes instead of refusing.
         dora_adapters: Stream DoRA adapters (with their ``lora_magnitude_vector``) for a
             consumer that loads DoRA, e.g. PEFT's ``set_peft_model_state_dict``. Without it an
             export that would carry DoRA adapters is refused: vLLM loads none (sync such a
@@ -488,7 +515,8 @@ def export_hf_weights(
     or invent, raises :class:`ExportError` before the first tensor is produced.
     """
     _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
-                                   dtype, destination, device, quantize, engine_tp_size, base_only, dora_adapters)
+                                   dtype, destination, device, quantize, engine_tp_size, base_only, dora_adapters,
+                                   allow_overflow)
     yield from pairs
 
 
@@ -497,6 +525,7 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
                      dtype: torch.dtype | None = None, destination: Destination = "all",
                      device: str | torch.device | None = None, quantize: str | None = None,
                      engine_tp_size: int | None = 1, base_only: bool = False, dora_adapters: bool = False,
+                     allow_overflow: bool = False,
                      ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
     """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
@@ -505,6 +534,8 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
         raise ExportError("base_only=True needs peft=True (peft=False merges the adapters into the base)")
     if base_only and adapters_only:
         raise ExportError("base_only=True and adapters_only=True exclude each other: pass one")
+    check_dtype(dtype)
+    check_device(device)
     check_quantize(quantize, engine_tp_size)
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout, destination)
     if adapters_only and not source.adapters():
@@ -516,9 +547,15 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
                           "weights (peft=False), or pass dora_adapters=True for a consumer that loads DoRA (PEFT)")
     fp8 = fp8_plan(source, plan, base, quantize, engine_tp_size)
     to_cpu = device is not None and torch.device(device).type == "cpu"
+    # the CLI's rule: a cast that makes infinities of finite values is refused (checked after the
+    # conversion, which then keeps the model's dtype; other casts happen inside it, as before)
+    checked = overflows(dtype)
     # FP8 quantizes fused expert stacks where they are built: on the GPU, not in host memory
-    pairs = stream(source, plan, base=base, adapters=adapters, dtype=dtype,
+    pairs = stream(source, plan, base=base, adapters=adapters, dtype=None if checked else dtype,
                    stacks_on_host=to_cpu and fp8 is None)
+    if checked:
+        check = ValueCheck(dtype, allow_overflow, allow_with="allow_overflow=True")
+        pairs = ((name, check(name, tensor)) for name, tensor in pairs)
     if fp8 is not None:
         pairs = fp8.quantize(pairs)
     if not to_cpu:

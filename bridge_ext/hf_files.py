@@ -111,6 +111,9 @@ def _file_in(folder: Path, file_name: str, index: Path | None) -> Path:
 
 def _require_inside(folder: Path, file_name: str, index: Path | None) -> None:
     # Judged by name, not by resolving links: the Hugging Face cache links every file to a blob.
+    if "\0" in file_name:
+        raise SafetensorsFolderError(f"{index or folder}: the file name {file_name!r} holds a NUL byte, "
+                                     "which no file name can", index or folder)
     if Path(file_name).is_absolute() or ".." in Path(file_name).parts or "\\" in file_name:
         raise SafetensorsFolderError(f"{index}: weight_map points at {file_name!r}, outside {folder}; refusing to read it",
                                      index or folder)

@@ -93,7 +93,7 @@ class SafetensorsFile:
             header[spec.name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
                                  "data_offsets": [offset, offset + spec.nbytes]}
             offset += spec.nbytes
-        text = json.dumps(header, separators=(",", ":")).encode()
+        text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
         text += b" " * (-len(text) % 8)
         data_start = 8 + len(text)
         self.path = path
@@ -289,5 +289,5 @@ class ShardedSafetensorsWriter:
             weight_map.update(dict.fromkeys(tensor_names, final))
             names.append(final)
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2, allow_nan=False) + "\n")
         return names

@@ -5,7 +5,9 @@ renames that never replace anything the run did not expect to find there:
 
 * A target is refused when it is the filesystem root, the working directory or one of its
   parents, or a symbolic link (:func:`check_output_target`); two outputs may not nest
-  (:func:`check_distinct_outputs`).
+  (:func:`check_distinct_outputs`). ``overwrite`` replaces only a folder that holds nothing but
+  the files of a Hugging Face model or PEFT adapter folder (an earlier output), unless it is
+  ``"any"``; the notes say what was replaced and where the old folder went.
 * Staging folders are made with ``mkdir`` (so they honour the umask) and named
   ``.<name>.partial-<pid>-<token>``. The running process holds an ``flock`` on each, so a later
   run to the same target can tell the leftovers of a killed run (lock free: removed, and said)
@@ -25,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -52,12 +55,35 @@ _FS_IOC_GETFLAGS = 0x80086601  # _IOR('f', 1, long) on 64-bit Linux
 _UNDELETABLE_FLAGS = {0x10: "immutable", 0x20: "append-only"}
 
 
+#: ``overwrite=OVERWRITE_ANY`` (``--overwrite-any``) replaces a folder whatever it holds.
+OVERWRITE_ANY = "any"
+# What an earlier output holds: a Hugging Face model folder (config, weights, index, the
+# companion files bridge_ext copies) or a PEFT adapter folder (PEFT's save_pretrained adds README.md).
+_OUTPUT_FILE = re.compile(r"config\.json|model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors"
+                          r"|adapter_config\.json|adapter_model\.safetensors|README\.md")
+
+
 @dataclass(frozen=True)
 class FoundTarget:
-    """What a target was when the run started: absent (``identity`` None) or this inode, unchanged since."""
+    """What a target was when the run started: absent (``identity`` None) or this inode, unchanged
+    since; ``entries``: the names it held."""
 
     identity: tuple[int, int, int] | None
     empty: bool = True
+    entries: tuple[str, ...] = ()
+
+
+def foreign_entries(target: Path) -> list[str]:
+    """The entries of folder ``target`` that no Hugging Face model or PEFT adapter folder holds
+    (anything but regular files of those names: a subfolder, a link, ``.ssh``, ``notes.txt``)."""
+    from bridge_ext.save import COMPANION_FILES
+
+    foreign = []
+    for entry in sorted(os.scandir(target), key=lambda entry: entry.name):
+        known = _OUTPUT_FILE.fullmatch(entry.name) or entry.name in COMPANION_FILES
+        if not known or not entry.is_file(follow_symlinks=False):
+            foreign.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+    return foreign
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
@@ -74,11 +100,13 @@ def _is_empty_folder(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def check_output_target(target: str | Path, overwrite: bool) -> FoundTarget:
+def check_output_target(target: str | Path, overwrite: bool | str) -> FoundTarget:
     """Refuse a dangerous or occupied target; return what is there now.
 
     Raises OutputLocationError (root, working directory or a parent of it, a symlink),
-    OutputExistsError (not empty and no ``overwrite``), OutputWriteError (parent not writable).
+    OutputExistsError (not empty and no ``overwrite``; with ``overwrite=True``, holding anything
+    but the files of a Hugging Face model or PEFT adapter folder, see :func:`foreign_entries`;
+    ``overwrite="any"`` replaces whatever it holds), OutputWriteError (parent not writable).
     """
     target = Path(target)
     if target.is_symlink():
@@ -95,6 +123,8 @@ def check_output_target(target: str | Path, overwrite: bool) -> FoundTarget:
     if found.identity is not None and not found.empty and not overwrite:
         what = "is not empty" if target.is_dir() else "is not a folder"
         raise OutputExistsError(f"{target} exists and {what} (pass --overwrite to replace it)")
+    if found.identity is not None and not found.empty:
+        found = FoundTarget(found.identity, False, _check_replaceable(target, overwrite))
     ancestor = resolved.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -103,6 +133,22 @@ def check_output_target(target: str | Path, overwrite: bool) -> FoundTarget:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputWriteError(f"cannot create {target}: {ancestor} is not writable (permission denied)", ancestor)
     return found
+
+
+def _check_replaceable(target: Path, overwrite: bool | str) -> tuple[str, ...]:
+    """The entries of the occupied ``target``, refused unless they are an earlier output (or ``overwrite`` is ``"any"``)."""
+    if not target.is_dir():
+        if overwrite != OVERWRITE_ANY:
+            raise OutputExistsError(f"{target} exists and is not a folder: --overwrite replaces only an earlier "
+                                    "output folder (pass --overwrite-any to replace it anyway)")
+        return (target.name,)
+    foreign = foreign_entries(target)
+    if foreign and overwrite != OVERWRITE_ANY:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise OutputExistsError(f"{target} holds what no Hugging Face model or PEFT adapter folder holds ({shown}): "
+                                "--overwrite replaces only an earlier output; move those away, or pass "
+                                "--overwrite-any to replace the folder whatever it holds")
+    return tuple(sorted(os.listdir(target)))
 
 
 def check_distinct_outputs(*outputs: str | Path | None) -> None:
@@ -123,14 +169,14 @@ def check_distinct_outputs(*outputs: str | Path | None) -> None:
 
 
 @contextmanager
-def atomic_directory(target: str | Path, *, overwrite: bool = False, notes: list[str] | None = None) -> Iterator[Path]:
+def atomic_directory(target: str | Path, *, overwrite: bool | str = False, notes: list[str] | None = None) -> Iterator[Path]:
     """Yield a staging folder that becomes ``target`` when the block succeeds (see :func:`staged_folders`)."""
     with staged_folders([Path(target)], overwrite=overwrite, notes=notes) as (staging,):
         yield staging
 
 
 @contextmanager
-def staged_folders(targets: list[Path], *, overwrite: bool = False, found: dict[Path, FoundTarget] | None = None,
+def staged_folders(targets: list[Path], *, overwrite: bool | str = False, found: dict[Path, FoundTarget] | None = None,
                    notes: list[str] | None = None) -> Iterator[list[Path]]:
     """Yield one staging folder per target; install them all when the block succeeds, or none.
 
@@ -156,7 +202,12 @@ def staged_folders(targets: list[Path], *, overwrite: bool = False, found: dict[
             for staging in stagings:
                 apply_umask(staging)
             asides = _install_all(list(zip(targets, stagings, strict=True)), found, overwrite)
+            replaced = [(target, found[target].entries) for target in targets if found[target].identity is not None]
         except BaseException as error:
+            for target, aside in getattr(error, "installed", ()):
+                kept = f"; the folder it replaced is kept at {aside}: remove it (or move it back) yourself" \
+                    if aside is not None else ""
+                notes.append(f"{target} was installed, complete, before the signal arrived{kept}")
             for staging in stagings:
                 shutil.rmtree(staging, ignore_errors=True)
             for folder in created:  # deepest first; kept if anything else is in it by now
@@ -166,8 +217,10 @@ def staged_folders(targets: list[Path], *, overwrite: bool = False, found: dict[
             if translated is not None:
                 raise translated from error
             raise
-    for aside in asides:
-        notes.extend(remove_replaced_folder(aside))
+    for aside, (target, entries) in zip(asides, replaced, strict=True):
+        kept = remove_replaced_folder(aside)
+        held = f"{len(entries)} entries: {', '.join(entries[:6])}{', ...' if len(entries) > 6 else ''}"
+        notes.extend(kept or ([f"replaced {target}: the folder that was there ({held}) was deleted"] if entries else []))
 
 
 def _missing_folders(folder: Path) -> list[Path]:
@@ -183,7 +236,7 @@ def _make_staging(target: Path) -> tuple[Path, int]:
     """A new folder beside ``target`` (mode 0777 less the umask, like mkdir), locked by this process."""
     parent = target.parent
     while True:
-        staging = parent / f".{target.name}{STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        staging = parent / f".{_stem(target)}{STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
         try:
             parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(staging)
@@ -250,8 +303,8 @@ def sweep_stale_staging(target: Path) -> list[str]:
         return notes
     for entry in sorted(os.scandir(parent), key=lambda e: e.name):
         name, folder = entry.name, Path(entry.path)
-        replaced = name.startswith(f".{target.name}{REPLACED_MARK}")
-        if not (replaced or name.startswith(f".{target.name}{STAGING_MARK}")) or not entry.is_dir(follow_symlinks=False):
+        replaced = name.startswith(f".{_stem(target)}{REPLACED_MARK}")
+        if not (replaced or name.startswith(f".{_stem(target)}{STAGING_MARK}")) or not entry.is_dir(follow_symlinks=False):
             continue
         owner = re.search(r"-(\d+)-[0-9a-f]+$", name)
         pid = owner.group(1) if owner else "unknown"
@@ -298,11 +351,24 @@ def signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    # The mask holds back signals sent to this thread; one sent to the process may be delivered to
+    # another thread (a read-ahead thread), whose Python handler would still run here at once: Python
+    # handlers are replaced by ones that note the signal, which is raised again on exit.
+    noted: list[int] = []
+    handlers = {number: signal.getsignal(number) for number in _DEFERRED_SIGNALS}
+    for number, handler in handlers.items():
+        if callable(handler):
+            signal.signal(number, lambda received, _frame: noted.append(received))
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in handlers.items():
+            if callable(handler):
+                signal.signal(number, handler)
+        for number in dict.fromkeys(noted):
+            signal.raise_signal(number)
 
 
 @contextmanager
@@ -326,21 +392,28 @@ def _parent_locks(targets: list[Path]) -> Iterator[None]:
             os.close(fd)
 
 
-def _install_all(pairs: list[tuple[Path, Path]], found: dict[Path, FoundTarget], overwrite: bool) -> list[Path]:
+def _install_all(pairs: list[tuple[Path, Path]], found: dict[Path, FoundTarget], overwrite: bool | str) -> list[Path]:
     """Rename every staging folder onto its target, or none; return the replaced folders set aside."""
     done: list[tuple[Path, Path | None]] = []
-    with _parent_locks([target for target, _ in pairs]), signals_deferred():
-        try:
-            for target, staging in pairs:
-                done.append((target, _install(target, staging, found[target], overwrite)))
-        except BaseException:
-            for target, aside in reversed(done):  # put the old state back, newest first
-                _uninstall(target, aside)
-            raise
+    installed = False
+    try:
+        with _parent_locks([target for target, _ in pairs]), signals_deferred():
+            try:
+                for target, staging in pairs:
+                    done.append((target, _install(target, staging, found[target], overwrite)))
+            except BaseException:
+                for target, aside in reversed(done):  # put the old state back, newest first
+                    _uninstall(target, aside)
+                raise
+            installed = True
+    except BaseException as error:
+        if installed:  # a signal held back during the renames arrives once all are done: say so
+            error.installed = done  # type: ignore[attr-defined]
+        raise
     return [aside for _, aside in done if aside is not None]
 
 
-def _install(target: Path, staging: Path, found: FoundTarget, overwrite: bool) -> Path | None:
+def _install(target: Path, staging: Path, found: FoundTarget, overwrite: bool | str) -> Path | None:
     if _identity(target) != found.identity:
         what = "appeared" if found.identity is None else "changed"
         raise OutputExistsError(f"{target} {what} during the conversion (another run or process wrote it): "
@@ -377,7 +450,21 @@ def _uninstall(target: Path, aside: Path | None) -> None:
 
 
 def _aside_name(target: Path, mark: str = REPLACED_MARK) -> Path:
-    return target.parent / f".{target.name}{mark}{os.getpid()}-{secrets.token_hex(4)}"
+    return target.parent / f".{_stem(target)}{mark}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+# A file name has at most 255 bytes; a staging name adds a dot, a mark, a pid and a token (< 40).
+_MAX_STEM_BYTES = 200
+
+
+def _stem(target: Path) -> str:
+    """The target's name as its staging and set-aside folders begin: whole when short, else cut
+    to fit and told apart by a hash of the whole name."""
+    encoded = os.fsencode(target.name)
+    if len(encoded) <= _MAX_STEM_BYTES:
+        return target.name
+    digest = hashlib.sha256(encoded).hexdigest()[:12]
+    return os.fsdecode(encoded[:_MAX_STEM_BYTES - 13]) + "~" + digest
 
 
 def remove_replaced_folder(aside: Path) -> list[str]:
@@ -482,7 +569,7 @@ def _is_output_path(path: Path, targets: list[Path]) -> bool:
         if path.is_relative_to(target):
             return True
         relative = path.relative_to(target.parent) if path.is_relative_to(target.parent) else None
-        if relative is not None and relative.parts and relative.parts[0].startswith(f".{target.name}."):
+        if relative is not None and relative.parts and relative.parts[0].startswith(f".{_stem(target)}."):
             return True
     return False
 

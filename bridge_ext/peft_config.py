@@ -10,6 +10,7 @@ Ranks and alphas that differ from the most common one go to ``rank_pattern`` /
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -157,6 +158,8 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
     module_targets = [o.target for o in outputs if not o.is_parameter and o.target not in as_parameters]
     parameter_targets = sorted({_parameter_suffix(o.target) for o in outputs if o.is_parameter})
     parameter_targets += [f"{name}.weight" for name in _leaf_or_full_names(as_parameters, module_names)]
+    for adapter in {o.adapter.module: o.adapter for o in outputs}.values():
+        _check_lora_numbers(adapter)
     ranks = Counter(o.adapter.rank for o in outputs)
     alphas = Counter(o.adapter.alpha for o in outputs)
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
@@ -185,3 +188,17 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
         alpha_pattern=alpha_pattern,
         base_model_name_or_path=base_model_name_or_path,
     )
+
+
+def _check_lora_numbers(adapter: Adapter) -> None:
+    """Numbers PEFT accepts: it refuses a dropout outside [0, 1], and a NaN or infinite alpha
+    (written as non-standard JSON) makes every logit NaN."""
+    problems = []
+    if type(adapter.rank) is not int or adapter.rank < 1:
+        problems.append(f"rank {adapter.rank!r} (must be an integer of at least 1)")
+    if not math.isfinite(adapter.alpha) or adapter.alpha <= 0:
+        problems.append(f"alpha {adapter.alpha!r} (must be a finite number above 0)")
+    if not 0 <= adapter.dropout <= 1:
+        problems.append(f"dropout {adapter.dropout!r} (must be a probability from 0 to 1)")
+    if problems:
+        raise ExportError(f"LoRA adapter of {adapter.module}: " + ", ".join(problems) + "; PEFT cannot load it")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -21,11 +22,13 @@ from bridge_ext.engine import ExportError, Mode
 from bridge_ext.export import ExportPlan, fp8_plan, hf_source_folder, prepare, resolve_hf_config, stream
 from bridge_ext.fp8_export import Fp8Plan, check_quantize
 from bridge_ext.hf_folder import ShardedSafetensorsWriter, TensorSpec, parse_size
+from bridge_ext.live_checks import check_dtype, overflows
 from bridge_ext.output_folder import FoundTarget, staged_folders
 from bridge_ext.peft_config import lora_config
 from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.source import TensorSource
 from bridge_ext.table import ExpertLayout
+from bridge_ext.value_check import ValueCheck
 
 AdapterConsumer = Literal["peft", "vllm"]
 ADAPTER_CONSUMERS: tuple[AdapterConsumer, ...] = ("peft", "vllm")
@@ -131,7 +134,10 @@ def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, 
         if reason is None:
             config = json.loads((source_folder / "config.json").read_text())
         else:
-            notes.append(f"not copied from {source_folder}: config.json ({reason}); written from the parsed config")
+            config, left_out = _defined_fields(plan.config)
+            extra = f" ({len(left_out)} other keys of it left out, e.g. {left_out[0]})" if left_out else ""
+            notes.append(f"not copied from {source_folder}: config.json ({reason}); written from the fields "
+                         f"transformers' {type(plan.config).__name__} defines{extra}")
     if config is None:
         config = plan.config.to_dict()
     if dtype is not None:
@@ -145,7 +151,12 @@ def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, 
     config.pop("quantization_config", None)
     if quantization is not None:
         config["quantization_config"] = quantization
-    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError:  # NaN or infinity: not JSON, and no model computes with it
+        raise ExportError(f"the Hugging Face config holds a non-finite number ({_non_finite(config)}); "
+                          "config.json would not be standard JSON") from None
+    (directory / "config.json").write_text(text + "\n")
     return notes
 
 
@@ -279,7 +290,8 @@ def save_hf_pretrained(
     adapter_for: AdapterConsumer = "peft",
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
-    overwrite: bool = False,
+    overwrite: bool | str = False,
+    allow_overflow: bool = False,
     quantize: str | None = None,
     engine_tp_size: int | None = 1,
 ) -> SaveResult:
@@ -289,7 +301,10 @@ def save_hf_pretrained(
     generation files of the Hugging Face source folder, when it is local); ``adapter_dir``
     gets ``adapter_model.safetensors`` and PEFT's ``adapter_config.json``. With ``merge=True``
     the adapters are merged into the base weights instead. Each folder appears only when
-    complete. Refuses to write a base without its adapters unless ``merge`` says so.
+    complete. Refuses to write a base without its adapters unless ``merge`` says so. ``dtype``
+    (floating point) casts every tensor; a cast that turns finite values into infinities is
+    refused unless ``allow_overflow``. ``overwrite`` replaces a folder holding an earlier output
+    only; ``"any"``: whatever it holds (:func:`bridge_ext.output_folder.check_output_target`).
     ``quantize="fp8"`` writes the base weights block-FP8 with config.json's ``quantization_config``
     (``engine_tp_size``: see :func:`~bridge_ext.export.export_hf_weights`; adapters stay as they are).
 
@@ -307,6 +322,7 @@ def save_hf_pretrained(
     """
     if model_dir is None and adapter_dir is None:
         raise ValueError("give model_dir, adapter_dir or both")
+    check_dtype(dtype)
     check_quantize(quantize, engine_tp_size)
     parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     expert_adapter_layout = adapter_layout_for(resolve_hf_config(model, hf_config), adapter_for, expert_adapter_layout)
@@ -319,12 +335,37 @@ def save_hf_pretrained(
     folder = hf_source_folder(model, hf_config)
     return write_export(
         source, plan, model_dir, adapter_dir,
-        merge=merge, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+        merge=merge, dtype=None if overflows(dtype) else dtype, config_dtype=dtype, max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        transform=ValueCheck(dtype, allow_overflow, allow_with="allow_overflow=True") if overflows(dtype) else None,
         source_folder=folder,
         base_model_name=str(folder) if folder else getattr(plan.config, "_name_or_path", None),
         write=not parallel or dist.get_rank() == 0, fp8=fp8,
         omit_adapter=(lambda key: is_mtp_adapter(plan, key)) if adapter_for == "vllm" else None,
     )
+
+
+def _non_finite(value: object, where: str = "") -> str | None:
+    """The dotted name of the first NaN or infinite number in a JSON-like value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} = {value}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def _defined_fields(config) -> tuple[dict, list[str]]:
+    """The config's fields its transformers class defines (a default instance has them), and the
+    other keys, left out: a file linked from elsewhere must not carry its own keys into an output."""
+    values = config.to_dict()
+    try:
+        defined = set(type(config)().to_dict()) | {"architectures", "model_type", "dtype", "torch_dtype"}
+    except Exception:  # noqa: BLE001 - a config class without defaults: keep what transformers parsed
+        return values, []
+    return {key: value for key, value in values.items() if key in defined}, sorted(set(values) - defined)
 
 
 def is_mtp_adapter(plan: ExportPlan, key: str) -> bool:

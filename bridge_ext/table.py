@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from bridge_ext.config_compare import ConfigField
 from bridge_ext.dims import text_config
 from bridge_ext.fp8_rules import Fp8Rules
 from bridge_ext.ops import Op
@@ -220,6 +221,9 @@ class MappingTable:
     #: for a model type transformers lacks); run by :func:`model_mappings.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.
     register_hf_config: Callable[[], object] | None = field(default=None, compare=False)
+    #: The config fields that change the arithmetic, compared with the Megatron model's settings
+    #: before export (:mod:`bridge_ext.config_compare`); None: ``model_mappings.config_fields.STANDARD``.
+    config_fields: tuple[ConfigField, ...] | None = field(default=None, compare=False)
 
     def architecture(self, config) -> str | None:
         """The Hugging Face architecture class vLLM builds for ``config``: its

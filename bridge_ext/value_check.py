@@ -31,6 +31,7 @@ class ValueCheck:
 
     dtype: torch.dtype | None = None
     allow_overflow: bool = False
+    allow_with: str = "--allow-overflow"  # how the caller allows an overflow, for the message
     non_finite: dict[str, int] = field(default_factory=dict)
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,7 @@ class ValueCheck:
                     f"{name}: casting {tensor.dtype} to {self.dtype} turns {made} finite value(s) into "
                     f"infinities (largest magnitude {largest:.4g}; {self.dtype} ends at "
                     f"{torch.finfo(self.dtype).max:.6g}); keep the checkpoint's dtype, choose bfloat16 or "
-                    "float32, or pass --allow-overflow to write them anyway")
+                    f"float32, or pass {self.allow_with} to write them anyway")
         self.non_finite[name] = non_finite_count(cast)
         return cast
 

@@ -72,3 +72,10 @@ def table_for(config_or_model_type) -> MappingTable:
     if by_name:
         raise ExportError(f"the {model_type!r} table is built from the model's config: pass the config")
     return entry.build(config_or_model_type)
+
+
+def config_fields_for(table: MappingTable):
+    """The config fields compared before an export with ``table`` (its own, else the standard ones)."""
+    from model_mappings.config_fields import STANDARD
+
+    return table.config_fields if table.config_fields is not None else STANDARD

@@ -17,6 +17,7 @@ from __future__ import annotations
 from bridge_ext.fp8_rules import Fp8Rules
 from bridge_ext.ops import GroupRows, SplitRows, Transpose
 from bridge_ext.table import ExpertFamily, MappingTable, Rule, prefixed, rule
+from model_mappings import config_fields
 from model_mappings.blocks import attention, embeddings, post_attention_norm
 
 # transformers' GptOssExperts registers gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias;
@@ -77,5 +78,9 @@ TABLE = MappingTable(
     model_classes={"gpt_oss": "GptOssForCausalLM"},
     expert_families=(EXPERTS,),
     vllm_expert_adapter_layouts={"GptOssForCausalLM": "fused"},  # vLLM: is_3d_moe_weight
+    # hidden_act "silu" names gpt-oss's clamped SwiGLU, which Megatron-Bridge runs as quick_gelu
+    # with a clamp and a +1 offset (gpt_oss_bridge.py): no name-for-name comparison says more.
+    config_fields=config_fields.standard({"hidden_act": "gpt-oss's clamped SwiGLU is Megatron's quick_gelu "
+                                                        "with activation_func_clamp_value and glu_linear_offset"}),
     fp8=FP8,
 )

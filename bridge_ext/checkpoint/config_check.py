@@ -6,17 +6,14 @@ Two jobs, both before anything is written:
   sizes the tables and :mod:`bridge_ext.dims` divide by or loop over (zero heads, a negative
   vocabulary, ``"abc"`` as a width, a billion layers), naming the file and the field.
 * :func:`check_config_matches_run_config` compares that config with the model ``run_config.yaml``
-  records, field by field, through Megatron-Bridge's own field mapping (``CONFIG_MAPPING``, the
-  one its ``provider_bridge`` builds training models with). Any field that changes the
-  arithmetic and differs is named with both values. Shapes alone cannot see all of them: 8 heads
-  of 8 and 4 heads of 16 have the same q/k/v widths, and split them differently.
+  records, field by field (:mod:`bridge_ext.config_compare`, the comparison a live export makes
+  with the model's own ``TransformerConfig``). Any field that changes the arithmetic and differs
+  is named with both values. Shapes alone cannot see all of them: 8 heads of 8 and 4 heads of 16
+  have the same q/k/v widths, and split them differently.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
-import importlib.util
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,8 +21,8 @@ from typing import Any
 
 from bridge_ext.checkpoint.control_files import SMALL_JSON_LIMIT, read_json_file
 from bridge_ext.checkpoint.run_config import RunConfig
-from bridge_ext.dims import text_config
-from bridge_ext.errors import CompatibilityError, ConvertError, first_line
+from bridge_ext.config_compare import Comparison, compare
+from bridge_ext.errors import ConvertError, VerificationError, first_line
 
 # Upper bounds far above any published model, low enough that loops over them end.
 MAX_LAYERS = 10_000
@@ -151,126 +148,31 @@ def _shown(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- the cross-check
-# Megatron fields that change what the model computes, by family (for the message and the tests).
-# Initialisation, dropout, parallelism, precision and sequence length are left out on purpose.
-ARITHMETIC_FIELDS: dict[str, tuple[str, ...]] = {
-    "layers and widths": ("num_layers", "hidden_size", "ffn_hidden_size", "add_bias_linear"),
-    "attention": ("num_attention_heads", "num_query_groups", "kv_channels", "qk_layernorm", "add_qkv_bias",
-                  "attention_output_gate", "softmax_scale", "experimental_attention_variant"),
-    "mixture of experts": ("num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
-                           "moe_shared_expert_intermediate_size", "moe_router_score_function",
-                           "moe_router_pre_softmax", "moe_router_topk_scaling_factor", "moe_router_num_groups",
-                           "moe_router_group_topk", "moe_layer_freq"),
-    "rotary embedding": ("position_embedding_type", "rotary_base", "rotary_percent", "rotary_interleaved",
-                         "mrope_section", "yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings",
-                         "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim"),
-    "normalization": ("normalization", "layernorm_epsilon", "layernorm_zero_centered_gamma"),
-    "vocabulary and tied embeddings": ("vocab_size", "share_embeddings_and_output_weights"),
-    "multi-token prediction": ("mtp_num_layers",),
-    "latent attention": ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"),
-    "linear attention": ("linear_attention_freq", "linear_num_key_heads", "linear_num_value_heads",
-                         "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim"),
-}
-
-
-# Sizes Megatron-Bridge maps per architecture (qwen35_bridge.py: Gated DeltaNet) under the same
-# name on both sides, and the shared expert, which its Qwen MoE bridges map by hand.
-_SAME_NAME_FIELDS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-                     "linear_value_head_dim", "linear_conv_kernel_dim")
-_EXTRA_PAIRS = (("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"),)
-_ROPE_FIELDS = ("rope_theta", "partial_rotary_factor")  # inside rope_parameters in transformers v5
-
-
-@functools.cache
-def field_pairs() -> tuple[tuple[str, str], ...]:
-    """``(Hugging Face name, Megatron name)`` pairs: Megatron-Bridge's own ``CONFIG_MAPPING``.
-
-    Read from the installed megatron-bridge's source (``models/conversion/model_bridge.py``)
-    rather than imported: importing any of megatron.bridge imports every model it supports,
-    seconds a conversion does not otherwise spend. A layout it cannot read raises
-    :class:`~bridge_ext.errors.CompatibilityError`.
-    """
-    try:
-        spec = importlib.util.find_spec("megatron.bridge")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise CompatibilityError("megatron-bridge is not installed: the configuration cross-check reads its "
-                                 "CONFIG_MAPPING (pip install megatron-bridge)")
-    source = Path(next(iter(spec.submodule_search_locations))) / "models" / "conversion" / "model_bridge.py"
-    try:
-        tree = ast.parse(source.read_text(encoding="utf-8"))
-        found = next(
-            node.value for cls in tree.body if isinstance(cls, ast.ClassDef) and cls.name == "MegatronModelBridge"
-            for node in cls.body if isinstance(node, ast.Assign)
-            and any(isinstance(t, ast.Name) and t.id == "CONFIG_MAPPING" for t in node.targets))
-        pairs = tuple((str(hf), str(megatron)) for hf, megatron in ast.literal_eval(found))
-    except (OSError, SyntaxError, ValueError, StopIteration) as error:
-        raise CompatibilityError(f"{source}: cannot read Megatron-Bridge's CONFIG_MAPPING ({error}); the "
-                                 "configuration cross-check needs it") from None
-    return pairs + _EXTRA_PAIRS + tuple((name, name) for name in _SAME_NAME_FIELDS)
-
-
-def hf_value(config, hf_name: str) -> Any:
-    """A field of the language model's config (tied embeddings: the top-level config's, as Megatron-Bridge reads it)."""
-    if hf_name == "tie_word_embeddings":
-        return getattr(config, hf_name, None)
-    text = text_config(config)
-    value = getattr(text, hf_name, None)
-    if value is None and hf_name in _ROPE_FIELDS:
-        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
-        value = rope.get(hf_name) if isinstance(rope, Mapping) else None
-    return value
-
-
-def check_config_matches_run_config(config, run_config: RunConfig, config_source: str) -> None:
+def check_config_matches_run_config(config, run_config: RunConfig, config_source: str) -> Comparison:
     """Refuse a config describing another model than the one run_config.yaml records.
 
-    Every Megatron field of :data:`ARITHMETIC_FIELDS` that Megatron-Bridge maps from a Hugging Face
-    field (:func:`field_pairs`) and that both sides set is compared; each difference is named with
-    both names and both values.
+    Every field of the table's ``config_fields`` (:mod:`model_mappings.config_fields`) that both
+    sides set is compared (:func:`bridge_ext.config_compare.compare`); each difference is named
+    with both names and both values. Returns the comparison (what was and was not compared).
     """
-    recorded = run_config.model
-    arithmetic = {name: family for family, fields in ARITHMETIC_FIELDS.items() for name in fields}
-    differences, compared = [], set()
-    for hf_name, name in field_pairs():
-        if name not in arithmetic or name in compared or name not in recorded:
-            continue
-        ours = hf_value(config, hf_name)
-        if ours is None:
-            continue
-        compared.add(name)
-        theirs = _normalised(name, recorded)
-        if not _same(ours, theirs):
-            differences.append(f"{arithmetic[name]}: config.json has {hf_name} = {_shown(ours)}, "
-                               f"run_config.yaml has {name} = {_shown(theirs)}")
-    if differences:
+    from model_mappings import config_fields_for, table_for
+
+    comparison = compare(config, run_config.model, config_fields_for(table_for(config)))
+    if comparison.differences:
         raise ConfigMismatchError(
             f"{config_source} describes another model than the checkpoint's {run_config.path} "
-            "(converting would silently compute something else): " + "; ".join(differences)
+            "(converting would silently compute something else): " + "; ".join(comparison.differences)
             + ". Use the Hugging Face config of the model that was trained.")
+    return comparison
 
 
-def _normalised(name: str, settings: Mapping[str, Any]) -> Any:
-    """A field's effective value: Megatron's own defaults for unset sizes, functions by name."""
-    value = settings.get(name)
-    if value is None and name == "kv_channels":
-        hidden, heads = settings.get("hidden_size"), settings.get("num_attention_heads")
-        value = hidden // heads if type(hidden) is int and type(heads) is int and heads else None
-    elif value is None and name == "num_query_groups":
-        value = settings.get("num_attention_heads")
-    elif value is None and name == "ffn_hidden_size" and type(settings.get("hidden_size")) is int:
-        value = 4 * settings["hidden_size"]
-    elif value is None and name == "moe_ffn_hidden_size" and settings.get("num_moe_experts"):
-        value = _normalised("ffn_hidden_size", settings)
-    if isinstance(value, tuple):
-        value = list(value)
-    return value
-
-
-def _same(ours: Any, theirs: Any) -> bool:
-    if isinstance(ours, bool) or isinstance(theirs, bool):
-        return ours is theirs or (ours in (None, False) and theirs in (None, False))
-    if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)):
-        return math.isclose(ours, theirs, rel_tol=1e-9, abs_tol=0.0)
-    return ours == theirs
+def config_matches_run_config(model_dir: Path, run_config: RunConfig) -> str:
+    """``--verify``: the config.json written to ``model_dir`` against run_config.yaml (the
+    Megatron side); a report line, or VerificationError naming every field that differs."""
+    written, _ = load_hf_config(model_dir)
+    try:
+        comparison = check_config_matches_run_config(written, run_config, str(model_dir / "config.json"))
+    except ConfigMismatchError as error:
+        raise VerificationError(str(error)) from None
+    return (f"{model_dir / 'config.json'} matches {run_config.path.name} in all {len(comparison.compared)} "
+            "fields both set")

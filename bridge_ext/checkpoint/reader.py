@@ -233,6 +233,9 @@ class CheckpointReader:
     def _check_data_files(self) -> None:
         """A name the metadata gives as a data file must not be a folder, a device or a pipe."""
         for name in sorted({stored.file for stored in self._stored.values()}):
+            if "\0" in name:  # no file can have this name: stat() would raise ValueError
+                raise CorruptCheckpointError(f"{self.location.metadata_file}: the data file name {name!r} holds a "
+                                             "NUL byte, which no file name can", self.location.metadata_file)
             file = self.path / name
             if name != os.path.basename(name) or name in ("", ".", ".."):
                 continue  # refused, naming the tensor, when read (_data_file)
@@ -479,7 +482,8 @@ class CheckpointReader:
         """``run_config.yaml`` of the iteration folder, or None when there is none."""
         if self._run_config is False:
             file = self.location.run_config_file
-            self._run_config = load_run_config(file) if file.is_file() else None
+            # anything by that name (a folder, a pipe, a broken link) is read, and refused by name
+            self._run_config = load_run_config(file) if os.path.lexists(file) else None
         return self._run_config  # type: ignore[return-value]
 
     def require_run_config(self) -> RunConfig:

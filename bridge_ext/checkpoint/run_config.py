@@ -22,6 +22,7 @@ Nothing is instantiated and nothing named by ``_target_`` is imported.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,18 +203,24 @@ def _peft(section: Any, path: Path) -> PeftSettings | None:
         target=target,
         kind=target.rsplit(".", 1)[-1] if target else "",
         target_modules=tuple(str(name) for name in modules),
-        dim=_number(settings.get("dim"), int, path, "peft.dim"),
-        alpha=_number(settings.get("alpha"), None, path, "peft.alpha"),
-        dropout=_number(settings.get("dropout"), float, path, "peft.dropout"),
+        dim=_number(settings.get("dim"), path, "peft.dim", "an integer of at least 1", cast=int, low=1),
+        alpha=_number(settings.get("alpha"), path, "peft.alpha", "a finite number above 0", low=0, open_low=True),
+        dropout=_number(settings.get("dropout"), path, "peft.dropout", "a probability from 0 to 1", cast=float,
+                        low=0, high=1),
         dropout_position=settings.get("dropout_position"),
         exclude_modules=tuple(str(name) for name in settings.get("exclude_modules") or ()),
         settings=settings,
     )
 
 
-def _number(value: Any, kind: type | None, path: Path, name: str) -> Any:
+def _number(value: Any, path: Path, name: str, wanted: str, *, cast: type | None = None, low: float,
+            high: float = math.inf, open_low: bool = False) -> Any:
+    """A LoRA number in the range PEFT and the conversion accept (PEFT refuses a dropout above 1,
+    and a NaN alpha makes every logit NaN), else RunConfigError naming it."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RunConfigError(f"{path}: {name} must be a number, found {value!r}", path)
-    return value if kind is None else kind(value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if (not number or (cast is int and not float(value).is_integer()) or value < low or value > high
+            or (open_low and value == low)):
+        raise RunConfigError(f"{path}: {name} is {value!r}; it must be {wanted}", path)
+    return value if cast is None else cast(value)

@@ -183,7 +183,9 @@ def test_output_folder_exists_and_is_not_empty(qwen3_ckpts, qwen3_hf, out):
     assert f"{out / 'model'} exists and is not empty (pass --overwrite to replace it)" in message
     assert (out / "model" / "keep.txt").read_text() == "mine"
     assert_nothing_written(out, "model")
-    code, message = convert(*args, "--overwrite")
+    code, message = convert(*args, "--overwrite")  # keep.txt is no part of an earlier output
+    assert code == EXIT_OUTPUT_EXISTS and "(keep.txt): --overwrite replaces only an earlier output" in message
+    code, message = convert(*args, "--overwrite-any")
     assert code == 0, message
     assert not (out / "model" / "keep.txt").exists() and (out / "model" / "config.json").is_file()
     assert_nothing_written(out, "model", "adapter")
@@ -428,8 +430,9 @@ def test_moe_settings_are_cross_checked(qwen3_ckpts):
     from bridge_ext.checkpoint.config_check import ConfigMismatchError, check_config_matches_run_config
 
     recorded = CheckpointReader(qwen3_ckpts / "dense").run_config
+    # softmax before the top-k: Qwen3MoeConfig's default norm_topk_prob=False (qwen3_moe_bridge.py)
     trained = replace(recorded, model={**recorded.model, "num_moe_experts": 8, "moe_ffn_hidden_size": 32,
-                                       "moe_router_topk": 2})
+                                       "moe_router_topk": 2, "moe_router_pre_softmax": True})
     def moe_config(experts: int, width: int, top_k: int) -> Qwen3MoeConfig:
         return Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,

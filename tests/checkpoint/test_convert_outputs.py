@@ -176,7 +176,7 @@ def test_overwrite_keeps_an_old_folder_it_cannot_remove_whole(qwen3_ckpts, out):
         (old / name).write_text("old")
     make_undeletable(old / "sub" / "locked.bin")
     try:
-        code, message = run(qwen3_ckpts / "dense", "--model-out", old, "--overwrite")
+        code, message = run(qwen3_ckpts / "dense", "--model-out", old, "--overwrite-any")
     finally:
         kept = [path for path in out.iterdir() if path.name.startswith(".model.replaced-")]
         make_deletable((kept[0] if kept else old) / "sub" / "locked.bin")
@@ -200,7 +200,7 @@ def test_a_failed_install_puts_the_old_folder_back(qwen3_ckpts, out, monkeypatch
         rename(source, destination)
 
     monkeypatch.setattr(output_folder, "rename_noreplace", refuse_the_new_folder)
-    code, message = run(qwen3_ckpts / "dense", "--model-out", old, "--overwrite")
+    code, message = run(qwen3_ckpts / "dense", "--model-out", old, "--overwrite-any")
     assert code == EXIT_OUTPUT_IO and "permission denied" in message and "nothing was installed" in message, message
     assert listing(out) == ["model"] and (old / "keep.txt").read_text() == "mine" and listing(old) == ["keep.txt"]
 
@@ -212,7 +212,7 @@ def test_an_output_that_appears_meanwhile_is_never_replaced(qwen3_ckpts, out, mo
     if appearing == "a folder replacing the old one":
         target.mkdir()
         (target / "old.txt").write_text("old")
-        overwrite = ["--overwrite"]
+        overwrite = ["--overwrite-any"]
     theirs = []
 
     def someone_writes_the_target(bar, name: str, nbytes: int) -> None:
@@ -240,7 +240,7 @@ def test_both_outputs_are_installed_or_neither(qwen3_ckpts, out, monkeypatch):
 
     monkeypatch.setattr(cli._ProgressBar, "advance", the_adapter_target_appears)
     code, message = run(qwen3_ckpts / "lora", "--model-out", out / "model", "--adapter-out", out / "adapter",
-                        "--overwrite")
+                        "--overwrite-any")
     assert code == EXIT_OUTPUT_EXISTS and f"{out / 'adapter'} appeared during the conversion" in message, message
     assert listing(out) == ["adapter", "model"]  # the model folder installed first was taken back out
     assert listing(out / "model") == ["old.txt"] and listing(out / "adapter") == ["theirs.txt"]
@@ -305,7 +305,7 @@ def test_a_failed_verification_installs_nothing(qwen3_ckpts, out, monkeypatch):
     (out / "model" / "old.txt").write_text("old")
     monkeypatch.setattr(verify, "hf_logits", lambda model, input_ids: torch.full((1, 8, 128), float("nan")))
     code, message = run(qwen3_ckpts / "lora", "--model-out", out / "model", "--adapter-out", out / "adapter",
-                        "--verify", "--overwrite")
+                        "--verify", "--overwrite-any")
     assert code == EXIT_VERIFY and "non-finite logits" in message and "nothing was installed" in message, message
     assert listing(out) == ["model"] and listing(out / "model") == ["old.txt"]
 

@@ -1,8 +1,8 @@
 """``bridge-ext convert`` of a full checkpoint with a Hugging Face base runs no megatron code.
 
 The command runs in a fresh interpreter where executing any ``megatron.*`` module raises (finding
-one still works: the configuration cross-check reads Megatron-Bridge's source without importing
-it), so it cannot depend on the installed megatron versions, nor on bridge_ext.compat's hook.
+one still works), so it cannot depend on the installed megatron versions, nor on bridge_ext.compat's
+hook; the configuration cross-check reads the tables' field list, not Megatron-Bridge.
 """
 
 from __future__ import annotations

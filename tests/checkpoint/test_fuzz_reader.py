@@ -12,6 +12,7 @@ Besides the real checkpoint, the seeds include the crafted shapes of :mod:`hosti
 
 from __future__ import annotations
 
+import math
 import pickle
 import random
 import shutil
@@ -174,3 +175,80 @@ def test_unpickler_refuses_nesting_through_late_filling(depth):
     with pytest.raises(CheckpointError, match=f"objects nested {depth} deep"):
         safe_unpickle(data)
     assert pickle.loads(data)  # what the check prevents building: a real nested list
+
+
+# Hostile values in every field the reader takes a name or a number from: file names with NUL
+# bytes and other characters no data file has, and NaN, infinities, huge and negative numbers.
+HOSTILE_NAMES = ["__0_0.distcp\x00", "\x00", "__0_0.distcp\x00../x", "", ".", "..", "../__0_0.distcp",
+                 "/etc/passwd", "a\\b", "__0_0.distcp/"]
+HOSTILE_NUMBERS = [float("nan"), float("inf"), -float("inf"), 2**63, 10**30, -1, -(2**63), 0.5, True, "7"]
+
+
+def _metadata_field_mutations(rng: random.Random) -> list[tuple[str, object]]:
+    """(field, value) pairs: one hostile value in one field of one entry of the .metadata."""
+    cases = [("storage.relative_path", name) for name in HOSTILE_NAMES]
+    for field in ("storage.offset", "storage.length", "chunk.offsets", "chunk.sizes", "tensor.size"):
+        cases += [(field, number) for number in rng.sample(HOSTILE_NUMBERS, 5)]
+    return cases
+
+
+def _mutate_metadata(metadata, field: str, value, rng: random.Random) -> None:
+    kind, _, attribute = field.partition(".")
+    if kind == "storage":
+        info = metadata.storage_data[rng.choice(sorted(metadata.storage_data, key=str))]
+        setattr(info, attribute, value)
+        return
+    tensors = [m for m in metadata.state_dict_metadata.values() if hasattr(m, "chunks") and m.chunks]
+    tensor = rng.choice(tensors)
+    if kind == "tensor":
+        tensor.size = (value, *tuple(tensor.size)[1:])
+    else:
+        chunk = rng.choice(tensor.chunks)
+        old = tuple(getattr(chunk, attribute))
+        setattr(chunk, attribute, (value, *old[1:]))
+
+
+def _peft_accepts(field: str, value) -> bool:
+    """Whether PEFT loads an adapter with this LoRA number (dim must also be the stored rank: refused)."""
+    number = type(value) in (int, float) and math.isfinite(value)
+    return number and (0 < value if field == "peft.alpha" else 0 <= value <= 1 if field == "peft.dropout" else False)
+
+
+def test_hostile_names_and_numbers_in_metadata_and_run_config_fail_cleanly(qwen3_ckpts, tmp_path):
+    import yaml
+
+    source = qwen3_ckpts / "lora"
+    rng = random.Random(SEED + 1)
+    metadata = (source / ITER / ".metadata").read_bytes()
+    cases: list[tuple[str, object]] = _metadata_field_mutations(rng)
+    cases += [(f"peft.{name}", number) for name in ("alpha", "dim", "dropout") for number in HOSTILE_NUMBERS]
+    expected = written(convert_checkpoint(source, adapter_dir=tmp_path / "expected").adapter_dir)
+    failures, refused = [], 0
+    for number, (field, value) in enumerate(cases):
+        root = tmp_path / f"case{number}"
+        shutil.copytree(source, root)
+        if field.startswith("peft."):
+            file = root / ITER / "run_config.yaml"
+            settings = yaml.safe_load(file.read_text())
+            settings["peft"][field.removeprefix("peft.")] = value
+            file.write_text(yaml.safe_dump(settings))
+        else:
+            loaded = pickle.loads(metadata)  # our own test file
+            _mutate_metadata(loaded, field, value, rng)
+            (root / ITER / ".metadata").write_bytes(pickle.dumps(loaded))
+        try:
+            result = convert_checkpoint(root, adapter_dir=tmp_path / f"out{number}")
+        except BridgeExtError:
+            refused += 1
+        except Exception as error:  # noqa: BLE001 - the finding this test exists for
+            failures.append(f"{field} = {value!r}: {type(error).__name__}: {error}")
+        else:
+            # a damaged entry of a tensor an adapter export does not read changes nothing; a LoRA
+            # number is written only when PEFT accepts it (a huge alpha is finite and positive)
+            accepted = _peft_accepts(field, value) if field.startswith("peft.") \
+                else same(written(result.adapter_dir), expected)
+            if not accepted:
+                failures.append(f"{field} = {value!r}: converted")
+        shutil.rmtree(root)
+    assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n".join(failures)
+    assert refused > len(cases) // 2
