@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from collections import Counter
 from collections.abc import Hashable, Iterator
@@ -311,10 +312,11 @@ def _check_model_config(source: TensorSource, plan: ExportPlan) -> None:
     """A live model's Hugging Face config is the model's: compared with its own TransformerConfig,
     field by field, once per plan (after the shapes, which name the tensor that does not fit)."""
     from bridge_ext.config_compare import check_live_config
-    from bridge_ext.live import LiveModelSource
     from model_mappings import config_fields_for
 
-    model_config = getattr(source.chunks[0], "config", None) if isinstance(source, LiveModelSource) else None
+    live = sys.modules.get("bridge_ext.live")  # not loaded: the source is no live model (a checkpoint)
+    is_live = live is not None and isinstance(source, live.LiveModelSource)
+    model_config = getattr(source.chunks[0], "config", None) if is_live else None
     if model_config is not None and "config" not in plan.checked:
         check_live_config(model_config, plan.config, config_fields_for(plan.table), "the Hugging Face config")
         plan.checked.add("config")
