@@ -35,6 +35,7 @@ from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, hf_folde
 from bridge_ext.checkpoint.parallel_write import base_in_workers
 from bridge_ext.checkpoint.reader import READ_AHEAD_BYTES
 from bridge_ext.checkpoint.source import CheckpointSource
+from bridge_ext.consumer import adapter_layout_for, is_mtp_adapter
 from bridge_ext.dims import ModelDims
 from bridge_ext.dora import refuse_for_vllm
 from bridge_ext.engine import Mode
@@ -53,7 +54,6 @@ from bridge_ext.fp8_export import check_quantize
 from bridge_ext.hf_files import has_safetensors
 from bridge_ext.hf_folder import TensorSpec
 from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
-from bridge_ext.save import adapter_layout_for, is_mtp_adapter
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.table import ExpertLayout
 from bridge_ext.value_check import ValueCheck

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from bridge_ext import model_changes
+from bridge_ext.consumer import MTP_ADAPTERS_LEFT_OUT, adapter_layout_for, is_mtp_adapter, vllm_base_layout
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError, first_line
 from bridge_ext.fp8_export import Fp8Plan, check_quantize, fp8_rules_of, plan_fp8
-from bridge_ext.dora import check_dora
+from bridge_ext.dora import check_dora, refuse_for_vllm
 from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
 from bridge_ext.live_checks import check_device, check_dtype, check_model, overflows
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
@@ -212,6 +214,8 @@ class ExportPlan:
         if self.dora is None:
             self.dora = [adapter for adapter in source.adapters().values() if adapter.magnitude]
         return self.dora
+    #: whether an ``adapter_for="vllm"`` export has warned that it leaves MTP adapters out
+    mtp_adapters_warned: bool = field(default=False, repr=False)
 
     def is_extra(self, hf_name: str) -> bool:
         """A name outside transformers' key set that the table and the config allow (MTP)."""
@@ -462,6 +466,7 @@ def export_hf_weights(
     dora_adapters: bool = False,
     quantize: str | None = None,
     engine_tp_size: int | None = 1,
+    adapter_for: Literal["vllm"] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``(hf_name, tensor)`` pairs out of a Megatron model.
 
@@ -511,6 +516,12 @@ def export_hf_weights(
         engine_tp_size: With ``quantize``, the inference engine's tensor-parallel size: a weight
             whose per-rank part vLLM's block check would refuse is refused before the first
             tensor (None: no check).
+        adapter_for: ``"vllm"``: the receiver is vLLM. Refused before the first tensor: an
+            ``expert_adapter_layout`` or ``expert_layout`` its loader for the config's class
+            does not load (the table's ``vllm_expert_adapter_layouts`` / ``vllm_expert_layouts``;
+            unset, they default to what it loads); MTP adapters are left out (vLLM applies no
+            LoRA to its drafters), with one warning per plan; DoRA adapters are refused, even
+            with ``dora_adapters=True``. None (default): no such checks.
 
     Every rank of a parallel job must iterate the generator to its end together. Nothing is
     silently dropped: a parameter no rule covers, or a Hugging Face name the export would miss
@@ -518,7 +529,7 @@ def export_hf_weights(
     """
     _, _, pairs = _prepared_export(model, peft, adapters_only, hf_config, expert_layout, expert_adapter_layout,
                                    dtype, destination, device, quantize, engine_tp_size, base_only, dora_adapters,
-                                   allow_overflow)
+                                   allow_overflow, adapter_for)
     yield from pairs
 
 
@@ -527,7 +538,7 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
                      dtype: torch.dtype | None = None, destination: Destination = "all",
                      device: str | torch.device | None = None, quantize: str | None = None,
                      engine_tp_size: int | None = 1, base_only: bool = False, dora_adapters: bool = False,
-                     allow_overflow: bool = False,
+                     allow_overflow: bool = False, adapter_for: Literal["vllm"] | None = None,
                      ) -> tuple[TensorSource, ExportPlan, Iterator[tuple[str, torch.Tensor]]]:
     """The source, the plan and the (lazy) stream of :func:`export_hf_weights`."""
     if adapters_only and not peft:
@@ -539,11 +550,19 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
     check_dtype(dtype)
     check_device(device)
     check_quantize(quantize, engine_tp_size)
+    if adapter_for is not None:
+        if adapter_for != "vllm":
+            raise ExportError(f"adapter_for must be None or 'vllm' for a live export, not {adapter_for!r}")
+        config = resolve_hf_config(model, hf_config)
+        expert_layout = vllm_base_layout(config, expert_layout)
+        expert_adapter_layout = adapter_layout_for(config, adapter_for, expert_adapter_layout)
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout, destination)
     if adapters_only and not source.adapters():
         raise ExportError("adapters_only=True, but the model has no LoRA adapters: nothing would be exported")
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
     adapters = peft and not base_only and bool(source.adapters())
+    if adapters and adapter_for == "vllm":
+        refuse_for_vllm(plan.dora_adapters(source))
     if adapters and not dora_adapters and plan.dora_adapters(source):
         raise ExportError(f"the adapters are DoRA ({plan.dora[0].module}, ...), which vLLM cannot load: sync merged "
                           "weights (peft=False), or pass dora_adapters=True for a consumer that loads DoRA (PEFT)")
@@ -560,11 +579,26 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
         pairs = ((name, check(name, tensor)) for name, tensor in pairs)
     if fp8 is not None:
         pairs = fp8.quantize(pairs)
+    if adapter_for == "vllm":
+        pairs = _without_mtp_adapters(plan, pairs)
     if not to_cpu:
         return source, plan, pairs
     from bridge_ext.sync import to_host
 
     return source, plan, to_host(pairs)
+
+
+def _without_mtp_adapters(plan: ExportPlan, pairs: Iterator[tuple[str, torch.Tensor]],
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``pairs`` without MTP adapters, warned once per plan (a saved folder says it in its notes)."""
+    for name, tensor in pairs:
+        if name.startswith(PEFT_PREFIX) and is_mtp_adapter(plan, name):
+            if not plan.mtp_adapters_warned:
+                plan.mtp_adapters_warned = True
+                warnings.warn(f"MTP adapters left out of the export for vLLM: {MTP_ADAPTERS_LEFT_OUT} "
+                              "(peft=False keeps their effect in the drafter's weights)", stacklevel=2)
+            continue
+        yield name, tensor
 
 
 def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertLayout | None = None,
@@ -702,6 +736,8 @@ def export_hf_buckets(model, bucket_bytes: int = 512 << 20, **kwargs) -> Iterato
     source, plan, pairs = _prepared_export(model, **kwargs)
     adapters = kwargs.get("peft", True) and not kwargs.get("base_only", False)
     groups = expert_adapter_groups(source, plan) if adapters else {}
+    if kwargs.get("adapter_for") == "vllm":  # MTP adapters are left out of the stream
+        groups = {key: group for key, group in groups.items() if not is_mtp_adapter(plan, key)}
     yield from buckets(pairs, bucket_bytes, groups)
 
 

@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from bridge_ext.consumer import MTP_ADAPTERS_LEFT_OUT, AdapterConsumer, adapter_layout_for, is_mtp_adapter
 from bridge_ext.dora import refuse_for_vllm
 from bridge_ext.engine import ExportError, Mode
 from bridge_ext.export import ExportPlan, fp8_plan, hf_source_folder, prepare, resolve_hf_config, stream
@@ -29,28 +28,6 @@ from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.source import TensorSource
 from bridge_ext.table import ExpertLayout
 from bridge_ext.value_check import ValueCheck
-
-AdapterConsumer = Literal["peft", "vllm"]
-ADAPTER_CONSUMERS: tuple[AdapterConsumer, ...] = ("peft", "vllm")
-
-
-def adapter_layout_for(config, adapter_for: str, expert_adapter_layout: ExpertLayout | None) -> ExpertLayout:
-    """The expert-adapter layout of a saved folder for ``adapter_for`` (see
-    :func:`save_hf_pretrained`); refuses, before anything is written, a layout that consumer
-    does not load."""
-    if adapter_for not in ADAPTER_CONSUMERS:
-        raise ExportError(f"adapter_for must be one of {ADAPTER_CONSUMERS}, not {adapter_for!r}")
-    if adapter_for == "peft":
-        return expert_adapter_layout or "fused"
-    from model_mappings import table_for
-
-    table = table_for(config)
-    wanted = table.vllm_expert_adapter_layout(config)
-    if expert_adapter_layout is not None and expert_adapter_layout != wanted and table.expert_families:
-        raise ExportError(
-            f"vLLM does not load {expert_adapter_layout} expert adapters for {table.architecture(config)}: "
-            f"it loads {wanted} ones (leave expert_adapter_layout unset for adapter_for='vllm')")
-    return wanted
 
 # Files of a Hugging Face folder that describe the model but hold no weights.
 COMPANION_FILES = (
@@ -260,7 +237,7 @@ def write_export(
             notes.extend(write_config(plan, staged_model, source_folder, config_dtype or dtype,
                                       fp8.config() if fp8 is not None else None))
         if omitted:
-            notes.append(f"{omitted} MTP adapter tensors not written: vLLM applies no LoRA to its MTP drafter "
+            notes.append(f"{omitted} MTP adapter tensors not written: {MTP_ADAPTERS_LEFT_OUT} "
                          "(merge=True keeps their effect in the drafter's weights)")
         if adapter_tensors is not None:
             if model_dir is not None:
@@ -367,8 +344,3 @@ def _defined_fields(config) -> tuple[dict, list[str]]:
         return values, []
     return {key: value for key, value in values.items() if key in defined}, sorted(set(values) - defined)
 
-
-def is_mtp_adapter(plan: ExportPlan, key: str) -> bool:
-    """Whether a PEFT adapter key belongs to an MTP layer (names outside transformers' key set)."""
-    module = re.sub(r"\.(base_layer\.)?lora_[AB]\.weight$", "", key.removeprefix(PEFT_PREFIX))
-    return plan.is_extra(module + ".weight")

@@ -200,6 +200,10 @@ class MappingTable:
             export (weight sync) writes by default. vLLM decides it by the class it builds
             (``is_3d_moe_weight``), not by ``model_type``: e.g. ``Qwen3_5MoeForCausalLM`` is
             per expert and ``Qwen3_5MoeForConditionalGeneration`` fused.
+        vllm_expert_layouts: Architecture class -> the one base expert layout vLLM's loaders
+            for that class (and its MTP drafter) take (e.g. ``DeepseekV3ForCausalLM``: per
+            expert, its loader raises ``KeyError`` on fused experts); a class not listed loads both. An
+            ``adapter_for="vllm"`` export refuses the other layout and defaults to this one.
         in_memory_prefixes: ``(checkpoint prefix, in-memory prefix)`` pairs, first fit wins,
             where transformers renames on load (Qwen2.5-VL: ``model.`` -> ``model.language_model.``,
             ``visual.`` -> ``model.visual.``): the rules name the checkpoint; adapter keys and
@@ -215,6 +219,7 @@ class MappingTable:
     expert_families: tuple[ExpertFamily, ...] = ()
     extra_weights: ExtraWeights | None = None
     vllm_expert_adapter_layouts: Mapping[str, ExpertLayout] = field(default_factory=dict, compare=False)
+    vllm_expert_layouts: Mapping[str, ExpertLayout] = field(default_factory=dict, compare=False)
     in_memory_prefixes: tuple[tuple[str, str], ...] = ()
     fp8: Fp8Rules | None = field(default=None, compare=False)
     #: Registers with transformers what reading this family's config needs (e.g. a config class
@@ -235,6 +240,11 @@ class MappingTable:
         """The expert-adapter layout vLLM loads for ``config``'s architecture class; PEFT's
         ``fused`` for a class the table does not list."""
         return self.vllm_expert_adapter_layouts.get(self.architecture(config) or "", "fused")
+
+    def vllm_expert_layout(self, config) -> ExpertLayout | None:
+        """The only base expert layout vLLM loads for ``config``'s architecture class, or None
+        where it loads both."""
+        return self.vllm_expert_layouts.get(self.architecture(config) or "")
 
     def in_memory_name(self, hf_name: str) -> str:
         """``hf_name`` as the model in memory spells it (where PEFT matches and keys adapters):

@@ -123,7 +123,9 @@ def deepseek_fp8() -> Fp8Rules:
 
 
 def deepseek_style_table(config, *, model_class: str, decoder: Callable[[ExpertFamily], list[Rule]],
-                         description: str, fp8: Fp8Rules | None = None) -> MappingTable:
+                         description: str, fp8: Fp8Rules | None = None,
+                         main_loads_fused: bool = False) -> MappingTable:
+    """``main_loads_fused``: vLLM's main class loads fused expert weights (its MTP drafter never does)."""
     prefixes = mtp_layer_prefixes(config)
     return MappingTable(
         model_types=(config.model_type,),
@@ -134,6 +136,9 @@ def deepseek_style_table(config, *, model_class: str, decoder: Callable[[ExpertF
         extra_weights=ExtraWeights(prefixes=prefixes, count_key="num_nextn_predict_layers") if prefixes else None,
         # vLLM's DeepseekV3ForCausalLM and Glm4MoeForCausalLM: no is_3d_moe_weight
         vllm_expert_adapter_layouts={model_class: "per_expert"},
+        # vLLM 0.34 (tests/consumers): the MTP drafters' loaders raise KeyError on fused expert
+        # weights, and DeepseekV3ForCausalLM's too (Glm4MoeForCausalLM's loads them)
+        vllm_expert_layouts={model_class: "per_expert"} if prefixes or not main_loads_fused else {},
         fp8=fp8,
     )
 

@@ -21,7 +21,7 @@ def decoder_layer(family: ExpertFamily) -> list[Rule]:
 
 def build(config) -> MappingTable:
     return deepseek_style_table(config, model_class="Glm4MoeForCausalLM", decoder=decoder_layer,
-                                description=DESCRIPTION)
+                                description=DESCRIPTION, main_loads_fused=True)
 
 
 TABLE = TableBuilder(model_types=("glm4_moe",), build=build, description=DESCRIPTION)

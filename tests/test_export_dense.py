@@ -239,6 +239,11 @@ def test_a_dora_adapter_folder_for_vllm_is_refused(dora, tmp_path):
     with pytest.raises(ExportError, match=r"DoRA .* which vLLM cannot load"):
         save_hf_pretrained(dora.chunks, adapter_dir=tmp_path / "adapter", adapter_for="vllm")
     assert not (tmp_path / "adapter").exists()
+    # a live export for vLLM too, even with dora_adapters=True
+    with pytest.raises(ExportError) as refused:
+        next(export_hf_weights(dora.chunks, adapters_only=True, dora_adapters=True, adapter_for="vllm"))
+    assert str(refused.value) == ("the adapters are DoRA (decoder.layers.0.self_attention.linear_proj, ...), which "
+                                  "vLLM cannot load: give vLLM merged weights, or write the adapter folder for PEFT")
 
 
 def test_dora_on_a_linear_that_adds_its_bias_inside_merges_its_bias_and_refuses_peft(megatron_cpu, tmp_path):

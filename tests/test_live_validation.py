@@ -241,6 +241,81 @@ def test_adapter_folders_for_vllm_take_its_layout_and_refuse_the_other(moe, tmp_
     assert not (tmp_path / "refused").exists()
 
 
+def test_live_exports_for_vllm_refuse_its_unloaded_adapter_layout_and_leave_mtp_adapters_out(moe):
+    import warnings
+
+    from bridge_ext import export_hf_buckets
+    from bridge_ext.errors import BridgeExtError
+
+    stream = export_hf_weights(moe.chunks, adapters_only=True, adapter_for="vllm", expert_adapter_layout="fused")
+    with pytest.raises(BridgeExtError) as refused:
+        next(stream)  # before the first tensor
+    assert str(refused.value) == ("vLLM does not load fused expert adapters for Qwen3_5MoeForCausalLM: it loads "
+                                  "per_expert ones (leave expert_adapter_layout unset for adapter_for='vllm')")
+    with pytest.raises(BridgeExtError) as refused:
+        next(export_hf_weights(moe.chunks, adapter_for="sglang"))
+    assert str(refused.value) == "adapter_for must be None or 'vllm' for a live export, not 'sglang'"
+
+    everything = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
+    mtp = {name for name in everything if ".mtp." in name}
+    assert mtp
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True, adapter_for="vllm")]
+        again = [name for bucket in export_hf_buckets(moe.chunks, 1 << 12, adapters_only=True, adapter_for="vllm")
+                 for name, _ in bucket.tensors]
+    assert names == again == [name for name in everything if name not in mtp]
+    # the same plan (remembered between steps) warns once
+    assert [str(each.message) for each in caught] == [
+        "MTP adapters left out of the export for vLLM: vLLM applies no LoRA to its MTP drafter "
+        "(peft=False keeps their effect in the drafter's weights)"]
+
+
+def test_live_exports_for_vllm_refuse_a_base_expert_layout_its_loader_does_not_take(moe, monkeypatch):
+    import model_mappings
+    from bridge_ext.errors import BridgeExtError
+
+    table = model_mappings.table_for("qwen3_5_moe_text")
+    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
+    # the tiny model's folder keeps experts per expert: a table saying vLLM takes only fused ones
+    only = {"Qwen3_5MoeForCausalLM": "fused"}
+    model_mappings.register_table(dataclasses.replace(table, vllm_expert_layouts=only), overwrite=True)
+    with pytest.raises(BridgeExtError) as refused:
+        next(export_hf_weights(moe.chunks, adapter_for="vllm", expert_layout="per_expert"))
+    assert str(refused.value) == ("vLLM does not load per_expert expert weights for Qwen3_5MoeForCausalLM: it loads "
+                                  "fused ones (leave expert_layout unset for adapter_for='vllm')")
+    fused, per_expert = r"layers\.0\.mlp\.experts\.gate_up_proj$", r"layers\.0\.mlp\.experts\.3\.up_proj\.weight$"
+    names = [name for name, _ in export_hf_weights(moe.chunks, peft=False, adapter_for="vllm")]
+    assert _has(fused, names) and not _has(per_expert, names)
+    # without adapter_for nothing changes: the source folder's layout
+    names = [name for name, _ in export_hf_weights(moe.chunks, peft=False)]
+    assert _has(per_expert, names) and not _has(fused, names)
+
+
+@pytest.mark.parametrize(("model_type", "model_class", "mtp_layers", "only"), [
+    ("deepseek_v3", "DeepseekV3ForCausalLM", 1, "per_expert"),
+    ("deepseek_v3", "DeepseekV3ForCausalLM", 0, "per_expert"),
+    ("glm4_moe", "Glm4MoeForCausalLM", 1, "per_expert"),  # its MTP drafter loads no fused experts
+    ("glm4_moe", "Glm4MoeForCausalLM", 0, None),  # the main class loads both
+])
+def test_the_tables_say_which_base_expert_layouts_vllm_loads(model_type, model_class, mtp_layers, only):
+    """tests/consumers/test_vllm.py shows vLLM's loaders refusing fused experts there."""
+    from transformers import AutoConfig
+
+    from bridge_ext.consumer import vllm_base_layout
+    from bridge_ext.errors import BridgeExtError
+
+    config = AutoConfig.for_model(model_type, architectures=[model_class], num_nextn_predict_layers=mtp_layers)
+    assert vllm_base_layout(config, None) == only
+    if only is None:
+        assert vllm_base_layout(config, "fused") == "fused"
+        return
+    with pytest.raises(BridgeExtError) as refused:
+        vllm_base_layout(config, "fused")
+    assert str(refused.value) == (f"vLLM does not load fused expert weights for {model_class}: it loads "
+                                  "per_expert ones (leave expert_layout unset for adapter_for='vllm')")
+
+
 def test_the_plan_is_remembered_until_the_model_changes(built, mlp):
     from bridge_ext.export import prepare
 

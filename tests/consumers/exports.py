@@ -6,8 +6,9 @@ into one folder: the source folder (``source/``), the live streams as safetensor
 (``base.safetensors``: ``export_hf_weights(peft=True)`` without its adapter keys,
 ``adapters.safetensors`` + ``adapter_config.json``: its adapter keys and
 ``peft_adapter_config``, ``merged.safetensors``: ``peft=False``), the saved adapter folders
-(``saved_peft/``: ``save_hf_pretrained``'s default, ``saved_vllm/``: ``adapter_for="vllm"``)
-and ``manifest.json``, which tells the judge what to build and feed.
+(``saved_peft/``: ``save_hf_pretrained``'s default, ``saved_vllm/``: ``adapter_for="vllm"``),
+for some cases ``base_fused.safetensors`` (the base stream with fused experts, which
+``adapter_for="vllm"`` refuses for their class) and ``manifest.json``, which tells the judge what to build and feed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class Case:
     targets: tuple[str, ...]
     #: vLLM's MTP drafter class for this architecture (None: no MTP)
     drafter: str | None = None
+    #: also write ``base_fused.safetensors`` (the base stream with ``expert_layout="fused"``),
+    #: which the table says vLLM does not load for this class (``vllm_expert_layouts``)
+    fused_base: bool = False
 
 
 def _qwen3(d: Path) -> Path:
@@ -102,8 +106,8 @@ CASES: dict[str, Case] = {
     "qwen3_moe": Case(_qwen3_moe, GQA_TARGETS),
     "qwen3_5_moe_text": Case(_qwen3_5_moe_text, QWEN35_TARGETS, drafter="Qwen3_5MoeMTP"),
     "qwen3_5_moe_vl": Case(_qwen3_5_moe_vl, QWEN35_TARGETS, drafter="Qwen3_5MoeMTP"),
-    "deepseek_v3": Case(_deepseek_v3, MLA_TARGETS, drafter="DeepSeekMTPModel"),
-    "glm4_moe": Case(_glm4_moe, GQA_TARGETS, drafter="Glm4MoeMTPModel"),
+    "deepseek_v3": Case(_deepseek_v3, MLA_TARGETS, drafter="DeepSeekMTPModel", fused_base=True),
+    "glm4_moe": Case(_glm4_moe, GQA_TARGETS, drafter="Glm4MoeMTPModel", fused_base=True),
     "gpt_oss": Case(_gpt_oss, GQA_TARGETS),
     "qwen2_moe": Case(_qwen2_moe, GQA_TARGETS),
     "qwen3_next": Case(_qwen3_next, QWEN35_TARGETS, drafter="Qwen3NextMTP"),
@@ -134,6 +138,9 @@ def write_exports(name: str, out: Path) -> dict:
     config = peft_adapter_config(model.chunks).to_dict()
     (out / "adapter_config.json").write_text(json.dumps(_jsonable(config), indent=1))
     merged = _save(export_hf_weights(model.chunks, peft=False), out / "merged.safetensors")
+    if case.fused_base:
+        fused = export_hf_weights(model.chunks, peft=True, expert_layout="fused")
+        _save(((n, t) for n, t in fused if not n.startswith(PEFT_PREFIX)), out / "base_fused.safetensors")
     save_hf_pretrained(model.chunks, adapter_dir=out / "saved_peft")
     save_hf_pretrained(model.chunks, adapter_dir=out / "saved_vllm", adapter_for="vllm")
     manifest = {
@@ -141,6 +148,7 @@ def write_exports(name: str, out: Path) -> dict:
         "source": str(hf_dir),
         "architectures": json.loads((hf_dir / "config.json").read_text()).get("architectures"),
         "drafter": case.drafter,
+        "fused_base": case.fused_base,
         "scaling": LORA["alpha"] / LORA["dim"],
         "streams": {"base": base, "merged": merged, "adapters": adapters},
         "saved": {"peft": str(out / "saved_peft"), "vllm": str(out / "saved_vllm")},

@@ -321,6 +321,11 @@ def judge_case(manifest_path: Path) -> dict:
         for kind in ("base", "merged"):
             guarded(f"mtp_{kind}", lambda kind=kind: judge_stream(folder, manifest, kind, manifest["drafter"],
                                                                 references)[0])
+    if manifest.get("fused_base"):
+        for kind, drafter in (("base_fused", None), ("mtp_base_fused", manifest.get("drafter"))):
+            if kind == "base_fused" or drafter:
+                guarded(kind, lambda drafter=drafter: judge_stream(folder, manifest, "base_fused", drafter,
+                                                                   references)[0])
     return verdict
 
 

@@ -98,6 +98,28 @@ def test_vllm_loads_the_export(verdicts, case, kind):
         assert not verdict["ok"] and refusal in verdict.get("error", ""), verdict
 
 
+# The fact behind the tables' vllm_expert_layouts (adapter_for="vllm" refuses expert_layout="fused"
+# for these classes): per stream, None where vLLM loads it fully, else the start of its error.
+FUSED_BASE = {
+    "deepseek_v3": {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'",
+                    "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
+    # Glm4MoeForCausalLM loads them; its MTP drafter, fed the same stream, does not
+    "glm4_moe": {"base_fused": None,
+                 "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_BASE))
+def test_vllm_loads_fused_base_experts_only_where_the_table_says_so(verdicts, case):
+    assert {name for name, each in CASES.items() if each.fused_base} == set(FUSED_BASE)
+    for kind, error in FUSED_BASE[case].items():
+        verdict = verdicts[case][kind]
+        if error is None:
+            assert verdict["ok"], f"{case} {kind}: {verdict}"
+        else:
+            assert not verdict["ok"] and verdict.get("error", "").startswith(error), f"{case} {kind}: {verdict}"
+
+
 def test_what_vllm_ignores_is_explained(verdicts):
     """The main classes skip only MTP tensors (their drafter loads them); the drafters skip
     only the main model's tensors."""
