@@ -3,7 +3,7 @@
 One command::
 
     python benchmarks/checkpoint_convert.py [--layers 20] [--max-shard-size 200MB] [--workdir DIR]
-                                            [--repeat 3] [--no-megatron-bridge]
+                                            [--repeat 3] [--no-megatron-bridge] [--workers 1,2,4]
 
 1. writes a Qwen3-shaped Hugging Face folder with random bf16 weights (default about 0.64 GB),
    builds the Megatron-Core model from it through Megatron-Bridge and saves it with
@@ -22,6 +22,11 @@ One command::
    * ``adapter``: adapter-only checkpoint -> PEFT folder. Ours: ``convert_checkpoint`` with the
      base folder. Megatron-Bridge: what ``AutoBridge.export_adapter_ckpt`` does - build the model
      with the base weights loaded and LoRA in fp32, load the adapters, ``save_hf_adapter``;
+
+   * ``ours-full`` again for each ``--workers`` count (the sweep; peak RSS is then the largest
+     of the parent and its workers, each worker's own peak shown beside it);
+   * ``startup``: a fresh ``bridge-ext convert`` process, nothing imported before: seconds from
+     just before it is started to its first read of a tensor's bytes (imports and every check);
 
 3. prints one table: seconds, throughput (MB written per second), peak RSS, and the peak above
    the process's footprint after imports (the conversion's own memory), with the ratios. Ours is
@@ -60,6 +65,21 @@ SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, n
 LORA = dict(target_modules=("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"), dim=16, alpha=32)
 STAGES = ("ours-full", "bridge-full", "ours-adapter", "bridge-adapter")
 REPEATED = ("copy", "ours-full", "ours-adapter")
+# A fresh CLI process that reports the seconds (since --started) of its first read of tensor bytes.
+FIRST_READ = """
+import os, sys, time
+started = float(sys.argv.pop(1))
+from bridge_ext.checkpoint import record
+read_into = record.RecordFile.read_into
+def first(self, offset, buffer):
+    if not getattr(first, "done", False):
+        first.done = True
+        print(f"FIRST_READ {time.time() - started:.3f}", file=sys.stderr, flush=True)
+    return read_into(self, offset, buffer)
+record.RecordFile.read_into = first
+from bridge_ext.cli import main
+main()
+"""
 
 
 def peak_rss_mib() -> float:
@@ -123,14 +143,15 @@ def prepare(work: Path, layers: int) -> None:
 
 
 # -- the measured stages (each in its own process) ------------------------------------------
-def ours(work: Path, adapter: bool, max_shard_size: str) -> Path:
+def ours(work: Path, adapter: bool, max_shard_size: str, workers: int | None = None) -> Path:
     from bridge_ext.convert import convert_checkpoint
 
     out = work / ("ours-adapter" if adapter else "ours-full")
     if adapter:
         convert_checkpoint(work / "ckpt-adapter", adapter_dir=out, hf_base=work / "hf")
     else:
-        convert_checkpoint(work / "ckpt-full", model_dir=out, hf_base=work / "hf", max_shard_size=max_shard_size)
+        convert_checkpoint(work / "ckpt-full", model_dir=out, hf_base=work / "hf", max_shard_size=max_shard_size,
+                           workers=workers)
     return out
 
 
@@ -174,7 +195,7 @@ def megatron_bridge(work: Path, adapter: bool) -> Path:
     return out
 
 
-def measure(stage: str, work: Path, max_shard_size: str) -> dict:
+def measure(stage: str, work: Path, max_shard_size: str, workers: int | None = None) -> dict:
     import bridge_ext  # noqa: F401  (imports megatron without Transformer Engine)
     import megatron.bridge  # noqa: F401  (both sides pay the same imports before the clock starts)
     import transformers  # noqa: F401
@@ -182,15 +203,31 @@ def measure(stage: str, work: Path, max_shard_size: str) -> dict:
     baseline = peak_rss_mib()
     started, cpu_started = time.perf_counter(), cpu_seconds(os.times(), children=False)
     adapter = stage.endswith("adapter")
-    out = ours(work, adapter, max_shard_size) if stage.startswith("ours") else megatron_bridge(work, adapter)
+    out = ours(work, adapter, max_shard_size, workers) if stage.startswith("ours") else megatron_bridge(work, adapter)
     seconds = time.perf_counter() - started
     fsync_files(out)
     synced = time.perf_counter() - started
     cpu = cpu_seconds(os.times(), children=False) - cpu_started
     written = folder_bytes(out) if not adapter else (out / "adapter_model.safetensors").stat().st_size
     shutil.rmtree(out)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, if any
+    cpu += children.ru_utime + children.ru_stime
     return {"stage": stage, "seconds": seconds, "synced_seconds": synced, "bytes": written, "cpu_seconds": cpu,
-            "peak_mib": peak_rss_mib(), "baseline_mib": baseline}
+            "peak_mib": peak_rss_mib(), "baseline_mib": baseline, "worker_peak_mib": children.ru_maxrss / 1024}
+
+
+def measure_startup(work: Path) -> dict:
+    """Seconds from just before a fresh ``bridge-ext convert`` starts to its first read of tensor bytes."""
+    out = work / "ours-startup"
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-c", FIRST_READ, f"{time.time():.6f}", "convert", str(work / "ckpt-full"),
+               "--hf-base", str(work / "hf"), "--model-out", str(out), "--workers", "1"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    shutil.rmtree(out, ignore_errors=True)
+    if result.returncode != 0:
+        raise SystemExit(f"startup stage failed:\n{result.stderr[-4000:]}")
+    first = float(result.stderr.split("FIRST_READ ", 1)[1].split()[0])
+    return {"stage": "startup", "seconds": first, "synced_seconds": first, "bytes": 0, "cpu_seconds": 0.0}
 
 
 def cpu_seconds(times: os.times_result, children: bool) -> float:
@@ -215,11 +252,22 @@ def measure_copy(work: Path) -> dict:
 
 # -- driver ---------------------------------------------------------------------------------
 def run_stage(stage: str, work: Path, args: argparse.Namespace) -> dict:
+    """One measurement, with the 1-minute load average just after it (the machine may be shared)."""
+    result = _run_stage(stage, work, args)
+    result["load"] = os.getloadavg()[0]
+    return result
+
+
+def _run_stage(stage: str, work: Path, args: argparse.Namespace) -> dict:
     if stage == "copy":
         return measure_copy(work)
+    if stage == "startup":
+        return measure_startup(work)
+    stage, _, workers = stage.partition("@")  # ours-full@N: with N workers
     shutil.rmtree(work / stage, ignore_errors=True)  # the stage's output folder, left by an interrupted run
     command = [sys.executable, __file__, "--stage", stage, "--workdir", str(work),
-               "--layers", str(args.layers), "--max-shard-size", args.max_shard_size]
+               "--layers", str(args.layers), "--max-shard-size", args.max_shard_size,
+               *(["--stage-workers", workers] if workers else [])]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"stage {stage} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
@@ -259,12 +307,26 @@ def report(results: dict[str, list[dict]], checkpoint_bytes: int, args: argparse
             print(f"{label:<30}{'ratio Megatron-Bridge / ours':<28}{theirs['synced_seconds'] / ours['synced_seconds']:>15.1f}x"
                   f"{'':>16}{theirs['cpu_seconds'] / ours['cpu_seconds']:>6.1f}x"
                   f"{theirs['peak_mib'] / ours['peak_mib']:>12.1f}x{extra:>13.1f}x")
+    sweep = [stage for stage in results if stage.startswith("ours-full@")]
+    if sweep:
+        print(f"--workers sweep, full ckpt -> HF folder ({os.cpu_count()} CPUs; 'of copy': of the copy's MB/s above)")
+        print(f"{'workers':>8}{'seconds':>9}{'+sync s':>9}{'MB/s':>8}{'of copy':>9}{'CPU s':>8}{'peak RSS MiB':>14}"
+              f"{'worker peak MiB':>17}")
+        for stage in sweep:
+            r = median_run(results[stage])
+            rate = r["bytes"] / r["synced_seconds"]
+            print(f"{stage.partition('@')[2]:>8}{r['seconds']:>9.2f}{r['synced_seconds']:>9.2f}{rate / 1e6:>8.0f}"
+                  f"{rate / copy_rate:>9.0%}{r['cpu_seconds']:>8.2f}{r['peak_mib']:>14.0f}{r['worker_peak_mib']:>17.0f}")
+    if "startup" in results:
+        print("start-up, process start -> first tensor byte read (fresh `bridge-ext convert`, nothing imported "
+              "before): " + ", ".join(f"{r['seconds']:.2f} s" for r in results["startup"]))
     if args.repeat > 1:
-        print("every run (seconds / +sync seconds / CPU seconds):")
-        for stage in REPEATED:
+        print("every run (seconds / +sync seconds / CPU seconds, load average after it):")
+        for stage in [*REPEATED, *sweep]:
             runs = results.get(stage, [])
             print(f"  {stage:<14}" + "  ".join(
-                f"{r['seconds']:.2f}/{r['synced_seconds']:.2f}/{r['cpu_seconds']:.2f}" for r in runs))
+                f"{r['seconds']:.2f}/{r['synced_seconds']:.2f}/{r['cpu_seconds']:.2f} (load {r['load']:.1f})"
+                for r in runs))
 
 
 def main() -> None:
@@ -275,7 +337,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="measure the copy and ours this many times")
     parser.add_argument("--no-megatron-bridge", action="store_true",
                         help="skip Megatron-Bridge's path (it holds the whole model in memory)")
+    parser.add_argument("--workers", default="",
+                        help="also measure the full conversion with each of these worker counts, e.g. 1,2,4")
     parser.add_argument("--stage", choices=("prepare", *STAGES), help=argparse.SUPPRESS)
+    parser.add_argument("--stage-workers", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage == "prepare":
         import bridge_ext  # noqa: F401
@@ -283,7 +348,7 @@ def main() -> None:
         prepare(args.workdir, args.layers)
         return
     if args.stage is not None:
-        print(json.dumps(measure(args.stage, args.workdir, args.max_shard_size)))
+        print(json.dumps(measure(args.stage, args.workdir, args.max_shard_size, args.stage_workers)))
         return
     with tempfile.TemporaryDirectory() as scratch:
         work = args.workdir or Path(scratch)
@@ -302,9 +367,10 @@ def main() -> None:
             print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
         results: dict[str, list[dict]] = {}
         stages = [s for s in ("copy", *STAGES) if not (args.no_megatron_bridge and s.startswith("bridge"))]
+        stages += [f"ours-full@{n}" for n in args.workers.split(",") if n] + ["startup"]
         for round_number in range(args.repeat):
             for stage in stages:
-                if round_number and stage not in REPEATED:
+                if round_number and stage not in REPEATED and "@" not in stage:
                     continue
                 print(f"measuring {stage} ...", flush=True)
                 results.setdefault(stage, []).append(run_stage(stage, work, args))

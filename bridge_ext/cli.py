@@ -138,14 +138,17 @@ def _engine_tp(value: str) -> int | None:
 @click.option("--engine-tp-size", default="1", show_default=True, callback=lambda ctx, param, value: _engine_tp(value),
               help="With --quantize: the inference engine's tensor-parallel size, at which every FP8 weight must "
                    "pass vLLM's block check; none skips the check.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Convert and write the model folder's shards in this many processes at once (default: the "
+                   "cores available, fewer when memory or a small output says so). The files are the same "
+                   "whatever the number.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
 def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, hf_base: Path | None,
             hf_config: Path | None, model_type: str | None, iteration: int | None, merge: bool, dtype: str,
             expert_layout: str, expert_adapter_layout: str, adapter_for: str, max_shard_size: str,
             allow_overflow: bool, overwrite: bool, overwrite_any: bool, verify: bool, quantize: str | None,
-            engine_tp_size: int | None,
-            progress: bool | None) -> None:
+            engine_tp_size: int | None, workers: int | None, progress: bool | None) -> None:
     """Convert a Megatron checkpoint on disk to a Hugging Face folder and/or a PEFT adapter folder.
 
     CHECKPOINT is a Megatron-Core / Megatron-Bridge torch_dist checkpoint: a root folder with
@@ -189,7 +192,7 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
       6  --verify failed (checked before installing: nothing was installed)
       7  an I/O or permission error: an output cannot be written (parent not writable, no
          space left, file size limit, read-only file system), or the system failed a read;
-         or out of memory (an allocation failed)
+         or out of memory (an allocation failed, or the system killed a conversion worker)
     128+n  stopped by signal n (SIGINT 130, SIGHUP 129, SIGTERM 143): nothing installed, the
          staging folders removed (or, arriving during the final renames, all outputs installed)
     """
@@ -216,7 +219,7 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
                     expert_adapter_layout=None if expert_adapter_layout == "auto" else expert_adapter_layout,
                     adapter_for=adapter_for, max_shard_size=max_shard_size,
                     overwrite=OVERWRITE_ANY if overwrite_any else overwrite, verify=verify, allow_overflow=allow_overflow, on_start=bar.start, on_tensor=bar.advance, notes=notes,
-                    quantize=quantize, engine_tp_size=engine_tp_size,
+                    quantize=quantize, engine_tp_size=engine_tp_size, workers=workers,
                 )
     except KeyboardInterrupt as interrupt:
         number = getattr(interrupt, "signal_number", signal.SIGINT)

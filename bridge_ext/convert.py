@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 import types
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,8 @@ from bridge_ext.checkpoint.config_check import (
 )
 from bridge_ext.checkpoint.run_config import RunConfig
 from bridge_ext.checkpoint.hf_base import CombinedSource, HfBaseSource, hf_folder_shapes
+from bridge_ext.checkpoint.parallel_write import base_in_workers
+from bridge_ext.checkpoint.reader import READ_AHEAD_BYTES
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.consumer import adapter_layout_for, is_mtp_adapter
 from bridge_ext.dims import ModelDims
@@ -253,6 +255,7 @@ def convert_checkpoint(
     allow_overflow: bool = False,
     quantize: str | None = None,
     engine_tp_size: int | None = 1,
+    workers: int | None = None,
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
     notes: list[str] | None = None,
@@ -289,6 +292,10 @@ def convert_checkpoint(
         quantize: ``"fp8"``: the model folder's weights block-FP8 (docs/fp8.md), quantized after
             the ``dtype`` cast, with config.json's ``quantization_config``; ``engine_tp_size``:
             the inference engine's tensor-parallel size its block check is run at (None: none).
+        workers: Convert and write the model folder's shards in this many processes at once
+            (default: the cores this process may use, fewer when memory or the output's size
+            says so; the bytes written are the same whatever the number). An FP8 conversion
+            (``quantize``) runs in one process.
         on_start: Called with the number of tensors to write, once all checks passed.
         on_tensor: Called with each written tensor's name and size.
         notes: Collects what the user should hear about (also on failure): stale staging
@@ -376,14 +383,22 @@ def convert_checkpoint(
         layout = [TensorSpec(name, kind or spec.dtype, shape) for spec in layout
                   for name, shape, kind in fp8.output_shapes(spec.name, spec.shape)]
     checkpoint_source = source.adapter_source if isinstance(source, CombinedSource) else source
-    with (checkpoint_source.read_ahead(planned_reads(source, plan, base_mode, adapter_dir is not None)),
-          _core_left_for_reading()):
+    # With a layout the base tensors can go to their places from several processes at once
+    # (FP8 quantization runs in this process only).
+    write_base = None if layout is None or fp8 is not None else base_in_workers(
+        source, checkpoint_source, plan, base_mode, layout, transform=values, workers=workers,
+        read_ahead=READ_AHEAD_BYTES, on_tensor=on_tensor)
+    # Workers read ahead for themselves (and are forked with no thread running here); the
+    # adapters streamed here after them are small.
+    reading = nullcontext() if write_base is not None else \
+        checkpoint_source.read_ahead(planned_reads(source, plan, base_mode, adapter_dir is not None))
+    with reading, _core_left_for_reading():
         result = write_export(
             source, plan, model_dir, adapter_dir,
             merge=merge, config_dtype=written_dtype, max_shard_size=max_shard_size,
             overwrite=overwrite, source_folder=config_folder, base_model_name=base_name, on_tensor=on_tensor,
             found=found_outputs, before_install=verify_staged if verify else None, notes=notes,
-            transform=values, layout=layout, fp8=fp8,
+            transform=values, layout=layout, fp8=fp8, write_base=write_base,
             omit_adapter=(lambda key: is_mtp_adapter(plan, key)) if adapter_for == "vllm" else None,
         )
     report, verify_seconds = verification[0] if verification else (None, 0.0)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 import weakref
 from collections import Counter
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -20,18 +21,17 @@ from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
 from bridge_ext.errors import RuleError, first_line
 from bridge_ext.fp8_export import Fp8Plan, check_quantize, fp8_rules_of, plan_fp8
-from bridge_ext.distributed import Destination, all_agree, is_parallel_job
 from bridge_ext.dora import check_dora, refuse_for_vllm
 from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
-from bridge_ext.live import LiveModelSource, unwrap_chunks
 from bridge_ext.live_checks import check_device, check_dtype, check_model, overflows
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import TensorSource
-from bridge_ext.sync import to_host
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout, MappingTable
-from bridge_ext.trained_forward import warn_if_expert_lora_differs
 from bridge_ext.value_check import ValueCheck
+
+if TYPE_CHECKING:  # the live and parallel modules load only where a live model is exported
+    from bridge_ext.distributed import Destination
 
 
 def resolve_hf_config(model, hf_config=None):
@@ -41,6 +41,8 @@ def resolve_hf_config(model, hf_config=None):
     ``model.config.hf_model_id``.
     """
     from transformers import PretrainedConfig
+
+    from bridge_ext.live import unwrap_chunks
 
     if isinstance(hf_config, PretrainedConfig):
         return hf_config
@@ -273,9 +275,14 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     config.json and these arguments stay the same (not when ``hf_config`` is a config object:
     it may have changed). See :mod:`bridge_ext.model_changes`.
     """
+    from bridge_ext.distributed import all_agree
+    from bridge_ext.live import LiveModelSource, unwrap_chunks
+    from bridge_ext.trained_forward import warn_if_expert_lora_differs
+
+    from model_mappings import registered_table, table_for
+
     check_model(model)
     chunks = unwrap_chunks(model)
-    from model_mappings import registered_table, table_for
 
     config = resolve_hf_config(model, hf_config)
     # the table registered for the model type (register_table may replace it between exports)
@@ -312,13 +319,17 @@ def _check_model_config(source: TensorSource, plan: ExportPlan) -> None:
     from bridge_ext.config_compare import check_live_config
     from model_mappings import config_fields_for
 
-    model_config = getattr(source.chunks[0], "config", None) if isinstance(source, LiveModelSource) else None
+    live = sys.modules.get("bridge_ext.live")  # not loaded: the source is no live model (a checkpoint)
+    is_live = live is not None and isinstance(source, live.LiveModelSource)
+    model_config = getattr(source.chunks[0], "config", None) if is_live else None
     if model_config is not None and "config" not in plan.checked:
         check_live_config(model_config, plan.config, config_fields_for(plan.table), "the Hugging Face config")
         plan.checked.add("config")
 
 
 def _expert_tensor_parallel_size() -> int:
+    from bridge_ext.distributed import is_parallel_job
+
     if not is_parallel_job():
         return 1
     from megatron.core import parallel_state
@@ -578,8 +589,15 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
         pairs = fp8.quantize(pairs)
     if adapter_for == "vllm":
         pairs = _without_mtp_adapters(plan, pairs)
-    pairs = to_host(pairs) if to_cpu else pairs
-    return source, plan, pairs if zero_copy else without_aliases(pairs, model_storages(unwrap_chunks(model)))
+    if to_cpu:
+        from bridge_ext.sync import to_host
+
+        pairs = to_host(pairs)
+    if zero_copy:
+        return source, plan, pairs
+    from bridge_ext.live import unwrap_chunks
+
+    return source, plan, without_aliases(pairs, model_storages(unwrap_chunks(model)))
 
 
 def _without_mtp_adapters(plan: ExportPlan, pairs: Iterator[tuple[str, torch.Tensor]],
@@ -604,6 +622,8 @@ def peft_adapter_config(model, *, hf_config=None, expert_adapter_layout: ExpertL
     """
     source, plan = prepare(model, hf_config, expert_adapter_layout=expert_adapter_layout)
     if base_model_name_or_path is None:
+        from bridge_ext.live import unwrap_chunks
+
         base_model_name_or_path = getattr(unwrap_chunks(model)[0].config, "hf_model_id", None)
     return lora_config(plan, source.adapters(), base_model_name_or_path)
 
@@ -702,7 +722,7 @@ def expert_adapter_groups(source: TensorSource, plan: ExportPlan) -> dict[str, s
     module_of = {name: task.hf_names[0].rpartition(".")[0] for task in fused if task.rule.stack
                  for name in task.sources}
     found = source.adapters()
-    exchange = source.exchange if isinstance(source, LiveModelSource) else None
+    exchange = getattr(source, "exchange", None)  # a live model's (bridge_ext.live.LiveModelSource)
     groups = {}
     for task in plan.adapter_tasks:
         module = module_of.get(task.sources[0])
@@ -737,5 +757,7 @@ def hf_source_folder(model, hf_config=None) -> Path | None:
     """The local Hugging Face folder the model came from, if there is one."""
     candidate = hf_config if isinstance(hf_config, (str, Path)) else None
     if candidate is None:
+        from bridge_ext.live import unwrap_chunks
+
         candidate = getattr(unwrap_chunks(model)[0].config, "hf_model_id", None)
     return Path(candidate) if candidate and Path(candidate).is_dir() else None

@@ -111,21 +111,39 @@ class SafetensorsFile:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor`` (contiguous, on the CPU, of the planned dtype and shape) at its place."""
         spec, offset = self._places[name]
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise ExportError(f"{name}: planned as {spec.dtype} {spec.shape}, produced as "
-                              f"{tensor.dtype} {tuple(tensor.shape)}")
         if name not in self._unwritten:
             raise ExportError(f"{name} was written twice")
-        if spec.nbytes:
-            _write_at(self._fd, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), offset)
-            if hasattr(os, "posix_fadvise"):  # start writing these pages to disk now, not all at the end
-                os.posix_fadvise(self._fd, offset, spec.nbytes, os.POSIX_FADV_DONTNEED)
+        write_tensor_at(self._fd, offset, spec, name, tensor)
+        self._unwritten.discard(name)
+
+    def places(self) -> dict[str, tuple[int, int, TensorSpec]]:
+        """name -> (this file's descriptor, offset, spec): for a writer in a forked process."""
+        return {name: (self._fd, offset, spec) for name, (spec, offset) in self._places.items()}
+
+    def written_elsewhere(self, name: str) -> None:
+        """Record that ``name`` was written at its place by another process (see :meth:`places`)."""
+        if name not in self._unwritten:
+            raise ExportError(f"{name} was written twice" if name in self._places else f"{name} is not in {self.path}")
         self._unwritten.discard(name)
 
     def close(self) -> None:
         self._closer()
         if self._unwritten:
             raise ExportError(f"{self.path}: {sorted(self._unwritten)} were planned but never written")
+
+
+def write_tensor_at(fd: int, offset: int, spec: TensorSpec, name: str, tensor: torch.Tensor) -> None:
+    """``pwrite`` ``tensor`` (contiguous, on the CPU, of ``spec``'s dtype and shape) at ``offset`` of ``fd``.
+
+    The bytes go from the tensor's memory to the file in one large write (no copy in between).
+    """
+    if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        raise ExportError(f"{name}: planned as {spec.dtype} {spec.shape}, produced as "
+                          f"{tensor.dtype} {tuple(tensor.shape)}")
+    if spec.nbytes:
+        _write_at(fd, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), offset)
+        if hasattr(os, "posix_fadvise"):  # start writing these pages to disk now, not all at the end
+            os.posix_fadvise(fd, offset, spec.nbytes, os.POSIX_FADV_DONTNEED)
 
 
 def _write_at(fd: int, data: memoryview, offset: int) -> None:
@@ -205,6 +223,37 @@ class ShardedSafetensorsWriter:
             file = self._open[number] = SafetensorsFile(
                 self.directory / self._shard_name(number), self._layout[number], self.metadata)
         file.write(name, tensor)
+        if file.complete:
+            file.close()
+            del self._open[number]
+
+    def open_all(self) -> dict[str, tuple[int, int, TensorSpec]]:
+        """Create every planned shard now, headers written; name -> (descriptor, offset, spec).
+
+        For writers in forked processes (:mod:`bridge_ext.checkpoint.parallel_write`), which
+        inherit the descriptors; each tensor they write is then recorded with :meth:`written_elsewhere`.
+        """
+        if self._planned is None:
+            raise ExportError("open_all needs the planned layout")
+        places = {}
+        for number, specs in enumerate(self._layout):
+            if number not in self._open and any(spec.name not in self._added for spec in specs):
+                self._open[number] = SafetensorsFile(self.directory / self._shard_name(number), specs, self.metadata)
+            if number in self._open:
+                places.update(self._open[number].places())
+        return places
+
+    def written_elsewhere(self, name: str, nbytes: int) -> None:
+        """Record ``name`` (``nbytes``) as written by another process at its place from :meth:`open_all`."""
+        if name in self._added or self._planned is None or name not in self._planned:
+            raise ExportError(f"{name} was written twice" if name in self._added else
+                              f"{name} is not in the planned layout")
+        self._added.add(name)
+        self.total_bytes += nbytes
+        self.tensor_count += 1
+        number = self._planned[name]
+        file = self._open[number]
+        file.written_elsewhere(name)
         if file.complete:
             file.close()
             del self._open[number]

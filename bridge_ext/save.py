@@ -157,6 +157,7 @@ def write_export(
     notes: list[str] | None = None,
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     layout: list[TensorSpec] | None = None,
+    write_base: Callable[[ShardedSafetensorsWriter], None] | None = None,
     fp8: Fp8Plan | None = None,
     omit_adapter: Callable[[str], bool] | None = None,
 ) -> SaveResult:
@@ -174,7 +175,9 @@ def write_export(
     ``write=False``: take part in a parallel export (its collectives) without writing anything.
     ``transform`` is applied to each produced tensor before it is written.
     ``layout``: the base tensors the export will produce, in order, when known (then each is
-    written to its shard at once). ``fp8``: quantize the base weights it names after
+    written to its shard at once). ``write_base``: writes every base tensor into the writer
+    itself (e.g. in worker processes, :mod:`bridge_ext.checkpoint.parallel_write`); the stream
+    then yields the adapters only. ``fp8``: quantize the base weights it names after
     ``transform`` (``layout`` already lists what it writes), and record it in config.json.
     ``omit_adapter``: adapter keys left out of the adapter folder (their count goes to ``notes``).
     """
@@ -203,7 +206,13 @@ def write_export(
         if adapter_dir is not None:
             adapter_tensors = {}
         count = total = omitted = 0
-        pairs = stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype)
+        streamed_base = base_mode
+        if write_base is not None and base_writer is not None:
+            write_base(base_writer)
+            streamed_base = None
+            count, total = base_writer.tensor_count, base_writer.total_bytes
+        pairs = iter(()) if streamed_base is None and adapter_dir is None else \
+            stream(source, plan, base=streamed_base, adapters=adapter_dir is not None, dtype=dtype)
         if transform is not None:  # e.g. a cast that checks the values (bridge_ext.value_check)
             pairs = ((name, transform(name, tensor)) for name, tensor in pairs)
         if fp8 is not None:

@@ -13,11 +13,12 @@ once:
   strides and storage offset, which must lie inside that storage;
 * the bytes of ``<archive>/data/0`` (stored, not compressed) that the tensor views are read with
   large ``preadv`` calls straight into the result, and the CRC-32 computed piece by piece while
-  each piece is still in cache. Both calls release the GIL, so a read-ahead thread runs beside
-  the conversion. torch DCP saves each chunk with a storage of its own, so that is the whole
-  member and its CRC-32 is checked; a tensor viewing part of a larger storage (a crafted record)
-  is read in the bytes it views only (seeking over the rest), and then the member's CRC-32,
-  which covers bytes not read, cannot be checked. Memory: the result, never the storage.
+  each piece is still in cache (:mod:`bridge_ext.checkpoint.crc`). Both calls release the GIL, so
+  a read-ahead thread runs beside the conversion. torch DCP saves each chunk with a storage of its
+  own, so that is the whole member and its CRC-32 is checked; a tensor viewing part of a larger
+  storage (a crafted record) is read in the bytes it views only (seeking over the rest), and then
+  the member's CRC-32, which covers bytes not read, cannot be checked. Memory: the result, never
+  the storage.
 
 Every mismatch (a member missing, compressed or of the wrong size, a CRC-32 that differs, a
 tensor that is not what the metadata says) raises :class:`CorruptCheckpointError` naming the
@@ -31,13 +32,13 @@ import itertools
 import os
 import struct
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch._weights_only_unpickler as weights_only_unpickler  # what torch.load(weights_only=True) runs
 
+from bridge_ext.checkpoint.crc import crc32
 from bridge_ext.checkpoint.errors import CorruptCheckpointError
 
 # Reading and checking a piece at a time keeps it in cache between the two (and bounds one call).
@@ -72,7 +73,7 @@ class RecordFile:
             count = os.preadv(self.fd, [piece], offset + done)
             if count <= 0:
                 raise EOFError(f"{len(buffer)} bytes wanted at {offset}, {done} read")
-            crc = zlib.crc32(piece[:count], crc)
+            crc = crc32(piece[:count], crc)
             done += count
         return crc
 
@@ -99,7 +100,7 @@ def read_tensor_record(file: RecordFile, offset: int, length: int, what: str,
     if pickle_info.file_size > MAX_PICKLE_BYTES:
         raise _corrupt(file, what, f"{pickle_info.filename} has {pickle_info.file_size} bytes")
     pickled = file.read(_data_offset(file, offset, length, pickle_info, what), pickle_info.file_size)
-    if zlib.crc32(pickled) != pickle_info.CRC:
+    if crc32(pickled) != pickle_info.CRC:
         raise _corrupt(file, what, f"CRC-32 mismatch in {pickle_info.filename}")
     nbytes = data_info.file_size
     layout = _unpickle(pickled, torch.UntypedStorage(nbytes, device="meta"), nbytes)

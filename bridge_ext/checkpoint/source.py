@@ -217,14 +217,15 @@ class CheckpointSource:
         return list(torch.split(tensor, rows)) if rows else [tensor]
 
     @contextmanager
-    def read_ahead(self, names: Iterable[str]) -> Iterator[None]:
-        """Within the block, :meth:`shards` of ``names`` (in this order) was read ahead in a background thread.
+    def read_ahead(self, names: Iterable[str], max_bytes: int | None = None) -> Iterator[None]:
+        """Within the block, :meth:`shards` of ``names`` (in this order) was read ahead in a background thread
+        (at most ``max_bytes`` ahead; default: the reader's).
 
         Names this source does not hold are left out (another source reads them).
         """
         requests = [(key, self.slices[name].index or None) for name in names if name in self.slices
                     for key in self.slices[name].keys]
-        with self.reader.read_ahead(requests):
+        with self.reader.read_ahead(requests, **({} if max_bytes is None else {"max_bytes": max_bytes})):
             yield
 
     # ------------------------------------------------------------------ shapes, without reading
