@@ -35,7 +35,10 @@ def hf_model_type(hf_dir: str | Path) -> str | None:
 
 
 def is_gpt_family(hf_dir: str | Path) -> bool:
-    return hf_model_type(hf_dir) in MODEL_TYPES
+    """A type of :data:`MODEL_TYPES`, or one whose table is generated (:mod:`bridge_ext.cpu.tiny_generated`)."""
+    from bridge_ext.cpu.tiny_generated import TINY
+
+    return hf_model_type(hf_dir) in (*MODEL_TYPES, *TINY)
 
 
 def local_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
