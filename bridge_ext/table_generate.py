@@ -271,7 +271,10 @@ def generate(model_type: str) -> str:
 
 
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation) -> str:
+    from model_mappings.architecture_notes import UNCOMPARED
+
     bridge = entry.bridge_class
+    uncompared = UNCOMPARED.get(model_type, {})
     lines = [
         f'"""{entry.source} ({model_type}): generated from Megatron-Bridge {megatron_bridge_version()}\'s',
         f"{bridge.__module__}.{bridge.__name__}.mapping_registry() by `bridge-ext tables generate {model_type}`.",
@@ -284,7 +287,8 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
                   "left out so that such a weight is refused as unmapped:"]
         lines += [f"    {name}" for name in translation.absent]
     lines += ['"""', "", "from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows, TrimVocab  # noqa: F401",
-              "from bridge_ext.table import ExpertFamily, MappingTable, rule", "",
+              "from bridge_ext.table import ExpertFamily, MappingTable, rule",
+              *(["from model_mappings.config_fields import standard"] if uncompared else []), "",
               f'MEGATRON_BRIDGE_VERSION = "{megatron_bridge_version()}"']
     families = "()"
     if translation.expert_parameters:
@@ -295,7 +299,12 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
     lines += [f"        {each.text}," for each in translation.rules]
     lines += ["    ),", f'    description="{entry.source} (generated from Megatron-Bridge {megatron_bridge_version()})",',
               f"    model_classes={{{_quoted(model_type)}: {_quoted(entry.source)}}},",
-              f"    expert_families={families},", ")", ""]
+              f"    expert_families={families},"]
+    if uncompared:  # reviewed by hand: model_mappings.architecture_notes.UNCOMPARED
+        lines.append("    config_fields=standard({")
+        lines += [f"        {_quoted(name)}: {_quoted(why)}," for name, why in uncompared.items()]
+        lines.append("    }),")
+    lines += [")", ""]
     return "\n".join(lines)
 
 

@@ -49,3 +49,10 @@ REFUSED: dict[str, str] = {
 
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.
 NOT_PROVABLE: dict[str, str] = {}
+
+#: Config fields a generated table leaves uncompared (``model_mappings.config_fields.standard``),
+#: each reviewed in Megatron-Bridge's source: model_type -> {Hugging Face field: why}.
+UNCOMPARED: dict[str, dict[str, str]] = {
+    "gemma2": {"layer_types": "Megatron-Bridge's Gemma2DotProductAttention slides on odd layer numbers itself "
+                              "(HF's sliding/full alternation), whatever window_attn_skip_freq says"},
+}

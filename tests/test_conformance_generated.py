@@ -23,13 +23,17 @@ from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_log
 from model_mappings import generated_model_types
 
 PROVEN = sorted(set(TINY) & generated_model_types())
+#: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)
+POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
+LORA_TARGETS = {"gemma2": POST_NORM_TARGETS, "exaone4": POST_NORM_TARGETS}
 MEGATRON_SPELLINGS = ("base_layer", "to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.")
 
 
 @pytest.fixture(scope="module", params=PROVEN)
 def built(request, megatron_cpu, tmp_path_factory):
     hf_dir = tiny_generated(tmp_path_factory.mktemp(request.param), request.param)
-    model = build_megatron_model(hf_dir, lora=LoraSettings())
+    targets = LORA_TARGETS.get(request.param)
+    model = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=targets) if targets else LoraSettings())
     randomize_lora(model.chunks, seed=len(request.param))
     return model
 
@@ -74,3 +78,13 @@ def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
                               relative_tolerance=1e-5)
     without_adapter = hf_logits(load_hf_model(tmp_path / "model"), input_ids)
     assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+
+
+def test_lora_after_a_linear_s_own_output_norm_is_refused(megatron_cpu, tmp_path):
+    """Gemma 2's linear_proj normalises its output; Megatron-Bridge adds the LoRA delta after it."""
+    from bridge_ext.errors import ExportError
+
+    model = build_megatron_model(tiny_generated(tmp_path, "gemma2"), lora=LoraSettings())
+    with pytest.raises(ExportError, match=r"decoder\.layers\.0\.self_attention\.linear_proj: LoRA on a linear that "
+                                          r"normalises its own output"):
+        next(export_hf_weights(model.chunks))

@@ -139,5 +139,9 @@ def cpu_forward_context() -> Iterator[None]:
     """Scope for a forward on CPU: the sliding-window mask is built on the CPU device."""
     from bridge_ext.cpu.qwen35 import _replaced
 
-    with _replaced("megatron.core.fusions.fused_softmax", get_sliding_window_causal_mask=sliding_window_causal_mask):
+    with ExitStack() as stack:
+        stack.enter_context(_replaced("megatron.core.fusions.fused_softmax",
+                                      get_sliding_window_causal_mask=sliding_window_causal_mask))
+        # Gemma 2's attention builds the same mask on cuda with a function of its own
+        stack.enter_context(_replaced("megatron.bridge.models.gemma.gemma2_provider", get_swa=sliding_window_causal_mask))
         yield

@@ -24,6 +24,12 @@ TINY: dict[str, dict] = {
     "deepseek_v2": dict(MOE, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32,
                         q_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, topk_method="greedy"),
     "exaone_moe": dict(MOE, num_shared_experts=1, first_k_dense_replace=1, sliding_window=64),
+    "gemma": dict(tie_word_embeddings=True),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=4),  # experts: intermediate_size
+    # EXAONE-4.0-1.2B: full attention only, as Megatron-Bridge's bridge builds it
+    "exaone4": dict(sliding_window=None, layer_types=["full_attention"] * 2, tie_word_embeddings=True),
+    "nemotron": dict(),
+    "gemma2": dict(sliding_window=64, tie_word_embeddings=True),
 }
 
 NORM_NOISE = 0.1
