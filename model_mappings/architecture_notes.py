@@ -55,4 +55,7 @@ NOT_PROVABLE: dict[str, str] = {}
 UNCOMPARED: dict[str, dict[str, str]] = {
     "gemma2": {"layer_types": "Megatron-Bridge's Gemma2DotProductAttention slides on odd layer numbers itself "
                               "(HF's sliding/full alternation), whatever window_attn_skip_freq says"},
+    "gemma3_text": {"layer_types": "Megatron-Bridge's Gemma 3 attention picks sliding or global per layer from "
+                                   "interleaved_attn_pattern (five sliding, one global, as HF's default layer_types), "
+                                   "not from window_attn_skip_freq"},
 }

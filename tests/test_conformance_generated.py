@@ -25,7 +25,7 @@ from model_mappings import generated_model_types
 PROVEN = sorted(set(TINY) & generated_model_types())
 #: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)
 POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
-LORA_TARGETS = {"gemma2": POST_NORM_TARGETS, "exaone4": POST_NORM_TARGETS}
+LORA_TARGETS = {"gemma2": POST_NORM_TARGETS, "gemma3_text": POST_NORM_TARGETS, "exaone4": POST_NORM_TARGETS}
 MEGATRON_SPELLINGS = ("base_layer", "to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.")
 
 

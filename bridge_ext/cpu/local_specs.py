@@ -13,6 +13,7 @@ megatron-core's local modules, module for module, keeping the provider's own cla
 * ``TENorm`` and megatron's torch norms -> :class:`CpuNorm` (zero-centred gamma supported);
 * ``TEDotProductAttention`` -> ``DotProductAttention``; Gemma 2's FlexAttention (a Triton
   kernel) -> its unfused parent ``Gemma2DotProductAttention``, the path it falls back to itself;
+  Gemma 3's ``Gemma3TEDotProductAttention`` -> :func:`gemma3_dot_product_attention`;
 * a self-attention without q/k norm modules in a ``qk_layernorm`` config gets :class:`CpuNorm`
   ones (Transformer Engine's attention builds ``TENorm`` there itself);
 * a provider spec that extends Transformer Engine's default spec (OLMoE's) starts from the
@@ -80,11 +81,35 @@ def _te_names() -> dict[int, str]:
     import importlib
 
     found: dict[int, set[str]] = {}
-    for module_name in ("megatron.core.extensions.transformer_engine", "megatron.bridge.models.common.te_layers"):
+    for module_name in ("megatron.core.extensions.transformer_engine", "megatron.bridge.models.common.te_layers",
+                        "megatron.bridge.models.gemma.gemma3_provider"):
         for name, value in vars(importlib.import_module(module_name)).items():
-            if name.startswith("TE") and value is not None:
+            if "TE" in name and value is not None:
                 found.setdefault(id(value), set()).add(name)
     return {key: names.pop() for key, names in found.items() if len(names) == 1}  # shared placeholders: unknown
+
+
+@functools.cache
+def gemma3_dot_product_attention():
+    """megatron-core's local ``DotProductAttention`` with Megatron-Bridge's
+    ``Gemma3TEDotProductAttention`` window choice: sliding (``window_size - 1``, 0) on the
+    provider's local layers, full on the global ones (text models only)."""
+    import copy
+
+    from megatron.bridge.models.gemma.gemma3_provider import _is_local_attn_layer
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class Gemma3DotProductAttention(DotProductAttention):
+        def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, **kwargs):
+            if config.is_vision_language:
+                raise NotImplementedError("the local Gemma 3 attention covers text models only")
+            config = copy.deepcopy(config)
+            local = _is_local_attn_layer(layer_number, config.interleaved_attn_pattern)
+            config.window_size = (config.window_size - 1, 0) if local else None
+            super().__init__(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+                             attention_type=attention_type, **kwargs)
+
+    return Gemma3DotProductAttention
 
 
 def _local(module, where: str):
@@ -96,6 +121,8 @@ def _local(module, where: str):
     name = _te_names().get(id(module)) or getattr(module, "__name__", "")
     if name == "Gemma2FlexDotProductAttention":
         return module.__mro__[1]
+    if name == "Gemma3TEDotProductAttention":
+        return gemma3_dot_product_attention()
     local = {
         "TEColumnParallelLinear": ColumnParallelLinear,
         "TELayerNormColumnParallelLinear": ColumnParallelLinear,

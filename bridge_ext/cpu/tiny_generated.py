@@ -30,6 +30,8 @@ TINY: dict[str, dict] = {
     "exaone4": dict(sliding_window=None, layer_types=["full_attention"] * 2, tie_word_embeddings=True),
     "nemotron": dict(),
     "gemma2": dict(sliding_window=64, tie_word_embeddings=True),
+    # six layers: five sliding (window 4 < the 11 test tokens), one global, as Gemma 3 alternates
+    "gemma3_text": dict(sliding_window=4, tie_word_embeddings=True, num_hidden_layers=6),
 }
 
 NORM_NOISE = 0.1
