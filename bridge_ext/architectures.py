@@ -15,6 +15,7 @@ Its output is docs/architectures.md (a test keeps the two equal).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 NO_REASON = "no reason recorded"
@@ -46,7 +47,8 @@ def _expert_layouts(table) -> str:
     return ", ".join(layouts) or "–"
 
 
-def architectures() -> list[Architecture]:
+@functools.cache
+def architectures() -> tuple[Architecture, ...]:
     """One row per Hugging Face class (Megatron-Bridge's registry and bridge_ext's tables)."""
     import model_mappings
     from bridge_ext.cpu.tiny_generated import TINY
@@ -79,8 +81,8 @@ def architectures() -> list[Architecture]:
         hf_class = getattr(table, "model_classes", {}).get(model_type, "–")
         rows[(hf_class, model_type)] = Architecture(hf_class, model_type, *status(hf_class, model_type))
     order = ("hand-written", "generated+proven", "generated,", "refused")
-    return sorted(rows.values(), key=lambda row: (next(i for i, s in enumerate(order) if row.status.startswith(s)),
-                                                  row.model_type, row.hf_class))
+    return tuple(sorted(rows.values(), key=lambda row: (
+        next(i for i, s in enumerate(order) if row.status.startswith(s)), row.model_type, row.hf_class)))
 
 
 def render() -> str:

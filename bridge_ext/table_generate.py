@@ -71,7 +71,9 @@ def registered_bridges() -> list[RegisteredBridge]:
             continue
         hf_class = getattr(transformers, source, None)
         config_class = getattr(hf_class, "config_class", None)
-        found[source] = RegisteredBridge(source, getattr(config_class, "model_type", None), bridge_class)
+        # a remote-code class (no transformers class): the model_type the bridge declares, if any
+        model_type = getattr(config_class, "model_type", None) or getattr(bridge_class, "MODEL_TYPE", None)
+        found[source] = RegisteredBridge(source, model_type, bridge_class)
     return sorted(found.values(), key=lambda entry: entry.source)
 
 
@@ -257,8 +259,13 @@ def generate(model_type: str) -> str:
     from bridge_ext.cpu.distributed import megatron_parallel
     from bridge_ext.cpu.tiny_generated import tiny_config, tiny_generated
 
+    from contextlib import nullcontext
+
+    from megatron.core import parallel_state
+
     entry = bridge_for(model_type)
-    with tempfile.TemporaryDirectory() as scratch, megatron_parallel():
+    parallel = nullcontext() if parallel_state.model_parallel_is_initialized() else megatron_parallel()
+    with tempfile.TemporaryDirectory() as scratch, parallel:
         hf_dir = tiny_generated(Path(scratch) / "hf", model_type)
         built = build_megatron_model(hf_dir, load_weights=False)
         mappings = built.bridge._model_bridge.mapping_registry().mappings

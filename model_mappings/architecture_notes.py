@@ -41,6 +41,16 @@ REFUSED: dict[str, str] = {
     "SarvamMoEForCausalLM": REMOTE,
     "Step3p5ForCausalLM": REMOTE,
     "BailingMoeV2ForCausalLM": REMOTE,
+    # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
+    "Ernie4_5_MoeForCausalLM": "its expert bias mapping (_SqueezeBiasMapping: [1, E] <-> [E]) reshapes, which no "
+                               "operation of the table vocabulary does (the generator refuses the mapping kind)",
+    "MiMoV2FlashForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config fields transformers 5.23's MiMoV2FlashConfig "
+                              "lacks (swa_rope_theta): no provider, nothing to generate from",
+    "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, a per-layer attribute of "
+                         "transformers 5.23's Gemma4TextConfig (AmbiguousGlobalPerLayerAttributeError)",
+    "FalconH1ForCausalLM": "hybrid Mamba layers: MambaInProjMapping / MambaConv1dMapping have no rule kind of the "
+                           "generator yet, and megatron-core's Mamba mixer needs the mamba_ssm / causal_conv1d CUDA "
+                           "kernels, so no tiny model runs on the CPU to prove a table",
     # generated, then refused on what the proof showed
     "HYV3ForCausalLM": "Megatron-Bridge maps the checkpoint's mlp.shared_mlp, which transformers renames to "
                        "mlp.shared_experts in memory, where PEFT keys adapters; the table vocabulary renames "
