@@ -24,17 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge_ext.errors import TableError
+from model_mappings.architecture_notes import EQUIVALENT_KINDS, LEFT_OUT_PREFIXES
 
-#: Megatron-side prefixes of the parts a generated table never covers.
-LEFT_OUT_PREFIXES = ("mtp.", "vision_model.", "audio_model.", "vision_tower.", "visual.", "talker.", "thinker.")
 WILDCARDS = ("layer", "expert")
-#: Bridge-private subclasses that convert exactly like their base (read in Megatron-Bridge's
-#: source): ERNIE-4.5's ``_PPSafe*`` only return nothing for a weight no pipeline rank holds.
-EQUIVALENT_KINDS = {
-    "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeAutoMapping": "AutoMapping",
-    "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeReplicatedMapping": "ReplicatedMapping",
-    "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeGatedMLPMapping": "GatedMLPMapping",
-}
 _FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
 _GROUPED_EXPERT = re.compile(r"^(?P<prefix>.*)\.experts\.linear_fc(?P<n>[12])\.weight\*$")
 

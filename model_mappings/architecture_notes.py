@@ -1,11 +1,24 @@
-"""Why an architecture Megatron-Bridge registers has no proven table (``bridge-ext architectures``).
+"""Reviewed facts about Megatron-Bridge's bridges: what a generated table leaves out or reads
+alike (``bridge-ext tables generate``), and why an architecture Megatron-Bridge registers has no
+proven table (``bridge-ext architectures``).
 
-Keys are Hugging Face class names as Megatron-Bridge registers them. A class with a table
+:data:`REFUSED`'s keys are Hugging Face class names as Megatron-Bridge registers them. A class with a table
 (hand-written or generated) takes its status from the table, whatever is written here; a
 class without one must have its reason here (a test checks that none is left out).
 """
 
 from __future__ import annotations
+
+#: Megatron-side prefixes of the parts a generated table never covers (``bridge-ext tables generate``).
+LEFT_OUT_PREFIXES = ("mtp.", "vision_model.", "audio_model.", "vision_tower.", "visual.", "talker.", "thinker.")
+
+#: Bridge-private subclasses that convert exactly like their base (read in Megatron-Bridge's
+#: source): ERNIE-4.5's ``_PPSafe*`` only return nothing for a weight no pipeline rank holds.
+EQUIVALENT_KINDS = {
+    "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeAutoMapping": "AutoMapping",
+    "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeReplicatedMapping": "ReplicatedMapping",
+    "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeGatedMLPMapping": "GatedMLPMapping",
+}
 
 IN_PROGRESS = "hand-written table in progress, not generated"
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
