@@ -72,7 +72,8 @@ def architectures() -> tuple[Architecture, ...]:
 
     for entry in registered_bridges():
         model_type = entry.model_type or "–"
-        rows[(entry.source, model_type)] = Architecture(entry.source, model_type, *status(entry.source, entry.model_type))
+        rows[(entry.source, model_type)] = Architecture(entry.source, model_type,
+                                                        *status(entry.source, entry.model_type))
     served = {row.model_type for row in rows.values()}
     for model_type in model_mappings.known_model_types():
         if model_type in served:

@@ -57,8 +57,8 @@ REFUSED: dict[str, str] = {
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
     "Ernie4_5_MoeForCausalLM": "its expert bias mapping (_SqueezeBiasMapping: [1, E] <-> [E]) reshapes, which no "
                                "operation of the table vocabulary does (the generator refuses the mapping kind)",
-    "MiMoV2FlashForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config fields transformers 5.23's MiMoV2FlashConfig "
-                              "lacks (swa_rope_theta): no provider, nothing to generate from",
+    "MiMoV2FlashForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config fields transformers 5.23's "
+                              "MiMoV2FlashConfig lacks (swa_rope_theta): no provider, nothing to generate from",
     "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, a per-layer attribute of "
                          "transformers 5.23's Gemma4TextConfig (AmbiguousGlobalPerLayerAttributeError)",
     "FalconH1ForCausalLM": "hybrid Mamba layers: MambaInProjMapping / MambaConv1dMapping have no rule kind of the "

@@ -21,7 +21,8 @@ def rows():
 def test_docs_architectures_md_is_the_command_s_output():
     from bridge_ext.architectures import render
 
-    assert (ROOT / "docs" / "architectures.md").read_text() == render(), "run: bridge-ext architectures > docs/architectures.md"
+    assert (ROOT / "docs" / "architectures.md").read_text() == render(), \
+        "run: bridge-ext architectures > docs/architectures.md"
 
 
 def test_every_megatron_bridge_class_has_a_status_with_its_reason(rows):
@@ -86,8 +87,10 @@ def test_ernie_s_reshaping_bias_mapping_is_refused():
 
     from bridge_ext.table_generate import translate
 
-    mapping = _SqueezeBiasMapping("decoder.layers.*.mlp.router.expert_bias", "model.layers.*.mlp.moe_statics.e_score_correction_bias")
-    with pytest.raises(TableError, match=r"_SqueezeBiasMapping for parameter decoder\.layers\.\*\.mlp\.router\.expert_bias"):
+    mapping = _SqueezeBiasMapping("decoder.layers.*.mlp.router.expert_bias",
+                                  "model.layers.*.mlp.moe_statics.e_score_correction_bias")
+    with pytest.raises(TableError, match=r"_SqueezeBiasMapping for parameter "
+                                         r"decoder\.layers\.\*\.mlp\.router\.expert_bias"):
         translate([mapping], resolver=None, expert_parameters=None)
 
 

@@ -240,7 +240,8 @@ SPEC_EXTENSIONS = {
 def _is_family_spec(original_spec) -> bool:
     """A spec function of one model family's provider (not megatron-core's or the generic providers')."""
     module = getattr(getattr(original_spec, "func", original_spec), "__module__", "") or ""
-    return callable(original_spec) and module.startswith("megatron.bridge.models.") and module not in GENERIC_SPEC_MODULES
+    return (callable(original_spec) and module.startswith("megatron.bridge.models.")
+            and module not in GENERIC_SPEC_MODULES)
 
 
 def _spec_extension(original_spec):

@@ -21,15 +21,17 @@ MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 #: model_type -> config overrides of :data:`BASE` (the entry a new generated architecture adds).
 TINY: dict[str, dict] = {
     "mistral": dict(sliding_window=None),
-    "deepseek_v2": dict(MOE, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32,
-                        q_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, topk_method="greedy"),
-    "exaone_moe": dict(MOE, num_shared_experts=1, first_k_dense_replace=1, sliding_window=64),
+    # MLA: transformers' attention has as many key/value heads as query heads
+    "deepseek_v2": dict(MOE, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
+                        kv_lora_rank=32, q_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                        topk_method="greedy"),
+    "exaone_moe": dict(MOE, num_shared_experts=1, first_k_dense_replace=1, sliding_window=4),
     "gemma": dict(tie_word_embeddings=True),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=4),  # experts: intermediate_size
     # EXAONE-4.0-1.2B: full attention only, as Megatron-Bridge's bridge builds it
     "exaone4": dict(sliding_window=None, layer_types=["full_attention"] * 2, tie_word_embeddings=True),
     "nemotron": dict(),
-    "gemma2": dict(sliding_window=64, tie_word_embeddings=True),
+    "gemma2": dict(sliding_window=4, tie_word_embeddings=True),  # window 4 < the 11 test tokens
     # six layers: five sliding (window 4 < the 11 test tokens), one global, as Gemma 3 alternates
     "gemma3_text": dict(sliding_window=4, tie_word_embeddings=True, num_hidden_layers=6),
 }
