@@ -85,8 +85,12 @@ def generate(model_type: str, out: Path | None) -> None:
     from bridge_ext.errors import BridgeExtError
     from bridge_ext.table_generate import write
 
+    from contextlib import redirect_stdout
+
     try:
-        click.echo(write(model_type, out))
+        with redirect_stdout(sys.stderr):  # megatron prints while building the tiny model
+            target = write(model_type, out)
+        click.echo(target)
     except BridgeExtError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)

@@ -73,8 +73,8 @@ def registered_bridges() -> list[RegisteredBridge]:
 def bridge_for(model_type: str) -> RegisteredBridge:
     matches = [entry for entry in registered_bridges() if entry.model_type == model_type]
     if len(matches) != 1:
-        raise TableError(f"Megatron-Bridge {megatron_bridge_version()} registers "
-                         f"{'no' if not matches else len(matches)} bridge(s) for model_type {model_type!r}")
+        found = "no bridge" if not matches else f"{len(matches)} bridges"
+        raise TableError(f"Megatron-Bridge {megatron_bridge_version()} registers {found} for model_type {model_type!r}")
     return matches[0]
 
 
@@ -265,8 +265,14 @@ def generate(model_type: str) -> str:
     entry = bridge_for(model_type)
     parallel = nullcontext() if parallel_state.model_parallel_is_initialized() else megatron_parallel()
     with tempfile.TemporaryDirectory() as scratch, parallel:
-        hf_dir = tiny_generated(Path(scratch) / "hf", model_type)
-        built = build_megatron_model(hf_dir, load_weights=False)
+        try:
+            hf_dir = tiny_generated(Path(scratch) / "hf", model_type)
+            built = build_megatron_model(hf_dir, load_weights=False)
+        except Exception as error:  # the model's own code failing: reported, never a table
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise TableError(f"cannot build a tiny {model_type} model on the CPU to resolve the table "
+                             f"({type(error).__name__}: {first}); add or fix its entry in "
+                             "bridge_ext.cpu.tiny_generated.TINY") from error
         mappings = built.bridge._model_bridge.mapping_registry().mappings
         import torch
 

@@ -107,3 +107,13 @@ def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu):
     from bridge_ext.table_generate import generate
 
     assert generate("mistral") == (ROOT / "model_mappings" / "generated" / "mistral.py").read_text()
+
+
+def test_generate_refuses_a_model_type_without_a_bridge():
+    from click.testing import CliRunner
+
+    from bridge_ext.cli import main
+
+    result = CliRunner().invoke(main, ["tables", "generate", "olmo2"])
+    assert result.exit_code == 1
+    assert "registers no bridge for model_type 'olmo2'" in result.output
