@@ -33,13 +33,15 @@ FAMILIES = {
     "mimo": (tiny.tiny_mimo, GQA_TARGETS),
     "deepseek_v3": (tiny.tiny_deepseek_v3, MLA_TARGETS),
     "glm4_moe": (tiny.tiny_glm4_moe, GQA_TARGETS),
+    "glm4_moe_lite": (tiny.tiny_glm4_moe_lite, MLA_TARGETS),
     # Kimi-K2's config declares its own model type over DeepSeek-V3's architecture.
     "kimi_k2": (lambda d, **kw: tiny.tiny_deepseek_v3(d, model_type="kimi_k2", **kw), MLA_TARGETS),
     "gpt_oss": (tiny.tiny_gpt_oss, GQA_TARGETS),
 }
 WITHOUT_MTP = {"gpt_oss"}
 # Where the second MTP layer's tensors live (3 decoder layers in the DeepSeek-style models).
-SECOND_MTP_LAYER = {"mimo": "model.mtp_layers.1.", "deepseek_v3": "model.layers.4.", "glm4_moe": "model.layers.4."}
+SECOND_MTP_LAYER = {"mimo": "model.mtp_layers.1.", "deepseek_v3": "model.layers.4.", "glm4_moe": "model.layers.4.",
+                    "glm4_moe_lite": "model.layers.4."}
 LORA = dict(dim=4, alpha=8)
 SCALE = LORA["alpha"] / LORA["dim"]
 

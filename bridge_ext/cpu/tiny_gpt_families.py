@@ -9,6 +9,7 @@ tiny_deepseek_v3       ``deepseek_v3``  ``DeepseekV3ForCausalLM``  ``model.layer
 tiny_deepseek_v3(...,  ``kimi_k2``      same (Kimi-K2 declares     same
   model_type="kimi_k2")                 ``kimi_k2`` over V3)
 tiny_glm4_moe          ``glm4_moe``     ``Glm4MoeForCausalLM``     ``model.layers.{N+i}.*``
+tiny_glm4_moe_lite     ``glm4_moe_lite``  ``Glm4MoeLiteForCausalLM``  ``model.layers.{N+i}.*``
 tiny_gpt_oss           ``gpt_oss``      ``GptOssForCausalLM``      none (no MTP)
 tiny_mimo              ``mimo``         ``Qwen2ForCausalLM``       ``model.mtp_layers.{i}.*``
 =====================  ===============  =========================  ==========================
@@ -150,6 +151,30 @@ def tiny_glm4_moe(directory: str | Path, mtp_layers: int = 1, *, seed: int = 0) 
     model = Glm4MoeForCausalLM(config).float().eval()
     _perturb(model, torch.Generator().manual_seed(seed))
     return _save(model, Path(directory), {"num_nextn_predict_layers": mtp_layers},
+                 lambda saved: _deepseek_style_mtp(saved, config.num_hidden_layers, mtp_layers, seed))
+
+
+def tiny_glm4_moe_lite(directory: str | Path, mtp_layers: int = 1, *, seed: int = 0) -> Path:
+    """A ``Glm4MoeLiteForCausalLM`` cut down from GLM-4.7-Flash's config.json: MLA with a query
+    rank, as many KV heads as query heads, ``qk_nope_head_dim + qk_rope_head_dim == v_head_dim``
+    (192 + 64 = 256 there), 1 dense + 2 MoE layers (``mlp_layer_types`` and
+    ``first_k_dense_replace``, both as published), 4 experts top-2, 1 shared, MTP."""
+    from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
+
+    torch.manual_seed(seed)
+    config = Glm4MoeLiteConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"], num_attention_heads=4,
+        num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True, kv_lora_rank=32, q_lora_rank=24,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+        initializer_range=INIT_STD,
+    )
+    model = Glm4MoeLiteForCausalLM(config).float().eval()
+    _perturb(model, torch.Generator().manual_seed(seed))
+    updates = {"num_nextn_predict_layers": mtp_layers, "first_k_dense_replace": 1, "topk_method": "noaux_tc"}
+    return _save(model, Path(directory), updates,
                  lambda saved: _deepseek_style_mtp(saved, config.num_hidden_layers, mtp_layers, seed))
 
 
