@@ -154,6 +154,13 @@ def tiny_glm4_moe(directory: str | Path, mtp_layers: int = 1, *, seed: int = 0) 
                  lambda saved: _deepseek_style_mtp(saved, config.num_hidden_layers, mtp_layers, seed))
 
 
+# transformers' MLA builds q_a_layernorm / kv_a_layernorm with eps 1e-6 whatever rms_norm_eps says;
+# Megatron (and vLLM) use rms_norm_eps. Published GLM-4.7-Flash says 1e-5, where transformers'
+# forward differs from both by that eps (6% of the largest logit on this tiny model after a routing
+# flip); the tiny model takes 1e-6 so that transformers' forward can judge the table's names.
+LATENT_NORM_EPS = 1e-6
+
+
 def tiny_glm4_moe_lite(directory: str | Path, mtp_layers: int = 1, *, seed: int = 0) -> Path:
     """A ``Glm4MoeLiteForCausalLM`` cut down from GLM-4.7-Flash's config.json: MLA with a query
     rank, as many KV heads as query heads, ``qk_nope_head_dim + qk_rope_head_dim == v_head_dim``
@@ -169,7 +176,7 @@ def tiny_glm4_moe_lite(directory: str | Path, mtp_layers: int = 1, *, seed: int 
         topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True, kv_lora_rank=32, q_lora_rank=24,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
-        initializer_range=INIT_STD,
+        initializer_range=INIT_STD, rms_norm_eps=LATENT_NORM_EPS,
     )
     model = Glm4MoeLiteForCausalLM(config).float().eval()
     _perturb(model, torch.Generator().manual_seed(seed))
