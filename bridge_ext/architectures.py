@@ -62,7 +62,7 @@ def architectures() -> tuple[Architecture, ...]:
     def status(hf_class: str, model_type: str | None) -> tuple[str, str, str]:
         table = model_mappings.registered_table(model_type) if model_type else None
         if model_type in hand_written:
-            return "hand-written", "LoRA, DoRA, CanonicalLoRA (README: PEFT types)", _expert_layouts(table)
+            return "hand-written", "LoRA (DoRA, CanonicalLoRA: README's PEFT types)", _expert_layouts(table)
         if model_type in generated:
             if model_type in TINY:
                 return "generated+proven", "LoRA", _expert_layouts(table)

@@ -30,8 +30,6 @@ REFUSED: dict[str, str] = {
     "MiniMaxM2ForCausalLM": IN_PROGRESS,
     "KimiK25ForConditionalGeneration": IN_PROGRESS,
     "NemotronHForCausalLM": IN_PROGRESS,
-    "Glm4MoeLiteForCausalLM": IN_PROGRESS,
-    "GlmMoeDsaForCausalLM": IN_PROGRESS,
     "DeepseekV4ForCausalLM": IN_PROGRESS,
     # vision / audio models
     "Ernie4_5_VLMoeForConditionalGeneration": TOWER,

@@ -183,7 +183,7 @@ def _fused_norm_slots(layer) -> list[str]:
 def configure_provider(provider, original_spec) -> None:
     """After :func:`bridge_ext.cpu.gpt_families.configure_provider`: the provider's own layer spec
     (``original_spec``, where it has one) made local, else megatron-core's local block spec with
-    :class:`CpuNorm` norms; megatron-core's unfused attention."""
+    :class:`CpuNorm` norms; the attention modules are the spec's (local), whatever the backend."""
     import inspect
 
     from megatron.core.transformer.enums import AttnBackend
@@ -207,7 +207,8 @@ def configure_provider(provider, original_spec) -> None:
         def spec(config, vp_stage=None, pp_rank=None):
             return localize(local_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank), config)
     provider.transformer_layer_spec = spec
-    provider.attention_backend = AttnBackend.unfused
+    # auto, as the other CPU builds: megatron keeps the backend choice in process-wide NVTE_* variables
+    provider.attention_backend = AttnBackend.auto
 
 
 
