@@ -5,7 +5,7 @@ added (hand-written or generated) changes its row. Statuses:
 
 * ``hand-written``: a table of ``model_mappings`` (proven by its conformance module);
 * ``generated+proven``: a table generated from Megatron-Bridge and an entry of the generated
-  tables' conformance module (``bridge_ext.cpu.tiny_generated.TINY``);
+  tables' conformance module (``model_mappings.architecture_notes.PROVEN_GENERATED``);
 * ``generated, not provable on CPU``: a generated table whose tiny model cannot be built or
   run on the CPU (the reason in ``model_mappings.architecture_notes.NOT_PROVABLE``);
 * ``refused``: no table (the reason in ``model_mappings.architecture_notes.REFUSED``).
@@ -51,9 +51,8 @@ def _expert_layouts(table) -> str:
 def architectures() -> tuple[Architecture, ...]:
     """One row per Hugging Face class (Megatron-Bridge's registry and bridge_ext's tables)."""
     import model_mappings
-    from bridge_ext.cpu.tiny_generated import TINY
     from bridge_ext.table_generate import registered_bridges
-    from model_mappings.architecture_notes import NOT_PROVABLE, REFUSED
+    from model_mappings.architecture_notes import NOT_PROVABLE, PROVEN_GENERATED, REFUSED
 
     hand_written = model_mappings.hand_written_model_types()
     generated = model_mappings.generated_model_types()
@@ -64,7 +63,7 @@ def architectures() -> tuple[Architecture, ...]:
         if model_type in hand_written:
             return "hand-written", "LoRA (DoRA, CanonicalLoRA: README's PEFT types)", _expert_layouts(table)
         if model_type in generated:
-            if model_type in TINY:
+            if model_type in PROVEN_GENERATED:
                 return "generated+proven", "LoRA", _expert_layouts(table)
             reason = NOT_PROVABLE.get(model_type, NO_REASON)
             return f"generated, not provable on CPU: {reason}", "LoRA (not proven)", _expert_layouts(table)
