@@ -56,6 +56,7 @@ from bridge_ext.hf_folder import TensorSpec
 from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.table import ExpertLayout
+from bridge_ext.tables import known_model_types, register_transformers_configs, table_for
 from bridge_ext.value_check import ValueCheck
 from bridge_ext.stream_plan import planned_layout, planned_reads
 from bridge_ext.verify import Report
@@ -124,8 +125,6 @@ def resolve_config(reader: CheckpointReader, hf_base: Path | None, hf_config: Pa
     if model_id:
         from transformers import AutoConfig
 
-        from model_mappings import register_transformers_configs
-
         register_transformers_configs()
         try:
             config = AutoConfig.from_pretrained(model_id, local_files_only=True)
@@ -161,8 +160,6 @@ def config_from_run_config(reader: CheckpointReader, model_type: str):
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
     )
 
-    from model_mappings import register_transformers_configs
-
     register_transformers_configs()
     if model_type not in CONFIG_MAPPING:
         raise ConvertError(f"unknown architecture: transformers has no model type {model_type!r}")
@@ -182,8 +179,6 @@ def config_from_run_config(reader: CheckpointReader, model_type: str):
 
 def _table(config_or_model_type):
     """The mapping table of a config (None for a bare model type: only checked to exist)."""
-    from model_mappings import known_model_types, table_for
-
     model_type = getattr(config_or_model_type, "model_type", config_or_model_type)
     if model_type not in known_model_types():
         raise ConvertError(f"unknown architecture: no mapping table for model_type {model_type!r}; "

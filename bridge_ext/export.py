@@ -28,6 +28,7 @@ from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
 from bridge_ext.source import TensorSource
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout, MappingTable
+from bridge_ext.tables import config_fields_for, register_transformers_configs, registered_table, table_for
 from bridge_ext.value_check import ValueCheck
 
 if TYPE_CHECKING:  # the live and parallel modules load only where a live model is exported
@@ -65,8 +66,6 @@ def _mtime(path: Path) -> int:
 def _load_config(name_or_path: str, mtime: int):
     """``AutoConfig.from_pretrained``, once per folder version (exports repeat every step)."""
     from transformers import AutoConfig
-
-    from model_mappings import register_transformers_configs
 
     register_transformers_configs()
     try:
@@ -226,8 +225,6 @@ class ExportPlan:
 
 def plan_export(source: TensorSource, config, layouts: ExpertLayouts | None = None) -> ExportPlan:
     """Match every Megatron tensor to a rule and every output name to the HF checkpoint's keys."""
-    from model_mappings import table_for
-
     table = table_for(config)
     layouts = layouts or ExpertLayouts()
     base_variants, adapter_variants = layouts.base_variants(table), layouts.adapter_variants(table)
@@ -279,8 +276,6 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     from bridge_ext.live import LiveModelSource, unwrap_chunks
     from bridge_ext.trained_forward import warn_if_expert_lora_differs
 
-    from model_mappings import registered_table, table_for
-
     check_model(model)
     chunks = unwrap_chunks(model)
 
@@ -317,8 +312,6 @@ def _check_model_config(source: TensorSource, plan: ExportPlan) -> None:
     """A live model's Hugging Face config is the model's: compared with its own TransformerConfig,
     field by field, once per plan (after the shapes, which name the tensor that does not fit)."""
     from bridge_ext.config_compare import check_live_config
-    from model_mappings import config_fields_for
-
     live = sys.modules.get("bridge_ext.live")  # not loaded: the source is no live model (a checkpoint)
     is_live = live is not None and isinstance(source, live.LiveModelSource)
     model_config = getattr(source.chunks[0], "config", None) if is_live else None
@@ -647,8 +640,6 @@ def quantization_config(model_or_config, quantize: str = "fp8", *, hf_config=Non
     if not isinstance(model_or_config, PretrainedConfig):
         source, plan = prepare(model_or_config, hf_config, expert_layout)
         return fp8_plan(source, plan, Mode.BASE, quantize, engine_tp_size).config()
-    from model_mappings import register_transformers_configs, table_for
-
     register_transformers_configs()
     table = table_for(model_or_config)
     extra = table.extra_weights

@@ -24,7 +24,7 @@ from bridge_ext.cpu.forward import megatron_logits
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict
-from model_mappings import table_for
+from bridge_ext.tables import table_for
 
 GQA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 MLA_TARGETS = ("linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj",

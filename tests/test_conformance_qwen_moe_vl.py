@@ -49,7 +49,7 @@ from bridge_ext.dims import ModelDims
 from bridge_ext.distributed import DESTINATIONS
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.ops import SplitGroupedRows
-from model_mappings import table_for
+from bridge_ext.tables import table_for
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))

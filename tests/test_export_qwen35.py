@@ -23,7 +23,7 @@ from bridge_ext.live import LiveModelSource
 from bridge_ext.ops import SplitGroupedRows
 from bridge_ext.reverse import hf_to_megatron
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
-from model_mappings import table_for
+from bridge_ext.tables import table_for
 
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")
 MODELS = {

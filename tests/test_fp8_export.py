@@ -24,7 +24,7 @@ from bridge_ext.cpu.tiny_qwen_moe_vl import tiny_qwen3_moe
 from bridge_ext.engine import PEFT_PREFIX, ExportError
 from bridge_ext.export import export_hf_buckets
 from bridge_ext.fp8_export import check_engine_blocks, plan_fp8
-from model_mappings import table_for
+from bridge_ext.tables import table_for
 
 MAKERS = {
     "qwen3": lambda d: tiny_dense(d, "qwen3"),

@@ -118,7 +118,7 @@ def test_a_float16_cast_that_overflows_is_refused_unless_allowed(llama, tmp_path
 
 def test_a_field_the_table_cannot_compare_is_said_not_skipped(llama):
     from bridge_ext.config_compare import Attributes, compare
-    from model_mappings.config_fields import standard
+    from bridge_ext.tables.config_fields import standard
 
     fields = standard({"hidden_act": "this architecture's activation has no Megatron name"})
     comparison = compare(_config(llama, hidden_act="gelu"), Attributes(llama.chunks[0].config), fields)

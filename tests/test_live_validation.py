@@ -47,16 +47,16 @@ def test_persistent_buffers_are_model_state_and_refused_when_unmapped(built, mlp
 
 
 def test_a_rule_maps_a_buffer(built, mlp, monkeypatch):
-    import model_mappings
+    import bridge_ext.tables
 
     mlp.register_buffer("router_bias", torch.arange(4.0))
-    table = model_mappings.table_for("qwen3")
+    table = bridge_ext.tables.table_for("qwen3")
     extended = dataclasses.replace(
         table, rules=(*table.rules, rule("decoder.layers.{layer}.mlp.router_bias", "extra.layers.{layer}.bias",
                                          tp="replicated")),
         extra_weights=ExtraWeights(prefixes=("extra.",), count_key="num_hidden_layers"))
-    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
-    model_mappings.register_table(extended, overwrite=True)
+    monkeypatch.setattr(bridge_ext.tables, "_REGISTERED", {})
+    bridge_ext.tables.register_table(extended, overwrite=True)
     exported = dict(export_hf_weights(built.chunks))
     assert torch.equal(exported["extra.layers.1.bias"], torch.arange(4.0))
 
@@ -200,17 +200,17 @@ def _has(pattern: str, names) -> bool:
 
 
 def test_live_exports_default_to_the_tables_vllm_layout_files_to_peft(moe, monkeypatch, tmp_path):
-    import model_mappings
+    import bridge_ext.tables
     from bridge_ext import save_hf_pretrained
     from safetensors import safe_open
 
     names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
     # vLLM's Qwen3_5MoeForCausalLM (the text-only class) loads expert adapters per expert
     assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
-    table = model_mappings.table_for("qwen3_5_moe_text")
-    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
+    table = bridge_ext.tables.table_for("qwen3_5_moe_text")
+    monkeypatch.setattr(bridge_ext.tables, "_REGISTERED", {})
     layouts = {"Qwen3_5MoeForCausalLM": "fused"}
-    model_mappings.register_table(dataclasses.replace(table, vllm_expert_adapter_layouts=layouts), overwrite=True)
+    bridge_ext.tables.register_table(dataclasses.replace(table, vllm_expert_adapter_layouts=layouts), overwrite=True)
     names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
     assert _has(FUSED_EXPERT_ADAPTER, names)
     names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True, expert_adapter_layout="per_expert")]
@@ -272,14 +272,14 @@ def test_live_exports_for_vllm_refuse_its_unloaded_adapter_layout_and_leave_mtp_
 
 
 def test_live_exports_for_vllm_refuse_a_base_expert_layout_its_loader_does_not_take(moe, monkeypatch):
-    import model_mappings
+    import bridge_ext.tables
     from bridge_ext.errors import BridgeExtError
 
-    table = model_mappings.table_for("qwen3_5_moe_text")
-    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
+    table = bridge_ext.tables.table_for("qwen3_5_moe_text")
+    monkeypatch.setattr(bridge_ext.tables, "_REGISTERED", {})
     # the tiny model's folder keeps experts per expert: a table saying vLLM takes only fused ones
     only = {"Qwen3_5MoeForCausalLM": "fused"}
-    model_mappings.register_table(dataclasses.replace(table, vllm_expert_layouts=only), overwrite=True)
+    bridge_ext.tables.register_table(dataclasses.replace(table, vllm_expert_layouts=only), overwrite=True)
     with pytest.raises(BridgeExtError) as refused:
         next(export_hf_weights(moe.chunks, adapter_for="vllm", expert_layout="per_expert"))
     assert str(refused.value) == ("vLLM does not load per_expert expert weights for Qwen3_5MoeForCausalLM: it loads "

@@ -25,8 +25,8 @@ from bridge_ext.dims import ModelDims
 from bridge_ext.engine import PEFT_PREFIX, Mode, TaskConverter, plan_tasks, run_rule
 from bridge_ext.reverse import hf_to_megatron
 from bridge_ext.source import Adapter
-from model_mappings import table_for
-from model_mappings.qwen3_next import TABLE
+from bridge_ext.tables import table_for
+from bridge_ext.tables.qwen3_next import TABLE
 
 PER_EXPERT = frozenset({"experts:per_expert", "mtp_experts:per_expert"})
 FUSED = frozenset({"experts:fused", "mtp_experts:fused"})
@@ -119,7 +119,7 @@ def in_proj_rule():
 # 1. Round trip through the table
 # ---------------------------------------------------------------------------------------------
 def test_table_is_registered_and_reuses_qwen35_rules():
-    from model_mappings import qwen3_5
+    from bridge_ext.tables import qwen3_5
 
     assert table_for("qwen3_next") is TABLE
     assert in_proj_rule().hf == ("model.layers.{layer}.linear_attn.in_proj_qkvz.weight",

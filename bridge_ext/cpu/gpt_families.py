@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from model_mappings import register_transformers_configs
+from bridge_ext.tables import register_transformers_configs
 
 MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss", "mimo")
 

@@ -23,7 +23,7 @@ with ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm``, ``shared_head.head
 shares them), so the file is what a trained checkpoint holds.
 
 MiMo is Xiaomi's remote-code architecture (``MiMoForCausalLM``: Qwen2 plus ``mtp_layers``);
-its main model is transformers' Qwen2 (``Qwen2ForCausalLM``); :mod:`model_mappings.mimo`
+its main model is transformers' Qwen2 (``Qwen2ForCausalLM``); :mod:`bridge_ext.tables.mimo`
 registers its config for ``AutoConfig``.
 """
 
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from bridge_ext.cpu.tiny_models import add_saved_tensors, update_saved_config
+from bridge_ext.tables import register_transformers_configs
 
 VOCAB = 128
 HIDDEN = 64
@@ -176,8 +177,6 @@ def tiny_gpt_oss(directory: str | Path, *, seed: int = 0, rope_parameters: dict 
 def tiny_mimo(directory: str | Path, mtp_layers: int = 1, *, seed: int = 0) -> Path:
     """A MiMo model: a Qwen2 decoder (qkv bias) saved with ``model_type: mimo`` plus MTP layers."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from model_mappings import register_transformers_configs
 
     register_transformers_configs()  # MiMoConfig for AutoConfig
 

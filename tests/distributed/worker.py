@@ -87,7 +87,7 @@ def set_global_lora(chunks, config, seed: int = 0, std: float = 0.05) -> None:
     from bridge_ext.dims import ModelDims
     from bridge_ext.export import ExpertLayouts
     from bridge_ext.live import LORA_IN, LORA_OUT, is_parallel_job, local_tensors
-    from model_mappings import table_for
+    from bridge_ext.tables import table_for
 
     table, dims = table_for(config), ModelDims.from_hf_config(config)
     tensors, _ = local_tensors(chunks, sharded=is_parallel_job())
@@ -217,7 +217,7 @@ def main() -> None:
 
     from bridge_ext.cpu.build import LoraSettings, build_megatron_model
     from bridge_ext.cpu.distributed import megatron_parallel
-    from model_mappings import table_for
+    from bridge_ext.tables import table_for
 
     torch.set_num_threads(1)
     if args.step_bytes:

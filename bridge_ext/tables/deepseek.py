@@ -27,8 +27,8 @@ from collections.abc import Callable
 from bridge_ext.ops import Copies, TrimVocab
 from bridge_ext.fp8_rules import Fp8Gemm, Fp8Rules, fp8_rules
 from bridge_ext.table import ExpertFamily, ExtraWeights, MappingTable, Rule, TableBuilder, prefixed, rule
-from model_mappings.fp8_blocks import ROUTER, expert_gemms, mlp_gemms, per_layer
-from model_mappings.blocks import dense_mlp, post_attention_norm, routed_experts
+from bridge_ext.tables.fp8_blocks import ROUTER, expert_gemms, mlp_gemms, per_layer
+from bridge_ext.tables.blocks import dense_mlp, post_attention_norm, routed_experts
 
 # transformers v5's DeepSeek-V3 / GLM-4.5 experts register gate_up_proj, then down_proj.
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
@@ -172,3 +172,6 @@ def register_kimi_k2_config() -> type:
 TABLE = TableBuilder(model_types=("deepseek_v3", "kimi_k2"), build=build,
                      description="DeepSeek-V3 / Moonlight / Kimi-K2: MLA, MoE with shared experts, MTP",
                      register_hf_config=register_kimi_k2_config)
+
+# What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).
+TABLES = (TABLE,)

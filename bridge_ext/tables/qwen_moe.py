@@ -13,9 +13,9 @@ both are variants of the ``experts`` family.
 
 from bridge_ext.fp8_rules import fp8_rules
 from bridge_ext.table import ExpertFamily, MappingTable, prefixed, rule
-from model_mappings.fp8_blocks import ROUTER, SHARED_EXPERT_GATE, attention_gemms, expert_gemms, mlp_gemms, per_layer
-from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
-from model_mappings.qwen3_5 import EXPERT_PARAMETERS
+from bridge_ext.tables.fp8_blocks import ROUTER, SHARED_EXPERT_GATE, attention_gemms, expert_gemms, mlp_gemms, per_layer
+from bridge_ext.tables.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
+from bridge_ext.tables.qwen3_5 import EXPERT_PARAMETERS
 
 # Qwen3MoeExperts / Qwen2MoeExperts register gate_up_proj, then down_proj.
 EXPERTS = ExpertFamily("experts", EXPERT_PARAMETERS)
@@ -74,3 +74,6 @@ QWEN2_MOE = MappingTable(
     vllm_expert_adapter_layouts={"Qwen2MoeForCausalLM": "per_expert"},  # vLLM: no is_3d_moe_weight
     fp8=_fp8(shared_expert=True),
 )
+
+# What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).
+TABLES = (QWEN3_MOE, QWEN2_MOE)

@@ -25,8 +25,8 @@ per-expert adapters only.
 """
 
 from bridge_ext.table import ExpertFamily, MappingTable, Rule, prefixed, rule
-from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
-from model_mappings.qwen3_5 import EXPERT_PARAMETERS, vision_tower
+from bridge_ext.tables.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
+from bridge_ext.tables.qwen3_5 import EXPERT_PARAMETERS, vision_tower
 
 # Qwen3VLMoeTextExperts registers gate_up_proj, then down_proj.
 EXPERTS = ExpertFamily("experts", EXPERT_PARAMETERS)
@@ -96,3 +96,6 @@ QWEN3_VL_MOE = MappingTable(
     expert_families=(EXPERTS,),
     vllm_expert_adapter_layouts={"Qwen3VLMoeForConditionalGeneration": "fused"},  # vLLM: is_3d_moe_weight
 )
+
+# What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).
+TABLES = (QWEN3_VL, QWEN3_VL_MOE, QWEN2_5_VL)

@@ -9,8 +9,8 @@ loads them. Rotary fraction and norms change no weight name or layout.
 from __future__ import annotations
 
 from bridge_ext.table import ExpertFamily, MappingTable, Rule, TableBuilder
-from model_mappings.blocks import attention, dense_mlp, post_attention_norm
-from model_mappings.deepseek import deepseek_style_table, moe
+from bridge_ext.tables.blocks import attention, dense_mlp, post_attention_norm
+from bridge_ext.tables.deepseek import deepseek_style_table, moe
 
 DESCRIPTION = "GLM-4.5 / GLM-4.6 MoE: GQA with biases, MoE with shared experts, MTP"
 
@@ -25,3 +25,6 @@ def build(config) -> MappingTable:
 
 
 TABLE = TableBuilder(model_types=("glm4_moe",), build=build, description=DESCRIPTION)
+
+# What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).
+TABLES = (TABLE,)

@@ -1,25 +1,58 @@
-"""Declarative mapping tables, one per architecture family, found by Hugging Face model_type.
+"""Declarative mapping tables, one module per architecture family, found by Hugging Face model_type.
 
-:func:`register_table` adds a table (or a :class:`~bridge_ext.table.TableBuilder`) for a
-model of one's own, the way transformers' ``register_checkpoint_conversion_mapping`` does;
-a registered table takes precedence over a built-in one for its model types.
+The built-in tables are discovered: every module of this package whose name has no leading
+underscore is imported, and the tables it lists in its module-level ``TABLES`` tuple are its
+built-ins (modules without ``TABLES``, e.g. :mod:`bridge_ext.tables.blocks`, hold shared parts).
+:func:`register_table` adds a table (or a :class:`~bridge_ext.table.TableBuilder`) for a model
+of one's own, the way transformers' ``register_checkpoint_conversion_mapping`` does; a
+registered table takes precedence over a built-in one for its model types.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from bridge_ext.errors import ExportError, TableError
 from bridge_ext.table import MappingTable, TableBuilder
-from model_mappings import deepseek, glm, gpt_oss, llama, mimo, qwen3_5, qwen3_next, qwen_moe, qwen_vl
+from bridge_ext.tables.config_fields import STANDARD
 
-_BUILT_IN: tuple[MappingTable | TableBuilder, ...] = (
-    llama.TABLE, qwen3_5.TEXT, qwen3_5.IMAGE_TEXT, qwen3_next.TABLE,
-    qwen_moe.QWEN3_MOE, qwen_moe.QWEN2_MOE, qwen_vl.QWEN3_VL, qwen_vl.QWEN3_VL_MOE, qwen_vl.QWEN2_5_VL,
-    mimo.TABLE, deepseek.TABLE, glm.TABLE, gpt_oss.TABLE,
-)
-_REGISTERED: dict[str, MappingTable | TableBuilder] = {}
+Table = MappingTable | TableBuilder
 
 
-def register_table(table: MappingTable | TableBuilder, *, overwrite: bool = False) -> None:
+def discover(path: list[str], package: str) -> tuple[tuple[Table, ...], dict[str, Table]]:
+    """Every ``TABLES`` of the modules of ``package`` (found in ``path``) in module order, and by
+    model type; two tables for one model type are an error."""
+    tables: list[Table] = []
+    found: dict[str, Table] = {}
+    owner: dict[str, str] = {}
+    for module_info in pkgutil.iter_modules(path, prefix=f"{package}."):
+        if module_info.name.rpartition(".")[2].startswith("_"):
+            continue
+        module = importlib.import_module(module_info.name)
+        for table in getattr(module, "TABLES", ()):
+            if not isinstance(table, (MappingTable, TableBuilder)):
+                raise TableError(f"{module_info.name}.TABLES holds a {type(table).__name__}, "
+                                 "not a MappingTable or a TableBuilder")
+            tables.append(table)
+            for model_type in table.model_types:
+                if model_type in found and found[model_type] is not table:
+                    raise TableError(f"model type {model_type!r} has built-in tables in both "
+                                     f"{owner[model_type]} and {module_info.name}")
+                found[model_type], owner[model_type] = table, module_info.name
+    return tuple(tables), found
+
+
+_DISCOVERED, _BY_MODEL_TYPE = discover(__path__, __name__)
+_REGISTERED: dict[str, Table] = {}
+
+
+def built_in_tables() -> tuple[Table, ...]:
+    """The discovered tables, in module order."""
+    return _DISCOVERED
+
+
+def register_table(table: Table, *, overwrite: bool = False) -> None:
     """Export models of ``table.model_types`` with ``table``.
 
     Raises TableError (an ExportError) when a model type already has a table, unless ``overwrite``.
@@ -38,20 +71,20 @@ def register_transformers_configs() -> None:
     (MiMo's ``mimo``, Kimi-K2's ``kimi_k2``): registered for ``AutoConfig`` before a config is
     loaded, not at import (importing bridge_ext does not import transformers). Each table
     declares its own (``register_hf_config``), registered tables included."""
-    for table in (*_BUILT_IN, *_REGISTERED.values()):
+    for table in (*built_in_tables(), *_REGISTERED.values()):
         if table.register_hf_config is not None:
             table.register_hf_config()
 
 
 def known_model_types() -> list[str]:
-    return sorted({*(model for table in _BUILT_IN for model in table.model_types), *_REGISTERED})
+    return sorted({*_BY_MODEL_TYPE, *_REGISTERED})
 
 
-def registered_table(model_type: str) -> MappingTable | TableBuilder | None:
+def registered_table(model_type: str) -> Table | None:
     """What serves ``model_type``: a table, a builder, or None."""
     if model_type in _REGISTERED:
         return _REGISTERED[model_type]
-    return next((table for table in _BUILT_IN if model_type in table.model_types), None)
+    return _BY_MODEL_TYPE.get(model_type)
 
 
 def table_for(config_or_model_type) -> MappingTable:
@@ -76,6 +109,4 @@ def table_for(config_or_model_type) -> MappingTable:
 
 def config_fields_for(table: MappingTable):
     """The config fields compared before an export with ``table`` (its own, else the standard ones)."""
-    from model_mappings.config_fields import STANDARD
-
     return table.config_fields if table.config_fields is not None else STANDARD

@@ -22,8 +22,8 @@ is plain ``x * w`` -> Megatron ``out_norm`` + 1.
 
 from bridge_ext.ops import GroupRows, SplitRows
 from bridge_ext.table import ExpertFamily, MappingTable, Rule, prefixed, rule
-from model_mappings.blocks import embeddings
-from model_mappings.qwen3_5 import (EXPERTS, GDN_IN_PROJ_PARTS, MTP, MTP_EXPERTS, decoder_layer, gated_delta_net,
+from bridge_ext.tables.blocks import embeddings
+from bridge_ext.tables.qwen3_5 import (EXPERTS, GDN_IN_PROJ_PARTS, MTP, MTP_EXPERTS, decoder_layer, gated_delta_net,
                                     mtp_block)
 
 IN_PROJ = "self_attention.in_proj.weight"
@@ -66,3 +66,6 @@ TABLE = MappingTable(
     # vLLM packs Qwen3-Next expert LoRA per expert (not an is_3d_moe_weight model).
     vllm_expert_adapter_layouts={"Qwen3NextForCausalLM": "per_expert"},
 )
+
+# What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).
+TABLES = (TABLE,)

@@ -9,8 +9,8 @@ tower under ``model.visual.*``, while Megatron-Bridge prefixes ``language_model.
 from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows
 from bridge_ext.fp8_rules import Fp8Gemm, Fp8Rules, fp8_rules
 from bridge_ext.table import ExpertFamily, ExtraWeights, MappingTable, Rule, prefixed, rule
-from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
-from model_mappings.fp8_blocks import (ROUTER, SHARED_EXPERT_GATE, attention_gemms, expert_gemms, mlp_gemms,
+from bridge_ext.tables.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
+from bridge_ext.tables.fp8_blocks import (ROUTER, SHARED_EXPERT_GATE, attention_gemms, expert_gemms, mlp_gemms,
                                        per_layer)
 
 # transformers' Qwen3.5-MoE experts register gate_up_proj, then down_proj.
@@ -186,3 +186,6 @@ IMAGE_TEXT = MappingTable(
     vllm_expert_adapter_layouts={"Qwen3_5MoeForConditionalGeneration": "fused"},  # is_3d_moe_weight
     fp8=qwen35_fp8("model.language_model.", vision=True),
 )
+
+# What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).
+TABLES = (TEXT, IMAGE_TEXT)

@@ -2,8 +2,8 @@
 
 from bridge_ext.fp8_rules import fp8_rules
 from bridge_ext.table import MappingTable, prefixed
-from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm
-from model_mappings.fp8_blocks import attention_gemms, mlp_gemms, per_layer
+from bridge_ext.tables.blocks import attention, dense_mlp, embeddings, post_attention_norm
+from bridge_ext.tables.fp8_blocks import attention_gemms, mlp_gemms, per_layer
 
 FP8_GEMMS, FP8_KEPT = per_layer("model.layers.{layer}.", [*attention_gemms(), *mlp_gemms()], [])
 
@@ -20,3 +20,6 @@ TABLE = MappingTable(
     model_classes={"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"},
     fp8=fp8_rules(FP8_GEMMS, ["lm_head"]),
 )
+
+# What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).
+TABLES = (TABLE,)

@@ -14,7 +14,7 @@ hidden])``: the two column halves are swapped (Megatron-Bridge's MiMo bridge doe
 
 :func:`register_config` registers a ``MiMoConfig`` for ``AutoConfig`` (Qwen2's config plus
 ``num_nextn_predict_layers``, as Xiaomi's ``configuration_mimo.py``), so MiMo folders are read
-without running their remote code (``model_mappings.register_transformers_configs`` calls it
+without running their remote code (``bridge_ext.tables.register_transformers_configs`` calls it
 before a config is loaded; importing does not touch transformers).
 """
 
@@ -27,7 +27,7 @@ import torch
 
 from bridge_ext.ops import Op
 from bridge_ext.table import ExtraWeights, MappingTable, Rule, prefixed, rule
-from model_mappings.blocks import attention, dense_mlp, embeddings, post_attention_norm
+from bridge_ext.tables.blocks import attention, dense_mlp, embeddings, post_attention_norm
 
 
 @dataclass(frozen=True)
@@ -94,3 +94,6 @@ TABLE = MappingTable(
     extra_weights=MTP,
     register_hf_config=register_config,
 )
+
+# What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).
+TABLES = (TABLE,)

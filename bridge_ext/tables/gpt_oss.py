@@ -17,8 +17,8 @@ from __future__ import annotations
 from bridge_ext.fp8_rules import Fp8Rules
 from bridge_ext.ops import GroupRows, SplitRows, Transpose
 from bridge_ext.table import ExpertFamily, MappingTable, Rule, prefixed, rule
-from model_mappings import config_fields
-from model_mappings.blocks import attention, embeddings, post_attention_norm
+from bridge_ext.tables import config_fields
+from bridge_ext.tables.blocks import attention, embeddings, post_attention_norm
 
 # transformers' GptOssExperts registers gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias;
 # PEFT targets the two weights.
@@ -84,3 +84,6 @@ TABLE = MappingTable(
                                                         "with activation_func_clamp_value and glu_linear_offset"}),
     fp8=FP8,
 )
+
+# What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).
+TABLES = (TABLE,)
