@@ -42,6 +42,9 @@ def main(verbose: bool) -> None:
 def demo(example: str | None, workdir: Path | None) -> None:
     """Export a tiny model from Megatron, live and from checkpoints, and verify the results.
 
+    Exit codes: 0 passed, 1 a verification failed, 2 usage, 8 the test-support package
+    (bridge_ext_testing, installed by scripts/install.sh) is missing.
+
     \b
     1. Live: build the model in Megatron with LoRA, save the Hugging Face and PEFT folders.
     2. Checkpoints: save it with megatron-core's dist_checkpointing (full and adapter-only,
@@ -50,10 +53,17 @@ def demo(example: str | None, workdir: Path | None) -> None:
     base weights bit-exact, the adapter loaded by PEFT with no missing or unexpected key, and
     the logits of transformers + PEFT equal to the Megatron model's own forward.
     """
-    from bridge_ext.convert_demo import run_convert_demo
-    from bridge_ext.demo import DEFAULT_EXAMPLE, EXAMPLES, run_demo
     from bridge_ext.errors import VerificationError
 
+    try:  # the demo's models are the test-support package's, not the library's
+        from bridge_ext_testing.convert_demo import run_convert_demo
+        from bridge_ext_testing.demo import DEFAULT_EXAMPLE, EXAMPLES, run_demo
+    except ModuleNotFoundError as error:
+        if error.name != "bridge_ext_testing":
+            raise
+        click.echo("error: the demo needs the test-support package bridge_ext_testing, which is not "
+                   "installed: run `bash scripts/install.sh` in a clone of the repository", err=True)
+        sys.exit(EXIT_DEMO_UNAVAILABLE)
     example = example or DEFAULT_EXAMPLE
     if example not in EXAMPLES:
         raise click.BadParameter(f"choose one of {', '.join(EXAMPLES)}", param_hint="--example")
@@ -71,6 +81,7 @@ def demo(example: str | None, workdir: Path | None) -> None:
 # Exit codes of `bridge-ext convert` (documented in its --help and in docs/convert.md).
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_MISMATCH, EXIT_OUTPUT_EXISTS, EXIT_VERIFY = 0, 1, 2, 3, 4, 5, 6
 EXIT_OUTPUT_IO = 7
+EXIT_DEMO_UNAVAILABLE = 8  # `bridge-ext demo` only: the test-support package is not installed
 EXIT_SIGNAL_BASE = 128  # stopped by signal n: 128 + n, as shells report it
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from bridge_ext import export_hf_weights, save_hf_pretrained
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-from bridge_ext.cpu.forward import megatron_logits
-from bridge_ext.cpu.tiny_dense import tiny_dense
+from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext_testing.forward import megatron_logits
+from bridge_ext_testing.tiny_dense import tiny_dense
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import PEFT_PREFIX, ExportError
 from bridge_ext.export import buckets, export_hf_buckets

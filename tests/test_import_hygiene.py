@@ -219,27 +219,36 @@ EACH_ALONE = """
 """
 
 
-# The CPU model harness (bridge_ext.cpu: test and demo support, which imports megatron at import by
-# design) would triple the check's time; every test that builds a model imports it.
-HARNESS = "bridge_ext.cpu"
-
-
 def public_modules() -> list[str]:
-    """Every module of the installed package whose name has no leading underscore, but the CPU
-    harness."""
+    """Every module of the installed package whose name has no leading underscore."""
     names = []
     for path in sorted((ROOT / "bridge_ext").rglob("*.py")):
         parts = path.relative_to(ROOT).with_suffix("").parts
         parts = parts[:-1] if parts[-1] == "__init__" else parts
-        name = ".".join(parts)
-        if not any(part.startswith("_") for part in parts) and not name.startswith(HARNESS):
-            names.append(name)
+        if not any(part.startswith("_") for part in parts):
+            names.append(".".join(parts))
     return names
 
 
 def test_public_modules_are_found():
     modules = public_modules()
     assert {"bridge_ext", "bridge_ext.tables", "bridge_ext.tables.deepseek", "bridge_ext.checkpoint.reader"} <= set(modules)
+
+
+def test_the_library_does_not_import_the_test_support_package():
+    """The harness (testing/bridge_ext_testing) is not in the wheel: only the demo command reaches
+    it, inside its function."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "bridge_ext").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}" for name in names
+                      if name.split(".")[0] == "bridge_ext_testing"]
+    assert {where.split(":")[0] for where in found} == {"bridge_ext/cli.py"}, found
+    assert not (ROOT / "bridge_ext" / "cpu").exists() and not (ROOT / "bridge_ext" / "demo.py").exists()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the check forks one child per module")

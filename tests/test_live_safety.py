@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bridge_ext import export_hf_weights
-from bridge_ext.cpu.build import build_megatron_model
-from bridge_ext.cpu.tiny_dense import tiny_dense
+from bridge_ext_testing.build import build_megatron_model
+from bridge_ext_testing.tiny_dense import tiny_dense
 from bridge_ext.errors import ExportError
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bridge_ext import export_hf_weights
-from bridge_ext.cpu.build import build_megatron_model
-from bridge_ext.cpu.tiny_dense import tiny_dense
+from bridge_ext_testing.build import build_megatron_model
+from bridge_ext_testing.tiny_dense import tiny_dense
 from bridge_ext.errors import ExportError
 from bridge_ext.live import LiveModelSource
 from bridge_ext.table import ExtraWeights, rule
@@ -135,8 +135,8 @@ def test_recorded_reads_are_what_the_conversion_reads(built):
 
 @pytest.fixture(scope="module")
 def moe(megatron_cpu, tmp_path_factory):
-    from bridge_ext.cpu import tiny_models
-    from bridge_ext.cpu.build import LoraSettings, randomize_lora
+    from bridge_ext_testing import tiny_models
+    from bridge_ext_testing.build import LoraSettings, randomize_lora
 
     model = build_megatron_model(tiny_models.tiny_qwen35_moe(tmp_path_factory.mktemp("moe")),
                                  lora=LoraSettings(target_modules=("linear_fc1", "linear_fc2")))

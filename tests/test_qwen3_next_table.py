@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bridge_ext.cpu import tiny_models
+from bridge_ext_testing import tiny_models
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import PEFT_PREFIX, Mode, TaskConverter, plan_tasks, run_rule
 from bridge_ext.reverse import hf_to_megatron
@@ -230,7 +230,7 @@ def test_gated_attention_and_norm_conventions_match_megatron_bridge(hf):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def built(hf, megatron_cpu):
-    from bridge_ext.cpu.build import build_megatron_model
+    from bridge_ext_testing.build import build_megatron_model
 
     return build_megatron_model(hf.dir)
 
@@ -258,12 +258,12 @@ def test_export_is_bit_exact_with_files_and_megatron_bridge(hf, built):
 
 def test_exported_weights_give_the_megatron_logits(hf, built):
     """Semantics, not just layout: HF Qwen3-Next on our export computes Megatron's function."""
-    from bridge_ext.cpu.forward import megatron_logits
+    from bridge_ext_testing.forward import megatron_logits
     from bridge_ext.verify import Report, compare_logits, hf_logits, load_hf_model
 
     from bridge_ext import export_hf_weights
 
-    assert built.provider.rotary_percent == 0.25  # see bridge_ext.cpu.qwen35.qwen3_next_rotary_percent
+    assert built.provider.rotary_percent == 0.25  # see bridge_ext_testing.qwen35.qwen3_next_rotary_percent
     model = load_hf_model(hf.dir)
     exported = {n: t for n, t in export_hf_weights(built.chunks, expert_layout="fused") if not n.startswith("mtp.")}
     with torch.no_grad():

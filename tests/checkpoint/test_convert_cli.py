@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from bridge_ext.cli import convert, main
 from bridge_ext.convert import convert_checkpoint
-from bridge_ext.convert_demo import run_convert_demo
+from bridge_ext_testing.convert_demo import run_convert_demo
 
 
 def invoke(*args) -> tuple[int, str]:
@@ -60,3 +60,22 @@ def test_convert_demo_on_qwen3(tmp_path):
     assert any("transformers + PEFT vs the saved Megatron model" in line for line in report.lines)
     assert (tmp_path / "checkpoints" / "adapter-only" / "latest_checkpointed_iteration.txt").is_file()
     assert any(line.startswith("  ok  ") for line in lines)
+
+
+def test_demo_without_the_test_support_package_names_it_and_exits_8(monkeypatch):
+    import sys
+
+    class NotInstalled:  # finds bridge_ext_testing nowhere, as where it is not installed
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "bridge_ext_testing":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    for name in [name for name in sys.modules if name.split(".")[0] == "bridge_ext_testing"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [NotInstalled, *sys.meta_path])
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 8, result.output
+    assert result.output.strip().splitlines() == [
+        "error: the demo needs the test-support package bridge_ext_testing, which is not installed: "
+        "run `bash scripts/install.sh` in a clone of the repository"]

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # bridge_ext modules only a live (or distributed) export needs
 LIVE_ONLY = ("bridge_ext.live", "bridge_ext.distributed", "bridge_ext.sync", "bridge_ext.trained_forward",
-             "bridge_ext.packing", "bridge_ext.demo", "bridge_ext.convert_demo", "bridge_ext.cpu")
+             "bridge_ext.packing", "bridge_ext_testing.demo", "bridge_ext_testing.convert_demo", "bridge_ext_testing")
 RUN_CLI_AND_LIST_MODULES = """
 import atexit, json, sys
 atexit.register(lambda: print("MODULES " + json.dumps(sorted(sys.modules))))

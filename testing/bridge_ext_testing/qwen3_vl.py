@@ -4,7 +4,7 @@
 megatron-core's Transformer Engine layer spec and ``Qwen3VLModel`` its vision tower and patch
 mergers from TE classes. Inside :func:`cpu_build_context` the language spec function the
 providers call returns megatron-core's local GPT spec instead (sequential experts) and the
-vision tower is built from the local ViT spec (:func:`bridge_ext.cpu.qwen35.local_vit_layer_spec`,
+vision tower is built from the local ViT spec (:func:`bridge_ext_testing.qwen35.local_vit_layer_spec`,
 as for Qwen3.5, which reuses ``Qwen3VLModel``); everything else of the bridges stays as it is.
 Supports the CPU demo and tests; the exporter does not use it.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
-from bridge_ext.cpu import qwen35
+from bridge_ext_testing import qwen35
 
 MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 
@@ -27,7 +27,7 @@ def local_language_spec(num_experts=None, moe_grouped_gemm=False, qk_layernorm=F
 
 
 def configure_provider(provider) -> None:
-    """CPU settings (see :func:`bridge_ext.cpu.qwen35.configure_provider`) before ``finalize()``."""
+    """CPU settings (see :func:`bridge_ext_testing.qwen35.configure_provider`) before ``finalize()``."""
     qwen35._prepare_config(provider)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 
 def _tiny_dense(directory: Path) -> tuple[Path, tuple[str, ...]]:
-    from bridge_ext.cpu.build import DEFAULT_LORA_TARGETS
-    from bridge_ext.cpu.tiny_dense import tiny_dense
+    from bridge_ext_testing.build import DEFAULT_LORA_TARGETS
+    from bridge_ext_testing.tiny_dense import tiny_dense
 
     return tiny_dense(directory, "qwen3"), DEFAULT_LORA_TARGETS
 
@@ -20,7 +20,7 @@ QWEN35_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", 
 
 
 def _tiny_qwen35_moe(directory: Path) -> tuple[Path, tuple[str, ...]]:
-    from bridge_ext.cpu.tiny_models import tiny_qwen35_moe
+    from bridge_ext_testing.tiny_models import tiny_qwen35_moe
 
     return tiny_qwen35_moe(directory, mtp_layers=1), QWEN35_LORA_TARGETS
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from bridge_ext.cpu import fla_torch
+from bridge_ext_testing import fla_torch
 
 # HF config model_type -> Megatron-Bridge bridge handling it.
 QWEN35_MODEL_TYPES = {
@@ -76,7 +76,7 @@ def _replaced(module_name: str, **names) -> Iterator[None]:
     saved = {}
     for name, value in names.items():
         if not hasattr(module, name):
-            raise RuntimeError(f"{module_name}.{name} not found: bridge_ext.cpu.qwen35 needs review")
+            raise RuntimeError(f"{module_name}.{name} not found: bridge_ext_testing.qwen35 needs review")
         saved[name] = getattr(module, name)
         setattr(module, name, value)
     try:
@@ -368,7 +368,7 @@ def cpu_build_context(provider=None) -> Iterator[None]:
     """Scope in which a configured Qwen3.5 provider's ``provide*`` builds the local model.
 
     Replaces, until exit: the fla functions of megatron's GDN where no fla is installed
-    (:func:`bridge_ext.cpu.fla_torch.gdn_torch_kernels`); ``torch.cuda.current_device`` (CPU
+    (:func:`bridge_ext_testing.fla_torch.gdn_torch_kernels`); ``torch.cuda.current_device`` (CPU
     machines only, see :func:`cpu_current_device`); Megatron-Bridge's ``gpt_provider.mtp_block_spec`` (TE only) by
     :func:`qwen35_mtp_block_spec`; for VL providers, the block-spec function in
     ``qwen35_vl_provider`` by :func:`qwen35_block_spec` (the VL providers' ``build_language_spec``
@@ -472,7 +472,7 @@ def unmapped_parameters(auto_bridge, chunks) -> list[str]:
     """Megatron parameter names (adapters excluded) that ``auto_bridge``'s mappings do not cover.
 
     Megatron-Bridge's loader fails on such a name with an ``AttributeError`` deep inside
-    ``load_weights_hf_to_megatron``; :func:`bridge_ext.cpu.build.build_megatron_model` checks
+    ``load_weights_hf_to_megatron``; :func:`bridge_ext_testing.build.build_megatron_model` checks
     this first and raises a readable error instead (e.g. for ``mtp_num_hidden_layers=2``, where
     the Qwen3.5 bridges map only MTP depth 0's ``eh_proj``/norms/``linear_proj``).
     """

@@ -6,7 +6,7 @@ Megatron-Bridge's bridges for these models (HF model types ``deepseek_v3``, ``ki
 ``glm4_moe``, ``gpt_oss``, ``mimo``) give the provider its settings and weight mappings; the
 providers ask for Transformer Engine specs (and Megatron-Bridge's ``gpt_provider.mtp_block_spec``
 hard-codes them). :func:`configure_provider` points the provider at megatron-core's local block
-spec (dense and MoE layers after ``moe_layer_freq``), with :class:`bridge_ext.cpu.mla.MLACoreAttention`
+spec (dense and MoE layers after ``moe_layer_freq``), with :class:`bridge_ext_testing.mla.MLACoreAttention`
 in the core-attention slot of MLA layers, and sets what local modules need on CPU.
 :func:`cpu_build_context` must surround ``provide*`` calls: it makes MTP blocks local too.
 :func:`cpu_forward_context` must surround a forward of a model with sliding-window layers
@@ -56,7 +56,7 @@ def _local_mla(config, layer_spec) -> None:
     with a fused norm+linear ``linear_q_proj``, i.e. Transformer Engine: not on CPU.)
     """
     if config.multi_latent_attention:
-        from bridge_ext.cpu.mla import MLACoreAttention
+        from bridge_ext_testing.mla import MLACoreAttention
 
         layer_spec.submodules.self_attention.submodules.core_attention = MLACoreAttention
 
@@ -113,7 +113,7 @@ def configure_provider(provider, hf_dir: str | Path) -> None:
 @contextmanager
 def cpu_build_context(provider=None) -> Iterator[None]:
     """Scope for ``provide*``: local MTP blocks, ``torch.cuda.current_device`` on CPU."""
-    from bridge_ext.cpu.qwen35 import _replaced, cpu_current_device
+    from bridge_ext_testing.qwen35 import _replaced, cpu_current_device
 
     with ExitStack() as stack:
         stack.enter_context(cpu_current_device())
@@ -134,7 +134,7 @@ def sliding_window_causal_mask(sq: int, skv: int, window_size: tuple[int, int]) 
 @contextmanager
 def cpu_forward_context() -> Iterator[None]:
     """Scope for a forward on CPU: the sliding-window mask is built on the CPU device."""
-    from bridge_ext.cpu.qwen35 import _replaced
+    from bridge_ext_testing.qwen35 import _replaced
 
     with _replaced("megatron.core.fusions.fused_softmax", get_sliding_window_causal_mask=sliding_window_causal_mask):
         yield

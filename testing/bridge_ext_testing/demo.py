@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from bridge_ext.cpu.examples import DEFAULT_EXAMPLE, EXAMPLES
+from bridge_ext_testing.examples import DEFAULT_EXAMPLE, EXAMPLES
 from bridge_ext.hf_files import ADAPTER_FILE, list_safetensors
 from bridge_ext.verify import (
     Report,
@@ -39,9 +39,9 @@ def _source_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 def run_demo(example: str = DEFAULT_EXAMPLE, workdir: Path | None = None, echo: Callable[[str], None] = print) -> Report:
     """Build, export and verify the example; returns the report (raises on any failure)."""
-    from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-    from bridge_ext.cpu.distributed import megatron_parallel
-    from bridge_ext.cpu.forward import megatron_logits
+    from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+    from bridge_ext_testing.distributed import megatron_parallel
+    from bridge_ext_testing.forward import megatron_logits
     from bridge_ext.save import save_hf_pretrained
 
     report = Report()

@@ -5,11 +5,11 @@
 
 * an explicit causal attention mask (``[1, 1, T, T]`` bool, True = masked): megatron-core's
   local attention otherwise builds its default causal mask on ``"cuda"``;
-* :func:`bridge_ext.cpu.qwen35.cpu_current_device`: megatron-core calls
+* :func:`bridge_ext_testing.qwen35.cpu_current_device`: megatron-core calls
   ``torch.cuda.current_device()`` during forward (rotary ``inv_freq``, the MoE router weight,
   Qwen3-VL's vision rotary) - on CPU machines it answers the CPU device inside the call;
 * the fla stand-ins for Gated DeltaNet layers inside the call
-  (:func:`bridge_ext.cpu.fla_torch.gdn_torch_kernels`, only when the real fla is not importable);
+  (:func:`bridge_ext_testing.fla_torch.gdn_torch_kernels`, only when the real fla is not importable);
 * ``runtime_gather_output=True`` so tensor-parallel logits come back whole.
 
 Single-stage models only (one chunk holding embedding and output layer).
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from bridge_ext.cpu import fla_torch
-from bridge_ext.cpu.qwen35 import cpu_current_device
+from bridge_ext_testing import fla_torch
+from bridge_ext_testing.qwen35 import cpu_current_device
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """The ``convert`` example: a tiny LoRA checkpoint written by megatron-core, converted and verified.
 
-It makes a tiny random Hugging Face model (one of :data:`bridge_ext.demo.EXAMPLES`), builds the
+It makes a tiny random Hugging Face model (one of :data:`bridge_ext_testing.demo.EXAMPLES`), builds the
 Megatron-Core model with Megatron-Bridge LoRA (random non-zero A and B), saves it with
 megatron-core's own ``dist_checkpointing.save`` as a full and as an adapter-only checkpoint
 (the layout Megatron-Bridge training writes), then converts both with
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from bridge_ext.demo import DEFAULT_EXAMPLE, EXAMPLES
+from bridge_ext_testing.demo import DEFAULT_EXAMPLE, EXAMPLES
 from bridge_ext.verify import (
     Report,
     VerificationError,
@@ -42,11 +42,11 @@ def run_convert_demo(workdir: Path | None = None, echo: Callable[[str], None] = 
 
     Call from a script with a ``__main__`` guard (megatron-core's saver starts a process).
     """
-    from bridge_ext.checkpoint.writer import save_megatron_checkpoint
+    from bridge_ext_testing.writer import save_megatron_checkpoint
     from bridge_ext.convert import convert_checkpoint, verify_conversion
-    from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-    from bridge_ext.cpu.distributed import megatron_parallel
-    from bridge_ext.cpu.forward import megatron_logits
+    from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+    from bridge_ext_testing.distributed import megatron_parallel
+    from bridge_ext_testing.forward import megatron_logits
 
     report = Report()
     with tempfile.TemporaryDirectory() as scratch:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bridge_ext.cpu.tiny_models import add_saved_tensors, update_saved_config
+from bridge_ext_testing.tiny_models import add_saved_tensors, update_saved_config
 from bridge_ext.tables import register_transformers_configs
 
 VOCAB = 128
@@ -120,7 +120,7 @@ def tiny_deepseek_v3(directory: str | Path, mtp_layers: int = 1, *, model_type: 
     """A ``DeepseekV3ForCausalLM``: MLA, 1 dense + 2 MoE layers (4 experts, 1 shared), MTP.
 
     ``q_lora_rank=None`` gives plain ``q_proj`` (Moonlight; megatron-core 0.19.2's local spec
-    cannot build that MLA, see :func:`bridge_ext.cpu.gpt_families._local_mla`);
+    cannot build that MLA, see :func:`bridge_ext_testing.gpt_families._local_mla`);
     ``model_type="kimi_k2"`` writes the model type Kimi-K2's config.json declares over the same
     architecture.
     """

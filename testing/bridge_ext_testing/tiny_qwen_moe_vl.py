@@ -4,7 +4,7 @@ Text shapes: 2 layers, hidden 64, 4 query heads / 2 KV heads of dim 16, vocab 12
 experts of width 32, top 2 (Qwen2-MoE: a shared expert of width 48 behind its sigmoid gate).
 Each model is saved with ``save_pretrained``, i.e. in transformers' own save-time layout.
 Norm weights get a random offset (a norm mapped to the wrong place shows in the logits) and
-routers a larger std (top-k choices far from ties), as in :mod:`bridge_ext.cpu.tiny_models`.
+routers a larger std (top-k choices far from ties), as in :mod:`bridge_ext_testing.tiny_models`.
 Supports the CPU demo and tests; the exporter does not use it.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bridge_ext.cpu.tiny_models import _perturb
+from bridge_ext_testing.tiny_models import _perturb
 
 VOCAB = 128
 TEXT = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -69,7 +69,7 @@ def _vision(deepstack: bool) -> dict:
 
 
 def _vl_tokens() -> dict:
-    from bridge_ext.cpu.tiny_models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
+    from bridge_ext_testing.tiny_models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
 
     return dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID,
                 vision_start_token_id=VISION_START_TOKEN_ID, vision_end_token_id=VISION_END_TOKEN_ID)
@@ -80,7 +80,7 @@ def tiny_qwen3_vl(directory: str | Path, *, moe: bool = False, seed: int = 0) ->
 
     Interleaved MRoPE over the 8 rotary frequencies of a 16-wide head (sections 4/2/2); the
     MoE type's experts are written fused and transposed (``gate_up_proj [E, H, 2I]``), as
-    transformers saves them. Use :func:`bridge_ext.cpu.tiny_models.tiny_vl_inputs` for a prompt.
+    transformers saves them. Use :func:`bridge_ext_testing.tiny_models.tiny_vl_inputs` for a prompt.
     """
     if moe:
         from transformers import Qwen3VLMoeConfig as Config

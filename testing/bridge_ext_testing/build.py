@@ -1,8 +1,8 @@
 """Build a Megatron-Core model from a Hugging Face folder through Megatron-Bridge, on CPU.
 
 Support for the demo and the tests, not the exporter. Call inside
-:func:`bridge_ext.cpu.distributed.megatron_parallel`. Qwen3.5 and Qwen3-Next are built with the
-local specs of :mod:`bridge_ext.cpu.qwen35` (inside its scoped build context), other models (Qwen3,
+:func:`bridge_ext_testing.distributed.megatron_parallel`. Qwen3.5 and Qwen3-Next are built with the
+local specs of :mod:`bridge_ext_testing.qwen35` (inside its scoped build context), other models (Qwen3,
 Llama...) with megatron-core's local GPT spec. docs/cpu_models.md.
 """
 
@@ -77,12 +77,12 @@ def build_megatron_model(
     from megatron.bridge import AutoBridge
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from bridge_ext.cpu import gpt_families, qwen3_vl, qwen35
+    from bridge_ext_testing import gpt_families, qwen3_vl, qwen35
 
     is_qwen35 = qwen35.is_qwen35(hf_dir)
     model_type = qwen35.hf_model_type(hf_dir)
     if model_type == "qwen2_moe":
-        import bridge_ext.cpu.qwen2_moe_bridge  # noqa: F401  (registers the bridge Megatron-Bridge lacks)
+        import bridge_ext_testing.qwen2_moe_bridge  # noqa: F401  (registers the bridge Megatron-Bridge lacks)
     is_qwen3_vl = model_type in qwen3_vl.MODEL_TYPES
     is_gpt_family = gpt_families.is_gpt_family(hf_dir)
     bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 or is_qwen3_vl or is_gpt_family else AutoBridge
