@@ -15,7 +15,7 @@ from bridge_ext.table import ExpertLayout
 from bridge_ext.tables import table_for
 
 if TYPE_CHECKING:
-    from bridge_ext.export import ExportPlan
+    from bridge_ext.plan import ExportPlan
 
 AdapterConsumer = Literal["peft", "vllm"]
 ADAPTER_CONSUMERS: tuple[AdapterConsumer, ...] = ("peft", "vllm")

@@ -2,7 +2,7 @@
 
 No model is built: global tensors are read through the checkpoint's own metadata one at a time
 (:class:`bridge_ext.checkpoint.source.CheckpointSource`) and converted by the same tables and
-engine as a live model (:func:`bridge_ext.export.plan_export`, :func:`bridge_ext.save.write_export`).
+engine as a live model (:func:`bridge_ext.plan.plan_export`, :func:`bridge_ext.save.write_export`).
 Everything that names alone or shapes alone can decide is checked before the first tensor is
 read: the architecture has a table, every stored tensor has a rule, every Hugging Face name is
 produced, every produced shape is the one config.json implies, every adapter fits its base.
@@ -39,22 +39,14 @@ from bridge_ext.consumer import adapter_layout_for, is_mtp_adapter
 from bridge_ext.dims import ModelDims
 from bridge_ext.dora import refuse_for_vllm
 from bridge_ext.engine import Mode
-from bridge_ext.export import (
-    ExportPlan,
-    check_shapes,
-    conversion_passes,
-    expert_layouts,
-    fp8_plan,
-    plan_export,
-    possible_variants,
-    source_expert_layouts,
-)
 from bridge_ext.errors import ConvertError, OutputLocationError
+from bridge_ext.expert_layouts import expert_layouts, possible_variants, source_expert_layouts
 from bridge_ext.fp8_export import check_quantize
 from bridge_ext.hf_files import has_safetensors
 from bridge_ext.hf_folder import TensorSpec
 from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
 from bridge_ext.peft_config import adapted_outputs
+from bridge_ext.plan import ExportPlan, check_shapes, conversion_passes, fp8_plan, plan_export
 from bridge_ext.table import ExpertLayout
 from bridge_ext.tables import known_model_types, register_transformers_configs, table_for
 from bridge_ext.value_check import ValueCheck
@@ -339,6 +331,7 @@ def convert_checkpoint(
     source = build_source(reader, config, hf_base, found)
     adapter_layout = adapter_layout_for(config, adapter_for, expert_adapter_layout)  # a refusal writes nothing
     plan = plan_export(source, config, expert_layouts(table, found, expert_layout, adapter_layout))
+    plan = plan.with_extra_shapes(base_folder_extra_shapes(plan, hf_base))
     if adapter_dir is not None and not source.adapters():
         raise ConvertError(f"{reader.path} holds no LoRA adapters; drop the adapter folder")
     if adapter_dir is not None and adapter_for == "vllm":
@@ -346,7 +339,6 @@ def convert_checkpoint(
     if model_dir is not None and adapter_dir is None and source.adapters() and not merge:
         raise ConvertError(f"{reader.path} holds LoRA adapters: give an adapter folder too, or --merge")
     base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
-    plan.extra_shapes = base_folder_extra_shapes(plan, hf_base)
     # Every task on meta tensors first (base tensors too when only adapters are written: the
     # config must be the model trained): a config that does not fit fails before any output exists.
     check_shapes(source, plan, conversion_passes(source, plan, base=base_mode or Mode.BASE,

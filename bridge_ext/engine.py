@@ -35,6 +35,11 @@ class Task:
     hf_names: tuple[str, ...]
 
     @property
+    def key(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The task by value (its Megatron and Hugging Face names), for memos that outlive a call."""
+        return self.sources, self.hf_names
+
+    @property
     def module(self) -> str | None:
         """The Megatron module a LoRA adapter of this task would wrap."""
         first = self.sources[0]
@@ -255,7 +260,7 @@ class TaskConverter:
     """Converts planned tasks of one model; yields ``(name, tensor)`` pairs."""
 
     def __init__(self, source: TensorSource, dims: ModelDims, mode: Mode, dtype: torch.dtype | None = None,
-                 expert_adapters=None, recorded: dict[int, list[str]] | None = None, stacks_on_host: bool = False):
+                 expert_adapters=None, recorded: dict[tuple, list[str]] | None = None, stacks_on_host: bool = False):
         self.source = source
         self.dims = dims
         self.mode = mode
@@ -266,7 +271,7 @@ class TaskConverter:
         self.stacks_on_host = stacks_on_host
         self.adapters = source.adapters()
         self.expert_adapters = expert_adapters
-        self._recorded = recorded if recorded is not None else {}  # id(task) -> reads
+        self._recorded = recorded if recorded is not None else {}  # task.key -> reads
         self._on_meta: dict[tuple, list[torch.Tensor]] = {}
 
     def _run(self, rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, what: str | None = None,
@@ -364,7 +369,7 @@ class TaskConverter:
         expert_adapters = self.expert_adapters or _pack_nothing
         converter = TaskConverter(meta, self.dims, self.mode, self.dtype, expert_adapters)
         outputs = [(name, tuple(tensor.shape)) for name, tensor in converter(task)]
-        self._recorded[id(task)] = meta.read
+        self._recorded[task.key] = meta.read
         return meta.read, outputs
 
     def reads(self, task: Task) -> list[str]:
@@ -373,9 +378,9 @@ class TaskConverter:
 
         Lets a source that moves tensors between processes schedule them ahead.
         """
-        if id(task) not in self._recorded:
+        if task.key not in self._recorded:
             self.dry_run(task)
-        return self._recorded[id(task)]
+        return self._recorded[task.key]
 
     def _factors(self, task: Task, adapter: Adapter | None):
         if adapter is None or self.mode is Mode.BASE:

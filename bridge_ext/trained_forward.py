@@ -18,7 +18,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bridge_ext.export import ExportPlan
+    from bridge_ext.plan import ExportPlan
     from bridge_ext.source import Adapter
 
 LAST_AFFECTED_MEGATRON_BRIDGE = (0, 6, 2)

@@ -44,7 +44,7 @@ from bridge_ext_testing.build import LoraSettings, build_megatron_model
 from bridge_ext_testing.forward import megatron_logits
 from bridge_ext_testing.tiny_models import tiny_vl_inputs
 from bridge_ext.engine import PEFT_PREFIX
-from bridge_ext.export import source_expert_layouts
+from bridge_ext.expert_layouts import source_expert_layouts
 from bridge_ext.dims import ModelDims
 from bridge_ext.distributed import DESTINATIONS
 from bridge_ext.hf_keys import hf_checkpoint_keys

@@ -133,6 +133,28 @@ def test_recorded_reads_are_what_the_conversion_reads(built):
             assert converter.reads(task) == read, task.sources
 
 
+def test_the_plan_is_built_once_and_never_changed(built):
+    """Exports remember what they work out in the plan's cache; the plan's fields stay as built."""
+    import dataclasses
+
+    from bridge_ext.export import export_hf_weights, prepare
+
+    _, plan = prepare(built.chunks)
+    as_built = {field.name: getattr(plan, field.name) for field in dataclasses.fields(plan) if field.name != "cache"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.extra_shapes = {}
+    with pytest.raises(TypeError):
+        plan.hf_keys["model.extra.weight"] = (1,)
+    assert isinstance(plan.base_tasks, tuple) and isinstance(plan.adapter_tasks, tuple)
+    list(export_hf_weights(built.chunks, peft=False))
+    _, again = prepare(built.chunks)
+    assert again is plan and plan.cache.checked  # remembered, with what its export checked
+    assert all(getattr(plan, name) is value for name, value in as_built.items())
+    newer = plan.with_extra_shapes({"model.extra.weight": (1,)})
+    assert dict(newer.extra_shapes) == {"model.extra.weight": (1,)} and not plan.extra_shapes
+    assert newer.cache is not plan.cache and not newer.cache.checked
+
+
 @pytest.fixture(scope="module")
 def moe(megatron_cpu, tmp_path_factory):
     from bridge_ext_testing import tiny_models

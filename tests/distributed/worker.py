@@ -85,7 +85,7 @@ def shard_of_global(rule, full: torch.Tensor, shards: int, shard: int, dims, *,
 def set_global_lora(chunks, config, seed: int = 0, std: float = 0.05) -> None:
     """Give every LoRA factor the values of a global tensor keyed on its global name."""
     from bridge_ext.dims import ModelDims
-    from bridge_ext.export import ExpertLayouts
+    from bridge_ext.expert_layouts import ExpertLayouts
     from bridge_ext.live import LORA_IN, LORA_OUT, is_parallel_job, local_tensors
     from bridge_ext.tables import table_for
 
