@@ -63,7 +63,7 @@ def demo(example: str | None, workdir: Path | None) -> None:
             raise
         click.echo("error: the demo needs the test-support package bridge_ext_testing, which is not "
                    "installed: run `bash scripts/install.sh` in a clone of the repository", err=True)
-        sys.exit(EXIT_DEMO_UNAVAILABLE)
+        sys.exit(EXIT_ENVIRONMENT)
     example = example or DEFAULT_EXAMPLE
     if example not in EXAMPLES:
         raise click.BadParameter(f"choose one of {', '.join(EXAMPLES)}", param_hint="--example")
@@ -81,7 +81,7 @@ def demo(example: str | None, workdir: Path | None) -> None:
 # Exit codes of `bridge-ext convert` (documented in its --help and in docs/convert.md).
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_MISMATCH, EXIT_OUTPUT_EXISTS, EXIT_VERIFY = 0, 1, 2, 3, 4, 5, 6
 EXIT_OUTPUT_IO = 7
-EXIT_DEMO_UNAVAILABLE = 8  # `bridge-ext demo` only: the test-support package is not installed
+EXIT_ENVIRONMENT = 8  # the installation lacks what the command needs (Megatron versions, the demo's package)
 EXIT_SIGNAL_BASE = 128  # stopped by signal n: 128 + n, as shells report it
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
@@ -194,7 +194,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
          filesystem root, the working directory or a parent of it, a symbolic link, an input
          or a folder holding one, one output inside the other
       3  the checkpoint cannot be read: missing, not torch_dist, unsafe pickle, truncated or
-         corrupted file, missing run_config.yaml for an adapter-only checkpoint
+         corrupted file, missing run_config.yaml for an adapter-only checkpoint; or a Hugging
+         Face folder's safetensors cannot be read
       4  the checkpoint, config.json and mapping tables disagree: unknown architecture,
          unmapped or missing tensors, shape mismatch (named with both shapes)
       5  an output folder exists and is not empty (use --overwrite), or, with --overwrite, holds
@@ -204,6 +205,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
       7  an I/O or permission error: an output cannot be written (parent not writable, no
          space left, file size limit, read-only file system), or the system failed a read;
          or out of memory (an allocation failed, or the system killed a conversion worker)
+      8  the installed megatron-core / megatron-bridge are not the versions the workarounds
+         for a missing Transformer Engine or Triton were written for (--model-type, --verify)
     128+n  stopped by signal n (SIGINT 130, SIGHUP 129, SIGTERM 143): nothing installed, the
          staging folders removed (or, arriving during the final renames, all outputs installed)
     """
@@ -281,11 +284,13 @@ def _exit_code(error: Exception) -> int | None:
     """The documented exit code of an error (docs/convert.md); None for a bug."""
     from bridge_ext.errors import (
         CheckpointError,
+        CompatibilityError,
         ConvertError,
         ExportError,
         OutputExistsError,
         OutputLocationError,
         OutputWriteError,
+        SafetensorsFolderError,
         VerificationError,
         is_out_of_memory,
     )
@@ -293,9 +298,11 @@ def _exit_code(error: Exception) -> int | None:
     if is_out_of_memory(error):
         return EXIT_OUTPUT_IO
 
-    for family, code in ((CheckpointError, EXIT_CHECKPOINT), (OutputExistsError, EXIT_OUTPUT_EXISTS),
-                         (OutputLocationError, EXIT_USAGE), (OutputWriteError, EXIT_OUTPUT_IO),
-                         (VerificationError, EXIT_VERIFY), ((ConvertError, ExportError), EXIT_MISMATCH),
+    # one code per error family of bridge_ext.errors (docs/convert.md), then the system's errors
+    for family, code in ((CheckpointError, EXIT_CHECKPOINT), (SafetensorsFolderError, EXIT_CHECKPOINT),
+                         (OutputExistsError, EXIT_OUTPUT_EXISTS), (OutputLocationError, EXIT_USAGE),
+                         (OutputWriteError, EXIT_OUTPUT_IO), (VerificationError, EXIT_VERIFY),
+                         ((ConvertError, ExportError), EXIT_MISMATCH), (CompatibilityError, EXIT_ENVIRONMENT),
                          (OSError, EXIT_OUTPUT_IO)):
         if isinstance(error, family):
             return code
