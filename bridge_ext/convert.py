@@ -44,7 +44,7 @@ from bridge_ext.expert_layouts import expert_layouts, possible_variants, source_
 from bridge_ext.fp8_export import check_quantize
 from bridge_ext.hf_files import has_safetensors
 from bridge_ext.hf_folder import TensorSpec
-from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
+from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target, require_an_output
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.plan import ExportPlan, check_shapes, conversion_passes, fp8_plan, plan_export
 from bridge_ext.table import ExpertLayout
@@ -299,8 +299,7 @@ def convert_checkpoint(
     from bridge_ext.save import write_export
 
     started = time.perf_counter()
-    if model_dir is None and adapter_dir is None:
-        raise ConvertError("nothing to write: give a model folder, an adapter folder or both")
+    require_an_output(model_dir, adapter_dir)
     if merge and adapter_dir is not None:
         raise ConvertError("--merge writes the adapters into the model folder; drop the adapter folder")
     check_quantize(quantize, engine_tp_size)

@@ -20,7 +20,7 @@ from bridge_ext.dora import dora_merge
 from bridge_ext.errors import ExportError, RuleError
 from bridge_ext.ops import Op
 from bridge_ext.peft_experts import fuse_expert_lora
-from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key, peft_magnitude_key
+from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key, peft_magnitude_key, weight_module
 from bridge_ext.source import Adapter, TensorSource
 from bridge_ext.table import MappingTable, Rule
 
@@ -42,8 +42,7 @@ class Task:
     @property
     def module(self) -> str | None:
         """The Megatron module a LoRA adapter of this task would wrap."""
-        first = self.sources[0]
-        return first[: -len(".weight")] if first.endswith(".weight") else None
+        return weight_module(self.sources[0])
 
 
 def describe(task: Task, source: str | None = None) -> str:
@@ -286,7 +285,7 @@ class TaskConverter:
         return self._on_meta[key]
 
     def adapter_of(self, task: Task, source_name: str) -> Adapter | None:
-        module = source_name[: -len(".weight")] if source_name.endswith(".weight") else None
+        module = weight_module(source_name)
         return self.adapters.get(module) if module else None
 
     def __call__(self, task: Task) -> Iterator[tuple[str, torch.Tensor]]:

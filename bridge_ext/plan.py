@@ -21,6 +21,7 @@ from bridge_ext.errors import RuleError
 from bridge_ext.expert_layouts import ExpertLayouts
 from bridge_ext.fp8_export import Fp8Plan, check_quantize, fp8_rules_of, plan_fp8
 from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs
+from bridge_ext.peft_keys import weight_module
 from bridge_ext.source import TensorSource
 from bridge_ext.table import ExpertLayout, MappingTable
 from bridge_ext.tables import table_for
@@ -172,7 +173,7 @@ def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[Task
                     if isinstance(error, ExportError) and not isinstance(error, RuleError):
                         raise  # not about shapes (e.g. a tensor the source lacks)
                     wanted = {hf: expected.get(hf) for hf in task.hf_names}
-                    adapter = source.adapters().get(first.removesuffix(".weight")) if run.mode is not Mode.BASE else None
+                    adapter = source.adapters().get(weight_module(first)) if run.mode is not Mode.BASE else None
                     lora = (f" with LoRA {adapter.lora_a} {_shapes_text(source, adapter.lora_a)} and {adapter.lora_b} "
                             f"{_shapes_text(source, adapter.lora_b)}" if adapter is not None else "")
                     raise ExportError(f"{exported} and the Hugging Face config disagree: {first} has shape "

@@ -116,3 +116,11 @@ def test_convert_exits_with_the_documented_code_of_each_error_family(family, cod
     status, output = invoke(tmp_path / "ckpt", "--model-out", tmp_path / "out")
     assert status == code, output
     assert output.strip().splitlines()[-1].endswith(f"a {family} for the test"), output
+
+
+def test_the_library_refuses_to_write_nothing_with_one_error(tmp_path):
+    from bridge_ext import ConvertError, save_hf_pretrained
+
+    for call in (lambda: save_hf_pretrained(object()), lambda: convert_checkpoint(tmp_path / "nowhere")):
+        with pytest.raises(ConvertError, match=r"^nothing to write: give model_dir, adapter_dir or both$"):
+            call()
