@@ -25,7 +25,7 @@ import torch
 
 from bridge_ext.tables import register_transformers_configs
 
-MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss", "mimo")
+MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "gpt_oss", "mimo")
 
 
 def hf_model_type(hf_dir: str | Path) -> str | None:

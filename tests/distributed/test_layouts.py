@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge_ext_testing.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe, tiny_gpt_oss, tiny_mimo
+from bridge_ext_testing.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe, tiny_glm4_moe_lite, tiny_gpt_oss, tiny_mimo
 from bridge_ext_testing.tiny_models import tiny_qwen35_dense, tiny_qwen35_moe, tiny_qwen35_vl
 from bridge_ext.engine import PEFT_PREFIX
 from megatron_bridge_expert_parallel import (
@@ -43,6 +43,7 @@ MODELS = {
     "mimo": tiny_mimo,
     "deepseek": tiny_deepseek_v3,
     "glm": tiny_glm4_moe,
+    "glm_lite": tiny_glm4_moe_lite,
     "gpt_oss": lambda directory, mtp_layers: tiny_gpt_oss(directory),  # (no MTP)
 }
 # Compared with Megatron-Bridge's merged export at EP=2 (the tiny Qwen3.5-MoE holds per-expert
@@ -51,12 +52,12 @@ MB_EXPERT_PARALLEL = ("moe", "deepseek", "glm")
 # gpt-oss needs expert-TP 1 at TP 2 (megatron-core: "Bias in Moe is only supported when ETP==1").
 # name -> (processes, worker flags, models)
 LAYOUTS = {
-    "single": (1, [], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "gpt_oss")),
+    "single": (1, [], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite", "gpt_oss")),
     "tp2": (2, ["--tp", "2", "--megatron-bridge", "dense", "moe", "mimo", "--forward", "moe"],
-            ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm")),
+            ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite")),
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"], ("dense", "moe", "vl_moe")),
     "ep2": (2, ["--ep", "2", "--megatron-bridge", *MB_EXPERT_PARALLEL, "--forward", *MB_EXPERT_PARALLEL],
-            ("moe", "deepseek", "glm", "gpt_oss")),
+            ("moe", "deepseek", "glm", "glm_lite", "gpt_oss")),
     # 16 KiB steps: the tiny model's larger tensors travel as large ones do (received whole)
     "tp2_pp2_ep2_etp1": (4, ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1", "--step-bytes", "16384"], ("moe",)),
 }
