@@ -7,7 +7,9 @@ adapter folder) from GPU tensors, and compare the logits of transformers + PEFT 
 (transformers' own torch gated-delta-rule, an independent reference) with the Megatron
 model's forward on the GPU.
 
-Run from the repository root: ``python scripts/gpu/check_qwen35_with_fla.py [OUT_DIR]``.
+Run from the repository root: ``python scripts/gpu/check_qwen35_with_fla.py [OUT_DIR]``, with
+bridge_ext and its test-support package importable (scripts/install.sh, or
+``PYTHONPATH=$PWD:$PWD/testing``).
 """
 
 from __future__ import annotations
