@@ -141,25 +141,49 @@ def run_rule(rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, axis: i
     return apply_ops(rule, global_ops, parts, dims, what=what)
 
 
-def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: ModelDims,
-                  what: str | None = None, run=run_rule) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(lora_A, lora_B) for each Hugging Face output of ``rule``.
+# -- the LoRA rule, in one place: how a base weight's rule applies to its adapter ----------------
+# Megatron-Bridge shards ``B`` over rows for every base, and ``A`` over rows (the rank dimension)
+# for column-parallel bases, over columns for row-parallel ones. ``B`` takes the base's row
+# operations (and so does anything with B's rows, e.g. a DoRA magnitude); ``A`` is shared by every
+# output. A final transpose swaps the factors' roles for module weights (``A' = B^T``,
+# ``B' = A^T``); a stacked (fused parameter) output keeps the untransposed factors, as PEFT does
+# (see :mod:`bridge_ext.ops`).
 
-    Megatron-Bridge shards ``B`` over rows for every base, and ``A`` over rows (the rank
-    dimension) for column-parallel bases, over columns for row-parallel ones. ``B`` takes the
-    base's row operations; ``A`` is shared by every output. A final transpose swaps the
-    factors' roles for module weights (``A' = B^T``, ``B' = A^T``); a stacked (fused
-    parameter) output keeps the untransposed factors, as PEFT does (see :mod:`bridge_ext.ops`).
-    """
-    if rule.changes_values:
-        raise ExportError(f"{adapter.module} has a LoRA adapter but its rule changes values ({rule.megatron})")
-    a_shards = source.shards(adapter.lora_a)
-    lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards, dim=1 if rule.tp == "row" else 0)
-    lora_bs = run(rule, source.shards(adapter.lora_b), dims, axis=0, rows_only=True,
-                       what=f"{adapter.lora_b} (LoRA B of {what or adapter.module})")
+
+def lora_a_axis(rule: Rule) -> int:
+    """The axis over which a LoRA ``A`` of ``rule``'s base is sharded across tensor-parallel ranks."""
+    return 1 if rule.tp == "row" else 0
+
+
+def joined_lora_a(rule: Rule, shards: list[torch.Tensor]) -> torch.Tensor:
+    """A LoRA ``A`` from its tensor-parallel shards: shared by every output of the rule."""
+    return shards[0] if len(shards) == 1 else torch.cat(shards, dim=lora_a_axis(rule))
+
+
+def lora_b_rows(rule: Rule, shards: list[torch.Tensor], dims: ModelDims, what: str,
+                run=run_rule) -> list[torch.Tensor]:
+    """Each Hugging Face output's rows of a ``B``-like tensor (shards joined along rows): the
+    base's row operations, none that changes values or transposes."""
+    return run(rule, shards, dims, axis=0, rows_only=True, what=what)
+
+
+def output_factors(rule: Rule, lora_a: torch.Tensor,
+                   lora_bs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(lora_A, lora_B) per output: ``A`` shared; a transposing rule swaps the factors' roles."""
     if rule.transposes and not rule.stack:
         return [(lora_b.t().contiguous(), lora_a.t().contiguous()) for lora_b in lora_bs]
     return [(lora_a, lora_b) for lora_b in lora_bs]
+
+
+def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: ModelDims,
+                  what: str | None = None, run=run_rule) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(lora_A, lora_B) for each Hugging Face output of ``rule`` (the LoRA rule above)."""
+    if rule.changes_values:
+        raise ExportError(f"{adapter.module} has a LoRA adapter but its rule changes values ({rule.megatron})")
+    lora_a = joined_lora_a(rule, source.shards(adapter.lora_a))
+    lora_bs = lora_b_rows(rule, source.shards(adapter.lora_b), dims,
+                          f"{adapter.lora_b} (LoRA B of {what or adapter.module})", run)
+    return output_factors(rule, lora_a, lora_bs)
 
 
 MERGE_BLOCK_BYTES = 1 << 20
@@ -412,9 +436,9 @@ class TaskConverter:
                 yield peft_key(hf_name, LORA_B), self._cast(pair[1])
 
     def _part_factors(self, rule: Rule, part: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-        a_shards, b_shards = self.source.shards(part.lora_a), self.source.shards(part.lora_b)
-        lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards, dim=1 if rule.tp == "row" else 0)
-        return lora_a, b_shards[0] if len(b_shards) == 1 else torch.cat(b_shards)
+        b_shards = self.source.shards(part.lora_b)  # a part's B rows already are its output's rows
+        lora_b = b_shards[0] if len(b_shards) == 1 else torch.cat(b_shards)
+        return joined_lora_a(rule, self.source.shards(part.lora_a)), lora_b
 
     def _dora_scaled_bias(self, name: str, shards: list[torch.Tensor]) -> list[torch.Tensor]:
         """A bias that its DoRA linear adds inside the scaled product, times the same factor
@@ -445,8 +469,8 @@ class TaskConverter:
             raise ExportError(f"{describe(task)}: DoRA on a weight Hugging Face stores transposed or fused "
                               "takes its norm over another axis; not supported")
         columns = [shard.unsqueeze(1) for shard in self.source.shards(adapter.magnitude)]
-        rows = self._run(task.rule, columns, self.dims, axis=0, rows_only=True,
-                         what=f"{adapter.magnitude} (DoRA magnitude of {describe(task)})")
+        rows = lora_b_rows(task.rule, columns, self.dims, f"{adapter.magnitude} (DoRA magnitude of {describe(task)})",
+                           self._run)
         return [row.squeeze(1) for row in rows]
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -545,8 +569,8 @@ class TaskConverter:
         lora_a = torch.cat([self._part_factors(task.rule, part)[0] for part in (gate, up)])
         blocks = [torch.block_diag(g, u) for g, u in zip(self.source.shards(gate.lora_b), self.source.shards(up.lora_b),
                                                         strict=True)]
-        (lora_b,) = self._run(task.rule, blocks, self.dims, axis=0, rows_only=True,
-                              what=f"CanonicalLoRA gate and up B of {describe(task)}")
+        (lora_b,) = lora_b_rows(task.rule, blocks, self.dims, f"CanonicalLoRA gate and up B of {describe(task)}",
+                                self._run)
         return lora_a, lora_b
 
     def _stacked_each_expert(self, task: Task) -> Iterator[tuple[str, torch.Tensor]]:
@@ -646,11 +670,11 @@ class TaskConverter:
             lora_a = torch.cat([shards[0] for shards in a_shards])
         else:  # each expert's A joined from its shards: all experts at once, one stack per shard
             per_shard = [torch.stack([shards[s] for shards in a_shards]) for s in range(len(a_shards[0]))]
-            lora_a = torch.cat(per_shard, dim=2 if task.rule.tp == "row" else 1).flatten(0, 1)
+            lora_a = torch.cat(per_shard, dim=1 + lora_a_axis(task.rule)).flatten(0, 1)  # after the expert axis
         side_by_side = [torch.stack([shards[s] for shards in b_shards], dim=-1).flatten(1)
                         for s in range(len(b_shards[0]))]
-        lora_bs = self._run(task.rule, side_by_side, self.dims, axis=0, rows_only=True,
-                            what=f"LoRA B of {describe(task)} (every expert side by side)")
+        lora_bs = lora_b_rows(task.rule, side_by_side, self.dims,
+                              f"LoRA B of {describe(task)} (every expert side by side)", self._run)
         return [(lora_a, lora_b) for lora_b in lora_bs]
 
 
