@@ -6,7 +6,7 @@ Three families:
   Megatron-Bridge into a model built with megatron-core's local layer spec;
 * ``qwen35_moe``: Qwen3.5-MoE shapes (Gated DeltaNet + gated attention, routed and shared
   experts, one MTP layer), built through the project's own local spec
-  (:mod:`bridge_ext.cpu.build`) with parameters initialised where the model lives (on the GPU:
+  (:mod:`bridge_ext_testing.build`) with parameters initialised where the model lives (on the GPU:
   an 8-layer 35B-A3B-wide model has 8.6B parameters, too many to write, read and load for a
   benchmark). Its folder holds ``config.json`` and a ``model.safetensors.index.json`` naming
   the published checkpoint's keys (fused experts in the decoder, per-expert MTP experts), so
@@ -172,7 +172,7 @@ def init_parallel(device: str, tp: int = 1, pp: int = 1, vpp: int | None = None,
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as megatron_random
 
-    from bridge_ext.cpu.distributed import megatron_parallel
+    from bridge_ext_testing.distributed import megatron_parallel
 
     if device == "cpu":
         return megatron_parallel(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vpp,
@@ -230,7 +230,7 @@ def _build_qwen3(hf_dir: Path, device: str, sizes: dict, lora_rank: int, dtype: 
     from megatron.bridge.peft.lora import LoRA
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from bridge_ext.cpu.qwen35 import cpu_current_device
+    from bridge_ext_testing.qwen35 import cpu_current_device
 
     bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
     provider = bridge.to_megatron_provider(load_weights=False)
@@ -251,11 +251,11 @@ def _build_qwen3(hf_dir: Path, device: str, sizes: dict, lora_rank: int, dtype: 
 
 def _build_moe(hf_dir: Path, device: str, sizes: dict, lora_rank: int, dtype: torch.dtype,
                lora_targets: tuple[str, ...]):
-    """Through :func:`bridge_ext.cpu.build.build_megatron_model` with the layout's sizes (the
+    """Through :func:`bridge_ext_testing.build.build_megatron_model` with the layout's sizes (the
     MoE families: LoRA on ``linear_fc1`` / ``linear_fc2`` includes the routed experts)."""
     from megatron.bridge import AutoBridge
 
-    from bridge_ext.cpu.build import LoraSettings, build_megatron_model
+    from bridge_ext_testing.build import LoraSettings, build_megatron_model
 
     to_provider = AutoBridge.to_megatron_provider
 

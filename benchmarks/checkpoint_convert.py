@@ -127,9 +127,9 @@ def write_hf_folder(directory: Path, layers: int) -> Path:
 def prepare(work: Path, layers: int) -> None:
     import torch
 
-    from bridge_ext.checkpoint.writer import save_megatron_checkpoint
-    from bridge_ext.cpu.build import build_megatron_model, randomize_lora
-    from bridge_ext.cpu.distributed import megatron_parallel
+    from bridge_ext_testing.writer import save_megatron_checkpoint
+    from bridge_ext_testing.build import build_megatron_model, randomize_lora
+    from bridge_ext_testing.distributed import megatron_parallel
     from megatron.bridge.peft.lora import LoRA
 
     hf_dir = write_hf_folder(work / "hf", layers)
@@ -167,9 +167,9 @@ def megatron_bridge(work: Path, adapter: bool) -> Path:
     from megatron.bridge import AutoBridge
     from megatron.core import dist_checkpointing
 
-    from bridge_ext.checkpoint.writer import SHARDED_SD_METADATA, cpu_stand_ins
-    from bridge_ext.cpu.build import LoraSettings, build_megatron_model
-    from bridge_ext.cpu.distributed import megatron_parallel
+    from bridge_ext_testing.writer import SHARDED_SD_METADATA, cpu_stand_ins
+    from bridge_ext_testing.build import LoraSettings, build_megatron_model
+    from bridge_ext_testing.distributed import megatron_parallel
 
     stand_in_modelopt()
     out = work / ("bridge-adapter" if adapter else "bridge-full")

@@ -225,7 +225,7 @@ def poison(receiver: Receiver, adapters_only: bool) -> None:
 def check_receiver(receiver: Receiver, chunks, input_ids: torch.Tensor, adapters_only: bool) -> str:
     """Every exported tensor equals the receiver's; the receiver's logits vs Megatron's."""
     from bridge_ext import export_hf_weights
-    from bridge_ext.cpu.forward import megatron_logits
+    from bridge_ext_testing.forward import megatron_logits
 
     held = _held(receiver)
     equal = total = draft = 0

@@ -35,18 +35,7 @@ from bridge_ext.export import (  # noqa: E402
 )
 from bridge_ext.save import save_hf_pretrained  # noqa: E402
 from bridge_ext.table import MappingTable, TableBuilder  # noqa: E402
-
-
-def __getattr__(name: str):
-    # The registry imports this package (its tables are built of bridge_ext's rules), so it is
-    # reached on first use: `import model_mappings` then works first in a fresh interpreter.
-    if name == "register_table":
-        from model_mappings import register_table
-
-        globals()[name] = register_table
-        return register_table
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from bridge_ext.tables import register_table  # noqa: E402
 
 __all__ = [
     "BridgeExtError",

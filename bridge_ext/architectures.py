@@ -3,12 +3,12 @@
 Read at run time from Megatron-Bridge's bridge registry and bridge_ext's tables, so a table
 added (hand-written or generated) changes its row. Statuses:
 
-* ``hand-written``: a table of ``model_mappings`` (proven by its conformance module);
+* ``hand-written``: a table of ``bridge_ext.tables`` (proven by its conformance module);
 * ``generated+proven``: a table generated from Megatron-Bridge and an entry of the generated
-  tables' conformance module (``model_mappings.architecture_notes.PROVEN_GENERATED``);
+  tables' conformance module (``bridge_ext.tables.architecture_notes.PROVEN_GENERATED``);
 * ``generated, not provable on CPU``: a generated table whose tiny model cannot be built or
-  run on the CPU (the reason in ``model_mappings.architecture_notes.NOT_PROVABLE``);
-* ``refused``: no table (the reason in ``model_mappings.architecture_notes.REFUSED``).
+  run on the CPU (the reason in ``bridge_ext.tables.architecture_notes.NOT_PROVABLE``);
+* ``refused``: no table (the reason in ``bridge_ext.tables.architecture_notes.REFUSED``).
 
 Its output is docs/architectures.md (a test keeps the two equal).
 """
@@ -37,7 +37,7 @@ def _expert_layouts(table) -> str:
         try:
             from transformers import AutoConfig
 
-            from model_mappings import register_transformers_configs
+            from bridge_ext.tables import register_transformers_configs
 
             register_transformers_configs()
             table = table.build(AutoConfig.for_model(table.model_types[0]))
@@ -50,16 +50,16 @@ def _expert_layouts(table) -> str:
 @functools.cache
 def architectures() -> tuple[Architecture, ...]:
     """One row per Hugging Face class (Megatron-Bridge's registry and bridge_ext's tables)."""
-    import model_mappings
+    import bridge_ext.tables
     from bridge_ext.table_generate import registered_bridges
-    from model_mappings.architecture_notes import NOT_PROVABLE, PROVEN_GENERATED, REFUSED
+    from bridge_ext.tables.architecture_notes import NOT_PROVABLE, PROVEN_GENERATED, REFUSED
 
-    hand_written = model_mappings.hand_written_model_types()
-    generated = model_mappings.generated_model_types()
+    hand_written = bridge_ext.tables.hand_written_model_types()
+    generated = bridge_ext.tables.generated_model_types()
     rows: dict[tuple[str, str], Architecture] = {}
 
     def status(hf_class: str, model_type: str | None) -> tuple[str, str, str]:
-        table = model_mappings.registered_table(model_type) if model_type else None
+        table = bridge_ext.tables.registered_table(model_type) if model_type else None
         if model_type in hand_written:
             return "hand-written", "LoRA (DoRA, CanonicalLoRA: README's PEFT types)", _expert_layouts(table)
         if model_type in generated:
@@ -74,10 +74,10 @@ def architectures() -> tuple[Architecture, ...]:
         rows[(entry.source, model_type)] = Architecture(entry.source, model_type,
                                                         *status(entry.source, entry.model_type))
     served = {row.model_type for row in rows.values()}
-    for model_type in model_mappings.known_model_types():
+    for model_type in bridge_ext.tables.known_model_types():
         if model_type in served:
             continue
-        table = model_mappings.registered_table(model_type)
+        table = bridge_ext.tables.registered_table(model_type)
         hf_class = getattr(table, "model_classes", {}).get(model_type, "–")
         rows[(hf_class, model_type)] = Architecture(hf_class, model_type, *status(hf_class, model_type))
     order = ("hand-written", "generated+proven", "generated,", "refused")
@@ -98,7 +98,7 @@ def render() -> str:
         "Written by `bridge-ext architectures` (a test keeps this file equal to its output): every",
         f"Hugging Face class Megatron-Bridge {megatron_bridge_version()} registers a bridge for, and every model type",
         "bridge_ext has a table for. `generated+proven`: a table generated from Megatron-Bridge's bridge",
-        "(`bridge-ext tables generate`, `model_mappings/generated/`) and proven on a tiny model built in",
+        "(`bridge-ext tables generate`, `bridge_ext/tables/generated/`) and proven on a tiny model built in",
         "Megatron on CPU (tests/test_conformance_generated.py). PEFT: the PEFT types proven for it;",
         "expert adapters: the expert-adapter layouts its table offers.",
         "",

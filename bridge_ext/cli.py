@@ -42,6 +42,9 @@ def main(verbose: bool) -> None:
 def demo(example: str | None, workdir: Path | None) -> None:
     """Export a tiny model from Megatron, live and from checkpoints, and verify the results.
 
+    Exit codes: 0 passed, 1 a verification failed, 2 usage, 8 the test-support package
+    (bridge_ext_testing, installed by scripts/install.sh) is missing.
+
     \b
     1. Live: build the model in Megatron with LoRA, save the Hugging Face and PEFT folders.
     2. Checkpoints: save it with megatron-core's dist_checkpointing (full and adapter-only,
@@ -50,10 +53,11 @@ def demo(example: str | None, workdir: Path | None) -> None:
     base weights bit-exact, the adapter loaded by PEFT with no missing or unexpected key, and
     the logits of transformers + PEFT equal to the Megatron model's own forward.
     """
-    from bridge_ext.convert_demo import run_convert_demo
-    from bridge_ext.demo import DEFAULT_EXAMPLE, EXAMPLES, run_demo
     from bridge_ext.errors import VerificationError
 
+    with _test_support("the demo"):  # the demo's models are the test-support package's, not the library's
+        from bridge_ext_testing.convert_demo import run_convert_demo
+        from bridge_ext_testing.demo import DEFAULT_EXAMPLE, EXAMPLES, run_demo
     example = example or DEFAULT_EXAMPLE
     if example not in EXAMPLES:
         raise click.BadParameter(f"choose one of {', '.join(EXAMPLES)}", param_hint="--example")
@@ -68,6 +72,19 @@ def demo(example: str | None, workdir: Path | None) -> None:
     click.echo("demo passed")
 
 
+@contextmanager
+def _test_support(what: str) -> Iterator[None]:
+    """Exit 8 with one line where ``what`` needs the test-support package and it is absent."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        if error.name != "bridge_ext_testing":
+            raise
+        click.echo(f"error: {what} needs the test-support package bridge_ext_testing, which is not "
+                   "installed: run `bash scripts/install.sh` in a clone of the repository", err=True)
+        sys.exit(EXIT_ENVIRONMENT)
+
+
 @main.group()
 def tables() -> None:
     """Mapping tables generated from Megatron-Bridge's bridges."""
@@ -76,11 +93,12 @@ def tables() -> None:
 @tables.command()
 @click.argument("model_type")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write here instead of model_mappings/generated/MODEL_TYPE.py.")
+              help="Write here instead of bridge_ext/tables/generated/MODEL_TYPE.py.")
 def generate(model_type: str, out: Path | None) -> None:
     """Write MODEL_TYPE's table, read off Megatron-Bridge's bridge for it (resolved on a tiny CPU model).
 
-    A mapping kind the generator does not know is refused (exit 1), naming its class and parameter.
+    A mapping kind the generator does not know is refused (exit 1), naming its class and parameter;
+    without the test-support package (its tiny models) it exits 8.
     """
     from bridge_ext.errors import BridgeExtError
     from bridge_ext.table_generate import write
@@ -88,7 +106,7 @@ def generate(model_type: str, out: Path | None) -> None:
     from contextlib import redirect_stdout
 
     try:
-        with redirect_stdout(sys.stderr):  # megatron prints while building the tiny model
+        with _test_support("bridge-ext tables generate"), redirect_stdout(sys.stderr):  # megatron prints
             target = write(model_type, out)
         click.echo(target)
     except BridgeExtError as error:
@@ -107,6 +125,7 @@ def architectures() -> None:
 # Exit codes of `bridge-ext convert` (documented in its --help and in docs/convert.md).
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_MISMATCH, EXIT_OUTPUT_EXISTS, EXIT_VERIFY = 0, 1, 2, 3, 4, 5, 6
 EXIT_OUTPUT_IO = 7
+EXIT_ENVIRONMENT = 8  # the installation lacks what the command needs (Megatron versions, the demo's package)
 EXIT_SIGNAL_BASE = 128  # stopped by signal n: 128 + n, as shells report it
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
@@ -219,7 +238,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
          filesystem root, the working directory or a parent of it, a symbolic link, an input
          or a folder holding one, one output inside the other
       3  the checkpoint cannot be read: missing, not torch_dist, unsafe pickle, truncated or
-         corrupted file, missing run_config.yaml for an adapter-only checkpoint
+         corrupted file, missing run_config.yaml for an adapter-only checkpoint; or a Hugging
+         Face folder's safetensors cannot be read
       4  the checkpoint, config.json and mapping tables disagree: unknown architecture,
          unmapped or missing tensors, shape mismatch (named with both shapes)
       5  an output folder exists and is not empty (use --overwrite), or, with --overwrite, holds
@@ -229,6 +249,8 @@ def convert(checkpoint: Path, model_out: Path | None, adapter_out: Path | None, 
       7  an I/O or permission error: an output cannot be written (parent not writable, no
          space left, file size limit, read-only file system), or the system failed a read;
          or out of memory (an allocation failed, or the system killed a conversion worker)
+      8  the installed megatron-core / megatron-bridge are not the versions the workarounds
+         for a missing Transformer Engine or Triton were written for (--model-type, --verify)
     128+n  stopped by signal n (SIGINT 130, SIGHUP 129, SIGTERM 143): nothing installed, the
          staging folders removed (or, arriving during the final renames, all outputs installed)
     """
@@ -306,11 +328,13 @@ def _exit_code(error: Exception) -> int | None:
     """The documented exit code of an error (docs/convert.md); None for a bug."""
     from bridge_ext.errors import (
         CheckpointError,
+        CompatibilityError,
         ConvertError,
         ExportError,
         OutputExistsError,
         OutputLocationError,
         OutputWriteError,
+        SafetensorsFolderError,
         VerificationError,
         is_out_of_memory,
     )
@@ -318,9 +342,11 @@ def _exit_code(error: Exception) -> int | None:
     if is_out_of_memory(error):
         return EXIT_OUTPUT_IO
 
-    for family, code in ((CheckpointError, EXIT_CHECKPOINT), (OutputExistsError, EXIT_OUTPUT_EXISTS),
-                         (OutputLocationError, EXIT_USAGE), (OutputWriteError, EXIT_OUTPUT_IO),
-                         (VerificationError, EXIT_VERIFY), ((ConvertError, ExportError), EXIT_MISMATCH),
+    # one code per error family of bridge_ext.errors (docs/convert.md), then the system's errors
+    for family, code in ((CheckpointError, EXIT_CHECKPOINT), (SafetensorsFolderError, EXIT_CHECKPOINT),
+                         (OutputExistsError, EXIT_OUTPUT_EXISTS), (OutputLocationError, EXIT_USAGE),
+                         (OutputWriteError, EXIT_OUTPUT_IO), (VerificationError, EXIT_VERIFY),
+                         ((ConvertError, ExportError), EXIT_MISMATCH), (CompatibilityError, EXIT_ENVIRONMENT),
                          (OSError, EXIT_OUTPUT_IO)):
         if isinstance(error, family):
             return code

@@ -7,7 +7,7 @@ config that lies: 8 heads of 8 and 4 heads of 16 have the same q/k/v widths and 
 differently; an activation, a rope scaling or a sliding window changes no shape at all.
 
 Which Hugging Face field corresponds to which Megatron attribute is the tables' knowledge (a
-table's ``config_fields``, by default :data:`model_mappings.config_fields.STANDARD`); this
+table's ``config_fields``, by default :data:`bridge_ext.tables.config_fields.STANDARD`); this
 module only knows how Megatron and transformers spell a value (Megatron's defaults for unset
 sizes, an activation as a function or its import path, a window as ``(left, right)``).
 """

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Literal
 from bridge_ext.errors import ExportError
 from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.table import ExpertLayout
+from bridge_ext.tables import table_for
 
 if TYPE_CHECKING:
-    from bridge_ext.export import ExportPlan
+    from bridge_ext.plan import ExportPlan
 
 AdapterConsumer = Literal["peft", "vllm"]
 ADAPTER_CONSUMERS: tuple[AdapterConsumer, ...] = ("peft", "vllm")
@@ -30,8 +31,6 @@ def adapter_layout_for(config, adapter_for: str, expert_adapter_layout: ExpertLa
         raise ExportError(f"adapter_for must be one of {ADAPTER_CONSUMERS}, not {adapter_for!r}")
     if adapter_for == "peft":
         return expert_adapter_layout or "fused"
-    from model_mappings import table_for
-
     table = table_for(config)
     wanted = table.vllm_expert_adapter_layout(config)
     if expert_adapter_layout is not None and expert_adapter_layout != wanted and table.expert_families:
@@ -45,8 +44,6 @@ def vllm_base_layout(config, expert_layout: ExpertLayout | None) -> ExpertLayout
     """The base expert layout of an export for vLLM: ``expert_layout``, refused where vLLM's
     loader for the config's class takes only the other one; unset, the one it takes (None
     where it takes both: the source folder's layout then decides)."""
-    from model_mappings import table_for
-
     table = table_for(config)
     wanted = table.vllm_expert_layout(config)
     if expert_layout is not None and wanted is not None and expert_layout != wanted:

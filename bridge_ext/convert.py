@@ -2,7 +2,7 @@
 
 No model is built: global tensors are read through the checkpoint's own metadata one at a time
 (:class:`bridge_ext.checkpoint.source.CheckpointSource`) and converted by the same tables and
-engine as a live model (:func:`bridge_ext.export.plan_export`, :func:`bridge_ext.save.write_export`).
+engine as a live model (:func:`bridge_ext.plan.plan_export`, :func:`bridge_ext.save.write_export`).
 Everything that names alone or shapes alone can decide is checked before the first tensor is
 read: the architecture has a table, every stored tensor has a rule, every Hugging Face name is
 produced, every produced shape is the one config.json implies, every adapter fits its base.
@@ -39,23 +39,16 @@ from bridge_ext.consumer import adapter_layout_for, is_mtp_adapter
 from bridge_ext.dims import ModelDims
 from bridge_ext.dora import refuse_for_vllm
 from bridge_ext.engine import Mode
-from bridge_ext.export import (
-    ExportPlan,
-    check_shapes,
-    conversion_passes,
-    expert_layouts,
-    fp8_plan,
-    plan_export,
-    possible_variants,
-    source_expert_layouts,
-)
 from bridge_ext.errors import ConvertError, OutputLocationError
+from bridge_ext.expert_layouts import expert_layouts, possible_variants, source_expert_layouts
 from bridge_ext.fp8_export import check_quantize
 from bridge_ext.hf_files import has_safetensors
 from bridge_ext.hf_folder import TensorSpec
-from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target
+from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target, require_an_output
 from bridge_ext.peft_config import adapted_outputs
+from bridge_ext.plan import ExportPlan, check_shapes, conversion_passes, fp8_plan, plan_export
 from bridge_ext.table import ExpertLayout
+from bridge_ext.tables import known_model_types, register_transformers_configs, table_for
 from bridge_ext.value_check import ValueCheck
 from bridge_ext.stream_plan import planned_layout, planned_reads
 from bridge_ext.verify import Report
@@ -124,8 +117,6 @@ def resolve_config(reader: CheckpointReader, hf_base: Path | None, hf_config: Pa
     if model_id:
         from transformers import AutoConfig
 
-        from model_mappings import register_transformers_configs
-
         register_transformers_configs()
         try:
             config = AutoConfig.from_pretrained(model_id, local_files_only=True)
@@ -161,8 +152,6 @@ def config_from_run_config(reader: CheckpointReader, model_type: str):
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
     )
 
-    from model_mappings import register_transformers_configs
-
     register_transformers_configs()
     if model_type not in CONFIG_MAPPING:
         raise ConvertError(f"unknown architecture: transformers has no model type {model_type!r}")
@@ -182,8 +171,6 @@ def config_from_run_config(reader: CheckpointReader, model_type: str):
 
 def _table(config_or_model_type):
     """The mapping table of a config (None for a bare model type: only checked to exist)."""
-    from model_mappings import known_model_types, table_for
-
     model_type = getattr(config_or_model_type, "model_type", config_or_model_type)
     if model_type not in known_model_types():
         raise ConvertError(f"unknown architecture: no mapping table for model_type {model_type!r}; "
@@ -312,8 +299,7 @@ def convert_checkpoint(
     from bridge_ext.save import write_export
 
     started = time.perf_counter()
-    if model_dir is None and adapter_dir is None:
-        raise ConvertError("nothing to write: give a model folder, an adapter folder or both")
+    require_an_output(model_dir, adapter_dir)
     if merge and adapter_dir is not None:
         raise ConvertError("--merge writes the adapters into the model folder; drop the adapter folder")
     check_quantize(quantize, engine_tp_size)
@@ -344,6 +330,7 @@ def convert_checkpoint(
     source = build_source(reader, config, hf_base, found)
     adapter_layout = adapter_layout_for(config, adapter_for, expert_adapter_layout)  # a refusal writes nothing
     plan = plan_export(source, config, expert_layouts(table, found, expert_layout, adapter_layout))
+    plan = plan.with_extra_shapes(base_folder_extra_shapes(plan, hf_base))
     if adapter_dir is not None and not source.adapters():
         raise ConvertError(f"{reader.path} holds no LoRA adapters; drop the adapter folder")
     if adapter_dir is not None and adapter_for == "vllm":
@@ -351,7 +338,6 @@ def convert_checkpoint(
     if model_dir is not None and adapter_dir is None and source.adapters() and not merge:
         raise ConvertError(f"{reader.path} holds LoRA adapters: give an adapter folder too, or --merge")
     base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
-    plan.extra_shapes = base_folder_extra_shapes(plan, hf_base)
     # Every task on meta tensors first (base tensors too when only adapters are written: the
     # config must be the model trained): a config that does not fit fails before any output exists.
     check_shapes(source, plan, conversion_passes(source, plan, base=base_mode or Mode.BASE,

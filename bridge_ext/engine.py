@@ -20,7 +20,7 @@ from bridge_ext.dora import dora_merge
 from bridge_ext.errors import ExportError, RuleError
 from bridge_ext.ops import Op
 from bridge_ext.peft_experts import fuse_expert_lora
-from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key, peft_magnitude_key
+from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key, peft_magnitude_key, weight_module
 from bridge_ext.source import Adapter, TensorSource
 from bridge_ext.table import MappingTable, Rule
 
@@ -35,10 +35,14 @@ class Task:
     hf_names: tuple[str, ...]
 
     @property
+    def key(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The task by value (its Megatron and Hugging Face names), for memos that outlive a call."""
+        return self.sources, self.hf_names
+
+    @property
     def module(self) -> str | None:
         """The Megatron module a LoRA adapter of this task would wrap."""
-        first = self.sources[0]
-        return first[: -len(".weight")] if first.endswith(".weight") else None
+        return weight_module(self.sources[0])
 
 
 def describe(task: Task, source: str | None = None) -> str:
@@ -137,25 +141,49 @@ def run_rule(rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, axis: i
     return apply_ops(rule, global_ops, parts, dims, what=what)
 
 
-def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: ModelDims,
-                  what: str | None = None, run=run_rule) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(lora_A, lora_B) for each Hugging Face output of ``rule``.
+# -- the LoRA rule, in one place: how a base weight's rule applies to its adapter ----------------
+# Megatron-Bridge shards ``B`` over rows for every base, and ``A`` over rows (the rank dimension)
+# for column-parallel bases, over columns for row-parallel ones. ``B`` takes the base's row
+# operations (and so does anything with B's rows, e.g. a DoRA magnitude); ``A`` is shared by every
+# output. A final transpose swaps the factors' roles for module weights (``A' = B^T``,
+# ``B' = A^T``); a stacked (fused parameter) output keeps the untransposed factors, as PEFT does
+# (see :mod:`bridge_ext.ops`).
 
-    Megatron-Bridge shards ``B`` over rows for every base, and ``A`` over rows (the rank
-    dimension) for column-parallel bases, over columns for row-parallel ones. ``B`` takes the
-    base's row operations; ``A`` is shared by every output. A final transpose swaps the
-    factors' roles for module weights (``A' = B^T``, ``B' = A^T``); a stacked (fused
-    parameter) output keeps the untransposed factors, as PEFT does (see :mod:`bridge_ext.ops`).
-    """
-    if rule.changes_values:
-        raise ExportError(f"{adapter.module} has a LoRA adapter but its rule changes values ({rule.megatron})")
-    a_shards = source.shards(adapter.lora_a)
-    lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards, dim=1 if rule.tp == "row" else 0)
-    lora_bs = run(rule, source.shards(adapter.lora_b), dims, axis=0, rows_only=True,
-                       what=f"{adapter.lora_b} (LoRA B of {what or adapter.module})")
+
+def lora_a_axis(rule: Rule) -> int:
+    """The axis over which a LoRA ``A`` of ``rule``'s base is sharded across tensor-parallel ranks."""
+    return 1 if rule.tp == "row" else 0
+
+
+def joined_lora_a(rule: Rule, shards: list[torch.Tensor]) -> torch.Tensor:
+    """A LoRA ``A`` from its tensor-parallel shards: shared by every output of the rule."""
+    return shards[0] if len(shards) == 1 else torch.cat(shards, dim=lora_a_axis(rule))
+
+
+def lora_b_rows(rule: Rule, shards: list[torch.Tensor], dims: ModelDims, what: str,
+                run=run_rule) -> list[torch.Tensor]:
+    """Each Hugging Face output's rows of a ``B``-like tensor (shards joined along rows): the
+    base's row operations, none that changes values or transposes."""
+    return run(rule, shards, dims, axis=0, rows_only=True, what=what)
+
+
+def output_factors(rule: Rule, lora_a: torch.Tensor,
+                   lora_bs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(lora_A, lora_B) per output: ``A`` shared; a transposing rule swaps the factors' roles."""
     if rule.transposes and not rule.stack:
         return [(lora_b.t().contiguous(), lora_a.t().contiguous()) for lora_b in lora_bs]
     return [(lora_a, lora_b) for lora_b in lora_bs]
+
+
+def _lora_factors(rule: Rule, adapter: Adapter, source: TensorSource, dims: ModelDims,
+                  what: str | None = None, run=run_rule) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(lora_A, lora_B) for each Hugging Face output of ``rule`` (the LoRA rule above)."""
+    if rule.changes_values:
+        raise ExportError(f"{adapter.module} has a LoRA adapter but its rule changes values ({rule.megatron})")
+    lora_a = joined_lora_a(rule, source.shards(adapter.lora_a))
+    lora_bs = lora_b_rows(rule, source.shards(adapter.lora_b), dims,
+                          f"{adapter.lora_b} (LoRA B of {what or adapter.module})", run)
+    return output_factors(rule, lora_a, lora_bs)
 
 
 MERGE_BLOCK_BYTES = 1 << 20
@@ -255,7 +283,7 @@ class TaskConverter:
     """Converts planned tasks of one model; yields ``(name, tensor)`` pairs."""
 
     def __init__(self, source: TensorSource, dims: ModelDims, mode: Mode, dtype: torch.dtype | None = None,
-                 expert_adapters=None, recorded: dict[int, list[str]] | None = None, stacks_on_host: bool = False):
+                 expert_adapters=None, recorded: dict[tuple, list[str]] | None = None, stacks_on_host: bool = False):
         self.source = source
         self.dims = dims
         self.mode = mode
@@ -266,7 +294,7 @@ class TaskConverter:
         self.stacks_on_host = stacks_on_host
         self.adapters = source.adapters()
         self.expert_adapters = expert_adapters
-        self._recorded = recorded if recorded is not None else {}  # id(task) -> reads
+        self._recorded = recorded if recorded is not None else {}  # task.key -> reads
         self._on_meta: dict[tuple, list[torch.Tensor]] = {}
 
     def _run(self, rule: Rule, shards: list[torch.Tensor], dims: ModelDims, *, what: str | None = None,
@@ -281,7 +309,7 @@ class TaskConverter:
         return self._on_meta[key]
 
     def adapter_of(self, task: Task, source_name: str) -> Adapter | None:
-        module = source_name[: -len(".weight")] if source_name.endswith(".weight") else None
+        module = weight_module(source_name)
         return self.adapters.get(module) if module else None
 
     def __call__(self, task: Task) -> Iterator[tuple[str, torch.Tensor]]:
@@ -364,7 +392,7 @@ class TaskConverter:
         expert_adapters = self.expert_adapters or _pack_nothing
         converter = TaskConverter(meta, self.dims, self.mode, self.dtype, expert_adapters)
         outputs = [(name, tuple(tensor.shape)) for name, tensor in converter(task)]
-        self._recorded[id(task)] = meta.read
+        self._recorded[task.key] = meta.read
         return meta.read, outputs
 
     def reads(self, task: Task) -> list[str]:
@@ -373,9 +401,9 @@ class TaskConverter:
 
         Lets a source that moves tensors between processes schedule them ahead.
         """
-        if id(task) not in self._recorded:
+        if task.key not in self._recorded:
             self.dry_run(task)
-        return self._recorded[id(task)]
+        return self._recorded[task.key]
 
     def _factors(self, task: Task, adapter: Adapter | None):
         if adapter is None or self.mode is Mode.BASE:
@@ -408,9 +436,9 @@ class TaskConverter:
                 yield peft_key(hf_name, LORA_B), self._cast(pair[1])
 
     def _part_factors(self, rule: Rule, part: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-        a_shards, b_shards = self.source.shards(part.lora_a), self.source.shards(part.lora_b)
-        lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards, dim=1 if rule.tp == "row" else 0)
-        return lora_a, b_shards[0] if len(b_shards) == 1 else torch.cat(b_shards)
+        b_shards = self.source.shards(part.lora_b)  # a part's B rows already are its output's rows
+        lora_b = b_shards[0] if len(b_shards) == 1 else torch.cat(b_shards)
+        return joined_lora_a(rule, self.source.shards(part.lora_a)), lora_b
 
     def _dora_scaled_bias(self, name: str, shards: list[torch.Tensor]) -> list[torch.Tensor]:
         """A bias that its DoRA linear adds inside the scaled product, times the same factor
@@ -441,8 +469,8 @@ class TaskConverter:
             raise ExportError(f"{describe(task)}: DoRA on a weight Hugging Face stores transposed or fused "
                               "takes its norm over another axis; not supported")
         columns = [shard.unsqueeze(1) for shard in self.source.shards(adapter.magnitude)]
-        rows = self._run(task.rule, columns, self.dims, axis=0, rows_only=True,
-                         what=f"{adapter.magnitude} (DoRA magnitude of {describe(task)})")
+        rows = lora_b_rows(task.rule, columns, self.dims, f"{adapter.magnitude} (DoRA magnitude of {describe(task)})",
+                           self._run)
         return [row.squeeze(1) for row in rows]
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -541,8 +569,8 @@ class TaskConverter:
         lora_a = torch.cat([self._part_factors(task.rule, part)[0] for part in (gate, up)])
         blocks = [torch.block_diag(g, u) for g, u in zip(self.source.shards(gate.lora_b), self.source.shards(up.lora_b),
                                                         strict=True)]
-        (lora_b,) = self._run(task.rule, blocks, self.dims, axis=0, rows_only=True,
-                              what=f"CanonicalLoRA gate and up B of {describe(task)}")
+        (lora_b,) = lora_b_rows(task.rule, blocks, self.dims, f"CanonicalLoRA gate and up B of {describe(task)}",
+                                self._run)
         return lora_a, lora_b
 
     def _stacked_each_expert(self, task: Task) -> Iterator[tuple[str, torch.Tensor]]:
@@ -642,11 +670,11 @@ class TaskConverter:
             lora_a = torch.cat([shards[0] for shards in a_shards])
         else:  # each expert's A joined from its shards: all experts at once, one stack per shard
             per_shard = [torch.stack([shards[s] for shards in a_shards]) for s in range(len(a_shards[0]))]
-            lora_a = torch.cat(per_shard, dim=2 if task.rule.tp == "row" else 1).flatten(0, 1)
+            lora_a = torch.cat(per_shard, dim=1 + lora_a_axis(task.rule)).flatten(0, 1)  # after the expert axis
         side_by_side = [torch.stack([shards[s] for shards in b_shards], dim=-1).flatten(1)
                         for s in range(len(b_shards[0]))]
-        lora_bs = self._run(task.rule, side_by_side, self.dims, axis=0, rows_only=True,
-                            what=f"LoRA B of {describe(task)} (every expert side by side)")
+        lora_bs = lora_b_rows(task.rule, side_by_side, self.dims,
+                              f"LoRA B of {describe(task)} (every expert side by side)", self._run)
         return [(lora_a, lora_b) for lora_b in lora_bs]
 
 

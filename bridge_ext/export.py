@@ -8,7 +8,7 @@ import warnings
 import weakref
 from collections import Counter
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -17,17 +17,18 @@ import torch
 from bridge_ext import model_changes
 from bridge_ext.consumer import MTP_ADAPTERS_LEFT_OUT, adapter_layout_for, is_mtp_adapter, vllm_base_layout
 from bridge_ext.aliasing import model_storages, without_aliases
-from bridge_ext.dims import ModelDims
-from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, convert_tasks, plan_tasks
-from bridge_ext.errors import RuleError, first_line
-from bridge_ext.fp8_export import Fp8Plan, check_quantize, fp8_rules_of, plan_fp8
-from bridge_ext.dora import check_dora, refuse_for_vllm
-from bridge_ext.hf_files import SINGLE_FILE, has_safetensors, index_weight_map, list_safetensors
+from bridge_ext.engine import ExportError, Mode, convert_tasks, plan_tasks
+from bridge_ext.errors import first_line
+from bridge_ext.expert_layouts import ExpertLayouts, expert_layouts, source_expert_layouts, weight_files_present
+from bridge_ext.fp8_export import check_quantize, plan_fp8
+from bridge_ext.dora import refuse_for_vllm
 from bridge_ext.live_checks import check_device, check_dtype, check_model, overflows
-from bridge_ext.peft_config import FusedExpertKeys, adapted_outputs, lora_config
+from bridge_ext.peft_config import lora_config
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
+from bridge_ext.plan import ExportPlan, check_shapes, checkpoint_keys, conversion_passes, fp8_plan, plan_export
 from bridge_ext.source import TensorSource
-from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout, MappingTable
+from bridge_ext.table import ExpertLayout
+from bridge_ext.tables import config_fields_for, register_transformers_configs, registered_table, table_for
 from bridge_ext.value_check import ValueCheck
 
 if TYPE_CHECKING:  # the live and parallel modules load only where a live model is exported
@@ -66,198 +67,12 @@ def _load_config(name_or_path: str, mtime: int):
     """``AutoConfig.from_pretrained``, once per folder version (exports repeat every step)."""
     from transformers import AutoConfig
 
-    from model_mappings import register_transformers_configs
-
     register_transformers_configs()
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except Exception as error:  # noqa: BLE001 - transformers' errors (OSError, ValueError...) about the folder or id
         raise ExportError(f"hf_config {name_or_path!r}: transformers cannot read a config there: "
                           f"{type(error).__name__}: {first_line(error)}") from None
-
-
-_KEY_SETS: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
-
-
-def checkpoint_keys(config, expert_layout: ExpertLayout) -> dict[str, tuple[int, ...]]:
-    """``hf_checkpoint_keys``, remembered per config and layout (it builds a meta model)."""
-    from bridge_ext.hf_keys import hf_checkpoint_keys
-
-    key = (config.to_json_string(), expert_layout)
-    if key not in _KEY_SETS:
-        if len(_KEY_SETS) >= 8:
-            _KEY_SETS.clear()
-        _KEY_SETS[key] = hf_checkpoint_keys(config, expert_layout=expert_layout)
-    return _KEY_SETS[key]
-
-
-@dataclass(frozen=True)
-class ExpertLayouts:
-    """How MoE experts are laid out in an export.
-
-    ``base``: the base weights' layout per expert family of the table (by name; a family not
-    listed takes ``default``); e.g. published Qwen3.5-MoE checkpoints fuse the main model's
-    experts and not the MTP layers'. ``adapters``: the expert adapters of every family,
-    ``fused`` being PEFT's ``target_parameters`` layout.
-    """
-
-    base: tuple[tuple[str, ExpertLayout], ...] = ()
-    default: ExpertLayout = "fused"
-    adapters: ExpertLayout = "fused"
-
-    def base_layout(self, family: str) -> ExpertLayout:
-        return dict(self.base).get(family, self.default)
-
-    def base_variants(self, table: MappingTable) -> frozenset[str]:
-        return frozenset(family.variant(self.base_layout(family.name)) for family in table.expert_families)
-
-    def adapter_variants(self, table: MappingTable) -> frozenset[str]:
-        return frozenset(family.variant(self.adapters) for family in table.expert_families)
-
-    def transformers_layout(self, table: MappingTable) -> ExpertLayout:
-        """The layout of the families inside transformers' key set (they must agree)."""
-        inside = {self.base_layout(family.name) for family in table.expert_families if not family.extra}
-        if len(inside) > 1:
-            raise ExportError(f"the {table.model_types} experts inside transformers' key set must share one "
-                              f"layout, not {sorted(inside)}")
-        return inside.pop() if inside else self.default
-
-
-def expert_layouts(table: MappingTable, found: dict[str, ExpertLayout], expert_layout: ExpertLayout | None = None,
-                   expert_adapter_layout: ExpertLayout = "fused") -> ExpertLayouts:
-    """``expert_layout`` for every family, else each family's layout in the source folder
-    (``found``, see :func:`source_expert_layouts`), else fused."""
-    for what, value in (("expert_layout", expert_layout), ("expert_adapter_layout", expert_adapter_layout)):
-        if value is not None and value not in EXPERT_LAYOUTS:
-            raise ExportError(f"{what} must be one of {EXPERT_LAYOUTS}, not {value!r}")
-    base = tuple((family.name, expert_layout or found.get(family.name, "fused")) for family in table.expert_families)
-    return ExpertLayouts(base=base, adapters=expert_adapter_layout)
-
-
-def possible_variants(table: MappingTable, found: dict[str, ExpertLayout]) -> frozenset[str]:
-    """Each family's variant for its ``found`` layout, both variants where it is unknown."""
-    return frozenset(family.variant(layout) for family in table.expert_families
-                     for layout in ([found[family.name]] if family.name in found else EXPERT_LAYOUTS))
-
-
-def folder_weight_names(folder: Path) -> list[str]:
-    """The tensor names of a Hugging Face folder's safetensors (empty when there are none); an
-    index suffices (its weight files may be absent: a download without weights)."""
-    weight_map = index_weight_map(folder)
-    if weight_map is not None:
-        return list(weight_map)
-    return list(list_safetensors(folder)) if has_safetensors(folder) else []
-
-
-def _weight_files_present(folder: Path) -> bool:
-    """Whether the folder holds every safetensors file it names (a folder may hold only
-    ``config.json`` and the index, e.g. downloaded without its weights)."""
-    weight_map = index_weight_map(folder)
-    if weight_map is not None:
-        files = set(weight_map.values())
-        return bool(files) and all((folder / name).is_file() for name in files)
-    return (folder / SINGLE_FILE).is_file()
-
-
-def source_expert_layouts(folder: Path | None, table: MappingTable) -> dict[str, ExpertLayout]:
-    """The layout of each expert family in a Hugging Face folder's safetensors (empty when unknown)."""
-    if folder is None or not table.expert_families:
-        return {}
-    names = folder_weight_names(folder)
-    found = table.expert_layouts_of(names)
-    for family in table.expert_families:
-        transposed = family.variant("fused_transposed")
-        if found.get(family.name) == "fused" and any(rule.variant == transposed for rule in table.rules):
-            if _stored_transposed(folder, names, family.parameters):
-                found[family.name] = "fused_transposed"
-    return found
-
-
-def _stored_transposed(folder: Path, names: list[str], parameters: tuple[str, ...]) -> bool:
-    """Whether fused ``gate_up_proj`` / ``down_proj`` are stored ``[E, in, out]``, told from
-    shapes alone: stored ``[E, 2I, H]`` / ``[E, H, I]``, gate_up's last dim equals down's
-    middle one (H); stored transposed, gate_up's middle dim equals down's last one."""
-    gate_up_name = next((n for n in names if n.endswith(f".experts.{parameters[0]}")), None)
-    if gate_up_name is None or len(parameters) < 2:
-        return False
-    stored = list_safetensors(folder)
-    down = stored.get(gate_up_name.removesuffix(parameters[0]) + parameters[1])
-    return down is not None and stored[gate_up_name].shape[-2] == down.shape[-1]
-
-
-@dataclass
-class ExportPlan:
-    """Everything about one export that names alone decide, checked before tensors move."""
-
-    config: object
-    table: MappingTable
-    dims: ModelDims
-    base_tasks: list[Task]
-    adapter_tasks: list[Task]
-    layouts: ExpertLayouts
-    hf_keys: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    #: shapes of names outside transformers' key set, from the source folder when known
-    extra_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    #: per conversion mode, the reads recorded for each task (see TaskConverter.reads)
-    recorded: dict[Mode, dict[int, list[str]]] = field(default_factory=dict, repr=False)
-    checked: set = field(default_factory=set, repr=False)
-    #: see :func:`expert_adapter_groups`
-    expert_adapter_groups: dict[str, str] | None = field(default=None, repr=False)
-    #: how fused-expert adapters are named and packed (the plan's adapters decide it)
-    expert_keys: FusedExpertKeys | None = field(default=None, repr=False)
-    #: block-FP8 plans per (base mode, engine tensor-parallel size), see :func:`fp8_plan`
-    fp8_plans: dict = field(default_factory=dict, repr=False)
-    #: the DoRA adapters (see :mod:`bridge_ext.dora`), listed once
-    dora: list | None = field(default=None, repr=False)
-
-    def dora_adapters(self, source: TensorSource) -> list:
-        """The source's DoRA adapters (remembered: exports repeat every training step)."""
-        if self.dora is None:
-            self.dora = [adapter for adapter in source.adapters().values() if adapter.magnitude]
-        return self.dora
-    #: whether an ``adapter_for="vllm"`` export has warned that it leaves MTP adapters out
-    mtp_adapters_warned: bool = field(default=False, repr=False)
-
-    def is_extra(self, hf_name: str) -> bool:
-        """A name outside transformers' key set that the table and the config allow (MTP)."""
-        extra = self.table.extra_weights
-        return extra is not None and extra.count(self.config) > 0 and extra.holds(hf_name)
-
-
-def plan_export(source: TensorSource, config, layouts: ExpertLayouts | None = None) -> ExportPlan:
-    """Match every Megatron tensor to a rule and every output name to the HF checkpoint's keys."""
-    from model_mappings import table_for
-
-    table = table_for(config)
-    layouts = layouts or ExpertLayouts()
-    base_variants, adapter_variants = layouts.base_variants(table), layouts.adapter_variants(table)
-    base_tasks = plan_tasks(source.base_names(), table, base_variants)
-    adapter_tasks = (
-        base_tasks if adapter_variants == base_variants else plan_tasks(source.base_names(), table, adapter_variants)
-    )
-    planned = {name for task in base_tasks for name in task.sources}
-    orphans = sorted(module for module in source.adapters() if f"{module}.weight" not in planned)
-    shared = [module for module in orphans if f"{module}.weight0" in planned]
-    if shared:  # one adapter on a Transformer Engine grouped linear: every local expert's weight
-        raise ExportError(f"LoRA adapters on {shared} are shared by all the grouped experts of their module "
-                          "(Megatron-Bridge's LoRA(share_expert_adapters=True) on grouped experts), which is not "
-                          "supported; train expert LoRA on sequential experts (moe_grouped_gemm=False)")
-    if orphans:
-        raise ExportError(f"LoRA adapters on {orphans} wrap no weight a rule exports; they would be lost")
-    produced = [name for task in base_tasks for name in task.hf_names]
-    duplicates = sorted({name for name in produced if produced.count(name) > 1})
-    if duplicates:
-        raise ExportError(f"several Megatron tensors map to {duplicates}")
-    hf_keys = checkpoint_keys(config, layouts.transformers_layout(table))
-    plan = ExportPlan(config, table, ModelDims.from_hf_config(config), base_tasks, adapter_tasks, layouts, hf_keys)
-    unexpected = [name for name in produced if name not in hf_keys and not plan.is_extra(name)]
-    missing = sorted(set(hf_keys) - set(produced))
-    if unexpected or missing:
-        raise ExportError(
-            f"the export does not match the {config.model_type} checkpoint format: "
-            f"unexpected {unexpected or 'none'}; missing {missing or 'none'}"
-        )
-    return plan
 
 
 def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
@@ -279,17 +94,18 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     from bridge_ext.live import LiveModelSource, unwrap_chunks
     from bridge_ext.trained_forward import warn_if_expert_lora_differs
 
-    from model_mappings import registered_table, table_for
-
     check_model(model)
     chunks = unwrap_chunks(model)
 
     config = resolve_hf_config(model, hf_config)
-    # the table registered for the model type (register_table may replace it between exports)
-    entry = id(registered_table(config.model_type))
-    key = _prepared_key(chunks, hf_config, expert_layout, expert_adapter_layout, destination, entry)
+    # the table registered for the model type (register_table may replace it between exports):
+    # held with the result and compared by identity (an id() could be reused by a new table;
+    # tables compare equal whatever their consumer layouts)
+    entry = registered_table(config.model_type)
+    key = _prepared_key(chunks, hf_config, expert_layout, expert_adapter_layout, destination)
     cached = _PREPARED.get(chunks[0])
-    if all_agree(key is not None and cached is not None and cached[0] == key and cached[1].layout() == cached[3]):
+    if all_agree(key is not None and cached is not None and cached[0] == key and cached[4] is entry
+                 and cached[1].layout() == cached[3]):
         return cached[1], cached[2]
     table = table_for(config)
     source = LiveModelSource(model, destination)
@@ -302,11 +118,11 @@ def prepare(model, hf_config=None, expert_layout: ExpertLayout | None = None,
     if folder is not None and table.extra_weights is not None:
         from bridge_ext.verify import folder_tensor_names
 
-        shapes = folder_tensor_names(folder) if _weight_files_present(folder) else {}
-        plan.extra_shapes = {name: shape for name, shape in shapes.items() if plan.is_extra(name)}
+        shapes = folder_tensor_names(folder) if weight_files_present(folder) else {}
+        plan = plan.with_extra_shapes({name: shape for name, shape in shapes.items() if plan.is_extra(name)})
     if key is not None:
         model_changes.watch(chunks)
-        _PREPARED[chunks[0]] = (key, source, plan, source.layout())
+        _PREPARED[chunks[0]] = (key, source, plan, source.layout(), entry)
     return source, plan
 
 
@@ -317,14 +133,12 @@ def _check_model_config(source: TensorSource, plan: ExportPlan) -> None:
     """A live model's Hugging Face config is the model's: compared with its own TransformerConfig,
     field by field, once per plan (after the shapes, which name the tensor that does not fit)."""
     from bridge_ext.config_compare import check_live_config
-    from model_mappings import config_fields_for
-
     live = sys.modules.get("bridge_ext.live")  # not loaded: the source is no live model (a checkpoint)
     is_live = live is not None and isinstance(source, live.LiveModelSource)
     model_config = getattr(source.chunks[0], "config", None) if is_live else None
-    if model_config is not None and "config" not in plan.checked:
+    if model_config is not None and "config" not in plan.cache.checked:
         check_live_config(model_config, plan.config, config_fields_for(plan.table), "the Hugging Face config")
-        plan.checked.add("config")
+        plan.cache.checked.add("config")
 
 
 def _expert_tensor_parallel_size() -> int:
@@ -343,7 +157,8 @@ def _prepared_key(chunks: list[torch.nn.Module], hf_config, *options) -> tuple |
     if hf_config is not None and not isinstance(hf_config, (str, Path)):
         return None
     folder = str(hf_config or getattr(chunks[0].config, "hf_model_id", None))
-    return (tuple(map(id, chunks)), folder, _mtime(Path(folder) / "config.json"), options, model_changes.count())
+    # weak references compare as their chunks do while those live (an id() may be reused)
+    return (tuple(weakref.ref(chunk) for chunk in chunks), folder, _mtime(Path(folder) / "config.json"), options, model_changes.count())
 
 
 def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,
@@ -366,89 +181,6 @@ def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapter
 def _in_memory_adapter_key(plan: ExportPlan, key: str) -> str:
     """A saved PEFT key as the in-memory model names it (the table's ``in_memory_prefixes``)."""
     return PEFT_PREFIX + plan.table.in_memory_name(key.removeprefix(PEFT_PREFIX))
-
-
-def conversion_passes(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,
-                      dtype: torch.dtype | None = None, stacks_on_host: bool = False,
-                      ) -> list[tuple[TaskConverter, list[Task]]]:
-    """The converters :func:`stream` runs, each with the tasks it converts, in order
-    (``stacks_on_host``: see :class:`~bridge_ext.engine.TaskConverter`)."""
-    found = source.adapters()
-    if adapters and not found:
-        raise ExportError("adapters were asked for, but the model has no LoRA adapters")
-    if plan.dora_adapters(source):
-        check_dora(plan.dora, merged=base is Mode.MERGED, adapters_out=adapters)
-    passes = []
-    if base is not None:
-        passes.append((TaskConverter(source, plan.dims, base, dtype, recorded=plan.recorded.setdefault(base, {}),
-                                     stacks_on_host=stacks_on_host), plan.base_tasks))
-    if adapters:
-        if plan.expert_keys is None:
-            plan.expert_keys = FusedExpertKeys(adapted_outputs(plan.adapter_tasks, found, plan.table))
-        passes.append((TaskConverter(source, plan.dims, Mode.ADAPTERS, dtype, expert_adapters=plan.expert_keys,
-                                     recorded=plan.recorded.setdefault(Mode.ADAPTERS, {})), plan.adapter_tasks))
-    return passes
-
-
-def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[TaskConverter, list[Task]]], *,
-                 exported: str = "the model") -> None:
-    """Run every task of ``passes`` on meta tensors of the source's shard shapes (splits,
-    tensor-parallel joins, LoRA factor shapes, merges) and compare every output with the
-    Hugging Face shapes (``plan.hf_keys``, ``plan.extra_shapes``). Raises ExportError at the
-    first tensor that does not fit, naming the Megatron tensor, the Hugging Face tensor(s) and
-    both shapes; ``exported`` names the source in that message. Checked once per plan and mode."""
-    expected = {**plan.hf_keys, **plan.extra_shapes}
-    for converter, tasks in passes:
-        if converter.mode in plan.checked:
-            continue
-        merged = TaskConverter(source, plan.dims, Mode.MERGED)  # adapters must also merge into their bases
-        for task in tasks:
-            first = task.sources[0]
-            for run in (converter, merged) if converter.mode is Mode.ADAPTERS else (converter,):
-                try:
-                    _, outputs = run.dry_run(task)
-                except (ValueError, RuntimeError) as error:
-                    if isinstance(error, ExportError) and not isinstance(error, RuleError):
-                        raise  # not about shapes (e.g. a tensor the source lacks)
-                    wanted = {hf: expected.get(hf) for hf in task.hf_names}
-                    adapter = source.adapters().get(first.removesuffix(".weight")) if run.mode is not Mode.BASE else None
-                    lora = (f" with LoRA {adapter.lora_a} {_shapes_text(source, adapter.lora_a)} and {adapter.lora_b} "
-                            f"{_shapes_text(source, adapter.lora_b)}" if adapter is not None else "")
-                    raise ExportError(f"{exported} and the Hugging Face config disagree: {first} has shape "
-                                      f"{_shapes_text(source, first)}{lora}, which cannot become {wanted} "
-                                      f"({error})") from None
-                for name, shape in outputs:
-                    if name in expected and tuple(expected[name]) != shape:
-                        raise ExportError(
-                            f"{exported} and the Hugging Face config disagree on {name}: {first} "
-                            f"{_shapes_text(source, first)} gives {shape}, the config implies {tuple(expected[name])}")
-        plan.checked.add(converter.mode)
-
-
-def fp8_plan(source: TensorSource, plan: ExportPlan, mode: Mode | None, quantize: str | None,
-             engine_tp_size: int | None = 1) -> Fp8Plan | None:
-    """The block-FP8 plan of the base weights ``mode`` exports (None without ``quantize``), made
-    from the shapes of a meta run of every task: refuses an unknown quantization, a table without
-    FP8 rules and a weight the engine's block check refuses at ``engine_tp_size``."""
-    check_quantize(quantize, engine_tp_size)
-    if quantize is None:
-        return None
-    if mode is None:  # adapters only: nothing to quantize, but the table must allow FP8
-        fp8_rules_of(plan.table)
-        return None
-    key = (mode, engine_tp_size)
-    if key not in plan.fp8_plans:
-        passes = conversion_passes(source, plan, base=mode, adapters=False)
-        check_shapes(source, plan, passes)
-        converter, tasks = passes[0]
-        shapes = {name: shape for task in tasks for name, shape in converter.dry_run(task)[1]}
-        plan.fp8_plans[key] = plan_fp8(plan.table, shapes, engine_tp_size)
-    return plan.fp8_plans[key]
-
-
-def _shapes_text(source: TensorSource, name: str) -> str:
-    shapes = [tuple(shape) for shape in source.shard_shapes(name)]
-    return str(shapes[0]) if len(shapes) == 1 else f"{shapes} (tensor-parallel shards)"
 
 
 def export_hf_weights(
@@ -572,7 +304,7 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
     if adapters and adapter_for == "vllm":
         refuse_for_vllm(plan.dora_adapters(source))
     if adapters and not dora_adapters and plan.dora_adapters(source):
-        raise ExportError(f"the adapters are DoRA ({plan.dora[0].module}, ...), which vLLM cannot load: sync merged "
+        raise ExportError(f"the adapters are DoRA ({plan.cache.dora[0].module}, ...), which vLLM cannot load: sync merged "
                           "weights (peft=False), or pass dora_adapters=True for a consumer that loads DoRA (PEFT)")
     fp8 = fp8_plan(source, plan, base, quantize, engine_tp_size)
     to_cpu = device is not None and torch.device(device).type == "cpu"
@@ -605,8 +337,8 @@ def _without_mtp_adapters(plan: ExportPlan, pairs: Iterator[tuple[str, torch.Ten
     """``pairs`` without MTP adapters, warned once per plan (a saved folder says it in its notes)."""
     for name, tensor in pairs:
         if name.startswith(PEFT_PREFIX) and is_mtp_adapter(plan, name):
-            if not plan.mtp_adapters_warned:
-                plan.mtp_adapters_warned = True
+            if not plan.cache.mtp_adapters_warned:
+                plan.cache.mtp_adapters_warned = True
                 warnings.warn(f"MTP adapters left out of the export for vLLM: {MTP_ADAPTERS_LEFT_OUT} "
                               "(peft=False keeps their effect in the drafter's weights)", stacklevel=2)
             continue
@@ -647,8 +379,6 @@ def quantization_config(model_or_config, quantize: str = "fp8", *, hf_config=Non
     if not isinstance(model_or_config, PretrainedConfig):
         source, plan = prepare(model_or_config, hf_config, expert_layout)
         return fp8_plan(source, plan, Mode.BASE, quantize, engine_tp_size).config()
-    from model_mappings import register_transformers_configs, table_for
-
     register_transformers_configs()
     table = table_for(model_or_config)
     extra = table.extra_weights
@@ -716,8 +446,8 @@ def expert_adapter_groups(source: TensorSource, plan: ExportPlan) -> dict[str, s
     """
     if plan.layouts.adapters != "per_expert":
         return {}
-    if plan.expert_adapter_groups is not None:
-        return plan.expert_adapter_groups
+    if plan.cache.expert_adapter_groups is not None:
+        return plan.cache.expert_adapter_groups
     fused = plan_tasks(source.base_names(), plan.table, ExpertLayouts(adapters="fused").adapter_variants(plan.table))
     module_of = {name: task.hf_names[0].rpartition(".")[0] for task in fused if task.rule.stack
                  for name in task.sources}
@@ -734,7 +464,7 @@ def expert_adapter_groups(source: TensorSource, plan: ExportPlan) -> dict[str, s
             for factor in (LORA_A, LORA_B):
                 key = peft_key(hf_name, factor)
                 groups[_in_memory_adapter_key(plan, key) if plan.table.in_memory_prefixes else key] = module
-    plan.expert_adapter_groups = groups
+    plan.cache.expert_adapter_groups = groups
     return groups
 
 

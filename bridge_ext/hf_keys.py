@@ -68,6 +68,7 @@ import copy
 import torch
 
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout
+from bridge_ext.tables import known_model_types, register_transformers_configs, table_for
 
 
 def model_class_for(config):
@@ -75,8 +76,6 @@ def model_class_for(config):
     table's ``model_classes`` entry, else ``config.architectures[0]``, else the causal-LM
     auto class."""
     import transformers
-
-    from model_mappings import known_model_types, table_for
 
     name = None
     if config.model_type in known_model_types():
@@ -92,8 +91,6 @@ def model_class_for(config):
 
 def build_meta_model(config, model_class=None):
     """Instantiate the model for ``config`` on the meta device (no weight memory)."""
-    from model_mappings import register_transformers_configs
-
     register_transformers_configs()  # e.g. Kimi-K2's checkpoint conversion (fused experts in memory)
     cls = model_class or model_class_for(config)
     config = copy.deepcopy(config)
@@ -164,7 +161,5 @@ def _without_tied_weights(state_dict: dict, model) -> dict:
 
 def _is_fused_expert(config, name: str, shape: tuple[int, ...]) -> bool:
     """A 3-D ``[E, out, in]`` parameter of one of the table's expert families."""
-    from model_mappings import table_for
-
     parameters = {p for family in table_for(config).expert_families for p in family.parameters}
     return len(shape) == 3 and name.rsplit(".", 1)[-1] in parameters

@@ -40,7 +40,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from bridge_ext.errors import OutputExistsError, OutputLocationError, OutputWriteError
+from bridge_ext.errors import ConvertError, OutputExistsError, OutputLocationError, OutputWriteError
 
 STAGING_MARK = ".partial-"
 REPLACED_MARK = ".replaced-"
@@ -53,6 +53,12 @@ _WRITE_ERRNOS = {
 }
 _FS_IOC_GETFLAGS = 0x80086601  # _IOR('f', 1, long) on 64-bit Linux
 _UNDELETABLE_FLAGS = {0x10: "immutable", 0x20: "append-only"}
+
+
+def require_an_output(model_dir: str | Path | None, adapter_dir: str | Path | None) -> None:
+    """Refuses a call that would write nothing (ConvertError, a ValueError)."""
+    if model_dir is None and adapter_dir is None:
+        raise ConvertError("nothing to write: give model_dir, adapter_dir or both")
 
 
 #: ``overwrite=OVERWRITE_ANY`` (``--overwrite-any``) replaces a folder whatever it holds.

@@ -20,7 +20,7 @@ import torch
 
 from bridge_ext.engine import ExportError, Task
 from bridge_ext.peft_experts import peft_param_key_infixes
-from bridge_ext.peft_keys import LORA_A, LORA_B, peft_parameter_key
+from bridge_ext.peft_keys import LORA_A, LORA_B, peft_parameter_key, weight_module
 from bridge_ext.source import Adapter
 from bridge_ext.table import ExpertFamily, MappingTable
 
@@ -43,7 +43,7 @@ class AdaptedOutput:
     @property
     def target(self) -> str:
         """Module path (``model.layers.0.self_attn.q_proj``) or parameter path."""
-        return self.hf_name[: -len(".weight")] if not self.is_parameter else self.hf_name
+        return weight_module(self.hf_name) or self.hf_name
 
 
 def adapted_outputs(tasks: list[Task], adapters: dict[str, Adapter], table: MappingTable | None = None
@@ -53,7 +53,7 @@ def adapted_outputs(tasks: list[Task], adapters: dict[str, Adapter], table: Mapp
     outputs = []
     for task in tasks:
         for source in task.sources[:1] if not task.rule.stack else task.sources:
-            module = source[: -len(".weight")] if source.endswith(".weight") else None
+            module = weight_module(source)
             adapter = adapters.get(module) if module else None
             if adapter is None:
                 continue

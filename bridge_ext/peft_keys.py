@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from bridge_ext.errors import ExportError
 
+
+def weight_module(name: str) -> str | None:
+    """The module whose ``weight`` ``name`` is (``a.b.weight`` -> ``a.b``); None for any other name."""
+    return name[: -len(".weight")] if name.endswith(".weight") else None
+
 PEFT_PREFIX = "base_model.model."
 LORA_A = "lora_A"
 LORA_B = "lora_B"

@@ -22,7 +22,7 @@ from bridge_ext.export import ExportPlan, fp8_plan, hf_source_folder, prepare, r
 from bridge_ext.fp8_export import Fp8Plan, check_quantize
 from bridge_ext.hf_folder import ShardedSafetensorsWriter, TensorSpec, parse_size
 from bridge_ext.live_checks import check_dtype, overflows
-from bridge_ext.output_folder import FoundTarget, staged_folders
+from bridge_ext.output_folder import FoundTarget, require_an_output, staged_folders
 from bridge_ext.peft_config import lora_config
 from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.source import TensorSource
@@ -181,8 +181,7 @@ def write_export(
     ``transform`` (``layout`` already lists what it writes), and record it in config.json.
     ``omit_adapter``: adapter keys left out of the adapter folder (their count goes to ``notes``).
     """
-    if model_dir is None and adapter_dir is None:
-        raise ValueError("give model_dir, adapter_dir or both")
+    require_an_output(model_dir, adapter_dir)
     adapters = source.adapters()
     if merge and adapter_dir is not None:
         raise ValueError("merge=True writes no adapter folder")
@@ -297,8 +296,7 @@ def save_hf_pretrained(
     In a parallel job every rank calls it; tensors are gathered to global rank 0 only, which
     writes the folders.
     """
-    if model_dir is None and adapter_dir is None:
-        raise ValueError("give model_dir, adapter_dir or both")
+    require_an_output(model_dir, adapter_dir)
     check_dtype(dtype)
     check_quantize(quantize, engine_tp_size)
     parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

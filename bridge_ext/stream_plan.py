@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from bridge_ext.engine import MetaSource, Mode, Task, TaskConverter
-from bridge_ext.export import ExportPlan, conversion_passes
+from bridge_ext.plan import ExportPlan, conversion_passes
 from bridge_ext.hf_folder import TensorSpec
 
 

@@ -224,11 +224,11 @@ class MappingTable:
     in_memory_prefixes: tuple[tuple[str, str], ...] = ()
     fp8: Fp8Rules | None = field(default=None, compare=False)
     #: Registers with transformers what reading this family's config needs (e.g. a config class
-    #: for a model type transformers lacks); run by :func:`model_mappings.register_transformers_configs`
+    #: for a model type transformers lacks); run by :func:`bridge_ext.tables.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.
     register_hf_config: Callable[[], object] | None = field(default=None, compare=False)
     #: The config fields that change the arithmetic, compared with the Megatron model's settings
-    #: before export (:mod:`bridge_ext.config_compare`); None: ``model_mappings.config_fields.STANDARD``.
+    #: before export (:mod:`bridge_ext.config_compare`); None: ``bridge_ext.tables.config_fields.STANDARD``.
     config_fields: tuple[ConfigField, ...] | None = field(default=None, compare=False)
 
     def architecture(self, config) -> str | None:
@@ -313,6 +313,6 @@ class TableBuilder:
     build: Callable[[object], MappingTable]
     description: str = ""
     #: Registers with transformers what reading this family's config needs (e.g. a config class
-    #: for a model type transformers lacks); run by :func:`model_mappings.register_transformers_configs`
+    #: for a model type transformers lacks); run by :func:`bridge_ext.tables.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.
     register_hf_config: Callable[[], object] | None = field(default=None, compare=False)

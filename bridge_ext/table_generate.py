@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge_ext.errors import TableError
-from model_mappings.architecture_notes import EQUIVALENT_KINDS, LEFT_OUT_PREFIXES
+from bridge_ext.tables.architecture_notes import EQUIVALENT_KINDS, LEFT_OUT_PREFIXES
 
 WILDCARDS = ("layer", "expert")
 _FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
@@ -254,9 +254,9 @@ def generate(model_type: str) -> str:
     """The table file's source for ``model_type``, from Megatron-Bridge's bridge of it."""
     from transformers import AutoModelForCausalLM
 
-    from bridge_ext.cpu.build import build_megatron_model
-    from bridge_ext.cpu.distributed import megatron_parallel
-    from bridge_ext.cpu.tiny_generated import tiny_config, tiny_generated
+    from bridge_ext_testing.build import build_megatron_model
+    from bridge_ext_testing.distributed import megatron_parallel
+    from bridge_ext_testing.tiny_generated import tiny_config, tiny_generated
 
     from contextlib import nullcontext
 
@@ -272,7 +272,7 @@ def generate(model_type: str) -> str:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise TableError(f"cannot build a tiny {model_type} model on the CPU to resolve the table "
                              f"({type(error).__name__}: {first}); add or fix its entry in "
-                             "bridge_ext.cpu.tiny_generated.TINY") from error
+                             "bridge_ext_testing.tiny_generated.TINY") from error
         mappings = built.bridge._model_bridge.mapping_registry().mappings
         import torch
 
@@ -283,7 +283,7 @@ def generate(model_type: str) -> str:
 
 
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation) -> str:
-    from model_mappings.architecture_notes import UNCOMPARED
+    from bridge_ext.tables.architecture_notes import UNCOMPARED
 
     bridge = entry.bridge_class
     uncompared = UNCOMPARED.get(model_type, {})
@@ -302,7 +302,7 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
     ops_import = "from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows, TrimVocab  # noqa: F401"
     lines += ['"""', "", ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
-              *(["from model_mappings.config_fields import standard"] if uncompared else []), "",
+              *(["from bridge_ext.tables.config_fields import standard"] if uncompared else []), "",
               f'MEGATRON_BRIDGE_VERSION = "{megatron_bridge_version()}"']
     families = "()"
     if translation.expert_parameters:
@@ -316,7 +316,7 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
     lines += ["    ),", f'    description="{description}",',
               f"    model_classes={{{_quoted(model_type)}: {_quoted(entry.source)}}},",
               f"    expert_families={families},"]
-    if uncompared:  # reviewed by hand: model_mappings.architecture_notes.UNCOMPARED
+    if uncompared:  # reviewed by hand: bridge_ext.tables.architecture_notes.UNCOMPARED
         lines.append("    config_fields=standard({")
         for name, why in uncompared.items():
             pieces = textwrap.wrap(why, 80, drop_whitespace=False)
@@ -329,10 +329,10 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
 
 
 def write(model_type: str, out: Path | None = None) -> Path:
-    """Generate ``model_type``'s table into ``out`` (default ``model_mappings/generated/<type>.py``)."""
-    import model_mappings
+    """Generate ``model_type``'s table into ``out`` (default ``bridge_ext/tables/generated/<type>.py``)."""
+    import bridge_ext.tables
 
-    target = out or Path(model_mappings.__file__).parent / "generated" / f"{model_type}.py"
+    target = out or Path(bridge_ext.tables.__file__).parent / "generated" / f"{model_type}.py"
     source = generate(model_type)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(source)

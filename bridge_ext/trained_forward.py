@@ -17,8 +17,10 @@ import re
 import warnings
 from typing import TYPE_CHECKING
 
+from bridge_ext.peft_keys import weight_module
+
 if TYPE_CHECKING:
-    from bridge_ext.export import ExportPlan
+    from bridge_ext.plan import ExportPlan
     from bridge_ext.source import Adapter
 
 LAST_AFFECTED_MEGATRON_BRIDGE = (0, 6, 2)
@@ -33,10 +35,10 @@ def warn_if_expert_lora_differs(plan: ExportPlan, adapters: dict[str, Adapter], 
     ``expert_tensor_parallel`` > 1 with an affected Megatron-Bridge."""
     if expert_tensor_parallel <= 1 or not _affected_megatron_bridge():
         return
-    modules = sorted({source.removesuffix(".weight")
+    modules = sorted({weight_module(source)
                       for task in plan.adapter_tasks
                       if task.rule.tp == "row" and plan.table.family(task.rule) is not None
-                      for source in task.sources if source.removesuffix(".weight") in adapters})
+                      for source in task.sources if weight_module(source) in adapters})
     if modules:
         warnings.warn(
             f"{len(modules)} routed-expert row-parallel LoRA adapters (e.g. {modules[0]}) run at "

@@ -18,6 +18,7 @@ import torch
 from bridge_ext.errors import SafetensorsFolderError, VerificationError
 from bridge_ext.hf_files import SINGLE_FILE, list_safetensors
 from bridge_ext.peft_keys import PEFT_PREFIX
+from bridge_ext.tables import known_model_types, register_transformers_configs, table_for
 
 
 @dataclass
@@ -53,16 +54,12 @@ def require_same_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tup
 
 def _table_or_none(config):
     """The architecture's table, or None for a model type without one (only transformers' view)."""
-    from model_mappings import known_model_types, table_for
-
     return table_for(config) if config.model_type in known_model_types() else None
 
 
 def check_model_folder(model_dir: str | Path, report: Report, *, expert_layout: str | None = None) -> dict[str, tuple[int, ...]]:
     """Every name and shape in ``model_dir`` equals the architecture's checkpoint key set."""
     from transformers import AutoConfig
-
-    from model_mappings import register_transformers_configs
 
     register_transformers_configs()
     from bridge_ext.hf_keys import hf_checkpoint_keys
@@ -88,8 +85,6 @@ def check_model_folder(model_dir: str | Path, report: Report, *, expert_layout: 
 def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """The folder loaded with transformers' Auto classes (image-text models included)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from model_mappings import register_transformers_configs
 
     register_transformers_configs()
     config = AutoConfig.from_pretrained(str(model_dir))

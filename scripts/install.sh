@@ -33,6 +33,6 @@ echo "bridge_ext install: megatron-core 0.19.2, megatron-bridge 0.6.2 (without t
 # They declare Python >= 3.12 but run on 3.11 (bridge_ext.compat supplies typing.override);
 # --no-deps keeps megatron-bridge's ~30 training-only requirements (wandb, mlflow...) out.
 pip --no-deps --ignore-requires-python "megatron-core==0.19.2" "megatron-bridge==0.6.2"
-echo "bridge_ext install: bridge_ext"
-pip --no-deps -e .
+echo "bridge_ext install: bridge_ext, and its test-support package bridge_ext_testing (testing/)"
+pip --no-deps -e . -e testing
 echo "bridge_ext install: done ($venv/bin/bridge-ext, $venv/bin/python -m pytest)"

@@ -13,7 +13,7 @@ import torch
 
 from bridge_ext.peft_experts import peft_param_key_infixes
 from bridge_ext.peft_keys import LORA_A, LORA_B, peft_parameter_key
-from model_mappings.qwen3_5 import EXPERTS
+from bridge_ext.tables.qwen3_5 import EXPERTS
 
 GATE_UP, DOWN = EXPERTS.parameters
 EXPERT_PARAMETERS = EXPERTS.parameters  # transformers' registration order, as the table states it

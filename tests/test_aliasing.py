@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from bridge_ext import aliasing, export_hf_buckets, export_hf_weights
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-from bridge_ext.cpu.tiny_dense import tiny_dense
-from bridge_ext.cpu.tiny_qwen_moe_vl import tiny_qwen3_moe
+from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext_testing.tiny_dense import tiny_dense
+from bridge_ext_testing.tiny_qwen_moe_vl import tiny_qwen3_moe
 
 MAKERS = {"qwen3": lambda path: tiny_dense(path, "qwen3"), "qwen3_moe": tiny_qwen3_moe}
 CASES = [

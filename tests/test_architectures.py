@@ -35,10 +35,10 @@ def test_every_megatron_bridge_class_has_a_status_with_its_reason(rows):
 
 
 def test_generated_tables_are_proven_or_say_why(rows):
-    from bridge_ext.cpu.tiny_generated import TINY
-    from model_mappings import generated_model_types
+    from bridge_ext_testing.tiny_generated import TINY
+    from bridge_ext.tables import generated_model_types
 
-    from model_mappings.architecture_notes import PROVEN_GENERATED
+    from bridge_ext.tables.architecture_notes import PROVEN_GENERATED
 
     proven = sorted(row.model_type for row in rows if row.status == "generated+proven")
     assert proven == sorted(set(TINY) & generated_model_types())
@@ -47,14 +47,14 @@ def test_generated_tables_are_proven_or_say_why(rows):
 
 
 def test_hand_written_tables_win_over_generated_ones(monkeypatch):
-    import model_mappings
+    import bridge_ext.tables
     from bridge_ext.table import MappingTable
-    from model_mappings import llama
+    from bridge_ext.tables import llama
 
     fake = MappingTable(model_types=("llama",), rules=(), description="generated stand-in")
-    monkeypatch.setattr(model_mappings, "GENERATED", (*model_mappings.GENERATED, fake))
-    assert model_mappings.registered_table("llama") is llama.TABLE
-    assert "llama" not in model_mappings.generated_model_types()
+    monkeypatch.setattr(bridge_ext.tables, "GENERATED", (*bridge_ext.tables.GENERATED, fake))
+    assert bridge_ext.tables.registered_table("llama") is llama.TABLE
+    assert "llama" not in bridge_ext.tables.generated_model_types()
 
 
 def test_generated_tables_name_the_megatron_bridge_version_and_leave_out_mtp_and_towers():
@@ -62,7 +62,7 @@ def test_generated_tables_name_the_megatron_bridge_version_and_leave_out_mtp_and
 
     from bridge_ext.table_generate import LEFT_OUT_PREFIXES
 
-    files = sorted((ROOT / "model_mappings" / "generated").glob("[!_]*.py"))
+    files = sorted((ROOT / "bridge_ext.tables" / "generated").glob("[!_]*.py"))
     assert files
     for path in files:
         text = path.read_text()
@@ -109,7 +109,7 @@ def test_any_characters_wildcards_are_refused():
 def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu):
     from bridge_ext.table_generate import generate
 
-    assert generate("mistral") == (ROOT / "model_mappings" / "generated" / "mistral.py").read_text()
+    assert generate("mistral") == (ROOT / "bridge_ext.tables" / "generated" / "mistral.py").read_text()
 
 
 def test_generate_refuses_a_model_type_without_a_bridge():

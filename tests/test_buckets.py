@@ -47,8 +47,8 @@ EXPERT = re.compile(r"^(?P<group>.*\.experts)\.\d+\.")
 
 @pytest.fixture(scope="module")
 def moe_chunks(megatron_cpu, tmp_path_factory):
-    from bridge_ext.cpu import tiny_models
-    from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
+    from bridge_ext_testing import tiny_models
+    from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
 
     hf_dir = tiny_models.tiny_qwen35_moe(tmp_path_factory.mktemp("qwen35_moe"))
     built = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=("linear_fc1", "linear_fc2")))

@@ -2,7 +2,7 @@
 models (CPU).
 
 Each tiny Hugging Face model is made here, built once per module through Megatron-Bridge's
-provider with megatron-core's local spec (:mod:`bridge_ext.cpu.gpt_families`), with LoRA
+provider with megatron-core's local spec (:mod:`bridge_ext_testing.gpt_families`), with LoRA
 (random non-zero A and B) on every target Megatron-Bridge offers. MTP tensors are added to the
 tiny checkpoints in the published naming (transformers writes none) and judged against that
 file; the Hugging Face forward judges everything else.
@@ -18,14 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from bridge_ext import export_hf_weights, save_hf_pretrained
-from bridge_ext.cpu import gpt_families
-from bridge_ext.cpu import tiny_gpt_families as tiny
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-from bridge_ext.cpu.forward import megatron_logits
+from bridge_ext_testing import gpt_families
+from bridge_ext_testing import tiny_gpt_families as tiny
+from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext_testing.forward import megatron_logits
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.peft_keys import PEFT_PREFIX
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict
-from model_mappings import table_for
+from bridge_ext.tables import table_for
 
 GQA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 MLA_TARGETS = ("linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj",

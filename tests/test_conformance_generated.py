@@ -1,6 +1,6 @@
-"""Conformance of the tables generated from Megatron-Bridge (``model_mappings/generated``).
+"""Conformance of the tables generated from Megatron-Bridge (``bridge_ext/tables/generated``).
 
-One entry per model type in ``bridge_ext.cpu.tiny_generated.TINY`` (its tiny config); each is
+One entry per model type in ``bridge_ext_testing.tiny_generated.TINY`` (its tiny config); each is
 built in Megatron on the CPU by Megatron-Bridge's own provider, with LoRA (random A and B).
 Megatron-Bridge's export is the oracle of a table derived from its registry; the Hugging Face
 files and transformers' key set are the truth it must also meet.
@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from bridge_ext import export_hf_weights, save_hf_pretrained
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-from bridge_ext.cpu.forward import megatron_logits
-from bridge_ext.cpu.gpt_families import cpu_forward_context
-from bridge_ext.cpu.tiny_generated import TINY, tiny_generated
+from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext_testing.forward import megatron_logits
+from bridge_ext_testing.gpt_families import cpu_forward_context
+from bridge_ext_testing.tiny_generated import TINY, tiny_generated
 from bridge_ext.engine import PEFT_PREFIX
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
-from model_mappings import generated_model_types
+from bridge_ext.tables import generated_model_types
 
 PROVEN = sorted(set(TINY) & generated_model_types())
 #: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)

@@ -39,17 +39,17 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from bridge_ext import export_hf_weights, save_hf_pretrained
-from bridge_ext.cpu import tiny_qwen_moe_vl as tiny
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model
-from bridge_ext.cpu.forward import megatron_logits
-from bridge_ext.cpu.tiny_models import tiny_vl_inputs
+from bridge_ext_testing import tiny_qwen_moe_vl as tiny
+from bridge_ext_testing.build import LoraSettings, build_megatron_model
+from bridge_ext_testing.forward import megatron_logits
+from bridge_ext_testing.tiny_models import tiny_vl_inputs
 from bridge_ext.engine import PEFT_PREFIX
-from bridge_ext.export import source_expert_layouts
+from bridge_ext.expert_layouts import source_expert_layouts
 from bridge_ext.dims import ModelDims
 from bridge_ext.distributed import DESTINATIONS
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.ops import SplitGroupedRows
-from model_mappings import table_for
+from bridge_ext.tables import table_for
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
@@ -141,8 +141,8 @@ def reference_logits(built, input_ids: torch.Tensor, extra: dict) -> torch.Tenso
 @torch.no_grad()
 def qwen2_5_vl_logits(model, input_ids: torch.Tensor, extra: dict) -> torch.Tensor:
     """Megatron-Bridge's ``Qwen25VLModel`` forward (it computes the MRoPE positions itself)."""
-    from bridge_ext.cpu.forward import causal_mask
-    from bridge_ext.cpu.qwen35 import cpu_current_device
+    from bridge_ext_testing.forward import causal_mask
+    from bridge_ext_testing.qwen35 import cpu_current_device
 
     model.eval()
     with cpu_current_device():
@@ -393,7 +393,7 @@ KNOBS = {
 def test_moe_lora_settings_are_exported_exactly(knob, megatron_cpu, tmp_path):
     import json
 
-    from bridge_ext.cpu.build import randomize_lora
+    from bridge_ext_testing.build import randomize_lora
 
     built = build_megatron_model(tiny.tiny_qwen3_moe(tmp_path / "hf"), lora=KNOBS[knob])
     randomize_lora(built.chunks, seed=7, std=0.1)
@@ -424,7 +424,7 @@ def test_canonical_lora_on_sequential_experts_is_exact_per_expert_and_fused(mega
     scale), in rank_pattern / alpha_pattern: PEFT loads it strictly and gives Megatron's logits."""
     import json
 
-    from bridge_ext.cpu.build import randomize_lora
+    from bridge_ext_testing.build import randomize_lora
 
     built = build_megatron_model(tiny.tiny_qwen3_moe(tmp_path / "hf"), lora=LoraSettings(kind="canonical_lora"))
     randomize_lora(built.chunks, seed=9, std=0.1)

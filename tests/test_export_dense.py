@@ -7,16 +7,16 @@ import torch
 from safetensors.torch import load_file
 
 from bridge_ext import export_hf_weights, save_hf_pretrained
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-from bridge_ext.cpu.forward import megatron_logits
-from bridge_ext.cpu.tiny_dense import tiny_dense
+from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext_testing.forward import megatron_logits
+from bridge_ext_testing.tiny_dense import tiny_dense
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import PEFT_PREFIX, ExportError
 from bridge_ext.export import buckets, export_hf_buckets
 from bridge_ext.live import LiveModelSource
 from bridge_ext.reverse import hf_to_megatron
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
-from model_mappings import table_for
+from bridge_ext.tables import table_for
 
 MEGATRON_SPELLINGS = ("base_layer", "to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.", "layer_norm_weight")
 MODELS = ["qwen3", "qwen3-tied", "llama"]

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from bridge_ext import export_hf_weights, save_hf_pretrained
-from bridge_ext.cpu import tiny_models
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-from bridge_ext.cpu.forward import megatron_logits
+from bridge_ext_testing import tiny_models
+from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext_testing.forward import megatron_logits
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import PEFT_PREFIX, ExportError
 from bridge_ext.hf_keys import hf_checkpoint_keys
@@ -23,7 +23,7 @@ from bridge_ext.live import LiveModelSource
 from bridge_ext.ops import SplitGroupedRows
 from bridge_ext.reverse import hf_to_megatron
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
-from model_mappings import table_for
+from bridge_ext.tables import table_for
 
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")
 MODELS = {

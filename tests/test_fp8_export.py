@@ -17,15 +17,15 @@ import torch
 from safetensors.torch import save_file
 
 from bridge_ext import export_hf_weights, quantization_config, save_hf_pretrained
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-from bridge_ext.cpu.tiny_dense import tiny_dense
-from bridge_ext.cpu.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe_lite
-from bridge_ext.cpu.tiny_models import tiny_qwen35_moe
-from bridge_ext.cpu.tiny_qwen_moe_vl import tiny_qwen3_moe
+from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext_testing.tiny_dense import tiny_dense
+from bridge_ext_testing.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe_lite
+from bridge_ext_testing.tiny_models import tiny_qwen35_moe
+from bridge_ext_testing.tiny_qwen_moe_vl import tiny_qwen3_moe
 from bridge_ext.engine import PEFT_PREFIX, ExportError
 from bridge_ext.export import export_hf_buckets
 from bridge_ext.fp8_export import check_engine_blocks, plan_fp8
-from model_mappings import table_for
+from bridge_ext.tables import table_for
 
 MAKERS = {
     "qwen3": lambda d: tiny_dense(d, "qwen3"),

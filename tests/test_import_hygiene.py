@@ -197,8 +197,8 @@ def test_message_names_what_is_missing(missing, text):
 
 # -- every public module imports on its own --------------------------------------------------
 # One interpreter that has imported the third-party libraries (none of ours; they are slow to
-# import) forks a child per module: each child imports that one module first of bridge_ext's and
-# model_mappings', as a user's `python -c "import <module>"` would.
+# import) forks a child per module: each child imports that one module first of bridge_ext's
+# (the tables' included), as a user's `python -c "import <module>"` would.
 EACH_ALONE = """
     import importlib, os, sys, traceback
     import click, numpy, rich, safetensors.torch, torch, transformers, yaml  # noqa: F401
@@ -219,28 +219,36 @@ EACH_ALONE = """
 """
 
 
-# The CPU model harness (bridge_ext.cpu: test and demo support, which imports megatron at import by
-# design) would triple the check's time; every test that builds a model imports it.
-HARNESS = "bridge_ext.cpu"
-
-
 def public_modules() -> list[str]:
-    """Every module of the two installed packages whose name has no leading underscore, but the
-    CPU harness."""
+    """Every module of the installed package whose name has no leading underscore."""
     names = []
-    for package in ("bridge_ext", "model_mappings"):
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            parts = parts[:-1] if parts[-1] == "__init__" else parts
-            name = ".".join(parts)
-            if not any(part.startswith("_") for part in parts) and not name.startswith(HARNESS):
-                names.append(name)
+    for path in sorted((ROOT / "bridge_ext").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        if not any(part.startswith("_") for part in parts):
+            names.append(".".join(parts))
     return names
 
 
 def test_public_modules_are_found():
     modules = public_modules()
-    assert {"bridge_ext", "model_mappings", "model_mappings.deepseek", "bridge_ext.checkpoint.reader"} <= set(modules)
+    assert {"bridge_ext", "bridge_ext.tables", "bridge_ext.tables.deepseek", "bridge_ext.checkpoint.reader"} <= set(modules)
+
+
+def test_the_library_does_not_import_the_test_support_package():
+    """The harness (testing/bridge_ext_testing) is not in the wheel: only the demo command reaches
+    it, inside its function."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "bridge_ext").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}" for name in names
+                      if name.split(".")[0] == "bridge_ext_testing"]
+    assert {where.split(":")[0] for where in found} == {"bridge_ext/cli.py"}, found
+    assert not (ROOT / "bridge_ext" / "cpu").exists() and not (ROOT / "bridge_ext" / "demo.py").exists()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the check forks one child per module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bridge_ext import export_hf_weights
-from bridge_ext.cpu.build import build_megatron_model
-from bridge_ext.cpu.tiny_dense import tiny_dense
+from bridge_ext_testing.build import build_megatron_model
+from bridge_ext_testing.tiny_dense import tiny_dense
 from bridge_ext.errors import ExportError
 
 
@@ -118,7 +118,7 @@ def test_a_float16_cast_that_overflows_is_refused_unless_allowed(llama, tmp_path
 
 def test_a_field_the_table_cannot_compare_is_said_not_skipped(llama):
     from bridge_ext.config_compare import Attributes, compare
-    from model_mappings.config_fields import standard
+    from bridge_ext.tables.config_fields import standard
 
     fields = standard({"hidden_act": "this architecture's activation has no Megatron name"})
     comparison = compare(_config(llama, hidden_act="gelu"), Attributes(llama.chunks[0].config), fields)

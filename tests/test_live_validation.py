@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bridge_ext import export_hf_weights
-from bridge_ext.cpu.build import build_megatron_model
-from bridge_ext.cpu.tiny_dense import tiny_dense
+from bridge_ext_testing.build import build_megatron_model
+from bridge_ext_testing.tiny_dense import tiny_dense
 from bridge_ext.errors import ExportError
 from bridge_ext.live import LiveModelSource
 from bridge_ext.table import ExtraWeights, rule
@@ -47,16 +47,16 @@ def test_persistent_buffers_are_model_state_and_refused_when_unmapped(built, mlp
 
 
 def test_a_rule_maps_a_buffer(built, mlp, monkeypatch):
-    import model_mappings
+    import bridge_ext.tables
 
     mlp.register_buffer("router_bias", torch.arange(4.0))
-    table = model_mappings.table_for("qwen3")
+    table = bridge_ext.tables.table_for("qwen3")
     extended = dataclasses.replace(
         table, rules=(*table.rules, rule("decoder.layers.{layer}.mlp.router_bias", "extra.layers.{layer}.bias",
                                          tp="replicated")),
         extra_weights=ExtraWeights(prefixes=("extra.",), count_key="num_hidden_layers"))
-    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
-    model_mappings.register_table(extended, overwrite=True)
+    monkeypatch.setattr(bridge_ext.tables, "_REGISTERED", {})
+    bridge_ext.tables.register_table(extended, overwrite=True)
     exported = dict(export_hf_weights(built.chunks))
     assert torch.equal(exported["extra.layers.1.bias"], torch.arange(4.0))
 
@@ -133,10 +133,32 @@ def test_recorded_reads_are_what_the_conversion_reads(built):
             assert converter.reads(task) == read, task.sources
 
 
+def test_the_plan_is_built_once_and_never_changed(built):
+    """Exports remember what they work out in the plan's cache; the plan's fields stay as built."""
+    import dataclasses
+
+    from bridge_ext.export import export_hf_weights, prepare
+
+    _, plan = prepare(built.chunks)
+    as_built = {field.name: getattr(plan, field.name) for field in dataclasses.fields(plan) if field.name != "cache"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.extra_shapes = {}
+    with pytest.raises(TypeError):
+        plan.hf_keys["model.extra.weight"] = (1,)
+    assert isinstance(plan.base_tasks, tuple) and isinstance(plan.adapter_tasks, tuple)
+    list(export_hf_weights(built.chunks, peft=False))
+    _, again = prepare(built.chunks)
+    assert again is plan and plan.cache.checked  # remembered, with what its export checked
+    assert all(getattr(plan, name) is value for name, value in as_built.items())
+    newer = plan.with_extra_shapes({"model.extra.weight": (1,)})
+    assert dict(newer.extra_shapes) == {"model.extra.weight": (1,)} and not plan.extra_shapes
+    assert newer.cache is not plan.cache and not newer.cache.checked
+
+
 @pytest.fixture(scope="module")
 def moe(megatron_cpu, tmp_path_factory):
-    from bridge_ext.cpu import tiny_models
-    from bridge_ext.cpu.build import LoraSettings, randomize_lora
+    from bridge_ext_testing import tiny_models
+    from bridge_ext_testing.build import LoraSettings, randomize_lora
 
     model = build_megatron_model(tiny_models.tiny_qwen35_moe(tmp_path_factory.mktemp("moe")),
                                  lora=LoraSettings(target_modules=("linear_fc1", "linear_fc2")))
@@ -200,17 +222,17 @@ def _has(pattern: str, names) -> bool:
 
 
 def test_live_exports_default_to_the_tables_vllm_layout_files_to_peft(moe, monkeypatch, tmp_path):
-    import model_mappings
+    import bridge_ext.tables
     from bridge_ext import save_hf_pretrained
     from safetensors import safe_open
 
     names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
     # vLLM's Qwen3_5MoeForCausalLM (the text-only class) loads expert adapters per expert
     assert _has(PER_EXPERT_ADAPTER, names) and not _has(FUSED_EXPERT_ADAPTER, names)
-    table = model_mappings.table_for("qwen3_5_moe_text")
-    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
+    table = bridge_ext.tables.table_for("qwen3_5_moe_text")
+    monkeypatch.setattr(bridge_ext.tables, "_REGISTERED", {})
     layouts = {"Qwen3_5MoeForCausalLM": "fused"}
-    model_mappings.register_table(dataclasses.replace(table, vllm_expert_adapter_layouts=layouts), overwrite=True)
+    bridge_ext.tables.register_table(dataclasses.replace(table, vllm_expert_adapter_layouts=layouts), overwrite=True)
     names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True)]
     assert _has(FUSED_EXPERT_ADAPTER, names)
     names = [name for name, _ in export_hf_weights(moe.chunks, adapters_only=True, expert_adapter_layout="per_expert")]
@@ -272,14 +294,14 @@ def test_live_exports_for_vllm_refuse_its_unloaded_adapter_layout_and_leave_mtp_
 
 
 def test_live_exports_for_vllm_refuse_a_base_expert_layout_its_loader_does_not_take(moe, monkeypatch):
-    import model_mappings
+    import bridge_ext.tables
     from bridge_ext.errors import BridgeExtError
 
-    table = model_mappings.table_for("qwen3_5_moe_text")
-    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
+    table = bridge_ext.tables.table_for("qwen3_5_moe_text")
+    monkeypatch.setattr(bridge_ext.tables, "_REGISTERED", {})
     # the tiny model's folder keeps experts per expert: a table saying vLLM takes only fused ones
     only = {"Qwen3_5MoeForCausalLM": "fused"}
-    model_mappings.register_table(dataclasses.replace(table, vllm_expert_layouts=only), overwrite=True)
+    bridge_ext.tables.register_table(dataclasses.replace(table, vllm_expert_layouts=only), overwrite=True)
     with pytest.raises(BridgeExtError) as refused:
         next(export_hf_weights(moe.chunks, adapter_for="vllm", expert_layout="per_expert"))
     assert str(refused.value) == ("vLLM does not load per_expert expert weights for Qwen3_5MoeForCausalLM: it loads "

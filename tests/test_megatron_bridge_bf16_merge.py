@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from bridge_ext import export_hf_weights
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-from bridge_ext.cpu.tiny_models import tiny_qwen35_moe
+from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext_testing.tiny_models import tiny_qwen35_moe
 from bridge_ext.engine import PEFT_PREFIX
 
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")

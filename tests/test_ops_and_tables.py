@@ -2,6 +2,7 @@
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,9 +137,9 @@ def test_planning_names_every_unmapped_parameter_and_stacks_in_order():
         plan_tasks(["layers.0.experts.0.w", "layers.0.experts.2.w"], table)
 
 
-# The demo builds named tiny models and the CLI's help shows an example model type: neither is
-# the engine, which must hold no architecture fact.
-NOT_ENGINE = {"demo.py", "convert_demo.py", "cli.py"}
+# The CLI's help shows an example model type: it is not the engine, which must hold no
+# architecture fact.
+NOT_ENGINE = {"cli.py"}
 ARCHITECTURE_FACT = re.compile(r"qwen|deepseek|glm|gpt_oss|(^|\W)mtp[._]|mlp\.experts|language_model", re.IGNORECASE)
 
 
@@ -162,7 +163,7 @@ def test_the_generic_layer_holds_no_architecture_fact():
         for node in _code_strings(ast.parse(path.read_text())):
             if ARCHITECTURE_FACT.search(node.value):
                 found.append(f"{path.name}:{node.lineno}: {node.value!r}")
-    assert not found, "architecture facts belong in model_mappings/:\n" + "\n".join(found)
+    assert not found, "architecture facts belong in bridge_ext/tables/:\n" + "\n".join(found)
 
 
 def test_the_fact_finder_sees_code_strings_and_skips_docstrings():
@@ -188,17 +189,17 @@ def _toy_table(model_type: str = "toy") -> MappingTable:
 
 
 def test_register_table_and_unknown_model_types(monkeypatch):
-    import model_mappings
+    import bridge_ext.tables
     from bridge_ext import register_table
     from bridge_ext.table import TableBuilder
 
-    monkeypatch.setattr(model_mappings, "_REGISTERED", {})
+    monkeypatch.setattr(bridge_ext.tables, "_REGISTERED", {})
     with pytest.raises(ExportError, match="register_table") as error:
-        model_mappings.table_for("toy")
+        bridge_ext.tables.table_for("toy")
     assert "qwen3" in str(error.value) and "llama" in str(error.value)
     table = _toy_table()
     register_table(table)
-    assert model_mappings.table_for("toy") is table and "toy" in model_mappings.known_model_types()
+    assert bridge_ext.tables.table_for("toy") is table and "toy" in bridge_ext.tables.known_model_types()
     with pytest.raises(TableError, match="already have a table"):
         register_table(_toy_table())
     register_table(_toy_table(), overwrite=True)
@@ -209,10 +210,48 @@ def test_register_table_and_unknown_model_types(monkeypatch):
 
     register_table(TableBuilder(("sized",), lambda config: MappingTable(("sized",), (
         rule("mtp.layers.{depth}.enorm.weight", f"model.layers.{{depth+{config.num_hidden_layers}}}.enorm.weight"),))))
-    built = model_mappings.table_for(Config())
+    built = bridge_ext.tables.table_for(Config())
     assert built.rules[0].hf_names({"depth": "0"}) == ["model.layers.3.enorm.weight"]
     with pytest.raises(ExportError, match="built from the model's config"):
-        model_mappings.table_for("sized")
+        bridge_ext.tables.table_for("sized")
+
+
+def test_every_table_in_the_table_modules_is_a_built_in():
+    """Tables are found only through their module's TABLES: one left out of it would be unknown."""
+    import importlib
+    import pkgutil
+
+    import bridge_ext.tables
+    from bridge_ext.table import TableBuilder
+
+    built_in = bridge_ext.tables.built_in_tables()
+    modules = [info.name for info in pkgutil.iter_modules(bridge_ext.tables.__path__, "bridge_ext.tables.")]
+    assert {"bridge_ext.tables.llama", "bridge_ext.tables.deepseek", "bridge_ext.tables.blocks"} <= set(modules)
+    left_out = [f"{module}.{name}" for module in modules
+                for name, value in vars(importlib.import_module(module)).items()
+                if isinstance(value, (MappingTable, TableBuilder)) and not any(value is t for t in built_in)]
+    assert not left_out, f"tables in no module's TABLES: {left_out}"
+    assert {"llama", "qwen3", "deepseek_v3", "qwen3_vl_moe", "gpt_oss"} <= set(bridge_ext.tables.known_model_types())
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"a.py": "TABLES = (TABLE,)", "b.py": "TABLES = (TABLE,)"}, "built-in tables in both fam.a and fam.b"),
+    ({"a.py": "TABLES = ('toy',)"}, "fam.a.TABLES holds a str"),
+])
+def test_discovery_refuses_two_tables_for_a_model_type_and_what_is_not_a_table(tmp_path, monkeypatch, files, message):
+    import bridge_ext.tables
+
+    package = tmp_path / "fam"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    header = "from bridge_ext.table import MappingTable, rule\n"
+    header += "TABLE = MappingTable(('toy',), (rule('embedding.weight', 'model.embed.weight'),))\n"
+    for name, text in {**files, "_private.py": "raise AssertionError('imported')", "shared.py": "X = 1"}.items():
+        (package / name).write_text(header + text + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # each case's own `fam`
+    with pytest.raises(TableError, match=re.escape(message)):
+        bridge_ext.tables.discover([str(package)], "fam")
 
 
 def test_expert_families_name_their_variants_and_are_read_off_names():

@@ -20,13 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bridge_ext.cpu import tiny_models
+from bridge_ext_testing import tiny_models
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import PEFT_PREFIX, Mode, TaskConverter, plan_tasks, run_rule
 from bridge_ext.reverse import hf_to_megatron
 from bridge_ext.source import Adapter
-from model_mappings import table_for
-from model_mappings.qwen3_next import TABLE
+from bridge_ext.tables import table_for
+from bridge_ext.tables.qwen3_next import TABLE
 
 PER_EXPERT = frozenset({"experts:per_expert", "mtp_experts:per_expert"})
 FUSED = frozenset({"experts:fused", "mtp_experts:fused"})
@@ -119,7 +119,7 @@ def in_proj_rule():
 # 1. Round trip through the table
 # ---------------------------------------------------------------------------------------------
 def test_table_is_registered_and_reuses_qwen35_rules():
-    from model_mappings import qwen3_5
+    from bridge_ext.tables import qwen3_5
 
     assert table_for("qwen3_next") is TABLE
     assert in_proj_rule().hf == ("model.layers.{layer}.linear_attn.in_proj_qkvz.weight",
@@ -230,7 +230,7 @@ def test_gated_attention_and_norm_conventions_match_megatron_bridge(hf):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def built(hf, megatron_cpu):
-    from bridge_ext.cpu.build import build_megatron_model
+    from bridge_ext_testing.build import build_megatron_model
 
     return build_megatron_model(hf.dir)
 
@@ -258,12 +258,12 @@ def test_export_is_bit_exact_with_files_and_megatron_bridge(hf, built):
 
 def test_exported_weights_give_the_megatron_logits(hf, built):
     """Semantics, not just layout: HF Qwen3-Next on our export computes Megatron's function."""
-    from bridge_ext.cpu.forward import megatron_logits
+    from bridge_ext_testing.forward import megatron_logits
     from bridge_ext.verify import Report, compare_logits, hf_logits, load_hf_model
 
     from bridge_ext import export_hf_weights
 
-    assert built.provider.rotary_percent == 0.25  # see bridge_ext.cpu.qwen35.qwen3_next_rotary_percent
+    assert built.provider.rotary_percent == 0.25  # see bridge_ext_testing.qwen35.qwen3_next_rotary_percent
     model = load_hf_model(hf.dir)
     exported = {n: t for n, t in export_hf_weights(built.chunks, expert_layout="fused") if not n.startswith("mtp.")}
     with torch.no_grad():

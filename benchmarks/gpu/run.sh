@@ -23,7 +23,7 @@
 # transformers, peft (no Transformer Engine, no network). Results (tables, JSON, logs) go to
 # $OUT, else benchmarks/gpu/results.
 set -euo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/testing${PYTHONPATH:+:$PYTHONPATH}"  # bridge_ext and its test support
 PY=${PYTHON:-python}
 RESULTS=${OUT:-benchmarks/gpu/results}
 DEVICE=${DEVICE:-cuda}

@@ -11,8 +11,10 @@
 * :mod:`.config_check` — the Hugging Face config read safely and compared with ``run_config.yaml``;
 * :mod:`.errors` — every failure is a :class:`CheckpointError` naming the path;
 * :mod:`.source` — the checkpoint as the engine's tensor source (stored keys -> model names);
-* :mod:`.hf_base` — the base of an adapter-only checkpoint, from a Hugging Face folder;
-* :mod:`.writer` — write such checkpoints with megatron-core's own saver (examples, benchmarks).
+* :mod:`.hf_base` — the base of an adapter-only checkpoint, from a Hugging Face folder.
+
+Writing such checkpoints (for the demo, the tests and the benchmarks) is the test-support
+package's (``bridge_ext_testing.writer``).
 """
 
 from bridge_ext.checkpoint.errors import (
@@ -34,7 +36,6 @@ from bridge_ext.checkpoint.reader import ChunkInfo, CheckpointReader, TensorInfo
 from bridge_ext.checkpoint.run_config import PeftSettings, RunConfig, load_run_config
 from bridge_ext.checkpoint.safe_pickle import ALLOWED_GLOBALS, load_dcp_metadata, safe_unpickle
 from bridge_ext.checkpoint.source import CheckpointSource
-from bridge_ext.checkpoint.writer import save_megatron_checkpoint
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -62,6 +63,5 @@ __all__ = [
     "load_run_config",
     "locate_checkpoint",
     "safe_unpickle",
-    "save_megatron_checkpoint",
     "split_object_key",
 ]

@@ -23,6 +23,7 @@ from bridge_ext.checkpoint.control_files import SMALL_JSON_LIMIT, read_json_file
 from bridge_ext.checkpoint.run_config import RunConfig
 from bridge_ext.config_compare import Comparison, compare
 from bridge_ext.errors import ConvertError, VerificationError, first_line
+from bridge_ext.tables import config_fields_for, register_transformers_configs, table_for
 
 # Upper bounds far above any published model, low enough that loops over them end.
 MAX_LAYERS = 10_000
@@ -60,8 +61,6 @@ class ConfigMismatchError(ConvertError):
 def load_hf_config(folder_or_file: Path):
     """``(config, folder)`` for a config.json or its folder, its sizes checked before transformers sees it."""
     from transformers import CONFIG_MAPPING, AutoConfig
-
-    from model_mappings import register_transformers_configs
 
     register_transformers_configs()
     path = folder_or_file.parent if folder_or_file.name == "config.json" else folder_or_file
@@ -151,12 +150,10 @@ def _shown(value: Any) -> str:
 def check_config_matches_run_config(config, run_config: RunConfig, config_source: str) -> Comparison:
     """Refuse a config describing another model than the one run_config.yaml records.
 
-    Every field of the table's ``config_fields`` (:mod:`model_mappings.config_fields`) that both
+    Every field of the table's ``config_fields`` (:mod:`bridge_ext.tables.config_fields`) that both
     sides set is compared (:func:`bridge_ext.config_compare.compare`); each difference is named
     with both names and both values. Returns the comparison (what was and was not compared).
     """
-    from model_mappings import config_fields_for, table_for
-
     comparison = compare(config, run_config.model, config_fields_for(table_for(config)))
     if comparison.differences:
         raise ConfigMismatchError(

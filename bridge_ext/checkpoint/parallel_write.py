@@ -192,7 +192,7 @@ def base_in_workers(source, reads_from, plan, mode, layout: Sequence[TensorSpec]
     in the workers; each returns the ``non_finite`` counts it found, merged in task order.
     """
     from bridge_ext.engine import convert_tasks
-    from bridge_ext.export import conversion_passes
+    from bridge_ext.plan import conversion_passes
     from bridge_ext.stream_plan import planned_reads
 
     tasks = plan.base_tasks

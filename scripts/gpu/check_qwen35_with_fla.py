@@ -7,7 +7,9 @@ adapter folder) from GPU tensors, and compare the logits of transformers + PEFT 
 (transformers' own torch gated-delta-rule, an independent reference) with the Megatron
 model's forward on the GPU.
 
-Run from the repository root: ``python scripts/gpu/check_qwen35_with_fla.py [OUT_DIR]``.
+Run from the repository root: ``python scripts/gpu/check_qwen35_with_fla.py [OUT_DIR]``, with
+bridge_ext and its test-support package importable (scripts/install.sh, or
+``PYTHONPATH=$PWD:$PWD/testing``).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "
 
 def check_model_type(model_type: str, workdir: Path) -> dict:
     from bridge_ext import save_hf_pretrained
-    from bridge_ext.cpu import fla_torch, tiny_models
-    from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-    from bridge_ext.cpu.forward import megatron_logits
+    from bridge_ext_testing import fla_torch, tiny_models
+    from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+    from bridge_ext_testing.forward import megatron_logits
 
     makers = {
         "qwen3_5_text": lambda d: tiny_models.tiny_qwen35_dense(d),
@@ -76,9 +78,9 @@ def check_model_type(model_type: str, workdir: Path) -> dict:
 def reference(out: Path) -> dict:
     """On the CPU: transformers + PEFT from the exported folders, and the same Megatron model
     (its GPU state loaded back), against the logits computed on the GPU."""
-    from bridge_ext.cpu.build import LoraSettings, build_megatron_model
-    from bridge_ext.cpu.distributed import megatron_parallel
-    from bridge_ext.cpu.forward import megatron_logits
+    from bridge_ext_testing.build import LoraSettings, build_megatron_model
+    from bridge_ext_testing.distributed import megatron_parallel
+    from bridge_ext_testing.forward import megatron_logits
     from bridge_ext.verify import Report, check_model_folder, hf_logits, load_adapter_strict, load_hf_model
 
     saved = torch.load(out / "megatron_logits.pt")
@@ -112,7 +114,7 @@ def reference(out: Path) -> dict:
 
 
 def main() -> int:
-    from bridge_ext.cpu.distributed import megatron_parallel
+    from bridge_ext_testing.distributed import megatron_parallel
 
     if sys.argv[1:2] == ["--reference"]:
         print(json.dumps(reference(Path(sys.argv[2]))))

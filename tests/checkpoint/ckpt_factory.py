@@ -98,7 +98,7 @@ def save_variant(built, root: Path, *, adapter_only: bool = False, base_root: Pa
     """
     from megatron.training.config.yaml_utils import safe_yaml_representers
 
-    from bridge_ext.checkpoint.writer import save_megatron_checkpoint
+    from bridge_ext_testing.writer import save_megatron_checkpoint
 
     folder = save_megatron_checkpoint(built.chunks, built.provider, root, lora=built.lora, iteration=ITERATION,
                                       adapter_only=adapter_only)
@@ -123,8 +123,8 @@ def dump_params(built, path: Path) -> None:
 
 def save_all(hf_dir: Path, out: Path, *, tensor_parallel: int) -> None:
     """Build the dense and LoRA models at ``tensor_parallel`` and save the three variants to ``out``."""
-    from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-    from bridge_ext.cpu.distributed import megatron_parallel
+    from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+    from bridge_ext_testing.distributed import megatron_parallel
 
     with megatron_parallel(tensor_parallel=tensor_parallel):
         rank = torch.distributed.get_rank()

@@ -30,7 +30,7 @@ INPUT_IDS = torch.randint(0, 120, (2, 12), generator=torch.Generator().manual_se
 
 
 def tiny_model(kind: str, directory: Path) -> Path:
-    from bridge_ext.cpu import tiny_models
+    from bridge_ext_testing import tiny_models
 
     makers = {
         "qwen3_5_moe_text": lambda d: tiny_models.tiny_qwen35_moe(d, mtp_layers=1),
@@ -41,7 +41,7 @@ def tiny_model(kind: str, directory: Path) -> Path:
 
 def build(hf_dir: Path, *, routed_expert_lora: bool = True):
     """The LoRA model with random non-zero adapters (call inside megatron_parallel)."""
-    from bridge_ext.cpu.build import LoraSettings, build_megatron_model
+    from bridge_ext_testing.build import LoraSettings, build_megatron_model
 
     with ckpt_factory.cpu_stand_ins():
         built = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=TARGETS))
@@ -72,8 +72,8 @@ def randomize_adapters(chunk: torch.nn.Module, routed_expert_lora: bool) -> None
 
 def save_all(hf_dir: Path, out: Path, *, tensor_parallel: int) -> None:
     """Save ``out/lora``, ``out/adapter`` and ``out/logits.pt``; at TP=1 also the live export."""
-    from bridge_ext.cpu.distributed import megatron_parallel
-    from bridge_ext.cpu.forward import megatron_logits
+    from bridge_ext_testing.distributed import megatron_parallel
+    from bridge_ext_testing.forward import megatron_logits
 
     with megatron_parallel(tensor_parallel=tensor_parallel):
         built = build(hf_dir, routed_expert_lora=tensor_parallel == 1)

@@ -18,8 +18,8 @@ from bridge_ext import save_hf_pretrained
 from bridge_ext.checkpoint import CheckpointReader
 from bridge_ext.checkpoint.source import CheckpointSource, unstacked_names
 from bridge_ext.convert import convert_checkpoint, verify_conversion
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model
-from bridge_ext.cpu.forward import megatron_logits
+from bridge_ext_testing.build import LoraSettings, build_megatron_model
+from bridge_ext_testing.forward import megatron_logits
 from bridge_ext.engine import PEFT_PREFIX
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
 
@@ -40,7 +40,7 @@ def live(megatron_cpu, qwen3_hf):
 def load_with_megatron(built, root, adapter_only: bool) -> None:
     from megatron.core import dist_checkpointing
 
-    from bridge_ext.checkpoint.writer import SHARDED_SD_METADATA
+    from bridge_ext_testing.writer import SHARDED_SD_METADATA
 
     chunk = built.chunks[0]
     sharded = chunk.sharded_state_dict(metadata=dict(SHARDED_SD_METADATA))

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import qwen35_factory
 from bridge_ext.convert import convert_checkpoint
-from bridge_ext.cpu import tiny_gpt_families
+from bridge_ext_testing import tiny_gpt_families
 
 HERE = Path(__file__).parent
 MODELS = {"glm4_moe": tiny_gpt_families.tiny_glm4_moe, "glm4_moe_lite": tiny_gpt_families.tiny_glm4_moe_lite}

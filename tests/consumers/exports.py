@@ -44,32 +44,32 @@ class Case:
 
 
 def _qwen3(d: Path) -> Path:
-    from bridge_ext.cpu.tiny_dense import tiny_dense
+    from bridge_ext_testing.tiny_dense import tiny_dense
 
     return tiny_dense(d, "qwen3")
 
 
 def _qwen3_moe(d: Path) -> Path:
-    from bridge_ext.cpu.tiny_qwen_moe_vl import tiny_qwen3_moe
+    from bridge_ext_testing.tiny_qwen_moe_vl import tiny_qwen3_moe
 
     return tiny_qwen3_moe(d)
 
 
 def _qwen3_5_moe_text(d: Path) -> Path:
-    from bridge_ext.cpu.tiny_models import tiny_qwen35_moe
+    from bridge_ext_testing.tiny_models import tiny_qwen35_moe
 
     return tiny_qwen35_moe(d, mtp_layers=1)
 
 
 def _qwen3_5_moe_vl(d: Path) -> Path:
-    from bridge_ext.cpu.tiny_models import tiny_qwen35_vl
+    from bridge_ext_testing.tiny_models import tiny_qwen35_vl
 
     return tiny_qwen35_vl(d, moe=True, mtp_layers=1)
 
 
 def _deepseek_v3(d: Path) -> Path:
-    from bridge_ext.cpu.tiny_gpt_families import tiny_deepseek_v3
-    from bridge_ext.cpu.tiny_models import update_saved_config
+    from bridge_ext_testing.tiny_gpt_families import tiny_deepseek_v3
+    from bridge_ext_testing.tiny_models import update_saved_config
 
     folder = tiny_deepseek_v3(d, mtp_layers=1)
     # as the published config.json says: vLLM builds the router's e_score_correction_bias only then
@@ -78,31 +78,31 @@ def _deepseek_v3(d: Path) -> Path:
 
 
 def _glm4_moe(d: Path) -> Path:
-    from bridge_ext.cpu.tiny_gpt_families import tiny_glm4_moe
+    from bridge_ext_testing.tiny_gpt_families import tiny_glm4_moe
 
     return tiny_glm4_moe(d, mtp_layers=1)
 
 
 def _glm4_moe_lite(d: Path) -> Path:
-    from bridge_ext.cpu.tiny_gpt_families import tiny_glm4_moe_lite
+    from bridge_ext_testing.tiny_gpt_families import tiny_glm4_moe_lite
 
     return tiny_glm4_moe_lite(d, mtp_layers=1)
 
 
 def _gpt_oss(d: Path) -> Path:
-    from bridge_ext.cpu.tiny_gpt_families import tiny_gpt_oss
+    from bridge_ext_testing.tiny_gpt_families import tiny_gpt_oss
 
     return tiny_gpt_oss(d)
 
 
 def _qwen2_moe(d: Path) -> Path:
-    from bridge_ext.cpu.tiny_qwen_moe_vl import tiny_qwen2_moe
+    from bridge_ext_testing.tiny_qwen_moe_vl import tiny_qwen2_moe
 
     return tiny_qwen2_moe(d)
 
 
 def _qwen3_next(d: Path) -> Path:
-    from bridge_ext.cpu.tiny_models import tiny_qwen3_next
+    from bridge_ext_testing.tiny_models import tiny_qwen3_next
 
     return tiny_qwen3_next(d, mtp_layers=1)
 
@@ -133,7 +133,7 @@ def _save(pairs, path: Path) -> list[str]:
 def write_exports(name: str, out: Path) -> dict:
     """Build case ``name`` in Megatron (inside ``megatron_parallel``), write its exports to ``out``."""
     from bridge_ext import export_hf_weights, peft_adapter_config, save_hf_pretrained
-    from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
+    from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
 
     case = CASES[name]
     hf_dir = case.make(out / "source")

@@ -1,4 +1,4 @@
-"""Every test here leaves megatron and torch as it found them (bridge_ext.cpu scopes its patches)."""
+"""Every test here leaves megatron and torch as it found them (bridge_ext_testing scopes its patches)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 GDN_NAMES = ("causal_conv1d", "l2norm", "chunk_gated_delta_rule", "HAVE_FLA")
-# Module -> the names bridge_ext.cpu rebinds inside its blocks (a name a module lacks is skipped).
+# Module -> the names bridge_ext_testing rebinds inside its blocks (a name a module lacks is skipped).
 REBOUND = {
     "torch.cuda": ("current_device",),
     "torch.cuda.nvtx": ("range_push", "range_pop"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bridge_ext.cpu import fla_torch, gpt_families, qwen3_vl, qwen35
+from bridge_ext_testing import fla_torch, gpt_families, qwen3_vl, qwen35
 
 # Each block -> what it rebinds (names of tests/cpu/conftest.py's REBOUND).
 TORCH_CUDA = ("torch.cuda.current_device", "torch.cuda.nvtx.range_push", "torch.cuda.nvtx.range_pop")

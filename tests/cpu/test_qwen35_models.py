@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from bridge_ext.cpu import tiny_models
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model
-from bridge_ext.cpu.distributed import megatron_parallel
-from bridge_ext.cpu.forward import megatron_logits
+from bridge_ext_testing import tiny_models
+from bridge_ext_testing.build import LoraSettings, build_megatron_model
+from bridge_ext_testing.distributed import megatron_parallel
+from bridge_ext_testing.forward import megatron_logits
 
 LORA = LoraSettings(
     target_modules=("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj"), dim=4, alpha=8

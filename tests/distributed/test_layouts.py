@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge_ext.cpu.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe, tiny_glm4_moe_lite, tiny_gpt_oss, tiny_mimo
-from bridge_ext.cpu.tiny_models import tiny_qwen35_dense, tiny_qwen35_moe, tiny_qwen35_vl
+from bridge_ext_testing.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe, tiny_glm4_moe_lite, tiny_gpt_oss, tiny_mimo
+from bridge_ext_testing.tiny_models import tiny_qwen35_dense, tiny_qwen35_moe, tiny_qwen35_vl
 from bridge_ext.engine import PEFT_PREFIX
 from megatron_bridge_expert_parallel import (
     assert_megatron_bridge_merge_at_expert_parallelism,

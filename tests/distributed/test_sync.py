@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bridge_ext import Bucket, export_hf_buckets, export_hf_weights, peft_adapter_config
-from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-from bridge_ext.cpu.forward import megatron_logits
-from bridge_ext.cpu.tiny_dense import tiny_dense
+from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext_testing.forward import megatron_logits
+from bridge_ext_testing.tiny_dense import tiny_dense
 from bridge_ext.sync import BucketReceiver, load_into_module, load_into_peft
 
 

@@ -46,7 +46,7 @@ def cpu_parallel_build(sizes: dict[str, int | None]):
     """
     from megatron.bridge import AutoBridge
 
-    from bridge_ext.cpu.qwen35 import cpu_current_device
+    from bridge_ext_testing.qwen35 import cpu_current_device
 
     to_provider = AutoBridge.to_megatron_provider
 
@@ -85,9 +85,9 @@ def shard_of_global(rule, full: torch.Tensor, shards: int, shard: int, dims, *,
 def set_global_lora(chunks, config, seed: int = 0, std: float = 0.05) -> None:
     """Give every LoRA factor the values of a global tensor keyed on its global name."""
     from bridge_ext.dims import ModelDims
-    from bridge_ext.export import ExpertLayouts
+    from bridge_ext.expert_layouts import ExpertLayouts
     from bridge_ext.live import LORA_IN, LORA_OUT, is_parallel_job, local_tensors
-    from model_mappings import table_for
+    from bridge_ext.tables import table_for
 
     table, dims = table_for(config), ModelDims.from_hf_config(config)
     tensors, _ = local_tensors(chunks, sharded=is_parallel_job())
@@ -151,7 +151,7 @@ EXPERT_FC2_LORA_B = re.compile(r"\.mlp\.experts\..*linear_fc2\.adapter\.linear_o
 def megatron_forward(chunks) -> dict:
     """The Megatron model's own logits at this layout for fixed tokens: with all its LoRA, then
     with the routed experts' linear_fc2 LoRA B zeroed (changes the model: call it last)."""
-    from bridge_ext.cpu.forward import megatron_logits
+    from bridge_ext_testing.forward import megatron_logits
 
     input_ids = torch.randint(0, 120, (2, 16), generator=torch.Generator().manual_seed(1))
     result = {"input_ids": input_ids, "all_lora": megatron_logits(chunks, input_ids)}
@@ -215,9 +215,9 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from bridge_ext.cpu.build import LoraSettings, build_megatron_model
-    from bridge_ext.cpu.distributed import megatron_parallel
-    from model_mappings import table_for
+    from bridge_ext_testing.build import LoraSettings, build_megatron_model
+    from bridge_ext_testing.distributed import megatron_parallel
+    from bridge_ext.tables import table_for
 
     torch.set_num_threads(1)
     if args.step_bytes:

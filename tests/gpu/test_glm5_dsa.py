@@ -33,9 +33,9 @@ TARGETS = ("linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "lin
 def built(tmp_path_factory):
     from megatron.bridge import AutoBridge
 
-    from bridge_ext.cpu.build import LoraSettings, randomize_lora
-    from bridge_ext.cpu.distributed import megatron_parallel
-    from bridge_ext.cpu.tiny_gpt_families import tiny_glm_moe_dsa
+    from bridge_ext_testing.build import LoraSettings, randomize_lora
+    from bridge_ext_testing.distributed import megatron_parallel
+    from bridge_ext_testing.tiny_gpt_families import tiny_glm_moe_dsa
 
     hf_dir = tiny_glm_moe_dsa(tmp_path_factory.mktemp("glm5") / "hf")
     with megatron_parallel():
@@ -66,7 +66,7 @@ def test_base_is_bit_exact_and_names_are_transformers_keys_plus_mtp(built):
     from bridge_ext import export_hf_weights
     from bridge_ext.hf_keys import hf_checkpoint_keys
     from bridge_ext.peft_keys import PEFT_PREFIX
-    from model_mappings import table_for
+    from bridge_ext.tables import table_for
 
     hf_dir, _, chunks = built
     original = load_file(str(hf_dir / "model.safetensors"))
@@ -80,7 +80,7 @@ def test_base_is_bit_exact_and_names_are_transformers_keys_plus_mtp(built):
 
 def test_adapter_and_merged_folders_give_the_megatron_logits(built, tmp_path):
     from bridge_ext import save_hf_pretrained
-    from bridge_ext.cpu.forward import megatron_logits
+    from bridge_ext_testing.forward import megatron_logits
     from bridge_ext.verify import Report, compare_logits, hf_logits, load_adapter_strict, load_hf_model
 
     _, _, chunks = built

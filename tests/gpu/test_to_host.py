@@ -74,8 +74,8 @@ def moe_models(tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
     from bench_models import build, hf_dir_for, init_parallel, write_hf_folder
 
-    from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
-    from bridge_ext.cpu.tiny_gpt_families import tiny_gpt_oss
+    from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
+    from bridge_ext_testing.tiny_gpt_families import tiny_gpt_oss
 
     sizes = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                  virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1)
