@@ -95,18 +95,19 @@ def tables() -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here instead of bridge_ext/tables/generated/MODEL_TYPE.py.")
 def generate(model_type: str, out: Path | None) -> None:
-    """Write MODEL_TYPE's table, read off Megatron-Bridge's bridge for it (resolved on a tiny CPU model).
+    """Write MODEL_TYPE's table, read off Megatron-Bridge's bridge for it (resolved on a tiny CPU model of the test-support package).
 
     A mapping kind the generator does not know is refused (exit 1), naming its class and parameter;
     without the test-support package (its tiny models) it exits 8.
     """
-    from bridge_ext.errors import BridgeExtError
-    from bridge_ext.table_generate import write
-
     from contextlib import redirect_stdout
+
+    from bridge_ext.errors import BridgeExtError
 
     try:
         with _test_support("bridge-ext tables generate"), redirect_stdout(sys.stderr):  # megatron prints
+            from bridge_ext_testing.generate_tables import write  # the tiny models are the test-support package's
+
             target = write(model_type, out)
         click.echo(target)
     except BridgeExtError as error:

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 
 from bridge_ext.errors import TableError
 from bridge_ext.tables.architecture_notes import EQUIVALENT_KINDS, LEFT_OUT_PREFIXES
@@ -105,7 +103,7 @@ def _regex(mb_pattern: str) -> re.Pattern:
                               for piece in re.split(r"(\*)", mb_pattern)) + r"\Z")
 
 
-class _Resolver:
+class Resolver:
     """Tensor-parallel kind of a Megatron weight, read off the tiny model's module by
     Megatron-Bridge's own ``AutoMapping`` detection."""
 
@@ -169,7 +167,7 @@ class _Translation:
     expert_parameters: tuple[str, ...] | None
 
 
-def translate(mappings, resolver: _Resolver, expert_parameters: tuple[str, ...] | None) -> _Translation:
+def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] | None) -> _Translation:
     """Rules for Megatron-Bridge ``mappings``; refuses a mapping kind it does not know."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
@@ -240,7 +238,7 @@ def _kind(mapping) -> type:
     return getattr(pm, base) if base else kind
 
 
-def _expert_parameters(hf_model) -> tuple[str, ...] | None:
+def expert_parameters_of(hf_model) -> tuple[str, ...] | None:
     """The parameter names of transformers' fused experts module, in registration order."""
     for name, module in hf_model.named_modules():
         if name.endswith(".experts"):
@@ -248,38 +246,6 @@ def _expert_parameters(hf_model) -> tuple[str, ...] | None:
             if direct:
                 return direct
     return None
-
-
-def generate(model_type: str) -> str:
-    """The table file's source for ``model_type``, from Megatron-Bridge's bridge of it."""
-    from transformers import AutoModelForCausalLM
-
-    from bridge_ext_testing.build import build_megatron_model
-    from bridge_ext_testing.distributed import megatron_parallel
-    from bridge_ext_testing.tiny_generated import tiny_config, tiny_generated
-
-    from contextlib import nullcontext
-
-    from megatron.core import parallel_state
-
-    entry = bridge_for(model_type)
-    parallel = nullcontext() if parallel_state.model_parallel_is_initialized() else megatron_parallel()
-    with tempfile.TemporaryDirectory() as scratch, parallel:
-        try:
-            hf_dir = tiny_generated(Path(scratch) / "hf", model_type)
-            built = build_megatron_model(hf_dir, load_weights=False)
-        except Exception as error:  # the model's own code failing: reported, never a table
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise TableError(f"cannot build a tiny {model_type} model on the CPU to resolve the table "
-                             f"({type(error).__name__}: {first}); add or fix its entry in "
-                             "bridge_ext_testing.tiny_generated.TINY") from error
-        mappings = built.bridge._model_bridge.mapping_registry().mappings
-        import torch
-
-        with torch.device("meta"):
-            hf_model = AutoModelForCausalLM.from_config(tiny_config(model_type))
-        translation = translate(mappings, _Resolver(built.chunks[0]), _expert_parameters(hf_model))
-    return render(model_type, entry, translation)
 
 
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation) -> str:
@@ -326,14 +292,3 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
         lines.append("    }),")
     lines += [")", ""]
     return "\n".join(lines)
-
-
-def write(model_type: str, out: Path | None = None) -> Path:
-    """Generate ``model_type``'s table into ``out`` (default ``bridge_ext/tables/generated/<type>.py``)."""
-    import bridge_ext.tables
-
-    target = out or Path(bridge_ext.tables.__file__).parent / "generated" / f"{model_type}.py"
-    source = generate(model_type)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(source)
-    return target

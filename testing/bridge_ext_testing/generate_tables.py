@@ -1,0 +1,54 @@
+"""``bridge-ext tables generate``: a table resolved on a tiny Megatron model built on the CPU.
+
+The generator's rules come from the library (:mod:`bridge_ext.table_generate`); what the bridge
+leaves to run time is read off a tiny model of the architecture, which only this test-support
+package can build (its tiny configs: :mod:`bridge_ext_testing.tiny_generated`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+from bridge_ext.errors import TableError
+from bridge_ext.table_generate import Resolver, bridge_for, expert_parameters_of, render, translate
+
+
+def generate(model_type: str) -> str:
+    """The table file's source for ``model_type``, from Megatron-Bridge's bridge of it."""
+    import torch
+    from megatron.core import parallel_state
+    from transformers import AutoModelForCausalLM
+
+    from bridge_ext_testing.build import build_megatron_model
+    from bridge_ext_testing.distributed import megatron_parallel
+    from bridge_ext_testing.tiny_generated import tiny_config, tiny_generated
+
+    entry = bridge_for(model_type)
+    parallel = nullcontext() if parallel_state.model_parallel_is_initialized() else megatron_parallel()
+    with tempfile.TemporaryDirectory() as scratch, parallel:
+        try:
+            hf_dir = tiny_generated(Path(scratch) / "hf", model_type)
+            built = build_megatron_model(hf_dir, load_weights=False)
+        except Exception as error:  # the model's own code failing: reported, never a table
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise TableError(f"cannot build a tiny {model_type} model on the CPU to resolve the table "
+                             f"({type(error).__name__}: {first}); add or fix its entry in "
+                             "bridge_ext_testing.tiny_generated.TINY") from error
+        mappings = built.bridge._model_bridge.mapping_registry().mappings
+        with torch.device("meta"):
+            hf_model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+        translation = translate(mappings, Resolver(built.chunks[0]), expert_parameters_of(hf_model))
+    return render(model_type, entry, translation)
+
+
+def write(model_type: str, out: Path | None = None) -> Path:
+    """Generate ``model_type``'s table into ``out`` (default ``bridge_ext/tables/generated/<type>.py``)."""
+    import bridge_ext.tables
+
+    target = out or Path(bridge_ext.tables.__file__).parent / "generated" / f"{model_type}.py"
+    source = generate(model_type)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(source)
+    return target
