@@ -32,6 +32,13 @@ from model_mappings.config_fields import standard
 
 DESCRIPTION = "DeepSeek-V4: MLA with compressed sparse attention, hash + top-k MoE, hyper-connections, MTP"
 CORE = "self_attention.core_attention."
+# transformers 5.23 save-time name -> published name (first match wins)
+PUBLISHED_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^model\.embed_tokens\.weight$", "embed.weight"),
+    (r"^model\.hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
+    (r"^model\.layers\.(\d+)\.attn\.norm\.weight$", r"layers.\1.attn.kv_norm.weight"),
+    (r"^model\.", ""),
+)
 # the published per-expert names (w1 = gate, w3 = up, w2 = down), the only layout all readers take
 EXPERTS = ExpertFamily("experts", ("w1", "w3", "w2"))
 MTP_EXPERTS = ExpertFamily("mtp_experts", ("w1", "w3", "w2"), extra=True)
@@ -140,6 +147,10 @@ CONFIG_FIELDS = (
         "layer_types": "per-layer compression, not a sliding-window pattern: csa_compress_ratios (not compared)",
         "partial_rotary_factor": "Megatron-Bridge sets rotary_percent = 1.0 and the rope width as qk_pos_emb_head_dim",
         "head_dim": "Megatron-Bridge sets v_head_dim from it; kv_channels is not read",
+        **dict.fromkeys(("rope_parameters.rope_type", "rope_parameters.factor", "original_max_position_embeddings",
+                         "beta_fast", "beta_slow"),
+                        "DeepSeek-V4 nests its RoPE settings per branch (rope_parameters.main / .compress: YaRN "
+                        "on the compressed layers only); the standard reader sees no top-level type"),
     }),
     *(ConfigField(family, hf, megatron) for family, hf, megatron in (
         ("DeepSeek-V4 attention", "q_lora_rank", "q_lora_rank"),
@@ -170,6 +181,7 @@ def build(config) -> MappingTable:
         vllm_expert_adapter_layouts={"DeepseekV4ForCausalLM": "per_expert"},
         vllm_expert_layouts={"DeepseekV4ForCausalLM": "per_expert"},
         config_fields=CONFIG_FIELDS,
+        published_renames=PUBLISHED_RENAMES,
     )
 
 

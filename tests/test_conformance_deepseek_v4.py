@@ -23,9 +23,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bridge_ext.cpu.tiny_deepseek_v4 import published_name, tiny_deepseek_v4
+from bridge_ext.cpu.tiny_deepseek_v4 import tiny_deepseek_v4
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import Mode, TaskConverter, plan_tasks
+from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.reverse import hf_to_megatron
 from model_mappings import table_for
 
@@ -63,12 +64,14 @@ def test_published_names_are_what_transformers_loads(hf, tmp_path):
     assert not info["mismatched_keys"]
     assert all(name.startswith("mtp.") for name in info["unexpected_keys"])
     model.save_pretrained(str(tmp_path))
-    resaved = {published_name(n): t for n, t in load_file(str(tmp_path / "model.safetensors")).items()}
+    resaved = {hf.table.published_name(n): t for n, t in load_file(str(tmp_path / "model.safetensors")).items()}
     base = {n: t for n, t in hf.tensors.items() if not n.startswith("mtp.")}
     assert sorted(resaved) == sorted(base)
     assert [n for n in base if not torch.equal(resaved[n], base[n])] == []
     # the published names are not transformers' save-time ones (documented in the table)
     assert "model.hc_head.hc_fn" in load_file(str(tmp_path / "model.safetensors"))
+    # and they are the key set the exports are checked against, MTP apart
+    assert sorted(hf_checkpoint_keys(hf.config)) == sorted(base)
 
 
 def test_every_tensor_has_one_rule_and_megatron_bridge_maps_it_there(hf):

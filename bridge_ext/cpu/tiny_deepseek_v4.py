@@ -3,39 +3,25 @@
 Cut down from DeepSeek-V4-Flash's config.json with every structural feature kept: 4 layers
 (sliding, compressed sparse with its indexer, heavily compressed, compressed sparse), hash
 routing on the first layer then top-k with the correction bias, 4 experts top-2 and 1 shared,
-hyper-connections (``hc_mult`` 2), the grouped output projection (2 groups), sinks, 1 MTP layer.
+hyper-connections (``hc_mult`` 2), the grouped output projection (2 groups), sinks, YaRN on the
+compressed layers, 1 MTP layer.
 
 transformers' ``save_pretrained`` writes its renames reverted key by key, which leaves a mixture
-(see model_mappings/deepseek_v4.py); :data:`SAVED_TO_PUBLISHED` turns that into the published
+(see model_mappings/deepseek_v4.py); the table's ``PUBLISHED_RENAMES`` turn that into the published
 names, and the proof loads the folder back with ``from_pretrained`` and compares every tensor
 with the model it came from, so these fix-ups are checked, not trusted.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 from bridge_ext.cpu.tiny_gpt_families import HIDDEN, INIT_STD, NORM_NOISE, ROUTER_STD, VOCAB
 
-# transformers 5.23 save-time name -> published name (first match wins)
-SAVED_TO_PUBLISHED: tuple[tuple[str, str], ...] = (
-    (r"^model\.embed_tokens\.weight$", "embed.weight"),
-    (r"^model\.hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
-    (r"^model\.layers\.(\d+)\.attn\.norm\.weight$", r"layers.\1.attn.kv_norm.weight"),
-    (r"^model\.", ""),
-)
 LAYER_TYPES = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                "compressed_sparse_attention"]
-
-
-def published_name(saved: str) -> str:
-    for pattern, replacement in SAVED_TO_PUBLISHED:
-        if re.search(pattern, saved):
-            return re.sub(pattern, replacement, saved)
-    return saved
 
 
 def tiny_config():
@@ -49,6 +35,9 @@ def tiny_config():
         mlp_layer_types=["hash_moe", "moe", "moe", "moe"], hc_mult=2, sliding_window=8, o_groups=2,
         o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=4, num_nextn_predict_layers=1,
         partial_rotary_factor=0.25, max_position_embeddings=256, tie_word_embeddings=False,
+        # YaRN on the compressed layers as published (factor 16 over 65536 there)
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                         "beta_fast": 32.0, "beta_slow": 1.0},
         initializer_range=INIT_STD,
     )
 
@@ -100,12 +89,15 @@ def tiny_deepseek_v4(directory: str | Path, *, seed: int = 0) -> Path:
     from safetensors.torch import load_file, save_file
     from transformers import DeepseekV4ForCausalLM
 
+    from model_mappings import table_for
+
     torch.manual_seed(seed)
     model = DeepseekV4ForCausalLM(tiny_config()).float().eval()
     _perturb(model, torch.Generator().manual_seed(seed))
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
+    published_name = table_for(model.config).published_name
     published = {published_name(name): tensor for name, tensor in load_file(str(out / "model.safetensors")).items()}
     published.update(_mtp(published, torch.Generator().manual_seed(seed + 1000)))
     save_file(published, str(out / "model.safetensors"), metadata={"format": "pt"})
