@@ -4,7 +4,9 @@ Cut down from DeepSeek-V4-Flash's config.json with every structural feature kept
 (sliding, compressed sparse with its indexer, heavily compressed, compressed sparse), hash
 routing on the first layer then top-k with the correction bias, 4 experts top-2 and 1 shared,
 hyper-connections (``hc_mult`` 2), the grouped output projection (2 groups), sinks, YaRN on the
-compressed layers, 1 MTP layer.
+compressed layers, 1 MTP layer. The head widths and compression rates are the published ones (attention 512 with a
+rope part of 64, indexer 128; 4 and 128): vLLM 0.34's compressor builds no other (``Unsupported
+head_dim for fused quant+cache``, ``assert compress_ratio in [4, 128]``).
 
 transformers' ``save_pretrained`` writes its renames reverted key by key, which leaves a mixture
 (see model_mappings/deepseek_v4.py); the table's ``PUBLISHED_RENAMES`` turn that into the published
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bridge_ext.cpu.tiny_gpt_families import HIDDEN, INIT_STD, NORM_NOISE, ROUTER_STD, VOCAB
+from bridge_ext.cpu.tiny_models import update_saved_config
 
 LAYER_TYPES = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                "compressed_sparse_attention"]
@@ -29,12 +32,12 @@ def tiny_config():
 
     return DeepseekV4Config(
         vocab_size=VOCAB, hidden_size=HIDDEN, moe_intermediate_size=32, num_hidden_layers=len(LAYER_TYPES),
-        num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=24, num_experts_per_tok=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=512, q_lora_rank=24, num_experts_per_tok=2,
         n_routed_experts=4, n_shared_experts=1, layer_types=list(LAYER_TYPES),
-        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
         mlp_layer_types=["hash_moe", "moe", "moe", "moe"], hc_mult=2, sliding_window=8, o_groups=2,
-        o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=4, num_nextn_predict_layers=1,
-        partial_rotary_factor=0.25, max_position_embeddings=256, tie_word_embeddings=False,
+        o_lora_rank=16, index_n_heads=2, index_head_dim=128, index_topk=4, num_nextn_predict_layers=1,
+        partial_rotary_factor=0.125, max_position_embeddings=256, tie_word_embeddings=False,
         # YaRN on the compressed layers as published (factor 16 over 65536 there)
         rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                          "beta_fast": 32.0, "beta_slow": 1.0},
@@ -85,7 +88,8 @@ def _mtp(published: dict[str, torch.Tensor], generator: torch.Generator) -> dict
 
 
 def tiny_deepseek_v4(directory: str | Path, *, seed: int = 0) -> Path:
-    """The folder: transformers' config.json, model.safetensors in the published names, MTP included."""
+    """The folder: transformers' config.json (plus ``topk_method`` as published), model.safetensors
+    in the published names, MTP included."""
     from safetensors.torch import load_file, save_file
     from transformers import DeepseekV4ForCausalLM
 
@@ -101,4 +105,6 @@ def tiny_deepseek_v4(directory: str | Path, *, seed: int = 0) -> Path:
     published = {published_name(name): tensor for name, tensor in load_file(str(out / "model.safetensors")).items()}
     published.update(_mtp(published, torch.Generator().manual_seed(seed + 1000)))
     save_file(published, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # as published; vLLM 0.34 builds the router's correction bias only for it
+    update_saved_config(out, {"topk_method": "noaux_tc"})
     return out
