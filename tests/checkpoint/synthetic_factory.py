@@ -109,20 +109,23 @@ def _sharded(name: str, tensor: torch.Tensor, num_layers: int | None, num_expert
                                            prepend_axis_num=len(offsets))
 
 
-def run_config(provider, root: Path) -> dict:
+def run_config(provider, root: Path, lora=None) -> dict:
     from megatron.training.config.container import ConfigContainerBase
 
+    convert = ConfigContainerBase._convert_value_to_dict
     return {
-        "model": ConfigContainerBase._convert_value_to_dict(provider),
-        "peft": None,
+        "model": convert(provider),
+        "peft": convert(lora) if lora is not None else None,
         "checkpoint": {"_target_": "megatron.bridge.training.config.CheckpointConfig", "ckpt_format": "torch_dist",
                        "save": str(root), "load": None, "pretrained_checkpoint": None, "save_optim": False,
                        "save_rng": False},
     }
 
 
-def write_checkpoint(tensors: dict[str, torch.Tensor], provider, root: Path, *, num_experts: int) -> Path:
+def write_checkpoint(tensors: dict[str, torch.Tensor], provider, root: Path, *, num_experts: int,
+                     lora=None) -> Path:
     """``tensors`` (whole Megatron tensors by name) saved under ``root``; returns the iteration folder.
+    ``lora``: Megatron-Bridge's LoRA transform, run_config.yaml's ``peft`` section.
 
     Call inside :func:`bridge_ext.cpu.distributed.megatron_parallel` (one process).
     """
@@ -140,21 +143,17 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], provider, root: Path, *, 
     with cpu_stand_ins():
         dist_checkpointing.save(state, str(folder), content_metadata=dict(SHARDED_SD_METADATA))
     with safe_yaml_representers():
-        (folder / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config(provider, root), default_flow_style=False))
+        (folder / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config(provider, root, lora), default_flow_style=False))
     (root / TRACKER_FILE).write_text(str(ITERATION))
     return folder
 
 
-def synthetic_checkpoint(hf_dir: Path, root: Path, *, mtp_layers: int | None = None, seed: int = 0) -> Path:
-    """The whole pipeline for the folder ``hf_dir``: provider, names, tensors, files; returns ``root``.
-
-    ``mtp_layers`` overrides the provider's ``mtp_num_layers`` (GLM-5's provider builds none; a run
-    that trains MTP sets it).
-    """
+def megatron_tensors(hf_dir: Path, mtp_layers: int | None = None, seed: int = 0):
+    """Megatron-Bridge's provider for ``hf_dir`` (``mtp_layers`` overriding its ``mtp_num_layers``:
+    GLM-5's builds none, a run that trains MTP sets it) and the Megatron tensors of the folder."""
     from megatron.bridge import AutoBridge
     from safetensors.torch import load_file
 
-    from bridge_ext.cpu.distributed import megatron_parallel
     from bridge_ext.dims import ModelDims
     from bridge_ext.reverse import hf_to_megatron
     from model_mappings import table_for
@@ -167,13 +166,52 @@ def synthetic_checkpoint(hf_dir: Path, root: Path, *, mtp_layers: int | None = N
     table = table_for(config)
     variants = frozenset(family.variant("per_expert") for family in table.expert_families)
     hf = load_file(str(hf_dir / "model.safetensors"))
-    registry = bridge._model_bridge.mapping_registry()
-    names = megatron_names(registry, table, sorted(hf), variants)
+    names = megatron_names(bridge._model_bridge.mapping_registry(), table, sorted(hf), variants)
     tensors = hf_to_megatron(hf, names, table, ModelDims.from_hf_config(config), variants)
     generator = torch.Generator().manual_seed(seed)
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         rows = padded_vocab(tensors[name].shape[0], provider) - tensors[name].shape[0]
         tensors[name] = torch.cat([tensors[name], torch.randn(rows, tensors[name].shape[1], generator=generator)])
+    return provider, config, tensors
+
+
+def synthetic_checkpoint(hf_dir: Path, root: Path, *, mtp_layers: int | None = None, seed: int = 0) -> Path:
+    """The base checkpoint of the folder ``hf_dir`` under ``root``; returns ``root``."""
+    from bridge_ext.cpu.distributed import megatron_parallel
+
+    provider, config, tensors = megatron_tensors(hf_dir, mtp_layers, seed)
     with megatron_parallel(tensor_parallel=1):
         write_checkpoint(tensors, provider, Path(root), num_experts=config.n_routed_experts)
+    return Path(root)
+
+
+LORA_TARGETS = ("linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj",
+                "linear_fc1", "linear_fc2")
+
+
+def adapter_checkpoint(hf_dir: Path, root: Path, *, rank: int = 4, alpha: int = 8, mtp_layers: int | None = None,
+                       seed: int = 1) -> Path:
+    """An adapter-only checkpoint as Megatron-Bridge saves PEFT runs (only ``*.adapter.*`` keys, the
+    ``peft`` section of Megatron-Bridge's own ``LoRA``): random ``linear_in`` ``[r, in]`` and
+    ``linear_out`` ``[out, r]`` on every decoder linear that :data:`LORA_TARGETS` names (MLA's
+    projections, dense, shared and routed experts' ``linear_fc1`` / ``linear_fc2``; routed experts
+    sequential, one adapter each); MTP layers left without adapters."""
+    from megatron.bridge.peft.lora import LoRA
+
+    from bridge_ext.cpu.distributed import megatron_parallel
+
+    provider, config, tensors = megatron_tensors(hf_dir, mtp_layers)
+    generator = torch.Generator().manual_seed(seed)
+    adapters = {}
+    for name, tensor in tensors.items():
+        grouped = re.match(r"^(.+\.mlp\.experts)\.(linear_fc\d)\.weight(\d+)$", name)
+        module = f"{grouped[1]}.local_experts.{grouped[3]}.{grouped[2]}" if grouped else name.removesuffix(".weight")
+        if not name.startswith("decoder.") or module.rsplit(".", 1)[-1] not in LORA_TARGETS:
+            continue
+        out_features, in_features = tensor.shape
+        adapters[f"{module}.adapter.linear_in.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
+        adapters[f"{module}.adapter.linear_out.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+    lora = LoRA(target_modules=list(LORA_TARGETS), dim=rank, alpha=alpha)
+    with megatron_parallel(tensor_parallel=1):
+        write_checkpoint(adapters, provider, Path(root), num_experts=config.n_routed_experts, lora=lora)
     return Path(root)

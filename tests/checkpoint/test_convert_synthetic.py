@@ -75,3 +75,26 @@ def test_convert_is_bit_exact_with_the_source_files_and_gives_their_logits(saved
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
     logits = [AutoModelForCausalLM.from_pretrained(str(folder)).eval()(ids).logits for folder in (hf_dir, result.model_dir)]
     assert torch.equal(*logits), model_type
+
+
+def test_glm5_adapter_only_checkpoint_loads_strictly_in_peft_and_matches_the_merged_folder(tmp_path):
+    """Megatron-Bridge's LoRA on MLA's four projections, ``linear_proj``, the dense, shared and
+    routed experts' ``linear_fc1`` / ``linear_fc2`` (adapter-only, as Megatron-Bridge saves PEFT
+    runs): the adapter folder loads in PEFT with no missing and no unexpected key (``verify``),
+    and PEFT's logits on the base equal the merged folder's (``convert --merge`` of the same checkpoint)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = tiny_glm_moe_dsa(tmp_path / "hf")
+    root = synthetic_factory.adapter_checkpoint(hf_dir, tmp_path / "ckpt", mtp_layers=1)
+    adapters = convert_checkpoint(root, adapter_dir=tmp_path / "adapter", hf_base=hf_dir, verify=True)
+    assert any("no missing, no unexpected key" in line for line in adapters.report.lines)
+    merged = convert_checkpoint(root, model_dir=tmp_path / "merged", hf_base=hf_dir, merge=True)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    base = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    with torch.no_grad():
+        before = base(ids).logits
+        peft_logits = PeftModel.from_pretrained(base, str(adapters.adapter_dir)).eval()(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(str(merged.model_dir)).eval()(ids).logits
+    assert not torch.allclose(peft_logits, before, atol=1e-3)  # the adapters change the model
+    torch.testing.assert_close(merged_logits, peft_logits, rtol=1e-4, atol=1e-5)
