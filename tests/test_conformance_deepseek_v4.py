@@ -3,9 +3,10 @@
 megatron-core 0.19.2 has none of this family's modules (Megatron-Bridge 0.6.2's provider asks
 for ``experimental_attention_variant = "dsv4_hybrid"`` and hyper-connections, which its
 ``get_transformer_block_with_experimental_attention_variant_spec`` does not know): no Megatron
-model can be built, on CPU or GPU, so the export, PEFT, merged, Megatron-Bridge export, TP2 /
-EP2 and ``convert`` checks of the conformance contract cannot run with the installed stack.
-What runs here:
+model can be built, on CPU or GPU, so the live export, PEFT, merged, Megatron-Bridge export and
+TP2 / EP2 checks of the conformance contract cannot run with the installed stack; ``convert``
+runs on a synthetic checkpoint (tests/checkpoint/test_convert_synthetic.py) and vLLM judges its
+output (tests/consumers/test_vllm_converted.py). What runs here:
 
 1. the tiny folder in the published names is what transformers 5.23 loads: ``from_pretrained``
    misses no weight, and re-saving it gives the same tensors under transformers' save-time names;
