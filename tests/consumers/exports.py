@@ -107,6 +107,21 @@ def _qwen3_next(d: Path) -> Path:
     return tiny_qwen3_next(d, mtp_layers=1)
 
 
+def _generated(model_type: str) -> Callable[[Path], Path]:
+    def make(d: Path) -> Path:
+        from bridge_ext.cpu.tiny_generated import tiny_generated
+
+        return tiny_generated(d, model_type)
+
+    return make
+
+
+#: linears that normalise their own output (Gemma 2 / 3, EXAONE 4) take LoRA only on these
+POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
+#: the tables generated from Megatron-Bridge (model_mappings/generated), with their targets
+GENERATED = {"mistral": GQA_TARGETS, "gemma": GQA_TARGETS, "gemma2": POST_NORM_TARGETS,
+             "gemma3_text": POST_NORM_TARGETS, "nemotron": GQA_TARGETS, "exaone4": POST_NORM_TARGETS}
+
 CASES: dict[str, Case] = {
     "qwen3": Case(_qwen3, GQA_TARGETS),
     "qwen3_moe": Case(_qwen3_moe, GQA_TARGETS),
@@ -118,10 +133,14 @@ CASES: dict[str, Case] = {
     "gpt_oss": Case(_gpt_oss, GQA_TARGETS),
     "qwen2_moe": Case(_qwen2_moe, GQA_TARGETS),
     "qwen3_next": Case(_qwen3_next, QWEN35_TARGETS, drafter="Qwen3NextMTP"),
+    **{model_type: Case(_generated(model_type), targets) for model_type, targets in GENERATED.items()},
 }
 # Not judged: qwen3_vl_moe (vLLM 0.34 cannot load the tiny model's own transformers-saved folder:
 # a size mismatch in its expert loader) and mimo (a remote-code model type vLLM's transformers
 # does not know without trust_remote_code). docs/consumers.md.
+# Not judged yet: the generated MoE tables (olmoe, deepseek_v2, exaone_moe) name no per-class
+# vllm_expert_adapter_layouts, so their live adapters default to fused, which vLLM refuses for
+# these per-expert classes ("contains fused 3D MoE weights ... 2D MoE LoRA wrapper").
 
 
 def _save(pairs, path: Path) -> list[str]:
