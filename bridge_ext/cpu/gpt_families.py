@@ -25,7 +25,7 @@ import torch
 
 from model_mappings import register_transformers_configs
 
-MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss", "mimo")
+MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss", "mimo", "minimax_m2")
 
 
 def hf_model_type(hf_dir: str | Path) -> str | None:
@@ -108,6 +108,9 @@ def configure_provider(provider, hf_dir: str | Path) -> None:
     provider.apply_rope_fusion = False
     provider.cross_entropy_loss_fusion = False  # the fused loss (MTP heads in eval) is TE's
     provider.transformer_layer_spec = local_block_spec
+    from bridge_ext.cpu import frontier
+
+    frontier.configure_provider(provider, hf_model_type(hf_dir))
 
 
 @contextmanager

@@ -1,0 +1,49 @@
+"""Tiny Hugging Face MiniMax-M2 models (fp32), cut down from the published config.json, for CPU tests.
+
+Supports the CPU tests; the exporter does not use it.
+
+``tiny_minimax_m2``: ``MiniMaxM2ForCausalLM`` (``model_type: minimax_m2``) as MiniMaxAI/MiniMax-M2's
+config.json describes it, with the widths cut down and every structural feature kept: GQA with
+full-width q/k RMSNorms (``qk_norm_type: per_layer``, weights ``[heads * head_dim]``), partial
+rotary through the legacy ``rotary_dim`` (half the head dim), every layer MoE with a sigmoid
+router and its correction bias (``use_routing_bias``, ``scoring_func: sigmoid``), no shared
+expert, untied output layer, and the published MTP keys (``use_mtp``, ``num_mtp_modules: 3``,
+``mtp_transformer_layers: 1``) but no MTP tensors: the published safetensors hold none that is
+trained (MiniMax-AI/MiniMax-M2 issue 47, MiniMax-M2.7 issue 16), Megatron-Bridge 0.6.2 maps none
+and vLLM 0.34's ``MiniMaxM2Model`` drops ``model.layers.{num_hidden_layers + i}`` on load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bridge_ext.cpu.tiny_gpt_families import INIT_STD, _perturb, _save
+
+VOCAB = 128
+HIDDEN = 64
+
+# MiniMaxAI/MiniMax-M2 config.json keys that transformers' MiniMaxM2Config does not declare,
+# kept as published: vLLM reads scoring_func / use_routing_bias / num_mtp_modules.
+MINIMAX_M2_PUBLISHED = {
+    "scoring_func": "sigmoid", "use_routing_bias": True, "use_qk_norm": True, "qk_norm_type": "per_layer",
+    "use_mtp": True, "num_mtp_modules": 3, "mtp_transformer_layers": 1, "shared_intermediate_size": 0,
+}
+
+
+def tiny_minimax_m2(directory: str | Path, *, seed: int = 0) -> Path:
+    """A ``MiniMaxM2ForCausalLM``: 2 MoE layers (4 experts, top 2), 4 query / 2 KV heads of 16,
+    rotary on 8 of 16 dims, full-width q/k norms."""
+    from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = MiniMaxM2Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2,
+        max_position_embeddings=256, tie_word_embeddings=False, initializer_range=INIT_STD,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.5},
+    )
+    model = MiniMaxM2ForCausalLM(config).float().eval()
+    _perturb(model, torch.Generator().manual_seed(seed))
+    return _save(model, Path(directory), {**MINIMAX_M2_PUBLISHED, "rotary_dim": 8})

@@ -1,0 +1,97 @@
+"""MiniMax-M2 end to end on a real Megatron-Core model (CPU), cut down from the published config.json.
+
+Each tiny Hugging Face model (:mod:`bridge_ext.cpu.tiny_frontier`) is built once per module through
+Megatron-Bridge's provider with megatron-core's local spec, with LoRA (random non-zero A and B) on
+every target Megatron-Bridge offers for it. The Hugging Face forward (transformers + PEFT) judges
+the exported folders; Megatron-Bridge's own export is compared tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bridge_ext import export_hf_weights, save_hf_pretrained
+from bridge_ext.cpu import tiny_frontier as tiny
+from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext.cpu.forward import megatron_logits
+from bridge_ext.hf_keys import hf_checkpoint_keys
+from bridge_ext.peft_keys import PEFT_PREFIX
+from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict
+from test_conformance_deepseek_family import hf_base_model, input_ids, source_tensors
+
+GQA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+MODELS = {
+    "minimax_m2": (tiny.tiny_minimax_m2, GQA_TARGETS),
+}
+LORA = dict(dim=4, alpha=8)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def built(request, megatron_cpu, tmp_path_factory):
+    make, targets = MODELS[request.param]
+    hf_dir = make(tmp_path_factory.mktemp(request.param))
+    model = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=targets, **LORA))
+    randomize_lora(model.chunks, seed=3, std=0.1)
+    model.family = request.param
+    return model
+
+
+def reference_logits(built) -> torch.Tensor:
+    return megatron_logits(built.chunks, input_ids())
+
+
+def test_base_is_bit_exact_and_names_are_transformers_keys(built):
+    from transformers import AutoConfig
+
+    original = source_tensors(built.hf_dir)
+    base = {n: t for n, t in export_hf_weights(built.chunks) if not n.startswith(PEFT_PREFIX)}
+    assert sorted(base) == sorted(original)
+    assert [n for n in original if not torch.equal(base[n], original[n])] == []
+    assert sorted(base) == sorted(hf_checkpoint_keys(AutoConfig.from_pretrained(str(built.hf_dir))))
+
+
+def test_minimax_m2_declares_mtp_but_neither_side_builds_it(built):
+    """The published config declares 3 MTP modules; no MTP tensor is built, loaded or written."""
+    if built.family != "minimax_m2":
+        pytest.skip("MiniMax-M2 only")
+    config = json.loads((built.hf_dir / "config.json").read_text())
+    assert (config["use_mtp"], config["num_mtp_modules"]) == (True, 3)
+    assert not any(".mtp" in n or n.startswith("mtp") for chunk in built.chunks for n, _ in chunk.named_parameters())
+    assert not any(n.startswith(f"model.layers.{config['num_hidden_layers']}.")
+                   for n, _ in export_hf_weights(built.chunks))
+
+
+def test_adapter_loads_strictly_in_peft_and_logits_equal_megatron(built, tmp_path):
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")
+    report = Report()
+    check_model_folder(tmp_path / "model", report)
+    peft_model = load_adapter_strict(hf_base_model(tmp_path / "model"), tmp_path / "adapter", report)
+    reference = reference_logits(built)
+    relative = compare_logits(hf_logits(peft_model, input_ids()), reference, report, what=built.family,
+                              relative_tolerance=1e-4)
+    without = hf_logits(hf_base_model(tmp_path / "model"), input_ids())
+    assert (without - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+
+
+@pytest.mark.parametrize("expert_layout", ["per_expert", "fused"])
+def test_merged_export_gives_megatron_logits_in_both_expert_layouts(built, expert_layout, tmp_path):
+    save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True, expert_layout=expert_layout)
+    compare_logits(hf_logits(hf_base_model(tmp_path / "merged"), input_ids()), reference_logits(built), Report(),
+                   what=f"merged export, {expert_layout} experts", relative_tolerance=1e-4)
+
+
+def test_comparison_with_megatron_bridge(built):
+    """Megatron-Bridge 0.6.2's merged export and adapters equal ours (per-expert layout) name for
+    name and tensor for tensor."""
+    ours_merged = dict(export_hf_weights(built.chunks, peft=False, expert_layout="per_expert"))
+    theirs_merged = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours_merged) == sorted(theirs_merged)
+    assert [n for n in ours_merged if not torch.allclose(ours_merged[n], theirs_merged[n], rtol=0, atol=1e-6)] == []
+    ours = {n.removeprefix(PEFT_PREFIX): t for n, t in
+            export_hf_weights(built.chunks, adapters_only=True, expert_adapter_layout="per_expert")}
+    theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours) == sorted(theirs)
+    assert [n for n in ours if not torch.equal(ours[n], theirs[n])] == []
