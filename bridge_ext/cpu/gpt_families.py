@@ -118,8 +118,11 @@ def cpu_build_context(provider=None) -> Iterator[None]:
     """Scope for ``provide*``: local MTP blocks, ``torch.cuda.current_device`` on CPU."""
     from bridge_ext.cpu.qwen35 import _replaced, cpu_current_device
 
+    from bridge_ext.cpu.frontier import cpu_mappings
+
     with ExitStack() as stack:
         stack.enter_context(cpu_current_device())
+        stack.enter_context(cpu_mappings())
         stack.enter_context(_replaced("megatron.bridge.models.gpt_provider", mtp_block_spec=local_mtp_block_spec))
         yield
 

@@ -22,10 +22,17 @@ from safetensors.torch import load_file
 
 import qwen35_factory
 from bridge_ext.convert import convert_checkpoint
-from bridge_ext.cpu import tiny_gpt_families
+from bridge_ext.cpu import tiny_frontier, tiny_gpt_families
 
 HERE = Path(__file__).parent
-MODELS = {"glm4_moe": tiny_gpt_families.tiny_glm4_moe}
+MODELS = {"glm4_moe": tiny_gpt_families.tiny_glm4_moe, "minimax_m2": tiny_frontier.tiny_minimax_m2}
+# Names each converted model must hold besides matching the source: GLM-4.5's MTP layer and router
+# bias buffer; MiniMax-M2's router bias buffer and full-width q/k norms (split over TP ranks).
+EXPECTED = {
+    "glm4_moe": {"model.layers.3.eh_proj.weight", "model.layers.3.shared_head.head.weight",
+                 "model.layers.3.mlp.gate.e_score_correction_bias"},
+    "minimax_m2": {"model.layers.1.block_sparse_moe.e_score_correction_bias", "model.layers.1.self_attn.q_norm.weight"},
+}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -47,7 +54,6 @@ def test_converted_tp2_checkpoint_is_bit_exact_and_gives_the_saving_models_logit
     original = load_file(str(saved / "hf" / "model.safetensors"))
     written = {k: v for f in sorted(result.model_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     assert sorted(written) == sorted(original)
-    assert {"model.layers.3.eh_proj.weight", "model.layers.3.shared_head.head.weight",
-            "model.layers.3.mlp.gate.e_score_correction_bias"} <= set(written)
+    assert EXPECTED[saved.name.rsplit("_tp2", 1)[0]] <= set(written)
     assert [name for name in original if not torch.equal(written[name], original[name])] == []
     qwen35_factory.assert_converted_logits(result, torch.load(saved / "logits.pt"), f"{saved.name} {variant}")

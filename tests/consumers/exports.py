@@ -101,6 +101,12 @@ def _qwen3_next(d: Path) -> Path:
     return tiny_qwen3_next(d, mtp_layers=1)
 
 
+def _minimax_m2(d: Path) -> Path:
+    from bridge_ext.cpu.tiny_frontier import tiny_minimax_m2
+
+    return tiny_minimax_m2(d)
+
+
 CASES: dict[str, Case] = {
     "qwen3": Case(_qwen3, GQA_TARGETS),
     "qwen3_moe": Case(_qwen3_moe, GQA_TARGETS),
@@ -111,6 +117,8 @@ CASES: dict[str, Case] = {
     "gpt_oss": Case(_gpt_oss, GQA_TARGETS),
     "qwen2_moe": Case(_qwen2_moe, GQA_TARGETS),
     "qwen3_next": Case(_qwen3_next, QWEN35_TARGETS, drafter="Qwen3NextMTP"),
+    # no MTP drafter in vLLM 0.34 for MiniMax-M2 (nor trained MTP weights published)
+    "minimax_m2": Case(_minimax_m2, GQA_TARGETS, fused_base=True),
 }
 # Not judged: qwen3_vl_moe (vLLM 0.34 cannot load the tiny model's own transformers-saved folder:
 # a size mismatch in its expert loader) and mimo (a remote-code model type vLLM's transformers
