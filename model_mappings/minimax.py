@@ -11,7 +11,8 @@ Names: transformers 5.23 renames ``block_sparse_moe`` to ``mlp`` on load and bac
 checkpoint (published and ``save_pretrained``) names ``model.layers.{i}.block_sparse_moe.gate``,
 ``.e_score_correction_bias`` and per-expert ``experts.{e}.w1`` (gate) / ``w3`` (up) / ``w2``
 (down); vLLM 0.34's ``MiniMaxM2ForCausalLM`` loads those names and its expert LoRA takes them
-too (``experts.{e}.w1.lora_A.weight``: no ``is_3d_moe_weight``). The fused layout is
+too (``experts.{e}.w1.lora_A.weight``: no ``is_3d_moe_weight``); it silently ignores fused expert
+weights and PEFT's fused adapter keys (left unloaded, measured in tests/consumers). The fused layout is
 ``block_sparse_moe.experts.gate_up_proj`` / ``down_proj`` on disk (transformers' loader accepts
 it); PEFT sees the model in memory (``mlp.experts``), so the fused adapter keys and targets carry
 ``mlp.`` (``in_memory_prefixes``, per layer, for the fused names only).
@@ -87,8 +88,10 @@ def build(config) -> MappingTable:
         description=DESCRIPTION,
         model_classes={"minimax_m2": MODEL_CLASS},
         expert_families=(EXPERTS,),
-        # vLLM 0.34: MiniMaxM2ForCausalLM has no is_3d_moe_weight (experts.{e}.w1 LoRA)
+        # vLLM 0.34: MiniMaxM2ForCausalLM has no is_3d_moe_weight (experts.{e}.w1 LoRA), and its
+        # loader silently ignores fused expert weights (tests/consumers)
         vllm_expert_adapter_layouts={MODEL_CLASS: "per_expert"},
+        vllm_expert_layouts={MODEL_CLASS: "per_expert"},
         in_memory_prefixes=_in_memory(config),
         fp8=_fp8(),
         config_fields=CONFIG_FIELDS,
