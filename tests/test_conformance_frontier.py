@@ -53,10 +53,9 @@ def test_base_is_bit_exact_and_names_are_transformers_keys(built):
     assert sorted(base) == sorted(hf_checkpoint_keys(AutoConfig.from_pretrained(str(built.hf_dir))))
 
 
+@pytest.mark.parametrize("built", ["minimax_m2"], indirect=True)
 def test_minimax_m2_declares_mtp_but_neither_side_builds_it(built):
     """The published config declares 3 MTP modules; no MTP tensor is built, loaded or written."""
-    if built.family != "minimax_m2":
-        pytest.skip("MiniMax-M2 only")
     config = json.loads((built.hf_dir / "config.json").read_text())
     assert (config["use_mtp"], config["num_mtp_modules"]) == (True, 3)
     assert not any(".mtp" in n or n.startswith("mtp") for chunk in built.chunks for n, _ in chunk.named_parameters())
@@ -95,3 +94,22 @@ def test_comparison_with_megatron_bridge(built):
     theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
     assert sorted(ours) == sorted(theirs)
     assert [n for n in ours if not torch.equal(ours[n], theirs[n])] == []
+
+
+def test_config_fields_are_compared_and_a_changed_one_is_named(built):
+    """Every field that changes the arithmetic agrees with the built model; one changed is named
+    (MiniMax-M2: the routing bias, the rotary fraction read from ``rotary_dim``)."""
+    from transformers import AutoConfig
+
+    from bridge_ext.config_compare import Attributes, compare
+    from model_mappings import config_fields_for, table_for
+
+    config = AutoConfig.from_pretrained(str(built.hf_dir))
+    fields = config_fields_for(table_for(config))
+    settings = Attributes(built.chunks[0].config)
+    same = compare(config, settings, fields)
+    assert same.differences == []
+    changed = {"minimax_m2": ("use_routing_bias", False, "moe_router_enable_expert_bias")}[built.family]
+    assert changed[2] in same.compared and "rotary_percent" in same.compared
+    setattr(config, changed[0], changed[1])
+    assert [line for line in compare(config, settings, fields).differences if changed[2] in line] != []
