@@ -1,7 +1,17 @@
-"""Local (non-Transformer-Engine) specs for MiniMax-M2 on CPU, through Megatron-Bridge.
+"""MiniMax-M2 and Kimi-K2.5 built on CPU through Megatron-Bridge (local, non-Transformer-Engine specs).
 
 Supports the CPU tests; the exporter does not use it.
 
+Kimi-K2.5: Megatron-Bridge 0.6.2's ``KimiK25VLModel`` builds its vision tower and projector
+from the checkpoint's own remote code (``modeling_kimi_k25.MoonViT3dPretrainedModel``,
+``trust_remote_code``), which a tiny model made with transformers does not carry.
+:func:`kimi_k25_build_context` puts :class:`KimiK25TextStandIn` in its place: the same
+``language_model`` (Megatron-Bridge's provider builds it), and the vision tower and projector as
+parameters under the checkpoint's own names (what the remote modules hold: Megatron-Bridge
+maps ``vision_tower.**`` to ``vision_tower.**``), loaded by Megatron-Bridge's loader. Its forward
+is the language model's (text only): the vision tower's forward is not run.
+
+MiniMax-M2:
 Megatron-Bridge 0.6.2's ``minimax_m2_layer_spec`` starts from the Transformer Engine MoE spec and
 puts its full-width ``FullDimQNorm`` / ``FullDimKNorm`` (plain torch modules) in the q/k norm
 slots. :func:`minimax_m2_block_spec` does the same on megatron-core's local block spec. At TP > 1
@@ -19,7 +29,8 @@ import torch
 
 BRIDGE_MODULE = "megatron.bridge.models.minimax_m2.minimax_m2_bridge"
 
-MODEL_TYPES = ("minimax_m2",)
+MODEL_TYPES = ("minimax_m2", "kimi_k25")
+KIMI_MODEL_MODULE = "megatron.bridge.models.kimi_vl.modeling_kimi_k25_vl"
 
 
 def minimax_m2_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
@@ -65,4 +76,57 @@ def cpu_mappings() -> Iterator[None]:
             return hf_weights[shard * size:(shard + 1) * size].clone()
 
     with _replaced(BRIDGE_MODULE, _FullDimQKNormMapping=CpuFullDimQKNormMapping):
+        yield
+
+
+def _parameter_tree(shapes: dict[str, tuple[int, ...]]) -> torch.nn.Module:
+    """Modules holding an empty parameter at each dotted name of ``shapes``."""
+    root = torch.nn.Module()
+    for name, shape in shapes.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(torch.zeros(shape)))
+    return root
+
+
+def _checkpoint_shapes(hf_dir: str, prefix: str) -> dict[str, tuple[int, ...]]:
+    from bridge_ext.hf_files import list_safetensors
+
+    return {name[len(prefix):]: stored.shape for name, stored in list_safetensors(hf_dir).items()
+            if name.startswith(prefix)}
+
+
+class KimiK25TextStandIn(torch.nn.Module):
+    """``KimiK25VLModel`` without remote code: its language model, and its vision tower and
+    projector as parameters under the checkpoint's names."""
+
+    def __init__(self, config, pre_process=True, post_process=True, vp_stage=None) -> None:
+        super().__init__()
+        self.config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        if pre_process:
+            self.vision_tower = _parameter_tree(_checkpoint_shapes(config.hf_model_path, "vision_tower."))
+            self.mm_projector = _parameter_tree(_checkpoint_shapes(config.hf_model_path, "mm_projector."))
+        self.language_model = config.provide_language_model(pre_process=pre_process, post_process=post_process,
+                                                            vp_stage=vp_stage)
+        self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
+        self.shared_embedding_or_output_weight = self.language_model.shared_embedding_or_output_weight
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, **kwargs):
+        return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                   **kwargs)
+
+
+@contextmanager
+def kimi_k25_build_context() -> Iterator[None]:
+    from bridge_ext.cpu.qwen35 import _replaced
+
+    with _replaced(KIMI_MODEL_MODULE, KimiK25VLModel=KimiK25TextStandIn):
         yield

@@ -47,3 +47,36 @@ def tiny_minimax_m2(directory: str | Path, *, seed: int = 0) -> Path:
     model = MiniMaxM2ForCausalLM(config).float().eval()
     _perturb(model, torch.Generator().manual_seed(seed))
     return _save(model, Path(directory), {**MINIMAX_M2_PUBLISHED, "rotary_dim": 8})
+
+
+def tiny_kimi_k25(directory: str | Path, *, seed: int = 0) -> Path:
+    """A ``KimiK25ForConditionalGeneration`` (transformers' ``Kimi_K25ForConditionalGeneration``):
+    the tiny DeepSeek-V3 text model of :func:`bridge_ext.cpu.tiny_gpt_families.tiny_deepseek_v3`
+    (MLA, 1 dense + 2 MoE layers, a shared expert, no MTP as published) and a one-block vision
+    tower of width 32, saved in the published naming (``saved_name_fixes`` of
+    :mod:`model_mappings.kimi_k25` applied to what transformers writes)."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+
+    from bridge_ext.cpu.tiny_gpt_families import _deepseek_kwargs
+    from bridge_ext.cpu.tiny_models import update_saved_config
+    from model_mappings.kimi_k25 import MODEL_CLASS, SAVED_NAME_FIXES
+
+    torch.manual_seed(seed)
+    text = {**_deepseek_kwargs(24), "num_nextn_predict_layers": 0, "model_type": "deepseek_v3"}
+    vision = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=48,
+                  pos_emb_height=4, pos_emb_width=4, pos_emb_time=2)
+    config = Kimi_K25Config(text_config=text, vision_config=vision, projection_hidden_size=32,
+                            tie_word_embeddings=False, image_token_id=120, video_token_id=121,
+                            vision_start_token_id=122, vision_end_token_id=123)
+    model = Kimi_K25ForConditionalGeneration(config).float().eval()
+    _perturb(model, torch.Generator().manual_seed(seed))
+    out = _save(model, Path(directory), {"architectures": [MODEL_CLASS]})
+    saved = load_file(str(out / "model.safetensors"))
+    for pattern, replacement in SAVED_NAME_FIXES:
+        saved = {re.sub(pattern, replacement, name): tensor for name, tensor in saved.items()}
+    save_file(saved, str(out / "model.safetensors"), metadata={"format": "pt"})
+    update_saved_config(out, {"model_type": "kimi_k2"}, nested=True)  # as published; transformers reads it as V3
+    return out
