@@ -5,7 +5,7 @@ Supports the CPU tests; the exporter does not use it.
 Kimi-K2.5: Megatron-Bridge 0.6.2's ``KimiK25VLModel`` builds its vision tower and projector
 from the checkpoint's own remote code (``modeling_kimi_k25.MoonViT3dPretrainedModel``,
 ``trust_remote_code``), which a tiny model made with transformers does not carry.
-:func:`kimi_k25_build_context` puts :class:`KimiK25TextStandIn` in its place: the same
+:func:`kimi_k25_build_context` puts a stand-in (``KimiK25TextStandIn``) in its place: the same
 ``language_model`` (Megatron-Bridge's provider builds it), and the vision tower and projector as
 parameters under the checkpoint's own names (what the remote modules hold: Megatron-Bridge
 maps ``vision_tower.**`` to ``vision_tower.**``), loaded by Megatron-Bridge's loader. Its forward
@@ -100,33 +100,42 @@ def _checkpoint_shapes(hf_dir: str, prefix: str) -> dict[str, tuple[int, ...]]:
             if name.startswith(prefix)}
 
 
-class KimiK25TextStandIn(torch.nn.Module):
-    """``KimiK25VLModel`` without remote code: its language model, and its vision tower and
-    projector as parameters under the checkpoint's names."""
+def _stand_in_class():
+    from megatron.core.transformer.module import MegatronModule
 
-    def __init__(self, config, pre_process=True, post_process=True, vp_stage=None) -> None:
-        super().__init__()
-        self.config = config
-        self.pre_process, self.post_process = pre_process, post_process
-        if pre_process:
-            self.vision_tower = _parameter_tree(_checkpoint_shapes(config.hf_model_path, "vision_tower."))
-            self.mm_projector = _parameter_tree(_checkpoint_shapes(config.hf_model_path, "mm_projector."))
-        self.language_model = config.provide_language_model(pre_process=pre_process, post_process=post_process,
-                                                            vp_stage=vp_stage)
-        self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
-        self.shared_embedding_or_output_weight = self.language_model.shared_embedding_or_output_weight
+    class KimiK25TextStandIn(MegatronModule):
+        """``KimiK25VLModel`` without remote code: its language model, and its vision tower and
+        projector as parameters under the checkpoint's names (checkpointed as the real model's
+        Hugging Face modules are: replicated)."""
 
-    def set_input_tensor(self, input_tensor) -> None:
-        self.language_model.set_input_tensor(input_tensor)
+        def __init__(self, config, pre_process=True, post_process=True, vp_stage=None) -> None:
+            super().__init__(config=config)
+            _build_stand_in(self, config, pre_process, post_process, vp_stage)
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, **kwargs):
-        return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                   **kwargs)
+        def set_input_tensor(self, input_tensor) -> None:
+            self.language_model.set_input_tensor(input_tensor)
+
+        def forward(self, input_ids, position_ids=None, attention_mask=None, **kwargs):
+            return self.language_model(input_ids=input_ids, position_ids=position_ids,
+                                       attention_mask=attention_mask, **kwargs)
+
+    return KimiK25TextStandIn
+
+
+def _build_stand_in(self, config, pre_process, post_process, vp_stage) -> None:
+    self.pre_process, self.post_process = pre_process, post_process
+    if pre_process:
+        self.vision_tower = _parameter_tree(_checkpoint_shapes(config.hf_model_path, "vision_tower."))
+        self.mm_projector = _parameter_tree(_checkpoint_shapes(config.hf_model_path, "mm_projector."))
+    self.language_model = config.provide_language_model(pre_process=pre_process, post_process=post_process,
+                                                        vp_stage=vp_stage)
+    self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
+    self.shared_embedding_or_output_weight = self.language_model.shared_embedding_or_output_weight
 
 
 @contextmanager
 def kimi_k25_build_context() -> Iterator[None]:
     from bridge_ext.cpu.qwen35 import _replaced
 
-    with _replaced(KIMI_MODEL_MODULE, KimiK25VLModel=KimiK25TextStandIn):
+    with _replaced(KIMI_MODEL_MODULE, KimiK25VLModel=_stand_in_class()):
         yield

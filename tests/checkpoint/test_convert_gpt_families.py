@@ -25,13 +25,16 @@ from bridge_ext.convert import convert_checkpoint
 from bridge_ext.cpu import tiny_frontier, tiny_gpt_families
 
 HERE = Path(__file__).parent
-MODELS = {"glm4_moe": tiny_gpt_families.tiny_glm4_moe, "minimax_m2": tiny_frontier.tiny_minimax_m2}
+MODELS = {"glm4_moe": tiny_gpt_families.tiny_glm4_moe, "minimax_m2": tiny_frontier.tiny_minimax_m2,
+          "kimi_k25": tiny_frontier.tiny_kimi_k25}
 # Names each converted model must hold besides matching the source: GLM-4.5's MTP layer and router
 # bias buffer; MiniMax-M2's router bias buffer and full-width q/k norms (split over TP ranks).
 EXPECTED = {
     "glm4_moe": {"model.layers.3.eh_proj.weight", "model.layers.3.shared_head.head.weight",
                  "model.layers.3.mlp.gate.e_score_correction_bias"},
     "minimax_m2": {"model.layers.1.block_sparse_moe.e_score_correction_bias", "model.layers.1.self_attn.q_norm.weight"},
+    "kimi_k25": {"language_model.model.layers.2.mlp.gate.e_score_correction_bias", "mm_projector.proj.2.weight",
+                 "vision_tower.encoder.blocks.0.wqkv.weight"},
 }
 
 
