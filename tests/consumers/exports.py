@@ -107,6 +107,12 @@ def _minimax_m2(d: Path) -> Path:
     return tiny_minimax_m2(d)
 
 
+def _kimi_k25(d: Path) -> Path:
+    from bridge_ext.cpu.tiny_frontier import tiny_kimi_k25
+
+    return tiny_kimi_k25(d)
+
+
 CASES: dict[str, Case] = {
     "qwen3": Case(_qwen3, GQA_TARGETS),
     "qwen3_moe": Case(_qwen3_moe, GQA_TARGETS),
@@ -119,6 +125,7 @@ CASES: dict[str, Case] = {
     "qwen3_next": Case(_qwen3_next, QWEN35_TARGETS, drafter="Qwen3NextMTP"),
     # no MTP drafter in vLLM 0.34 for MiniMax-M2 (nor trained MTP weights published)
     "minimax_m2": Case(_minimax_m2, GQA_TARGETS, fused_base=True),
+    "kimi_k25": Case(_kimi_k25, MLA_TARGETS, fused_base=True),
 }
 # Not judged: qwen3_vl_moe (vLLM 0.34 cannot load the tiny model's own transformers-saved folder:
 # a size mismatch in its expert loader) and mimo (a remote-code model type vLLM's transformers
