@@ -1,4 +1,4 @@
-"""MiniMax-M2 and Kimi-K2.5 end to end on real Megatron-Core models (CPU), cut down from the published configs.
+"""MiniMax-M2, Kimi-K2.5 and Nemotron-H on real Megatron-Core models (CPU), cut down from the published configs.
 
 Each tiny Hugging Face model (:mod:`bridge_ext.cpu.tiny_frontier`) is built once per module through
 Megatron-Bridge's provider with megatron-core's local spec, with LoRA (random non-zero A and B) on
@@ -6,6 +6,8 @@ every target Megatron-Bridge offers for it. The Hugging Face forward (transforme
 the exported folders; Megatron-Bridge's own export is compared tensor by tensor. Kimi-K2.5's
 vision tower is Megatron-Bridge's remote-code module: here its parameters stand in under their
 checkpoint names (:mod:`bridge_ext.cpu.frontier`), exported bit for bit; only text runs forward.
+Nemotron-H builds and loads in Megatron on CPU, but its Mamba mixers cannot run forward there
+(``NO_MEGATRON_FORWARD``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ MLA_TARGETS = ("linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", 
 MODELS = {
     "minimax_m2": (tiny.tiny_minimax_m2, GQA_TARGETS),
     "kimi_k25": (tiny.tiny_kimi_k25, MLA_TARGETS),
+    # Mamba's out_proj: PEFT refuses LoRA there (test_peft_refuses_mamba_out_proj_adapters)
+    "nemotron_h": (tiny.tiny_nemotron_h, GQA_TARGETS + ("in_proj",)),
 }
+# Megatron cannot run these forward on CPU: the reference is transformers' forward of the merged
+# export instead (whose every tensor test_comparison_with_megatron_bridge checks against
+# Megatron-Bridge's own merge). tests/gpu/test_nemotron_h_forward.py runs Megatron's forward.
+NO_MEGATRON_FORWARD = {"nemotron_h": "megatron-core's Mamba mixer runs only with mamba_ssm's CUDA kernels"}
 LORA = dict(dim=4, alpha=8)
 
 
@@ -45,6 +53,15 @@ def built(request, megatron_cpu, tmp_path_factory):
 
 
 def reference_logits(built) -> torch.Tensor:
+    if built.family in NO_MEGATRON_FORWARD:
+        if not hasattr(built, "merged_logits"):
+            import tempfile
+            from pathlib import Path
+
+            with tempfile.TemporaryDirectory() as folder:
+                save_hf_pretrained(built.chunks, Path(folder) / "merged", merge=True)
+                built.merged_logits = hf_logits(hf_base_model(Path(folder) / "merged"), input_ids())
+        return built.merged_logits
     return megatron_logits(built.chunks, input_ids())
 
 
@@ -90,6 +107,10 @@ def test_merged_export_gives_megatron_logits_in_both_expert_layouts(built, exper
 def test_comparison_with_megatron_bridge(built):
     """Megatron-Bridge 0.6.2's merged export and adapters equal ours (per-expert layout) name for
     name and tensor for tensor."""
+    from transformers import AutoConfig
+
+    from model_mappings import table_for
+
     if built.family == "kimi_k25":
         compare_kimi_k25_with_megatron_bridge(built)
         return
@@ -99,7 +120,10 @@ def test_comparison_with_megatron_bridge(built):
     assert [n for n in ours_merged if not torch.allclose(ours_merged[n], theirs_merged[n], rtol=0, atol=1e-6)] == []
     ours = {n.removeprefix(PEFT_PREFIX): t for n, t in
             export_hf_weights(built.chunks, adapters_only=True, expert_adapter_layout="per_expert")}
-    theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    # Megatron-Bridge keys adapters by checkpoint names, PEFT (and ours) by the in-memory ones
+    table = table_for(AutoConfig.from_pretrained(str(built.hf_dir)))
+    theirs = {table.in_memory_name(n): t for n, t in
+              built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False)}
     assert sorted(ours) == sorted(theirs)
     assert [n for n in ours if not torch.equal(ours[n], theirs[n])] == []
 
@@ -121,6 +145,8 @@ def test_config_fields_are_compared_and_a_changed_one_is_named(built):
         "minimax_m2": ("", "use_routing_bias", False, "moe_router_enable_expert_bias", ["rotary_percent"]),
         "kimi_k25": ("text_config", "routed_scaling_factor", 1.0, "moe_router_topk_scaling_factor",
                      ["kv_lora_rank", "qk_pos_emb_head_dim"]),
+        "nemotron_h": ("", "n_groups", 4, "mamba_num_groups",
+                       ["mamba_num_heads", "mamba_state_dim", "hybrid_layer_pattern", "activation_func"]),
     }[built.family]
     assert {megatron, *also} <= set(same.compared)
     setattr(getattr(config, holder) if holder else config, name, value)
@@ -189,3 +215,16 @@ def test_kimi_k25_saved_name_fixes_are_what_transformers_save_gets_wrong(tmp_pat
     assert sorted(fixed) == expected
     assert {"language_model.model.layers.0.self_attn.q_a_proj.weight", "vision_tower.patch_embed.proj.weight",
             "mm_projector.pre_norm.weight", "vision_tower.encoder.blocks.0.wqkv.weight"} <= set(expected)
+
+
+def test_peft_refuses_mamba_out_proj_adapters(megatron_cpu, tmp_path):
+    """Megatron-Bridge's LoRA offers Mamba's ``out_proj``; PEFT 0.21.2 refuses LoRA on it for
+    Mamba models (at load, naming it): exported all the same (live streams, vLLM folders), the
+    PEFT folder of such a run does not load."""
+    model = build_megatron_model(tiny.tiny_nemotron_h(tmp_path / "hf"), lora=LoraSettings(target_modules=("out_proj",)))
+    randomize_lora(model.chunks, seed=3, std=0.1)
+    adapters = [n for n, _ in export_hf_weights(model.chunks, adapters_only=True)]
+    assert adapters and all(".mixer.out_proj.lora_" in n for n in adapters)
+    save_hf_pretrained(model.chunks, tmp_path / "model", tmp_path / "adapter")
+    with pytest.raises(ValueError, match="'out_proj' is incompatible with Mamba-based models"):
+        load_adapter_strict(hf_base_model(tmp_path / "model"), tmp_path / "adapter", Report())

@@ -11,6 +11,12 @@ parameters under the checkpoint's own names (what the remote modules hold: Megat
 maps ``vision_tower.**`` to ``vision_tower.**``), loaded by Megatron-Bridge's loader. Its forward
 is the language model's (text only): the vision tower's forward is not run.
 
+Nemotron-H: megatron-core's Mamba mixer refuses to build without ``mamba_ssm`` (its scan and
+gated-norm kernels, CUDA only) and the hybrid stack's local spec uses Transformer Engine norms.
+:func:`nemotron_h_stack_spec` swaps those norms for torch ones and
+:func:`nemotron_h_build_context` lets the mixer build with a torch gated norm holding the same
+weight: the model builds and loads on CPU, but its Mamba layers cannot run forward.
+
 MiniMax-M2:
 Megatron-Bridge 0.6.2's ``minimax_m2_layer_spec`` starts from the Transformer Engine MoE spec and
 puts its full-width ``FullDimQNorm`` / ``FullDimKNorm`` (plain torch modules) in the q/k norm
@@ -29,7 +35,7 @@ import torch
 
 BRIDGE_MODULE = "megatron.bridge.models.minimax_m2.minimax_m2_bridge"
 
-MODEL_TYPES = ("minimax_m2", "kimi_k25")
+MODEL_TYPES = ("minimax_m2", "kimi_k25", "nemotron_h")
 KIMI_MODEL_MODULE = "megatron.bridge.models.kimi_vl.modeling_kimi_k25_vl"
 
 
@@ -48,6 +54,14 @@ def minimax_m2_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optio
 
 def configure_provider(provider, model_type: str) -> None:
     """After :func:`bridge_ext.cpu.gpt_families.configure_provider`: the architecture's own spec."""
+    if model_type == "nemotron_h":
+        provider.hybrid_stack_spec = nemotron_h_stack_spec()
+        provider.first_last_layers_bf16 = False
+        # its provider asks for flash attention, whose Transformer Engine switches contradict the
+        # ones an earlier model of the process set; the spec's core attention is local anyway
+        from megatron.core.transformer.enums import AttnBackend
+
+        provider.attention_backend = AttnBackend.auto
     if model_type == "minimax_m2":
         from megatron.core import parallel_state
 
@@ -138,4 +152,63 @@ def kimi_k25_build_context() -> Iterator[None]:
     from bridge_ext.cpu.qwen35 import _replaced
 
     with _replaced(KIMI_MODEL_MODULE, KimiK25VLModel=_stand_in_class()):
+        yield
+
+
+def nemotron_h_stack_spec():
+    """megatron-core's local hybrid stack spec (the ModelOpt one, with Transformer Engine checkpoint
+    names for the fused norms) with torch norms in place of its Transformer Engine ``Norm``."""
+    import dataclasses
+
+    from megatron.core.post_training.modelopt.hybrid.model_specs import get_hybrid_stack_modelopt_spec
+    from megatron.core.post_training.modelopt.layers import Norm
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    def swap(node, seen: set[int]) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, ModuleSpec):
+            swap(node.submodules, seen)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for each in dataclasses.fields(node):
+                value = getattr(node, each.name)
+                if value is Norm:
+                    setattr(node, each.name, WrappedTorchNorm)
+                else:
+                    swap(value, seen)
+
+    spec = get_hybrid_stack_modelopt_spec(local_core_attention=True, remap_te_layernorm=True)
+    swap(spec, set())
+    return spec
+
+
+class GatedRMSNormWeight(torch.nn.Module):
+    """Stands in for ``mamba_ssm``'s gated RMSNorm at build time: the same ``weight`` (one per
+    inner channel, split over tensor-parallel ranks with the heads). No forward."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size=None, norm_before_gate=False,
+                 device=None, dtype=None, **unused) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError("the Mamba mixer's gated norm needs mamba_ssm (CUDA); not available on CPU")
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0},
+                                                   sharded_offsets)
+
+
+@contextmanager
+def nemotron_h_build_context() -> Iterator[None]:
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from bridge_ext.cpu.qwen35 import _replaced
+
+    with (_replaced("megatron.core.ssm.mamba_mixer", HAVE_MAMBA_SSM=True, ExtendedRMSNorm=GatedRMSNormWeight),
+          _replaced("megatron.core.models.hybrid.hybrid_block", TENorm=WrappedTorchNorm)):
         yield

@@ -25,7 +25,7 @@ import torch
 
 from model_mappings import register_transformers_configs
 
-MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss", "mimo", "minimax_m2", "kimi_k25")
+MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss", "mimo", "minimax_m2", "kimi_k25", "nemotron_h")
 
 
 def hf_model_type(hf_dir: str | Path) -> str | None:
@@ -118,12 +118,13 @@ def cpu_build_context(provider=None) -> Iterator[None]:
     """Scope for ``provide*``: local MTP blocks, ``torch.cuda.current_device`` on CPU."""
     from bridge_ext.cpu.qwen35 import _replaced, cpu_current_device
 
-    from bridge_ext.cpu.frontier import cpu_mappings, kimi_k25_build_context
+    from bridge_ext.cpu.frontier import cpu_mappings, kimi_k25_build_context, nemotron_h_build_context
 
     with ExitStack() as stack:
         stack.enter_context(cpu_current_device())
         stack.enter_context(cpu_mappings())
         stack.enter_context(kimi_k25_build_context())
+        stack.enter_context(nemotron_h_build_context())
         stack.enter_context(_replaced("megatron.bridge.models.gpt_provider", mtp_block_spec=local_mtp_block_spec))
         yield
 

@@ -80,3 +80,30 @@ def tiny_kimi_k25(directory: str | Path, *, seed: int = 0) -> Path:
     save_file(saved, str(out / "model.safetensors"), metadata={"format": "pt"})
     update_saved_config(out, {"model_type": "kimi_k2"}, nested=True)  # as published; transformers reads it as V3
     return out
+
+
+def tiny_nemotron_h(directory: str | Path, *, seed: int = 0) -> Path:
+    """A ``NemotronHForCausalLM`` with every layer kind once (``hybrid_override_pattern`` ``ME*-``:
+    Mamba-2, MoE with a shared expert, attention, squared-ReLU MLP), as Nemotron-H / Nemotron-3
+    configs lay them out; 8 Mamba heads of 8 in 2 groups of state 16 (so ``in_proj`` parts differ:
+    z, x 64 rows, B, C 32, dt 8), 4 query / 2 KV heads of 16, 4 experts top 2. The published
+    ``chunk_size`` (128) is kept: Megatron-Bridge copies the spec for any other."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(seed)
+    config = NemotronHConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, hybrid_override_pattern="ME*-", num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=96, mamba_num_heads=8, mamba_head_dim=8, n_groups=2,
+        ssm_state_size=16, conv_kernel=4, expand=1, chunk_size=128, n_routed_experts=4, n_shared_experts=1,
+        moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, num_experts_per_tok=2,
+        num_nextn_predict_layers=0, tie_word_embeddings=False, max_position_embeddings=256,
+        initializer_range=INIT_STD, use_mamba_kernels=False,
+    )
+    model = NemotronHForCausalLM(config).float().eval()
+    generator = torch.Generator().manual_seed(seed)
+    _perturb(model, generator)
+    with torch.no_grad():  # Mamba's per-head parameters off their initial values too
+        for name, param in model.named_parameters():
+            if name.endswith(("A_log", ".D", "dt_bias")):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    return _save(model, Path(directory), {})
