@@ -205,10 +205,17 @@ class GatedRMSNormWeight(torch.nn.Module):
 
 @contextmanager
 def nemotron_h_build_context() -> Iterator[None]:
+    """Without ``mamba_ssm``: the mixer builds with :class:`GatedRMSNormWeight` (no forward);
+    with it (a GPU machine) only the final norm is swapped."""
+    from megatron.core.ssm import mamba_mixer
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     from bridge_ext.cpu.qwen35 import _replaced
 
+    if mamba_mixer.HAVE_MAMBA_SSM:
+        with _replaced("megatron.core.models.hybrid.hybrid_block", TENorm=WrappedTorchNorm):
+            yield
+        return
     with (_replaced("megatron.core.ssm.mamba_mixer", HAVE_MAMBA_SSM=True, ExtendedRMSNorm=GatedRMSNormWeight),
           _replaced("megatron.core.models.hybrid.hybrid_block", TENorm=WrappedTorchNorm)):
         yield

@@ -78,7 +78,9 @@ def tiny_kimi_k25(directory: str | Path, *, seed: int = 0) -> Path:
     for pattern, replacement in SAVED_NAME_FIXES:
         saved = {re.sub(pattern, replacement, name): tensor for name, tensor in saved.items()}
     save_file(saved, str(out / "model.safetensors"), metadata={"format": "pt"})
-    update_saved_config(out, {"model_type": "kimi_k2"}, nested=True)  # as published; transformers reads it as V3
+    # as published: transformers reads kimi_k2 as DeepSeek-V3; vLLM builds the router's
+    # e_score_correction_bias only with noaux_tc
+    update_saved_config(out, {"model_type": "kimi_k2", "topk_method": "noaux_tc"}, nested=True)
     return out
 
 
