@@ -26,7 +26,7 @@ from bridge_ext.cpu import tiny_frontier, tiny_gpt_families
 
 HERE = Path(__file__).parent
 MODELS = {"glm4_moe": tiny_gpt_families.tiny_glm4_moe, "minimax_m2": tiny_frontier.tiny_minimax_m2,
-          "kimi_k25": tiny_frontier.tiny_kimi_k25}
+          "kimi_k25": tiny_frontier.tiny_kimi_k25, "nemotron_h": tiny_frontier.tiny_nemotron_h}
 # Names each converted model must hold besides matching the source: GLM-4.5's MTP layer and router
 # bias buffer; MiniMax-M2's router bias buffer and full-width q/k norms (split over TP ranks).
 EXPECTED = {
@@ -35,6 +35,9 @@ EXPECTED = {
     "minimax_m2": {"model.layers.1.block_sparse_moe.e_score_correction_bias", "model.layers.1.self_attn.q_norm.weight"},
     "kimi_k25": {"language_model.model.layers.2.mlp.gate.e_score_correction_bias", "mm_projector.proj.2.weight",
                  "vision_tower.encoder.blocks.0.wqkv.weight"},
+    # Mamba's in_proj / conv1d: regrouped from per-rank [z; x; B; C; dt] / [x; B; C]
+    "nemotron_h": {"backbone.layers.0.mixer.in_proj.weight", "backbone.layers.0.mixer.conv1d.weight",
+                   "backbone.layers.0.mixer.norm.weight"},
 }
 
 
