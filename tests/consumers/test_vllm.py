@@ -26,6 +26,9 @@ PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "glm4_moe"
 # unapplied: vLLM has no module under the in-memory name (MiniMax-M2: mlp.experts, vLLM's
 # block_sparse_moe.experts); the weights so left zero, by name
 ZEROED_ON_2D = {"minimax_m2": ".block_sparse_moe.experts."}
+# classes vLLM 0.34 builds without LoRA support (no SupportsLoRA): the engine refuses enable_lora,
+# so only the base and merged streams can reach them (the judge never gets to the saved folders)
+NO_LORA = {"kimi_k25": "LoRA is not supported for KimiK25ForConditionalGeneration"}
 # adapters vLLM leaves unapplied with its default engine options, by design: vision-tower ones
 # need enable_tower_connector_lora (docs/consumers.md)
 DROPPED = {"qwen3_5_moe_vl": "visual."}
@@ -39,7 +42,8 @@ def expected(case: str, kind: str) -> str | None:
     return None
 
 
-PAIRS = [(case, kind) for case in CASES for kind in KINDS if not kind.startswith("mtp") or CASES[case].drafter]
+PAIRS = [(case, kind) for case in CASES for kind in KINDS
+         if (not kind.startswith("mtp") or CASES[case].drafter) and not (case in NO_LORA and kind.startswith("saved"))]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +97,9 @@ def test_the_judge_sees_a_missing_tensor_and_a_wrong_adapter(verdicts):
 def test_vllm_loads_the_export(verdicts, case, kind):
     verdict = verdicts[case][kind]
     refusal = expected(case, kind)
-    if kind == "saved_peft" and case in ZEROED_ON_2D:
+    if kind == "live" and case in NO_LORA:
+        assert not verdict["ok"] and NO_LORA[case] in verdict.get("trace", ""), verdict
+    elif kind == "saved_peft" and case in ZEROED_ON_2D:
         zero = verdict.get("zero", [])
         assert not verdict["ok"] and zero and all(ZEROED_ON_2D[case] in name for name in zero), verdict
         assert not verdict.get("wrong"), verdict
@@ -115,6 +121,8 @@ FUSED_BASE = {
     # Glm4MoeForCausalLM loads them; its MTP drafter, fed the same stream, does not
     "glm4_moe": {"base_fused": None,
                  "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
+    # KimiK25ForConditionalGeneration loads DeepSeek-V3's text model: as DeepseekV3ForCausalLM
+    "kimi_k25": {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'"},
     # MiniMaxM2ForCausalLM ignores them without an error: its experts are left unloaded
     "minimax_m2": {"base_fused": IGNORED},
 }
