@@ -25,7 +25,8 @@ import torch
 
 from model_mappings import register_transformers_configs
 
-MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss", "mimo", "minimax_m2", "kimi_k25", "nemotron_h")
+MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "gpt_oss", "mimo", "minimax_m2", "kimi_k25",
+               "nemotron_h")
 
 
 def hf_model_type(hf_dir: str | Path) -> str | None:

@@ -1,7 +1,8 @@
-"""``convert_checkpoint`` on a TP=2 megatron-core checkpoint of a tiny GLM-4.5 MoE model with one
-MTP layer (``model.layers.{N}``: GQA with biases, shared experts, the router's ``expert_bias``
-buffer, MTP copies of the embedding and output layer). (DeepSeek-V3's checkpoint differs only by
-MLA's plain column-parallel linears; its TP=2 live export is proven in tests/distributed.)
+"""``convert_checkpoint`` on TP=2 megatron-core checkpoints of a tiny GLM-4.5 MoE model and a tiny
+GLM-4.7-Flash (``glm4_moe_lite``: DeepSeek-V3's MLA in GLM's MoE) with one MTP layer each
+(``model.layers.{N}``: shared experts, the router's ``expert_bias`` buffer, MTP copies of the
+embedding and output layer; GQA with biases in the first, MLA's column-parallel linears and
+replicated latent norms in the second).
 
 Saved by a 2-process gloo torchrun of ``qwen35_factory.py`` (LoRA on every projection; routed
 experts' B kept zero at TP=2, see that file), converted full and adapter-only; judged against
@@ -25,13 +26,16 @@ from bridge_ext.convert import convert_checkpoint
 from bridge_ext.cpu import tiny_frontier, tiny_gpt_families
 
 HERE = Path(__file__).parent
-MODELS = {"glm4_moe": tiny_gpt_families.tiny_glm4_moe, "minimax_m2": tiny_frontier.tiny_minimax_m2,
+MODELS = {"glm4_moe": tiny_gpt_families.tiny_glm4_moe, "glm4_moe_lite": tiny_gpt_families.tiny_glm4_moe_lite,
+          "minimax_m2": tiny_frontier.tiny_minimax_m2,
           "kimi_k25": tiny_frontier.tiny_kimi_k25, "nemotron_h": tiny_frontier.tiny_nemotron_h}
-# Names each converted model must hold besides matching the source: GLM-4.5's MTP layer and router
-# bias buffer; MiniMax-M2's router bias buffer and full-width q/k norms (split over TP ranks).
+# Names each converted model must hold besides matching the source: GLM-4.5's and GLM-4.7-Flash's
+# MTP layer and router bias buffer; MiniMax-M2's router bias buffer and full-width q/k norms (split over TP ranks).
 EXPECTED = {
     "glm4_moe": {"model.layers.3.eh_proj.weight", "model.layers.3.shared_head.head.weight",
                  "model.layers.3.mlp.gate.e_score_correction_bias"},
+    "glm4_moe_lite": {"model.layers.3.eh_proj.weight", "model.layers.3.shared_head.head.weight",
+                      "model.layers.3.mlp.gate.e_score_correction_bias"},
     "minimax_m2": {"model.layers.1.block_sparse_moe.e_score_correction_bias", "model.layers.1.self_attn.q_norm.weight"},
     "kimi_k25": {"language_model.model.layers.2.mlp.gate.e_score_correction_bias", "mm_projector.proj.2.weight",
                  "vision_tower.encoder.blocks.0.wqkv.weight"},

@@ -83,6 +83,12 @@ def _glm4_moe(d: Path) -> Path:
     return tiny_glm4_moe(d, mtp_layers=1)
 
 
+def _glm4_moe_lite(d: Path) -> Path:
+    from bridge_ext.cpu.tiny_gpt_families import tiny_glm4_moe_lite
+
+    return tiny_glm4_moe_lite(d, mtp_layers=1)
+
+
 def _gpt_oss(d: Path) -> Path:
     from bridge_ext.cpu.tiny_gpt_families import tiny_gpt_oss
 
@@ -120,6 +126,7 @@ CASES: dict[str, Case] = {
     "qwen3_5_moe_vl": Case(_qwen3_5_moe_vl, QWEN35_TARGETS, drafter="Qwen3_5MoeMTP"),
     "deepseek_v3": Case(_deepseek_v3, MLA_TARGETS, drafter="DeepSeekMTPModel", fused_base=True),
     "glm4_moe": Case(_glm4_moe, GQA_TARGETS, drafter="Glm4MoeMTPModel", fused_base=True),
+    "glm4_moe_lite": Case(_glm4_moe_lite, MLA_TARGETS, drafter="Glm4MoeLiteMTPModel", fused_base=True),
     "gpt_oss": Case(_gpt_oss, GQA_TARGETS),
     "qwen2_moe": Case(_qwen2_moe, GQA_TARGETS),
     "qwen3_next": Case(_qwen3_next, QWEN35_TARGETS, drafter="Qwen3NextMTP"),

@@ -21,7 +21,8 @@ from exports import CASES, write_exports
 HERE = Path(__file__).parent
 # vLLM's refusal of a folder in PEFT's fused expert layout on a class it wraps per expert
 FUSED_ON_2D = "contains fused 3D MoE weights"
-PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_next"}
+PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen2_moe",
+                      "qwen3_next"}
 # per-expert classes that do not refuse PEFT's fused folder but leave its expert adapters
 # unapplied: vLLM has no module under the in-memory name (MiniMax-M2: mlp.experts, vLLM's
 # block_sparse_moe.experts); the weights so left zero, by name
@@ -121,7 +122,8 @@ FUSED_BASE = {
     # Glm4MoeForCausalLM loads them; its MTP drafter, fed the same stream, does not
     "glm4_moe": {"base_fused": None,
                  "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
-    # KimiK25ForConditionalGeneration loads DeepSeek-V3's text model: as DeepseekV3ForCausalLM
+    "glm4_moe_lite": {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'",
+                      "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
     "kimi_k25": {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'"},
     # MiniMaxM2ForCausalLM ignores them without an error: its experts are left unloaded
     "minimax_m2": {"base_fused": IGNORED},
@@ -147,7 +149,8 @@ def test_what_vllm_ignores_is_explained(verdicts):
     """The main classes skip only MTP tensors (their drafter loads them); the drafters skip
     only the main model's tensors."""
     mtp = {"qwen3_5_moe_text": ("mtp.",), "qwen3_5_moe_vl": ("mtp.",), "qwen3_next": ("mtp.",),
-           "deepseek_v3": ("model.layers.3.",), "glm4_moe": ("model.layers.3.",)}
+           "deepseek_v3": ("model.layers.3.",), "glm4_moe": ("model.layers.3.",),
+           "glm4_moe_lite": ("model.layers.3.",)}
     for case, checks in verdicts.items():
         if case not in CASES:
             continue
