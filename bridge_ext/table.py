@@ -210,6 +210,11 @@ class MappingTable:
             where transformers renames on load (Qwen2.5-VL: ``model.`` -> ``model.language_model.``,
             ``visual.`` -> ``model.visual.``): the rules name the checkpoint; adapter keys and
             PEFT's targets use the in-memory names.
+        saved_name_fixes: ``(regex, replacement)`` pairs applied in order to transformers'
+            save-time key set where its ``save_pretrained`` writes names the published
+            checkpoints do not hold (a conversion whose reverse is wrong: transformers 5.23
+            saves Kimi-K2.5's ``language_model.model.layers`` as ``...model.blocks``); the
+            fixed set is the reference every export is checked against.
         fp8: Which weights a block-FP8 export quantizes and which linears stay bf16 (None: the
             table offers no FP8 export). See :mod:`bridge_ext.fp8_rules`.
         published_renames: ``(regex, replacement)`` pairs, first match wins, from the names
@@ -227,6 +232,7 @@ class MappingTable:
     vllm_expert_adapter_layouts: Mapping[str, ExpertLayout] = field(default_factory=dict, compare=False)
     vllm_expert_layouts: Mapping[str, ExpertLayout] = field(default_factory=dict, compare=False)
     in_memory_prefixes: tuple[tuple[str, str], ...] = ()
+    saved_name_fixes: tuple[tuple[str, str], ...] = ()
     fp8: Fp8Rules | None = field(default=None, compare=False)
     published_renames: tuple[tuple[str, str], ...] = ()
     #: Registers with transformers what reading this family's config needs (e.g. a config class

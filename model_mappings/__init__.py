@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from bridge_ext.errors import ExportError, TableError
 from bridge_ext.table import MappingTable, TableBuilder
-from model_mappings import deepseek, deepseek_v4, glm, glm_dsa, gpt_oss, llama, mimo, qwen3_5, qwen3_next, qwen_moe, qwen_vl
 from model_mappings.generated import GENERATED
+from model_mappings import (deepseek, deepseek_v4, glm, glm_dsa, gpt_oss, kimi_k25, llama, mimo, minimax, nemotron_h,
+                            qwen3_5, qwen3_next, qwen_moe, qwen_vl)
 
 _BUILT_IN: tuple[MappingTable | TableBuilder, ...] = (
     llama.TABLE, qwen3_5.TEXT, qwen3_5.IMAGE_TEXT, qwen3_next.TABLE,
     qwen_moe.QWEN3_MOE, qwen_moe.QWEN2_MOE, qwen_vl.QWEN3_VL, qwen_vl.QWEN3_VL_MOE, qwen_vl.QWEN2_5_VL,
-    mimo.TABLE, deepseek.TABLE, deepseek_v4.TABLE, glm.TABLE, glm.LITE, glm_dsa.TABLE, gpt_oss.TABLE,
+    mimo.TABLE, deepseek.TABLE, deepseek_v4.TABLE, glm.TABLE, glm.LITE, glm_dsa.TABLE, gpt_oss.TABLE, minimax.TABLE,
+    kimi_k25.TABLE, nemotron_h.TABLE,
 )
 _REGISTERED: dict[str, MappingTable | TableBuilder] = {}
 

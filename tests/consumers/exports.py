@@ -122,6 +122,18 @@ POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
 GENERATED = {"mistral": GQA_TARGETS, "gemma": GQA_TARGETS, "gemma2": POST_NORM_TARGETS,
              "gemma3_text": POST_NORM_TARGETS, "nemotron": GQA_TARGETS, "exaone4": POST_NORM_TARGETS}
 
+def _minimax_m2(d: Path) -> Path:
+    from bridge_ext.cpu.tiny_frontier import tiny_minimax_m2
+
+    return tiny_minimax_m2(d)
+
+
+def _kimi_k25(d: Path) -> Path:
+    from bridge_ext.cpu.tiny_frontier import tiny_kimi_k25
+
+    return tiny_kimi_k25(d)
+
+
 CASES: dict[str, Case] = {
     "qwen3": Case(_qwen3, GQA_TARGETS),
     "qwen3_moe": Case(_qwen3_moe, GQA_TARGETS),
@@ -134,6 +146,9 @@ CASES: dict[str, Case] = {
     "qwen2_moe": Case(_qwen2_moe, GQA_TARGETS),
     "qwen3_next": Case(_qwen3_next, QWEN35_TARGETS, drafter="Qwen3NextMTP"),
     **{model_type: Case(_generated(model_type), targets) for model_type, targets in GENERATED.items()},
+    # no MTP drafter in vLLM 0.34 for MiniMax-M2 (nor trained MTP weights published)
+    "minimax_m2": Case(_minimax_m2, GQA_TARGETS, fused_base=True),
+    "kimi_k25": Case(_kimi_k25, MLA_TARGETS, fused_base=True),
 }
 # Not judged: qwen3_vl_moe (vLLM 0.34 cannot load the tiny model's own transformers-saved folder:
 # a size mismatch in its expert loader) and mimo (a remote-code model type vLLM's transformers

@@ -23,6 +23,13 @@ HERE = Path(__file__).parent
 FUSED_ON_2D = "contains fused 3D MoE weights"
 PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen2_moe",
                       "qwen3_next"}
+# per-expert classes that do not refuse PEFT's fused folder but leave its expert adapters
+# unapplied: vLLM has no module under the in-memory name (MiniMax-M2: mlp.experts, vLLM's
+# block_sparse_moe.experts); the weights so left zero, by name
+ZEROED_ON_2D = {"minimax_m2": ".block_sparse_moe.experts."}
+# classes vLLM 0.34 builds without LoRA support (no SupportsLoRA): the engine refuses enable_lora,
+# so only the base and merged streams can reach them (the judge never gets to the saved folders)
+NO_LORA = {"kimi_k25": "LoRA is not supported for KimiK25ForConditionalGeneration"}
 # adapters vLLM leaves unapplied with its default engine options, by design: vision-tower ones
 # need enable_tower_connector_lora (docs/consumers.md)
 DROPPED = {"qwen3_5_moe_vl": "visual."}
@@ -36,7 +43,8 @@ def expected(case: str, kind: str) -> str | None:
     return None
 
 
-PAIRS = [(case, kind) for case in CASES for kind in KINDS if not kind.startswith("mtp") or CASES[case].drafter]
+PAIRS = [(case, kind) for case in CASES for kind in KINDS
+         if (not kind.startswith("mtp") or CASES[case].drafter) and not (case in NO_LORA and kind.startswith("saved"))]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +98,13 @@ def test_the_judge_sees_a_missing_tensor_and_a_wrong_adapter(verdicts):
 def test_vllm_loads_the_export(verdicts, case, kind):
     verdict = verdicts[case][kind]
     refusal = expected(case, kind)
-    if refusal is None:
+    if kind == "live" and case in NO_LORA:
+        assert not verdict["ok"] and NO_LORA[case] in verdict.get("trace", ""), verdict
+    elif kind == "saved_peft" and case in ZEROED_ON_2D:
+        zero = verdict.get("zero", [])
+        assert not verdict["ok"] and zero and all(ZEROED_ON_2D[case] in name for name in zero), verdict
+        assert not verdict.get("wrong"), verdict
+    elif refusal is None:
         shown = {key: value for key, value in verdict.items() if key != "trace"}
         unexplained = [name for name in verdict.get("dropped", []) if not name.startswith(DROPPED.get(case, "\0"))]
         fine = verdict["ok"] or ("dropped" in verdict and not (verdict["wrong"] or verdict["zero"] or unexplained))
@@ -99,6 +113,7 @@ def test_vllm_loads_the_export(verdicts, case, kind):
         assert not verdict["ok"] and refusal in verdict.get("error", ""), verdict
 
 
+IGNORED = "ignored"  # vLLM skips the fused expert tensors silently and loads no expert
 # The fact behind the tables' vllm_expert_layouts (adapter_for="vllm" refuses expert_layout="fused"
 # for these classes): per stream, None where vLLM loads it fully, else the start of its error.
 FUSED_BASE = {
@@ -109,6 +124,9 @@ FUSED_BASE = {
                  "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
     "glm4_moe_lite": {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'",
                       "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
+    "kimi_k25": {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'"},
+    # MiniMaxM2ForCausalLM ignores them without an error: its experts are left unloaded
+    "minimax_m2": {"base_fused": IGNORED},
 }
 
 
@@ -119,6 +137,10 @@ def test_vllm_loads_fused_base_experts_only_where_the_table_says_so(verdicts, ca
         verdict = verdicts[case][kind]
         if error is None:
             assert verdict["ok"], f"{case} {kind}: {verdict}"
+        elif error == IGNORED:
+            ignored = verdict.get("ignored", [])
+            assert not verdict["ok"] and ignored and all(n.endswith((".gate_up_proj", ".down_proj")) for n in ignored)
+            assert verdict.get("nan") and all(".experts." in n for n in verdict["nan"]), f"{case} {kind}: {verdict}"
         else:
             assert not verdict["ok"] and verdict.get("error", "").startswith(error), f"{case} {kind}: {verdict}"
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bridge_ext.cpu.tiny_frontier import tiny_kimi_k25, tiny_minimax_m2, tiny_nemotron_h
 from bridge_ext.cpu.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe, tiny_glm4_moe_lite, tiny_gpt_oss, tiny_mimo
 from bridge_ext.cpu.tiny_models import tiny_qwen35_dense, tiny_qwen35_moe, tiny_qwen35_vl
 from bridge_ext.engine import PEFT_PREFIX
@@ -45,19 +46,27 @@ MODELS = {
     "glm": tiny_glm4_moe,
     "glm_lite": tiny_glm4_moe_lite,
     "gpt_oss": lambda directory, mtp_layers: tiny_gpt_oss(directory),  # (no MTP)
+    # (none of these three has MTP layers)
+    "minimax": lambda directory, mtp_layers: tiny_minimax_m2(directory),
+    "kimi25": lambda directory, mtp_layers: tiny_kimi_k25(directory),
+    "nemotron": lambda directory, mtp_layers: tiny_nemotron_h(directory),
 }
 # Compared with Megatron-Bridge's merged export at EP=2 (the tiny Qwen3.5-MoE holds per-expert
 # experts; with fused ones, and for gpt-oss, that export stops at EP > 1 on mismatched all_gathers).
 MB_EXPERT_PARALLEL = ("moe", "deepseek", "glm")
+# MiniMax-M2 at TP 2 is refused before the first tensor: Megatron-Bridge's full-width q/k norm
+# weights are TP shards without megatron-core's tensor_model_parallel mark (its checkpoints,
+# which store them whole, convert: tests/checkpoint/test_convert_gpt_families.py).
 # gpt-oss needs expert-TP 1 at TP 2 (megatron-core: "Bias in Moe is only supported when ETP==1").
 # name -> (processes, worker flags, models)
 LAYOUTS = {
-    "single": (1, [], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite", "gpt_oss")),
+    "single": (1, [], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite", "gpt_oss", "minimax", "kimi25",
+                       "nemotron")),
     "tp2": (2, ["--tp", "2", "--megatron-bridge", "dense", "moe", "mimo", "--forward", "moe"],
-            ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite")),
+            ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite", "kimi25", "nemotron")),
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"], ("dense", "moe", "vl_moe")),
     "ep2": (2, ["--ep", "2", "--megatron-bridge", *MB_EXPERT_PARALLEL, "--forward", *MB_EXPERT_PARALLEL],
-            ("moe", "deepseek", "glm", "glm_lite", "gpt_oss")),
+            ("moe", "deepseek", "glm", "glm_lite", "gpt_oss", "minimax", "nemotron")),
     # 16 KiB steps: the tiny model's larger tensors travel as large ones do (received whole)
     "tp2_pp2_ep2_etp1": (4, ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1", "--step-bytes", "16384"], ("moe",)),
 }
