@@ -28,6 +28,10 @@ PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
 
+#: Remote-code classes Megatron-Bridge registers without a model_type, and the model_type of
+#: their published config (the key a hand-written table serves).
+REMOTE_MODEL_TYPES = {"KimiK25ForConditionalGeneration": "kimi_k25"}
+
 #: Classes Megatron-Bridge registers that get no generated table: why.
 REFUSED: dict[str, str] = {
     # vision / audio models
