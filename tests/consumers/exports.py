@@ -41,6 +41,9 @@ class Case:
     #: also write ``base_fused.safetensors`` (the base stream with ``expert_layout="fused"``),
     #: which the table says vLLM does not load for this class (``vllm_expert_layouts``)
     fused_base: bool = False
+    #: the Megatron-Bridge PEFT type (``LoraSettings.kind``) and further ``LoRA`` fields
+    peft: str = "lora"
+    options: tuple[tuple[str, object], ...] = ()
 
 
 def _qwen3(d: Path) -> Path:
@@ -111,6 +114,15 @@ CASES: dict[str, Case] = {
     "gpt_oss": Case(_gpt_oss, GQA_TARGETS),
     "qwen2_moe": Case(_qwen2_moe, GQA_TARGETS),
     "qwen3_next": Case(_qwen3_next, QWEN35_TARGETS, drafter="Qwen3NextMTP"),
+    # the other Megatron-Bridge PEFT types and MoE LoRA knobs (issue 20), on the same tiny models
+    "qwen3_dora": Case(_qwen3, GQA_TARGETS, peft="dora"),
+    "qwen3_canonical": Case(_qwen3, (), peft="canonical_lora"),
+    "qwen3_moe_canonical": Case(_qwen3_moe, (), peft="canonical_lora"),
+    "qwen3_moe_normalize": Case(_qwen3_moe, GQA_TARGETS, options=(("normalize_moe_lora", True),)),
+    "qwen3_moe_router": Case(_qwen3_moe, ("linear_qkv", "router")),
+    "gpt_oss_normalize": Case(_gpt_oss, GQA_TARGETS, options=(("normalize_moe_lora", True),)),
+    "qwen3_5_moe_vl_normalize": Case(_qwen3_5_moe_vl, QWEN35_TARGETS, drafter="Qwen3_5MoeMTP",
+                                     options=(("normalize_moe_lora", True),)),
 }
 # Not judged: qwen3_vl_moe (vLLM 0.34 cannot load the tiny model's own transformers-saved folder:
 # a size mismatch in its expert loader) and mimo (a remote-code model type vLLM's transformers
@@ -128,11 +140,14 @@ def write_exports(name: str, out: Path) -> dict:
     from bridge_ext import export_hf_weights, peft_adapter_config, save_hf_pretrained
     from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
 
+    from bridge_ext.errors import ExportError
+
     case = CASES[name]
     hf_dir = case.make(out / "source")
-    model = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=case.targets, **LORA))
+    lora = LoraSettings(target_modules=case.targets, kind=case.peft, options=case.options, **LORA)
+    model = build_megatron_model(hf_dir, lora=lora)
     randomize_lora(model.chunks, seed=3, std=0.1)
-    streamed = list(export_hf_weights(model.chunks, peft=True))
+    streamed = list(export_hf_weights(model.chunks, peft=True, dora_adapters=case.peft == "dora"))
     base = _save(((n, t) for n, t in streamed if not n.startswith(PEFT_PREFIX)), out / "base.safetensors")
     adapters = _save(((n, t) for n, t in streamed if n.startswith(PEFT_PREFIX)), out / "adapters.safetensors")
     config = peft_adapter_config(model.chunks).to_dict()
@@ -142,7 +157,13 @@ def write_exports(name: str, out: Path) -> dict:
         fused = export_hf_weights(model.chunks, peft=True, expert_layout="fused")
         _save(((n, t) for n, t in fused if not n.startswith(PEFT_PREFIX)), out / "base_fused.safetensors")
     save_hf_pretrained(model.chunks, adapter_dir=out / "saved_peft")
-    save_hf_pretrained(model.chunks, adapter_dir=out / "saved_vllm", adapter_for="vllm")
+    saved = {"peft": str(out / "saved_peft"), "vllm": str(out / "saved_vllm")}
+    refusal = None  # the export's refusal of a folder for vLLM (then judged: vLLM refuses the PEFT one)
+    try:
+        save_hf_pretrained(model.chunks, adapter_dir=out / "saved_vllm", adapter_for="vllm")
+    except ExportError as error:
+        refusal = str(error)
+        del saved["vllm"]
     manifest = {
         "case": name,
         "source": str(hf_dir),
@@ -151,7 +172,8 @@ def write_exports(name: str, out: Path) -> dict:
         "fused_base": case.fused_base,
         "scaling": LORA["alpha"] / LORA["dim"],
         "streams": {"base": base, "merged": merged, "adapters": adapters},
-        "saved": {"peft": str(out / "saved_peft"), "vllm": str(out / "saved_vllm")},
+        "saved": saved,
+        "vllm_refusal": refusal,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -165,3 +187,45 @@ def _jsonable(value):
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+# Block-FP8 exports (quantize="fp8"). vLLM checks at build time that every FP8 GEMM fills
+# whole 128x128 blocks (validate_fp8_block_shape), so these tiny models are 128 wide.
+FP8_WIDTHS = dict(vocab_size=120, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, intermediate_size=256)
+
+
+def _fp8_qwen3(d: Path) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(**FP8_WIDTHS)).float().save_pretrained(d)
+    return d
+
+
+def _fp8_qwen3_moe(d: Path) -> Path:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(**FP8_WIDTHS, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                            norm_topk_prob=True)
+    Qwen3MoeForCausalLM(config).float().save_pretrained(d)
+    return d
+
+
+FP8_CASES: dict[str, Callable[[Path], Path]] = {"qwen3_fp8": _fp8_qwen3, "qwen3_moe_fp8": _fp8_qwen3_moe}
+
+
+def write_fp8_exports(name: str, out: Path) -> dict:
+    """The saved FP8 folder (``fp8/``) and the live FP8 stream (``fp8.safetensors``) of case ``name``."""
+    from bridge_ext import export_hf_weights, save_hf_pretrained
+    from bridge_ext.cpu.build import build_megatron_model
+
+    hf_dir = FP8_CASES[name](out / "source")
+    model = build_megatron_model(hf_dir)
+    save_hf_pretrained(model.chunks, out / "fp8", quantize="fp8")
+    stream = _save(export_hf_weights(model.chunks, quantize="fp8"), out / "fp8.safetensors")
+    manifest = {"case": name, "fp8": True, "source": str(hf_dir), "folder": str(out / "fp8"),
+                "streams": {"fp8": stream}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
