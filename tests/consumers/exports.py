@@ -104,6 +104,69 @@ def _qwen3_next(d: Path) -> Path:
     return tiny_qwen3_next(d, mtp_layers=1)
 
 
+def _kimi_k2(d: Path) -> Path:
+    from bridge_ext.cpu.tiny_gpt_families import tiny_deepseek_v3
+    from bridge_ext.cpu.tiny_models import update_saved_config
+
+    folder = tiny_deepseek_v3(d, mtp_layers=1, model_type="kimi_k2")
+    update_saved_config(folder, {"topk_method": "noaux_tc"})  # as for deepseek_v3
+    return folder
+
+
+# What the published MiMo checkpoints ship beside config.json (their config class is remote code):
+# a Qwen2 config with MTP layers. vLLM reads it with trust_remote_code.
+MIMO_CONFIG = '''from transformers import Qwen2Config
+
+
+class MiMoConfig(Qwen2Config):
+    model_type = "mimo"
+
+    def __init__(self, *args, num_nextn_predict_layers=0, **kwargs):
+        self.num_nextn_predict_layers = num_nextn_predict_layers
+        super().__init__(*args, **kwargs)
+'''
+
+
+def _mimo(d: Path) -> Path:
+    from bridge_ext.cpu.tiny_gpt_families import tiny_mimo
+    from bridge_ext.cpu.tiny_models import update_saved_config
+
+    folder = tiny_mimo(d, mtp_layers=1)
+    (folder / "configuration_mimo.py").write_text(MIMO_CONFIG)
+    update_saved_config(folder, {"auto_map": {"AutoConfig": "configuration_mimo.MiMoConfig"}})
+    return folder
+
+
+def _qwen3_vl_moe(d: Path) -> Path:
+    """Its experts as the published checkpoints store them (``gate_up_proj [E, H, 2I]``,
+    ``down_proj [E, I, H]``), the only layout vLLM 0.34's class reads
+    (``is_fused_checkpoint_transposed``); transformers 5.23 saves them ``[E, 2I, H]`` / ``[E, H, I]``."""
+    from safetensors.torch import load_file
+
+    from bridge_ext.cpu.tiny_qwen_moe_vl import tiny_qwen3_vl
+
+    folder = tiny_qwen3_vl(d, moe=True)
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(str(path))
+        for name in tensors:
+            if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                tensors[name] = tensors[name].transpose(1, 2).contiguous()
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    return folder
+
+
+def _qwen3_vl(d: Path) -> Path:
+    from bridge_ext.cpu.tiny_qwen_moe_vl import tiny_qwen3_vl
+
+    return tiny_qwen3_vl(d)
+
+
+def _qwen2_5_vl(d: Path) -> Path:
+    from bridge_ext.cpu.tiny_qwen_moe_vl import tiny_qwen2_5_vl
+
+    return tiny_qwen2_5_vl(d)
+
+
 CASES: dict[str, Case] = {
     "qwen3": Case(_qwen3, GQA_TARGETS),
     "qwen3_moe": Case(_qwen3_moe, GQA_TARGETS),
@@ -114,6 +177,11 @@ CASES: dict[str, Case] = {
     "gpt_oss": Case(_gpt_oss, GQA_TARGETS),
     "qwen2_moe": Case(_qwen2_moe, GQA_TARGETS),
     "qwen3_next": Case(_qwen3_next, QWEN35_TARGETS, drafter="Qwen3NextMTP"),
+    "kimi_k2": Case(_kimi_k2, MLA_TARGETS, drafter="DeepSeekMTPModel", fused_base=True),
+    "mimo": Case(_mimo, GQA_TARGETS, drafter="MiMoMTPModel"),
+    "qwen3_vl_moe": Case(_qwen3_vl_moe, GQA_TARGETS, fused_base=True),
+    "qwen3_vl": Case(_qwen3_vl, GQA_TARGETS),
+    "qwen2_5_vl": Case(_qwen2_5_vl, GQA_TARGETS),
     # the other Megatron-Bridge PEFT types and MoE LoRA knobs (issue 20), on the same tiny models
     "qwen3_dora": Case(_qwen3, GQA_TARGETS, peft="dora"),
     "qwen3_canonical": Case(_qwen3, (), peft="canonical_lora"),
@@ -124,9 +192,6 @@ CASES: dict[str, Case] = {
     "qwen3_5_moe_vl_normalize": Case(_qwen3_5_moe_vl, QWEN35_TARGETS, drafter="Qwen3_5MoeMTP",
                                      options=(("normalize_moe_lora", True),)),
 }
-# Not judged: qwen3_vl_moe (vLLM 0.34 cannot load the tiny model's own transformers-saved folder:
-# a size mismatch in its expert loader) and mimo (a remote-code model type vLLM's transformers
-# does not know without trust_remote_code). docs/consumers.md.
 
 
 def _save(pairs, path: Path) -> list[str]:

@@ -97,7 +97,10 @@ def _attention_backend_workaround() -> None:
 def _configs(source: str, lora: dict | None = None, drafter: bool = False, dtype: torch.dtype = torch.float32):
     from vllm.config import DeviceConfig, LoRAConfig, ModelConfig, VllmConfig
 
-    model_config = ModelConfig(model=source, dtype=dtype, skip_tokenizer_init=True, enforce_eager=True)
+    # a folder whose config class is remote code (MiMo's, as published) is read as users read it
+    remote = "auto_map" in json.loads((Path(source) / "config.json").read_text())
+    model_config = ModelConfig(model=source, dtype=dtype, skip_tokenizer_init=True, enforce_eager=True,
+                               trust_remote_code=remote)
     lora_config = LoRAConfig(lora_dtype=torch.float32, **lora) if lora is not None else None
     config = VllmConfig(model_config=model_config, device_config=DeviceConfig("cpu"), lora_config=lora_config)
     if drafter:  # the drafter classes read the draft model's config from here

@@ -22,11 +22,12 @@ HERE = Path(__file__).parent
 # vLLM's refusal of a folder in PEFT's fused expert layout on a class it wraps per expert
 FUSED_ON_2D = "contains fused 3D MoE weights"
 # cases whose PEFT folder holds fused expert adapters for a class vLLM wraps per expert
-PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_next",
+PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "kimi_k2", "glm4_moe", "qwen2_moe", "qwen3_next",
                       "qwen3_moe_canonical", "qwen3_moe_normalize"}
 # adapters vLLM leaves unapplied with its default engine options, by design: vision-tower ones
 # need enable_tower_connector_lora (docs/consumers.md)
-DROPPED = {"qwen3_5_moe_vl": "visual.", "qwen3_5_moe_vl_normalize": "visual."}
+DROPPED = {"qwen3_5_moe_vl": "visual.", "qwen3_5_moe_vl_normalize": "visual.", "qwen3_vl": "visual.",
+           "qwen3_vl_moe": "visual."}
 # vLLM has no DoRA: its refusal of each route (the export refuses adapter_for="vllm" itself)
 DORA = {"live": "ValueError: base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector is unsupported",
         "saved_peft": "ValueError: vLLM does not yet support DoRA."}
@@ -157,12 +158,16 @@ def test_the_export_refuses_dora_for_vllm_which_refuses_it_too(verdicts):
 
 # The fact behind the tables' vllm_expert_layouts (adapter_for="vllm" refuses expert_layout="fused"
 # for these classes): per stream, None where vLLM loads it fully, else the start of its error.
+DEEPSEEK_FUSED = {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'",
+                  "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"}
 FUSED_BASE = {
-    "deepseek_v3": {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'",
-                    "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
+    "deepseek_v3": DEEPSEEK_FUSED,
+    "kimi_k2": DEEPSEEK_FUSED,  # DeepseekV3ForCausalLM under Kimi-K2's model type
     # Glm4MoeForCausalLM loads them; its MTP drafter, fed the same stream, does not
     "glm4_moe": {"base_fused": None,
                  "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
+    # transformers 5.23's own [E, 2I, H] layout; vLLM reads the published [E, H, 2I] only
+    "qwen3_vl_moe": {"base_fused": "RuntimeError: The size of tensor a (48) must match the size of tensor b (64)"},
 }
 
 
@@ -182,7 +187,8 @@ def test_what_vllm_ignores_is_explained(verdicts):
     only the main model's tensors."""
     mtp = {"qwen3_5_moe_text": ("mtp.",), "qwen3_5_moe_vl": ("mtp.",), "qwen3_5_moe_vl_normalize": ("mtp.",),
            "qwen3_next": ("mtp.",),
-           "deepseek_v3": ("model.layers.3.",), "glm4_moe": ("model.layers.3.",)}
+           "deepseek_v3": ("model.layers.3.",), "kimi_k2": ("model.layers.3.",), "glm4_moe": ("model.layers.3.",),
+           "mimo": ("model.mtp_layers.",)}
     for case, checks in verdicts.items():
         if case not in CASES:
             continue
