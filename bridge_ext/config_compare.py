@@ -215,6 +215,8 @@ def _normalised(name: str, settings: Mapping[str, Any]) -> Any:
         value = settings.get("num_attention_heads")
     elif value is None and name == "ffn_hidden_size" and type(settings.get("hidden_size")) is int:
         value = 4 * settings["hidden_size"]
+    elif value is None and name == "mtp_num_layers":  # None: no MTP layers
+        value = 0
     elif value is None and name == "moe_ffn_hidden_size" and settings.get("num_moe_experts"):
         value = _normalised("ffn_hidden_size", settings)
     elif name == "add_qkv_bias":  # linear_qkv has a bias with either (megatron-core attention.py)

@@ -278,7 +278,46 @@ def _fp8_qwen3_moe(d: Path) -> Path:
     return d
 
 
-FP8_CASES: dict[str, Callable[[Path], Path]] = {"qwen3_fp8": _fp8_qwen3, "qwen3_moe_fp8": _fp8_qwen3_moe}
+def _fp8_deepseek_v3(d: Path) -> Path:
+    """MLA 128 wide: q_lora_rank 128 (vLLM's fused q_a_proj + kv_a_proj_with_mqa may end in a
+    partial block only in its last part: kv_lora_rank 128 + rope 32), 1 dense + 1 MoE layer."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from bridge_ext.cpu.tiny_models import update_saved_config
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(
+        vocab_size=120, hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, n_shared_experts=1,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True,
+        kv_lora_rank=128, q_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
+        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False, num_nextn_predict_layers=0)
+    DeepseekV3ForCausalLM(config).float().save_pretrained(d)
+    update_saved_config(d, {"topk_method": "noaux_tc"})  # as in _deepseek_v3
+    return d
+
+
+def _fp8_qwen3_5_moe(d: Path) -> Path:
+    """Gated DeltaNet and gated attention 128 wide (vLLM's merged in_proj_qkvz and qkv_proj parts
+    each whole blocks), fused experts on disk as transformers saves them, no MTP."""
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    torch.manual_seed(0)
+    config = Qwen3_5MoeTextConfig(
+        vocab_size=120, hidden_size=128, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+        num_attention_heads=2, num_key_value_heads=1, head_dim=128, linear_conv_kernel_dim=4,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=1, linear_num_value_heads=2,
+        moe_intermediate_size=128, shared_expert_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        tie_word_embeddings=False)
+    Qwen3_5MoeForCausalLM(config).float().save_pretrained(d)
+    return d
+
+
+FP8_CASES: dict[str, Callable[[Path], Path]] = {"qwen3_fp8": _fp8_qwen3, "qwen3_moe_fp8": _fp8_qwen3_moe,
+                                                "deepseek_v3_fp8": _fp8_deepseek_v3,
+                                                "qwen3_5_moe_fp8": _fp8_qwen3_5_moe}
 
 
 def write_fp8_exports(name: str, out: Path) -> dict:

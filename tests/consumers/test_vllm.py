@@ -202,6 +202,12 @@ def test_what_vllm_ignores_is_explained(verdicts):
 
 
 FP8_KINDS = ("fp8_folder", "fp8_stream")
+# FP8 GEMMs and attention KV-cache scales of vLLM's classes for the tiny models (2 layers):
+# qkv_proj, o_proj, gate_up_proj (experts' w13), down_proj (w2) per layer; MLA: fused_qkv_a_proj,
+# q_b_proj, kv_b_proj, o_proj per layer, a dense MLP's two, the MoE layer's shared expert's two
+# and experts' two (MLA attention has no such KV-cache scales); Qwen3.5: GDN's in_proj_qkvz and
+# out_proj (in_proj_ba stays bf16), or qkv_proj and o_proj, then shared expert and experts, per layer
+FP8_EXPECTED = {"qwen3_fp8": (8, 8), "qwen3_moe_fp8": (8, 8), "deepseek_v3_fp8": (14, 0), "qwen3_5_moe_fp8": (12, 4)}
 FP8_PAIRS = [(case, kind) for case in FP8_CASES for kind in FP8_KINDS]
 
 
@@ -212,10 +218,10 @@ def test_vllm_loads_the_fp8_export(verdicts, case, kind):
     (NaN-poisoned first), each FP8 GEMM (qkv_proj, gate_up_proj, o_proj, down_proj, experts'
     w13 / w2) dequantized by its loaded scales within half an e4m3 step of the bf16 source as
     the same class loads it, everything else (routers, norms, embeddings, lm_head) equal to it."""
+    assert set(FP8_EXPECTED) == set(FP8_CASES)
     verdict = verdicts[case][kind]
     assert verdict["ok"], {key: value for key, value in verdict.items() if key != "trace"}
-    layers = 2
-    assert len(verdict["quantized"]) == 4 * layers and verdict["kv_cache_scales"] == 4 * layers
+    assert (len(verdict["quantized"]), verdict["kv_cache_scales"]) == FP8_EXPECTED[case]
     assert 0.03 < verdict["worst_block_error"] <= 16 / 448 + 1e-3  # e4m3 rounding, nothing more
 
 
