@@ -229,3 +229,19 @@ def test_the_fp8_judge_sees_a_missing_and_a_wrong_scale(verdicts):
     mutant = verdicts["qwen3_fp8_mutant"]["fp8_stream"]
     assert mutant["nan"] == ["model.layers.0.self_attn.qkv_proj.weight_scale_inv"] and not mutant["ok"]
     assert [line.split(":")[0] for line in mutant["off"]] == ["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_canonical_lora_on_gpt_oss_experts_is_refused_before_the_first_tensor(megatron_cpu, tmp_path):
+    """gpt-oss stores each expert's gate and up rows interleaved and transposed in one fused
+    tensor, and vLLM's GptOssForCausalLM loads fused expert adapters only: CanonicalLoRA's
+    separate gate / up adapters on those experts reach vLLM in no layout, so every export of them
+    is refused, naming the module (no vLLM needed: the export's own check)."""
+    from bridge_ext import export_hf_weights
+    from bridge_ext.cpu.build import LoraSettings, build_megatron_model
+    from bridge_ext.errors import ExportError
+
+    model = build_megatron_model(CASES["gpt_oss"].make(tmp_path / "hf"), lora=LoraSettings(kind="canonical_lora"))
+    for options in (dict(adapter_for="vllm"), dict(adapters_only=True), dict(peft=False)):
+        with pytest.raises(ExportError, match=r"^decoder\.layers\.0\.mlp\.experts\.local_experts\.0\.linear_fc1"
+                                              r"\.weight -> .*CanonicalLoRA on these fused experts"):
+            next(export_hf_weights(model.chunks, **options))
