@@ -9,6 +9,9 @@ into one folder: the source folder (``source/``), the live streams as safetensor
 (``saved_peft/``: ``save_hf_pretrained``'s default, ``saved_vllm/``: ``adapter_for="vllm"``),
 for some cases ``base_fused.safetensors`` (the base stream with fused experts, which
 ``adapter_for="vllm"`` refuses for their class) and ``manifest.json``, which tells the judge what to build and feed.
+Cases with another PEFT type write no ``saved_vllm/`` where ``adapter_for="vllm"`` refuses it
+(DoRA: ``vllm_refusal`` in the manifest). :func:`write_fp8_exports` writes the ``quantize="fp8"``
+folder and stream of the 128-wide ``FP8_CASES``.
 """
 
 from __future__ import annotations

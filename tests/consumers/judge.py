@@ -16,11 +16,16 @@
   (vLLM's merged-stream parameter minus its base-stream parameter), and every parameter the
   merged stream changes must be covered by a LoRA buffer (else vLLM drops that adapter).
 - ``mtp``: the MTP drafter class fed the base stream and the merged stream, judged as above.
+- ``fp8_folder`` / ``fp8_stream``: a ``quantize="fp8"`` folder and stream into the class built
+  from that folder (vLLM's ``Fp8Config``): every parameter but the attention KV-cache scales
+  written, each FP8 weight dequantized by its loaded scales within half an e4m3 step of what the
+  class loads from the bf16 source (:func:`judge_fp8`).
 
 Device workarounds (no vLLM code is changed): vLLM's CUDA wheel on a machine without a GPU
 runs on its ``UnspecifiedPlatform``, which names no attention backend and no LoRA kernel
-wrapper; the judge names the CPU ones (they are only built here, never run) and turns
-vLLM's pinned-memory copies of adapters off (they need a CUDA driver). vLLM's CPU platform itself needs triton-cpu.
+wrapper, and no block-FP8 linear kernel claims it (the CPU ones need ``vllm._C``); the judge
+names the CPU ones (they are only built here, never run) and turns vLLM's pinned-memory copies
+of adapters off (they need a CUDA driver). vLLM's CPU platform itself needs triton-cpu.
 """
 
 from __future__ import annotations
