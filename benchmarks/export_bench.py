@@ -15,7 +15,9 @@ experts) and times, in the same run and on the same model:
 * ``to-cpu``: base + adapters into CPU memory (GPU only; MB ``cpu=True``, ours ``device="cpu"``);
 * ours with ``destination="rank0"`` / ``"owner"`` in parallel runs (MB has no such choice);
 * ``merged fp8`` (and on GPU ``to-cpu merged`` / ``to-cpu merged fp8``): ours with
-  ``quantize="fp8"`` (MB quantizes no bf16 model); the ratios to our bf16 rows are printed.
+  ``quantize="fp8"`` (MB quantizes no bf16 model); the ratios to our bf16 rows are printed;
+  ``to-cpu base`` / ``to-cpu base fp8``: the unmerged base alone (``base_only=True``, the
+  sync-once case), where no merge work hides the link;
 
 Each is run once to warm up, then ``--repeats`` times; the median is reported with the
 throughput (GB/s of exported tensors received by rank 0), the peak extra process memory (RSS
@@ -201,6 +203,10 @@ def cases(chunks, bridge, device: str, parallel: bool, mb_merges: bool = True) -
     if device == "cuda":
         table["to-cpu merged"] = (lambda: [export_hf_weights(chunks, peft=False, device="cpu")], None)
         table["to-cpu merged fp8"] = (lambda: [export_hf_weights(chunks, device="cpu", **fp8)], None)
+        # the unmerged base (sync once): no merge work, so bf16 to the host is bound by the link
+        base_fp8 = dict(base_only=True, quantize="fp8", engine_tp_size=None)
+        table["to-cpu base"] = (lambda: [export_hf_weights(chunks, base_only=True, device="cpu")], None)
+        table["to-cpu base fp8"] = (lambda: [export_hf_weights(chunks, device="cpu", **base_fp8)], None)
     if parallel:
         for destination in ("rank0", "owner"):
             for mode, kwargs in (("merged", dict(peft=False)), ("adapters", dict(adapters_only=True))):
@@ -429,7 +435,8 @@ def report(results: dict, header: str) -> str:
         speedup = f"{theirs['seconds'] / ours['seconds']:7.1f}x" if theirs else ""
         lines.append(f"{name:34} {mb} {ours['seconds']:8.3f} {ours['gbps']:8.2f} {ours['peak_rss'] / mib:8.0f} "
                      f"{ours['peak_gpu'] / mib:8.0f} {ours['tensors']:7d} {speedup:>8}")
-    for fp8, bf16 in (("merged fp8", "merged"), ("to-cpu merged fp8", "to-cpu merged")):
+    for fp8, bf16 in (("merged fp8", "merged"), ("to-cpu merged fp8", "to-cpu merged"),
+                      ("to-cpu base fp8", "to-cpu base")):
         if fp8 in results and bf16 in results:  # same parameters, so time ratios are rate ratios
             ratio = results[fp8][0]["seconds"] / results[bf16][0]["seconds"]
             lines.append(f"{fp8}: {ratio:.2f}x the time of ours {bf16} ({1 / ratio:.2f}x its parameters per second); "

@@ -68,6 +68,42 @@ def demo(example: str | None, workdir: Path | None) -> None:
     click.echo("demo passed")
 
 
+@main.group()
+def tables() -> None:
+    """Mapping tables generated from Megatron-Bridge's bridges."""
+
+
+@tables.command()
+@click.argument("model_type")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here instead of model_mappings/generated/MODEL_TYPE.py.")
+def generate(model_type: str, out: Path | None) -> None:
+    """Write MODEL_TYPE's table, read off Megatron-Bridge's bridge for it (resolved on a tiny CPU model).
+
+    A mapping kind the generator does not know is refused (exit 1), naming its class and parameter.
+    """
+    from bridge_ext.errors import BridgeExtError
+    from bridge_ext.table_generate import write
+
+    from contextlib import redirect_stdout
+
+    try:
+        with redirect_stdout(sys.stderr):  # megatron prints while building the tiny model
+            target = write(model_type, out)
+        click.echo(target)
+    except BridgeExtError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+def architectures() -> None:
+    """Every architecture Megatron-Bridge or bridge_ext knows, with its status (docs/architectures.md)."""
+    from bridge_ext.architectures import render
+
+    click.echo(render(), nl=False)
+
+
 # Exit codes of `bridge-ext convert` (documented in its --help and in docs/convert.md).
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_MISMATCH, EXIT_OUTPUT_EXISTS, EXIT_VERIFY = 0, 1, 2, 3, 4, 5, 6
 EXIT_OUTPUT_IO = 7

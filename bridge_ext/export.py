@@ -232,8 +232,10 @@ def plan_export(source: TensorSource, config, layouts: ExpertLayouts | None = No
     layouts = layouts or ExpertLayouts()
     base_variants, adapter_variants = layouts.base_variants(table), layouts.adapter_variants(table)
     base_tasks = plan_tasks(source.base_names(), table, base_variants)
+    # without adapters there is nothing to lay out (a table may offer one expert layout only)
     adapter_tasks = (
-        base_tasks if adapter_variants == base_variants else plan_tasks(source.base_names(), table, adapter_variants)
+        base_tasks if adapter_variants == base_variants or not source.adapters()
+        else plan_tasks(source.base_names(), table, adapter_variants)
     )
     planned = {name for task in base_tasks for name in task.sources}
     orphans = sorted(module for module in source.adapters() if f"{module}.weight" not in planned)

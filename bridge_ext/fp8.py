@@ -25,6 +25,7 @@ E4M3_MAX = 448.0
 FP8 = torch.float8_e4m3fn
 #: Source bytes quantized in one call: bounds the float32 temporaries (about 4x this).
 GROUP_BYTES = 64 << 20
+_WIDENED_BY_DIVISION = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def scale_shape(shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, ...]:
@@ -39,16 +40,20 @@ def quantize_blocks(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Ten
         raise ValueError(f"block FP8 needs a matrix, not shape {tuple(weight.shape)}")
     *lead, rows, cols = weight.shape
     row_blocks, col_blocks = -(-rows // block), -(-cols // block)
-    values = weight.to(torch.float32)
+    # bf16 / fp16 stay as they are: |w| and its maximum are exact in them, and the division
+    # below widens them to float32 as it reads (no float32 copy of the weight in memory)
+    values = weight if weight.dtype in _WIDENED_BY_DIVISION else weight.to(torch.float32)
     pad_rows, pad_cols = row_blocks * block - rows, col_blocks * block - cols
     if pad_rows or pad_cols:  # zeros change no block's amax
         values = F.pad(values, (0, pad_cols, 0, pad_rows))
     blocks = values.reshape(*lead, row_blocks, block, col_blocks, block)
-    amax = blocks.abs().amax(dim=(-3, -1))
+    amax = blocks.abs().amax(dim=(-3, -1)).to(torch.float32)
     # divide by a tensor: CUDA turns division by a Python number into multiplication by its
     # rounded reciprocal, which moves some scales by an ulp (and their blocks' e4m3 values)
     scale = torch.where(amax > 0, amax / amax.new_full((), E4M3_MAX), torch.ones_like(amax))
-    quantized = (blocks / scale[..., :, None, :, None]).to(FP8)
+    # one kernel: float32 quotient, rounded to e4m3 (nearest even) as it is stored
+    quantized = torch.empty(blocks.shape, dtype=FP8, device=blocks.device)
+    torch.div(blocks, scale[..., :, None, :, None], out=quantized)
     quantized = quantized.reshape(*lead, row_blocks * block, col_blocks * block)
     if pad_rows or pad_cols:
         quantized = quantized[..., :rows, :cols].contiguous()

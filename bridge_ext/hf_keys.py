@@ -40,6 +40,11 @@ Facts per model type (transformers 5.23.0, checked by ``tests/test_hf_keys.py`` 
   unexpected = [r"^mtp.*"]``), so save_pretrained never writes it, whatever
   ``mtp_num_hidden_layers`` says. MTP weights (SPEC §2.3) must be checked separately.
 * Non-persistent buffers (rotary ``inv_freq``) are not written.
+* ``deepseek_v4``: transformers reverts its renames key by key and writes a mixture
+  (``model.layers.{i}.attn.*``, ``model.embed_tokens``, ``model.hc_head.hc_fn``, the attention's
+  ``kv_norm`` as ``attn.norm``, ``head.weight``); the table's ``published_renames`` turn it into
+  the published names (``layers.{i}.attn.kv_norm``, ``embed.weight``, ``hc_head_fn``), which is
+  what transformers' loader, Megatron-Bridge and vLLM read. The key set returned is those names.
 
 ``expert_layout``:
   ``"per_expert"`` (default) -- what ``save_pretrained`` of a freshly built model writes;
@@ -143,11 +148,21 @@ def hf_checkpoint_keys(
     state_dict = _without_tied_weights(state_dict, model)
     model._weight_conversions = _save_conversions(model, fused=expert_layout != "per_expert", prefix_change=prefix_change)
     state_dict = revert_weight_conversion(model, state_dict)
-    keys = {name: tuple(t.shape) for name, t in state_dict.items()}
+    published = _published_name(config)
+    keys = {published(name): tuple(t.shape) for name, t in state_dict.items()}
     if expert_layout == "fused_transposed":
         keys = {name: (*shape[:-2], shape[-1], shape[-2]) if _is_fused_expert(config, name, shape) else shape
                 for name, shape in keys.items()}
     return dict(sorted(keys.items()))
+
+
+def _published_name(config):
+    """The table's renames to the published names (identity for tables without them)."""
+    from model_mappings import known_model_types, table_for
+
+    if config.model_type not in known_model_types():
+        return lambda name: name
+    return table_for(config).published_name
 
 
 def _without_tied_weights(state_dict: dict, model) -> dict:

@@ -171,6 +171,7 @@ def local_tensors(chunks: list[torch.nn.Module], sharded: bool) -> tuple[list[Lo
             tensors[name] = LocalTensor(name, param, shard, shards, expert)
             if ".adapter." in raw_name:
                 _refuse_grouped_expert_adapter(raw_name, modules)
+                _refuse_adapter_after_output_norm(raw_name, modules)
             part = _CANONICAL.match(name) if ".adapter.adapter_" in name else None
             if part is not None:
                 if part["factor"] == "in":
@@ -252,6 +253,18 @@ def _refuse_grouped_expert_adapter(raw_name: str, modules: dict[str, torch.nn.Mo
         raise ExportError(f"{path.removesuffix('.adapter')}: grouped-expert LoRA of Megatron-Bridge's LoRA({knob}) "
                           f"({type(modules[path]).__name__}) is not supported; train expert LoRA on sequential "
                           "experts (moe_grouped_gemm=False)")
+
+
+def _refuse_adapter_after_output_norm(raw_name: str, modules: dict[str, torch.nn.Module]) -> None:
+    """A linear that normalises its own output (``post_layernorm``: Megatron-Bridge's
+    ``TERowParallelLinearLayerNorm`` of Gemma 2 / EXAONE 4) gets its LoRA delta added after that
+    norm by Megatron-Bridge's wrapper: ``norm(W x) + s B A x``, which neither a PEFT adapter nor a
+    merged weight computes."""
+    wrapper = raw_name[: raw_name.index(".adapter.")]
+    if hasattr(modules.get(f"{wrapper}.to_wrap"), "post_layernorm"):
+        raise ExportError(f"{wrapper}: LoRA on a linear that normalises its own output (post_layernorm) adds its "
+                          "delta after the norm, which no Hugging Face module computes (adapter or merged); "
+                          "leave this module out of target_modules")
 
 
 def _magnitude_shard(raw_name: str, adapter: torch.nn.Module) -> tuple[int, int]:

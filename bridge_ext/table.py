@@ -16,6 +16,7 @@ walks through the fields.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -211,6 +212,10 @@ class MappingTable:
             PEFT's targets use the in-memory names.
         fp8: Which weights a block-FP8 export quantizes and which linears stay bf16 (None: the
             table offers no FP8 export). See :mod:`bridge_ext.fp8_rules`.
+        published_renames: ``(regex, replacement)`` pairs, first match wins, from the names
+            transformers' ``save_pretrained`` writes to the published checkpoint's names the rules
+            produce, where the two differ (DeepSeek-V4: transformers reverts its renames key by key
+            and leaves a mixture); :func:`bridge_ext.hf_keys.hf_checkpoint_keys` applies them.
     """
 
     model_types: tuple[str, ...]
@@ -223,6 +228,7 @@ class MappingTable:
     vllm_expert_layouts: Mapping[str, ExpertLayout] = field(default_factory=dict, compare=False)
     in_memory_prefixes: tuple[tuple[str, str], ...] = ()
     fp8: Fp8Rules | None = field(default=None, compare=False)
+    published_renames: tuple[tuple[str, str], ...] = ()
     #: Registers with transformers what reading this family's config needs (e.g. a config class
     #: for a model type transformers lacks); run by :func:`model_mappings.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.
@@ -254,6 +260,13 @@ class MappingTable:
             if hf_name.startswith(saved):
                 return loaded + hf_name[len(saved):]
         return hf_name
+
+    def published_name(self, saved: str) -> str:
+        """``saved`` (a name transformers' ``save_pretrained`` writes) as the rules name it."""
+        for pattern, replacement in self.published_renames:
+            if re.search(pattern, saved):
+                return re.sub(pattern, replacement, saved)
+        return saved
 
     def __post_init__(self) -> None:
         known = {family.name for family in self.expert_families}

@@ -2,21 +2,32 @@
 
 :func:`register_table` adds a table (or a :class:`~bridge_ext.table.TableBuilder`) for a
 model of one's own, the way transformers' ``register_checkpoint_conversion_mapping`` does;
-a registered table takes precedence over a built-in one for its model types.
+a registered table takes precedence over a built-in one for its model types, and a
+hand-written built-in one over a table generated from Megatron-Bridge (``model_mappings.generated``).
 """
 
 from __future__ import annotations
 
 from bridge_ext.errors import ExportError, TableError
 from bridge_ext.table import MappingTable, TableBuilder
-from model_mappings import deepseek, glm, gpt_oss, llama, mimo, qwen3_5, qwen3_next, qwen_moe, qwen_vl
+from model_mappings import deepseek, deepseek_v4, glm, glm_dsa, gpt_oss, llama, mimo, qwen3_5, qwen3_next, qwen_moe, qwen_vl
+from model_mappings.generated import GENERATED
 
 _BUILT_IN: tuple[MappingTable | TableBuilder, ...] = (
     llama.TABLE, qwen3_5.TEXT, qwen3_5.IMAGE_TEXT, qwen3_next.TABLE,
     qwen_moe.QWEN3_MOE, qwen_moe.QWEN2_MOE, qwen_vl.QWEN3_VL, qwen_vl.QWEN3_VL_MOE, qwen_vl.QWEN2_5_VL,
-    mimo.TABLE, deepseek.TABLE, glm.TABLE, gpt_oss.TABLE,
+    mimo.TABLE, deepseek.TABLE, deepseek_v4.TABLE, glm.TABLE, glm.LITE, glm_dsa.TABLE, gpt_oss.TABLE,
 )
 _REGISTERED: dict[str, MappingTable | TableBuilder] = {}
+
+
+def hand_written_model_types() -> set[str]:
+    return {model for table in _BUILT_IN for model in table.model_types}
+
+
+def generated_model_types() -> set[str]:
+    """Model types served by a generated table (none a hand-written table serves)."""
+    return {model for table in GENERATED for model in table.model_types} - hand_written_model_types()
 
 
 def register_table(table: MappingTable | TableBuilder, *, overwrite: bool = False) -> None:
@@ -38,20 +49,20 @@ def register_transformers_configs() -> None:
     (MiMo's ``mimo``, Kimi-K2's ``kimi_k2``): registered for ``AutoConfig`` before a config is
     loaded, not at import (importing bridge_ext does not import transformers). Each table
     declares its own (``register_hf_config``), registered tables included."""
-    for table in (*_BUILT_IN, *_REGISTERED.values()):
+    for table in (*_BUILT_IN, *GENERATED, *_REGISTERED.values()):
         if table.register_hf_config is not None:
             table.register_hf_config()
 
 
 def known_model_types() -> list[str]:
-    return sorted({*(model for table in _BUILT_IN for model in table.model_types), *_REGISTERED})
+    return sorted({*hand_written_model_types(), *generated_model_types(), *_REGISTERED})
 
 
 def registered_table(model_type: str) -> MappingTable | TableBuilder | None:
     """What serves ``model_type``: a table, a builder, or None."""
     if model_type in _REGISTERED:
         return _REGISTERED[model_type]
-    return next((table for table in _BUILT_IN if model_type in table.model_types), None)
+    return next((table for table in (*_BUILT_IN, *GENERATED) if model_type in table.model_types), None)
 
 
 def table_for(config_or_model_type) -> MappingTable:

@@ -53,7 +53,8 @@ def test_writing_to_every_exported_tensor_leaves_the_model_unchanged(models, kin
                     if aliasing.shares_storage(tensor, storages))
     assert shared, "no exported tensor is the model's memory: the case proves nothing"
     copies = []
-    monkeypatch.setattr(aliasing, "fresh_copy", lambda tensor: copies.append(tensor) or tensor.clone())
+    real = aliasing.fresh_copies
+    monkeypatch.setattr(aliasing, "fresh_copies", lambda tensors: copies.extend(tensors) or real(tensors))
     exported = list(export_hf_weights(chunks, **options))
     assert len(copies) == len(shared)  # only what would share memory is copied
     for name, tensor in exported:
@@ -72,3 +73,19 @@ def test_buckets_are_copies_too(models):
     assert tensors and not any(aliasing.shares_storage(tensor, storages) for tensor in tensors)
     zero_copy = [tensor for bucket in export_hf_buckets(chunks, 1 << 14, zero_copy=True) for _, tensor in bucket.tensors]
     assert any(aliasing.shares_storage(tensor, storages) for tensor in zero_copy)
+
+
+def test_copies_made_together_keep_the_order_the_values_and_their_own_memory():
+    model = torch.nn.Linear(4, 3)
+    own = torch.arange(6.0).reshape(2, 3)  # made by the export: passes as it is
+    pairs = [("w", model.weight.detach()), ("b", model.bias.detach()), ("own", own),
+             ("w.t", model.weight.detach().t()), ("w2", model.weight.detach()[1:])]
+    out = list(aliasing.without_aliases(pairs, aliasing.model_storages([model])))
+    assert [name for name, _ in out] == ["w", "b", "own", "w.t", "w2"]
+    for (_, source), (name, copy) in zip(pairs, out):
+        assert torch.equal(source, copy) and copy.shape == source.shape, name
+    assert out[2][1] is own
+    before = [copy.clone() for _, copy in out]
+    out[0][1].fill_(float("nan"))  # "w" and "b" share one new buffer, each its own part of it
+    assert all(torch.equal(copy, saved) for (_, copy), saved in zip(out[1:], before[1:]))
+    assert torch.equal(model.weight.detach(), pairs[0][1]) and not torch.isnan(model.weight).any()

@@ -1,4 +1,5 @@
-"""DeepSeek-V3 family, GLM-4.5 MoE, gpt-oss and MiMo end to end on real Megatron-Core models (CPU).
+"""DeepSeek-V3 family, GLM-4.5 MoE, GLM-4.7-Flash, gpt-oss and MiMo end to end on real Megatron-Core
+models (CPU).
 
 Each tiny Hugging Face model is made here, built once per module through Megatron-Bridge's
 provider with megatron-core's local spec (:mod:`bridge_ext.cpu.gpt_families`), with LoRA
@@ -33,13 +34,15 @@ FAMILIES = {
     "mimo": (tiny.tiny_mimo, GQA_TARGETS),
     "deepseek_v3": (tiny.tiny_deepseek_v3, MLA_TARGETS),
     "glm4_moe": (tiny.tiny_glm4_moe, GQA_TARGETS),
+    "glm4_moe_lite": (tiny.tiny_glm4_moe_lite, MLA_TARGETS),
     # Kimi-K2's config declares its own model type over DeepSeek-V3's architecture.
     "kimi_k2": (lambda d, **kw: tiny.tiny_deepseek_v3(d, model_type="kimi_k2", **kw), MLA_TARGETS),
     "gpt_oss": (tiny.tiny_gpt_oss, GQA_TARGETS),
 }
 WITHOUT_MTP = {"gpt_oss"}
 # Where the second MTP layer's tensors live (3 decoder layers in the DeepSeek-style models).
-SECOND_MTP_LAYER = {"mimo": "model.mtp_layers.1.", "deepseek_v3": "model.layers.4.", "glm4_moe": "model.layers.4."}
+SECOND_MTP_LAYER = {"mimo": "model.mtp_layers.1.", "deepseek_v3": "model.layers.4.", "glm4_moe": "model.layers.4.",
+                    "glm4_moe_lite": "model.layers.4."}
 LORA = dict(dim=4, alpha=8)
 SCALE = LORA["alpha"] / LORA["dim"]
 
@@ -114,6 +117,7 @@ def megatron_bridge_differences(family: str, ours: dict[str, torch.Tensor]) -> d
     DeepSeek-V3 / GLM-4.5: its MTP mappings (deepseek/common.py, glm/glm45_bridge.py) have no
     ``model.layers.{N+i}.embed_tokens`` nor ``shared_head.head``, which the published checkpoints
     hold and vLLM's MTP loaders read (copies of the shared embedding and output layer).
+    GLM-4.7-Flash's bridge (glm/glm47_flash_bridge.py) writes those copies itself: no difference.
     """
     if family in ("deepseek_v3", "kimi_k2", "glm4_moe"):
         return {n: "only ours" for n in ours if re.search(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.", n)}
@@ -239,3 +243,55 @@ def test_a_merged_weight_sync_into_a_zeroed_transformers_model_gives_megatron_lo
     assert set(held) - set(applied) <= tied
     compare_logits(hf_logits(model, input_ids()), reference_logits(built), Report(), what="weight sync",
                    relative_tolerance=1e-4)
+
+
+def test_glm5_dsa_names_against_transformers_and_megatron_bridge(tmp_path):
+    """GLM-5 (``glm_moe_dsa``): names only, on CPU.
+
+    megatron-core 0.19.2's DSA layer spec asks its backend for ``linear()`` (the indexer's plain
+    linears), which only Transformer Engine's spec provider has, so the Megatron model cannot be
+    built here: the export, PEFT, merged, Megatron-Bridge, TP2 and ``convert`` checks run in
+    tests/gpu/test_glm5_dsa.py. Here: every tensor of the tiny GLM-5 folder (transformers' own
+    key set, indexer included, plus the MTP layer) has exactly one rule; each rule's Megatron name
+    is the one Megatron-Bridge's ``GLM5Bridge`` loads that Hugging Face tensor into (its mapping
+    registry), and the indexer maps one to one (no operation: the shapes are transformers').
+    """
+    from transformers import AutoConfig
+
+    from megatron.bridge.models.glm_moe_dsa.glm5_bridge import GLM5Bridge
+
+    hf_dir = tiny.tiny_glm_moe_dsa(tmp_path / "hf")
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    table = table_for(config)
+    names = sorted(source_tensors(hf_dir))
+    mtp = [n for n in names if table.extra_weights.holds(n)]
+    assert sorted(set(names) - set(mtp)) == sorted(hf_checkpoint_keys(config))
+    assert [n for n in names if ".indexer." in n and n.startswith("model.layers.1.")] == []  # a "shared" layer
+    assert sum(".indexer." in n for n in names) == 15  # layers 0, 2 and the MTP layer 3
+    bridge = GLM5Bridge()
+    bridge.hf_config = config
+    registry = bridge.mapping_registry()
+    variants = frozenset({table.expert_families[0].variant("per_expert"), table.expert_families[1].variant("per_expert")})
+    unmatched, different = [], []
+    for name in names:
+        found = table.match_hf(name, variants)
+        if found is None:
+            unmatched.append(name)
+            continue
+        match, _ = found
+        megatron = match.rule.megatron_pattern.fill(match.values)
+        if match.rule.shared is None and not name.startswith(mtp_prefix(config)):
+            theirs = registry.megatron_to_hf_lookup(megatron)
+            hf_params = [] if theirs is None else (
+                [theirs.hf_param] if isinstance(theirs.hf_param, str) else list(theirs.hf_param.values()))
+            if name not in hf_params:
+                different.append((name, megatron, hf_params))
+        if ".indexer." in name:
+            assert match.rule.ops == () and match.rule.tp == "replicated", name
+    assert unmatched == [] and different == []
+
+
+def mtp_prefix(config) -> str:
+    """Megatron-Bridge's GLM5Bridge builds no MTP layer (mtp_num_layers = None): its MTP mappings
+    are not compared here (ours follow DeepSeek-V3's, which tests above prove on a built model)."""
+    return f"model.layers.{config.num_hidden_layers}."

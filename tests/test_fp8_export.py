@@ -1,4 +1,5 @@
-"""Block-FP8 exports of real tiny Megatron models (Qwen3, Qwen3-MoE, DeepSeek-V3 MLA, Qwen3.5-MoE).
+"""Block-FP8 exports of real tiny Megatron models (Qwen3, Qwen3-MoE, DeepSeek-V3 and GLM-4.7-Flash MLA,
+Qwen3.5-MoE).
 
 What must be FP8 is written here from the engine's side (vLLM quantizes every linear it builds
 with the quantization config except the ones it keeps unquantized), not read off the tables.
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 from bridge_ext import export_hf_weights, quantization_config, save_hf_pretrained
 from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
 from bridge_ext.cpu.tiny_dense import tiny_dense
-from bridge_ext.cpu.tiny_gpt_families import tiny_deepseek_v3
+from bridge_ext.cpu.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe_lite
 from bridge_ext.cpu.tiny_models import tiny_qwen35_moe
 from bridge_ext.cpu.tiny_qwen_moe_vl import tiny_qwen3_moe
 from bridge_ext.engine import PEFT_PREFIX, ExportError
@@ -30,6 +31,7 @@ MAKERS = {
     "qwen3": lambda d: tiny_dense(d, "qwen3"),
     "qwen3_moe": tiny_qwen3_moe,
     "deepseek_v3": tiny_deepseek_v3,
+    "glm4_moe_lite": tiny_glm4_moe_lite,
     "qwen3_5_moe_text": tiny_qwen35_moe,
 }
 # Linear leaves the engine runs in FP8 (fused experts: their parameters); everything under
@@ -114,7 +116,7 @@ def test_not_converted_list_is_exact(built):
     if built.model_type == "qwen3_5_moe_text":
         assert "model.layers.0.linear_attn.in_proj_ba" in ignored and "model.layers.0.linear_attn.in_proj_b" in kept
         assert "model.layers.0.linear_attn.in_proj_ba" not in kept
-    if built.model_type in ("qwen3_moe", "deepseek_v3", "qwen3_5_moe_text"):
+    if built.model_type in ("qwen3_moe", "deepseek_v3", "glm4_moe_lite", "qwen3_5_moe_text"):
         assert any(m.endswith(".mlp.gate") and m.startswith("model.layers.") for m in kept)
 
 
@@ -174,7 +176,7 @@ def test_validation_before_the_first_tensor(built):
 
 def test_quantization_config_of_a_config(built):
     config = _config(built.hf_dir)
-    if built.model_type in ("deepseek_v3", "qwen3_5_moe_text"):  # MTP layers: names outside transformers' key set
+    if built.model_type in ("deepseek_v3", "glm4_moe_lite", "qwen3_5_moe_text"):  # MTP layers: names outside transformers' key set
         with pytest.raises(ExportError, match="pass the model itself"):
             quantization_config(config, engine_tp_size=None)
     else:

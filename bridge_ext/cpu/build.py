@@ -77,7 +77,7 @@ def build_megatron_model(
     from megatron.bridge import AutoBridge
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from bridge_ext.cpu import gpt_families, qwen3_vl, qwen35
+    from bridge_ext.cpu import gpt_families, local_specs, qwen3_vl, qwen35, tiny_generated
 
     is_qwen35 = qwen35.is_qwen35(hf_dir)
     model_type = qwen35.hf_model_type(hf_dir)
@@ -98,7 +98,10 @@ def build_megatron_model(
         if rotary_percent is not None:  # see qwen35.qwen3_next_rotary_percent
             provider.rotary_percent = rotary_percent
     elif is_gpt_family:
+        original_spec = provider.transformer_layer_spec
         gpt_families.configure_provider(provider, hf_dir)
+        if model_type in tiny_generated.TINY:
+            local_specs.configure_provider(provider, original_spec)
     else:
         if getattr(provider, "num_moe_experts", None):
             qwen35._prepare_config(provider)  # sequential experts, allgather dispatcher, no fusions

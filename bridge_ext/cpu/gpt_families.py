@@ -25,7 +25,7 @@ import torch
 
 from model_mappings import register_transformers_configs
 
-MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss", "mimo")
+MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "gpt_oss", "mimo")
 
 
 def hf_model_type(hf_dir: str | Path) -> str | None:
@@ -35,7 +35,10 @@ def hf_model_type(hf_dir: str | Path) -> str | None:
 
 
 def is_gpt_family(hf_dir: str | Path) -> bool:
-    return hf_model_type(hf_dir) in MODEL_TYPES
+    """A type of :data:`MODEL_TYPES`, or one whose table is generated (:mod:`bridge_ext.cpu.tiny_generated`)."""
+    from bridge_ext.cpu.tiny_generated import TINY
+
+    return hf_model_type(hf_dir) in (*MODEL_TYPES, *TINY)
 
 
 def local_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
@@ -136,5 +139,9 @@ def cpu_forward_context() -> Iterator[None]:
     """Scope for a forward on CPU: the sliding-window mask is built on the CPU device."""
     from bridge_ext.cpu.qwen35 import _replaced
 
-    with _replaced("megatron.core.fusions.fused_softmax", get_sliding_window_causal_mask=sliding_window_causal_mask):
+    with ExitStack() as stack:
+        stack.enter_context(_replaced("megatron.core.fusions.fused_softmax",
+                                      get_sliding_window_causal_mask=sliding_window_causal_mask))
+        # Gemma 2's attention builds the same mask on cuda with a function of its own
+        stack.enter_context(_replaced("megatron.bridge.models.gemma.gemma2_provider", get_swa=sliding_window_causal_mask))
         yield

@@ -9,6 +9,7 @@ tiny_deepseek_v3       ``deepseek_v3``  ``DeepseekV3ForCausalLM``  ``model.layer
 tiny_deepseek_v3(...,  ``kimi_k2``      same (Kimi-K2 declares     same
   model_type="kimi_k2")                 ``kimi_k2`` over V3)
 tiny_glm4_moe          ``glm4_moe``     ``Glm4MoeForCausalLM``     ``model.layers.{N+i}.*``
+tiny_glm4_moe_lite     ``glm4_moe_lite``  ``Glm4MoeLiteForCausalLM``  ``model.layers.{N+i}.*``
 tiny_gpt_oss           ``gpt_oss``      ``GptOssForCausalLM``      none (no MTP)
 tiny_mimo              ``mimo``         ``Qwen2ForCausalLM``       ``model.mtp_layers.{i}.*``
 =====================  ===============  =========================  ==========================
@@ -108,7 +109,7 @@ def _deepseek_kwargs(q_lora_rank: int | None) -> dict:
         num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
         n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
         routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=32, q_lora_rank=q_lora_rank,
-        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256,
+        qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=20, max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
         initializer_range=INIT_STD,
     )
@@ -150,6 +151,66 @@ def tiny_glm4_moe(directory: str | Path, mtp_layers: int = 1, *, seed: int = 0) 
     model = Glm4MoeForCausalLM(config).float().eval()
     _perturb(model, torch.Generator().manual_seed(seed))
     return _save(model, Path(directory), {"num_nextn_predict_layers": mtp_layers},
+                 lambda saved: _deepseek_style_mtp(saved, config.num_hidden_layers, mtp_layers, seed))
+
+
+# transformers' MLA builds q_a_layernorm / kv_a_layernorm with eps 1e-6 whatever rms_norm_eps says;
+# Megatron (and vLLM) use rms_norm_eps. Published GLM-4.7-Flash says 1e-5, where transformers'
+# forward differs from both by that eps (6% of the largest logit on this tiny model after a routing
+# flip); the tiny model takes 1e-6 so that transformers' forward can judge the table's names.
+LATENT_NORM_EPS = 1e-6
+
+
+def tiny_glm4_moe_lite(directory: str | Path, mtp_layers: int = 1, *, seed: int = 0) -> Path:
+    """A ``Glm4MoeLiteForCausalLM`` cut down from GLM-4.7-Flash's config.json: MLA with a query
+    rank, as many KV heads as query heads, ``qk_nope_head_dim + qk_rope_head_dim == v_head_dim``
+    with ``v_head_dim != qk_nope_head_dim`` (192 + 64 = 256 there), 1 dense + 2 MoE layers
+    (``mlp_layer_types`` and ``first_k_dense_replace``, both as published), 4 experts top-2,
+    1 shared, MTP. ``kv_b_proj`` has 128 rows, one FP8 block, as the published 8960 rows are 70
+    (transformers 5.23's CPU dequantization of a partial second row
+    block is off; the format's own definition is checked in tests/test_fp8_export.py)."""
+    from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
+
+    torch.manual_seed(seed)
+    config = Glm4MoeLiteConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"], num_attention_heads=4,
+        num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True, kv_lora_rank=32, q_lora_rank=24,
+        qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=20, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+        initializer_range=INIT_STD, rms_norm_eps=LATENT_NORM_EPS,
+    )
+    model = Glm4MoeLiteForCausalLM(config).float().eval()
+    _perturb(model, torch.Generator().manual_seed(seed))
+    updates = {"num_nextn_predict_layers": mtp_layers, "first_k_dense_replace": 1, "topk_method": "noaux_tc"}
+    return _save(model, Path(directory), updates,
+                 lambda saved: _deepseek_style_mtp(saved, config.num_hidden_layers, mtp_layers, seed))
+
+
+def tiny_glm_moe_dsa(directory: str | Path, mtp_layers: int = 1, *, seed: int = 0) -> Path:
+    """A ``GlmMoeDsaForCausalLM`` (GLM-5) cut down from its config.json: MLA as GLM-4.7-Flash's,
+    the DSA indexer (2 heads of 16, top-4), 1 dense + 2 MoE layers, MTP; indexer top-k shared
+    every second layer (``index_topk_freq: 2``, ``index_skip_topk_offset: 1``), so layer 1 holds
+    no indexer, as GLM-5's shared layers; ``indexer_rope_interleave`` as Megatron-Bridge reads it."""
+    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+
+    torch.manual_seed(seed)
+    config = GlmMoeDsaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+        n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=32, q_lora_rank=24,
+        qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=20, index_topk=4, index_head_dim=16,
+        index_n_heads=2, index_topk_freq=2, index_skip_topk_offset=1, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+        initializer_range=INIT_STD, rms_norm_eps=LATENT_NORM_EPS,
+    )
+    model = GlmMoeDsaForCausalLM(config).float().eval()
+    _perturb(model, torch.Generator().manual_seed(seed))
+    updates = {"num_nextn_predict_layers": mtp_layers, "indexer_rope_interleave": True, "index_topk_freq": 2,
+               "index_skip_topk_offset": 1, "topk_method": "noaux_tc"}
+    return _save(model, Path(directory), updates,
                  lambda saved: _deepseek_style_mtp(saved, config.num_hidden_layers, mtp_layers, seed))
 
 

@@ -1,7 +1,8 @@
-"""``convert_checkpoint`` on a TP=2 megatron-core checkpoint of a tiny GLM-4.5 MoE model with one
-MTP layer (``model.layers.{N}``: GQA with biases, shared experts, the router's ``expert_bias``
-buffer, MTP copies of the embedding and output layer). (DeepSeek-V3's checkpoint differs only by
-MLA's plain column-parallel linears; its TP=2 live export is proven in tests/distributed.)
+"""``convert_checkpoint`` on TP=2 megatron-core checkpoints of a tiny GLM-4.5 MoE model and a tiny
+GLM-4.7-Flash (``glm4_moe_lite``: DeepSeek-V3's MLA in GLM's MoE) with one MTP layer each
+(``model.layers.{N}``: shared experts, the router's ``expert_bias`` buffer, MTP copies of the
+embedding and output layer; GQA with biases in the first, MLA's column-parallel linears and
+replicated latent norms in the second).
 
 Saved by a 2-process gloo torchrun of ``qwen35_factory.py`` (LoRA on every projection; routed
 experts' B kept zero at TP=2, see that file), converted full and adapter-only; judged against
@@ -25,7 +26,7 @@ from bridge_ext.convert import convert_checkpoint
 from bridge_ext.cpu import tiny_gpt_families
 
 HERE = Path(__file__).parent
-MODELS = {"glm4_moe": tiny_gpt_families.tiny_glm4_moe}
+MODELS = {"glm4_moe": tiny_gpt_families.tiny_glm4_moe, "glm4_moe_lite": tiny_gpt_families.tiny_glm4_moe_lite}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))

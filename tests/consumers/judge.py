@@ -4,7 +4,8 @@
 ``exports.py``) it uses vLLM's own code on CPU, with a world of one (gloo):
 
 - ``base`` / ``merged``: vLLM's model class for ``config.architectures`` is built, every
-  parameter set to NaN, the stream fed to its ``load_weights``; every parameter must be in the
+  parameter set to NaN (an integer one to -1: DeepSeek-V4's hash-routing table), the stream
+  fed to its ``load_weights``; every parameter must be in the
   set it reports loaded and hold no NaN. ``base`` must equal, value for value, what the same
   class loads from the source files; each tensor of the stream that the class ignores (loads
   nothing from when fed alone) is listed.
@@ -22,10 +23,11 @@
   class loads from the bf16 source (:func:`judge_fp8`).
 
 Device workarounds (no vLLM code is changed): vLLM's CUDA wheel on a machine without a GPU
-runs on its ``UnspecifiedPlatform``, which names no attention backend and no LoRA kernel
-wrapper, and no block-FP8 linear kernel claims it (the CPU ones need ``vllm._C``); the judge
-names the CPU ones (they are only built here, never run) and turns vLLM's pinned-memory copies
-of adapters off (they need a CUDA driver). vLLM's CPU platform itself needs triton-cpu.
+runs on its ``UnspecifiedPlatform``, which names no attention backend, no LoRA kernel
+wrapper and no device type, and no block-FP8 linear kernel claims it (the CPU ones need
+``vllm._C``); the judge names the CPU ones (they are only built here, never run) and turns
+vLLM's pinned-memory copies of adapters off (they need a CUDA driver). vLLM's CPU platform
+itself needs triton-cpu.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def _attention_backend_workaround() -> None:
     platform = type(current_platform)
     platform.get_attn_backend_cls = classmethod(backend)
     platform.current_device = classmethod(lambda cls: torch.device("cpu"))
+    platform.device_type = "cpu"  # buffers made with device=current_platform.device_type (DSA top-k indices)
     platform.is_cpu = classmethod(lambda cls: True)  # e.g. MoE picks its CPU experts kernel
     platform.get_mla_prefill_backend_cls = classmethod(lambda cls, *args, **kwargs: resolve_obj_by_qualname(
         "vllm.v1.attention.backends.mla.prefill.cpu_sdpa.CPUSDPAMLAPrefillBackend"))
@@ -152,7 +155,7 @@ def build(source: str, class_name: str | None = None, lora: dict | None = None, 
             model = cls(vllm_config=config, prefix="")
     with torch.no_grad():
         for param in model.parameters():
-            param.fill_(math.nan)
+            param.fill_(math.nan if param.is_floating_point() else -1)  # an integer table: -1 is no index
     return model, config
 
 
@@ -177,7 +180,7 @@ def load(model, config, pairs) -> dict:
         loaded = model.load_weights(pairs)
     params = dict(model.named_parameters())
     not_reported = sorted(set(params) - set(loaded or ()))
-    nan = sorted(name for name, p in params.items() if torch.isnan(p).any())
+    nan = sorted(name for name, p in params.items() if (torch.isnan(p) if p.is_floating_point() else p < 0).any())
     return {"not_reported": not_reported, "nan": nan}
 
 

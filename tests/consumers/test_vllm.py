@@ -22,8 +22,8 @@ HERE = Path(__file__).parent
 # vLLM's refusal of a folder in PEFT's fused expert layout on a class it wraps per expert
 FUSED_ON_2D = "contains fused 3D MoE weights"
 # cases whose PEFT folder holds fused expert adapters for a class vLLM wraps per expert
-PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "kimi_k2", "glm4_moe", "qwen2_moe", "qwen3_next",
-                      "qwen3_moe_canonical", "qwen3_moe_normalize"}
+PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite",
+                      "qwen2_moe", "qwen3_next", "qwen3_moe_canonical", "qwen3_moe_normalize"}
 # adapters vLLM leaves unapplied with its default engine options, by design: vision-tower ones
 # need enable_tower_connector_lora (docs/consumers.md)
 DROPPED = {"qwen3_5_moe_vl": "visual.", "qwen3_5_moe_vl_normalize": "visual.", "qwen3_vl": "visual.",
@@ -166,6 +166,8 @@ FUSED_BASE = {
     # Glm4MoeForCausalLM loads them; its MTP drafter, fed the same stream, does not
     "glm4_moe": {"base_fused": None,
                  "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
+    "glm4_moe_lite": {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'",
+                      "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
     # transformers 5.23's own [E, 2I, H] layout; vLLM reads the published [E, H, 2I] only
     "qwen3_vl_moe": {"base_fused": "RuntimeError: The size of tensor a (48) must match the size of tensor b (64)"},
 }
@@ -188,7 +190,7 @@ def test_what_vllm_ignores_is_explained(verdicts):
     mtp = {"qwen3_5_moe_text": ("mtp.",), "qwen3_5_moe_vl": ("mtp.",), "qwen3_5_moe_vl_normalize": ("mtp.",),
            "qwen3_next": ("mtp.",),
            "deepseek_v3": ("model.layers.3.",), "kimi_k2": ("model.layers.3.",), "glm4_moe": ("model.layers.3.",),
-           "mimo": ("model.mtp_layers.",)}
+           "glm4_moe_lite": ("model.layers.3.",), "mimo": ("model.mtp_layers.",)}
     for case, checks in verdicts.items():
         if case not in CASES:
             continue

@@ -20,6 +20,7 @@ REBOUND = {
         "get_transformer_block_with_experimental_attention_variant_spec",),
     "megatron.bridge.models.qwen_vl.qwen3_vl_provider": ("get_gpt_layer_with_transformer_engine_spec",),
     "megatron.core.fusions.fused_softmax": ("get_sliding_window_causal_mask",),
+    "megatron.bridge.models.gemma.gemma2_provider": ("get_swa",),
     "megatron.bridge.models.qwen_vl.modelling_qwen3_vl.model": (
         "get_vit_layer_with_transformer_engine_spec", "TENorm", "TEColumnParallelLinear", "TERowParallelLinear"),
 }

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge_ext.cpu.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe, tiny_gpt_oss, tiny_mimo
 from bridge_ext.cpu.tiny_dense import tiny_dense
+from bridge_ext.cpu.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe, tiny_glm4_moe_lite, tiny_gpt_oss, tiny_mimo
 from bridge_ext.cpu.tiny_models import tiny_qwen35_dense, tiny_qwen35_moe, tiny_qwen35_vl
 from bridge_ext.cpu.tiny_qwen_moe_vl import tiny_qwen3_moe
 from bridge_ext.engine import PEFT_PREFIX
@@ -45,6 +45,7 @@ MODELS = {
     "mimo": tiny_mimo,
     "deepseek": tiny_deepseek_v3,
     "glm": tiny_glm4_moe,
+    "glm_lite": tiny_glm4_moe_lite,
     "gpt_oss": lambda directory, mtp_layers: tiny_gpt_oss(directory),  # (no MTP)
     # the other Megatron-Bridge PEFT types (worker.PEFT_TYPES), each in one parallel layout
     "qwen3_dora": lambda directory, mtp_layers: tiny_dense(directory, "qwen3"),
@@ -60,14 +61,14 @@ MB_EXPERT_PARALLEL = ("moe", "deepseek", "glm")
 # gpt-oss needs expert-TP 1 at TP 2 (megatron-core: "Bias in Moe is only supported when ETP==1").
 # name -> (processes, worker flags, models)
 LAYOUTS = {
-    "single": (1, PEFT_FLAGS, ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "gpt_oss", *PEFT_OF)),
+    "single": (1, PEFT_FLAGS, ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite", "gpt_oss", *PEFT_OF)),
     # DoRA (its magnitudes split by rows with their column-parallel weights), CanonicalLoRA
     # (per-part pairs, the experts' gate / up at expert-TP 2) at TP=2; normalize_moe_lora at EP=2
     "tp2": (2, ["--tp", "2", "--megatron-bridge", "dense", "moe", "mimo", "--forward", "moe", *PEFT_FLAGS],
-            ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "qwen3_dora", "qwen3_moe_canonical_lora")),
+            ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite", "qwen3_dora", "qwen3_moe_canonical_lora")),
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"], ("dense", "moe", "vl_moe")),
     "ep2": (2, ["--ep", "2", "--megatron-bridge", *MB_EXPERT_PARALLEL, "--forward", *MB_EXPERT_PARALLEL, *PEFT_FLAGS],
-            ("moe", "deepseek", "glm", "gpt_oss", "qwen3_moe_normalize_moe_lora")),
+            ("moe", "deepseek", "glm", "glm_lite", "gpt_oss", "qwen3_moe_normalize_moe_lora")),
     # 16 KiB steps: the tiny model's larger tensors travel as large ones do (received whole)
     "tp2_pp2_ep2_etp1": (4, ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1", "--step-bytes", "16384"], ("moe",)),
 }

@@ -1,0 +1,113 @@
+"""``bridge-ext architectures``: every architecture Megatron-Bridge or bridge_ext knows, with its status.
+
+Read at run time from Megatron-Bridge's bridge registry and bridge_ext's tables, so a table
+added (hand-written or generated) changes its row. Statuses:
+
+* ``hand-written``: a table of ``model_mappings`` (proven by its conformance module);
+* ``generated+proven``: a table generated from Megatron-Bridge and an entry of the generated
+  tables' conformance module (``model_mappings.architecture_notes.PROVEN_GENERATED``);
+* ``generated, not provable on CPU``: a generated table whose tiny model cannot be built or
+  run on the CPU (the reason in ``model_mappings.architecture_notes.NOT_PROVABLE``);
+* ``refused``: no table (the reason in ``model_mappings.architecture_notes.REFUSED``).
+
+Its output is docs/architectures.md (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+NO_REASON = "no reason recorded"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    hf_class: str
+    model_type: str
+    status: str
+    peft: str
+    expert_layouts: str
+
+
+def _expert_layouts(table) -> str:
+    from bridge_ext.table import MappingTable
+
+    if not isinstance(table, MappingTable):
+        try:
+            from transformers import AutoConfig
+
+            from model_mappings import register_transformers_configs
+
+            register_transformers_configs()
+            table = table.build(AutoConfig.for_model(table.model_types[0]))
+        except Exception:  # a builder whose default config cannot be made: say so, do not guess
+            return "(from the config)"
+    layouts = sorted({each.variant.partition(":")[2] for each in table.rules if each.variant})
+    return ", ".join(layouts) or "–"
+
+
+@functools.cache
+def architectures() -> tuple[Architecture, ...]:
+    """One row per Hugging Face class (Megatron-Bridge's registry and bridge_ext's tables)."""
+    import model_mappings
+    from bridge_ext.table_generate import registered_bridges
+    from model_mappings.architecture_notes import NOT_PROVABLE, PROVEN_GENERATED, REFUSED
+
+    hand_written = model_mappings.hand_written_model_types()
+    generated = model_mappings.generated_model_types()
+    rows: dict[tuple[str, str], Architecture] = {}
+
+    def status(hf_class: str, model_type: str | None) -> tuple[str, str, str]:
+        table = model_mappings.registered_table(model_type) if model_type else None
+        if model_type in hand_written:
+            return "hand-written", "LoRA (DoRA, CanonicalLoRA: README's PEFT types)", _expert_layouts(table)
+        if model_type in generated:
+            if model_type in PROVEN_GENERATED:
+                return "generated+proven", "LoRA", _expert_layouts(table)
+            reason = NOT_PROVABLE.get(model_type, NO_REASON)
+            return f"generated, not provable on CPU: {reason}", "LoRA (not proven)", _expert_layouts(table)
+        return f"refused: {REFUSED.get(hf_class, NO_REASON)}", "–", "–"
+
+    for entry in registered_bridges():
+        model_type = entry.model_type or "–"
+        rows[(entry.source, model_type)] = Architecture(entry.source, model_type,
+                                                        *status(entry.source, entry.model_type))
+    served = {row.model_type for row in rows.values()}
+    for model_type in model_mappings.known_model_types():
+        if model_type in served:
+            continue
+        table = model_mappings.registered_table(model_type)
+        hf_class = getattr(table, "model_classes", {}).get(model_type, "–")
+        rows[(hf_class, model_type)] = Architecture(hf_class, model_type, *status(hf_class, model_type))
+    order = ("hand-written", "generated+proven", "generated,", "refused")
+    return tuple(sorted(rows.values(), key=lambda row: (
+        next(i for i, s in enumerate(order) if row.status.startswith(s)), row.model_type, row.hf_class)))
+
+
+def render() -> str:
+    """docs/architectures.md."""
+    from bridge_ext.table_generate import megatron_bridge_version
+
+    rows = architectures()
+    counts = {name: sum(row.status.startswith(name) for row in rows)
+              for name in ("hand-written", "generated+proven", "generated,", "refused")}
+    lines = [
+        "# Architectures",
+        "",
+        "Written by `bridge-ext architectures` (a test keeps this file equal to its output): every",
+        f"Hugging Face class Megatron-Bridge {megatron_bridge_version()} registers a bridge for, and every model type",
+        "bridge_ext has a table for. `generated+proven`: a table generated from Megatron-Bridge's bridge",
+        "(`bridge-ext tables generate`, `model_mappings/generated/`) and proven on a tiny model built in",
+        "Megatron on CPU (tests/test_conformance_generated.py). PEFT: the PEFT types proven for it;",
+        "expert adapters: the expert-adapter layouts its table offers.",
+        "",
+        f"{counts['hand-written']} hand-written, {counts['generated+proven']} generated+proven, "
+        f"{counts['generated,']} generated but not provable on CPU, {counts['refused']} refused.",
+        "",
+        "| Hugging Face class | model_type | status | PEFT | expert adapters |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| `{row.hf_class}` | `{row.model_type}` | {row.status} | {row.peft} | {row.expert_layouts} |"
+              for row in rows]
+    return "\n".join(lines) + "\n"

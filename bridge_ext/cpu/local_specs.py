@@ -1,0 +1,255 @@
+"""Local (no Transformer Engine) versions of the layer specs Megatron-Bridge's providers name.
+
+Supports the CPU builds of the architectures whose tables are generated; the exporter does not
+use it. Several providers (Gemma 2, EXAONE 4, OLMoE, ...) hand megatron-core a layer spec of
+their own, written with Transformer Engine modules. :func:`localize` rewrites such a spec with
+megatron-core's local modules, module for module, keeping the provider's own classes
+(attention variants, embeddings) and parameter names:
+
+* ``TELayerNormColumnParallelLinear`` -> a separate norm (the layer's ``input_layernorm`` /
+  ``pre_mlp_layernorm``) and ``ColumnParallelLinear``;
+* ``TEColumnParallelLinear`` / ``TERowParallelLinear`` -> ``ColumnParallelLinear`` /
+  ``RowParallelLinear``; ``TERowParallelLinearLayerNorm`` -> :class:`RowParallelLinearLayerNorm`;
+* ``TENorm`` and megatron's torch norms -> :class:`CpuNorm` (zero-centred gamma supported);
+* ``TEDotProductAttention`` -> ``DotProductAttention``; Gemma 2's FlexAttention (a Triton
+  kernel) -> its unfused parent ``Gemma2DotProductAttention``, the path it falls back to itself;
+  Gemma 3's ``Gemma3TEDotProductAttention`` -> :func:`gemma3_dot_product_attention`;
+* a self-attention without q/k norm modules in a ``qk_layernorm`` config gets :class:`CpuNorm`
+  ones (Transformer Engine's attention builds ``TENorm`` there itself);
+* a provider spec that extends Transformer Engine's default spec (OLMoE's) starts from the
+  local block spec instead, with the provider's own module swapped in (:data:`SPEC_EXTENSIONS`).
+
+A Transformer Engine class it has no local version of raises, naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+class ZeroCenteredLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm ``y = norm(x) * (1 + weight) + bias`` (Nemotron's LayerNorm1p), fp32 inside."""
+
+    def __init__(self, hidden_size: int, eps: float, params_dtype: torch.dtype):
+        super().__init__(hidden_size, eps=eps, dtype=params_dtype)
+        with torch.no_grad():
+            self.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight.float() + 1,
+                                              self.bias.float(), self.eps).to(x.dtype)
+
+
+class CpuNorm:
+    """Norm builder: RMSNorm with or without zero-centred gamma (``qwen35.ZeroCenteredRMSNorm``),
+    LayerNorm with zero-centred gamma (:class:`ZeroCenteredLayerNorm`), else megatron's torch norm."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        from bridge_ext.cpu.qwen35 import LocalNorm
+
+        if getattr(config, "normalization", "RMSNorm") == "LayerNorm" and config.layernorm_zero_centered_gamma:
+            return ZeroCenteredLayerNorm(hidden_size, eps, config.params_dtype)
+        return LocalNorm(config, hidden_size, eps)
+
+
+@functools.cache
+def row_parallel_linear_layer_norm():
+    """``RowParallelLinear`` followed by a norm of its output (Megatron-Bridge's
+    ``TERowParallelLinearLayerNorm``, same ``post_layernorm`` parameter names)."""
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    class RowParallelLinearLayerNorm(RowParallelLinear):
+        def __init__(self, input_size: int, output_size: int, *, config, **kwargs):
+            super().__init__(input_size, output_size, config=config, **kwargs)
+            self.post_layernorm = CpuNorm(config, output_size, config.layernorm_epsilon)
+
+        def forward(self, x):
+            output, bias = super().forward(x)
+            if bias is not None:
+                raise ValueError("RowParallelLinearLayerNorm assumes add_bias_linear=False")
+            return self.post_layernorm(output), bias
+
+    return RowParallelLinearLayerNorm
+
+
+@functools.cache
+def _te_names() -> dict[int, str]:
+    """Transformer Engine's classes by identity: without Transformer Engine installed they are
+    nameless placeholders (megatron's and Megatron-Bridge's import guards), told apart this way."""
+    import importlib
+
+    found: dict[int, set[str]] = {}
+    for module_name in ("megatron.core.extensions.transformer_engine", "megatron.bridge.models.common.te_layers",
+                        "megatron.bridge.models.gemma.gemma3_provider"):
+        for name, value in vars(importlib.import_module(module_name)).items():
+            if "TE" in name and value is not None:
+                found.setdefault(id(value), set()).add(name)
+    return {key: names.pop() for key, names in found.items() if len(names) == 1}  # shared placeholders: unknown
+
+
+@functools.cache
+def gemma3_dot_product_attention():
+    """megatron-core's local ``DotProductAttention`` with Megatron-Bridge's
+    ``Gemma3TEDotProductAttention`` window choice: sliding (``window_size - 1``, 0) on the
+    provider's local layers, full on the global ones (text models only)."""
+    import copy
+
+    from megatron.bridge.models.gemma.gemma3_provider import _is_local_attn_layer
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class Gemma3DotProductAttention(DotProductAttention):
+        def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, **kwargs):
+            if config.is_vision_language:
+                raise NotImplementedError("the local Gemma 3 attention covers text models only")
+            config = copy.deepcopy(config)
+            local = _is_local_attn_layer(layer_number, config.interleaved_attn_pattern)
+            config.window_size = (config.window_size - 1, 0) if local else None
+            super().__init__(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+                             attention_type=attention_type, **kwargs)
+
+    return Gemma3DotProductAttention
+
+
+def _local(module, where: str):
+    """The local class for a module class of a spec (itself when it is not Transformer Engine's)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    name = _te_names().get(id(module)) or getattr(module, "__name__", "")
+    if name == "Gemma2FlexDotProductAttention":
+        return module.__mro__[1]
+    if name == "Gemma3TEDotProductAttention":
+        return gemma3_dot_product_attention()
+    local = {
+        "TEColumnParallelLinear": ColumnParallelLinear,
+        "TELayerNormColumnParallelLinear": ColumnParallelLinear,
+        "TERowParallelLinear": RowParallelLinear,
+        "TERowParallelLinearLayerNorm": row_parallel_linear_layer_norm(),
+        "TEDotProductAttention": DotProductAttention,
+        "TENorm": CpuNorm,
+    }.get(name)
+    if local is not None:
+        return local
+    if module is WrappedTorchNorm:
+        return CpuNorm
+    if "TE" in name or getattr(module, "__module__", "").startswith("megatron.core.extensions"):
+        raise NotImplementedError(f"{where}: no local version of Transformer Engine's {name} for a CPU build")
+    return module
+
+
+def localize(spec, config, where: str = "layer"):
+    """``spec`` (a layer ``ModuleSpec``, a block's submodules, or a class) with local modules."""
+    from megatron.core.transformer.attention import SelfAttentionSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(spec, ModuleSpec):
+        fused = _fused_norm_slots(spec)
+        submodules = localize(spec.submodules, config, where) if spec.submodules is not None else None
+        if fused:
+            submodules = dataclasses.replace(submodules, **{norm: CpuNorm for norm in fused})
+        return dataclasses.replace(spec, module=_local(spec.module, where), submodules=submodules)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {field.name: localize(getattr(spec, field.name), config, f"{where}.{field.name}")
+                   for field in dataclasses.fields(spec)}
+        if isinstance(spec, SelfAttentionSubmodules) and config.qk_layernorm:
+            changes.update({norm: CpuNorm for norm in ("q_layernorm", "k_layernorm") if changes[norm] is None})
+        return dataclasses.replace(spec, **changes)
+    if isinstance(spec, list):
+        return [localize(each, config, f"{where}[{index}]") for index, each in enumerate(spec)]
+    if isinstance(spec, type) or id(spec) in _te_names():
+        return _local(spec, where)
+    return spec
+
+
+def _fused_norm_slots(layer) -> list[str]:
+    """The norm slots (``input_layernorm`` / ``pre_mlp_layernorm``) of a transformer layer spec
+    whose next linear is Transformer Engine's fused norm + linear: the local layer needs the norm
+    as its own module there."""
+    submodules = layer.submodules
+    if not (dataclasses.is_dataclass(submodules) and hasattr(submodules, "pre_mlp_layernorm")):
+        return []
+    slots = []
+    for norm, block, linear in (("input_layernorm", "self_attention", "linear_qkv"),
+                                ("pre_mlp_layernorm", "mlp", "linear_fc1")):
+        inner = getattr(getattr(getattr(submodules, block, None), "submodules", None), linear, None)
+        if (_te_names().get(id(inner)) or getattr(inner, "__name__", "")) == "TELayerNormColumnParallelLinear":
+            slots.append(norm)
+    return slots
+
+
+def configure_provider(provider, original_spec) -> None:
+    """After :func:`bridge_ext.cpu.gpt_families.configure_provider`: the provider's own layer spec
+    (``original_spec``, where it has one) made local, else megatron-core's local block spec with
+    :class:`CpuNorm` norms; the attention modules are the spec's (local), whatever the backend."""
+    import inspect
+
+    from megatron.core.transformer.enums import AttnBackend
+
+    from bridge_ext.cpu.gpt_families import local_block_spec
+
+    extension = _spec_extension(original_spec)
+    if extension is not None:
+        def spec(config, vp_stage=None, pp_rank=None):
+            block = local_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank)
+            for layer in block.layer_specs:
+                layer.submodules.self_attention.module = extension
+            return localize(block, config)
+    elif _is_family_spec(original_spec):
+        takes_stage = "vp_stage" in inspect.signature(original_spec).parameters
+
+        def spec(config, vp_stage=None):
+            built = localize(original_spec(config, vp_stage=vp_stage) if takes_stage else original_spec(config), config)
+            return _as_block(built, config)
+    else:
+        def spec(config, vp_stage=None, pp_rank=None):
+            return localize(local_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank), config)
+    provider.transformer_layer_spec = spec
+    # auto, as the other CPU builds: megatron keeps the backend choice in process-wide NVTE_* variables
+    provider.attention_backend = AttnBackend.auto
+
+
+
+def _as_block(spec, config):
+    """A layer spec as a block spec whose final norm is :class:`CpuNorm` (megatron-core gives a
+    bare layer spec Transformer Engine's norm, else torch's, which has no zero-centred gamma).
+    One pipeline stage: every layer."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    if not isinstance(spec, ModuleSpec):
+        return spec
+    if config.pipeline_model_parallel_size != 1:
+        raise NotImplementedError("a provider's own layer spec is built locally for one pipeline stage only")
+    return TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=CpuNorm)
+
+
+#: Modules of the generic providers' spec functions (GPT, MLA): gpt_families' local block spec
+#: stands for them.
+GENERIC_SPEC_MODULES = ("megatron.bridge.models.gpt_provider", "megatron.bridge.models.mla_provider")
+
+#: Provider spec functions that are Transformer Engine's default spec with one module swapped
+#: (read in Megatron-Bridge 0.6.2's source): function path -> the self-attention class they use.
+SPEC_EXTENSIONS = {
+    "megatron.bridge.models.olmoe.olmoe_provider.olmoe_layer_spec":
+        "megatron.bridge.models.olmoe.olmoe_provider.OLMoESelfAttention",
+}
+
+
+def _is_family_spec(original_spec) -> bool:
+    """A spec function of one model family's provider (not megatron-core's or the generic providers')."""
+    module = getattr(getattr(original_spec, "func", original_spec), "__module__", "") or ""
+    return (callable(original_spec) and module.startswith("megatron.bridge.models.")
+            and module not in GENERIC_SPEC_MODULES)
+
+
+def _spec_extension(original_spec):
+    import importlib
+
+    path = SPEC_EXTENSIONS.get(f"{getattr(original_spec, '__module__', '')}.{getattr(original_spec, '__name__', '')}")
+    if path is None:
+        return None
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)

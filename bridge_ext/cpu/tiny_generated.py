@@ -1,0 +1,69 @@
+"""Tiny Hugging Face models of the architectures whose tables are generated from Megatron-Bridge.
+
+Supports ``bridge-ext tables generate`` (which resolves on such a model what Megatron-Bridge's
+registry leaves to run time) and the generated tables' conformance module; the exporter does
+not use it. One entry per ``model_type``: the config fields that differ from :data:`BASE`.
+transformers' own config class, initialiser and ``save_pretrained`` make the folder, so its
+names and layouts are what transformers writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: Small and lopsided: query heads != KV heads, 2 * intermediate != hidden.
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+
+#: model_type -> config overrides of :data:`BASE` (the entry a new generated architecture adds).
+TINY: dict[str, dict] = {
+    "mistral": dict(sliding_window=None),
+    # MLA: transformers' attention has as many key/value heads as query heads
+    "deepseek_v2": dict(MOE, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
+                        kv_lora_rank=32, q_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                        topk_method="greedy"),
+    "exaone_moe": dict(MOE, num_shared_experts=1, first_k_dense_replace=1, sliding_window=4),
+    "gemma": dict(tie_word_embeddings=True),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=4),  # experts: intermediate_size
+    # EXAONE-4.0-1.2B: full attention only, as Megatron-Bridge's bridge builds it
+    "exaone4": dict(sliding_window=None, layer_types=["full_attention"] * 2, tie_word_embeddings=True),
+    "nemotron": dict(),
+    "gemma2": dict(sliding_window=4, tie_word_embeddings=True),  # window 4 < the 11 test tokens
+    # six layers: five sliding (window 4 < the 11 test tokens), one global, as Gemma 3 alternates
+    "gemma3_text": dict(sliding_window=4, tie_word_embeddings=True, num_hidden_layers=6),
+}
+
+NORM_NOISE = 0.1
+ROUTER_STD = 0.5
+
+
+def tiny_config(model_type: str):
+    """transformers' config of ``model_type`` with the tiny sizes of its :data:`TINY` entry."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **{**BASE, **TINY.get(model_type, {})})
+
+
+def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0) -> Path:
+    """Save a random tiny causal LM of ``model_type`` (fp32) to ``directory``.
+
+    Norms are perturbed around their initial value (a missing ``+1`` shows in the logits),
+    router weights get a larger spread (top-k far from ties).
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).float()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * NORM_NOISE)
+            elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                param.copy_(torch.randn(param.shape, generator=generator) * ROUTER_STD)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    return directory

@@ -1,0 +1,339 @@
+"""Mapping tables generated from Megatron-Bridge's bridges (``bridge-ext tables generate``).
+
+A Megatron-Bridge bridge lists its weight mappings (``mapping_registry()``: ``AutoMapping``,
+``QKVMapping``, ``GatedMLPMapping``, ...) with ``*`` wildcards. Each mapping becomes a rule of
+the project's vocabulary (:mod:`bridge_ext.table`, :mod:`bridge_ext.ops`); what the registry
+leaves to run time is resolved on a tiny Megatron model of the architecture built on the CPU
+(an ``AutoMapping``'s tensor-parallel kind is that of the module holding the weight, found by
+Megatron-Bridge's own detection) and on transformers' tiny model (the fused experts module's
+parameter order). A mapping this module does not know is refused, naming its class and
+parameter: a table is never guessed. MTP and vision / audio towers are left out.
+
+Expert mappings name Hugging Face's per-expert tensors (``experts.{e}.gate_proj.weight``); the
+table also offers the fused layout transformers keeps in memory (``experts.gate_up_proj``
+``[E, 2I, H]``, ``[gate; up]`` per expert), as the hand-written MoE tables do; the
+conformance tests prove both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge_ext.errors import TableError
+from model_mappings.architecture_notes import EQUIVALENT_KINDS, LEFT_OUT_PREFIXES
+
+WILDCARDS = ("layer", "expert")
+_FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
+_GROUPED_EXPERT = re.compile(r"^(?P<prefix>.*)\.experts\.linear_fc(?P<n>[12])\.weight\*$")
+
+
+@dataclass(frozen=True)
+class RegisteredBridge:
+    """One Hugging Face class Megatron-Bridge registers a bridge for."""
+
+    source: str  # the Hugging Face class name
+    model_type: str | None  # its config's model_type (None: transformers lacks the class)
+    bridge_class: type
+
+
+def megatron_bridge_version() -> str:
+    from importlib.metadata import version
+
+    return version("megatron-bridge")
+
+
+def registered_bridges() -> list[RegisteredBridge]:
+    """Every Hugging Face class with a Megatron-Bridge bridge, by class name."""
+    import transformers
+
+    import megatron.bridge.models  # noqa: F401  (imports every bridge, which registers it)
+    from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
+
+    found: dict[str, RegisteredBridge] = {}
+    stack = list(MegatronModelBridge.__subclasses__())
+    while stack:
+        bridge_class = stack.pop()
+        stack.extend(bridge_class.__subclasses__())
+        source = getattr(bridge_class, "SOURCE_NAME", None)
+        if not source or not bridge_class.__module__.startswith("megatron.bridge.models."):
+            continue
+        hf_class = getattr(transformers, source, None)
+        config_class = getattr(hf_class, "config_class", None)
+        # a remote-code class (no transformers class): the model_type the bridge declares, if any
+        model_type = getattr(config_class, "model_type", None) or getattr(bridge_class, "MODEL_TYPE", None)
+        found[source] = RegisteredBridge(source, model_type, bridge_class)
+    return sorted(found.values(), key=lambda entry: entry.source)
+
+
+def bridge_for(model_type: str) -> RegisteredBridge:
+    matches = [entry for entry in registered_bridges() if entry.model_type == model_type]
+    if len(matches) != 1:
+        found = "no bridge" if not matches else f"{len(matches)} bridges"
+        raise TableError(f"Megatron-Bridge {megatron_bridge_version()} registers {found} for model_type {model_type!r}")
+    return matches[0]
+
+
+@dataclass(frozen=True)
+class GeneratedRule:
+    """One rule as source text, and the Megatron pattern it came from (for the header)."""
+
+    megatron: str
+    text: str
+
+
+def _pattern(mb_pattern: str, what: str, mapping) -> str:
+    """Megatron-Bridge's ``*`` (digits) wildcards -> ``{layer}``, ``{expert}``."""
+    if "**" in mb_pattern:
+        raise TableError(f"{type(mapping).__name__} of {mapping.megatron_param}: '**' wildcards ({what} {mb_pattern}) "
+                         "are not supported")
+    pieces = mb_pattern.split("*")
+    if len(pieces) - 1 > len(WILDCARDS):
+        raise TableError(f"{type(mapping).__name__} of {mapping.megatron_param}: too many wildcards in {mb_pattern}")
+    out = pieces[0]
+    for index, piece in enumerate(pieces[1:]):
+        out += "{" + WILDCARDS[index] + "}" + piece
+    return out
+
+
+def _regex(mb_pattern: str) -> re.Pattern:
+    return re.compile("".join(r"\d+" if piece == "*" else re.escape(piece)
+                              for piece in re.split(r"(\*)", mb_pattern)) + r"\Z")
+
+
+class _Resolver:
+    """Tensor-parallel kind of a Megatron weight, read off the tiny model's module by
+    Megatron-Bridge's own ``AutoMapping`` detection."""
+
+    def __init__(self, chunk) -> None:
+        self.chunk = chunk
+        self.names = [name for name, _ in chunk.named_parameters()] + [name for name, _ in chunk.named_buffers()]
+
+    def present(self, mb_pattern: str) -> list[str]:
+        regex = _regex(mb_pattern)
+        return [name for name in self.names if regex.match(name)]
+
+    def kind(self, mapping) -> str | None:
+        """"column" / "row" / "replicated", or None when the tiny model lacks the weight."""
+        names = self.present(mapping.megatron_param)
+        grouped = _GROUPED_EXPERT.match(mapping.megatron_param)
+        if not names and grouped:  # grouped-GEMM experts: the same weights as SequentialMLP's
+            names = self.present(f"{grouped['prefix']}.experts.local_experts.*.linear_fc{grouped['n']}.weight")
+        if not names:
+            if mapping.megatron_param.endswith(_FUSED_NORMS):
+                return "replicated"  # a Transformer Engine norm fused into the next linear
+            return None
+        kinds = {mapping._detect_parallelism_type(self.chunk.get_submodule(name.rpartition(".")[0]))
+                 for name in names}
+        if len(kinds) != 1:
+            raise TableError(f"{mapping.megatron_param}: modules of several parallel kinds {sorted(kinds)}")
+        return kinds.pop()
+
+
+def _vocab_ops(megatron: str) -> str:
+    return ", TrimVocab()" if megatron in ("embedding.word_embeddings.weight", "output_layer.weight") else ""
+
+
+def _quoted(text: str) -> str:
+    return json.dumps(text)
+
+
+def _rule(megatron: str, hf: str | list[str], ops: str = "", **options: str) -> str:
+    """One rule's source: one line, or one argument a line when long."""
+    hf_text = _quoted(hf) if isinstance(hf, str) else "[" + ", ".join(_quoted(name) for name in hf) + "]"
+    extra = "".join(f", {key}={value}" for key, value in options.items() if value)
+    one_line = f"rule({_quoted(megatron)}, {hf_text}{ops}{extra})"
+    if len(one_line) <= 108:
+        return one_line
+    pad = " " * 12
+    if len(pad + hf_text) > 118:
+        hf_text = "[\n" + "".join(f"{pad}    {_quoted(name)},\n" for name in hf) + pad + "]"
+    arguments = [_quoted(megatron), hf_text, *([ops.removeprefix(", ")] if ops else []),
+                 *(f"{key}={value}" for key, value in options.items() if value)]
+    return "rule(\n" + "".join(f"{pad}{argument},\n" for argument in arguments) + " " * 8 + ")"
+
+
+def _fused_expert_name(per_expert: str, parameter: str) -> str:
+    head = per_expert.split(".experts.{expert}.")[0]
+    return f"{head}.experts.{parameter}"
+
+
+@dataclass
+class _Translation:
+    rules: list[GeneratedRule]
+    absent: list[str]
+    expert_parameters: tuple[str, ...] | None
+
+
+def translate(mappings, resolver: _Resolver, expert_parameters: tuple[str, ...] | None) -> _Translation:
+    """Rules for Megatron-Bridge ``mappings``; refuses a mapping kind it does not know."""
+    from megatron.bridge.models.conversion import param_mapping as pm
+
+    rules: list[GeneratedRule] = []
+    absent: list[str] = []
+    uses_experts = False
+
+    def add(megatron: str, text: str) -> None:
+        rules.append(GeneratedRule(megatron, text))
+
+    for mapping in mappings:
+        name = mapping.megatron_param
+        if name.startswith(LEFT_OUT_PREFIXES):
+            continue
+        kind = _kind(mapping)
+        megatron = _pattern(name, "Megatron", mapping)
+        is_expert = "{expert}" in megatron
+        if kind in (pm.AutoMapping, pm.ColumnParallelMapping, pm.RowParallelMapping, pm.ReplicatedMapping,
+                    pm.RMSNorm2ZeroCenteredRMSNormMapping):
+            if getattr(mapping, "permute_dims", None):
+                raise TableError(f"{kind.__name__} of {name}: permute_dims {mapping.permute_dims} is not supported")
+            explicit = {pm.ColumnParallelMapping: "column", pm.RowParallelMapping: "row",
+                        pm.ReplicatedMapping: "replicated"}.get(kind)
+            tp = explicit or resolver.kind(mapping)
+            if tp is None:
+                absent.append(name)
+                continue
+            hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
+            ops = _vocab_ops(megatron) + (", AddOne()" if kind is pm.RMSNorm2ZeroCenteredRMSNormMapping else "")
+            if is_expert:
+                uses_experts = True
+                add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp), variant='EXPERTS.variant("per_expert")'))
+                parameter = hf.rsplit(".", 2)[-2]
+                add(megatron, _rule(megatron, _fused_expert_name(hf, parameter), ops, tp=_quoted(tp),
+                                    stack='"expert"', variant='EXPERTS.variant("fused")'))
+            else:
+                add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp) if tp != "column" else ""))
+        elif kind is pm.QKVMapping:
+            hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
+            parts = '("q", "k", "v")' if name.endswith(".weight") else ""
+            add(megatron, _rule(megatron, hf, ', SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim")',
+                                lora_parts=parts))
+        elif kind is pm.GatedMLPMapping:
+            gate, up = (_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("gate", "up"))
+            if is_expert:
+                uses_experts = True
+                add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", variant='EXPERTS.variant("per_expert")',
+                                    lora_parts='("gate", "up")'))
+                fused = _fused_expert_name(gate, "gate_up_proj")
+                add(megatron, _rule(megatron, fused, ", SplitRows(1, 1), Concat((1, 1))",
+                                    stack='"expert"', variant='EXPERTS.variant("fused")'))
+            else:
+                add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", lora_parts='("gate", "up")'))
+        else:
+            raise TableError(f"unknown Megatron-Bridge mapping kind {type(mapping).__name__} for parameter {name}: "
+                             "no rule is generated for it")
+    if uses_experts and expert_parameters is None:
+        raise TableError("the bridge maps routed experts but transformers' model has no fused experts module")
+    return _Translation(rules, absent, expert_parameters if uses_experts else None)
+
+
+def _kind(mapping) -> type:
+    """The mapping's class, or the base class an :data:`EQUIVALENT_KINDS` subclass converts like."""
+    from megatron.bridge.models.conversion import param_mapping as pm
+
+    kind = type(mapping)
+    base = EQUIVALENT_KINDS.get(f"{kind.__module__}.{kind.__qualname__}")
+    return getattr(pm, base) if base else kind
+
+
+def _expert_parameters(hf_model) -> tuple[str, ...] | None:
+    """The parameter names of transformers' fused experts module, in registration order."""
+    for name, module in hf_model.named_modules():
+        if name.endswith(".experts"):
+            direct = tuple(param for param, _ in module.named_parameters(recurse=False))
+            if direct:
+                return direct
+    return None
+
+
+def generate(model_type: str) -> str:
+    """The table file's source for ``model_type``, from Megatron-Bridge's bridge of it."""
+    from transformers import AutoModelForCausalLM
+
+    from bridge_ext.cpu.build import build_megatron_model
+    from bridge_ext.cpu.distributed import megatron_parallel
+    from bridge_ext.cpu.tiny_generated import tiny_config, tiny_generated
+
+    from contextlib import nullcontext
+
+    from megatron.core import parallel_state
+
+    entry = bridge_for(model_type)
+    parallel = nullcontext() if parallel_state.model_parallel_is_initialized() else megatron_parallel()
+    with tempfile.TemporaryDirectory() as scratch, parallel:
+        try:
+            hf_dir = tiny_generated(Path(scratch) / "hf", model_type)
+            built = build_megatron_model(hf_dir, load_weights=False)
+        except Exception as error:  # the model's own code failing: reported, never a table
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise TableError(f"cannot build a tiny {model_type} model on the CPU to resolve the table "
+                             f"({type(error).__name__}: {first}); add or fix its entry in "
+                             "bridge_ext.cpu.tiny_generated.TINY") from error
+        mappings = built.bridge._model_bridge.mapping_registry().mappings
+        import torch
+
+        with torch.device("meta"):
+            hf_model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+        translation = translate(mappings, _Resolver(built.chunks[0]), _expert_parameters(hf_model))
+    return render(model_type, entry, translation)
+
+
+def render(model_type: str, entry: RegisteredBridge, translation: _Translation) -> str:
+    from model_mappings.architecture_notes import UNCOMPARED
+
+    bridge = entry.bridge_class
+    uncompared = UNCOMPARED.get(model_type, {})
+    lines = [
+        f'"""{entry.source} ({model_type}): generated by `bridge-ext tables generate {model_type}` from',
+        f"Megatron-Bridge {megatron_bridge_version()}'s {bridge.__name__}.mapping_registry()",
+        f"({bridge.__module__}).",
+        "",
+        "Do not edit: regenerate (a Megatron-Bridge upgrade shows as a diff). A hand-written table of the",
+        "same model type wins over this one. Left out: MTP layers and vision / audio towers.",
+    ]
+    if translation.absent:
+        lines += ["", "Mappings of weights the tiny model lacks (their parallel kind cannot be read off a module),",
+                  "left out so that such a weight is refused as unmapped:"]
+        lines += [f"    {name}" for name in translation.absent]
+    ops_import = "from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows, TrimVocab  # noqa: F401"
+    lines += ['"""', "", ops_import,
+              "from bridge_ext.table import ExpertFamily, MappingTable, rule",
+              *(["from model_mappings.config_fields import standard"] if uncompared else []), "",
+              f'MEGATRON_BRIDGE_VERSION = "{megatron_bridge_version()}"']
+    families = "()"
+    if translation.expert_parameters:
+        parameters = ", ".join(_quoted(name) for name in translation.expert_parameters)
+        parameters += "," if len(translation.expert_parameters) == 1 else ""
+        lines.append(f'EXPERTS = ExpertFamily("experts", ({parameters}))')
+        families = "(EXPERTS,)"
+    lines += ["", "TABLE = MappingTable(", f"    model_types=({_quoted(model_type)},),", "    rules=("]
+    lines += [f"        {each.text}," for each in translation.rules]
+    description = f"{entry.source} (generated from Megatron-Bridge {megatron_bridge_version()})"
+    lines += ["    ),", f'    description="{description}",',
+              f"    model_classes={{{_quoted(model_type)}: {_quoted(entry.source)}}},",
+              f"    expert_families={families},"]
+    if uncompared:  # reviewed by hand: model_mappings.architecture_notes.UNCOMPARED
+        lines.append("    config_fields=standard({")
+        for name, why in uncompared.items():
+            pieces = textwrap.wrap(why, 80, drop_whitespace=False)
+            lines.append(f"        {_quoted(name)}: (")
+            lines += [f"            {_quoted(piece)}" for piece in pieces]
+            lines.append("        ),")
+        lines.append("    }),")
+    lines += [")", ""]
+    return "\n".join(lines)
+
+
+def write(model_type: str, out: Path | None = None) -> Path:
+    """Generate ``model_type``'s table into ``out`` (default ``model_mappings/generated/<type>.py``)."""
+    import model_mappings
+
+    target = out or Path(model_mappings.__file__).parent / "generated" / f"{model_type}.py"
+    source = generate(model_type)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(source)
+    return target

@@ -1,0 +1,86 @@
+"""Reviewed facts about Megatron-Bridge's bridges: what a generated table leaves out or reads
+alike (``bridge-ext tables generate``), and why an architecture Megatron-Bridge registers has no
+proven table (``bridge-ext architectures``).
+
+:data:`REFUSED`'s keys are Hugging Face class names as Megatron-Bridge registers them. A class with a table
+(hand-written or generated) takes its status from the table, whatever is written here; a
+class without one must have its reason here (a test checks that none is left out).
+"""
+
+from __future__ import annotations
+
+#: Megatron-side prefixes of the parts a generated table never covers (``bridge-ext tables generate``).
+LEFT_OUT_PREFIXES = ("mtp.", "vision_model.", "audio_model.", "vision_tower.", "visual.", "talker.", "thinker.")
+
+#: Bridge-private subclasses that convert exactly like their base (read in Megatron-Bridge's
+#: source): ERNIE-4.5's ``_PPSafe*`` only return nothing for a weight no pipeline rank holds.
+EQUIVALENT_KINDS = {
+    "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeAutoMapping": "AutoMapping",
+    "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeReplicatedMapping": "ReplicatedMapping",
+    "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeGatedMLPMapping": "GatedMLPMapping",
+}
+
+#: Generated tables with an entry in the generated-tables conformance module (its tiny configs
+#: live in the test-support package; a test keeps the two equal).
+PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3_text",
+                              "mistral", "nemotron", "olmoe"})
+
+IN_PROGRESS = "hand-written table in progress, not generated"
+TOWER = "vision / audio towers are not generated; needs a hand-written table"
+REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
+
+#: Classes Megatron-Bridge registers that get no generated table: why.
+REFUSED: dict[str, str] = {
+    # written by hand at the same time
+    "MiniMaxM2ForCausalLM": IN_PROGRESS,
+    "KimiK25ForConditionalGeneration": IN_PROGRESS,
+    "NemotronHForCausalLM": IN_PROGRESS,
+    # vision / audio models
+    "Ernie4_5_VLMoeForConditionalGeneration": TOWER,
+    "Exaone4_5_ForConditionalGeneration": TOWER,
+    "Gemma3ForConditionalGeneration": TOWER,
+    "Gemma4ForConditionalGeneration": TOWER,
+    "Glm4vMoeForConditionalGeneration": TOWER,
+    "MiniMaxM3SparseForConditionalGeneration": TOWER,
+    "Mistral3ForConditionalGeneration": TOWER,
+    "NemotronH_Nano_Omni_Reasoning_V3": TOWER,
+    "NemotronH_Nano_VL_V2": TOWER,
+    "Qwen2AudioForConditionalGeneration": TOWER,
+    "Qwen2_5OmniForConditionalGeneration": TOWER,
+    "Qwen3ASRForConditionalGeneration": TOWER,
+    "Qwen3OmniMoeForConditionalGeneration": TOWER,
+    "Step3p7ForConditionalGeneration": TOWER,
+    # remote code
+    "DeciLMForCausalLM": REMOTE,
+    "SarvamMLAForCausalLM": REMOTE,
+    "SarvamMoEForCausalLM": REMOTE,
+    "Step3p5ForCausalLM": REMOTE,
+    "BailingMoeV2ForCausalLM": REMOTE,
+    # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
+    "Ernie4_5_MoeForCausalLM": "its expert bias mapping (_SqueezeBiasMapping: [1, E] <-> [E]) reshapes, which no "
+                               "operation of the table vocabulary does (the generator refuses the mapping kind)",
+    "MiMoV2FlashForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config fields transformers 5.23's "
+                              "MiMoV2FlashConfig lacks (swa_rope_theta): no provider, nothing to generate from",
+    "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, a per-layer attribute of "
+                         "transformers 5.23's Gemma4TextConfig (AmbiguousGlobalPerLayerAttributeError)",
+    "FalconH1ForCausalLM": "hybrid Mamba layers: MambaInProjMapping / MambaConv1dMapping have no rule kind of the "
+                           "generator yet, and megatron-core's Mamba mixer needs the mamba_ssm / causal_conv1d CUDA "
+                           "kernels, so no tiny model runs on the CPU to prove a table",
+    # generated, then refused on what the proof showed
+    "HYV3ForCausalLM": "Megatron-Bridge maps the checkpoint's mlp.shared_mlp, which transformers renames to "
+                       "mlp.shared_experts in memory, where PEFT keys adapters; the table vocabulary renames "
+                       "prefixes only",
+}
+
+#: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.
+NOT_PROVABLE: dict[str, str] = {}
+
+#: Config fields a generated table leaves uncompared (``model_mappings.config_fields.standard``),
+#: each reviewed in Megatron-Bridge's source: model_type -> {Hugging Face field: why}.
+UNCOMPARED: dict[str, dict[str, str]] = {
+    "gemma2": {"layer_types": "Megatron-Bridge's Gemma2DotProductAttention slides on odd layer numbers itself "
+                              "(HF's sliding/full alternation), whatever window_attn_skip_freq says"},
+    "gemma3_text": {"layer_types": "Megatron-Bridge's Gemma 3 attention picks sliding or global per layer from "
+                                   "interleaved_attn_pattern (five sliding, one global, as HF's default layer_types), "
+                                   "not from window_attn_skip_freq"},
+}

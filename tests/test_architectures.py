@@ -1,0 +1,122 @@
+"""`bridge-ext architectures` (docs/architectures.md) and `bridge-ext tables generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge_ext.errors import TableError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    from bridge_ext.architectures import architectures
+
+    return architectures()
+
+
+def test_docs_architectures_md_is_the_command_s_output():
+    from bridge_ext.architectures import render
+
+    assert (ROOT / "docs" / "architectures.md").read_text() == render(), \
+        "run: bridge-ext architectures > docs/architectures.md"
+
+
+def test_every_megatron_bridge_class_has_a_status_with_its_reason(rows):
+    from bridge_ext.architectures import NO_REASON
+    from bridge_ext.table_generate import registered_bridges
+
+    listed = {row.hf_class for row in rows}
+    assert {entry.source for entry in registered_bridges()} <= listed
+    assert [row.hf_class for row in rows if NO_REASON in row.status] == []
+
+
+def test_generated_tables_are_proven_or_say_why(rows):
+    from bridge_ext.cpu.tiny_generated import TINY
+    from model_mappings import generated_model_types
+
+    from model_mappings.architecture_notes import PROVEN_GENERATED
+
+    proven = sorted(row.model_type for row in rows if row.status == "generated+proven")
+    assert proven == sorted(set(TINY) & generated_model_types())
+    assert sorted(PROVEN_GENERATED) == sorted(TINY)  # the library's list is the conformance module's
+    assert len(proven) >= 9
+
+
+def test_hand_written_tables_win_over_generated_ones(monkeypatch):
+    import model_mappings
+    from bridge_ext.table import MappingTable
+    from model_mappings import llama
+
+    fake = MappingTable(model_types=("llama",), rules=(), description="generated stand-in")
+    monkeypatch.setattr(model_mappings, "GENERATED", (*model_mappings.GENERATED, fake))
+    assert model_mappings.registered_table("llama") is llama.TABLE
+    assert "llama" not in model_mappings.generated_model_types()
+
+
+def test_generated_tables_name_the_megatron_bridge_version_and_leave_out_mtp_and_towers():
+    from importlib.metadata import version
+
+    from bridge_ext.table_generate import LEFT_OUT_PREFIXES
+
+    files = sorted((ROOT / "model_mappings" / "generated").glob("[!_]*.py"))
+    assert files
+    for path in files:
+        text = path.read_text()
+        assert f'MEGATRON_BRIDGE_VERSION = "{version("megatron-bridge")}"' in text, path.name
+        assert not any(f'rule("{prefix}' in text for prefix in LEFT_OUT_PREFIXES), path.name
+
+
+class _UnknownMapping:
+    """A mapping kind the generator does not know."""
+
+    megatron_param = "decoder.layers.*.mlp.mystery.weight"
+    hf_param = "model.layers.*.mlp.mystery.weight"
+
+
+def test_an_unknown_mapping_kind_is_refused_naming_class_and_parameter():
+    from bridge_ext.table_generate import translate
+
+    with pytest.raises(TableError, match=r"unknown Megatron-Bridge mapping kind _UnknownMapping for parameter "
+                                         r"decoder\.layers\.\*\.mlp\.mystery\.weight"):
+        translate([_UnknownMapping()], resolver=None, expert_parameters=None)
+
+
+def test_ernie_s_reshaping_bias_mapping_is_refused():
+    from megatron.bridge.models.ernie.ernie_45_bridge import _SqueezeBiasMapping
+
+    from bridge_ext.table_generate import translate
+
+    mapping = _SqueezeBiasMapping("decoder.layers.*.mlp.router.expert_bias",
+                                  "model.layers.*.mlp.moe_statics.e_score_correction_bias")
+    with pytest.raises(TableError, match=r"_SqueezeBiasMapping for parameter "
+                                         r"decoder\.layers\.\*\.mlp\.router\.expert_bias"):
+        translate([mapping], resolver=None, expert_parameters=None)
+
+
+def test_any_characters_wildcards_are_refused():
+    from megatron.bridge.models.conversion.param_mapping import ReplicatedMapping
+
+    from bridge_ext.table_generate import translate
+
+    with pytest.raises(TableError, match=r"'\*\*' wildcards"):
+        translate([ReplicatedMapping("decoder.**.weight", "model.**.weight")], resolver=None, expert_parameters=None)
+
+
+def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu):
+    from bridge_ext.table_generate import generate
+
+    assert generate("mistral") == (ROOT / "model_mappings" / "generated" / "mistral.py").read_text()
+
+
+def test_generate_refuses_a_model_type_without_a_bridge():
+    from click.testing import CliRunner
+
+    from bridge_ext.cli import main
+
+    result = CliRunner().invoke(main, ["tables", "generate", "olmo2"])
+    assert result.exit_code == 1
+    assert "registers no bridge for model_type 'olmo2'" in result.output

@@ -1,0 +1,86 @@
+"""Conformance of the tables generated from Megatron-Bridge (``model_mappings/generated``).
+
+One entry per model type in ``bridge_ext.cpu.tiny_generated.TINY`` (its tiny config); each is
+built in Megatron on the CPU by Megatron-Bridge's own provider, with LoRA (random A and B).
+Megatron-Bridge's export is the oracle of a table derived from its registry; the Hugging Face
+files and transformers' key set are the truth it must also meet.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bridge_ext import export_hf_weights, save_hf_pretrained
+from bridge_ext.cpu.build import LoraSettings, build_megatron_model, randomize_lora
+from bridge_ext.cpu.forward import megatron_logits
+from bridge_ext.cpu.gpt_families import cpu_forward_context
+from bridge_ext.cpu.tiny_generated import TINY, tiny_generated
+from bridge_ext.engine import PEFT_PREFIX
+from bridge_ext.hf_keys import hf_checkpoint_keys
+from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
+from model_mappings import generated_model_types
+
+PROVEN = sorted(set(TINY) & generated_model_types())
+#: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)
+POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
+LORA_TARGETS = {"gemma2": POST_NORM_TARGETS, "gemma3_text": POST_NORM_TARGETS, "exaone4": POST_NORM_TARGETS}
+MEGATRON_SPELLINGS = ("base_layer", "to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.")
+
+
+@pytest.fixture(scope="module", params=PROVEN)
+def built(request, megatron_cpu, tmp_path_factory):
+    hf_dir = tiny_generated(tmp_path_factory.mktemp(request.param), request.param)
+    targets = LORA_TARGETS.get(request.param)
+    model = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=targets) if targets else LoraSettings())
+    randomize_lora(model.chunks, seed=len(request.param))
+    return model
+
+
+def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
+    """Bit-exact with the files, named as transformers saves, merged and adapters equal to
+    Megatron-Bridge's own exports."""
+    from transformers import AutoConfig
+
+    original = load_file(str(built.hf_dir / "model.safetensors"))
+    base = dict(export_hf_weights(built.chunks, base_only=True))
+    assert sorted(base) == sorted(original)
+    assert [name for name, tensor in original.items() if not torch.equal(base[name], tensor)] == []
+    keys = hf_checkpoint_keys(AutoConfig.from_pretrained(str(built.hf_dir)))
+    assert {name: tuple(t.shape) for name, t in base.items()} == keys
+    ours = dict(export_hf_weights(built.chunks, peft=False))
+    theirs = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+    adapters = {name.removeprefix(PEFT_PREFIX): t for name, t in
+                export_hf_weights(built.chunks, adapters_only=True, expert_adapter_layout="per_expert")}
+    assert adapters
+    assert [name for name in adapters if any(spelling in name for spelling in MEGATRON_SPELLINGS)] == []
+    theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(adapters) == sorted(theirs)
+    assert [name for name in adapters if not torch.equal(adapters[name], theirs[name])] == []
+
+
+def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")
+    report = Report()
+    check_model_folder(tmp_path / "model", report)
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", report)
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    with cpu_forward_context():
+        reference = megatron_logits(built.chunks, input_ids)
+    relative = compare_logits(hf_logits(peft_model, input_ids), reference, report, what="HF + adapter",
+                              relative_tolerance=1e-5)
+    without_adapter = hf_logits(load_hf_model(tmp_path / "model"), input_ids)
+    assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+
+
+def test_lora_after_a_linear_s_own_output_norm_is_refused(megatron_cpu, tmp_path):
+    """Gemma 2's linear_proj normalises its output; Megatron-Bridge adds the LoRA delta after it."""
+    from bridge_ext.errors import ExportError
+
+    model = build_megatron_model(tiny_generated(tmp_path, "gemma2"), lora=LoraSettings())
+    with pytest.raises(ExportError, match=r"decoder\.layers\.0\.self_attention\.linear_proj: LoRA on a linear that "
+                                          r"normalises its own output"):
+        next(export_hf_weights(model.chunks))
