@@ -400,6 +400,12 @@ def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[Task
     first tensor that does not fit, naming the Megatron tensor, the Hugging Face tensor(s) and
     both shapes; ``exported`` names the source in that message. Checked once per plan and mode."""
     expected = {**plan.hf_keys, **plan.extra_shapes}
+    # an adapter task's merge check runs the adapter layout's rules (``fused``: the in-memory
+    # layout PEFT adapts, also beside a ``fused_transposed`` base of the same names), so its
+    # outputs have that layout's shapes
+    merged_expected = expected
+    if plan.table.expert_families and plan.layouts.adapters != plan.layouts.transformers_layout(plan.table):
+        merged_expected = {**checkpoint_keys(plan.config, plan.layouts.adapters), **plan.extra_shapes}
     for converter, tasks in passes:
         if converter.mode in plan.checked:
             continue
@@ -419,11 +425,12 @@ def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[Task
                     raise ExportError(f"{exported} and the Hugging Face config disagree: {first} has shape "
                                       f"{_shapes_text(source, first)}{lora}, which cannot become {wanted} "
                                       f"({error})") from None
+                wanted = merged_expected if run is merged else expected
                 for name, shape in outputs:
-                    if name in expected and tuple(expected[name]) != shape:
+                    if name in wanted and tuple(wanted[name]) != shape:
                         raise ExportError(
                             f"{exported} and the Hugging Face config disagree on {name}: {first} "
-                            f"{_shapes_text(source, first)} gives {shape}, the config implies {tuple(expected[name])}")
+                            f"{_shapes_text(source, first)} gives {shape}, the config implies {tuple(wanted[name])}")
         plan.checked.add(converter.mode)
 
 
