@@ -52,7 +52,7 @@ def architectures() -> tuple[Architecture, ...]:
     """One row per Hugging Face class (Megatron-Bridge's registry and bridge_ext's tables)."""
     import bridge_ext.tables
     from bridge_ext.table_generate import registered_bridges
-    from bridge_ext.tables.architecture_notes import NOT_PROVABLE, PROVEN_GENERATED, REFUSED
+    from bridge_ext.tables.architecture_notes import NOT_PROVABLE, PROVEN_GENERATED, REFUSED, REMOTE_MODEL_TYPES
 
     hand_written = bridge_ext.tables.hand_written_model_types()
     generated = bridge_ext.tables.generated_model_types()
@@ -70,9 +70,8 @@ def architectures() -> tuple[Architecture, ...]:
         return f"refused: {REFUSED.get(hf_class, NO_REASON)}", "–", "–"
 
     for entry in registered_bridges():
-        model_type = entry.model_type or "–"
-        rows[(entry.source, model_type)] = Architecture(entry.source, model_type,
-                                                        *status(entry.source, entry.model_type))
+        known = entry.model_type or REMOTE_MODEL_TYPES.get(entry.source)
+        rows[(entry.source, known or "–")] = Architecture(entry.source, known or "–", *status(entry.source, known))
     served = {row.model_type for row in rows.values()}
     for model_type in bridge_ext.tables.known_model_types():
         if model_type in served:

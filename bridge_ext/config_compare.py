@@ -26,7 +26,8 @@ from bridge_ext.dims import text_config
 #   value: the field itself; activation: a function name; rope_type / rope_factor: the rotary
 #   scaling kind and factor; sliding_window: the window in tokens (None: no sliding layer);
 #   layer_types: which layers slide; topk_normalised: whether the top-k routing weights sum to one.
-READS = ("value", "activation", "rope_type", "rope_factor", "sliding_window", "layer_types", "topk_normalised")
+READS = ("value", "activation", "rope_type", "rope_factor", "sliding_window", "layer_types", "topk_normalised",
+         "count")
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,13 @@ def _megatron_value(settings: Mapping[str, Any], spec: ConfigField) -> Any:
     return _normalised(spec.megatron, settings)
 
 
+def _megatron_count(settings: Mapping[str, Any], spec: ConfigField) -> Any:
+    """A number of layers or modules, where Megatron's ``None`` means none."""
+    if spec.megatron not in settings:
+        return _MISSING
+    return _normalised(spec.megatron, settings) or 0
+
+
 def _normalised(name: str, settings: Mapping[str, Any]) -> Any:
     """A field's effective value: Megatron's own defaults for unset sizes (TransformerConfig)."""
     value = settings.get(name)
@@ -333,6 +341,7 @@ _READERS: dict[str, tuple[Callable[[Any, ConfigField], Any], Callable[[Mapping[s
     "sliding_window": (_hf_sliding_window, _megatron_sliding_window),
     "layer_types": (_hf_layer_kinds, _megatron_layer_kinds),
     "topk_normalised": (_hf_topk_normalised, _megatron_topk_normalised),
+    "count": (_hf_value, _megatron_count),
 }
 
 

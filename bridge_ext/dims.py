@@ -54,8 +54,13 @@ class ModelDims:
                 gdn_v_heads_per_key_head=value_heads_per_key_head,
                 gdn_v_rows_per_key_head=value_heads_per_key_head * text.linear_value_head_dim,
             )
+        if getattr(text, "mamba_num_heads", None):  # Mamba-2 mixers (Nemotron-H)
+            sizes.update(mamba_inner=text.mamba_num_heads * text.mamba_head_dim,
+                         mamba_bc=text.n_groups * text.ssm_state_size, mamba_heads=text.mamba_num_heads)
         vision = vision_config(config)
-        if vision is not None:
-            vision_heads = vision.num_heads
+        # Qwen's vision configs say num_heads, others (Kimi-K2.5's) num_attention_heads
+        vision_heads = vision is not None and (getattr(vision, "num_heads", None)
+                                               or getattr(vision, "num_attention_heads", None))
+        if vision_heads:
             sizes.update(vision_heads=vision_heads, vision_head_dim=vision.hidden_size // vision_heads)
         return cls(sizes)

@@ -474,7 +474,8 @@ class TaskConverter:
         return [row.squeeze(1) for row in rows]
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self.dtype is None else tensor.to(self.dtype)
+        # integer buffers (DeepSeek-V4's hash-routing table) keep their dtype
+        return tensor if self.dtype is None or not tensor.is_floating_point() else tensor.to(self.dtype)
 
     def _check_copies_equal(self, task: Task) -> None:
         first = self.source.shards(task.sources[0])

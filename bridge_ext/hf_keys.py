@@ -40,6 +40,15 @@ Facts per model type (transformers 5.23.0, checked by ``tests/test_hf_keys.py`` 
   unexpected = [r"^mtp.*"]``), so save_pretrained never writes it, whatever
   ``mtp_num_hidden_layers`` says. MTP weights (SPEC §2.3) must be checked separately.
 * Non-persistent buffers (rotary ``inv_freq``) are not written.
+* ``deepseek_v4``: transformers reverts its renames key by key and writes a mixture
+  (``model.layers.{i}.attn.*``, ``model.embed_tokens``, ``model.hc_head.hc_fn``, the attention's
+  ``kv_norm`` as ``attn.norm``, ``head.weight``); the table's ``published_renames`` turn it into
+  the published names (``layers.{i}.attn.kv_norm``, ``embed.weight``, ``hc_head_fn``), which is
+  what transformers' loader, Megatron-Bridge and vLLM read. The key set returned is those names.
+* ``kimi_k25``: 5.23's reverse conversion writes ``language_model.model.blocks.{i}`` for the
+  published ``language_model.model.layers.{i}``, ``vision_tower.encoder.patch_embed`` for
+  ``vision_tower.patch_embed`` and ``model.mm_projector.pre_norm`` for ``mm_projector.pre_norm``;
+  the table's ``saved_name_fixes`` give the published names (applied here).
 
 ``expert_layout``:
   ``"per_expert"`` (default) -- what ``save_pretrained`` of a freshly built model writes;
@@ -109,7 +118,15 @@ def _save_conversions(model, *, fused: bool, prefix_change: bool) -> list:
     if prefix_change and not any(isinstance(each, PrefixChange) for each in conversions):
         raise ValueError(f"{type(model).__name__} has no PrefixChange in its conversion mapping")
     return [each for each in conversions
-            if not (fused and isinstance(each, WeightConverter)) and (prefix_change or not isinstance(each, PrefixChange))]
+            if not (fused and _is_expert_converter(each, WeightConverter))
+            and (prefix_change or not isinstance(each, PrefixChange))]
+
+
+def _is_expert_converter(conversion, converter_class) -> bool:
+    """A ``WeightConverter`` of routed experts (the fused layout keeps its tensors as held in
+    memory); others, such as Kimi-K2.5's vision ``wqkv`` split, stay reverted in every layout."""
+    patterns = [*conversion.source_patterns, *conversion.target_patterns] if isinstance(conversion, converter_class) else []
+    return any("experts" in pattern for pattern in patterns)
 
 
 def hf_checkpoint_keys(
@@ -140,11 +157,34 @@ def hf_checkpoint_keys(
     state_dict = _without_tied_weights(state_dict, model)
     model._weight_conversions = _save_conversions(model, fused=expert_layout != "per_expert", prefix_change=prefix_change)
     state_dict = revert_weight_conversion(model, state_dict)
-    keys = {name: tuple(t.shape) for name, t in state_dict.items()}
+    published = _published_name(config)
+    keys = _fixed({published(name): tuple(t.shape) for name, t in state_dict.items()}, config)
     if expert_layout == "fused_transposed":
         keys = {name: (*shape[:-2], shape[-1], shape[-2]) if _is_fused_expert(config, name, shape) else shape
                 for name, shape in keys.items()}
     return dict(sorted(keys.items()))
+
+
+def _published_name(config):
+    """The table's renames to the published names (identity for tables without them)."""
+    from bridge_ext.tables import known_model_types, table_for
+
+    if config.model_type not in known_model_types():
+        return lambda name: name
+    return table_for(config).published_name
+
+
+def _fixed(keys: dict[str, tuple[int, ...]], config) -> dict[str, tuple[int, ...]]:
+    """The table's ``saved_name_fixes``: names transformers' save gets wrong, as published."""
+    import re
+
+    from bridge_ext.tables import known_model_types, table_for
+
+    if config.model_type not in known_model_types():
+        return keys
+    for pattern, replacement in table_for(config).saved_name_fixes:
+        keys = {re.sub(pattern, replacement, name): shape for name, shape in keys.items()}
+    return keys
 
 
 def _without_tied_weights(state_dict: dict, model) -> dict:

@@ -236,3 +236,24 @@ class TrimVocab(Op):
 
     def reverse(self, tensors, dims):
         return list(tensors)  # the caller pads to the Megatron model's own vocabulary size
+
+
+@dataclass(frozen=True)
+class Scalar(Op):
+    """A one-element Megatron parameter (shape ``[1]``) as a scalar, so that a rule stacking
+    several of them gives one ``[n]`` Hugging Face tensor (DeepSeek-V4's hyper-connection
+    ``hc_*_scale``: Megatron's ``alpha_pre``, ``alpha_post``, ``alpha_res``). A reshape is no row
+    operation: marked as changing values, so the engine converts each stacked member on its own
+    and never applies it to LoRA factors (these parameters take none)."""
+
+    changes_values: ClassVar[bool] = True
+
+    def forward(self, tensors, dims):
+        if any(tensor.shape != (1,) for tensor in tensors):
+            raise ValueError("expected one-element tensors of shape (1,)")
+        return [tensor.reshape(()) for tensor in tensors]
+
+    def reverse(self, tensors, dims):
+        if any(tensor.dim() != 0 for tensor in tensors):
+            raise ValueError("expected scalars")
+        return [tensor.reshape(1) for tensor in tensors]

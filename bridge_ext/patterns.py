@@ -4,6 +4,9 @@
 with ``{"layer": "7"}``; :meth:`NamePattern.fill` puts such values into another pattern.
 ``{name+N}`` stands for the value plus ``N``: ``model.layers.{depth+61}`` names MTP depth 0
 ``model.layers.61`` (tables built from a config put the config's number there).
+``{name=pre|post|res}`` stands for one of the listed words; its value is the word's position
+(``alpha_post`` gives ``{"name": "1"}``), so a rule can stack differently named parameters in
+the listed order (DeepSeek-V4's three hyper-connection scalars are one Hugging Face tensor).
 """
 
 from __future__ import annotations
@@ -11,44 +14,58 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-_WILDCARD = re.compile(r"\{(\w+)(?:\+(\d+))?\}")
+_WILDCARD = re.compile(r"\{(\w+)(?:\+(\d+)|=(\w+(?:\|\w+)+))?\}")
 
 
 @dataclass(frozen=True)
 class NamePattern:
-    """A dotted parameter name with ``{name}`` / ``{name+N}`` wildcards, each one integer."""
+    """A dotted parameter name with ``{name}`` / ``{name+N}`` wildcards, each one integer, and
+    ``{name=a|b}`` ones, each one of the listed words (its value is the word's position)."""
 
     text: str
     _regex: re.Pattern = field(init=False, repr=False, compare=False)
     _offsets: dict[str, int] = field(init=False, repr=False, compare=False)
+    _words: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         pieces = _WILDCARD.split(self.text)
-        # split() gives literal, name, offset, literal, name, offset, ..., literal
-        regex, offsets = [], {}
-        for i in range(0, len(pieces), 3):
+        # split() gives literal, name, offset, words, literal, name, offset, words, ..., literal
+        regex, offsets, words = [], {}, {}
+        for i in range(0, len(pieces), 4):
             regex.append(re.escape(pieces[i]))
             if i + 1 < len(pieces):
-                regex.append(rf"(?P<{pieces[i + 1]}>\d+)")
-                offsets[pieces[i + 1]] = int(pieces[i + 2] or 0)
+                name = pieces[i + 1]
+                if pieces[i + 3]:
+                    words[name] = tuple(pieces[i + 3].split("|"))
+                    regex.append(f"(?P<{name}>{'|'.join(map(re.escape, words[name]))})")
+                else:
+                    regex.append(rf"(?P<{name}>\d+)")
+                offsets[name] = int(pieces[i + 2] or 0)
         object.__setattr__(self, "_regex", re.compile("".join(regex) + r"\Z"))
         object.__setattr__(self, "_offsets", offsets)
+        object.__setattr__(self, "_words", words)
 
     @property
     def wildcards(self) -> tuple[str, ...]:
-        return tuple(name for name, _ in _WILDCARD.findall(self.text))
+        return tuple(name for name, _, _ in _WILDCARD.findall(self.text))
 
     def match(self, name: str) -> dict[str, str] | None:
         """The integers ``name`` holds at the pattern's wildcards (offsets taken off), or None."""
         found = self._regex.match(name)
         if found is None:
             return None
-        values = {key: int(value) - self._offsets[key] for key, value in found.groupdict().items()}
+        values = {key: self._words[key].index(value) if key in self._words else int(value) - self._offsets[key]
+                  for key, value in found.groupdict().items()}
         if any(value < 0 for value in values.values()):
             return None
         return {key: str(value) for key, value in values.items()}
 
     def fill(self, values: dict[str, str | int]) -> str:
         """The pattern with each ``{name}`` replaced by ``values[name]`` (plus its offset)."""
-        return _WILDCARD.sub(lambda wildcard: str(int(values[wildcard.group(1)]) + int(wildcard.group(2) or 0)),
-                             self.text)
+        def value(wildcard: re.Match) -> str:
+            number = int(values[wildcard.group(1)])
+            if wildcard.group(3):
+                return wildcard.group(3).split("|")[number]
+            return str(number + int(wildcard.group(2) or 0))
+
+        return _WILDCARD.sub(value, self.text)

@@ -101,8 +101,10 @@ def plan_export(source: TensorSource, config, layouts: ExpertLayouts | None = No
     layouts = layouts or ExpertLayouts()
     base_variants, adapter_variants = layouts.base_variants(table), layouts.adapter_variants(table)
     base_tasks = plan_tasks(source.base_names(), table, base_variants)
+    # without adapters there is nothing to lay out (a table may offer one expert layout only)
     adapter_tasks = (
-        base_tasks if adapter_variants == base_variants else plan_tasks(source.base_names(), table, adapter_variants)
+        base_tasks if adapter_variants == base_variants or not source.adapters()
+        else plan_tasks(source.base_names(), table, adapter_variants)
     )
     planned = {name for task in base_tasks for name in task.sources}
     orphans = sorted(module for module in source.adapters() if f"{module}.weight" not in planned)
@@ -160,6 +162,12 @@ def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[Task
     first tensor that does not fit, naming the Megatron tensor, the Hugging Face tensor(s) and
     both shapes; ``exported`` names the source in that message. Checked once per plan and mode."""
     expected = {**plan.hf_keys, **plan.extra_shapes}
+    # an adapter task's merge check runs the adapter layout's rules (``fused``: the in-memory
+    # layout PEFT adapts, also beside a ``fused_transposed`` base of the same names), so its
+    # outputs have that layout's shapes
+    merged_expected = expected
+    if plan.table.expert_families and plan.layouts.adapters != plan.layouts.transformers_layout(plan.table):
+        merged_expected = {**checkpoint_keys(plan.config, plan.layouts.adapters), **plan.extra_shapes}
     for converter, tasks in passes:
         if converter.mode in plan.cache.checked:
             continue
@@ -179,11 +187,12 @@ def check_shapes(source: TensorSource, plan: ExportPlan, passes: list[tuple[Task
                     raise ExportError(f"{exported} and the Hugging Face config disagree: {first} has shape "
                                       f"{_shapes_text(source, first)}{lora}, which cannot become {wanted} "
                                       f"({error})") from None
+                wanted = merged_expected if run is merged else expected
                 for name, shape in outputs:
-                    if name in expected and tuple(expected[name]) != shape:
+                    if name in wanted and tuple(wanted[name]) != shape:
                         raise ExportError(
                             f"{exported} and the Hugging Face config disagree on {name}: {first} "
-                            f"{_shapes_text(source, first)} gives {shape}, the config implies {tuple(expected[name])}")
+                            f"{_shapes_text(source, first)} gives {shape}, the config implies {tuple(wanted[name])}")
         plan.cache.checked.add(converter.mode)
 
 

@@ -16,6 +16,7 @@ walks through the fields.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -209,8 +210,17 @@ class MappingTable:
             where transformers renames on load (Qwen2.5-VL: ``model.`` -> ``model.language_model.``,
             ``visual.`` -> ``model.visual.``): the rules name the checkpoint; adapter keys and
             PEFT's targets use the in-memory names.
+        saved_name_fixes: ``(regex, replacement)`` pairs applied in order to transformers'
+            save-time key set where its ``save_pretrained`` writes names the published
+            checkpoints do not hold (a conversion whose reverse is wrong: transformers 5.23
+            saves Kimi-K2.5's ``language_model.model.layers`` as ``...model.blocks``); the
+            fixed set is the reference every export is checked against.
         fp8: Which weights a block-FP8 export quantizes and which linears stay bf16 (None: the
             table offers no FP8 export). See :mod:`bridge_ext.fp8_rules`.
+        published_renames: ``(regex, replacement)`` pairs, first match wins, from the names
+            transformers' ``save_pretrained`` writes to the published checkpoint's names the rules
+            produce, where the two differ (DeepSeek-V4: transformers reverts its renames key by key
+            and leaves a mixture); :func:`bridge_ext.hf_keys.hf_checkpoint_keys` applies them.
     """
 
     model_types: tuple[str, ...]
@@ -222,7 +232,9 @@ class MappingTable:
     vllm_expert_adapter_layouts: Mapping[str, ExpertLayout] = field(default_factory=dict, compare=False)
     vllm_expert_layouts: Mapping[str, ExpertLayout] = field(default_factory=dict, compare=False)
     in_memory_prefixes: tuple[tuple[str, str], ...] = ()
+    saved_name_fixes: tuple[tuple[str, str], ...] = ()
     fp8: Fp8Rules | None = field(default=None, compare=False)
+    published_renames: tuple[tuple[str, str], ...] = ()
     #: Registers with transformers what reading this family's config needs (e.g. a config class
     #: for a model type transformers lacks); run by :func:`bridge_ext.tables.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.
@@ -254,6 +266,13 @@ class MappingTable:
             if hf_name.startswith(saved):
                 return loaded + hf_name[len(saved):]
         return hf_name
+
+    def published_name(self, saved: str) -> str:
+        """``saved`` (a name transformers' ``save_pretrained`` writes) as the rules name it."""
+        for pattern, replacement in self.published_renames:
+            if re.search(pattern, saved):
+                return re.sub(pattern, replacement, saved)
+        return saved
 
     def __post_init__(self) -> None:
         known = {family.name for family in self.expert_families}

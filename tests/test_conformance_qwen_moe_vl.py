@@ -206,6 +206,23 @@ def test_peft_loads_the_adapter_strictly_and_both_folders_give_megatron_logits(b
         assert any(".visual.blocks." in name for name in adapter_keys) == TYPES[built.model_type].vision_lora
 
 
+@pytest.mark.parametrize("built", ["qwen3_vl_moe"], indirect=True)
+def test_adapters_export_from_a_folder_with_experts_stored_transposed(built, tmp_path):
+    """A model built from a folder in the published expert layout (``fused_transposed``, what
+    vLLM reads) exports its adapters (peft=True used to be refused: the adapters' merge check
+    compared PEFT's in-memory expert shapes with the transposed ones): the base comes out
+    transposed like the folder, the adapters as from the transformers-saved folder."""
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter", expert_layout="fused_transposed")
+    table = table_for(AutoConfig.from_pretrained(str(built.hf_dir)))
+    assert source_expert_layouts(tmp_path / "model", table) == {"experts": "fused_transposed"}
+    model = build_megatron_model(tmp_path / "model", lora=LORA)
+    worker.set_global_lora(model.chunks, AutoConfig.from_pretrained(str(built.hf_dir)))
+    got = dict(export_hf_weights(model.chunks, peft=True))
+    assert_same(got, dict(export_hf_weights(built.chunks, peft=True, expert_layout="fused_transposed")),
+                "peft=True from the transposed folder")
+    assert got["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 64, 96)  # [E, H, 2I]
+
+
 @pytest.mark.parametrize("built", MOE_TYPES, indirect=True)
 def test_peft_3d_expert_packing_equals_a_merge_per_expert(built, tmp_path):
     """PEFT merges our packed ``lora_A [r*E, in]`` / ``lora_B [out, r*E]`` itself; each expert

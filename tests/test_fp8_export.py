@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from bridge_ext import export_hf_weights, quantization_config, save_hf_pretrained
 from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
 from bridge_ext_testing.tiny_dense import tiny_dense
+from bridge_ext_testing.tiny_frontier import tiny_minimax_m2
 from bridge_ext_testing.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe_lite
 from bridge_ext_testing.tiny_models import tiny_qwen35_moe
 from bridge_ext_testing.tiny_qwen_moe_vl import tiny_qwen3_moe
@@ -33,11 +34,13 @@ MAKERS = {
     "deepseek_v3": tiny_deepseek_v3,
     "glm4_moe_lite": tiny_glm4_moe_lite,
     "qwen3_5_moe_text": tiny_qwen35_moe,
+    "minimax_m2": tiny_minimax_m2,
 }
 # Linear leaves the engine runs in FP8 (fused experts: their parameters); everything under
 # ``mtp.`` (Qwen3.5's MTP block) stays bf16, DeepSeek's MTP decoder layer is FP8 like the others.
 FP8_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "q_a_proj", "q_b_proj",
-              "kv_a_proj_with_mqa", "kv_b_proj", "in_proj_qkv", "in_proj_z", "out_proj"}
+              "kv_a_proj_with_mqa", "kv_b_proj", "in_proj_qkv", "in_proj_z", "out_proj",
+              "w1", "w2", "w3"}  # MiniMax-M2's per-expert gate / down / up
 FUSED_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 E4M3_HALF_ULP_AT_MAX = 16.0  # e4m3 spacing is 32 in [256, 448]: rounding moves a value by at most 16 * scale
 
@@ -108,16 +111,21 @@ def test_not_converted_list_is_exact(built):
     linears = {name for name, module in hf_model.named_modules() if isinstance(module, torch.nn.Linear)}
     modules = dict(hf_model.named_modules())
     # every linear transformers builds is FP8 or listed, never both; the others listed are routers
-    # (transformers v5 gives them their own class) or MTP modules transformers does not build
+    # (transformers v5 gives them their own class; MiniMax-M2's checkpoint spells mlp.gate
+    # block_sparse_moe.gate) or MTP modules transformers does not build
     assert linears <= quantized_modules | set(kept) and not linears & quantized_modules & set(kept)
     mtp = f"model.layers.{hf_model.config.num_hidden_layers}."
     others = set(kept) - linears
-    assert all(m.startswith(("mtp.", mtp)) or (m.endswith(".mlp.gate") and m in modules) for m in others), others
+    in_memory = {m: m.replace(".block_sparse_moe.", ".mlp.") for m in others}
+    assert all(m.startswith(("mtp.", mtp)) or (in_memory[m].endswith(".mlp.gate") and in_memory[m] in modules)
+               for m in others), others
     if built.model_type == "qwen3_5_moe_text":
         assert "model.layers.0.linear_attn.in_proj_ba" in ignored and "model.layers.0.linear_attn.in_proj_b" in kept
         assert "model.layers.0.linear_attn.in_proj_ba" not in kept
     if built.model_type in ("qwen3_moe", "deepseek_v3", "glm4_moe_lite", "qwen3_5_moe_text"):
         assert any(m.endswith(".mlp.gate") and m.startswith("model.layers.") for m in kept)
+    if built.model_type == "minimax_m2":  # as the published FP8 checkpoint's modules_to_not_convert
+        assert "model.layers.0.block_sparse_moe.gate" in kept
 
 
 def test_transformers_loads_the_saved_fp8_folder_with_close_logits(built, tmp_path):

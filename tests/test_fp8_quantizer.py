@@ -115,3 +115,32 @@ def test_quantizer_on_the_gpu_equals_the_cpu_bit_for_bit(shape):
     quantized, scale = quantize_blocks(weight.cuda())
     expected_q, expected_s = quantize_blocks(weight)
     assert same_bits(quantized.cpu(), expected_q) and torch.equal(scale.cpu(), expected_s)
+
+
+def test_transformers_cpu_dequantization_misreads_partial_edge_blocks():
+    """transformers 5.23's CPU dequantization (``Fp8Dequantize``, what loading a ``quant_method:
+    fp8`` folder on CPU runs) takes the block size from the scale grid (``rows // scale_rows``),
+    not from ``weight_block_size``: right for whole 128-blocks, wrong where an edge block is
+    partial. A weight of 200 rows (scales for rows 0-127 and 128-199) is read in 100-row blocks:
+    rows 100-127 get the second block's scale. One of 129 or 576 rows (DeepSeek-V3's
+    ``kv_a_proj_with_mqa``) is refused. docs/fp8.md; when transformers changes this, this fails."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    dequantize = Fp8Dequantize(None)._dequantize_one
+    weight = weight_of((200, 64))
+    weight[128:] *= 10  # the two row blocks get different scales
+    quantized, scales = quantize_blocks(weight)
+    by_definition = quantized.float() * scales.repeat_interleave(128, dim=0)[:200]
+    assert torch.equal(dequantize(quantized, scales, torch.float32), quantized.float() * scales.repeat_interleave(
+        100, dim=0))  # 100-row blocks
+    theirs = dequantize(quantized, scales, torch.float32)
+    assert torch.equal(theirs[:100], by_definition[:100]) and torch.equal(theirs[128:], by_definition[128:])
+    assert not torch.allclose(theirs[100:128], by_definition[100:128])
+    whole = weight_of((256, 384))  # whole blocks: read as defined
+    quantized, scales = quantize_blocks(whole)
+    assert torch.equal(dequantize(quantized, scales, torch.float32),
+                       quantized.float() * scales.repeat_interleave(128, 0).repeat_interleave(128, 1))
+    for rows in (129, 576):
+        quantized, scales = quantize_blocks(weight_of((rows, 64)))
+        with pytest.raises(ValueError, match="not divisible by scale grid"):
+            dequantize(quantized, scales, torch.float32)

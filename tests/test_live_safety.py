@@ -116,6 +116,16 @@ def test_a_float16_cast_that_overflows_is_refused_unless_allowed(llama, tmp_path
             norm.copy_(original)
 
 
+def test_a_config_saying_zero_mtp_layers_matches_a_model_without_any(llama):
+    """``num_nextn_predict_layers: 0`` (as Kimi-K2's config.json says) is a model without MTP
+    layers, which megatron-core spells ``mtp_num_layers = None``."""
+    assert "model.norm.weight" in dict(export_hf_weights(llama.chunks, hf_config=_config(
+        llama, num_nextn_predict_layers=0)))
+    with pytest.raises(ExportError, match=r"num_nextn_predict_layers = 1, the model's TransformerConfig has "
+                                          r"mtp_num_layers = 0"):
+        next(export_hf_weights(llama.chunks, hf_config=_config(llama, num_nextn_predict_layers=1)))
+
+
 def test_a_field_the_table_cannot_compare_is_said_not_skipped(llama):
     from bridge_ext.config_compare import Attributes, compare
     from bridge_ext.tables.config_fields import standard

@@ -319,6 +319,8 @@ def test_live_exports_for_vllm_refuse_a_base_expert_layout_its_loader_does_not_t
     ("deepseek_v3", "DeepseekV3ForCausalLM", 0, "per_expert"),
     ("glm4_moe", "Glm4MoeForCausalLM", 1, "per_expert"),  # its MTP drafter loads no fused experts
     ("glm4_moe", "Glm4MoeForCausalLM", 0, None),  # the main class loads both
+    # its loader reads experts stored transposed only (the size mismatch of tests/consumers' base_fused)
+    ("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", None, "fused_transposed"),
 ])
 def test_the_tables_say_which_base_expert_layouts_vllm_loads(model_type, model_class, mtp_layers, only):
     """tests/consumers/test_vllm.py shows vLLM's loaders refusing fused experts there."""
@@ -327,7 +329,8 @@ def test_the_tables_say_which_base_expert_layouts_vllm_loads(model_type, model_c
     from bridge_ext.consumer import vllm_base_layout
     from bridge_ext.errors import BridgeExtError
 
-    config = AutoConfig.for_model(model_type, architectures=[model_class], num_nextn_predict_layers=mtp_layers)
+    mtp = {} if mtp_layers is None else {"num_nextn_predict_layers": mtp_layers}
+    config = AutoConfig.for_model(model_type, architectures=[model_class], **mtp)
     assert vllm_base_layout(config, None) == only
     if only is None:
         assert vllm_base_layout(config, "fused") == "fused"
@@ -335,7 +338,7 @@ def test_the_tables_say_which_base_expert_layouts_vllm_loads(model_type, model_c
     with pytest.raises(BridgeExtError) as refused:
         vllm_base_layout(config, "fused")
     assert str(refused.value) == (f"vLLM does not load fused expert weights for {model_class}: it loads "
-                                  "per_expert ones (leave expert_layout unset for adapter_for='vllm')")
+                                  f"{only} ones (leave expert_layout unset for adapter_for='vllm')")
 
 
 def test_the_plan_is_remembered_until_the_model_changes(built, mlp):

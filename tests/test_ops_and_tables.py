@@ -418,3 +418,18 @@ def test_op_errors_name_the_rule_the_tensor_and_the_hf_names():
     message = str(error.value)
     for part in ("layers.2.fc.weight", "m.2.a.weight", "m.2.b.weight", "layers.{layer}.fc.weight", "SplitRows", "(7, 2)"):
         assert part in message, (part, message)
+
+
+def test_word_wildcards_and_scalar_stack_in_listed_order():
+    from bridge_ext.ops import Scalar
+    from bridge_ext.patterns import NamePattern
+
+    pattern = NamePattern("decoder.layers.{layer}.hc.alpha_{part=pre|post|res}")
+    assert pattern.wildcards == ("layer", "part")
+    assert pattern.match("decoder.layers.3.hc.alpha_post") == {"layer": "3", "part": "1"}
+    assert pattern.match("decoder.layers.3.hc.alpha_other") is None
+    assert pattern.fill({"layer": 2, "part": 2}) == "decoder.layers.2.hc.alpha_res"
+    assert [t.shape for t in Scalar().forward([torch.ones(1)], None)] == [()]
+    assert [t.shape for t in Scalar().reverse([torch.tensor(2.0)], None)] == [(1,)]
+    with pytest.raises(ValueError):
+        Scalar().forward([torch.ones(2)], None)

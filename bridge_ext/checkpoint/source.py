@@ -48,6 +48,7 @@ SPLIT_PART_ORDERS = (
     ("query", "key", "value", "z", "beta", "alpha"),
     ("query", "key", "value"),
     ("z", "x", "B", "C", "dt"),
+    ("x", "B", "C"),  # Mamba's conv1d
 )
 SUPPORTED_PEFT = ("LoRA", "VLMLoRA", "DoRA", "CanonicalLoRA")
 # CanonicalLoRA's per-part pairs (``linear_qkv.adapter.adapter_q.linear_in.weight``)
@@ -55,7 +56,7 @@ _CANONICAL = re.compile(r"^(?P<module>.+)\.adapter\.adapter_(?P<part>[a-z]+)\.li
 
 # Module lists stored on a leading axis (Qwen3-VL's vision block stacks its deepstack mergers too).
 _STACKED = re.compile(r"(?<![^.])(layers|deepstack_merger_list|experts\.experts)\.(?!\d)")
-_SPLIT = re.compile(r"^(?P<weight>.+\.weight)\.(?P<part>[A-Za-z]+)$")
+_SPLIT = re.compile(r"^(?P<weight>.+\.(?:weight|bias))\.(?P<part>[A-Za-z]+)$")
 
 
 @dataclass(frozen=True)

@@ -67,26 +67,33 @@ MEGATRON_EXPERT_NAMES = (
 )
 
 
-def routed_experts(family: ExpertFamily, *, transposed: bool = False) -> list[Rule]:
-    """Routed experts in the family's layout variants: per expert, fused ``[E, 2I, H]`` / ``[E, H, I]``
-    (transformers' in-memory layout) and, with ``transposed``, fused ``[E, H, 2I]`` / ``[E, I, H]``
+# Per-expert Hugging Face module names (gate, up, down): transformers' and Mixtral's checkpoints.
+GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
+W1_W3_W2 = ("w1", "w3", "w2")
+
+
+def routed_experts(family: ExpertFamily, *, transposed: bool = False, hf: str = "mlp.experts.",
+                   per_expert: tuple[str, str, str] = GATE_UP_DOWN) -> list[Rule]:
+    """Routed experts in the family's layout variants: per expert (``{hf}{expert}.{gate|up|down}``
+    with the ``per_expert`` module names), fused ``[E, 2I, H]`` / ``[E, H, I]`` (transformers'
+    in-memory layout) and, with ``transposed``, fused ``[E, H, 2I]`` / ``[E, I, H]``
     (``fused_transposed``: how some published checkpoints store them)."""
+    gate, up, down = (f"{hf}{{expert}}.{name}.weight" for name in per_expert)
     rules = []
     for fc1, fc2 in MEGATRON_EXPERT_NAMES:
         rules += [
-            rule(fc1, ["mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight"],
-                 SplitRows(1, 1), variant=family.variant("per_expert"), lora_parts=("gate", "up")),
-            rule(fc2, "mlp.experts.{expert}.down_proj.weight", tp="row", variant=family.variant("per_expert")),
+            rule(fc1, [gate, up], SplitRows(1, 1), variant=family.variant("per_expert"), lora_parts=("gate", "up")),
+            rule(fc2, down, tp="row", variant=family.variant("per_expert")),
             # Hugging Face's gate_up_proj[e] is [gate; up]: Megatron's fc1 with ranks rejoined.
-            rule(fc1, "mlp.experts.gate_up_proj", SplitRows(1, 1), Concat((1, 1)), stack="expert",
+            rule(fc1, f"{hf}gate_up_proj", SplitRows(1, 1), Concat((1, 1)), stack="expert",
                  variant=family.variant("fused")),
-            rule(fc2, "mlp.experts.down_proj", tp="row", stack="expert", variant=family.variant("fused")),
+            rule(fc2, f"{hf}down_proj", tp="row", stack="expert", variant=family.variant("fused")),
         ]
         if transposed:
             rules += [
-                rule(fc1, "mlp.experts.gate_up_proj", SplitRows(1, 1), Concat((1, 1)), Transpose(), stack="expert",
+                rule(fc1, f"{hf}gate_up_proj", SplitRows(1, 1), Concat((1, 1)), Transpose(), stack="expert",
                      variant=family.variant("fused_transposed")),
-                rule(fc2, "mlp.experts.down_proj", Transpose(), tp="row", stack="expert",
+                rule(fc2, f"{hf}down_proj", Transpose(), tp="row", stack="expert",
                      variant=family.variant("fused_transposed")),
             ]
     return rules

@@ -57,8 +57,9 @@ STANDARD: tuple[ConfigField, ...] = (
     ConfigField("mixture of experts", "norm_topk_prob", "moe_router_pre_softmax", read="topk_normalised"),
     *_fields("vocabulary and tied embeddings", ("vocab_size", "vocab_size"),
              ("tie_word_embeddings", "share_embeddings_and_output_weights")),
-    *_fields("multi-token prediction", ("num_nextn_predict_layers", "mtp_num_layers"),
-             ("mtp_num_hidden_layers", "mtp_num_layers")),
+    # megatron-core's mtp_num_layers None is no MTP layers (Kimi-K2's config.json says 0)
+    ConfigField("multi-token prediction", "num_nextn_predict_layers", "mtp_num_layers", read="count"),
+    ConfigField("multi-token prediction", "mtp_num_hidden_layers", "mtp_num_layers", read="count"),
     *_fields("latent attention", ("q_lora_rank", "q_lora_rank"), ("kv_lora_rank", "kv_lora_rank"),
              ("qk_nope_head_dim", "qk_head_dim"), ("qk_rope_head_dim", "qk_pos_emb_head_dim"),
              ("v_head_dim", "v_head_dim")),

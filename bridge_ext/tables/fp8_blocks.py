@@ -28,12 +28,16 @@ def mlp_gemms(hf: str = "mlp.") -> list[Fp8Gemm]:
     ]
 
 
-def expert_gemms() -> list[Fp8Gemm]:
-    """Routed experts in both layouts (per expert and fused ``[E, ...]``)."""
+def expert_gemms(hf: str = "mlp.experts.", per_expert: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+                 ) -> list[Fp8Gemm]:
+    """Routed experts under ``hf`` in both layouts (per expert, with the ``per_expert`` gate / up /
+    down module names, and fused ``[E, ...]``)."""
+    gate, up, down = (f"{hf}{{expert}}.{name}.weight" for name in per_expert)
     return [
-        *mlp_gemms("mlp.experts.{expert}."),
-        Fp8Gemm(("mlp.experts.gate_up_proj",), "column", parts=2),
-        Fp8Gemm(("mlp.experts.down_proj",), "row"),
+        Fp8Gemm((gate, up), "column"),
+        Fp8Gemm((down,), "row"),
+        Fp8Gemm((f"{hf}gate_up_proj",), "column", parts=2),
+        Fp8Gemm((f"{hf}down_proj",), "row"),
     ]
 
 

@@ -95,6 +95,8 @@ QWEN3_VL_MOE = MappingTable(
     model_classes={"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"},
     expert_families=(EXPERTS,),
     vllm_expert_adapter_layouts={"Qwen3VLMoeForConditionalGeneration": "fused"},  # vLLM: is_3d_moe_weight
+    # vLLM's experts loader reads the published layout only (is_fused_checkpoint_transposed)
+    vllm_expert_layouts={"Qwen3VLMoeForConditionalGeneration": "fused_transposed"},
 )
 
 # What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).

@@ -25,7 +25,8 @@ import torch
 
 from bridge_ext.tables import register_transformers_configs
 
-MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "gpt_oss", "mimo")
+MODEL_TYPES = ("deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "gpt_oss", "mimo", "minimax_m2", "kimi_k25",
+               "nemotron_h")
 
 
 def hf_model_type(hf_dir: str | Path) -> str | None:
@@ -111,6 +112,9 @@ def configure_provider(provider, hf_dir: str | Path) -> None:
     provider.apply_rope_fusion = False
     provider.cross_entropy_loss_fusion = False  # the fused loss (MTP heads in eval) is TE's
     provider.transformer_layer_spec = local_block_spec
+    from bridge_ext_testing import frontier
+
+    frontier.configure_provider(provider, hf_model_type(hf_dir))
 
 
 @contextmanager
@@ -118,8 +122,13 @@ def cpu_build_context(provider=None) -> Iterator[None]:
     """Scope for ``provide*``: local MTP blocks, ``torch.cuda.current_device`` on CPU."""
     from bridge_ext_testing.qwen35 import _replaced, cpu_current_device
 
+    from bridge_ext_testing.frontier import cpu_mappings, kimi_k25_build_context, nemotron_h_build_context
+
     with ExitStack() as stack:
         stack.enter_context(cpu_current_device())
+        stack.enter_context(cpu_mappings())
+        stack.enter_context(kimi_k25_build_context())
+        stack.enter_context(nemotron_h_build_context())
         stack.enter_context(_replaced("megatron.bridge.models.gpt_provider", mtp_block_spec=local_mtp_block_spec))
         yield
 

@@ -7,7 +7,8 @@ Used in-process (TP=1) and as a torchrun script (TP=2)::
 ``HF_DIR`` is a tiny model of :func:`tiny_model`. Writes ``OUT/lora`` (the LoRA model, everything)
 and ``OUT/adapter`` (adapters only, as Megatron-Bridge saves PEFT runs) with :mod:`ckpt_factory`,
 and ``OUT/logits.pt``: the saved model's own forward (at the saving TP) on :data:`INPUT_IDS`, the
-reference for what the converted folders compute; at TP=1 also ``OUT/live_model`` and
+reference for what the converted folders compute (for :data:`NO_MEGATRON_FORWARD` types,
+transformers' forward of the live merged export at the saving TP); at TP=1 also ``OUT/live_model`` and
 ``OUT/live_adapter``, the live-model export of the same weights. LoRA covers every projection kind:
 attention, Gated DeltaNet, dense and expert MLPs, MTP.
 """
@@ -39,12 +40,29 @@ def tiny_model(kind: str, directory: Path) -> Path:
     return makers[kind](directory)
 
 
+# Megatron cannot run these forward on CPU (Mamba mixers need mamba_ssm's CUDA kernels): their
+# reference logits are transformers' forward of the live merged export at the saving TP instead
+NO_MEGATRON_FORWARD = ("nemotron_h",)
+# LoRA targets left out per model type: Mamba's out_proj (PEFT refuses LoRA there) and in_proj
+# (saving its adapter, Megatron-Bridge 0.6.2's adapter_wrapper reads the Transformer Engine
+# linear's tp_size, which megatron-core's local ColumnParallelLinear has not)
+LEFT_OUT = {"nemotron_h": ("out_proj", "in_proj")}
+
+
+def _model_type(hf_dir: Path) -> str:
+    import json
+
+    return json.loads((Path(hf_dir) / "config.json").read_text())["model_type"]
+
+
 def build(hf_dir: Path, *, routed_expert_lora: bool = True):
     """The LoRA model with random non-zero adapters (call inside megatron_parallel)."""
     from bridge_ext_testing.build import LoraSettings, build_megatron_model
 
+    refused = LEFT_OUT.get(_model_type(hf_dir), ())
+    targets = tuple(target for target in TARGETS if target not in refused)
     with ckpt_factory.cpu_stand_ins():
-        built = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=TARGETS))
+        built = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=targets))
     randomize_adapters(built.chunks[0], routed_expert_lora)
     return built
 
@@ -79,8 +97,16 @@ def save_all(hf_dir: Path, out: Path, *, tensor_parallel: int) -> None:
         built = build(hf_dir, routed_expert_lora=tensor_parallel == 1)
         ckpt_factory.save_variant(built, out / "lora")
         ckpt_factory.save_variant(built, out / "adapter", adapter_only=True)
-        with ckpt_factory.cpu_stand_ins():
-            logits = megatron_logits(built.chunks, INPUT_IDS)
+        if _model_type(hf_dir) in NO_MEGATRON_FORWARD:
+            from bridge_ext import save_hf_pretrained
+            from bridge_ext.verify import hf_logits, load_hf_model
+
+            save_hf_pretrained(built.chunks, out / "reference_merged", merge=True)
+            torch.distributed.barrier()
+            logits = hf_logits(load_hf_model(out / "reference_merged"), INPUT_IDS)
+        else:
+            with ckpt_factory.cpu_stand_ins():
+                logits = megatron_logits(built.chunks, INPUT_IDS)
         if torch.distributed.get_rank() == 0:
             torch.save(logits, out / "logits.pt")
         if tensor_parallel == 1:

@@ -23,10 +23,26 @@ from safetensors.torch import load_file
 
 import qwen35_factory
 from bridge_ext.convert import convert_checkpoint
-from bridge_ext_testing import tiny_gpt_families
+from bridge_ext_testing import tiny_frontier, tiny_gpt_families
 
 HERE = Path(__file__).parent
-MODELS = {"glm4_moe": tiny_gpt_families.tiny_glm4_moe, "glm4_moe_lite": tiny_gpt_families.tiny_glm4_moe_lite}
+MODELS = {"glm4_moe": tiny_gpt_families.tiny_glm4_moe, "glm4_moe_lite": tiny_gpt_families.tiny_glm4_moe_lite,
+          "minimax_m2": tiny_frontier.tiny_minimax_m2,
+          "kimi_k25": tiny_frontier.tiny_kimi_k25, "nemotron_h": tiny_frontier.tiny_nemotron_h}
+# Names each converted model must hold besides matching the source: GLM-4.5's and GLM-4.7-Flash's
+# MTP layer and router bias buffer; MiniMax-M2's router bias buffer and full-width q/k norms (split over TP ranks).
+EXPECTED = {
+    "glm4_moe": {"model.layers.3.eh_proj.weight", "model.layers.3.shared_head.head.weight",
+                 "model.layers.3.mlp.gate.e_score_correction_bias"},
+    "glm4_moe_lite": {"model.layers.3.eh_proj.weight", "model.layers.3.shared_head.head.weight",
+                      "model.layers.3.mlp.gate.e_score_correction_bias"},
+    "minimax_m2": {"model.layers.1.block_sparse_moe.e_score_correction_bias", "model.layers.1.self_attn.q_norm.weight"},
+    "kimi_k25": {"language_model.model.layers.2.mlp.gate.e_score_correction_bias", "mm_projector.proj.2.weight",
+                 "vision_tower.encoder.blocks.0.wqkv.weight"},
+    # Mamba's in_proj / conv1d: regrouped from per-rank [z; x; B; C; dt] / [x; B; C]
+    "nemotron_h": {"backbone.layers.0.mixer.in_proj.weight", "backbone.layers.0.mixer.conv1d.weight",
+                   "backbone.layers.0.mixer.norm.weight"},
+}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -48,7 +64,6 @@ def test_converted_tp2_checkpoint_is_bit_exact_and_gives_the_saving_models_logit
     original = load_file(str(saved / "hf" / "model.safetensors"))
     written = {k: v for f in sorted(result.model_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     assert sorted(written) == sorted(original)
-    assert {"model.layers.3.eh_proj.weight", "model.layers.3.shared_head.head.weight",
-            "model.layers.3.mlp.gate.e_score_correction_bias"} <= set(written)
+    assert EXPECTED[saved.name.rsplit("_tp2", 1)[0]] <= set(written)
     assert [name for name in original if not torch.equal(written[name], original[name])] == []
     qwen35_factory.assert_converted_logits(result, torch.load(saved / "logits.pt"), f"{saved.name} {variant}")

@@ -4,7 +4,8 @@
 ``exports.py``) it uses vLLM's own code on CPU, with a world of one (gloo):
 
 - ``base`` / ``merged``: vLLM's model class for ``config.architectures`` is built, every
-  parameter set to NaN, the stream fed to its ``load_weights``; every parameter must be in the
+  parameter set to NaN (an integer one to -1: DeepSeek-V4's hash-routing table), the stream
+  fed to its ``load_weights``; every parameter must be in the
   set it reports loaded and hold no NaN. ``base`` must equal, value for value, what the same
   class loads from the source files; each tensor of the stream that the class ignores (loads
   nothing from when fed alone) is listed.
@@ -16,11 +17,17 @@
   (vLLM's merged-stream parameter minus its base-stream parameter), and every parameter the
   merged stream changes must be covered by a LoRA buffer (else vLLM drops that adapter).
 - ``mtp``: the MTP drafter class fed the base stream and the merged stream, judged as above.
+- ``fp8_folder`` / ``fp8_stream``: a ``quantize="fp8"`` folder and stream into the class built
+  from that folder (vLLM's ``Fp8Config``): every parameter but the attention KV-cache scales
+  written, each FP8 weight dequantized by its loaded scales within half an e4m3 step of what the
+  class loads from the bf16 source (:func:`judge_fp8`).
 
 Device workarounds (no vLLM code is changed): vLLM's CUDA wheel on a machine without a GPU
-runs on its ``UnspecifiedPlatform``, which names no attention backend and no LoRA kernel
-wrapper; the judge names the CPU ones (they are only built here, never run) and turns
-vLLM's pinned-memory copies of adapters off (they need a CUDA driver). vLLM's CPU platform itself needs triton-cpu.
+runs on its ``UnspecifiedPlatform``, which names no attention backend, no LoRA kernel
+wrapper and no device type, and no block-FP8 linear kernel claims it (the CPU ones need
+``vllm._C``); the judge names the CPU ones (they are only built here, never run) and turns
+vLLM's pinned-memory copies of adapters off (they need a CUDA driver). vLLM's CPU platform
+itself needs triton-cpu.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ def _attention_backend_workaround() -> None:
     platform = type(current_platform)
     platform.get_attn_backend_cls = classmethod(backend)
     platform.current_device = classmethod(lambda cls: torch.device("cpu"))
+    platform.device_type = "cpu"  # buffers made with device=current_platform.device_type (DSA top-k indices)
     platform.is_cpu = classmethod(lambda cls: True)  # e.g. MoE picks its CPU experts kernel
     platform.get_mla_prefill_backend_cls = classmethod(lambda cls, *args, **kwargs: resolve_obj_by_qualname(
         "vllm.v1.attention.backends.mla.prefill.cpu_sdpa.CPUSDPAMLAPrefillBackend"))
@@ -72,6 +80,18 @@ def _attention_backend_workaround() -> None:
             return backend, moe_oracle.backend_to_kernel_cls(backend)[0]
 
     moe_method.select_unquantized_moe_backend = select_moe_kernel
+    import vllm.model_executor.kernels.linear as linear_kernels
+    from vllm.model_executor.kernels.linear.scaled_mm.cpu import CPUFp8BlockScaledMMKernel
+
+    choose = linear_kernels.choose_scaled_mm_linear_kernel
+
+    def choose_linear_kernel(*args, **kwargs):
+        try:
+            return choose(*args, **kwargs)
+        except ValueError:  # none for this device (the CPU ones need vllm._C): the CPU block-FP8 one, never run
+            return CPUFp8BlockScaledMMKernel
+
+    linear_kernels.choose_scaled_mm_linear_kernel = choose_linear_kernel
     platform.get_punica_wrapper = classmethod(
         lambda cls: "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU")
     import vllm.lora.lora_model
@@ -82,10 +102,13 @@ def _attention_backend_workaround() -> None:
         module.PIN_MEMORY = False  # pinned memory needs a CUDA driver
 
 
-def _configs(source: str, lora: dict | None = None, drafter: bool = False):
+def _configs(source: str, lora: dict | None = None, drafter: bool = False, dtype: torch.dtype = torch.float32):
     from vllm.config import DeviceConfig, LoRAConfig, ModelConfig, VllmConfig
 
-    model_config = ModelConfig(model=source, dtype=torch.float32, skip_tokenizer_init=True, enforce_eager=True)
+    # a folder whose config class is remote code (MiMo's, as published) is read as users read it
+    remote = "auto_map" in json.loads((Path(source) / "config.json").read_text())
+    model_config = ModelConfig(model=source, dtype=dtype, skip_tokenizer_init=True, enforce_eager=True,
+                               trust_remote_code=remote)
     lora_config = LoRAConfig(lora_dtype=torch.float32, **lora) if lora is not None else None
     config = VllmConfig(model_config=model_config, device_config=DeviceConfig("cpu"), lora_config=lora_config)
     if drafter:  # the drafter classes read the draft model's config from here
@@ -106,14 +129,14 @@ class _Speculative(SimpleNamespace):
 _DISTRIBUTED = False
 
 
-def build(source: str, class_name: str | None = None, lora: dict | None = None):
+def build(source: str, class_name: str | None = None, lora: dict | None = None, dtype: torch.dtype = torch.float32):
     """vLLM's model class for the source folder (or ``class_name``), its parameters NaN."""
     global _DISTRIBUTED
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.utils import get_model_architecture
     from vllm.model_executor.models import ModelRegistry
 
-    config = _configs(source, lora, drafter=class_name is not None)
+    config = _configs(source, lora, drafter=class_name is not None, dtype=dtype)
     with set_current_vllm_config(config):
         from vllm.distributed import init_distributed_environment, initialize_model_parallel
         from vllm.distributed.parallel_state import destroy_model_parallel
@@ -132,7 +155,7 @@ def build(source: str, class_name: str | None = None, lora: dict | None = None):
             model = cls(vllm_config=config, prefix="")
     with torch.no_grad():
         for param in model.parameters():
-            param.fill_(math.nan)
+            param.fill_(math.nan if param.is_floating_point() else -1)  # an integer table: -1 is no index
     return model, config
 
 
@@ -157,13 +180,13 @@ def load(model, config, pairs) -> dict:
         loaded = model.load_weights(pairs)
     params = dict(model.named_parameters())
     not_reported = sorted(set(params) - set(loaded or ()))
-    nan = sorted(name for name, p in params.items() if torch.isnan(p).any())
+    nan = sorted(name for name, p in params.items() if (torch.isnan(p) if p.is_floating_point() else p < 0).any())
     return {"not_reported": not_reported, "nan": nan}
 
 
-def ignored(source: str, class_name: str | None, pairs: list) -> list[str]:
+def ignored(source: str, class_name: str | None, pairs: list, dtype: torch.dtype = torch.float32) -> list[str]:
     """Names of ``pairs`` from which the class loads nothing when fed alone."""
-    model, config = build(source, class_name)
+    model, config = build(source, class_name, dtype=dtype)
     from vllm.config import set_current_vllm_config
 
     out = []
@@ -329,6 +352,70 @@ def judge_case(manifest_path: Path) -> dict:
     return verdict
 
 
+# vLLM's Fp8Config also gives each attention layer KV-cache scales; they are 1.0 unless a
+# checkpoint with a static FP8 KV cache sets them, and a dynamic block-FP8 export has none
+KV_CACHE_SCALES = (".attn.q_scale", ".attn.k_scale", ".attn.v_scale", ".attn.prob_scale")
+E4M3_MAX = 448.0
+
+
+def _blocks(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A ``[..., ceil(N/128), ceil(K/128)]`` scale grid spread over its ``[..., N, K]`` weight."""
+    full = scale.repeat_interleave(128, dim=-2).repeat_interleave(128, dim=-1)
+    return full[..., : shape[-2], : shape[-1]]
+
+
+def judge_fp8(manifest: dict, pairs: list, reference) -> dict:
+    """Build vLLM's class from the FP8 folder (its Fp8Config: block-FP8 linears and MoE), feed
+    ``pairs``; every parameter but the KV-cache scales written, every FP8 weight dequantized by
+    its loaded ``*_scale_inv`` within half an e4m3 step of what the class loads from the bf16
+    source, every other parameter equal to it."""
+    model, config = build(manifest["folder"], dtype=torch.bfloat16)
+    result = load(model, config, iter(pairs))
+    kv = sorted(name for name, _ in model.named_parameters() if name.endswith(KV_CACHE_SCALES))
+    result["not_reported"] = [name for name in result["not_reported"] if name not in kv]
+    result["nan"] = [name for name in result["nan"] if name not in kv]
+    result["kv_cache_scales"] = len(kv)
+    params, ref = dict(model.named_parameters()), dict(reference.named_parameters())
+    quantized, off, differs, worst = [], [], [], 0.0
+    for name, param in params.items():
+        if name in kv or name.endswith("_scale_inv"):
+            continue
+        if param.dtype != torch.float8_e4m3fn:
+            if not torch.equal(param, ref[name]):
+                differs.append(name)
+            continue
+        scale = params.get(name + "_scale_inv")
+        if scale is None:
+            off.append(f"{name}: FP8 without a loaded scale")
+            continue
+        quantized.append(name)
+        spread = _blocks(scale.float(), param.shape)
+        error = (param.float() * spread - ref[name].float()).abs()
+        # half an e4m3 step at the block's amax, plus the bf16 rounding of the reference
+        allowed = 16.0 * spread + ref[name].float().abs() * 2.0**-8
+        if (error > allowed).any():
+            off.append(f"{name}: dequantized off by {(error - allowed).max().item():.3g} over the bound")
+        worst = max(worst, (error / (spread * E4M3_MAX)).max().item())
+    result.update(quantized=quantized, off=off, differs_from_source=differs, worst_block_error=worst,
+                  ignored=ignored(manifest["folder"], None, pairs, dtype=torch.bfloat16))
+    result["ok"] = not (result["not_reported"] or result["nan"] or off or differs or result["ignored"])
+    return result
+
+
+def judge_fp8_case(manifest_path: Path) -> dict:
+    manifest = json.loads(manifest_path.read_text())
+    reference, config = build(manifest["source"], dtype=torch.bfloat16)
+    load(reference, config, source_stream(Path(manifest["source"])))
+    verdict = {}
+    for kind, pairs in (("fp8_folder", lambda: list(source_stream(Path(manifest["folder"])))),
+                        ("fp8_stream", lambda: list(stream(manifest_path.parent / "fp8.safetensors")))):
+        try:
+            verdict[kind] = judge_fp8(manifest, pairs(), reference)
+        except Exception as error:  # noqa: BLE001
+            verdict[kind] = {"ok": False, "error": _first_line(error), "trace": traceback.format_exc()[-1500:]}
+    return verdict
+
+
 def judge_adapters(folder: Path, manifest: dict, trained: dict, names: set, verdict: dict) -> dict:
     """Build the LoRA-wrapped model once, judge each adapter route on it."""
     from vllm.config import set_current_vllm_config
@@ -361,7 +448,8 @@ def main() -> int:
     _attention_backend_workaround()
     verdicts = {}
     for path in args.manifests:
-        verdicts[json.loads(path.read_text())["case"]] = judge_case(path)
+        manifest = json.loads(path.read_text())
+        verdicts[manifest["case"]] = (judge_fp8_case if manifest.get("fp8") else judge_case)(path)
     args.out.write_text(json.dumps(verdicts, indent=1))
     return 0
 

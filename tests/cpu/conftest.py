@@ -21,6 +21,10 @@ REBOUND = {
     "megatron.bridge.models.qwen_vl.qwen3_vl_provider": ("get_gpt_layer_with_transformer_engine_spec",),
     "megatron.core.fusions.fused_softmax": ("get_sliding_window_causal_mask",),
     "megatron.bridge.models.gemma.gemma2_provider": ("get_swa",),
+    "megatron.bridge.models.minimax_m2.minimax_m2_bridge": ("_FullDimQKNormMapping",),
+    "megatron.bridge.models.kimi_vl.modeling_kimi_k25_vl": ("KimiK25VLModel",),
+    "megatron.core.ssm.mamba_mixer": ("HAVE_MAMBA_SSM", "ExtendedRMSNorm"),
+    "megatron.core.models.hybrid.hybrid_block": ("TENorm",),
     "megatron.bridge.models.qwen_vl.modelling_qwen3_vl.model": (
         "get_vit_layer_with_transformer_engine_spec", "TENorm", "TEColumnParallelLinear", "TERowParallelLinear"),
 }

@@ -25,8 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from bridge_ext_testing.tiny_frontier import tiny_kimi_k25, tiny_minimax_m2, tiny_nemotron_h
+from bridge_ext_testing.tiny_dense import tiny_dense
 from bridge_ext_testing.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe, tiny_glm4_moe_lite, tiny_gpt_oss, tiny_mimo
 from bridge_ext_testing.tiny_models import tiny_qwen35_dense, tiny_qwen35_moe, tiny_qwen35_vl
+from bridge_ext_testing.tiny_qwen_moe_vl import tiny_qwen3_moe
 from bridge_ext.engine import PEFT_PREFIX
 from megatron_bridge_expert_parallel import (
     assert_megatron_bridge_merge_at_expert_parallelism,
@@ -45,24 +48,41 @@ MODELS = {
     "glm": tiny_glm4_moe,
     "glm_lite": tiny_glm4_moe_lite,
     "gpt_oss": lambda directory, mtp_layers: tiny_gpt_oss(directory),  # (no MTP)
+    # (none of these three has MTP layers)
+    "minimax": lambda directory, mtp_layers: tiny_minimax_m2(directory),
+    "kimi25": lambda directory, mtp_layers: tiny_kimi_k25(directory),
+    "nemotron": lambda directory, mtp_layers: tiny_nemotron_h(directory),
+    # the other Megatron-Bridge PEFT types (worker.PEFT_TYPES), each in one parallel layout
+    "qwen3_dora": lambda directory, mtp_layers: tiny_dense(directory, "qwen3"),
+    "qwen3_moe_canonical_lora": lambda directory, mtp_layers: tiny_qwen3_moe(directory),
+    "qwen3_moe_normalize_moe_lora": lambda directory, mtp_layers: tiny_qwen3_moe(directory),
 }
+PEFT_OF = {"qwen3_dora": "dora", "qwen3_moe_canonical_lora": "canonical_lora",
+           "qwen3_moe_normalize_moe_lora": "normalize_moe_lora"}
+PEFT_FLAGS = ["--peft", *(f"{model}={peft}" for model, peft in PEFT_OF.items())]
 # Compared with Megatron-Bridge's merged export at EP=2 (the tiny Qwen3.5-MoE holds per-expert
 # experts; with fused ones, and for gpt-oss, that export stops at EP > 1 on mismatched all_gathers).
 MB_EXPERT_PARALLEL = ("moe", "deepseek", "glm")
+# MiniMax-M2 at TP 2 is refused before the first tensor: Megatron-Bridge's full-width q/k norm
+# weights are TP shards without megatron-core's tensor_model_parallel mark (its checkpoints,
+# which store them whole, convert: tests/checkpoint/test_convert_gpt_families.py).
 # gpt-oss needs expert-TP 1 at TP 2 (megatron-core: "Bias in Moe is only supported when ETP==1").
 # name -> (processes, worker flags, models)
 LAYOUTS = {
-    "single": (1, [], ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite", "gpt_oss")),
-    "tp2": (2, ["--tp", "2", "--megatron-bridge", "dense", "moe", "mimo", "--forward", "moe"],
-            ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite")),
+    "single": (1, PEFT_FLAGS, ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite", "gpt_oss", "minimax",
+                               "kimi25", "nemotron", *PEFT_OF)),
+    # DoRA (its magnitudes split by rows with their column-parallel weights), CanonicalLoRA
+    # (per-part pairs, the experts' gate / up at expert-TP 2) at TP=2; normalize_moe_lora at EP=2
+    "tp2": (2, ["--tp", "2", "--megatron-bridge", "dense", "moe", "mimo", "--forward", "moe", *PEFT_FLAGS],
+            ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite", "kimi25", "nemotron", "qwen3_dora",
+             "qwen3_moe_canonical_lora")),
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"], ("dense", "moe", "vl_moe")),
-    "ep2": (2, ["--ep", "2", "--megatron-bridge", *MB_EXPERT_PARALLEL, "--forward", *MB_EXPERT_PARALLEL],
-            ("moe", "deepseek", "glm", "glm_lite", "gpt_oss")),
+    "ep2": (2, ["--ep", "2", "--megatron-bridge", *MB_EXPERT_PARALLEL, "--forward", *MB_EXPERT_PARALLEL, *PEFT_FLAGS],
+            ("moe", "deepseek", "glm", "glm_lite", "gpt_oss", "minimax", "nemotron", "qwen3_moe_normalize_moe_lora")),
     # 16 KiB steps: the tiny model's larger tensors travel as large ones do (received whole)
     "tp2_pp2_ep2_etp1": (4, ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1", "--step-bytes", "16384"], ("moe",)),
 }
 CASES = [(layout, model) for layout, (_, _, models) in LAYOUTS.items() if layout != "single" for model in models]
-
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory) -> dict[str, Path]:
@@ -100,7 +120,32 @@ def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
 @pytest.mark.parametrize(("layout", "model"), CASES)
 def test_every_destination_matches_the_single_process_export(run_layout, layout, model):
     (reference,) = run_layout("single", model)
+    assert_every_destination(reference, run_layout(layout, model), layout, model)
+
+
+@pytest.mark.parametrize("model", sorted(PEFT_OF))
+def test_the_other_peft_types_are_what_they_say(run_layout, model):
+    """The PEFT-type models of test_every_destination_matches_the_single_process_export hold what
+    makes them that type, and their adapters are split over the ranks of their layout."""
+    (reference,) = run_layout("single", model)
+    layout = next(name for name, (_, _, models) in LAYOUTS.items() if name != "single" and model in models)
     ranks = run_layout(layout, model)
+    adapters = reference["results"]["adapters/all"]
+    per_expert = reference["results"].get("per_expert/all", {})
+    gate_a = PEFT_PREFIX + "model.layers.0.mlp.experts.0.gate_proj.lora_A.weight"
+    marks = {"dora": lambda: any(name.endswith("lora_magnitude_vector") for name in adapters),
+             # separate gate and up adapters (no shared lora_A), on the experts too
+             "canonical_lora": lambda: not torch.equal(per_expert[gate_a], per_expert[gate_a.replace("gate", "up")]),
+             # the experts' rank is dim // topk
+             "normalize_moe_lora": lambda: {t.shape[0] for name, t in adapters.items()
+                                            if ".experts." in name and name.endswith("lora_A.weight")} == {2}}
+    assert marks[PEFT_OF[model]](), f"{model} lacks what makes it {PEFT_OF[model]}"
+    local = {name: shape for name, shape in ranks[1]["shapes"].items() if ".adapter." in name}
+    assert local != {name: shape for name, shape in reference["shapes"].items() if ".adapter." in name}, (
+        f"the adapters are not split over the ranks of {layout}")
+
+
+def assert_every_destination(reference: dict, ranks: list[dict], layout: str, model: str) -> None:
     for key, expected in reference["results"].items():
         mode, destination = key.split("/")
         expected = reference["results"][f"{mode}/all"]

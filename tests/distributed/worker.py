@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 worker.py \
         OUT_DIR HF_DIR [HF_DIR...] --tp 2 [--pp 2 --vpp 2 --ep 2 --etp 1] \
-        [--megatron-bridge NAME...] [--forward NAME...]
+        [--megatron-bridge NAME...] [--forward NAME...] [--peft NAME=TYPE...]
 
 Builds the Megatron model of ``HF_DIR`` with LoRA at the layout, gives every LoRA factor the
 values of one global tensor drawn from a seed keyed on its global name (scattered to this
@@ -27,6 +27,14 @@ from bridge_ext.distributed import DESTINATIONS
 
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj", "linear_q_proj",
                 "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")
+# --peft: the Megatron-Bridge PEFT type of every model of the run (DoRA on column-parallel
+# linears only: on a row-parallel one at TP > 1 its norm is per rank, which the export refuses)
+PEFT_TYPES = {
+    "lora": dict(target_modules=LORA_TARGETS),
+    "dora": dict(kind="dora", target_modules=("linear_qkv", "linear_fc1")),
+    "canonical_lora": dict(kind="canonical_lora", target_modules=()),  # its own default targets
+    "normalize_moe_lora": dict(target_modules=LORA_TARGETS, options=(("normalize_moe_lora", True),)),
+}
 MODES = {  # mode -> export_hf_weights keyword arguments
     "peft": dict(peft=True),
     "merged": dict(peft=False),
@@ -81,31 +89,45 @@ def shard_of_global(rule, full: torch.Tensor, shards: int, shard: int, dims, *,
     return tensor
 
 
+CANONICAL_FACTOR = re.compile(r"^(?P<module>.+)\.adapter\.adapter_[a-z]+\.linear_(?P<factor>in|out)\.weight$")
+
+
 @torch.no_grad()
 def set_global_lora(chunks, config, seed: int = 0, std: float = 0.05) -> None:
     """Give every LoRA factor the values of a global tensor keyed on its global name."""
     from bridge_ext.dims import ModelDims
     from bridge_ext.expert_layouts import ExpertLayouts
-    from bridge_ext.live import LORA_IN, LORA_OUT, is_parallel_job, local_tensors
+    from bridge_ext.live import DORA_MAGNITUDE, LORA_IN, LORA_OUT, is_parallel_job, local_tensors
     from bridge_ext.tables import table_for
 
     table, dims = table_for(config), ModelDims.from_hf_config(config)
     tensors, _ = local_tensors(chunks, sharded=is_parallel_job())
     for local in tensors:
-        suffix = next((s for s in (LORA_IN, LORA_OUT) if local.name.endswith(s)), None)
-        if suffix is None:
-            continue
-        rule = table.match(local.name[: -len(suffix)] + ".weight", ExpertLayouts().base_variants(table)).rule
-        axis = 1 if suffix == LORA_IN and rule.tp == "row" else 0
+        canonical = CANONICAL_FACTOR.match(local.name)  # one part's pair: cut plainly, like a whole linear's
+        if canonical is not None:
+            module, lora_b = canonical["module"], canonical["factor"] == "out"
+        else:
+            suffix = next((s for s in (LORA_IN, LORA_OUT, DORA_MAGNITUDE) if local.name.endswith(s)), None)
+            if suffix is None:
+                continue
+            module, lora_b = local.name[: -len(suffix)], suffix != LORA_IN  # a magnitude follows B's rows
+        rule = table.match(module + ".weight", ExpertLayouts().base_variants(table)).rule
+        axis = 1 if not lora_b and rule.tp == "row" else 0
         shape = list(local.tensor.shape)
         shape[axis] *= local.shards
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(local.name.encode()))
         full = torch.randn(shape, generator=generator, dtype=torch.float32).to(local.tensor.dtype) * std
-        local.tensor.copy_(shard_of_global(rule, full, local.shards, local.shard, dims,
-                                          lora_b=suffix == LORA_OUT, axis=axis))
+        if local.name.endswith(DORA_MAGNITUDE):  # positive, away from the base rows' norms
+            full = (full.abs() / std + 0.5).unsqueeze(1)
+            shard = shard_of_global(rule, full, local.shards, local.shard, dims, lora_b=True, axis=0).squeeze(1)
+        elif canonical is not None:
+            shard = full.chunk(local.shards, dim=axis)[local.shard]
+        else:
+            shard = shard_of_global(rule, full, local.shards, local.shard, dims, lora_b=lora_b, axis=axis)
+        local.tensor.copy_(shard)
 
 
-def export_all(chunks, moe: bool) -> tuple[dict, dict]:
+def export_all(chunks, moe: bool, dora: bool = False) -> tuple[dict, dict]:
     """What this rank receives from every mode and destination, and the bytes it received."""
     from bridge_ext import export_hf_weights
     from bridge_ext.distributed import ShardExchange
@@ -127,7 +149,8 @@ def export_all(chunks, moe: bool) -> tuple[dict, dict]:
                 continue
             for destination in DESTINATIONS:
                 before = received_so_far()
-                pairs = export_hf_weights(chunks, destination=destination, **kwargs)
+                extra = dict(dora_adapters=True) if dora and mode != "merged" else {}  # PEFT loads them
+                pairs = export_hf_weights(chunks, destination=destination, **kwargs, **extra)
                 results[f"{mode}/{destination}"] = {name: tensor.clone() for name, tensor in pairs}
                 received[f"{mode}/{destination}"] = received_so_far() - before
     return results, received
@@ -207,6 +230,8 @@ def main() -> None:
                         help="also save the Megatron forward's logits of these models (HF folder names)")
     parser.add_argument("--step-bytes", type=int, default=None,
                         help="the shard exchange's step size (small: large-tensor paths on tiny models)")
+    parser.add_argument("--peft", nargs="*", default=(), metavar="MODEL=TYPE",
+                        help="the PEFT type (PEFT_TYPES) of these models (HF folder names); others: lora")
     parser.add_argument("--checkpoints", action="store_true",
                         help="also save torch_dist checkpoints OUT/<model>_ckpt/{lora,adapter} (for convert)")
     args = parser.parse_args()
@@ -227,16 +252,18 @@ def main() -> None:
     sizes = dict(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                  virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep,
                  expert_tensor_parallel_size=args.etp or args.tp)
+    peft_types = dict(item.split("=", 1) for item in args.peft)
     with megatron_parallel(args.tp, args.pp, args.vpp, args.ep, args.etp):
         rank = torch.distributed.get_rank()
         for hf_dir in map(Path, args.hf_dirs):
             with cpu_parallel_build(sizes):
-                built = build_megatron_model(hf_dir, lora=LoraSettings(target_modules=LORA_TARGETS))
+                peft = peft_types.get(hf_dir.name, "lora")
+                built = build_megatron_model(hf_dir, lora=LoraSettings(**PEFT_TYPES[peft]))
             config = AutoConfig.from_pretrained(hf_dir)
             set_global_lora(built.chunks, config)
             # the per-expert modes apply where the table has per-expert expert rules (not gpt-oss)
             moe = any((rule.variant or "").endswith(":per_expert") for rule in table_for(config).rules)
-            results, received = export_all(built.chunks, moe)
+            results, received = export_all(built.chunks, moe, dora=peft == "dora")
             saved = {"results": results, "received_bytes": received,
                      "shapes": {name: tuple(p.shape) for name, p in built.chunks[0].named_parameters()},
                      "save": save_from_every_rank(built.chunks, Path(args.out) / f"{hf_dir.name}_saved")}
