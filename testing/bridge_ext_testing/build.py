@@ -98,7 +98,7 @@ def build_megatron_model(
         if rotary_percent is not None:  # see qwen35.qwen3_next_rotary_percent
             provider.rotary_percent = rotary_percent
     elif is_gpt_family:
-        original_spec = provider.transformer_layer_spec
+        original_spec = getattr(provider, "transformer_layer_spec", None)  # hybrid (Mamba) providers have none
         gpt_families.configure_provider(provider, hf_dir)
         if model_type in tiny_generated.TINY:
             local_specs.configure_provider(provider, original_spec)
