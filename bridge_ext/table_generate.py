@@ -23,7 +23,7 @@ import textwrap
 from dataclasses import dataclass
 
 from bridge_ext.errors import TableError
-from bridge_ext.tables.architecture_notes import EQUIVALENT_KINDS, LEFT_OUT_PREFIXES
+from bridge_ext.tables.architecture_notes import EQUIVALENT_KINDS, LEFT_OUT_PREFIXES, VLLM_PER_EXPERT_ADAPTERS
 
 WILDCARDS = ("layer", "expert")
 _FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
@@ -282,6 +282,8 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
     lines += ["    ),", f'    description="{description}",',
               f"    model_classes={{{_quoted(model_type)}: {_quoted(entry.source)}}},",
               f"    expert_families={families},"]
+    if translation.expert_parameters and entry.source in VLLM_PER_EXPERT_ADAPTERS:
+        lines.append(f'    vllm_expert_adapter_layouts={{{_quoted(entry.source)}: "per_expert"}},')
     if uncompared:  # reviewed by hand: bridge_ext.tables.architecture_notes.UNCOMPARED
         lines.append("    config_fields=standard({")
         for name, why in uncompared.items():

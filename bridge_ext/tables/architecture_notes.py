@@ -28,6 +28,10 @@ PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
 
+#: MoE classes whose vLLM (0.34) model wraps experts one by one (no ``is_3d_moe_weight``): a
+#: weight sync's expert adapters go per expert, as vLLM's LoRA manager refuses fused ones there.
+VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM"})
+
 #: Remote-code classes Megatron-Bridge registers without a model_type, and the model_type of
 #: their published config (the key a hand-written table serves).
 REMOTE_MODEL_TYPES = {"KimiK25ForConditionalGeneration": "kimi_k25"}

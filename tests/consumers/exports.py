@@ -189,7 +189,8 @@ def _generated(model_type: str) -> Callable[[Path], Path]:
 POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
 #: the tables generated from Megatron-Bridge (bridge_ext/tables/generated), with their targets
 GENERATED = {"mistral": GQA_TARGETS, "gemma": GQA_TARGETS, "gemma2": POST_NORM_TARGETS,
-             "gemma3_text": POST_NORM_TARGETS, "nemotron": GQA_TARGETS, "exaone4": POST_NORM_TARGETS}
+             "gemma3_text": POST_NORM_TARGETS, "nemotron": GQA_TARGETS, "exaone4": POST_NORM_TARGETS,
+             "olmoe": GQA_TARGETS, "deepseek_v2": MLA_TARGETS, "exaone_moe": GQA_TARGETS}
 
 def _minimax_m2(d: Path) -> Path:
     from bridge_ext_testing.tiny_frontier import tiny_minimax_m2
@@ -233,9 +234,6 @@ CASES: dict[str, Case] = {
     "minimax_m2": Case(_minimax_m2, GQA_TARGETS, fused_base=True),
     "kimi_k25": Case(_kimi_k25, MLA_TARGETS, fused_base=True),
 }
-# Not judged yet: the generated MoE tables (olmoe, deepseek_v2, exaone_moe) name no per-class
-# vllm_expert_adapter_layouts, so their live adapters default to fused, which vLLM refuses for
-# these per-expert classes ("contains fused 3D MoE weights ... 2D MoE LoRA wrapper").
 
 
 def _save(pairs, path: Path) -> list[str]:

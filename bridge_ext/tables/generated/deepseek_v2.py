@@ -165,4 +165,5 @@ TABLE = MappingTable(
     description="DeepseekV2ForCausalLM (generated from Megatron-Bridge 0.6.2)",
     model_classes={"deepseek_v2": "DeepseekV2ForCausalLM"},
     expert_families=(EXPERTS,),
+    vllm_expert_adapter_layouts={"DeepseekV2ForCausalLM": "per_expert"},
 )

@@ -154,4 +154,5 @@ TABLE = MappingTable(
     description="ExaoneMoeForCausalLM (generated from Megatron-Bridge 0.6.2)",
     model_classes={"exaone_moe": "ExaoneMoeForCausalLM"},
     expert_families=(EXPERTS,),
+    vllm_expert_adapter_layouts={"ExaoneMoeForCausalLM": "per_expert"},
 )

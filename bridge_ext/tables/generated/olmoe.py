@@ -133,4 +133,5 @@ TABLE = MappingTable(
     description="OlmoeForCausalLM (generated from Megatron-Bridge 0.6.2)",
     model_classes={"olmoe": "OlmoeForCausalLM"},
     expert_families=(EXPERTS,),
+    vllm_expert_adapter_layouts={"OlmoeForCausalLM": "per_expert"},
 )
