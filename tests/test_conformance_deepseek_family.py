@@ -256,6 +256,13 @@ def test_glm5_dsa_names_against_transformers_and_megatron_bridge(tmp_path):
     is the one Megatron-Bridge's ``GLM5Bridge`` loads that Hugging Face tensor into (its mapping
     registry), and the indexer maps one to one (no operation: the shapes are transformers').
     """
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.23"):
+        pytest.skip("GLM-5 needs transformers 5.23+ (docs/compatibility.md): 5.9's GlmMoeDsa gives every layer "
+                    "its own indexer, so its key set is not the published checkpoint's and the export refuses "
+                    "it; the compatibility job's newest step runs this test")
     from transformers import AutoConfig
 
     from megatron.bridge.models.glm_moe_dsa.glm5_bridge import GLM5Bridge
