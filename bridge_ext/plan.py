@@ -140,6 +140,9 @@ def conversion_passes(source: TensorSource, plan: ExportPlan, *, base: Mode | No
     found = source.adapters()
     if adapters and not found:
         raise ExportError("adapters were asked for, but the model has no LoRA adapters")
+    if adapters and plan.table.adapters_refused:
+        raise ExportError(f"LoRA adapters of {', '.join(plan.table.model_types)} cannot be exported: "
+                          f"{plan.table.adapters_refused}; export merged weights (peft=False) instead")
     if plan.dora_adapters(source):
         check_dora(plan.cache.dora, merged=base is Mode.MERGED, adapters_out=adapters)
     passes = []

@@ -221,6 +221,9 @@ class MappingTable:
             transformers' ``save_pretrained`` writes to the published checkpoint's names the rules
             produce, where the two differ (DeepSeek-V4: transformers reverts its renames key by key
             and leaves a mixture); :func:`bridge_ext.hf_keys.hf_checkpoint_keys` applies them.
+        adapters_refused: Why no PEFT adapter of this family can be exported (None: they can);
+            an export or conversion that asks for adapters is refused with it before the first
+            tensor (merged exports are unaffected).
     """
 
     model_types: tuple[str, ...]
@@ -235,6 +238,7 @@ class MappingTable:
     saved_name_fixes: tuple[tuple[str, str], ...] = ()
     fp8: Fp8Rules | None = field(default=None, compare=False)
     published_renames: tuple[tuple[str, str], ...] = ()
+    adapters_refused: str | None = field(default=None, compare=False)
     #: Registers with transformers what reading this family's config needs (e.g. a config class
     #: for a model type transformers lacks); run by :func:`bridge_ext.tables.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.

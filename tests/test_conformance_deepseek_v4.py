@@ -124,3 +124,18 @@ def test_reverse_then_export_is_bit_exact_and_keeps_integer_buffers(hf):
         expected = {n: t if dtype is None or not t.is_floating_point() else t.to(dtype) for n, t in hf.tensors.items()}
         assert [n for n in back if back[n].dtype != expected[n].dtype or not torch.equal(back[n], expected[n])] == []
     assert back["layers.0.ffn.gate.tid2eid"].dtype == hf.tensors["layers.0.ffn.gate.tid2eid"].dtype
+
+
+def test_adapters_are_refused_before_the_first_tensor(hf):
+    """PEFT could not place adapters in the published names: asking for them is an error, and a
+    merged export (no adapter pass) is not."""
+    from bridge_ext.errors import ExportError
+    from bridge_ext.plan import conversion_passes
+
+    class WithAdapters:
+        def adapters(self):
+            return {"decoder.layers.0.self_attention.linear_q_down_proj": object()}
+
+    plan = SimpleNamespace(table=hf.table)
+    with pytest.raises(ExportError, match=r"LoRA adapters of deepseek_v4 cannot be exported: PEFT keys"):
+        conversion_passes(WithAdapters(), plan, base=None, adapters=True)

@@ -182,6 +182,11 @@ def build(config) -> MappingTable:
         vllm_expert_layouts={"DeepseekV4ForCausalLM": "per_expert"},
         config_fields=CONFIG_FIELDS,
         published_renames=PUBLISHED_RENAMES,
+        # the rules name the published checkpoint; PEFT keys adapters by transformers' in-memory
+        # names, which differ in the middle of keys (attn -> self_attn, wq_a -> q_a_proj): adapters
+        # in checkpoint names would load nowhere, without an error
+        adapters_refused=("PEFT keys its adapters by transformers' in-memory names (self_attn.q_a_proj, ...), "
+                          "not the published checkpoint's (attn.wq_a, ...) that this table writes"),
     )
 
 
