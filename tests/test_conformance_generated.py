@@ -20,12 +20,13 @@ from bridge_ext_testing.tiny_generated import TINY, tiny_generated
 from bridge_ext.engine import PEFT_PREFIX
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
-from bridge_ext.tables import generated_model_types
+from bridge_ext.tables import generated_model_types, registered_table
 
 PROVEN = sorted(set(TINY) & generated_model_types())
 #: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)
 POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
-LORA_TARGETS = {"gemma2": POST_NORM_TARGETS, "gemma3_text": POST_NORM_TARGETS, "exaone4": POST_NORM_TARGETS}
+LORA_TARGETS = {"gemma2": POST_NORM_TARGETS, "gemma3_text": POST_NORM_TARGETS, "gemma3": POST_NORM_TARGETS,
+                "exaone4": POST_NORM_TARGETS}
 MEGATRON_SPELLINGS = ("base_layer", "to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.")
 
 
@@ -57,7 +58,10 @@ def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
                 export_hf_weights(built.chunks, adapters_only=True, expert_adapter_layout="per_expert")}
     assert adapters
     assert [name for name in adapters if any(spelling in name for spelling in MEGATRON_SPELLINGS)] == []
-    theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    # Megatron-Bridge names adapters as the checkpoint does; PEFT keys them by in-memory names
+    table = registered_table(AutoConfig.from_pretrained(str(built.hf_dir)).model_type)
+    theirs = {table.in_memory_name(name): tensor for name, tensor in
+              built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False)}
     assert sorted(adapters) == sorted(theirs)
     assert [name for name in adapters if not torch.equal(adapters[name], theirs[name])] == []
 

@@ -9,8 +9,15 @@ class without one must have its reason here (a test checks that none is left out
 
 from __future__ import annotations
 
-#: Megatron-side prefixes of the parts a generated table never covers (``bridge-ext tables generate``).
-LEFT_OUT_PREFIXES = ("mtp.", "vision_model.", "audio_model.", "vision_tower.", "visual.", "talker.", "thinker.")
+#: Megatron-side prefixes of MTP layers, which a generated table never covers.
+MTP_PREFIXES = ("mtp.",)
+#: Megatron-side prefixes of the parts a generated table leaves out (``bridge-ext tables generate``):
+#: MTP, and vision / audio towers unless the model type is in :data:`TOWERS_GENERATED`.
+LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tower.", "visual.", "talker.", "thinker.")
+
+#: Model types whose generated table covers the vision / audio tower: each has a conformance
+#: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
+TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3"})
 
 #: Bridge-private subclasses that convert exactly like their base (read in Megatron-Bridge's
 #: source): ERNIE-4.5's ``_PPSafe*`` only return nothing for a weight no pipeline rank holds.
@@ -22,7 +29,7 @@ EQUIVALENT_KINDS = {
 
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
-PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3_text",
+PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3", "gemma3_text",
                               "mistral", "nemotron", "olmoe"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
@@ -41,7 +48,6 @@ REFUSED: dict[str, str] = {
     # vision / audio models
     "Ernie4_5_VLMoeForConditionalGeneration": TOWER,
     "Exaone4_5_ForConditionalGeneration": TOWER,
-    "Gemma3ForConditionalGeneration": TOWER,
     "Gemma4ForConditionalGeneration": TOWER,
     "Glm4vMoeForConditionalGeneration": TOWER,
     "MiniMaxM3SparseForConditionalGeneration": TOWER,
@@ -78,12 +84,15 @@ REFUSED: dict[str, str] = {
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.
 NOT_PROVABLE: dict[str, str] = {}
 
+GEMMA3_LAYER_TYPES = ("Megatron-Bridge's Gemma 3 attention picks sliding or global per layer from "
+                      "interleaved_attn_pattern (five sliding, one global, as HF's default layer_types), "
+                      "not from window_attn_skip_freq")
+
 #: Config fields a generated table leaves uncompared (``bridge_ext.tables.config_fields.standard``),
 #: each reviewed in Megatron-Bridge's source: model_type -> {Hugging Face field: why}.
 UNCOMPARED: dict[str, dict[str, str]] = {
     "gemma2": {"layer_types": "Megatron-Bridge's Gemma2DotProductAttention slides on odd layer numbers itself "
                               "(HF's sliding/full alternation), whatever window_attn_skip_freq says"},
-    "gemma3_text": {"layer_types": "Megatron-Bridge's Gemma 3 attention picks sliding or global per layer from "
-                                   "interleaved_attn_pattern (five sliding, one global, as HF's default layer_types), "
-                                   "not from window_attn_skip_freq"},
+    "gemma3_text": {"layer_types": GEMMA3_LAYER_TYPES},
+    "gemma3": {"layer_types": GEMMA3_LAYER_TYPES},
 }

@@ -13,7 +13,11 @@ megatron-core's local modules, module for module, keeping the provider's own cla
 * ``TENorm`` and megatron's torch norms -> :class:`CpuNorm` (zero-centred gamma supported);
 * ``TEDotProductAttention`` -> ``DotProductAttention``; Gemma 2's FlexAttention (a Triton
   kernel) -> its unfused parent ``Gemma2DotProductAttention``, the path it falls back to itself;
-  Gemma 3's ``Gemma3TEDotProductAttention`` -> :func:`gemma3_dot_product_attention`;
+  Gemma 3's ``Gemma3TEDotProductAttention`` -> :func:`gemma3_dot_product_attention` (Gemma 3 VL's
+  attention bias applied as a mask);
+* module-level Transformer Engine names of the vision-language models' own modules
+  (:data:`MODULE_TE_NAMES`, e.g. Gemma 3 VL's projector norm) -> their local versions, inside
+  :func:`local_modules`;
 * a self-attention without q/k norm modules in a ``qk_layernorm`` config gets :class:`CpuNorm`
   ones (Transformer Engine's attention builds ``TENorm`` there itself);
 * a provider spec that extends Transformer Engine's default spec (OLMoE's) starts from the
@@ -101,29 +105,27 @@ def gemma3_dot_product_attention():
 
     class Gemma3DotProductAttention(DotProductAttention):
         def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, **kwargs):
-            if config.is_vision_language:
-                raise NotImplementedError("the local Gemma 3 attention covers text models only")
             config = copy.deepcopy(config)
             local = _is_local_attn_layer(layer_number, config.interleaved_attn_pattern)
-            config.window_size = (config.window_size - 1, 0) if local else None
+            # vision-language: Gemma3VLModel passes the window and image blocks as a bias instead
+            config.window_size = (config.window_size - 1, 0) if local and not config.is_vision_language else None
             super().__init__(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
                              attention_type=attention_type, **kwargs)
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, **kwargs):
+            if attention_bias is not None:  # Gemma3VLModel's additive bias: 0 allowed, dtype min masked
+                attention_mask = (attention_bias < 0).expand(query.shape[1], 1, -1, -1)
+            return super().forward(query, key, value, attention_mask, attn_mask_type, None, **kwargs)
 
     return Gemma3DotProductAttention
 
 
-def _local(module, where: str):
-    """The local class for a module class of a spec (itself when it is not Transformer Engine's)."""
+def _local_by_name(name: str):
+    """The local class standing for Transformer Engine's class ``name`` (None: no such)."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    name = _te_names().get(id(module)) or getattr(module, "__name__", "")
-    if name == "Gemma2FlexDotProductAttention":
-        return module.__mro__[1]
-    if name == "Gemma3TEDotProductAttention":
-        return gemma3_dot_product_attention()
-    local = {
+    return {
         "TEColumnParallelLinear": ColumnParallelLinear,
         "TELayerNormColumnParallelLinear": ColumnParallelLinear,
         "TERowParallelLinear": RowParallelLinear,
@@ -131,6 +133,18 @@ def _local(module, where: str):
         "TEDotProductAttention": DotProductAttention,
         "TENorm": CpuNorm,
     }.get(name)
+
+
+def _local(module, where: str):
+    """The local class for a module class of a spec (itself when it is not Transformer Engine's)."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    name = _te_names().get(id(module)) or getattr(module, "__name__", "")
+    if name == "Gemma2FlexDotProductAttention":
+        return module.__mro__[1]
+    if name == "Gemma3TEDotProductAttention":
+        return gemma3_dot_product_attention()
+    local = _local_by_name(name)
     if local is not None:
         return local
     if module is WrappedTorchNorm:
@@ -138,6 +152,25 @@ def _local(module, where: str):
     if "TE" in name or getattr(module, "__module__", "").startswith("megatron.core.extensions"):
         raise NotImplementedError(f"{where}: no local version of Transformer Engine's {name} for a CPU build")
     return module
+
+
+#: Modules of Megatron-Bridge's vision-language models that build Transformer Engine classes by
+#: module-level name (read in Megatron-Bridge 0.6.2's source): module -> those names.
+MODULE_TE_NAMES = {
+    "megatron.bridge.models.gemma_vl.modeling_gemma3_vl": ("TENorm",),
+}
+
+
+def local_modules():
+    """Scope for ``provide*``: :data:`MODULE_TE_NAMES` replaced by their local versions."""
+    from contextlib import ExitStack
+
+    from bridge_ext_testing.qwen35 import _replaced
+
+    stack = ExitStack()
+    for module_name, names in MODULE_TE_NAMES.items():
+        stack.enter_context(_replaced(module_name, **{name: _local_by_name(name) for name in names}))
+    return stack
 
 
 def localize(spec, config, where: str = "layer"):

@@ -34,6 +34,12 @@ TINY: dict[str, dict] = {
     "gemma2": dict(sliding_window=4, tie_word_embeddings=True),  # window 4 < the 11 test tokens
     # six layers: five sliding (window 4 < the 11 test tokens), one global, as Gemma 3 alternates
     "gemma3_text": dict(sliding_window=4, tie_word_embeddings=True, num_hidden_layers=6),
+    # SigLIP tower of 2 layers on 16x16 images (16 patches, pooled to 4 image tokens); no pooling
+    # head, as Megatron-Bridge builds it (and Gemma 3's checkpoints have none)
+    "gemma3": dict(text_config=dict(sliding_window=4, num_hidden_layers=6, tie_word_embeddings=True),
+                   vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                      image_size=16, patch_size=4, vision_use_head=False),
+                   mm_tokens_per_image=4, boi_token_index=120, eoi_token_index=121, image_token_index=122),
 }
 
 NORM_NOISE = 0.1
@@ -41,10 +47,21 @@ ROUTER_STD = 0.5
 
 
 def tiny_config(model_type: str):
-    """transformers' config of ``model_type`` with the tiny sizes of its :data:`TINY` entry."""
+    """transformers' config of ``model_type`` with the tiny sizes of its :data:`TINY` entry (a
+    vision-language entry's :data:`BASE` sizes go to its ``text_config``)."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(model_type, **{**BASE, **TINY.get(model_type, {})})
+    entry = TINY.get(model_type, {})
+    if "text_config" in entry:
+        return AutoConfig.for_model(model_type, **{**entry, "text_config": {**BASE, **entry["text_config"]}})
+    return AutoConfig.for_model(model_type, **{**BASE, **entry})
+
+
+def model_class(model_type: str):
+    """transformers' auto class of the tiny model: image-text-to-text for a vision-language entry."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if "vision_config" in TINY.get(model_type, {}) else AutoModelForCausalLM
 
 
 def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0) -> Path:
@@ -53,10 +70,8 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0) -> 
     Norms are perturbed around their initial value (a missing ``+1`` shows in the logits),
     router weights get a larger spread (top-k far from ties).
     """
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).float()
+    model = model_class(model_type).from_config(tiny_config(model_type)).float()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
