@@ -89,6 +89,10 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     register_transformers_configs()
     config = AutoConfig.from_pretrained(str(model_dir))
     auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    if type(config) not in auto._model_mapping:  # audio / omni models: no auto class, the saved architecture
+        from bridge_ext.hf_keys import model_class_for
+
+        auto = model_class_for(config)
     return auto.from_pretrained(str(model_dir), dtype=dtype).eval()
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 MTP_PREFIXES = ("mtp.",)
 #: Megatron-side prefixes of the parts a generated table leaves out (``bridge-ext tables generate``):
 #: MTP, and vision / audio towers unless the model type is in :data:`TOWERS_GENERATED`.
-LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tower.", "visual.", "talker.", "thinker.")
+LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tower.", "visual.", "audio_tower.",
+                     "multi_modal_projector.", "talker.", "thinker.")
 
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
-TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3"})
+TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "qwen2_audio"})
 
 #: Bridge-private subclasses that convert exactly like their base (read in Megatron-Bridge's
 #: source): ERNIE-4.5's ``_PPSafe*`` only return nothing for a weight no pipeline rank holds.
@@ -30,7 +31,7 @@ EQUIVALENT_KINDS = {
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3", "gemma3_text",
-                              "mistral", "nemotron", "olmoe"})
+                              "mistral", "nemotron", "olmoe", "qwen2_audio"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
@@ -54,9 +55,7 @@ REFUSED: dict[str, str] = {
     "Mistral3ForConditionalGeneration": TOWER,
     "NemotronH_Nano_Omni_Reasoning_V3": TOWER,
     "NemotronH_Nano_VL_V2": TOWER,
-    "Qwen2AudioForConditionalGeneration": TOWER,
     "Qwen2_5OmniForConditionalGeneration": TOWER,
-    "Qwen3ASRForConditionalGeneration": TOWER,
     "Qwen3OmniMoeForConditionalGeneration": TOWER,
     "Step3p7ForConditionalGeneration": TOWER,
     # remote code
@@ -68,6 +67,11 @@ REFUSED: dict[str, str] = {
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
     "Ernie4_5_MoeForCausalLM": "its expert bias mapping (_SqueezeBiasMapping: [1, E] <-> [E]) reshapes, which no "
                                "operation of the table vocabulary does (the generator refuses the mapping kind)",
+    "Qwen3ASRForConditionalGeneration": "Megatron-Bridge 0.6.2's Qwen3ASRBridge is written for the remote-code "
+                                        "Qwen3-ASR (thinker_config; thinker.model / thinker.audio_tower names); "
+                                        "transformers 5.23's Qwen3ASRConfig has audio_config / text_config, so its "
+                                        "provider fails (no attribute thinker_config), and its model names "
+                                        "model.language_model / model.audio_tower / model.multi_modal_projector",
     "MiMoV2FlashForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config fields transformers 5.23's "
                               "MiMoV2FlashConfig lacks (swa_rope_theta): no provider, nothing to generate from",
     "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, a per-layer attribute of "

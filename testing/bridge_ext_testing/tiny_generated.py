@@ -17,6 +17,16 @@ import torch
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+AUDIO = dict(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=48, d_model=32,
+             max_source_positions=20)
+VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=14)
+MROPE = [2, 3, 3]  # head_dim 16: 8 rotary frequencies
+#: the published Qwen2.5-Omni / Qwen3-Omni value, which Megatron-Bridge 0.6.2 takes: it reads
+#: ``text_config.rope_theta``, absent in transformers 5's configs (``rope_parameters``), and falls back to it
+OMNI_ROPE_THETA = 1000000.0
+THINKER_TOKENS = dict(audio_token_id=100, audio_token_index=100, image_token_id=101, image_token_index=101,
+                      video_token_id=102, video_token_index=102, vision_start_token_id=103,
+                      audio_start_token_id=104, audio_end_token_id=105)
 
 #: model_type -> config overrides of :data:`BASE` (the entry a new generated architecture adds).
 TINY: dict[str, dict] = {
@@ -40,7 +50,14 @@ TINY: dict[str, dict] = {
                    vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=16, patch_size=4, vision_use_head=False),
                    mm_tokens_per_image=4, boi_token_index=120, eoi_token_index=121, image_token_index=122),
+    # Whisper-like audio tower of 2 layers; the Qwen2 decoder has q/k/v biases
+    "qwen2_audio": dict(text_config=dict(model_type="qwen2"), audio_config=AUDIO, audio_token_index=100),
 }
+
+#: transformers' classes of the entries that are not causal LMs
+MODEL_CLASSES = {"qwen2_audio": "Qwen2AudioForConditionalGeneration",
+                 "qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration",
+                 "qwen3_omni_moe": "Qwen3OmniMoeForConditionalGeneration"}
 
 NORM_NOISE = 0.1
 ROUTER_STD = 0.5
@@ -52,16 +69,31 @@ def tiny_config(model_type: str):
     from transformers import AutoConfig
 
     entry = TINY.get(model_type, {})
+    if "thinker_config" in entry:  # omni: the thinker's text config
+        thinker = entry["thinker_config"]
+        thinker = {**thinker, "text_config": {**BASE, **thinker["text_config"]}}
+        return AutoConfig.for_model(model_type, **{**entry, "thinker_config": thinker})
     if "text_config" in entry:
         return AutoConfig.for_model(model_type, **{**entry, "text_config": {**BASE, **entry["text_config"]}})
     return AutoConfig.for_model(model_type, **{**BASE, **entry})
 
 
 def model_class(model_type: str):
-    """transformers' auto class of the tiny model: image-text-to-text for a vision-language entry."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    """transformers' class of the tiny model: :data:`MODEL_CLASSES`' entry, else image-text-to-text
+    for a vision-language entry, else a causal LM."""
+    import transformers
 
-    return AutoModelForImageTextToText if "vision_config" in TINY.get(model_type, {}) else AutoModelForCausalLM
+    if model_type in MODEL_CLASSES:
+        return getattr(transformers, MODEL_CLASSES[model_type])
+    vision = "vision_config" in TINY.get(model_type, {})
+    return transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+
+
+def tiny_model(model_type: str):
+    """transformers' model of ``model_type`` with the tiny sizes (on the current default device)."""
+    config = tiny_config(model_type)
+    cls = model_class(model_type)
+    return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
 
 
 def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0) -> Path:
@@ -71,7 +103,7 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0) -> 
     router weights get a larger spread (top-k far from ties).
     """
     torch.manual_seed(seed)
-    model = model_class(model_type).from_config(tiny_config(model_type)).float()
+    model = tiny_model(model_type).float()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
