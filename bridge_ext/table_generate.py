@@ -219,9 +219,10 @@ def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> l
 
 
 def _vocab_ops(megatron: str) -> str:
-    """Vocabulary-padded weights (of the model, or of its ``language_model.``) are trimmed."""
+    """Vocabulary-padded weights (of the model, or of its ``language_model.``, the thinker's
+    included) are trimmed."""
     vocab = ("embedding.word_embeddings.weight", "output_layer.weight")
-    return ", TrimVocab()" if megatron.removeprefix("language_model.") in vocab else ""
+    return ", TrimVocab()" if megatron.removeprefix("thinker.").removeprefix("language_model.") in vocab else ""
 
 
 def _quoted(text: str) -> str:
@@ -350,35 +351,49 @@ def in_memory_prefixes_of(pairs: list[tuple[str, str]]) -> tuple[tuple[str, str]
     pair into its in-memory name (first fit wins, longest saved prefix first): the prefixes
     before the names' longest common dotted suffix. A rename inside a numbered module (a router
     bias moved into the gate) is no prefix rename and is left to the conformance test's strict
-    PEFT load; prefixes renamed two ways are refused."""
-    found: dict[str, str] = {}
+    PEFT load; prefixes renamed two ways are refused. A prefix that would also catch a name
+    transformers keeps (Qwen3-Omni's ``thinker.`` beside ``thinker.lm_head``) is narrowed by one
+    part of the common suffix (``thinker.audio_tower.``)."""
     prefix_renamed = []
     for saved, loaded in pairs:
-        saved_parts, loaded_parts = saved.split("."), loaded.split(".")
-        common = 0
-        while common < min(len(saved_parts), len(loaded_parts)) - 1 and \
-                saved_parts[-1 - common] == loaded_parts[-1 - common]:
-            common += 1
-        saved_prefix = ".".join(saved_parts[:len(saved_parts) - common]) + "."
-        loaded_prefix = ".".join(loaded_parts[:len(loaded_parts) - common]) + "."
-        if saved == loaded or any(part.isdigit() for part in saved_prefix.split(".")):
-            continue
-        prefix_renamed.append((saved, loaded))
+        saved_prefix, _ = _renamed_prefixes(saved, loaded, 0)
+        if saved != loaded and not any(part.isdigit() for part in saved_prefix.split(".")):
+            prefix_renamed.append((saved, loaded))
+    kept = [saved for saved, loaded in pairs if saved == loaded]
+    wide = {pair: _renamed_prefixes(*pair, 0) for pair in prefix_renamed}
+    too_wide = {prefix for prefix, _ in wide.values() if any(name.startswith(prefix) for name in kept)}
+    found: dict[str, str] = {}
+    for pair, (saved_prefix, loaded_prefix) in wide.items():
+        if saved_prefix in too_wide:
+            saved_prefix, loaded_prefix = _renamed_prefixes(*pair, 1)
         if found.setdefault(saved_prefix, loaded_prefix) != loaded_prefix:
             raise TableError(f"transformers renames the prefix {saved_prefix} two ways "
                              f"({found[saved_prefix]}, {loaded_prefix})")
     ordered = tuple(sorted(found.items(), key=lambda pair: (-len(pair[0]), pair[0])))
-    for saved, loaded in prefix_renamed:
-        fit = next((saved_prefix, loaded_prefix) for saved_prefix, loaded_prefix in ordered
-                   if saved.startswith(saved_prefix))
+    for saved, loaded in [*prefix_renamed, *((name, name) for name in kept)]:
+        fit = next(((saved_prefix, loaded_prefix) for saved_prefix, loaded_prefix in ordered
+                    if saved.startswith(saved_prefix)), ("", ""))
         if fit[1] + saved[len(fit[0]):] != loaded:
             raise TableError(f"transformers renames {saved} to {loaded}: no prefix rename gives it")
     return ordered
 
 
+def _renamed_prefixes(saved: str, loaded: str, narrowed: int) -> tuple[str, str]:
+    """The two names' prefixes before their longest common dotted suffix (a part of each name
+    left at least), ``narrowed`` parts of that suffix kept with them."""
+    saved_parts, loaded_parts = saved.split("."), loaded.split(".")
+    common = 0
+    while common < min(len(saved_parts), len(loaded_parts)) - 1 and \
+            saved_parts[-1 - common] == loaded_parts[-1 - common]:
+        common += 1
+    common = max(common - narrowed, 0)
+    return (".".join(saved_parts[:len(saved_parts) - common]) + ".",
+            ".".join(loaded_parts[:len(loaded_parts) - common]) + ".")
+
+
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
            in_memory_prefixes: tuple[tuple[str, str], ...] = ()) -> str:
-    from bridge_ext.tables.architecture_notes import UNCOMPARED
+    from bridge_ext.tables.architecture_notes import LEFT_OUT_NOTES, UNCOMPARED
 
     bridge = entry.bridge_class
     uncompared = UNCOMPARED.get(model_type, {})
@@ -394,6 +409,8 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
         *(["'**' subtrees expanded on the tiny models (proven by the conformance entry of this model type)."]
           if model_type in TOWERS_GENERATED else []),
     ]
+    if model_type in LEFT_OUT_NOTES:  # reviewed by hand: bridge_ext.tables.architecture_notes.LEFT_OUT_NOTES
+        lines += ["", *textwrap.wrap("Also left out: " + LEFT_OUT_NOTES[model_type], 96)]
     if translation.absent:
         lines += ["", "Mappings of weights the tiny model lacks (their parallel kind cannot be read off a module),",
                   "left out so that such a weight is refused as unmapped:"]

@@ -18,7 +18,16 @@ LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tow
 
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
-TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "qwen2_audio"})
+TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "qwen2_audio", "qwen3_omni_moe"})
+
+#: What a generated table of these model types leaves out beyond MTP (written into its header).
+_SPEECH_OUTPUT = ("the {talker} (speech output): Megatron-Bridge's bridge neither builds nor maps them, so an "
+                  "export is the thinker alone, for a config with enable_audio_output false; one with it true names "
+                  "{names} weights in transformers' key set, and the export refuses it before the first tensor "
+                  "(missing names).")
+LEFT_OUT_NOTES = {
+    "qwen3_omni_moe": _SPEECH_OUTPUT.format(talker="talker and code2wav", names="talker.* / code2wav.*"),
+}
 
 #: Bridge-private subclasses that convert exactly like their base (read in Megatron-Bridge's
 #: source): ERNIE-4.5's ``_PPSafe*`` only return nothing for a weight no pipeline rank holds.
@@ -31,7 +40,7 @@ EQUIVALENT_KINDS = {
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3", "gemma3_text",
-                              "mistral", "nemotron", "olmoe", "qwen2_audio"})
+                              "mistral", "nemotron", "olmoe", "qwen2_audio", "qwen3_omni_moe"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
@@ -55,8 +64,6 @@ REFUSED: dict[str, str] = {
     "Mistral3ForConditionalGeneration": TOWER,
     "NemotronH_Nano_Omni_Reasoning_V3": TOWER,
     "NemotronH_Nano_VL_V2": TOWER,
-    "Qwen2_5OmniForConditionalGeneration": TOWER,
-    "Qwen3OmniMoeForConditionalGeneration": TOWER,
     "Step3p7ForConditionalGeneration": TOWER,
     # remote code
     "DeciLMForCausalLM": REMOTE,
@@ -67,6 +74,11 @@ REFUSED: dict[str, str] = {
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
     "Ernie4_5_MoeForCausalLM": "its expert bias mapping (_SqueezeBiasMapping: [1, E] <-> [E]) reshapes, which no "
                                "operation of the table vocabulary does (the generator refuses the mapping kind)",
+    "Qwen2_5OmniForConditionalGeneration": "a generated table would be the thinker alone (Megatron-Bridge builds no "
+                                           "talker / token2wav; its tiny thinker builds and gives transformers' logits "
+                                           "on CPU), but transformers 5.23's Qwen2_5OmniForConditionalGeneration."
+                                           "from_pretrained requires the folder's spk_dict.pt (speaker embeddings, a "
+                                           "torch pickle), which an export does not carry: not a usable export yet",
     "Qwen3ASRForConditionalGeneration": "Megatron-Bridge 0.6.2's Qwen3ASRBridge is written for the remote-code "
                                         "Qwen3-ASR (thinker_config; thinker.model / thinker.audio_tower names); "
                                         "transformers 5.23's Qwen3ASRConfig has audio_config / text_config, so its "

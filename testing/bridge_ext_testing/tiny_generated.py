@@ -52,6 +52,16 @@ TINY: dict[str, dict] = {
                    mm_tokens_per_image=4, boi_token_index=120, eoi_token_index=121, image_token_index=122),
     # Whisper-like audio tower of 2 layers; the Qwen2 decoder has q/k/v biases
     "qwen2_audio": dict(text_config=dict(model_type="qwen2"), audio_config=AUDIO, audio_token_index=100),
+    # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / code2wav
+    "qwen3_omni_moe": dict(enable_audio_output=False, thinker_config=dict(
+        text_config=dict(MOE, rope_parameters=dict(rope_type="default", rope_theta=OMNI_ROPE_THETA, mrope_section=MROPE,
+                                                   mrope_interleaved=True)),
+        audio_config=dict(AUDIO, output_dim=64, n_window=4, downsample_hidden_size=8),
+        # image_size (56 / patch 14 = 4, 4 x 4 = 16 positions) and apply_vit_abs_pos_embed: fields of
+        # the published configs that vLLM reads (transformers' class lacks them)
+        vision_config=dict(VISION, deepstack_visual_indexes=[0], num_position_embeddings=16, image_size=56,
+                           apply_vit_abs_pos_embed=True),
+        **THINKER_TOKENS)),
 }
 
 #: transformers' classes of the entries that are not causal LMs

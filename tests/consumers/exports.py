@@ -187,10 +187,13 @@ def _generated(model_type: str) -> Callable[[Path], Path]:
 
 #: linears that normalise their own output (Gemma 2 / 3, EXAONE 4) take LoRA only on these
 POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
+#: Qwen3-Omni's vision MLPs are named linear_fc1 / fc2 too: LoRA on the language model's only
+LANGUAGE_MODEL_TARGETS = ("linear_qkv", "linear_proj", "*language_model*.linear_fc1", "*language_model*.linear_fc2")
 #: the tables generated from Megatron-Bridge (bridge_ext/tables/generated), with their targets
 GENERATED = {"mistral": GQA_TARGETS, "gemma": GQA_TARGETS, "gemma2": POST_NORM_TARGETS,
              "gemma3_text": POST_NORM_TARGETS, "nemotron": GQA_TARGETS, "exaone4": POST_NORM_TARGETS,
-             "olmoe": GQA_TARGETS, "deepseek_v2": MLA_TARGETS, "exaone_moe": GQA_TARGETS, "qwen2_audio": GQA_TARGETS}
+             "olmoe": GQA_TARGETS, "deepseek_v2": MLA_TARGETS, "exaone_moe": GQA_TARGETS, "qwen2_audio": GQA_TARGETS,
+             "qwen3_omni_moe": LANGUAGE_MODEL_TARGETS}
 
 def _minimax_m2(d: Path) -> Path:
     from bridge_ext_testing.tiny_frontier import tiny_minimax_m2
