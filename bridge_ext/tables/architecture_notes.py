@@ -68,8 +68,11 @@ REFUSED: dict[str, str] = {
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
     "Ernie4_5_MoeForCausalLM": "its expert bias mapping (_SqueezeBiasMapping: [1, E] <-> [E]) reshapes, which no "
                                "operation of the table vocabulary does (the generator refuses the mapping kind)",
-    "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, a per-layer attribute of "
-                         "transformers 5.23's Gemma4TextConfig (AmbiguousGlobalPerLayerAttributeError)",
+    "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, which transformers 5.23's "
+                         "Gemma4TextConfig makes per-layer (AmbiguousGlobalPerLayerAttributeError) wherever "
+                         "global_head_dim differs from head_dim, as in the published E2B and E4B (256 / 512) and both "
+                         "libraries' defaults: no provider. With equal head dims (no published model) it builds on "
+                         "the CPU",
     "FalconH1ForCausalLM": "hybrid Mamba layers: MambaInProjMapping / MambaConv1dMapping have no rule kind of the "
                            "generator yet, and megatron-core's Mamba mixer needs the mamba_ssm / causal_conv1d CUDA "
                            "kernels, so no tiny model runs on the CPU to prove a table",
