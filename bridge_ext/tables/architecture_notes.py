@@ -73,9 +73,10 @@ REFUSED: dict[str, str] = {
                          "global_head_dim differs from head_dim, as in the published E2B and E4B (256 / 512) and both "
                          "libraries' defaults: no provider. With equal head dims (no published model) it builds on "
                          "the CPU",
-    "FalconH1ForCausalLM": "hybrid Mamba layers: MambaInProjMapping / MambaConv1dMapping have no rule kind of the "
-                           "generator yet, and megatron-core's Mamba mixer needs the mamba_ssm / causal_conv1d CUDA "
-                           "kernels, so no tiny model runs on the CPU to prove a table",
+    "FalconH1ForCausalLM": "hybrid Mamba layers: its layer spec (FalconH1Stack / FalconH1Layer) builds Transformer "
+                           "Engine's TENorm, so no tiny model builds on the CPU without a local spec of it; "
+                           "MambaInProjMapping / MambaConv1dMapping have no rule kind of the generator yet; "
+                           "megatron-core's Mamba forward needs the mamba_ssm / causal_conv1d CUDA kernels",
     # generated, then refused on what the proof showed
     "HYV3ForCausalLM": "Megatron-Bridge maps the checkpoint's mlp.shared_mlp, which transformers renames to "
                        "mlp.shared_experts in memory, where PEFT keys adapters; the table vocabulary renames "
