@@ -36,6 +36,7 @@ UNAPPLIED = {"qwen3_omni_moe": "language_model.model.layers."}
 # classes vLLM 0.34 builds without LoRA support (no SupportsLoRA): the engine refuses enable_lora,
 # so only the base and merged streams can reach them (the judge never gets to the saved folders)
 NO_LORA = {"kimi_k25": "LoRA is not supported for KimiK25ForConditionalGeneration",
+           "mimo_v2_flash": "LoRA is not supported for MiMoV2FlashForCausalLM",
            "qwen2_audio": "LoRA is not supported for Qwen2AudioForConditionalGeneration"}
 # adapters vLLM leaves unapplied with its default engine options, by design: vision-tower ones
 # need enable_tower_connector_lora (docs/consumers.md)
