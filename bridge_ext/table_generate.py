@@ -36,6 +36,7 @@ from bridge_ext.errors import TableError
 from bridge_ext.tables.architecture_notes import (
     EQUIVALENT_KINDS,
     HEAD_GROUP_QKV_KINDS,
+    LANGUAGE_MODEL_PREFIXES,
     LEFT_OUT_PREFIXES,
     MTP_PREFIXES,
     TOWERS_GENERATED,
@@ -220,10 +221,11 @@ def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> l
 
 
 def _vocab_ops(megatron: str) -> str:
-    """Vocabulary-padded weights (of the model, or of its ``language_model.``, the thinker's
-    included) are trimmed."""
+    """Vocabulary-padded weights (of the model, or of its language model: :data:`LANGUAGE_MODEL_PREFIXES`)
+    are trimmed."""
     vocab = ("embedding.word_embeddings.weight", "output_layer.weight")
-    return ", TrimVocab()" if megatron.removeprefix("thinker.").removeprefix("language_model.") in vocab else ""
+    return ", TrimVocab()" if any(megatron == prefix + name for prefix in ("", *LANGUAGE_MODEL_PREFIXES)
+                                  for name in vocab) else ""
 
 
 def _quoted(text: str) -> str:

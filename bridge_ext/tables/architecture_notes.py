@@ -16,6 +16,10 @@ MTP_PREFIXES = ("mtp.",)
 LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tower.", "visual.", "audio_tower.",
                      "multi_modal_projector.", "talker.", "thinker.")
 
+#: Megatron-side prefixes of a multimodal model's language model (Megatron-Bridge's VLM / omni
+#: models): its vocabulary-padded embedding and output layer sit under them.
+LANGUAGE_MODEL_PREFIXES = ("language_model.", "thinker.language_model.")
+
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
 TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "qwen2_audio", "qwen3_omni_moe"})
