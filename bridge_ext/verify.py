@@ -89,7 +89,7 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     register_transformers_configs()
     config = AutoConfig.from_pretrained(str(model_dir))
     auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
-    if type(config) not in auto._model_mapping:  # audio / omni models: no auto class, the saved architecture
+    if type(config) not in auto._model_mapping:  # audio / omni models: no such auto class, the table's class
         from bridge_ext.hf_keys import model_class_for
 
         auto = model_class_for(config)
