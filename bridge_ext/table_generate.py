@@ -404,7 +404,7 @@ def _renamed_prefixes(saved: str, loaded: str, narrowed: int) -> tuple[str, str]
 
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
            in_memory_prefixes: tuple[tuple[str, str], ...] = ()) -> str:
-    from bridge_ext.tables.architecture_notes import LEFT_OUT_NOTES, UNCOMPARED
+    from bridge_ext.tables.architecture_notes import COMPANION_FILES, LEFT_OUT_NOTES, UNCOMPARED
 
     bridge = entry.bridge_class
     uncompared = UNCOMPARED.get(model_type, {})
@@ -445,6 +445,8 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     lines += ["    ),", f'    description="{description}",',
               f"    model_classes={{{_quoted(model_type)}: {_quoted(entry.source)}}},",
               f"    expert_families={families},"]
+    if model_type in COMPANION_FILES:  # reviewed by hand: bridge_ext.tables.architecture_notes.COMPANION_FILES
+        lines.append(f"    companion_files=({', '.join(_quoted(name) for name in COMPANION_FILES[model_type])},),")
     if in_memory_prefixes:  # transformers renames these on load: adapters use the in-memory names
         lines.append("    in_memory_prefixes=(")
         lines += [f"        ({_quoted(saved)}, {_quoted(loaded)})," for saved, loaded in in_memory_prefixes]

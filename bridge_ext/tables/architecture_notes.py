@@ -22,7 +22,7 @@ LANGUAGE_MODEL_PREFIXES = ("language_model.", "thinker.language_model.")
 
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
-TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "qwen2_audio", "qwen3_omni_moe"})
+TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "qwen2_5_omni", "qwen2_audio", "qwen3_omni_moe"})
 
 #: What a generated table of these model types leaves out beyond MTP (written into its header).
 _SPEECH_OUTPUT = ("the {talker} (speech output): Megatron-Bridge's bridge neither builds nor maps them, so an "
@@ -30,8 +30,15 @@ _SPEECH_OUTPUT = ("the {talker} (speech output): Megatron-Bridge's bridge neithe
                   "{names} weights in transformers' key set, and the export refuses it before the first tensor "
                   "(missing names).")
 LEFT_OUT_NOTES = {
+    "qwen2_5_omni": _SPEECH_OUTPUT.format(talker="talker and token2wav", names="talker.* / token2wav.*"),
     "qwen3_omni_moe": _SPEECH_OUTPUT.format(talker="talker and code2wav", names="talker.* / code2wav.*"),
 }
+
+#: Files beyond the tokenizer / template / generation ones that transformers' class of the model
+#: type needs to load it (read in transformers 5.23): a generated table's ``companion_files``.
+#: Qwen2_5OmniForConditionalGeneration.from_pretrained loads the folder's speaker dictionary
+#: (torch.load, weights_only) and raises without it.
+COMPANION_FILES = {"qwen2_5_omni": ("spk_dict.pt",)}
 
 #: Bridge-private subclasses that convert exactly like their base (read in Megatron-Bridge's
 #: source): ERNIE-4.5's ``_PPSafe*`` only return nothing for a weight no pipeline rank holds.
@@ -50,7 +57,7 @@ HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3", "gemma3_text",
-                              "mimo_v2_flash", "mistral", "nemotron", "olmoe", "qwen2_audio", "qwen3_omni_moe"})
+                              "mimo_v2_flash", "mistral", "nemotron", "olmoe", "qwen2_5_omni", "qwen2_audio", "qwen3_omni_moe"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
@@ -84,11 +91,6 @@ REFUSED: dict[str, str] = {
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
     "Ernie4_5_MoeForCausalLM": "its expert bias mapping (_SqueezeBiasMapping: [1, E] <-> [E]) reshapes, which no "
                                "operation of the table vocabulary does (the generator refuses the mapping kind)",
-    "Qwen2_5OmniForConditionalGeneration": "a generated table would be the thinker alone (Megatron-Bridge builds no "
-                                           "talker / token2wav; its tiny thinker builds and gives transformers' logits "
-                                           "on CPU), but transformers 5.23's Qwen2_5OmniForConditionalGeneration."
-                                           "from_pretrained requires the folder's spk_dict.pt (speaker embeddings, a "
-                                           "torch pickle), which an export does not carry: not a usable export yet",
     "Qwen3ASRForConditionalGeneration": "Megatron-Bridge 0.6.2's Qwen3ASRBridge is written for the remote-code "
                                         "Qwen3-ASR (thinker_config; thinker.model / thinker.audio_tower names); "
                                         "transformers 5.23's Qwen3ASRConfig has audio_config / text_config, so its "

@@ -1,6 +1,6 @@
-"""Megatron-Bridge's Qwen3-Omni-MoE thinker on CPU, with local (non-TE) specs.
+"""Megatron-Bridge's Qwen2.5-Omni / Qwen3-Omni-MoE thinkers on CPU, with local (non-TE) specs.
 
-Its provider's ``provide`` builds the language model from megatron-core's Transformer Engine
+Their providers' ``provide`` build the language model from megatron-core's Transformer Engine
 layer spec; inside :func:`cpu_build_context` that function returns megatron-core's local GPT
 spec (:func:`bridge_ext_testing.qwen3_vl.local_language_spec`). The audio and vision towers are
 Hugging Face's own modules and need nothing. Supports the CPU tests; the exporter does not use it.
@@ -15,6 +15,7 @@ from bridge_ext_testing import qwen35, qwen3_vl
 
 #: model_type -> the provider module whose spec function is replaced
 PROVIDER_MODULES = {
+    "qwen2_5_omni": "megatron.bridge.models.qwen_omni.qwen25_omni_provider",
     "qwen3_omni_moe": "megatron.bridge.models.qwen_omni.qwen3_omni_provider",
 }
 

@@ -71,6 +71,12 @@ TINY: dict[str, dict] = {
                    mm_tokens_per_image=4, boi_token_index=120, eoi_token_index=121, image_token_index=122),
     # Whisper-like audio tower of 2 layers; the Qwen2 decoder has q/k/v biases
     "qwen2_audio": dict(text_config=dict(model_type="qwen2"), audio_config=AUDIO, audio_token_index=100),
+    # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / token2wav
+    "qwen2_5_omni": dict(enable_audio_output=False, thinker_config=dict(
+        text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=OMNI_ROPE_THETA, mrope_section=MROPE)),
+        audio_config=dict(AUDIO, output_dim=64, n_window=4),
+        vision_config=dict(VISION, fullatt_block_indexes=[1], window_size=28),
+        **THINKER_TOKENS)),
     # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / code2wav
     "qwen3_omni_moe": dict(enable_audio_output=False, thinker_config=dict(
         text_config=dict(MOE, rope_parameters=dict(rope_type="default", rope_theta=OMNI_ROPE_THETA, mrope_section=MROPE,
@@ -87,6 +93,9 @@ TINY: dict[str, dict] = {
 MODEL_CLASSES = {"qwen2_audio": "Qwen2AudioForConditionalGeneration",
                  "qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration",
                  "qwen3_omni_moe": "Qwen3OmniMoeForConditionalGeneration"}
+#: files beside the weights that transformers' class loads (the published folders hold them):
+#: Qwen2.5-Omni's speaker dictionary, empty here
+SPEAKERS = {"qwen2_5_omni": "spk_dict.pt"}
 
 NORM_NOISE = 0.1
 ROUTER_STD = 0.5
@@ -147,4 +156,6 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, ove
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * ROUTER_STD)
     directory = Path(directory)
     model.save_pretrained(directory)
+    if model_type in SPEAKERS:
+        torch.save({}, directory / SPEAKERS[model_type])
     return directory

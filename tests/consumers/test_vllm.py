@@ -29,10 +29,10 @@ PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "kimi_k2",
 # unapplied: vLLM has no module under the in-memory name (MiniMax-M2: mlp.experts, vLLM's
 # block_sparse_moe.experts); the weights so left zero, by name
 ZEROED_ON_2D = {"minimax_m2": ".block_sparse_moe.experts."}
-# adapters vLLM leaves unapplied on every route: Qwen3-Omni's thinker maps adapter names by the
+# adapters vLLM leaves unapplied on every route: the omni thinkers map adapter names by the
 # checkpoint's prefixes (thinker.model.), PEFT keys them by transformers' in-memory ones
 # (thinker.model.language_model.); every adapted weight stays zero (docs/consumers.md)
-UNAPPLIED = {"qwen3_omni_moe": "language_model.model.layers."}
+UNAPPLIED = {"qwen3_omni_moe": "language_model.model.layers.", "qwen2_5_omni": "language_model.model.layers."}
 # classes vLLM 0.34 builds without LoRA support (no SupportsLoRA): the engine refuses enable_lora,
 # so only the base and merged streams can reach them (the judge never gets to the saved folders)
 NO_LORA = {"kimi_k25": "LoRA is not supported for KimiK25ForConditionalGeneration",
