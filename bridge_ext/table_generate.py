@@ -23,7 +23,8 @@ import textwrap
 from dataclasses import dataclass
 
 from bridge_ext.errors import TableError
-from bridge_ext.tables.architecture_notes import EQUIVALENT_KINDS, LEFT_OUT_PREFIXES, VLLM_PER_EXPERT_ADAPTERS
+from bridge_ext.tables.architecture_notes import (EQUIVALENT_KINDS, KINDS_WITH_OPS, LEFT_OUT_PREFIXES,
+                                                  VLLM_PER_EXPERT_ADAPTERS)
 
 WILDCARDS = ("layer", "expert")
 _FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
@@ -197,6 +198,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 continue
             hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
             ops = _vocab_ops(megatron) + (", AddOne()" if kind is pm.RMSNorm2ZeroCenteredRMSNormMapping else "")
+            ops += "".join(f", {op}" for op in _extra_ops(mapping))
             if is_expert:
                 uses_experts = True
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp), variant='EXPERTS.variant("per_expert")'))
@@ -229,13 +231,24 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
     return _Translation(rules, absent, expert_parameters if uses_experts else None)
 
 
+def _qualified(mapping) -> str:
+    kind = type(mapping)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def _kind(mapping) -> type:
-    """The mapping's class, or the base class an :data:`EQUIVALENT_KINDS` subclass converts like."""
+    """The mapping's class, or the base class an :data:`EQUIVALENT_KINDS` or
+    :data:`KINDS_WITH_OPS` subclass converts like."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
-    kind = type(mapping)
-    base = EQUIVALENT_KINDS.get(f"{kind.__module__}.{kind.__qualname__}")
-    return getattr(pm, base) if base else kind
+    base = EQUIVALENT_KINDS.get(_qualified(mapping)) or KINDS_WITH_OPS.get(_qualified(mapping), (None,))[0]
+    return getattr(pm, base) if base else type(mapping)
+
+
+def _extra_ops(mapping) -> tuple[str, ...]:
+    """The operations a :data:`KINDS_WITH_OPS` subclass applies after its base kind."""
+    ops = KINDS_WITH_OPS.get(_qualified(mapping))
+    return (ops[1],) if ops else ()
 
 
 def expert_parameters_of(hf_model) -> tuple[str, ...] | None:
@@ -265,7 +278,10 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
         lines += ["", "Mappings of weights the tiny model lacks (their parallel kind cannot be read off a module),",
                   "left out so that such a weight is refused as unmapped:"]
         lines += [f"    {name}" for name in translation.absent]
-    ops_import = "from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows, TrimVocab  # noqa: F401"
+    extra = {re.match(r"\w+", op)[0] for each in KINDS_WITH_OPS.values() for op in each[1:]
+             if any(op in rule.text for rule in translation.rules)}
+    ops = ", ".join(sorted({"AddOne", "Concat", "SplitGroupedRows", "SplitRows", "TrimVocab", *extra}))
+    ops_import = f"from bridge_ext.ops import {ops}  # noqa: F401"
     lines += ['"""', "", ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
               *(["from bridge_ext.tables.config_fields import standard"] if uncompared else []), "",

@@ -433,3 +433,15 @@ def test_word_wildcards_and_scalar_stack_in_listed_order():
     assert [t.shape for t in Scalar().reverse([torch.tensor(2.0)], None)] == [(1,)]
     with pytest.raises(ValueError):
         Scalar().forward([torch.ones(2)], None)
+
+
+def test_unsqueeze_adds_a_size_one_dim_and_its_reverse_refuses_any_other():
+    from bridge_ext.ops import Unsqueeze
+
+    bias = torch.arange(4.0)
+    (hf,) = Unsqueeze().forward([bias], None)
+    assert hf.shape == (1, 4) and torch.equal(hf[0], bias)
+    (back,) = Unsqueeze().reverse([hf], None)
+    assert back.shape == (4,) and torch.equal(back, bias)
+    with pytest.raises(ValueError, match="size-one dim 0"):
+        Unsqueeze().reverse([torch.zeros(2, 4)], None)

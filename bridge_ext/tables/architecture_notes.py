@@ -20,17 +20,27 @@ EQUIVALENT_KINDS = {
     "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeGatedMLPMapping": "GatedMLPMapping",
 }
 
+#: Bridge-private subclasses that convert like a base kind followed by operations of the table
+#: vocabulary (read in Megatron-Bridge's source): class -> (base kind, operations as source text).
+#: ERNIE-4.5's ``_SqueezeBiasMapping`` (a ``_PPSafeReplicatedMapping``) only unsqueezes the
+#: router's expert bias on export (``[E]`` -> ``[1, E]``: ``moe_statics.e_score_correction_bias``,
+#: one expert group) and squeezes it on import.
+KINDS_WITH_OPS = {
+    "megatron.bridge.models.ernie.ernie_45_bridge._SqueezeBiasMapping": ("ReplicatedMapping", "Unsqueeze(0)"),
+}
+
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3_text",
-                              "mistral", "nemotron", "olmoe"})
+                              "mistral", "nemotron", "olmoe", "ernie4_5_moe"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
 
 #: MoE classes whose vLLM (0.34) model wraps experts one by one (no ``is_3d_moe_weight``): a
 #: weight sync's expert adapters go per expert, as vLLM's LoRA manager refuses fused ones there.
-VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM"})
+VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM",
+                                      "Ernie4_5_MoeForCausalLM", "HYV3ForCausalLM"})
 
 #: Remote-code classes Megatron-Bridge registers without a model_type, and the model_type of
 #: their published config (the key a hand-written table serves).
@@ -60,8 +70,6 @@ REFUSED: dict[str, str] = {
     "Step3p5ForCausalLM": REMOTE,
     "BailingMoeV2ForCausalLM": REMOTE,
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
-    "Ernie4_5_MoeForCausalLM": "its expert bias mapping (_SqueezeBiasMapping: [1, E] <-> [E]) reshapes, which no "
-                               "operation of the table vocabulary does (the generator refuses the mapping kind)",
     "MiMoV2FlashForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config fields transformers 5.23's "
                               "MiMoV2FlashConfig lacks (swa_rope_theta): no provider, nothing to generate from",
     "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, a per-layer attribute of "

@@ -34,6 +34,17 @@ TINY: dict[str, dict] = {
     "gemma2": dict(sliding_window=4, tie_word_embeddings=True),  # window 4 < the 11 test tokens
     # six layers: five sliding (window 4 < the 11 test tokens), one global, as Gemma 3 alternates
     "gemma3_text": dict(sliding_window=4, tie_word_embeddings=True, num_hidden_layers=6),
+    # layer 0 dense, layer 1 MoE (moe_layer_start_index 1), one shared expert
+    "ernie4_5_moe": dict(MOE, moe_num_shared_experts=1),
+}
+
+#: model_type -> {parameter name ending: value it is filled with}, where transformers' initial
+#: value (zeros) would not show whether the weight was carried at all.
+FILLED: dict[str, dict[str, float]] = {
+    # ERNIE-4.5 adds the bias to its softmax scores only to pick the top k: one value for every
+    # expert picks the same experts, so the bias is carried without changing the routing
+    # (Megatron-Core's softmax router ignores expert_bias; tests/test_conformance_generated.py)
+    "ernie4_5_moe": {"moe_statics.e_score_correction_bias": 0.25},
 }
 
 NORM_NOISE = 0.1
@@ -51,7 +62,7 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0) -> 
     """Save a random tiny causal LM of ``model_type`` (fp32) to ``directory``.
 
     Norms are perturbed around their initial value (a missing ``+1`` shows in the logits),
-    router weights get a larger spread (top-k far from ties).
+    router weights get a larger spread (top-k far from ties), :data:`FILLED` weights their value.
     """
     from transformers import AutoModelForCausalLM
 
@@ -64,6 +75,10 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0) -> 
                 param.add_(torch.randn(param.shape, generator=generator) * NORM_NOISE)
             elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 param.copy_(torch.randn(param.shape, generator=generator) * ROUTER_STD)
+        for ending, value in FILLED.get(model_type, {}).items():
+            for name, param in model.named_parameters():
+                if name.endswith(ending):
+                    param.fill_(value)
     directory = Path(directory)
     model.save_pretrained(directory)
     return directory
