@@ -23,8 +23,8 @@ import textwrap
 from dataclasses import dataclass
 
 from bridge_ext.errors import TableError
-from bridge_ext.tables.architecture_notes import (EQUIVALENT_KINDS, KINDS_WITH_OPS, LEFT_OUT_PREFIXES,
-                                                  VLLM_PER_EXPERT_ADAPTERS)
+from bridge_ext.tables.architecture_notes import (EQUIVALENT_KINDS, IN_MEMORY_RENAMES, KINDS_WITH_OPS,
+                                                  LEFT_OUT_PREFIXES, VLLM_PER_EXPERT_ADAPTERS)
 
 WILDCARDS = ("layer", "expert")
 _FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
@@ -300,6 +300,11 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
               f"    expert_families={families},"]
     if translation.expert_parameters and entry.source in VLLM_PER_EXPERT_ADAPTERS:
         lines.append(f'    vllm_expert_adapter_layouts={{{_quoted(entry.source)}: "per_expert"}},')
+    renames = IN_MEMORY_RENAMES.get(model_type)
+    if renames:  # reviewed by hand: bridge_ext.tables.architecture_notes.IN_MEMORY_RENAMES
+        lines.append("    in_memory_renames=(")
+        lines += [f"        ({_quoted(saved)}, {_quoted(loaded)})," for saved, loaded in renames]
+        lines.append("    ),")
     if uncompared:  # reviewed by hand: bridge_ext.tables.architecture_notes.UNCOMPARED
         lines.append("    config_fields=standard({")
         for name, why in uncompared.items():

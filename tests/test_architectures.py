@@ -113,10 +113,11 @@ def test_any_characters_wildcards_are_refused():
         translate([ReplicatedMapping("decoder.**.weight", "model.**.weight")], resolver=None, expert_parameters=None)
 
 
-def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu):
+@pytest.mark.parametrize("model_type", ["mistral", "hy_v3"])  # hy_v3: its reviewed in_memory_renames
+def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu, model_type):
     from bridge_ext_testing.generate_tables import generate
 
-    assert generate("mistral") == (ROOT / "bridge_ext" / "tables" / "generated" / "mistral.py").read_text()
+    assert generate(model_type) == (ROOT / "bridge_ext" / "tables" / "generated" / f"{model_type}.py").read_text()
 
 
 def test_generate_refuses_a_model_type_without_a_bridge():

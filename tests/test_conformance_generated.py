@@ -23,7 +23,7 @@ from bridge_ext_testing.tiny_generated import TINY, tiny_generated
 from bridge_ext.engine import PEFT_PREFIX
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
-from bridge_ext.tables import generated_model_types
+from bridge_ext.tables import generated_model_types, table_for
 
 PROVEN = sorted(set(TINY) & generated_model_types())
 #: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)
@@ -68,9 +68,18 @@ def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
                 export_hf_weights(built.chunks, adapters_only=True, expert_adapter_layout="per_expert")}
     assert adapters
     assert [name for name in adapters if any(spelling in name for spelling in MEGATRON_SPELLINGS)] == []
-    theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    # Megatron-Bridge names adapters as the checkpoint; PEFT keys them as transformers holds the
+    # model in memory (the table's in_memory_renames, e.g. HY-V3's mlp.shared_mlp -> shared_experts)
+    table = table_for(AutoConfig.from_pretrained(str(built.hf_dir)))
+    saved = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    theirs = {table.in_memory_name(name): tensor for name, tensor in saved.items()}
     assert sorted(adapters) == sorted(theirs)
     assert [name for name in adapters if not torch.equal(adapters[name], theirs[name])] == []
+    # for vLLM: the saved names its modules carry (per expert, as these classes' vLLM models wrap experts)
+    for_vllm = {name.removeprefix(PEFT_PREFIX): t for name, t in
+                export_hf_weights(built.chunks, adapters_only=True, adapter_for="vllm")}
+    assert sorted(for_vllm) == sorted(saved)
+    assert [name for name in for_vllm if not torch.equal(for_vllm[name], saved[name])] == []
 
 
 def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):

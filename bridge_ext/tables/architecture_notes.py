@@ -29,10 +29,19 @@ KINDS_WITH_OPS = {
     "megatron.bridge.models.ernie.ernie_45_bridge._SqueezeBiasMapping": ("ReplicatedMapping", "Unsqueeze(0)"),
 }
 
+#: Mid-key renames transformers applies on load (its ``conversion_mapping.py``), per model type,
+#: as ``(saved infix, in-memory infix)``: a generated table's ``in_memory_renames``. Megatron-Bridge
+#: maps the saved names (what ``save_pretrained`` writes and vLLM loads); PEFT keys adapters by the
+#: in-memory ones. transformers 5.23's ``hy_v3`` entry: qwen2_moe's expert fusion plus these three.
+IN_MEMORY_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "hy_v3": ((".mlp.router.gate.", ".mlp.gate."), (".mlp.expert_bias", ".mlp.e_score_correction_bias"),
+              (".mlp.shared_mlp.", ".mlp.shared_experts.")),
+}
+
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3_text",
-                              "mistral", "nemotron", "olmoe", "ernie4_5_moe"})
+                              "mistral", "nemotron", "olmoe", "ernie4_5_moe", "hy_v3"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
@@ -77,10 +86,6 @@ REFUSED: dict[str, str] = {
     "FalconH1ForCausalLM": "hybrid Mamba layers: MambaInProjMapping / MambaConv1dMapping have no rule kind of the "
                            "generator yet, and megatron-core's Mamba mixer needs the mamba_ssm / causal_conv1d CUDA "
                            "kernels, so no tiny model runs on the CPU to prove a table",
-    # generated, then refused on what the proof showed
-    "HYV3ForCausalLM": "Megatron-Bridge maps the checkpoint's mlp.shared_mlp, which transformers renames to "
-                       "mlp.shared_experts in memory, where PEFT keys adapters; the table vocabulary renames "
-                       "prefixes only",
 }
 
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.

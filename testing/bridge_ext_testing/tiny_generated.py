@@ -36,6 +36,11 @@ TINY: dict[str, dict] = {
     "gemma3_text": dict(sliding_window=4, tie_word_embeddings=True, num_hidden_layers=6),
     # layer 0 dense, layer 1 MoE (moe_layer_start_index 1), one shared expert
     "ernie4_5_moe": dict(MOE, moe_num_shared_experts=1),
+    # layer 0 dense, layer 1 MoE; first_k_dense_replace, expert_hidden_dim, route_norm and qk_norm
+    # are fields of the published config.json that HYV3Config lacks (Megatron-Bridge's provider and
+    # vLLM's HYV3ForCausalLM read them)
+    "hy_v3": dict(MOE, num_shared_experts=1, router_scaling_factor=2.5, mlp_layer_types=["dense", "sparse"],
+                  first_k_dense_replace=1, expert_hidden_dim=32, route_norm=True, qk_norm=True),
 }
 
 #: model_type -> {parameter name ending: value it is filled with}, where transformers' initial
@@ -45,6 +50,7 @@ FILLED: dict[str, dict[str, float]] = {
     # expert picks the same experts, so the bias is carried without changing the routing
     # (Megatron-Core's softmax router ignores expert_bias; tests/test_conformance_generated.py)
     "ernie4_5_moe": {"moe_statics.e_score_correction_bias": 0.25},
+    "hy_v3": {"mlp.e_score_correction_bias": 0.25},  # a buffer in memory (saved as mlp.expert_bias)
 }
 
 NORM_NOISE = 0.1
@@ -76,9 +82,9 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0) -> 
             elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 param.copy_(torch.randn(param.shape, generator=generator) * ROUTER_STD)
         for ending, value in FILLED.get(model_type, {}).items():
-            for name, param in model.named_parameters():
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
                 if name.endswith(ending):
-                    param.fill_(value)
+                    tensor.fill_(value)
     directory = Path(directory)
     model.save_pretrained(directory)
     return directory
