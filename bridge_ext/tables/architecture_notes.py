@@ -99,4 +99,7 @@ UNCOMPARED: dict[str, dict[str, str]] = {
     "gemma3_text": {"layer_types": "Megatron-Bridge's Gemma 3 attention picks sliding or global per layer from "
                                    "interleaved_attn_pattern (five sliding, one global, as HF's default layer_types), "
                                    "not from window_attn_skip_freq"},
+    "ernie4_5_moe": {"scoring_func": "ERNIE-4.5's config has no such field: transformers routes by softmax, "
+                                     "Megatron-Bridge 0.6.2's provider by sigmoid; a model trained with that "
+                                     "provider computes otherwise than its export"},
 }

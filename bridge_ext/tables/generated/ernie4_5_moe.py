@@ -8,6 +8,7 @@ same model type wins over this one. Left out: MTP layers and vision / audio towe
 
 from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows, TrimVocab, Unsqueeze  # noqa: F401
 from bridge_ext.table import ExpertFamily, MappingTable, rule
+from bridge_ext.tables.config_fields import standard
 
 MEGATRON_BRIDGE_VERSION = "0.6.2"
 EXPERTS = ExpertFamily("experts", ("gate_up_proj", "down_proj"))
@@ -146,4 +147,11 @@ TABLE = MappingTable(
     model_classes={"ernie4_5_moe": "Ernie4_5_MoeForCausalLM"},
     expert_families=(EXPERTS,),
     vllm_expert_adapter_layouts={"Ernie4_5_MoeForCausalLM": "per_expert"},
+    config_fields=standard({
+        "scoring_func": (
+            "ERNIE-4.5's config has no such field: transformers routes by softmax, Megatron-"
+            "Bridge 0.6.2's provider by sigmoid; a model trained with that provider computes "
+            "otherwise than its export"
+        ),
+    }),
 )
