@@ -445,18 +445,20 @@ def expert_adapter_groups(source: TensorSource, plan: ExportPlan, vllm_names: bo
     """Adapter key (as :func:`stream` yields it, with ``vllm_names``) -> group for per-expert
     adapters: one group per fused expert module (a layer's experts), over the adapters this
     process receives; empty for other layouts. Remembered in the plan (exports repeat every
-    training step), keyed by the table's rule names.
+    training step).
 
     The groups are read off the fused-layout plan of the same model: the per-expert tensors
     one stacked task reads form one group, named by the module of the tensor it writes.
     """
     if plan.layouts.adapters != "per_expert":
         return {}
-    if plan.cache.expert_adapter_groups is None:
-        plan.cache.expert_adapter_groups = _expert_adapter_groups(source, plan)
-    if not plan.table.renames_in_memory:
-        return plan.cache.expert_adapter_groups
-    return {_in_memory_adapter_key(plan, key, vllm_names): group for key, group in plan.cache.expert_adapter_groups.items()}
+    cached = plan.cache.expert_adapter_groups
+    if vllm_names not in cached:
+        groups = _expert_adapter_groups(source, plan)
+        if plan.table.renames_in_memory:
+            groups = {_in_memory_adapter_key(plan, key, vllm_names): group for key, group in groups.items()}
+        cached[vllm_names] = groups
+    return cached[vllm_names]
 
 
 def _expert_adapter_groups(source: TensorSource, plan: ExportPlan) -> dict[str, str]:

@@ -453,5 +453,6 @@ def test_in_memory_renames_follow_the_prefixes_and_can_be_left_out():
     name = "model.layers.1.mlp.shared_mlp.up_proj.lora_A.weight"
     assert table.renames_in_memory
     assert table.in_memory_name(name) == "model.language_model.layers.1.mlp.shared_experts.up_proj.lora_A.weight"
-    assert table.in_memory_name(name, renames=False) == "model.language_model.layers.1.mlp.shared_mlp.up_proj.lora_A.weight"
+    assert (table.in_memory_name(name, renames=False)
+            == "model.language_model.layers.1.mlp.shared_mlp.up_proj.lora_A.weight")
     assert not MappingTable(("toy",), ()).renames_in_memory
