@@ -46,6 +46,17 @@ def test_generated_tables_are_proven_or_say_why(rows):
     assert len(proven) >= 9
 
 
+def test_the_peft_column_names_only_known_types_and_refused_adapters(rows):
+    from bridge_ext.tables import known_model_types
+    from bridge_ext.tables.architecture_notes import PEFT_TYPES_PROVEN
+
+    assert set(PEFT_TYPES_PROVEN) <= set(known_model_types())
+    peft = {row.model_type: row.peft for row in rows}
+    assert peft["qwen3"] == "LoRA, DoRA, CanonicalLoRA"
+    assert peft["deepseek_v4"].startswith("none")  # MappingTable.adapters_refused
+    assert peft["llama"] == "LoRA"
+
+
 def test_hand_written_tables_win_over_generated_ones(monkeypatch):
     import bridge_ext.tables
     from bridge_ext.table import MappingTable

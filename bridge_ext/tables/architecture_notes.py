@@ -88,6 +88,18 @@ REFUSED: dict[str, str] = {
                            "kernels, so no tiny model runs on the CPU to prove a table",
 }
 
+#: PEFT types beyond LoRA that a test exports for a model type and PEFT (or the merged forward)
+#: checks: DoRA (tests/test_export_dense.py, test_export_qwen35.py, tests/checkpoint/test_convert.py;
+#: Qwen2's bias-adding linear_qkv: merged only, PEFT's DoRA refused), CanonicalLoRA
+#: (test_export_dense.py, test_conformance_qwen_moe_vl.py, tests/consumers).
+PEFT_TYPES_PROVEN: dict[str, tuple[str, ...]] = {
+    "qwen3": ("DoRA", "CanonicalLoRA"),
+    "qwen3_moe": ("CanonicalLoRA",),
+    "qwen2": ("DoRA (merged)",),
+    "qwen3_5_text": ("DoRA",),
+    "qwen3_5_moe_text": ("DoRA (non-expert)",),
+}
+
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.
 NOT_PROVABLE: dict[str, str] = {}
 
