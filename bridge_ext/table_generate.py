@@ -23,8 +23,14 @@ import textwrap
 from dataclasses import dataclass
 
 from bridge_ext.errors import TableError
-from bridge_ext.tables.architecture_notes import (EQUIVALENT_KINDS, IN_MEMORY_RENAMES, KINDS_WITH_OPS,
-                                                  LEFT_OUT_PREFIXES, VLLM_PER_EXPERT_ADAPTERS)
+from bridge_ext.tables.architecture_notes import (
+    EQUIVALENT_KINDS,
+    HEAD_GROUP_QKV_KINDS,
+    IN_MEMORY_RENAMES,
+    KINDS_WITH_OPS,
+    LEFT_OUT_PREFIXES,
+    VLLM_PER_EXPERT_ADAPTERS,
+)
 
 WILDCARDS = ("layer", "expert")
 _FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
@@ -186,7 +192,11 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         kind = _kind(mapping)
         megatron = _pattern(name, "Megatron", mapping)
         is_expert = "{expert}" in megatron
-        if kind in (pm.AutoMapping, pm.ColumnParallelMapping, pm.RowParallelMapping, pm.ReplicatedMapping,
+        if _path(type(mapping)) in HEAD_GROUP_QKV_KINDS:
+            hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
+            add(megatron, _rule(megatron, hf, ', SplitHeadGroups("num_attention_heads", "head_dim", "v_head_dim")',
+                                lora_parts='("q", "k", "v")' if name.endswith(".weight") else ""))
+        elif kind in (pm.AutoMapping, pm.ColumnParallelMapping, pm.RowParallelMapping, pm.ReplicatedMapping,
                     pm.RMSNorm2ZeroCenteredRMSNormMapping):
             if getattr(mapping, "permute_dims", None):
                 raise TableError(f"{kind.__name__} of {name}: permute_dims {mapping.permute_dims} is not supported")
@@ -231,23 +241,23 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
     return _Translation(rules, absent, expert_parameters if uses_experts else None)
 
 
-def _qualified(mapping) -> str:
-    kind = type(mapping)
-    return f"{kind.__module__}.{kind.__qualname__}"
-
-
 def _kind(mapping) -> type:
     """The mapping's class, or the base class an :data:`EQUIVALENT_KINDS` or
     :data:`KINDS_WITH_OPS` subclass converts like."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
-    base = EQUIVALENT_KINDS.get(_qualified(mapping)) or KINDS_WITH_OPS.get(_qualified(mapping), (None,))[0]
-    return getattr(pm, base) if base else type(mapping)
+    kind = type(mapping)
+    base = EQUIVALENT_KINDS.get(_path(kind)) or KINDS_WITH_OPS.get(_path(kind), (None,))[0]
+    return getattr(pm, base) if base else kind
+
+
+def _path(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _extra_ops(mapping) -> tuple[str, ...]:
     """The operations a :data:`KINDS_WITH_OPS` subclass applies after its base kind."""
-    ops = KINDS_WITH_OPS.get(_qualified(mapping))
+    ops = KINDS_WITH_OPS.get(_path(type(mapping)))
     return (ops[1],) if ops else ()
 
 
@@ -278,10 +288,11 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
         lines += ["", "Mappings of weights the tiny model lacks (their parallel kind cannot be read off a module),",
                   "left out so that such a weight is refused as unmapped:"]
         lines += [f"    {name}" for name in translation.absent]
-    extra = {re.match(r"\w+", op)[0] for each in KINDS_WITH_OPS.values() for op in each[1:]
-             if any(op in rule.text for rule in translation.rules)}
-    ops = ", ".join(sorted({"AddOne", "Concat", "SplitGroupedRows", "SplitRows", "TrimVocab", *extra}))
-    ops_import = f"from bridge_ext.ops import {ops}  # noqa: F401"
+    ops = ["AddOne", "Concat", "SplitGroupedRows", "SplitRows", "TrimVocab"]
+    ops += ["SplitHeadGroups"] if any("SplitHeadGroups(" in each.text for each in translation.rules) else []
+    ops += [re.match(r"\w+", op)[0] for each in KINDS_WITH_OPS.values() for op in each[1:]
+            if any(op in rule.text for rule in translation.rules)]
+    ops_import = f"from bridge_ext.ops import {', '.join(sorted(set(ops)))}  # noqa: F401"
     lines += ['"""', "", ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
               *(["from bridge_ext.tables.config_fields import standard"] if uncompared else []), "",

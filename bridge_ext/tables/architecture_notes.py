@@ -38,10 +38,16 @@ IN_MEMORY_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
               (".mlp.shared_mlp.", ".mlp.shared_experts.")),
 }
 
+#: Bridge-private QKV mappings (read in Megatron-Bridge's source) that split Megatron's
+#: ``linear_qkv`` per query group into ``[q heads; k; v]`` with value heads of ``v_head_dim`` and
+#: each layer's own number of groups (MiMo-V2-Flash: sliding layers have twice the KV heads of
+#: full ones): the generator writes them as ``SplitHeadGroups``.
+HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge.MiMoV2FlashQKVMapping"})
+
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3_text",
-                              "mistral", "nemotron", "olmoe", "ernie4_5_moe", "hy_v3"})
+                              "mimo_v2_flash", "mistral", "nemotron", "olmoe", "ernie4_5_moe", "hy_v3"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
@@ -79,13 +85,15 @@ REFUSED: dict[str, str] = {
     "Step3p5ForCausalLM": REMOTE,
     "BailingMoeV2ForCausalLM": REMOTE,
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
-    "MiMoV2FlashForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config fields transformers 5.23's "
-                              "MiMoV2FlashConfig lacks (swa_rope_theta): no provider, nothing to generate from",
-    "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, a per-layer attribute of "
-                         "transformers 5.23's Gemma4TextConfig (AmbiguousGlobalPerLayerAttributeError)",
-    "FalconH1ForCausalLM": "hybrid Mamba layers: MambaInProjMapping / MambaConv1dMapping have no rule kind of the "
-                           "generator yet, and megatron-core's Mamba mixer needs the mamba_ssm / causal_conv1d CUDA "
-                           "kernels, so no tiny model runs on the CPU to prove a table",
+    "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, which transformers 5.23's "
+                         "Gemma4TextConfig makes per-layer (AmbiguousGlobalPerLayerAttributeError) wherever "
+                         "global_head_dim differs from head_dim, as in the published E2B and E4B (256 / 512) and both "
+                         "libraries' defaults: no provider. With equal head dims (no published model) it builds on "
+                         "the CPU",
+    "FalconH1ForCausalLM": "hybrid Mamba layers: its layer spec (FalconH1Stack / FalconH1Layer) builds Transformer "
+                           "Engine's TENorm, so no tiny model builds on the CPU without a local spec of it; "
+                           "MambaInProjMapping / MambaConv1dMapping have no rule kind of the generator yet; "
+                           "megatron-core's Mamba forward needs the mamba_ssm / causal_conv1d CUDA kernels",
 }
 
 #: PEFT types beyond LoRA that a test exports for a model type and PEFT (or the merged forward)
@@ -106,6 +114,16 @@ NOT_PROVABLE: dict[str, str] = {}
 #: Config fields a generated table leaves uncompared (``bridge_ext.tables.config_fields.standard``),
 #: each reviewed in Megatron-Bridge's source: model_type -> {Hugging Face field: why}.
 UNCOMPARED: dict[str, dict[str, str]] = {
+    "mimo_v2_flash": {
+        "sliding_window": "Megatron-Bridge 0.6.2 gives MiMo-V2-Flash's sliding layers a window of sliding_window_size "
+                          "tokens (Transformer Engine's (sliding_window_size - 1, 0)), transformers 5.23 one more "
+                          "(sliding_window = sliding_window_size + 1, the SGLang reference's): the Megatron model "
+                          "sees one token less on sliding layers (tests/test_conformance_generated.py)",
+        "layer_types": "Megatron-Bridge's MiMo-V2-Flash attention picks sliding or full per layer from "
+                       "hybrid_attention_pattern (the published hybrid_layer_pattern), not from window_attn_skip_freq",
+        "rope_theta": "Megatron-Bridge holds MiMo-V2-Flash's two rotary bases as rotary_base = (swa_rope_theta, "
+                      "rope_theta), transformers in rope_parameters per layer type",
+    },
     "gemma2": {"layer_types": "Megatron-Bridge's Gemma2DotProductAttention slides on odd layer numbers itself "
                               "(HF's sliding/full alternation), whatever window_attn_skip_freq says"},
     "gemma3_text": {"layer_types": "Megatron-Bridge's Gemma 3 attention picks sliding or global per layer from "
