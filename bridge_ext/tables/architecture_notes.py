@@ -17,7 +17,7 @@ LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tow
 
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
-TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3"})
+TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "mistral3"})
 
 #: Bridge-private subclasses that convert exactly like their base (read in Megatron-Bridge's
 #: source): ERNIE-4.5's ``_PPSafe*`` only return nothing for a weight no pipeline rank holds.
@@ -30,7 +30,7 @@ EQUIVALENT_KINDS = {
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3", "gemma3_text",
-                              "mistral", "nemotron", "olmoe"})
+                              "mistral", "mistral3", "nemotron", "olmoe"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
@@ -51,7 +51,6 @@ REFUSED: dict[str, str] = {
     "Gemma4ForConditionalGeneration": TOWER,
     "Glm4vMoeForConditionalGeneration": TOWER,
     "MiniMaxM3SparseForConditionalGeneration": TOWER,
-    "Mistral3ForConditionalGeneration": TOWER,
     "NemotronH_Nano_Omni_Reasoning_V3": TOWER,
     "NemotronH_Nano_VL_V2": TOWER,
     "Qwen2AudioForConditionalGeneration": TOWER,

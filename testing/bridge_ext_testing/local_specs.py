@@ -120,6 +120,29 @@ def gemma3_dot_product_attention():
     return Gemma3DotProductAttention
 
 
+@functools.cache
+def ministral_dot_product_attention():
+    """megatron-core's local ``DotProductAttention`` with Megatron-Bridge's
+    ``MinistralTEDotProductAttention`` query scaling (Llama 4's, by position)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MinistralDotProductAttention(DotProductAttention):
+        def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, **kwargs):
+            super().__init__(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+                             attention_type=attention_type, **kwargs)
+            rope = config.hf_config.text_config.rope_parameters if config.hf_config is not None else None
+            self.beta = rope["llama_4_scaling_beta"] if rope else 0
+            self.max_position_embeddings = rope["original_max_position_embeddings"] if rope else config.seq_length
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
+            positions = torch.arange(query.shape[0], device=query.device)  # query [s, b, heads, dim]
+            scale = 1 + self.beta * torch.log(1 + torch.floor(positions / self.max_position_embeddings))
+            query = query * scale.view(-1, *[1] * (query.dim() - 1)).to(query.dtype)
+            return super().forward(query, key, value, attention_mask, attn_mask_type, **kwargs)
+
+    return MinistralDotProductAttention
+
+
 def _local_by_name(name: str):
     """The local class standing for Transformer Engine's class ``name`` (None: no such)."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -225,10 +248,13 @@ def configure_provider(provider, original_spec) -> None:
 
     extension = _spec_extension(original_spec)
     if extension is not None:
+        slot, module = extension
+
         def spec(config, vp_stage=None, pp_rank=None):
             block = local_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank)
             for layer in block.layer_specs:
-                layer.submodules.self_attention.module = extension
+                holder, _, name = slot.rpartition(".")
+                setattr(functools.reduce(getattr, holder.split("."), layer), name, module)
             return localize(block, config)
     elif _is_family_spec(original_spec):
         takes_stage = "vp_stage" in inspect.signature(original_spec).parameters
@@ -264,10 +290,15 @@ def _as_block(spec, config):
 GENERIC_SPEC_MODULES = ("megatron.bridge.models.gpt_provider", "megatron.bridge.models.mla_provider")
 
 #: Provider spec functions that are Transformer Engine's default spec with one module swapped
-#: (read in Megatron-Bridge 0.6.2's source): function path -> the self-attention class they use.
+#: (read in Megatron-Bridge 0.6.2's source): function path -> (the layer spec's slot, the class
+#: they put there).
 SPEC_EXTENSIONS = {
     "megatron.bridge.models.olmoe.olmoe_provider.olmoe_layer_spec":
-        "megatron.bridge.models.olmoe.olmoe_provider.OLMoESelfAttention",
+        ("submodules.self_attention.module", "megatron.bridge.models.olmoe.olmoe_provider.OLMoESelfAttention"),
+    # its MinistralTEDotProductAttention (a Transformer Engine subclass): the local stand-in
+    "megatron.bridge.models.ministral3.ministral3_provider.ministral_layer_spec":
+        ("submodules.self_attention.submodules.core_attention",
+         "bridge_ext_testing.local_specs.ministral_dot_product_attention"),
 }
 
 
@@ -284,5 +315,7 @@ def _spec_extension(original_spec):
     path = SPEC_EXTENSIONS.get(f"{getattr(original_spec, '__module__', '')}.{getattr(original_spec, '__name__', '')}")
     if path is None:
         return None
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    slot, class_path = path
+    module, _, name = class_path.rpartition(".")
+    found = getattr(importlib.import_module(module), name)
+    return slot, found if isinstance(found, type) else found()  # a local stand-in's factory

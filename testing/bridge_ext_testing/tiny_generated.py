@@ -40,6 +40,12 @@ TINY: dict[str, dict] = {
                    vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=16, patch_size=4, vision_use_head=False),
                    mm_tokens_per_image=4, boi_token_index=120, eoi_token_index=121, image_token_index=122),
+    # Ministral-3: its text model (yarn rope, Llama-4 query scaling: the defaults Megatron-Bridge's
+    # provider assumes); Pixtral tower of 2 layers on 16x16 images; the image token outside the test tokens
+    "mistral3": dict(text_config=dict(model_type="ministral3"),
+                     vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, head_dim=16, image_size=16, patch_size=4),
+                     image_token_index=122, tie_word_embeddings=False),
 }
 
 NORM_NOISE = 0.1
