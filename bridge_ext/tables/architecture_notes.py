@@ -46,18 +46,12 @@ REMOTE_MODEL_TYPES = {"KimiK25ForConditionalGeneration": "kimi_k25"}
 #: Classes Megatron-Bridge registers that get no generated table: why.
 REFUSED: dict[str, str] = {
     # vision / audio models
-    "Ernie4_5_VLMoeForConditionalGeneration": TOWER,
-    "Exaone4_5_ForConditionalGeneration": TOWER,
-    "Gemma4ForConditionalGeneration": TOWER,
-    "Glm4vMoeForConditionalGeneration": TOWER,
-    "MiniMaxM3SparseForConditionalGeneration": TOWER,
     "NemotronH_Nano_Omni_Reasoning_V3": TOWER,
     "NemotronH_Nano_VL_V2": TOWER,
     "Qwen2AudioForConditionalGeneration": TOWER,
     "Qwen2_5OmniForConditionalGeneration": TOWER,
     "Qwen3ASRForConditionalGeneration": TOWER,
     "Qwen3OmniMoeForConditionalGeneration": TOWER,
-    "Step3p7ForConditionalGeneration": TOWER,
     # remote code
     "DeciLMForCausalLM": REMOTE,
     "SarvamMLAForCausalLM": REMOTE,
@@ -74,6 +68,29 @@ REFUSED: dict[str, str] = {
     "FalconH1ForCausalLM": "hybrid Mamba layers: MambaInProjMapping / MambaConv1dMapping have no rule kind of the "
                            "generator yet, and megatron-core's Mamba mixer needs the mamba_ssm / causal_conv1d CUDA "
                            "kernels, so no tiny model runs on the CPU to prove a table",
+    # vision-language bridges tried on a tiny model (Megatron-Bridge 0.6.2, transformers 5.23)
+    "Gemma4ForConditionalGeneration": "Megatron-Bridge 0.6.2's bridge reads text_config.head_dim, a per-layer "
+                                      "attribute of transformers 5.23's Gemma4TextConfig "
+                                      "(AmbiguousGlobalPerLayerAttributeError): no provider, nothing to generate from",
+    "Glm4vMoeForConditionalGeneration": "Megatron-Bridge 0.6.2's bridge reads text_config.partial_rotary_factor, "
+                                        "which transformers 5.23's Glm4vMoeTextConfig keeps in rope_parameters only "
+                                        "(AttributeError): no provider, nothing to generate from",
+    "Ernie4_5_VLMoeForConditionalGeneration": "its bridge maps the text / vision expert pairs with bridge-private "
+                                              "kinds (_OffsetGatedMLPMapping, _OffsetRowParallelMapping, "
+                                              "_ConcatBiasMapping: one Megatron expert set split at an offset into "
+                                              "transformers' text_moe / vision_moe), which no rule kind of the "
+                                              "generator covers",
+    "Exaone4_5_ForConditionalGeneration": "its vision model is Megatron-Bridge's own Megatron-Core module "
+                                          "(Exaone45VisionModel) built from Transformer Engine layer specs, which "
+                                          "have no local version for a CPU build yet: no tiny model to resolve or "
+                                          "prove a table on",
+    "Step3p7ForConditionalGeneration": "Megatron-Bridge 0.6.2 registers its own Step37Config for model_type step3p7 "
+                                       "over transformers' (AutoConfig.register, exist_ok=True); transformers' "
+                                       "auto classes refuse that config, so no tiny transformers model comes from it",
+    "MiniMaxM3SparseForConditionalGeneration": "transformers 5.23 renames block_sparse_moe to mlp and fuses the dense "
+                                               "MLPs' gate_proj / up_proj into gate_up_proj in memory, where PEFT keys "
+                                               "adapters; the table vocabulary renames prefixes only (on a tiny model "
+                                               "the generated table's base weights, tower included, were bit-exact)",
     # generated, then refused on what the proof showed
     "HYV3ForCausalLM": "Megatron-Bridge maps the checkpoint's mlp.shared_mlp, which transformers renames to "
                        "mlp.shared_experts in memory, where PEFT keys adapters; the table vocabulary renames "
