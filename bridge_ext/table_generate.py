@@ -266,6 +266,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
     rules: list[GeneratedRule] = []
     absent: list[str] = []
     uses_experts = False
+    fused_parameters: list[tuple[str, str]] = []  # (fused parameter named, mapping)
 
     def add(megatron: str, text: str) -> None:
         rules.append(GeneratedRule(megatron, text))
@@ -298,6 +299,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 uses_experts = True
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp), variant='EXPERTS.variant("per_expert")'))
                 parameter = hf.rsplit(".", 2)[-2]
+                fused_parameters.append((parameter, name))
                 add(megatron, _rule(megatron, _fused_expert_name(hf, parameter), ops, tp=_quoted(tp),
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
             else:
@@ -314,6 +316,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", variant='EXPERTS.variant("per_expert")',
                                     lora_parts='("gate", "up")'))
                 fused = _fused_expert_name(gate, "gate_up_proj")
+                fused_parameters.append(("gate_up_proj", name))
                 add(megatron, _rule(megatron, fused, ", SplitRows(1, 1), Concat((1, 1))",
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
             else:
@@ -323,6 +326,10 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                              "no rule is generated for it")
     if uses_experts and expert_parameters is None:
         raise TableError("the bridge maps routed experts but transformers' model has no fused experts module")
+    for parameter, name in fused_parameters:  # per-expert names (w1 / w3 / w2) that are not the fused ones
+        if parameter not in (expert_parameters or ()):
+            raise TableError(f"{name}: the fused experts parameter {parameter} is not one of transformers' experts "
+                             f"module parameters {list(expert_parameters or ())}")
     return _Translation(rules, absent, expert_parameters if uses_experts else None)
 
 

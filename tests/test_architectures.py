@@ -174,6 +174,18 @@ def test_in_memory_prefixes_are_read_off_name_pairs_or_refused():
         in_memory_prefixes_of([("visual.a.weight", "model.visual.a.weight"), ("visual.b.weight", "encoder.visual.b.weight")])
 
 
+def test_fused_expert_names_must_be_transformers_experts_parameters():
+    from megatron.bridge.models.conversion.param_mapping import GatedMLPMapping
+
+    from bridge_ext.table_generate import translate
+
+    mapping = GatedMLPMapping("decoder.layers.*.mlp.experts.linear_fc1.weight*",
+                              gate="model.layers.*.mlp.experts.*.w1.weight", up="model.layers.*.mlp.experts.*.w3.weight")
+    with pytest.raises(TableError, match=r"the fused experts parameter gate_up_proj is not one of transformers' "
+                                         r"experts module parameters \['w13', 'w2'\]"):
+        translate([mapping], resolver=None, expert_parameters=("w13", "w2"))
+
+
 def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu):
     from bridge_ext_testing.generate_tables import generate
 
