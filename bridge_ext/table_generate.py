@@ -38,6 +38,7 @@ from bridge_ext.tables.architecture_notes import (
     HEAD_GROUP_QKV_KINDS,
     LEFT_OUT_PREFIXES,
     MTP_PREFIXES,
+    PUBLISHED_PREFIXES,
     TOWERS_GENERATED,
     VLLM_PER_EXPERT_ADAPTERS,
 )
@@ -434,6 +435,13 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     lines += ["    ),", f'    description="{description}",',
               f"    model_classes={{{_quoted(model_type)}: {_quoted(entry.source)}}},",
               f"    expert_families={families},"]
+    published = PUBLISHED_PREFIXES.get(model_type, ())
+    if published:  # transformers saves these prefixes otherwise than the published checkpoints
+        lines.append("    saved_name_fixes=(")
+        lines += [f"        ({_quoted('^' + re.escape(saved) + '(?!' + re.escape(public[len(saved):]) + ')')}, "
+                  f"{_quoted(public)}),"
+                  for saved, public in published]
+        lines.append("    ),")
     if in_memory_prefixes:  # transformers renames these on load: adapters use the in-memory names
         lines.append("    in_memory_prefixes=(")
         lines += [f"        ({_quoted(saved)}, {_quoted(loaded)})," for saved, loaded in in_memory_prefixes]

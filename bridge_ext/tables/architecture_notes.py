@@ -117,6 +117,16 @@ PEFT_TYPES_PROVEN: dict[str, tuple[str, ...]] = {
     "qwen3_5_moe_text": ("DoRA (non-expert)",),
 }
 
+#: Checkpoint prefixes published checkpoints spell otherwise than transformers 5.23 saves them:
+#: model_type -> ``(saved prefix, published prefix)`` pairs. Gemma 3's published checkpoints keep
+#: SigLIP's ``vision_model`` wrapper (``vision_tower.vision_model.*``), which transformers 5.23 drops
+#: on save and reads either way, Megatron-Bridge follows the source and vLLM 0.34 loads only. The
+#: tiny model is written with the published names and the generated table writes them
+#: (``saved_name_fixes``).
+PUBLISHED_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gemma3": (("vision_tower.", "vision_tower.vision_model."),),
+}
+
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.
 NOT_PROVABLE: dict[str, str] = {}
 

@@ -110,4 +110,25 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, ove
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * ROUTER_STD)
     directory = Path(directory)
     model.save_pretrained(directory)
+    _publish_names(directory / "model.safetensors", model_type)
     return directory
+
+
+def _publish_names(path: Path, model_type: str) -> None:
+    """Rename the saved tensors as published checkpoints name them (``architecture_notes.PUBLISHED_PREFIXES``)."""
+    from safetensors.torch import load_file, save_file
+
+    from bridge_ext.tables.architecture_notes import PUBLISHED_PREFIXES
+
+    prefixes = PUBLISHED_PREFIXES.get(model_type)
+    if not prefixes:
+        return
+    tensors = load_file(str(path))
+
+    def published(name: str) -> str:
+        for saved, public in prefixes:
+            if name.startswith(saved) and not name.startswith(public):
+                return public + name[len(saved):]
+        return name
+
+    save_file({published(name): tensor for name, tensor in tensors.items()}, str(path), metadata={"format": "pt"})
