@@ -81,8 +81,9 @@ REFUSED: dict[str, str] = {
                                       "text_config.head_dim, per-layer in transformers 5.23 wherever global_head_dim "
                                       "differs (AmbiguousGlobalPerLayerAttributeError): no provider",
     "Glm4vMoeForConditionalGeneration": "Megatron-Bridge 0.6.2's bridge reads text_config.partial_rotary_factor, "
-                                        "which transformers 5.23's Glm4vMoeTextConfig keeps in rope_parameters only "
-                                        "(AttributeError): no provider, nothing to generate from",
+                                        "which transformers 5.23's Glm4vMoeTextConfig moves into rope_parameters "
+                                        "even where config.json has it, and text_config.use_qk_norm, which it "
+                                        "lacks (AttributeError): no provider, nothing to generate from",
     "Ernie4_5_VLMoeForConditionalGeneration": "its bridge maps the text / vision expert pairs with bridge-private "
                                               "kinds (_OffsetGatedMLPMapping, _OffsetRowParallelMapping, "
                                               "_ConcatBiasMapping: one Megatron expert set split at an offset into "
