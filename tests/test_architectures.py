@@ -25,6 +25,19 @@ def test_docs_architectures_md_is_the_command_s_output():
         "run: bridge-ext architectures > docs/architectures.md"
 
 
+def test_python_dash_m_bridge_ext_is_the_command():
+    import os
+    import subprocess
+    import sys
+
+    from bridge_ext.architectures import render
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "testing")])}
+    done = subprocess.run([sys.executable, "-m", "bridge_ext", "architectures"], capture_output=True, text=True,
+                          env=env, check=True)
+    assert done.stdout == render()
+
+
 def test_every_megatron_bridge_class_has_a_status_with_its_reason(rows):
     from bridge_ext.architectures import NO_REASON
     from bridge_ext.table_generate import registered_bridges
