@@ -10,7 +10,7 @@ class without one must have its reason here (a test checks that none is left out
 from __future__ import annotations
 
 #: Megatron-side prefixes of MTP layers, which a generated table never covers.
-MTP_PREFIXES = ("mtp.",)
+MTP_PREFIXES = ("mtp.", "language_model.mtp.")  # a vision-language model's MTP sits in its language model
 #: Megatron-side prefixes of the parts a generated table leaves out (``bridge-ext tables generate``):
 #: MTP, and vision / audio towers unless the model type is in :data:`TOWERS_GENERATED`.
 LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tower.", "visual.", "talker.", "thinker.")
