@@ -221,9 +221,9 @@ def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> l
 
 
 def _vocab_ops(megatron: str) -> str:
-    """Vocabulary-padded weights (of the model, or of its ``language_model.``) are trimmed."""
+    """Vocabulary-padded weights, of the model or of a sub-model holding its language model, are trimmed."""
     vocab = ("embedding.word_embeddings.weight", "output_layer.weight")
-    return ", TrimVocab()" if megatron.removeprefix("language_model.") in vocab else ""
+    return ", TrimVocab()" if megatron in vocab or megatron.endswith(tuple("." + name for name in vocab)) else ""
 
 
 def _quoted(text: str) -> str:
