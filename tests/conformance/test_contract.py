@@ -371,7 +371,7 @@ def test_expert_layouts_hold_the_same_experts(built):
         assert sorted(n for n in base if not extra_weight(built, n)) == sorted(hf_checkpoint_keys(config, expert_layout=layout))
     fused = export(built, base_only=True, expert_layout="fused")
     gate_ups = [n for n in fused if n.endswith(".experts.gate_up_proj")]
-    assert gate_ups
+    assert gate_ups and any(extra_weight(built, n) for n in gate_ups) == entry.mtp  # MTP layers' experts too
     if entry.experts_on_disk == "per_expert":
         for name in gate_ups:
             prefix = name.removesuffix("gate_up_proj")
