@@ -123,8 +123,8 @@ def test_names_are_the_transformers_key_set_and_free_of_megatron_spellings(built
     entry, config = built.entry, config_of(built)
     table = table_for(config)
     layout = dict(expert_layout=entry.experts_on_disk) if entry.moe else {}
-    base = [n for n in export(built, base_only=True) if not extra_weight(built, n)]
-    assert sorted(base) == sorted(hf_checkpoint_keys(config, **layout))
+    base = {n: tuple(t.shape) for n, t in export(built, base_only=True).items() if not extra_weight(built, n)}
+    assert base == hf_checkpoint_keys(config, **layout)  # names and shapes
     # PEFT's fused expert adapters, and the live default (vLLM's layout; DoRA: refused, see below)
     fused = dict(expert_adapter_layout="fused") if entry.moe else {}
     names = [*export(built, base_only=True), *adapters(built, **fused), *(export(built) if entry.peft != "dora" else ())]
