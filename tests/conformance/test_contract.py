@@ -84,6 +84,11 @@ def config_of(built):
     return AutoConfig.from_pretrained(str(built.hf_dir))
 
 
+def keys_of(built, layout: str = "per_expert") -> dict[str, tuple[int, ...]]:
+    """transformers' save-time key set of the entry in an expert layout (computed once)."""
+    return once(built, f"keys_{layout}", lambda: hf_checkpoint_keys(config_of(built), expert_layout=layout))
+
+
 def adapters(built, **options) -> dict[str, torch.Tensor]:
     """The adapters alone (DoRA: with magnitudes, which the engine gives only when asked)."""
     dora = dict(dora_adapters=True) if built.entry.peft == "dora" else {}
@@ -95,15 +100,9 @@ def is_adapter(name: str) -> bool:
 
 
 def extra_weight(built, name: str) -> bool:
-    extra = table_for(config_of(built)).extra_weights
+    """A name under the table's extra weights (MTP: outside transformers' key set)."""
+    extra = once(built, "extra_weights", lambda: table_for(config_of(built)).extra_weights)
     return extra is not None and extra.holds(name)
-
-
-def assert_without_adapter_differs(built, folder: Path, relative: float) -> None:
-    """The base alone is far from the reference: the adapter really changes the model."""
-    input_ids, extra, logits = reference(built)
-    without = hf_logits(load_hf(built, folder / "model"), input_ids, **extra)
-    assert support.relative_error(without, logits) > 100 * max(relative, 1e-7)
 
 
 # The base and its names -----------------------------------------------------------------------------
@@ -120,16 +119,14 @@ def test_base_is_bit_exact_with_the_source_files(built):
 
 
 def test_names_are_the_transformers_key_set_and_free_of_megatron_spellings(built):
-    entry, config = built.entry, config_of(built)
-    table = table_for(config)
-    layout = dict(expert_layout=entry.experts_on_disk) if entry.moe else {}
+    entry, table = built.entry, table_for(config_of(built))
     base = {n: tuple(t.shape) for n, t in export(built, base_only=True).items() if not extra_weight(built, n)}
-    assert base == hf_checkpoint_keys(config, **layout)  # names and shapes
+    assert base == keys_of(built, entry.experts_on_disk if entry.moe else "per_expert")  # names and shapes
     # PEFT's fused expert adapters, and the live default (vLLM's layout; DoRA: refused, see below)
     fused = dict(expert_adapter_layout="fused") if entry.moe else {}
     names = [*export(built, base_only=True), *adapters(built, **fused), *(export(built) if entry.peft != "dora" else ())]
     in_memory = {table.in_memory_name(key).rsplit(".", 1)[0] for layout in ("fused", "per_expert")
-                 for key in hf_checkpoint_keys(config, expert_layout=layout)}
+                 for key in keys_of(built, layout)}
     spellings = [s for s in MEGATRON_SPELLINGS if s not in entry.hf_spellings]
     for name in names:
         bare = name.removeprefix(PEFT_PREFIX)
@@ -188,14 +185,17 @@ def test_saved_folders_load_strictly_and_give_megatron_logits(built):
     report = Report()
     check_model_folder(folder / "model", report)
     check_model_folder(folder / "merged", report)
-    peft_model = load_adapter_strict(load_hf(built, folder / "model"), folder / "adapter", report)
-    assert peft_model.peft_config["default"].use_dora == (entry.peft == "dora")
     input_ids, extra, logits = reference(built)
+    base_model = load_hf(built, folder / "model")
+    without = hf_logits(base_model, input_ids, **extra)  # (before PEFT wraps the model's modules)
+    peft_model = load_adapter_strict(base_model, folder / "adapter", report)
+    assert peft_model.peft_config["default"].use_dora == (entry.peft == "dora")
     relative = compare_logits(hf_logits(peft_model, input_ids, **extra), logits, report,
                               what=f"{entry.name} HF + PEFT", relative_tolerance=entry.tolerance)
     compare_logits(hf_logits(load_hf(built, folder / "merged"), input_ids, **extra), logits, report,
                    what=f"{entry.name} merged", relative_tolerance=entry.tolerance)
-    assert_without_adapter_differs(built, folder, relative)
+    # the base alone is far from the reference: the adapter really changes the model
+    assert support.relative_error(without, logits) > 100 * max(relative, 1e-7)
     saved = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
     if entry.adapter_tensors is not None:
         assert len(saved) == entry.adapter_tensors
@@ -364,11 +364,11 @@ def test_live_export_writes_expert_adapters_in_the_layout_vllm_loads(built):
 def test_expert_layouts_hold_the_same_experts(built):
     """Named as transformers saves each layout; a per-expert source's experts, fused, are
     ``[gate; up]`` per expert; with LoRA on them the merged experts differ from the base."""
-    entry, config = built.entry, config_of(built)
+    entry = built.entry
     original = support.source_tensors(built.hf_dir)
     for layout in entry.expert_layouts:
         base = export(built, base_only=True, expert_layout=layout)
-        assert sorted(n for n in base if not extra_weight(built, n)) == sorted(hf_checkpoint_keys(config, expert_layout=layout))
+        assert sorted(n for n in base if not extra_weight(built, n)) == sorted(keys_of(built, layout))
     fused = export(built, base_only=True, expert_layout="fused")
     gate_ups = [n for n in fused if n.endswith(".experts.gate_up_proj")]
     assert gate_ups and any(extra_weight(built, n) for n in gate_ups) == entry.mtp  # MTP layers' experts too
@@ -392,7 +392,10 @@ def test_merged_export_in_every_expert_layout_gives_megatron_logits(built):
     report = Report()
     for layout in entry.expert_layouts:
         folder = built.folder / f"merged_{layout}"
-        save_hf_pretrained(built.chunks, folder, merge=True, expert_layout=layout)
+        if layout == entry.experts_on_disk:  # the merged folder keeps the source's layout
+            folder = saved_folders(built) / "merged"
+        else:
+            save_hf_pretrained(built.chunks, folder, merge=True, expert_layout=layout)
         assert source_expert_layouts(folder, table)[table.expert_families[0].name] == layout
         check_model_folder(folder, report, expert_layout=layout)
         compare_logits(hf_logits(load_hf(built, folder), input_ids, **extra), logits, report,
