@@ -44,6 +44,8 @@ class ModelDims:
             head_dim=head_dim,
             q_rows_per_group=heads // groups * head_dim,
         )
+        if getattr(text, "v_head_dim", None):  # value heads of their own width (MLA, MiMo-V2-Flash)
+            sizes["v_head_dim"] = text.v_head_dim
         if getattr(text, "linear_num_value_heads", None):
             value_heads_per_key_head = text.linear_num_value_heads // text.linear_num_key_heads
             sizes.update(

@@ -116,6 +116,35 @@ class SplitGroupedRows(Op):
 
 
 @dataclass(frozen=True)
+class SplitHeadGroups(Op):
+    """Megatron's ``linear_qkv`` of a model whose layers differ in query groups: per group
+    ``[q heads; k; v]``, q and k heads ``qk_dim`` rows, v heads ``v_dim``, the group count
+    read off the rows (``heads * qk_dim + groups * (qk_dim + v_dim)``; MiMo-V2-Flash's sliding
+    layers have twice the full layers' KV heads). A global operation: the group count holds for
+    the whole tensor, not a shard (its rows depend on the tensor-parallel size).
+    """
+
+    heads: Size
+    qk_dim: Size
+    v_dim: Size
+
+    def _split(self, rows: int, dims: ModelDims) -> SplitGroupedRows:
+        heads, qk_dim, v_dim = (_resolve(size, dims) for size in (self.heads, self.qk_dim, self.v_dim))
+        groups, rest = divmod(rows - heads * qk_dim, qk_dim + v_dim)
+        if rest or groups <= 0 or heads % groups:
+            raise ValueError(f"{rows} rows are not {heads} query heads of {qk_dim} and whole groups of "
+                             f"one key head of {qk_dim} and one value head of {v_dim}")
+        return SplitGroupedRows(heads // groups * qk_dim, qk_dim, v_dim)
+
+    def forward(self, tensors, dims):
+        (tensor,) = tensors
+        return self._split(tensor.shape[0], dims).forward([tensor], dims)
+
+    def reverse(self, tensors, dims):
+        return self._split(sum(tensor.shape[0] for tensor in tensors), dims).reverse(tensors, dims)
+
+
+@dataclass(frozen=True)
 class GroupRows(Op):
     """Interleave consecutive parts group by group: the inverse of :class:`SplitGroupedRows`.
 

@@ -23,7 +23,12 @@ import textwrap
 from dataclasses import dataclass
 
 from bridge_ext.errors import TableError
-from bridge_ext.tables.architecture_notes import EQUIVALENT_KINDS, LEFT_OUT_PREFIXES, VLLM_PER_EXPERT_ADAPTERS
+from bridge_ext.tables.architecture_notes import (
+    EQUIVALENT_KINDS,
+    HEAD_GROUP_QKV_KINDS,
+    LEFT_OUT_PREFIXES,
+    VLLM_PER_EXPERT_ADAPTERS,
+)
 
 WILDCARDS = ("layer", "expert")
 _FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
@@ -185,7 +190,11 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         kind = _kind(mapping)
         megatron = _pattern(name, "Megatron", mapping)
         is_expert = "{expert}" in megatron
-        if kind in (pm.AutoMapping, pm.ColumnParallelMapping, pm.RowParallelMapping, pm.ReplicatedMapping,
+        if _path(type(mapping)) in HEAD_GROUP_QKV_KINDS:
+            hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
+            add(megatron, _rule(megatron, hf, ', SplitHeadGroups("num_attention_heads", "head_dim", "v_head_dim")',
+                                lora_parts='("q", "k", "v")' if name.endswith(".weight") else ""))
+        elif kind in (pm.AutoMapping, pm.ColumnParallelMapping, pm.RowParallelMapping, pm.ReplicatedMapping,
                     pm.RMSNorm2ZeroCenteredRMSNormMapping):
             if getattr(mapping, "permute_dims", None):
                 raise TableError(f"{kind.__name__} of {name}: permute_dims {mapping.permute_dims} is not supported")
@@ -234,8 +243,12 @@ def _kind(mapping) -> type:
     from megatron.bridge.models.conversion import param_mapping as pm
 
     kind = type(mapping)
-    base = EQUIVALENT_KINDS.get(f"{kind.__module__}.{kind.__qualname__}")
+    base = EQUIVALENT_KINDS.get(_path(kind))
     return getattr(pm, base) if base else kind
+
+
+def _path(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def expert_parameters_of(hf_model) -> tuple[str, ...] | None:
@@ -265,7 +278,9 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
         lines += ["", "Mappings of weights the tiny model lacks (their parallel kind cannot be read off a module),",
                   "left out so that such a weight is refused as unmapped:"]
         lines += [f"    {name}" for name in translation.absent]
-    ops_import = "from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows, TrimVocab  # noqa: F401"
+    ops = ["AddOne", "Concat", "SplitGroupedRows", "SplitRows", "TrimVocab"]
+    ops += ["SplitHeadGroups"] if any("SplitHeadGroups(" in each.text for each in translation.rules) else []
+    ops_import = f"from bridge_ext.ops import {', '.join(sorted(ops))}  # noqa: F401"
     lines += ['"""', "", ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
               *(["from bridge_ext.tables.config_fields import standard"] if uncompared else []), "",

@@ -26,6 +26,11 @@ PROVEN = sorted(set(TINY) & generated_model_types())
 #: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)
 POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
 LORA_TARGETS = {"gemma2": POST_NORM_TARGETS, "gemma3_text": POST_NORM_TARGETS, "exaone4": POST_NORM_TARGETS}
+#: Megatron-Bridge 0.6.2's merged and adapter exports split a LoRA of linear_qkv with the standard
+#: layout (value heads of kv_channels), not with the bridge's own QKV mapping: MiMo-V2-Flash's value
+#: heads of v_head_dim make both raise. There its base export is compared on a model without LoRA,
+#: its adapters are judged by PEFT's logits (the next test) and vLLM's loader.
+MB_LORA_EXPORT_RAISES = {"mimo_v2_flash": r"shape .* is invalid for input of size"}
 MEGATRON_SPELLINGS = ("base_layer", "to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.")
 
 
@@ -47,16 +52,25 @@ def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
     base = dict(export_hf_weights(built.chunks, base_only=True))
     assert sorted(base) == sorted(original)
     assert [name for name, tensor in original.items() if not torch.equal(base[name], tensor)] == []
-    keys = hf_checkpoint_keys(AutoConfig.from_pretrained(str(built.hf_dir)))
-    assert {name: tuple(t.shape) for name, t in base.items()} == keys
-    ours = dict(export_hf_weights(built.chunks, peft=False))
-    theirs = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
-    assert sorted(ours) == sorted(theirs)
-    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+    config = AutoConfig.from_pretrained(str(built.hf_dir))
+    assert {name: tuple(t.shape) for name, t in base.items()} == hf_checkpoint_keys(config)
     adapters = {name.removeprefix(PEFT_PREFIX): t for name, t in
                 export_hf_weights(built.chunks, adapters_only=True, expert_adapter_layout="per_expert")}
     assert adapters
     assert [name for name in adapters if any(spelling in name for spelling in MEGATRON_SPELLINGS)] == []
+    if config.model_type in MB_LORA_EXPORT_RAISES:
+        for theirs_export in (built.bridge.export_hf_weights, built.bridge.export_adapter_weights):
+            with pytest.raises(RuntimeError, match=MB_LORA_EXPORT_RAISES[config.model_type]):
+                dict(theirs_export(built.chunks, cpu=True, show_progress=False))
+        plain = build_megatron_model(built.hf_dir)  # its base weights, without LoRA
+        theirs = dict(plain.bridge.export_hf_weights(plain.chunks, cpu=True, show_progress=False))
+        assert sorted(base) == sorted(theirs)
+        assert [name for name in base if not torch.equal(base[name], theirs[name])] == []
+        return
+    ours = dict(export_hf_weights(built.chunks, peft=False))
+    theirs = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
     theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
     assert sorted(adapters) == sorted(theirs)
     assert [name for name in adapters if not torch.equal(adapters[name], theirs[name])] == []
@@ -84,3 +98,26 @@ def test_lora_after_a_linear_s_own_output_norm_is_refused(megatron_cpu, tmp_path
     with pytest.raises(ExportError, match=r"decoder\.layers\.0\.self_attention\.linear_proj: LoRA on a linear that "
                                           r"normalises its own output"):
         next(export_hf_weights(model.chunks))
+
+
+def test_mimo_v2_flash_megatron_slides_one_token_less_than_transformers(megatron_cpu, tmp_path):
+    """Megatron-Bridge 0.6.2's MiMo-V2-Flash sliding layers see ``sliding_window_size`` tokens,
+    transformers 5.23's one more (``sliding_window = sliding_window_size + 1``): with a window of 4
+    among 11 tokens Megatron's logits are transformers' with ``sliding_window`` 4, not its own 5."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_dir = tiny_generated(tmp_path, "mimo_v2_flash", overrides={"sliding_window_size": 4})
+    model = build_megatron_model(hf_dir)
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    with cpu_forward_context():
+        reference = megatron_logits(model.chunks, input_ids)
+
+    def relative(sliding_window: int) -> float:
+        config = AutoConfig.from_pretrained(str(hf_dir))
+        assert config.sliding_window == 5
+        config.sliding_window = sliding_window
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), config=config, dtype=torch.float32).eval()
+        return float((hf_logits(hf, input_ids) - reference).abs().max() / reference.abs().max())
+
+    assert relative(4) < 1e-5
+    assert relative(5) > 1e-3

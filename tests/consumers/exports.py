@@ -190,7 +190,8 @@ POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
 #: the tables generated from Megatron-Bridge (bridge_ext/tables/generated), with their targets
 GENERATED = {"mistral": GQA_TARGETS, "gemma": GQA_TARGETS, "gemma2": POST_NORM_TARGETS,
              "gemma3_text": POST_NORM_TARGETS, "nemotron": GQA_TARGETS, "exaone4": POST_NORM_TARGETS,
-             "olmoe": GQA_TARGETS, "deepseek_v2": MLA_TARGETS, "exaone_moe": GQA_TARGETS}
+             "olmoe": GQA_TARGETS, "deepseek_v2": MLA_TARGETS, "exaone_moe": GQA_TARGETS,
+             "mimo_v2_flash": GQA_TARGETS}
 
 def _minimax_m2(d: Path) -> Path:
     from bridge_ext_testing.tiny_frontier import tiny_minimax_m2

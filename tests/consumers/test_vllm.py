@@ -31,7 +31,8 @@ PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "kimi_k2",
 ZEROED_ON_2D = {"minimax_m2": ".block_sparse_moe.experts."}
 # classes vLLM 0.34 builds without LoRA support (no SupportsLoRA): the engine refuses enable_lora,
 # so only the base and merged streams can reach them (the judge never gets to the saved folders)
-NO_LORA = {"kimi_k25": "LoRA is not supported for KimiK25ForConditionalGeneration"}
+NO_LORA = {"kimi_k25": "LoRA is not supported for KimiK25ForConditionalGeneration",
+           "mimo_v2_flash": "LoRA is not supported for MiMoV2FlashForCausalLM"}
 # adapters vLLM leaves unapplied with its default engine options, by design: vision-tower ones
 # need enable_tower_connector_lora (docs/consumers.md)
 DROPPED = {"qwen3_5_moe_vl": "visual.", "qwen3_5_moe_vl_normalize": "visual.", "qwen3_vl": "visual.",
