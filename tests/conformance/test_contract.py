@@ -734,3 +734,15 @@ def test_every_known_exception_names_a_check_of_this_module():
     unknown = {(entry.name, check) for entry in ENTRIES for check in entry.exceptions if check not in checks}
     assert unknown == set()
     assert all(reason.strip() for entry in ENTRIES for reason in entry.exceptions.values())
+
+
+def test_the_peft_types_the_library_lists_as_proven_are_entries_here():
+    """``bridge-ext architectures`` says which PEFT types beyond LoRA each model type's tests prove
+    (``architecture_notes.PEFT_TYPES_PROVEN``): each is an entry of the contract (Qwen2's merged-only
+    DoRA: test_oddities.py's bias test)."""
+    from bridge_ext.tables.architecture_notes import PEFT_TYPES_PROVEN
+
+    kinds = {"DoRA": "dora", "DoRA (non-expert)": "dora", "CanonicalLoRA": "canonical_lora"}
+    listed = {(model_type, kinds[name]) for model_type, names in PEFT_TYPES_PROVEN.items() for name in names
+              if name in kinds}
+    assert listed == {(entry.model_type, entry.peft) for entry in ENTRIES if entry.peft != "lora"}
