@@ -20,6 +20,24 @@ EQUIVALENT_KINDS = {
     "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeGatedMLPMapping": "GatedMLPMapping",
 }
 
+#: Bridge-private subclasses that convert like a base kind followed by operations of the table
+#: vocabulary (read in Megatron-Bridge's source): class -> (base kind, operations as source text).
+#: ERNIE-4.5's ``_SqueezeBiasMapping`` (a ``_PPSafeReplicatedMapping``) only unsqueezes the
+#: router's expert bias on export (``[E]`` -> ``[1, E]``: ``moe_statics.e_score_correction_bias``,
+#: one expert group) and squeezes it on import.
+KINDS_WITH_OPS = {
+    "megatron.bridge.models.ernie.ernie_45_bridge._SqueezeBiasMapping": ("ReplicatedMapping", "Unsqueeze(0)"),
+}
+
+#: Mid-key renames transformers applies on load (its ``conversion_mapping.py``), per model type,
+#: as ``(saved infix, in-memory infix)``: a generated table's ``in_memory_renames``. Megatron-Bridge
+#: maps the saved names (what ``save_pretrained`` writes and vLLM loads); PEFT keys adapters by the
+#: in-memory ones. transformers 5.23's ``hy_v3`` entry: qwen2_moe's expert fusion plus these three.
+IN_MEMORY_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "hy_v3": ((".mlp.router.gate.", ".mlp.gate."), (".mlp.expert_bias", ".mlp.e_score_correction_bias"),
+              (".mlp.shared_mlp.", ".mlp.shared_experts.")),
+}
+
 #: Bridge-private QKV mappings (read in Megatron-Bridge's source) that split Megatron's
 #: ``linear_qkv`` per query group into ``[q heads; k; v]`` with value heads of ``v_head_dim`` and
 #: each layer's own number of groups (MiMo-V2-Flash: sliding layers have twice the KV heads of
@@ -29,14 +47,15 @@ HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3_text",
-                              "mimo_v2_flash", "mistral", "nemotron", "olmoe"})
+                              "mimo_v2_flash", "mistral", "nemotron", "olmoe", "ernie4_5_moe", "hy_v3"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
 
 #: MoE classes whose vLLM (0.34) model wraps experts one by one (no ``is_3d_moe_weight``): a
 #: weight sync's expert adapters go per expert, as vLLM's LoRA manager refuses fused ones there.
-VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM"})
+VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM",
+                                      "Ernie4_5_MoeForCausalLM", "HYV3ForCausalLM"})
 
 #: Remote-code classes Megatron-Bridge registers without a model_type, and the model_type of
 #: their published config (the key a hand-written table serves).
@@ -66,8 +85,6 @@ REFUSED: dict[str, str] = {
     "Step3p5ForCausalLM": REMOTE,
     "BailingMoeV2ForCausalLM": REMOTE,
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
-    "Ernie4_5_MoeForCausalLM": "its expert bias mapping (_SqueezeBiasMapping: [1, E] <-> [E]) reshapes, which no "
-                               "operation of the table vocabulary does (the generator refuses the mapping kind)",
     "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, which transformers 5.23's "
                          "Gemma4TextConfig makes per-layer (AmbiguousGlobalPerLayerAttributeError) wherever "
                          "global_head_dim differs from head_dim, as in the published E2B and E4B (256 / 512) and both "
@@ -77,10 +94,6 @@ REFUSED: dict[str, str] = {
                            "Engine's TENorm, so no tiny model builds on the CPU without a local spec of it; "
                            "MambaInProjMapping / MambaConv1dMapping have no rule kind of the generator yet; "
                            "megatron-core's Mamba forward needs the mamba_ssm / causal_conv1d CUDA kernels",
-    # generated, then refused on what the proof showed
-    "HYV3ForCausalLM": "Megatron-Bridge maps the checkpoint's mlp.shared_mlp, which transformers renames to "
-                       "mlp.shared_experts in memory, where PEFT keys adapters; the table vocabulary renames "
-                       "prefixes only",
 }
 
 #: PEFT types beyond LoRA that a test exports for a model type and PEFT (or the merged forward)
@@ -116,4 +129,7 @@ UNCOMPARED: dict[str, dict[str, str]] = {
     "gemma3_text": {"layer_types": "Megatron-Bridge's Gemma 3 attention picks sliding or global per layer from "
                                    "interleaved_attn_pattern (five sliding, one global, as HF's default layer_types), "
                                    "not from window_attn_skip_freq"},
+    "ernie4_5_moe": {"scoring_func": "ERNIE-4.5's config has no such field: transformers routes by softmax, "
+                                     "Megatron-Bridge 0.6.2's provider by sigmoid; a model trained with that "
+                                     "provider computes otherwise than its export"},
 }
