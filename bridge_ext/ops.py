@@ -286,3 +286,22 @@ class Scalar(Op):
         if any(tensor.dim() != 0 for tensor in tensors):
             raise ValueError("expected scalars")
         return [tensor.reshape(1) for tensor in tensors]
+
+
+@dataclass(frozen=True)
+class Unsqueeze(Op):
+    """A size-one dim inserted at ``dim`` (Megatron ``[E]`` -> Hugging Face ``[1, E]``: ERNIE-4.5's
+    ``moe_statics.e_score_correction_bias``, one expert group); the reverse removes it and refuses
+    a tensor whose ``dim`` is not of size one. A reshape is no row operation: marked as changing
+    values, like :class:`Scalar` (such tensors take no LoRA)."""
+
+    dim: int = 0
+    changes_values: ClassVar[bool] = True
+
+    def forward(self, tensors, dims):
+        return [tensor.unsqueeze(self.dim) for tensor in tensors]
+
+    def reverse(self, tensors, dims):
+        if any(tensor.dim() <= self.dim or tensor.shape[self.dim] != 1 for tensor in tensors):
+            raise ValueError(f"expected a size-one dim {self.dim}, got shapes {[tuple(t.shape) for t in tensors]}")
+        return [tensor.squeeze(self.dim) for tensor in tensors]

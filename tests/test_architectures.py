@@ -115,16 +115,23 @@ def test_an_unknown_mapping_kind_is_refused_naming_class_and_parameter():
         translate([_UnknownMapping()], resolver=None, expert_parameters=None)
 
 
-def test_ernie_s_reshaping_bias_mapping_is_refused():
+def test_ernie_s_squeezing_bias_mapping_becomes_a_replicated_rule_with_unsqueeze():
+    """_SqueezeBiasMapping is read by its class (architecture_notes.KINDS_WITH_OPS): its base's
+    replicated rule, then Unsqueeze(0) ([E] -> [1, E]); the subclass's name alone is not enough."""
     from megatron.bridge.models.ernie.ernie_45_bridge import _SqueezeBiasMapping
 
     from bridge_ext.table_generate import translate
 
     mapping = _SqueezeBiasMapping("decoder.layers.*.mlp.router.expert_bias",
                                   "model.layers.*.mlp.moe_statics.e_score_correction_bias")
-    with pytest.raises(TableError, match=r"_SqueezeBiasMapping for parameter "
-                                         r"decoder\.layers\.\*\.mlp\.router\.expert_bias"):
-        translate([mapping], resolver=None, expert_parameters=None)
+    (generated,) = translate([mapping], resolver=None, expert_parameters=None).rules
+    assert generated.text == ('rule(\n            "decoder.layers.{layer}.mlp.router.expert_bias",\n'
+                              '            "model.layers.{layer}.mlp.moe_statics.e_score_correction_bias",\n'
+                              '            Unsqueeze(0),\n            tp="replicated",\n        )')
+    lookalike = type("_SqueezeBiasMapping", (type(mapping).__mro__[1],), {})  # same name, other module
+    with pytest.raises(TableError, match=r"unknown Megatron-Bridge mapping kind _SqueezeBiasMapping"):
+        translate([lookalike("decoder.layers.*.mlp.router.expert_bias", "model.layers.*.x")], resolver=None,
+                  expert_parameters=None)
 
 
 def test_any_characters_wildcards_are_refused():
@@ -212,10 +219,11 @@ def test_fused_expert_names_must_be_transformers_experts_parameters():
         translate([mapping], resolver=None, expert_parameters=("w13", "w2"))
 
 
-def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu):
+@pytest.mark.parametrize("model_type", ["mistral", "hy_v3"])  # hy_v3: its reviewed in_memory_renames
+def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu, model_type):
     from bridge_ext_testing.generate_tables import generate
 
-    assert generate("mistral") == (ROOT / "bridge_ext" / "tables" / "generated" / "mistral.py").read_text()
+    assert generate(model_type) == (ROOT / "bridge_ext" / "tables" / "generated" / f"{model_type}.py").read_text()
 
 
 def test_generate_refuses_a_model_type_without_a_bridge():

@@ -9,6 +9,7 @@ files and transformers' key set are the truth it must also meet.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from bridge_ext_testing.tiny_generated import TINY, tiny_generated
 from bridge_ext.engine import PEFT_PREFIX
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
-from bridge_ext.tables import generated_model_types, registered_table
+from bridge_ext.tables import generated_model_types, table_for
 
 PROVEN = sorted(set(TINY) & generated_model_types())
 #: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)
@@ -31,6 +32,14 @@ LORA_TARGETS = {"gemma2": POST_NORM_TARGETS, "gemma3_text": POST_NORM_TARGETS, "
                 "exaone4": POST_NORM_TARGETS}
 #: Yarn rope: Megatron and transformers compute its frequencies in another order (DeepSeek's tests: the same bound)
 TOLERANCE = {"mistral3": 1e-4}
+#: Megatron-Bridge 0.6.2's Ernie45Bridge gives the provider a sigmoid router (moe_router_score_function
+#: "sigmoid", "same as DeepSeek V3"); transformers 5.23's Ernie4_5_MoeTopKRouter (and vLLM 0.34's
+#: Ernie4_5_MoeForCausalLM) route by softmax: top k of softmax + e_score_correction_bias, their softmax
+#: weights renormalised. megatron-core refuses expert bias beside a softmax router and its softmax
+#: path ignores the bias, so the Megatron forward runs the built routers with softmax (top k of the
+#: logits, softmax over those: the same weights), the tiny model's bias one value for every expert
+#: (the same choice); the provider's own sigmoid routing is shown to differ.
+SOFTMAX_ROUTER = ("ernie4_5_moe",)
 #: Megatron-Bridge 0.6.2's merged and adapter exports split a LoRA of linear_qkv with the standard
 #: layout (value heads of kv_channels), not with the bridge's own QKV mapping: MiMo-V2-Flash's value
 #: heads of v_head_dim make both raise. There its base export is compared on a model without LoRA,
@@ -76,12 +85,19 @@ def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
     theirs = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
     assert sorted(ours) == sorted(theirs)
     assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
-    # Megatron-Bridge names adapters as the checkpoint does; PEFT keys them by in-memory names
-    table = registered_table(config.model_type)
-    theirs = {table.in_memory_name(name): tensor for name, tensor in
-              built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False)}
+    # Megatron-Bridge names adapters as the checkpoint; PEFT keys them as transformers holds the
+    # model in memory (the table's in_memory_renames, e.g. HY-V3's mlp.shared_mlp -> shared_experts)
+    saved = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    theirs = {table_for(config).in_memory_name(name): tensor for name, tensor in saved.items()}
     assert sorted(adapters) == sorted(theirs)
     assert [name for name in adapters if not torch.equal(adapters[name], theirs[name])] == []
+    # for vLLM: the saved names its modules carry (per expert, as these classes' vLLM models wrap experts),
+    # under the in-memory prefixes (vLLM maps both, as Qwen2.5-VL's)
+    saved = {table_for(config).in_memory_name(name, renames=False): tensor for name, tensor in saved.items()}
+    for_vllm = {name.removeprefix(PEFT_PREFIX): t for name, t in
+                export_hf_weights(built.chunks, adapters_only=True, adapter_for="vllm")}
+    assert sorted(for_vllm) == sorted(saved)
+    assert [name for name in for_vllm if not torch.equal(for_vllm[name], saved[name])] == []
 
 
 def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
@@ -92,11 +108,34 @@ def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
     input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
     with cpu_forward_context():
         reference = megatron_logits(built.chunks, input_ids)
-    model_type = json.loads((built.hf_dir / "config.json").read_text())["model_type"]
-    relative = compare_logits(hf_logits(peft_model, input_ids), reference, report, what="HF + adapter",
-                              relative_tolerance=TOLERANCE.get(model_type, 1e-5))
+    ours = hf_logits(peft_model, input_ids)
+    if built.provider.moe_router_score_function == "sigmoid" and _model_type(built) in SOFTMAX_ROUTER:
+        assert (ours - reference).abs().max() / reference.abs().max() > 1e-3  # the provider's routing differs
+        with _routers_scored_by("softmax", built.chunks), cpu_forward_context():
+            reference = megatron_logits(built.chunks, input_ids)
+    relative = compare_logits(ours, reference, report, what="HF + adapter", relative_tolerance=TOLERANCE.get(_model_type(built), 1e-5))
     without_adapter = hf_logits(load_hf_model(tmp_path / "model"), input_ids)
     assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+
+
+def _model_type(built) -> str:
+    return json.loads((built.hf_dir / "config.json").read_text())["model_type"]
+
+
+@contextmanager
+def _routers_scored_by(score_function: str, chunks):
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    routers = [module for chunk in chunks for module in chunk.modules() if isinstance(module, TopKRouter)]
+    assert routers
+    saved = [router.score_function for router in routers]
+    for router in routers:
+        router.score_function = score_function
+    try:
+        yield
+    finally:
+        for router, each in zip(routers, saved):
+            router.score_function = each
 
 
 def test_lora_after_a_linear_s_own_output_norm_is_refused(megatron_cpu, tmp_path):

@@ -458,3 +458,26 @@ def test_word_wildcards_and_scalar_stack_in_listed_order():
     assert [t.shape for t in Scalar().reverse([torch.tensor(2.0)], None)] == [(1,)]
     with pytest.raises(ValueError):
         Scalar().forward([torch.ones(2)], None)
+
+
+def test_unsqueeze_adds_a_size_one_dim_and_its_reverse_refuses_any_other():
+    from bridge_ext.ops import Unsqueeze
+
+    bias = torch.arange(4.0)
+    (hf,) = Unsqueeze().forward([bias], None)
+    assert hf.shape == (1, 4) and torch.equal(hf[0], bias)
+    (back,) = Unsqueeze().reverse([hf], None)
+    assert back.shape == (4,) and torch.equal(back, bias)
+    with pytest.raises(ValueError, match="size-one dim 0"):
+        Unsqueeze().reverse([torch.zeros(2, 4)], None)
+
+
+def test_in_memory_renames_follow_the_prefixes_and_can_be_left_out():
+    table = MappingTable(("toy",), (), in_memory_prefixes=(("model.", "model.language_model."),),
+                         in_memory_renames=((".mlp.shared_mlp.", ".mlp.shared_experts."),))
+    name = "model.layers.1.mlp.shared_mlp.up_proj.lora_A.weight"
+    assert table.renames_in_memory
+    assert table.in_memory_name(name) == "model.language_model.layers.1.mlp.shared_experts.up_proj.lora_A.weight"
+    assert (table.in_memory_name(name, renames=False)
+            == "model.language_model.layers.1.mlp.shared_mlp.up_proj.lora_A.weight")
+    assert not MappingTable(("toy",), ()).renames_in_memory

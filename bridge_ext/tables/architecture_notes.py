@@ -27,6 +27,24 @@ EQUIVALENT_KINDS = {
     "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeGatedMLPMapping": "GatedMLPMapping",
 }
 
+#: Bridge-private subclasses that convert like a base kind followed by operations of the table
+#: vocabulary (read in Megatron-Bridge's source): class -> (base kind, operations as source text).
+#: ERNIE-4.5's ``_SqueezeBiasMapping`` (a ``_PPSafeReplicatedMapping``) only unsqueezes the
+#: router's expert bias on export (``[E]`` -> ``[1, E]``: ``moe_statics.e_score_correction_bias``,
+#: one expert group) and squeezes it on import.
+KINDS_WITH_OPS = {
+    "megatron.bridge.models.ernie.ernie_45_bridge._SqueezeBiasMapping": ("ReplicatedMapping", "Unsqueeze(0)"),
+}
+
+#: Mid-key renames transformers applies on load (its ``conversion_mapping.py``), per model type,
+#: as ``(saved infix, in-memory infix)``: a generated table's ``in_memory_renames``. Megatron-Bridge
+#: maps the saved names (what ``save_pretrained`` writes and vLLM loads); PEFT keys adapters by the
+#: in-memory ones. transformers 5.23's ``hy_v3`` entry: qwen2_moe's expert fusion plus these three.
+IN_MEMORY_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "hy_v3": ((".mlp.router.gate.", ".mlp.gate."), (".mlp.expert_bias", ".mlp.e_score_correction_bias"),
+              (".mlp.shared_mlp.", ".mlp.shared_experts.")),
+}
+
 #: Bridge-private QKV mappings (read in Megatron-Bridge's source) that split Megatron's
 #: ``linear_qkv`` per query group into ``[q heads; k; v]`` with value heads of ``v_head_dim`` and
 #: each layer's own number of groups (MiMo-V2-Flash: sliding layers have twice the KV heads of
@@ -35,15 +53,16 @@ HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_
 
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
-PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3", "gemma3_text",
-                              "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe"})
+PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3",
+                              "gemma3_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
 
 #: MoE classes whose vLLM (0.34) model wraps experts one by one (no ``is_3d_moe_weight``): a
 #: weight sync's expert adapters go per expert, as vLLM's LoRA manager refuses fused ones there.
-VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM"})
+VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM",
+                                      "Ernie4_5_MoeForCausalLM", "HYV3ForCausalLM"})
 
 #: Remote-code classes Megatron-Bridge registers without a model_type, and the model_type of
 #: their published config (the key a hand-written table serves).
@@ -65,8 +84,6 @@ REFUSED: dict[str, str] = {
     "Step3p5ForCausalLM": REMOTE,
     "BailingMoeV2ForCausalLM": REMOTE,
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
-    "Ernie4_5_MoeForCausalLM": "its expert bias mapping (_SqueezeBiasMapping: [1, E] <-> [E]) reshapes, which no "
-                               "operation of the table vocabulary does (the generator refuses the mapping kind)",
     "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, which transformers 5.23's "
                          "Gemma4TextConfig makes per-layer (AmbiguousGlobalPerLayerAttributeError) wherever "
                          "global_head_dim differs from head_dim, as in the published E2B and E4B (256 / 512) and both "
@@ -96,20 +113,16 @@ REFUSED: dict[str, str] = {
     "Step3p7ForConditionalGeneration": "Megatron-Bridge 0.6.2 registers its own Step37Config for model_type step3p7 "
                                        "over transformers' (AutoConfig.register, exist_ok=True); transformers' "
                                        "auto classes refuse that config, so no tiny transformers model comes from it",
-    "MiniMaxM3SparseForConditionalGeneration": "transformers 5.23 renames block_sparse_moe to mlp and fuses the dense "
-                                               "MLPs' gate_proj / up_proj into gate_up_proj in memory, where PEFT keys "
-                                               "adapters; the table vocabulary renames prefixes only (on a tiny model "
-                                               "the generated table's base weights, tower included, were bit-exact)",
-    # generated, then refused on what the proof showed
-    "HYV3ForCausalLM": "Megatron-Bridge maps the checkpoint's mlp.shared_mlp, which transformers renames to "
-                       "mlp.shared_experts in memory, where PEFT keys adapters; the table vocabulary renames "
-                       "prefixes only",
+    "MiniMaxM3SparseForConditionalGeneration": "transformers 5.23 fuses the dense and shared MLPs' gate_proj / "
+                                               "up_proj into one gate_up_proj in memory, where PEFT keys adapters: one "
+                                               "adapter where the rules write two (on a tiny model the generated "
+                                               "table's base weights, tower included, were bit-exact)",
 }
 
 #: PEFT types beyond LoRA that a test exports for a model type and PEFT (or the merged forward)
-#: checks: DoRA (tests/test_export_dense.py, test_export_qwen35.py, tests/checkpoint/test_convert.py;
-#: Qwen2's bias-adding linear_qkv: merged only, PEFT's DoRA refused), CanonicalLoRA
-#: (test_export_dense.py, test_conformance_qwen_moe_vl.py, tests/consumers).
+#: checks: DoRA (the conformance contract's dora entries, tests/conformance/registry.py, and
+#: tests/checkpoint/test_convert.py; Qwen2's bias-adding linear_qkv: merged only, PEFT's DoRA refused,
+#: tests/conformance/test_oddities.py), CanonicalLoRA (the contract's canonical_lora entries, tests/consumers).
 PEFT_TYPES_PROVEN: dict[str, tuple[str, ...]] = {
     "qwen3": ("DoRA", "CanonicalLoRA"),
     "qwen3_moe": ("CanonicalLoRA",),
@@ -152,4 +165,7 @@ UNCOMPARED: dict[str, dict[str, str]] = {
                               "(HF's sliding/full alternation), whatever window_attn_skip_freq says"},
     "gemma3_text": {"layer_types": GEMMA3_LAYER_TYPES},
     "gemma3": {"layer_types": GEMMA3_LAYER_TYPES},
+    "ernie4_5_moe": {"scoring_func": "ERNIE-4.5's config has no such field: transformers routes by softmax, "
+                                     "Megatron-Bridge 0.6.2's provider by sigmoid; a model trained with that "
+                                     "provider computes otherwise than its export"},
 }

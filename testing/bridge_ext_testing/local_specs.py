@@ -323,6 +323,9 @@ def _as_block(spec, config):
 #: Modules of the generic providers' spec functions (GPT, MLA): gpt_families' local block spec
 #: stands for them.
 GENERIC_SPEC_MODULES = ("megatron.bridge.models.gpt_provider", "megatron.bridge.models.mla_provider")
+#: Family spec functions that only call megatron-core's Transformer Engine decoder block spec
+#: (read in Megatron-Bridge 0.6.2's source): the local block spec stands for them too.
+GENERIC_SPEC_FUNCTIONS = ("megatron.bridge.models.ernie.ernie_45_bridge._ernie45_decoder_block_spec",)
 
 #: Provider spec functions that are Transformer Engine's default spec with its attention modules
 #: swapped (read in Megatron-Bridge 0.6.2's source): function path -> the self-attention class
@@ -343,9 +346,11 @@ SPEC_EXTENSIONS = {
 
 def _is_family_spec(original_spec) -> bool:
     """A spec function of one model family's provider (not megatron-core's or the generic providers')."""
-    module = getattr(getattr(original_spec, "func", original_spec), "__module__", "") or ""
+    function = getattr(original_spec, "func", original_spec)
+    module = getattr(function, "__module__", "") or ""
     return (callable(original_spec) and module.startswith("megatron.bridge.models.")
-            and module not in GENERIC_SPEC_MODULES)
+            and module not in GENERIC_SPEC_MODULES
+            and f"{module}.{getattr(function, '__qualname__', '')}" not in GENERIC_SPEC_FUNCTIONS)
 
 
 def _spec_extension(original_spec):

@@ -50,6 +50,13 @@ TINY: dict[str, dict] = {
     "gemma2": dict(sliding_window=4, tie_word_embeddings=True),  # window 4 < the 11 test tokens
     # six layers: five sliding (window 4 < the 11 test tokens), one global, as Gemma 3 alternates
     "gemma3_text": dict(sliding_window=4, tie_word_embeddings=True, num_hidden_layers=6),
+    # layer 0 dense, layer 1 MoE (moe_layer_start_index 1), one shared expert
+    "ernie4_5_moe": dict(MOE, moe_num_shared_experts=1),
+    # layer 0 dense, layer 1 MoE; first_k_dense_replace, expert_hidden_dim, route_norm and qk_norm
+    # are fields of the published config.json that HYV3Config lacks (Megatron-Bridge's provider and
+    # vLLM's HYV3ForCausalLM read them)
+    "hy_v3": dict(MOE, num_shared_experts=1, router_scaling_factor=2.5, mlp_layer_types=["dense", "sparse"],
+                  first_k_dense_replace=1, expert_hidden_dim=32, route_norm=True, qk_norm=True),
     # window 16 > the 11 test tokens: Megatron-Bridge's window is one token narrower than transformers'
     # (architecture_notes.UNCOMPARED); the conformance module shows that difference on its own
     "mimo_v2_flash": dict(MIMO_V2_FLASH, sliding_window_size=16),
@@ -65,6 +72,15 @@ TINY: dict[str, dict] = {
                      vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=2, head_dim=16, image_size=16, patch_size=4),
                      image_token_index=122, tie_word_embeddings=False),
+}
+
+#: model_type -> {parameter name ending: value it is filled with}, where transformers' initial
+#: value (zeros) would not show whether the weight was carried at all.
+FILLED: dict[str, dict[str, float]] = {
+    # ERNIE-4.5 adds the bias to its softmax scores only to pick the top k: one value for every
+    # expert picks the same experts, so the bias is carried without changing the routing
+    # (Megatron-Core's softmax router ignores expert_bias; tests/test_conformance_generated.py)
+    "ernie4_5_moe": {"moe_statics.e_score_correction_bias": 0.25},
 }
 
 NORM_NOISE = 0.1
@@ -94,7 +110,7 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, ove
 
     Norms are perturbed around their initial value (a missing ``+1`` shows in the logits),
     router weights, attention sinks and expert score biases get a larger spread (top-k far from
-    ties; a lost sink or bias shows).
+    ties; a lost sink or bias shows), :data:`FILLED` weights their value.
     """
     torch.manual_seed(seed)
     model = model_class(model_type).from_config(tiny_config(model_type, overrides)).float()
@@ -108,6 +124,10 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, ove
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # zero at init: a lost bias would not show
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * ROUTER_STD)
+        for ending, value in FILLED.get(model_type, {}).items():
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                if name.endswith(ending):
+                    tensor.fill_(value)
     directory = Path(directory)
     model.save_pretrained(directory)
     _publish_names(directory / "model.safetensors", model_type)
