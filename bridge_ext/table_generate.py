@@ -38,9 +38,9 @@ from bridge_ext.tables.architecture_notes import (
     HEAD_GROUP_QKV_KINDS,
     IN_MEMORY_RENAMES,
     KINDS_WITH_OPS,
-    LANGUAGE_MODEL_PREFIXES,
     LEFT_OUT_PREFIXES,
     MTP_PREFIXES,
+    PUBLISHED_PREFIXES,
     TOWERS_GENERATED,
     VLLM_PER_EXPERT_ADAPTERS,
 )
@@ -223,11 +223,9 @@ def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> l
 
 
 def _vocab_ops(megatron: str) -> str:
-    """Vocabulary-padded weights (of the model, or of its language model: :data:`LANGUAGE_MODEL_PREFIXES`)
-    are trimmed."""
+    """Vocabulary-padded weights, of the model or of a sub-model holding its language model, are trimmed."""
     vocab = ("embedding.word_embeddings.weight", "output_layer.weight")
-    return ", TrimVocab()" if any(megatron == prefix + name for prefix in ("", *LANGUAGE_MODEL_PREFIXES)
-                                  for name in vocab) else ""
+    return ", TrimVocab()" if megatron in vocab or megatron.endswith(tuple("." + name for name in vocab)) else ""
 
 
 def _quoted(text: str) -> str:
@@ -272,6 +270,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
     rules: list[GeneratedRule] = []
     absent: list[str] = []
     uses_experts = False
+    fused_parameters: list[tuple[str, str]] = []  # (fused parameter named, mapping)
 
     def add(megatron: str, text: str) -> None:
         rules.append(GeneratedRule(megatron, text))
@@ -309,6 +308,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 uses_experts = True
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp), variant='EXPERTS.variant("per_expert")'))
                 parameter = hf.rsplit(".", 2)[-2]
+                fused_parameters.append((parameter, name))
                 add(megatron, _rule(megatron, _fused_expert_name(hf, parameter), ops, tp=_quoted(tp),
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
             else:
@@ -325,6 +325,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", variant='EXPERTS.variant("per_expert")',
                                     lora_parts='("gate", "up")'))
                 fused = _fused_expert_name(gate, "gate_up_proj")
+                fused_parameters.append(("gate_up_proj", name))
                 add(megatron, _rule(megatron, fused, ", SplitRows(1, 1), Concat((1, 1))",
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
             else:
@@ -334,6 +335,10 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                              "no rule is generated for it")
     if uses_experts and expert_parameters is None:
         raise TableError("the bridge maps routed experts but transformers' model has no fused experts module")
+    for parameter, name in fused_parameters:  # per-expert names (w1 / w3 / w2) that are not the fused ones
+        if parameter not in (expert_parameters or ()):
+            raise TableError(f"{name}: the fused experts parameter {parameter} is not one of transformers' experts "
+                             f"module parameters {list(expert_parameters or ())}")
     return _Translation(rules, absent, expert_parameters if uses_experts else None)
 
 
@@ -440,6 +445,7 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     ops += [op for op in ("SplitHeadGroups", "Transpose") if any(f"{op}(" in each.text for each in translation.rules)]
     ops += [re.match(r"\w+", op)[0] for each in KINDS_WITH_OPS.values() for op in each[1:]
             if any(op in rule.text for rule in translation.rules)]
+    ops += ["Transpose"] if any("Transpose()" in each.text for each in translation.rules) else []
     ops_import = f"from bridge_ext.ops import {', '.join(sorted(set(ops)))}  # noqa: F401"
     lines += ['"""', "", ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
@@ -459,6 +465,13 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
               f"    expert_families={families},"]
     if model_type in COMPANION_FILES:  # reviewed by hand: bridge_ext.tables.architecture_notes.COMPANION_FILES
         lines.append(f"    companion_files=({', '.join(_quoted(name) for name in COMPANION_FILES[model_type])},),")
+    published = PUBLISHED_PREFIXES.get(model_type, ())
+    if published:  # transformers saves these prefixes otherwise than the published checkpoints
+        lines.append("    saved_name_fixes=(")
+        lines += [f"        ({_quoted('^' + re.escape(saved) + '(?!' + re.escape(public[len(saved):]) + ')')}, "
+                  f"{_quoted(public)}),"
+                  for saved, public in published]
+        lines.append("    ),")
     if in_memory_prefixes:  # transformers renames these on load: adapters use the in-memory names
         lines.append("    in_memory_prefixes=(")
         lines += [f"        ({_quoted(saved)}, {_quoted(loaded)})," for saved, loaded in in_memory_prefixes]

@@ -86,19 +86,18 @@ def test_generated_tables_name_the_megatron_bridge_version_and_leave_out_mtp_and
 
     from bridge_ext.table_generate import LEFT_OUT_PREFIXES, MTP_PREFIXES
     from bridge_ext.tables.architecture_notes import PROVEN_GENERATED, TOWERS_GENERATED
+    from bridge_ext.tables.generated import GENERATED
 
-    assert TOWERS_GENERATED <= PROVEN_GENERATED
     files = sorted((ROOT / "bridge_ext" / "tables" / "generated").glob("[!_]*.py"))
     assert files
     for path in files:
-        text = path.read_text()
-        assert f'MEGATRON_BRIDGE_VERSION = "{version("megatron-bridge")}"' in text, path.name
-        left_out = MTP_PREFIXES if path.stem in TOWERS_GENERATED else LEFT_OUT_PREFIXES
-        assert not any(f'"{prefix}' in text.partition("rules=(")[2] and f'rule("{prefix}' in text.replace(
-            "rule(\n            ", "rule(") for prefix in left_out), path.name
+        assert f'MEGATRON_BRIDGE_VERSION = "{version("megatron-bridge")}"' in path.read_text(), path.name
     towers = tuple(prefix for prefix in LEFT_OUT_PREFIXES if prefix not in MTP_PREFIXES)
-    assert TOWERS_GENERATED == {path.stem for path in files if any(f'rule("{prefix}' in path.read_text().replace(
-        "rule(\n            ", "rule(") for prefix in towers)}
+    for table in GENERATED:
+        assert [each.megatron for each in table.rules if each.megatron.startswith(MTP_PREFIXES)] == []
+    covered = {table.model_types[0] for table in GENERATED
+               if any(each.megatron.startswith(towers) for each in table.rules)}
+    assert covered == TOWERS_GENERATED and TOWERS_GENERATED <= PROVEN_GENERATED
 
 
 class _UnknownMapping:
@@ -203,13 +202,27 @@ def test_in_memory_prefixes_are_read_off_name_pairs_or_refused():
                                             ("vision_tower.", "model.vision_tower."))
     assert in_memory_prefixes_of([("model.layers.0.mlp.bias", "model.layers.0.mlp.gate.bias")]) == ()  # in a layer
     with pytest.raises(TableError, match=r"renames the prefix visual\. two ways"):
-        in_memory_prefixes_of([("visual.a.weight", "model.visual.a.weight"), ("visual.b.weight", "encoder.visual.b.weight")])
+        in_memory_prefixes_of([("visual.a.weight", "model.visual.a.weight"),
+                               ("visual.b.weight", "encoder.visual.b.weight")])
     # Qwen3-Omni: thinker.lm_head stays, so thinker.audio_tower is renamed by a narrower prefix than thinker.
     omni = [("thinker.audio_tower.conv1.weight", "thinker.model.audio_tower.conv1.weight"),
             ("thinker.model.layers.0.mlp.gate.weight", "thinker.model.language_model.layers.0.mlp.gate.weight"),
             ("thinker.lm_head.weight", "thinker.lm_head.weight")]
     assert in_memory_prefixes_of(omni) == (("thinker.audio_tower.", "thinker.model.audio_tower."),
                                            ("thinker.model.", "thinker.model.language_model."))
+
+
+def test_fused_expert_names_must_be_transformers_experts_parameters():
+    from megatron.bridge.models.conversion.param_mapping import GatedMLPMapping
+
+    from bridge_ext.table_generate import translate
+
+    mapping = GatedMLPMapping("decoder.layers.*.mlp.experts.linear_fc1.weight*",
+                              gate="model.layers.*.mlp.experts.*.w1.weight",
+                              up="model.layers.*.mlp.experts.*.w3.weight")
+    with pytest.raises(TableError, match=r"the fused experts parameter gate_up_proj is not one of transformers' "
+                                         r"experts module parameters \['w13', 'w2'\]"):
+        translate([mapping], resolver=None, expert_parameters=("w13", "w2"))
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "hy_v3"])  # hy_v3: its reviewed in_memory_renames

@@ -33,6 +33,8 @@ LORA_TARGETS = {"gemma2": POST_NORM_TARGETS, "gemma3_text": POST_NORM_TARGETS, "
                 # Qwen3-Omni's vision MLPs are named linear_fc1 / fc2 too: LoRA on the language model only
                 "qwen3_omni_moe": ("linear_qkv", "linear_proj", "*language_model*.linear_fc1",
                                    "*language_model*.linear_fc2")}
+#: Yarn rope: Megatron and transformers compute its frequencies in another order (DeepSeek's tests: the same bound)
+TOLERANCE = {"mistral3": 1e-4}
 #: Megatron-Bridge 0.6.2's Ernie45Bridge gives the provider a sigmoid router (moe_router_score_function
 #: "sigmoid", "same as DeepSeek V3"); transformers 5.23's Ernie4_5_MoeTopKRouter (and vLLM 0.34's
 #: Ernie4_5_MoeForCausalLM) route by softmax: top k of softmax + e_score_correction_bias, their softmax
@@ -119,7 +121,7 @@ def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
         assert (ours - reference).abs().max() / reference.abs().max() > 1e-3  # the provider's routing differs
         with _routers_scored_by("softmax", built.chunks), cpu_forward_context():
             reference = megatron_logits(built.chunks, input_ids)
-    relative = compare_logits(ours, reference, report, what="HF + adapter", relative_tolerance=1e-5)
+    relative = compare_logits(ours, reference, report, what="HF + adapter", relative_tolerance=TOLERANCE.get(_model_type(built), 1e-5))
     without_adapter = hf_logits(_text_model(load_hf_model(tmp_path / "model")), input_ids)
     assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
 

@@ -43,7 +43,9 @@ def generate(model_type: str) -> str:
             raise TableError(f"cannot build a tiny {model_type} model on the CPU to resolve the table "
                              f"({type(error).__name__}: {first}); add or fix its entry in "
                              "bridge_ext_testing.tiny_generated.TINY") from error
-        mappings = built.bridge._model_bridge.mapping_registry().mappings
+        model_bridge = built.bridge._model_bridge
+        model_bridge.hf_pretrained = built.bridge.hf_pretrained  # as its export sets it: the source's names
+        mappings = model_bridge.mapping_registry().mappings
         with torch.device("meta"):
             hf_model = tiny_model(model_type)
         saved = load_file(str(hf_dir / "model.safetensors"))  # the names the rules produce

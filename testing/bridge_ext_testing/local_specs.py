@@ -20,8 +20,9 @@ megatron-core's local modules, module for module, keeping the provider's own cla
   :func:`local_modules`;
 * a self-attention without q/k norm modules in a ``qk_layernorm`` config gets :class:`CpuNorm`
   ones (Transformer Engine's attention builds ``TENorm`` there itself);
-* a provider spec that extends Transformer Engine's default spec (OLMoE's, MiMo-V2-Flash's) starts
-  from the local block spec instead, with the provider's own modules swapped in (:data:`SPEC_EXTENSIONS`).
+* a provider spec that extends Transformer Engine's default spec (OLMoE's, MiMo-V2-Flash's,
+  Ministral-3's) starts from the local block spec instead, with the provider's own modules swapped
+  in (:data:`SPEC_EXTENSIONS`).
 
 A Transformer Engine class it has no local version of raises, naming it.
 """
@@ -152,6 +153,29 @@ def mimo_v2_flash_dot_product_attention():
 
     AutoMapping.register_module_type(MiMoV2FlashDotProductAttention.__name__, "column")
     return MiMoV2FlashDotProductAttention
+
+
+@functools.cache
+def ministral_dot_product_attention():
+    """megatron-core's local ``DotProductAttention`` with Megatron-Bridge's
+    ``MinistralTEDotProductAttention`` query scaling (Llama 4's, by position)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MinistralDotProductAttention(DotProductAttention):
+        def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, **kwargs):
+            super().__init__(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+                             attention_type=attention_type, **kwargs)
+            rope = config.hf_config.text_config.rope_parameters if config.hf_config is not None else None
+            self.beta = rope["llama_4_scaling_beta"] if rope else 0
+            self.max_position_embeddings = rope["original_max_position_embeddings"] if rope else config.seq_length
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
+            positions = torch.arange(query.shape[0], device=query.device)  # query [s, b, heads, dim]
+            scale = 1 + self.beta * torch.log(1 + torch.floor(positions / self.max_position_embeddings))
+            query = query * scale.view(-1, *[1] * (query.dim() - 1)).to(query.dtype)
+            return super().forward(query, key, value, attention_mask, attn_mask_type, **kwargs)
+
+    return MinistralDotProductAttention
 
 
 def _local_by_name(name: str):
@@ -314,6 +338,9 @@ SPEC_EXTENSIONS = {
     "megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.mimo_v2_flash_layer_spec":
         ("megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.MiMoV2FlashSelfAttention",
          mimo_v2_flash_dot_product_attention),
+    # its MinistralTEDotProductAttention subclasses a placeholder too: the local stand-in
+    "megatron.bridge.models.ministral3.ministral3_provider.ministral_layer_spec":
+        ("megatron.core.transformer.attention.SelfAttention", ministral_dot_product_attention),
 }
 
 

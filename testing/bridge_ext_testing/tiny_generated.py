@@ -76,6 +76,12 @@ TINY: dict[str, dict] = {
                    vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=16, patch_size=4, vision_use_head=False),
                    mm_tokens_per_image=4, boi_token_index=120, eoi_token_index=121, image_token_index=122),
+    # Ministral-3: its text model (yarn rope, Llama-4 query scaling: the defaults Megatron-Bridge's
+    # provider assumes); Pixtral tower of 2 layers on 16x16 images; the image token outside the test tokens
+    "mistral3": dict(text_config=dict(model_type="ministral3"),
+                     vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, head_dim=16, image_size=16, patch_size=4),
+                     image_token_index=122, tie_word_embeddings=False),
     # Whisper-like audio tower of 2 layers; the Qwen2 decoder has q/k/v biases
     "qwen2_audio": dict(text_config=dict(model_type="qwen2"), audio_config=AUDIO, audio_token_index=100),
     # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / token2wav
@@ -177,4 +183,25 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, ove
     model.save_pretrained(directory)
     if model_type in SPEAKERS:
         torch.save({}, directory / SPEAKERS[model_type])
+    _publish_names(directory / "model.safetensors", model_type)
     return directory
+
+
+def _publish_names(path: Path, model_type: str) -> None:
+    """Rename the saved tensors as published checkpoints name them (``architecture_notes.PUBLISHED_PREFIXES``)."""
+    from safetensors.torch import load_file, save_file
+
+    from bridge_ext.tables.architecture_notes import PUBLISHED_PREFIXES
+
+    prefixes = PUBLISHED_PREFIXES.get(model_type)
+    if not prefixes:
+        return
+    tensors = load_file(str(path))
+
+    def published(name: str) -> str:
+        for saved, public in prefixes:
+            if name.startswith(saved) and not name.startswith(public):
+                return public + name[len(saved):]
+        return name
+
+    save_file({published(name): tensor for name, tensor in tensors.items()}, str(path), metadata={"format": "pt"})
