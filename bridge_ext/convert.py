@@ -37,7 +37,6 @@ from bridge_ext.checkpoint.reader import READ_AHEAD_BYTES
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.consumer import adapter_layout_for, is_mtp_adapter
 from bridge_ext.dims import ModelDims
-from bridge_ext.dora import refuse_for_vllm
 from bridge_ext.engine import Mode
 from bridge_ext.errors import ConvertError, OutputLocationError
 from bridge_ext.expert_layouts import expert_layouts, possible_variants, source_expert_layouts
@@ -46,7 +45,7 @@ from bridge_ext.hf_files import has_safetensors
 from bridge_ext.hf_folder import TensorSpec
 from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target, require_an_output
 from bridge_ext.peft_config import adapted_outputs
-from bridge_ext.plan import ExportPlan, check_shapes, conversion_passes, fp8_plan, plan_export
+from bridge_ext.plan import ExportPlan, check_shapes, conversion_passes, fp8_plan, plan_export, refuse_adapters_for_vllm
 from bridge_ext.table import ExpertLayout
 from bridge_ext.tables import known_model_types, register_transformers_configs, table_for
 from bridge_ext.value_check import ValueCheck
@@ -334,7 +333,7 @@ def convert_checkpoint(
     if adapter_dir is not None and not source.adapters():
         raise ConvertError(f"{reader.path} holds no LoRA adapters; drop the adapter folder")
     if adapter_dir is not None and adapter_for == "vllm":
-        refuse_for_vllm(plan.dora_adapters(source))
+        refuse_adapters_for_vllm(source, plan)
     if model_dir is not None and adapter_dir is None and source.adapters() and not merge:
         raise ConvertError(f"{reader.path} holds LoRA adapters: give an adapter folder too, or --merge")
     base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)

@@ -21,11 +21,12 @@ from bridge_ext.engine import ExportError, Mode, convert_tasks, plan_tasks
 from bridge_ext.errors import first_line
 from bridge_ext.expert_layouts import ExpertLayouts, expert_layouts, source_expert_layouts, weight_files_present
 from bridge_ext.fp8_export import check_quantize, plan_fp8
-from bridge_ext.dora import refuse_for_vllm
 from bridge_ext.live_checks import check_device, check_dtype, check_model, overflows
 from bridge_ext.peft_config import lora_config
 from bridge_ext.peft_keys import LORA_A, LORA_B, PEFT_PREFIX, peft_key
-from bridge_ext.plan import ExportPlan, check_shapes, checkpoint_keys, conversion_passes, fp8_plan, plan_export
+from bridge_ext.plan import (
+    ExportPlan, check_shapes, checkpoint_keys, conversion_passes, fp8_plan, plan_export, refuse_adapters_for_vllm,
+)
 from bridge_ext.source import TensorSource
 from bridge_ext.table import ExpertLayout
 from bridge_ext.tables import config_fields_for, register_transformers_configs, registered_table, table_for
@@ -307,7 +308,7 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
     base = None if adapters_only else (Mode.BASE if peft else Mode.MERGED)
     adapters = peft and not base_only and bool(source.adapters())
     if adapters and adapter_for == "vllm":
-        refuse_for_vllm(plan.dora_adapters(source))
+        refuse_adapters_for_vllm(source, plan)
     if adapters and not dora_adapters and plan.dora_adapters(source):
         raise ExportError(f"the adapters are DoRA ({plan.cache.dora[0].module}, ...), which vLLM cannot load: sync merged "
                           "weights (peft=False), or pass dora_adapters=True for a consumer that loads DoRA (PEFT)")

@@ -15,7 +15,7 @@ from types import MappingProxyType
 import torch
 
 from bridge_ext.dims import ModelDims
-from bridge_ext.dora import check_dora
+from bridge_ext.dora import check_dora, refuse_for_vllm
 from bridge_ext.engine import ExportError, Mode, Task, TaskConverter, plan_tasks
 from bridge_ext.errors import RuleError
 from bridge_ext.expert_layouts import ExpertLayouts
@@ -130,6 +130,15 @@ def plan_export(source: TensorSource, config, layouts: ExpertLayouts | None = No
             f"unexpected {unexpected or 'none'}; missing {missing or 'none'}"
         )
     return plan
+
+
+def refuse_adapters_for_vllm(source: TensorSource, plan: ExportPlan) -> None:
+    """Adapters vLLM would refuse (DoRA) or apply nowhere (the table's ``vllm_adapters_refused``),
+    refused before the first tensor of an ``adapter_for="vllm"`` export."""
+    if plan.table.vllm_adapters_refused:
+        raise ExportError(f"LoRA adapters of {', '.join(plan.table.model_types)} for vLLM: "
+                          f"{plan.table.vllm_adapters_refused}; give vLLM merged weights (peft=False)")
+    refuse_for_vllm(plan.dora_adapters(source))
 
 
 def conversion_passes(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,

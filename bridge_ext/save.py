@@ -16,7 +16,6 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from bridge_ext.consumer import MTP_ADAPTERS_LEFT_OUT, AdapterConsumer, adapter_layout_for, is_mtp_adapter
-from bridge_ext.dora import refuse_for_vllm
 from bridge_ext.engine import ExportError, Mode
 from bridge_ext.export import ExportPlan, fp8_plan, hf_source_folder, prepare, resolve_hf_config, stream
 from bridge_ext.fp8_export import Fp8Plan, check_quantize
@@ -25,6 +24,7 @@ from bridge_ext.live_checks import check_dtype, overflows
 from bridge_ext.output_folder import FoundTarget, require_an_output, staged_folders
 from bridge_ext.peft_config import lora_config
 from bridge_ext.peft_keys import PEFT_PREFIX
+from bridge_ext.plan import refuse_adapters_for_vllm
 from bridge_ext.source import TensorSource
 from bridge_ext.table import ExpertLayout
 from bridge_ext.value_check import ValueCheck
@@ -310,7 +310,7 @@ def save_hf_pretrained(
     source, plan = prepare(model, hf_config, expert_layout, expert_adapter_layout,
                            destination="rank0" if parallel else "all")
     if adapter_dir is not None and adapter_for == "vllm":
-        refuse_for_vllm(plan.dora_adapters(source))
+        refuse_adapters_for_vllm(source, plan)
     base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
     fp8 = fp8_plan(source, plan, base_mode, quantize, engine_tp_size)
     folder = hf_source_folder(model, hf_config)

@@ -230,6 +230,9 @@ class MappingTable:
         adapters_refused: Why no PEFT adapter of this family can be exported (None: they can);
             an export or conversion that asks for adapters is refused with it before the first
             tensor (merged exports are unaffected).
+        vllm_adapters_refused: Why vLLM would apply none of this family's adapters (None: it
+            applies them); an ``adapter_for="vllm"`` export or folder that carries adapters is
+            refused with it before the first tensor (merged weights are what vLLM then takes).
         companion_files: Files of the source folder beyond the tokenizer, template and generation
             files that transformers' class needs to load the model (Qwen2.5-Omni's speaker
             dictionary ``spk_dict.pt``): copied into a model folder like those.
@@ -249,6 +252,7 @@ class MappingTable:
     fp8: Fp8Rules | None = field(default=None, compare=False)
     published_renames: tuple[tuple[str, str], ...] = ()
     adapters_refused: str | None = field(default=None, compare=False)
+    vllm_adapters_refused: str | None = field(default=None, compare=False)
     companion_files: tuple[str, ...] = field(default=(), compare=False)
     #: Registers with transformers what reading this family's config needs (e.g. a config class
     #: for a model type transformers lacks); run by :func:`bridge_ext.tables.register_transformers_configs`

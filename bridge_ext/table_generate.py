@@ -42,6 +42,7 @@ from bridge_ext.tables.architecture_notes import (
     MTP_PREFIXES,
     PUBLISHED_PREFIXES,
     TOWERS_GENERATED,
+    VLLM_ADAPTERS_REFUSED,
     VLLM_PER_EXPERT_ADAPTERS,
 )
 
@@ -478,6 +479,11 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
         lines.append("    ),")
     if translation.expert_parameters and entry.source in VLLM_PER_EXPERT_ADAPTERS:
         lines.append(f'    vllm_expert_adapter_layouts={{{_quoted(entry.source)}: "per_expert"}},')
+    unapplied = VLLM_ADAPTERS_REFUSED.get(entry.source)
+    if unapplied:  # reviewed by hand: bridge_ext.tables.architecture_notes.VLLM_ADAPTERS_REFUSED
+        lines.append("    vllm_adapters_refused=(")
+        lines += [f"        {_quoted(piece)}" for piece in textwrap.wrap(unapplied, 88, drop_whitespace=False)]
+        lines.append("    ),")
     renames = IN_MEMORY_RENAMES.get(model_type)
     if renames:  # reviewed by hand: bridge_ext.tables.architecture_notes.IN_MEMORY_RENAMES
         lines.append("    in_memory_renames=(")

@@ -21,6 +21,7 @@ from bridge_ext_testing.forward import megatron_logits
 from bridge_ext_testing.gpt_families import cpu_forward_context
 from bridge_ext_testing.tiny_generated import TINY, tiny_generated
 from bridge_ext.engine import PEFT_PREFIX
+from bridge_ext.errors import ExportError
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
 from bridge_ext.tables import generated_model_types, table_for
@@ -95,8 +96,12 @@ def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
     assert sorted(adapters) == sorted(theirs)
     assert [name for name in adapters if not torch.equal(adapters[name], theirs[name])] == []
     # for vLLM: the saved names its modules carry (per expert, as most of these classes' vLLM models
-    # wrap experts), under the in-memory prefixes (in_memory_prefixes; the omni thinkers' vLLM does not apply them:
-    # tests/consumers)
+    # wrap experts), under the in-memory prefixes (in_memory_prefixes)
+    table = table_for(config)
+    if table.vllm_adapters_refused:  # vLLM would apply none of them (tests/consumers): refused up front
+        with pytest.raises(ExportError, match="for vLLM: .*merged weights"):
+            next(iter(export_hf_weights(built.chunks, adapters_only=True, adapter_for="vllm")))
+        return
     for_vllm = {name.removeprefix(PEFT_PREFIX): t for name, t in
                 export_hf_weights(built.chunks, adapters_only=True, adapter_for="vllm")}
     expected = {table_for(config).in_memory_name(name, renames=False): t for name, t in saved.items()}
@@ -153,8 +158,6 @@ def _text_model(model):
 
 def test_lora_after_a_linear_s_own_output_norm_is_refused(megatron_cpu, tmp_path):
     """Gemma 2's linear_proj normalises its output; Megatron-Bridge adds the LoRA delta after it."""
-    from bridge_ext.errors import ExportError
-
     model = build_megatron_model(tiny_generated(tmp_path, "gemma2"), lora=LoraSettings())
     with pytest.raises(ExportError, match=r"decoder\.layers\.0\.self_attention\.linear_proj: LoRA on a linear that "
                                           r"normalises its own output"):

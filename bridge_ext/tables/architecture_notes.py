@@ -82,6 +82,13 @@ REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to
 VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM",
                                       "Ernie4_5_MoeForCausalLM", "HYV3ForCausalLM"})
 
+#: Classes whose vLLM (0.34) model applies none of the adapters PEFT's names give (judged in
+#: tests/consumers): an ``adapter_for="vllm"`` export of adapters is refused with the reason.
+_OMNI_THINKER = ("vLLM 0.34's thinker maps adapter keys by the checkpoint's prefixes (thinker.model.), "
+                 "PEFT's are transformers' in-memory ones (thinker.model.language_model.): it would apply none")
+VLLM_ADAPTERS_REFUSED = {"Qwen2_5OmniForConditionalGeneration": _OMNI_THINKER,
+                         "Qwen3OmniMoeForConditionalGeneration": _OMNI_THINKER}
+
 #: Remote-code classes Megatron-Bridge registers without a model_type, and the model_type of
 #: their published config (the key a hand-written table serves).
 REMOTE_MODEL_TYPES = {"KimiK25ForConditionalGeneration": "kimi_k25"}

@@ -62,6 +62,8 @@ def _judged(case: str, kind: str) -> bool:
         return False
     if kind.startswith("mtp"):
         return CASES[case].drafter is not None
+    if kind == "saved_vllm" and case in UNAPPLIED:  # refused by the export (test_the_export_refuses_...)
+        return False
     return kind != "saved_vllm" or CASES[case].peft != "dora"  # no DoRA folder for vLLM is written
 
 
@@ -169,6 +171,14 @@ def test_vllm_loads_the_export(verdicts, case, kind):
 
 
 IGNORED = "ignored"  # vLLM skips the fused expert tensors silently and loads no expert
+def test_the_export_refuses_adapters_for_vllm_where_it_applies_none(verdicts):
+    """The omni thinkers: vLLM leaves every adapter of both PEFT routes unapplied
+    (test_vllm_loads_the_export's UNAPPLIED), so the folder for vLLM is refused up front
+    (the table's vllm_adapters_refused)."""
+    for case in UNAPPLIED:
+        assert "for vLLM: " in (verdicts[case]["export_refusal"] or ""), case
+
+
 def test_the_export_refuses_dora_for_vllm_which_refuses_it_too(verdicts):
     """vLLM refuses both DoRA routes (test_vllm_loads_the_export's qwen3_dora-live / -saved_peft)
     and loads the merged DoRA stream exactly; the export refuses a folder for vLLM up front."""

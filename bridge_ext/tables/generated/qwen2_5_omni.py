@@ -266,4 +266,9 @@ TABLE = MappingTable(
         ("thinker.visual.", "thinker.model.visual."),
         ("thinker.model.", "thinker.model.language_model."),
     ),
+    vllm_adapters_refused=(
+        "vLLM 0.34's thinker maps adapter keys by the checkpoint's prefixes (thinker.model.), "
+        "PEFT's are transformers' in-memory ones (thinker.model.language_model.): it would apply "
+        "none"
+    ),
 )
