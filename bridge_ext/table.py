@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from bridge_ext.config_compare import ConfigField
-from bridge_ext.dims import text_config
+from bridge_ext.dims import ModelDims, Sizes, text_config
 from bridge_ext.errors import TableError
 from bridge_ext.fp8_rules import Fp8Rules
 from bridge_ext.ops import Op
@@ -224,6 +224,16 @@ class MappingTable:
         adapters_refused: Why no PEFT adapter of this family can be exported (None: they can);
             an export or conversion that asks for adapters is refused with it before the first
             tensor (merged exports are unaffected).
+        stored_split_parts: Megatron weights a torch_dist checkpoint stores as several keys
+            (``<weight>.<part>``): each split-tensor factory's parts, in the order they join
+            (e.g. Gated DeltaNet's ``("query", "key", "value", "z", "beta", "alpha")``).
+        stored_stacked_lists: Module lists a torch_dist checkpoint stores on a leading axis
+            beyond the decoder's ``layers`` and the experts (Qwen3-VL: ``deepstack_merger_list``).
+        hf_auto_class: The transformers Auto class that loads a folder of this table's models
+            (``AutoModelForImageTextToText`` for image-text models).
+        sizes: Named sizes the rules' operations use beyond the common ones of
+            :class:`~bridge_ext.dims.ModelDims` (hidden, heads, groups, vocabulary...), each
+            stating where the config keeps them (e.g. :class:`~bridge_ext.dims.MambaSizes`).
     """
 
     model_types: tuple[str, ...]
@@ -239,6 +249,10 @@ class MappingTable:
     fp8: Fp8Rules | None = field(default=None, compare=False)
     published_renames: tuple[tuple[str, str], ...] = ()
     adapters_refused: str | None = field(default=None, compare=False)
+    stored_split_parts: tuple[tuple[str, ...], ...] = ()
+    hf_auto_class: str = "AutoModelForCausalLM"
+    stored_stacked_lists: tuple[str, ...] = ()
+    sizes: tuple[Sizes, ...] = field(default=(), compare=False)
     #: Registers with transformers what reading this family's config needs (e.g. a config class
     #: for a model type transformers lacks); run by :func:`bridge_ext.tables.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.
@@ -252,6 +266,10 @@ class MappingTable:
         ``architectures[0]``, else the table's transformers class for its model type."""
         architectures = getattr(config, "architectures", None)
         return architectures[0] if architectures else self.model_classes.get(config.model_type)
+
+    def dims(self, config) -> ModelDims:
+        """The sizes of ``config`` the rules' operations name (the common ones and :attr:`sizes`)."""
+        return ModelDims.from_hf_config(config, self.sizes)
 
     def vllm_expert_adapter_layout(self, config) -> ExpertLayout:
         """The expert-adapter layout vLLM loads for ``config``'s architecture class; PEFT's

@@ -82,14 +82,26 @@ def check_model_folder(model_dir: str | Path, report: Report, *, expert_layout: 
     return written
 
 
+def auto_model_class(config):
+    """The transformers Auto class that loads a folder of ``config``: its table's ``hf_auto_class``;
+    for a model type without a table, transformers' own registry of image-text models decides."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    table = _table_or_none(config)
+    if table is not None:
+        return getattr(transformers, table.hf_auto_class)
+    image_text = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return transformers.AutoModelForImageTextToText if image_text else transformers.AutoModelForCausalLM
+
+
 def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """The folder loaded with transformers' Auto classes (image-text models included)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    """The folder loaded with transformers' Auto class for its architecture (:func:`auto_model_class`)."""
+    from transformers import AutoConfig
 
     register_transformers_configs()
     config = AutoConfig.from_pretrained(str(model_dir))
-    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
-    return auto.from_pretrained(str(model_dir), dtype=dtype).eval()
+    return auto_model_class(config).from_pretrained(str(model_dir), dtype=dtype).eval()
 
 
 def load_adapter_strict(base_model, adapter_dir: str | Path, report: Report):

@@ -45,7 +45,6 @@ from bridge_ext_testing.forward import megatron_logits
 from bridge_ext_testing.tiny_models import tiny_vl_inputs
 from bridge_ext.engine import PEFT_PREFIX
 from bridge_ext.expert_layouts import source_expert_layouts
-from bridge_ext.dims import ModelDims
 from bridge_ext.distributed import DESTINATIONS
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.ops import SplitGroupedRows
@@ -271,7 +270,7 @@ def test_comparison_with_megatron_bridge_exports(built):
     assert sorted([n for n in ours_merged if not torch.equal(ours_merged[n], theirs_merged[n])]
                   + [n for n in ours if not torch.equal(ours[n], theirs[n])]) == expected
     base = dict(export_hf_weights(built.chunks)) if expected else {}
-    head_dim = ModelDims.from_hf_config(AutoConfig.from_pretrained(str(built.hf_dir)))["vision_head_dim"] if expected else 0
+    head_dim = table.dims(AutoConfig.from_pretrained(str(built.hf_dir)))["vision_head_dim"] if expected else 0
     for name in (n for n in expected if "lora_B" in n):  # (names alike in checkpoint and memory here)
         per_head = SplitGroupedRows(head_dim, head_dim, head_dim).reverse(list(ours[name].chunk(3)), None)[0]
         assert torch.equal(theirs[name], per_head)

@@ -16,7 +16,6 @@ from bridge_ext import export_hf_weights, save_hf_pretrained
 from bridge_ext_testing import tiny_models
 from bridge_ext_testing.build import LoraSettings, build_megatron_model, randomize_lora
 from bridge_ext_testing.forward import megatron_logits
-from bridge_ext.dims import ModelDims
 from bridge_ext.engine import PEFT_PREFIX, ExportError
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.live import LiveModelSource
@@ -215,7 +214,8 @@ def test_comparison_with_megatron_bridge_exports(built):
     different = sorted(n for n in ours if not torch.equal(ours[n], theirs[n]))
     expected_different = sorted(n for n in ours if ".visual.blocks." in n and n.endswith("attn.qkv.lora_B.weight"))
     assert different == expected_different
-    head_dim = ModelDims.from_hf_config(built.bridge.hf_pretrained.config)["vision_head_dim"] if different else 0
+    config = built.bridge.hf_pretrained.config
+    head_dim = table_for(config).dims(config)["vision_head_dim"] if different else 0
     base = dict(export_hf_weights(built.chunks, peft=True)) if different else {}
     for name in different:
         assert torch.equal(theirs[name], _interleave_per_head(ours[name], head_dim))
@@ -246,8 +246,8 @@ def test_two_mtp_layers_share_one_fc_or_are_refused(megatron_cpu, tmp_path):
     config = AutoConfig.from_pretrained(str(hf_dir))
     model = build_megatron_model(hf_dir, load_weights=False)
     source = LiveModelSource(model.chunks)
-    tensors = hf_to_megatron(source_file_tensors(hf_dir), source.base_names(), table_for(config.model_type),
-                             ModelDims.from_hf_config(config))
+    table = table_for(config)
+    tensors = hf_to_megatron(source_file_tensors(hf_dir), source.base_names(), table, table.dims(config))
     params = dict(model.chunks[0].named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():

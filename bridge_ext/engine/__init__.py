@@ -17,9 +17,9 @@ from bridge_ext.engine.batches import merge_batches
 from bridge_ext.engine.converter import ExpertAdapterKeys, TaskConverter, convert_tasks
 from bridge_ext.engine.meta import MetaSource
 from bridge_ext.engine.rules import apply_ops, run_rule
-from bridge_ext.engine.tasks import Mode, Task, describe, plan_tasks
+from bridge_ext.engine.tasks import Mode, Task, plan_tasks
 from bridge_ext.errors import ExportError
 from bridge_ext.peft_keys import PEFT_PREFIX
 
 __all__ = ["PEFT_PREFIX", "ExpertAdapterKeys", "ExportError", "MetaSource", "Mode", "Task", "TaskConverter",
-           "apply_ops", "convert_tasks", "describe", "merge_batches", "plan_tasks", "run_rule"]
+           "apply_ops", "convert_tasks", "merge_batches", "plan_tasks", "run_rule"]
