@@ -463,6 +463,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here (rank 0)")
     parser.add_argument("--check", action="store_true", help="also check correctness at this layout")
     parser.add_argument("--profile", type=Path, help="also profile one run of some modes into this folder")
+    parser.add_argument("--profile-modes", nargs="*", default=["to-cpu unmerged+adapters", "adapters", "merged"],
+                        help="the modes --profile runs")
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid>: where is it?
     if os.environ.get("BENCH_WATCHDOG_S"):  # a hung collective: print every stack, then exit
@@ -494,7 +496,7 @@ def main() -> None:
             results[name] = (measure(name, ours, args.device, args.repeats),
                              measure(name, theirs, args.device, args.repeats) if timed_theirs else None)
         if args.profile:
-            profile(chunks, args.device, args.profile, ["to-cpu unmerged+adapters", "adapters", "merged"], table)
+            profile(chunks, args.device, args.profile, args.profile_modes, table)
         if rank == 0:
             params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
             largest = max((ours["largest"] for ours, _ in results.values()), default=0)

@@ -30,21 +30,37 @@ class Architecture:
     expert_layouts: str
 
 
-def _expert_layouts(table) -> str:
+def _built(table):
+    """The MappingTable itself, or a builder's table for its model type's default config (None:
+    no default config can be made)."""
     from bridge_ext.table import MappingTable
 
-    if not isinstance(table, MappingTable):
-        try:
-            from transformers import AutoConfig
+    if isinstance(table, MappingTable):
+        return table
+    try:
+        from transformers import AutoConfig
 
-            from bridge_ext.tables import register_transformers_configs
+        from bridge_ext.tables import register_transformers_configs
 
-            register_transformers_configs()
-            table = table.build(AutoConfig.for_model(table.model_types[0]))
-        except Exception:  # a builder whose default config cannot be made: say so, do not guess
-            return "(from the config)"
+        register_transformers_configs()
+        return table.build(AutoConfig.for_model(table.model_types[0]))
+    except Exception:  # a builder whose default config cannot be made: say so, do not guess
+        return None
+
+
+def _expert_layouts(table) -> str:
+    if table is None:
+        return "(from the config)"
     layouts = sorted({each.variant.partition(":")[2] for each in table.rules if each.variant})
     return ", ".join(layouts) or "–"
+
+
+def _peft_types(model_type: str, table) -> str:
+    from bridge_ext.tables.architecture_notes import PEFT_TYPES_PROVEN
+
+    if table is not None and table.adapters_refused:
+        return "none (adapters refused: merged weights only)"
+    return ", ".join(("LoRA", *PEFT_TYPES_PROVEN.get(model_type, ())))
 
 
 @functools.cache
@@ -61,12 +77,14 @@ def architectures() -> tuple[Architecture, ...]:
     def status(hf_class: str, model_type: str | None) -> tuple[str, str, str]:
         table = bridge_ext.tables.registered_table(model_type) if model_type else None
         if model_type in hand_written:
-            return "hand-written", "LoRA (DoRA, CanonicalLoRA: README's PEFT types)", _expert_layouts(table)
+            built = _built(table)
+            return "hand-written", _peft_types(model_type, built), _expert_layouts(built)
         if model_type in generated:
+            built = _built(table)
             if model_type in PROVEN_GENERATED:
-                return "generated+proven", "LoRA", _expert_layouts(table)
+                return "generated+proven", _peft_types(model_type, built), _expert_layouts(built)
             reason = NOT_PROVABLE.get(model_type, NO_REASON)
-            return f"generated, not provable on CPU: {reason}", "LoRA (not proven)", _expert_layouts(table)
+            return f"generated, not provable on CPU: {reason}", "LoRA (not proven)", _expert_layouts(built)
         return f"refused: {REFUSED.get(hf_class, NO_REASON)}", "–", "–"
 
     for entry in registered_bridges():
@@ -98,7 +116,8 @@ def render() -> str:
         f"Hugging Face class Megatron-Bridge {megatron_bridge_version()} registers a bridge for, and every model type",
         "bridge_ext has a table for. `generated+proven`: a table generated from Megatron-Bridge's bridge",
         "(`bridge-ext tables generate`, `bridge_ext/tables/generated/`) and proven on a tiny model built in",
-        "Megatron on CPU (tests/test_conformance_generated.py). PEFT: the PEFT types proven for it;",
+        "Megatron on CPU (tests/test_conformance_generated.py). PEFT: the PEFT types its tests prove (LoRA",
+        "for every table; DoRA and CanonicalLoRA where a test exports them: README's PEFT types);",
         "expert adapters: the expert-adapter layouts its table offers.",
         "",
         f"{counts['hand-written']} hand-written, {counts['generated+proven']} generated+proven, "

@@ -385,6 +385,7 @@ def convert_checkpoint(
             found=found_outputs, before_install=verify_staged if verify else None, notes=notes,
             transform=values, layout=layout, fp8=fp8, write_base=write_base,
             omit_adapter=(lambda key: is_mtp_adapter(plan, key)) if adapter_for == "vllm" else None,
+            vllm_names=adapter_for == "vllm",
         )
     report, verify_seconds = verification[0] if verification else (None, 0.0)
     return ConvertResult(result.model_dir, result.adapter_dir, reader.path, adapter_only, result.tensors,

@@ -56,6 +56,8 @@ class ModelDims:
             head_dim=head_dim,
             q_rows_per_group=heads // groups * head_dim,
         )
+        if getattr(text, "v_head_dim", None):  # value heads of their own width (MLA, MiMo-V2-Flash)
+            sizes["v_head_dim"] = text.v_head_dim
         for each in extra:
             sizes.update(each.read(config))
         return cls(sizes)

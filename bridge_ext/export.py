@@ -162,8 +162,10 @@ def _prepared_key(chunks: list[torch.nn.Module], hf_config, *options) -> tuple |
 
 
 def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapters: bool,
-           dtype: torch.dtype | None = None, stacks_on_host: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Base weights (``Mode.BASE`` or ``Mode.MERGED``, or None), then the adapters if asked.
+           dtype: torch.dtype | None = None, stacks_on_host: bool = False,
+           vllm_names: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Base weights (``Mode.BASE`` or ``Mode.MERGED``, or None), then the adapters if asked,
+    keyed by the in-memory names (without the table's ``in_memory_renames`` when ``vllm_names``).
 
     Every task is first run on meta tensors (:func:`check_shapes`): nothing is yielded unless
     the whole export can be converted.
@@ -173,14 +175,15 @@ def stream(source: TensorSource, plan: ExportPlan, *, base: Mode | None, adapter
     _check_model_config(source, plan)
     for converter, tasks in passes:
         pairs = convert_tasks(source, converter, tasks)
-        if converter.mode is Mode.ADAPTERS and plan.table.in_memory_prefixes:
-            pairs = ((_in_memory_adapter_key(plan, name), tensor) for name, tensor in pairs)
+        if converter.mode is Mode.ADAPTERS and plan.table.renames_in_memory:
+            pairs = ((_in_memory_adapter_key(plan, name, vllm_names), tensor) for name, tensor in pairs)
         yield from pairs
 
 
-def _in_memory_adapter_key(plan: ExportPlan, key: str) -> str:
-    """A saved PEFT key as the in-memory model names it (the table's ``in_memory_prefixes``)."""
-    return PEFT_PREFIX + plan.table.in_memory_name(key.removeprefix(PEFT_PREFIX))
+def _in_memory_adapter_key(plan: ExportPlan, key: str, vllm_names: bool = False) -> str:
+    """A saved PEFT key as the in-memory model names it (the table's ``in_memory_prefixes``, and
+    its ``in_memory_renames`` unless for vLLM)."""
+    return PEFT_PREFIX + plan.table.in_memory_name(key.removeprefix(PEFT_PREFIX), renames=not vllm_names)
 
 
 def export_hf_weights(
@@ -255,7 +258,9 @@ def export_hf_weights(
             does not load (the table's ``vllm_expert_adapter_layouts`` / ``vllm_expert_layouts``;
             unset, they default to what it loads); MTP adapters are left out (vLLM applies no
             LoRA to its drafters), with one warning per plan; DoRA adapters are refused, even
-            with ``dora_adapters=True``. None (default): no such checks.
+            with ``dora_adapters=True``; adapter keys keep the saved names where the table's
+            ``in_memory_renames`` give PEFT other ones (vLLM's modules carry the saved names).
+            None (default): no such checks, PEFT's keys.
         zero_copy: False (default): no yielded tensor shares memory with the model's
             parameters or buffers; a tensor that would (a pass-through weight or LoRA factor, a
             view of a fused one) is copied, one at a time, and a tensor made anew is not. True:
@@ -313,7 +318,7 @@ def _prepared_export(model, peft: bool = True, adapters_only: bool = False, hf_c
     checked = overflows(dtype)
     # FP8 quantizes fused expert stacks where they are built: on the GPU, not in host memory
     pairs = stream(source, plan, base=base, adapters=adapters, dtype=None if checked else dtype,
-                   stacks_on_host=to_cpu and fp8 is None)
+                   stacks_on_host=to_cpu and fp8 is None, vllm_names=adapter_for == "vllm")
     if checked:
         check = ValueCheck(dtype, allow_overflow, allow_with="allow_overflow=True")
         pairs = ((name, check(name, tensor)) for name, tensor in pairs)
@@ -436,18 +441,27 @@ def buckets(pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int,
     yield Bucket(current, is_last=True)
 
 
-def expert_adapter_groups(source: TensorSource, plan: ExportPlan) -> dict[str, str]:
-    """Adapter key (as :func:`stream` yields it) -> group for per-expert adapters: one group
-    per fused expert module (a layer's experts), over the adapters this process receives;
-    empty for other layouts. Remembered in the plan (exports repeat every training step).
+def expert_adapter_groups(source: TensorSource, plan: ExportPlan, vllm_names: bool = False) -> dict[str, str]:
+    """Adapter key (as :func:`stream` yields it, with ``vllm_names``) -> group for per-expert
+    adapters: one group per fused expert module (a layer's experts), over the adapters this
+    process receives; empty for other layouts. Remembered in the plan (exports repeat every
+    training step).
 
     The groups are read off the fused-layout plan of the same model: the per-expert tensors
     one stacked task reads form one group, named by the module of the tensor it writes.
     """
     if plan.layouts.adapters != "per_expert":
         return {}
-    if plan.cache.expert_adapter_groups is not None:
-        return plan.cache.expert_adapter_groups
+    cached = plan.cache.expert_adapter_groups
+    if vllm_names not in cached:
+        groups = _expert_adapter_groups(source, plan)
+        if plan.table.renames_in_memory:
+            groups = {_in_memory_adapter_key(plan, key, vllm_names): group for key, group in groups.items()}
+        cached[vllm_names] = groups
+    return cached[vllm_names]
+
+
+def _expert_adapter_groups(source: TensorSource, plan: ExportPlan) -> dict[str, str]:
     fused = plan_tasks(source.base_names(), plan.table, ExpertLayouts(adapters="fused").adapter_variants(plan.table))
     module_of = {name: task.hf_names[0].rpartition(".")[0] for task in fused if task.rule.stack
                  for name in task.sources}
@@ -462,9 +476,7 @@ def expert_adapter_groups(source: TensorSource, plan: ExportPlan) -> dict[str, s
             continue
         for hf_name in task.hf_names:
             for factor in (LORA_A, LORA_B):
-                key = peft_key(hf_name, factor)
-                groups[_in_memory_adapter_key(plan, key) if plan.table.in_memory_prefixes else key] = module
-    plan.cache.expert_adapter_groups = groups
+                groups[peft_key(hf_name, factor)] = module
     return groups
 
 
@@ -477,7 +489,7 @@ def export_hf_buckets(model, bucket_bytes: int = 512 << 20, **kwargs) -> Iterato
     """
     source, plan, pairs = _prepared_export(model, **kwargs)
     adapters = kwargs.get("peft", True) and not kwargs.get("base_only", False)
-    groups = expert_adapter_groups(source, plan) if adapters else {}
+    groups = expert_adapter_groups(source, plan, kwargs.get("adapter_for") == "vllm") if adapters else {}
     if kwargs.get("adapter_for") == "vllm":  # MTP adapters are left out of the stream
         groups = {key: group for key, group in groups.items() if not is_mtp_adapter(plan, key)}
     yield from buckets(pairs, bucket_bytes, groups)

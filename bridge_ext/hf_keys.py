@@ -45,6 +45,10 @@ Facts per model type (transformers 5.23.0, checked by ``tests/test_hf_keys.py`` 
   ``kv_norm`` as ``attn.norm``, ``head.weight``); the table's ``published_renames`` turn it into
   the published names (``layers.{i}.attn.kv_norm``, ``embed.weight``, ``hc_head_fn``), which is
   what transformers' loader, Megatron-Bridge and vLLM read. The key set returned is those names.
+* ``hy_v3``: in memory ``mlp.gate``, ``mlp.e_score_correction_bias``, ``mlp.shared_experts``;
+  saved (its ``WeightRenaming`` s reverted) ``mlp.router.gate``, ``mlp.expert_bias``,
+  ``mlp.shared_mlp``: the published names, Megatron-Bridge's and vLLM's. The key set is the saved
+  one; the table's ``in_memory_renames`` give PEFT's names.
 * ``kimi_k25``: 5.23's reverse conversion writes ``language_model.model.blocks.{i}`` for the
   published ``language_model.model.layers.{i}``, ``vision_tower.encoder.patch_embed`` for
   ``vision_tower.patch_embed`` and ``model.mm_projector.pre_norm`` for ``mm_projector.pre_norm``;

@@ -116,6 +116,35 @@ class SplitGroupedRows(Op):
 
 
 @dataclass(frozen=True)
+class SplitHeadGroups(Op):
+    """Megatron's ``linear_qkv`` of a model whose layers differ in query groups: per group
+    ``[q heads; k; v]``, q and k heads ``qk_dim`` rows, v heads ``v_dim``, the group count
+    read off the rows (``heads * qk_dim + groups * (qk_dim + v_dim)``; MiMo-V2-Flash's sliding
+    layers have twice the full layers' KV heads). A global operation: the group count holds for
+    the whole tensor, not a shard (its rows depend on the tensor-parallel size).
+    """
+
+    heads: Size
+    qk_dim: Size
+    v_dim: Size
+
+    def _split(self, rows: int, dims: ModelDims) -> SplitGroupedRows:
+        heads, qk_dim, v_dim = (_resolve(size, dims) for size in (self.heads, self.qk_dim, self.v_dim))
+        groups, rest = divmod(rows - heads * qk_dim, qk_dim + v_dim)
+        if rest or groups <= 0 or heads % groups:
+            raise ValueError(f"{rows} rows are not {heads} query heads of {qk_dim} and whole groups of "
+                             f"one key head of {qk_dim} and one value head of {v_dim}")
+        return SplitGroupedRows(heads // groups * qk_dim, qk_dim, v_dim)
+
+    def forward(self, tensors, dims):
+        (tensor,) = tensors
+        return self._split(tensor.shape[0], dims).forward([tensor], dims)
+
+    def reverse(self, tensors, dims):
+        return self._split(sum(tensor.shape[0] for tensor in tensors), dims).reverse(tensors, dims)
+
+
+@dataclass(frozen=True)
 class GroupRows(Op):
     """Interleave consecutive parts group by group: the inverse of :class:`SplitGroupedRows`.
 
@@ -257,3 +286,22 @@ class Scalar(Op):
         if any(tensor.dim() != 0 for tensor in tensors):
             raise ValueError("expected scalars")
         return [tensor.reshape(1) for tensor in tensors]
+
+
+@dataclass(frozen=True)
+class Unsqueeze(Op):
+    """A size-one dim inserted at ``dim`` (Megatron ``[E]`` -> Hugging Face ``[1, E]``: ERNIE-4.5's
+    ``moe_statics.e_score_correction_bias``, one expert group); the reverse removes it and refuses
+    a tensor whose ``dim`` is not of size one. A reshape is no row operation: marked as changing
+    values, like :class:`Scalar` (such tensors take no LoRA)."""
+
+    dim: int = 0
+    changes_values: ClassVar[bool] = True
+
+    def forward(self, tensors, dims):
+        return [tensor.unsqueeze(self.dim) for tensor in tensors]
+
+    def reverse(self, tensors, dims):
+        if any(tensor.dim() <= self.dim or tensor.shape[self.dim] != 1 for tensor in tensors):
+            raise ValueError(f"expected a size-one dim {self.dim}, got shapes {[tuple(t.shape) for t in tensors]}")
+        return [tensor.squeeze(self.dim) for tensor in tensors]

@@ -50,8 +50,8 @@ class PlanCache:
     recorded: dict[Mode, dict[tuple, list[str]]] = field(default_factory=dict)
     #: the conversion modes whose shapes were checked, and "config" once the live config was
     checked: set = field(default_factory=set)
-    #: see :func:`bridge_ext.export.expert_adapter_groups`
-    expert_adapter_groups: dict[str, str] | None = None
+    #: per ``vllm_names``, see :func:`bridge_ext.export.expert_adapter_groups`
+    expert_adapter_groups: dict[bool, dict[str, str]] = field(default_factory=dict)
     #: how fused-expert adapters are named and packed (the plan's adapters decide it)
     expert_keys: FusedExpertKeys | None = None
     #: block-FP8 plans per (base mode, engine tensor-parallel size), see :func:`fp8_plan`

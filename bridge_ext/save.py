@@ -160,6 +160,7 @@ def write_export(
     write_base: Callable[[ShardedSafetensorsWriter], None] | None = None,
     fp8: Fp8Plan | None = None,
     omit_adapter: Callable[[str], bool] | None = None,
+    vllm_names: bool = False,
 ) -> SaveResult:
     """Stream ``plan`` out of ``source`` into a Hugging Face folder and/or a PEFT adapter folder.
 
@@ -180,6 +181,7 @@ def write_export(
     then yields the adapters only. ``fp8``: quantize the base weights it names after
     ``transform`` (``layout`` already lists what it writes), and record it in config.json.
     ``omit_adapter``: adapter keys left out of the adapter folder (their count goes to ``notes``).
+    ``vllm_names``: adapter keys without the table's ``in_memory_renames`` (a folder for vLLM).
     """
     require_an_output(model_dir, adapter_dir)
     adapters = source.adapters()
@@ -191,7 +193,8 @@ def write_export(
         raise ExportError("adapter_dir given, but the model has no LoRA adapters")
     base_mode = None if model_dir is None else (Mode.MERGED if merge else Mode.BASE)
     if not write:
-        for _ in stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype):
+        for _ in stream(source, plan, base=base_mode, adapters=adapter_dir is not None, dtype=dtype,
+                        vllm_names=vllm_names):
             pass
         return SaveResult(None, None, 0, 0)
     notes = notes if notes is not None else []
@@ -211,7 +214,8 @@ def write_export(
             streamed_base = None
             count, total = base_writer.tensor_count, base_writer.total_bytes
         pairs = iter(()) if streamed_base is None and adapter_dir is None else \
-            stream(source, plan, base=streamed_base, adapters=adapter_dir is not None, dtype=dtype)
+            stream(source, plan, base=streamed_base, adapters=adapter_dir is not None, dtype=dtype,
+                   vllm_names=vllm_names)
         if transform is not None:  # e.g. a cast that checks the values (bridge_ext.value_check)
             pairs = ((name, transform(name, tensor)) for name, tensor in pairs)
         if fp8 is not None:
@@ -287,7 +291,8 @@ def save_hf_pretrained(
     ``adapter_for``: the consumer the adapter folder is for. ``"peft"`` (default): expert
     adapters in PEFT's fused ``target_parameters`` layout, the one PEFT loads onto
     transformers v5 models. ``"vllm"``: the layout vLLM loads for the config's architecture
-    class (per expert for e.g. ``Qwen3MoeForCausalLM``, which rejects the fused folder). One
+    class (per expert for e.g. ``Qwen3MoeForCausalLM``, which rejects the fused folder), keys
+    under the saved names where the table's ``in_memory_renames`` give PEFT other ones (HY-V3). One
     folder cannot serve both for such classes (docs/consumers.md). ``expert_adapter_layout``
     overrides the layout; with ``adapter_for="vllm"`` one vLLM does not load is refused, and
     MTP adapters are left out (vLLM applies none: its drafters have no LoRA), said in the
@@ -317,6 +322,7 @@ def save_hf_pretrained(
         base_model_name=str(folder) if folder else getattr(plan.config, "_name_or_path", None),
         write=not parallel or dist.get_rank() == 0, fp8=fp8,
         omit_adapter=(lambda key: is_mtp_adapter(plan, key)) if adapter_for == "vllm" else None,
+        vllm_names=adapter_for == "vllm",
     )
 
 

@@ -210,6 +210,12 @@ class MappingTable:
             where transformers renames on load (Qwen2.5-VL: ``model.`` -> ``model.language_model.``,
             ``visual.`` -> ``model.visual.``): the rules name the checkpoint; adapter keys and
             PEFT's targets use the in-memory names.
+        in_memory_renames: ``(saved infix, in-memory infix)`` pairs, each replaced in turn
+            after ``in_memory_prefixes``, where transformers renames mid-key on load (HY-V3:
+            ``.mlp.shared_mlp.`` -> ``.mlp.shared_experts.``): rules and base weights keep the
+            saved names; adapter keys and PEFT's targets use the in-memory ones, except in
+            ``adapter_for="vllm"`` exports (vLLM's modules carry the saved names, and it maps
+            no such rename).
         saved_name_fixes: ``(regex, replacement)`` pairs applied in order to transformers'
             save-time key set where its ``save_pretrained`` writes names the published
             checkpoints do not hold (a conversion whose reverse is wrong: transformers 5.23
@@ -245,6 +251,7 @@ class MappingTable:
     vllm_expert_adapter_layouts: Mapping[str, ExpertLayout] = field(default_factory=dict, compare=False)
     vllm_expert_layouts: Mapping[str, ExpertLayout] = field(default_factory=dict, compare=False)
     in_memory_prefixes: tuple[tuple[str, str], ...] = ()
+    in_memory_renames: tuple[tuple[str, str], ...] = ()
     saved_name_fixes: tuple[tuple[str, str], ...] = ()
     fp8: Fp8Rules | None = field(default=None, compare=False)
     published_renames: tuple[tuple[str, str], ...] = ()
@@ -281,12 +288,21 @@ class MappingTable:
         where it loads both."""
         return self.vllm_expert_layouts.get(self.architecture(config) or "")
 
-    def in_memory_name(self, hf_name: str) -> str:
+    @property
+    def renames_in_memory(self) -> bool:
+        """Whether transformers holds some of the table's names otherwise in memory."""
+        return bool(self.in_memory_prefixes or self.in_memory_renames)
+
+    def in_memory_name(self, hf_name: str, *, renames: bool = True) -> str:
         """``hf_name`` as the model in memory spells it (where PEFT matches and keys adapters):
-        the first ``(checkpoint prefix, in-memory prefix)`` of ``in_memory_prefixes`` that fits."""
+        the first ``(checkpoint prefix, in-memory prefix)`` of ``in_memory_prefixes`` that fits,
+        then (``renames``) every ``in_memory_renames`` pair."""
         for saved, loaded in self.in_memory_prefixes:
             if hf_name.startswith(saved):
-                return loaded + hf_name[len(saved):]
+                hf_name = loaded + hf_name[len(saved):]
+                break
+        for saved, loaded in self.in_memory_renames if renames else ():
+            hf_name = hf_name.replace(saved, loaded)
         return hf_name
 
     def published_name(self, saved: str) -> str:

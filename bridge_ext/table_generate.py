@@ -23,7 +23,14 @@ import textwrap
 from dataclasses import dataclass
 
 from bridge_ext.errors import TableError
-from bridge_ext.tables.architecture_notes import EQUIVALENT_KINDS, LEFT_OUT_PREFIXES, VLLM_PER_EXPERT_ADAPTERS
+from bridge_ext.tables.architecture_notes import (
+    EQUIVALENT_KINDS,
+    HEAD_GROUP_QKV_KINDS,
+    IN_MEMORY_RENAMES,
+    KINDS_WITH_OPS,
+    LEFT_OUT_PREFIXES,
+    VLLM_PER_EXPERT_ADAPTERS,
+)
 
 WILDCARDS = ("layer", "expert")
 _FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
@@ -185,7 +192,11 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         kind = _kind(mapping)
         megatron = _pattern(name, "Megatron", mapping)
         is_expert = "{expert}" in megatron
-        if kind in (pm.AutoMapping, pm.ColumnParallelMapping, pm.RowParallelMapping, pm.ReplicatedMapping,
+        if _path(type(mapping)) in HEAD_GROUP_QKV_KINDS:
+            hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
+            add(megatron, _rule(megatron, hf, ', SplitHeadGroups("num_attention_heads", "head_dim", "v_head_dim")',
+                                lora_parts='("q", "k", "v")' if name.endswith(".weight") else ""))
+        elif kind in (pm.AutoMapping, pm.ColumnParallelMapping, pm.RowParallelMapping, pm.ReplicatedMapping,
                     pm.RMSNorm2ZeroCenteredRMSNormMapping):
             if getattr(mapping, "permute_dims", None):
                 raise TableError(f"{kind.__name__} of {name}: permute_dims {mapping.permute_dims} is not supported")
@@ -197,6 +208,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 continue
             hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
             ops = _vocab_ops(megatron) + (", AddOne()" if kind is pm.RMSNorm2ZeroCenteredRMSNormMapping else "")
+            ops += "".join(f", {op}" for op in _extra_ops(mapping))
             if is_expert:
                 uses_experts = True
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp), variant='EXPERTS.variant("per_expert")'))
@@ -230,12 +242,23 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
 
 
 def _kind(mapping) -> type:
-    """The mapping's class, or the base class an :data:`EQUIVALENT_KINDS` subclass converts like."""
+    """The mapping's class, or the base class an :data:`EQUIVALENT_KINDS` or
+    :data:`KINDS_WITH_OPS` subclass converts like."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
     kind = type(mapping)
-    base = EQUIVALENT_KINDS.get(f"{kind.__module__}.{kind.__qualname__}")
+    base = EQUIVALENT_KINDS.get(_path(kind)) or KINDS_WITH_OPS.get(_path(kind), (None,))[0]
     return getattr(pm, base) if base else kind
+
+
+def _path(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _extra_ops(mapping) -> tuple[str, ...]:
+    """The operations a :data:`KINDS_WITH_OPS` subclass applies after its base kind."""
+    ops = KINDS_WITH_OPS.get(_path(type(mapping)))
+    return (ops[1],) if ops else ()
 
 
 def expert_parameters_of(hf_model) -> tuple[str, ...] | None:
@@ -265,7 +288,11 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
         lines += ["", "Mappings of weights the tiny model lacks (their parallel kind cannot be read off a module),",
                   "left out so that such a weight is refused as unmapped:"]
         lines += [f"    {name}" for name in translation.absent]
-    ops_import = "from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows, TrimVocab  # noqa: F401"
+    ops = ["AddOne", "Concat", "SplitGroupedRows", "SplitRows", "TrimVocab"]
+    ops += ["SplitHeadGroups"] if any("SplitHeadGroups(" in each.text for each in translation.rules) else []
+    ops += [re.match(r"\w+", op)[0] for each in KINDS_WITH_OPS.values() for op in each[1:]
+            if any(op in rule.text for rule in translation.rules)]
+    ops_import = f"from bridge_ext.ops import {', '.join(sorted(set(ops)))}  # noqa: F401"
     lines += ['"""', "", ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
               *(["from bridge_ext.tables.config_fields import standard"] if uncompared else []), "",
@@ -284,6 +311,11 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
               f"    expert_families={families},"]
     if translation.expert_parameters and entry.source in VLLM_PER_EXPERT_ADAPTERS:
         lines.append(f'    vllm_expert_adapter_layouts={{{_quoted(entry.source)}: "per_expert"}},')
+    renames = IN_MEMORY_RENAMES.get(model_type)
+    if renames:  # reviewed by hand: bridge_ext.tables.architecture_notes.IN_MEMORY_RENAMES
+        lines.append("    in_memory_renames=(")
+        lines += [f"        ({_quoted(saved)}, {_quoted(loaded)})," for saved, loaded in renames]
+        lines.append("    ),")
     if uncompared:  # reviewed by hand: bridge_ext.tables.architecture_notes.UNCOMPARED
         lines.append("    config_fields=standard({")
         for name, why in uncompared.items():

@@ -25,6 +25,19 @@ def test_docs_architectures_md_is_the_command_s_output():
         "run: bridge-ext architectures > docs/architectures.md"
 
 
+def test_python_dash_m_bridge_ext_is_the_command():
+    import os
+    import subprocess
+    import sys
+
+    from bridge_ext.architectures import render
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "testing")])}
+    done = subprocess.run([sys.executable, "-m", "bridge_ext", "architectures"], capture_output=True, text=True,
+                          env=env, check=True)
+    assert done.stdout == render()
+
+
 def test_every_megatron_bridge_class_has_a_status_with_its_reason(rows):
     from bridge_ext.architectures import NO_REASON
     from bridge_ext.table_generate import registered_bridges
@@ -44,6 +57,17 @@ def test_generated_tables_are_proven_or_say_why(rows):
     assert proven == sorted(set(TINY) & generated_model_types())
     assert sorted(PROVEN_GENERATED) == sorted(TINY)  # the library's list is the conformance module's
     assert len(proven) >= 9
+
+
+def test_the_peft_column_names_only_known_types_and_refused_adapters(rows):
+    from bridge_ext.tables import known_model_types
+    from bridge_ext.tables.architecture_notes import PEFT_TYPES_PROVEN
+
+    assert set(PEFT_TYPES_PROVEN) <= set(known_model_types())
+    peft = {row.model_type: row.peft for row in rows}
+    assert peft["qwen3"] == "LoRA, DoRA, CanonicalLoRA"
+    assert peft["deepseek_v4"].startswith("none")  # MappingTable.adapters_refused
+    assert peft["llama"] == "LoRA"
 
 
 def test_hand_written_tables_win_over_generated_ones(monkeypatch):
@@ -85,16 +109,23 @@ def test_an_unknown_mapping_kind_is_refused_naming_class_and_parameter():
         translate([_UnknownMapping()], resolver=None, expert_parameters=None)
 
 
-def test_ernie_s_reshaping_bias_mapping_is_refused():
+def test_ernie_s_squeezing_bias_mapping_becomes_a_replicated_rule_with_unsqueeze():
+    """_SqueezeBiasMapping is read by its class (architecture_notes.KINDS_WITH_OPS): its base's
+    replicated rule, then Unsqueeze(0) ([E] -> [1, E]); the subclass's name alone is not enough."""
     from megatron.bridge.models.ernie.ernie_45_bridge import _SqueezeBiasMapping
 
     from bridge_ext.table_generate import translate
 
     mapping = _SqueezeBiasMapping("decoder.layers.*.mlp.router.expert_bias",
                                   "model.layers.*.mlp.moe_statics.e_score_correction_bias")
-    with pytest.raises(TableError, match=r"_SqueezeBiasMapping for parameter "
-                                         r"decoder\.layers\.\*\.mlp\.router\.expert_bias"):
-        translate([mapping], resolver=None, expert_parameters=None)
+    (generated,) = translate([mapping], resolver=None, expert_parameters=None).rules
+    assert generated.text == ('rule(\n            "decoder.layers.{layer}.mlp.router.expert_bias",\n'
+                              '            "model.layers.{layer}.mlp.moe_statics.e_score_correction_bias",\n'
+                              '            Unsqueeze(0),\n            tp="replicated",\n        )')
+    lookalike = type("_SqueezeBiasMapping", (type(mapping).__mro__[1],), {})  # same name, other module
+    with pytest.raises(TableError, match=r"unknown Megatron-Bridge mapping kind _SqueezeBiasMapping"):
+        translate([lookalike("decoder.layers.*.mlp.router.expert_bias", "model.layers.*.x")], resolver=None,
+                  expert_parameters=None)
 
 
 def test_any_characters_wildcards_are_refused():
@@ -106,10 +137,11 @@ def test_any_characters_wildcards_are_refused():
         translate([ReplicatedMapping("decoder.**.weight", "model.**.weight")], resolver=None, expert_parameters=None)
 
 
-def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu):
+@pytest.mark.parametrize("model_type", ["mistral", "hy_v3"])  # hy_v3: its reviewed in_memory_renames
+def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu, model_type):
     from bridge_ext_testing.generate_tables import generate
 
-    assert generate("mistral") == (ROOT / "bridge_ext" / "tables" / "generated" / "mistral.py").read_text()
+    assert generate(model_type) == (ROOT / "bridge_ext" / "tables" / "generated" / f"{model_type}.py").read_text()
 
 
 def test_generate_refuses_a_model_type_without_a_bridge():
@@ -120,3 +152,22 @@ def test_generate_refuses_a_model_type_without_a_bridge():
     result = CliRunner().invoke(main, ["tables", "generate", "olmo2"])
     assert result.exit_code == 1
     assert "registers no bridge for model_type 'olmo2'" in result.output
+
+
+@pytest.mark.parametrize("global_head_dim", [512, 256])
+def test_gemma4_text_gets_a_provider_only_where_its_head_dims_agree(global_head_dim):
+    """REFUSED's reason for Gemma4ForCausalLM: Megatron-Bridge's bridge reads config.head_dim, which
+    transformers makes per-layer where global_head_dim differs (the published E2B / E4B: 256 / 512)."""
+    from types import SimpleNamespace
+
+    from megatron.bridge.models.gemma.gemma4_bridge import Gemma4Bridge
+    from transformers import AutoConfig
+    from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
+
+    config = AutoConfig.for_model("gemma4_text", num_hidden_layers=2, head_dim=256, global_head_dim=global_head_dim,
+                                  layer_types=["sliding_attention", "full_attention"])
+    if global_head_dim != 256:
+        with pytest.raises(AmbiguousGlobalPerLayerAttributeError, match="'head_dim' is a per-layer attribute"):
+            Gemma4Bridge().provider_bridge(SimpleNamespace(config=config))
+    else:
+        assert Gemma4Bridge().provider_bridge(SimpleNamespace(config=config)).kv_channels == 256

@@ -8,6 +8,9 @@ files and transformers' key set are the truth it must also meet.
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,12 +23,25 @@ from bridge_ext_testing.tiny_generated import TINY, tiny_generated
 from bridge_ext.engine import PEFT_PREFIX
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
-from bridge_ext.tables import generated_model_types
+from bridge_ext.tables import generated_model_types, table_for
 
 PROVEN = sorted(set(TINY) & generated_model_types())
 #: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)
 POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
 LORA_TARGETS = {"gemma2": POST_NORM_TARGETS, "gemma3_text": POST_NORM_TARGETS, "exaone4": POST_NORM_TARGETS}
+#: Megatron-Bridge 0.6.2's Ernie45Bridge gives the provider a sigmoid router (moe_router_score_function
+#: "sigmoid", "same as DeepSeek V3"); transformers 5.23's Ernie4_5_MoeTopKRouter (and vLLM 0.34's
+#: Ernie4_5_MoeForCausalLM) route by softmax: top k of softmax + e_score_correction_bias, their softmax
+#: weights renormalised. megatron-core refuses expert bias beside a softmax router and its softmax
+#: path ignores the bias, so the Megatron forward runs the built routers with softmax (top k of the
+#: logits, softmax over those: the same weights), the tiny model's bias one value for every expert
+#: (the same choice); the provider's own sigmoid routing is shown to differ.
+SOFTMAX_ROUTER = ("ernie4_5_moe",)
+#: Megatron-Bridge 0.6.2's merged and adapter exports split a LoRA of linear_qkv with the standard
+#: layout (value heads of kv_channels), not with the bridge's own QKV mapping: MiMo-V2-Flash's value
+#: heads of v_head_dim make both raise. There its base export is compared on a model without LoRA,
+#: its adapters are judged by PEFT's logits (the next test) and vLLM's loader.
+MB_LORA_EXPORT_RAISES = {"mimo_v2_flash": r"shape .* is invalid for input of size"}
 MEGATRON_SPELLINGS = ("base_layer", "to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.")
 
 
@@ -47,19 +63,36 @@ def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
     base = dict(export_hf_weights(built.chunks, base_only=True))
     assert sorted(base) == sorted(original)
     assert [name for name, tensor in original.items() if not torch.equal(base[name], tensor)] == []
-    keys = hf_checkpoint_keys(AutoConfig.from_pretrained(str(built.hf_dir)))
-    assert {name: tuple(t.shape) for name, t in base.items()} == keys
-    ours = dict(export_hf_weights(built.chunks, peft=False))
-    theirs = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
-    assert sorted(ours) == sorted(theirs)
-    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+    config = AutoConfig.from_pretrained(str(built.hf_dir))
+    assert {name: tuple(t.shape) for name, t in base.items()} == hf_checkpoint_keys(config)
     adapters = {name.removeprefix(PEFT_PREFIX): t for name, t in
                 export_hf_weights(built.chunks, adapters_only=True, expert_adapter_layout="per_expert")}
     assert adapters
     assert [name for name in adapters if any(spelling in name for spelling in MEGATRON_SPELLINGS)] == []
-    theirs = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    if config.model_type in MB_LORA_EXPORT_RAISES:
+        for theirs_export in (built.bridge.export_hf_weights, built.bridge.export_adapter_weights):
+            with pytest.raises(RuntimeError, match=MB_LORA_EXPORT_RAISES[config.model_type]):
+                dict(theirs_export(built.chunks, cpu=True, show_progress=False))
+        plain = build_megatron_model(built.hf_dir)  # its base weights, without LoRA
+        theirs = dict(plain.bridge.export_hf_weights(plain.chunks, cpu=True, show_progress=False))
+        assert sorted(base) == sorted(theirs)
+        assert [name for name in base if not torch.equal(base[name], theirs[name])] == []
+        return
+    ours = dict(export_hf_weights(built.chunks, peft=False))
+    theirs = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+    # Megatron-Bridge names adapters as the checkpoint; PEFT keys them as transformers holds the
+    # model in memory (the table's in_memory_renames, e.g. HY-V3's mlp.shared_mlp -> shared_experts)
+    saved = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    theirs = {table_for(config).in_memory_name(name): tensor for name, tensor in saved.items()}
     assert sorted(adapters) == sorted(theirs)
     assert [name for name in adapters if not torch.equal(adapters[name], theirs[name])] == []
+    # for vLLM: the saved names its modules carry (per expert, as these classes' vLLM models wrap experts)
+    for_vllm = {name.removeprefix(PEFT_PREFIX): t for name, t in
+                export_hf_weights(built.chunks, adapters_only=True, adapter_for="vllm")}
+    assert sorted(for_vllm) == sorted(saved)
+    assert [name for name in for_vllm if not torch.equal(for_vllm[name], saved[name])] == []
 
 
 def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
@@ -70,10 +103,34 @@ def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
     input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
     with cpu_forward_context():
         reference = megatron_logits(built.chunks, input_ids)
-    relative = compare_logits(hf_logits(peft_model, input_ids), reference, report, what="HF + adapter",
-                              relative_tolerance=1e-5)
+    ours = hf_logits(peft_model, input_ids)
+    if built.provider.moe_router_score_function == "sigmoid" and _model_type(built) in SOFTMAX_ROUTER:
+        assert (ours - reference).abs().max() / reference.abs().max() > 1e-3  # the provider's routing differs
+        with _routers_scored_by("softmax", built.chunks), cpu_forward_context():
+            reference = megatron_logits(built.chunks, input_ids)
+    relative = compare_logits(ours, reference, report, what="HF + adapter", relative_tolerance=1e-5)
     without_adapter = hf_logits(load_hf_model(tmp_path / "model"), input_ids)
     assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+
+
+def _model_type(built) -> str:
+    return json.loads((built.hf_dir / "config.json").read_text())["model_type"]
+
+
+@contextmanager
+def _routers_scored_by(score_function: str, chunks):
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    routers = [module for chunk in chunks for module in chunk.modules() if isinstance(module, TopKRouter)]
+    assert routers
+    saved = [router.score_function for router in routers]
+    for router in routers:
+        router.score_function = score_function
+    try:
+        yield
+    finally:
+        for router, each in zip(routers, saved):
+            router.score_function = each
 
 
 def test_lora_after_a_linear_s_own_output_norm_is_refused(megatron_cpu, tmp_path):
@@ -84,3 +141,26 @@ def test_lora_after_a_linear_s_own_output_norm_is_refused(megatron_cpu, tmp_path
     with pytest.raises(ExportError, match=r"decoder\.layers\.0\.self_attention\.linear_proj: LoRA on a linear that "
                                           r"normalises its own output"):
         next(export_hf_weights(model.chunks))
+
+
+def test_mimo_v2_flash_megatron_slides_one_token_less_than_transformers(megatron_cpu, tmp_path):
+    """Megatron-Bridge 0.6.2's MiMo-V2-Flash sliding layers see ``sliding_window_size`` tokens,
+    transformers 5.23's one more (``sliding_window = sliding_window_size + 1``): with a window of 4
+    among 11 tokens Megatron's logits are transformers' with ``sliding_window`` 4, not its own 5."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_dir = tiny_generated(tmp_path, "mimo_v2_flash", overrides={"sliding_window_size": 4})
+    model = build_megatron_model(hf_dir)
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    with cpu_forward_context():
+        reference = megatron_logits(model.chunks, input_ids)
+
+    def relative(sliding_window: int) -> float:
+        config = AutoConfig.from_pretrained(str(hf_dir))
+        assert config.sliding_window == 5
+        config.sliding_window = sliding_window
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), config=config, dtype=torch.float32).eval()
+        return float((hf_logits(hf, input_ids) - reference).abs().max() / reference.abs().max())
+
+    assert relative(4) < 1e-5
+    assert relative(5) > 1e-3

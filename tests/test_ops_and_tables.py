@@ -11,7 +11,16 @@ import torch
 from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError, plan_tasks, run_rule
 from bridge_ext.errors import TableError
-from bridge_ext.ops import AddOne, Concat, GroupRows, SplitGroupedRows, SplitRows, Transpose, TrimVocab
+from bridge_ext.ops import (
+    AddOne,
+    Concat,
+    GroupRows,
+    SplitGroupedRows,
+    SplitHeadGroups,
+    SplitRows,
+    Transpose,
+    TrimVocab,
+)
 from bridge_ext.patterns import NamePattern
 from bridge_ext.reverse import reverse_rule
 from bridge_ext.table import ExpertFamily, MappingTable, rule
@@ -41,6 +50,22 @@ def test_grouped_split_takes_each_part_of_every_group():
     assert torch.equal(q, torch.cat([tensor[0:4], tensor[8:12]]))
     assert torch.equal(k, torch.cat([tensor[4:6], tensor[12:14]]))
     assert torch.equal(v, torch.cat([tensor[6:8], tensor[14:16]]))
+
+
+def test_head_group_split_reads_each_layer_s_group_count_off_its_rows():
+    dims = ModelDims({"heads": 4, "qk": 2, "v": 1})
+    split = SplitHeadGroups("heads", "qk", "v")
+    for groups in (2, 4):  # full layers: 2 groups of [q (4 rows); k (2); v (1)], sliding: 4 of [q (2); k; v]
+        q_rows = 4 // groups * 2
+        tensor = rows(8 + groups * 3)
+        q, k, v = split.forward([tensor], dims)
+        group = q_rows + 3
+        assert torch.equal(q, torch.cat([tensor[g * group:g * group + q_rows] for g in range(groups)]))
+        assert torch.equal(v, torch.cat([tensor[g * group + q_rows + 2:(g + 1) * group] for g in range(groups)]))
+        assert k.shape[0] == 2 * groups
+        assert torch.equal(split.reverse([q, k, v], dims)[0], tensor)
+    with pytest.raises(ValueError, match="13 rows are not 4 query heads of 2"):
+        split.forward([rows(13)], dims)
 
 
 def test_group_rows_inverts_grouped_split():
@@ -436,3 +461,26 @@ def test_word_wildcards_and_scalar_stack_in_listed_order():
     assert [t.shape for t in Scalar().reverse([torch.tensor(2.0)], None)] == [(1,)]
     with pytest.raises(ValueError):
         Scalar().forward([torch.ones(2)], None)
+
+
+def test_unsqueeze_adds_a_size_one_dim_and_its_reverse_refuses_any_other():
+    from bridge_ext.ops import Unsqueeze
+
+    bias = torch.arange(4.0)
+    (hf,) = Unsqueeze().forward([bias], None)
+    assert hf.shape == (1, 4) and torch.equal(hf[0], bias)
+    (back,) = Unsqueeze().reverse([hf], None)
+    assert back.shape == (4,) and torch.equal(back, bias)
+    with pytest.raises(ValueError, match="size-one dim 0"):
+        Unsqueeze().reverse([torch.zeros(2, 4)], None)
+
+
+def test_in_memory_renames_follow_the_prefixes_and_can_be_left_out():
+    table = MappingTable(("toy",), (), in_memory_prefixes=(("model.", "model.language_model."),),
+                         in_memory_renames=((".mlp.shared_mlp.", ".mlp.shared_experts."),))
+    name = "model.layers.1.mlp.shared_mlp.up_proj.lora_A.weight"
+    assert table.renames_in_memory
+    assert table.in_memory_name(name) == "model.language_model.layers.1.mlp.shared_experts.up_proj.lora_A.weight"
+    assert (table.in_memory_name(name, renames=False)
+            == "model.language_model.layers.1.mlp.shared_mlp.up_proj.lora_A.weight")
+    assert not MappingTable(("toy",), ()).renames_in_memory

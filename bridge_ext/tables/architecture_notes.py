@@ -20,17 +20,42 @@ EQUIVALENT_KINDS = {
     "megatron.bridge.models.ernie.ernie_45_bridge._PPSafeGatedMLPMapping": "GatedMLPMapping",
 }
 
+#: Bridge-private subclasses that convert like a base kind followed by operations of the table
+#: vocabulary (read in Megatron-Bridge's source): class -> (base kind, operations as source text).
+#: ERNIE-4.5's ``_SqueezeBiasMapping`` (a ``_PPSafeReplicatedMapping``) only unsqueezes the
+#: router's expert bias on export (``[E]`` -> ``[1, E]``: ``moe_statics.e_score_correction_bias``,
+#: one expert group) and squeezes it on import.
+KINDS_WITH_OPS = {
+    "megatron.bridge.models.ernie.ernie_45_bridge._SqueezeBiasMapping": ("ReplicatedMapping", "Unsqueeze(0)"),
+}
+
+#: Mid-key renames transformers applies on load (its ``conversion_mapping.py``), per model type,
+#: as ``(saved infix, in-memory infix)``: a generated table's ``in_memory_renames``. Megatron-Bridge
+#: maps the saved names (what ``save_pretrained`` writes and vLLM loads); PEFT keys adapters by the
+#: in-memory ones. transformers 5.23's ``hy_v3`` entry: qwen2_moe's expert fusion plus these three.
+IN_MEMORY_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "hy_v3": ((".mlp.router.gate.", ".mlp.gate."), (".mlp.expert_bias", ".mlp.e_score_correction_bias"),
+              (".mlp.shared_mlp.", ".mlp.shared_experts.")),
+}
+
+#: Bridge-private QKV mappings (read in Megatron-Bridge's source) that split Megatron's
+#: ``linear_qkv`` per query group into ``[q heads; k; v]`` with value heads of ``v_head_dim`` and
+#: each layer's own number of groups (MiMo-V2-Flash: sliding layers have twice the KV heads of
+#: full ones): the generator writes them as ``SplitHeadGroups``.
+HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge.MiMoV2FlashQKVMapping"})
+
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3_text",
-                              "mistral", "nemotron", "olmoe"})
+                              "mimo_v2_flash", "mistral", "nemotron", "olmoe", "ernie4_5_moe", "hy_v3"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
 
 #: MoE classes whose vLLM (0.34) model wraps experts one by one (no ``is_3d_moe_weight``): a
 #: weight sync's expert adapters go per expert, as vLLM's LoRA manager refuses fused ones there.
-VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM"})
+VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM",
+                                      "Ernie4_5_MoeForCausalLM", "HYV3ForCausalLM"})
 
 #: Remote-code classes Megatron-Bridge registers without a model_type, and the model_type of
 #: their published config (the key a hand-written table serves).
@@ -60,19 +85,27 @@ REFUSED: dict[str, str] = {
     "Step3p5ForCausalLM": REMOTE,
     "BailingMoeV2ForCausalLM": REMOTE,
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
-    "Ernie4_5_MoeForCausalLM": "its expert bias mapping (_SqueezeBiasMapping: [1, E] <-> [E]) reshapes, which no "
-                               "operation of the table vocabulary does (the generator refuses the mapping kind)",
-    "MiMoV2FlashForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config fields transformers 5.23's "
-                              "MiMoV2FlashConfig lacks (swa_rope_theta): no provider, nothing to generate from",
-    "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, a per-layer attribute of "
-                         "transformers 5.23's Gemma4TextConfig (AmbiguousGlobalPerLayerAttributeError)",
-    "FalconH1ForCausalLM": "hybrid Mamba layers: MambaInProjMapping / MambaConv1dMapping have no rule kind of the "
-                           "generator yet, and megatron-core's Mamba mixer needs the mamba_ssm / causal_conv1d CUDA "
-                           "kernels, so no tiny model runs on the CPU to prove a table",
-    # generated, then refused on what the proof showed
-    "HYV3ForCausalLM": "Megatron-Bridge maps the checkpoint's mlp.shared_mlp, which transformers renames to "
-                       "mlp.shared_experts in memory, where PEFT keys adapters; the table vocabulary renames "
-                       "prefixes only",
+    "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, which transformers 5.23's "
+                         "Gemma4TextConfig makes per-layer (AmbiguousGlobalPerLayerAttributeError) wherever "
+                         "global_head_dim differs from head_dim, as in the published E2B and E4B (256 / 512) and both "
+                         "libraries' defaults: no provider. With equal head dims (no published model) it builds on "
+                         "the CPU",
+    "FalconH1ForCausalLM": "hybrid Mamba layers: its layer spec (FalconH1Stack / FalconH1Layer) builds Transformer "
+                           "Engine's TENorm, so no tiny model builds on the CPU without a local spec of it; "
+                           "MambaInProjMapping / MambaConv1dMapping have no rule kind of the generator yet; "
+                           "megatron-core's Mamba forward needs the mamba_ssm / causal_conv1d CUDA kernels",
+}
+
+#: PEFT types beyond LoRA that a test exports for a model type and PEFT (or the merged forward)
+#: checks: DoRA (tests/test_export_dense.py, test_export_qwen35.py, tests/checkpoint/test_convert.py;
+#: Qwen2's bias-adding linear_qkv: merged only, PEFT's DoRA refused), CanonicalLoRA
+#: (test_export_dense.py, test_conformance_qwen_moe_vl.py, tests/consumers).
+PEFT_TYPES_PROVEN: dict[str, tuple[str, ...]] = {
+    "qwen3": ("DoRA", "CanonicalLoRA"),
+    "qwen3_moe": ("CanonicalLoRA",),
+    "qwen2": ("DoRA (merged)",),
+    "qwen3_5_text": ("DoRA",),
+    "qwen3_5_moe_text": ("DoRA (non-expert)",),
 }
 
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.
@@ -81,9 +114,22 @@ NOT_PROVABLE: dict[str, str] = {}
 #: Config fields a generated table leaves uncompared (``bridge_ext.tables.config_fields.standard``),
 #: each reviewed in Megatron-Bridge's source: model_type -> {Hugging Face field: why}.
 UNCOMPARED: dict[str, dict[str, str]] = {
+    "mimo_v2_flash": {
+        "sliding_window": "Megatron-Bridge 0.6.2 gives MiMo-V2-Flash's sliding layers a window of sliding_window_size "
+                          "tokens (Transformer Engine's (sliding_window_size - 1, 0)), transformers 5.23 one more "
+                          "(sliding_window = sliding_window_size + 1, the SGLang reference's): the Megatron model "
+                          "sees one token less on sliding layers (tests/test_conformance_generated.py)",
+        "layer_types": "Megatron-Bridge's MiMo-V2-Flash attention picks sliding or full per layer from "
+                       "hybrid_attention_pattern (the published hybrid_layer_pattern), not from window_attn_skip_freq",
+        "rope_theta": "Megatron-Bridge holds MiMo-V2-Flash's two rotary bases as rotary_base = (swa_rope_theta, "
+                      "rope_theta), transformers in rope_parameters per layer type",
+    },
     "gemma2": {"layer_types": "Megatron-Bridge's Gemma2DotProductAttention slides on odd layer numbers itself "
                               "(HF's sliding/full alternation), whatever window_attn_skip_freq says"},
     "gemma3_text": {"layer_types": "Megatron-Bridge's Gemma 3 attention picks sliding or global per layer from "
                                    "interleaved_attn_pattern (five sliding, one global, as HF's default layer_types), "
                                    "not from window_attn_skip_freq"},
+    "ernie4_5_moe": {"scoring_func": "ERNIE-4.5's config has no such field: transformers routes by softmax, "
+                                     "Megatron-Bridge 0.6.2's provider by sigmoid; a model trained with that "
+                                     "provider computes otherwise than its export"},
 }

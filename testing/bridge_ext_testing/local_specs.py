@@ -16,8 +16,8 @@ megatron-core's local modules, module for module, keeping the provider's own cla
   Gemma 3's ``Gemma3TEDotProductAttention`` -> :func:`gemma3_dot_product_attention`;
 * a self-attention without q/k norm modules in a ``qk_layernorm`` config gets :class:`CpuNorm`
   ones (Transformer Engine's attention builds ``TENorm`` there itself);
-* a provider spec that extends Transformer Engine's default spec (OLMoE's) starts from the
-  local block spec instead, with the provider's own module swapped in (:data:`SPEC_EXTENSIONS`).
+* a provider spec that extends Transformer Engine's default spec (OLMoE's, MiMo-V2-Flash's) starts
+  from the local block spec instead, with the provider's own modules swapped in (:data:`SPEC_EXTENSIONS`).
 
 A Transformer Engine class it has no local version of raises, naming it.
 """
@@ -112,6 +112,40 @@ def gemma3_dot_product_attention():
     return Gemma3DotProductAttention
 
 
+@functools.cache
+def mimo_v2_flash_dot_product_attention():
+    """megatron-core's local ``DotProductAttention`` doing what Megatron-Bridge's
+    ``MiMoV2FlashTEDotProductAttention`` asks of Transformer Engine: on the provider's sliding
+    layers a window of (``window_size - 1``, 0) and a learnable softmax offset (attention sink),
+    on full layers neither; values times ``attention_value_scale``; value heads of
+    ``v_head_dim`` (the local module assumes ``kv_channels``). Registered with Megatron-Bridge's
+    ``AutoMapping`` as column-parallel, as Megatron-Bridge registers its own class."""
+    import copy
+
+    from megatron.bridge.models.conversion.param_mapping import AutoMapping
+    from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash import _is_local_attn_layer
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MiMoV2FlashDotProductAttention(DotProductAttention):
+        def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, **kwargs):
+            config = copy.deepcopy(config)
+            local = _is_local_attn_layer(layer_number, config.hybrid_attention_pattern)
+            config.window_size = (config.window_size - 1, 0) if local else None
+            config.softmax_type = "learnable" if local else "vanilla"
+            super().__init__(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+                             attention_type=attention_type, **kwargs)
+            self.value_scale = config.attention_value_scale
+            self.hidden_size_per_partition = self.num_attention_heads_per_partition * config.v_head_dim
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
+            if self.value_scale is not None:
+                value = value * self.value_scale
+            return super().forward(query, key, value, attention_mask, attn_mask_type, **kwargs)
+
+    AutoMapping.register_module_type(MiMoV2FlashDotProductAttention.__name__, "column")
+    return MiMoV2FlashDotProductAttention
+
+
 def _local(module, where: str):
     """The local class for a module class of a spec (itself when it is not Transformer Engine's)."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -195,7 +229,10 @@ def configure_provider(provider, original_spec) -> None:
         def spec(config, vp_stage=None, pp_rank=None):
             block = local_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank)
             for layer in block.layer_specs:
-                layer.submodules.self_attention.module = extension
+                attention = layer.submodules.self_attention
+                attention.module = extension[0]
+                if extension[1] is not None:
+                    attention.submodules.core_attention = extension[1]
             return localize(block, config)
     elif _is_family_spec(original_spec):
         takes_stage = "vp_stage" in inspect.signature(original_spec).parameters
@@ -229,27 +266,43 @@ def _as_block(spec, config):
 #: Modules of the generic providers' spec functions (GPT, MLA): gpt_families' local block spec
 #: stands for them.
 GENERIC_SPEC_MODULES = ("megatron.bridge.models.gpt_provider", "megatron.bridge.models.mla_provider")
+#: Family spec functions that only call megatron-core's Transformer Engine decoder block spec
+#: (read in Megatron-Bridge 0.6.2's source): the local block spec stands for them too.
+GENERIC_SPEC_FUNCTIONS = ("megatron.bridge.models.ernie.ernie_45_bridge._ernie45_decoder_block_spec",)
 
-#: Provider spec functions that are Transformer Engine's default spec with one module swapped
-#: (read in Megatron-Bridge 0.6.2's source): function path -> the self-attention class they use.
+#: Provider spec functions that are Transformer Engine's default spec with its attention modules
+#: swapped (read in Megatron-Bridge 0.6.2's source): function path -> the self-attention class
+#: they use and the local stand-in of their core attention (None: the default spec's). Without
+#: Transformer Engine, MiMo-V2-Flash's ``MiMoV2FlashTEDotProductAttention`` subclasses a placeholder
+#: that no spec rewrite can recognise, so its stand-in is named here.
 SPEC_EXTENSIONS = {
     "megatron.bridge.models.olmoe.olmoe_provider.olmoe_layer_spec":
-        "megatron.bridge.models.olmoe.olmoe_provider.OLMoESelfAttention",
+        ("megatron.bridge.models.olmoe.olmoe_provider.OLMoESelfAttention", None),
+    "megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.mimo_v2_flash_layer_spec":
+        ("megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.MiMoV2FlashSelfAttention",
+         mimo_v2_flash_dot_product_attention),
 }
 
 
 def _is_family_spec(original_spec) -> bool:
     """A spec function of one model family's provider (not megatron-core's or the generic providers')."""
-    module = getattr(getattr(original_spec, "func", original_spec), "__module__", "") or ""
+    function = getattr(original_spec, "func", original_spec)
+    module = getattr(function, "__module__", "") or ""
     return (callable(original_spec) and module.startswith("megatron.bridge.models.")
-            and module not in GENERIC_SPEC_MODULES)
+            and module not in GENERIC_SPEC_MODULES
+            and f"{module}.{getattr(function, '__qualname__', '')}" not in GENERIC_SPEC_FUNCTIONS)
 
 
 def _spec_extension(original_spec):
     import importlib
 
-    path = SPEC_EXTENSIONS.get(f"{getattr(original_spec, '__module__', '')}.{getattr(original_spec, '__name__', '')}")
-    if path is None:
+    paths = SPEC_EXTENSIONS.get(f"{getattr(original_spec, '__module__', '')}.{getattr(original_spec, '__name__', '')}")
+    if paths is None:
         return None
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+
+    def load(path):
+        module, _, name = path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    attention, core = paths
+    return load(attention), core() if core is not None else None

@@ -18,6 +18,22 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 
+#: MiMo-V2-Flash as XiaomiMiMo/MiMo-V2-Flash's config.json spells it, scaled down: transformers'
+#: fields (layer_types, mlp_layer_types, per-layer-type rope_parameters) and, saying the same, the
+#: published fields Megatron-Bridge's bridge reads (hybrid_layer_pattern, moe_layer_freq,
+#: rope_theta / swa_rope_theta, swa_num_key_value_heads: transformers doubles the KV heads of
+#: sliding layers itself, layernorm_epsilon; vLLM reads the swa_* and sink fields). Asymmetric head dims (q/k 24, v 16), the published
+#: rotary fraction and thetas, a learnable sink on sliding layers.
+MIMO_V2_FLASH = dict(
+    MOE, n_routed_experts=4, head_dim=24, v_head_dim=16, attention_value_scale=0.707,
+    layer_types=["full_attention", "sliding_attention"], mlp_layer_types=["dense", "sparse"],
+    rope_parameters={kind: {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": 0.334}
+                     for kind, theta in (("full_attention", 5e6), ("sliding_attention", 1e4))},
+    hybrid_layer_pattern=[0, 1], moe_layer_freq=[0, 1], rope_theta=5e6, swa_rope_theta=1e4,
+    partial_rotary_factor=0.334, swa_num_key_value_heads=4, layernorm_epsilon=1e-5, rms_norm_eps=1e-5,
+    swa_num_attention_heads=4, swa_head_dim=24, swa_v_head_dim=16, add_swa_attention_sink_bias=True,
+    add_full_attention_sink_bias=False, scoring_func="sigmoid", topk_method="noaux_tc")
+
 #: model_type -> config overrides of :data:`BASE` (the entry a new generated architecture adds).
 TINY: dict[str, dict] = {
     "mistral": dict(sliding_window=None),
@@ -34,36 +50,64 @@ TINY: dict[str, dict] = {
     "gemma2": dict(sliding_window=4, tie_word_embeddings=True),  # window 4 < the 11 test tokens
     # six layers: five sliding (window 4 < the 11 test tokens), one global, as Gemma 3 alternates
     "gemma3_text": dict(sliding_window=4, tie_word_embeddings=True, num_hidden_layers=6),
+    # layer 0 dense, layer 1 MoE (moe_layer_start_index 1), one shared expert
+    "ernie4_5_moe": dict(MOE, moe_num_shared_experts=1),
+    # layer 0 dense, layer 1 MoE; first_k_dense_replace, expert_hidden_dim, route_norm and qk_norm
+    # are fields of the published config.json that HYV3Config lacks (Megatron-Bridge's provider and
+    # vLLM's HYV3ForCausalLM read them)
+    "hy_v3": dict(MOE, num_shared_experts=1, router_scaling_factor=2.5, mlp_layer_types=["dense", "sparse"],
+                  first_k_dense_replace=1, expert_hidden_dim=32, route_norm=True, qk_norm=True),
+    # window 16 > the 11 test tokens: Megatron-Bridge's window is one token narrower than transformers'
+    # (architecture_notes.UNCOMPARED); the conformance module shows that difference on its own
+    "mimo_v2_flash": dict(MIMO_V2_FLASH, sliding_window_size=16),
+}
+
+#: model_type -> {parameter name ending: value it is filled with}, where transformers' initial
+#: value (zeros) would not show whether the weight was carried at all.
+FILLED: dict[str, dict[str, float]] = {
+    # ERNIE-4.5 adds the bias to its softmax scores only to pick the top k: one value for every
+    # expert picks the same experts, so the bias is carried without changing the routing
+    # (Megatron-Core's softmax router ignores expert_bias; tests/test_conformance_generated.py)
+    "ernie4_5_moe": {"moe_statics.e_score_correction_bias": 0.25},
 }
 
 NORM_NOISE = 0.1
 ROUTER_STD = 0.5
 
 
-def tiny_config(model_type: str):
-    """transformers' config of ``model_type`` with the tiny sizes of its :data:`TINY` entry."""
+def tiny_config(model_type: str, overrides: dict | None = None):
+    """transformers' config of ``model_type`` with the tiny sizes of its :data:`TINY` entry
+    (and ``overrides`` of them)."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(model_type, **{**BASE, **TINY.get(model_type, {})})
+    return AutoConfig.for_model(model_type, **{**BASE, **TINY.get(model_type, {}), **(overrides or {})})
 
 
-def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0) -> Path:
+def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, overrides: dict | None = None) -> Path:
     """Save a random tiny causal LM of ``model_type`` (fp32) to ``directory``.
 
     Norms are perturbed around their initial value (a missing ``+1`` shows in the logits),
-    router weights get a larger spread (top-k far from ties).
+    router weights, attention sinks and expert score biases get a larger spread (top-k far from
+    ties; a lost sink or bias shows), :data:`FILLED` weights their value.
     """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).float()
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, overrides)).float()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(torch.randn(param.shape, generator=generator) * NORM_NOISE)
-            elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+            elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "self_attn.sinks")):
                 param.copy_(torch.randn(param.shape, generator=generator) * ROUTER_STD)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zero at init: a lost bias would not show
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * ROUTER_STD)
+        for ending, value in FILLED.get(model_type, {}).items():
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                if name.endswith(ending):
+                    tensor.fill_(value)
     directory = Path(directory)
     model.save_pretrained(directory)
     return directory

@@ -47,6 +47,10 @@ class Case:
     #: the Megatron-Bridge PEFT type (``LoraSettings.kind``) and further ``LoRA`` fields
     peft: str = "lora"
     options: tuple[tuple[str, object], ...] = ()
+    #: the live stream as a weight sync to vLLM must ask for it (``adapter_for="vllm"``): HY-V3's
+    #: default stream keys adapters as PEFT does, by transformers' in-memory names (its table's
+    #: ``in_memory_renames``), which vLLM's modules do not carry
+    live_for_vllm: bool = False
 
 
 def _qwen3(d: Path) -> Path:
@@ -190,7 +194,9 @@ POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
 #: the tables generated from Megatron-Bridge (bridge_ext/tables/generated), with their targets
 GENERATED = {"mistral": GQA_TARGETS, "gemma": GQA_TARGETS, "gemma2": POST_NORM_TARGETS,
              "gemma3_text": POST_NORM_TARGETS, "nemotron": GQA_TARGETS, "exaone4": POST_NORM_TARGETS,
-             "olmoe": GQA_TARGETS, "deepseek_v2": MLA_TARGETS, "exaone_moe": GQA_TARGETS}
+             "olmoe": GQA_TARGETS, "deepseek_v2": MLA_TARGETS, "exaone_moe": GQA_TARGETS,
+             "mimo_v2_flash": GQA_TARGETS, "ernie4_5_moe": GQA_TARGETS, "hy_v3": GQA_TARGETS}
+LIVE_FOR_VLLM = ("hy_v3",)
 
 def _minimax_m2(d: Path) -> Path:
     from bridge_ext_testing.tiny_frontier import tiny_minimax_m2
@@ -229,7 +235,8 @@ CASES: dict[str, Case] = {
     "gpt_oss_normalize": Case(_gpt_oss, GQA_TARGETS, options=(("normalize_moe_lora", True),)),
     "qwen3_5_moe_vl_normalize": Case(_qwen3_5_moe_vl, QWEN35_TARGETS, drafter="Qwen3_5MoeMTP",
                                      options=(("normalize_moe_lora", True),)),
-    **{model_type: Case(_generated(model_type), targets) for model_type, targets in GENERATED.items()},
+    **{model_type: Case(_generated(model_type), targets, live_for_vllm=model_type in LIVE_FOR_VLLM)
+       for model_type, targets in GENERATED.items()},
     # no MTP drafter in vLLM 0.34 for MiniMax-M2 (nor trained MTP weights published)
     "minimax_m2": Case(_minimax_m2, GQA_TARGETS, fused_base=True),
     "kimi_k25": Case(_kimi_k25, MLA_TARGETS, fused_base=True),
@@ -254,7 +261,8 @@ def write_exports(name: str, out: Path) -> dict:
     lora = LoraSettings(target_modules=case.targets, kind=case.peft, options=case.options, **LORA)
     model = build_megatron_model(hf_dir, lora=lora)
     randomize_lora(model.chunks, seed=3, std=0.1)
-    streamed = list(export_hf_weights(model.chunks, peft=True, dora_adapters=case.peft == "dora"))
+    streamed = list(export_hf_weights(model.chunks, peft=True, dora_adapters=case.peft == "dora",
+                                      adapter_for="vllm" if case.live_for_vllm else None))
     base = _save(((n, t) for n, t in streamed if not n.startswith(PEFT_PREFIX)), out / "base.safetensors")
     adapters = _save(((n, t) for n, t in streamed if n.startswith(PEFT_PREFIX)), out / "adapters.safetensors")
     config = peft_adapter_config(model.chunks).to_dict()

@@ -24,14 +24,15 @@ FUSED_ON_2D = "contains fused 3D MoE weights"
 # cases whose PEFT folder holds fused expert adapters for a class vLLM wraps per expert
 PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite",
                       "qwen2_moe", "qwen3_next", "qwen3_moe_canonical", "qwen3_moe_normalize",
-                      "olmoe", "deepseek_v2", "exaone_moe"}
+                      "olmoe", "deepseek_v2", "exaone_moe", "ernie4_5_moe", "hy_v3"}
 # per-expert classes that do not refuse PEFT's fused folder but leave its expert adapters
 # unapplied: vLLM has no module under the in-memory name (MiniMax-M2: mlp.experts, vLLM's
 # block_sparse_moe.experts); the weights so left zero, by name
 ZEROED_ON_2D = {"minimax_m2": ".block_sparse_moe.experts."}
 # classes vLLM 0.34 builds without LoRA support (no SupportsLoRA): the engine refuses enable_lora,
 # so only the base and merged streams can reach them (the judge never gets to the saved folders)
-NO_LORA = {"kimi_k25": "LoRA is not supported for KimiK25ForConditionalGeneration"}
+NO_LORA = {"kimi_k25": "LoRA is not supported for KimiK25ForConditionalGeneration",
+           "mimo_v2_flash": "LoRA is not supported for MiMoV2FlashForCausalLM"}
 # adapters vLLM leaves unapplied with its default engine options, by design: vision-tower ones
 # need enable_tower_connector_lora (docs/consumers.md)
 DROPPED = {"qwen3_5_moe_vl": "visual.", "qwen3_5_moe_vl_normalize": "visual.", "qwen3_vl": "visual.",
