@@ -7,7 +7,17 @@ leaves to run time is resolved on a tiny Megatron model of the architecture buil
 (an ``AutoMapping``'s tensor-parallel kind is that of the module holding the weight, found by
 Megatron-Bridge's own detection) and on transformers' tiny model (the fused experts module's
 parameter order). A mapping this module does not know is refused, naming its class and
-parameter: a table is never guessed. MTP and vision / audio towers are left out.
+parameter: a table is never guessed. MTP is left out, and so are vision / audio towers except
+for the model types whose conformance entry proves them
+(:data:`~bridge_ext.tables.architecture_notes.TOWERS_GENERATED`).
+
+A ``**`` mapping (a subtree: Megatron-Bridge keeps Hugging Face's tower as a module and maps
+``vision_tower.**`` to ``vision_tower.**``) is expanded structurally on the tiny models: the
+Megatron parameters under its prefix and the Hugging Face tensors under its own must correspond
+one to one (else the mapping is refused, naming it); the index of an ``nn.ModuleList``'s
+repeated children becomes a wildcard named after the list (``encoder.layers.{layers}``), an
+``nn.Sequential``'s index stays literal; each name becomes an ordinary rule, replicated for a
+``ReplicatedMapping``, of the module's parallel kind for an ``AutoMapping``.
 
 Expert mappings name Hugging Face's per-expert tensors (``experts.{e}.gate_proj.weight``); the
 table also offers the fused layout transformers keeps in memory (``experts.gate_up_proj``
@@ -29,6 +39,9 @@ from bridge_ext.tables.architecture_notes import (
     IN_MEMORY_RENAMES,
     KINDS_WITH_OPS,
     LEFT_OUT_PREFIXES,
+    MTP_PREFIXES,
+    PUBLISHED_PREFIXES,
+    TOWERS_GENERATED,
     VLLM_PER_EXPERT_ADAPTERS,
 )
 
@@ -118,6 +131,18 @@ class Resolver:
         self.chunk = chunk
         self.names = [name for name, _ in chunk.named_parameters()] + [name for name, _ in chunk.named_buffers()]
 
+    def parameters_under(self, prefix: str) -> list[str]:
+        """The tiny model's parameter names under ``prefix``, in registration order."""
+        return [name for name, _ in self.chunk.named_parameters() if name.startswith(prefix)]
+
+    def is_module_list(self, path: str) -> bool:
+        import torch
+
+        return isinstance(self.chunk.get_submodule(path), torch.nn.ModuleList)
+
+    def module_kind(self, mapping, name: str) -> str:
+        return mapping._detect_parallelism_type(self.chunk.get_submodule(name.rpartition(".")[0]))
+
     def present(self, mb_pattern: str) -> list[str]:
         regex = _regex(mb_pattern)
         return [name for name in self.names if regex.match(name)]
@@ -139,8 +164,68 @@ class Resolver:
         return kinds.pop()
 
 
+def _subtree_prefix(pattern: str, what: str, mapping) -> str:
+    """The prefix of a ``prefix.**`` pattern; any other use of ``**`` or ``*`` beside it is refused."""
+    prefix = pattern[:-3]
+    if not pattern.endswith(".**") or "*" in prefix:
+        raise TableError(f"{type(mapping).__name__} of {mapping.megatron_param}: '**' wildcards ({what} {pattern}) "
+                         "are supported only as a whole subtree 'prefix.**'")
+    return prefix
+
+
+def _wildcarded(name: str, resolver: Resolver) -> str:
+    """``name`` with the index of each ``nn.ModuleList`` child as a wildcard named after the list
+    (``layers``; ``layers2`` for a second list of that name)."""
+    original = name.split(".")
+    parts = list(original)
+    used: list[str] = []
+    for index in range(1, len(parts)):
+        if parts[index].isdigit() and resolver.is_module_list(".".join(original[:index])):
+            base = parts[index - 1] if re.fullmatch(r"[A-Za-z_]\w*", parts[index - 1]) else "index"
+            used.append(base)
+            parts[index] = "{" + base + (str(used.count(base)) if used.count(base) > 1 else "") + "}"
+    return ".".join(parts)
+
+
+def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> list[GeneratedRule]:
+    """Rules for a ``prefix.**`` mapping, one per parameter of the tiny models' subtree."""
+    from megatron.bridge.models.conversion import param_mapping as pm
+
+    label = f"{type(mapping).__name__} of {mapping.megatron_param} -> {mapping.hf_param}"
+    kind = _kind(mapping)
+    if kind not in (pm.ReplicatedMapping, pm.AutoMapping) or not isinstance(mapping.hf_param, str):
+        raise TableError(f"{label}: '**' subtrees are expanded for ReplicatedMapping / AutoMapping only")
+    if getattr(mapping, "permute_dims", None):
+        raise TableError(f"{label}: permute_dims {mapping.permute_dims} is not supported")
+    if hf_names is None:
+        raise TableError(f"{label}: no Hugging Face names to expand the subtree against")
+    megatron_prefix = _subtree_prefix(mapping.megatron_param, "Megatron", mapping) + "."
+    hf_prefix = _subtree_prefix(mapping.hf_param, "Hugging Face", mapping) + "."
+    megatron_names = resolver.parameters_under(megatron_prefix)
+    megatron_rest = [name[len(megatron_prefix):] for name in megatron_names]
+    hf_rest = sorted(name[len(hf_prefix):] for name in hf_names if name.startswith(hf_prefix))
+    if not megatron_rest:
+        raise TableError(f"{label}: the tiny Megatron model has no parameter under {megatron_prefix}")
+    if sorted(megatron_rest) != hf_rest:
+        only_megatron = sorted(set(megatron_rest) - set(hf_rest))[:3]
+        only_hf = sorted(set(hf_rest) - set(megatron_rest))[:3]
+        raise TableError(f"{label}: the subtrees do not correspond one to one (only in Megatron: {only_megatron}, "
+                         f"only in Hugging Face: {only_hf})")
+    rules: dict[str, GeneratedRule] = {}
+    for name, rest in zip(megatron_names, megatron_rest):
+        tp = "replicated" if kind is pm.ReplicatedMapping else resolver.module_kind(mapping, name)
+        pattern = _wildcarded(name, resolver)
+        hf = hf_prefix + pattern[len(megatron_prefix):]
+        text = _rule(pattern, hf, tp=_quoted(tp) if tp != "column" else "")
+        if rules.setdefault(pattern, GeneratedRule(pattern, text)).text != text:
+            raise TableError(f"{label}: {pattern} has children of several parallel kinds")
+    return list(rules.values())
+
+
 def _vocab_ops(megatron: str) -> str:
-    return ", TrimVocab()" if megatron in ("embedding.word_embeddings.weight", "output_layer.weight") else ""
+    """Vocabulary-padded weights, of the model or of a sub-model holding its language model, are trimmed."""
+    vocab = ("embedding.word_embeddings.weight", "output_layer.weight")
+    return ", TrimVocab()" if megatron in vocab or megatron.endswith(tuple("." + name for name in vocab)) else ""
 
 
 def _quoted(text: str) -> str:
@@ -174,20 +259,28 @@ class _Translation:
     expert_parameters: tuple[str, ...] | None
 
 
-def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] | None) -> _Translation:
-    """Rules for Megatron-Bridge ``mappings``; refuses a mapping kind it does not know."""
+def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] | None, *,
+              model_type: str | None = None, hf_names: list[str] | None = None) -> _Translation:
+    """Rules for Megatron-Bridge ``mappings``; refuses a mapping kind it does not know.
+
+    ``hf_names``: the tiny Hugging Face checkpoint's tensor names (``**`` subtrees are expanded
+    against them); towers are translated only for a model type of ``TOWERS_GENERATED``."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
     rules: list[GeneratedRule] = []
     absent: list[str] = []
     uses_experts = False
+    fused_parameters: list[tuple[str, str]] = []  # (fused parameter named, mapping)
 
     def add(megatron: str, text: str) -> None:
         rules.append(GeneratedRule(megatron, text))
 
     for mapping in mappings:
         name = mapping.megatron_param
-        if name.startswith(LEFT_OUT_PREFIXES):
+        if name.startswith(MTP_PREFIXES) or (name.startswith(LEFT_OUT_PREFIXES) and model_type not in TOWERS_GENERATED):
+            continue
+        if isinstance(mapping.hf_param, str) and name.endswith("**"):
+            rules.extend(expand_subtree(mapping, resolver, hf_names))
             continue
         kind = _kind(mapping)
         megatron = _pattern(name, "Megatron", mapping)
@@ -198,7 +291,8 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                                 lora_parts='("q", "k", "v")' if name.endswith(".weight") else ""))
         elif kind in (pm.AutoMapping, pm.ColumnParallelMapping, pm.RowParallelMapping, pm.ReplicatedMapping,
                     pm.RMSNorm2ZeroCenteredRMSNormMapping):
-            if getattr(mapping, "permute_dims", None):
+            permute = tuple(getattr(mapping, "permute_dims", None) or ())
+            if permute not in ((), (1, 0)):
                 raise TableError(f"{kind.__name__} of {name}: permute_dims {mapping.permute_dims} is not supported")
             explicit = {pm.ColumnParallelMapping: "column", pm.RowParallelMapping: "row",
                         pm.ReplicatedMapping: "replicated"}.get(kind)
@@ -208,11 +302,13 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 continue
             hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
             ops = _vocab_ops(megatron) + (", AddOne()" if kind is pm.RMSNorm2ZeroCenteredRMSNormMapping else "")
+            ops += ", Transpose()" if permute else ""  # a matrix Hugging Face stores [in, out]
             ops += "".join(f", {op}" for op in _extra_ops(mapping))
             if is_expert:
                 uses_experts = True
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp), variant='EXPERTS.variant("per_expert")'))
                 parameter = hf.rsplit(".", 2)[-2]
+                fused_parameters.append((parameter, name))
                 add(megatron, _rule(megatron, _fused_expert_name(hf, parameter), ops, tp=_quoted(tp),
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
             else:
@@ -229,6 +325,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", variant='EXPERTS.variant("per_expert")',
                                     lora_parts='("gate", "up")'))
                 fused = _fused_expert_name(gate, "gate_up_proj")
+                fused_parameters.append(("gate_up_proj", name))
                 add(megatron, _rule(megatron, fused, ", SplitRows(1, 1), Concat((1, 1))",
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
             else:
@@ -238,6 +335,10 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                              "no rule is generated for it")
     if uses_experts and expert_parameters is None:
         raise TableError("the bridge maps routed experts but transformers' model has no fused experts module")
+    for parameter, name in fused_parameters:  # per-expert names (w1 / w3 / w2) that are not the fused ones
+        if parameter not in (expert_parameters or ()):
+            raise TableError(f"{name}: the fused experts parameter {parameter} is not one of transformers' experts "
+                             f"module parameters {list(expert_parameters or ())}")
     return _Translation(rules, absent, expert_parameters if uses_experts else None)
 
 
@@ -271,7 +372,46 @@ def expert_parameters_of(hf_model) -> tuple[str, ...] | None:
     return None
 
 
-def render(model_type: str, entry: RegisteredBridge, translation: _Translation) -> str:
+def in_memory_prefixes_of(pairs: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """``(checkpoint prefix, in-memory prefix)`` pairs that turn each ``(saved, in-memory)`` name
+    pair into its in-memory name (first fit wins, longest saved prefix first): the prefixes
+    before the names' longest common dotted suffix. A rename inside a numbered module (a router
+    bias moved into the gate) is no prefix rename and is left to the conformance test's strict
+    PEFT load; prefixes renamed two ways are refused."""
+    found: dict[str, str] = {}
+    prefix_renamed = []
+    for saved, loaded in pairs:
+        saved_parts, loaded_parts = saved.split("."), loaded.split(".")
+        common = 0
+        while common < min(len(saved_parts), len(loaded_parts)) - 1 and \
+                saved_parts[-1 - common] == loaded_parts[-1 - common]:
+            common += 1
+        saved_prefix = ".".join(saved_parts[:len(saved_parts) - common]) + "."
+        loaded_prefix = ".".join(loaded_parts[:len(loaded_parts) - common]) + "."
+        if saved == loaded or any(part.isdigit() for part in saved_prefix.split(".")):
+            continue
+        prefix_renamed.append((saved, loaded))
+        if found.setdefault(saved_prefix, loaded_prefix) != loaded_prefix:
+            raise TableError(f"transformers renames the prefix {saved_prefix} two ways "
+                             f"({found[saved_prefix]}, {loaded_prefix})")
+    ordered = tuple(sorted(found.items(), key=lambda pair: (-len(pair[0]), pair[0])))
+    for saved, loaded in prefix_renamed:
+        fit = next((saved_prefix, loaded_prefix) for saved_prefix, loaded_prefix in ordered
+                   if saved.startswith(saved_prefix))
+        if fit[1] + saved[len(fit[0]):] != loaded:
+            raise TableError(f"transformers renames {saved} to {loaded}: no prefix rename gives it")
+    return ordered
+
+
+def _is_image_text(model_type: str) -> bool:
+    """Whether transformers' own registry loads ``model_type`` as an image-text model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
+           in_memory_prefixes: tuple[tuple[str, str], ...] = ()) -> str:
     from bridge_ext.tables.architecture_notes import UNCOMPARED
 
     bridge = entry.bridge_class
@@ -282,7 +422,11 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
         f"({bridge.__module__}).",
         "",
         "Do not edit: regenerate (a Megatron-Bridge upgrade shows as a diff). A hand-written table of the",
-        "same model type wins over this one. Left out: MTP layers and vision / audio towers.",
+        "same model type wins over this one. Left out: MTP layers and vision / audio towers."
+        if model_type not in TOWERS_GENERATED else
+        "same model type wins over this one. Left out: MTP layers. The tower's rules are Megatron-Bridge's",
+        *(["'**' subtrees expanded on the tiny models (proven by the conformance entry of this model type)."]
+          if model_type in TOWERS_GENERATED else []),
     ]
     if translation.absent:
         lines += ["", "Mappings of weights the tiny model lacks (their parallel kind cannot be read off a module),",
@@ -292,6 +436,7 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
     ops += ["SplitHeadGroups"] if any("SplitHeadGroups(" in each.text for each in translation.rules) else []
     ops += [re.match(r"\w+", op)[0] for each in KINDS_WITH_OPS.values() for op in each[1:]
             if any(op in rule.text for rule in translation.rules)]
+    ops += ["Transpose"] if any("Transpose()" in each.text for each in translation.rules) else []
     ops_import = f"from bridge_ext.ops import {', '.join(sorted(set(ops)))}  # noqa: F401"
     lines += ['"""', "", ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
@@ -307,8 +452,21 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation) 
     lines += [f"        {each.text}," for each in translation.rules]
     description = f"{entry.source} (generated from Megatron-Bridge {megatron_bridge_version()})"
     lines += ["    ),", f'    description="{description}",',
-              f"    model_classes={{{_quoted(model_type)}: {_quoted(entry.source)}}},",
-              f"    expert_families={families},"]
+              f"    model_classes={{{_quoted(model_type)}: {_quoted(entry.source)}}},"]
+    if _is_image_text(model_type):  # the Auto class that loads its folders (MappingTable.hf_auto_class)
+        lines.append('    hf_auto_class="AutoModelForImageTextToText",')
+    lines.append(f"    expert_families={families},")
+    published = PUBLISHED_PREFIXES.get(model_type, ())
+    if published:  # transformers saves these prefixes otherwise than the published checkpoints
+        lines.append("    saved_name_fixes=(")
+        lines += [f"        ({_quoted('^' + re.escape(saved) + '(?!' + re.escape(public[len(saved):]) + ')')}, "
+                  f"{_quoted(public)}),"
+                  for saved, public in published]
+        lines.append("    ),")
+    if in_memory_prefixes:  # transformers renames these on load: adapters use the in-memory names
+        lines.append("    in_memory_prefixes=(")
+        lines += [f"        ({_quoted(saved)}, {_quoted(loaded)})," for saved, loaded in in_memory_prefixes]
+        lines.append("    ),")
     if translation.expert_parameters and entry.source in VLLM_PER_EXPERT_ADAPTERS:
         lines.append(f'    vllm_expert_adapter_layouts={{{_quoted(entry.source)}: "per_expert"}},')
     renames = IN_MEMORY_RENAMES.get(model_type)

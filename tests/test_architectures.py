@@ -81,17 +81,23 @@ def test_hand_written_tables_win_over_generated_ones(monkeypatch):
     assert "llama" not in bridge_ext.tables.generated_model_types()
 
 
-def test_generated_tables_name_the_megatron_bridge_version_and_leave_out_mtp_and_towers():
+def test_generated_tables_name_the_megatron_bridge_version_and_leave_out_mtp_and_unproven_towers():
     from importlib.metadata import version
 
-    from bridge_ext.table_generate import LEFT_OUT_PREFIXES
+    from bridge_ext.table_generate import LEFT_OUT_PREFIXES, MTP_PREFIXES
+    from bridge_ext.tables.architecture_notes import PROVEN_GENERATED, TOWERS_GENERATED
+    from bridge_ext.tables.generated import GENERATED
 
     files = sorted((ROOT / "bridge_ext" / "tables" / "generated").glob("[!_]*.py"))
     assert files
     for path in files:
-        text = path.read_text()
-        assert f'MEGATRON_BRIDGE_VERSION = "{version("megatron-bridge")}"' in text, path.name
-        assert not any(f'rule("{prefix}' in text for prefix in LEFT_OUT_PREFIXES), path.name
+        assert f'MEGATRON_BRIDGE_VERSION = "{version("megatron-bridge")}"' in path.read_text(), path.name
+    towers = tuple(prefix for prefix in LEFT_OUT_PREFIXES if prefix not in MTP_PREFIXES)
+    for table in GENERATED:
+        assert [each.megatron for each in table.rules if each.megatron.startswith(MTP_PREFIXES)] == []
+    covered = {table.model_types[0] for table in GENERATED
+               if any(each.megatron.startswith(towers) for each in table.rules)}
+    assert covered == TOWERS_GENERATED and TOWERS_GENERATED <= PROVEN_GENERATED
 
 
 class _UnknownMapping:
@@ -135,6 +141,82 @@ def test_any_characters_wildcards_are_refused():
 
     with pytest.raises(TableError, match=r"'\*\*' wildcards"):
         translate([ReplicatedMapping("decoder.**.weight", "model.**.weight")], resolver=None, expert_parameters=None)
+
+
+class _Resolver:
+    """A tiny model's tower: a ModuleList of blocks, each with an nn.Sequential."""
+
+    def __init__(self):
+        import torch
+
+        from bridge_ext.table_generate import Resolver
+
+        tower = torch.nn.Module()
+        tower.blocks = torch.nn.ModuleList(torch.nn.Module() for _ in range(2))
+        for block in tower.blocks:
+            block.mlp = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.GELU(), torch.nn.Linear(3, 2))
+        tower.norm = torch.nn.LayerNorm(2)
+        chunk = torch.nn.Module()
+        chunk.visual = tower
+        self.resolver = Resolver(chunk)
+        self.names = [name for name, _ in chunk.named_parameters()]
+
+
+def test_a_subtree_becomes_module_list_wildcards_with_sequential_indices_literal():
+    from megatron.bridge.models.conversion.param_mapping import ReplicatedMapping
+
+    from bridge_ext.table_generate import expand_subtree
+
+    tiny = _Resolver()
+    hf_names = [name.replace("visual.", "model.visual.", 1) for name in tiny.names]
+    rules = expand_subtree(ReplicatedMapping("visual.**", "model.visual.**"), tiny.resolver, hf_names)
+    assert [each.megatron for each in rules] == [
+        f"visual.blocks.{{blocks}}.mlp.{i}.{leaf}" for i in (0, 2) for leaf in ("weight", "bias")
+    ] + ["visual.norm.weight", "visual.norm.bias"]
+    assert rules[0].text == ('rule("visual.blocks.{blocks}.mlp.0.weight", "model.visual.blocks.{blocks}.mlp.0.weight", '
+                             'tp="replicated")')
+
+
+def test_a_subtree_whose_two_sides_differ_is_refused_naming_the_mapping():
+    from megatron.bridge.models.conversion.param_mapping import ReplicatedMapping
+
+    from bridge_ext.table_generate import expand_subtree
+
+    tiny = _Resolver()
+    hf_names = [name.replace("visual.", "model.visual.", 1) for name in tiny.names if "norm.bias" not in name]
+    with pytest.raises(TableError, match=r"ReplicatedMapping of visual\.\*\* -> model\.visual\.\*\*: the subtrees "
+                                         r"do not correspond one to one \(only in Megatron: \['norm\.bias'\]"):
+        expand_subtree(ReplicatedMapping("visual.**", "model.visual.**"), tiny.resolver, hf_names)
+    with pytest.raises(TableError, match=r"no parameter under audio\."):
+        expand_subtree(ReplicatedMapping("audio.**", "audio.**"), tiny.resolver, hf_names)
+
+
+def test_in_memory_prefixes_are_read_off_name_pairs_or_refused():
+    from bridge_ext.table_generate import in_memory_prefixes_of
+
+    pairs = [("language_model.model.layers.0.mlp.up_proj.weight", "model.language_model.layers.0.mlp.up_proj.weight"),
+             ("language_model.lm_head.weight", "lm_head.weight"),
+             ("vision_tower.encoder.layers.1.fc1.bias", "model.vision_tower.encoder.layers.1.fc1.bias")]
+    assert in_memory_prefixes_of(pairs) == (("language_model.lm_head.", "lm_head."),  # longest first
+                                            ("language_model.model.", "model.language_model."),
+                                            ("vision_tower.", "model.vision_tower."))
+    assert in_memory_prefixes_of([("model.layers.0.mlp.bias", "model.layers.0.mlp.gate.bias")]) == ()  # in a layer
+    with pytest.raises(TableError, match=r"renames the prefix visual\. two ways"):
+        in_memory_prefixes_of([("visual.a.weight", "model.visual.a.weight"),
+                               ("visual.b.weight", "encoder.visual.b.weight")])
+
+
+def test_fused_expert_names_must_be_transformers_experts_parameters():
+    from megatron.bridge.models.conversion.param_mapping import GatedMLPMapping
+
+    from bridge_ext.table_generate import translate
+
+    mapping = GatedMLPMapping("decoder.layers.*.mlp.experts.linear_fc1.weight*",
+                              gate="model.layers.*.mlp.experts.*.w1.weight",
+                              up="model.layers.*.mlp.experts.*.w3.weight")
+    with pytest.raises(TableError, match=r"the fused experts parameter gate_up_proj is not one of transformers' "
+                                         r"experts module parameters \['w13', 'w2'\]"):
+        translate([mapping], resolver=None, expert_parameters=("w13", "w2"))
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "hy_v3"])  # hy_v3: its reviewed in_memory_renames

@@ -9,8 +9,15 @@ class without one must have its reason here (a test checks that none is left out
 
 from __future__ import annotations
 
-#: Megatron-side prefixes of the parts a generated table never covers (``bridge-ext tables generate``).
-LEFT_OUT_PREFIXES = ("mtp.", "vision_model.", "audio_model.", "vision_tower.", "visual.", "talker.", "thinker.")
+#: Megatron-side prefixes of MTP layers, which a generated table never covers.
+MTP_PREFIXES = ("mtp.", "language_model.mtp.")  # a vision-language model's MTP sits in its language model
+#: Megatron-side prefixes of the parts a generated table leaves out (``bridge-ext tables generate``):
+#: MTP, and vision / audio towers unless the model type is in :data:`TOWERS_GENERATED`.
+LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tower.", "visual.", "talker.", "thinker.")
+
+#: Model types whose generated table covers the vision / audio tower: each has a conformance
+#: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
+TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "mistral3"})
 
 #: Bridge-private subclasses that convert exactly like their base (read in Megatron-Bridge's
 #: source): ERNIE-4.5's ``_PPSafe*`` only return nothing for a weight no pipeline rank holds.
@@ -46,8 +53,8 @@ HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_
 
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
-PROVEN_GENERATED = frozenset({"deepseek_v2", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3_text",
-                              "mimo_v2_flash", "mistral", "nemotron", "olmoe", "ernie4_5_moe", "hy_v3"})
+PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3",
+                              "gemma3_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
@@ -64,20 +71,12 @@ REMOTE_MODEL_TYPES = {"KimiK25ForConditionalGeneration": "kimi_k25"}
 #: Classes Megatron-Bridge registers that get no generated table: why.
 REFUSED: dict[str, str] = {
     # vision / audio models
-    "Ernie4_5_VLMoeForConditionalGeneration": TOWER,
-    "Exaone4_5_ForConditionalGeneration": TOWER,
-    "Gemma3ForConditionalGeneration": TOWER,
-    "Gemma4ForConditionalGeneration": TOWER,
-    "Glm4vMoeForConditionalGeneration": TOWER,
-    "MiniMaxM3SparseForConditionalGeneration": TOWER,
-    "Mistral3ForConditionalGeneration": TOWER,
     "NemotronH_Nano_Omni_Reasoning_V3": TOWER,
     "NemotronH_Nano_VL_V2": TOWER,
     "Qwen2AudioForConditionalGeneration": TOWER,
     "Qwen2_5OmniForConditionalGeneration": TOWER,
     "Qwen3ASRForConditionalGeneration": TOWER,
     "Qwen3OmniMoeForConditionalGeneration": TOWER,
-    "Step3p7ForConditionalGeneration": TOWER,
     # remote code
     "DeciLMForCausalLM": REMOTE,
     "SarvamMLAForCausalLM": REMOTE,
@@ -94,12 +93,36 @@ REFUSED: dict[str, str] = {
                            "Engine's TENorm, so no tiny model builds on the CPU without a local spec of it; "
                            "MambaInProjMapping / MambaConv1dMapping have no rule kind of the generator yet; "
                            "megatron-core's Mamba forward needs the mamba_ssm / causal_conv1d CUDA kernels",
+    # vision-language bridges tried on a tiny model (Megatron-Bridge 0.6.2, transformers 5.23)
+    "Gemma4ForConditionalGeneration": "as Gemma4ForCausalLM: Megatron-Bridge 0.6.2's bridge reads "
+                                      "text_config.head_dim, per-layer in transformers 5.23 wherever global_head_dim "
+                                      "differs (AmbiguousGlobalPerLayerAttributeError): no provider",
+    "Glm4vMoeForConditionalGeneration": "Megatron-Bridge 0.6.2's bridge reads text_config.partial_rotary_factor, "
+                                        "which transformers 5.23's Glm4vMoeTextConfig moves into rope_parameters "
+                                        "even where config.json has it, and text_config.use_qk_norm, which it "
+                                        "lacks (AttributeError): no provider, nothing to generate from",
+    "Ernie4_5_VLMoeForConditionalGeneration": "its bridge maps the text / vision expert pairs with bridge-private "
+                                              "kinds (_OffsetGatedMLPMapping, _OffsetRowParallelMapping, "
+                                              "_ConcatBiasMapping: one Megatron expert set split at an offset into "
+                                              "transformers' text_moe / vision_moe), which no rule kind of the "
+                                              "generator covers",
+    "Exaone4_5_ForConditionalGeneration": "its vision model is Megatron-Bridge's own Megatron-Core module "
+                                          "(Exaone45VisionModel) built from Transformer Engine layer specs, which "
+                                          "have no local version for a CPU build yet: no tiny model to resolve or "
+                                          "prove a table on",
+    "Step3p7ForConditionalGeneration": "Megatron-Bridge 0.6.2 registers its own Step37Config for model_type step3p7 "
+                                       "over transformers' (AutoConfig.register, exist_ok=True); transformers' "
+                                       "auto classes refuse that config, so no tiny transformers model comes from it",
+    "MiniMaxM3SparseForConditionalGeneration": "transformers 5.23 fuses the dense and shared MLPs' gate_proj / "
+                                               "up_proj into one gate_up_proj in memory, where PEFT keys adapters: one "
+                                               "adapter where the rules write two (on a tiny model the generated "
+                                               "table's base weights, tower included, were bit-exact)",
 }
 
 #: PEFT types beyond LoRA that a test exports for a model type and PEFT (or the merged forward)
-#: checks: DoRA (tests/test_export_dense.py, test_export_qwen35.py, tests/checkpoint/test_convert.py;
-#: Qwen2's bias-adding linear_qkv: merged only, PEFT's DoRA refused), CanonicalLoRA
-#: (test_export_dense.py, test_conformance_qwen_moe_vl.py, tests/consumers).
+#: checks: DoRA (the conformance contract's dora entries, tests/conformance/registry.py, and
+#: tests/checkpoint/test_convert.py; Qwen2's bias-adding linear_qkv: merged only, PEFT's DoRA refused,
+#: tests/conformance/test_oddities.py), CanonicalLoRA (the contract's canonical_lora entries, tests/consumers).
 PEFT_TYPES_PROVEN: dict[str, tuple[str, ...]] = {
     "qwen3": ("DoRA", "CanonicalLoRA"),
     "qwen3_moe": ("CanonicalLoRA",),
@@ -108,8 +131,22 @@ PEFT_TYPES_PROVEN: dict[str, tuple[str, ...]] = {
     "qwen3_5_moe_text": ("DoRA (non-expert)",),
 }
 
+#: Checkpoint prefixes published checkpoints spell otherwise than transformers 5.23 saves them:
+#: model_type -> ``(saved prefix, published prefix)`` pairs. Gemma 3's published checkpoints keep
+#: SigLIP's ``vision_model`` wrapper (``vision_tower.vision_model.*``), which transformers 5.23 drops
+#: on save and reads either way, Megatron-Bridge follows the source and vLLM 0.34 loads only. The
+#: tiny model is written with the published names and the generated table writes them
+#: (``saved_name_fixes``).
+PUBLISHED_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gemma3": (("vision_tower.", "vision_tower.vision_model."),),
+}
+
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.
 NOT_PROVABLE: dict[str, str] = {}
+
+GEMMA3_LAYER_TYPES = ("Megatron-Bridge's Gemma 3 attention picks sliding or global per layer from "
+                      "interleaved_attn_pattern (five sliding, one global, as HF's default layer_types), "
+                      "not from window_attn_skip_freq")
 
 #: Config fields a generated table leaves uncompared (``bridge_ext.tables.config_fields.standard``),
 #: each reviewed in Megatron-Bridge's source: model_type -> {Hugging Face field: why}.
@@ -126,9 +163,8 @@ UNCOMPARED: dict[str, dict[str, str]] = {
     },
     "gemma2": {"layer_types": "Megatron-Bridge's Gemma2DotProductAttention slides on odd layer numbers itself "
                               "(HF's sliding/full alternation), whatever window_attn_skip_freq says"},
-    "gemma3_text": {"layer_types": "Megatron-Bridge's Gemma 3 attention picks sliding or global per layer from "
-                                   "interleaved_attn_pattern (five sliding, one global, as HF's default layer_types), "
-                                   "not from window_attn_skip_freq"},
+    "gemma3_text": {"layer_types": GEMMA3_LAYER_TYPES},
+    "gemma3": {"layer_types": GEMMA3_LAYER_TYPES},
     "ernie4_5_moe": {"scoring_func": "ERNIE-4.5's config has no such field: transformers routes by softmax, "
                                      "Megatron-Bridge 0.6.2's provider by sigmoid; a model trained with that "
                                      "provider computes otherwise than its export"},

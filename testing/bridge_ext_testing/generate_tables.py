@@ -12,18 +12,25 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from bridge_ext.errors import TableError
-from bridge_ext.table_generate import Resolver, bridge_for, expert_parameters_of, render, translate
+from bridge_ext.table_generate import (
+    Resolver,
+    bridge_for,
+    expert_parameters_of,
+    in_memory_prefixes_of,
+    render,
+    translate,
+)
 
 
 def generate(model_type: str) -> str:
     """The table file's source for ``model_type``, from Megatron-Bridge's bridge of it."""
     import torch
     from megatron.core import parallel_state
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
 
     from bridge_ext_testing.build import build_megatron_model
     from bridge_ext_testing.distributed import megatron_parallel
-    from bridge_ext_testing.tiny_generated import tiny_config, tiny_generated
+    from bridge_ext_testing.tiny_generated import model_class, tiny_config, tiny_generated
 
     entry = bridge_for(model_type)
     parallel = nullcontext() if parallel_state.model_parallel_is_initialized() else megatron_parallel()
@@ -36,11 +43,31 @@ def generate(model_type: str) -> str:
             raise TableError(f"cannot build a tiny {model_type} model on the CPU to resolve the table "
                              f"({type(error).__name__}: {first}); add or fix its entry in "
                              "bridge_ext_testing.tiny_generated.TINY") from error
-        mappings = built.bridge._model_bridge.mapping_registry().mappings
+        model_bridge = built.bridge._model_bridge
+        model_bridge.hf_pretrained = built.bridge.hf_pretrained  # as its export sets it: the source's names
+        mappings = model_bridge.mapping_registry().mappings
         with torch.device("meta"):
-            hf_model = AutoModelForCausalLM.from_config(tiny_config(model_type))
-        translation = translate(mappings, Resolver(built.chunks[0]), expert_parameters_of(hf_model))
-    return render(model_type, entry, translation)
+            hf_model = model_class(model_type).from_config(tiny_config(model_type))
+        saved = load_file(str(hf_dir / "model.safetensors"))  # the names the rules produce
+        translation = translate(mappings, Resolver(built.chunks[0]), expert_parameters_of(hf_model),
+                                model_type=model_type, hf_names=list(saved))
+        in_memory = in_memory_prefixes_of(_renamed_on_load(hf_dir, saved, model_class(model_type)))
+    return render(model_type, entry, translation, in_memory)
+
+
+def _renamed_on_load(hf_dir: Path, saved: dict, auto_class) -> list[tuple[str, str]]:
+    """``(saved name, in-memory name)`` of each tensor transformers loads unchanged, paired by
+    value (the tiny model's tensors are random; a value held twice, e.g. zero biases, is skipped)."""
+    import torch
+
+    loaded = auto_class.from_pretrained(str(hf_dir)).state_dict()
+    pairs = []
+    for name, tensor in saved.items():
+        same = [other for other, value in loaded.items()
+                if value.shape == tensor.shape and value.dtype == tensor.dtype and torch.equal(value, tensor)]
+        if len(same) == 1:
+            pairs.append((name, same[0]))
+    return pairs
 
 
 def write(model_type: str, out: Path | None = None) -> Path:

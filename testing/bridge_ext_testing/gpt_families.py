@@ -123,12 +123,14 @@ def cpu_build_context(provider=None) -> Iterator[None]:
     from bridge_ext_testing.qwen35 import _replaced, cpu_current_device
 
     from bridge_ext_testing.frontier import cpu_mappings, kimi_k25_build_context, nemotron_h_build_context
+    from bridge_ext_testing.local_specs import local_modules
 
     with ExitStack() as stack:
         stack.enter_context(cpu_current_device())
         stack.enter_context(cpu_mappings())
         stack.enter_context(kimi_k25_build_context())
         stack.enter_context(nemotron_h_build_context())
+        stack.enter_context(local_modules())
         stack.enter_context(_replaced("megatron.bridge.models.gpt_provider", mtp_block_spec=local_mtp_block_spec))
         yield
 

@@ -13,11 +13,16 @@ megatron-core's local modules, module for module, keeping the provider's own cla
 * ``TENorm`` and megatron's torch norms -> :class:`CpuNorm` (zero-centred gamma supported);
 * ``TEDotProductAttention`` -> ``DotProductAttention``; Gemma 2's FlexAttention (a Triton
   kernel) -> its unfused parent ``Gemma2DotProductAttention``, the path it falls back to itself;
-  Gemma 3's ``Gemma3TEDotProductAttention`` -> :func:`gemma3_dot_product_attention`;
+  Gemma 3's ``Gemma3TEDotProductAttention`` -> :func:`gemma3_dot_product_attention` (Gemma 3 VL's
+  attention bias applied as a mask);
+* module-level Transformer Engine names of the vision-language models' own modules
+  (:data:`MODULE_TE_NAMES`, e.g. Gemma 3 VL's projector norm) -> their local versions, inside
+  :func:`local_modules`;
 * a self-attention without q/k norm modules in a ``qk_layernorm`` config gets :class:`CpuNorm`
   ones (Transformer Engine's attention builds ``TENorm`` there itself);
-* a provider spec that extends Transformer Engine's default spec (OLMoE's, MiMo-V2-Flash's) starts
-  from the local block spec instead, with the provider's own modules swapped in (:data:`SPEC_EXTENSIONS`).
+* a provider spec that extends Transformer Engine's default spec (OLMoE's, MiMo-V2-Flash's,
+  Ministral-3's) starts from the local block spec instead, with the provider's own modules swapped
+  in (:data:`SPEC_EXTENSIONS`).
 
 A Transformer Engine class it has no local version of raises, naming it.
 """
@@ -101,13 +106,17 @@ def gemma3_dot_product_attention():
 
     class Gemma3DotProductAttention(DotProductAttention):
         def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, **kwargs):
-            if config.is_vision_language:
-                raise NotImplementedError("the local Gemma 3 attention covers text models only")
             config = copy.deepcopy(config)
             local = _is_local_attn_layer(layer_number, config.interleaved_attn_pattern)
-            config.window_size = (config.window_size - 1, 0) if local else None
+            # vision-language: Gemma3VLModel passes the window and image blocks as a bias instead
+            config.window_size = (config.window_size - 1, 0) if local and not config.is_vision_language else None
             super().__init__(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
                              attention_type=attention_type, **kwargs)
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, **kwargs):
+            if attention_bias is not None:  # Gemma3VLModel's additive bias: 0 allowed, dtype min masked
+                attention_mask = (attention_bias < 0).expand(query.shape[1], 1, -1, -1)
+            return super().forward(query, key, value, attention_mask, attn_mask_type, None, **kwargs)
 
     return Gemma3DotProductAttention
 
@@ -146,18 +155,35 @@ def mimo_v2_flash_dot_product_attention():
     return MiMoV2FlashDotProductAttention
 
 
-def _local(module, where: str):
-    """The local class for a module class of a spec (itself when it is not Transformer Engine's)."""
+@functools.cache
+def ministral_dot_product_attention():
+    """megatron-core's local ``DotProductAttention`` with Megatron-Bridge's
+    ``MinistralTEDotProductAttention`` query scaling (Llama 4's, by position)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MinistralDotProductAttention(DotProductAttention):
+        def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, **kwargs):
+            super().__init__(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+                             attention_type=attention_type, **kwargs)
+            rope = config.hf_config.text_config.rope_parameters if config.hf_config is not None else None
+            self.beta = rope["llama_4_scaling_beta"] if rope else 0
+            self.max_position_embeddings = rope["original_max_position_embeddings"] if rope else config.seq_length
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
+            positions = torch.arange(query.shape[0], device=query.device)  # query [s, b, heads, dim]
+            scale = 1 + self.beta * torch.log(1 + torch.floor(positions / self.max_position_embeddings))
+            query = query * scale.view(-1, *[1] * (query.dim() - 1)).to(query.dtype)
+            return super().forward(query, key, value, attention_mask, attn_mask_type, **kwargs)
+
+    return MinistralDotProductAttention
+
+
+def _local_by_name(name: str):
+    """The local class standing for Transformer Engine's class ``name`` (None: no such)."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    name = _te_names().get(id(module)) or getattr(module, "__name__", "")
-    if name == "Gemma2FlexDotProductAttention":
-        return module.__mro__[1]
-    if name == "Gemma3TEDotProductAttention":
-        return gemma3_dot_product_attention()
-    local = {
+    return {
         "TEColumnParallelLinear": ColumnParallelLinear,
         "TELayerNormColumnParallelLinear": ColumnParallelLinear,
         "TERowParallelLinear": RowParallelLinear,
@@ -165,6 +191,18 @@ def _local(module, where: str):
         "TEDotProductAttention": DotProductAttention,
         "TENorm": CpuNorm,
     }.get(name)
+
+
+def _local(module, where: str):
+    """The local class for a module class of a spec (itself when it is not Transformer Engine's)."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    name = _te_names().get(id(module)) or getattr(module, "__name__", "")
+    if name == "Gemma2FlexDotProductAttention":
+        return module.__mro__[1]
+    if name == "Gemma3TEDotProductAttention":
+        return gemma3_dot_product_attention()
+    local = _local_by_name(name)
     if local is not None:
         return local
     if module is WrappedTorchNorm:
@@ -172,6 +210,25 @@ def _local(module, where: str):
     if "TE" in name or getattr(module, "__module__", "").startswith("megatron.core.extensions"):
         raise NotImplementedError(f"{where}: no local version of Transformer Engine's {name} for a CPU build")
     return module
+
+
+#: Modules of Megatron-Bridge's vision-language models that build Transformer Engine classes by
+#: module-level name (read in Megatron-Bridge 0.6.2's source): module -> those names.
+MODULE_TE_NAMES = {
+    "megatron.bridge.models.gemma_vl.modeling_gemma3_vl": ("TENorm",),
+}
+
+
+def local_modules():
+    """Scope for ``provide*``: :data:`MODULE_TE_NAMES` replaced by their local versions."""
+    from contextlib import ExitStack
+
+    from bridge_ext_testing.qwen35 import _replaced
+
+    stack = ExitStack()
+    for module_name, names in MODULE_TE_NAMES.items():
+        stack.enter_context(_replaced(module_name, **{name: _local_by_name(name) for name in names}))
+    return stack
 
 
 def localize(spec, config, where: str = "layer"):
@@ -281,6 +338,9 @@ SPEC_EXTENSIONS = {
     "megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.mimo_v2_flash_layer_spec":
         ("megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.MiMoV2FlashSelfAttention",
          mimo_v2_flash_dot_product_attention),
+    # its MinistralTEDotProductAttention subclasses a placeholder too: the local stand-in
+    "megatron.bridge.models.ministral3.ministral3_provider.ministral_layer_spec":
+        ("megatron.core.transformer.attention.SelfAttention", ministral_dot_product_attention),
 }
 
 

@@ -60,6 +60,18 @@ TINY: dict[str, dict] = {
     # window 16 > the 11 test tokens: Megatron-Bridge's window is one token narrower than transformers'
     # (architecture_notes.UNCOMPARED); the conformance module shows that difference on its own
     "mimo_v2_flash": dict(MIMO_V2_FLASH, sliding_window_size=16),
+    # SigLIP tower of 2 layers on 16x16 images (16 patches, pooled to 4 image tokens); no pooling
+    # head, as Megatron-Bridge builds it (and Gemma 3's checkpoints have none)
+    "gemma3": dict(text_config=dict(sliding_window=4, num_hidden_layers=6, tie_word_embeddings=True),
+                   vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                      image_size=16, patch_size=4, vision_use_head=False),
+                   mm_tokens_per_image=4, boi_token_index=120, eoi_token_index=121, image_token_index=122),
+    # Ministral-3: its text model (yarn rope, Llama-4 query scaling: the defaults Megatron-Bridge's
+    # provider assumes); Pixtral tower of 2 layers on 16x16 images; the image token outside the test tokens
+    "mistral3": dict(text_config=dict(model_type="ministral3"),
+                     vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, head_dim=16, image_size=16, patch_size=4),
+                     image_token_index=122, tie_word_embeddings=False),
 }
 
 #: model_type -> {parameter name ending: value it is filled with}, where transformers' initial
@@ -76,11 +88,21 @@ ROUTER_STD = 0.5
 
 
 def tiny_config(model_type: str, overrides: dict | None = None):
-    """transformers' config of ``model_type`` with the tiny sizes of its :data:`TINY` entry
-    (and ``overrides`` of them)."""
+    """transformers' config of ``model_type`` with the tiny sizes of its :data:`TINY` entry (and
+    ``overrides`` of them; a vision-language entry's :data:`BASE` sizes go to its ``text_config``)."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(model_type, **{**BASE, **TINY.get(model_type, {}), **(overrides or {})})
+    entry = {**TINY.get(model_type, {}), **(overrides or {})}
+    if "text_config" in entry:
+        return AutoConfig.for_model(model_type, **{**entry, "text_config": {**BASE, **entry["text_config"]}})
+    return AutoConfig.for_model(model_type, **{**BASE, **entry})
+
+
+def model_class(model_type: str):
+    """transformers' auto class of the tiny model: image-text-to-text for a vision-language entry."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if "vision_config" in TINY.get(model_type, {}) else AutoModelForCausalLM
 
 
 def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, overrides: dict | None = None) -> Path:
@@ -90,10 +112,8 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, ove
     router weights, attention sinks and expert score biases get a larger spread (top-k far from
     ties; a lost sink or bias shows), :data:`FILLED` weights their value.
     """
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, overrides)).float()
+    model = model_class(model_type).from_config(tiny_config(model_type, overrides)).float()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -110,4 +130,25 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, ove
                     tensor.fill_(value)
     directory = Path(directory)
     model.save_pretrained(directory)
+    _publish_names(directory / "model.safetensors", model_type)
     return directory
+
+
+def _publish_names(path: Path, model_type: str) -> None:
+    """Rename the saved tensors as published checkpoints name them (``architecture_notes.PUBLISHED_PREFIXES``)."""
+    from safetensors.torch import load_file, save_file
+
+    from bridge_ext.tables.architecture_notes import PUBLISHED_PREFIXES
+
+    prefixes = PUBLISHED_PREFIXES.get(model_type)
+    if not prefixes:
+        return
+    tensors = load_file(str(path))
+
+    def published(name: str) -> str:
+        for saved, public in prefixes:
+            if name.startswith(saved) and not name.startswith(public):
+                return public + name[len(saved):]
+        return name
+
+    save_file({published(name): tensor for name, tensor in tensors.items()}, str(path), metadata={"format": "pt"})

@@ -195,7 +195,8 @@ POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
 GENERATED = {"mistral": GQA_TARGETS, "gemma": GQA_TARGETS, "gemma2": POST_NORM_TARGETS,
              "gemma3_text": POST_NORM_TARGETS, "nemotron": GQA_TARGETS, "exaone4": POST_NORM_TARGETS,
              "olmoe": GQA_TARGETS, "deepseek_v2": MLA_TARGETS, "exaone_moe": GQA_TARGETS,
-             "mimo_v2_flash": GQA_TARGETS, "ernie4_5_moe": GQA_TARGETS, "hy_v3": GQA_TARGETS}
+             "gemma3": POST_NORM_TARGETS, "mistral3": GQA_TARGETS, "mimo_v2_flash": GQA_TARGETS,
+             "ernie4_5_moe": GQA_TARGETS, "hy_v3": GQA_TARGETS}
 LIVE_FOR_VLLM = ("hy_v3",)
 
 def _minimax_m2(d: Path) -> Path:

@@ -273,7 +273,7 @@ def test_save_hf_pretrained_in_a_parallel_job_is_written_once_by_rank0(run_layou
 
 
 # Megatron-Bridge's DeepSeek-V3 / GLM-4.5 MTP mappings have no copies of the embedding and the
-# output layer (see tests/test_conformance_deepseek_family.py); Qwen3.5's MTP has none to copy.
+# output layer (see tests/conformance/registry.py, MTP_COPIES); Qwen3.5's MTP has none to copy.
 MTP_COPIES = re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
 
 

@@ -2,7 +2,7 @@
 
 megatron-core 0.19.2 builds the DSA layer only with Transformer Engine's spec provider (its DSA
 spec asks the backend for ``linear()``, which the local provider lacks), so the CPU conformance
-module proves GLM-5's names only (tests/test_conformance_deepseek_family.py). Here the tiny GLM-5
+module proves GLM-5's names only (tests/conformance/test_oddities.py). Here the tiny GLM-5
 (indexer on layers 0 and 2, layer 1 sharing their top-k, one MTP layer) is built by
 Megatron-Bridge's own ``GLM5Bridge`` provider with its DSA spec, ``mtp_num_layers = 1`` (the
 bridge leaves MTP out by default), the all-to-all dispatcher (its default "flex" one needs

@@ -32,7 +32,7 @@ def test_megatron_forward_matches_transformers_with_peft_and_merged(megatron_cpu
     from bridge_ext.verify import Report, compare_logits, hf_logits, load_adapter_strict
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from test_conformance_deepseek_family import hf_base_model, input_ids
+    from conformance.support import hf_base_model, input_ids
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model = build_megatron_model(tiny_nemotron_h(tmp_path / "hf"), lora=LoraSettings(target_modules=TARGETS),

@@ -1,0 +1,1 @@
+"""The conformance contract: one set of checks, one registry of tiny models (``registry.ENTRIES``)."""
