@@ -15,8 +15,12 @@ from typing import Protocol
 
 
 def text_config(config) -> object:
-    """The language-model part of a config (``text_config`` of multimodal configs)."""
-    return getattr(config, "text_config", None) or config
+    """The language-model part of a config (``text_config`` of multimodal configs; the thinker's
+    of omni configs, as transformers' ``get_text_config`` finds it)."""
+    found = getattr(config, "text_config", None)
+    if found is None and hasattr(config, "get_text_config"):
+        found = config.get_text_config()
+    return found or config
 
 
 def vision_config(config) -> object | None:

@@ -83,10 +83,12 @@ def foreign_entries(target: Path) -> list[str]:
     """The entries of folder ``target`` that no Hugging Face model or PEFT adapter folder holds
     (anything but regular files of those names: a subfolder, a link, ``.ssh``, ``notes.txt``)."""
     from bridge_ext.save import COMPANION_FILES
+    from bridge_ext.tables import companion_file_names
 
+    companions = {*COMPANION_FILES, *companion_file_names()}
     foreign = []
     for entry in sorted(os.scandir(target), key=lambda entry: entry.name):
-        known = _OUTPUT_FILE.fullmatch(entry.name) or entry.name in COMPANION_FILES
+        known = _OUTPUT_FILE.fullmatch(entry.name) or entry.name in companions
         if not known or not entry.is_file(follow_symlinks=False):
             foreign.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
     return foreign

@@ -66,10 +66,11 @@ def companion_refusal(path: Path, folder: Path) -> str | None:
     return None
 
 
-def copy_companion_files(folder: Path, directory: Path) -> list[str]:
-    """Copy the tokenizer, template and generation files of ``folder``; name those refused."""
+def copy_companion_files(folder: Path, directory: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """Copy the tokenizer, template and generation files of ``folder`` (and the table's ``extra``
+    companion files); name those refused."""
     refused = []
-    for name in COMPANION_FILES:
+    for name in (*COMPANION_FILES, *extra):
         path = folder / name
         if not os.path.lexists(path):
             continue
@@ -106,7 +107,7 @@ def write_config(plan: ExportPlan, directory: Path, source_folder: Path | None, 
     """
     notes, config = [], None
     if source_folder is not None and (source_folder / "config.json").is_file():
-        notes.extend(copy_companion_files(source_folder, directory))
+        notes.extend(copy_companion_files(source_folder, directory, plan.table.companion_files))
         reason = companion_refusal(source_folder / "config.json", source_folder)
         if reason is None:
             config = json.loads((source_folder / "config.json").read_text())

@@ -239,7 +239,10 @@ class MappingTable:
             (``AutoModelForImageTextToText`` for image-text models).
         sizes: Named sizes the rules' operations use beyond the common ones of
             :class:`~bridge_ext.dims.ModelDims` (hidden, heads, groups, vocabulary...), each
-            stating where the config keeps them (e.g. :class:`~bridge_ext.dims.MambaSizes`).
+            stating where the config keeps them (e.g. :class:`~bridge_ext.tables.sizes.MambaSizes`).
+        companion_files: Files of the source folder beyond the tokenizer, template and generation
+            files that transformers' class needs to load the model (Qwen2.5-Omni's speaker
+            dictionary ``spk_dict.pt``): copied into a model folder like those.
     """
 
     model_types: tuple[str, ...]
@@ -260,6 +263,7 @@ class MappingTable:
     hf_auto_class: str = "AutoModelForCausalLM"
     stored_stacked_lists: tuple[str, ...] = ()
     sizes: tuple[Sizes, ...] = field(default=(), compare=False)
+    companion_files: tuple[str, ...] = field(default=(), compare=False)
     #: Registers with transformers what reading this family's config needs (e.g. a config class
     #: for a model type transformers lacks); run by :func:`bridge_ext.tables.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.

@@ -377,27 +377,28 @@ def in_memory_prefixes_of(pairs: list[tuple[str, str]]) -> tuple[tuple[str, str]
     pair into its in-memory name (first fit wins, longest saved prefix first): the prefixes
     before the names' longest common dotted suffix. A rename inside a numbered module (a router
     bias moved into the gate) is no prefix rename and is left to the conformance test's strict
-    PEFT load; prefixes renamed two ways are refused."""
-    found: dict[str, str] = {}
+    PEFT load; prefixes renamed two ways are refused. A prefix that would also catch a name
+    transformers keeps (Qwen3-Omni's ``thinker.`` beside ``thinker.lm_head``) is narrowed by one
+    part of the common suffix (``thinker.audio_tower.``)."""
     prefix_renamed = []
     for saved, loaded in pairs:
-        saved_parts, loaded_parts = saved.split("."), loaded.split(".")
-        common = 0
-        while common < min(len(saved_parts), len(loaded_parts)) - 1 and \
-                saved_parts[-1 - common] == loaded_parts[-1 - common]:
-            common += 1
-        saved_prefix = ".".join(saved_parts[:len(saved_parts) - common]) + "."
-        loaded_prefix = ".".join(loaded_parts[:len(loaded_parts) - common]) + "."
-        if saved == loaded or any(part.isdigit() for part in saved_prefix.split(".")):
-            continue
-        prefix_renamed.append((saved, loaded))
+        saved_prefix, _ = _renamed_prefixes(saved, loaded, 0)
+        if saved != loaded and not any(part.isdigit() for part in saved_prefix.split(".")):
+            prefix_renamed.append((saved, loaded))
+    kept = [saved for saved, loaded in pairs if saved == loaded]
+    wide = {pair: _renamed_prefixes(*pair, 0) for pair in prefix_renamed}
+    too_wide = {prefix for prefix, _ in wide.values() if any(name.startswith(prefix) for name in kept)}
+    found: dict[str, str] = {}
+    for pair, (saved_prefix, loaded_prefix) in wide.items():
+        if saved_prefix in too_wide:
+            saved_prefix, loaded_prefix = _renamed_prefixes(*pair, 1)
         if found.setdefault(saved_prefix, loaded_prefix) != loaded_prefix:
             raise TableError(f"transformers renames the prefix {saved_prefix} two ways "
                              f"({found[saved_prefix]}, {loaded_prefix})")
     ordered = tuple(sorted(found.items(), key=lambda pair: (-len(pair[0]), pair[0])))
-    for saved, loaded in prefix_renamed:
-        fit = next((saved_prefix, loaded_prefix) for saved_prefix, loaded_prefix in ordered
-                   if saved.startswith(saved_prefix))
+    for saved, loaded in [*prefix_renamed, *((name, name) for name in kept)]:
+        fit = next(((saved_prefix, loaded_prefix) for saved_prefix, loaded_prefix in ordered
+                    if saved.startswith(saved_prefix)), ("", ""))
         if fit[1] + saved[len(fit[0]):] != loaded:
             raise TableError(f"transformers renames {saved} to {loaded}: no prefix rename gives it")
     return ordered
@@ -410,9 +411,22 @@ def _is_image_text(model_type: str) -> bool:
     return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
+def _renamed_prefixes(saved: str, loaded: str, narrowed: int) -> tuple[str, str]:
+    """The two names' prefixes before their longest common dotted suffix (a part of each name
+    left at least), ``narrowed`` parts of that suffix kept with them."""
+    saved_parts, loaded_parts = saved.split("."), loaded.split(".")
+    common = 0
+    while common < min(len(saved_parts), len(loaded_parts)) - 1 and \
+            saved_parts[-1 - common] == loaded_parts[-1 - common]:
+        common += 1
+    common = max(common - narrowed, 0)
+    return (".".join(saved_parts[:len(saved_parts) - common]) + ".",
+            ".".join(loaded_parts[:len(loaded_parts) - common]) + ".")
+
+
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
            in_memory_prefixes: tuple[tuple[str, str], ...] = ()) -> str:
-    from bridge_ext.tables.architecture_notes import UNCOMPARED
+    from bridge_ext.tables.architecture_notes import COMPANION_FILES, LEFT_OUT_NOTES, UNCOMPARED
 
     bridge = entry.bridge_class
     uncompared = UNCOMPARED.get(model_type, {})
@@ -428,12 +442,14 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
         *(["'**' subtrees expanded on the tiny models (proven by the conformance entry of this model type)."]
           if model_type in TOWERS_GENERATED else []),
     ]
+    if model_type in LEFT_OUT_NOTES:  # reviewed by hand: bridge_ext.tables.architecture_notes.LEFT_OUT_NOTES
+        lines += ["", *textwrap.wrap("Also left out: " + LEFT_OUT_NOTES[model_type], 96)]
     if translation.absent:
         lines += ["", "Mappings of weights the tiny model lacks (their parallel kind cannot be read off a module),",
                   "left out so that such a weight is refused as unmapped:"]
         lines += [f"    {name}" for name in translation.absent]
     ops = ["AddOne", "Concat", "SplitGroupedRows", "SplitRows", "TrimVocab"]
-    ops += ["SplitHeadGroups"] if any("SplitHeadGroups(" in each.text for each in translation.rules) else []
+    ops += [op for op in ("SplitHeadGroups", "Transpose") if any(f"{op}(" in each.text for each in translation.rules)]
     ops += [re.match(r"\w+", op)[0] for each in KINDS_WITH_OPS.values() for op in each[1:]
             if any(op in rule.text for rule in translation.rules)]
     ops += ["Transpose"] if any("Transpose()" in each.text for each in translation.rules) else []
@@ -456,6 +472,8 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     if _is_image_text(model_type):  # the Auto class that loads its folders (MappingTable.hf_auto_class)
         lines.append('    hf_auto_class="AutoModelForImageTextToText",')
     lines.append(f"    expert_families={families},")
+    if model_type in COMPANION_FILES:  # reviewed by hand: bridge_ext.tables.architecture_notes.COMPANION_FILES
+        lines.append(f"    companion_files=({', '.join(_quoted(name) for name in COMPANION_FILES[model_type])},),")
     published = PUBLISHED_PREFIXES.get(model_type, ())
     if published:  # transformers saves these prefixes otherwise than the published checkpoints
         lines.append("    saved_name_fixes=(")

@@ -83,16 +83,23 @@ def check_model_folder(model_dir: str | Path, report: Report, *, expert_layout: 
 
 
 def auto_model_class(config):
-    """The transformers Auto class that loads a folder of ``config``: its table's ``hf_auto_class``;
-    for a model type without a table, transformers' own registry of image-text models decides."""
+    """The transformers class that loads a folder of ``config``: its table's ``hf_auto_class``
+    (for a model type without a table, transformers' own registry of image-text models decides),
+    or the table's model class where that Auto class has none for the config (audio / omni models)."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     table = _table_or_none(config)
     if table is not None:
-        return getattr(transformers, table.hf_auto_class)
-    image_text = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    return transformers.AutoModelForImageTextToText if image_text else transformers.AutoModelForCausalLM
+        auto = getattr(transformers, table.hf_auto_class)
+    else:
+        image_text = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        auto = transformers.AutoModelForImageTextToText if image_text else transformers.AutoModelForCausalLM
+    if type(config) not in auto._model_mapping:  # audio / omni models: no such auto class, the table's class
+        from bridge_ext.hf_keys import model_class_for
+
+        return model_class_for(config)
+    return auto
 
 
 def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):

@@ -204,6 +204,12 @@ def test_in_memory_prefixes_are_read_off_name_pairs_or_refused():
     with pytest.raises(TableError, match=r"renames the prefix visual\. two ways"):
         in_memory_prefixes_of([("visual.a.weight", "model.visual.a.weight"),
                                ("visual.b.weight", "encoder.visual.b.weight")])
+    # Qwen3-Omni: thinker.lm_head stays, so thinker.audio_tower is renamed by a narrower prefix than thinker.
+    omni = [("thinker.audio_tower.conv1.weight", "thinker.model.audio_tower.conv1.weight"),
+            ("thinker.model.layers.0.mlp.gate.weight", "thinker.model.language_model.layers.0.mlp.gate.weight"),
+            ("thinker.lm_head.weight", "thinker.lm_head.weight")]
+    assert in_memory_prefixes_of(omni) == (("thinker.audio_tower.", "thinker.model.audio_tower."),
+                                           ("thinker.model.", "thinker.model.language_model."))
 
 
 def test_fused_expert_names_must_be_transformers_experts_parameters():

@@ -29,7 +29,10 @@ PROVEN = sorted(set(TINY) & generated_model_types())
 #: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)
 POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
 LORA_TARGETS = {"gemma2": POST_NORM_TARGETS, "gemma3_text": POST_NORM_TARGETS, "gemma3": POST_NORM_TARGETS,
-                "exaone4": POST_NORM_TARGETS}
+                "exaone4": POST_NORM_TARGETS,
+                # Qwen3-Omni's vision MLPs are named linear_fc1 / fc2 too: LoRA on the language model only
+                "qwen3_omni_moe": ("linear_qkv", "linear_proj", "*language_model*.linear_fc1",
+                                   "*language_model*.linear_fc2")}
 #: Yarn rope: Megatron and transformers compute its frequencies in another order (DeepSeek's tests: the same bound)
 TOLERANCE = {"mistral3": 1e-4}
 #: Megatron-Bridge 0.6.2's Ernie45Bridge gives the provider a sigmoid router (moe_router_score_function
@@ -91,13 +94,18 @@ def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
     theirs = {table_for(config).in_memory_name(name): tensor for name, tensor in saved.items()}
     assert sorted(adapters) == sorted(theirs)
     assert [name for name in adapters if not torch.equal(adapters[name], theirs[name])] == []
-    # for vLLM: the saved names its modules carry (per expert, as these classes' vLLM models wrap experts),
-    # under the in-memory prefixes (vLLM maps both, as Qwen2.5-VL's)
-    saved = {table_for(config).in_memory_name(name, renames=False): tensor for name, tensor in saved.items()}
+    # for vLLM: the saved names its modules carry (per expert, as most of these classes' vLLM models
+    # wrap experts), under the in-memory prefixes (in_memory_prefixes; the omni thinkers' vLLM does not apply them:
+    # tests/consumers)
     for_vllm = {name.removeprefix(PEFT_PREFIX): t for name, t in
                 export_hf_weights(built.chunks, adapters_only=True, adapter_for="vllm")}
-    assert sorted(for_vllm) == sorted(saved)
-    assert [name for name in for_vllm if not torch.equal(for_vllm[name], saved[name])] == []
+    expected = {table_for(config).in_memory_name(name, renames=False): t for name, t in saved.items()}
+    if table_for(config).vllm_expert_adapter_layout(config) == "fused" and table_for(config).expert_families:
+        # experts fused for this class's vLLM model (the fused layout is proven against PEFT's logits)
+        for_vllm, expected = ({name: t for name, t in each.items() if ".experts." not in name}
+                              for each in (for_vllm, expected))
+    assert sorted(for_vllm) == sorted(expected)
+    assert [name for name in for_vllm if not torch.equal(for_vllm[name], expected[name])] == []
 
 
 def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
@@ -108,13 +116,13 @@ def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
     input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
     with cpu_forward_context():
         reference = megatron_logits(built.chunks, input_ids)
-    ours = hf_logits(peft_model, input_ids)
+    ours = hf_logits(_text_model(peft_model.get_base_model()), input_ids)
     if built.provider.moe_router_score_function == "sigmoid" and _model_type(built) in SOFTMAX_ROUTER:
         assert (ours - reference).abs().max() / reference.abs().max() > 1e-3  # the provider's routing differs
         with _routers_scored_by("softmax", built.chunks), cpu_forward_context():
             reference = megatron_logits(built.chunks, input_ids)
     relative = compare_logits(ours, reference, report, what="HF + adapter", relative_tolerance=TOLERANCE.get(_model_type(built), 1e-5))
-    without_adapter = hf_logits(load_hf_model(tmp_path / "model"), input_ids)
+    without_adapter = hf_logits(_text_model(load_hf_model(tmp_path / "model")), input_ids)
     assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
 
 
@@ -136,6 +144,11 @@ def _routers_scored_by(score_function: str, chunks):
     finally:
         for router, each in zip(routers, saved):
             router.score_function = each
+
+
+def _text_model(model):
+    """The module that answers text: an omni model's thinker (the whole model has no forward)."""
+    return getattr(model, "thinker", model)
 
 
 def test_lora_after_a_linear_s_own_output_norm_is_refused(megatron_cpu, tmp_path):

@@ -88,6 +88,12 @@ def register_transformers_configs() -> None:
             table.register_hf_config()
 
 
+def companion_file_names() -> set[str]:
+    """Every table's ``companion_files`` (names an earlier output folder may hold)."""
+    tables = (*built_in_tables(), *GENERATED, *_REGISTERED.values())
+    return {name for table in tables for name in getattr(table, "companion_files", ())}
+
+
 def known_model_types() -> list[str]:
     return sorted({*_BY_MODEL_TYPE, *generated_model_types(), *_REGISTERED})
 

@@ -13,11 +13,28 @@ from __future__ import annotations
 MTP_PREFIXES = ("mtp.", "language_model.mtp.")  # a vision-language model's MTP sits in its language model
 #: Megatron-side prefixes of the parts a generated table leaves out (``bridge-ext tables generate``):
 #: MTP, and vision / audio towers unless the model type is in :data:`TOWERS_GENERATED`.
-LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tower.", "visual.", "talker.", "thinker.")
+LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tower.", "visual.", "audio_tower.",
+                     "multi_modal_projector.", "talker.", "thinker.")
 
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
-TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "mistral3"})
+TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "mistral3", "qwen2_5_omni", "qwen2_audio", "qwen3_omni_moe"})
+
+#: What a generated table of these model types leaves out beyond MTP (written into its header).
+_SPEECH_OUTPUT = ("the {talker} (speech output): Megatron-Bridge's bridge neither builds nor maps them, so an "
+                  "export is the thinker alone, for a config with enable_audio_output false; one with it true names "
+                  "{names} weights in transformers' key set, and the export refuses it before the first tensor "
+                  "(missing names).")
+LEFT_OUT_NOTES = {
+    "qwen2_5_omni": _SPEECH_OUTPUT.format(talker="talker and token2wav", names="talker.* / token2wav.*"),
+    "qwen3_omni_moe": _SPEECH_OUTPUT.format(talker="talker and code2wav", names="talker.* / code2wav.*"),
+}
+
+#: Files beyond the tokenizer / template / generation ones that transformers' class of the model
+#: type needs to load it (read in transformers 5.23): a generated table's ``companion_files``.
+#: Qwen2_5OmniForConditionalGeneration.from_pretrained loads the folder's speaker dictionary
+#: (torch.load, weights_only) and raises without it.
+COMPANION_FILES = {"qwen2_5_omni": ("spk_dict.pt",)}
 
 #: Bridge-private subclasses that convert exactly like their base (read in Megatron-Bridge's
 #: source): ERNIE-4.5's ``_PPSafe*`` only return nothing for a weight no pipeline rank holds.
@@ -54,7 +71,8 @@ HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3",
-                              "gemma3_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe"})
+                              "gemma3_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
+                              "qwen2_audio", "qwen3_omni_moe"})
 
 TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
@@ -73,10 +91,6 @@ REFUSED: dict[str, str] = {
     # vision / audio models
     "NemotronH_Nano_Omni_Reasoning_V3": TOWER,
     "NemotronH_Nano_VL_V2": TOWER,
-    "Qwen2AudioForConditionalGeneration": TOWER,
-    "Qwen2_5OmniForConditionalGeneration": TOWER,
-    "Qwen3ASRForConditionalGeneration": TOWER,
-    "Qwen3OmniMoeForConditionalGeneration": TOWER,
     # remote code
     "DeciLMForCausalLM": REMOTE,
     "SarvamMLAForCausalLM": REMOTE,
@@ -84,6 +98,11 @@ REFUSED: dict[str, str] = {
     "Step3p5ForCausalLM": REMOTE,
     "BailingMoeV2ForCausalLM": REMOTE,
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
+    "Qwen3ASRForConditionalGeneration": "Megatron-Bridge 0.6.2's Qwen3ASRBridge is written for the remote-code "
+                                        "Qwen3-ASR (thinker_config; thinker.model / thinker.audio_tower names); "
+                                        "transformers 5.23's Qwen3ASRConfig has audio_config / text_config, so its "
+                                        "provider fails (no attribute thinker_config), and its model names "
+                                        "model.language_model / model.audio_tower / model.multi_modal_projector",
     "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, which transformers 5.23's "
                          "Gemma4TextConfig makes per-layer (AmbiguousGlobalPerLayerAttributeError) wherever "
                          "global_head_dim differs from head_dim, as in the published E2B and E4B (256 / 512) and both "

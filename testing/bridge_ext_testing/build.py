@@ -77,14 +77,15 @@ def build_megatron_model(
     from megatron.bridge import AutoBridge
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from bridge_ext_testing import gpt_families, local_specs, qwen3_vl, qwen35, tiny_generated
+    from bridge_ext_testing import gpt_families, local_specs, omni, qwen3_vl, qwen35, tiny_generated
 
     is_qwen35 = qwen35.is_qwen35(hf_dir)
     model_type = qwen35.hf_model_type(hf_dir)
     if model_type == "qwen2_moe":
         import bridge_ext_testing.qwen2_moe_bridge  # noqa: F401  (registers the bridge Megatron-Bridge lacks)
     is_qwen3_vl = model_type in qwen3_vl.MODEL_TYPES
-    is_gpt_family = gpt_families.is_gpt_family(hf_dir)
+    is_omni = model_type in omni.PROVIDER_MODULES
+    is_gpt_family = gpt_families.is_gpt_family(hf_dir) and not is_omni
     bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 or is_qwen3_vl or is_gpt_family else AutoBridge
     bridge = bridge_cls.from_hf_pretrained(str(hf_dir))
     provider = bridge.to_megatron_provider(load_weights=False)
@@ -92,6 +93,8 @@ def build_megatron_model(
         provider.mrope_section = qwen3_vl.qwen2_5_vl_mrope_section(hf_dir)
     if is_qwen3_vl:
         qwen3_vl.configure_provider(provider)
+    elif is_omni:
+        omni.configure_provider(provider)
     elif is_qwen35:
         qwen35.configure_provider(provider)
         rotary_percent = qwen35.qwen3_next_rotary_percent(hf_dir)
@@ -124,6 +127,8 @@ def build_megatron_model(
         provider.sequence_parallel = False
     if is_qwen3_vl:
         build_context = qwen3_vl.cpu_build_context(provider)
+    elif is_omni:
+        build_context = omni.cpu_build_context(model_type)
     elif is_qwen35:
         build_context = qwen35.cpu_build_context(provider)
     elif is_gpt_family:

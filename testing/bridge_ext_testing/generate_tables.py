@@ -30,7 +30,7 @@ def generate(model_type: str) -> str:
 
     from bridge_ext_testing.build import build_megatron_model
     from bridge_ext_testing.distributed import megatron_parallel
-    from bridge_ext_testing.tiny_generated import model_class, tiny_config, tiny_generated
+    from bridge_ext_testing.tiny_generated import model_class, tiny_generated, tiny_model
 
     entry = bridge_for(model_type)
     parallel = nullcontext() if parallel_state.model_parallel_is_initialized() else megatron_parallel()
@@ -47,7 +47,7 @@ def generate(model_type: str) -> str:
         model_bridge.hf_pretrained = built.bridge.hf_pretrained  # as its export sets it: the source's names
         mappings = model_bridge.mapping_registry().mappings
         with torch.device("meta"):
-            hf_model = model_class(model_type).from_config(tiny_config(model_type))
+            hf_model = tiny_model(model_type)
         saved = load_file(str(hf_dir / "model.safetensors"))  # the names the rules produce
         translation = translate(mappings, Resolver(built.chunks[0]), expert_parameters_of(hf_model),
                                 model_type=model_type, hf_names=list(saved))

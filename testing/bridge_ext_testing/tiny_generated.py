@@ -17,6 +17,16 @@ import torch
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+AUDIO = dict(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=48, d_model=32,
+             max_source_positions=20)
+VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=14)
+MROPE = [2, 3, 3]  # head_dim 16: 8 rotary frequencies
+#: the published Qwen2.5-Omni / Qwen3-Omni value, which Megatron-Bridge 0.6.2 takes: it reads
+#: ``text_config.rope_theta``, absent in transformers 5's configs (``rope_parameters``), and falls back to it
+OMNI_ROPE_THETA = 1000000.0
+THINKER_TOKENS = dict(audio_token_id=100, audio_token_index=100, image_token_id=101, image_token_index=101,
+                      video_token_id=102, video_token_index=102, vision_start_token_id=103,
+                      audio_start_token_id=104, audio_end_token_id=105)
 
 #: MiMo-V2-Flash as XiaomiMiMo/MiMo-V2-Flash's config.json spells it, scaled down: transformers'
 #: fields (layer_types, mlp_layer_types, per-layer-type rope_parameters) and, saying the same, the
@@ -72,8 +82,33 @@ TINY: dict[str, dict] = {
                      vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=2, head_dim=16, image_size=16, patch_size=4),
                      image_token_index=122, tie_word_embeddings=False),
+    # Whisper-like audio tower of 2 layers; the Qwen2 decoder has q/k/v biases
+    "qwen2_audio": dict(text_config=dict(model_type="qwen2"), audio_config=AUDIO, audio_token_index=100),
+    # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / token2wav
+    "qwen2_5_omni": dict(enable_audio_output=False, thinker_config=dict(
+        text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=OMNI_ROPE_THETA, mrope_section=MROPE)),
+        audio_config=dict(AUDIO, output_dim=64, n_window=4),
+        vision_config=dict(VISION, fullatt_block_indexes=[1], window_size=28),
+        **THINKER_TOKENS)),
+    # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / code2wav
+    "qwen3_omni_moe": dict(enable_audio_output=False, thinker_config=dict(
+        text_config=dict(MOE, rope_parameters=dict(rope_type="default", rope_theta=OMNI_ROPE_THETA, mrope_section=MROPE,
+                                                   mrope_interleaved=True)),
+        audio_config=dict(AUDIO, output_dim=64, n_window=4, downsample_hidden_size=8),
+        # image_size (56 / patch 14 = 4, 4 x 4 = 16 positions) and apply_vit_abs_pos_embed: fields of
+        # the published configs that vLLM reads (transformers' class lacks them)
+        vision_config=dict(VISION, deepstack_visual_indexes=[0], num_position_embeddings=16, image_size=56,
+                           apply_vit_abs_pos_embed=True),
+        **THINKER_TOKENS)),
 }
 
+#: transformers' classes of the entries that are not causal LMs
+MODEL_CLASSES = {"qwen2_audio": "Qwen2AudioForConditionalGeneration",
+                 "qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration",
+                 "qwen3_omni_moe": "Qwen3OmniMoeForConditionalGeneration"}
+#: files beside the weights that transformers' class loads (the published folders hold them):
+#: Qwen2.5-Omni's speaker dictionary, empty here
+SPEAKERS = {"qwen2_5_omni": "spk_dict.pt"}
 #: model_type -> {parameter name ending: value it is filled with}, where transformers' initial
 #: value (zeros) would not show whether the weight was carried at all.
 FILLED: dict[str, dict[str, float]] = {
@@ -88,21 +123,37 @@ ROUTER_STD = 0.5
 
 
 def tiny_config(model_type: str, overrides: dict | None = None):
-    """transformers' config of ``model_type`` with the tiny sizes of its :data:`TINY` entry (and
-    ``overrides`` of them; a vision-language entry's :data:`BASE` sizes go to its ``text_config``)."""
+    """transformers' config of ``model_type`` with the tiny sizes of its :data:`TINY` entry (a
+    vision-language entry's :data:`BASE` sizes go to its ``text_config``, an omni entry's to its
+    thinker's) and ``overrides`` of them."""
     from transformers import AutoConfig
 
     entry = {**TINY.get(model_type, {}), **(overrides or {})}
+    if "thinker_config" in entry:  # omni: the thinker's text config
+        thinker = entry["thinker_config"]
+        thinker = {**thinker, "text_config": {**BASE, **thinker["text_config"]}}
+        return AutoConfig.for_model(model_type, **{**entry, "thinker_config": thinker})
     if "text_config" in entry:
         return AutoConfig.for_model(model_type, **{**entry, "text_config": {**BASE, **entry["text_config"]}})
     return AutoConfig.for_model(model_type, **{**BASE, **entry})
 
 
 def model_class(model_type: str):
-    """transformers' auto class of the tiny model: image-text-to-text for a vision-language entry."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    """transformers' class of the tiny model: :data:`MODEL_CLASSES`' entry, else image-text-to-text
+    for a vision-language entry, else a causal LM."""
+    import transformers
 
-    return AutoModelForImageTextToText if "vision_config" in TINY.get(model_type, {}) else AutoModelForCausalLM
+    if model_type in MODEL_CLASSES:
+        return getattr(transformers, MODEL_CLASSES[model_type])
+    vision = "vision_config" in TINY.get(model_type, {})
+    return transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+
+
+def tiny_model(model_type: str, overrides: dict | None = None):
+    """transformers' model of ``model_type`` with the tiny sizes (on the current default device)."""
+    config = tiny_config(model_type, overrides)
+    cls = model_class(model_type)
+    return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
 
 
 def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, overrides: dict | None = None) -> Path:
@@ -113,7 +164,7 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, ove
     ties; a lost sink or bias shows), :data:`FILLED` weights their value.
     """
     torch.manual_seed(seed)
-    model = model_class(model_type).from_config(tiny_config(model_type, overrides)).float()
+    model = tiny_model(model_type, overrides).float()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -130,6 +181,8 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, ove
                     tensor.fill_(value)
     directory = Path(directory)
     model.save_pretrained(directory)
+    if model_type in SPEAKERS:
+        torch.save({}, directory / SPEAKERS[model_type])
     _publish_names(directory / "model.safetensors", model_type)
     return directory
 

@@ -369,6 +369,20 @@ def test_a_hugging_face_cache_snapshot_keeps_its_links_into_blobs(tmp_path):
     assert listing(written) == ["tokenizer_config.json"]
 
 
+def test_a_table_s_companion_files_are_copied_and_an_earlier_output_holding_them_is_no_foreign_folder(tmp_path):
+    """Qwen2.5-Omni's speaker dictionary (its table's companion_files) travels with the weights."""
+    source, written = tmp_path / "source", tmp_path / "written"
+    source.mkdir()
+    written.mkdir()
+    (source / "spk_dict.pt").write_bytes(b"speakers")
+    (source / "notes.txt").write_text("not a companion")
+    assert copy_companion_files(source, written, ("spk_dict.pt",)) == []
+    assert listing(written) == ["spk_dict.pt"]
+    assert output_folder.foreign_entries(written) == []
+    (written / "notes.txt").write_text("left by hand")
+    assert output_folder.foreign_entries(written) == ["notes.txt"]
+
+
 def test_the_staging_folder_of_a_running_conversion_is_left_alone(tmp_path):
     target = tmp_path / "model"
     with atomic_directory(target) as staging:  # holds the staging folder's lock, as a running conversion does

@@ -191,12 +191,15 @@ def _generated(model_type: str) -> Callable[[Path], Path]:
 
 #: linears that normalise their own output (Gemma 2 / 3, EXAONE 4) take LoRA only on these
 POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
+#: Qwen3-Omni's vision MLPs are named linear_fc1 / fc2 too: LoRA on the language model's only
+LANGUAGE_MODEL_TARGETS = ("linear_qkv", "linear_proj", "*language_model*.linear_fc1", "*language_model*.linear_fc2")
 #: the tables generated from Megatron-Bridge (bridge_ext/tables/generated), with their targets
 GENERATED = {"mistral": GQA_TARGETS, "gemma": GQA_TARGETS, "gemma2": POST_NORM_TARGETS,
              "gemma3_text": POST_NORM_TARGETS, "nemotron": GQA_TARGETS, "exaone4": POST_NORM_TARGETS,
              "olmoe": GQA_TARGETS, "deepseek_v2": MLA_TARGETS, "exaone_moe": GQA_TARGETS,
              "gemma3": POST_NORM_TARGETS, "mistral3": GQA_TARGETS, "mimo_v2_flash": GQA_TARGETS,
-             "ernie4_5_moe": GQA_TARGETS, "hy_v3": GQA_TARGETS}
+             "ernie4_5_moe": GQA_TARGETS, "hy_v3": GQA_TARGETS, "qwen2_audio": GQA_TARGETS,
+             "qwen3_omni_moe": LANGUAGE_MODEL_TARGETS, "qwen2_5_omni": GQA_TARGETS}
 LIVE_FOR_VLLM = ("hy_v3",)
 
 def _minimax_m2(d: Path) -> Path:

@@ -29,10 +29,15 @@ PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "kimi_k2",
 # unapplied: vLLM has no module under the in-memory name (MiniMax-M2: mlp.experts, vLLM's
 # block_sparse_moe.experts); the weights so left zero, by name
 ZEROED_ON_2D = {"minimax_m2": ".block_sparse_moe.experts."}
+# adapters vLLM leaves unapplied on every route: the omni thinkers map adapter names by the
+# checkpoint's prefixes (thinker.model.), PEFT keys them by transformers' in-memory ones
+# (thinker.model.language_model.); every adapted weight stays zero (docs/consumers.md)
+UNAPPLIED = {"qwen3_omni_moe": "language_model.model.layers.", "qwen2_5_omni": "language_model.model.layers."}
 # classes vLLM 0.34 builds without LoRA support (no SupportsLoRA): the engine refuses enable_lora,
 # so only the base and merged streams can reach them (the judge never gets to the saved folders)
 NO_LORA = {"kimi_k25": "LoRA is not supported for KimiK25ForConditionalGeneration",
-           "mimo_v2_flash": "LoRA is not supported for MiMoV2FlashForCausalLM"}
+           "mimo_v2_flash": "LoRA is not supported for MiMoV2FlashForCausalLM",
+           "qwen2_audio": "LoRA is not supported for Qwen2AudioForConditionalGeneration"}
 # adapters vLLM leaves unapplied with its default engine options, by design: vision-tower ones
 # need enable_tower_connector_lora (docs/consumers.md)
 DROPPED = {"qwen3_5_moe_vl": "visual.", "qwen3_5_moe_vl_normalize": "visual.", "qwen3_vl": "visual.",
@@ -146,6 +151,10 @@ def test_vllm_loads_the_export(verdicts, case, kind):
     refusal = expected(case, kind)
     if kind == "live" and case in NO_LORA:
         assert not verdict["ok"] and NO_LORA[case] in verdict.get("trace", ""), verdict
+    elif kind in ("live", "saved_peft", "saved_vllm") and case in UNAPPLIED:
+        zero = verdict.get("zero", [])
+        assert not verdict["ok"] and zero and all(name.startswith(UNAPPLIED[case]) for name in zero), verdict
+        assert not verdict.get("wrong"), verdict
     elif kind == "saved_peft" and case in ZEROED_ON_2D:
         zero = verdict.get("zero", [])
         assert not verdict["ok"] and zero and all(ZEROED_ON_2D[case] in name for name in zero), verdict
