@@ -36,7 +36,6 @@ from bridge_ext.checkpoint.parallel_write import base_in_workers
 from bridge_ext.checkpoint.reader import READ_AHEAD_BYTES
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.consumer import adapter_layout_for, is_mtp_adapter
-from bridge_ext.dims import ModelDims
 from bridge_ext.engine import Mode
 from bridge_ext.errors import ConvertError, OutputLocationError
 from bridge_ext.expert_layouts import expert_layouts, possible_variants, source_expert_layouts
@@ -46,11 +45,11 @@ from bridge_ext.hf_folder import TensorSpec
 from bridge_ext.output_folder import FoundTarget, check_distinct_outputs, check_output_target, require_an_output
 from bridge_ext.peft_config import adapted_outputs
 from bridge_ext.plan import ExportPlan, check_shapes, conversion_passes, fp8_plan, plan_export, refuse_adapters_for_vllm
-from bridge_ext.table import ExpertLayout
+from bridge_ext.table import ExpertLayout, MappingTable
 from bridge_ext.tables import known_model_types, register_transformers_configs, table_for
 from bridge_ext.value_check import ValueCheck
 from bridge_ext.stream_plan import planned_layout, planned_reads
-from bridge_ext.verify import Report
+from bridge_ext.verify import Report, auto_model_class
 
 
 @dataclass
@@ -197,20 +196,20 @@ def check_hf_side(reader: CheckpointReader, config, config_folder: Path | None, 
     return []
 
 
-def build_source(reader: CheckpointReader, config, hf_base: Path | None, layouts_found: dict[str, ExpertLayout]):
+def build_source(reader: CheckpointReader, config, table: MappingTable, hf_base: Path | None,
+                 layouts_found: dict[str, ExpertLayout]):
     """The checkpoint as a tensor source; for adapter-only checkpoints, with the HF base beside it."""
     run_config = reader.run_config
-    checkpoint = CheckpointSource(reader, run_config.peft if run_config is not None else None)
+    checkpoint = CheckpointSource(reader, run_config.peft if run_config is not None else None, table)
     if not reader.is_adapter_only:
         return checkpoint
     from bridge_ext.hf_keys import hf_checkpoint_keys
 
-    table = _table(config)
     if hf_base is not None:
         shapes = hf_folder_shapes(hf_base)
     else:  # names and shapes suffice to export adapters alone
         shapes = hf_checkpoint_keys(config, expert_layout=expert_layouts(table, layouts_found).transformers_layout(table))
-    base = HfBaseSource(shapes, table, ModelDims.from_hf_config(config), possible_variants(table, layouts_found), hf_base)
+    base = HfBaseSource(shapes, table, table.dims(config), possible_variants(table, layouts_found), hf_base)
     return CombinedSource(base, checkpoint)
 
 
@@ -326,7 +325,7 @@ def convert_checkpoint(
     built_from_run_config = model_type is not None and hf_base is None and hf_config is None
     notes.extend(check_hf_side(reader, config, config_folder, hf_base, built_from_run_config))
     found = source_expert_layouts(hf_base or config_folder, table)
-    source = build_source(reader, config, hf_base, found)
+    source = build_source(reader, config, table, hf_base, found)
     adapter_layout = adapter_layout_for(config, adapter_for, expert_adapter_layout)  # a refusal writes nothing
     plan = plan_export(source, config, expert_layouts(table, found, expert_layout, adapter_layout))
     plan = plan.with_extra_shapes(base_folder_extra_shapes(plan, hf_base))
@@ -465,9 +464,9 @@ def verify_conversion(result: ConvertResult, hf_base: str | Path | None = None, 
 
 
 def _load_with_info(model_dir: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir))
-    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
-    model, info = auto.from_pretrained(str(model_dir), dtype=torch.float32, output_loading_info=True)
+    model, info = auto_model_class(config).from_pretrained(str(model_dir), dtype=torch.float32,
+                                                           output_loading_info=True)
     return model.eval(), info

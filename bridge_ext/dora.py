@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from bridge_ext.errors import ExportError
-from bridge_ext.source import Adapter
+from bridge_ext.source import Adapter, TensorSource
 
 
 def dora_merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
@@ -30,6 +30,31 @@ def dora_merge(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, s
     weight = (lora_b.float() @ lora_a.float()).mul_(scale).add_(base)
     norm = torch.linalg.norm(weight, dim=1)
     return weight.mul_((magnitude.float() / norm).unsqueeze(1)).to(base.dtype)
+
+
+def dora_scaled_bias(name: str, shards: list[torch.Tensor], adapters: dict[str, Adapter],
+                     source: TensorSource) -> list[torch.Tensor]:
+    """The bias ``name`` (as its tensor-parallel ``shards``) for a merged export: one that its DoRA
+    linear adds inside the scaled product times the same factor ``m / ||W + s B A||_row`` (per
+    tensor-parallel shard of rows, as Megatron computes it); other biases as they are."""
+    adapter = adapters.get(name.removesuffix(".bias"))
+    if adapter is None or not adapter.bias_inside:
+        return shards
+    weights, lora_bs = source.shards(adapter.module + ".weight"), source.shards(adapter.lora_b)
+    magnitudes, a_shards = source.shards(adapter.magnitude), source.shards(adapter.lora_a)
+    # Megatron's own per-shard layout (column-parallel only, checked below), not the export's LoRA rule
+    lora_a = a_shards[0] if len(a_shards) == 1 else torch.cat(a_shards)
+    if not len(weights) == len(lora_bs) == len(magnitudes) or weights[0].shape[1] != lora_a.shape[1]:
+        raise ExportError(f"{name}: DoRA's bias scale of a row-parallel or unevenly sharded linear is not supported")
+    factors = []
+    for weight, lora_b, magnitude in zip(weights, lora_bs, magnitudes):
+        row = (lora_b.float() @ lora_a.float()).mul_(adapter.scale).add_(weight)
+        factors.append(magnitude.float() / torch.linalg.norm(row, dim=1))
+    if len(shards) == 1 and len(factors) > 1:  # delivered whole (see TaskConverter.joins_rows)
+        factors = [torch.cat(factors)]
+    if len(shards) != len(factors):
+        raise ExportError(f"{name}: its shards do not match its DoRA linear's")
+    return [(bias.float() * factor).to(bias.dtype) for bias, factor in zip(shards, factors)]
 
 
 def _listed(modules: list[str], limit: int = 4) -> str:

@@ -120,7 +120,7 @@ def plan_export(source: TensorSource, config, layouts: ExpertLayouts | None = No
     if duplicates:
         raise ExportError(f"several Megatron tensors map to {duplicates}")
     hf_keys = checkpoint_keys(config, layouts.transformers_layout(table))
-    plan = ExportPlan(config, table, ModelDims.from_hf_config(config), tuple(base_tasks), tuple(adapter_tasks), layouts,
+    plan = ExportPlan(config, table, table.dims(config), tuple(base_tasks), tuple(adapter_tasks), layouts,
                       MappingProxyType(hf_keys))
     unexpected = [name for name in produced if name not in hf_keys and not plan.is_extra(name)]
     missing = sorted(set(hf_keys) - set(produced))

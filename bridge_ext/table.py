@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from bridge_ext.config_compare import ConfigField
-from bridge_ext.dims import text_config
+from bridge_ext.dims import ModelDims, Sizes, text_config
 from bridge_ext.errors import TableError
 from bridge_ext.fp8_rules import Fp8Rules
 from bridge_ext.ops import Op
@@ -233,6 +233,16 @@ class MappingTable:
         vllm_adapters_refused: Why vLLM would apply none of this family's adapters (None: it
             applies them); an ``adapter_for="vllm"`` export or folder that carries adapters is
             refused with it before the first tensor (merged weights are what vLLM then takes).
+        stored_split_parts: Megatron weights a torch_dist checkpoint stores as several keys
+            (``<weight>.<part>``): each split-tensor factory's parts, in the order they join
+            (e.g. Gated DeltaNet's ``("query", "key", "value", "z", "beta", "alpha")``).
+        stored_stacked_lists: Module lists a torch_dist checkpoint stores on a leading axis
+            beyond the decoder's ``layers`` and the experts (Qwen3-VL: ``deepstack_merger_list``).
+        hf_auto_class: The transformers Auto class that loads a folder of this table's models
+            (``AutoModelForImageTextToText`` for image-text models).
+        sizes: Named sizes the rules' operations use beyond the common ones of
+            :class:`~bridge_ext.dims.ModelDims` (hidden, heads, groups, vocabulary...), each
+            stating where the config keeps them (e.g. :class:`~bridge_ext.tables.sizes.MambaSizes`).
         companion_files: Files of the source folder beyond the tokenizer, template and generation
             files that transformers' class needs to load the model (Qwen2.5-Omni's speaker
             dictionary ``spk_dict.pt``): copied into a model folder like those.
@@ -253,6 +263,10 @@ class MappingTable:
     published_renames: tuple[tuple[str, str], ...] = ()
     adapters_refused: str | None = field(default=None, compare=False)
     vllm_adapters_refused: str | None = field(default=None, compare=False)
+    stored_split_parts: tuple[tuple[str, ...], ...] = ()
+    hf_auto_class: str = "AutoModelForCausalLM"
+    stored_stacked_lists: tuple[str, ...] = ()
+    sizes: tuple[Sizes, ...] = field(default=(), compare=False)
     companion_files: tuple[str, ...] = field(default=(), compare=False)
     #: Registers with transformers what reading this family's config needs (e.g. a config class
     #: for a model type transformers lacks); run by :func:`bridge_ext.tables.register_transformers_configs`
@@ -267,6 +281,10 @@ class MappingTable:
         ``architectures[0]``, else the table's transformers class for its model type."""
         architectures = getattr(config, "architectures", None)
         return architectures[0] if architectures else self.model_classes.get(config.model_type)
+
+    def dims(self, config) -> ModelDims:
+        """The sizes of ``config`` the rules' operations name (the common ones and :attr:`sizes`)."""
+        return ModelDims.from_hf_config(config, self.sizes)
 
     def vllm_expert_adapter_layout(self, config) -> ExpertLayout:
         """The expert-adapter layout vLLM loads for ``config``'s architecture class; PEFT's

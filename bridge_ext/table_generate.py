@@ -405,6 +405,13 @@ def in_memory_prefixes_of(pairs: list[tuple[str, str]]) -> tuple[tuple[str, str]
     return ordered
 
 
+def _is_image_text(model_type: str) -> bool:
+    """Whether transformers' own registry loads ``model_type`` as an image-text model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
 def _renamed_prefixes(saved: str, loaded: str, narrowed: int) -> tuple[str, str]:
     """The two names' prefixes before their longest common dotted suffix (a part of each name
     left at least), ``narrowed`` parts of that suffix kept with them."""
@@ -462,8 +469,10 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     lines += [f"        {each.text}," for each in translation.rules]
     description = f"{entry.source} (generated from Megatron-Bridge {megatron_bridge_version()})"
     lines += ["    ),", f'    description="{description}",',
-              f"    model_classes={{{_quoted(model_type)}: {_quoted(entry.source)}}},",
-              f"    expert_families={families},"]
+              f"    model_classes={{{_quoted(model_type)}: {_quoted(entry.source)}}},"]
+    if _is_image_text(model_type):  # the Auto class that loads its folders (MappingTable.hf_auto_class)
+        lines.append('    hf_auto_class="AutoModelForImageTextToText",')
+    lines.append(f"    expert_families={families},")
     if model_type in COMPANION_FILES:  # reviewed by hand: bridge_ext.tables.architecture_notes.COMPANION_FILES
         lines.append(f"    companion_files=({', '.join(_quoted(name) for name in COMPANION_FILES[model_type])},),")
     published = PUBLISHED_PREFIXES.get(model_type, ())

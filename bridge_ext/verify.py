@@ -82,18 +82,33 @@ def check_model_folder(model_dir: str | Path, report: Report, *, expert_layout: 
     return written
 
 
-def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """The folder loaded with transformers' Auto classes (image-text models included)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+def auto_model_class(config):
+    """The transformers class that loads a folder of ``config``: its table's ``hf_auto_class``
+    (for a model type without a table, transformers' own registry of image-text models decides),
+    or the table's model class where that Auto class has none for the config (audio / omni models)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    register_transformers_configs()
-    config = AutoConfig.from_pretrained(str(model_dir))
-    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    table = _table_or_none(config)
+    if table is not None:
+        auto = getattr(transformers, table.hf_auto_class)
+    else:
+        image_text = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        auto = transformers.AutoModelForImageTextToText if image_text else transformers.AutoModelForCausalLM
     if type(config) not in auto._model_mapping:  # audio / omni models: no such auto class, the table's class
         from bridge_ext.hf_keys import model_class_for
 
-        auto = model_class_for(config)
-    return auto.from_pretrained(str(model_dir), dtype=dtype).eval()
+        return model_class_for(config)
+    return auto
+
+
+def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """The folder loaded with transformers' Auto class for its architecture (:func:`auto_model_class`)."""
+    from transformers import AutoConfig
+
+    register_transformers_configs()
+    config = AutoConfig.from_pretrained(str(model_dir))
+    return auto_model_class(config).from_pretrained(str(model_dir), dtype=dtype).eval()
 
 
 def load_adapter_strict(base_model, adapter_dir: str | Path, report: Report):

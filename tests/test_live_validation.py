@@ -171,6 +171,7 @@ def test_recorded_reads_of_fused_experts_are_what_the_conversion_reads(moe, base
     """Fused experts convert a block of experts at a time and pack every expert's LoRA at
     once; the reads recorded on meta tensors must still be the real reads, in order."""
     from bridge_ext.engine import Mode
+    from bridge_ext.engine.stacked import StackedExperts
     from bridge_ext.export import conversion_passes, prepare
 
     source, plan = prepare(moe.chunks, expert_layout="fused", expert_adapter_layout="fused")
@@ -194,6 +195,7 @@ def test_fused_experts_side_by_side_equal_expert_by_expert(moe, base):
     import torch
 
     from bridge_ext.engine import Mode
+    from bridge_ext.engine.stacked import StackedExperts
     from bridge_ext.export import conversion_passes, prepare
 
     source, plan = prepare(moe.chunks, expert_layout="fused", expert_adapter_layout="fused")
@@ -202,8 +204,9 @@ def test_fused_experts_side_by_side_equal_expert_by_expert(moe, base):
         for task in tasks:
             if not (task.rule.stack and converter.adapter_of(task, task.sources[0])):
                 continue
-            batched = dict(converter._stacked(task))
-            each = dict(converter._stacked_each_expert(task))
+            strategy = StackedExperts(converter)
+            batched = dict(strategy(task))
+            each = dict(strategy.each_expert(task))
             assert batched.keys() == each.keys() and batched
             for name, tensor in batched.items():
                 assert torch.equal(tensor, each[name]), name

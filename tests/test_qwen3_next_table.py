@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 
 from bridge_ext_testing import tiny_models
-from bridge_ext.dims import ModelDims
 from bridge_ext.engine import PEFT_PREFIX, Mode, TaskConverter, plan_tasks, run_rule
 from bridge_ext.reverse import hf_to_megatron
 from bridge_ext.source import Adapter
@@ -41,7 +40,7 @@ def hf(tmp_path_factory):
 
     folder = tiny_models.tiny_qwen3_next(tmp_path_factory.mktemp("qwen3_next"))
     config = AutoConfig.from_pretrained(str(folder))
-    return SimpleNamespace(dir=folder, config=config, dims=ModelDims.from_hf_config(config),
+    return SimpleNamespace(dir=folder, config=config, dims=table_for(config).dims(config),
                            tensors=load_file(str(folder / "model.safetensors")))
 
 

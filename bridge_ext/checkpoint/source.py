@@ -6,14 +6,14 @@ here by name alone, so that every architecture table applies unchanged:
 
 * ``layers.`` followed by a non-number (``decoder.layers.mlp.linear_fc2.weight``): layers
   stacked on a leading axis; each index becomes ``layers.{i}.`` (several such axes nest in
-  order of appearance);
-* ``deepstack_merger_list.`` followed by a non-number: likewise (Qwen3-VL's vision block);
+  order of appearance); likewise the other module lists the table names
+  (``MappingTable.stored_stacked_lists``, e.g. Qwen3-VL's ``deepstack_merger_list``);
 * ``experts.experts.``: experts on a leading axis; each becomes ``experts.local_experts.{e}.``
   (the in-memory name of sequential experts);
 * ``mtp.layers.{i}.transformer_layer.``: the MTP inner layer, ``mtp_model_layer`` in memory;
 * ``<name>.weight.{query,key,value,...}``: one weight Megatron stores as several keys (Gated
-  DeltaNet ``in_proj`` / ``conv1d``; each part global in head order), joined back in the
-  factory's part order;
+  DeltaNet ``in_proj`` / ``conv1d``, Mamba's; each part global in head order), joined back in
+  the factory's part order, which the table states (``MappingTable.stored_split_parts``);
 * a LoRA ``linear_out`` is (except ``linear_fc1``'s, stored as global ``[gate; up]``) a plain
   column-parallel tensor: its global tensor is the tensor-parallel shards one after the other,
   which for a Gated DeltaNet ``in_proj`` (``[q_r; k_r; v_r; z_r; b_r; a_r]`` per rank) is not
@@ -39,23 +39,17 @@ from bridge_ext.checkpoint.errors import CheckpointError
 from bridge_ext.checkpoint.reader import CheckpointReader
 from bridge_ext.checkpoint.run_config import PeftSettings
 from bridge_ext.source import Adapter, convert_in_order
+from bridge_ext.table import MappingTable
 
 LORA_IN, LORA_OUT = ".adapter.linear_in.weight", ".adapter.linear_out.weight"
 MAGNITUDE = ".adapter.weight_magnitude"  # DoRA's, beside linear_in/linear_out
 NOT_MODEL_PREFIXES = ("optimizer.",)
-# Part orders of Megatron's split-tensor factories (megatron/core/ssm/gated_delta_net.py, mamba_mixer.py).
-SPLIT_PART_ORDERS = (
-    ("query", "key", "value", "z", "beta", "alpha"),
-    ("query", "key", "value"),
-    ("z", "x", "B", "C", "dt"),
-    ("x", "B", "C"),  # Mamba's conv1d
-)
 SUPPORTED_PEFT = ("LoRA", "VLMLoRA", "DoRA", "CanonicalLoRA")
 # CanonicalLoRA's per-part pairs (``linear_qkv.adapter.adapter_q.linear_in.weight``)
 _CANONICAL = re.compile(r"^(?P<module>.+)\.adapter\.adapter_(?P<part>[a-z]+)\.linear_(?P<factor>in|out)\.weight$")
 
-# Module lists stored on a leading axis (Qwen3-VL's vision block stacks its deepstack mergers too).
-_STACKED = re.compile(r"(?<![^.])(layers|deepstack_merger_list|experts\.experts)\.(?!\d)")
+# Module lists every Megatron model stores on a leading axis; a table names its others.
+STACKED_LISTS = ("layers", "experts.experts")
 _SPLIT = re.compile(r"^(?P<weight>.+\.(?:weight|bias))\.(?P<part>[A-Za-z]+)$")
 
 
@@ -70,13 +64,22 @@ class StoredSlice:
     index: tuple[int, ...]
 
 
-def unstacked_names(key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    """Model names held by a stored key, each with its leading-axis index.
+def stacked_pattern(lists: Iterable[str] = ()) -> re.Pattern[str]:
+    """Where a stored key names a module list on a leading axis: :data:`STACKED_LISTS` and ``lists``,
+    followed by a non-number."""
+    names = "|".join(re.escape(name) for name in (*STACKED_LISTS, *lists))
+    return re.compile(rf"(?<![^.])({names})\.(?!\d)")
+
+
+def unstacked_names(key: str, shape: tuple[int, ...],
+                    stacked: re.Pattern[str] | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """Model names held by a stored key, each with its leading-axis index (``stacked``: the
+    lists stored so, default :func:`stacked_pattern` of none beyond the common ones).
 
     ``decoder.layers.mlp.experts.experts.linear_fc1.weight`` of shape ``(L, E, ...)`` holds
     ``decoder.layers.{l}.mlp.experts.local_experts.{e}.linear_fc1.weight`` at ``(l, e)``.
     """
-    found = list(_STACKED.finditer(key))
+    found = list((stacked or _COMMON_STACKED).finditer(key))
     if len(found) > len(shape):
         raise CheckpointError(f"{key}: {len(found)} stacked axes in the name, but the tensor has shape {shape}")
     names: list[tuple[str, tuple[int, ...]]] = [("", ())]
@@ -89,6 +92,9 @@ def unstacked_names(key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[i
     return [(name + key[start:], index) for name, index in names]
 
 
+_COMMON_STACKED = stacked_pattern()
+
+
 def memory_name(name: str) -> str:
     """In-memory spelling of a checkpoint name (MTP's inner layer)."""
     return re.sub(r"^((?:\w+\.)*mtp\.layers\.\d+\.)transformer_layer\.", r"\1mtp_model_layer.", name)
@@ -97,12 +103,16 @@ def memory_name(name: str) -> str:
 class CheckpointSource:
     """The model tensors of a checkpoint under the names of the model in memory.
 
-    Reading is lazy: :meth:`shards` reads one layer (or one expert) of one stored key.
+    Reading is lazy: :meth:`shards` reads one layer (or one expert) of one stored key. ``table``
+    (the architecture's) names the module lists stored stacked and the split weights' part orders
+    beyond the common ones.
     """
 
-    def __init__(self, reader: CheckpointReader, peft: PeftSettings | None = None):
+    def __init__(self, reader: CheckpointReader, peft: PeftSettings | None = None, table: MappingTable | None = None):
         self.reader = reader
         self.slices: dict[str, StoredSlice] = {}
+        self._stacked = stacked_pattern(table.stored_stacked_lists) if table is not None else _COMMON_STACKED
+        split_orders = table.stored_split_parts if table is not None else ()
         # stored key, or split weight -> its parts; in stored order (a split weight where its first part is)
         entries: dict[str, dict[str, str] | None] = {}
         for key in reader.tensors:
@@ -117,17 +127,17 @@ class CheckpointSource:
             if by_part is None:
                 self._add(weight, reader.tensors[weight].shape, (weight,))
                 continue
-            order = next((o for o in SPLIT_PART_ORDERS if set(o) == set(by_part)), None)
+            order = next((o for o in split_orders if set(o) == set(by_part)), None)
             if order is None:
                 raise CheckpointError(
                     f"{reader.path}: {weight} is stored split into parts {sorted(by_part)}, "
-                    f"which is none of the known Megatron layouts {SPLIT_PART_ORDERS}", reader.path)
+                    f"which is none of the layouts the architecture's table knows {split_orders}", reader.path)
             keys = tuple(by_part[part] for part in order)
             self._add(weight, reader.tensors[keys[0]].shape, keys)
         self._adapters = self._find_adapters(peft)
 
     def _add(self, key: str, shape: tuple[int, ...], keys: tuple[str, ...]) -> None:
-        for name, index in unstacked_names(key, shape):
+        for name, index in unstacked_names(key, shape, self._stacked):
             name = memory_name(name)
             if name in self.slices:
                 raise CheckpointError(f"{self.reader.path}: two stored tensors hold {name}", self.reader.path)

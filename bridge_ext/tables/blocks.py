@@ -61,6 +61,14 @@ def post_attention_norm() -> list[Rule]:
 
 # Megatron's routed experts: sequential (``local_experts.{expert}.linear_fc1``) and Transformer
 # Engine grouped (``linear_fc1.weight{expert}``); both occur in checkpoints.
+# MappingTable.hf_auto_class of image-text models
+IMAGE_TEXT_AUTO_CLASS = "AutoModelForImageTextToText"
+
+# How torch_dist checkpoints store Megatron's split tensors (MappingTable.stored_split_parts): each
+# factory's parts in the order they join (megatron/core/ssm/gated_delta_net.py, mamba_mixer.py).
+GATED_DELTANET_STORED_PARTS = (("query", "key", "value", "z", "beta", "alpha"), ("query", "key", "value"))
+MAMBA_STORED_PARTS = (("z", "x", "B", "C", "dt"), ("x", "B", "C"))  # in_proj, conv1d
+
 MEGATRON_EXPERT_NAMES = (
     ("mlp.experts.local_experts.{expert}.linear_fc1.weight", "mlp.experts.local_experts.{expert}.linear_fc2.weight"),
     ("mlp.experts.linear_fc1.weight{expert}", "mlp.experts.linear_fc2.weight{expert}"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from bridge_ext.errors import TableError
 from bridge_ext.table import MappingTable, Rule, TableBuilder, prefixed, rule
+from bridge_ext.tables.blocks import IMAGE_TEXT_AUTO_CLASS
 from bridge_ext.tables.deepseek import EXPERTS, MTP_EXPERTS, decoder_layer, deepseek_style_rules, mtp_count
 
 MODEL_CLASS = "KimiK25ForConditionalGeneration"
@@ -61,6 +62,7 @@ def build(config) -> MappingTable:
                *vision_rules()),
         description=DESCRIPTION,
         model_classes={"kimi_k25": "Kimi_K25ForConditionalGeneration"},
+        hf_auto_class=IMAGE_TEXT_AUTO_CLASS,
         expert_families=(EXPERTS, MTP_EXPERTS),
         # vLLM 0.34 builds DeepSeek-V3's text model inside: no is_3d_moe_weight; its loader takes
         # per-expert experts only (as DeepseekV3ForCausalLM's)

@@ -26,13 +26,17 @@ from bridge_ext.config_compare import ConfigField
 from bridge_ext.errors import TableError
 from bridge_ext.ops import Concat, SplitRows, TrimVocab
 from bridge_ext.table import ExpertFamily, MappingTable, Rule, TableBuilder, prefixed, rule
-from bridge_ext.tables.blocks import MEGATRON_EXPERT_NAMES, QKV_GROUPS
+from bridge_ext.tables.blocks import MAMBA_STORED_PARTS, MEGATRON_EXPERT_NAMES, QKV_GROUPS
 from bridge_ext.tables.config_fields import ACTIVATIONS, standard
+from bridge_ext.tables.sizes import MambaSizes
 
 MODEL_CLASS = "NemotronHForCausalLM"
 DESCRIPTION = "Nemotron-H: hybrid Mamba-2 / attention / MLP / MoE layers"
 # NemotronHExperts registers up_proj, then down_proj (non-gated experts).
 EXPERTS = ExpertFamily("experts", ("up_proj", "down_proj"))
+# NemotronHConfig's fields of the mixer's sizes (the splits below name them)
+MAMBA_SIZES = MambaSizes(heads="mamba_num_heads", head_dim="mamba_head_dim", groups="n_groups",
+                         state_size="ssm_state_size")
 IN_PROJ_PARTS = ("mamba_inner", "mamba_inner", "mamba_bc", "mamba_bc", "mamba_heads")  # z, x, B, C, dt
 CONV_PARTS = ("mamba_inner", "mamba_bc", "mamba_bc")  # x, B, C
 # Megatron's pre-norm of each layer kind, local and Transformer Engine spellings
@@ -123,6 +127,8 @@ def build(config) -> MappingTable:
         # transformers renames backbone. to model. on load: PEFT keys and targets use model.
         in_memory_prefixes=(("backbone.", "model."),),
         config_fields=CONFIG_FIELDS,
+        sizes=(MAMBA_SIZES,),
+        stored_split_parts=MAMBA_STORED_PARTS,
         # no block-FP8 rules written: quantize="fp8" is refused
     )
 

@@ -9,9 +9,11 @@ tower under ``model.visual.*``, while Megatron-Bridge prefixes ``language_model.
 from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows
 from bridge_ext.fp8_rules import Fp8Gemm, Fp8Rules, fp8_rules
 from bridge_ext.table import ExpertFamily, ExtraWeights, MappingTable, Rule, prefixed, rule
-from bridge_ext.tables.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
+from bridge_ext.tables.blocks import (GATED_DELTANET_STORED_PARTS, IMAGE_TEXT_AUTO_CLASS, attention, dense_mlp,
+                                      embeddings, post_attention_norm, routed_experts)
 from bridge_ext.tables.fp8_blocks import (ROUTER, SHARED_EXPERT_GATE, attention_gemms, expert_gemms, mlp_gemms,
                                        per_layer)
+from bridge_ext.tables.sizes import GATED_DELTANET_SIZES, VisionSizes
 
 # transformers' Qwen3.5-MoE experts register gate_up_proj, then down_proj.
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
@@ -97,6 +99,10 @@ def _vision_qkv(suffix: str) -> Rule:
                 SplitGroupedRows("vision_head_dim", "vision_head_dim", "vision_head_dim"), Concat((1, 1, 1)))
 
 
+# Qwen's vision configs name their head count num_heads (the tower's qkv split uses vision_head_dim)
+VISION_SIZES = VisionSizes(heads="num_heads")
+
+
 def vision_tower() -> list[Rule]:
     block = [
         _vision_qkv("weight"),
@@ -174,6 +180,8 @@ TEXT = MappingTable(
     # vLLM wraps the text-only class's experts per expert (no is_3d_moe_weight), tests/consumers
     vllm_expert_adapter_layouts={"Qwen3_5MoeForCausalLM": "per_expert"},
     fp8=qwen35_fp8("model.", vision=False),
+    stored_split_parts=GATED_DELTANET_STORED_PARTS,
+    sizes=(GATED_DELTANET_SIZES,),
 )
 
 IMAGE_TEXT = MappingTable(
@@ -181,10 +189,13 @@ IMAGE_TEXT = MappingTable(
     rules=(*language_model("language_model.", "model.language_model."), *vision_tower()),
     description="Qwen3.5 / Qwen3.5-MoE image-text model (language model, MTP, vision tower)",
     model_classes={"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"},
+    hf_auto_class=IMAGE_TEXT_AUTO_CLASS,
     expert_families=(EXPERTS, MTP_EXPERTS),
     extra_weights=MTP,
     vllm_expert_adapter_layouts={"Qwen3_5MoeForConditionalGeneration": "fused"},  # is_3d_moe_weight
     fp8=qwen35_fp8("model.language_model.", vision=True),
+    stored_split_parts=GATED_DELTANET_STORED_PARTS,
+    sizes=(GATED_DELTANET_SIZES, VISION_SIZES),
 )
 
 # What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).

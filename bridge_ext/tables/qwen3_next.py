@@ -22,7 +22,8 @@ is plain ``x * w`` -> Megatron ``out_norm`` + 1.
 
 from bridge_ext.ops import GroupRows, SplitRows
 from bridge_ext.table import ExpertFamily, MappingTable, Rule, prefixed, rule
-from bridge_ext.tables.blocks import embeddings
+from bridge_ext.tables.blocks import GATED_DELTANET_STORED_PARTS, embeddings
+from bridge_ext.tables.sizes import GATED_DELTANET_SIZES
 from bridge_ext.tables.qwen3_5 import (EXPERTS, GDN_IN_PROJ_PARTS, MTP, MTP_EXPERTS, decoder_layer, gated_delta_net,
                                     mtp_block)
 
@@ -65,6 +66,8 @@ TABLE = MappingTable(
     extra_weights=MTP,
     # vLLM packs Qwen3-Next expert LoRA per expert (not an is_3d_moe_weight model).
     vllm_expert_adapter_layouts={"Qwen3NextForCausalLM": "per_expert"},
+    stored_split_parts=GATED_DELTANET_STORED_PARTS,
+    sizes=(GATED_DELTANET_SIZES,),
 )
 
 # What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).

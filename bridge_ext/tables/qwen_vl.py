@@ -25,8 +25,9 @@ per-expert adapters only.
 """
 
 from bridge_ext.table import ExpertFamily, MappingTable, Rule, prefixed, rule
-from bridge_ext.tables.blocks import attention, dense_mlp, embeddings, post_attention_norm, routed_experts
-from bridge_ext.tables.qwen3_5 import EXPERT_PARAMETERS, vision_tower
+from bridge_ext.tables.blocks import (IMAGE_TEXT_AUTO_CLASS, attention, dense_mlp, embeddings, post_attention_norm,
+                                      routed_experts)
+from bridge_ext.tables.qwen3_5 import EXPERT_PARAMETERS, VISION_SIZES, vision_tower
 
 # Qwen3VLMoeTextExperts registers gate_up_proj, then down_proj.
 EXPERTS = ExpertFamily("experts", EXPERT_PARAMETERS)
@@ -73,11 +74,15 @@ def qwen2_language_model() -> list[Rule]:
     ]
 
 
+# Megatron's Qwen3-VL vision block stacks its deepstack mergers in torch_dist checkpoints too.
+DEEPSTACK_STORED = ("deepstack_merger_list",)
+
 QWEN2_5_VL = MappingTable(
     model_types=("qwen2_5_vl",),
     rules=(*qwen2_language_model(), *qwen2_5_vision_tower()),
     description="Qwen2.5-VL image-text model (Qwen2 decoder, vision tower with window attention)",
     model_classes={"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"},
+    hf_auto_class=IMAGE_TEXT_AUTO_CLASS,
     in_memory_prefixes=(("model.", "model.language_model."), ("visual.", "model.visual.")),
 )
 
@@ -86,6 +91,9 @@ QWEN3_VL = MappingTable(
     rules=(*qwen3_language_model(moe=False), *vision_tower(), *deepstack_mergers()),
     description="Qwen3-VL image-text model (vision tower with deepstack mergers)",
     model_classes={"qwen3_vl": "Qwen3VLForConditionalGeneration"},
+    hf_auto_class=IMAGE_TEXT_AUTO_CLASS,
+    stored_stacked_lists=DEEPSTACK_STORED,
+    sizes=(VISION_SIZES,),
 )
 
 QWEN3_VL_MOE = MappingTable(
@@ -93,10 +101,13 @@ QWEN3_VL_MOE = MappingTable(
     rules=(*qwen3_language_model(moe=True), *vision_tower(), *deepstack_mergers()),
     description="Qwen3-VL-MoE image-text model (fused experts, stored transposed when published; deepstack mergers)",
     model_classes={"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"},
+    hf_auto_class=IMAGE_TEXT_AUTO_CLASS,
     expert_families=(EXPERTS,),
     vllm_expert_adapter_layouts={"Qwen3VLMoeForConditionalGeneration": "fused"},  # vLLM: is_3d_moe_weight
     # vLLM's experts loader reads the published layout only (is_fused_checkpoint_transposed)
     vllm_expert_layouts={"Qwen3VLMoeForConditionalGeneration": "fused_transposed"},
+    stored_stacked_lists=DEEPSTACK_STORED,
+    sizes=(VISION_SIZES,),
 )
 
 # What bridge_ext.tables finds in this module (docs/adding_an_architecture.md).

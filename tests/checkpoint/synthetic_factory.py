@@ -154,7 +154,6 @@ def megatron_tensors(hf_dir: Path, mtp_layers: int | None = None, seed: int = 0)
     from megatron.bridge import AutoBridge
     from safetensors.torch import load_file
 
-    from bridge_ext.dims import ModelDims
     from bridge_ext.reverse import hf_to_megatron
     from bridge_ext.tables import table_for
 
@@ -167,7 +166,7 @@ def megatron_tensors(hf_dir: Path, mtp_layers: int | None = None, seed: int = 0)
     variants = frozenset(family.variant("per_expert") for family in table.expert_families)
     hf = load_file(str(hf_dir / "model.safetensors"))
     names = megatron_names(bridge._model_bridge.mapping_registry(), table, sorted(hf), variants)
-    tensors = hf_to_megatron(hf, names, table, ModelDims.from_hf_config(config), variants)
+    tensors = hf_to_megatron(hf, names, table, table.dims(config), variants)
     generator = torch.Generator().manual_seed(seed)
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         rows = padded_vocab(tensors[name].shape[0], provider) - tensors[name].shape[0]

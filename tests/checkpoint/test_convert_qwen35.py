@@ -30,6 +30,7 @@ import qwen35_factory
 from bridge_ext.checkpoint import CheckpointReader
 from bridge_ext.checkpoint.source import CheckpointSource
 from bridge_ext.convert import convert_checkpoint
+from bridge_ext.tables import table_for
 
 HERE = Path(__file__).parent
 CASES = [("qwen3_5_moe_text", 1), ("qwen3_5_moe_text", 2), ("qwen3_5", 1)]
@@ -106,7 +107,7 @@ def test_checkpoint_keys_are_what_the_source_normalises(saved):
     assert "mtp.layers.0.transformer_layer.mlp.experts.experts.linear_fc1.weight" in keys
     lora_out = reader.tensors["decoder.layers.0.self_attention.in_proj.adapter.linear_out.weight"]
     assert sorted(c.offsets for c in lora_out.chunks) == [(0, 0), (100, 0)]  # one block per TP rank
-    source = CheckpointSource(reader, reader.run_config.peft)
+    source = CheckpointSource(reader, reader.run_config.peft, table_for("qwen3_5_moe_text"))
     names = source.base_names()
     assert "decoder.layers.0.self_attention.in_proj.weight" in names
     assert "mtp.layers.0.mtp_model_layer.mlp.experts.local_experts.3.linear_fc2.weight" in names
@@ -116,7 +117,7 @@ def test_checkpoint_keys_are_what_the_source_normalises(saved):
 def test_megatron_reload_of_tp2_gdn_lora_is_rank_ordered(saved):
     """The stored TP=2 GDN lora_B is [rank0 block; rank1 block], not the global [q; k; v; z; b; a]."""
     reader = CheckpointReader(saved["qwen3_5_moe_text", 2] / "lora")
-    source = CheckpointSource(reader, reader.run_config.peft)
+    source = CheckpointSource(reader, reader.run_config.peft, table_for("qwen3_5_moe_text"))
     name = "decoder.layers.0.self_attention.in_proj.adapter.linear_out.weight"
     stored = reader.read_tensor(name)
     rank0, rank1 = source.shards(name)

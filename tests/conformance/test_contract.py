@@ -40,7 +40,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from bridge_ext import export_hf_buckets, export_hf_weights, save_hf_pretrained
-from bridge_ext.dims import ModelDims
 from bridge_ext.distributed import DESTINATIONS
 from bridge_ext.engine import ExportError
 from bridge_ext.expert_layouts import source_expert_layouts
@@ -296,7 +295,8 @@ def test_adapters_equal_megatron_bridge(built):
     assert different == sorted(n for n in ours if VISION_QKV.search(n))
     if not different:
         return
-    head_dim = ModelDims.from_hf_config(config_of(built))["vision_head_dim"]
+    config = config_of(built)
+    head_dim = table_for(config).dims(config)["vision_head_dim"]
     base, theirs_merged = export(built, base_only=True), megatron_bridge_merged(built)
     for name in different:
         assert torch.equal(theirs[name], SplitGroupedRows(head_dim, head_dim, head_dim).reverse(
@@ -314,7 +314,7 @@ def test_table_reverse_agrees_with_megatron_bridge_loader(built):
     source = LiveModelSource(built.chunks)
     names = source.base_names()
     variants = frozenset(family.variant(built.entry.experts_on_disk) for family in table.expert_families)
-    rebuilt = hf_to_megatron(support.source_tensors(built.hf_dir), names, table, ModelDims.from_hf_config(config),
+    rebuilt = hf_to_megatron(support.source_tensors(built.hf_dir), names, table, table.dims(config),
                              variants)
     assert sorted(rebuilt) == sorted(names)
     for name in names:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from bridge_ext import export_hf_weights, save_hf_pretrained
-from bridge_ext.dims import ModelDims
 from bridge_ext.engine import ExportError
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.live import LiveModelSource
@@ -70,8 +69,8 @@ def test_qwen3_5_two_mtp_layers_share_one_fc_or_are_refused(megatron_cpu, tmp_pa
     config = AutoConfig.from_pretrained(str(hf_dir))
     model = build_megatron_model(hf_dir, load_weights=False)
     source = LiveModelSource(model.chunks)
-    tensors = hf_to_megatron(source_tensors(hf_dir), source.base_names(), table_for(config.model_type),
-                             ModelDims.from_hf_config(config))
+    table = table_for(config)
+    tensors = hf_to_megatron(source_tensors(hf_dir), source.base_names(), table, table.dims(config))
     params = dict(model.chunks[0].named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():

@@ -95,12 +95,12 @@ CANONICAL_FACTOR = re.compile(r"^(?P<module>.+)\.adapter\.adapter_[a-z]+\.linear
 @torch.no_grad()
 def set_global_lora(chunks, config, seed: int = 0, std: float = 0.05) -> None:
     """Give every LoRA factor the values of a global tensor keyed on its global name."""
-    from bridge_ext.dims import ModelDims
     from bridge_ext.expert_layouts import ExpertLayouts
     from bridge_ext.live import DORA_MAGNITUDE, LORA_IN, LORA_OUT, is_parallel_job, local_tensors
     from bridge_ext.tables import table_for
 
-    table, dims = table_for(config), ModelDims.from_hf_config(config)
+    table = table_for(config)
+    dims = table.dims(config)
     tensors, _ = local_tensors(chunks, sharded=is_parallel_job())
     for local in tensors:
         canonical = CANONICAL_FACTOR.match(local.name)  # one part's pair: cut plainly, like a whole linear's

@@ -201,6 +201,7 @@ TABLE = MappingTable(
     ),
     description="Gemma3ForConditionalGeneration (generated from Megatron-Bridge 0.6.2)",
     model_classes={"gemma3": "Gemma3ForConditionalGeneration"},
+    hf_auto_class="AutoModelForImageTextToText",
     expert_families=(),
     saved_name_fixes=(
         ("^vision_tower\\.(?!vision_model\\.)", "vision_tower.vision_model."),

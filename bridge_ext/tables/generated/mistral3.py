@@ -129,6 +129,7 @@ TABLE = MappingTable(
     ),
     description="Mistral3ForConditionalGeneration (generated from Megatron-Bridge 0.6.2)",
     model_classes={"mistral3": "Mistral3ForConditionalGeneration"},
+    hf_auto_class="AutoModelForImageTextToText",
     expert_families=(),
     in_memory_prefixes=(
         ("language_model.lm_head.", "lm_head."),
