@@ -74,7 +74,6 @@ PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone_
                               "gemma3_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
                               "qwen2_audio", "qwen3_omni_moe"})
 
-TOWER = "vision / audio towers are not generated; needs a hand-written table"
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
 
 #: MoE classes whose vLLM (0.34) model wraps experts one by one (no ``is_3d_moe_weight``): a
@@ -96,8 +95,8 @@ REMOTE_MODEL_TYPES = {"KimiK25ForConditionalGeneration": "kimi_k25"}
 #: Classes Megatron-Bridge registers that get no generated table: why.
 REFUSED: dict[str, str] = {
     # vision / audio models
-    "NemotronH_Nano_Omni_Reasoning_V3": TOWER,
-    "NemotronH_Nano_VL_V2": TOWER,
+    "NemotronH_Nano_Omni_Reasoning_V3": REMOTE,
+    "NemotronH_Nano_VL_V2": REMOTE,
     # remote code
     "DeciLMForCausalLM": REMOTE,
     "SarvamMLAForCausalLM": REMOTE,
