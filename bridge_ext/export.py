@@ -264,7 +264,8 @@ def export_hf_weights(
             None (default): no such checks, PEFT's keys.
         zero_copy: False (default): no yielded tensor shares memory with the model's
             parameters or buffers; a tensor that would (a pass-through weight or LoRA factor, a
-            view of a fused one) is copied, one at a time, and a tensor made anew is not. True:
+            view of a fused one) is copied (consecutive ones in batches of at most 16 MiB, see
+            :mod:`bridge_ext.aliasing`), and a tensor made anew is not. True:
             such tensors are the model's own memory, saving the copy; the caller must never
             write to them (see :mod:`bridge_ext.aliasing`).
 
