@@ -134,10 +134,22 @@ REFUSED: dict[str, str] = {
     "Step3p7ForConditionalGeneration": "Megatron-Bridge 0.6.2 registers its own Step37Config for model_type step3p7 "
                                        "over transformers' (AutoConfig.register, exist_ok=True); transformers' "
                                        "auto classes refuse that config, so no tiny transformers model comes from it",
-    "MiniMaxM3SparseForConditionalGeneration": "transformers 5.23 fuses the dense and shared MLPs' gate_proj / "
-                                               "up_proj into one gate_up_proj in memory, where PEFT keys adapters: one "
-                                               "adapter where the rules write two (on a tiny model the generated "
-                                               "table's base weights, tower included, were bit-exact)",
+    "MiniMaxM3SparseForConditionalGeneration": "transformers 5.23 loads the dense and shared-expert MLPs' saved "
+                                               "gate_proj / up_proj (the names Megatron-Bridge maps) as one nn.Linear "
+                                               "gate_up_proj (conversion_mapping: Concatenate(dim=0), [gate; up], "
+                                               "chunked in two by the forward), where PEFT keys one adapter, A [r, H], "
+                                               "B [2I, r]: Megatron's linear_fc1 pair before the rules split its B; "
+                                               "no rule of the vocabulary writes the saved gate / up bases with the "
+                                               "adapter unsplit on the fused linear. Beside it a table needs reviewed "
+                                               "notes of the experts' saved w1 / w3 / w2 fused as gate_up_proj / "
+                                               "down_proj, the mid-key renames (block_sparse_moe. -> mlp., "
+                                               "index_{q,k}_{proj,norm} -> indexer.), and the config fields read "
+                                               "otherwise (intermediate_size: the experts' width; hidden_act: unread, "
+                                               "SwiGLU-OAI from swiglu_alpha / swiglu_limit). With those drafted, a "
+                                               "tiny model's base weights, tower included, were bit-exact against the "
+                                               "files and Megatron-Bridge's export; adapters, PEFT's strict load and "
+                                               "HF + PEFT logits against Megatron's CPU forward (sparse index "
+                                               "attention) are not proven",
 }
 
 #: PEFT types beyond LoRA that a test exports for a model type and PEFT (or the merged forward)
