@@ -23,6 +23,10 @@ Expert mappings name Hugging Face's per-expert tensors (``experts.{e}.gate_proj.
 table also offers the fused layout transformers keeps in memory (``experts.gate_up_proj``
 ``[E, 2I, H]``, ``[gate; up]`` per expert), as the hand-written MoE tables do; the
 conformance tests prove both.
+
+A Mamba-2 mixer's ``MambaInProjMapping`` / ``MambaConv1dMapping`` become row splits by the mixer's
+sizes; the table's ``MambaSizes`` names the Hugging Face fields the bridge's ``CONFIG_MAPPING``
+maps to megatron-core's Mamba sizes.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from bridge_ext.tables.architecture_notes import (
 
 WILDCARDS = ("layer", "expert")
 _FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
+#: MambaSizes' fields -> the Megatron config fields a bridge's CONFIG_MAPPING maps them to
+_MAMBA_SIZE_FIELDS = (("heads", "mamba_num_heads"), ("head_dim", "mamba_head_dim"), ("groups", "mamba_num_groups"),
+                      ("state_size", "mamba_state_dim"))
 _GROUPED_EXPERT = re.compile(r"^(?P<prefix>.*)\.experts\.linear_fc(?P<n>[12])\.weight\*$")
 
 
@@ -258,6 +265,7 @@ class _Translation:
     rules: list[GeneratedRule]
     absent: list[str]
     expert_parameters: tuple[str, ...] | None
+    uses_mamba: bool = False
 
 
 def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] | None, *,
@@ -270,7 +278,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
 
     rules: list[GeneratedRule] = []
     absent: list[str] = []
-    uses_experts = False
+    uses_experts = uses_mamba = False
     fused_parameters: list[tuple[str, str]] = []  # (fused parameter named, mapping)
 
     def add(megatron: str, text: str) -> None:
@@ -319,6 +327,13 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             parts = '("q", "k", "v")' if name.endswith(".weight") else ""
             add(megatron, _rule(megatron, hf, ', SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim")',
                                 lora_parts=parts))
+        elif kind in (pm.MambaInProjMapping, pm.MambaConv1dMapping):
+            # per tensor-parallel rank [z_r; x_r; B_r; C_r; dt_r] (conv1d: [x_r; B_r; C_r]) in Megatron,
+            # one [z; x; B; C; dt] in Hugging Face (Megatron-Bridge's param_mapping)
+            parts = "MAMBA_IN_PROJ_PARTS" if kind is pm.MambaInProjMapping else "MAMBA_CONV_PARTS"
+            hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
+            add(megatron, _rule(megatron, hf, f", SplitRows(*{parts}), Concat({parts})"))
+            uses_mamba = True
         elif kind is pm.GatedMLPMapping:
             gate, up = (_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("gate", "up"))
             if is_expert:
@@ -340,7 +355,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         if parameter not in (expert_parameters or ()):
             raise TableError(f"{name}: the fused experts parameter {parameter} is not one of transformers' experts "
                              f"module parameters {list(expert_parameters or ())}")
-    return _Translation(rules, absent, expert_parameters if uses_experts else None)
+    return _Translation(rules, absent, expert_parameters if uses_experts else None, uses_mamba)
 
 
 def _kind(mapping) -> type:
@@ -405,6 +420,18 @@ def in_memory_prefixes_of(pairs: list[tuple[str, str]]) -> tuple[tuple[str, str]
     return ordered
 
 
+def _mamba_sizes(bridge) -> str:
+    """The table's ``MambaSizes`` (source text): the Hugging Face fields the bridge's
+    ``CONFIG_MAPPING`` maps to megatron-core's Mamba sizes."""
+    hf_of = {megatron: hf for hf, megatron in bridge.CONFIG_MAPPING if isinstance(hf, str)}
+    missing = [megatron for _, megatron in _MAMBA_SIZE_FIELDS if megatron not in hf_of]
+    if missing:
+        raise TableError(f"{bridge.__name__} maps Mamba mixers but its CONFIG_MAPPING names no Hugging Face field "
+                         f"for {', '.join(missing)}")
+    fields = ", ".join(f"{field}={_quoted(hf_of[megatron])}" for field, megatron in _MAMBA_SIZE_FIELDS)
+    return f"MambaSizes({fields})"
+
+
 def _is_image_text(model_type: str) -> bool:
     """Whether transformers' own registry loads ``model_type`` as an image-text model."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -457,6 +484,8 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     ops_import = f"from bridge_ext.ops import {', '.join(sorted(set(ops)))}  # noqa: F401"
     lines += ['"""', "", ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
+              *(["from bridge_ext.tables.blocks import MAMBA_CONV_PARTS, MAMBA_IN_PROJ_PARTS, MAMBA_STORED_PARTS",
+                 "from bridge_ext.tables.sizes import MambaSizes"] if translation.uses_mamba else []),
               *(["from bridge_ext.tables.config_fields import standard"] if uncompared else []), "",
               f'MEGATRON_BRIDGE_VERSION = "{megatron_bridge_version()}"']
     families = "()"
@@ -473,6 +502,9 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     if _is_image_text(model_type):  # the Auto class that loads its folders (MappingTable.hf_auto_class)
         lines.append('    hf_auto_class="AutoModelForImageTextToText",')
     lines.append(f"    expert_families={families},")
+    if translation.uses_mamba:  # the mixer's splits name these sizes; torch_dist stores its parts apart
+        lines += ["    sizes=(", f"        {_mamba_sizes(bridge)},", "    ),",
+                  "    stored_split_parts=MAMBA_STORED_PARTS,"]
     if model_type in COMPANION_FILES:  # reviewed by hand: bridge_ext.tables.architecture_notes.COMPANION_FILES
         lines.append(f"    companion_files=({', '.join(_quoted(name) for name in COMPANION_FILES[model_type])},),")
     published = PUBLISHED_PREFIXES.get(model_type, ())

@@ -225,7 +225,7 @@ def test_fused_expert_names_must_be_transformers_experts_parameters():
         translate([mapping], resolver=None, expert_parameters=("w13", "w2"))
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "hy_v3"])  # hy_v3: its reviewed in_memory_renames
+@pytest.mark.parametrize("model_type", ["mistral", "hy_v3", "falcon_h1"])  # hy_v3: in_memory_renames; falcon_h1: Mamba
 def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu, model_type):
     from bridge_ext_testing.generate_tables import generate
 

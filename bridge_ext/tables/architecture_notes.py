@@ -70,8 +70,8 @@ HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_
 
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
-PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone_moe", "gemma", "gemma2", "gemma3",
-                              "gemma3_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
+PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone_moe", "falcon_h1", "gemma", "gemma2",
+                              "gemma3", "gemma3_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
                               "qwen2_audio", "qwen3_omni_moe"})
 
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
@@ -114,10 +114,6 @@ REFUSED: dict[str, str] = {
                          "global_head_dim differs from head_dim, as in the published E2B and E4B (256 / 512) and both "
                          "libraries' defaults: no provider. With equal head dims (no published model) it builds on "
                          "the CPU",
-    "FalconH1ForCausalLM": "hybrid Mamba layers: its layer spec (FalconH1Stack / FalconH1Layer) builds Transformer "
-                           "Engine's TENorm, so no tiny model builds on the CPU without a local spec of it; "
-                           "MambaInProjMapping / MambaConv1dMapping have no rule kind of the generator yet; "
-                           "megatron-core's Mamba forward needs the mamba_ssm / causal_conv1d CUDA kernels",
     # vision-language bridges tried on a tiny model (Megatron-Bridge 0.6.2, transformers 5.23)
     "Gemma4ForConditionalGeneration": "as Gemma4ForCausalLM: Megatron-Bridge 0.6.2's bridge reads "
                                       "text_config.head_dim, per-layer in transformers 5.23 wherever global_head_dim "

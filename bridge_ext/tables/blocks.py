@@ -68,6 +68,10 @@ IMAGE_TEXT_AUTO_CLASS = "AutoModelForImageTextToText"
 # factory's parts in the order they join (megatron/core/ssm/gated_delta_net.py, mamba_mixer.py).
 GATED_DELTANET_STORED_PARTS = (("query", "key", "value", "z", "beta", "alpha"), ("query", "key", "value"))
 MAMBA_STORED_PARTS = (("z", "x", "B", "C", "dt"), ("x", "B", "C"))  # in_proj, conv1d
+# A Mamba-2 mixer's in_proj (z, x, B, C, dt) and conv1d (x, B, C) row splits, by the sizes
+# tables.sizes.MambaSizes gives: Megatron holds them per tensor-parallel rank, Hugging Face whole.
+MAMBA_IN_PROJ_PARTS = ("mamba_inner", "mamba_inner", "mamba_bc", "mamba_bc", "mamba_heads")
+MAMBA_CONV_PARTS = ("mamba_inner", "mamba_bc", "mamba_bc")
 
 MEGATRON_EXPERT_NAMES = (
     ("mlp.experts.local_experts.{expert}.linear_fc1.weight", "mlp.experts.local_experts.{expert}.linear_fc2.weight"),

@@ -26,7 +26,8 @@ from bridge_ext.config_compare import ConfigField
 from bridge_ext.errors import TableError
 from bridge_ext.ops import Concat, SplitRows, TrimVocab
 from bridge_ext.table import ExpertFamily, MappingTable, Rule, TableBuilder, prefixed, rule
-from bridge_ext.tables.blocks import MAMBA_STORED_PARTS, MEGATRON_EXPERT_NAMES, QKV_GROUPS
+from bridge_ext.tables.blocks import (MAMBA_CONV_PARTS, MAMBA_IN_PROJ_PARTS, MAMBA_STORED_PARTS, MEGATRON_EXPERT_NAMES,
+                                      QKV_GROUPS)
 from bridge_ext.tables.config_fields import ACTIVATIONS, standard
 from bridge_ext.tables.sizes import MambaSizes
 
@@ -37,8 +38,7 @@ EXPERTS = ExpertFamily("experts", ("up_proj", "down_proj"))
 # NemotronHConfig's fields of the mixer's sizes (the splits below name them)
 MAMBA_SIZES = MambaSizes(heads="mamba_num_heads", head_dim="mamba_head_dim", groups="n_groups",
                          state_size="ssm_state_size")
-IN_PROJ_PARTS = ("mamba_inner", "mamba_inner", "mamba_bc", "mamba_bc", "mamba_heads")  # z, x, B, C, dt
-CONV_PARTS = ("mamba_inner", "mamba_bc", "mamba_bc")  # x, B, C
+IN_PROJ_PARTS, CONV_PARTS = MAMBA_IN_PROJ_PARTS, MAMBA_CONV_PARTS  # z, x, B, C, dt; x, B, C
 # Megatron's pre-norm of each layer kind, local and Transformer Engine spellings
 NORMS = ("norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight", "mixer.in_proj.layer_norm_weight",
          "self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight")

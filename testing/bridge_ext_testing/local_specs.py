@@ -216,6 +216,7 @@ def _local(module, where: str):
 #: module-level name (read in Megatron-Bridge 0.6.2's source): module -> those names.
 MODULE_TE_NAMES = {
     "megatron.bridge.models.gemma_vl.modeling_gemma3_vl": ("TENorm",),
+    "megatron.bridge.models.falcon_h1.modeling_falconh1.falconh1_block": ("TENorm",),  # its final norm
 }
 
 
@@ -301,6 +302,8 @@ def configure_provider(provider, original_spec) -> None:
         def spec(config, vp_stage=None, pp_rank=None):
             return localize(local_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank), config)
     provider.transformer_layer_spec = spec
+    if hasattr(provider, "falconh1_stack_spec"):  # Falcon-H1 builds its own stack, not a layer spec
+        provider.falconh1_stack_spec = falcon_h1_stack_spec(provider)
     # auto, as the other CPU builds: megatron keeps the backend choice in process-wide NVTE_* variables
     provider.attention_backend = AttnBackend.auto
 
@@ -366,3 +369,40 @@ def _spec_extension(original_spec):
 
     attention, core = paths
     return load(attention), core() if core is not None else None
+
+
+@functools.cache
+def layer_norm_column_parallel_linear():
+    """``ColumnParallelLinear`` after an RMSNorm of its input whose weight it holds as
+    ``layer_norm_weight`` (Transformer Engine's ``TELayerNormColumnParallelLinear`` names), for a
+    layer with no norm slot of its own before that linear (Falcon-H1's MLP)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    class LayerNormColumnParallelLinear(ColumnParallelLinear):
+        def __init__(self, input_size: int, output_size: int, *, config, **kwargs):
+            super().__init__(input_size, output_size, config=config, **kwargs)
+            if config.normalization != "RMSNorm":
+                raise NotImplementedError("LayerNormColumnParallelLinear: RMSNorm only")
+            self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size, dtype=config.params_dtype))
+            self.layer_norm_eps = config.layernorm_epsilon
+
+        def forward(self, x, *args, **kwargs):
+            normed = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), self.layer_norm_weight.float(),
+                                                  self.layer_norm_eps)
+            return super().forward(normed.to(x.dtype), *args, **kwargs)
+
+    return LayerNormColumnParallelLinear
+
+
+def falcon_h1_stack_spec(config):
+    """Megatron-Bridge's Falcon-H1 stack spec made local; its MLP's fused norm + linear keeps the
+    norm inside the linear (``mlp.linear_fc1.layer_norm_weight``: FalconH1Layer has no pre-MLP
+    norm slot)."""
+    from megatron.bridge.models.falcon_h1.modeling_falconh1.falconh1_layer_specs import falconh1_stack_spec
+
+    spec = localize(falconh1_stack_spec, config, "falconh1_stack")
+    fused = layer_norm_column_parallel_linear()
+    for layer in ("falconh1_layer", "mlp_layer"):
+        mlp = getattr(spec.submodules, layer).submodules.mlp
+        mlp.submodules = dataclasses.replace(mlp.submodules, linear_fc1=fused)
+    return spec

@@ -82,6 +82,13 @@ TINY: dict[str, dict] = {
                      vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=2, head_dim=16, image_size=16, patch_size=4),
                      image_token_index=122, tie_word_embeddings=False),
+    # Falcon-H1: every layer parallel Mamba-2 + attention + MLP; mixer of 8 heads of 8 in 2 groups,
+    # its gated norm on (after the gate, as the published configs and megatron-core have it); muP multipliers away from 1 (both sides apply them in the forward)
+    "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
+                      mamba_d_conv=4, mamba_chunk_size=16, mamba_rms_norm=True, mamba_norm_before_gate=False, embedding_multiplier=1.5,
+                      lm_head_multiplier=0.7, key_multiplier=0.9, attention_in_multiplier=1.1,
+                      attention_out_multiplier=0.8, ssm_in_multiplier=1.2, ssm_out_multiplier=0.6,
+                      mlp_multipliers=[1.3, 0.7], ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.05]),
     # Whisper-like audio tower of 2 layers; the Qwen2 decoder has q/k/v biases
     "qwen2_audio": dict(text_config=dict(model_type="qwen2"), audio_config=AUDIO, audio_token_index=100),
     # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / token2wav
