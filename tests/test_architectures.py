@@ -259,3 +259,115 @@ def test_gemma4_text_gets_a_provider_only_where_its_head_dims_agree(global_head_
             Gemma4Bridge().provider_bridge(SimpleNamespace(config=config))
     else:
         assert Gemma4Bridge().provider_bridge(SimpleNamespace(config=config)).kv_channels == 256
+
+
+#: Step-3.7's published config.json spelling (stepfun-ai's remote-code fields, which Megatron-Bridge's
+#: Step37Config reads and transformers' Step3p7Config maps), scaled down: layer 0 dense full attention
+#: (4 heads, half rotary), layer 1 MoE sliding attention (6 heads), 2 KV groups.
+STEP3P7_CONFIG = {
+    "architectures": ["Step3p7ForConditionalGeneration"], "model_type": "step3p7", "projector_bias": False,
+    "image_token_id": 120,
+    "text_config": {
+        "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_attention_groups": 2, "head_dim": 16,
+        "num_hidden_layers": 2, "vocab_size": 128, "rms_norm_eps": 1e-5, "moe_intermediate_size": 32,
+        "moe_num_experts": 4, "moe_top_k": 2, "share_expert_dim": 48, "moe_layers_enum": "1",
+        "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 16,
+        "attention_other_setting": {"attention_type": "sliding_attention", "num_attention_heads": 6,
+                                    "num_attention_groups": 2, "head_dim": 16},
+        "rope_theta": [10000.0, 5000.0], "partial_rotary_factors": [0.5, 1.0], "use_head_wise_attn_gate": True,
+        "use_moe_router_bias": True, "moe_router_activation": "sigmoid", "moe_router_scaling_factor": 2.0,
+        "tie_word_embeddings": False, "num_nextn_predict_layers": 0, "max_position_embeddings": 128},
+    "vision_config": {"width": 32, "layers": 2, "heads": 2, "image_size": 28, "patch_size": 14, "mlp_ratio": 1.5},
+}
+
+
+@pytest.fixture(scope="module")
+def step3p7_dir(tmp_path_factory):
+    """A tiny Step-3.7 folder: transformers' own classes' weights under the published config.json."""
+    import json
+
+    import torch
+    from transformers import Step3p7Config, Step3p7ForConditionalGeneration
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("step3p7")
+    Step3p7ForConditionalGeneration(Step3p7Config(**json.loads(json.dumps(STEP3P7_CONFIG)))).save_pretrained(directory)
+    (directory / "config.json").write_text(json.dumps(STEP3P7_CONFIG))
+    return directory
+
+
+def test_step3p7_configs_agree_but_megatron_bridge_s_hides_transformers_auto_classes(step3p7_dir):
+    """REFUSED's reason for Step3p7ForConditionalGeneration, its config part: both config classes read
+    the published config.json to the same sizes; importing Megatron-Bridge registers its Step37Config
+    for step3p7, which transformers' auto model classes refuse (transformers' own class still loads)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, Step3p7Config, Step3p7ForConditionalGeneration
+
+    import megatron.bridge.models  # noqa: F401  (registers its bridges and their configs)
+    from megatron.bridge.models.stepfun.configuration_step37 import Step37Config
+
+    theirs = AutoConfig.from_pretrained(str(step3p7_dir))
+    assert type(theirs) is Step37Config
+    with pytest.raises(ValueError, match="Unrecognized configuration class .*Step37Config"):
+        AutoModelForImageTextToText.from_config(theirs)
+    assert type(Step3p7ForConditionalGeneration.from_pretrained(str(step3p7_dir)).config) is Step3p7Config
+    ours, theirs = Step3p7Config.from_pretrained(str(step3p7_dir)).text_config, theirs.text_config
+    assert (ours.num_key_value_heads, ours.n_routed_experts, ours.num_experts_per_tok, ours.share_expert_dim) == (
+        theirs.num_attention_groups, theirs.moe_num_experts, theirs.moe_top_k, theirs.share_expert_dim)
+    assert ours.mlp_layer_types == ["dense", "sparse"] and theirs.moe_layers_enum == "1"
+    assert [ours.per_layer_config[i].num_attention_heads for i in (0, 1)] == [
+        theirs.num_attention_heads, theirs.attention_other_setting["num_attention_heads"]]
+    assert [ours.rope_parameters[kind]["rope_theta"] for kind in ours.layer_types] == theirs.rope_theta
+
+
+def _step35_local_spec(config, vp_stage=None, pp_rank=None):
+    """Megatron-Bridge's Step-3.5 layer spec (build_step35_layer_spec: Step35DecoderLayer on the
+    decoder block spec) on megatron-core's local modules."""
+    from bridge_ext_testing.gpt_families import local_block_spec
+    from bridge_ext_testing.local_specs import localize
+    from megatron.bridge.models.stepfun.step35_provider import Step35DecoderLayer
+
+    block = local_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    for layer in block.layer_specs:
+        layer.module = Step35DecoderLayer
+    return localize(block, config)
+
+
+@pytest.mark.parametrize("attention_output_gate", [False, True])
+def test_step3p7_megatron_model_cannot_hold_transformers_attention_gate(megatron_cpu, step3p7_dir,
+                                                                        attention_output_gate):
+    """REFUSED's reason for Step3p7ForConditionalGeneration, its model part. Step37Bridge sets
+    head_wise_attn_gate (no megatron-core 0.19.2 field), not Step35Bridge's attention_output_gate
+    fallback: linear_qkv has no g_proj rows and its own load fails. With the fallback set by hand the
+    gate loads (each head's scalar row repeated head_dim times) and its export keeps the first of each
+    head's gate rows, dropping the others; the stacked experts read the expert off grouped-GEMM names
+    (weight{e}), so the CPU build's local_experts alias of them (same class) fails."""
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.bridge.models.conversion.param_mapping import merge_qkvg_weights, split_qkvg_weights
+
+    from bridge_ext_testing import gpt_families
+    from bridge_ext_testing.qwen35 import qwen35_auto_bridge_class
+
+    assert "head_wise_attn_gate" not in TransformerConfig.__dataclass_fields__
+    bridge = qwen35_auto_bridge_class().from_hf_pretrained(str(step3p7_dir))
+    provider = bridge.to_megatron_provider(load_weights=False)
+    assert (provider.head_wise_attn_gate, provider.attention_output_gate) == (True, False)
+    gpt_families.configure_provider(provider, step3p7_dir)
+    provider.transformer_layer_spec = _step35_local_spec
+    provider.attention_output_gate = attention_output_gate
+    provider.apply_rope_fusion = provider.persist_layer_norm = False
+    provider.finalize()
+    with gpt_families.cpu_build_context(provider):
+        chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    qkv = chunks[0].language_model.decoder.layers[0].self_attention.linear_qkv.weight
+    assert qkv.shape[0] == (4 + 2 + 2) * 16 + (4 * 16 if attention_output_gate else 0)  # q, k, v (+ gate)
+    if not attention_output_gate:
+        with pytest.raises(ValueError, match=r"linear_qkv\.weight:\n.*\[128, 64\]\)\n.*\[132, 64\]"):
+            bridge.load_hf_weights(chunks)
+        return
+    with pytest.raises(ValueError, match="invalid literal for int"):  # StackedExpert*Mapping._expert_idx
+        bridge.load_hf_weights(chunks)
+    q, k, v, g = (torch.randn(rows, 64) for rows in (64, 32, 32, 4))
+    trained = merge_qkvg_weights(provider, q, k, v, g)
+    trained[4 * 16 - 1] += 1.0  # a trained gate row beside its head's first (group 0: q, gate, k, v; head 1, last row)
+    assert torch.equal(split_qkvg_weights(provider, trained)[3], g)  # the export does not see it
