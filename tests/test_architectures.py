@@ -242,23 +242,129 @@ def test_generate_refuses_a_model_type_without_a_bridge():
     assert "registers no bridge for model_type 'olmo2'" in result.output
 
 
-@pytest.mark.parametrize("global_head_dim", [512, 256])
-def test_gemma4_text_gets_a_provider_only_where_its_head_dims_agree(global_head_dim):
-    """REFUSED's reason for Gemma4ForCausalLM: Megatron-Bridge's bridge reads config.head_dim, which
-    transformers makes per-layer where global_head_dim differs (the published E2B / E4B: 256 / 512)."""
+GEMMA4_LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+
+def _gemma4_text_config(*, flag: bool = False, **fields):
+    """A Gemma 4 text config as transformers 5.23 reads a config.json holding ``fields``."""
+    from transformers import AutoConfig
+
+    fields = dict(dict(num_hidden_layers=2, head_dim=256, global_head_dim=512,
+                       layer_types=["sliding_attention", "full_attention"]), **fields)
+    config = AutoConfig.for_model("gemma4_text", **fields)
+    config.allow_global_per_layer_attribute_access = flag
+    return config
+
+
+def _gemma4_provider(config):
     from types import SimpleNamespace
 
     from megatron.bridge.models.gemma.gemma4_bridge import Gemma4Bridge
+
+    return Gemma4Bridge().provider_bridge(SimpleNamespace(config=config))
+
+
+def test_gemma4_text_head_dims_are_per_layer_in_transformers_so_megatron_bridge_reads_none():
+    """REFUSED's reason for Gemma4ForCausalLM: transformers 5.23 keeps global_head_dim only in
+    per_layer_config, and Megatron-Bridge's bridge reads config.head_dim (the published E2B / E4B: 256 / 512)."""
+    from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
+
+    config = _gemma4_text_config()
+    assert config.to_dict().get("global_head_dim") is None
+    assert config.per_layer_config[1].head_dim == 512
+    with pytest.raises(AmbiguousGlobalPerLayerAttributeError, match="'head_dim' is a per-layer attribute"):
+        _gemma4_provider(config)
+
+
+@pytest.mark.parametrize(("fields", "flag", "right"), [
+    (dict(), True, True),  # E2B / E4B: 256 / 512, as many KV heads on global layers
+    (dict(global_head_dim=256), False, False),  # equal head dims: global layers of Megatron-Bridge's default 512
+    (dict(global_head_dim=1024), True, False),
+    # 31B-like: K=V global layers with fewer KV heads (4 of 16)
+    (dict(num_key_value_heads=16, num_attention_heads=32, attention_k_eq_v=True, num_global_key_value_heads=4),
+     True, False),
+])
+def test_gemma4_text_provider_takes_its_defaults_for_the_global_layers(fields, flag, right):
+    """With the head dims readable (equal, or allow_global_per_layer_attribute_access set), the
+    provider's global layers are Megatron-Bridge's defaults (512 wide, num_key_value_heads KV heads),
+    not the config's: right only where the config has those values."""
+    config = _gemma4_text_config(flag=flag, **fields)
+    global_layer = config.per_layer_config[1]
+    provider = _gemma4_provider(config)
+    assert (provider.kv_channels, provider.global_kv_channels, provider.num_global_query_groups) == (
+        256, 512, config.per_layer_config[0].num_key_value_heads)
+    read_right = (provider.global_kv_channels == global_layer.head_dim
+                  and provider.num_global_query_groups == global_layer.num_key_value_heads)
+    assert read_right == right
+
+
+def test_gemma4_vision_language_provider_needs_the_flag_in_its_text_config(tmp_path):
+    """REFUSED's reason for Gemma4ForConditionalGeneration: the flag passed to from_pretrained stays on
+    the outer config; in config.json's text_config it reaches the text config Megatron-Bridge reads."""
+    import json
+    from types import SimpleNamespace
+
+    from megatron.bridge.models.gemma_vl.gemma4_vl_bridge import Gemma4VLBridge
     from transformers import AutoConfig
     from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
-    config = AutoConfig.for_model("gemma4_text", num_hidden_layers=2, head_dim=256, global_head_dim=global_head_dim,
-                                  layer_types=["sliding_attention", "full_attention"])
-    if global_head_dim != 256:
-        with pytest.raises(AmbiguousGlobalPerLayerAttributeError, match="'head_dim' is a per-layer attribute"):
-            Gemma4Bridge().provider_bridge(SimpleNamespace(config=config))
-    else:
-        assert Gemma4Bridge().provider_bridge(SimpleNamespace(config=config)).kv_channels == 256
+    AutoConfig.for_model("gemma4", text_config=dict(num_hidden_layers=2, head_dim=256, global_head_dim=512,
+                                                    layer_types=["sliding_attention", "full_attention"])
+                         ).save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(str(tmp_path), allow_global_per_layer_attribute_access=True)
+    with pytest.raises(AmbiguousGlobalPerLayerAttributeError):
+        Gemma4VLBridge().provider_bridge(SimpleNamespace(config=config))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["text_config"]["allow_global_per_layer_attribute_access"] = True
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    provider = Gemma4VLBridge().provider_bridge(SimpleNamespace(config=AutoConfig.from_pretrained(str(tmp_path))))
+    assert (type(provider).__name__, provider.kv_channels, provider.global_kv_channels) == (
+        "Gemma4DenseVLProvider", 256, 512)
+
+
+def test_gemma4_text_e2b_like_builds_on_cpu_and_bridge_ext_refuses_it(megatron_cpu, tmp_path):
+    """REFUSED's reason: with allow_global_per_layer_attribute_access passed to from_hf_pretrained,
+    Megatron-Bridge's dense provider builds an E2B-like tiny model on the CPU (head dims 16 / 512, KV
+    shared by the last two layers, double-wide MLP there, per-layer embeddings) and its export gives
+    back the files, its LoRA split raises on global layers; bridge_ext has no table for it and refuses
+    before the first tensor."""
+    import torch
+    from megatron.bridge import AutoBridge
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from bridge_ext import export_hf_weights
+    from bridge_ext.errors import ExportError
+    from bridge_ext_testing.qwen35 import cpu_current_device
+
+    config = _gemma4_text_config(flag=False, vocab_size=128, hidden_size=64, intermediate_size=96,
+                                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 layer_types=GEMMA4_LAYERS, sliding_window=4, num_kv_shared_layers=2,
+                                 hidden_size_per_layer_input=8, vocab_size_per_layer_input=128,
+                                 use_double_wide_mlp=True, final_logit_softcapping=30.0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).float().save_pretrained(tmp_path)
+    bridge = AutoBridge.from_hf_pretrained(str(tmp_path), allow_global_per_layer_attribute_access=True)
+    provider = bridge.to_megatron_provider(load_weights=False)
+    assert (provider.kv_channels, provider.global_kv_channels) == (16, 512)
+    provider.params_dtype, provider.bf16, provider.use_cpu_initialization = torch.float32, False, True
+    provider.finalize()
+    with cpu_current_device():
+        chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    bridge.load_hf_weights(chunks)
+    original = load_file(str(tmp_path / "model.safetensors"))
+    assert not any(".layers.3.self_attn.k_" in name for name in original)  # a KV-shared layer: no k_proj / k_norm
+    theirs = dict(bridge.export_hf_weights(chunks, cpu=True, show_progress=False))
+    assert sorted(theirs) == sorted(original)
+    assert [name for name in original if not torch.equal(theirs[name], original[name])] == []
+    with pytest.raises(ExportError, match="no mapping table for model_type 'gemma4_text'"):
+        next(iter(export_hf_weights(chunks, base_only=True)))
+    # its LoRA exports (adapters, merged) split a global layer's linear_qkv lora_B with the sliding
+    # layout: the bridge's global branch asks for global_head_dim, which the dense provider names global_kv_channels
+    assert not hasattr(chunks[0].config, "global_head_dim") and chunks[0].config.global_kv_channels == 512
+    global_lora_b = torch.zeros((4 + 2 * 2) * 512, 4)
+    with pytest.raises(RuntimeError, match="is invalid for input of size 16384"):
+        bridge._model_bridge._split_qkv_linear_out_weight(chunks, global_lora_b)
 
 
 #: Step-3.7's published config.json spelling (stepfun-ai's remote-code fields, which Megatron-Bridge's
