@@ -24,9 +24,9 @@ table also offers the fused layout transformers keeps in memory (``experts.gate_
 ``[E, 2I, H]``, ``[gate; up]`` per expert), as the hand-written MoE tables do; the
 conformance tests prove both.
 
-A Mamba-2 mixer's ``MambaInProjMapping`` / ``MambaConv1dMapping`` become row splits by the mixer's
-sizes; the table's ``MambaSizes`` names the Hugging Face fields the bridge's ``CONFIG_MAPPING``
-maps to megatron-core's Mamba sizes.
+The mapping kinds of ``architecture_notes.SIZED_SPLIT_KINDS`` (Mamba-2's in_proj / conv1d) become
+row splits by the mixer's sizes; the table's sizes entry names the Hugging Face fields the bridge's
+``CONFIG_MAPPING`` maps to megatron-core's.
 """
 
 from __future__ import annotations
@@ -45,16 +45,15 @@ from bridge_ext.tables.architecture_notes import (
     LEFT_OUT_PREFIXES,
     MTP_PREFIXES,
     PUBLISHED_PREFIXES,
+    SIZED_SPLIT_KINDS,
     TOWERS_GENERATED,
+    SizedSplitKind,
     VLLM_ADAPTERS_REFUSED,
     VLLM_PER_EXPERT_ADAPTERS,
 )
 
 WILDCARDS = ("layer", "expert")
 _FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
-#: MambaSizes' fields -> the Megatron config fields a bridge's CONFIG_MAPPING maps them to
-_MAMBA_SIZE_FIELDS = (("heads", "mamba_num_heads"), ("head_dim", "mamba_head_dim"), ("groups", "mamba_num_groups"),
-                      ("state_size", "mamba_state_dim"))
 _GROUPED_EXPERT = re.compile(r"^(?P<prefix>.*)\.experts\.linear_fc(?P<n>[12])\.weight\*$")
 
 
@@ -265,7 +264,7 @@ class _Translation:
     rules: list[GeneratedRule]
     absent: list[str]
     expert_parameters: tuple[str, ...] | None
-    uses_mamba: bool = False
+    sized_splits: tuple[SizedSplitKind, ...] = ()
 
 
 def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] | None, *,
@@ -278,7 +277,8 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
 
     rules: list[GeneratedRule] = []
     absent: list[str] = []
-    uses_experts = uses_mamba = False
+    uses_experts = False
+    sized_splits: list[SizedSplitKind] = []
     fused_parameters: list[tuple[str, str]] = []  # (fused parameter named, mapping)
 
     def add(megatron: str, text: str) -> None:
@@ -327,13 +327,11 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             parts = '("q", "k", "v")' if name.endswith(".weight") else ""
             add(megatron, _rule(megatron, hf, ', SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim")',
                                 lora_parts=parts))
-        elif kind in (pm.MambaInProjMapping, pm.MambaConv1dMapping):
-            # per tensor-parallel rank [z_r; x_r; B_r; C_r; dt_r] (conv1d: [x_r; B_r; C_r]) in Megatron,
-            # one [z; x; B; C; dt] in Hugging Face (Megatron-Bridge's param_mapping)
-            parts = "MAMBA_IN_PROJ_PARTS" if kind is pm.MambaInProjMapping else "MAMBA_CONV_PARTS"
+        elif _path(kind) in SIZED_SPLIT_KINDS:
+            sized = SIZED_SPLIT_KINDS[_path(kind)]
             hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
-            add(megatron, _rule(megatron, hf, f", SplitRows(*{parts}), Concat({parts})"))
-            uses_mamba = True
+            add(megatron, _rule(megatron, hf, f", SplitRows(*{sized.parts}), Concat({sized.parts})"))
+            sized_splits += [] if sized in sized_splits else [sized]
         elif kind is pm.GatedMLPMapping:
             gate, up = (_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("gate", "up"))
             if is_expert:
@@ -355,7 +353,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         if parameter not in (expert_parameters or ()):
             raise TableError(f"{name}: the fused experts parameter {parameter} is not one of transformers' experts "
                              f"module parameters {list(expert_parameters or ())}")
-    return _Translation(rules, absent, expert_parameters if uses_experts else None, uses_mamba)
+    return _Translation(rules, absent, expert_parameters if uses_experts else None, tuple(sized_splits))
 
 
 def _kind(mapping) -> type:
@@ -420,16 +418,16 @@ def in_memory_prefixes_of(pairs: list[tuple[str, str]]) -> tuple[tuple[str, str]
     return ordered
 
 
-def _mamba_sizes(bridge) -> str:
-    """The table's ``MambaSizes`` (source text): the Hugging Face fields the bridge's
-    ``CONFIG_MAPPING`` maps to megatron-core's Mamba sizes."""
+def _split_sizes(bridge, sized: SizedSplitKind) -> str:
+    """The table's sizes entry (source text) of a :class:`SizedSplitKind`: the Hugging Face fields
+    the bridge's ``CONFIG_MAPPING`` maps to its megatron-core fields."""
     hf_of = {megatron: hf for hf, megatron in bridge.CONFIG_MAPPING if isinstance(hf, str)}
-    missing = [megatron for _, megatron in _MAMBA_SIZE_FIELDS if megatron not in hf_of]
+    missing = [megatron for _, megatron in sized.size_fields if megatron not in hf_of]
     if missing:
-        raise TableError(f"{bridge.__name__} maps Mamba mixers but its CONFIG_MAPPING names no Hugging Face field "
-                         f"for {', '.join(missing)}")
-    fields = ", ".join(f"{field}={_quoted(hf_of[megatron])}" for field, megatron in _MAMBA_SIZE_FIELDS)
-    return f"MambaSizes({fields})"
+        raise TableError(f"{bridge.__name__} maps mixers split by {sized.sizes_class} but its CONFIG_MAPPING names "
+                         f"no Hugging Face field for {', '.join(missing)}")
+    fields = ", ".join(f"{field}={_quoted(hf_of[megatron])}" for field, megatron in sized.size_fields)
+    return f"{sized.sizes_class}({fields})"
 
 
 def _is_image_text(model_type: str) -> bool:
@@ -450,6 +448,15 @@ def _renamed_prefixes(saved: str, loaded: str, narrowed: int) -> tuple[str, str]
     common = max(common - narrowed, 0)
     return (".".join(saved_parts[:len(saved_parts) - common]) + ".",
             ".".join(loaded_parts[:len(loaded_parts) - common]) + ".")
+
+
+def _sized_split_imports(sized_splits: tuple[SizedSplitKind, ...]) -> list[str]:
+    if not sized_splits:
+        return []
+    blocks = sorted({name for sized in sized_splits for name in (sized.parts, sized.stored_parts)})
+    sizes = sorted({sized.sizes_class for sized in sized_splits})
+    return [f"from bridge_ext.tables.blocks import {', '.join(blocks)}",
+            f"from bridge_ext.tables.sizes import {', '.join(sizes)}"]
 
 
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
@@ -484,8 +491,7 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     ops_import = f"from bridge_ext.ops import {', '.join(sorted(set(ops)))}  # noqa: F401"
     lines += ['"""', "", ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
-              *(["from bridge_ext.tables.blocks import MAMBA_CONV_PARTS, MAMBA_IN_PROJ_PARTS, MAMBA_STORED_PARTS",
-                 "from bridge_ext.tables.sizes import MambaSizes"] if translation.uses_mamba else []),
+              *_sized_split_imports(translation.sized_splits),
               *(["from bridge_ext.tables.config_fields import standard"] if uncompared else []), "",
               f'MEGATRON_BRIDGE_VERSION = "{megatron_bridge_version()}"']
     families = "()"
@@ -502,9 +508,11 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     if _is_image_text(model_type):  # the Auto class that loads its folders (MappingTable.hf_auto_class)
         lines.append('    hf_auto_class="AutoModelForImageTextToText",')
     lines.append(f"    expert_families={families},")
-    if translation.uses_mamba:  # the mixer's splits name these sizes; torch_dist stores its parts apart
-        lines += ["    sizes=(", f"        {_mamba_sizes(bridge)},", "    ),",
-                  "    stored_split_parts=MAMBA_STORED_PARTS,"]
+    if translation.sized_splits:  # the mixer's splits name these sizes; torch_dist stores its parts apart
+        sizes = sorted({_split_sizes(bridge, sized) for sized in translation.sized_splits})
+        stored = sorted({sized.stored_parts for sized in translation.sized_splits})
+        lines += ["    sizes=(", *(f"        {each}," for each in sizes), "    ),",
+                  f"    stored_split_parts={' + '.join(stored)},"]
     if model_type in COMPANION_FILES:  # reviewed by hand: bridge_ext.tables.architecture_notes.COMPANION_FILES
         lines.append(f"    companion_files=({', '.join(_quoted(name) for name in COMPANION_FILES[model_type])},),")
     published = PUBLISHED_PREFIXES.get(model_type, ())

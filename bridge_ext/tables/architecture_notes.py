@@ -9,6 +9,8 @@ class without one must have its reason here (a test checks that none is left out
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 #: Megatron-side prefixes of MTP layers, which a generated table never covers.
 MTP_PREFIXES = ("mtp.", "language_model.mtp.")  # a vision-language model's MTP sits in its language model
 #: Megatron-side prefixes of the parts a generated table leaves out (``bridge-ext tables generate``):
@@ -51,6 +53,31 @@ EQUIVALENT_KINDS = {
 #: one expert group) and squeezes it on import.
 KINDS_WITH_OPS = {
     "megatron.bridge.models.ernie.ernie_45_bridge._SqueezeBiasMapping": ("ReplicatedMapping", "Unsqueeze(0)"),
+}
+
+@dataclass(frozen=True)
+class SizedSplitKind:
+    """A Megatron-Bridge mapping kind split by a mixer's sizes: its rule is ``SplitRows(*parts),
+    Concat(parts)`` (``parts`` a constant of :mod:`bridge_ext.tables.blocks`), the table takes a
+    ``sizes`` entry of class ``sizes_class`` (:mod:`bridge_ext.tables.sizes`) whose fields the
+    bridge's ``CONFIG_MAPPING`` names through ``size_fields`` (sizes field, megatron-core field), and
+    ``stored_split_parts=stored_parts`` (torch_dist keeps the parts apart)."""
+
+    parts: str
+    sizes_class: str
+    size_fields: tuple[tuple[str, str], ...]
+    stored_parts: str
+
+
+_MAMBA_SIZE_FIELDS = (("heads", "mamba_num_heads"), ("head_dim", "mamba_head_dim"), ("groups", "mamba_num_groups"),
+                      ("state_size", "mamba_state_dim"))
+#: Per tensor-parallel rank [z_r; x_r; B_r; C_r; dt_r] (conv1d: [x_r; B_r; C_r]) in Megatron, one
+#: [z; x; B; C; dt] in Hugging Face (Megatron-Bridge's param_mapping)
+SIZED_SPLIT_KINDS = {
+    "megatron.bridge.models.conversion.param_mapping.MambaInProjMapping":
+        SizedSplitKind("MAMBA_IN_PROJ_PARTS", "MambaSizes", _MAMBA_SIZE_FIELDS, "MAMBA_STORED_PARTS"),
+    "megatron.bridge.models.conversion.param_mapping.MambaConv1dMapping":
+        SizedSplitKind("MAMBA_CONV_PARTS", "MambaSizes", _MAMBA_SIZE_FIELDS, "MAMBA_STORED_PARTS"),
 }
 
 #: Mid-key renames transformers applies on load (its ``conversion_mapping.py``), per model type,
