@@ -25,6 +25,8 @@ from bridge_ext.errors import ExportError
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
 from bridge_ext.tables import generated_model_types, table_for
+from bridge_ext.table_generate import renamed
+from bridge_ext.tables.architecture_notes import HF_NAME_RENAMES
 
 PROVEN = sorted(set(TINY) & generated_model_types())
 #: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)
@@ -92,12 +94,17 @@ def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
         assert [name for name in base if not torch.equal(base[name], theirs[name])] == []
         return
     ours = dict(export_hf_weights(built.chunks, peft=False))
-    theirs = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
+    # Megatron-Bridge's names, as transformers saves them where the bridge spells them otherwise
+    # (HF_NAME_RENAMES: Qwen3-ASR's remote-code thinker.* names)
+    renames = HF_NAME_RENAMES.get(config.model_type, ())
+    theirs = {renamed(name, renames): tensor for name, tensor in
+              built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False)}
     assert sorted(ours) == sorted(theirs)
     assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
     # Megatron-Bridge names adapters as the checkpoint; PEFT keys them as transformers holds the
     # model in memory (the table's in_memory_renames, e.g. HY-V3's mlp.shared_mlp -> shared_experts)
-    saved = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    saved = {renamed(name, renames): tensor for name, tensor in
+             built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False)}
     theirs = {table_for(config).in_memory_name(name): tensor for name, tensor in saved.items()}
     assert sorted(adapters) == sorted(theirs)
     assert [name for name in adapters if not torch.equal(adapters[name], theirs[name])] == []

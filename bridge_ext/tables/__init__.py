@@ -121,10 +121,18 @@ def table_for(config_or_model_type) -> MappingTable:
             "Write one and add it with bridge_ext.register_table (see docs/adding_an_architecture.md)"
         )
     if isinstance(entry, MappingTable):
+        if not by_name:
+            _refuse_config_fields(entry, config_or_model_type)
         return entry
     if by_name:
         raise ExportError(f"the {model_type!r} table is built from the model's config: pass the config")
     return entry.build(config_or_model_type)
+
+
+def _refuse_config_fields(table: MappingTable, config) -> None:
+    for name, why in table.refused_config_fields.items():
+        if getattr(config, name, None) is not None:
+            raise ExportError(f"model_type {config.model_type!r}: the config has {name}: {why}")
 
 
 def config_fields_for(table: MappingTable):
