@@ -202,3 +202,38 @@ def test_mimo_v2_flash_megatron_slides_one_token_less_than_transformers(megatron
 
     assert relative(4) < 1e-5
     assert relative(5) > 1e-3
+
+
+def test_qwen3_asr_audio_tower_export_gives_megatron_s_audio_features(megatron_cpu, tmp_path):
+    """The tower and projector rules (Megatron-Bridge's thinker.audio_tower.* written as transformers
+    saves them, proj1 / proj2 as multi_modal_projector.linear_1 / linear_2): transformers' audio
+    features of the exported folder are those of the Megatron model's own tower."""
+    from bridge_ext_testing.forward import _unwrap
+
+    hf_dir = tiny_generated(tmp_path / "hf", "qwen3_asr")
+    model = build_megatron_model(hf_dir)
+    save_hf_pretrained(model.chunks, tmp_path / "model")
+    frames = 2 * 100  # two chunks of 2 * n_window mel frames, 13 positions each
+    features = torch.randn(1, 16, frames, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tower = _unwrap(model.chunks[0]).thinker.audio_model.eval()
+        reference = tower(features[0], feature_lens=torch.tensor([frames])).last_hidden_state
+        ours = load_hf_model(tmp_path / "model").get_audio_features(
+            features, torch.ones(1, frames, dtype=torch.long)).pooler_output
+    assert ours.shape == reference.shape == (26, 64)
+    assert float((ours - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
+def test_qwen3_asr_remote_code_config_is_refused(megatron_cpu, tmp_path):
+    """transformers 5.23 reads the remote-code config.json (thinker_config) as its own Qwen3ASRConfig
+    of default sizes: an export given it is refused before the first tensor."""
+    from transformers import AutoConfig
+
+    from bridge_ext_testing.qwen3_asr import twin_path
+
+    hf_dir = tiny_generated(tmp_path / "hf", "qwen3_asr")
+    model = build_megatron_model(hf_dir)
+    remote = AutoConfig.from_pretrained(str(twin_path(hf_dir)))
+    assert remote.text_config.hidden_size != 64 and isinstance(remote.thinker_config, dict)  # defaults, silently
+    with pytest.raises(ExportError, match=r"model_type 'qwen3_asr': the config has thinker_config: the remote-code "):
+        next(export_hf_weights(model.chunks, hf_config=twin_path(hf_dir)))

@@ -108,12 +108,12 @@ TINY: dict[str, dict] = {
                            apply_vit_abs_pos_embed=True),
         **THINKER_TOKENS)),
     # transformers' spelling (Qwen/Qwen3-ASR-*-hf); Megatron-Bridge builds from its remote-code twin
-    # (bridge_ext_testing.qwen3_asr). Embeddings tied, as the published models; audio chunks of 16 mel
-    # frames (2 positions after the tower's three stride-2 convolutions), attention windows of 2 chunks
+    # (bridge_ext_testing.qwen3_asr). Embeddings tied, as the published models; the published audio
+    # chunks of 2 * 50 mel frames (both libraries count 13 positions a chunk), attention windows of one chunk
     "qwen3_asr": dict(text_config=dict(tie_word_embeddings=True,
                                        rope_parameters=dict(rope_type="default", rope_theta=OMNI_ROPE_THETA)),
                       audio_config=dict(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=48,
-                                        d_model=32, n_window=8, n_window_infer=32, output_dim=64,
+                                        d_model=32, n_window=50, n_window_infer=100, output_dim=64,
                                         downsample_hidden_size=8),
                       audio_token_id=100, tie_word_embeddings=True),
 }
