@@ -237,3 +237,15 @@ def test_qwen3_asr_remote_code_config_is_refused(megatron_cpu, tmp_path):
     assert remote.text_config.hidden_size != 64 and isinstance(remote.thinker_config, dict)  # defaults, silently
     with pytest.raises(ExportError, match=r"model_type 'qwen3_asr': the config has thinker_config: the remote-code "):
         next(export_hf_weights(model.chunks, hf_config=twin_path(hf_dir)))
+
+
+def test_qwen3_asr_untied_output_layer_is_refused(megatron_cpu, tmp_path):
+    """The table is proven with tied embeddings; an untied model's output layer has no rule (the
+    tiny model lacked it as the table was generated) and is refused before the first tensor."""
+    from bridge_ext_testing.tiny_generated import TINY
+
+    text_config = {**TINY["qwen3_asr"]["text_config"], "tie_word_embeddings": False}
+    untied = {"tie_word_embeddings": False, "text_config": text_config}
+    model = build_megatron_model(tiny_generated(tmp_path / "hf", "qwen3_asr", overrides=untied))
+    with pytest.raises(ExportError, match=r"thinker\.language_model\.output_layer\.weight"):
+        next(export_hf_weights(model.chunks))

@@ -199,12 +199,15 @@ REFUSED_CONFIG_FIELDS: dict[str, dict[str, str]] = {"qwen3_asr": {"thinker_confi
 #: Notes ``bridge-ext architectures`` prints below its table, per model type: what a user of a
 #: generated+proven type must know (a workaround its proof relies on).
 NOTES = {
-    "qwen3_asr": "Megatron-Bridge 0.6.2's Qwen3ASRBridge reads the remote-code config (thinker_config), which "
-                 "transformers 5.23 does not build (its own Qwen3ASRConfig has audio_config / text_config, and "
-                 "Megatron-Bridge registers its vendored copy only where transformers lacks qwen3_asr): from the "
-                 "remote-code folder, bridge.hf_pretrained.config = megatron.bridge.models.qwen3_asr.hf_qwen3_asr."
-                 "Qwen3ASRConfig.from_pretrained(folder) before to_megatron_provider(); exports name the weights "
-                 "as transformers 5.23 saves them (HF_NAME_RENAMES) and take the transformers-format config",
+    "qwen3_asr": "Megatron-Bridge 0.6.2's Qwen3ASRBridge reads the remote-code Qwen3-ASR folder (thinker_config, "
+                 "thinker.* weights, as Qwen/Qwen3-ASR-* publish it), whose config transformers 5.23 does not build "
+                 "(its Qwen3ASRConfig has audio_config / text_config; Megatron-Bridge registers its vendored copy "
+                 "only where transformers lacks qwen3_asr). Workaround: bridge.hf_pretrained.config = "
+                 "megatron.bridge.models.qwen3_asr.hf_qwen3_asr.Qwen3ASRConfig.from_pretrained(folder) before "
+                 "to_megatron_provider(). Exports write the names transformers 5.23 saves (Qwen/Qwen3-ASR-*-hf's; "
+                 "architecture_notes.HF_NAME_RENAMES) and need that format's config (hf_config=, or the provider's "
+                 "hf_model_id); the remote-code config is refused. Proven with tied embeddings (transformers 5.23's "
+                 "default for Qwen3-ASR): an untied output layer is refused as unmapped",
 }
 
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.

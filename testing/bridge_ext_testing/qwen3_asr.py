@@ -24,7 +24,7 @@ TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 #: the remote-code audio config's fields, read from transformers' encoder config as they are
 AUDIO_FIELDS = ("num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "d_model",
                 "activation_function", "n_window", "n_window_infer", "output_dim", "downsample_hidden_size",
-                "scale_embedding", "initializer_range")
+                "scale_embedding", "initializer_range", "conv_chunksize")
 
 
 def twin_path(hf_dir: str | Path) -> Path:

@@ -6,10 +6,11 @@ Do not edit: regenerate (a Megatron-Bridge upgrade shows as a diff). A hand-writ
 same model type wins over this one. Left out: MTP layers. The tower's rules are Megatron-Bridge's
 '**' subtrees expanded on the tiny models (proven by the conformance entry of this model type).
 
-The bridge's Hugging Face names are written as transformers saves them:
-thinker.audio_tower.proj1. -> model.multi_modal_projector.linear_1., thinker.audio_tower.proj2.
--> model.multi_modal_projector.linear_2., thinker.audio_tower. -> model.audio_tower.,
-thinker.model. -> model.language_model., thinker.lm_head. -> lm_head..
+The bridge's Hugging Face names are written as transformers saves them
+(architecture_notes.HF_NAME_RENAMES): thinker.audio_tower.proj1. ->
+model.multi_modal_projector.linear_1.; thinker.audio_tower.proj2. ->
+model.multi_modal_projector.linear_2.; thinker.audio_tower. -> model.audio_tower.;
+thinker.model. -> model.language_model.; thinker.lm_head. -> lm_head.
 
 Mappings of weights the tiny model lacks (their parallel kind cannot be read off a module),
 left out so that such a weight is refused as unmapped:
