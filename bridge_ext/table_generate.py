@@ -40,11 +40,13 @@ from bridge_ext.errors import TableError
 from bridge_ext.tables.architecture_notes import (
     EQUIVALENT_KINDS,
     HEAD_GROUP_QKV_KINDS,
+    HF_NAME_RENAMES,
     IN_MEMORY_RENAMES,
     KINDS_WITH_OPS,
     LEFT_OUT_PREFIXES,
     MTP_PREFIXES,
     PUBLISHED_PREFIXES,
+    REFUSED_CONFIG_FIELDS,
     SIZED_SPLIT_KINDS,
     TOWERS_GENERATED,
     SizedSplitKind,
@@ -194,8 +196,27 @@ def _wildcarded(name: str, resolver: Resolver) -> str:
     return ".".join(parts)
 
 
-def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> list[GeneratedRule]:
-    """Rules for a ``prefix.**`` mapping, one per parameter of the tiny models' subtree."""
+def renamed(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """``name`` (Megatron-Bridge's spelling) with the first fitting ``(bridge's prefix, saved
+    prefix)`` pair applied (:data:`~bridge_ext.tables.architecture_notes.HF_NAME_RENAMES`)."""
+    for bridge_prefix, saved_prefix in renames:
+        if name.startswith(bridge_prefix):
+            return saved_prefix + name[len(bridge_prefix):]
+    return name
+
+
+def bridge_spelling(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """A saved name as Megatron-Bridge spells it (the inverse of :func:`renamed`)."""
+    for bridge_prefix, saved_prefix in renames:
+        if name.startswith(saved_prefix):
+            return bridge_prefix + name[len(saved_prefix):]
+    return name
+
+
+def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None,
+                   renames: tuple[tuple[str, str], ...] = ()) -> list[GeneratedRule]:
+    """Rules for a ``prefix.**`` mapping, one per parameter of the tiny models' subtree (the
+    saved names read in the bridge's spelling where ``renames`` differ, the rules writing the saved ones)."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
     label = f"{type(mapping).__name__} of {mapping.megatron_param} -> {mapping.hf_param}"
@@ -210,7 +231,8 @@ def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> l
     hf_prefix = _subtree_prefix(mapping.hf_param, "Hugging Face", mapping) + "."
     megatron_names = resolver.parameters_under(megatron_prefix)
     megatron_rest = [name[len(megatron_prefix):] for name in megatron_names]
-    hf_rest = sorted(name[len(hf_prefix):] for name in hf_names if name.startswith(hf_prefix))
+    bridge_names = [bridge_spelling(name, renames) for name in hf_names]
+    hf_rest = sorted(name[len(hf_prefix):] for name in bridge_names if name.startswith(hf_prefix))
     if not megatron_rest:
         raise TableError(f"{label}: the tiny Megatron model has no parameter under {megatron_prefix}")
     if sorted(megatron_rest) != hf_rest:
@@ -222,7 +244,7 @@ def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> l
     for name, rest in zip(megatron_names, megatron_rest):
         tp = "replicated" if kind is pm.ReplicatedMapping else resolver.module_kind(mapping, name)
         pattern = _wildcarded(name, resolver)
-        hf = hf_prefix + pattern[len(megatron_prefix):]
+        hf = renamed(hf_prefix + pattern[len(megatron_prefix):], renames)
         text = _rule(pattern, hf, tp=_quoted(tp) if tp != "column" else "")
         if rules.setdefault(pattern, GeneratedRule(pattern, text)).text != text:
             raise TableError(f"{label}: {pattern} has children of several parallel kinds")
@@ -272,8 +294,14 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
     """Rules for Megatron-Bridge ``mappings``; refuses a mapping kind it does not know.
 
     ``hf_names``: the tiny Hugging Face checkpoint's tensor names (``**`` subtrees are expanded
-    against them); towers are translated only for a model type of ``TOWERS_GENERATED``."""
+    against them); towers are translated only for a model type of ``TOWERS_GENERATED``. Hugging
+    Face names are written as transformers saves them (``HF_NAME_RENAMES``)."""
     from megatron.bridge.models.conversion import param_mapping as pm
+
+    renames = HF_NAME_RENAMES.get(model_type, ())
+
+    def hf_pattern(mb_pattern: str, mapping) -> str:
+        return renamed(_pattern(mb_pattern, "Hugging Face", mapping), renames)
 
     rules: list[GeneratedRule] = []
     absent: list[str] = []
@@ -289,13 +317,13 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         if name.startswith(MTP_PREFIXES) or (name.startswith(LEFT_OUT_PREFIXES) and model_type not in TOWERS_GENERATED):
             continue
         if isinstance(mapping.hf_param, str) and name.endswith("**"):
-            rules.extend(expand_subtree(mapping, resolver, hf_names))
+            rules.extend(expand_subtree(mapping, resolver, hf_names, renames))
             continue
         kind = _kind(mapping)
         megatron = _pattern(name, "Megatron", mapping)
         is_expert = "{expert}" in megatron
         if _path(type(mapping)) in HEAD_GROUP_QKV_KINDS:
-            hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
+            hf = [hf_pattern(mapping.hf_param[part], mapping) for part in ("q", "k", "v")]
             add(megatron, _rule(megatron, hf, ', SplitHeadGroups("num_attention_heads", "head_dim", "v_head_dim")',
                                 lora_parts='("q", "k", "v")' if name.endswith(".weight") else ""))
         elif kind in (pm.AutoMapping, pm.ColumnParallelMapping, pm.RowParallelMapping, pm.ReplicatedMapping,
@@ -309,7 +337,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             if tp is None:
                 absent.append(name)
                 continue
-            hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
+            hf = hf_pattern(mapping.hf_param, mapping)
             ops = _vocab_ops(megatron) + (", AddOne()" if kind is pm.RMSNorm2ZeroCenteredRMSNormMapping else "")
             ops += ", Transpose()" if permute else ""  # a matrix Hugging Face stores [in, out]
             ops += "".join(f", {op}" for op in _extra_ops(mapping))
@@ -323,17 +351,17 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             else:
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp) if tp != "column" else ""))
         elif kind is pm.QKVMapping:
-            hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
+            hf = [hf_pattern(mapping.hf_param[part], mapping) for part in ("q", "k", "v")]
             parts = '("q", "k", "v")' if name.endswith(".weight") else ""
             add(megatron, _rule(megatron, hf, ', SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim")',
                                 lora_parts=parts))
         elif _path(kind) in SIZED_SPLIT_KINDS:
             sized = SIZED_SPLIT_KINDS[_path(kind)]
-            hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
+            hf = hf_pattern(mapping.hf_param, mapping)
             add(megatron, _rule(megatron, hf, f", SplitRows(*{sized.parts}), Concat({sized.parts})"))
             sized_splits += [] if sized in sized_splits else [sized]
         elif kind is pm.GatedMLPMapping:
-            gate, up = (_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("gate", "up"))
+            gate, up = (hf_pattern(mapping.hf_param[part], mapping) for part in ("gate", "up"))
             if is_expert:
                 uses_experts = True
                 add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", variant='EXPERTS.variant("per_expert")',
@@ -477,6 +505,10 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
         *(["'**' subtrees expanded on the tiny models (proven by the conformance entry of this model type)."]
           if model_type in TOWERS_GENERATED else []),
     ]
+    if model_type in HF_NAME_RENAMES:  # reviewed by hand: bridge_ext.tables.architecture_notes.HF_NAME_RENAMES
+        pairs = "; ".join(f"{bridge} -> {saved}" for bridge, saved in HF_NAME_RENAMES[model_type])
+        lines += ["", *textwrap.wrap("The bridge's Hugging Face names are written as transformers saves them "
+                                     "(architecture_notes.HF_NAME_RENAMES): " + pairs, 96)]
     if model_type in LEFT_OUT_NOTES:  # reviewed by hand: bridge_ext.tables.architecture_notes.LEFT_OUT_NOTES
         lines += ["", *textwrap.wrap("Also left out: " + LEFT_OUT_NOTES[model_type], 96)]
     if translation.absent:
@@ -538,6 +570,14 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
         lines.append("    in_memory_renames=(")
         lines += [f"        ({_quoted(saved)}, {_quoted(loaded)})," for saved, loaded in renames]
         lines.append("    ),")
+    refused = REFUSED_CONFIG_FIELDS.get(model_type)
+    if refused:  # reviewed by hand: bridge_ext.tables.architecture_notes.REFUSED_CONFIG_FIELDS
+        lines.append("    refused_config_fields={")
+        for name, why in refused.items():
+            lines.append(f"        {_quoted(name)}: (")
+            lines += [f"            {_quoted(piece)}" for piece in textwrap.wrap(why, 80, drop_whitespace=False)]
+            lines.append("        ),")
+        lines.append("    },")
     if uncompared:  # reviewed by hand: bridge_ext.tables.architecture_notes.UNCOMPARED
         lines.append("    config_fields=standard({")
         for name, why in uncompared.items():
