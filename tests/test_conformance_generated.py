@@ -64,6 +64,11 @@ MB_LORA_EXPORT_RAISES = {"mimo_v2_flash": r"shape .* is invalid for input of siz
 #: Hugging Face name pattern -> the Megatron linear it comes from.
 MB_FUSED_QKV_LORA = {"exaone4_5": (r"model\.visual\.blocks\.(\d+)\.attn\.qkv\.",
                                    r"vision_model.decoder.layers.\1.self_attention.linear_qkv.")}
+#: Image-text types whose tower is Megatron-Bridge's own Megatron-Core module, LoRA on its linears:
+#: Megatron's features of an image against transformers + PEFT's. Megatron-Bridge 0.6.2 builds EXAONE
+#: 4.5's tower norms with eps 1e-5 (get_vision_model_config), transformers 5.23 with 1e-6: model type ->
+#: Megatron's epsilon, which transformers' norms are also run with to show that it is the whole difference.
+TOWER_FORWARD = {"exaone4_5": 1e-5}
 NO_MEGATRON_FORWARD = {"falcon_h1": "megatron-core's Mamba mixer runs only with mamba_ssm's CUDA kernels"}
 MEGATRON_SPELLINGS = ("base_layer", "to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.")
 
@@ -175,6 +180,38 @@ def _megatron_bridge_fused_qkv_lora(built, config, original, theirs, *, merged: 
         expected = original[name] + scale * lora_b @ lora_a if merged else lora_b
         assert torch.allclose(theirs[name], expected, rtol=0, atol=1e-6), name
     return names
+
+
+@pytest.mark.parametrize("built", sorted(TOWER_FORWARD), indirect=True)
+def test_vision_tower_features_equal_megatron_s(built, tmp_path):
+    """The tower's base weights and adapters (the fused qkv of grouped KV heads, the gated MLP,
+    the patch merger) as Megatron computes with them, on a 12 x 12 patch image (window attention
+    over 2 x 2 windows, one block of full attention)."""
+    from bridge_ext_testing.qwen35 import cpu_current_device
+
+    vision = json.loads((built.hf_dir / "config.json").read_text())["vision_config"]
+    grid = torch.tensor([[1, 12, 12]])
+    width = vision["in_channels"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+    pixels = torch.randn(144, width, generator=torch.Generator().manual_seed(0))
+    tower = built.chunks[0].vision_model
+    tower.eval()
+    with torch.no_grad(), cpu_current_device():
+        reference = tower(pixels, grid)
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", Report())
+
+    def relative(model) -> float:
+        with torch.no_grad():
+            features = model.model.visual(pixels, grid_thw=grid).pooler_output
+        return float((features - reference).abs().max() / reference.abs().max())
+
+    ours = relative(peft_model.get_base_model())
+    assert ours < 1e-4
+    assert relative(load_hf_model(tmp_path / "model")) > 1000 * ours  # the adapters change the features
+    for module in peft_model.get_base_model().model.visual.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = TOWER_FORWARD[_model_type(built)]
+    assert relative(peft_model.get_base_model()) < 1e-6
 
 
 def _model_type(built) -> str:
