@@ -88,6 +88,7 @@ def build_megatron_model(
     is_gpt_family = gpt_families.is_gpt_family(hf_dir) and not is_omni
     bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 or is_qwen3_vl or is_gpt_family else AutoBridge
     bridge = bridge_cls.from_hf_pretrained(str(hf_dir))
+    gpt_families.restore_rotary_fraction(bridge, model_type)
     provider = bridge.to_megatron_provider(load_weights=False)
     if model_type == "qwen2_5_vl":
         provider.mrope_section = qwen3_vl.qwen2_5_vl_mrope_section(hf_dir)
