@@ -24,7 +24,7 @@ FUSED_ON_2D = "contains fused 3D MoE weights"
 # cases whose PEFT folder holds fused expert adapters for a class vLLM wraps per expert
 PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite",
                       "qwen2_moe", "qwen3_next", "qwen3_moe_canonical", "qwen3_moe_normalize",
-                      "olmoe", "deepseek_v2", "exaone_moe", "ernie4_5_moe", "hy_v3"}
+                      "olmoe", "deepseek_v2", "exaone_moe", "ernie4_5_moe", "hy_v3", "glm4v_moe"}
 # per-expert classes that do not refuse PEFT's fused folder but leave its expert adapters
 # unapplied: vLLM has no module under the in-memory name (MiniMax-M2: mlp.experts, vLLM's
 # block_sparse_moe.experts); the weights so left zero, by name

@@ -228,4 +228,5 @@ TABLE = MappingTable(
     model_classes={"glm4v_moe": "Glm4vMoeForConditionalGeneration"},
     hf_auto_class="AutoModelForImageTextToText",
     expert_families=(EXPERTS,),
+    vllm_expert_adapter_layouts={"Glm4vMoeForConditionalGeneration": "per_expert"},
 )
