@@ -195,3 +195,30 @@ def test_mimo_v2_flash_megatron_slides_one_token_less_than_transformers(megatron
 
     assert relative(4) < 1e-5
     assert relative(5) > 1e-3
+
+
+@pytest.mark.parametrize("built", ["glm4v_moe"], indirect=True)
+def test_glm4v_moe_mrope_sections_other_than_the_provider_s_are_refused(built):
+    """Megatron-Bridge 0.6.2's GLM-4.5V provider keeps mrope_section [8, 12, 12] whatever the config
+    says: a config with other sections describes another model (architecture_notes.EXTRA_CONFIG_FIELDS)."""
+    from transformers import AutoConfig
+
+    assert built.provider.mrope_section == [8, 12, 12]
+    config = AutoConfig.from_pretrained(str(built.hf_dir))
+    config.text_config.rope_parameters["mrope_section"] = [4, 14, 14]
+    with pytest.raises(ExportError, match=r"mrope_section = \[4, 14, 14\], the model's TransformerConfig has "
+                                          r"mrope_section = \[8, 12, 12\]"):
+        next(export_hf_weights(built.chunks, hf_config=config))
+
+
+def test_glm4v_moe_with_q_k_norms_is_refused_before_the_first_tensor(megatron_cpu, tmp_path):
+    """use_qk_norm true: Megatron-Bridge builds q / k layernorms, which transformers 5.23's GLM-4.5V
+    lacks (no such weight in its key set); the generated table maps none, so they are unmapped."""
+    from bridge_ext_testing.tiny_generated import TINY
+
+    text = {**TINY["glm4v_moe"]["text_config"], "use_qk_norm": True}
+    model = build_megatron_model(tiny_generated(tmp_path, "glm4v_moe", overrides={"text_config": text}),
+                                 load_weights=False)
+    assert model.provider.qk_layernorm
+    with pytest.raises(ExportError, match=r"self_attention\.q_layernorm\.weight"):
+        next(export_hf_weights(model.chunks))

@@ -175,6 +175,14 @@ PUBLISHED_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
     "gemma3": (("vision_tower.", "vision_tower.vision_model."),),
 }
 
+#: Config fields a generated table compares beyond ``config_fields.STANDARD``, each reviewed in
+#: Megatron-Bridge's source: model_type -> ``(family, Hugging Face field, Megatron field)``.
+#: Megatron-Bridge 0.6.2's GLM45VModelProvider keeps mrope_section [8, 12, 12] (its bridge reads no
+#: section from the config): a config with other sections is refused, not exported as if it were one.
+EXTRA_CONFIG_FIELDS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "glm4v_moe": (("rotary embedding", "mrope_section", "mrope_section"),),
+}
+
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.
 NOT_PROVABLE: dict[str, str] = {}
 

@@ -15,6 +15,8 @@ left out so that such a weight is refused as unmapped:
 
 from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows, TrimVocab  # noqa: F401
 from bridge_ext.table import ExpertFamily, MappingTable, rule
+from bridge_ext.config_compare import ConfigField
+from bridge_ext.tables.config_fields import standard
 
 MEGATRON_BRIDGE_VERSION = "0.6.2"
 EXPERTS = ExpertFamily("experts", ("gate_up_proj", "down_proj"))
@@ -229,4 +231,8 @@ TABLE = MappingTable(
     hf_auto_class="AutoModelForImageTextToText",
     expert_families=(EXPERTS,),
     vllm_expert_adapter_layouts={"Glm4vMoeForConditionalGeneration": "per_expert"},
+    config_fields=(
+        *standard(),
+        ConfigField("rotary embedding", "mrope_section", "mrope_section"),
+    ),
 )
