@@ -119,10 +119,6 @@ REFUSED: dict[str, str] = {
     "Gemma4ForConditionalGeneration": "as Gemma4ForCausalLM: Megatron-Bridge 0.6.2's bridge reads "
                                       "text_config.head_dim, per-layer in transformers 5.23 wherever global_head_dim "
                                       "differs (AmbiguousGlobalPerLayerAttributeError): no provider",
-    "Glm4vMoeForConditionalGeneration": "Megatron-Bridge 0.6.2's bridge reads text_config.partial_rotary_factor, "
-                                        "which transformers 5.23's Glm4vMoeTextConfig moves into rope_parameters "
-                                        "even where config.json has it, and text_config.use_qk_norm, which it "
-                                        "lacks (AttributeError): no provider, nothing to generate from",
     "Ernie4_5_VLMoeForConditionalGeneration": "its bridge maps the text / vision expert pairs with bridge-private "
                                               "kinds (_OffsetGatedMLPMapping, _OffsetRowParallelMapping, "
                                               "_ConcatBiasMapping: one Megatron expert set split at an offset into "
@@ -181,6 +177,20 @@ PUBLISHED_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
 #: section from the config): a config with other sections is refused, not exported as if it were one.
 EXTRA_CONFIG_FIELDS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "glm4v_moe": (("rotary embedding", "mrope_section", "mrope_section"),),
+}
+
+#: Generated+proven model types and what a user must do or know for the table to apply (shown by
+#: ``bridge-ext architectures``); the conformance entry is built that way.
+PROVEN_NOTES: dict[str, str] = {
+    "glm4v_moe": "Megatron-Bridge 0.6.2's GLM45VBridge reads text_config.partial_rotary_factor and "
+                 "text_config.use_qk_norm; the published config.json has both (0.5, false), which transformers 5.9 "
+                 "keeps as attributes, but transformers 5.22.2, 5.23 and 5.25 move partial_rotary_factor into rope_parameters "
+                 "(AttributeError, no provider): set it back before to_megatron_provider(), "
+                 "bridge.hf_pretrained.config.text_config.partial_rotary_factor = 0.5 (its rope_parameters value); "
+                 "a config.json without use_qk_norm also needs use_qk_norm = False (transformers' GLM-4.5V has no "
+                 "q/k norms). Proven with the published head_dim 128, rotary fraction 0.5 and mrope_section "
+                 "[8, 12, 12], the tower included; other sections (the provider keeps these) and use_qk_norm true "
+                 "(q/k layernorms without a Hugging Face weight) are refused before the first tensor",
 }
 
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.
