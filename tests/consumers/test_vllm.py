@@ -203,6 +203,8 @@ FUSED_BASE = {
     # Glm4MoeForCausalLM loads them; its MTP drafter, fed the same stream, does not
     "glm4_moe": {"base_fused": None,
                  "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
+    # GLM-4.5V's language model is Glm4MoeForCausalLM too (no MTP): it loads them
+    "glm4v_moe": {"base_fused": None},
     "glm4_moe_lite": {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'",
                       "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
     "kimi_k25": {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'"},
