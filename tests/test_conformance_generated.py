@@ -222,3 +222,17 @@ def test_glm4v_moe_with_q_k_norms_is_refused_before_the_first_tensor(megatron_cp
     assert model.provider.qk_layernorm
     with pytest.raises(ExportError, match=r"self_attention\.q_layernorm\.weight"):
         next(export_hf_weights(model.chunks))
+
+
+@pytest.mark.parametrize("built", ["glm4v_moe"], indirect=True)
+def test_glm4v_moe_megatron_takes_token_zero_for_padding(built, tmp_path):
+    """Megatron-Bridge 0.6.2's GLM45VModel builds its MRoPE positions with the mask
+    ``input_ids != 0``: a token 0 inside a prompt shifts the positions after it, so its logits
+    leave transformers' (the weights are not concerned; the conformance prompts hold no 0)."""
+    save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True)  # the adapters merged, as Megatron runs them
+    model = load_hf_model(tmp_path / "merged")
+    for ids, differs in ((torch.tensor([[5, 7, 9, 11, 13, 15]]), False), (torch.tensor([[5, 7, 0, 11, 13, 15]]), True)):
+        with cpu_forward_context():
+            reference = megatron_logits(built.chunks, ids)
+        relative = float((hf_logits(model, ids) - reference).abs().max() / reference.abs().max())
+        assert relative > 1e-3 if differs else relative < 1e-5

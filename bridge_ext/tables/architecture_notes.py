@@ -190,7 +190,9 @@ PROVEN_NOTES: dict[str, str] = {
                  "a config.json without use_qk_norm also needs use_qk_norm = False (transformers' GLM-4.5V has no "
                  "q/k norms). Proven with the published head_dim 128, rotary fraction 0.5 and mrope_section "
                  "[8, 12, 12], the tower included; other sections (the provider keeps these) and use_qk_norm true "
-                 "(q/k layernorms without a Hugging Face weight) are refused before the first tensor",
+                 "(q/k layernorms without a Hugging Face weight) are refused before the first tensor. Megatron-Bridge's "
+                 "GLM45VModel takes token id 0 for padding in its MRoPE positions: a prompt holding it computes "
+                 "otherwise than transformers (the weights are not concerned)",
 }
 
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.
