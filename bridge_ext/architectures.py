@@ -5,9 +5,7 @@ added (hand-written or generated) changes its row. Statuses:
 
 * ``hand-written``: a table of ``bridge_ext.tables`` (proven by its conformance module);
 * ``generated+proven``: a table generated from Megatron-Bridge and an entry of the generated
-  tables' conformance module (``bridge_ext.tables.architecture_notes.PROVEN_GENERATED``), with
-  what a user must do or know for it to apply where there is such a thing
-  (``bridge_ext.tables.architecture_notes.PROVEN_NOTES``, in parentheses);
+  tables' conformance module (``bridge_ext.tables.architecture_notes.PROVEN_GENERATED``);
 * ``generated, not provable on CPU``: a generated table whose tiny model cannot be built or
   run on the CPU (the reason in ``bridge_ext.tables.architecture_notes.NOT_PROVABLE``);
 * ``refused``: no table (the reason in ``bridge_ext.tables.architecture_notes.REFUSED``).
@@ -70,13 +68,7 @@ def architectures() -> tuple[Architecture, ...]:
     """One row per Hugging Face class (Megatron-Bridge's registry and bridge_ext's tables)."""
     import bridge_ext.tables
     from bridge_ext.table_generate import registered_bridges
-    from bridge_ext.tables.architecture_notes import (
-        NOT_PROVABLE,
-        PROVEN_GENERATED,
-        PROVEN_NOTES,
-        REFUSED,
-        REMOTE_MODEL_TYPES,
-    )
+    from bridge_ext.tables.architecture_notes import NOT_PROVABLE, PROVEN_GENERATED, REFUSED, REMOTE_MODEL_TYPES
 
     hand_written = bridge_ext.tables.hand_written_model_types()
     generated = bridge_ext.tables.generated_model_types()
@@ -90,8 +82,7 @@ def architectures() -> tuple[Architecture, ...]:
         if model_type in generated:
             built = _built(table)
             if model_type in PROVEN_GENERATED:
-                note = f" ({PROVEN_NOTES[model_type]})" if model_type in PROVEN_NOTES else ""
-                return "generated+proven" + note, _peft_types(model_type, built), _expert_layouts(built)
+                return "generated+proven", _peft_types(model_type, built), _expert_layouts(built)
             reason = NOT_PROVABLE.get(model_type, NO_REASON)
             return f"generated, not provable on CPU: {reason}", "LoRA (not proven)", _expert_layouts(built)
         return f"refused: {REFUSED.get(hf_class, NO_REASON)}", "–", "–"
@@ -114,6 +105,7 @@ def architectures() -> tuple[Architecture, ...]:
 def render() -> str:
     """docs/architectures.md."""
     from bridge_ext.table_generate import megatron_bridge_version
+    from bridge_ext.tables.architecture_notes import NOTES
 
     rows = architectures()
     counts = {name: sum(row.status.startswith(name) for row in rows)
@@ -137,4 +129,6 @@ def render() -> str:
     ]
     lines += [f"| `{row.hf_class}` | `{row.model_type}` | {row.status} | {row.peft} | {row.expert_layouts} |"
               for row in rows]
+    if NOTES:
+        lines += ["", "## Notes", "", *(f"- `{model_type}`: {note}" for model_type, note in sorted(NOTES.items()))]
     return "\n".join(lines) + "\n"

@@ -53,7 +53,7 @@ def test_generated_tables_are_proven_or_say_why(rows):
 
     from bridge_ext.tables.architecture_notes import PROVEN_GENERATED
 
-    proven = sorted(row.model_type for row in rows if row.status.split(" (")[0] == "generated+proven")
+    proven = sorted(row.model_type for row in rows if row.status == "generated+proven")
     assert proven == sorted(set(TINY) & generated_model_types())
     assert sorted(PROVEN_GENERATED) == sorted(TINY)  # the library's list is the conformance module's
     assert len(proven) >= 9
@@ -191,6 +191,27 @@ def test_a_subtree_whose_two_sides_differ_is_refused_naming_the_mapping():
         expand_subtree(ReplicatedMapping("audio.**", "audio.**"), tiny.resolver, hf_names)
 
 
+def test_a_subtree_is_compared_in_the_bridge_s_spelling_and_written_in_the_saved_one():
+    """HF_NAME_RENAMES (Qwen3-ASR): the bridge names the remote code's thinker.*, transformers saves
+    model.*, and a module inside the tower (proj1) is saved elsewhere (multi_modal_projector)."""
+    from megatron.bridge.models.conversion.param_mapping import ReplicatedMapping
+
+    from bridge_ext.table_generate import bridge_spelling, expand_subtree, renamed
+
+    tiny = _Resolver()
+    renames = (("thinker.visual.norm.", "model.projector.norm."), ("thinker.visual.", "model.visual."))
+    saved = [renamed(name.replace("visual.", "thinker.visual.", 1), renames) for name in tiny.names]
+    assert "model.projector.norm.bias" in saved and bridge_spelling("model.projector.norm.bias", renames) == \
+        "thinker.visual.norm.bias"
+    rules = expand_subtree(ReplicatedMapping("visual.**", "thinker.visual.**"), tiny.resolver, saved, renames)
+    assert rules[0].text == ('rule("visual.blocks.{blocks}.mlp.0.weight", "model.visual.blocks.{blocks}.mlp.0.weight", '
+                             'tp="replicated")')
+    assert rules[-1].text == 'rule("visual.norm.bias", "model.projector.norm.bias", tp="replicated")'
+    with pytest.raises(TableError, match=r"only in Megatron: \['norm\.bias'\]"):  # compared in the bridge's spelling
+        expand_subtree(ReplicatedMapping("visual.**", "thinker.visual.**"), tiny.resolver,
+                       [name for name in saved if name != "model.projector.norm.bias"], renames)
+
+
 def test_in_memory_prefixes_are_read_off_name_pairs_or_refused():
     from bridge_ext.table_generate import in_memory_prefixes_of
 
@@ -225,8 +246,9 @@ def test_fused_expert_names_must_be_transformers_experts_parameters():
         translate([mapping], resolver=None, expert_parameters=("w13", "w2"))
 
 
-# hy_v3: in_memory_renames; falcon_h1: Mamba; glm4v_moe: a tower, EXTRA_CONFIG_FIELDS
-@pytest.mark.parametrize("model_type", ["mistral", "hy_v3", "falcon_h1", "glm4v_moe"])
+# hy_v3: in_memory_renames; falcon_h1: Mamba; qwen3_asr: HF_NAME_RENAMES, refused_config_fields;
+# glm4v_moe: a tower, EXTRA_CONFIG_FIELDS
+@pytest.mark.parametrize("model_type", ["mistral", "hy_v3", "falcon_h1", "qwen3_asr", "glm4v_moe"])
 def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu, model_type):
     from bridge_ext_testing.generate_tables import generate
 
@@ -481,7 +503,7 @@ def test_step3p7_megatron_model_cannot_hold_transformers_attention_gate(megatron
 
 
 def test_glm4v_moe_gets_a_provider_by_the_means_its_note_states():
-    """PROVEN_NOTES' glm4v_moe: Megatron-Bridge's bridge reads text_config.partial_rotary_factor and
+    """NOTES' glm4v_moe: Megatron-Bridge's bridge reads text_config.partial_rotary_factor and
     use_qk_norm; with the published config.json's keys transformers 5.9 keeps both attributes,
     5.22 onwards move the first into rope_parameters, and setting it back gives the provider."""
     from types import SimpleNamespace
@@ -491,9 +513,9 @@ def test_glm4v_moe_gets_a_provider_by_the_means_its_note_states():
     from packaging.version import Version
     from transformers import AutoConfig
 
-    from bridge_ext.tables.architecture_notes import PROVEN_GENERATED, PROVEN_NOTES
+    from bridge_ext.tables.architecture_notes import NOTES, PROVEN_GENERATED
 
-    assert set(PROVEN_NOTES) <= PROVEN_GENERATED
+    assert set(NOTES) <= PROVEN_GENERATED
     published = dict(head_dim=128, partial_rotary_factor=0.5, use_qk_norm=False)  # fields beyond the class's
     config = AutoConfig.for_model("glm4v_moe", text_config=published)
     text = config.text_config

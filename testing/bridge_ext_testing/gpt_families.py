@@ -93,7 +93,7 @@ def partial_rotary_factor(hf_dir: str | Path) -> float | None:
 
 
 def restore_rotary_fraction(bridge, model_type: str | None) -> None:
-    """What a GLM-4.5V user does before ``to_megatron_provider`` (``architecture_notes.PROVEN_NOTES``).
+    """What a GLM-4.5V user does before ``to_megatron_provider`` (``architecture_notes.NOTES``).
 
     Megatron-Bridge 0.6.2's ``GLM45VBridge`` reads ``text_config.partial_rotary_factor``, which
     transformers 5.23 moves into ``text_config.rope_parameters`` (5.9 keeps both): the attribute
