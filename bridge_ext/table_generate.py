@@ -39,7 +39,9 @@ from dataclasses import dataclass
 from bridge_ext.errors import TableError
 from bridge_ext.tables.architecture_notes import (
     EQUIVALENT_KINDS,
+    FUSED_EXPERT_NAMES,
     HEAD_GROUP_QKV_KINDS,
+    IN_MEMORY_FUSED_GATE_UP,
     IN_MEMORY_RENAMES,
     KINDS_WITH_OPS,
     LEFT_OUT_PREFIXES,
@@ -317,6 +319,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 uses_experts = True
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp), variant='EXPERTS.variant("per_expert")'))
                 parameter = hf.rsplit(".", 2)[-2]
+                parameter = FUSED_EXPERT_NAMES.get(model_type, {}).get(parameter, parameter)
                 fused_parameters.append((parameter, name))
                 add(megatron, _rule(megatron, _fused_expert_name(hf, parameter), ops, tp=_quoted(tp),
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
@@ -344,6 +347,9 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 fused_parameters.append(("gate_up_proj", name))
                 add(megatron, _rule(megatron, fused, ", SplitRows(1, 1), Concat((1, 1))",
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
+            elif model_type in IN_MEMORY_FUSED_GATE_UP:  # one linear in memory: one adapter on it
+                fused = _fused_gate_up(gate, up, IN_MEMORY_FUSED_GATE_UP[model_type])
+                add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", lora_fused=_quoted(fused)))
             else:
                 add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", lora_parts='("gate", "up")'))
         else:
@@ -356,6 +362,16 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             raise TableError(f"{name}: the fused experts parameter {parameter} is not one of transformers' experts "
                              f"module parameters {list(expert_parameters or ())}")
     return _Translation(rules, absent, expert_parameters if uses_experts else None, uses_mamba)
+
+
+def _fused_gate_up(gate: str, up: str, suffixes: tuple[str, str, str]) -> str:
+    """The fused linear's name of a gate / up pair (:data:`IN_MEMORY_FUSED_GATE_UP`); a pair
+    the note does not describe is refused."""
+    gate_suffix, up_suffix, fused_suffix = suffixes
+    stem = gate.removesuffix(gate_suffix)
+    if not gate.endswith(gate_suffix) or up != stem + up_suffix:
+        raise TableError(f"{gate} / {up}: not the gate / up pair {gate_suffix} / {up_suffix} transformers fuses")
+    return stem + fused_suffix
 
 
 def _kind(mapping) -> type:

@@ -18,7 +18,7 @@ LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tow
 
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
-TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "mistral3", "qwen2_5_omni", "qwen2_audio", "qwen3_omni_moe"})
+TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "minimax_m3_vl", "mistral3", "qwen2_5_omni", "qwen2_audio", "qwen3_omni_moe"})
 
 #: What a generated table of these model types leaves out beyond MTP (written into its header).
 _SPEECH_OUTPUT = ("the {talker} (speech output): Megatron-Bridge's bridge neither builds nor maps them, so an "
@@ -60,7 +60,31 @@ KINDS_WITH_OPS = {
 IN_MEMORY_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "hy_v3": ((".mlp.router.gate.", ".mlp.gate."), (".mlp.expert_bias", ".mlp.e_score_correction_bias"),
               (".mlp.shared_mlp.", ".mlp.shared_experts.")),
+    # transformers 5.23's minimax_m3_vl entry: its MoE block (one regex over experts / gate /
+    # shared_experts, written out here) and the sparse layers' indexer
+    "minimax_m3_vl": ((".block_sparse_moe.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"),
+                      (".block_sparse_moe.experts.", ".mlp.experts."), (".block_sparse_moe.gate.", ".mlp.gate."),
+                      (".block_sparse_moe.shared_experts.", ".mlp.shared_experts."),
+                      (".self_attn.index_q_proj.", ".self_attn.indexer.q_proj."),
+                      (".self_attn.index_k_proj.", ".self_attn.indexer.k_proj."),
+                      (".self_attn.index_q_norm.", ".self_attn.indexer.q_norm."),
+                      (".self_attn.index_k_norm.", ".self_attn.indexer.k_norm.")),
 }
+
+#: Gated MLPs whose saved gate / up weights transformers loads as one ``nn.Linear`` (its
+#: ``conversion_mapping.py``), per model type: ``(gate suffix, up suffix, fused suffix)``. The
+#: generated rule writes the saved names, and the adapter unsplit on the fused linear, where PEFT
+#: keys it (``Rule.lora_fused``). transformers 5.23's ``minimax_m3_vl``: ``Concatenate(dim=0)`` of
+#: ``gate_proj`` / ``up_proj`` into ``gate_up_proj`` (``[gate; up]``, chunked in two by
+#: ``MiniMaxM3VLDenseMLP.forward``), for the dense MLPs and the shared experts.
+IN_MEMORY_FUSED_GATE_UP: dict[str, tuple[str, str, str]] = {
+    "minimax_m3_vl": (".gate_proj.weight", ".up_proj.weight", ".gate_up_proj.weight"),
+}
+
+#: Per-expert Hugging Face parameters whose fused in-memory parameter is named otherwise (read in
+#: transformers 5.23's ``conversion_mapping.py``): model_type -> {per-expert name: fused name}.
+#: MiniMax-M3 saves ``experts.{e}.w1`` / ``w3`` / ``w2``, fused as ``gate_up_proj`` / ``down_proj``.
+FUSED_EXPERT_NAMES: dict[str, dict[str, str]] = {"minimax_m3_vl": {"w2": "down_proj"}}
 
 #: Bridge-private QKV mappings (read in Megatron-Bridge's source) that split Megatron's
 #: ``linear_qkv`` per query group into ``[q heads; k; v]`` with value heads of ``v_head_dim`` and
@@ -71,8 +95,8 @@ HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone_moe", "falcon_h1", "gemma", "gemma2",
-                              "gemma3", "gemma3_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
-                              "qwen2_audio", "qwen3_omni_moe"})
+                              "gemma3", "gemma3_text", "hy_v3", "mimo_v2_flash", "minimax_m3_vl", "mistral", "mistral3",
+                              "nemotron", "olmoe", "qwen2_5_omni", "qwen2_audio", "qwen3_omni_moe"})
 
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
 
@@ -82,11 +106,15 @@ VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM
                                       "Ernie4_5_MoeForCausalLM", "HYV3ForCausalLM"})
 
 #: Classes whose vLLM (0.34) model applies none of the adapters PEFT's names give (judged in
-#: tests/consumers): an ``adapter_for="vllm"`` export of adapters is refused with the reason.
+#: tests/consumers), or takes no LoRA at all: an ``adapter_for="vllm"`` export of adapters is
+#: refused with the reason.
 _OMNI_THINKER = ("vLLM 0.34's thinker maps adapter keys by the checkpoint's prefixes (thinker.model.), "
                  "PEFT's are transformers' in-memory ones (thinker.model.language_model.): it would apply none")
 VLLM_ADAPTERS_REFUSED = {"Qwen2_5OmniForConditionalGeneration": _OMNI_THINKER,
-                         "Qwen3OmniMoeForConditionalGeneration": _OMNI_THINKER}
+                         "Qwen3OmniMoeForConditionalGeneration": _OMNI_THINKER,
+                         "MiniMaxM3SparseForConditionalGeneration": (
+                             "vLLM 0.34's MiniMaxM3SparseForConditionalGeneration does not support LoRA (no "
+                             "SupportsLoRA: its engine refuses enable_lora)")}
 
 #: Remote-code classes Megatron-Bridge registers without a model_type, and the model_type of
 #: their published config (the key a hand-written table serves).
@@ -134,22 +162,6 @@ REFUSED: dict[str, str] = {
     "Step3p7ForConditionalGeneration": "Megatron-Bridge 0.6.2 registers its own Step37Config for model_type step3p7 "
                                        "over transformers' (AutoConfig.register, exist_ok=True); transformers' "
                                        "auto classes refuse that config, so no tiny transformers model comes from it",
-    "MiniMaxM3SparseForConditionalGeneration": "transformers 5.23 loads the dense and shared-expert MLPs' saved "
-                                               "gate_proj / up_proj (the names Megatron-Bridge maps) as one nn.Linear "
-                                               "gate_up_proj (conversion_mapping: Concatenate(dim=0), [gate; up], "
-                                               "chunked in two by the forward), where PEFT keys one adapter, A [r, H], "
-                                               "B [2I, r]: Megatron's linear_fc1 pair before the rules split its B; "
-                                               "no rule of the vocabulary writes the saved gate / up bases with the "
-                                               "adapter unsplit on the fused linear. Beside it a table needs reviewed "
-                                               "notes of the experts' saved w1 / w3 / w2 fused as gate_up_proj / "
-                                               "down_proj, the mid-key renames (block_sparse_moe. -> mlp., "
-                                               "index_{q,k}_{proj,norm} -> indexer.), and the config fields read "
-                                               "otherwise (intermediate_size: the experts' width; hidden_act: unread, "
-                                               "SwiGLU-OAI from swiglu_alpha / swiglu_limit). With those drafted, a "
-                                               "tiny model's base weights, tower included, were bit-exact against the "
-                                               "files and Megatron-Bridge's export; adapters, PEFT's strict load and "
-                                               "HF + PEFT logits against Megatron's CPU forward (sparse index "
-                                               "attention) are not proven",
 }
 
 #: PEFT types beyond LoRA that a test exports for a model type and PEFT (or the merged forward)
@@ -198,6 +210,14 @@ UNCOMPARED: dict[str, dict[str, str]] = {
                               "(HF's sliding/full alternation), whatever window_attn_skip_freq says"},
     "gemma3_text": {"layer_types": GEMMA3_LAYER_TYPES},
     "gemma3": {"layer_types": GEMMA3_LAYER_TYPES},
+    "minimax_m3_vl": {
+        "intermediate_size": "MiniMax-M3's intermediate_size is its routed experts' width (Megatron's "
+                             "moe_ffn_hidden_size); its dense MLPs take dense_intermediate_size (Megatron's "
+                             "ffn_hidden_size)",
+        "hidden_act": "transformers 5.23's MiniMax-M3 text model reads no hidden_act (its config sets it to silu): "
+                      "its MLPs and experts compute the clamped SwiGLU-OAI from swiglu_alpha / swiglu_limit, which "
+                      "Megatron-Bridge maps to quick_gelu with activation_func_clamp_value and glu_linear_offset",
+    },
     "ernie4_5_moe": {"scoring_func": "ERNIE-4.5's config has no such field: transformers routes by softmax, "
                                      "Megatron-Bridge 0.6.2's provider by sigmoid; a model trained with that "
                                      "provider computes otherwise than its export"},
