@@ -228,3 +228,26 @@ def test_mimo_v2_flash_megatron_slides_one_token_less_than_transformers(megatron
 
     assert relative(4) < 1e-5
     assert relative(5) > 1e-3
+
+
+def test_minimax_m3_megatron_attends_fully_where_transformers_selects_blocks(megatron_cpu, tmp_path):
+    """Megatron-Bridge 0.6.2 runs MiniMax-M3's sparse layers with full causal attention (the
+    indexer's weights carried, its block selection not run): equal to transformers' within
+    index_topk_blocks * index_block_size tokens (the entry above: 3 blocks of 4 for 11 tokens), not
+    beyond it (1 block of 4: each query keeps its own block only)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    hf_dir = tiny_generated(tmp_path, "minimax_m3_vl")
+    model = build_megatron_model(hf_dir)
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    with cpu_forward_context():
+        reference = megatron_logits(model.chunks, input_ids)
+
+    def relative(topk_blocks: int) -> float:
+        config = AutoConfig.from_pretrained(str(hf_dir))
+        config.text_config.index_topk_blocks = topk_blocks
+        hf = AutoModelForImageTextToText.from_pretrained(str(hf_dir), config=config, dtype=torch.float32).eval()
+        return float((hf_logits(hf, input_ids) - reference).abs().max() / reference.abs().max())
+
+    assert relative(3) < 1e-5
+    assert relative(1) > 1e-3

@@ -28,6 +28,10 @@ _SPEECH_OUTPUT = ("the {talker} (speech output): Megatron-Bridge's bridge neithe
 LEFT_OUT_NOTES = {
     "qwen2_5_omni": _SPEECH_OUTPUT.format(talker="talker and token2wav", names="talker.* / token2wav.*"),
     "qwen3_omni_moe": _SPEECH_OUTPUT.format(talker="talker and code2wav", names="talker.* / code2wav.*"),
+    "minimax_m3_vl": ("the lightning indexer's block selection from Megatron's forward: Megatron-Bridge 0.6.2 keeps "
+                      "the indexer's weights as frozen state (exported like any other) and runs full causal attention, "
+                      "which equals transformers' sparse attention only up to index_topk_blocks * index_block_size "
+                      "tokens (tests/test_conformance_generated.py shows both sides of that bound)."),
 }
 
 #: Files beyond the tokenizer / template / generation ones that transformers' class of the model

@@ -5,6 +5,11 @@ Megatron-Bridge 0.6.2's MiniMaxM3Bridge.mapping_registry()
 Do not edit: regenerate (a Megatron-Bridge upgrade shows as a diff). A hand-written table of the
 same model type wins over this one. Left out: MTP layers. The tower's rules are Megatron-Bridge's
 '**' subtrees expanded on the tiny models (proven by the conformance entry of this model type).
+
+Also left out: the lightning indexer's block selection from Megatron's forward: Megatron-Bridge
+0.6.2 keeps the indexer's weights as frozen state (exported like any other) and runs full causal
+attention, which equals transformers' sparse attention only up to index_topk_blocks *
+index_block_size tokens (tests/test_conformance_generated.py shows both sides of that bound).
 """
 
 from bridge_ext.ops import AddOne, Concat, SplitGroupedRows, SplitRows, TrimVocab  # noqa: F401
