@@ -141,15 +141,29 @@ REFUSED: dict[str, str] = {
                                         "transformers 5.23's Qwen3ASRConfig has audio_config / text_config, so its "
                                         "provider fails (no attribute thinker_config), and its model names "
                                         "model.language_model / model.audio_tower / model.multi_modal_projector",
-    "Gemma4ForCausalLM": "Megatron-Bridge 0.6.2's bridge reads config.head_dim, which transformers 5.23's "
-                         "Gemma4TextConfig makes per-layer (AmbiguousGlobalPerLayerAttributeError) wherever "
-                         "global_head_dim differs from head_dim, as in the published E2B and E4B (256 / 512) and both "
-                         "libraries' defaults: no provider. With equal head dims (no published model) it builds on "
-                         "the CPU",
+    "Gemma4ForCausalLM": "transformers 5.15 and later (5.23 here) keep global_head_dim / num_global_key_value_heads "
+                         "only in per_layer_config; Megatron-Bridge 0.6.2 (which requires transformers <= 5.12.1, "
+                         "where they are fields) reads config.head_dim, per-layer wherever the head dims "
+                         "differ (AmbiguousGlobalPerLayerAttributeError; the published E2B / E4B / 31B: 256 / 512). "
+                         "With allow_global_per_layer_attribute_access=True passed to AutoBridge.from_hf_pretrained "
+                         "its provider takes its own defaults for the global layers (512 wide, num_key_value_heads "
+                         "KV heads): right for E2B / E4B, whose dense provider builds and loads on the CPU (a tiny "
+                         "model with head dims 16 / 512, KV sharing, double-wide MLP, per-layer embeddings: "
+                         "Megatron-Bridge's base export gives back its files, its LoRA exports raise on global layers: "
+                         "its split looks for global_head_dim, which the dense provider names global_kv_channels); wrong for any other global_head_dim, "
+                         "equal head dims included, and for 31B's K=V layers with 4 global KV heads of 16 (its load "
+                         "raises). The MoE provider (26B-A4B) needs Transformer Engine (TE attention, fused "
+                         "permutation): no CPU build. A table needs each layer's head dim and KV heads in the QKV "
+                         "split and to drop the k / v / k_norm outputs of KV-shared layers (v of K=V layers), which "
+                         "the rule vocabulary lacks: none generated, an export is refused (no mapping table)",
     # vision-language bridges tried on a tiny model (Megatron-Bridge 0.6.2, transformers 5.23)
-    "Gemma4ForConditionalGeneration": "as Gemma4ForCausalLM: Megatron-Bridge 0.6.2's bridge reads "
-                                      "text_config.head_dim, per-layer in transformers 5.23 wherever global_head_dim "
-                                      "differs (AmbiguousGlobalPerLayerAttributeError): no provider",
+    "Gemma4ForConditionalGeneration": "as Gemma4ForCausalLM, whose table its language model would need: Megatron-Bridge "
+                                      "0.6.2 reads text_config.head_dim (per-layer in transformers 5.15+); "
+                                      "allow_global_per_layer_attribute_access passed to from_hf_pretrained reaches "
+                                      "only the outer config, set in config.json's text_config it gives a dense VL "
+                                      "provider (global layers as for Gemma4ForCausalLM). Its towers (vision_tower, "
+                                      "embed_vision, audio_tower, embed_audio: Hugging Face modules, prefix.**) wait "
+                                      "for that table. vLLM 0.34 has both classes",
     "Glm4vMoeForConditionalGeneration": "Megatron-Bridge 0.6.2's bridge reads text_config.partial_rotary_factor, "
                                         "which transformers 5.23's Glm4vMoeTextConfig moves into rope_parameters "
                                         "even where config.json has it, and text_config.use_qk_norm, which it "
@@ -163,9 +177,24 @@ REFUSED: dict[str, str] = {
                                           "(Exaone45VisionModel) built from Transformer Engine layer specs, which "
                                           "have no local version for a CPU build yet: no tiny model to resolve or "
                                           "prove a table on",
-    "Step3p7ForConditionalGeneration": "Megatron-Bridge 0.6.2 registers its own Step37Config for model_type step3p7 "
-                                       "over transformers' (AutoConfig.register, exist_ok=True); transformers' "
-                                       "auto classes refuse that config, so no tiny transformers model comes from it",
+    "Step3p7ForConditionalGeneration": "transformers 5.23 gates every attention output by a per-head g_proj, "
+                                       "which the Megatron model of Megatron-Bridge 0.6.2's Step37Bridge cannot "
+                                       "hold on megatron-core 0.19.2: the bridge sets head_wise_attn_gate (no "
+                                       "megatron-core 0.19.2 field), not the attention_output_gate fallback its "
+                                       "Step35Bridge sets, so linear_qkv has no gate rows and the bridge's own "
+                                       "load of a tiny checkpoint fails (QKVGMapping: 132 rows for 128). With the "
+                                       "fallback set by hand each head's gate is head_dim rows, of which its "
+                                       "export keeps the first: a trained gate (base or LoRA) has no per-head "
+                                       "equivalent. Its stacked-expert mappings (moe.gate_proj.weight [E, I, H]) "
+                                       "map grouped-GEMM experts only and read the expert off their names "
+                                       "(weight{e}; Transformer Engine's TEGroupedMLP in megatron-core 0.19.2): a "
+                                       "CPU build's SequentialMLP experts need a local version of them (none "
+                                       "yet). Beside: its own "
+                                       "Step37Config, registered for step3p7 over transformers' (AutoConfig."
+                                       "register, exist_ok=True), reads the published config.json to the same "
+                                       "sizes, but with megatron.bridge imported transformers' auto model "
+                                       "classes refuse it (Step3p7ForConditionalGeneration itself loads); vLLM "
+                                       "0.34 has Step3p7ForConditionalGeneration",
 }
 
 #: PEFT types beyond LoRA that a test exports for a model type and PEFT (or the merged forward)
