@@ -251,3 +251,23 @@ def test_minimax_m3_megatron_attends_fully_where_transformers_selects_blocks(meg
 
     assert relative(3) < 1e-5
     assert relative(1) > 1e-3
+
+
+def test_minimax_m3_rotary_dim_without_transformers_fraction_is_refused():
+    """transformers 5.23's MiniMax-M3 rotates head_dim * rope_parameters.partial_rotary_factor
+    dims (all of them where unset) and never reads rotary_dim, Megatron-Bridge's provider
+    rotary_dim / head_dim: a config saying rotary_dim alone is another model for the two
+    (architecture_notes.HF_DEFAULTS), refused by the check every live export runs."""
+    from bridge_ext.config_compare import check_live_config
+    from bridge_ext_testing.tiny_generated import tiny_config
+    from types import SimpleNamespace
+
+    text = dict(TINY["minimax_m3_vl"]["text_config"], rope_parameters={"rope_type": "default", "rope_theta": 5e6})
+    alone = tiny_config("minimax_m3_vl", {"text_config": text})
+    assert alone.text_config.rotary_dim == 8 and "partial_rotary_factor" not in alone.text_config.rope_parameters
+    fields = table_for(alone).config_fields
+    megatron = SimpleNamespace(rotary_percent=0.5, rotary_base=5e6, num_layers=2)  # rotary_dim 8 of head_dim 16
+    check_live_config(megatron, tiny_config("minimax_m3_vl"), fields, "config.json")  # the fraction said: equal
+    with pytest.raises(ExportError, match=r"partial_rotary_factor = 1\.0, the model's TransformerConfig has "
+                                          r"rotary_percent = 0\.5"):
+        check_live_config(megatron, alone, fields, "config.json")

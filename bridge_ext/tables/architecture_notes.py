@@ -226,6 +226,14 @@ GEMMA3_LAYER_TYPES = ("Megatron-Bridge's Gemma 3 attention picks sliding or glob
                       "interleaved_attn_pattern (five sliding, one global, as HF's default layer_types), "
                       "not from window_attn_skip_freq")
 
+#: Config fields a generated table compares with the value transformers' model takes where the
+#: config does not set them (``ConfigField.hf_default``; read in transformers 5.23):
+#: model_type -> {Hugging Face field: value}. MiniMax-M3 rotates head_dim *
+#: rope_parameters.partial_rotary_factor dims (all where unset) and never reads rotary_dim, which
+#: Megatron-Bridge 0.6.2's provider rotates (rotary_percent = rotary_dim / head_dim): a config
+#: with rotary_dim alone would have the two compute otherwise, so it is refused.
+HF_DEFAULTS: dict[str, dict[str, object]] = {"minimax_m3_vl": {"partial_rotary_factor": 1.0}}
+
 #: Config fields a generated table leaves uncompared (``bridge_ext.tables.config_fields.standard``),
 #: each reviewed in Megatron-Bridge's source: model_type -> {Hugging Face field: why}.
 UNCOMPARED: dict[str, dict[str, str]] = {

@@ -336,5 +336,5 @@ TABLE = MappingTable(
             "swiglu_alpha / swiglu_limit, which Megatron-Bridge maps to quick_gelu with "
             "activation_func_clamp_value and glu_linear_offset"
         ),
-    }),
+    }, defaults={"partial_rotary_factor": 1.0}),
 )
