@@ -271,3 +271,14 @@ def test_minimax_m3_rotary_dim_without_transformers_fraction_is_refused():
     with pytest.raises(ExportError, match=r"partial_rotary_factor = 1\.0, the model's TransformerConfig has "
                                           r"rotary_percent = 0\.5"):
         check_live_config(megatron, alone, fields, "config.json")
+
+
+def test_minimax_m3_canonical_lora_on_the_fused_gate_up_is_refused(megatron_cpu, tmp_path):
+    """CanonicalLoRA's separate gate / up adapters have no place on the one gate_up_proj linear
+    transformers loads (PEFT keys one adapter there): refused before the first tensor."""
+    model = build_megatron_model(tiny_generated(tmp_path, "minimax_m3_vl"), lora=LoraSettings(kind="canonical_lora"))
+    for options in (dict(adapters_only=True), dict(peft=False)):
+        with pytest.raises(ExportError, match=r"^language_model\.decoder\.layers\.0\.mlp\.linear_fc1\.weight -> .*"
+                                              r"CanonicalLoRA adapters \['gate', 'up'\] on outputs transformers loads "
+                                              r"as one linear \(language_model\.model\.layers\.0\.mlp\.gate_up_proj"):
+            next(export_hf_weights(model.chunks, **options))

@@ -155,8 +155,11 @@ class TaskConverter:
         ``lora_parts``); an output without a part's adapter has none."""
         rule = task.rule
         names = sorted(name for name, _ in adapter.parts)
-        if (len(rule.lora_parts) != len(task.hf_names) or rule.stack or rule.lora_fused or rule.transposes
-                or rule.changes_values or not set(names) <= set(rule.lora_parts)):
+        if rule.lora_fused:
+            raise ExportError(f"{describe(task)}: CanonicalLoRA adapters {names} on outputs transformers loads as one "
+                              f"linear ({rule.lora_fused_name(task.values)}), where PEFT keys one adapter: not supported")
+        if (len(rule.lora_parts) != len(task.hf_names) or rule.stack or rule.transposes or rule.changes_values
+                or not set(names) <= set(rule.lora_parts)):
             raise ExportError(f"{describe(task)}: CanonicalLoRA adapters {names} on a weight whose rule names the "
                               f"parts {list(rule.lora_parts)}: not supported")
         parts = [adapter.part(part) for part in rule.lora_parts]
