@@ -28,6 +28,8 @@ REBOUND = {
     "megatron.core.models.hybrid.hybrid_block": ("TENorm",),
     "megatron.bridge.models.qwen_vl.modelling_qwen3_vl.model": (
         "get_vit_layer_with_transformer_engine_spec", "TENorm", "TEColumnParallelLinear", "TERowParallelLinear"),
+    "megatron.bridge.models.exaone.exaone45.modelling_exaone45.model": (
+        "get_vit_layer_with_transformer_engine_spec", "TENorm", "TEColumnParallelLinear", "TERowParallelLinear"),
 }
 
 
