@@ -269,11 +269,14 @@ class _Translation:
 
 
 def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] | None, *,
-              model_type: str | None = None, hf_names: list[str] | None = None) -> _Translation:
+              model_type: str | None = None, hf_names: list[str] | None = None,
+              experts_in_modules: bool = False) -> _Translation:
     """Rules for Megatron-Bridge ``mappings``; refuses a mapping kind it does not know.
 
     ``hf_names``: the tiny Hugging Face checkpoint's tensor names (``**`` subtrees are expanded
-    against them); towers are translated only for a model type of ``TOWERS_GENERATED``."""
+    against them); towers are translated only for a model type of ``TOWERS_GENERATED``.
+    ``experts_in_modules``: transformers' model holds its routed experts one module each (no
+    fused experts module: remote code), so they are written per expert only, without a family."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
     rules: list[GeneratedRule] = []
@@ -313,7 +316,9 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             ops = _vocab_ops(megatron) + (", AddOne()" if kind is pm.RMSNorm2ZeroCenteredRMSNormMapping else "")
             ops += ", Transpose()" if permute else ""  # a matrix Hugging Face stores [in, out]
             ops += "".join(f", {op}" for op in _extra_ops(mapping))
-            if is_expert:
+            if is_expert and experts_in_modules:
+                add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp)))
+            elif is_expert:
                 uses_experts = True
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp), variant='EXPERTS.variant("per_expert")'))
                 parameter = hf.rsplit(".", 2)[-2]
@@ -327,6 +332,12 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             parts = '("q", "k", "v")' if name.endswith(".weight") else ""
             add(megatron, _rule(megatron, hf, ', SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim")',
                                 lora_parts=parts))
+        elif kind is pm.ConcatenatedQKVMapping:
+            # per query group [q heads; k; v] in Megatron, one [Q; K; V] in Hugging Face (Ling 2.0's
+            # query_key_value): one linear, so its LoRA B is reordered like the weight and A kept
+            hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
+            add(megatron, _rule(megatron, hf, ', SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim"), '
+                                'Concat(("num_attention_heads", "num_query_groups", "num_query_groups"))'))
         elif kind in (pm.MambaInProjMapping, pm.MambaConv1dMapping):
             # per tensor-parallel rank [z_r; x_r; B_r; C_r; dt_r] (conv1d: [x_r; B_r; C_r]) in Megatron,
             # one [z; x; B; C; dt] in Hugging Face (Megatron-Bridge's param_mapping)
@@ -336,7 +347,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             uses_mamba = True
         elif kind is pm.GatedMLPMapping:
             gate, up = (_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("gate", "up"))
-            if is_expert:
+            if is_expert and not experts_in_modules:
                 uses_experts = True
                 add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", variant='EXPERTS.variant("per_expert")',
                                     lora_parts='("gate", "up")'))
@@ -376,6 +387,15 @@ def _extra_ops(mapping) -> tuple[str, ...]:
     """The operations a :data:`KINDS_WITH_OPS` subclass applies after its base kind."""
     ops = KINDS_WITH_OPS.get(_path(type(mapping)))
     return (ops[1],) if ops else ()
+
+
+def experts_in_modules(hf_model) -> bool:
+    """Whether transformers' model holds its routed experts as a list of modules, one per expert
+    (remote code such as Ling 2.0's), rather than a fused experts module."""
+    from torch import nn
+
+    return any(name.endswith(".experts") and isinstance(module, nn.ModuleList)
+               for name, module in hf_model.named_modules())
 
 
 def expert_parameters_of(hf_model) -> tuple[str, ...] | None:
@@ -454,7 +474,13 @@ def _renamed_prefixes(saved: str, loaded: str, narrowed: int) -> tuple[str, str]
 
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
            in_memory_prefixes: tuple[tuple[str, str], ...] = ()) -> str:
-    from bridge_ext.tables.architecture_notes import COMPANION_FILES, LEFT_OUT_NOTES, UNCOMPARED
+    from bridge_ext.tables.architecture_notes import (
+        COMPANION_FILES,
+        HF_LOAD_REPAIRS,
+        LEFT_OUT_NOTES,
+        SHIPPED_REMOTE_CODE,
+        UNCOMPARED,
+    )
 
     bridge = entry.bridge_class
     uncompared = UNCOMPARED.get(model_type, {})
@@ -482,8 +508,16 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
             if any(op in rule.text for rule in translation.rules)]
     ops += ["Transpose"] if any("Transpose()" in each.text for each in translation.rules) else []
     ops_import = f"from bridge_ext.ops import {', '.join(sorted(set(ops)))}  # noqa: F401"
-    lines += ['"""', "", ops_import,
+    shipped = SHIPPED_REMOTE_CODE.get(model_type)
+    if shipped:  # reviewed by hand: bridge_ext.tables.architecture_notes.SHIPPED_REMOTE_CODE
+        lines += ["", *textwrap.wrap(f"transformers has no {entry.source}: the key set is that of Megatron-Bridge's "
+                                     f"shipped copy of the published remote code, registered with transformers' auto "
+                                     f"classes by importing {shipped} (register_hf_config).", 96)]
+    lines += ['"""', "", *(["from functools import partial", "from importlib import import_module", ""] if shipped else []),
+              ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
+              *([f"from bridge_ext.tables.remote_code import {HF_LOAD_REPAIRS[model_type]}"]
+                if model_type in HF_LOAD_REPAIRS else []),
               *(["from bridge_ext.tables.blocks import MAMBA_CONV_PARTS, MAMBA_IN_PROJ_PARTS, MAMBA_STORED_PARTS",
                  "from bridge_ext.tables.sizes import MambaSizes"] if translation.uses_mamba else []),
               *(["from bridge_ext.tables.config_fields import standard"] if uncompared else []), "",
@@ -505,6 +539,10 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     if translation.uses_mamba:  # the mixer's splits name these sizes; torch_dist stores its parts apart
         lines += ["    sizes=(", f"        {_mamba_sizes(bridge)},", "    ),",
                   "    stored_split_parts=MAMBA_STORED_PARTS,"]
+    if shipped:
+        lines.append(f"    register_hf_config=partial(import_module, {_quoted(shipped)}),")
+    if model_type in HF_LOAD_REPAIRS:  # reviewed by hand: bridge_ext.tables.architecture_notes.HF_LOAD_REPAIRS
+        lines.append(f"    repair_hf_model={HF_LOAD_REPAIRS[model_type]},")
     if model_type in COMPANION_FILES:  # reviewed by hand: bridge_ext.tables.architecture_notes.COMPANION_FILES
         lines.append(f"    companion_files=({', '.join(_quoted(name) for name in COMPANION_FILES[model_type])},),")
     published = PUBLISHED_PREFIXES.get(model_type, ())

@@ -55,6 +55,12 @@ MB_LORA_EXPORT_RAISES = {"mimo_v2_flash": r"shape .* is invalid for input of siz
 #: Megatron cannot run these forward on CPU: the reference is transformers' forward of the merged
 #: export (whose weights the first test proves equal to Megatron-Bridge's own merge)
 NO_MEGATRON_FORWARD = {"falcon_h1": "megatron-core's Mamba mixer runs only with mamba_ssm's CUDA kernels"}
+#: Megatron-Bridge 0.6.2's merged and adapter exports reorder a LoRA of linear_qkv into Hugging Face's
+#: q / k / v only for three q_proj / k_proj / v_proj names (peft_bridge._is_fused_qkv): Ling 2.0's one
+#: query_key_value [Q; K; V] (ConcatenatedQKVMapping) gets the delta and lora_B in Megatron's
+#: per-group order [q heads; k; v]. Ours reorders them (its merged folder and adapters give
+#: Megatron's logits, next test).
+MB_QKV_UNORDERED = {"bailing_moe_v2": ".attention.query_key_value."}
 MEGATRON_SPELLINGS = ("base_layer", "to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.")
 
 
@@ -94,12 +100,24 @@ def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
     ours = dict(export_hf_weights(built.chunks, peft=False))
     theirs = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
     assert sorted(ours) == sorted(theirs)
+    unordered = MB_QKV_UNORDERED.get(config.model_type)
+    if unordered:  # theirs is the base plus our delta put back into Megatron's per-group row order
+        qkv = [name for name in ours if unordered in name]
+        assert qkv and all(not torch.allclose(ours[name], theirs[name]) for name in qkv)
+        for name in qkv:
+            torch.testing.assert_close(theirs[name], base[name] + _megatron_qkv_order(ours[name] - base[name], config))
+        ours, theirs = ({name: t for name, t in each.items() if name not in qkv} for each in (ours, theirs))
     assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
     # Megatron-Bridge names adapters as the checkpoint; PEFT keys them as transformers holds the
     # model in memory (the table's in_memory_renames, e.g. HY-V3's mlp.shared_mlp -> shared_experts)
     saved = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
     theirs = {table_for(config).in_memory_name(name): tensor for name, tensor in saved.items()}
     assert sorted(adapters) == sorted(theirs)
+    if unordered:  # their lora_B rows are ours in Megatron's per-group order
+        qkv_b = [name for name in adapters if unordered in name and name.endswith("lora_B.weight")]
+        assert qkv_b and [name for name in qkv_b if not torch.equal(theirs[name], _megatron_qkv_order(adapters[name], config))] == []
+        theirs = {name: adapters[name] if name in qkv_b else tensor for name, tensor in theirs.items()}
+        saved = {name: theirs[table_for(config).in_memory_name(name)] for name in saved}  # reordered as shown
     assert [name for name in adapters if not torch.equal(adapters[name], theirs[name])] == []
     # for vLLM: the saved names its modules carry (per expert, as most of these classes' vLLM models
     # wrap experts), under the in-memory prefixes (in_memory_prefixes)
@@ -137,8 +155,21 @@ def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
         with _routers_scored_by("softmax", built.chunks), cpu_forward_context():
             reference = megatron_logits(built.chunks, input_ids)
     relative = compare_logits(ours, reference, report, what="HF + adapter", relative_tolerance=TOLERANCE.get(_model_type(built), 1e-5))
+    if _model_type(built) in MB_QKV_UNORDERED:  # our merged export, where Megatron-Bridge's differs
+        save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True)
+        compare_logits(hf_logits(load_hf_model(tmp_path / "merged"), input_ids), reference, report,
+                       what="HF merged", relative_tolerance=1e-5)
     without_adapter = hf_logits(_text_model(load_hf_model(tmp_path / "model")), input_ids)
     assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+
+
+def _megatron_qkv_order(qkv: torch.Tensor, config) -> torch.Tensor:
+    """Hugging Face's [Q; K; V] rows in Megatron's per-query-group order [q heads; k; v]."""
+    from bridge_ext.ops import Concat, SplitGroupedRows
+
+    dims = table_for(config).dims(config)
+    parts = Concat(("num_attention_heads", "num_query_groups", "num_query_groups")).reverse([qkv], dims)
+    return SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim").reverse(parts, dims)[0]
 
 
 def _model_type(built) -> str:

@@ -89,6 +89,11 @@ TINY: dict[str, dict] = {
                       lm_head_multiplier=0.7, key_multiplier=0.9, attention_in_multiplier=1.1,
                       attention_out_multiplier=0.8, ssm_in_multiplier=1.2, ssm_out_multiplier=0.6,
                       mlp_multipliers=[1.3, 0.7], ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.05]),
+    # Ling 2.0 (Megatron-Bridge's shipped copy of the remote code): layer 0 dense, layer 1 MoE with one
+    # shared expert, sigmoid routing with expert bias over 2 groups of 2 experts (top 1 group: the
+    # group limit shows), scaled weights; no pad / eos id (the published 156892 is outside 128 tokens)
+    "bailing_moe_v2": dict(MOE, num_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                           routed_scaling_factor=2.5, pad_token_id=None, eos_token_id=None),
     # Whisper-like audio tower of 2 layers; the Qwen2 decoder has q/k/v biases
     "qwen2_audio": dict(text_config=dict(model_type="qwen2"), audio_config=AUDIO, audio_token_index=100),
     # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / token2wav
@@ -135,6 +140,9 @@ def tiny_config(model_type: str, overrides: dict | None = None):
     thinker's) and ``overrides`` of them."""
     from transformers import AutoConfig
 
+    from bridge_ext.tables import register_transformers_configs
+
+    register_transformers_configs()  # remote-code config classes a table registers (Ling 2.0's)
     entry = {**TINY.get(model_type, {}), **(overrides or {})}
     if "thinker_config" in entry:  # omni: the thinker's text config
         thinker = entry["thinker_config"]
@@ -180,7 +188,7 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, ove
             elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "self_attn.sinks")):
                 param.copy_(torch.randn(param.shape, generator=generator) * ROUTER_STD)
         for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # zero at init: a lost bias would not show
+            if name.endswith(("e_score_correction_bias", "mlp.gate.expert_bias")):  # zero at init: a lost bias would not show
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * ROUTER_STD)
         for ending, value in FILLED.get(model_type, {}).items():
             for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
