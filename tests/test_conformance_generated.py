@@ -205,6 +205,27 @@ def test_lora_after_a_linear_s_own_output_norm_is_refused(megatron_cpu, tmp_path
         next(export_hf_weights(model.chunks))
 
 
+def test_ling_2_mtp_layers_are_refused_before_the_first_tensor(megatron_cpu, tmp_path):
+    """Ling 2.0's MTP layers (num_nextn_predict_layers) have no rules in the generated table."""
+    model = build_megatron_model(tiny_generated(tmp_path, "bailing_moe_v2", overrides={"num_nextn_predict_layers": 1}))
+    with pytest.raises(ExportError, match=r"have no rule in the \('bailing_moe_v2',\) table: mtp\.layers\.0\."):
+        next(export_hf_weights(model.chunks))
+
+
+def test_ling_2_from_pretrained_leaves_the_rotary_buffer_unset_and_load_hf_model_restores_it(tmp_path):
+    """transformers 5.23 materialises the shipped class's non-persistent inv_freq through
+    _init_weights, which that class overrides without it (architecture_notes.HF_LOAD_REPAIRS)."""
+    from transformers import AutoModelForCausalLM
+
+    from bridge_ext_testing.tiny_generated import tiny_model
+
+    hf_dir = tiny_generated(tmp_path, "bailing_moe_v2")
+    built = tiny_model("bailing_moe_v2").model.rotary_emb.inv_freq  # the class's own __init__
+    loaded = AutoModelForCausalLM.from_pretrained(str(hf_dir)).model.rotary_emb.inv_freq
+    assert not torch.equal(loaded, built)
+    assert torch.equal(load_hf_model(hf_dir).model.rotary_emb.inv_freq, built)
+
+
 def test_mimo_v2_flash_megatron_slides_one_token_less_than_transformers(megatron_cpu, tmp_path):
     """Megatron-Bridge 0.6.2's MiMo-V2-Flash sliding layers see ``sliding_window_size`` tokens,
     transformers 5.23's one more (``sliding_window = sliding_window_size + 1``): with a window of 4

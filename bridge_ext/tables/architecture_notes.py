@@ -81,7 +81,15 @@ REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to
 #: them with transformers' AutoConfig / AutoModelForCausalLM. The key set, PEFT's strict load and
 #: the HF + PEFT logits come from that copy (a generated table's ``register_hf_config`` imports it).
 #: Ling 2.0: ``megatron/bridge/models/bailing/{configuration,modeling}_bailing_moe_v2.py``
-#: (BailingMoeV2Config / BailingMoeV2ForCausalLM), registered by its bridge module.
+#: (BailingMoeV2Config / BailingMoeV2ForCausalLM), registered by its bridge module. Proven on a
+#: tiny model with full rotary embedding, one shared expert and no MTP layers. Read in the sources:
+#: the shipped class's rope fallback under transformers 5.23 (``_default_rope_init_fn``, as 5.23 has
+#: no "default" rope function) ignores ``partial_rotary_factor`` and rotates the whole head, where
+#: Megatron (rotary_percent) and vLLM 0.34 rotate that fraction: transformers' logits of a config with
+#: partial_rotary_factor < 1 are no reference (the names and values the table writes do not depend on
+#: it). Megatron-Bridge's provider gives the shared experts moe_intermediate_size whatever
+#: num_shared_experts says, the shipped class moe_intermediate_size * num_shared_experts. MTP layers
+#: (num_nextn_predict_layers > 0) have no rules: such an export is refused before the first tensor.
 SHIPPED_REMOTE_CODE = {"bailing_moe_v2": "megatron.bridge.models.bailing.bailing_moe2_bridge"}
 
 #: Remote-code classes that transformers 5.23's ``from_pretrained`` leaves incomplete: model_type ->

@@ -91,9 +91,12 @@ TINY: dict[str, dict] = {
                       mlp_multipliers=[1.3, 0.7], ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.05]),
     # Ling 2.0 (Megatron-Bridge's shipped copy of the remote code): layer 0 dense, layer 1 MoE with one
     # shared expert, sigmoid routing with expert bias over 2 groups of 2 experts (top 1 group: the
-    # group limit shows), scaled weights; no pad / eos id (the published 156892 is outside 128 tokens)
+    # group limit shows), scaled weights; no pad / eos id (the published 156892 is outside 128 tokens).
+    # norm_topk_prob / score_function / use_rmsnorm: fields of the published config.json that the config
+    # class keeps and vLLM reads (without them its BailingMoE routes by softmax, its q / k norms are LayerNorms)
     "bailing_moe_v2": dict(MOE, num_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
-                           routed_scaling_factor=2.5, pad_token_id=None, eos_token_id=None),
+                           routed_scaling_factor=2.5, pad_token_id=None, eos_token_id=None, norm_topk_prob=True,
+                           score_function="sigmoid", use_rmsnorm=True),
     # Whisper-like audio tower of 2 layers; the Qwen2 decoder has q/k/v biases
     "qwen2_audio": dict(text_config=dict(model_type="qwen2"), audio_config=AUDIO, audio_token_index=100),
     # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / token2wav
