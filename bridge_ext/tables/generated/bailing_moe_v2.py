@@ -80,7 +80,8 @@ TABLE = MappingTable(
         rule(
             "decoder.layers.{layer}.self_attention.linear_qkv.weight",
             "model.layers.{layer}.attention.query_key_value.weight",
-            SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim"), Concat(("num_attention_heads", "num_query_groups", "num_query_groups")),
+            SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim"),
+            Concat(("q_rows_per_group", "head_dim", "head_dim")),
         ),
         rule(
             "decoder.layers.{layer}.mlp.linear_fc1.weight",
