@@ -52,6 +52,8 @@ def _expert_layouts(table) -> str:
     if table is None:
         return "(from the config)"
     layouts = sorted({each.variant.partition(":")[2] for each in table.rules if each.variant})
+    if not layouts and any("{expert}" in each.megatron for each in table.rules):
+        layouts = ["per_expert"]  # experts without a family: transformers holds them one module each
     return ", ".join(layouts) or "–"
 
 
@@ -68,7 +70,13 @@ def architectures() -> tuple[Architecture, ...]:
     """One row per Hugging Face class (Megatron-Bridge's registry and bridge_ext's tables)."""
     import bridge_ext.tables
     from bridge_ext.table_generate import registered_bridges
-    from bridge_ext.tables.architecture_notes import NOT_PROVABLE, PROVEN_GENERATED, REFUSED, REMOTE_MODEL_TYPES
+    from bridge_ext.tables.architecture_notes import (
+        NOT_PROVABLE,
+        PROVEN_GENERATED,
+        REFUSED,
+        REMOTE_MODEL_TYPES,
+        SHIPPED_REMOTE_CODE,
+    )
 
     hand_written = bridge_ext.tables.hand_written_model_types()
     generated = bridge_ext.tables.generated_model_types()
@@ -82,7 +90,10 @@ def architectures() -> tuple[Architecture, ...]:
         if model_type in generated:
             built = _built(table)
             if model_type in PROVEN_GENERATED:
-                return "generated+proven", _peft_types(model_type, built), _expert_layouts(built)
+                shipped = SHIPPED_REMOTE_CODE.get(model_type)
+                note = (f" (remote code: key set, PEFT load and logits from Megatron-Bridge's shipped copy of it, "
+                        f"{shipped.rpartition('.')[0]})" if shipped else "")
+                return "generated+proven" + note, _peft_types(model_type, built), _expert_layouts(built)
             reason = NOT_PROVABLE.get(model_type, NO_REASON)
             return f"generated, not provable on CPU: {reason}", "LoRA (not proven)", _expert_layouts(built)
         return f"refused: {REFUSED.get(hf_class, NO_REASON)}", "–", "–"

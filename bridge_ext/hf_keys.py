@@ -80,6 +80,7 @@ import copy
 
 import torch
 
+from bridge_ext.errors import TableError
 from bridge_ext.table import EXPERT_LAYOUTS, ExpertLayout
 from bridge_ext.tables import known_model_types, register_transformers_configs, table_for
 
@@ -87,19 +88,25 @@ from bridge_ext.tables import known_model_types, register_transformers_configs, 
 def model_class_for(config):
     """The transformers model class whose checkpoint names ``config``'s table produces: the
     table's ``model_classes`` entry, else ``config.architectures[0]``, else the causal-LM
-    auto class."""
+    auto class. A class transformers lacks (remote code) is the one registered with the causal-LM
+    auto class for the config (a table's ``register_hf_config`` registers it), if its name agrees."""
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     name = None
     if config.model_type in known_model_types():
         name = table_for(config).model_classes.get(config.model_type)
     if name is None and getattr(config, "architectures", None):
         name = config.architectures[0]
-    if name is not None:
+    if name is None:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if hasattr(transformers, name):
         return getattr(transformers, name)
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    registered = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)] if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else None
+    if registered is None or registered.__name__ != name:
+        raise TableError(f"transformers has no class {name} and none of that name is registered for "
+                         f"{type(config).__name__}: no key set to compare with")
+    return registered
 
 
 def build_meta_model(config, model_class=None):

@@ -288,6 +288,10 @@ class MappingTable:
     #: for a model type transformers lacks); run by :func:`bridge_ext.tables.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.
     register_hf_config: Callable[[], object] | None = field(default=None, compare=False)
+    #: Restores what transformers leaves undone when it loads this family's (remote-code) model
+    #: with ``from_pretrained`` (:mod:`bridge_ext.tables.remote_code`); run by
+    #: :func:`bridge_ext.verify.load_hf_model`. None: nothing to restore.
+    repair_hf_model: Callable[[object], None] | None = field(default=None, compare=False)
     #: The config fields that change the arithmetic, compared with the Megatron model's settings
     #: before export (:mod:`bridge_ext.config_compare`); None: ``bridge_ext.tables.config_fields.STANDARD``.
     config_fields: tuple[ConfigField, ...] | None = field(default=None, compare=False)

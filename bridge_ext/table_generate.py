@@ -328,13 +328,16 @@ class _Translation:
 
 
 def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] | None, *,
-              model_type: str | None = None, hf_names: list[str] | None = None, hf_config=None) -> _Translation:
+              model_type: str | None = None, hf_names: list[str] | None = None, hf_config=None,
+              experts_in_modules: bool = False) -> _Translation:
     """Rules for Megatron-Bridge ``mappings``; refuses a mapping kind it does not know.
 
     ``hf_names``: the tiny Hugging Face checkpoint's tensor names (``**`` subtrees are expanded
     against them); towers are translated only for a model type of ``TOWERS_GENERATED``. Hugging
     Face names are written as transformers saves them (``HF_NAME_RENAMES``);
-    ``hf_config``: the tiny model's config (a fused ``qkv``'s sizes are checked against it)."""
+    ``hf_config``: the tiny model's config (a fused ``qkv``'s sizes are checked against it).
+    ``experts_in_modules``: transformers' model holds its routed experts one module each (no
+    fused experts module: remote code), so they are written per expert only, without a family."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
     renames = HF_NAME_RENAMES.get(model_type, ())
@@ -381,7 +384,9 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             ops = _vocab_ops(megatron) + (", AddOne()" if kind is pm.RMSNorm2ZeroCenteredRMSNormMapping else "")
             ops += ", Transpose()" if permute else ""  # a matrix Hugging Face stores [in, out]
             ops += "".join(f", {op}" for op in _extra_ops(mapping))
-            if is_expert:
+            if is_expert and experts_in_modules:
+                add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp)))
+            elif is_expert:
                 uses_experts = True
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp), variant='EXPERTS.variant("per_expert")'))
                 parameter = hf.rsplit(".", 2)[-2]
@@ -412,7 +417,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             add(megatron, _rule(megatron, hf, f", SplitGroupedRows({sizes}), Concat(({sizes}))"))
         elif kind is pm.GatedMLPMapping:
             gate, up = (hf_pattern(mapping.hf_param[part], mapping) for part in ("gate", "up"))
-            if is_expert:
+            if is_expert and not experts_in_modules:
                 uses_experts = True
                 add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", variant='EXPERTS.variant("per_expert")',
                                     lora_parts='("gate", "up")'))
@@ -509,6 +514,15 @@ def _extra_ops(mapping) -> tuple[str, ...]:
     return (ops[1],) if ops else ()
 
 
+def experts_in_modules(hf_model) -> bool:
+    """Whether transformers' model holds its routed experts as a list of modules, one per expert
+    (remote code such as Ling 2.0's), rather than a fused experts module."""
+    from torch import nn
+
+    return any(name.endswith(".experts") and isinstance(module, nn.ModuleList)
+               for name, module in hf_model.named_modules())
+
+
 def expert_parameters_of(hf_model) -> tuple[str, ...] | None:
     """The parameter names of transformers' fused experts module, in registration order."""
     for name, module in hf_model.named_modules():
@@ -593,8 +607,15 @@ def _sizes_imports(translation: _Translation) -> list[str]:
 
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
            in_memory_prefixes: tuple[tuple[str, str], ...] = ()) -> str:
-    from bridge_ext.tables.architecture_notes import (COMPANION_FILES, EXTRA_CONFIG_FIELDS, HF_DEFAULTS, LEFT_OUT_NOTES,
-                                                      UNCOMPARED)
+    from bridge_ext.tables.architecture_notes import (
+        COMPANION_FILES,
+        EXTRA_CONFIG_FIELDS,
+        HF_DEFAULTS,
+        HF_LOAD_REPAIRS,
+        LEFT_OUT_NOTES,
+        SHIPPED_REMOTE_CODE,
+        UNCOMPARED,
+    )
 
     bridge = entry.bridge_class
     uncompared = UNCOMPARED.get(model_type, {})
@@ -628,8 +649,16 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
             if any(op in rule.text for rule in translation.rules)]
     ops += ["Transpose"] if any("Transpose()" in each.text for each in translation.rules) else []
     ops_import = f"from bridge_ext.ops import {', '.join(sorted(set(ops)))}  # noqa: F401"
-    lines += ['"""', "", ops_import,
+    shipped = SHIPPED_REMOTE_CODE.get(model_type)
+    if shipped:  # reviewed by hand: bridge_ext.tables.architecture_notes.SHIPPED_REMOTE_CODE
+        lines += ["", *textwrap.wrap(f"transformers has no {entry.source}: the key set is that of Megatron-Bridge's "
+                                     f"shipped copy of the published remote code, registered with transformers' auto "
+                                     f"classes by importing {shipped} (register_hf_config).", 96)]
+    lines += ['"""', "", *(["from functools import partial", "from importlib import import_module", ""] if shipped else []),
+              ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
+              *([f"from bridge_ext.tables.remote_code import {HF_LOAD_REPAIRS[model_type]}"]
+                if model_type in HF_LOAD_REPAIRS else []),
               *_sizes_imports(translation),
               *(["from bridge_ext.config_compare import ConfigField"] if extra_fields else []),
               *(["from bridge_ext.tables.config_fields import standard"] if uncompared or extra_fields or defaults
@@ -656,6 +685,10 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     if translation.sized_splits:  # torch_dist stores the mixer's parts apart
         stored = sorted({sized.stored_parts for sized in translation.sized_splits})
         lines.append(f"    stored_split_parts={' + '.join(stored)},")
+    if shipped:
+        lines.append(f"    register_hf_config=partial(import_module, {_quoted(shipped)}),")
+    if model_type in HF_LOAD_REPAIRS:  # reviewed by hand: bridge_ext.tables.architecture_notes.HF_LOAD_REPAIRS
+        lines.append(f"    repair_hf_model={HF_LOAD_REPAIRS[model_type]},")
     if model_type in COMPANION_FILES:  # reviewed by hand: bridge_ext.tables.architecture_notes.COMPANION_FILES
         lines.append(f"    companion_files=({', '.join(_quoted(name) for name in COMPANION_FILES[model_type])},),")
     published = PUBLISHED_PREFIXES.get(model_type, ())

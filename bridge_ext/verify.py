@@ -108,7 +108,11 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
 
     register_transformers_configs()
     config = AutoConfig.from_pretrained(str(model_dir))
-    return auto_model_class(config).from_pretrained(str(model_dir), dtype=dtype).eval()
+    model = auto_model_class(config).from_pretrained(str(model_dir), dtype=dtype).eval()
+    table = _table_or_none(config)
+    if table is not None and table.repair_hf_model is not None:  # e.g. a remote-code rotary buffer left unset
+        table.repair_hf_model(model)
+    return model
 
 
 def load_adapter_strict(base_model, adapter_dir: str | Path, report: Report):

@@ -59,19 +59,25 @@ MB_LORA_EXPORT_RAISES = {"mimo_v2_flash": r"shape .* is invalid for input of siz
 #: Megatron cannot run these forward on CPU: the reference is transformers' forward of the merged
 #: export (whose weights the first test proves equal to Megatron-Bridge's own merge)
 #: Megatron-Bridge 0.6.2 merges and exports a LoRA of a linear_qkv whose Hugging Face tensor is one fused
-#: qkv (ConcatenatedQKVMapping: EXAONE 4.5's vision attention) in Megatron's row order (per query group
+#: qkv (ConcatenatedQKVMapping: EXAONE 4.5's vision attention, Ling 2.0's query_key_value) in Megatron's row order (per query group
 #: [q heads; k; v]): its _merge_lora_adapter_weights reorders only q_proj / k_proj / v_proj triples, so it
 #: adds B A unpermuted to Hugging Face's [Q; K; V], and its adapter export writes B so. There its tensors
-#: are shown to be exactly that; ours are proven by the vision tower's forward (test_vision_tower_...).
+#: are shown to be exactly that; ours are proven by the vision tower's forward (test_vision_tower_...),
+#: Ling 2.0's by the logits of HF + PEFT and of our merged export (MERGED_FORWARD).
 #: Hugging Face name pattern -> the Megatron linear it comes from.
 MB_FUSED_QKV_LORA = {"exaone4_5": (r"model\.visual\.blocks\.(\d+)\.attn\.qkv\.",
-                                   r"vision_model.decoder.layers.\1.self_attention.linear_qkv.")}
+                                   r"vision_model.decoder.layers.\1.self_attention.linear_qkv."),
+                     # Ling 2.0's one query_key_value [Q; K; V] (its text attention)
+                     "bailing_moe_v2": (r"model\.layers\.(\d+)\.attention\.query_key_value\.",
+                                        r"decoder.layers.\1.self_attention.linear_qkv.")}
 #: Image-text types whose tower is Megatron-Bridge's own Megatron-Core module, LoRA on its linears:
 #: Megatron's features of an image against transformers + PEFT's. Megatron-Bridge 0.6.2 builds EXAONE
 #: 4.5's tower norms with eps 1e-5 (get_vision_model_config), transformers 5.23 with 1e-6: model type ->
 #: Megatron's epsilon, which transformers' norms are also run with to show that it is the whole difference.
 TOWER_FORWARD = {"exaone4_5": 1e-5}
 NO_MEGATRON_FORWARD = {"falcon_h1": "megatron-core's Mamba mixer runs only with mamba_ssm's CUDA kernels"}
+#: Our merged export's logits too, where Megatron-Bridge's merge of a text linear is wrong (above).
+MERGED_FORWARD = ("bailing_moe_v2",)
 MEGATRON_SPELLINGS = ("base_layer", "to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.")
 
 
@@ -164,6 +170,10 @@ def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
         with _routers_scored_by("softmax", built.chunks), cpu_forward_context():
             reference = megatron_logits(built.chunks, input_ids)
     relative = compare_logits(ours, reference, report, what="HF + adapter", relative_tolerance=TOLERANCE.get(_model_type(built), 1e-5))
+    if _model_type(built) in MERGED_FORWARD:  # our merged export, where Megatron-Bridge's differs
+        save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True)
+        compare_logits(hf_logits(load_hf_model(tmp_path / "merged"), input_ids), reference, report,
+                       what="HF merged", relative_tolerance=1e-5)
     without_adapter = hf_logits(_text_model(load_hf_model(tmp_path / "model")), input_ids)
     assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
 
@@ -285,6 +295,27 @@ def test_lora_after_a_linear_s_own_output_norm_is_refused(megatron_cpu, tmp_path
     with pytest.raises(ExportError, match=r"decoder\.layers\.0\.self_attention\.linear_proj: LoRA on a linear that "
                                           r"normalises its own output"):
         next(export_hf_weights(model.chunks))
+
+
+def test_ling_2_mtp_layers_are_refused_before_the_first_tensor(megatron_cpu, tmp_path):
+    """Ling 2.0's MTP layers (num_nextn_predict_layers) have no rules in the generated table."""
+    model = build_megatron_model(tiny_generated(tmp_path, "bailing_moe_v2", overrides={"num_nextn_predict_layers": 1}))
+    with pytest.raises(ExportError, match=r"have no rule in the \('bailing_moe_v2',\) table: mtp\.layers\.0\."):
+        next(export_hf_weights(model.chunks))
+
+
+def test_ling_2_from_pretrained_leaves_the_rotary_buffer_unset_and_load_hf_model_restores_it(tmp_path):
+    """transformers 5.23 materialises the shipped class's non-persistent inv_freq through
+    _init_weights, which that class overrides without it (architecture_notes.HF_LOAD_REPAIRS)."""
+    from transformers import AutoModelForCausalLM
+
+    from bridge_ext_testing.tiny_generated import tiny_model
+
+    hf_dir = tiny_generated(tmp_path, "bailing_moe_v2")
+    built = tiny_model("bailing_moe_v2").model.rotary_emb.inv_freq  # the class's own __init__
+    loaded = AutoModelForCausalLM.from_pretrained(str(hf_dir)).model.rotary_emb.inv_freq
+    assert not torch.equal(loaded, built)
+    assert torch.equal(load_hf_model(hf_dir).model.rotary_emb.inv_freq, built)
 
 
 def test_mimo_v2_flash_megatron_slides_one_token_less_than_transformers(megatron_cpu, tmp_path):

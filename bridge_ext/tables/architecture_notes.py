@@ -133,12 +133,35 @@ HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_
 
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
-PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone4_5", "exaone_moe", "falcon_h1", "gemma",
-                              "gemma2", "gemma3", "gemma3_text", "glm4v_moe", "hy_v3", "mimo_v2_flash", "minimax_m3_vl",
-                              "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni", "qwen2_audio", "qwen3_asr",
-                              "qwen3_omni_moe"})
+PROVEN_GENERATED = frozenset({"bailing_moe_v2", "deepseek_v2", "ernie4_5_moe", "exaone4", "exaone4_5", "exaone_moe",
+                              "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text", "glm4v_moe", "hy_v3",
+                              "mimo_v2_flash", "minimax_m3_vl", "mistral", "mistral3", "nemotron", "olmoe",
+                              "qwen2_5_omni", "qwen2_audio", "qwen3_asr", "qwen3_omni_moe"})
 
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
+
+#: Remote-code model types whose Hugging Face classes Megatron-Bridge ships itself (its copy of the
+#: published remote code, read in 0.6.2's source): model_type -> the module whose import registers
+#: them with transformers' AutoConfig / AutoModelForCausalLM. The key set, PEFT's strict load and
+#: the HF + PEFT logits come from that copy (a generated table's ``register_hf_config`` imports it).
+#: Ling 2.0: ``megatron/bridge/models/bailing/{configuration,modeling}_bailing_moe_v2.py``
+#: (BailingMoeV2Config / BailingMoeV2ForCausalLM), registered by its bridge module. Proven on a
+#: tiny model with full rotary embedding, one shared expert and no MTP layers. Read in the sources:
+#: the shipped class's rope fallback under transformers 5.23 (``_default_rope_init_fn``, as 5.23 has
+#: no "default" rope function) ignores ``partial_rotary_factor`` and rotates the whole head, where
+#: Megatron (rotary_percent) and vLLM 0.34 rotate that fraction: transformers' logits of a config with
+#: partial_rotary_factor < 1 are no reference (the names and values the table writes do not depend on
+#: it). Megatron-Bridge's provider gives the shared experts moe_intermediate_size whatever
+#: num_shared_experts says, the shipped class moe_intermediate_size * num_shared_experts. MTP layers
+#: (num_nextn_predict_layers > 0) have no rules: such an export is refused before the first tensor.
+SHIPPED_REMOTE_CODE = {"bailing_moe_v2": "megatron.bridge.models.bailing.bailing_moe2_bridge"}
+
+#: Remote-code classes that transformers 5.23's ``from_pretrained`` leaves incomplete: model_type ->
+#: the repair of :mod:`bridge_ext.tables.remote_code` (a table's ``repair_hf_model``, run where
+#: bridge_ext loads the model). Ling 2.0's rotary ``inv_freq`` (a non-persistent buffer) is left as
+#: uninitialised memory: transformers 5 materialises buffers through ``_init_weights``, which the
+#: shipped class overrides without it. The repair recomputes it with the class's own rope function.
+HF_LOAD_REPAIRS = {"bailing_moe_v2": "recompute_rotary_buffers"}
 
 #: MoE classes whose vLLM (0.34) model wraps experts one by one (no ``is_3d_moe_weight``): a
 #: weight sync's expert adapters go per expert, as vLLM's LoRA manager refuses fused ones there.
@@ -171,7 +194,6 @@ REFUSED: dict[str, str] = {
     "SarvamMLAForCausalLM": REMOTE,
     "SarvamMoEForCausalLM": REMOTE,
     "Step3p5ForCausalLM": REMOTE,
-    "BailingMoeV2ForCausalLM": REMOTE,
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
     "Gemma4ForCausalLM": "transformers 5.15 and later (5.23 here) keep global_head_dim / num_global_key_value_heads "
                          "only in per_layer_config; Megatron-Bridge 0.6.2 (which requires transformers <= 5.12.1, "

@@ -16,6 +16,7 @@ from bridge_ext.table_generate import (
     Resolver,
     bridge_for,
     expert_parameters_of,
+    experts_in_modules,
     in_memory_prefixes_of,
     render,
     translate,
@@ -50,7 +51,8 @@ def generate(model_type: str) -> str:
             hf_model = tiny_model(model_type)
         saved = load_file(str(hf_dir / "model.safetensors"))  # the names the rules produce
         translation = translate(mappings, Resolver(built.chunks[0]), expert_parameters_of(hf_model),
-                                model_type=model_type, hf_names=list(saved), hf_config=hf_model.config)
+                                model_type=model_type, hf_names=list(saved), hf_config=hf_model.config,
+                                experts_in_modules=experts_in_modules(hf_model))
         in_memory = in_memory_prefixes_of(_renamed_on_load(hf_dir, saved, model_class(model_type)))
     return render(model_type, entry, translation, in_memory)
 

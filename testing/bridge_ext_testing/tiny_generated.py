@@ -110,6 +110,14 @@ TINY: dict[str, dict] = {
                                               mrope_section=[8, 12, 12])),
         vision_config=dict(VISION, image_size=28), image_token_id=122, video_token_id=123,
         image_start_token_id=124, image_end_token_id=125, video_start_token_id=126, video_end_token_id=127),
+    # Ling 2.0 (Megatron-Bridge's shipped copy of the remote code): layer 0 dense, layer 1 MoE with one
+    # shared expert, sigmoid routing with expert bias over 2 groups of 2 experts (top 1 group: the
+    # group limit shows), scaled weights; no pad / eos id (the published 156892 is outside 128 tokens).
+    # norm_topk_prob / score_function / use_rmsnorm: fields of the published config.json that the config
+    # class keeps and vLLM reads (without them its BailingMoE routes by softmax, its q / k norms are LayerNorms)
+    "bailing_moe_v2": dict(MOE, num_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                           routed_scaling_factor=2.5, pad_token_id=None, eos_token_id=None, norm_topk_prob=True,
+                           score_function="sigmoid", use_rmsnorm=True),
     # Whisper-like audio tower of 2 layers; the Qwen2 decoder has q/k/v biases
     "qwen2_audio": dict(text_config=dict(model_type="qwen2"), audio_config=AUDIO, audio_token_index=100),
     # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / token2wav
@@ -183,6 +191,9 @@ def tiny_config(model_type: str, overrides: dict | None = None):
     thinker's) and ``overrides`` of them."""
     from transformers import AutoConfig
 
+    from bridge_ext.tables import register_transformers_configs
+
+    register_transformers_configs()  # remote-code config classes a table registers (Ling 2.0's)
     entry = {**TINY.get(model_type, {}), **(overrides or {})}
     if "thinker_config" in entry:  # omni: the thinker's text config
         thinker = entry["thinker_config"]
@@ -228,7 +239,7 @@ def tiny_generated(directory: str | Path, model_type: str, *, seed: int = 0, ove
             elif name.endswith(("mlp.gate.weight", "mlp.router.weight", "self_attn.sinks")):
                 param.copy_(torch.randn(param.shape, generator=generator) * ROUTER_STD)
         for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # zero at init: a lost bias would not show
+            if name.endswith(("e_score_correction_bias", "mlp.gate.expert_bias")):  # zero at init: a lost bias would not show
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * ROUTER_STD)
         for ending, value in FILLED.get(model_type, {}).items():
             for name, tensor in [*model.named_parameters(), *model.named_buffers()]:

@@ -180,11 +180,27 @@ def _qwen2_5_vl(d: Path) -> Path:
     return tiny_qwen2_5_vl(d)
 
 
+#: Generated types whose config class is remote code: the module of Megatron-Bridge's shipped
+#: copy of it and the class. The folder gets that file beside config.json and its auto_map, as
+#: the published checkpoints ship it (vLLM 0.34 has no config class of its own for them).
+REMOTE_CONFIGS = {"bailing_moe_v2": ("megatron.bridge.models.bailing.configuration_bailing_moe_v2", "BailingMoeV2Config")}
+
+
 def _generated(model_type: str) -> Callable[[Path], Path]:
     def make(d: Path) -> Path:
-        from bridge_ext_testing.tiny_generated import tiny_generated
+        import importlib
+        import shutil
 
-        return tiny_generated(d, model_type)
+        from bridge_ext_testing.tiny_generated import tiny_generated
+        from bridge_ext_testing.tiny_models import update_saved_config
+
+        folder = tiny_generated(d, model_type)
+        if model_type in REMOTE_CONFIGS:
+            module, name = REMOTE_CONFIGS[model_type]
+            source = Path(importlib.import_module(module).__file__)
+            shutil.copy(source, folder / source.name)
+            update_saved_config(folder, {"auto_map": {"AutoConfig": f"{source.stem}.{name}"}})
+        return folder
 
     return make
 
@@ -201,7 +217,7 @@ GENERATED = {"mistral": GQA_TARGETS, "gemma": GQA_TARGETS, "gemma2": POST_NORM_T
              "ernie4_5_moe": GQA_TARGETS, "hy_v3": GQA_TARGETS, "qwen2_audio": GQA_TARGETS,
              "qwen3_omni_moe": LANGUAGE_MODEL_TARGETS, "qwen2_5_omni": GQA_TARGETS,
              "falcon_h1": (*GQA_TARGETS, "in_proj"), "qwen3_asr": GQA_TARGETS, "glm4v_moe": GQA_TARGETS,
-             "minimax_m3_vl": GQA_TARGETS,
+             "minimax_m3_vl": GQA_TARGETS, "bailing_moe_v2": GQA_TARGETS,
              # its tower's linears too (none normalises its output)
              "exaone4_5": (*POST_NORM_TARGETS, "*vision_model*.linear_proj", "*vision_model*.linear_fc2")}
 LIVE_FOR_VLLM = ("hy_v3",)
