@@ -120,10 +120,12 @@ def table_for(config_or_model_type) -> MappingTable:
             f"no mapping table for model_type {model_type!r}; known: {', '.join(known_model_types())}. "
             "Write one and add it with bridge_ext.register_table (see docs/adding_an_architecture.md)"
         )
-    if isinstance(entry, MappingTable):
+    if isinstance(entry, MappingTable) and not entry.config_offsets:
         return entry
     if by_name:
         raise ExportError(f"the {model_type!r} table is built from the model's config: pass the config")
+    if isinstance(entry, MappingTable):  # names read from the config (config_offsets)
+        return entry.for_config(config_or_model_type)
     return entry.build(config_or_model_type)
 
 

@@ -14,11 +14,12 @@ MTP_PREFIXES = ("mtp.", "language_model.mtp.")  # a vision-language model's MTP 
 #: Megatron-side prefixes of the parts a generated table leaves out (``bridge-ext tables generate``):
 #: MTP, and vision / audio towers unless the model type is in :data:`TOWERS_GENERATED`.
 LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tower.", "visual.", "audio_tower.",
-                     "multi_modal_projector.", "talker.", "thinker.")
+                     "multi_modal_projector.", "resampler_model.", "talker.", "thinker.")
 
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
-TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "mistral3", "qwen2_5_omni", "qwen2_audio", "qwen3_omni_moe"})
+TOWERS_GENERATED: frozenset[str] = frozenset({"ernie4_5_vl_moe", "gemma3", "mistral3", "qwen2_5_omni", "qwen2_audio",
+                                              "qwen3_omni_moe"})
 
 #: What a generated table of these model types leaves out beyond MTP (written into its header).
 _SPEECH_OUTPUT = ("the {talker} (speech output): Megatron-Bridge's bridge neither builds nor maps them, so an "
@@ -53,6 +54,29 @@ KINDS_WITH_OPS = {
     "megatron.bridge.models.ernie.ernie_45_bridge._SqueezeBiasMapping": ("ReplicatedMapping", "Unsqueeze(0)"),
 }
 
+#: Bridge-private expert mappings whose Hugging Face expert index is Megatron's plus an offset
+#: (read in Megatron-Bridge's source): class -> (base kind, the mapping's attribute holding the
+#: offset, the config field, of the config or its text_config, it equals; the generator checks
+#: it on the tiny config and writes the offset as ``{expert+field}``, read from each model's
+#: config). ERNIE-4.5-VL's ``_OffsetGatedMLPMapping`` / ``_OffsetRowParallelMapping``: the vision
+#: pool's expert e is the checkpoint's ``experts.{e + moe_num_experts}``, after the text pool's.
+EXPERT_OFFSET_KINDS = {
+    "megatron.bridge.models.ernie_vl.ernie45_vl_bridge._OffsetGatedMLPMapping":
+        ("GatedMLPMapping", "_expert_offset", "moe_num_experts"),
+    "megatron.bridge.models.ernie_vl.ernie45_vl_bridge._OffsetRowParallelMapping":
+        ("RowParallelMapping", "_expert_offset", "moe_num_experts"),
+}
+
+#: Bridge-private mappings that stack several Megatron tensors as one Hugging Face tensor (read in
+#: Megatron-Bridge's source): class -> (base kind, the mapping's attribute naming its slice, the
+#: slices in their order along the stacked dim 0). ERNIE-4.5-VL's ``_ConcatBiasMapping``:
+#: ``moe_statics.e_score_correction_bias [2, E]``, row 0 the text router's expert bias, row 1 the
+#: vision router's (its hf_to_megatron takes row 0 for "text", row 1 otherwise).
+STACKED_KINDS = {
+    "megatron.bridge.models.ernie_vl.ernie45_vl_bridge._ConcatBiasMapping":
+        ("AutoMapping", "_slice_name", ("text", "vision")),
+}
+
 #: Mid-key renames transformers applies on load (its ``conversion_mapping.py``), per model type,
 #: as ``(saved infix, in-memory infix)``: a generated table's ``in_memory_renames``. Megatron-Bridge
 #: maps the saved names (what ``save_pretrained`` writes and vLLM loads); PEFT keys adapters by the
@@ -70,7 +94,7 @@ HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_
 
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
-PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone_moe", "falcon_h1", "gemma", "gemma2",
+PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone4", "exaone_moe", "falcon_h1", "gemma", "gemma2",
                               "gemma3", "gemma3_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
                               "qwen2_audio", "qwen3_omni_moe"})
 
@@ -122,11 +146,6 @@ REFUSED: dict[str, str] = {
                                         "which transformers 5.23's Glm4vMoeTextConfig moves into rope_parameters "
                                         "even where config.json has it, and text_config.use_qk_norm, which it "
                                         "lacks (AttributeError): no provider, nothing to generate from",
-    "Ernie4_5_VLMoeForConditionalGeneration": "its bridge maps the text / vision expert pairs with bridge-private "
-                                              "kinds (_OffsetGatedMLPMapping, _OffsetRowParallelMapping, "
-                                              "_ConcatBiasMapping: one Megatron expert set split at an offset into "
-                                              "transformers' text_moe / vision_moe), which no rule kind of the "
-                                              "generator covers",
     "Exaone4_5_ForConditionalGeneration": "its vision model is Megatron-Bridge's own Megatron-Core module "
                                           "(Exaone45VisionModel) built from Transformer Engine layer specs, which "
                                           "have no local version for a CPU build yet: no tiny model to resolve or "
@@ -201,4 +220,12 @@ UNCOMPARED: dict[str, dict[str, str]] = {
     "ernie4_5_moe": {"scoring_func": "ERNIE-4.5's config has no such field: transformers routes by softmax, "
                                      "Megatron-Bridge 0.6.2's provider by sigmoid; a model trained with that "
                                      "provider computes otherwise than its export"},
+    "ernie4_5_vl_moe": {"scoring_func": "ERNIE-4.5-VL's config has no such field: transformers routes both expert "
+                                        "pools by softmax, Megatron-Bridge 0.6.2's provider by sigmoid (as "
+                                        "ERNIE-4.5-MoE's); a model trained with that provider computes otherwise "
+                                        "than its export",
+                        "moe_intermediate_size": "ERNIE-4.5-VL's is one width per expert pool ([text, vision]); "
+                                                 "Megatron-Bridge 0.6.2's provider sets moe_ffn_hidden_size to the "
+                                                 "text pool's and builds each pool from its own entry: the exported "
+                                                 "shapes, checked against the config's, compare both"},
 }
