@@ -370,7 +370,8 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         is_expert = "{expert}" in megatron
         offset = _offset_field(mapping, config)
         if offset and not is_expert:
-            raise TableError(f"{type(mapping).__name__} of {name}: an expert offset on a weight without an expert index")
+            raise TableError(f"{type(mapping).__name__} of {name}: an expert offset on a weight without an "
+                             "expert index")
         if offset and offset not in offsets:
             offsets.append(offset)
         if _path(type(mapping)) in HEAD_GROUP_QKV_KINDS:

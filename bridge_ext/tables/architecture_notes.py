@@ -103,7 +103,8 @@ REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to
 #: MoE classes whose vLLM (0.34) model wraps experts one by one (no ``is_3d_moe_weight``): a
 #: weight sync's expert adapters go per expert, as vLLM's LoRA manager refuses fused ones there.
 VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM",
-                                      "Ernie4_5_MoeForCausalLM", "HYV3ForCausalLM"})
+                                      "Ernie4_5_MoeForCausalLM", "HYV3ForCausalLM",
+                                      "Ernie4_5_VLMoeForConditionalGeneration"})
 
 #: Classes whose vLLM (0.34) model applies none of the adapters PEFT's names give (judged in
 #: tests/consumers): an ``adapter_for="vllm"`` export of adapters is refused with the reason.

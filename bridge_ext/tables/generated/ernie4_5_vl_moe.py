@@ -293,6 +293,7 @@ TABLE = MappingTable(
         ("model.layers.", "model.language_model.layers."),
         ("model.norm.", "model.language_model.norm."),
     ),
+    vllm_expert_adapter_layouts={"Ernie4_5_VLMoeForConditionalGeneration": "per_expert"},
     config_fields=standard({
         "scoring_func": (
             "ERNIE-4.5-VL's config has no such field: transformers routes both expert pools "
