@@ -251,6 +251,11 @@ def test_a_table_with_named_offsets_is_served_only_for_a_config():
     config = tiny_config("ernie4_5_vl_moe")  # text_config.moe_num_experts 4
     names = [name for each in table_for(config).rules for name in each.hf]
     assert "model.layers.{layer}.mlp.experts.{expert+4}.down_proj.weight" in names
+    # what Megatron-Bridge does not map (architecture_notes.LEFT_OUT_NOTES) is refused, not guessed
+    for unmapped in ("language_model.output_layer.weight",
+                     "vision_model.decoder.layers.0.self_attention.linear_qkv.weight"):
+        with pytest.raises(ExportError, match=re.escape(unmapped)):
+            plan_tasks(["language_model.embedding.word_embeddings.weight", unmapped], table_for(config))
 
 
 def _toy_table(model_type: str = "toy") -> MappingTable:

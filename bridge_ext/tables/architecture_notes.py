@@ -27,6 +27,11 @@ _SPEECH_OUTPUT = ("the {talker} (speech output): Megatron-Bridge's bridge neithe
                   "{names} weights in transformers' key set, and the export refuses it before the first tensor "
                   "(missing names).")
 LEFT_OUT_NOTES = {
+    "ernie4_5_vl_moe": "an untied output layer, which Megatron-Bridge 0.6.2's bridge does not map (published "
+                       "ERNIE-4.5-VL ties its embeddings), and Megatron's own ViT (use_mg_vit, mapped by the bridge "
+                       "only when set on it; the provider's default is transformers' ViT, which the table covers): "
+                       "such a model's language_model.output_layer.weight or vision_model.* weights are refused as "
+                       "unmapped before the first tensor.",
     "qwen2_5_omni": _SPEECH_OUTPUT.format(talker="talker and token2wav", names="talker.* / token2wav.*"),
     "qwen3_omni_moe": _SPEECH_OUTPUT.format(talker="talker and code2wav", names="talker.* / code2wav.*"),
 }

@@ -6,6 +6,12 @@ Do not edit: regenerate (a Megatron-Bridge upgrade shows as a diff). A hand-writ
 same model type wins over this one. Left out: MTP layers. The tower's rules are Megatron-Bridge's
 '**' subtrees expanded on the tiny models (proven by the conformance entry of this model type).
 
+Also left out: an untied output layer, which Megatron-Bridge 0.6.2's bridge does not map
+(published ERNIE-4.5-VL ties its embeddings), and Megatron's own ViT (use_mg_vit, mapped by the
+bridge only when set on it; the provider's default is transformers' ViT, which the table
+covers): such a model's language_model.output_layer.weight or vision_model.* weights are refused
+as unmapped before the first tensor.
+
 Mappings of weights the tiny model lacks (their parallel kind cannot be read off a module),
 left out so that such a weight is refused as unmapped:
     language_model.decoder.layers.*.input_layernorm.weight
