@@ -306,20 +306,238 @@ def test_generate_refuses_a_model_type_without_a_bridge():
     assert "registers no bridge for model_type 'olmo2'" in result.output
 
 
-@pytest.mark.parametrize("global_head_dim", [512, 256])
-def test_gemma4_text_gets_a_provider_only_where_its_head_dims_agree(global_head_dim):
-    """REFUSED's reason for Gemma4ForCausalLM: Megatron-Bridge's bridge reads config.head_dim, which
-    transformers makes per-layer where global_head_dim differs (the published E2B / E4B: 256 / 512)."""
+GEMMA4_LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+
+def _gemma4_text_config(*, flag: bool = False, **fields):
+    """A Gemma 4 text config as transformers 5.23 reads a config.json holding ``fields``."""
+    from transformers import AutoConfig
+
+    fields = dict(dict(num_hidden_layers=2, head_dim=256, global_head_dim=512,
+                       layer_types=["sliding_attention", "full_attention"]), **fields)
+    config = AutoConfig.for_model("gemma4_text", **fields)
+    config.allow_global_per_layer_attribute_access = flag
+    return config
+
+
+def _gemma4_provider(config):
     from types import SimpleNamespace
 
     from megatron.bridge.models.gemma.gemma4_bridge import Gemma4Bridge
+
+    return Gemma4Bridge().provider_bridge(SimpleNamespace(config=config))
+
+
+def test_gemma4_text_head_dims_are_per_layer_in_transformers_so_megatron_bridge_reads_none():
+    """REFUSED's reason for Gemma4ForCausalLM: transformers 5.23 keeps global_head_dim only in
+    per_layer_config, and Megatron-Bridge's bridge reads config.head_dim (the published E2B / E4B: 256 / 512)."""
+    from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
+
+    config = _gemma4_text_config()
+    assert config.to_dict().get("global_head_dim") is None
+    assert config.per_layer_config[1].head_dim == 512
+    with pytest.raises(AmbiguousGlobalPerLayerAttributeError, match="'head_dim' is a per-layer attribute"):
+        _gemma4_provider(config)
+
+
+@pytest.mark.parametrize(("fields", "flag", "right"), [
+    (dict(), True, True),  # E2B / E4B: 256 / 512, as many KV heads on global layers
+    (dict(global_head_dim=256), False, False),  # equal head dims: global layers of Megatron-Bridge's default 512
+    (dict(global_head_dim=1024), True, False),
+    # 31B-like: K=V global layers with fewer KV heads (4 of 16)
+    (dict(num_key_value_heads=16, num_attention_heads=32, attention_k_eq_v=True, num_global_key_value_heads=4),
+     True, False),
+])
+def test_gemma4_text_provider_takes_its_defaults_for_the_global_layers(fields, flag, right):
+    """With the head dims readable (equal, or allow_global_per_layer_attribute_access set), the
+    provider's global layers are Megatron-Bridge's defaults (512 wide, num_key_value_heads KV heads),
+    not the config's: right only where the config has those values."""
+    config = _gemma4_text_config(flag=flag, **fields)
+    global_layer = config.per_layer_config[1]
+    provider = _gemma4_provider(config)
+    assert (provider.kv_channels, provider.global_kv_channels, provider.num_global_query_groups) == (
+        256, 512, config.per_layer_config[0].num_key_value_heads)
+    read_right = (provider.global_kv_channels == global_layer.head_dim
+                  and provider.num_global_query_groups == global_layer.num_key_value_heads)
+    assert read_right == right
+
+
+def test_gemma4_vision_language_provider_needs_the_flag_in_its_text_config(tmp_path):
+    """REFUSED's reason for Gemma4ForConditionalGeneration: the flag passed to from_pretrained stays on
+    the outer config; in config.json's text_config it reaches the text config Megatron-Bridge reads."""
+    import json
+    from types import SimpleNamespace
+
+    from megatron.bridge.models.gemma_vl.gemma4_vl_bridge import Gemma4VLBridge
     from transformers import AutoConfig
     from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
-    config = AutoConfig.for_model("gemma4_text", num_hidden_layers=2, head_dim=256, global_head_dim=global_head_dim,
-                                  layer_types=["sliding_attention", "full_attention"])
-    if global_head_dim != 256:
-        with pytest.raises(AmbiguousGlobalPerLayerAttributeError, match="'head_dim' is a per-layer attribute"):
-            Gemma4Bridge().provider_bridge(SimpleNamespace(config=config))
-    else:
-        assert Gemma4Bridge().provider_bridge(SimpleNamespace(config=config)).kv_channels == 256
+    AutoConfig.for_model("gemma4", text_config=dict(num_hidden_layers=2, head_dim=256, global_head_dim=512,
+                                                    layer_types=["sliding_attention", "full_attention"])
+                         ).save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(str(tmp_path), allow_global_per_layer_attribute_access=True)
+    with pytest.raises(AmbiguousGlobalPerLayerAttributeError):
+        Gemma4VLBridge().provider_bridge(SimpleNamespace(config=config))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["text_config"]["allow_global_per_layer_attribute_access"] = True
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    provider = Gemma4VLBridge().provider_bridge(SimpleNamespace(config=AutoConfig.from_pretrained(str(tmp_path))))
+    assert (type(provider).__name__, provider.kv_channels, provider.global_kv_channels) == (
+        "Gemma4DenseVLProvider", 256, 512)
+
+
+def test_gemma4_text_e2b_like_builds_on_cpu_and_bridge_ext_refuses_it(megatron_cpu, tmp_path):
+    """REFUSED's reason: with allow_global_per_layer_attribute_access passed to from_hf_pretrained,
+    Megatron-Bridge's dense provider builds an E2B-like tiny model on the CPU (head dims 16 / 512, KV
+    shared by the last two layers, double-wide MLP there, per-layer embeddings) and its export gives
+    back the files, its LoRA split raises on global layers; bridge_ext has no table for it and refuses
+    before the first tensor."""
+    import torch
+    from megatron.bridge import AutoBridge
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from bridge_ext import export_hf_weights
+    from bridge_ext.errors import ExportError
+    from bridge_ext_testing.qwen35 import cpu_current_device
+
+    config = _gemma4_text_config(flag=False, vocab_size=128, hidden_size=64, intermediate_size=96,
+                                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 layer_types=GEMMA4_LAYERS, sliding_window=4, num_kv_shared_layers=2,
+                                 hidden_size_per_layer_input=8, vocab_size_per_layer_input=128,
+                                 use_double_wide_mlp=True, final_logit_softcapping=30.0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).float().save_pretrained(tmp_path)
+    bridge = AutoBridge.from_hf_pretrained(str(tmp_path), allow_global_per_layer_attribute_access=True)
+    provider = bridge.to_megatron_provider(load_weights=False)
+    assert (provider.kv_channels, provider.global_kv_channels) == (16, 512)
+    provider.params_dtype, provider.bf16, provider.use_cpu_initialization = torch.float32, False, True
+    provider.finalize()
+    with cpu_current_device():
+        chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    bridge.load_hf_weights(chunks)
+    original = load_file(str(tmp_path / "model.safetensors"))
+    assert not any(".layers.3.self_attn.k_" in name for name in original)  # a KV-shared layer: no k_proj / k_norm
+    theirs = dict(bridge.export_hf_weights(chunks, cpu=True, show_progress=False))
+    assert sorted(theirs) == sorted(original)
+    assert [name for name in original if not torch.equal(theirs[name], original[name])] == []
+    with pytest.raises(ExportError, match="no mapping table for model_type 'gemma4_text'"):
+        next(iter(export_hf_weights(chunks, base_only=True)))
+    # its LoRA exports (adapters, merged) split a global layer's linear_qkv lora_B with the sliding
+    # layout: the bridge's global branch asks for global_head_dim, which the dense provider names global_kv_channels
+    assert not hasattr(chunks[0].config, "global_head_dim") and chunks[0].config.global_kv_channels == 512
+    global_lora_b = torch.zeros((4 + 2 * 2) * 512, 4)
+    with pytest.raises(RuntimeError, match="is invalid for input of size 16384"):
+        bridge._model_bridge._split_qkv_linear_out_weight(chunks, global_lora_b)
+
+
+#: Step-3.7's published config.json spelling (stepfun-ai's remote-code fields, which Megatron-Bridge's
+#: Step37Config reads and transformers' Step3p7Config maps), scaled down: layer 0 dense full attention
+#: (4 heads, half rotary), layer 1 MoE sliding attention (6 heads), 2 KV groups.
+STEP3P7_CONFIG = {
+    "architectures": ["Step3p7ForConditionalGeneration"], "model_type": "step3p7", "projector_bias": False,
+    "image_token_id": 120,
+    "text_config": {
+        "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_attention_groups": 2, "head_dim": 16,
+        "num_hidden_layers": 2, "vocab_size": 128, "rms_norm_eps": 1e-5, "moe_intermediate_size": 32,
+        "moe_num_experts": 4, "moe_top_k": 2, "share_expert_dim": 48, "moe_layers_enum": "1",
+        "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 16,
+        "attention_other_setting": {"attention_type": "sliding_attention", "num_attention_heads": 6,
+                                    "num_attention_groups": 2, "head_dim": 16},
+        "rope_theta": [10000.0, 5000.0], "partial_rotary_factors": [0.5, 1.0], "use_head_wise_attn_gate": True,
+        "use_moe_router_bias": True, "moe_router_activation": "sigmoid", "moe_router_scaling_factor": 2.0,
+        "tie_word_embeddings": False, "num_nextn_predict_layers": 0, "max_position_embeddings": 128},
+    "vision_config": {"width": 32, "layers": 2, "heads": 2, "image_size": 28, "patch_size": 14, "mlp_ratio": 1.5},
+}
+
+
+@pytest.fixture(scope="module")
+def step3p7_dir(tmp_path_factory):
+    """A tiny Step-3.7 folder: transformers' own classes' weights under the published config.json."""
+    import json
+
+    import torch
+    from transformers import Step3p7Config, Step3p7ForConditionalGeneration
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("step3p7")
+    Step3p7ForConditionalGeneration(Step3p7Config(**json.loads(json.dumps(STEP3P7_CONFIG)))).save_pretrained(directory)
+    (directory / "config.json").write_text(json.dumps(STEP3P7_CONFIG))
+    return directory
+
+
+def test_step3p7_configs_agree_but_megatron_bridge_s_hides_transformers_auto_classes(step3p7_dir):
+    """REFUSED's reason for Step3p7ForConditionalGeneration, its config part: both config classes read
+    the published config.json to the same sizes; importing Megatron-Bridge registers its Step37Config
+    for step3p7, which transformers' auto model classes refuse (transformers' own class still loads)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, Step3p7Config, Step3p7ForConditionalGeneration
+
+    import megatron.bridge.models  # noqa: F401  (registers its bridges and their configs)
+    from megatron.bridge.models.stepfun.configuration_step37 import Step37Config
+
+    theirs = AutoConfig.from_pretrained(str(step3p7_dir))
+    assert type(theirs) is Step37Config
+    with pytest.raises(ValueError, match="Unrecognized configuration class .*Step37Config"):
+        AutoModelForImageTextToText.from_config(theirs)
+    assert type(Step3p7ForConditionalGeneration.from_pretrained(str(step3p7_dir)).config) is Step3p7Config
+    ours, theirs = Step3p7Config.from_pretrained(str(step3p7_dir)).text_config, theirs.text_config
+    assert (ours.num_key_value_heads, ours.n_routed_experts, ours.num_experts_per_tok, ours.share_expert_dim) == (
+        theirs.num_attention_groups, theirs.moe_num_experts, theirs.moe_top_k, theirs.share_expert_dim)
+    assert ours.mlp_layer_types == ["dense", "sparse"] and theirs.moe_layers_enum == "1"
+    assert [ours.per_layer_config[i].num_attention_heads for i in (0, 1)] == [
+        theirs.num_attention_heads, theirs.attention_other_setting["num_attention_heads"]]
+    assert [ours.rope_parameters[kind]["rope_theta"] for kind in ours.layer_types] == theirs.rope_theta
+
+
+def _step35_local_spec(config, vp_stage=None, pp_rank=None):
+    """Megatron-Bridge's Step-3.5 layer spec (build_step35_layer_spec: Step35DecoderLayer on the
+    decoder block spec) on megatron-core's local modules."""
+    from bridge_ext_testing.gpt_families import local_block_spec
+    from bridge_ext_testing.local_specs import localize
+    from megatron.bridge.models.stepfun.step35_provider import Step35DecoderLayer
+
+    block = local_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    for layer in block.layer_specs:
+        layer.module = Step35DecoderLayer
+    return localize(block, config)
+
+
+@pytest.mark.parametrize("attention_output_gate", [False, True])
+def test_step3p7_megatron_model_cannot_hold_transformers_attention_gate(megatron_cpu, step3p7_dir,
+                                                                        attention_output_gate):
+    """REFUSED's reason for Step3p7ForConditionalGeneration, its model part. Step37Bridge sets
+    head_wise_attn_gate (no megatron-core 0.19.2 field), not Step35Bridge's attention_output_gate
+    fallback: linear_qkv has no g_proj rows and its own load fails. With the fallback set by hand the
+    gate loads (each head's scalar row repeated head_dim times) and its export keeps the first of each
+    head's gate rows, dropping the others; the stacked experts read the expert off grouped-GEMM names
+    (weight{e}), so the CPU build's local_experts alias of them (same class) fails."""
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.bridge.models.conversion.param_mapping import merge_qkvg_weights, split_qkvg_weights
+
+    from bridge_ext_testing import gpt_families
+    from bridge_ext_testing.qwen35 import qwen35_auto_bridge_class
+
+    assert "head_wise_attn_gate" not in TransformerConfig.__dataclass_fields__
+    bridge = qwen35_auto_bridge_class().from_hf_pretrained(str(step3p7_dir))
+    provider = bridge.to_megatron_provider(load_weights=False)
+    assert (provider.head_wise_attn_gate, provider.attention_output_gate) == (True, False)
+    gpt_families.configure_provider(provider, step3p7_dir)
+    provider.transformer_layer_spec = _step35_local_spec
+    provider.attention_output_gate = attention_output_gate
+    provider.apply_rope_fusion = provider.persist_layer_norm = False
+    provider.finalize()
+    with gpt_families.cpu_build_context(provider):
+        chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    qkv = chunks[0].language_model.decoder.layers[0].self_attention.linear_qkv.weight
+    assert qkv.shape[0] == (4 + 2 + 2) * 16 + (4 * 16 if attention_output_gate else 0)  # q, k, v (+ gate)
+    if not attention_output_gate:
+        with pytest.raises(ValueError, match=r"linear_qkv\.weight:\n.*\[128, 64\]\)\n.*\[132, 64\]"):
+            bridge.load_hf_weights(chunks)
+        return
+    with pytest.raises(ValueError, match="invalid literal for int"):  # StackedExpert*Mapping._expert_idx
+        bridge.load_hf_weights(chunks)
+    q, k, v, g = (torch.randn(rows, 64) for rows in (64, 32, 32, 4))
+    trained = merge_qkvg_weights(provider, q, k, v, g)
+    trained[4 * 16 - 1] += 1.0  # a trained gate row beside its head's first (group 0: q, gate, k, v; head 1, last row)
+    assert torch.equal(split_qkvg_weights(provider, trained)[3], g)  # the export does not see it

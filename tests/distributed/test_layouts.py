@@ -27,6 +27,7 @@ import torch
 
 from bridge_ext_testing.tiny_frontier import tiny_kimi_k25, tiny_minimax_m2, tiny_nemotron_h
 from bridge_ext_testing.tiny_dense import tiny_dense
+from bridge_ext_testing.tiny_generated import tiny_generated
 from bridge_ext_testing.tiny_gpt_families import tiny_deepseek_v3, tiny_glm4_moe, tiny_glm4_moe_lite, tiny_gpt_oss, tiny_mimo
 from bridge_ext_testing.tiny_models import tiny_qwen35_dense, tiny_qwen35_moe, tiny_qwen35_vl
 from bridge_ext_testing.tiny_qwen_moe_vl import tiny_qwen3_moe
@@ -52,6 +53,8 @@ MODELS = {
     "minimax": lambda directory, mtp_layers: tiny_minimax_m2(directory),
     "kimi25": lambda directory, mtp_layers: tiny_kimi_k25(directory),
     "nemotron": lambda directory, mtp_layers: tiny_nemotron_h(directory),
+    # generated (Mamba-2 beside attention and MLP in every layer: the in_proj / conv1d splits at TP 2)
+    "falcon_h1": lambda directory, mtp_layers: tiny_generated(directory, "falcon_h1"),
     # the other Megatron-Bridge PEFT types (worker.PEFT_TYPES), each in one parallel layout
     "qwen3_dora": lambda directory, mtp_layers: tiny_dense(directory, "qwen3"),
     "qwen3_moe_canonical_lora": lambda directory, mtp_layers: tiny_qwen3_moe(directory),
@@ -70,12 +73,12 @@ MB_EXPERT_PARALLEL = ("moe", "deepseek", "glm")
 # name -> (processes, worker flags, models)
 LAYOUTS = {
     "single": (1, PEFT_FLAGS, ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite", "gpt_oss", "minimax",
-                               "kimi25", "nemotron", *PEFT_OF)),
+                               "kimi25", "nemotron", "falcon_h1", *PEFT_OF)),
     # DoRA (its magnitudes split by rows with their column-parallel weights), CanonicalLoRA
     # (per-part pairs, the experts' gate / up at expert-TP 2) at TP=2; normalize_moe_lora at EP=2
     "tp2": (2, ["--tp", "2", "--megatron-bridge", "dense", "moe", "mimo", "--forward", "moe", *PEFT_FLAGS],
-            ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite", "kimi25", "nemotron", "qwen3_dora",
-             "qwen3_moe_canonical_lora")),
+            ("dense", "moe", "vl_moe", "mimo", "deepseek", "glm", "glm_lite", "kimi25", "nemotron", "falcon_h1",
+             "qwen3_dora", "qwen3_moe_canonical_lora")),
     "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"], ("dense", "moe", "vl_moe")),
     "ep2": (2, ["--ep", "2", "--megatron-bridge", *MB_EXPERT_PARALLEL, "--forward", *MB_EXPERT_PARALLEL, *PEFT_FLAGS],
             ("moe", "deepseek", "glm", "glm_lite", "gpt_oss", "minimax", "nemotron", "qwen3_moe_normalize_moe_lora")),
