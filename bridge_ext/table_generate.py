@@ -24,9 +24,9 @@ table also offers the fused layout transformers keeps in memory (``experts.gate_
 ``[E, 2I, H]``, ``[gate; up]`` per expert), as the hand-written MoE tables do; the
 conformance tests prove both.
 
-A Mamba-2 mixer's ``MambaInProjMapping`` / ``MambaConv1dMapping`` become row splits by the mixer's
-sizes; the table's ``MambaSizes`` names the Hugging Face fields the bridge's ``CONFIG_MAPPING``
-maps to megatron-core's Mamba sizes.
+The mapping kinds of ``architecture_notes.SIZED_SPLIT_KINDS`` (Mamba-2's in_proj / conv1d) become
+row splits by the mixer's sizes; the table's sizes entry names the Hugging Face fields the bridge's
+``CONFIG_MAPPING`` maps to megatron-core's.
 """
 
 from __future__ import annotations
@@ -41,22 +41,23 @@ from bridge_ext.tables.architecture_notes import (
     EQUIVALENT_KINDS,
     EXPERT_OFFSET_KINDS,
     HEAD_GROUP_QKV_KINDS,
+    HF_NAME_RENAMES,
     IN_MEMORY_RENAMES,
     KINDS_WITH_OPS,
     LEFT_OUT_PREFIXES,
     MTP_PREFIXES,
     PUBLISHED_PREFIXES,
+    REFUSED_CONFIG_FIELDS,
+    SIZED_SPLIT_KINDS,
     STACKED_KINDS,
     TOWERS_GENERATED,
+    SizedSplitKind,
     VLLM_ADAPTERS_REFUSED,
     VLLM_PER_EXPERT_ADAPTERS,
 )
 
 WILDCARDS = ("layer", "expert")
 _FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
-#: MambaSizes' fields -> the Megatron config fields a bridge's CONFIG_MAPPING maps them to
-_MAMBA_SIZE_FIELDS = (("heads", "mamba_num_heads"), ("head_dim", "mamba_head_dim"), ("groups", "mamba_num_groups"),
-                      ("state_size", "mamba_state_dim"))
 _GROUPED_EXPERT = re.compile(r"^(?P<prefix>.*)\.experts\.linear_fc(?P<n>[12])\.weight\*$")
 
 
@@ -200,8 +201,27 @@ def _wildcarded(name: str, resolver: Resolver) -> str:
     return ".".join(parts)
 
 
-def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> list[GeneratedRule]:
-    """Rules for a ``prefix.**`` mapping, one per parameter of the tiny models' subtree."""
+def renamed(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """``name`` (Megatron-Bridge's spelling) with the first fitting ``(bridge's prefix, saved
+    prefix)`` pair applied (:data:`~bridge_ext.tables.architecture_notes.HF_NAME_RENAMES`)."""
+    for bridge_prefix, saved_prefix in renames:
+        if name.startswith(bridge_prefix):
+            return saved_prefix + name[len(bridge_prefix):]
+    return name
+
+
+def bridge_spelling(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """A saved name as Megatron-Bridge spells it (the inverse of :func:`renamed`)."""
+    for bridge_prefix, saved_prefix in renames:
+        if name.startswith(saved_prefix):
+            return bridge_prefix + name[len(saved_prefix):]
+    return name
+
+
+def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None,
+                   renames: tuple[tuple[str, str], ...] = ()) -> list[GeneratedRule]:
+    """Rules for a ``prefix.**`` mapping, one per parameter of the tiny models' subtree (the
+    saved names read in the bridge's spelling where ``renames`` differ, the rules writing the saved ones)."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
     label = f"{type(mapping).__name__} of {mapping.megatron_param} -> {mapping.hf_param}"
@@ -216,7 +236,8 @@ def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> l
     hf_prefix = _subtree_prefix(mapping.hf_param, "Hugging Face", mapping) + "."
     megatron_names = resolver.parameters_under(megatron_prefix)
     megatron_rest = [name[len(megatron_prefix):] for name in megatron_names]
-    hf_rest = sorted(name[len(hf_prefix):] for name in hf_names if name.startswith(hf_prefix))
+    bridge_names = [bridge_spelling(name, renames) for name in hf_names]
+    hf_rest = sorted(name[len(hf_prefix):] for name in bridge_names if name.startswith(hf_prefix))
     if not megatron_rest:
         raise TableError(f"{label}: the tiny Megatron model has no parameter under {megatron_prefix}")
     if sorted(megatron_rest) != hf_rest:
@@ -228,7 +249,7 @@ def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> l
     for name, rest in zip(megatron_names, megatron_rest):
         tp = "replicated" if kind is pm.ReplicatedMapping else resolver.module_kind(mapping, name)
         pattern = _wildcarded(name, resolver)
-        hf = hf_prefix + pattern[len(megatron_prefix):]
+        hf = renamed(hf_prefix + pattern[len(megatron_prefix):], renames)
         text = _rule(pattern, hf, tp=_quoted(tp) if tp != "column" else "")
         if rules.setdefault(pattern, GeneratedRule(pattern, text)).text != text:
             raise TableError(f"{label}: {pattern} has children of several parallel kinds")
@@ -270,7 +291,7 @@ class _Translation:
     rules: list[GeneratedRule]
     absent: list[str]
     expert_parameters: tuple[str, ...] | None
-    uses_mamba: bool = False
+    sized_splits: tuple[SizedSplitKind, ...] = ()
     config_offsets: tuple[str, ...] = ()
 
 
@@ -293,7 +314,7 @@ def _offset_field(mapping, config) -> str | None:
     return field
 
 
-def _stacked_rule(group: list, resolver: Resolver) -> GeneratedRule:
+def _stacked_rule(group: list, resolver: Resolver, renames: tuple[tuple[str, str], ...] = ()) -> GeneratedRule:
     """One rule stacking a :data:`STACKED_KINDS` group's Megatron tensors (in the note's slice
     order) on a new dim 0 of their one Hugging Face tensor: the Megatron patterns' one differing
     part becomes a word wildcard ``{part=a|b}`` with ``stack="part"``."""
@@ -316,7 +337,7 @@ def _stacked_rule(group: list, resolver: Resolver) -> GeneratedRule:
     if len(kinds) != 1 or None in kinds:
         raise TableError(f"{label}: parallel kinds {sorted(map(str, kinds))} of the stacked tensors")
     tp = kinds.pop()
-    hf = _pattern(mappings[0].hf_param, "Hugging Face", mappings[0])
+    hf = renamed(_pattern(mappings[0].hf_param, "Hugging Face", mappings[0]), renames)
     return GeneratedRule(megatron, _rule(megatron, hf, stack='"part"', tp=_quoted(tp) if tp != "column" else ""))
 
 
@@ -326,16 +347,23 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
     """Rules for Megatron-Bridge ``mappings``; refuses a mapping kind it does not know.
 
     ``hf_names``: the tiny Hugging Face checkpoint's tensor names (``**`` subtrees are expanded
-    against them); towers are translated only for a model type of ``TOWERS_GENERATED``.
+    against them); towers are translated only for a model type of ``TOWERS_GENERATED``. Hugging
+    Face names are written as transformers saves them (``HF_NAME_RENAMES``).
     ``config``: the tiny Hugging Face config (an expert offset is checked against it).
     ``fused_name(per_expert_patterns, parameter)``: the fused experts parameter holding those
     per-expert tensors (read off transformers' tiny model); default: the per-expert names'
     ``experts.`` module's ``parameter``."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
+    renames = HF_NAME_RENAMES.get(model_type, ())
+
+    def hf_pattern(mb_pattern: str, mapping) -> str:
+        return renamed(_pattern(mb_pattern, "Hugging Face", mapping), renames)
+
     rules: list[GeneratedRule] = []
     absent: list[str] = []
-    uses_experts = uses_mamba = False
+    uses_experts = False
+    sized_splits: list[SizedSplitKind] = []
     fused_parameters: list[tuple[str, str]] = []  # (fused parameter named, mapping)
     stacked: dict[str, list] = {}  # STACKED_KINDS mappings by their Hugging Face pattern
     offsets: list[str] = []
@@ -357,14 +385,14 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         if name.startswith(MTP_PREFIXES) or (name.startswith(LEFT_OUT_PREFIXES) and model_type not in TOWERS_GENERATED):
             continue
         if isinstance(mapping.hf_param, str) and name.endswith("**"):
-            rules.extend(expand_subtree(mapping, resolver, hf_names))
+            rules.extend(expand_subtree(mapping, resolver, hf_names, renames))
             continue
         kind = _kind(mapping)
         if _path(type(mapping)) in STACKED_KINDS:
             group = stacked.setdefault(mapping.hf_param, [])
             group.append(mapping)
             if len(group) == len(STACKED_KINDS[_path(type(mapping))][2]):
-                rules.append(_stacked_rule(group, resolver))
+                rules.append(_stacked_rule(group, resolver, renames))
             continue
         megatron = _pattern(name, "Megatron", mapping)
         is_expert = "{expert}" in megatron
@@ -375,7 +403,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         if offset and offset not in offsets:
             offsets.append(offset)
         if _path(type(mapping)) in HEAD_GROUP_QKV_KINDS:
-            hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
+            hf = [hf_pattern(mapping.hf_param[part], mapping) for part in ("q", "k", "v")]
             add(megatron, _rule(megatron, hf, ', SplitHeadGroups("num_attention_heads", "head_dim", "v_head_dim")',
                                 lora_parts='("q", "k", "v")' if name.endswith(".weight") else ""))
         elif kind in (pm.AutoMapping, pm.ColumnParallelMapping, pm.RowParallelMapping, pm.ReplicatedMapping,
@@ -389,7 +417,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             if tp is None:
                 absent.append(name)
                 continue
-            hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
+            hf = hf_pattern(mapping.hf_param, mapping)
             ops = _vocab_ops(megatron) + (", AddOne()" if kind is pm.RMSNorm2ZeroCenteredRMSNormMapping else "")
             ops += ", Transpose()" if permute else ""  # a matrix Hugging Face stores [in, out]
             ops += "".join(f", {op}" for op in _extra_ops(mapping))
@@ -404,19 +432,17 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             else:
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp) if tp != "column" else ""))
         elif kind is pm.QKVMapping:
-            hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
+            hf = [hf_pattern(mapping.hf_param[part], mapping) for part in ("q", "k", "v")]
             parts = '("q", "k", "v")' if name.endswith(".weight") else ""
             add(megatron, _rule(megatron, hf, ', SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim")',
                                 lora_parts=parts))
-        elif kind in (pm.MambaInProjMapping, pm.MambaConv1dMapping):
-            # per tensor-parallel rank [z_r; x_r; B_r; C_r; dt_r] (conv1d: [x_r; B_r; C_r]) in Megatron,
-            # one [z; x; B; C; dt] in Hugging Face (Megatron-Bridge's param_mapping)
-            parts = "MAMBA_IN_PROJ_PARTS" if kind is pm.MambaInProjMapping else "MAMBA_CONV_PARTS"
-            hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
-            add(megatron, _rule(megatron, hf, f", SplitRows(*{parts}), Concat({parts})"))
-            uses_mamba = True
+        elif _path(kind) in SIZED_SPLIT_KINDS:
+            sized = SIZED_SPLIT_KINDS[_path(kind)]
+            hf = hf_pattern(mapping.hf_param, mapping)
+            add(megatron, _rule(megatron, hf, f", SplitRows(*{sized.parts}), Concat({sized.parts})"))
+            sized_splits += [] if sized in sized_splits else [sized]
         elif kind is pm.GatedMLPMapping:
-            gate, up = (shifted(_pattern(mapping.hf_param[part], "Hugging Face", mapping)) for part in ("gate", "up"))
+            gate, up = (shifted(hf_pattern(mapping.hf_param[part], mapping)) for part in ("gate", "up"))
             if is_expert:
                 uses_experts = True
                 add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", variant='EXPERTS.variant("per_expert")',
@@ -440,7 +466,8 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             raise TableError(f"{name}: the fused experts parameter {parameter} is not one of transformers' experts "
                              f"module parameters {list(expert_parameters or ())}")
     rules = [each for each in rules if each.offset] + [each for each in rules if not each.offset]
-    return _Translation(rules, absent, expert_parameters if uses_experts else None, uses_mamba, tuple(offsets))
+    return _Translation(rules, absent, expert_parameters if uses_experts else None, tuple(sized_splits),
+                        tuple(offsets))
 
 
 def _kind(mapping) -> type:
@@ -506,16 +533,16 @@ def in_memory_prefixes_of(pairs: list[tuple[str, str]]) -> tuple[tuple[str, str]
     return ordered
 
 
-def _mamba_sizes(bridge) -> str:
-    """The table's ``MambaSizes`` (source text): the Hugging Face fields the bridge's
-    ``CONFIG_MAPPING`` maps to megatron-core's Mamba sizes."""
+def _split_sizes(bridge, sized: SizedSplitKind) -> str:
+    """The table's sizes entry (source text) of a :class:`SizedSplitKind`: the Hugging Face fields
+    the bridge's ``CONFIG_MAPPING`` maps to its megatron-core fields."""
     hf_of = {megatron: hf for hf, megatron in bridge.CONFIG_MAPPING if isinstance(hf, str)}
-    missing = [megatron for _, megatron in _MAMBA_SIZE_FIELDS if megatron not in hf_of]
+    missing = [megatron for _, megatron in sized.size_fields if megatron not in hf_of]
     if missing:
-        raise TableError(f"{bridge.__name__} maps Mamba mixers but its CONFIG_MAPPING names no Hugging Face field "
-                         f"for {', '.join(missing)}")
-    fields = ", ".join(f"{field}={_quoted(hf_of[megatron])}" for field, megatron in _MAMBA_SIZE_FIELDS)
-    return f"MambaSizes({fields})"
+        raise TableError(f"{bridge.__name__} maps mixers split by {sized.sizes_class} but its CONFIG_MAPPING names "
+                         f"no Hugging Face field for {', '.join(missing)}")
+    fields = ", ".join(f"{field}={_quoted(hf_of[megatron])}" for field, megatron in sized.size_fields)
+    return f"{sized.sizes_class}({fields})"
 
 
 def _is_image_text(model_type: str) -> bool:
@@ -538,6 +565,15 @@ def _renamed_prefixes(saved: str, loaded: str, narrowed: int) -> tuple[str, str]
             ".".join(loaded_parts[:len(loaded_parts) - common]) + ".")
 
 
+def _sized_split_imports(sized_splits: tuple[SizedSplitKind, ...]) -> list[str]:
+    if not sized_splits:
+        return []
+    blocks = sorted({name for sized in sized_splits for name in (sized.parts, sized.stored_parts)})
+    sizes = sorted({sized.sizes_class for sized in sized_splits})
+    return [f"from bridge_ext.tables.blocks import {', '.join(blocks)}",
+            f"from bridge_ext.tables.sizes import {', '.join(sizes)}"]
+
+
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
            in_memory_prefixes: tuple[tuple[str, str], ...] = ()) -> str:
     from bridge_ext.tables.architecture_notes import COMPANION_FILES, LEFT_OUT_NOTES, UNCOMPARED
@@ -556,6 +592,10 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
         *(["'**' subtrees expanded on the tiny models (proven by the conformance entry of this model type)."]
           if model_type in TOWERS_GENERATED else []),
     ]
+    if model_type in HF_NAME_RENAMES:  # reviewed by hand: bridge_ext.tables.architecture_notes.HF_NAME_RENAMES
+        pairs = "; ".join(f"{bridge} -> {saved}" for bridge, saved in HF_NAME_RENAMES[model_type])
+        lines += ["", *textwrap.wrap("The bridge's Hugging Face names are written as transformers saves them "
+                                     "(architecture_notes.HF_NAME_RENAMES): " + pairs, 96)]
     if model_type in LEFT_OUT_NOTES:  # reviewed by hand: bridge_ext.tables.architecture_notes.LEFT_OUT_NOTES
         lines += ["", *textwrap.wrap("Also left out: " + LEFT_OUT_NOTES[model_type], 96)]
     if translation.absent:
@@ -570,8 +610,7 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     ops_import = f"from bridge_ext.ops import {', '.join(sorted(set(ops)))}  # noqa: F401"
     lines += ['"""', "", ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
-              *(["from bridge_ext.tables.blocks import MAMBA_CONV_PARTS, MAMBA_IN_PROJ_PARTS, MAMBA_STORED_PARTS",
-                 "from bridge_ext.tables.sizes import MambaSizes"] if translation.uses_mamba else []),
+              *_sized_split_imports(translation.sized_splits),
               *(["from bridge_ext.tables.config_fields import standard"] if uncompared else []), "",
               f'MEGATRON_BRIDGE_VERSION = "{megatron_bridge_version()}"']
     families = "()"
@@ -590,9 +629,11 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     lines.append(f"    expert_families={families},")
     if translation.config_offsets:  # expert indices offset by these config fields (an expert pool after another)
         lines.append(f"    config_offsets=({', '.join(_quoted(name) for name in translation.config_offsets)},),")
-    if translation.uses_mamba:  # the mixer's splits name these sizes; torch_dist stores its parts apart
-        lines += ["    sizes=(", f"        {_mamba_sizes(bridge)},", "    ),",
-                  "    stored_split_parts=MAMBA_STORED_PARTS,"]
+    if translation.sized_splits:  # the mixer's splits name these sizes; torch_dist stores its parts apart
+        sizes = sorted({_split_sizes(bridge, sized) for sized in translation.sized_splits})
+        stored = sorted({sized.stored_parts for sized in translation.sized_splits})
+        lines += ["    sizes=(", *(f"        {each}," for each in sizes), "    ),",
+                  f"    stored_split_parts={' + '.join(stored)},"]
     if model_type in COMPANION_FILES:  # reviewed by hand: bridge_ext.tables.architecture_notes.COMPANION_FILES
         lines.append(f"    companion_files=({', '.join(_quoted(name) for name in COMPANION_FILES[model_type])},),")
     published = PUBLISHED_PREFIXES.get(model_type, ())
@@ -618,6 +659,14 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
         lines.append("    in_memory_renames=(")
         lines += [f"        ({_quoted(saved)}, {_quoted(loaded)})," for saved, loaded in renames]
         lines.append("    ),")
+    refused = REFUSED_CONFIG_FIELDS.get(model_type)
+    if refused:  # reviewed by hand: bridge_ext.tables.architecture_notes.REFUSED_CONFIG_FIELDS
+        lines.append("    refused_config_fields={")
+        for name, why in refused.items():
+            lines.append(f"        {_quoted(name)}: (")
+            lines += [f"            {_quoted(piece)}" for piece in textwrap.wrap(why, 80, drop_whitespace=False)]
+            lines.append("        ),")
+        lines.append("    },")
     if uncompared:  # reviewed by hand: bridge_ext.tables.architecture_notes.UNCOMPARED
         lines.append("    config_fields=standard({")
         for name, why in uncompared.items():

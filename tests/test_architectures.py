@@ -255,6 +255,27 @@ def test_a_subtree_whose_two_sides_differ_is_refused_naming_the_mapping():
         expand_subtree(ReplicatedMapping("audio.**", "audio.**"), tiny.resolver, hf_names)
 
 
+def test_a_subtree_is_compared_in_the_bridge_s_spelling_and_written_in_the_saved_one():
+    """HF_NAME_RENAMES (Qwen3-ASR): the bridge names the remote code's thinker.*, transformers saves
+    model.*, and a module inside the tower (proj1) is saved elsewhere (multi_modal_projector)."""
+    from megatron.bridge.models.conversion.param_mapping import ReplicatedMapping
+
+    from bridge_ext.table_generate import bridge_spelling, expand_subtree, renamed
+
+    tiny = _Resolver()
+    renames = (("thinker.visual.norm.", "model.projector.norm."), ("thinker.visual.", "model.visual."))
+    saved = [renamed(name.replace("visual.", "thinker.visual.", 1), renames) for name in tiny.names]
+    assert "model.projector.norm.bias" in saved and bridge_spelling("model.projector.norm.bias", renames) == \
+        "thinker.visual.norm.bias"
+    rules = expand_subtree(ReplicatedMapping("visual.**", "thinker.visual.**"), tiny.resolver, saved, renames)
+    assert rules[0].text == ('rule("visual.blocks.{blocks}.mlp.0.weight", "model.visual.blocks.{blocks}.mlp.0.weight", '
+                             'tp="replicated")')
+    assert rules[-1].text == 'rule("visual.norm.bias", "model.projector.norm.bias", tp="replicated")'
+    with pytest.raises(TableError, match=r"only in Megatron: \['norm\.bias'\]"):  # compared in the bridge's spelling
+        expand_subtree(ReplicatedMapping("visual.**", "thinker.visual.**"), tiny.resolver,
+                       [name for name in saved if name != "model.projector.norm.bias"], renames)
+
+
 def test_in_memory_prefixes_are_read_off_name_pairs_or_refused():
     from bridge_ext.table_generate import in_memory_prefixes_of
 
@@ -289,7 +310,8 @@ def test_fused_expert_names_must_be_transformers_experts_parameters():
         translate([mapping], resolver=None, expert_parameters=("w13", "w2"))
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "hy_v3", "falcon_h1"])  # hy_v3: in_memory_renames; falcon_h1: Mamba
+# hy_v3: in_memory_renames; falcon_h1: Mamba; qwen3_asr: HF_NAME_RENAMES, refused_config_fields
+@pytest.mark.parametrize("model_type", ["mistral", "hy_v3", "falcon_h1", "qwen3_asr"])
 def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu, model_type):
     from bridge_ext_testing.generate_tables import generate
 

@@ -25,6 +25,8 @@ from bridge_ext.errors import ExportError
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
 from bridge_ext.tables import generated_model_types, table_for
+from bridge_ext.table_generate import renamed
+from bridge_ext.tables.architecture_notes import HF_NAME_RENAMES
 
 PROVEN = sorted(set(TINY) & generated_model_types())
 #: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)
@@ -97,12 +99,17 @@ def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
         assert [name for name in base if not torch.equal(base[name], theirs[name])] == []
         return
     ours = dict(export_hf_weights(built.chunks, peft=False))
-    theirs = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
+    # Megatron-Bridge's names, as transformers saves them where the bridge spells them otherwise
+    # (HF_NAME_RENAMES: Qwen3-ASR's remote-code thinker.* names)
+    renames = HF_NAME_RENAMES.get(config.model_type, ())
+    theirs = {renamed(name, renames): tensor for name, tensor in
+              built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False)}
     assert sorted(ours) == sorted(theirs)
     assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
     # Megatron-Bridge names adapters as the checkpoint; PEFT keys them as transformers holds the
     # model in memory (the table's in_memory_renames, e.g. HY-V3's mlp.shared_mlp -> shared_experts)
-    saved = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    saved = {renamed(name, renames): tensor for name, tensor in
+             built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False)}
     theirs = {table_for(config).in_memory_name(name): tensor for name, tensor in saved.items()}
     assert sorted(adapters) == sorted(theirs)
     assert [name for name in adapters if not torch.equal(adapters[name], theirs[name])] == []
@@ -207,3 +214,50 @@ def test_mimo_v2_flash_megatron_slides_one_token_less_than_transformers(megatron
 
     assert relative(4) < 1e-5
     assert relative(5) > 1e-3
+
+
+def test_qwen3_asr_audio_tower_export_gives_megatron_s_audio_features(megatron_cpu, tmp_path):
+    """The tower and projector rules (Megatron-Bridge's thinker.audio_tower.* written as transformers
+    saves them, proj1 / proj2 as multi_modal_projector.linear_1 / linear_2): transformers' audio
+    features of the exported folder are those of the Megatron model's own tower."""
+    from bridge_ext_testing.forward import _unwrap
+
+    hf_dir = tiny_generated(tmp_path / "hf", "qwen3_asr")
+    model = build_megatron_model(hf_dir)
+    save_hf_pretrained(model.chunks, tmp_path / "model")
+    frames = 2 * 100  # two chunks of 2 * n_window mel frames, 13 positions each
+    features = torch.randn(1, 16, frames, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tower = _unwrap(model.chunks[0]).thinker.audio_model.eval()
+        reference = tower(features[0], feature_lens=torch.tensor([frames])).last_hidden_state
+        ours = load_hf_model(tmp_path / "model").get_audio_features(
+            features, torch.ones(1, frames, dtype=torch.long)).pooler_output
+    assert ours.shape == reference.shape == (26, 64)
+    assert float((ours - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
+def test_qwen3_asr_remote_code_config_is_refused(megatron_cpu, tmp_path):
+    """transformers 5.23 reads the remote-code config.json (thinker_config) as its own Qwen3ASRConfig
+    of default sizes: an export given it is refused before the first tensor."""
+    from transformers import AutoConfig
+
+    from bridge_ext_testing.qwen3_asr import twin_path
+
+    hf_dir = tiny_generated(tmp_path / "hf", "qwen3_asr")
+    model = build_megatron_model(hf_dir)
+    remote = AutoConfig.from_pretrained(str(twin_path(hf_dir)))
+    assert remote.text_config.hidden_size != 64 and isinstance(remote.thinker_config, dict)  # defaults, silently
+    with pytest.raises(ExportError, match=r"model_type 'qwen3_asr': the config has thinker_config: the remote-code "):
+        next(export_hf_weights(model.chunks, hf_config=twin_path(hf_dir)))
+
+
+def test_qwen3_asr_untied_output_layer_is_refused(megatron_cpu, tmp_path):
+    """The table is proven with tied embeddings; an untied model's output layer has no rule (the
+    tiny model lacked it as the table was generated) and is refused before the first tensor."""
+    from bridge_ext_testing.tiny_generated import TINY
+
+    text_config = {**TINY["qwen3_asr"]["text_config"], "tie_word_embeddings": False}
+    untied = {"tie_word_embeddings": False, "text_config": text_config}
+    model = build_megatron_model(tiny_generated(tmp_path / "hf", "qwen3_asr", overrides=untied))
+    with pytest.raises(ExportError, match=r"thinker\.language_model\.output_layer\.weight"):
+        next(export_hf_weights(model.chunks))

@@ -117,12 +117,23 @@ TINY: dict[str, dict] = {
         vision_config=dict(VISION, deepstack_visual_indexes=[0], num_position_embeddings=16, image_size=56,
                            apply_vit_abs_pos_embed=True),
         **THINKER_TOKENS)),
+    # transformers' spelling (Qwen/Qwen3-ASR-*-hf); Megatron-Bridge builds from its remote-code twin
+    # (bridge_ext_testing.qwen3_asr). Embeddings tied, as the published models; the published audio
+    # chunks of 2 * 50 mel frames (both libraries count 13 positions a chunk), attention windows of one chunk;
+    # conv_chunksize: a field of the remote-code config that vLLM's audio encoder reads (transformers' lacks it)
+    "qwen3_asr": dict(text_config=dict(tie_word_embeddings=True,
+                                       rope_parameters=dict(rope_type="default", rope_theta=OMNI_ROPE_THETA)),
+                      audio_config=dict(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=48,
+                                        d_model=32, n_window=50, n_window_infer=100, output_dim=64,
+                                        downsample_hidden_size=8, conv_chunksize=500),
+                      audio_token_id=100, tie_word_embeddings=True),
 }
 
 #: transformers' classes of the entries that are not causal LMs
 MODEL_CLASSES = {"qwen2_audio": "Qwen2AudioForConditionalGeneration",
                  "qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration",
-                 "qwen3_omni_moe": "Qwen3OmniMoeForConditionalGeneration"}
+                 "qwen3_omni_moe": "Qwen3OmniMoeForConditionalGeneration",
+                 "qwen3_asr": "Qwen3ASRForConditionalGeneration"}
 #: files beside the weights that transformers' class loads (the published folders hold them):
 #: Qwen2.5-Omni's speaker dictionary, empty here
 SPEAKERS = {"qwen2_5_omni": "spk_dict.pt"}
