@@ -27,6 +27,13 @@ conformance tests prove both.
 The mapping kinds of ``architecture_notes.SIZED_SPLIT_KINDS`` (Mamba-2's in_proj / conv1d) become
 row splits by the mixer's sizes; the table's sizes entry names the Hugging Face fields the bridge's
 ``CONFIG_MAPPING`` maps to megatron-core's.
+
+A ``ConcatenatedQKVMapping`` (Hugging Face's one fused ``qkv`` ``[Q; K; V]``, Megatron's
+``linear_qkv`` per query group ``[q heads; k; v]``) becomes ``SplitGroupedRows`` then ``Concat``
+by the attention's sizes: the text model's, or under a tower prefix the tower's
+(``VisionSizes`` with the fields :data:`~bridge_ext.tables.architecture_notes.VISION_SIZE_FIELDS`
+names); the tiny Megatron module's own head count, query groups and head width must equal the
+sizes the table reads from the tiny config, else it is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from bridge_ext.tables.architecture_notes import (
     STACKED_KINDS,
     TOWERS_GENERATED,
     SizedSplitKind,
+    VISION_SIZE_FIELDS,
     VLLM_ADAPTERS_REFUSED,
     VLLM_PER_EXPERT_ADAPTERS,
 )
@@ -143,7 +151,9 @@ class Resolver:
 
     def __init__(self, chunk) -> None:
         self.chunk = chunk
-        self.names = [name for name, _ in chunk.named_parameters()] + [name for name, _ in chunk.named_buffers()]
+        self.shapes = {name: tuple(tensor.shape) for name, tensor in [*chunk.named_parameters(),
+                                                                      *chunk.named_buffers()]}
+        self.names = list(self.shapes)
 
     def parameters_under(self, prefix: str) -> list[str]:
         """The tiny model's parameter names under ``prefix``, in registration order."""
@@ -155,7 +165,20 @@ class Resolver:
         return isinstance(self.chunk.get_submodule(path), torch.nn.ModuleList)
 
     def module_kind(self, mapping, name: str) -> str:
-        return mapping._detect_parallelism_type(self.chunk.get_submodule(name.rpartition(".")[0]))
+        """The parallel kind of weight ``name`` as Megatron-Bridge converts it: its module's kind, but
+        replicated for a 1-D tensor of a row-parallel module (its bias: ``RowParallelMapping``
+        keeps 1-D tensors whole on every rank)."""
+        kind = mapping._detect_parallelism_type(self.chunk.get_submodule(name.rpartition(".")[0]))
+        return "replicated" if kind == "row" and len(self.shapes[name]) == 1 else kind
+
+    def attention_sizes(self, mb_pattern: str) -> set[tuple[int, int, int]]:
+        """(heads, query groups, head width) of the configs of the modules holding ``mb_pattern``'s weights."""
+        sizes = set()
+        for name in self.present(mb_pattern):
+            config = self.chunk.get_submodule(name.rpartition(".")[0]).config
+            heads = config.num_attention_heads
+            sizes.add((heads, config.num_query_groups or heads, config.kv_channels or config.hidden_size // heads))
+        return sizes
 
     def present(self, mb_pattern: str) -> list[str]:
         regex = _regex(mb_pattern)
@@ -171,8 +194,7 @@ class Resolver:
             if mapping.megatron_param.endswith(_FUSED_NORMS):
                 return "replicated"  # a Transformer Engine norm fused into the next linear
             return None
-        kinds = {mapping._detect_parallelism_type(self.chunk.get_submodule(name.rpartition(".")[0]))
-                 for name in names}
+        kinds = {self.module_kind(mapping, name) for name in names}
         if len(kinds) != 1:
             raise TableError(f"{mapping.megatron_param}: modules of several parallel kinds {sorted(kinds)}")
         return kinds.pop()
@@ -276,9 +298,22 @@ def _rule(megatron: str, hf: str | list[str], ops: str = "", **options: str) -> 
     pad = " " * 12
     if len(pad + hf_text) > 118:
         hf_text = "[\n" + "".join(f"{pad}    {_quoted(name)},\n" for name in hf) + pad + "]"
-    arguments = [_quoted(megatron), hf_text, *([ops.removeprefix(", ")] if ops else []),
-                 *(f"{key}={value}" for key, value in options.items() if value)]
+    op_texts = [ops.removeprefix(", ")] if ops else []
+    if ops and len(pad + op_texts[0]) > 118:  # one operation a line
+        op_texts = _top_level_parts(op_texts[0])
+    arguments = [_quoted(megatron), hf_text, *op_texts, *(f"{key}={value}" for key, value in options.items() if value)]
     return "rule(\n" + "".join(f"{pad}{argument},\n" for argument in arguments) + " " * 8 + ")"
+
+
+def _top_level_parts(text: str) -> list[str]:
+    """``text`` cut at the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            parts.append(text[start:index].strip())
+            start = index + 1
+    return [*parts, text[start:].strip()]
 
 
 def _fused_expert_name(per_expert: str, parameter: str) -> str:
@@ -292,6 +327,7 @@ class _Translation:
     absent: list[str]
     expert_parameters: tuple[str, ...] | None
     sized_splits: tuple[SizedSplitKind, ...] = ()
+    vision_sizes: object | None = None  # the table's VisionSizes, where its rules name them
     config_offsets: tuple[str, ...] = ()
 
 
@@ -342,17 +378,17 @@ def _stacked_rule(group: list, resolver: Resolver, renames: tuple[tuple[str, str
 
 
 def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] | None, *,
-              model_type: str | None = None, hf_names: list[str] | None = None, config=None,
+              model_type: str | None = None, hf_names: list[str] | None = None, hf_config=None,
               fused_name=None) -> _Translation:
     """Rules for Megatron-Bridge ``mappings``; refuses a mapping kind it does not know.
 
     ``hf_names``: the tiny Hugging Face checkpoint's tensor names (``**`` subtrees are expanded
     against them); towers are translated only for a model type of ``TOWERS_GENERATED``. Hugging
-    Face names are written as transformers saves them (``HF_NAME_RENAMES``).
-    ``config``: the tiny Hugging Face config (an expert offset is checked against it).
-    ``fused_name(per_expert_patterns, parameter)``: the fused experts parameter holding those
-    per-expert tensors (read off transformers' tiny model); default: the per-expert names'
-    ``experts.`` module's ``parameter``."""
+    Face names are written as transformers saves them (``HF_NAME_RENAMES``);
+    ``hf_config``: the tiny model's config (a fused ``qkv``'s sizes and an expert offset are
+    checked against it). ``fused_name(per_expert_patterns, parameter)``: the fused experts
+    parameter holding those per-expert tensors (read off transformers' tiny model); default: the
+    per-expert names' ``experts.`` module's ``parameter``."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
     renames = HF_NAME_RENAMES.get(model_type, ())
@@ -364,6 +400,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
     absent: list[str] = []
     uses_experts = False
     sized_splits: list[SizedSplitKind] = []
+    vision_sizes = None
     fused_parameters: list[tuple[str, str]] = []  # (fused parameter named, mapping)
     stacked: dict[str, list] = {}  # STACKED_KINDS mappings by their Hugging Face pattern
     offsets: list[str] = []
@@ -396,7 +433,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             continue
         megatron = _pattern(name, "Megatron", mapping)
         is_expert = "{expert}" in megatron
-        offset = _offset_field(mapping, config)
+        offset = _offset_field(mapping, hf_config)
         if offset and not is_expert:
             raise TableError(f"{type(mapping).__name__} of {name}: an expert offset on a weight without an "
                              "expert index")
@@ -441,6 +478,15 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             hf = hf_pattern(mapping.hf_param, mapping)
             add(megatron, _rule(megatron, hf, f", SplitRows(*{sized.parts}), Concat({sized.parts})"))
             sized_splits += [] if sized in sized_splits else [sized]
+        elif kind is pm.ConcatenatedQKVMapping:
+            tower = name.startswith(LEFT_OUT_PREFIXES)
+            if tower:
+                vision_sizes = _vision_sizes(model_type, mapping)
+            sizes = _fused_qkv_sizes(mapping, resolver, hf_config, vision_sizes if tower else None)
+            if resolver.kind(mapping._tp_mapping) != "column":  # the split is per rank: whole query groups
+                raise TableError(f"ConcatenatedQKVMapping of {name}: its linear is not column-parallel")
+            hf = hf_pattern(mapping.hf_param, mapping)
+            add(megatron, _rule(megatron, hf, f", SplitGroupedRows({sizes}), Concat(({sizes}))"))
         elif kind is pm.GatedMLPMapping:
             gate, up = (shifted(hf_pattern(mapping.hf_param[part], mapping)) for part in ("gate", "up"))
             if is_expert:
@@ -467,7 +513,48 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                              f"module parameters {list(expert_parameters or ())}")
     rules = [each for each in rules if each.offset] + [each for each in rules if not each.offset]
     return _Translation(rules, absent, expert_parameters if uses_experts else None, tuple(sized_splits),
-                        tuple(offsets))
+                        vision_sizes, tuple(offsets))
+
+
+def _vision_sizes(model_type: str | None, mapping):
+    """The table's ``VisionSizes``, from the reviewed :data:`VISION_SIZE_FIELDS`."""
+    from bridge_ext.tables.sizes import VisionSizes
+
+    fields = VISION_SIZE_FIELDS.get(model_type)
+    if fields is None:
+        raise TableError(f"ConcatenatedQKVMapping of {mapping.megatron_param}: architecture_notes.VISION_SIZE_FIELDS "
+                         f"names no vision_config fields of {model_type}'s tower heads")
+    return VisionSizes(*fields)
+
+
+def _vision_sizes_source(sizes) -> str:
+    fields = f"heads={_quoted(sizes.heads)}"
+    return f"VisionSizes({fields}" + (f", key_value_heads={_quoted(sizes.key_value_heads)})"
+                                      if sizes.key_value_heads else ")")
+
+
+def _fused_qkv_sizes(mapping, resolver: Resolver, hf_config, vision_sizes) -> str:
+    """The named sizes (source text) of one query group's ``[q heads; k; v]`` rows, after checking
+    that the tiny Megatron module's attention has the sizes the table reads from the tiny config."""
+    from bridge_ext.dims import ModelDims
+
+    label = f"ConcatenatedQKVMapping of {mapping.megatron_param}"
+    if hf_config is None:
+        raise TableError(f"{label}: no Hugging Face config to check its sizes against")
+    if vision_sizes is None:
+        names, keys = ("q_rows_per_group", "head_dim"), ("num_attention_heads", "num_query_groups", "head_dim")
+        extra = ()
+    else:
+        names, keys = ("vision_q_rows_per_group", "vision_head_dim"), ("vision_heads", "vision_query_groups",
+                                                                        "vision_head_dim")
+        extra = (vision_sizes,)
+    dims = ModelDims.from_hf_config(hf_config, extra)
+    expected = tuple(dims[key] for key in keys)
+    found = resolver.attention_sizes(mapping.megatron_param)
+    if found != {expected}:
+        raise TableError(f"{label}: the tiny Megatron attention has (heads, query groups, head width) "
+                         f"{sorted(found)}, the table would read {expected} from the config")
+    return ", ".join(_quoted(name) for name in (names[0], names[1], names[1]))
 
 
 def _kind(mapping) -> type:
@@ -565,13 +652,12 @@ def _renamed_prefixes(saved: str, loaded: str, narrowed: int) -> tuple[str, str]
             ".".join(loaded_parts[:len(loaded_parts) - common]) + ".")
 
 
-def _sized_split_imports(sized_splits: tuple[SizedSplitKind, ...]) -> list[str]:
-    if not sized_splits:
-        return []
-    blocks = sorted({name for sized in sized_splits for name in (sized.parts, sized.stored_parts)})
-    sizes = sorted({sized.sizes_class for sized in sized_splits})
-    return [f"from bridge_ext.tables.blocks import {', '.join(blocks)}",
-            f"from bridge_ext.tables.sizes import {', '.join(sizes)}"]
+def _sizes_imports(translation: _Translation) -> list[str]:
+    blocks = sorted({name for sized in translation.sized_splits for name in (sized.parts, sized.stored_parts)})
+    sizes = sorted({sized.sizes_class for sized in translation.sized_splits}
+                   | ({"VisionSizes"} if translation.vision_sizes else set()))
+    return [*([f"from bridge_ext.tables.blocks import {', '.join(blocks)}"] if blocks else []),
+            *([f"from bridge_ext.tables.sizes import {', '.join(sizes)}"] if sizes else [])]
 
 
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
@@ -610,7 +696,7 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     ops_import = f"from bridge_ext.ops import {', '.join(sorted(set(ops)))}  # noqa: F401"
     lines += ['"""', "", ops_import,
               "from bridge_ext.table import ExpertFamily, MappingTable, rule",
-              *_sized_split_imports(translation.sized_splits),
+              *_sizes_imports(translation),
               *(["from bridge_ext.tables.config_fields import standard"] if uncompared else []), "",
               f'MEGATRON_BRIDGE_VERSION = "{megatron_bridge_version()}"']
     families = "()"
@@ -629,11 +715,13 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     lines.append(f"    expert_families={families},")
     if translation.config_offsets:  # expert indices offset by these config fields (an expert pool after another)
         lines.append(f"    config_offsets=({', '.join(_quoted(name) for name in translation.config_offsets)},),")
-    if translation.sized_splits:  # the mixer's splits name these sizes; torch_dist stores its parts apart
-        sizes = sorted({_split_sizes(bridge, sized) for sized in translation.sized_splits})
+    sizes = [*sorted({_split_sizes(bridge, sized) for sized in translation.sized_splits}),
+             *([_vision_sizes_source(translation.vision_sizes)] if translation.vision_sizes else [])]
+    if sizes:  # the rules' operations name these sizes
+        lines += ["    sizes=(", *(f"        {each}," for each in sizes), "    ),"]
+    if translation.sized_splits:  # torch_dist stores the mixer's parts apart
         stored = sorted({sized.stored_parts for sized in translation.sized_splits})
-        lines += ["    sizes=(", *(f"        {each}," for each in sizes), "    ),",
-                  f"    stored_split_parts={' + '.join(stored)},"]
+        lines.append(f"    stored_split_parts={' + '.join(stored)},")
     if model_type in COMPANION_FILES:  # reviewed by hand: bridge_ext.tables.architecture_notes.COMPANION_FILES
         lines.append(f"    companion_files=({', '.join(_quoted(name) for name in COMPANION_FILES[model_type])},),")
     published = PUBLISHED_PREFIXES.get(model_type, ())

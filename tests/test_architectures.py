@@ -165,7 +165,7 @@ def test_ernie_vl_offset_experts_become_named_offsets_checked_on_the_config_and_
                 _OffsetRowParallelMapping(f"{_VL}.linear_fc2.weight", hf + "down_proj.weight", expert_offset=4)]
     config = SimpleNamespace(text_config=SimpleNamespace(moe_num_experts=4))
     homes = []
-    translation = translate(mappings, None, ("gate_up_proj", "down_proj"), config=config,
+    translation = translate(mappings, None, ("gate_up_proj", "down_proj"), hf_config=config,
                             fused_name=lambda names, parameter: homes.append(names) or f"pool.{parameter}")
     assert translation.config_offsets == ("moe_num_experts",)
     texts = [each.text for each in translation.rules]
@@ -176,7 +176,7 @@ def test_ernie_vl_offset_experts_become_named_offsets_checked_on_the_config_and_
     for tiny in (SimpleNamespace(text_config=SimpleNamespace(moe_num_experts=8)), None):
         with pytest.raises(TableError, match=r"_OffsetRowParallelMapping of .*: its expert offset 4 is not the tiny "
                                              r"config's moe_num_experts"):
-            translate(mappings[2:], None, ("gate_up_proj", "down_proj"), config=tiny)
+            translate(mappings[2:], None, ("gate_up_proj", "down_proj"), hf_config=tiny)
 
 
 def test_ernie_vl_concatenated_bias_becomes_one_stacked_rule_in_the_slice_order():
@@ -274,6 +274,54 @@ def test_a_subtree_is_compared_in_the_bridge_s_spelling_and_written_in_the_saved
     with pytest.raises(TableError, match=r"only in Megatron: \['norm\.bias'\]"):  # compared in the bridge's spelling
         expand_subtree(ReplicatedMapping("visual.**", "thinker.visual.**"), tiny.resolver,
                        [name for name in saved if name != "model.projector.norm.bias"], renames)
+
+
+def _fused_qkv_tower(groups: int):
+    """A tiny model's tower attention (4 heads of 8 in ``groups`` query groups) and its config."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoConfig
+
+    from bridge_ext.table_generate import Resolver
+
+    class ColumnParallelLinear(torch.nn.Linear):  # Megatron-Bridge reads the kind off the class name
+        config = SimpleNamespace(num_attention_heads=4, num_query_groups=groups, kv_channels=8, hidden_size=32)
+
+    chunk = torch.nn.Module()
+    chunk.vision_model = torch.nn.Module()
+    chunk.vision_model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    chunk.vision_model.layers[0].linear_qkv = ColumnParallelLinear(32, 32 + 2 * groups * 8)
+    config = AutoConfig.for_model("exaone4_5", text_config=dict(model_type="exaone4", hidden_size=64, head_dim=16),
+                                  vision_config=dict(hidden_size=32, num_heads=4, num_key_value_heads=2))
+    return Resolver(chunk), config
+
+
+def test_a_fused_qkv_splits_by_the_tower_s_sizes_checked_on_the_tiny_model():
+    """ConcatenatedQKVMapping (one Hugging Face qkv): per query group [q heads; k; v] gathered, then
+    joined; under a tower prefix by the VisionSizes of architecture_notes.VISION_SIZE_FIELDS, which
+    must give the tiny Megatron attention's own heads, groups and head width."""
+    from megatron.bridge.models.conversion.param_mapping import ConcatenatedQKVMapping
+
+    from bridge_ext.table_generate import translate
+    from bridge_ext.tables.sizes import VisionSizes
+
+    mapping = ConcatenatedQKVMapping("vision_model.layers.*.linear_qkv.weight", "model.visual.blocks.*.attn.qkv.weight")
+    resolver, config = _fused_qkv_tower(groups=2)
+    translation = translate([mapping], resolver, None, model_type="exaone4_5", hf_config=config)
+    sizes = '"vision_q_rows_per_group", "vision_head_dim", "vision_head_dim"'
+    assert [each.text for each in translation.rules] == [
+        f'rule(\n            "vision_model.layers.{{layer}}.linear_qkv.weight",\n'
+        f'            "model.visual.blocks.{{layer}}.attn.qkv.weight",\n'
+        f"            SplitGroupedRows({sizes}),\n            Concat(({sizes})),\n        )"]
+    assert translation.vision_sizes == VisionSizes("num_heads", "num_key_value_heads")
+    assert VisionSizes("num_heads", "num_key_value_heads").read(config)["vision_q_rows_per_group"] == 16
+    resolver, config = _fused_qkv_tower(groups=4)  # the config says 2 key / value heads
+    with pytest.raises(TableError, match=r"the tiny Megatron attention has \(heads, query groups, head width\) "
+                                         r"\[\(4, 4, 8\)\], the table would read \(4, 2, 8\)"):
+        translate([mapping], resolver, None, model_type="exaone4_5", hf_config=config)
+    with pytest.raises(TableError, match=r"VISION_SIZE_FIELDS names no vision_config fields of mistral3"):
+        translate([mapping], resolver, None, model_type="mistral3", hf_config=config)  # a tower generated
 
 
 def test_in_memory_prefixes_are_read_off_name_pairs_or_refused():

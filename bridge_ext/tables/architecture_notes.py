@@ -20,8 +20,15 @@ LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tow
 
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
-TOWERS_GENERATED: frozenset[str] = frozenset({"ernie4_5_vl_moe", "gemma3", "mistral3", "qwen2_5_omni", "qwen2_audio",
-                                              "qwen3_omni_moe", "qwen3_asr"})
+TOWERS_GENERATED: frozenset[str] = frozenset({"ernie4_5_vl_moe", "exaone4_5", "gemma3", "mistral3", "qwen2_5_omni", "qwen2_audio",
+                                              "qwen3_asr", "qwen3_omni_moe"})
+
+#: The vision_config fields of a generated tower's attention sizes (read in the bridge's source,
+#: where it builds the tower's Megatron config): model_type -> (head count, key / value head count
+#: or None: one per head). A generated ``ConcatenatedQKVMapping`` of the tower splits by them; the
+#: generator checks them against the tiny model. EXAONE 4.5: get_vision_model_config's
+#: num_attention_heads=num_heads, num_query_groups=num_key_value_heads.
+VISION_SIZE_FIELDS: dict[str, tuple[str, str | None]] = {"exaone4_5": ("num_heads", "num_key_value_heads")}
 
 #: What a generated table of these model types leaves out beyond MTP (written into its header).
 _SPEECH_OUTPUT = ("the {talker} (speech output): Megatron-Bridge's bridge neither builds nor maps them, so an "
@@ -127,7 +134,7 @@ HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_
 
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
-PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone4", "exaone_moe", "falcon_h1", "gemma", "gemma2",
+PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone4", "exaone4_5", "exaone_moe", "falcon_h1", "gemma", "gemma2",
                               "gemma3", "gemma3_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
                               "qwen2_audio", "qwen3_asr", "qwen3_omni_moe"})
 
@@ -189,10 +196,6 @@ REFUSED: dict[str, str] = {
                                         "which transformers 5.23's Glm4vMoeTextConfig moves into rope_parameters "
                                         "even where config.json has it, and text_config.use_qk_norm, which it "
                                         "lacks (AttributeError): no provider, nothing to generate from",
-    "Exaone4_5_ForConditionalGeneration": "its vision model is Megatron-Bridge's own Megatron-Core module "
-                                          "(Exaone45VisionModel) built from Transformer Engine layer specs, which "
-                                          "have no local version for a CPU build yet: no tiny model to resolve or "
-                                          "prove a table on",
     "Step3p7ForConditionalGeneration": "transformers 5.23 gates every attention output by a per-head g_proj, "
                                        "which the Megatron model of Megatron-Bridge 0.6.2's Step37Bridge cannot "
                                        "hold on megatron-core 0.19.2: the bridge sets head_wise_attn_gate (no "

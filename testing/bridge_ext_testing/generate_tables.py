@@ -52,8 +52,8 @@ def generate(model_type: str) -> str:
         loaded = model_class(model_type).from_pretrained(str(hf_dir)).state_dict()
         in_memory = in_memory_prefixes_of(_renamed_on_load(saved, loaded))
         translation = translate(mappings, Resolver(built.chunks[0]), expert_parameters_of(hf_model),
-                                model_type=model_type, hf_names=list(saved), config=built.bridge.hf_pretrained.config,
-                                fused_name=_fused_home(saved, loaded, in_memory, built.bridge.hf_pretrained.config))
+                                model_type=model_type, hf_names=list(saved), hf_config=hf_model.config,
+                                fused_name=_fused_home(saved, loaded, in_memory, hf_model.config))
     return render(model_type, entry, translation, in_memory)
 
 

@@ -99,6 +99,15 @@ TINY: dict[str, dict] = {
                             image_token_id=122, image_start_token_id=123, image_end_token_id=124,
                             video_token_id=125, video_start_token_id=126, video_end_token_id=127,
                             tie_word_embeddings=True),
+    # EXAONE 4.5: an EXAONE-4 text model (one sliding layer, window 4 < the 11 test tokens, one
+    # global), a Qwen2.5-VL-like tower of 2 blocks with grouped KV heads (4 heads, 2 KV), patch 14 and
+    # window 112 (Megatron-Bridge's Exaone45VisionModel hard-codes both), block 1 full attention
+    "exaone4_5": dict(text_config=dict(model_type="exaone4", sliding_window=4,
+                                       layer_types=["sliding_attention", "full_attention"]),
+                      vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4,
+                                         num_key_value_heads=2, out_hidden_size=64, patch_size=14,
+                                         window_size=112, fullatt_block_indexes=[1]),
+                      image_token_id=122, video_token_id=123, tie_word_embeddings=False),
     # Whisper-like audio tower of 2 layers; the Qwen2 decoder has q/k/v biases
     "qwen2_audio": dict(text_config=dict(model_type="qwen2"), audio_config=AUDIO, audio_token_index=100),
     # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / token2wav
