@@ -4,6 +4,10 @@
 with ``{"layer": "7"}``; :meth:`NamePattern.fill` puts such values into another pattern.
 ``{name+N}`` stands for the value plus ``N``: ``model.layers.{depth+61}`` names MTP depth 0
 ``model.layers.61`` (tables built from a config put the config's number there).
+``{name+field}`` is a named offset: the value plus the config's ``field``, put there by
+:meth:`NamePattern.resolved` (``MappingTable.config_offsets``: a second pool of experts numbered
+after the first's, ``experts.{expert+moe_num_experts}``); matching or filling an unresolved one
+raises ``TableError``.
 ``{name=pre|post|res}`` stands for one of the listed words; its value is the word's position
 (``alpha_post`` gives ``{"name": "1"}``), so a rule can stack differently named parameters in
 the listed order (DeepSeek-V4's three hyper-connection scalars are one Hugging Face tensor).
@@ -12,9 +16,12 @@ the listed order (DeepSeek-V4's three hyper-connection scalars are one Hugging F
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-_WILDCARD = re.compile(r"\{(\w+)(?:\+(\d+)|=(\w+(?:\|\w+)+))?\}")
+from bridge_ext.errors import TableError
+
+_WILDCARD = re.compile(r"\{(\w+)(?:\+(\d+|[A-Za-z_]\w*)|=(\w+(?:\|\w+)+))?\}")
 
 
 @dataclass(frozen=True)
@@ -24,8 +31,9 @@ class NamePattern:
 
     text: str
     _regex: re.Pattern = field(init=False, repr=False, compare=False)
-    _offsets: dict[str, int] = field(init=False, repr=False, compare=False)
+    _offsets: dict[str, int | str] = field(init=False, repr=False, compare=False)
     _words: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+    _unresolved: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         pieces = _WILDCARD.split(self.text)
@@ -40,17 +48,40 @@ class NamePattern:
                     regex.append(f"(?P<{name}>{'|'.join(map(re.escape, words[name]))})")
                 else:
                     regex.append(rf"(?P<{name}>\d+)")
-                offsets[name] = int(pieces[i + 2] or 0)
+                offset = pieces[i + 2] or "0"
+                offsets[name] = int(offset) if offset.isdigit() else offset
         object.__setattr__(self, "_regex", re.compile("".join(regex) + r"\Z"))
         object.__setattr__(self, "_offsets", offsets)
+        object.__setattr__(self, "_unresolved", any(isinstance(offset, str) for offset in offsets.values()))
         object.__setattr__(self, "_words", words)
 
     @property
     def wildcards(self) -> tuple[str, ...]:
         return tuple(name for name, _, _ in _WILDCARD.findall(self.text))
 
+    @property
+    def named_offsets(self) -> tuple[str, ...]:
+        """The config fields of its unresolved ``{name+field}`` offsets."""
+        return tuple(offset for offset in self._offsets.values() if isinstance(offset, str))
+
+    def resolved(self, values: Mapping[str, int]) -> NamePattern:
+        """The pattern with each named offset ``{name+field}`` as ``{name+values[field]}``."""
+        def number(wildcard: re.Match) -> str:
+            offset = wildcard.group(2)
+            if offset is None or offset.isdigit():
+                return wildcard.group(0)
+            return "{" + wildcard.group(1) + "+" + str(values[offset]) + "}"
+
+        return NamePattern(_WILDCARD.sub(number, self.text))
+
+    def _check_resolved(self) -> None:
+        if self._unresolved:
+            raise TableError(f"{self.text}: the offset {self.named_offsets[0]} is read from the config "
+                             "(resolve the table with the model's config)")
+
     def match(self, name: str) -> dict[str, str] | None:
         """The integers ``name`` holds at the pattern's wildcards (offsets taken off), or None."""
+        self._check_resolved()
         found = self._regex.match(name)
         if found is None:
             return None
@@ -62,6 +93,7 @@ class NamePattern:
 
     def fill(self, values: dict[str, str | int]) -> str:
         """The pattern with each ``{name}`` replaced by ``values[name]`` (plus its offset)."""
+        self._check_resolved()
         def value(wildcard: re.Match) -> str:
             number = int(values[wildcard.group(1)])
             if wildcard.group(3):

@@ -23,7 +23,7 @@ from typing import Literal
 
 from bridge_ext.config_compare import ConfigField
 from bridge_ext.dims import ModelDims, Sizes, text_config
-from bridge_ext.errors import TableError
+from bridge_ext.errors import ExportError, TableError
 from bridge_ext.fp8_rules import Fp8Rules
 from bridge_ext.ops import Op
 from bridge_ext.patterns import NamePattern
@@ -121,6 +121,18 @@ class Rule:
     def lora_fused_name(self, values: dict[str, str]) -> str | None:
         """The saved name of the linear that takes the rule's one LoRA pair (:attr:`lora_fused`)."""
         return NamePattern(self.lora_fused).fill(values) if self.lora_fused else None
+
+    @property
+    def named_offsets(self) -> set[str]:
+        """The config fields its patterns' ``{name+field}`` offsets read."""
+        return {field for pattern in (self.megatron_pattern, *self.hf_patterns) for field in pattern.named_offsets}
+
+    def resolved(self, values: Mapping[str, int]) -> Rule:
+        """The rule with its named offsets replaced by ``values``."""
+        if not self.named_offsets:
+            return self
+        return replace(self, megatron=self.megatron_pattern.resolved(values).text,
+                       hf=tuple(pattern.resolved(values).text for pattern in self.hf_patterns))
 
     def prefixed(self, megatron_prefix: str, hf_prefix: str) -> Rule:
         """The same rule under other name prefixes (a sub-model, an MTP layer)."""
@@ -259,6 +271,10 @@ class MappingTable:
         sizes: Named sizes the rules' operations use beyond the common ones of
             :class:`~bridge_ext.dims.ModelDims` (hidden, heads, groups, vocabulary...), each
             stating where the config keeps them (e.g. :class:`~bridge_ext.tables.sizes.MambaSizes`).
+        config_offsets: The config fields (of the config or its ``text_config``) that the rules'
+            named offsets ``{name+field}`` read: :func:`bridge_ext.tables.table_for` resolves
+            them with the model's config (:meth:`for_config`; a second pool of experts numbered
+            after the first's: ``experts.{expert+moe_num_experts}``).
         companion_files: Files of the source folder beyond the tokenizer, template and generation
             files that transformers' class needs to load the model (Qwen2.5-Omni's speaker
             dictionary ``spk_dict.pt``): copied into a model folder like those.
@@ -284,6 +300,7 @@ class MappingTable:
     stored_stacked_lists: tuple[str, ...] = ()
     sizes: tuple[Sizes, ...] = field(default=(), compare=False)
     companion_files: tuple[str, ...] = field(default=(), compare=False)
+    config_offsets: tuple[str, ...] = ()
     #: Registers with transformers what reading this family's config needs (e.g. a config class
     #: for a model type transformers lacks); run by :func:`bridge_ext.tables.register_transformers_configs`
     #: where bridge_ext reads a config, never at import.
@@ -344,7 +361,25 @@ class MappingTable:
                 return re.sub(pattern, replacement, saved)
         return saved
 
+    def for_config(self, config) -> MappingTable:
+        """The table with its named offsets read from ``config`` (itself where it has none)."""
+        if not self.config_offsets:
+            return self
+        values = {}
+        for name in self.config_offsets:
+            value = next((getattr(holder, name) for holder in (config, text_config(config))
+                          if getattr(holder, name, None) is not None), None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ExportError(f"{config.model_type} config: {name} must be a count (an integer >= 0) for the "
+                                  f"{'/'.join(self.model_types)} table's names, got {value!r}")
+            values[name] = value
+        return replace(self, rules=tuple(each.resolved(values) for each in self.rules), config_offsets=())
+
     def __post_init__(self) -> None:
+        used = {name for each in self.rules for name in each.named_offsets}
+        if used != set(self.config_offsets):
+            raise TableError(f"{'/'.join(self.model_types)}: named offsets {sorted(used)} of the rules must be the "
+                             f"table's config_offsets {sorted(self.config_offsets)}")
         known = {family.name for family in self.expert_families}
         for each in self.rules:
             if each.variant is not None and each.variant.partition(":")[0] not in known:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from bridge_ext.errors import TableError
 from bridge_ext.tables.architecture_notes import (
     EQUIVALENT_KINDS,
+    EXPERT_OFFSET_KINDS,
     FUSED_EXPERT_NAMES,
     HEAD_GROUP_QKV_KINDS,
     HF_NAME_RENAMES,
@@ -57,6 +58,7 @@ from bridge_ext.tables.architecture_notes import (
     PUBLISHED_PREFIXES,
     REFUSED_CONFIG_FIELDS,
     SIZED_SPLIT_KINDS,
+    STACKED_KINDS,
     TOWERS_GENERATED,
     SizedSplitKind,
     VISION_SIZE_FIELDS,
@@ -121,6 +123,9 @@ class GeneratedRule:
 
     megatron: str
     text: str
+    #: its Hugging Face names carry a named offset (``{expert+field}``): such rules go first, so
+    #: the reverse direction reads ``experts.5`` as the offset pool's before ``experts.{expert}``
+    offset: bool = False
 
 
 def _pattern(mb_pattern: str, what: str, mapping) -> str:
@@ -314,7 +319,7 @@ def _top_level_parts(text: str) -> list[str]:
 
 
 def _fused_expert_name(per_expert: str, parameter: str) -> str:
-    head = per_expert.split(".experts.{expert}.")[0]
+    head = re.split(r"\.experts\.\{expert[^}]*\}\.", per_expert)[0]
     return f"{head}.experts.{parameter}"
 
 
@@ -325,17 +330,67 @@ class _Translation:
     expert_parameters: tuple[str, ...] | None
     sized_splits: tuple[SizedSplitKind, ...] = ()
     vision_sizes: object | None = None  # the table's VisionSizes, where its rules name them
+    config_offsets: tuple[str, ...] = ()
+
+
+def _config_value(config, name: str):
+    text = getattr(config, "text_config", None)
+    return next((getattr(holder, name) for holder in (config, text) if getattr(holder, name, None) is not None), None)
+
+
+def _offset_field(mapping, config) -> str | None:
+    """The config field an :data:`EXPERT_OFFSET_KINDS` mapping's expert offset equals (checked on
+    the tiny config), or None for any other mapping."""
+    note = EXPERT_OFFSET_KINDS.get(_path(type(mapping)))
+    if note is None:
+        return None
+    _, attribute, field = note
+    offset = getattr(mapping, attribute, None)
+    if config is None or offset is None or offset != _config_value(config, field):
+        raise TableError(f"{type(mapping).__name__} of {mapping.megatron_param}: its expert offset {offset!r} is not "
+                         f"the tiny config's {field} ({_config_value(config, field) if config else 'no config'!r})")
+    return field
+
+
+def _stacked_rule(group: list, resolver: Resolver, renames: tuple[tuple[str, str], ...] = ()) -> GeneratedRule:
+    """One rule stacking a :data:`STACKED_KINDS` group's Megatron tensors (in the note's slice
+    order) on a new dim 0 of their one Hugging Face tensor: the Megatron patterns' one differing
+    part becomes a word wildcard ``{part=a|b}`` with ``stack="part"``."""
+    _, attribute, order = STACKED_KINDS[_path(type(group[0]))]
+    by_slice = {getattr(mapping, attribute): mapping for mapping in group}
+    label = f"{type(group[0]).__name__} of {group[0].hf_param}"
+    if sorted(by_slice) != sorted(order) or len(group) != len(order):
+        raise TableError(f"{label}: slices {sorted(getattr(m, attribute) for m in group)}, expected {list(order)}")
+    mappings = [by_slice[name] for name in order]
+    patterns = [_pattern(mapping.megatron_param, "Megatron", mapping).split(".") for mapping in mappings]
+    same_length = len({len(p) for p in patterns}) == 1
+    differing = [index for index in range(len(patterns[0])) if len({p[index] for p in patterns}) > 1] \
+        if same_length else []
+    if len(differing) != 1:
+        raise TableError(f"{label}: the Megatron names must differ in one part to stack")
+    parts = [p[differing[0]] for p in patterns]
+    megatron = ".".join([*patterns[0][:differing[0]], "{part=" + "|".join(parts) + "}",
+                         *patterns[0][differing[0] + 1:]])
+    kinds = {resolver.kind(mapping) for mapping in mappings}
+    if len(kinds) != 1 or None in kinds:
+        raise TableError(f"{label}: parallel kinds {sorted(map(str, kinds))} of the stacked tensors")
+    tp = kinds.pop()
+    hf = renamed(_pattern(mappings[0].hf_param, "Hugging Face", mappings[0]), renames)
+    return GeneratedRule(megatron, _rule(megatron, hf, stack='"part"', tp=_quoted(tp) if tp != "column" else ""))
 
 
 def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] | None, *,
               model_type: str | None = None, hf_names: list[str] | None = None, hf_config=None,
-              experts_in_modules: bool = False) -> _Translation:
+              experts_in_modules: bool = False, fused_name=None) -> _Translation:
     """Rules for Megatron-Bridge ``mappings``; refuses a mapping kind it does not know.
 
     ``hf_names``: the tiny Hugging Face checkpoint's tensor names (``**`` subtrees are expanded
     against them); towers are translated only for a model type of ``TOWERS_GENERATED``. Hugging
     Face names are written as transformers saves them (``HF_NAME_RENAMES``);
-    ``hf_config``: the tiny model's config (a fused ``qkv``'s sizes are checked against it).
+    ``hf_config``: the tiny model's config (a fused ``qkv``'s sizes and an expert offset are
+    checked against it). ``fused_name(per_expert_patterns, parameter)``: the fused experts
+    parameter holding those per-expert tensors (read off transformers' tiny model); default: the
+    per-expert names' ``experts.`` module's ``parameter``.
     ``experts_in_modules``: transformers' model holds its routed experts one module each (no
     fused experts module: remote code), so they are written per expert only, without a family."""
     from megatron.bridge.models.conversion import param_mapping as pm
@@ -351,9 +406,20 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
     sized_splits: list[SizedSplitKind] = []
     vision_sizes = None
     fused_parameters: list[tuple[str, str]] = []  # (fused parameter named, mapping)
+    stacked: dict[str, list] = {}  # STACKED_KINDS mappings by their Hugging Face pattern
+    offsets: list[str] = []
+    offset = None  # the config field of the current mapping's expert offset
 
     def add(megatron: str, text: str) -> None:
-        rules.append(GeneratedRule(megatron, text))
+        rules.append(GeneratedRule(megatron, text, offset is not None))
+
+    def fused(per_expert: list[str], parameter: str) -> str:
+        if fused_name is not None:
+            return fused_name(per_expert, parameter)
+        return _fused_expert_name(per_expert[0], parameter)
+
+    def shifted(hf: str) -> str:  # the Hugging Face expert index of an offset pool
+        return hf.replace("{expert}", "{expert+" + offset + "}") if offset else hf
 
     for mapping in mappings:
         name = mapping.megatron_param
@@ -363,8 +429,20 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             rules.extend(expand_subtree(mapping, resolver, hf_names, renames))
             continue
         kind = _kind(mapping)
+        if _path(type(mapping)) in STACKED_KINDS:
+            group = stacked.setdefault(mapping.hf_param, [])
+            group.append(mapping)
+            if len(group) == len(STACKED_KINDS[_path(type(mapping))][2]):
+                rules.append(_stacked_rule(group, resolver, renames))
+            continue
         megatron = _pattern(name, "Megatron", mapping)
         is_expert = "{expert}" in megatron
+        offset = _offset_field(mapping, hf_config)
+        if offset and not is_expert:
+            raise TableError(f"{type(mapping).__name__} of {name}: an expert offset on a weight without an "
+                             "expert index")
+        if offset and offset not in offsets:
+            offsets.append(offset)
         if _path(type(mapping)) in HEAD_GROUP_QKV_KINDS:
             hf = [hf_pattern(mapping.hf_param[part], mapping) for part in ("q", "k", "v")]
             add(megatron, _rule(megatron, hf, ', SplitHeadGroups("num_attention_heads", "head_dim", "v_head_dim")',
@@ -388,11 +466,12 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp)))
             elif is_expert:
                 uses_experts = True
+                hf = shifted(hf)
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp), variant='EXPERTS.variant("per_expert")'))
                 parameter = hf.rsplit(".", 2)[-2]
                 parameter = FUSED_EXPERT_NAMES.get(model_type, {}).get(parameter, parameter)
                 fused_parameters.append((parameter, name))
-                add(megatron, _rule(megatron, _fused_expert_name(hf, parameter), ops, tp=_quoted(tp),
+                add(megatron, _rule(megatron, fused([hf], parameter), ops, tp=_quoted(tp),
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
             else:
                 add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp) if tp != "column" else ""))
@@ -416,14 +495,13 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             hf = hf_pattern(mapping.hf_param, mapping)
             add(megatron, _rule(megatron, hf, f", SplitGroupedRows({sizes}), Concat(({sizes}))"))
         elif kind is pm.GatedMLPMapping:
-            gate, up = (hf_pattern(mapping.hf_param[part], mapping) for part in ("gate", "up"))
+            gate, up = (shifted(hf_pattern(mapping.hf_param[part], mapping)) for part in ("gate", "up"))
             if is_expert and not experts_in_modules:
                 uses_experts = True
                 add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", variant='EXPERTS.variant("per_expert")',
                                     lora_parts='("gate", "up")'))
-                fused = _fused_expert_name(gate, "gate_up_proj")
                 fused_parameters.append(("gate_up_proj", name))
-                add(megatron, _rule(megatron, fused, ", SplitRows(1, 1), Concat((1, 1))",
+                add(megatron, _rule(megatron, fused([gate, up], "gate_up_proj"), ", SplitRows(1, 1), Concat((1, 1))",
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
             elif model_type in IN_MEMORY_FUSED_GATE_UP:  # one linear in memory: one adapter on it
                 fused = _fused_gate_up(gate, up, IN_MEMORY_FUSED_GATE_UP[model_type])
@@ -433,14 +511,19 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         else:
             raise TableError(f"unknown Megatron-Bridge mapping kind {type(mapping).__name__} for parameter {name}: "
                              "no rule is generated for it")
+    if stacked and any(len(group) != len(STACKED_KINDS[_path(type(group[0]))][2]) for group in stacked.values()):
+        group = next(group for group in stacked.values() if len(group) != len(STACKED_KINDS[_path(type(group[0]))][2]))
+        raise TableError(f"{type(group[0]).__name__} of {group[0].hf_param}: {len(group)} of the stacked slices "
+                         f"{list(STACKED_KINDS[_path(type(group[0]))][2])} mapped")
     if uses_experts and expert_parameters is None:
         raise TableError("the bridge maps routed experts but transformers' model has no fused experts module")
     for parameter, name in fused_parameters:  # per-expert names (w1 / w3 / w2) that are not the fused ones
         if parameter not in (expert_parameters or ()):
             raise TableError(f"{name}: the fused experts parameter {parameter} is not one of transformers' experts "
                              f"module parameters {list(expert_parameters or ())}")
+    rules = [each for each in rules if each.offset] + [each for each in rules if not each.offset]
     return _Translation(rules, absent, expert_parameters if uses_experts else None, tuple(sized_splits),
-                        vision_sizes)
+                        vision_sizes, tuple(offsets))
 
 
 def _vision_sizes(model_type: str | None, mapping):
@@ -495,12 +578,13 @@ def _fused_gate_up(gate: str, up: str, suffixes: tuple[str, str, str]) -> str:
 
 
 def _kind(mapping) -> type:
-    """The mapping's class, or the base class an :data:`EQUIVALENT_KINDS` or
-    :data:`KINDS_WITH_OPS` subclass converts like."""
+    """The mapping's class, or the base class an :data:`EQUIVALENT_KINDS`, :data:`KINDS_WITH_OPS`,
+    :data:`EXPERT_OFFSET_KINDS` or :data:`STACKED_KINDS` subclass converts like."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
     kind = type(mapping)
-    base = EQUIVALENT_KINDS.get(_path(kind)) or KINDS_WITH_OPS.get(_path(kind), (None,))[0]
+    base = (EQUIVALENT_KINDS.get(_path(kind)) or KINDS_WITH_OPS.get(_path(kind), (None,))[0]
+            or EXPERT_OFFSET_KINDS.get(_path(kind), (None,))[0] or STACKED_KINDS.get(_path(kind), (None,))[0])
     return getattr(pm, base) if base else kind
 
 
@@ -678,6 +762,8 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     if _is_image_text(model_type):  # the Auto class that loads its folders (MappingTable.hf_auto_class)
         lines.append('    hf_auto_class="AutoModelForImageTextToText",')
     lines.append(f"    expert_families={families},")
+    if translation.config_offsets:  # expert indices offset by these config fields (an expert pool after another)
+        lines.append(f"    config_offsets=({', '.join(_quoted(name) for name in translation.config_offsets)},),")
     sizes = [*sorted({_split_sizes(bridge, sized) for sized in translation.sized_splits}),
              *([_vision_sizes_source(translation.vision_sizes)] if translation.vision_sizes else [])]
     if sizes:  # the rules' operations name these sizes

@@ -134,6 +134,70 @@ def test_ernie_s_squeezing_bias_mapping_becomes_a_replicated_rule_with_unsqueeze
                   expert_parameters=None)
 
 
+_VL = "language_model.decoder.layers.*.mlp.vision_moe_layer.experts.local_experts.*"
+_TEXT = "language_model.decoder.layers.*.mlp.text_moe_layer"
+
+
+class _Replicated:
+    """A tiny model's answer for every weight: replicated."""
+
+    def kind(self, mapping) -> str:
+        return "replicated"
+
+
+def test_ernie_vl_offset_experts_become_named_offsets_checked_on_the_config_and_placed_first():
+    """_OffsetGatedMLPMapping / _OffsetRowParallelMapping (architecture_notes.EXPERT_OFFSET_KINDS):
+    the Hugging Face expert index is Megatron's plus the config's moe_num_experts, read from each
+    model's config ({expert+moe_num_experts}), checked against the tiny config; their rules go
+    first (the reverse direction then reads experts.5 as the vision pool's)."""
+    from types import SimpleNamespace
+
+    from megatron.bridge.models.conversion.param_mapping import GatedMLPMapping
+    from megatron.bridge.models.ernie_vl.ernie45_vl_bridge import _OffsetGatedMLPMapping, _OffsetRowParallelMapping
+
+    from bridge_ext.table_generate import translate
+
+    hf = "model.layers.*.mlp.experts.*."
+    mappings = [GatedMLPMapping(f"{_TEXT}.experts.local_experts.*.linear_fc1.weight", gate=hf + "gate_proj.weight",
+                                up=hf + "up_proj.weight"),
+                _OffsetGatedMLPMapping(f"{_VL}.linear_fc1.weight", gate=hf + "gate_proj.weight", up=hf + "up_proj.weight",
+                                       expert_offset=4),
+                _OffsetRowParallelMapping(f"{_VL}.linear_fc2.weight", hf + "down_proj.weight", expert_offset=4)]
+    config = SimpleNamespace(text_config=SimpleNamespace(moe_num_experts=4))
+    homes = []
+    translation = translate(mappings, None, ("gate_up_proj", "down_proj"), hf_config=config,
+                            fused_name=lambda names, parameter: homes.append(names) or f"pool.{parameter}")
+    assert translation.config_offsets == ("moe_num_experts",)
+    texts = [each.text for each in translation.rules]
+    assert "vision_moe_layer" in texts[0] and "text_moe_layer" in texts[-1]
+    assert '"model.layers.{layer}.mlp.experts.{expert+moe_num_experts}.down_proj.weight"' in texts[2]
+    assert homes[1] == ["model.layers.{layer}.mlp.experts.{expert+moe_num_experts}.gate_proj.weight",
+                        "model.layers.{layer}.mlp.experts.{expert+moe_num_experts}.up_proj.weight"]
+    for tiny in (SimpleNamespace(text_config=SimpleNamespace(moe_num_experts=8)), None):
+        with pytest.raises(TableError, match=r"_OffsetRowParallelMapping of .*: its expert offset 4 is not the tiny "
+                                             r"config's moe_num_experts"):
+            translate(mappings[2:], None, ("gate_up_proj", "down_proj"), hf_config=tiny)
+
+
+def test_ernie_vl_concatenated_bias_becomes_one_stacked_rule_in_the_slice_order():
+    """_ConcatBiasMapping (architecture_notes.STACKED_KINDS): the text and vision routers' expert
+    biases are rows 0 and 1 of one Hugging Face tensor: a word wildcard in that order, stacked;
+    a slice without its partner is refused."""
+    from megatron.bridge.models.ernie_vl.ernie45_vl_bridge import _ConcatBiasMapping
+
+    from bridge_ext.table_generate import translate
+
+    hf = "model.layers.*.mlp.moe_statics.e_score_correction_bias"
+    vision = _ConcatBiasMapping(f"{_TEXT.replace('text', 'vision')}.router.expert_bias", hf, "vision", 4)
+    text = _ConcatBiasMapping(f"{_TEXT}.router.expert_bias", hf, "text", 4)
+    (generated,) = translate([vision, text], _Replicated(), None).rules
+    assert generated.megatron == ("language_model.decoder.layers.{layer}.mlp.{part=text_moe_layer|vision_moe_layer}"
+                                  ".router.expert_bias")
+    assert 'stack="part"' in generated.text and 'tp="replicated"' in generated.text
+    with pytest.raises(TableError, match=r"_ConcatBiasMapping of .*: 1 of the stacked slices \['text', 'vision'\]"):
+        translate([text], _Replicated(), None)
+
+
 def test_any_characters_wildcards_are_refused():
     from megatron.bridge.models.conversion.param_mapping import ReplicatedMapping
 

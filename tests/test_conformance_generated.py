@@ -50,7 +50,12 @@ TOLERANCE = {"mistral3": 1e-4}
 #: path ignores the bias, so the Megatron forward runs the built routers with softmax (top k of the
 #: logits, softmax over those: the same weights), the tiny model's bias one value for every expert
 #: (the same choice); the provider's own sigmoid routing is shown to differ.
-SOFTMAX_ROUTER = ("ernie4_5_moe",)
+SOFTMAX_ROUTER = ("ernie4_5_moe", "ernie4_5_vl_moe")
+#: Inputs beyond the token ids, given to both forwards: ERNIE-4.5-VL's token types (text for the
+#: rotary positions; tokens 3..6 routed to the vision expert pool, so that both pools, their routers
+#: and biases take part)
+FORWARD_INPUTS = {"ernie4_5_vl_moe": lambda ids: {"mm_token_type_ids": torch.zeros_like(ids),
+                                                  "moe_mm_token_type_ids": _vision_tokens(ids, 3, 7)}}
 #: Megatron-Bridge 0.6.2's merged and adapter exports split a LoRA of linear_qkv with the standard
 #: layout (value heads of kv_channels), not with the bridge's own QKV mapping: MiMo-V2-Flash's value
 #: heads of v_head_dim make both raise. There its base export is compared on a model without LoRA,
@@ -158,23 +163,24 @@ def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
     check_model_folder(tmp_path / "model", report)
     peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", report)
     input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    inputs = FORWARD_INPUTS.get(_model_type(built), lambda ids: {})(input_ids)
     if _model_type(built) in NO_MEGATRON_FORWARD:
         save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True)
         reference = hf_logits(load_hf_model(tmp_path / "merged"), input_ids)
     else:
         with cpu_forward_context():
-            reference = megatron_logits(built.chunks, input_ids)
-    ours = hf_logits(_text_model(peft_model.get_base_model()), input_ids)
+            reference = megatron_logits(built.chunks, input_ids, **inputs)
+    ours = hf_logits(_text_model(peft_model.get_base_model()), input_ids, **inputs)
     if built.provider.moe_router_score_function == "sigmoid" and _model_type(built) in SOFTMAX_ROUTER:
         assert (ours - reference).abs().max() / reference.abs().max() > 1e-3  # the provider's routing differs
         with _routers_scored_by("softmax", built.chunks), cpu_forward_context():
-            reference = megatron_logits(built.chunks, input_ids)
+            reference = megatron_logits(built.chunks, input_ids, **inputs)
     relative = compare_logits(ours, reference, report, what="HF + adapter", relative_tolerance=TOLERANCE.get(_model_type(built), 1e-5))
     if _model_type(built) in MERGED_FORWARD:  # our merged export, where Megatron-Bridge's differs
         save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True)
         compare_logits(hf_logits(load_hf_model(tmp_path / "merged"), input_ids), reference, report,
                        what="HF merged", relative_tolerance=1e-5)
-    without_adapter = hf_logits(_text_model(load_hf_model(tmp_path / "model")), input_ids)
+    without_adapter = hf_logits(_text_model(load_hf_model(tmp_path / "model")), input_ids, **inputs)
     assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
 
 
@@ -208,6 +214,12 @@ def _joined_as_loaded(saved: dict, table, config) -> dict:
             assert all(torch.equal(ordered[0], other) for other in ordered[1:])
         joined[f"{fused}.{factor}.weight"] = ordered[0] if factor == "lora_A" else torch.cat(ordered)
     return joined
+
+
+def _vision_tokens(input_ids: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    types = torch.zeros_like(input_ids)
+    types[:, start:stop] = 1
+    return types
 
 
 def _megatron_bridge_fused_qkv_lora(built, config, original, theirs, *, merged: bool) -> list[str]:

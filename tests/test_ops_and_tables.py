@@ -222,6 +222,53 @@ def test_offset_wildcards_name_layers_after_the_decoder():
         "model.layers.61.enorm.weight",)
 
 
+def test_named_offsets_are_read_from_the_config_before_any_name():
+    """``{expert+field}``: a second expert pool numbered after the first (the table's
+    config_offsets); nothing matches or fills before the config resolves it, and a field that is
+    no count is refused naming it."""
+    from types import SimpleNamespace
+
+    second = rule("mlp.second.experts.{expert}.fc2.weight", "model.mlp.experts.{expert+moe_num_experts}.down.weight",
+                  tp="row")
+    first = rule("mlp.first.experts.{expert}.fc2.weight", "model.mlp.experts.{expert}.down.weight", tp="row")
+    table = MappingTable(("toy",), (second, first), config_offsets=("moe_num_experts",))
+    unresolved = table.match("mlp.second.experts.0.fc2.weight")
+    for names in (lambda: unresolved.rule.hf_names(unresolved.values),
+                  lambda: table.match_hf("model.mlp.experts.5.down.weight")):
+        with pytest.raises(TableError, match=r"the offset moe_num_experts is read from the config"):
+            names()
+    config = SimpleNamespace(model_type="toy", text_config=SimpleNamespace(moe_num_experts=4))
+    resolved = table.for_config(config)
+    assert resolved.config_offsets == () and resolved.rules[1] is first
+    assert plan_tasks(["mlp.second.experts.1.fc2.weight", "mlp.first.experts.1.fc2.weight"], resolved)[0].hf_names == (
+        "model.mlp.experts.5.down.weight",)
+    assert resolved.match_hf("model.mlp.experts.5.down.weight")[0].values == {"expert": "1"}  # the second pool's
+    assert resolved.match_hf("model.mlp.experts.3.down.weight")[0].rule is first  # below the offset: the first's
+    for value in ([64, 64], None, -1):
+        with pytest.raises(ExportError, match=rf"toy config: moe_num_experts must be a count .* got "
+                                              rf"{re.escape(repr(value))}"):
+            table.for_config(SimpleNamespace(model_type="toy", moe_num_experts=value))
+    with pytest.raises(TableError, match=r"named offsets \['moe_num_experts'\] of the rules must be the table's "
+                                         r"config_offsets \[\]"):
+        MappingTable(("toy",), (second,))
+
+
+def test_a_table_with_named_offsets_is_served_only_for_a_config():
+    from bridge_ext.tables import table_for
+    from bridge_ext_testing.tiny_generated import tiny_config
+
+    with pytest.raises(ExportError, match=r"built from the model's config: pass the config"):
+        table_for("ernie4_5_vl_moe")
+    config = tiny_config("ernie4_5_vl_moe")  # text_config.moe_num_experts 4
+    names = [name for each in table_for(config).rules for name in each.hf]
+    assert "model.layers.{layer}.mlp.experts.{expert+4}.down_proj.weight" in names
+    # what Megatron-Bridge does not map (architecture_notes.LEFT_OUT_NOTES) is refused, not guessed
+    for unmapped in ("language_model.output_layer.weight",
+                     "vision_model.decoder.layers.0.self_attention.linear_qkv.weight"):
+        with pytest.raises(ExportError, match=re.escape(unmapped)):
+            plan_tasks(["language_model.embedding.word_embeddings.weight", unmapped], table_for(config))
+
+
 def _toy_table(model_type: str = "toy") -> MappingTable:
     return MappingTable((model_type,), (rule("embedding.weight", "model.embed.weight"),),
                         model_classes={model_type: "ToyForCausalLM"})

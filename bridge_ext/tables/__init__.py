@@ -122,11 +122,13 @@ def table_for(config_or_model_type) -> MappingTable:
             "Write one and add it with bridge_ext.register_table (see docs/adding_an_architecture.md)"
         )
     if by_name:
-        if isinstance(entry, MappingTable):
+        if isinstance(entry, MappingTable) and not entry.config_offsets:
             return entry
         raise ExportError(f"the {model_type!r} table is built from the model's config: pass the config")
-    table = entry if isinstance(entry, MappingTable) else entry.build(config_or_model_type)
-    _refuse_config_fields(table, config_or_model_type)
+    # a builder's table, or one whose names read the config (config_offsets)
+    config = config_or_model_type
+    table = entry.for_config(config) if isinstance(entry, MappingTable) else entry.build(config)
+    _refuse_config_fields(table, config)
     return table
 
 

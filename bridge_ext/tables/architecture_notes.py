@@ -16,11 +16,11 @@ MTP_PREFIXES = ("mtp.", "language_model.mtp.")  # a vision-language model's MTP 
 #: Megatron-side prefixes of the parts a generated table leaves out (``bridge-ext tables generate``):
 #: MTP, and vision / audio towers unless the model type is in :data:`TOWERS_GENERATED`.
 LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tower.", "visual.", "audio_tower.",
-                     "multi_modal_projector.", "talker.", "thinker.")
+                     "multi_modal_projector.", "resampler_model.", "talker.", "thinker.")
 
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
-TOWERS_GENERATED: frozenset[str] = frozenset({"exaone4_5", "gemma3", "glm4v_moe", "minimax_m3_vl", "mistral3",
+TOWERS_GENERATED: frozenset[str] = frozenset({"ernie4_5_vl_moe", "exaone4_5", "gemma3", "glm4v_moe", "minimax_m3_vl", "mistral3",
                                               "qwen2_5_omni", "qwen2_audio", "qwen3_asr", "qwen3_omni_moe"})
 
 #: The vision_config fields of a generated tower's attention sizes (read in the bridge's source,
@@ -36,6 +36,11 @@ _SPEECH_OUTPUT = ("the {talker} (speech output): Megatron-Bridge's bridge neithe
                   "{names} weights in transformers' key set, and the export refuses it before the first tensor "
                   "(missing names).")
 LEFT_OUT_NOTES = {
+    "ernie4_5_vl_moe": "an untied output layer, which Megatron-Bridge 0.6.2's bridge does not map (published "
+                       "ERNIE-4.5-VL ties its embeddings), and Megatron's own ViT (use_mg_vit, mapped by the bridge "
+                       "only when set on it; the provider's default is transformers' ViT, which the table covers): "
+                       "such a model's language_model.output_layer.weight or vision_model.* weights are refused as "
+                       "unmapped before the first tensor.",
     "qwen2_5_omni": _SPEECH_OUTPUT.format(talker="talker and token2wav", names="talker.* / token2wav.*"),
     "qwen3_omni_moe": _SPEECH_OUTPUT.format(talker="talker and code2wav", names="talker.* / code2wav.*"),
     "minimax_m3_vl": ("the lightning indexer's block selection from Megatron's forward: Megatron-Bridge 0.6.2 keeps "
@@ -66,6 +71,30 @@ EQUIVALENT_KINDS = {
 KINDS_WITH_OPS = {
     "megatron.bridge.models.ernie.ernie_45_bridge._SqueezeBiasMapping": ("ReplicatedMapping", "Unsqueeze(0)"),
 }
+
+#: Bridge-private expert mappings whose Hugging Face expert index is Megatron's plus an offset
+#: (read in Megatron-Bridge's source): class -> (base kind, the mapping's attribute holding the
+#: offset, the config field, of the config or its text_config, it equals; the generator checks
+#: it on the tiny config and writes the offset as ``{expert+field}``, read from each model's
+#: config). ERNIE-4.5-VL's ``_OffsetGatedMLPMapping`` / ``_OffsetRowParallelMapping``: the vision
+#: pool's expert e is the checkpoint's ``experts.{e + moe_num_experts}``, after the text pool's.
+EXPERT_OFFSET_KINDS = {
+    "megatron.bridge.models.ernie_vl.ernie45_vl_bridge._OffsetGatedMLPMapping":
+        ("GatedMLPMapping", "_expert_offset", "moe_num_experts"),
+    "megatron.bridge.models.ernie_vl.ernie45_vl_bridge._OffsetRowParallelMapping":
+        ("RowParallelMapping", "_expert_offset", "moe_num_experts"),
+}
+
+#: Bridge-private mappings that stack several Megatron tensors as one Hugging Face tensor (read in
+#: Megatron-Bridge's source): class -> (base kind, the mapping's attribute naming its slice, the
+#: slices in their order along the stacked dim 0). ERNIE-4.5-VL's ``_ConcatBiasMapping``:
+#: ``moe_statics.e_score_correction_bias [2, E]``, row 0 the text router's expert bias, row 1 the
+#: vision router's (its hf_to_megatron takes row 0 for "text", row 1 otherwise).
+STACKED_KINDS = {
+    "megatron.bridge.models.ernie_vl.ernie45_vl_bridge._ConcatBiasMapping":
+        ("AutoMapping", "_slice_name", ("text", "vision")),
+}
+
 
 @dataclass(frozen=True)
 class SizedSplitKind:
@@ -133,7 +162,7 @@ HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_
 
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
-PROVEN_GENERATED = frozenset({"bailing_moe_v2", "deepseek_v2", "ernie4_5_moe", "exaone4", "exaone4_5", "exaone_moe",
+PROVEN_GENERATED = frozenset({"bailing_moe_v2", "deepseek_v2", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone4", "exaone4_5", "exaone_moe",
                               "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text", "glm4v_moe", "hy_v3",
                               "mimo_v2_flash", "minimax_m3_vl", "mistral", "mistral3", "nemotron", "olmoe",
                               "qwen2_5_omni", "qwen2_audio", "qwen3_asr", "qwen3_omni_moe"})
@@ -167,7 +196,9 @@ HF_LOAD_REPAIRS = {"bailing_moe_v2": "recompute_rotary_buffers"}
 #: weight sync's expert adapters go per expert, as vLLM's LoRA manager refuses fused ones there.
 VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM",
                                       "Ernie4_5_MoeForCausalLM", "HYV3ForCausalLM",
-                                      "Glm4vMoeForConditionalGeneration"})  # its language model: Glm4MoeForCausalLM
+                                      # its language model: Glm4MoeForCausalLM
+                                      "Glm4vMoeForConditionalGeneration",
+                                      "Ernie4_5_VLMoeForConditionalGeneration"})
 
 #: Classes whose vLLM (0.34) model applies none of the adapters PEFT's names give (judged in
 #: tests/consumers), or takes no LoRA at all: an ``adapter_for="vllm"`` export of adapters is
@@ -218,11 +249,6 @@ REFUSED: dict[str, str] = {
                                       "provider (global layers as for Gemma4ForCausalLM). Its towers (vision_tower, "
                                       "embed_vision, audio_tower, embed_audio: Hugging Face modules, prefix.**) wait "
                                       "for that table. vLLM 0.34 has both classes",
-    "Ernie4_5_VLMoeForConditionalGeneration": "its bridge maps the text / vision expert pairs with bridge-private "
-                                              "kinds (_OffsetGatedMLPMapping, _OffsetRowParallelMapping, "
-                                              "_ConcatBiasMapping: one Megatron expert set split at an offset into "
-                                              "transformers' text_moe / vision_moe), which no rule kind of the "
-                                              "generator covers",
     "Step3p7ForConditionalGeneration": "transformers 5.23 gates every attention output by a per-head g_proj, "
                                        "which the Megatron model of Megatron-Bridge 0.6.2's Step37Bridge cannot "
                                        "hold on megatron-core 0.19.2: the bridge sets head_wise_attn_gate (no "
@@ -369,4 +395,12 @@ UNCOMPARED: dict[str, dict[str, str]] = {
     "ernie4_5_moe": {"scoring_func": "ERNIE-4.5's config has no such field: transformers routes by softmax, "
                                      "Megatron-Bridge 0.6.2's provider by sigmoid; a model trained with that "
                                      "provider computes otherwise than its export"},
+    "ernie4_5_vl_moe": {"scoring_func": "ERNIE-4.5-VL's config has no such field: transformers routes both expert "
+                                        "pools by softmax, Megatron-Bridge 0.6.2's provider by sigmoid (as "
+                                        "ERNIE-4.5-MoE's); a model trained with that provider computes otherwise "
+                                        "than its export",
+                        "moe_intermediate_size": "ERNIE-4.5-VL's is one width per expert pool ([text, vision]); "
+                                                 "Megatron-Bridge 0.6.2's provider sets moe_ffn_hidden_size to the "
+                                                 "text pool's and builds each pool from its own entry: the exported "
+                                                 "shapes, checked against the config's, compare both"},
 }

@@ -127,7 +127,8 @@ def build_megatron_model(
     lora_module = None
     if lora is not None:
         lora_module = lora.peft()
-        provider.register_pre_wrap_hook(lambda chunks: lora_module(chunks, training=True))
+        provider.register_pre_wrap_hook(
+            lambda chunks: local_specs.lora_reads_normed_inputs(lora_module(chunks, training=True)))
     provider.finalize()
     if is_qwen3_vl:  # its finalize turns sequence parallelism on at TP > 1; torch norms refuse it
         provider.sequence_parallel = False

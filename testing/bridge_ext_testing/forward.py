@@ -70,7 +70,8 @@ def megatron_logits(
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     batch, seq_len = input_ids.shape
-    is_vl = hasattr(inner, "vision_model") and hasattr(inner, "language_model")
+    # a vision-language model with its own vision model, or one given its extra inputs (ERNIE-4.5-VL's token types)
+    is_vl = hasattr(inner, "language_model") and (hasattr(inner, "vision_model") or bool(vision_inputs))
     was_training = model.training
     model.eval()
     try:

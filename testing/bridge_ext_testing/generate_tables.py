@@ -50,19 +50,59 @@ def generate(model_type: str) -> str:
         with torch.device("meta"):
             hf_model = tiny_model(model_type)
         saved = load_file(str(hf_dir / "model.safetensors"))  # the names the rules produce
+        loaded = model_class(model_type).from_pretrained(str(hf_dir)).state_dict()
+        in_memory = in_memory_prefixes_of(_renamed_on_load(saved, loaded))
         translation = translate(mappings, Resolver(built.chunks[0]), expert_parameters_of(hf_model),
                                 model_type=model_type, hf_names=list(saved), hf_config=hf_model.config,
-                                experts_in_modules=experts_in_modules(hf_model))
-        in_memory = in_memory_prefixes_of(_renamed_on_load(hf_dir, saved, model_class(model_type)))
+                                experts_in_modules=experts_in_modules(hf_model),
+                                fused_name=_fused_home(saved, loaded, in_memory, hf_model.config))
     return render(model_type, entry, translation, in_memory)
 
 
-def _renamed_on_load(hf_dir: Path, saved: dict, auto_class) -> list[tuple[str, str]]:
+def _fused_home(saved: dict, loaded: dict, in_memory: tuple[tuple[str, str], ...], config):
+    """``fused_name(per_expert_patterns, parameter)`` for the generator: the fused experts
+    parameter of transformers' loaded tiny model whose ``[e]`` is the per-expert tensors of expert
+    ``e`` (their rows joined in the patterns' order), found by value, under the checkpoint's prefix
+    and with the layer index a wildcard again. Where the per-expert tensors are not fused in memory
+    (no such parameter), the per-expert names' ``experts.`` module is named, as for every MoE."""
+    import torch
+
+    from bridge_ext.patterns import NamePattern
+    from bridge_ext.table_generate import _config_value, _fused_expert_name
+
+    def fused_name(patterns: list[str], parameter: str) -> str:
+        fields = {field for text in patterns for field in NamePattern(text).named_offsets}
+        resolved = [NamePattern(text).resolved({field: _config_value(config, field) for field in fields})
+                    for text in patterns]
+        layers = sorted({values["layer"] for name in saved for values in [resolved[0].match(name)] if values})
+        if not layers:
+            return _fused_expert_name(patterns[0], parameter)
+
+        def expert(index: int) -> torch.Tensor | None:
+            names = [pattern.fill({"layer": layers[0], "expert": index}) for pattern in resolved]
+            return torch.cat([saved[name] for name in names]) if all(name in saved for name in names) else None
+
+        homes = [name for name, value in loaded.items() if name.endswith("." + parameter) and value.dim() == 3
+                 and all((x := expert(index)) is not None and x.shape == value[index].shape
+                         and torch.equal(x, value[index]) for index in range(value.shape[0]))]
+        if len(homes) != 1:
+            return _fused_expert_name(patterns[0], parameter)
+        home = homes[0]
+        for saved_prefix, loaded_prefix in in_memory:
+            if home.startswith(loaded_prefix):
+                home = saved_prefix + home[len(loaded_prefix):]
+                break
+        before = patterns[0].split("{layer}")[0].rsplit(".", 2)[-2]  # the list the layer indexes: "layers"
+        return home.replace(f".{before}.{layers[0]}.", f".{before}.{{layer}}.", 1)
+
+    return fused_name
+
+
+def _renamed_on_load(saved: dict, loaded: dict) -> list[tuple[str, str]]:
     """``(saved name, in-memory name)`` of each tensor transformers loads unchanged, paired by
     value (the tiny model's tensors are random; a value held twice, e.g. zero biases, is skipped)."""
     import torch
 
-    loaded = auto_class.from_pretrained(str(hf_dir)).state_dict()
     pairs = []
     for name, tensor in saved.items():
         same = [other for other, value in loaded.items()

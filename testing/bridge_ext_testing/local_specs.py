@@ -29,6 +29,7 @@ A Transformer Engine class it has no local version of raises, naming it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -334,10 +335,12 @@ def configure_provider(provider, original_spec) -> None:
             return localize(block, config)
     elif _is_family_spec(original_spec):
         takes_stage = "vp_stage" in inspect.signature(original_spec).parameters
+        picks = LINEAR_MODULE_PICKERS.get(getattr(original_spec, "__module__", ""))
 
         def spec(config, vp_stage=None):
-            built = localize(original_spec(config, vp_stage=vp_stage) if takes_stage else original_spec(config), config)
-            return _as_block(built, config)
+            with _local_linear_modules(original_spec.__module__, picks) if picks else contextlib.nullcontext():
+                built = original_spec(config, vp_stage=vp_stage) if takes_stage else original_spec(config)
+            return _as_block(localize(built, config), config)
     else:
         def spec(config, vp_stage=None, pp_rank=None):
             return localize(local_block_spec(config, vp_stage=vp_stage, pp_rank=pp_rank), config)
@@ -387,6 +390,29 @@ SPEC_EXTENSIONS = {
 }
 
 
+#: Spec modules that choose their linear / norm classes in one function, Transformer Engine's
+#: when it is installed, else local ones that drop the norm fused into a linear (read in
+#: Megatron-Bridge 0.6.2's source: ERNIE-4.5-VL's ``_get_linear_modules`` returns plain
+#: ``ColumnParallelLinear`` for ``TELayerNormColumnParallelLinear``, so the layer loses its input
+#: norm): module -> that function's name. Inside the spec call it answers the local classes with
+#: the fused norm kept under Transformer Engine's names (:func:`layer_norm_column_parallel_linear`).
+LINEAR_MODULE_PICKERS = {
+    "megatron.bridge.models.ernie_vl.modeling_ernie45_vl.ernie_decoder_layer_spec": "_get_linear_modules",
+}
+
+
+def _local_linear_modules(module_name: str, function_name: str):
+    """Scope of a spec call: ``function_name`` answers (column, row, core attention, norm + column, norm)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from bridge_ext_testing.qwen35 import _replaced
+
+    modules = (ColumnParallelLinear, RowParallelLinear, DotProductAttention, layer_norm_column_parallel_linear(),
+               CpuNorm)
+    return _replaced(module_name, **{function_name: lambda: modules})
+
+
 def _is_family_spec(original_spec) -> bool:
     """A spec function of one model family's provider (not megatron-core's or the generic providers')."""
     function = getattr(original_spec, "func", original_spec)
@@ -415,10 +441,15 @@ def _spec_extension(original_spec):
 def layer_norm_column_parallel_linear():
     """``ColumnParallelLinear`` after an RMSNorm of its input whose weight it holds as
     ``layer_norm_weight`` (Transformer Engine's ``TELayerNormColumnParallelLinear`` names), for a
-    layer with no norm slot of its own before that linear (Falcon-H1's MLP)."""
+    layer with no norm slot of its own before that linear (Falcon-H1's MLP, ERNIE-4.5-VL's layers).
+    With ``return_layernorm_output`` (what Megatron-Bridge's LoRA sets on Transformer Engine's
+    class, :func:`lora_reads_normed_inputs` on this one) it also returns the norm's output, which
+    the adapter then reads."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
     class LayerNormColumnParallelLinear(ColumnParallelLinear):
+        return_layernorm_output = False
+
         def __init__(self, input_size: int, output_size: int, *, config, **kwargs):
             super().__init__(input_size, output_size, config=config, **kwargs)
             if config.normalization != "RMSNorm":
@@ -428,10 +459,23 @@ def layer_norm_column_parallel_linear():
 
         def forward(self, x, *args, **kwargs):
             normed = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), self.layer_norm_weight.float(),
-                                                  self.layer_norm_eps)
-            return super().forward(normed.to(x.dtype), *args, **kwargs)
+                                                  self.layer_norm_eps).to(x.dtype)
+            output, bias = super().forward(normed, *args, **kwargs)
+            return ((output, normed), bias) if self.return_layernorm_output else (output, bias)
 
     return LayerNormColumnParallelLinear
+
+
+def lora_reads_normed_inputs(chunks):
+    """Megatron-Bridge's LoRA on a fused norm + linear adapts the norm's output: it sets
+    Transformer Engine's ``return_layernorm_output`` (``peft/utils.py``, only where Transformer
+    Engine is installed); the same on :func:`layer_norm_column_parallel_linear`'s modules it wraps."""
+    fused = layer_norm_column_parallel_linear()
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(getattr(module, "to_wrap", None), fused):
+                module.to_wrap.return_layernorm_output = True
+    return chunks
 
 
 def falcon_h1_stack_spec(config):

@@ -89,6 +89,16 @@ TINY: dict[str, dict] = {
                       lm_head_multiplier=0.7, key_multiplier=0.9, attention_in_multiplier=1.1,
                       attention_out_multiplier=0.8, ssm_in_multiplier=1.2, ssm_out_multiplier=0.6,
                       mlp_multipliers=[1.3, 0.7], ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.05]),
+    # ERNIE-4.5-VL: layer 0 dense, layer 1 text and vision expert pools of 4 each (widths 32 and 24),
+    # one shared expert; ViT of 2 layers and the resampler (spatial merge 2)
+    "ernie4_5_vl_moe": dict(text_config=dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=[32, 24],
+                                             moe_num_shared_experts=1, mlp_layer_types=["dense", "sparse"],
+                                             rope_parameters=dict(rope_type="default", rope_theta=500000.0,
+                                                                  mrope_section=[3, 3, 2])),
+                            vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2),
+                            image_token_id=122, image_start_token_id=123, image_end_token_id=124,
+                            video_token_id=125, video_start_token_id=126, video_end_token_id=127,
+                            tie_word_embeddings=True),
     # EXAONE 4.5: an EXAONE-4 text model (one sliding layer, window 4 < the 11 test tokens, one
     # global), a Qwen2.5-VL-like tower of 2 blocks with grouped KV heads (4 heads, 2 KV), patch 14 and
     # window 112 (Megatron-Bridge's Exaone45VisionModel hard-codes both), block 1 full attention
@@ -179,6 +189,9 @@ FILLED: dict[str, dict[str, float]] = {
     # expert picks the same experts, so the bias is carried without changing the routing
     # (Megatron-Core's softmax router ignores expert_bias; tests/test_conformance_generated.py)
     "ernie4_5_moe": {"moe_statics.e_score_correction_bias": 0.25},
+    # the same, one value per expert pool (the checkpoint's [2, E] rows differ: a swap shows)
+    "ernie4_5_vl_moe": {"text_moe.gate.moe_statics.e_score_correction_bias": 0.25,
+                        "vision_moe.gate.moe_statics.e_score_correction_bias": 0.5},
 }
 
 NORM_NOISE = 0.1

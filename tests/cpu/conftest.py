@@ -26,6 +26,7 @@ REBOUND = {
     "megatron.bridge.models.kimi_vl.modeling_kimi_k25_vl": ("KimiK25VLModel",),
     "megatron.core.ssm.mamba_mixer": ("HAVE_MAMBA_SSM", "ExtendedRMSNorm"),
     "megatron.core.models.hybrid.hybrid_block": ("TENorm",),
+    "megatron.bridge.models.ernie_vl.modeling_ernie45_vl.ernie_decoder_layer_spec": ("_get_linear_modules",),
     "megatron.bridge.models.qwen_vl.modelling_qwen3_vl.model": (
         "get_vit_layer_with_transformer_engine_spec", "TENorm", "TEColumnParallelLinear", "TERowParallelLinear"),
     "megatron.bridge.models.exaone.exaone45.modelling_exaone45.model": (
