@@ -504,8 +504,8 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 add(megatron, _rule(megatron, fused([gate, up], "gate_up_proj"), ", SplitRows(1, 1), Concat((1, 1))",
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
             elif model_type in IN_MEMORY_FUSED_GATE_UP:  # one linear in memory: one adapter on it
-                fused = _fused_gate_up(gate, up, IN_MEMORY_FUSED_GATE_UP[model_type])
-                add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", lora_fused=_quoted(fused)))
+                linear = _fused_gate_up(gate, up, IN_MEMORY_FUSED_GATE_UP[model_type])
+                add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", lora_fused=_quoted(linear)))
             else:
                 add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", lora_parts='("gate", "up")'))
         else:

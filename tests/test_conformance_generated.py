@@ -193,10 +193,10 @@ def _joined_as_loaded(saved: dict, table, config) -> dict:
     with ``A`` repeated; transformers 5.23 holds no such module in memory, so PEFT could place
     neither (checked here); each joined pair must be one ``A`` (both outputs' equal) and the
     outputs' ``B`` rows in order: the pair PEFT loads strictly (the next test)."""
-    from bridge_ext_testing.tiny_generated import model_class
+    from bridge_ext_testing.tiny_generated import model_from_config
 
     with torch.device("meta"):
-        in_memory = {name for name, _ in model_class(config.model_type).from_config(config).named_modules()}
+        in_memory = {name for name, _ in model_from_config(config).named_modules()}
     joined, parts = {}, {}
     for name, tensor in saved.items():
         module, _, factor = name.removesuffix(".weight").rpartition(".")

@@ -21,6 +21,7 @@ from bridge_ext.table_generate import (
     render,
     translate,
 )
+from bridge_ext.tables.architecture_notes import IN_MEMORY_RENAMES
 
 
 def generate(model_type: str) -> str:
@@ -55,15 +56,18 @@ def generate(model_type: str) -> str:
         translation = translate(mappings, Resolver(built.chunks[0]), expert_parameters_of(hf_model),
                                 model_type=model_type, hf_names=list(saved), hf_config=hf_model.config,
                                 experts_in_modules=experts_in_modules(hf_model),
-                                fused_name=_fused_home(saved, loaded, in_memory, hf_model.config))
+                                fused_name=_fused_home(saved, loaded, in_memory, hf_model.config,
+                                                        IN_MEMORY_RENAMES.get(model_type, ())))
     return render(model_type, entry, translation, in_memory)
 
 
-def _fused_home(saved: dict, loaded: dict, in_memory: tuple[tuple[str, str], ...], config):
+def _fused_home(saved: dict, loaded: dict, in_memory: tuple[tuple[str, str], ...], config,
+                renames: tuple[tuple[str, str], ...] = ()):
     """``fused_name(per_expert_patterns, parameter)`` for the generator: the fused experts
     parameter of transformers' loaded tiny model whose ``[e]`` is the per-expert tensors of expert
     ``e`` (their rows joined in the patterns' order), found by value, under the checkpoint's prefix
-    and with the layer index a wildcard again. Where the per-expert tensors are not fused in memory
+    and mid-key spelling (``renames``: ``IN_MEMORY_RENAMES``' (saved, in-memory) infixes, which the
+    table applies) and with the layer index a wildcard again. Where the per-expert tensors are not fused in memory
     (no such parameter), the per-expert names' ``experts.`` module is named, as for every MoE."""
     import torch
 
@@ -92,6 +96,8 @@ def _fused_home(saved: dict, loaded: dict, in_memory: tuple[tuple[str, str], ...
             if home.startswith(loaded_prefix):
                 home = saved_prefix + home[len(loaded_prefix):]
                 break
+        for saved_infix, loaded_infix in renames:
+            home = home.replace(loaded_infix, saved_infix)
         before = patterns[0].split("{layer}")[0].rsplit(".", 2)[-2]  # the list the layer indexes: "layers"
         return home.replace(f".{before}.{layers[0]}.", f".{before}.{{layer}}.", 1)
 

@@ -230,8 +230,12 @@ def model_class(model_type: str):
 
 def tiny_model(model_type: str, overrides: dict | None = None):
     """transformers' model of ``model_type`` with the tiny sizes (on the current default device)."""
-    config = tiny_config(model_type, overrides)
-    cls = model_class(model_type)
+    return model_from_config(tiny_config(model_type, overrides))
+
+
+def model_from_config(config):
+    """transformers' model of ``config`` (its model type's :func:`model_class`), weights initialised."""
+    cls = model_class(config.model_type)
     return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
 
 
