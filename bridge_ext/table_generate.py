@@ -38,10 +38,13 @@ from dataclasses import dataclass
 
 from bridge_ext.errors import TableError
 from bridge_ext.tables.architecture_notes import (
+    CONFIG_CHECKS,
     EQUIVALENT_KINDS,
     HEAD_GROUP_QKV_KINDS,
+    HEAD_WIDTH_QKV_KINDS,
     IN_MEMORY_RENAMES,
     KINDS_WITH_OPS,
+    LAST_LAYERS_WITHOUT,
     LEFT_OUT_PREFIXES,
     MTP_PREFIXES,
     PUBLISHED_PREFIXES,
@@ -106,10 +109,14 @@ def bridge_for(model_type: str) -> RegisteredBridge:
 
 @dataclass(frozen=True)
 class GeneratedRule:
-    """One rule as source text, and the Megatron pattern it came from (for the header)."""
+    """One rule as source text, and the Megatron pattern it came from (for the header); where
+    some layers drop outputs (:data:`LAST_LAYERS_WITHOUT`), its parts to rebuild it with fewer."""
 
     megatron: str
     text: str
+    hf: tuple[str, ...] = ()
+    ops: str = ""
+    options: tuple[tuple[str, str], ...] = ()
 
 
 def _pattern(mb_pattern: str, what: str, mapping) -> str:
@@ -266,6 +273,7 @@ class _Translation:
     absent: list[str]
     expert_parameters: tuple[str, ...] | None
     uses_mamba: bool = False
+    wide_layer_type: str | None = None  # HEAD_WIDTH_QKV_KINDS: the layer type of global_head_dim
 
 
 def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] | None, *,
@@ -284,6 +292,13 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
     def add(megatron: str, text: str) -> None:
         rules.append(GeneratedRule(megatron, text))
 
+    def add_parts(megatron: str, hf: str | list[str], ops: str = "", **options: str) -> None:
+        hf_tuple = (hf,) if isinstance(hf, str) else tuple(hf)
+        rules.append(GeneratedRule(megatron, _rule(megatron, hf, ops, **options), hf_tuple, ops,
+                                   tuple(options.items())))
+
+    wide_layer_type = None
+
     for mapping in mappings:
         name = mapping.megatron_param
         if name.startswith(MTP_PREFIXES) or (name.startswith(LEFT_OUT_PREFIXES) and model_type not in TOWERS_GENERATED):
@@ -294,7 +309,12 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         kind = _kind(mapping)
         megatron = _pattern(name, "Megatron", mapping)
         is_expert = "{expert}" in megatron
-        if _path(type(mapping)) in HEAD_GROUP_QKV_KINDS:
+        if _path(type(mapping)) in HEAD_WIDTH_QKV_KINDS:
+            wide_layer_type = HEAD_WIDTH_QKV_KINDS[_path(type(mapping))]
+            hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
+            add_parts(megatron, hf, ', SplitQKVHeadDims("num_attention_heads", "num_query_groups", "head_dim", '
+                                    '"global_head_dim")', lora_parts='("q", "k", "v")' if name.endswith(".weight") else "")
+        elif _path(type(mapping)) in HEAD_GROUP_QKV_KINDS:
             hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
             add(megatron, _rule(megatron, hf, ', SplitHeadGroups("num_attention_heads", "head_dim", "v_head_dim")',
                                 lora_parts='("q", "k", "v")' if name.endswith(".weight") else ""))
@@ -321,7 +341,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 add(megatron, _rule(megatron, _fused_expert_name(hf, parameter), ops, tp=_quoted(tp),
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
             else:
-                add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp) if tp != "column" else ""))
+                add_parts(megatron, hf, ops, tp=_quoted(tp) if tp != "column" else "")
         elif kind is pm.QKVMapping:
             hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
             parts = '("q", "k", "v")' if name.endswith(".weight") else ""
@@ -355,7 +375,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         if parameter not in (expert_parameters or ()):
             raise TableError(f"{name}: the fused experts parameter {parameter} is not one of transformers' experts "
                              f"module parameters {list(expert_parameters or ())}")
-    return _Translation(rules, absent, expert_parameters if uses_experts else None, uses_mamba)
+    return _Translation(rules, absent, expert_parameters if uses_experts else None, uses_mamba, wide_layer_type)
 
 
 def _kind(mapping) -> type:
@@ -452,6 +472,46 @@ def _renamed_prefixes(saved: str, loaded: str, narrowed: int) -> tuple[str, str]
             ".".join(loaded_parts[:len(loaded_parts) - common]) + ".")
 
 
+def _without_outputs(each: GeneratedRule, dropped: tuple[str, ...]) -> str | None:
+    """``each`` keeping only the outputs that no ``dropped`` infix names (``KeepParts``), or None
+    where it keeps them all."""
+    import ast
+
+    if not each.hf:
+        if any(infix in each.text for infix in dropped):
+            raise TableError(f"{each.megatron}: outputs to drop on some layers, in a rule of a kind that cannot drop them")
+        return None
+    kept = [index for index, name in enumerate(each.hf) if not any(infix in name for infix in dropped)]
+    if len(kept) == len(each.hf):
+        return None
+    options = dict(each.options)
+    if options.get("lora_parts"):
+        parts = [ast.literal_eval(options["lora_parts"])[index] for index in kept]
+        options["lora_parts"] = "(" + ", ".join(_quoted(part) for part in parts) + ("," if len(parts) == 1 else "") + ")"
+        options["lora_parts"] = options["lora_parts"] if parts else ""
+    ops = each.ops + f", KeepParts({', '.join(str(index) for index in kept)})"
+    return _rule(each.megatron, [each.hf[index] for index in kept], ops, **options)
+
+
+def _checked_builder(model_type: str, translation: _Translation) -> list[str]:
+    """The source of a ``TableBuilder`` over ``_TABLE``: the reviewed config check of
+    :data:`CONFIG_CHECKS` and, for :data:`LAST_LAYERS_WITHOUT`, the last layers' rules."""
+    check = CONFIG_CHECKS[model_type].partition(":")[2]
+    lines = ["", "TABLE = TableBuilder(", f"    model_types=({_quoted(model_type)},),", f"    build=CheckedTable(_TABLE, {check}"]
+    if model_type in LAST_LAYERS_WITHOUT:
+        count_key, dropped = LAST_LAYERS_WITHOUT[model_type]
+        reduced = [text for text in (_without_outputs(each, dropped) for each in translation.rules) if text]
+        if not reduced:
+            raise TableError(f"{model_type}: no rule has outputs {list(dropped)} to drop on the last layers")
+        lines[-1] += f", LastLayersRules({_quoted(count_key)}, ("
+        lines += [f"        {text}," for text in reduced]
+        lines.append("    ))),")
+    else:
+        lines[-1] += "),"
+    lines += ["    description=_TABLE.description,", ")", ""]
+    return lines
+
+
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
            in_memory_prefixes: tuple[tuple[str, str], ...] = ()) -> str:
     from bridge_ext.tables.architecture_notes import COMPANION_FILES, LEFT_OUT_NOTES, UNCOMPARED
@@ -477,13 +537,21 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
                   "left out so that such a weight is refused as unmapped:"]
         lines += [f"    {name}" for name in translation.absent]
     ops = ["AddOne", "Concat", "SplitGroupedRows", "SplitRows", "TrimVocab"]
-    ops += [op for op in ("SplitHeadGroups", "Transpose") if any(f"{op}(" in each.text for each in translation.rules)]
+    ops += [op for op in ("SplitHeadGroups", "SplitQKVHeadDims", "Transpose")
+            if any(f"{op}(" in each.text for each in translation.rules)]
+    ops += ["KeepParts"] if model_type in LAST_LAYERS_WITHOUT else []
     ops += [re.match(r"\w+", op)[0] for each in KINDS_WITH_OPS.values() for op in each[1:]
             if any(op in rule.text for rule in translation.rules)]
     ops += ["Transpose"] if any("Transpose()" in each.text for each in translation.rules) else []
     ops_import = f"from bridge_ext.ops import {', '.join(sorted(set(ops)))}  # noqa: F401"
+    checked = model_type in CONFIG_CHECKS
+    check_module, _, check = CONFIG_CHECKS.get(model_type, "").partition(":")
     lines += ['"""', "", ops_import,
-              "from bridge_ext.table import ExpertFamily, MappingTable, rule",
+              ("from bridge_ext.table import ExpertFamily, MappingTable, TableBuilder, rule" if checked else
+               "from bridge_ext.table import ExpertFamily, MappingTable, rule"),
+              *([f"from {check_module} import {check}", "from bridge_ext.tables.layer_rules import CheckedTable, "
+                 "LastLayersRules"] if checked else []),
+              *(["from bridge_ext.tables.sizes import LayerTypeSizes"] if translation.wide_layer_type else []),
               *(["from bridge_ext.tables.blocks import MAMBA_CONV_PARTS, MAMBA_IN_PROJ_PARTS, MAMBA_STORED_PARTS",
                  "from bridge_ext.tables.sizes import MambaSizes"] if translation.uses_mamba else []),
               *(["from bridge_ext.tables.config_fields import standard"] if uncompared else []), "",
@@ -494,7 +562,8 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
         parameters += "," if len(translation.expert_parameters) == 1 else ""
         lines.append(f'EXPERTS = ExpertFamily("experts", ({parameters}))')
         families = "(EXPERTS,)"
-    lines += ["", "TABLE = MappingTable(", f"    model_types=({_quoted(model_type)},),", "    rules=("]
+    lines += ["", f"{'_TABLE' if checked else 'TABLE'} = MappingTable(", f"    model_types=({_quoted(model_type)},),",
+              "    rules=("]
     lines += [f"        {each.text}," for each in translation.rules]
     description = f"{entry.source} (generated from Megatron-Bridge {megatron_bridge_version()})"
     lines += ["    ),", f'    description="{description}",',
@@ -505,6 +574,8 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     if translation.uses_mamba:  # the mixer's splits name these sizes; torch_dist stores its parts apart
         lines += ["    sizes=(", f"        {_mamba_sizes(bridge)},", "    ),",
                   "    stored_split_parts=MAMBA_STORED_PARTS,"]
+    if translation.wide_layer_type:  # SplitQKVHeadDims' global_head_dim: that layer type's, per layer
+        lines.append(f'    sizes=(LayerTypeSizes({_quoted(translation.wide_layer_type)}, (("global_head_dim", "head_dim"),)),),')
     if model_type in COMPANION_FILES:  # reviewed by hand: bridge_ext.tables.architecture_notes.COMPANION_FILES
         lines.append(f"    companion_files=({', '.join(_quoted(name) for name in COMPANION_FILES[model_type])},),")
     published = PUBLISHED_PREFIXES.get(model_type, ())
@@ -539,4 +610,6 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
             lines.append("        ),")
         lines.append("    }),")
     lines += [")", ""]
+    if checked:
+        lines += _checked_builder(model_type, translation)[1:]
     return "\n".join(lines)

@@ -68,10 +68,29 @@ IN_MEMORY_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
 #: full ones): the generator writes them as ``SplitHeadGroups``.
 HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge.MiMoV2FlashQKVMapping"})
 
+#: Bridge-private QKV mappings of models whose layers differ in head width, not in head counts (read
+#: in Megatron-Bridge's source): class -> the layer type whose layers are the wider ones. The generator
+#: writes ``SplitQKVHeadDims`` over ``head_dim`` and ``global_head_dim``, that layer type's width
+#: (``LayerTypeSizes``: transformers 5.15+ keeps it per layer). Gemma 4's dense mapping also tolerates
+#: the missing k_proj / v_proj of KV-shared layers (:data:`LAST_LAYERS_WITHOUT`).
+HEAD_WIDTH_QKV_KINDS = {"megatron.bridge.models.gemma.gemma4_bridge._Gemma4DenseQKVMapping": "full_attention"}
+
+#: model type -> (config field counting the last layers, name infixes transformers builds no tensor
+#: for there): Gemma 4's KV-shared layers read earlier layers' keys and values (Megatron-Bridge 0.6.2's
+#: ``_is_synthesized_kv_projection``: k_proj / v_proj; transformers 5.23's ``Gemma4TextAttention``
+#: builds no k_norm there either). The generated table drops those outputs on those layers
+#: (``LastLayersRules``, ``KeepParts``), decided from the config before export.
+LAST_LAYERS_WITHOUT = {"gemma4_text": ("num_kv_shared_layers",
+                                       (".self_attn.k_proj.", ".self_attn.v_proj.", ".self_attn.k_norm."))}
+
+#: model type -> the reviewed check (``module:function``) that refuses configs its generated table is
+#: not proven for (a ``CheckedTable``): Gemma 4's global layers as Megatron-Bridge 0.6.2 builds them.
+CONFIG_CHECKS = {"gemma4_text": "bridge_ext.tables.gemma4:check_text_config"}
+
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone_moe", "falcon_h1", "gemma", "gemma2",
-                              "gemma3", "gemma3_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
+                              "gemma3", "gemma3_text", "gemma4_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
                               "qwen2_audio", "qwen3_omni_moe"})
 
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
