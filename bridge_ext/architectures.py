@@ -5,7 +5,8 @@ added (hand-written or generated) changes its row. Statuses:
 
 * ``hand-written``: a table of ``bridge_ext.tables`` (proven by its conformance module);
 * ``generated+proven``: a table generated from Megatron-Bridge and an entry of the generated
-  tables' conformance module (``bridge_ext.tables.architecture_notes.PROVEN_GENERATED``);
+  tables' conformance module (``bridge_ext.tables.architecture_notes.PROVEN_GENERATED``), followed
+  by the configs it is proven for where its table refuses others (``PROVEN_SCOPE``);
 * ``generated, not provable on CPU``: a generated table whose tiny model cannot be built or
   run on the CPU (the reason in ``bridge_ext.tables.architecture_notes.NOT_PROVABLE``);
 * ``refused``: no table (the reason in ``bridge_ext.tables.architecture_notes.REFUSED``).
@@ -68,7 +69,13 @@ def architectures() -> tuple[Architecture, ...]:
     """One row per Hugging Face class (Megatron-Bridge's registry and bridge_ext's tables)."""
     import bridge_ext.tables
     from bridge_ext.table_generate import registered_bridges
-    from bridge_ext.tables.architecture_notes import NOT_PROVABLE, PROVEN_GENERATED, REFUSED, REMOTE_MODEL_TYPES
+    from bridge_ext.tables.architecture_notes import (
+        NOT_PROVABLE,
+        PROVEN_GENERATED,
+        PROVEN_SCOPE,
+        REFUSED,
+        REMOTE_MODEL_TYPES,
+    )
 
     hand_written = bridge_ext.tables.hand_written_model_types()
     generated = bridge_ext.tables.generated_model_types()
@@ -82,7 +89,8 @@ def architectures() -> tuple[Architecture, ...]:
         if model_type in generated:
             built = _built(table)
             if model_type in PROVEN_GENERATED:
-                return "generated+proven", _peft_types(model_type, built), _expert_layouts(built)
+                scope = f": {PROVEN_SCOPE[model_type]}" if model_type in PROVEN_SCOPE else ""
+                return f"generated+proven{scope}", _peft_types(model_type, built), _expert_layouts(built)
             reason = NOT_PROVABLE.get(model_type, NO_REASON)
             return f"generated, not provable on CPU: {reason}", "LoRA (not proven)", _expert_layouts(built)
         return f"refused: {REFUSED.get(hf_class, NO_REASON)}", "–", "–"

@@ -93,6 +93,19 @@ PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone_
                               "gemma3", "gemma3_text", "gemma4_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
                               "qwen2_audio", "qwen3_omni_moe"})
 
+#: What a generated+proven table is proven for, where that is narrower than every config of its
+#: model type (its table's config check refuses the rest): shown after the status.
+PROVEN_SCOPE = {
+    "gemma4_text": "dense E2B / E4B-shaped configs (global layers 512 wide with num_key_value_heads KV heads, "
+                   "Megatron-Bridge 0.6.2's defaults; KV-shared layers, double-wide MLP, per-layer embeddings) with "
+                   "allow_global_per_layer_attribute_access=True in the config bridge_ext reads (transformers 5.15+ "
+                   "keeps the head dims per layer; Megatron-Bridge needs the flag to read them). Refused up front: "
+                   "MoE (26B-A4B: its provider needs Transformer Engine), attention_k_eq_v (31B), any other global "
+                   "head dim or KV-head count. Megatron-Bridge's LoRA exports raise on its global layers (its split "
+                   "asks for global_head_dim, the dense provider has global_kv_channels): adapters are proven by "
+                   "PEFT's strict load and logits and vLLM 0.34's loader",
+}
+
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
 
 #: MoE classes whose vLLM (0.34) model wraps experts one by one (no ``is_3d_moe_weight``): a
@@ -128,29 +141,14 @@ REFUSED: dict[str, str] = {
                                         "transformers 5.23's Qwen3ASRConfig has audio_config / text_config, so its "
                                         "provider fails (no attribute thinker_config), and its model names "
                                         "model.language_model / model.audio_tower / model.multi_modal_projector",
-    "Gemma4ForCausalLM": "transformers 5.15 and later (5.23 here) keep global_head_dim / num_global_key_value_heads "
-                         "only in per_layer_config; Megatron-Bridge 0.6.2 (which requires transformers <= 5.12.1, "
-                         "where they are fields) reads config.head_dim, per-layer wherever the head dims "
-                         "differ (AmbiguousGlobalPerLayerAttributeError; the published E2B / E4B / 31B: 256 / 512). "
-                         "With allow_global_per_layer_attribute_access=True passed to AutoBridge.from_hf_pretrained "
-                         "its provider takes its own defaults for the global layers (512 wide, num_key_value_heads "
-                         "KV heads): right for E2B / E4B, whose dense provider builds and loads on the CPU (a tiny "
-                         "model with head dims 16 / 512, KV sharing, double-wide MLP, per-layer embeddings: "
-                         "Megatron-Bridge's base export gives back its files, its LoRA exports raise on global layers: "
-                         "its split looks for global_head_dim, which the dense provider names global_kv_channels); wrong for any other global_head_dim, "
-                         "equal head dims included, and for 31B's K=V layers with 4 global KV heads of 16 (its load "
-                         "raises). The MoE provider (26B-A4B) needs Transformer Engine (TE attention, fused "
-                         "permutation): no CPU build. A table needs each layer's head dim and KV heads in the QKV "
-                         "split and to drop the k / v / k_norm outputs of KV-shared layers (v of K=V layers), which "
-                         "the rule vocabulary lacks: none generated, an export is refused (no mapping table)",
     # vision-language bridges tried on a tiny model (Megatron-Bridge 0.6.2, transformers 5.23)
-    "Gemma4ForConditionalGeneration": "as Gemma4ForCausalLM, whose table its language model would need: Megatron-Bridge "
-                                      "0.6.2 reads text_config.head_dim (per-layer in transformers 5.15+); "
-                                      "allow_global_per_layer_attribute_access passed to from_hf_pretrained reaches "
-                                      "only the outer config, set in config.json's text_config it gives a dense VL "
-                                      "provider (global layers as for Gemma4ForCausalLM). Its towers (vision_tower, "
-                                      "embed_vision, audio_tower, embed_audio: Hugging Face modules, prefix.**) wait "
-                                      "for that table. vLLM 0.34 has both classes",
+    "Gemma4ForConditionalGeneration": "its language model is gemma4_text's (generated+proven for E2B / E4B-shaped "
+                                      "dense configs); Megatron-Bridge 0.6.2 reads text_config.head_dim (per-layer "
+                                      "in transformers 5.15+): allow_global_per_layer_attribute_access passed to "
+                                      "from_hf_pretrained reaches only the outer config, set in config.json's "
+                                      "text_config it gives a dense VL provider. Its towers (vision_tower, "
+                                      "embed_vision, audio_tower, embed_audio: Hugging Face modules, prefix.**) are "
+                                      "neither generated nor proven. vLLM 0.34 has both classes",
     "Glm4vMoeForConditionalGeneration": "Megatron-Bridge 0.6.2's bridge reads text_config.partial_rotary_factor, "
                                         "which transformers 5.23's Glm4vMoeTextConfig moves into rope_parameters "
                                         "even where config.json has it, and text_config.use_qk_norm, which it "
