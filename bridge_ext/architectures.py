@@ -113,6 +113,7 @@ def architectures() -> tuple[Architecture, ...]:
 def render() -> str:
     """docs/architectures.md."""
     from bridge_ext.table_generate import megatron_bridge_version
+    from bridge_ext.tables.architecture_notes import NOTES
 
     rows = architectures()
     counts = {name: sum(row.status.startswith(name) for row in rows)
@@ -136,4 +137,6 @@ def render() -> str:
     ]
     lines += [f"| `{row.hf_class}` | `{row.model_type}` | {row.status} | {row.peft} | {row.expert_layouts} |"
               for row in rows]
+    if NOTES:
+        lines += ["", "## Notes", "", *(f"- `{model_type}`: {note}" for model_type, note in sorted(NOTES.items()))]
     return "\n".join(lines) + "\n"

@@ -147,7 +147,10 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
 
     # PEFT matches targets against the model in memory, where transformers v5 fuses experts.
     in_memory = map(plan.table.in_memory_name, hf_checkpoint_keys(plan.config, expert_layout="fused"))
-    module_names = {key.rsplit(".", 1)[0] for key in in_memory if key.endswith(".weight")}
+    # every module PEFT could match a target against: the weights' modules and their containers
+    # (a target leaf "0", nn.Sequential's first linear, also names a ModuleList's first child)
+    module_names = {".".join(parts[:end]) for parts in (key.split(".") for key in in_memory)
+                    for end in range(1, len(parts))}
 
     outputs = [replace(o, hf_name=plan.table.in_memory_name(o.hf_name))
                for o in adapted_outputs(plan.adapter_tasks, adapters, plan.table)]

@@ -275,6 +275,10 @@ class MappingTable:
     #: The config fields that change the arithmetic, compared with the Megatron model's settings
     #: before export (:mod:`bridge_ext.config_compare`); None: ``bridge_ext.tables.config_fields.STANDARD``.
     config_fields: tuple[ConfigField, ...] | None = field(default=None, compare=False)
+    #: Config fields whose presence means a config this table must not be used with, and why
+    #: (a remote-code config transformers reads as defaults): refused by
+    #: :func:`bridge_ext.tables.table_for` before anything is planned.
+    refused_config_fields: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def architecture(self, config) -> str | None:
         """The Hugging Face architecture class vLLM builds for ``config``: its

@@ -24,9 +24,16 @@ table also offers the fused layout transformers keeps in memory (``experts.gate_
 ``[E, 2I, H]``, ``[gate; up]`` per expert), as the hand-written MoE tables do; the
 conformance tests prove both.
 
-A Mamba-2 mixer's ``MambaInProjMapping`` / ``MambaConv1dMapping`` become row splits by the mixer's
-sizes; the table's ``MambaSizes`` names the Hugging Face fields the bridge's ``CONFIG_MAPPING``
-maps to megatron-core's Mamba sizes.
+The mapping kinds of ``architecture_notes.SIZED_SPLIT_KINDS`` (Mamba-2's in_proj / conv1d) become
+row splits by the mixer's sizes; the table's sizes entry names the Hugging Face fields the bridge's
+``CONFIG_MAPPING`` maps to megatron-core's.
+
+A ``ConcatenatedQKVMapping`` (Hugging Face's one fused ``qkv`` ``[Q; K; V]``, Megatron's
+``linear_qkv`` per query group ``[q heads; k; v]``) becomes ``SplitGroupedRows`` then ``Concat``
+by the attention's sizes: the text model's, or under a tower prefix the tower's
+(``VisionSizes`` with the fields :data:`~bridge_ext.tables.architecture_notes.VISION_SIZE_FIELDS`
+names); the tiny Megatron module's own head count, query groups and head width must equal the
+sizes the table reads from the tiny config, else it is refused.
 """
 
 from __future__ import annotations
@@ -42,22 +49,24 @@ from bridge_ext.tables.architecture_notes import (
     EQUIVALENT_KINDS,
     HEAD_GROUP_QKV_KINDS,
     HEAD_WIDTH_QKV_KINDS,
+    HF_NAME_RENAMES,
     IN_MEMORY_RENAMES,
     KINDS_WITH_OPS,
     LAST_LAYERS_WITHOUT,
     LEFT_OUT_PREFIXES,
     MTP_PREFIXES,
     PUBLISHED_PREFIXES,
+    REFUSED_CONFIG_FIELDS,
+    SIZED_SPLIT_KINDS,
     TOWERS_GENERATED,
+    SizedSplitKind,
+    VISION_SIZE_FIELDS,
     VLLM_ADAPTERS_REFUSED,
     VLLM_PER_EXPERT_ADAPTERS,
 )
 
 WILDCARDS = ("layer", "expert")
 _FUSED_NORMS = ("layer_norm_weight", "layer_norm_bias")
-#: MambaSizes' fields -> the Megatron config fields a bridge's CONFIG_MAPPING maps them to
-_MAMBA_SIZE_FIELDS = (("heads", "mamba_num_heads"), ("head_dim", "mamba_head_dim"), ("groups", "mamba_num_groups"),
-                      ("state_size", "mamba_state_dim"))
 _GROUPED_EXPERT = re.compile(r"^(?P<prefix>.*)\.experts\.linear_fc(?P<n>[12])\.weight\*$")
 
 
@@ -144,7 +153,9 @@ class Resolver:
 
     def __init__(self, chunk) -> None:
         self.chunk = chunk
-        self.names = [name for name, _ in chunk.named_parameters()] + [name for name, _ in chunk.named_buffers()]
+        self.shapes = {name: tuple(tensor.shape) for name, tensor in [*chunk.named_parameters(),
+                                                                      *chunk.named_buffers()]}
+        self.names = list(self.shapes)
 
     def parameters_under(self, prefix: str) -> list[str]:
         """The tiny model's parameter names under ``prefix``, in registration order."""
@@ -156,7 +167,20 @@ class Resolver:
         return isinstance(self.chunk.get_submodule(path), torch.nn.ModuleList)
 
     def module_kind(self, mapping, name: str) -> str:
-        return mapping._detect_parallelism_type(self.chunk.get_submodule(name.rpartition(".")[0]))
+        """The parallel kind of weight ``name`` as Megatron-Bridge converts it: its module's kind, but
+        replicated for a 1-D tensor of a row-parallel module (its bias: ``RowParallelMapping``
+        keeps 1-D tensors whole on every rank)."""
+        kind = mapping._detect_parallelism_type(self.chunk.get_submodule(name.rpartition(".")[0]))
+        return "replicated" if kind == "row" and len(self.shapes[name]) == 1 else kind
+
+    def attention_sizes(self, mb_pattern: str) -> set[tuple[int, int, int]]:
+        """(heads, query groups, head width) of the configs of the modules holding ``mb_pattern``'s weights."""
+        sizes = set()
+        for name in self.present(mb_pattern):
+            config = self.chunk.get_submodule(name.rpartition(".")[0]).config
+            heads = config.num_attention_heads
+            sizes.add((heads, config.num_query_groups or heads, config.kv_channels or config.hidden_size // heads))
+        return sizes
 
     def present(self, mb_pattern: str) -> list[str]:
         regex = _regex(mb_pattern)
@@ -172,8 +196,7 @@ class Resolver:
             if mapping.megatron_param.endswith(_FUSED_NORMS):
                 return "replicated"  # a Transformer Engine norm fused into the next linear
             return None
-        kinds = {mapping._detect_parallelism_type(self.chunk.get_submodule(name.rpartition(".")[0]))
-                 for name in names}
+        kinds = {self.module_kind(mapping, name) for name in names}
         if len(kinds) != 1:
             raise TableError(f"{mapping.megatron_param}: modules of several parallel kinds {sorted(kinds)}")
         return kinds.pop()
@@ -202,8 +225,27 @@ def _wildcarded(name: str, resolver: Resolver) -> str:
     return ".".join(parts)
 
 
-def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> list[GeneratedRule]:
-    """Rules for a ``prefix.**`` mapping, one per parameter of the tiny models' subtree."""
+def renamed(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """``name`` (Megatron-Bridge's spelling) with the first fitting ``(bridge's prefix, saved
+    prefix)`` pair applied (:data:`~bridge_ext.tables.architecture_notes.HF_NAME_RENAMES`)."""
+    for bridge_prefix, saved_prefix in renames:
+        if name.startswith(bridge_prefix):
+            return saved_prefix + name[len(bridge_prefix):]
+    return name
+
+
+def bridge_spelling(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """A saved name as Megatron-Bridge spells it (the inverse of :func:`renamed`)."""
+    for bridge_prefix, saved_prefix in renames:
+        if name.startswith(saved_prefix):
+            return bridge_prefix + name[len(saved_prefix):]
+    return name
+
+
+def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None,
+                   renames: tuple[tuple[str, str], ...] = ()) -> list[GeneratedRule]:
+    """Rules for a ``prefix.**`` mapping, one per parameter of the tiny models' subtree (the
+    saved names read in the bridge's spelling where ``renames`` differ, the rules writing the saved ones)."""
     from megatron.bridge.models.conversion import param_mapping as pm
 
     label = f"{type(mapping).__name__} of {mapping.megatron_param} -> {mapping.hf_param}"
@@ -218,7 +260,8 @@ def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> l
     hf_prefix = _subtree_prefix(mapping.hf_param, "Hugging Face", mapping) + "."
     megatron_names = resolver.parameters_under(megatron_prefix)
     megatron_rest = [name[len(megatron_prefix):] for name in megatron_names]
-    hf_rest = sorted(name[len(hf_prefix):] for name in hf_names if name.startswith(hf_prefix))
+    bridge_names = [bridge_spelling(name, renames) for name in hf_names]
+    hf_rest = sorted(name[len(hf_prefix):] for name in bridge_names if name.startswith(hf_prefix))
     if not megatron_rest:
         raise TableError(f"{label}: the tiny Megatron model has no parameter under {megatron_prefix}")
     if sorted(megatron_rest) != hf_rest:
@@ -230,7 +273,7 @@ def expand_subtree(mapping, resolver: Resolver, hf_names: list[str] | None) -> l
     for name, rest in zip(megatron_names, megatron_rest):
         tp = "replicated" if kind is pm.ReplicatedMapping else resolver.module_kind(mapping, name)
         pattern = _wildcarded(name, resolver)
-        hf = hf_prefix + pattern[len(megatron_prefix):]
+        hf = renamed(hf_prefix + pattern[len(megatron_prefix):], renames)
         text = _rule(pattern, hf, tp=_quoted(tp) if tp != "column" else "")
         if rules.setdefault(pattern, GeneratedRule(pattern, text)).text != text:
             raise TableError(f"{label}: {pattern} has children of several parallel kinds")
@@ -257,9 +300,22 @@ def _rule(megatron: str, hf: str | list[str], ops: str = "", **options: str) -> 
     pad = " " * 12
     if len(pad + hf_text) > 118:
         hf_text = "[\n" + "".join(f"{pad}    {_quoted(name)},\n" for name in hf) + pad + "]"
-    arguments = [_quoted(megatron), hf_text, *([ops.removeprefix(", ")] if ops else []),
-                 *(f"{key}={value}" for key, value in options.items() if value)]
+    op_texts = [ops.removeprefix(", ")] if ops else []
+    if ops and len(pad + op_texts[0]) > 118:  # one operation a line
+        op_texts = _top_level_parts(op_texts[0])
+    arguments = [_quoted(megatron), hf_text, *op_texts, *(f"{key}={value}" for key, value in options.items() if value)]
     return "rule(\n" + "".join(f"{pad}{argument},\n" for argument in arguments) + " " * 8 + ")"
+
+
+def _top_level_parts(text: str) -> list[str]:
+    """``text`` cut at the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            parts.append(text[start:index].strip())
+            start = index + 1
+    return [*parts, text[start:].strip()]
 
 
 def _fused_expert_name(per_expert: str, parameter: str) -> str:
@@ -272,21 +328,31 @@ class _Translation:
     rules: list[GeneratedRule]
     absent: list[str]
     expert_parameters: tuple[str, ...] | None
-    uses_mamba: bool = False
+    sized_splits: tuple[SizedSplitKind, ...] = ()
+    vision_sizes: object | None = None  # the table's VisionSizes, where its rules name them
     wide_layer_type: str | None = None  # HEAD_WIDTH_QKV_KINDS: the layer type of global_head_dim
 
 
 def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] | None, *,
-              model_type: str | None = None, hf_names: list[str] | None = None) -> _Translation:
+              model_type: str | None = None, hf_names: list[str] | None = None, hf_config=None) -> _Translation:
     """Rules for Megatron-Bridge ``mappings``; refuses a mapping kind it does not know.
 
     ``hf_names``: the tiny Hugging Face checkpoint's tensor names (``**`` subtrees are expanded
-    against them); towers are translated only for a model type of ``TOWERS_GENERATED``."""
+    against them); towers are translated only for a model type of ``TOWERS_GENERATED``. Hugging
+    Face names are written as transformers saves them (``HF_NAME_RENAMES``);
+    ``hf_config``: the tiny model's config (a fused ``qkv``'s sizes are checked against it)."""
     from megatron.bridge.models.conversion import param_mapping as pm
+
+    renames = HF_NAME_RENAMES.get(model_type, ())
+
+    def hf_pattern(mb_pattern: str, mapping) -> str:
+        return renamed(_pattern(mb_pattern, "Hugging Face", mapping), renames)
 
     rules: list[GeneratedRule] = []
     absent: list[str] = []
-    uses_experts = uses_mamba = False
+    uses_experts = False
+    sized_splits: list[SizedSplitKind] = []
+    vision_sizes = None
     fused_parameters: list[tuple[str, str]] = []  # (fused parameter named, mapping)
 
     def add(megatron: str, text: str) -> None:
@@ -304,18 +370,18 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         if name.startswith(MTP_PREFIXES) or (name.startswith(LEFT_OUT_PREFIXES) and model_type not in TOWERS_GENERATED):
             continue
         if isinstance(mapping.hf_param, str) and name.endswith("**"):
-            rules.extend(expand_subtree(mapping, resolver, hf_names))
+            rules.extend(expand_subtree(mapping, resolver, hf_names, renames))
             continue
         kind = _kind(mapping)
         megatron = _pattern(name, "Megatron", mapping)
         is_expert = "{expert}" in megatron
         if _path(type(mapping)) in HEAD_WIDTH_QKV_KINDS:
             wide_layer_type = HEAD_WIDTH_QKV_KINDS[_path(type(mapping))]
-            hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
+            hf = [hf_pattern(mapping.hf_param[part], mapping) for part in ("q", "k", "v")]
             add_parts(megatron, hf, ', SplitQKVHeadDims("num_attention_heads", "num_query_groups", "head_dim", '
                                     '"global_head_dim")', lora_parts='("q", "k", "v")' if name.endswith(".weight") else "")
         elif _path(type(mapping)) in HEAD_GROUP_QKV_KINDS:
-            hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
+            hf = [hf_pattern(mapping.hf_param[part], mapping) for part in ("q", "k", "v")]
             add(megatron, _rule(megatron, hf, ', SplitHeadGroups("num_attention_heads", "head_dim", "v_head_dim")',
                                 lora_parts='("q", "k", "v")' if name.endswith(".weight") else ""))
         elif kind in (pm.AutoMapping, pm.ColumnParallelMapping, pm.RowParallelMapping, pm.ReplicatedMapping,
@@ -329,7 +395,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             if tp is None:
                 absent.append(name)
                 continue
-            hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
+            hf = hf_pattern(mapping.hf_param, mapping)
             ops = _vocab_ops(megatron) + (", AddOne()" if kind is pm.RMSNorm2ZeroCenteredRMSNormMapping else "")
             ops += ", Transpose()" if permute else ""  # a matrix Hugging Face stores [in, out]
             ops += "".join(f", {op}" for op in _extra_ops(mapping))
@@ -343,19 +409,26 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
             else:
                 add_parts(megatron, hf, ops, tp=_quoted(tp) if tp != "column" else "")
         elif kind is pm.QKVMapping:
-            hf = [_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("q", "k", "v")]
+            hf = [hf_pattern(mapping.hf_param[part], mapping) for part in ("q", "k", "v")]
             parts = '("q", "k", "v")' if name.endswith(".weight") else ""
             add(megatron, _rule(megatron, hf, ', SplitGroupedRows("q_rows_per_group", "head_dim", "head_dim")',
                                 lora_parts=parts))
-        elif kind in (pm.MambaInProjMapping, pm.MambaConv1dMapping):
-            # per tensor-parallel rank [z_r; x_r; B_r; C_r; dt_r] (conv1d: [x_r; B_r; C_r]) in Megatron,
-            # one [z; x; B; C; dt] in Hugging Face (Megatron-Bridge's param_mapping)
-            parts = "MAMBA_IN_PROJ_PARTS" if kind is pm.MambaInProjMapping else "MAMBA_CONV_PARTS"
-            hf = _pattern(mapping.hf_param, "Hugging Face", mapping)
-            add(megatron, _rule(megatron, hf, f", SplitRows(*{parts}), Concat({parts})"))
-            uses_mamba = True
+        elif _path(kind) in SIZED_SPLIT_KINDS:
+            sized = SIZED_SPLIT_KINDS[_path(kind)]
+            hf = hf_pattern(mapping.hf_param, mapping)
+            add(megatron, _rule(megatron, hf, f", SplitRows(*{sized.parts}), Concat({sized.parts})"))
+            sized_splits += [] if sized in sized_splits else [sized]
+        elif kind is pm.ConcatenatedQKVMapping:
+            tower = name.startswith(LEFT_OUT_PREFIXES)
+            if tower:
+                vision_sizes = _vision_sizes(model_type, mapping)
+            sizes = _fused_qkv_sizes(mapping, resolver, hf_config, vision_sizes if tower else None)
+            if resolver.kind(mapping._tp_mapping) != "column":  # the split is per rank: whole query groups
+                raise TableError(f"ConcatenatedQKVMapping of {name}: its linear is not column-parallel")
+            hf = hf_pattern(mapping.hf_param, mapping)
+            add(megatron, _rule(megatron, hf, f", SplitGroupedRows({sizes}), Concat(({sizes}))"))
         elif kind is pm.GatedMLPMapping:
-            gate, up = (_pattern(mapping.hf_param[part], "Hugging Face", mapping) for part in ("gate", "up"))
+            gate, up = (hf_pattern(mapping.hf_param[part], mapping) for part in ("gate", "up"))
             if is_expert:
                 uses_experts = True
                 add(megatron, _rule(megatron, [gate, up], ", SplitRows(1, 1)", variant='EXPERTS.variant("per_expert")',
@@ -375,7 +448,49 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
         if parameter not in (expert_parameters or ()):
             raise TableError(f"{name}: the fused experts parameter {parameter} is not one of transformers' experts "
                              f"module parameters {list(expert_parameters or ())}")
-    return _Translation(rules, absent, expert_parameters if uses_experts else None, uses_mamba, wide_layer_type)
+    return _Translation(rules, absent, expert_parameters if uses_experts else None, tuple(sized_splits),
+                        vision_sizes, wide_layer_type)
+
+
+def _vision_sizes(model_type: str | None, mapping):
+    """The table's ``VisionSizes``, from the reviewed :data:`VISION_SIZE_FIELDS`."""
+    from bridge_ext.tables.sizes import VisionSizes
+
+    fields = VISION_SIZE_FIELDS.get(model_type)
+    if fields is None:
+        raise TableError(f"ConcatenatedQKVMapping of {mapping.megatron_param}: architecture_notes.VISION_SIZE_FIELDS "
+                         f"names no vision_config fields of {model_type}'s tower heads")
+    return VisionSizes(*fields)
+
+
+def _vision_sizes_source(sizes) -> str:
+    fields = f"heads={_quoted(sizes.heads)}"
+    return f"VisionSizes({fields}" + (f", key_value_heads={_quoted(sizes.key_value_heads)})"
+                                      if sizes.key_value_heads else ")")
+
+
+def _fused_qkv_sizes(mapping, resolver: Resolver, hf_config, vision_sizes) -> str:
+    """The named sizes (source text) of one query group's ``[q heads; k; v]`` rows, after checking
+    that the tiny Megatron module's attention has the sizes the table reads from the tiny config."""
+    from bridge_ext.dims import ModelDims
+
+    label = f"ConcatenatedQKVMapping of {mapping.megatron_param}"
+    if hf_config is None:
+        raise TableError(f"{label}: no Hugging Face config to check its sizes against")
+    if vision_sizes is None:
+        names, keys = ("q_rows_per_group", "head_dim"), ("num_attention_heads", "num_query_groups", "head_dim")
+        extra = ()
+    else:
+        names, keys = ("vision_q_rows_per_group", "vision_head_dim"), ("vision_heads", "vision_query_groups",
+                                                                        "vision_head_dim")
+        extra = (vision_sizes,)
+    dims = ModelDims.from_hf_config(hf_config, extra)
+    expected = tuple(dims[key] for key in keys)
+    found = resolver.attention_sizes(mapping.megatron_param)
+    if found != {expected}:
+        raise TableError(f"{label}: the tiny Megatron attention has (heads, query groups, head width) "
+                         f"{sorted(found)}, the table would read {expected} from the config")
+    return ", ".join(_quoted(name) for name in (names[0], names[1], names[1]))
 
 
 def _kind(mapping) -> type:
@@ -440,16 +555,16 @@ def in_memory_prefixes_of(pairs: list[tuple[str, str]]) -> tuple[tuple[str, str]
     return ordered
 
 
-def _mamba_sizes(bridge) -> str:
-    """The table's ``MambaSizes`` (source text): the Hugging Face fields the bridge's
-    ``CONFIG_MAPPING`` maps to megatron-core's Mamba sizes."""
+def _split_sizes(bridge, sized: SizedSplitKind) -> str:
+    """The table's sizes entry (source text) of a :class:`SizedSplitKind`: the Hugging Face fields
+    the bridge's ``CONFIG_MAPPING`` maps to its megatron-core fields."""
     hf_of = {megatron: hf for hf, megatron in bridge.CONFIG_MAPPING if isinstance(hf, str)}
-    missing = [megatron for _, megatron in _MAMBA_SIZE_FIELDS if megatron not in hf_of]
+    missing = [megatron for _, megatron in sized.size_fields if megatron not in hf_of]
     if missing:
-        raise TableError(f"{bridge.__name__} maps Mamba mixers but its CONFIG_MAPPING names no Hugging Face field "
-                         f"for {', '.join(missing)}")
-    fields = ", ".join(f"{field}={_quoted(hf_of[megatron])}" for field, megatron in _MAMBA_SIZE_FIELDS)
-    return f"MambaSizes({fields})"
+        raise TableError(f"{bridge.__name__} maps mixers split by {sized.sizes_class} but its CONFIG_MAPPING names "
+                         f"no Hugging Face field for {', '.join(missing)}")
+    fields = ", ".join(f"{field}={_quoted(hf_of[megatron])}" for field, megatron in sized.size_fields)
+    return f"{sized.sizes_class}({fields})"
 
 
 def _is_image_text(model_type: str) -> bool:
@@ -512,6 +627,15 @@ def _checked_builder(model_type: str, translation: _Translation) -> list[str]:
     return lines
 
 
+def _sizes_imports(translation: _Translation) -> list[str]:
+    blocks = sorted({name for sized in translation.sized_splits for name in (sized.parts, sized.stored_parts)})
+    sizes = sorted({sized.sizes_class for sized in translation.sized_splits}
+                   | ({"VisionSizes"} if translation.vision_sizes else set())
+                   | ({"LayerTypeSizes"} if translation.wide_layer_type else set()))
+    return [*([f"from bridge_ext.tables.blocks import {', '.join(blocks)}"] if blocks else []),
+            *([f"from bridge_ext.tables.sizes import {', '.join(sizes)}"] if sizes else [])]
+
+
 def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
            in_memory_prefixes: tuple[tuple[str, str], ...] = ()) -> str:
     from bridge_ext.tables.architecture_notes import COMPANION_FILES, LEFT_OUT_NOTES, UNCOMPARED
@@ -530,6 +654,10 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
         *(["'**' subtrees expanded on the tiny models (proven by the conformance entry of this model type)."]
           if model_type in TOWERS_GENERATED else []),
     ]
+    if model_type in HF_NAME_RENAMES:  # reviewed by hand: bridge_ext.tables.architecture_notes.HF_NAME_RENAMES
+        pairs = "; ".join(f"{bridge} -> {saved}" for bridge, saved in HF_NAME_RENAMES[model_type])
+        lines += ["", *textwrap.wrap("The bridge's Hugging Face names are written as transformers saves them "
+                                     "(architecture_notes.HF_NAME_RENAMES): " + pairs, 96)]
     if model_type in LEFT_OUT_NOTES:  # reviewed by hand: bridge_ext.tables.architecture_notes.LEFT_OUT_NOTES
         lines += ["", *textwrap.wrap("Also left out: " + LEFT_OUT_NOTES[model_type], 96)]
     if translation.absent:
@@ -551,9 +679,7 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
                "from bridge_ext.table import ExpertFamily, MappingTable, rule"),
               *([f"from {check_module} import {check}", "from bridge_ext.tables.layer_rules import CheckedTable, "
                  "LastLayersRules"] if checked else []),
-              *(["from bridge_ext.tables.sizes import LayerTypeSizes"] if translation.wide_layer_type else []),
-              *(["from bridge_ext.tables.blocks import MAMBA_CONV_PARTS, MAMBA_IN_PROJ_PARTS, MAMBA_STORED_PARTS",
-                 "from bridge_ext.tables.sizes import MambaSizes"] if translation.uses_mamba else []),
+              *_sizes_imports(translation),
               *(["from bridge_ext.tables.config_fields import standard"] if uncompared else []), "",
               f'MEGATRON_BRIDGE_VERSION = "{megatron_bridge_version()}"']
     families = "()"
@@ -571,11 +697,16 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     if _is_image_text(model_type):  # the Auto class that loads its folders (MappingTable.hf_auto_class)
         lines.append('    hf_auto_class="AutoModelForImageTextToText",')
     lines.append(f"    expert_families={families},")
-    if translation.uses_mamba:  # the mixer's splits name these sizes; torch_dist stores its parts apart
-        lines += ["    sizes=(", f"        {_mamba_sizes(bridge)},", "    ),",
-                  "    stored_split_parts=MAMBA_STORED_PARTS,"]
-    if translation.wide_layer_type:  # SplitQKVHeadDims' global_head_dim: that layer type's, per layer
-        lines.append(f'    sizes=(LayerTypeSizes({_quoted(translation.wide_layer_type)}, (("global_head_dim", "head_dim"),)),),')
+    sizes = [*sorted({_split_sizes(bridge, sized) for sized in translation.sized_splits}),
+             *([_vision_sizes_source(translation.vision_sizes)] if translation.vision_sizes else []),
+             # SplitQKVHeadDims' global_head_dim: that layer type's, per layer
+             *([f'LayerTypeSizes({_quoted(translation.wide_layer_type)}, (("global_head_dim", "head_dim"),))']
+               if translation.wide_layer_type else [])]
+    if sizes:  # the rules' operations name these sizes
+        lines += ["    sizes=(", *(f"        {each}," for each in sizes), "    ),"]
+    if translation.sized_splits:  # torch_dist stores the mixer's parts apart
+        stored = sorted({sized.stored_parts for sized in translation.sized_splits})
+        lines.append(f"    stored_split_parts={' + '.join(stored)},")
     if model_type in COMPANION_FILES:  # reviewed by hand: bridge_ext.tables.architecture_notes.COMPANION_FILES
         lines.append(f"    companion_files=({', '.join(_quoted(name) for name in COMPANION_FILES[model_type])},),")
     published = PUBLISHED_PREFIXES.get(model_type, ())
@@ -601,6 +732,14 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
         lines.append("    in_memory_renames=(")
         lines += [f"        ({_quoted(saved)}, {_quoted(loaded)})," for saved, loaded in renames]
         lines.append("    ),")
+    refused = REFUSED_CONFIG_FIELDS.get(model_type)
+    if refused:  # reviewed by hand: bridge_ext.tables.architecture_notes.REFUSED_CONFIG_FIELDS
+        lines.append("    refused_config_fields={")
+        for name, why in refused.items():
+            lines.append(f"        {_quoted(name)}: (")
+            lines += [f"            {_quoted(piece)}" for piece in textwrap.wrap(why, 80, drop_whitespace=False)]
+            lines.append("        ),")
+        lines.append("    },")
     if uncompared:  # reviewed by hand: bridge_ext.tables.architecture_notes.UNCOMPARED
         lines.append("    config_fields=standard({")
         for name, why in uncompared.items():

@@ -200,6 +200,75 @@ def test_a_subtree_whose_two_sides_differ_is_refused_naming_the_mapping():
         expand_subtree(ReplicatedMapping("audio.**", "audio.**"), tiny.resolver, hf_names)
 
 
+def test_a_subtree_is_compared_in_the_bridge_s_spelling_and_written_in_the_saved_one():
+    """HF_NAME_RENAMES (Qwen3-ASR): the bridge names the remote code's thinker.*, transformers saves
+    model.*, and a module inside the tower (proj1) is saved elsewhere (multi_modal_projector)."""
+    from megatron.bridge.models.conversion.param_mapping import ReplicatedMapping
+
+    from bridge_ext.table_generate import bridge_spelling, expand_subtree, renamed
+
+    tiny = _Resolver()
+    renames = (("thinker.visual.norm.", "model.projector.norm."), ("thinker.visual.", "model.visual."))
+    saved = [renamed(name.replace("visual.", "thinker.visual.", 1), renames) for name in tiny.names]
+    assert "model.projector.norm.bias" in saved and bridge_spelling("model.projector.norm.bias", renames) == \
+        "thinker.visual.norm.bias"
+    rules = expand_subtree(ReplicatedMapping("visual.**", "thinker.visual.**"), tiny.resolver, saved, renames)
+    assert rules[0].text == ('rule("visual.blocks.{blocks}.mlp.0.weight", "model.visual.blocks.{blocks}.mlp.0.weight", '
+                             'tp="replicated")')
+    assert rules[-1].text == 'rule("visual.norm.bias", "model.projector.norm.bias", tp="replicated")'
+    with pytest.raises(TableError, match=r"only in Megatron: \['norm\.bias'\]"):  # compared in the bridge's spelling
+        expand_subtree(ReplicatedMapping("visual.**", "thinker.visual.**"), tiny.resolver,
+                       [name for name in saved if name != "model.projector.norm.bias"], renames)
+
+
+def _fused_qkv_tower(groups: int):
+    """A tiny model's tower attention (4 heads of 8 in ``groups`` query groups) and its config."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoConfig
+
+    from bridge_ext.table_generate import Resolver
+
+    class ColumnParallelLinear(torch.nn.Linear):  # Megatron-Bridge reads the kind off the class name
+        config = SimpleNamespace(num_attention_heads=4, num_query_groups=groups, kv_channels=8, hidden_size=32)
+
+    chunk = torch.nn.Module()
+    chunk.vision_model = torch.nn.Module()
+    chunk.vision_model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    chunk.vision_model.layers[0].linear_qkv = ColumnParallelLinear(32, 32 + 2 * groups * 8)
+    config = AutoConfig.for_model("exaone4_5", text_config=dict(model_type="exaone4", hidden_size=64, head_dim=16),
+                                  vision_config=dict(hidden_size=32, num_heads=4, num_key_value_heads=2))
+    return Resolver(chunk), config
+
+
+def test_a_fused_qkv_splits_by_the_tower_s_sizes_checked_on_the_tiny_model():
+    """ConcatenatedQKVMapping (one Hugging Face qkv): per query group [q heads; k; v] gathered, then
+    joined; under a tower prefix by the VisionSizes of architecture_notes.VISION_SIZE_FIELDS, which
+    must give the tiny Megatron attention's own heads, groups and head width."""
+    from megatron.bridge.models.conversion.param_mapping import ConcatenatedQKVMapping
+
+    from bridge_ext.table_generate import translate
+    from bridge_ext.tables.sizes import VisionSizes
+
+    mapping = ConcatenatedQKVMapping("vision_model.layers.*.linear_qkv.weight", "model.visual.blocks.*.attn.qkv.weight")
+    resolver, config = _fused_qkv_tower(groups=2)
+    translation = translate([mapping], resolver, None, model_type="exaone4_5", hf_config=config)
+    sizes = '"vision_q_rows_per_group", "vision_head_dim", "vision_head_dim"'
+    assert [each.text for each in translation.rules] == [
+        f'rule(\n            "vision_model.layers.{{layer}}.linear_qkv.weight",\n'
+        f'            "model.visual.blocks.{{layer}}.attn.qkv.weight",\n'
+        f"            SplitGroupedRows({sizes}),\n            Concat(({sizes})),\n        )"]
+    assert translation.vision_sizes == VisionSizes("num_heads", "num_key_value_heads")
+    assert VisionSizes("num_heads", "num_key_value_heads").read(config)["vision_q_rows_per_group"] == 16
+    resolver, config = _fused_qkv_tower(groups=4)  # the config says 2 key / value heads
+    with pytest.raises(TableError, match=r"the tiny Megatron attention has \(heads, query groups, head width\) "
+                                         r"\[\(4, 4, 8\)\], the table would read \(4, 2, 8\)"):
+        translate([mapping], resolver, None, model_type="exaone4_5", hf_config=config)
+    with pytest.raises(TableError, match=r"VISION_SIZE_FIELDS names no vision_config fields of mistral3"):
+        translate([mapping], resolver, None, model_type="mistral3", hf_config=config)  # a tower generated
+
+
 def test_in_memory_prefixes_are_read_off_name_pairs_or_refused():
     from bridge_ext.table_generate import in_memory_prefixes_of
 
@@ -234,8 +303,9 @@ def test_fused_expert_names_must_be_transformers_experts_parameters():
         translate([mapping], resolver=None, expert_parameters=("w13", "w2"))
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "hy_v3", "falcon_h1", "gemma4_text"])  # hy_v3: in_memory_renames;
-# falcon_h1: Mamba; gemma4_text: per-layer head widths, KV-shared layers, a config check
+# hy_v3: in_memory_renames; falcon_h1: Mamba; qwen3_asr: HF_NAME_RENAMES, refused_config_fields;
+# gemma4_text: per-layer head widths, KV-shared layers, a config check
+@pytest.mark.parametrize("model_type", ["mistral", "hy_v3", "falcon_h1", "qwen3_asr", "gemma4_text"])
 def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu, model_type):
     from bridge_ext_testing.generate_tables import generate
 

@@ -25,12 +25,16 @@ from bridge_ext.errors import ExportError
 from bridge_ext.hf_keys import hf_checkpoint_keys
 from bridge_ext.verify import Report, check_model_folder, compare_logits, hf_logits, load_adapter_strict, load_hf_model
 from bridge_ext.tables import generated_model_types, table_for
+from bridge_ext.table_generate import renamed
+from bridge_ext.tables.architecture_notes import HF_NAME_RENAMES
 
 PROVEN = sorted(set(TINY) & generated_model_types())
 #: Post-norm linears (linear_proj / linear_fc2 normalise their own output) take no LoRA (refused)
 POST_NORM_TARGETS = ("linear_qkv", "linear_fc1")
 LORA_TARGETS = {"gemma2": POST_NORM_TARGETS, "gemma3_text": POST_NORM_TARGETS, "gemma3": POST_NORM_TARGETS,
                 "exaone4": POST_NORM_TARGETS,
+                # the vision tower's linears normalise nothing: LoRA on all of them (its patch merger too)
+                "exaone4_5": (*POST_NORM_TARGETS, "*vision_model*.linear_proj", "*vision_model*.linear_fc2"),
                 # the Mamba mixer's in_proj too (PEFT refuses LoRA on Mamba's out_proj)
                 "falcon_h1": ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj"),
                 # Qwen3-Omni's vision MLPs are named linear_fc1 / fc2 too: LoRA on the language model only
@@ -56,6 +60,19 @@ MB_LORA_EXPORT_RAISES = {"mimo_v2_flash": r"shape .* is invalid for input of siz
                          "gemma4_text": r"shape .* is invalid for input of size"}
 #: Megatron cannot run these forward on CPU: the reference is transformers' forward of the merged
 #: export (whose weights the first test proves equal to Megatron-Bridge's own merge)
+#: Megatron-Bridge 0.6.2 merges and exports a LoRA of a linear_qkv whose Hugging Face tensor is one fused
+#: qkv (ConcatenatedQKVMapping: EXAONE 4.5's vision attention) in Megatron's row order (per query group
+#: [q heads; k; v]): its _merge_lora_adapter_weights reorders only q_proj / k_proj / v_proj triples, so it
+#: adds B A unpermuted to Hugging Face's [Q; K; V], and its adapter export writes B so. There its tensors
+#: are shown to be exactly that; ours are proven by the vision tower's forward (test_vision_tower_...).
+#: Hugging Face name pattern -> the Megatron linear it comes from.
+MB_FUSED_QKV_LORA = {"exaone4_5": (r"model\.visual\.blocks\.(\d+)\.attn\.qkv\.",
+                                   r"vision_model.decoder.layers.\1.self_attention.linear_qkv.")}
+#: Image-text types whose tower is Megatron-Bridge's own Megatron-Core module, LoRA on its linears:
+#: Megatron's features of an image against transformers + PEFT's. Megatron-Bridge 0.6.2 builds EXAONE
+#: 4.5's tower norms with eps 1e-5 (get_vision_model_config), transformers 5.23 with 1e-6: model type ->
+#: Megatron's epsilon, which transformers' norms are also run with to show that it is the whole difference.
+TOWER_FORWARD = {"exaone4_5": 1e-5}
 NO_MEGATRON_FORWARD = {"falcon_h1": "megatron-core's Mamba mixer runs only with mamba_ssm's CUDA kernels"}
 MEGATRON_SPELLINGS = ("base_layer", "to_wrap", "decoder.", "linear_qkv", "linear_fc", "linear_proj", ".adapter.")
 
@@ -94,15 +111,24 @@ def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
         assert [name for name in base if not torch.equal(base[name], theirs[name])] == []
         return
     ours = dict(export_hf_weights(built.chunks, peft=False))
-    theirs = dict(built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False))
+    # Megatron-Bridge's names, as transformers saves them where the bridge spells them otherwise
+    # (HF_NAME_RENAMES: Qwen3-ASR's remote-code thinker.* names)
+    renames = HF_NAME_RENAMES.get(config.model_type, ())
+    theirs = {renamed(name, renames): tensor for name, tensor in
+              built.bridge.export_hf_weights(built.chunks, cpu=True, show_progress=False)}
     assert sorted(ours) == sorted(theirs)
-    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+    differ = [name for name in ours if not torch.equal(ours[name], theirs[name])]
+    assert differ == _megatron_bridge_fused_qkv_lora(built, config, original, theirs, merged=True)
     # Megatron-Bridge names adapters as the checkpoint; PEFT keys them as transformers holds the
     # model in memory (the table's in_memory_renames, e.g. HY-V3's mlp.shared_mlp -> shared_experts)
-    saved = dict(built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False))
+    saved = {renamed(name, renames): tensor for name, tensor in
+             built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False)}
     theirs = {table_for(config).in_memory_name(name): tensor for name, tensor in saved.items()}
     assert sorted(adapters) == sorted(theirs)
-    assert [name for name in adapters if not torch.equal(adapters[name], theirs[name])] == []
+    differ = [name for name in adapters if not torch.equal(adapters[name], theirs[name])]
+    assert differ == _megatron_bridge_fused_qkv_lora(built, config, original, theirs, merged=False)
+    saved = {name: adapters[table_for(config).in_memory_name(name)] if table_for(config).in_memory_name(name) in differ
+             else tensor for name, tensor in saved.items()}  # ours where theirs is wrong (known error above)
     # for vLLM: the saved names its modules carry (per expert, as most of these classes' vLLM models
     # wrap experts), under the in-memory prefixes (in_memory_prefixes)
     table = table_for(config)
@@ -141,6 +167,60 @@ def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
     relative = compare_logits(ours, reference, report, what="HF + adapter", relative_tolerance=TOLERANCE.get(_model_type(built), 1e-5))
     without_adapter = hf_logits(_text_model(load_hf_model(tmp_path / "model")), input_ids)
     assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+
+
+def _megatron_bridge_fused_qkv_lora(built, config, original, theirs, *, merged: bool) -> list[str]:
+    """The names of :data:`MB_FUSED_QKV_LORA` in Megatron-Bridge's export ``theirs``, each checked to
+    be its known error: the merged weight the file's plus B A (scaled) in Megatron's row order, the
+    adapter's B in that order."""
+    import re
+
+    if config.model_type not in MB_FUSED_QKV_LORA:
+        return []
+    pattern, megatron = MB_FUSED_QKV_LORA[config.model_type]
+    parameters = dict(built.chunks[0].named_parameters())
+    kind = "weight" if merged else "lora_B.weight"
+    names = [name for name in theirs if re.match(pattern + re.escape(kind) + "$", name)]
+    assert names
+    scale = built.lora.alpha / built.lora.dim
+    for name in names:
+        prefix = re.sub(pattern + ".*", megatron, name)
+        lora_a, lora_b = (parameters[f"{prefix}adapter.linear_{side}.weight"] for side in ("in", "out"))
+        expected = original[name] + scale * lora_b @ lora_a if merged else lora_b
+        assert torch.allclose(theirs[name], expected, rtol=0, atol=1e-6), name
+    return names
+
+
+@pytest.mark.parametrize("built", sorted(TOWER_FORWARD), indirect=True)
+def test_vision_tower_features_equal_megatron_s(built, tmp_path):
+    """The tower's base weights and adapters (the fused qkv of grouped KV heads, the gated MLP,
+    the patch merger) as Megatron computes with them, on a 12 x 12 patch image (window attention
+    over 2 x 2 windows, one block of full attention)."""
+    from bridge_ext_testing.qwen35 import cpu_current_device
+
+    vision = json.loads((built.hf_dir / "config.json").read_text())["vision_config"]
+    grid = torch.tensor([[1, 12, 12]])
+    width = vision["in_channels"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+    pixels = torch.randn(144, width, generator=torch.Generator().manual_seed(0))
+    tower = built.chunks[0].vision_model
+    tower.eval()
+    with torch.no_grad(), cpu_current_device():
+        reference = tower(pixels, grid)
+    save_hf_pretrained(built.chunks, tmp_path / "model", tmp_path / "adapter")
+    peft_model = load_adapter_strict(load_hf_model(tmp_path / "model"), tmp_path / "adapter", Report())
+
+    def relative(model) -> float:
+        with torch.no_grad():
+            features = model.model.visual(pixels, grid_thw=grid).pooler_output
+        return float((features - reference).abs().max() / reference.abs().max())
+
+    ours = relative(peft_model.get_base_model())
+    assert ours < 1e-4
+    assert relative(load_hf_model(tmp_path / "model")) > 1000 * ours  # the adapters change the features
+    for module in peft_model.get_base_model().model.visual.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = TOWER_FORWARD[_model_type(built)]
+    assert relative(peft_model.get_base_model()) < 1e-6
 
 
 def _model_type(built) -> str:
@@ -197,3 +277,50 @@ def test_mimo_v2_flash_megatron_slides_one_token_less_than_transformers(megatron
 
     assert relative(4) < 1e-5
     assert relative(5) > 1e-3
+
+
+def test_qwen3_asr_audio_tower_export_gives_megatron_s_audio_features(megatron_cpu, tmp_path):
+    """The tower and projector rules (Megatron-Bridge's thinker.audio_tower.* written as transformers
+    saves them, proj1 / proj2 as multi_modal_projector.linear_1 / linear_2): transformers' audio
+    features of the exported folder are those of the Megatron model's own tower."""
+    from bridge_ext_testing.forward import _unwrap
+
+    hf_dir = tiny_generated(tmp_path / "hf", "qwen3_asr")
+    model = build_megatron_model(hf_dir)
+    save_hf_pretrained(model.chunks, tmp_path / "model")
+    frames = 2 * 100  # two chunks of 2 * n_window mel frames, 13 positions each
+    features = torch.randn(1, 16, frames, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tower = _unwrap(model.chunks[0]).thinker.audio_model.eval()
+        reference = tower(features[0], feature_lens=torch.tensor([frames])).last_hidden_state
+        ours = load_hf_model(tmp_path / "model").get_audio_features(
+            features, torch.ones(1, frames, dtype=torch.long)).pooler_output
+    assert ours.shape == reference.shape == (26, 64)
+    assert float((ours - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
+def test_qwen3_asr_remote_code_config_is_refused(megatron_cpu, tmp_path):
+    """transformers 5.23 reads the remote-code config.json (thinker_config) as its own Qwen3ASRConfig
+    of default sizes: an export given it is refused before the first tensor."""
+    from transformers import AutoConfig
+
+    from bridge_ext_testing.qwen3_asr import twin_path
+
+    hf_dir = tiny_generated(tmp_path / "hf", "qwen3_asr")
+    model = build_megatron_model(hf_dir)
+    remote = AutoConfig.from_pretrained(str(twin_path(hf_dir)))
+    assert remote.text_config.hidden_size != 64 and isinstance(remote.thinker_config, dict)  # defaults, silently
+    with pytest.raises(ExportError, match=r"model_type 'qwen3_asr': the config has thinker_config: the remote-code "):
+        next(export_hf_weights(model.chunks, hf_config=twin_path(hf_dir)))
+
+
+def test_qwen3_asr_untied_output_layer_is_refused(megatron_cpu, tmp_path):
+    """The table is proven with tied embeddings; an untied model's output layer has no rule (the
+    tiny model lacked it as the table was generated) and is refused before the first tensor."""
+    from bridge_ext_testing.tiny_generated import TINY
+
+    text_config = {**TINY["qwen3_asr"]["text_config"], "tie_word_embeddings": False}
+    untied = {"tie_word_embeddings": False, "text_config": text_config}
+    model = build_megatron_model(tiny_generated(tmp_path / "hf", "qwen3_asr", overrides=untied))
+    with pytest.raises(ExportError, match=r"thinker\.language_model\.output_layer\.weight"):
+        next(export_hf_weights(model.chunks))

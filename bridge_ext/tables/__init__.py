@@ -110,7 +110,8 @@ def registered_table(model_type: str) -> Table | None:
 def table_for(config_or_model_type) -> MappingTable:
     """The table for a Hugging Face config (or ``model_type``: tables that need no config).
 
-    Raises ExportError for an unknown model type, listing the known ones.
+    Raises ExportError for an unknown model type, listing the known ones, and for a config
+    carrying one of the table's ``refused_config_fields``.
     """
     by_name = isinstance(config_or_model_type, str)
     model_type = config_or_model_type if by_name else config_or_model_type.model_type
@@ -120,11 +121,19 @@ def table_for(config_or_model_type) -> MappingTable:
             f"no mapping table for model_type {model_type!r}; known: {', '.join(known_model_types())}. "
             "Write one and add it with bridge_ext.register_table (see docs/adding_an_architecture.md)"
         )
-    if isinstance(entry, MappingTable):
-        return entry
     if by_name:
+        if isinstance(entry, MappingTable):
+            return entry
         raise ExportError(f"the {model_type!r} table is built from the model's config: pass the config")
-    return entry.build(config_or_model_type)
+    table = entry if isinstance(entry, MappingTable) else entry.build(config_or_model_type)
+    _refuse_config_fields(table, config_or_model_type)
+    return table
+
+
+def _refuse_config_fields(table: MappingTable, config) -> None:
+    for name, why in table.refused_config_fields.items():
+        if getattr(config, name, None) is not None:
+            raise ExportError(f"model_type {config.model_type!r}: the config has {name}: {why}")
 
 
 def config_fields_for(table: MappingTable):

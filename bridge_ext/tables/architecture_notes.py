@@ -9,6 +9,8 @@ class without one must have its reason here (a test checks that none is left out
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 #: Megatron-side prefixes of MTP layers, which a generated table never covers.
 MTP_PREFIXES = ("mtp.", "language_model.mtp.")  # a vision-language model's MTP sits in its language model
 #: Megatron-side prefixes of the parts a generated table leaves out (``bridge-ext tables generate``):
@@ -18,7 +20,15 @@ LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tow
 
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
-TOWERS_GENERATED: frozenset[str] = frozenset({"gemma3", "mistral3", "qwen2_5_omni", "qwen2_audio", "qwen3_omni_moe"})
+TOWERS_GENERATED: frozenset[str] = frozenset({"exaone4_5", "gemma3", "mistral3", "qwen2_5_omni", "qwen2_audio",
+                                              "qwen3_asr", "qwen3_omni_moe"})
+
+#: The vision_config fields of a generated tower's attention sizes (read in the bridge's source,
+#: where it builds the tower's Megatron config): model_type -> (head count, key / value head count
+#: or None: one per head). A generated ``ConcatenatedQKVMapping`` of the tower splits by them; the
+#: generator checks them against the tiny model. EXAONE 4.5: get_vision_model_config's
+#: num_attention_heads=num_heads, num_query_groups=num_key_value_heads.
+VISION_SIZE_FIELDS: dict[str, tuple[str, str | None]] = {"exaone4_5": ("num_heads", "num_key_value_heads")}
 
 #: What a generated table of these model types leaves out beyond MTP (written into its header).
 _SPEECH_OUTPUT = ("the {talker} (speech output): Megatron-Bridge's bridge neither builds nor maps them, so an "
@@ -51,6 +61,31 @@ EQUIVALENT_KINDS = {
 #: one expert group) and squeezes it on import.
 KINDS_WITH_OPS = {
     "megatron.bridge.models.ernie.ernie_45_bridge._SqueezeBiasMapping": ("ReplicatedMapping", "Unsqueeze(0)"),
+}
+
+@dataclass(frozen=True)
+class SizedSplitKind:
+    """A Megatron-Bridge mapping kind split by a mixer's sizes: its rule is ``SplitRows(*parts),
+    Concat(parts)`` (``parts`` a constant of :mod:`bridge_ext.tables.blocks`), the table takes a
+    ``sizes`` entry of class ``sizes_class`` (:mod:`bridge_ext.tables.sizes`) whose fields the
+    bridge's ``CONFIG_MAPPING`` names through ``size_fields`` (sizes field, megatron-core field), and
+    ``stored_split_parts=stored_parts`` (torch_dist keeps the parts apart)."""
+
+    parts: str
+    sizes_class: str
+    size_fields: tuple[tuple[str, str], ...]
+    stored_parts: str
+
+
+_MAMBA_SIZE_FIELDS = (("heads", "mamba_num_heads"), ("head_dim", "mamba_head_dim"), ("groups", "mamba_num_groups"),
+                      ("state_size", "mamba_state_dim"))
+#: Per tensor-parallel rank [z_r; x_r; B_r; C_r; dt_r] (conv1d: [x_r; B_r; C_r]) in Megatron, one
+#: [z; x; B; C; dt] in Hugging Face (Megatron-Bridge's param_mapping)
+SIZED_SPLIT_KINDS = {
+    "megatron.bridge.models.conversion.param_mapping.MambaInProjMapping":
+        SizedSplitKind("MAMBA_IN_PROJ_PARTS", "MambaSizes", _MAMBA_SIZE_FIELDS, "MAMBA_STORED_PARTS"),
+    "megatron.bridge.models.conversion.param_mapping.MambaConv1dMapping":
+        SizedSplitKind("MAMBA_CONV_PARTS", "MambaSizes", _MAMBA_SIZE_FIELDS, "MAMBA_STORED_PARTS"),
 }
 
 #: Mid-key renames transformers applies on load (its ``conversion_mapping.py``), per model type,
@@ -89,9 +124,9 @@ CONFIG_CHECKS = {"gemma4_text": "bridge_ext.tables.gemma4:check_text_config"}
 
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
-PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone_moe", "falcon_h1", "gemma", "gemma2",
+PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone4_5", "exaone_moe", "falcon_h1", "gemma", "gemma2",
                               "gemma3", "gemma3_text", "gemma4_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
-                              "qwen2_audio", "qwen3_omni_moe"})
+                              "qwen2_audio", "qwen3_asr", "qwen3_omni_moe"})
 
 #: What a generated+proven table is proven for, where that is narrower than every config of its
 #: model type (its table's config check refuses the rest): shown after the status.
@@ -136,11 +171,6 @@ REFUSED: dict[str, str] = {
     "Step3p5ForCausalLM": REMOTE,
     "BailingMoeV2ForCausalLM": REMOTE,
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
-    "Qwen3ASRForConditionalGeneration": "Megatron-Bridge 0.6.2's Qwen3ASRBridge is written for the remote-code "
-                                        "Qwen3-ASR (thinker_config; thinker.model / thinker.audio_tower names); "
-                                        "transformers 5.23's Qwen3ASRConfig has audio_config / text_config, so its "
-                                        "provider fails (no attribute thinker_config), and its model names "
-                                        "model.language_model / model.audio_tower / model.multi_modal_projector",
     # vision-language bridges tried on a tiny model (Megatron-Bridge 0.6.2, transformers 5.23)
     "Gemma4ForConditionalGeneration": "its language model is gemma4_text's (generated+proven for E2B / E4B-shaped "
                                       "dense configs); Megatron-Bridge 0.6.2 reads text_config.head_dim (per-layer "
@@ -158,10 +188,6 @@ REFUSED: dict[str, str] = {
                                               "_ConcatBiasMapping: one Megatron expert set split at an offset into "
                                               "transformers' text_moe / vision_moe), which no rule kind of the "
                                               "generator covers",
-    "Exaone4_5_ForConditionalGeneration": "its vision model is Megatron-Bridge's own Megatron-Core module "
-                                          "(Exaone45VisionModel) built from Transformer Engine layer specs, which "
-                                          "have no local version for a CPU build yet: no tiny model to resolve or "
-                                          "prove a table on",
     "Step3p7ForConditionalGeneration": "transformers 5.23 gates every attention output by a per-head g_proj, "
                                        "which the Megatron model of Megatron-Bridge 0.6.2's Step37Bridge cannot "
                                        "hold on megatron-core 0.19.2: the bridge sets head_wise_attn_gate (no "
@@ -218,6 +244,46 @@ PEFT_TYPES_PROVEN: dict[str, tuple[str, ...]] = {
 #: (``saved_name_fixes``).
 PUBLISHED_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
     "gemma3": (("vision_tower.", "vision_tower.vision_model."),),
+}
+
+#: Hugging Face names Megatron-Bridge's bridge spells otherwise than transformers 5.23 saves them:
+#: model_type -> ``(bridge's prefix, saved prefix)`` pairs, the first that fits renames (a generated
+#: table's rules write the saved names). Megatron-Bridge 0.6.2's Qwen3ASRBridge maps the remote-code
+#: Qwen3-ASR's names (published Qwen/Qwen3-ASR-*: ``thinker.*``, the projector inside the audio
+#: tower as ``proj1`` / ``proj2``); transformers 5.23's Qwen3ASRForConditionalGeneration (published
+#: Qwen/Qwen3-ASR-*-hf) holds the language model under ``model.language_model``, the tower under
+#: ``model.audio_tower`` and the projector as ``model.multi_modal_projector.linear_1`` / ``linear_2``
+#: (Linear d_model -> d_model, the tower's activation, Linear d_model -> output_dim, as proj1 / act /
+#: proj2), and loads no ``thinker.*`` name (no conversion_mapping entry). vLLM 0.34's
+#: Qwen3ASRForConditionalGeneration.hf_to_vllm_mapper maps both spellings to the same modules.
+HF_NAME_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "qwen3_asr": (("thinker.audio_tower.proj1.", "model.multi_modal_projector.linear_1."),
+                  ("thinker.audio_tower.proj2.", "model.multi_modal_projector.linear_2."),
+                  ("thinker.audio_tower.", "model.audio_tower."),
+                  ("thinker.model.", "model.language_model."),
+                  ("thinker.lm_head.", "lm_head.")),
+}
+
+#: Config fields a generated table refuses (``MappingTable.refused_config_fields``): model_type ->
+#: {field: why}. transformers 5.23 reads the remote-code Qwen3-ASR config.json (``thinker_config``)
+#: as a Qwen3ASRConfig of its default sizes, keeping thinker_config as a dict.
+_ASR_REMOTE_CONFIG = ("the remote-code Qwen3-ASR config (published Qwen/Qwen3-ASR-*), which transformers 5.23 "
+                      "reads as its own Qwen3ASRConfig with default sizes: pass hf_config= the transformers-format "
+                      "config (audio_config / text_config, e.g. Qwen/Qwen3-ASR-*-hf's) of the same model")
+REFUSED_CONFIG_FIELDS: dict[str, dict[str, str]] = {"qwen3_asr": {"thinker_config": _ASR_REMOTE_CONFIG}}
+
+#: Notes ``bridge-ext architectures`` prints below its table, per model type: what a user of a
+#: generated+proven type must know (a workaround its proof relies on).
+NOTES = {
+    "qwen3_asr": "Megatron-Bridge 0.6.2's Qwen3ASRBridge reads the remote-code Qwen3-ASR folder (thinker_config, "
+                 "thinker.* weights, as Qwen/Qwen3-ASR-* publish it), whose config transformers 5.23 does not build "
+                 "(its Qwen3ASRConfig has audio_config / text_config; Megatron-Bridge registers its vendored copy "
+                 "only where transformers lacks qwen3_asr). Workaround: bridge.hf_pretrained.config = "
+                 "megatron.bridge.models.qwen3_asr.hf_qwen3_asr.Qwen3ASRConfig.from_pretrained(folder) before "
+                 "to_megatron_provider(). Exports write the names transformers 5.23 saves (Qwen/Qwen3-ASR-*-hf's; "
+                 "architecture_notes.HF_NAME_RENAMES) and need that format's config (hf_config=, or the provider's "
+                 "hf_model_id); the remote-code config is refused. Proven with tied embeddings (transformers 5.23's "
+                 "default for Qwen3-ASR): an untied output layer is refused as unmapped",
 }
 
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.

@@ -58,15 +58,24 @@ class GatedDeltaNetSizes:
 @dataclass(frozen=True)
 class VisionSizes:
     """Where a vision tower's attention sizes live in ``vision_config``: ``heads`` names its head
-    count field; gives ``vision_heads`` and ``vision_head_dim`` (hidden size / heads). None
-    where the config has no vision tower (a text-only model of an image-text family)."""
+    count field; gives ``vision_heads`` and ``vision_head_dim`` (hidden size / heads). A tower with
+    grouped key / value heads names their count's field too (``key_value_heads``): it gives
+    ``vision_query_groups`` and ``vision_q_rows_per_group`` (query rows per group of Megatron's
+    ``linear_qkv``); without it every head is its own group. Nothing where the config has no
+    vision tower (a text-only model of an image-text family)."""
 
     heads: str
+    key_value_heads: str | None = None
 
     def read(self, config) -> dict[str, int]:
         vision = vision_config(config)
         heads = getattr(vision, self.heads, None) if vision is not None else None
-        return {"vision_heads": heads, "vision_head_dim": vision.hidden_size // heads} if heads else {}
+        if not heads:
+            return {}
+        head_dim = vision.hidden_size // heads
+        groups = getattr(vision, self.key_value_heads) if self.key_value_heads else heads
+        return {"vision_heads": heads, "vision_head_dim": head_dim, "vision_query_groups": groups,
+                "vision_q_rows_per_group": heads // groups * head_dim}
 
 
 # Where Qwen3-Next / Qwen3.5 configs keep the Gated DeltaNet sizes

@@ -77,7 +77,7 @@ def build_megatron_model(
     from megatron.bridge import AutoBridge
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from bridge_ext_testing import gpt_families, local_specs, omni, qwen3_vl, qwen35, tiny_generated
+    from bridge_ext_testing import gpt_families, local_specs, omni, qwen3_asr, qwen3_vl, qwen35, tiny_generated
 
     is_qwen35 = qwen35.is_qwen35(hf_dir)
     model_type = qwen35.hf_model_type(hf_dir)
@@ -87,8 +87,13 @@ def build_megatron_model(
     is_omni = model_type in omni.PROVIDER_MODULES
     is_gpt_family = gpt_families.is_gpt_family(hf_dir) and not is_omni
     bridge_cls = qwen35.qwen35_auto_bridge_class() if is_qwen35 or is_qwen3_vl or is_gpt_family else AutoBridge
-    bridge = bridge_cls.from_hf_pretrained(str(hf_dir))
+    if model_type == qwen3_asr.MODEL_TYPE:  # Megatron-Bridge reads the remote-code spelling only
+        bridge = qwen3_asr.bridge_of(hf_dir)
+    else:
+        bridge = bridge_cls.from_hf_pretrained(str(hf_dir))
     provider = bridge.to_megatron_provider(load_weights=False)
+    if model_type == qwen3_asr.MODEL_TYPE:  # exports read transformers' config (as a user passes hf_config=)
+        provider.hf_model_id = str(hf_dir)
     if model_type == "qwen2_5_vl":
         provider.mrope_section = qwen3_vl.qwen2_5_vl_mrope_section(hf_dir)
     if is_qwen3_vl:

@@ -50,7 +50,7 @@ def generate(model_type: str) -> str:
             hf_model = tiny_model(model_type)
         saved = load_file(str(hf_dir / "model.safetensors"))  # the names the rules produce
         translation = translate(mappings, Resolver(built.chunks[0]), expert_parameters_of(hf_model),
-                                model_type=model_type, hf_names=list(saved))
+                                model_type=model_type, hf_names=list(saved), hf_config=hf_model.config)
         in_memory = in_memory_prefixes_of(_renamed_on_load(hf_dir, saved, model_class(model_type)))
     return render(model_type, entry, translation, in_memory)
 

@@ -62,7 +62,10 @@ class CpuNorm:
 @functools.cache
 def row_parallel_linear_layer_norm():
     """``RowParallelLinear`` followed by a norm of its output (Megatron-Bridge's
-    ``TERowParallelLinearLayerNorm``, same ``post_layernorm`` parameter names)."""
+    ``TERowParallelLinearLayerNorm``, same ``post_layernorm`` parameter names). Registered with
+    Megatron-Bridge's ``AutoMapping`` as row-parallel, as the Gemma 2 / 3 and EXAONE bridges
+    register Transformer Engine's class (its name would otherwise read as a norm: replicated)."""
+    from megatron.bridge.models.conversion.param_mapping import AutoMapping
     from megatron.core.tensor_parallel.layers import RowParallelLinear
 
     class RowParallelLinearLayerNorm(RowParallelLinear):
@@ -76,6 +79,7 @@ def row_parallel_linear_layer_norm():
                 raise ValueError("RowParallelLinearLayerNorm assumes add_bias_linear=False")
             return self.post_layernorm(output), bias
 
+    AutoMapping.register_module_type(RowParallelLinearLayerNorm.__name__, "row")
     return RowParallelLinearLayerNorm
 
 
@@ -217,11 +221,45 @@ def _local(module, where: str):
 MODULE_TE_NAMES = {
     "megatron.bridge.models.gemma_vl.modeling_gemma3_vl": ("TENorm",),
     "megatron.bridge.models.falcon_h1.modeling_falconh1.falconh1_block": ("TENorm",),  # its final norm
+    # Exaone45Model: its vision patch merger (patch_norm, linear_fc1, linear_fc2)
+    "megatron.bridge.models.exaone.exaone45.modelling_exaone45.model": (
+        "TENorm", "TEColumnParallelLinear", "TERowParallelLinear"),
 }
+#: Modules that build their vision tower from megatron-core's Transformer Engine ViT layer spec by
+#: module-level name (``get_vit_layer_with_transformer_engine_spec``): :func:`vit_layer_spec` stands for it.
+MODULE_VIT_SPECS = ("megatron.bridge.models.exaone.exaone45.modelling_exaone45.model",)
+
+
+def vit_layer_spec():
+    """megatron-core's local ViT layer spec (``get_vit_layer_with_local_spec``) standing for its
+    Transformer Engine one (``get_vit_layer_with_transformer_engine_spec``), with :class:`CpuNorm`
+    norms (the config's RMSNorm / LayerNorm) and a core attention that keeps to packed
+    (``thd``) segments, as Transformer Engine's does for the towers' window attention.
+
+    The two specs build the same parameters (read in megatron-core 0.19.2's vit_layer_specs.py:
+    same SelfAttention / MLP classes and linear sizes) except the two pre-norms: Transformer
+    Engine's fused ``TELayerNormColumnParallelLinear`` keeps them inside the next linear
+    (``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``, with
+    ``input_layernorm`` / ``pre_mlp_layernorm`` IdentityOps), the local spec as modules of their own
+    (``input_layernorm.weight``, ``pre_mlp_layernorm.weight``; ``.bias`` with LayerNorm). Same
+    values, same shapes ``[hidden]``; Megatron-Bridge's mapping registry maps both spellings to the
+    same Hugging Face name (``MegatronMappingRegistry._SEPARATE_LAYERNORM_REWRITES``), so a generated
+    table carries a rule for each: the CPU build proves the local one, the Transformer Engine one
+    is the same replicated copy under the fused name."""
+    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+
+    from bridge_ext_testing.qwen35 import _packed_attention_class
+
+    spec = get_vit_layer_with_local_spec()
+    spec.submodules.input_layernorm = CpuNorm
+    spec.submodules.pre_mlp_layernorm = CpuNorm
+    spec.submodules.self_attention.submodules.core_attention = _packed_attention_class()
+    return spec
 
 
 def local_modules():
-    """Scope for ``provide*``: :data:`MODULE_TE_NAMES` replaced by their local versions."""
+    """Scope for ``provide*``: :data:`MODULE_TE_NAMES` replaced by their local versions, the ViT
+    spec function of :data:`MODULE_VIT_SPECS` by :func:`vit_layer_spec`."""
     from contextlib import ExitStack
 
     from bridge_ext_testing.qwen35 import _replaced
@@ -229,6 +267,8 @@ def local_modules():
     stack = ExitStack()
     for module_name, names in MODULE_TE_NAMES.items():
         stack.enter_context(_replaced(module_name, **{name: _local_by_name(name) for name in names}))
+    for module_name in MODULE_VIT_SPECS:
+        stack.enter_context(_replaced(module_name, get_vit_layer_with_transformer_engine_spec=vit_layer_spec))
     return stack
 
 

@@ -1,4 +1,4 @@
-"""Megatron-Bridge's Qwen2.5-Omni / Qwen3-Omni-MoE thinkers on CPU, with local (non-TE) specs.
+"""Megatron-Bridge's Qwen2.5-Omni / Qwen3-Omni-MoE / Qwen3-ASR thinkers on CPU, with local (non-TE) specs.
 
 Their providers' ``provide`` build the language model from megatron-core's Transformer Engine
 layer spec; inside :func:`cpu_build_context` that function returns megatron-core's local GPT
@@ -17,6 +17,7 @@ from bridge_ext_testing import qwen35, qwen3_vl
 PROVIDER_MODULES = {
     "qwen2_5_omni": "megatron.bridge.models.qwen_omni.qwen25_omni_provider",
     "qwen3_omni_moe": "megatron.bridge.models.qwen_omni.qwen3_omni_provider",
+    "qwen3_asr": "megatron.bridge.models.qwen3_asr.qwen3_asr_provider",
 }
 
 

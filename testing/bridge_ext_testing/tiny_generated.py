@@ -98,6 +98,15 @@ TINY: dict[str, dict] = {
                       lm_head_multiplier=0.7, key_multiplier=0.9, attention_in_multiplier=1.1,
                       attention_out_multiplier=0.8, ssm_in_multiplier=1.2, ssm_out_multiplier=0.6,
                       mlp_multipliers=[1.3, 0.7], ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.05]),
+    # EXAONE 4.5: an EXAONE-4 text model (one sliding layer, window 4 < the 11 test tokens, one
+    # global), a Qwen2.5-VL-like tower of 2 blocks with grouped KV heads (4 heads, 2 KV), patch 14 and
+    # window 112 (Megatron-Bridge's Exaone45VisionModel hard-codes both), block 1 full attention
+    "exaone4_5": dict(text_config=dict(model_type="exaone4", sliding_window=4,
+                                       layer_types=["sliding_attention", "full_attention"]),
+                      vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4,
+                                         num_key_value_heads=2, out_hidden_size=64, patch_size=14,
+                                         window_size=112, fullatt_block_indexes=[1]),
+                      image_token_id=122, video_token_id=123, tie_word_embeddings=False),
     # Whisper-like audio tower of 2 layers; the Qwen2 decoder has q/k/v biases
     "qwen2_audio": dict(text_config=dict(model_type="qwen2"), audio_config=AUDIO, audio_token_index=100),
     # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / token2wav
@@ -116,12 +125,23 @@ TINY: dict[str, dict] = {
         vision_config=dict(VISION, deepstack_visual_indexes=[0], num_position_embeddings=16, image_size=56,
                            apply_vit_abs_pos_embed=True),
         **THINKER_TOKENS)),
+    # transformers' spelling (Qwen/Qwen3-ASR-*-hf); Megatron-Bridge builds from its remote-code twin
+    # (bridge_ext_testing.qwen3_asr). Embeddings tied, as the published models; the published audio
+    # chunks of 2 * 50 mel frames (both libraries count 13 positions a chunk), attention windows of one chunk;
+    # conv_chunksize: a field of the remote-code config that vLLM's audio encoder reads (transformers' lacks it)
+    "qwen3_asr": dict(text_config=dict(tie_word_embeddings=True,
+                                       rope_parameters=dict(rope_type="default", rope_theta=OMNI_ROPE_THETA)),
+                      audio_config=dict(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=48,
+                                        d_model=32, n_window=50, n_window_infer=100, output_dim=64,
+                                        downsample_hidden_size=8, conv_chunksize=500),
+                      audio_token_id=100, tie_word_embeddings=True),
 }
 
 #: transformers' classes of the entries that are not causal LMs
 MODEL_CLASSES = {"qwen2_audio": "Qwen2AudioForConditionalGeneration",
                  "qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration",
-                 "qwen3_omni_moe": "Qwen3OmniMoeForConditionalGeneration"}
+                 "qwen3_omni_moe": "Qwen3OmniMoeForConditionalGeneration",
+                 "qwen3_asr": "Qwen3ASRForConditionalGeneration"}
 #: files beside the weights that transformers' class loads (the published folders hold them):
 #: Qwen2.5-Omni's speaker dictionary, empty here
 SPEAKERS = {"qwen2_5_omni": "spk_dict.pt"}

@@ -200,7 +200,9 @@ GENERATED = {"mistral": GQA_TARGETS, "gemma": GQA_TARGETS, "gemma2": POST_NORM_T
              "gemma3": POST_NORM_TARGETS, "mistral3": GQA_TARGETS, "mimo_v2_flash": GQA_TARGETS,
              "ernie4_5_moe": GQA_TARGETS, "hy_v3": GQA_TARGETS, "qwen2_audio": GQA_TARGETS,
              "qwen3_omni_moe": LANGUAGE_MODEL_TARGETS, "qwen2_5_omni": GQA_TARGETS,
-             "falcon_h1": (*GQA_TARGETS, "in_proj"), "gemma4_text": GQA_TARGETS}
+             "falcon_h1": (*GQA_TARGETS, "in_proj"), "qwen3_asr": GQA_TARGETS, "gemma4_text": GQA_TARGETS,
+             # its tower's linears too (none normalises its output)
+             "exaone4_5": (*POST_NORM_TARGETS, "*vision_model*.linear_proj", "*vision_model*.linear_fc2")}
 LIVE_FOR_VLLM = ("hy_v3",)
 
 def _minimax_m2(d: Path) -> Path:

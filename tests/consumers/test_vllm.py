@@ -41,7 +41,7 @@ NO_LORA = {"kimi_k25": "LoRA is not supported for KimiK25ForConditionalGeneratio
 # adapters vLLM leaves unapplied with its default engine options, by design: vision-tower ones
 # need enable_tower_connector_lora (docs/consumers.md)
 DROPPED = {"qwen3_5_moe_vl": "visual.", "qwen3_5_moe_vl_normalize": "visual.", "qwen3_vl": "visual.",
-           "qwen3_vl_moe": "visual."}
+           "qwen3_vl_moe": "visual.", "exaone4_5": "visual."}
 # vLLM has no DoRA: its refusal of each route (the export refuses adapter_for="vllm" itself)
 DORA = {"live": "ValueError: base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector is unsupported",
         "saved_peft": "ValueError: vLLM does not yet support DoRA."}

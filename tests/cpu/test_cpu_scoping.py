@@ -17,6 +17,9 @@ GDN = tuple(f"{module}.{name}" for module in (GDN_PACKAGE, f"{GDN_PACKAGE}.commo
     f"{GDN_PACKAGE}.gdn.causal_conv1d", f"{GDN_PACKAGE}.gdn.chunk_gated_delta_rule")
 VISION = tuple(f"megatron.bridge.models.qwen_vl.modelling_qwen3_vl.model.{name}" for name in (
     "get_vit_layer_with_transformer_engine_spec", "TENorm", "TEColumnParallelLinear", "TERowParallelLinear"))
+# bridge_ext_testing.local_specs.local_modules: EXAONE 4.5's vision tower and patch merger
+EXAONE45_VISION = tuple(f"megatron.bridge.models.exaone.exaone45.modelling_exaone45.model.{name}" for name in (
+    "get_vit_layer_with_transformer_engine_spec", "TENorm", "TEColumnParallelLinear", "TERowParallelLinear"))
 MTP = ("megatron.bridge.models.gpt_provider.mtp_block_spec",)
 # bridge_ext_testing.frontier: MiniMax-M2's q/k norm mapping, Kimi-K2.5's model, Nemotron-H's stack
 FRONTIER = ("megatron.bridge.models.minimax_m2.minimax_m2_bridge._FullDimQKNormMapping",
@@ -30,7 +33,8 @@ BLOCKS = {
         "get_transformer_block_with_experimental_attention_variant_spec",)),
     "qwen3_vl.cpu_build_context": (qwen3_vl.cpu_build_context, TORCH_CUDA + VISION + (
         "megatron.bridge.models.qwen_vl.qwen3_vl_provider.get_gpt_layer_with_transformer_engine_spec",)),
-    "gpt_families.cpu_build_context": (gpt_families.cpu_build_context, TORCH_CUDA + MTP + FRONTIER + MAMBA),
+    "gpt_families.cpu_build_context": (gpt_families.cpu_build_context, TORCH_CUDA + MTP + FRONTIER + MAMBA +
+                                          EXAONE45_VISION),
     "gpt_families.cpu_forward_context": (gpt_families.cpu_forward_context, (
         "megatron.core.fusions.fused_softmax.get_sliding_window_causal_mask",
         "megatron.bridge.models.gemma.gemma2_provider.get_swa")),
@@ -41,7 +45,7 @@ BLOCKS = {
 def test_block_rebinds_then_restores(bindings, block):
     enter, rebound = BLOCKS[block]
     before = bindings()
-    assert len(before) == 27  # every name of REBOUND exists in the installed versions
+    assert len(before) == 32  # every name of REBOUND exists in the installed versions
     with enter():
         inside = bindings()
     expected = {name for name in rebound

@@ -19,7 +19,7 @@ TABLE = MappingTable(
         rule(
             "decoder.layers.{layer}.self_attention.linear_proj.weight",
             "model.layers.{layer}.self_attn.o_proj.weight",
-            tp="replicated",
+            tp="row",
         ),
         rule(
             "decoder.layers.{layer}.self_attention.q_layernorm.weight",
@@ -41,11 +41,7 @@ TABLE = MappingTable(
             "model.layers.{layer}.post_feedforward_layernorm.weight",
             tp="replicated",
         ),
-        rule(
-            "decoder.layers.{layer}.mlp.linear_fc2.weight",
-            "model.layers.{layer}.mlp.down_proj.weight",
-            tp="replicated",
-        ),
+        rule("decoder.layers.{layer}.mlp.linear_fc2.weight", "model.layers.{layer}.mlp.down_proj.weight", tp="row"),
         rule(
             "decoder.layers.{layer}.self_attention.linear_qkv.weight",
             [

@@ -19,13 +19,9 @@ TABLE = MappingTable(
         rule(
             "decoder.layers.{layer}.self_attention.linear_proj.weight",
             "model.layers.{layer}.self_attn.o_proj.weight",
-            tp="replicated",
+            tp="row",
         ),
-        rule(
-            "decoder.layers.{layer}.mlp.linear_fc2.weight",
-            "model.layers.{layer}.mlp.down_proj.weight",
-            tp="replicated",
-        ),
+        rule("decoder.layers.{layer}.mlp.linear_fc2.weight", "model.layers.{layer}.mlp.down_proj.weight", tp="row"),
         rule(
             "decoder.layers.{layer}.self_attention.linear_qkv.layer_norm_weight",
             "model.layers.{layer}.input_layernorm.weight",

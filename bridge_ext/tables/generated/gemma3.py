@@ -39,7 +39,7 @@ TABLE = MappingTable(
         rule(
             "language_model.decoder.layers.{layer}.self_attention.linear_proj.weight",
             "language_model.model.layers.{layer}.self_attn.o_proj.weight",
-            tp="replicated",
+            tp="row",
         ),
         rule(
             "language_model.decoder.layers.{layer}.self_attention.linear_proj.post_layernorm.weight",
@@ -54,7 +54,7 @@ TABLE = MappingTable(
         rule(
             "language_model.decoder.layers.{layer}.mlp.linear_fc2.weight",
             "language_model.model.layers.{layer}.mlp.down_proj.weight",
-            tp="replicated",
+            tp="row",
         ),
         rule(
             "language_model.decoder.layers.{layer}.mlp.linear_fc2.post_layernorm.weight",

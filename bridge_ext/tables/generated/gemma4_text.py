@@ -94,7 +94,9 @@ _TABLE = MappingTable(
     description="Gemma4ForCausalLM (generated from Megatron-Bridge 0.6.2)",
     model_classes={"gemma4_text": "Gemma4ForCausalLM"},
     expert_families=(),
-    sizes=(LayerTypeSizes("full_attention", (("global_head_dim", "head_dim"),)),),
+    sizes=(
+        LayerTypeSizes("full_attention", (("global_head_dim", "head_dim"),)),
+    ),
 )
 
 TABLE = TableBuilder(
