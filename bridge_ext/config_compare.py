@@ -225,6 +225,9 @@ def _normalised(name: str, settings: Mapping[str, Any]) -> Any:
         value = 4 * settings["hidden_size"]
     elif value is None and name == "moe_ffn_hidden_size" and settings.get("num_moe_experts"):
         value = _normalised("ffn_hidden_size", settings)
+    elif value is None and name in ("moe_router_num_groups", "moe_router_group_topk") and settings.get("num_moe_experts"):
+        # no group limit: the top k of all experts, as one group of them (moe_utils.py, _compute_topk)
+        return _Read(1, "None (no group limit: one group)")
     elif name == "add_qkv_bias":  # linear_qkv has a bias with either (megatron-core attention.py)
         value = bool(value or settings.get("add_bias_linear"))
     if isinstance(value, tuple):

@@ -304,8 +304,8 @@ def test_fused_expert_names_must_be_transformers_experts_parameters():
 
 
 # hy_v3: in_memory_renames; falcon_h1: Mamba; qwen3_asr: HF_NAME_RENAMES, refused_config_fields;
-# gemma4_text: per-layer head widths, KV-shared layers, a config check
-@pytest.mark.parametrize("model_type", ["mistral", "hy_v3", "falcon_h1", "qwen3_asr", "gemma4_text"])
+# glm4v_moe: a tower, EXTRA_CONFIG_FIELDS; gemma4_text: per-layer head widths, KV-shared layers, a config check
+@pytest.mark.parametrize("model_type", ["mistral", "hy_v3", "falcon_h1", "qwen3_asr", "glm4v_moe", "gemma4_text"])
 def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu, model_type):
     from bridge_ext_testing.generate_tables import generate
 
@@ -591,3 +591,34 @@ def test_step3p7_megatron_model_cannot_hold_transformers_attention_gate(megatron
     trained = merge_qkvg_weights(provider, q, k, v, g)
     trained[4 * 16 - 1] += 1.0  # a trained gate row beside its head's first (group 0: q, gate, k, v; head 1, last row)
     assert torch.equal(split_qkvg_weights(provider, trained)[3], g)  # the export does not see it
+
+
+def test_glm4v_moe_gets_a_provider_by_the_means_its_note_states():
+    """NOTES' glm4v_moe: Megatron-Bridge's bridge reads text_config.partial_rotary_factor and
+    use_qk_norm; with the published config.json's keys transformers 5.9 keeps both attributes,
+    5.22 onwards move the first into rope_parameters, and setting it back gives the provider."""
+    from types import SimpleNamespace
+
+    import transformers
+    from megatron.bridge.models.glm_vl.glm_45v_bridge import GLM45VBridge
+    from packaging.version import Version
+    from transformers import AutoConfig
+
+    from bridge_ext.tables.architecture_notes import NOTES, PROVEN_GENERATED
+
+    assert set(NOTES) <= PROVEN_GENERATED
+    published = dict(head_dim=128, partial_rotary_factor=0.5, use_qk_norm=False)  # fields beyond the class's
+    config = AutoConfig.for_model("glm4v_moe", text_config=published)
+    text = config.text_config
+    moved = not hasattr(text, "partial_rotary_factor")
+    version = Version(transformers.__version__)
+    assert moved if version >= Version("5.22") else (not moved if version < Version("5.10") else True)
+    if moved:
+        with pytest.raises(AttributeError, match="partial_rotary_factor"):
+            GLM45VBridge().provider_bridge(SimpleNamespace(config=config))
+        text.partial_rotary_factor = text.rope_parameters["partial_rotary_factor"]  # the note's means
+    provider = GLM45VBridge().provider_bridge(SimpleNamespace(config=config))
+    assert (provider.rotary_percent, provider.qk_layernorm, provider.mrope_section) == (0.5, False, [8, 12, 12])
+    del text.use_qk_norm  # a config.json without it (transformers' class has no such field)
+    with pytest.raises(AttributeError, match="use_qk_norm"):
+        GLM45VBridge().provider_bridge(SimpleNamespace(config=config))

@@ -324,3 +324,44 @@ def test_qwen3_asr_untied_output_layer_is_refused(megatron_cpu, tmp_path):
     model = build_megatron_model(tiny_generated(tmp_path / "hf", "qwen3_asr", overrides=untied))
     with pytest.raises(ExportError, match=r"thinker\.language_model\.output_layer\.weight"):
         next(export_hf_weights(model.chunks))
+
+
+@pytest.mark.parametrize("built", ["glm4v_moe"], indirect=True)
+def test_glm4v_moe_mrope_sections_other_than_the_provider_s_are_refused(built):
+    """Megatron-Bridge 0.6.2's GLM-4.5V provider keeps mrope_section [8, 12, 12] whatever the config
+    says: a config with other sections describes another model (architecture_notes.EXTRA_CONFIG_FIELDS)."""
+    from transformers import AutoConfig
+
+    assert built.provider.mrope_section == [8, 12, 12]
+    config = AutoConfig.from_pretrained(str(built.hf_dir))
+    config.text_config.rope_parameters["mrope_section"] = [4, 14, 14]
+    with pytest.raises(ExportError, match=r"mrope_section = \[4, 14, 14\], the model's TransformerConfig has "
+                                          r"mrope_section = \[8, 12, 12\]"):
+        next(export_hf_weights(built.chunks, hf_config=config))
+
+
+def test_glm4v_moe_with_q_k_norms_is_refused_before_the_first_tensor(megatron_cpu, tmp_path):
+    """use_qk_norm true: Megatron-Bridge builds q / k layernorms, which transformers 5.23's GLM-4.5V
+    lacks (no such weight in its key set); the generated table maps none, so they are unmapped."""
+    from bridge_ext_testing.tiny_generated import TINY
+
+    text = {**TINY["glm4v_moe"]["text_config"], "use_qk_norm": True}
+    model = build_megatron_model(tiny_generated(tmp_path, "glm4v_moe", overrides={"text_config": text}),
+                                 load_weights=False)
+    assert model.provider.qk_layernorm
+    with pytest.raises(ExportError, match=r"self_attention\.q_layernorm\.weight"):
+        next(export_hf_weights(model.chunks))
+
+
+@pytest.mark.parametrize("built", ["glm4v_moe"], indirect=True)
+def test_glm4v_moe_megatron_takes_token_zero_for_padding(built, tmp_path):
+    """Megatron-Bridge 0.6.2's GLM45VModel builds its MRoPE positions with the mask
+    ``input_ids != 0``: a token 0 inside a prompt shifts the positions after it, so its logits
+    leave transformers' (the weights are not concerned; the conformance prompts hold no 0)."""
+    save_hf_pretrained(built.chunks, tmp_path / "merged", merge=True)  # the adapters merged, as Megatron runs them
+    model = load_hf_model(tmp_path / "merged")
+    for ids, differs in ((torch.tensor([[5, 7, 9, 11, 13, 15]]), False), (torch.tensor([[5, 7, 0, 11, 13, 15]]), True)):
+        with cpu_forward_context():
+            reference = megatron_logits(built.chunks, ids)
+        relative = float((hf_logits(model, ids) - reference).abs().max() / reference.abs().max())
+        assert relative > 1e-3 if differs else relative < 1e-5

@@ -146,3 +146,21 @@ def test_save_hf_pretrained_refuses_the_same_lie_and_writes_nothing(llama, tmp_p
     with pytest.raises(ExportError, match=r"attention: the Hugging Face config has num_attention_heads = 8, "):
         save_hf_pretrained(llama.chunks, tmp_path / "model", hf_config=config)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("groups", "differences"), [((1, 1), []), ((8, 4), [
+    "mixture of experts: config.json has n_group = 8, run_config.yaml has moe_router_num_groups = None (no "
+    "group limit: one group)",
+    "mixture of experts: config.json has topk_group = 4, run_config.yaml has moe_router_group_topk = None (no "
+    "group limit: one group)"])])
+def test_megatron_s_ungrouped_routing_is_one_group_of_experts(groups, differences):
+    """megatron-core routes with no group limit where moe_router_num_groups / group_topk are None
+    (GLM-4.5V's provider leaves them unset): the top k of all experts, as n_group = topk_group = 1."""
+    from types import SimpleNamespace
+
+    from bridge_ext.config_compare import compare
+    from bridge_ext.tables.config_fields import STANDARD
+
+    config = SimpleNamespace(n_group=groups[0], topk_group=groups[1], n_routed_experts=4)
+    megatron = {"num_moe_experts": 4, "moe_router_num_groups": None, "moe_router_group_topk": None}
+    assert compare(config, megatron, STANDARD).differences == differences

@@ -20,7 +20,7 @@ LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tow
 
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
-TOWERS_GENERATED: frozenset[str] = frozenset({"exaone4_5", "gemma3", "mistral3", "qwen2_5_omni", "qwen2_audio",
+TOWERS_GENERATED: frozenset[str] = frozenset({"exaone4_5", "gemma3", "glm4v_moe", "mistral3", "qwen2_5_omni", "qwen2_audio",
                                               "qwen3_asr", "qwen3_omni_moe"})
 
 #: The vision_config fields of a generated tower's attention sizes (read in the bridge's source,
@@ -125,6 +125,7 @@ CONFIG_CHECKS = {"gemma4_text": "bridge_ext.tables.gemma4:check_text_config"}
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone4_5", "exaone_moe", "falcon_h1", "gemma", "gemma2",
+                              "glm4v_moe",
                               "gemma3", "gemma3_text", "gemma4_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
                               "qwen2_audio", "qwen3_asr", "qwen3_omni_moe"})
 
@@ -146,7 +147,8 @@ REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to
 #: MoE classes whose vLLM (0.34) model wraps experts one by one (no ``is_3d_moe_weight``): a
 #: weight sync's expert adapters go per expert, as vLLM's LoRA manager refuses fused ones there.
 VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM", "ExaoneMoeForCausalLM",
-                                      "Ernie4_5_MoeForCausalLM", "HYV3ForCausalLM"})
+                                      "Ernie4_5_MoeForCausalLM", "HYV3ForCausalLM",
+                                      "Glm4vMoeForConditionalGeneration"})  # its language model: Glm4MoeForCausalLM
 
 #: Classes whose vLLM (0.34) model applies none of the adapters PEFT's names give (judged in
 #: tests/consumers): an ``adapter_for="vllm"`` export of adapters is refused with the reason.
@@ -179,10 +181,6 @@ REFUSED: dict[str, str] = {
                                       "text_config it gives a dense VL provider. Its towers (vision_tower, "
                                       "embed_vision, audio_tower, embed_audio: Hugging Face modules, prefix.**) are "
                                       "neither generated nor proven. vLLM 0.34 has both classes",
-    "Glm4vMoeForConditionalGeneration": "Megatron-Bridge 0.6.2's bridge reads text_config.partial_rotary_factor, "
-                                        "which transformers 5.23's Glm4vMoeTextConfig moves into rope_parameters "
-                                        "even where config.json has it, and text_config.use_qk_norm, which it "
-                                        "lacks (AttributeError): no provider, nothing to generate from",
     "Ernie4_5_VLMoeForConditionalGeneration": "its bridge maps the text / vision expert pairs with bridge-private "
                                               "kinds (_OffsetGatedMLPMapping, _OffsetRowParallelMapping, "
                                               "_ConcatBiasMapping: one Megatron expert set split at an offset into "
@@ -275,6 +273,19 @@ REFUSED_CONFIG_FIELDS: dict[str, dict[str, str]] = {"qwen3_asr": {"thinker_confi
 #: Notes ``bridge-ext architectures`` prints below its table, per model type: what a user of a
 #: generated+proven type must know (a workaround its proof relies on).
 NOTES = {
+    "glm4v_moe": "Megatron-Bridge 0.6.2's GLM45VBridge reads text_config.partial_rotary_factor and "
+                 "text_config.use_qk_norm; the published config.json has both (0.5, false), which transformers 5.9 "
+                 "keeps as attributes, but transformers 5.22.2, 5.23 and 5.25 move partial_rotary_factor into "
+                 "rope_parameters "
+                 "(AttributeError, no provider): set it back before to_megatron_provider(), "
+                 "bridge.hf_pretrained.config.text_config.partial_rotary_factor = 0.5 (its rope_parameters value); "
+                 "a config.json without use_qk_norm also needs use_qk_norm = False (transformers' GLM-4.5V has no "
+                 "q/k norms). Proven with the published head_dim 128, rotary fraction 0.5 and mrope_section "
+                 "[8, 12, 12], the tower included; other sections (the provider keeps these) and use_qk_norm true "
+                 "(q/k layernorms without a Hugging Face weight) are refused before the first tensor. "
+                 "Megatron-Bridge's "
+                 "GLM45VModel takes token id 0 for padding in its MRoPE positions: a prompt holding it computes "
+                 "otherwise than transformers (the weights are not concerned)",
     "qwen3_asr": "Megatron-Bridge 0.6.2's Qwen3ASRBridge reads the remote-code Qwen3-ASR folder (thinker_config, "
                  "thinker.* weights, as Qwen/Qwen3-ASR-* publish it), whose config transformers 5.23 does not build "
                  "(its Qwen3ASRConfig has audio_config / text_config; Megatron-Bridge registers its vendored copy "
@@ -284,6 +295,14 @@ NOTES = {
                  "architecture_notes.HF_NAME_RENAMES) and need that format's config (hf_config=, or the provider's "
                  "hf_model_id); the remote-code config is refused. Proven with tied embeddings (transformers 5.23's "
                  "default for Qwen3-ASR): an untied output layer is refused as unmapped",
+}
+
+#: Config fields a generated table compares beyond ``config_fields.STANDARD``, each reviewed in
+#: Megatron-Bridge's source: model_type -> ``(family, Hugging Face field, Megatron field)``.
+#: Megatron-Bridge 0.6.2's GLM45VModelProvider keeps mrope_section [8, 12, 12] (its bridge reads no
+#: section from the config): a config with other sections is refused, not exported as if it were one.
+EXTRA_CONFIG_FIELDS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "glm4v_moe": (("rotary embedding", "mrope_section", "mrope_section"),),
 }
 
 #: Generated tables whose tiny model cannot be built or run in Megatron on the CPU: why.

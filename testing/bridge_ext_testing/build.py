@@ -91,6 +91,7 @@ def build_megatron_model(
         bridge = qwen3_asr.bridge_of(hf_dir)
     else:
         bridge = bridge_cls.from_hf_pretrained(str(hf_dir))
+    gpt_families.restore_rotary_fraction(bridge, model_type)
     provider = bridge.to_megatron_provider(load_weights=False)
     if model_type == qwen3_asr.MODEL_TYPE:  # exports read transformers' config (as a user passes hf_config=)
         provider.hf_model_id = str(hf_dir)

@@ -17,6 +17,8 @@ Single-stage models only (one chunk holding embedding and output layer).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from bridge_ext_testing import fla_torch
@@ -85,11 +87,15 @@ def megatron_logits(
                 if vision_inputs:
                     raise TypeError(f"not a vision-language model; unexpected inputs {sorted(vision_inputs)}")
                 position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, -1)
+                # a multimodal model that asks each token's modality (GLM-4.5V: its MRoPE positions): all text
+                types = ({"mm_token_type_ids": torch.zeros_like(input_ids)}
+                         if "mm_token_type_ids" in inspect.signature(inner.forward).parameters else {})
                 output = model(
                     input_ids=input_ids,
                     position_ids=position_ids,
                     attention_mask=causal_mask(seq_len, device),
                     runtime_gather_output=True,
+                    **types,
                 )
     finally:
         model.train(was_training)

@@ -92,6 +92,20 @@ def partial_rotary_factor(hf_dir: str | Path) -> float | None:
     return None if value is None else float(value)
 
 
+def restore_rotary_fraction(bridge, model_type: str | None) -> None:
+    """What a GLM-4.5V user does before ``to_megatron_provider`` (``architecture_notes.NOTES``).
+
+    Megatron-Bridge 0.6.2's ``GLM45VBridge`` reads ``text_config.partial_rotary_factor``, which
+    transformers 5.23 moves into ``text_config.rope_parameters`` (5.9 keeps both): the attribute
+    is set back from there, the value transformers itself rotates by.
+    """
+    if model_type != "glm4v_moe":
+        return
+    text = bridge.hf_pretrained.config.text_config
+    if not hasattr(text, "partial_rotary_factor"):
+        text.partial_rotary_factor = text.rope_parameters["partial_rotary_factor"]
+
+
 def configure_provider(provider, hf_dir: str | Path) -> None:
     """Local specs and CPU settings for a provider of one of :data:`MODEL_TYPES` (before ``finalize``)."""
     rotary = partial_rotary_factor(hf_dir)

@@ -107,6 +107,18 @@ TINY: dict[str, dict] = {
                                          num_key_value_heads=2, out_hidden_size=64, patch_size=14,
                                          window_size=112, fullatt_block_indexes=[1]),
                       image_token_id=122, video_token_id=123, tie_word_embeddings=False),
+    # GLM-4.5V: layer 0 dense, layer 1 MoE with a shared expert (GLM-4.5-Air's decoder); the published
+    # head_dim 128, rotary fraction 0.5 and mrope_section [8, 12, 12] (Megatron-Bridge's provider keeps
+    # those three sections, it reads none from the config), and its config.json's use_qk_norm false, a
+    # field transformers' class lacks and Megatron-Bridge's bridge reads. GLM-4V tower of 2 blocks on
+    # 28x28 images (4 patches, merged 2x2 to one image token)
+    "glm4v_moe": dict(
+        text_config=dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                         first_k_dense_replace=1, head_dim=128, use_qk_norm=False,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                              mrope_section=[8, 12, 12])),
+        vision_config=dict(VISION, image_size=28), image_token_id=122, video_token_id=123,
+        image_start_token_id=124, image_end_token_id=125, video_start_token_id=126, video_end_token_id=127),
     # Whisper-like audio tower of 2 layers; the Qwen2 decoder has q/k/v biases
     "qwen2_audio": dict(text_config=dict(model_type="qwen2"), audio_config=AUDIO, audio_token_index=100),
     # thinker only (enable_audio_output=False): Megatron-Bridge builds no talker / token2wav

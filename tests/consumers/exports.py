@@ -200,10 +200,13 @@ GENERATED = {"mistral": GQA_TARGETS, "gemma": GQA_TARGETS, "gemma2": POST_NORM_T
              "gemma3": POST_NORM_TARGETS, "mistral3": GQA_TARGETS, "mimo_v2_flash": GQA_TARGETS,
              "ernie4_5_moe": GQA_TARGETS, "hy_v3": GQA_TARGETS, "qwen2_audio": GQA_TARGETS,
              "qwen3_omni_moe": LANGUAGE_MODEL_TARGETS, "qwen2_5_omni": GQA_TARGETS,
-             "falcon_h1": (*GQA_TARGETS, "in_proj"), "qwen3_asr": GQA_TARGETS, "gemma4_text": GQA_TARGETS,
+             "falcon_h1": (*GQA_TARGETS, "in_proj"), "qwen3_asr": GQA_TARGETS, "glm4v_moe": GQA_TARGETS,
+             "gemma4_text": GQA_TARGETS,
              # its tower's linears too (none normalises its output)
              "exaone4_5": (*POST_NORM_TARGETS, "*vision_model*.linear_proj", "*vision_model*.linear_fc2")}
 LIVE_FOR_VLLM = ("hy_v3",)
+#: generated MoE types whose vLLM class is also fed the base stream with fused experts (FUSED_BASE)
+FUSED_BASE_GENERATED = ("glm4v_moe",)
 
 def _minimax_m2(d: Path) -> Path:
     from bridge_ext_testing.tiny_frontier import tiny_minimax_m2
@@ -242,7 +245,8 @@ CASES: dict[str, Case] = {
     "gpt_oss_normalize": Case(_gpt_oss, GQA_TARGETS, options=(("normalize_moe_lora", True),)),
     "qwen3_5_moe_vl_normalize": Case(_qwen3_5_moe_vl, QWEN35_TARGETS, drafter="Qwen3_5MoeMTP",
                                      options=(("normalize_moe_lora", True),)),
-    **{model_type: Case(_generated(model_type), targets, live_for_vllm=model_type in LIVE_FOR_VLLM)
+    **{model_type: Case(_generated(model_type), targets, live_for_vllm=model_type in LIVE_FOR_VLLM,
+                        fused_base=model_type in FUSED_BASE_GENERATED)
        for model_type, targets in GENERATED.items()},
     # no MTP drafter in vLLM 0.34 for MiniMax-M2 (nor trained MTP weights published)
     "minimax_m2": Case(_minimax_m2, GQA_TARGETS, fused_base=True),

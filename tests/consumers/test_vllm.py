@@ -24,7 +24,7 @@ FUSED_ON_2D = "contains fused 3D MoE weights"
 # cases whose PEFT folder holds fused expert adapters for a class vLLM wraps per expert
 PER_EXPERT_CLASSES = {"qwen3_moe", "qwen3_5_moe_text", "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite",
                       "qwen2_moe", "qwen3_next", "qwen3_moe_canonical", "qwen3_moe_normalize",
-                      "olmoe", "deepseek_v2", "exaone_moe", "ernie4_5_moe", "hy_v3"}
+                      "olmoe", "deepseek_v2", "exaone_moe", "ernie4_5_moe", "hy_v3", "glm4v_moe"}
 # per-expert classes that do not refuse PEFT's fused folder but leave its expert adapters
 # unapplied: vLLM has no module under the in-memory name (MiniMax-M2: mlp.experts, vLLM's
 # block_sparse_moe.experts); the weights so left zero, by name
@@ -203,6 +203,8 @@ FUSED_BASE = {
     # Glm4MoeForCausalLM loads them; its MTP drafter, fed the same stream, does not
     "glm4_moe": {"base_fused": None,
                  "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
+    # GLM-4.5V's language model is Glm4MoeForCausalLM too (no MTP): it loads them
+    "glm4v_moe": {"base_fused": None},
     "glm4_moe_lite": {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'",
                       "mtp_base_fused": "KeyError: 'model.layers.3.mtp_block.mlp.experts.down_proj'"},
     "kimi_k25": {"base_fused": "KeyError: 'layers.1.mlp.experts.down_proj'"},
