@@ -36,7 +36,9 @@ class ConfigField:
 
     ``hf_values`` translates Hugging Face values into Megatron's (activation names into the
     import path of the function Megatron runs). ``uncompared``: why this table cannot compare
-    the field (it is then listed as such, never skipped silently).
+    the field (it is then listed as such, never skipped silently). ``hf_default``: the value
+    transformers' model computes with where the config does not set the field (None: such a
+    config leaves it uncompared).
     """
 
     family: str
@@ -45,6 +47,7 @@ class ConfigField:
     read: str = "value"
     hf_values: Mapping[str, str] = field(default_factory=dict, compare=False)
     uncompared: str | None = None
+    hf_default: Any = None
 
     def __post_init__(self) -> None:
         if self.read not in READS:
@@ -150,7 +153,7 @@ def _hf_value(config, spec: ConfigField) -> Any:
     else:
         value = getattr(text_config(config), spec.hf, None)
         if value is None:
-            value = _rope(config).get(spec.hf)
+            value = _rope(config).get(spec.hf, spec.hf_default)
     return _MISSING if value is None else spec.hf_values.get(value, value) if isinstance(value, str) else value
 
 

@@ -67,6 +67,9 @@ def adapted_outputs(tasks: list[Task], adapters: dict[str, Adapter], table: Mapp
                 outputs.extend(AdaptedOutput(hf_name, adapter.part(part), family)
                                for hf_name, part in zip(task.hf_names, task.rule.lora_parts) if adapter.part(part))
                 continue
+            if task.rule.lora_fused:  # one pair on the linear transformers loads the outputs into
+                outputs.append(AdaptedOutput(task.rule.lora_fused_name(task.values), adapter, family))
+                continue
             outputs.extend(AdaptedOutput(hf_name, adapter, family) for hf_name in task.hf_names)
             if task.rule.stack:
                 break  # one entry per fused parameter
@@ -151,6 +154,8 @@ def lora_config(plan, adapters: dict[str, Adapter], base_model_name_or_path: str
     # (a target leaf "0", nn.Sequential's first linear, also names a ModuleList's first child)
     module_names = {".".join(parts[:end]) for parts in (key.split(".") for key in in_memory)
                     for end in range(1, len(parts))}
+    module_names |= {weight_module(plan.table.in_memory_name(task.rule.lora_fused_name(task.values)))
+                     for task in plan.adapter_tasks if task.rule.lora_fused}  # linears joined on load
 
     outputs = [replace(o, hf_name=plan.table.in_memory_name(o.hf_name))
                for o in adapted_outputs(plan.adapter_tasks, adapters, plan.table)]

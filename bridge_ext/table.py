@@ -56,6 +56,10 @@ class Rule:
         lora_parts: Megatron-Bridge CanonicalLoRA's adapter of each ``hf`` output, by part name
             (``("q", "k", "v")``: ``adapter.adapter_q`` adapts the first output); empty where
             CanonicalLoRA keeps one adapter.
+        lora_fused: The name pattern (as saved) of the one linear transformers loads the rule's
+            outputs into, their rows concatenated in order (MiniMax-M3 loads ``gate_proj`` and
+            ``up_proj`` as ``gate_up_proj``): PEFT keys one adapter there, so the rule's LoRA
+            goes out as one pair, ``A`` shared, ``B`` the outputs' ``B`` rows concatenated.
     """
 
     megatron: str
@@ -66,6 +70,7 @@ class Rule:
     shared: str | None = None
     variant: str | None = None
     lora_parts: tuple[str, ...] = ()
+    lora_fused: str | None = None
     megatron_pattern: NamePattern = field(init=False, repr=False, compare=False)
     hf_patterns: tuple[NamePattern, ...] = field(init=False, repr=False, compare=False)
 
@@ -75,6 +80,11 @@ class Rule:
         object.__setattr__(self, "megatron_pattern", NamePattern(self.megatron))
         object.__setattr__(self, "hf_patterns", tuple(NamePattern(text) for text in self.hf))
         self._validate()
+        if self.lora_fused is not None and (
+                self.stack or self.shared or self.transposes or self.lora_parts or len(self.hf) < 2
+                or set(NamePattern(self.lora_fused).wildcards) != set(self.megatron_pattern.wildcards)):
+            raise TableError(f"{self.megatron}: lora_fused {self.lora_fused} needs several outputs, the rule's "
+                             "wildcards, and no stack, shared, transpose or lora_parts")
 
     def _validate(self) -> None:
         seen_global = False
@@ -108,12 +118,17 @@ class Rule:
     def hf_names(self, values: dict[str, str]) -> list[str]:
         return [pattern.fill(values) for pattern in self.hf_patterns]
 
+    def lora_fused_name(self, values: dict[str, str]) -> str | None:
+        """The saved name of the linear that takes the rule's one LoRA pair (:attr:`lora_fused`)."""
+        return NamePattern(self.lora_fused).fill(values) if self.lora_fused else None
+
     def prefixed(self, megatron_prefix: str, hf_prefix: str) -> Rule:
         """The same rule under other name prefixes (a sub-model, an MTP layer)."""
         return replace(
             self,
             megatron=megatron_prefix + self.megatron,
             hf=tuple(hf_prefix + text for text in self.hf),
+            lora_fused=hf_prefix + self.lora_fused if self.lora_fused else None,
         )
 
 
@@ -126,11 +141,12 @@ def rule(
     shared: str | None = None,
     variant: str | None = None,
     lora_parts: tuple[str, ...] = (),
+    lora_fused: str | None = None,
 ) -> Rule:
     """Shorthand for :class:`Rule`: ``rule(megatron, hf, op, op, tp="row")``."""
     hf_tuple = (hf,) if isinstance(hf, str) else tuple(hf)
     return Rule(megatron, hf_tuple, tuple(ops), tp=tp, stack=stack, shared=shared, variant=variant,
-                lora_parts=lora_parts)
+                lora_parts=lora_parts, lora_fused=lora_fused)
 
 
 def prefixed(rules: Iterable[Rule], megatron_prefix: str, hf_prefix: str) -> list[Rule]:

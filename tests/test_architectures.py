@@ -303,9 +303,32 @@ def test_fused_expert_names_must_be_transformers_experts_parameters():
         translate([mapping], resolver=None, expert_parameters=("w13", "w2"))
 
 
+def test_a_gate_up_pair_transformers_loads_as_one_linear_keeps_one_adapter_there():
+    """architecture_notes.IN_MEMORY_FUSED_GATE_UP: the rule writes the saved gate / up names and
+    its adapter on the fused linear (Rule.lora_fused); a pair the note does not describe is refused."""
+    from megatron.bridge.models.conversion.param_mapping import GatedMLPMapping
+
+    from bridge_ext.table_generate import translate
+
+    mapping = GatedMLPMapping("decoder.layers.*.mlp.linear_fc1.weight", gate="model.layers.*.mlp.gate_proj.weight",
+                              up="model.layers.*.mlp.up_proj.weight")
+    (generated,) = translate([mapping], resolver=None, expert_parameters=None, model_type="minimax_m3_vl").rules
+    assert 'lora_fused="model.layers.{layer}.mlp.gate_up_proj.weight"' in generated.text
+    assert "lora_parts" not in generated.text
+    (plain,) = translate([mapping], resolver=None, expert_parameters=None, model_type="mistral").rules
+    assert 'lora_parts=("gate", "up")' in plain.text and "lora_fused" not in plain.text
+    odd = GatedMLPMapping("decoder.layers.*.mlp.linear_fc1.weight", gate="model.layers.*.mlp.w1.weight",
+                          up="model.layers.*.mlp.w3.weight")
+    with pytest.raises(TableError, match=r"model\.layers\.\{layer\}\.mlp\.w1\.weight / .*: not the gate / up pair "
+                                         r"\.gate_proj\.weight / \.up_proj\.weight transformers fuses"):
+        translate([odd], resolver=None, expert_parameters=None, model_type="minimax_m3_vl")
+
+
 # hy_v3: in_memory_renames; falcon_h1: Mamba; qwen3_asr: HF_NAME_RENAMES, refused_config_fields;
-# glm4v_moe: a tower, EXTRA_CONFIG_FIELDS; gemma4_text: per-layer head widths, KV-shared layers, a config check
-@pytest.mark.parametrize("model_type", ["mistral", "hy_v3", "falcon_h1", "qwen3_asr", "glm4v_moe", "gemma4_text"])
+# glm4v_moe: a tower, EXTRA_CONFIG_FIELDS; minimax_m3_vl: lora_fused, renamed expert parameters, HF_DEFAULTS;
+# gemma4_text: per-layer head widths, KV-shared layers, a config check
+@pytest.mark.parametrize("model_type", ["mistral", "hy_v3", "falcon_h1", "qwen3_asr", "glm4v_moe", "minimax_m3_vl",
+                                        "gemma4_text"])
 def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu, model_type):
     from bridge_ext_testing.generate_tables import generate
 

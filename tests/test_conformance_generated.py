@@ -123,7 +123,8 @@ def test_base_weights_are_the_hf_files_and_megatron_bridge_export(built):
     # model in memory (the table's in_memory_renames, e.g. HY-V3's mlp.shared_mlp -> shared_experts)
     saved = {renamed(name, renames): tensor for name, tensor in
              built.bridge.export_adapter_weights(built.chunks, cpu=True, show_progress=False)}
-    theirs = {table_for(config).in_memory_name(name): tensor for name, tensor in saved.items()}
+    theirs = {table_for(config).in_memory_name(name): tensor
+              for name, tensor in _joined_as_loaded(saved, table_for(config), config).items()}
     assert sorted(adapters) == sorted(theirs)
     differ = [name for name in adapters if not torch.equal(adapters[name], theirs[name])]
     assert differ == _megatron_bridge_fused_qkv_lora(built, config, original, theirs, merged=False)
@@ -167,6 +168,38 @@ def test_saved_folders_load_strictly_and_give_megatron_logits(built, tmp_path):
     relative = compare_logits(ours, reference, report, what="HF + adapter", relative_tolerance=TOLERANCE.get(_model_type(built), 1e-5))
     without_adapter = hf_logits(_text_model(load_hf_model(tmp_path / "model")), input_ids)
     assert (without_adapter - reference).abs().max() / reference.abs().max() > 100 * max(relative, 1e-7)
+
+
+def _joined_as_loaded(saved: dict, table, config) -> dict:
+    """Megatron-Bridge's adapter export with each pair of a ``lora_fused`` rule's outputs joined
+    as transformers loads their base weights into one linear (MiniMax-M3's dense and shared-expert
+    ``gate_proj`` / ``up_proj`` -> ``gate_up_proj``).
+
+    Megatron-Bridge 0.6.2 names linear_fc1's adapter by the saved names, one pair per output
+    with ``A`` repeated; transformers 5.23 holds no such module in memory, so PEFT could place
+    neither (checked here); each joined pair must be one ``A`` (both outputs' equal) and the
+    outputs' ``B`` rows in order: the pair PEFT loads strictly (the next test)."""
+    from bridge_ext_testing.tiny_generated import model_class
+
+    with torch.device("meta"):
+        in_memory = {name for name, _ in model_class(config.model_type).from_config(config).named_modules()}
+    joined, parts = {}, {}
+    for name, tensor in saved.items():
+        module, _, factor = name.removesuffix(".weight").rpartition(".")
+        found = table.match_hf(module + ".weight")
+        if found is None or not found[0].rule.lora_fused:
+            joined[name] = tensor
+            continue
+        assert table.in_memory_name(module + ".weight").removesuffix(".weight") not in in_memory  # none to wrap
+        fused = found[0].rule.lora_fused_name(found[0].values).removesuffix(".weight")
+        assert table.in_memory_name(fused + ".weight").removesuffix(".weight") in in_memory
+        parts.setdefault((fused, factor), {})[found[1]] = tensor
+    for (fused, factor), by_output in parts.items():
+        ordered = [by_output[index] for index in sorted(by_output)]
+        if factor == "lora_A":
+            assert all(torch.equal(ordered[0], other) for other in ordered[1:])
+        joined[f"{fused}.{factor}.weight"] = ordered[0] if factor == "lora_A" else torch.cat(ordered)
+    return joined
 
 
 def _megatron_bridge_fused_qkv_lora(built, config, original, theirs, *, merged: bool) -> list[str]:
@@ -277,6 +310,60 @@ def test_mimo_v2_flash_megatron_slides_one_token_less_than_transformers(megatron
 
     assert relative(4) < 1e-5
     assert relative(5) > 1e-3
+
+
+def test_minimax_m3_megatron_attends_fully_where_transformers_selects_blocks(megatron_cpu, tmp_path):
+    """Megatron-Bridge 0.6.2 runs MiniMax-M3's sparse layers with full causal attention (the
+    indexer's weights carried, its block selection not run): equal to transformers' within
+    index_topk_blocks * index_block_size tokens (the entry above: 3 blocks of 4 for 11 tokens), not
+    beyond it (1 block of 4: each query keeps its own block only)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    hf_dir = tiny_generated(tmp_path, "minimax_m3_vl")
+    model = build_megatron_model(hf_dir)
+    input_ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    with cpu_forward_context():
+        reference = megatron_logits(model.chunks, input_ids)
+
+    def relative(topk_blocks: int) -> float:
+        config = AutoConfig.from_pretrained(str(hf_dir))
+        config.text_config.index_topk_blocks = topk_blocks
+        hf = AutoModelForImageTextToText.from_pretrained(str(hf_dir), config=config, dtype=torch.float32).eval()
+        return float((hf_logits(hf, input_ids) - reference).abs().max() / reference.abs().max())
+
+    assert relative(3) < 1e-5
+    assert relative(1) > 1e-3
+
+
+def test_minimax_m3_rotary_dim_without_transformers_fraction_is_refused():
+    """transformers 5.23's MiniMax-M3 rotates head_dim * rope_parameters.partial_rotary_factor
+    dims (all of them where unset) and never reads rotary_dim, Megatron-Bridge's provider
+    rotary_dim / head_dim: a config saying rotary_dim alone is another model for the two
+    (architecture_notes.HF_DEFAULTS), refused by the check every live export runs."""
+    from bridge_ext.config_compare import check_live_config
+    from bridge_ext_testing.tiny_generated import tiny_config
+    from types import SimpleNamespace
+
+    text = dict(TINY["minimax_m3_vl"]["text_config"], rope_parameters={"rope_type": "default", "rope_theta": 5e6})
+    alone = tiny_config("minimax_m3_vl", {"text_config": text})
+    assert alone.text_config.rotary_dim == 8 and "partial_rotary_factor" not in alone.text_config.rope_parameters
+    fields = table_for(alone).config_fields
+    megatron = SimpleNamespace(rotary_percent=0.5, rotary_base=5e6, num_layers=2)  # rotary_dim 8 of head_dim 16
+    check_live_config(megatron, tiny_config("minimax_m3_vl"), fields, "config.json")  # the fraction said: equal
+    with pytest.raises(ExportError, match=r"partial_rotary_factor = 1\.0, the model's TransformerConfig has "
+                                          r"rotary_percent = 0\.5"):
+        check_live_config(megatron, alone, fields, "config.json")
+
+
+def test_minimax_m3_canonical_lora_on_the_fused_gate_up_is_refused(megatron_cpu, tmp_path):
+    """CanonicalLoRA's separate gate / up adapters have no place on the one gate_up_proj linear
+    transformers loads (PEFT keys one adapter there): refused before the first tensor."""
+    model = build_megatron_model(tiny_generated(tmp_path, "minimax_m3_vl"), lora=LoraSettings(kind="canonical_lora"))
+    for options in (dict(adapters_only=True), dict(peft=False)):
+        with pytest.raises(ExportError, match=r"^language_model\.decoder\.layers\.0\.mlp\.linear_fc1\.weight -> .*"
+                                              r"CanonicalLoRA adapters \['gate', 'up'\] on outputs transformers loads "
+                                              r"as one linear \(language_model\.model\.layers\.0\.mlp\.gate_up_proj"):
+            next(export_hf_weights(model.chunks, **options))
 
 
 def test_qwen3_asr_audio_tower_export_gives_megatron_s_audio_features(megatron_cpu, tmp_path):

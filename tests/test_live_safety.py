@@ -137,6 +137,8 @@ def test_a_field_the_table_cannot_compare_is_said_not_skipped(llama):
                                   "architecture's activation has no Megatron name"]
     with pytest.raises(ValueError, match=r"no such config fields to leave uncompared: \['hidden_activation'\]"):
         standard({"hidden_activation": "no such field in the list"})
+    with pytest.raises(ValueError, match=r"no such config fields to default: \['rotary_dim'\]"):
+        standard(defaults={"rotary_dim": 1.0})
 
 
 def test_save_hf_pretrained_refuses_the_same_lie_and_writes_nothing(llama, tmp_path):

@@ -210,6 +210,17 @@ def test_rules_refuse_inconsistent_wildcards_and_order():
     assert rule("a.{layer}.{expert}.w", "b.{layer}.w", stack="expert").stack == "expert"
 
 
+def test_a_fused_adapter_linear_needs_several_outputs_and_the_rule_s_wildcards():
+    fused = rule("a.{layer}.w", ["b.{layer}.g.w", "b.{layer}.u.w"], SplitRows(1, 1), lora_fused="b.{layer}.gu.w")
+    assert fused.lora_fused_name({"layer": "3"}) == "b.3.gu.w"
+    assert fused.prefixed("m.", "h.").lora_fused_name({"layer": "3"}) == "h.b.3.gu.w"
+    pair = ["b.{layer}.g.w", "b.{layer}.u.w"]
+    for hf, options in (("b.{layer}.g.w", {}), (pair, dict(lora_fused="b.gu.w")),
+                        (pair, dict(lora_parts=("gate", "up"))), (pair, dict(lora_fused="b.{layer}.{expert}.gu.w"))):
+        with pytest.raises(TableError, match="lora_fused"):
+            rule("a.{layer}.w", hf, **{"lora_fused": "b.{layer}.gu.w", **options})
+
+
 def test_planning_names_every_unmapped_parameter_and_stacks_in_order():
     table = MappingTable(("toy",), (
         rule("layers.{layer}.experts.{expert}.w", "model.layers.{layer}.experts.w", stack="expert"),

@@ -85,7 +85,14 @@ class TaskConverter:
                 elif self.mode is Mode.MERGED and factors:
                     base = merge_output(task.rule, base, factors[index], adapter.scale)
                 yield hf_name, self.cast(base)
-        if factors and self.mode is Mode.ADAPTERS:
+        if factors and self.mode is Mode.ADAPTERS and task.rule.lora_fused:
+            # transformers holds the outputs as one linear, their rows joined in order: A is shared
+            fused = task.rule.lora_fused_name(task.values)
+            yield peft_key(fused, LORA_A), self.cast(factors[0][0])
+            yield peft_key(fused, LORA_B), self.cast(torch.cat([lora_b for _, lora_b in factors]))
+            if magnitudes:
+                yield peft_magnitude_key(fused), self.cast(torch.cat(magnitudes))
+        elif factors and self.mode is Mode.ADAPTERS:
             for index, (hf_name, (lora_a, lora_b)) in enumerate(zip(task.hf_names, factors, strict=True)):
                 yield peft_key(hf_name, LORA_A), self.cast(lora_a)
                 yield peft_key(hf_name, LORA_B), self.cast(lora_b)
@@ -148,6 +155,9 @@ class TaskConverter:
         ``lora_parts``); an output without a part's adapter has none."""
         rule = task.rule
         names = sorted(name for name, _ in adapter.parts)
+        if rule.lora_fused:
+            raise ExportError(f"{describe(task)}: CanonicalLoRA adapters {names} on outputs transformers loads as one "
+                              f"linear ({rule.lora_fused_name(task.values)}), where PEFT keys one adapter: not supported")
         if (len(rule.lora_parts) != len(task.hf_names) or rule.stack or rule.transposes or rule.changes_values
                 or not set(names) <= set(rule.lora_parts)):
             raise ExportError(f"{describe(task)}: CanonicalLoRA adapters {names} on a weight whose rule names the "

@@ -20,8 +20,8 @@ LEFT_OUT_PREFIXES = (*MTP_PREFIXES, "vision_model.", "audio_model.", "vision_tow
 
 #: Model types whose generated table covers the vision / audio tower: each has a conformance
 #: entry that proves the tower's weights (a test keeps this within :data:`PROVEN_GENERATED`).
-TOWERS_GENERATED: frozenset[str] = frozenset({"exaone4_5", "gemma3", "glm4v_moe", "mistral3", "qwen2_5_omni", "qwen2_audio",
-                                              "qwen3_asr", "qwen3_omni_moe"})
+TOWERS_GENERATED: frozenset[str] = frozenset({"exaone4_5", "gemma3", "glm4v_moe", "minimax_m3_vl", "mistral3",
+                                              "qwen2_5_omni", "qwen2_audio", "qwen3_asr", "qwen3_omni_moe"})
 
 #: The vision_config fields of a generated tower's attention sizes (read in the bridge's source,
 #: where it builds the tower's Megatron config): model_type -> (head count, key / value head count
@@ -38,6 +38,10 @@ _SPEECH_OUTPUT = ("the {talker} (speech output): Megatron-Bridge's bridge neithe
 LEFT_OUT_NOTES = {
     "qwen2_5_omni": _SPEECH_OUTPUT.format(talker="talker and token2wav", names="talker.* / token2wav.*"),
     "qwen3_omni_moe": _SPEECH_OUTPUT.format(talker="talker and code2wav", names="talker.* / code2wav.*"),
+    "minimax_m3_vl": ("the lightning indexer's block selection from Megatron's forward: Megatron-Bridge 0.6.2 keeps "
+                      "the indexer's weights as frozen state (exported like any other) and runs full causal attention, "
+                      "which equals transformers' sparse attention only up to index_topk_blocks * index_block_size "
+                      "tokens (tests/test_conformance_generated.py shows both sides of that bound)."),
 }
 
 #: Files beyond the tokenizer / template / generation ones that transformers' class of the model
@@ -95,7 +99,31 @@ SIZED_SPLIT_KINDS = {
 IN_MEMORY_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "hy_v3": ((".mlp.router.gate.", ".mlp.gate."), (".mlp.expert_bias", ".mlp.e_score_correction_bias"),
               (".mlp.shared_mlp.", ".mlp.shared_experts.")),
+    # transformers 5.23's minimax_m3_vl entry: its MoE block (one regex over experts / gate /
+    # shared_experts, written out here) and the sparse layers' indexer
+    "minimax_m3_vl": ((".block_sparse_moe.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"),
+                      (".block_sparse_moe.experts.", ".mlp.experts."), (".block_sparse_moe.gate.", ".mlp.gate."),
+                      (".block_sparse_moe.shared_experts.", ".mlp.shared_experts."),
+                      (".self_attn.index_q_proj.", ".self_attn.indexer.q_proj."),
+                      (".self_attn.index_k_proj.", ".self_attn.indexer.k_proj."),
+                      (".self_attn.index_q_norm.", ".self_attn.indexer.q_norm."),
+                      (".self_attn.index_k_norm.", ".self_attn.indexer.k_norm.")),
 }
+
+#: Gated MLPs whose saved gate / up weights transformers loads as one ``nn.Linear`` (its
+#: ``conversion_mapping.py``), per model type: ``(gate suffix, up suffix, fused suffix)``. The
+#: generated rule writes the saved names, and the adapter unsplit on the fused linear, where PEFT
+#: keys it (``Rule.lora_fused``). transformers 5.23's ``minimax_m3_vl``: ``Concatenate(dim=0)`` of
+#: ``gate_proj`` / ``up_proj`` into ``gate_up_proj`` (``[gate; up]``, chunked in two by
+#: ``MiniMaxM3VLDenseMLP.forward``), for the dense MLPs and the shared experts.
+IN_MEMORY_FUSED_GATE_UP: dict[str, tuple[str, str, str]] = {
+    "minimax_m3_vl": (".gate_proj.weight", ".up_proj.weight", ".gate_up_proj.weight"),
+}
+
+#: Per-expert Hugging Face parameters whose fused in-memory parameter is named otherwise (read in
+#: transformers 5.23's ``conversion_mapping.py``): model_type -> {per-expert name: fused name}.
+#: MiniMax-M3 saves ``experts.{e}.w1`` / ``w3`` / ``w2``, fused as ``gate_up_proj`` / ``down_proj``.
+FUSED_EXPERT_NAMES: dict[str, dict[str, str]] = {"minimax_m3_vl": {"w2": "down_proj"}}
 
 #: Bridge-private QKV mappings (read in Megatron-Bridge's source) that split Megatron's
 #: ``linear_qkv`` per query group into ``[q heads; k; v]`` with value heads of ``v_head_dim`` and
@@ -124,10 +152,10 @@ CONFIG_CHECKS = {"gemma4_text": "bridge_ext.tables.gemma4:check_text_config"}
 
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
-PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone4_5", "exaone_moe", "falcon_h1", "gemma", "gemma2",
-                              "glm4v_moe",
-                              "gemma3", "gemma3_text", "gemma4_text", "hy_v3", "mimo_v2_flash", "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni",
-                              "qwen2_audio", "qwen3_asr", "qwen3_omni_moe"})
+PROVEN_GENERATED = frozenset({"deepseek_v2", "ernie4_5_moe", "exaone4", "exaone4_5", "exaone_moe", "falcon_h1", "gemma",
+                              "gemma2", "gemma3", "gemma3_text", "gemma4_text", "glm4v_moe", "hy_v3", "mimo_v2_flash", "minimax_m3_vl",
+                              "mistral", "mistral3", "nemotron", "olmoe", "qwen2_5_omni", "qwen2_audio", "qwen3_asr",
+                              "qwen3_omni_moe"})
 
 #: What a generated+proven table is proven for, where that is narrower than every config of its
 #: model type (its table's config check refuses the rest): shown after the status.
@@ -151,11 +179,15 @@ VLLM_PER_EXPERT_ADAPTERS = frozenset({"OlmoeForCausalLM", "DeepseekV2ForCausalLM
                                       "Glm4vMoeForConditionalGeneration"})  # its language model: Glm4MoeForCausalLM
 
 #: Classes whose vLLM (0.34) model applies none of the adapters PEFT's names give (judged in
-#: tests/consumers): an ``adapter_for="vllm"`` export of adapters is refused with the reason.
+#: tests/consumers), or takes no LoRA at all: an ``adapter_for="vllm"`` export of adapters is
+#: refused with the reason.
 _OMNI_THINKER = ("vLLM 0.34's thinker maps adapter keys by the checkpoint's prefixes (thinker.model.), "
                  "PEFT's are transformers' in-memory ones (thinker.model.language_model.): it would apply none")
 VLLM_ADAPTERS_REFUSED = {"Qwen2_5OmniForConditionalGeneration": _OMNI_THINKER,
-                         "Qwen3OmniMoeForConditionalGeneration": _OMNI_THINKER}
+                         "Qwen3OmniMoeForConditionalGeneration": _OMNI_THINKER,
+                         "MiniMaxM3SparseForConditionalGeneration": (
+                             "vLLM 0.34's MiniMaxM3SparseForConditionalGeneration does not support LoRA (no "
+                             "SupportsLoRA: its engine refuses enable_lora)")}
 
 #: Remote-code classes Megatron-Bridge registers without a model_type, and the model_type of
 #: their published config (the key a hand-written table serves).
@@ -204,22 +236,6 @@ REFUSED: dict[str, str] = {
                                        "sizes, but with megatron.bridge imported transformers' auto model "
                                        "classes refuse it (Step3p7ForConditionalGeneration itself loads); vLLM "
                                        "0.34 has Step3p7ForConditionalGeneration",
-    "MiniMaxM3SparseForConditionalGeneration": "transformers 5.23 loads the dense and shared-expert MLPs' saved "
-                                               "gate_proj / up_proj (the names Megatron-Bridge maps) as one nn.Linear "
-                                               "gate_up_proj (conversion_mapping: Concatenate(dim=0), [gate; up], "
-                                               "chunked in two by the forward), where PEFT keys one adapter, A [r, H], "
-                                               "B [2I, r]: Megatron's linear_fc1 pair before the rules split its B; "
-                                               "no rule of the vocabulary writes the saved gate / up bases with the "
-                                               "adapter unsplit on the fused linear. Beside it a table needs reviewed "
-                                               "notes of the experts' saved w1 / w3 / w2 fused as gate_up_proj / "
-                                               "down_proj, the mid-key renames (block_sparse_moe. -> mlp., "
-                                               "index_{q,k}_{proj,norm} -> indexer.), and the config fields read "
-                                               "otherwise (intermediate_size: the experts' width; hidden_act: unread, "
-                                               "SwiGLU-OAI from swiglu_alpha / swiglu_limit). With those drafted, a "
-                                               "tiny model's base weights, tower included, were bit-exact against the "
-                                               "files and Megatron-Bridge's export; adapters, PEFT's strict load and "
-                                               "HF + PEFT logits against Megatron's CPU forward (sparse index "
-                                               "attention) are not proven",
 }
 
 #: PEFT types beyond LoRA that a test exports for a model type and PEFT (or the merged forward)
@@ -312,6 +328,14 @@ GEMMA3_LAYER_TYPES = ("Megatron-Bridge's Gemma 3 attention picks sliding or glob
                       "interleaved_attn_pattern (five sliding, one global, as HF's default layer_types), "
                       "not from window_attn_skip_freq")
 
+#: Config fields a generated table compares with the value transformers' model takes where the
+#: config does not set them (``ConfigField.hf_default``; read in transformers 5.23):
+#: model_type -> {Hugging Face field: value}. MiniMax-M3 rotates head_dim *
+#: rope_parameters.partial_rotary_factor dims (all where unset) and never reads rotary_dim, which
+#: Megatron-Bridge 0.6.2's provider rotates (rotary_percent = rotary_dim / head_dim): a config
+#: with rotary_dim alone would have the two compute otherwise, so it is refused.
+HF_DEFAULTS: dict[str, dict[str, object]] = {"minimax_m3_vl": {"partial_rotary_factor": 1.0}}
+
 #: Config fields a generated table leaves uncompared (``bridge_ext.tables.config_fields.standard``),
 #: each reviewed in Megatron-Bridge's source: model_type -> {Hugging Face field: why}.
 UNCOMPARED: dict[str, dict[str, str]] = {
@@ -329,6 +353,14 @@ UNCOMPARED: dict[str, dict[str, str]] = {
                               "(HF's sliding/full alternation), whatever window_attn_skip_freq says"},
     "gemma3_text": {"layer_types": GEMMA3_LAYER_TYPES},
     "gemma3": {"layer_types": GEMMA3_LAYER_TYPES},
+    "minimax_m3_vl": {
+        "intermediate_size": "MiniMax-M3's intermediate_size is its routed experts' width (Megatron's "
+                             "moe_ffn_hidden_size); its dense MLPs take dense_intermediate_size (Megatron's "
+                             "ffn_hidden_size)",
+        "hidden_act": "transformers 5.23's MiniMax-M3 text model reads no hidden_act (its config sets it to silu): "
+                      "its MLPs and experts compute the clamped SwiGLU-OAI from swiglu_alpha / swiglu_limit, which "
+                      "Megatron-Bridge maps to quick_gelu with activation_func_clamp_value and glu_linear_offset",
+    },
     "ernie4_5_moe": {"scoring_func": "ERNIE-4.5's config has no such field: transformers routes by softmax, "
                                      "Megatron-Bridge 0.6.2's provider by sigmoid; a model trained with that "
                                      "provider computes otherwise than its export"},

@@ -70,11 +70,16 @@ STANDARD: tuple[ConfigField, ...] = (
 )
 
 
-def standard(uncompared: Mapping[str, str] | None = None) -> tuple[ConfigField, ...]:
-    """:data:`STANDARD`, with the Hugging Face fields of ``uncompared`` (name -> why) left uncompared."""
-    uncompared = dict(uncompared or {})
-    unknown = sorted(set(uncompared) - {spec.hf for spec in STANDARD})
-    if unknown:
-        raise ValueError(f"no such config fields to leave uncompared: {unknown}")
-    return tuple(ConfigField(spec.family, spec.hf, spec.megatron, spec.read, spec.hf_values, uncompared.get(spec.hf))
-                 for spec in STANDARD)
+def standard(uncompared: Mapping[str, str] | None = None,
+             defaults: Mapping[str, object] | None = None) -> tuple[ConfigField, ...]:
+    """:data:`STANDARD`, with the Hugging Face fields of ``uncompared`` (name -> why) left
+    uncompared, and those of ``defaults`` (name -> value) compared with the value transformers'
+    model takes where the config does not set them (``ConfigField.hf_default``)."""
+    uncompared, defaults = dict(uncompared or {}), dict(defaults or {})
+    known = {spec.hf for spec in STANDARD}
+    for what, names in (("leave uncompared", uncompared), ("default", defaults)):
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise ValueError(f"no such config fields to {what}: {unknown}")
+    return tuple(ConfigField(spec.family, spec.hf, spec.megatron, spec.read, spec.hf_values, uncompared.get(spec.hf),
+                             defaults.get(spec.hf)) for spec in STANDARD)

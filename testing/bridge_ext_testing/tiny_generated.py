@@ -137,6 +137,22 @@ TINY: dict[str, dict] = {
         vision_config=dict(VISION, deepstack_visual_indexes=[0], num_position_embeddings=16, image_size=56,
                            apply_vit_abs_pos_embed=True),
         **THINKER_TOKENS)),
+    # MiniMax-M3: layer 0 dense with full attention, layer 1 MoE (a shared expert) with the
+    # lightning indexer's sparse attention, its blocks of 4 keys, top 3 of them: every block of
+    # the 11 test tokens is kept (Megatron-Bridge runs full attention); half the head dims
+    # rotated, said twice as the published config does (Megatron-Bridge reads rotary_dim,
+    # transformers rope_parameters' partial_rotary_factor); a 2-layer vision tower
+    "minimax_m3_vl": dict(text_config=dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                           dense_intermediate_size=96, shared_intermediate_size=48, rotary_dim=8,
+                                           rope_parameters=dict(rope_type="default", rope_theta=5e6,
+                                                                partial_rotary_factor=0.5),
+                                           mlp_layer_types=["dense", "sparse"],
+                                           layer_types=["full_attention", "minimax_m3_sparse"],
+                                           index_n_heads=2, index_head_dim=16, index_block_size=4,
+                                           index_topk_blocks=3),
+                          vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=2),
+                          projector_hidden_size=64, image_token_index=122, video_token_index=123),
     # transformers' spelling (Qwen/Qwen3-ASR-*-hf); Megatron-Bridge builds from its remote-code twin
     # (bridge_ext_testing.qwen3_asr). Embeddings tied, as the published models; the published audio
     # chunks of 2 * 50 mel frames (both libraries count 13 positions a chunk), attention windows of one chunk;

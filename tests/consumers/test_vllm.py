@@ -37,7 +37,10 @@ UNAPPLIED = {"qwen3_omni_moe": "language_model.model.layers.", "qwen2_5_omni": "
 # so only the base and merged streams can reach them (the judge never gets to the saved folders)
 NO_LORA = {"kimi_k25": "LoRA is not supported for KimiK25ForConditionalGeneration",
            "mimo_v2_flash": "LoRA is not supported for MiMoV2FlashForCausalLM",
-           "qwen2_audio": "LoRA is not supported for Qwen2AudioForConditionalGeneration"}
+           "qwen2_audio": "LoRA is not supported for Qwen2AudioForConditionalGeneration",
+           "minimax_m3_vl": "LoRA is not supported for MiniMaxM3SparseForConditionalGeneration"}
+# of those, the classes whose table refuses adapter_for="vllm" adapters up front (vllm_adapters_refused)
+NO_LORA_REFUSED = ("minimax_m3_vl",)
 # adapters vLLM leaves unapplied with its default engine options, by design: vision-tower ones
 # need enable_tower_connector_lora (docs/consumers.md)
 DROPPED = {"qwen3_5_moe_vl": "visual.", "qwen3_5_moe_vl_normalize": "visual.", "qwen3_vl": "visual.",
@@ -177,6 +180,8 @@ def test_the_export_refuses_adapters_for_vllm_where_it_applies_none(verdicts):
     (the table's vllm_adapters_refused)."""
     for case in UNAPPLIED:
         assert "for vLLM: " in (verdicts[case]["export_refusal"] or ""), case
+    for case in NO_LORA_REFUSED:  # its engine refuses enable_lora (test_vllm_loads_the_export's live)
+        assert "does not support LoRA" in (verdicts[case]["export_refusal"] or ""), case
 
 
 def test_the_export_refuses_dora_for_vllm_which_refuses_it_too(verdicts):
@@ -189,7 +194,7 @@ def test_the_export_refuses_dora_for_vllm_which_refuses_it_too(verdicts):
             "the adapters are DoRA (decoder.layers.0.self_attention.linear_proj, ...), which vLLM cannot load: "
             "give vLLM merged weights, or write the adapter folder for PEFT")
         assert verdicts[case]["merged"]["ok"] and "saved_vllm" not in verdicts[case]
-    others = [case for case in CASES if case not in dora and case not in UNAPPLIED]
+    others = [case for case in CASES if case not in dora and case not in UNAPPLIED and case not in NO_LORA_REFUSED]
     assert [case for case in others if verdicts[case]["export_refusal"] is not None] == []
 
 
