@@ -5,7 +5,8 @@ added (hand-written or generated) changes its row. Statuses:
 
 * ``hand-written``: a table of ``bridge_ext.tables`` (proven by its conformance module);
 * ``generated+proven``: a table generated from Megatron-Bridge and an entry of the generated
-  tables' conformance module (``bridge_ext.tables.architecture_notes.PROVEN_GENERATED``);
+  tables' conformance module (``bridge_ext.tables.architecture_notes.PROVEN_GENERATED``), followed
+  by the configs it is proven for where its table refuses others (``PROVEN_SCOPE``);
 * ``generated, not provable on CPU``: a generated table whose tiny model cannot be built or
   run on the CPU (the reason in ``bridge_ext.tables.architecture_notes.NOT_PROVABLE``);
 * ``refused``: no table (the reason in ``bridge_ext.tables.architecture_notes.REFUSED``).
@@ -73,6 +74,7 @@ def architectures() -> tuple[Architecture, ...]:
     from bridge_ext.tables.architecture_notes import (
         NOT_PROVABLE,
         PROVEN_GENERATED,
+        PROVEN_SCOPE,
         REFUSED,
         REMOTE_MODEL_TYPES,
         SHIPPED_REMOTE_CODE,
@@ -93,7 +95,8 @@ def architectures() -> tuple[Architecture, ...]:
                 shipped = SHIPPED_REMOTE_CODE.get(model_type)
                 note = (f" (remote code: key set, PEFT load and logits from Megatron-Bridge's shipped copy of it, "
                         f"{shipped.rpartition('.')[0]})" if shipped else "")
-                return "generated+proven" + note, _peft_types(model_type, built), _expert_layouts(built)
+                scope = f": {PROVEN_SCOPE[model_type]}" if model_type in PROVEN_SCOPE else ""
+                return f"generated+proven{note}{scope}", _peft_types(model_type, built), _expert_layouts(built)
             reason = NOT_PROVABLE.get(model_type, NO_REASON)
             return f"generated, not provable on CPU: {reason}", "LoRA (not proven)", _expert_layouts(built)
         return f"refused: {REFUSED.get(hf_class, NO_REASON)}", "–", "–"

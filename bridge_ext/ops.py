@@ -145,6 +145,65 @@ class SplitHeadGroups(Op):
 
 
 @dataclass(frozen=True)
+class SplitQKVHeadDims(Op):
+    """Megatron's ``linear_qkv`` of a model whose layers differ in head width, not in head counts
+    (Gemma 4: sliding layers of ``head_dim``, global ones of ``global_head_dim``): per group
+    ``[q heads; k; v]``, every head ``width`` rows, the width read off the rows
+    (``(heads + 2 * groups) * width``), which must be exactly one of ``widths``: any other row
+    count is refused. A global operation (a shard's rows depend on the tensor-parallel size).
+    """
+
+    heads: Size
+    groups: Size
+    widths: tuple[Size, ...]
+
+    def __init__(self, heads: Size, groups: Size, *widths: Size):
+        object.__setattr__(self, "heads", heads)
+        object.__setattr__(self, "groups", groups)
+        object.__setattr__(self, "widths", widths)
+
+    def _split(self, rows: int, dims: ModelDims) -> SplitGroupedRows:
+        heads, groups = _resolve(self.heads, dims), _resolve(self.groups, dims)
+        widths = sorted({_resolve(width, dims) for width in self.widths})
+        fits = [width for width in widths if rows == (heads + 2 * groups) * width]
+        if not fits or heads % groups:
+            raise ValueError(f"{rows} rows are not {heads} query heads and {groups} key and value heads "
+                             f"of one of the widths {widths}")
+        (width,) = fits
+        return SplitGroupedRows(heads // groups * width, width, width)
+
+    def forward(self, tensors, dims):
+        (tensor,) = tensors
+        return self._split(tensor.shape[0], dims).forward([tensor], dims)
+
+    def reverse(self, tensors, dims):
+        return self._split(sum(tensor.shape[0] for tensor in tensors), dims).reverse(tensors, dims)
+
+
+@dataclass(frozen=True)
+class KeepParts(Op):
+    """Only the parts at ``indices`` become Hugging Face tensors: the others have no counterpart
+    there (Gemma 4's KV-shared layers read earlier layers' keys and values; Megatron keeps k / v
+    rows and a key norm there that its forward does not use, transformers has no k_proj / v_proj /
+    k_norm). ``KeepParts()`` keeps nothing. A table uses it only on the layers its config names
+    (decided before export); the reverse direction cannot restore the dropped parts and refuses."""
+
+    indices: tuple[int, ...]
+
+    def __init__(self, *indices: int):
+        object.__setattr__(self, "indices", indices)
+
+    def forward(self, tensors, dims):
+        if any(index >= len(tensors) for index in self.indices):
+            raise ValueError(f"KeepParts{self.indices} got {len(tensors)} parts")
+        return [tensors[index] for index in self.indices]
+
+    def reverse(self, tensors, dims):
+        raise ValueError("the Hugging Face checkpoint has no tensors for the parts this rule drops: "
+                         "they cannot be restored")
+
+
+@dataclass(frozen=True)
 class GroupRows(Op):
     """Interleave consecutive parts group by group: the inverse of :class:`SplitGroupedRows`.
 

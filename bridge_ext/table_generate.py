@@ -45,14 +45,17 @@ from dataclasses import dataclass
 
 from bridge_ext.errors import TableError
 from bridge_ext.tables.architecture_notes import (
+    CONFIG_CHECKS,
     EQUIVALENT_KINDS,
     EXPERT_OFFSET_KINDS,
     FUSED_EXPERT_NAMES,
     HEAD_GROUP_QKV_KINDS,
+    HEAD_WIDTH_QKV_KINDS,
     HF_NAME_RENAMES,
     IN_MEMORY_FUSED_GATE_UP,
     IN_MEMORY_RENAMES,
     KINDS_WITH_OPS,
+    LAST_LAYERS_WITHOUT,
     LEFT_OUT_PREFIXES,
     MTP_PREFIXES,
     PUBLISHED_PREFIXES,
@@ -119,13 +122,17 @@ def bridge_for(model_type: str) -> RegisteredBridge:
 
 @dataclass(frozen=True)
 class GeneratedRule:
-    """One rule as source text, and the Megatron pattern it came from (for the header)."""
+    """One rule as source text, and the Megatron pattern it came from (for the header); where
+    some layers drop outputs (:data:`LAST_LAYERS_WITHOUT`), its parts to rebuild it with fewer."""
 
     megatron: str
     text: str
     #: its Hugging Face names carry a named offset (``{expert+field}``): such rules go first, so
     #: the reverse direction reads ``experts.5`` as the offset pool's before ``experts.{expert}``
     offset: bool = False
+    hf: tuple[str, ...] = ()
+    ops: str = ""
+    options: tuple[tuple[str, str], ...] = ()
 
 
 def _pattern(mb_pattern: str, what: str, mapping) -> str:
@@ -331,6 +338,7 @@ class _Translation:
     sized_splits: tuple[SizedSplitKind, ...] = ()
     vision_sizes: object | None = None  # the table's VisionSizes, where its rules name them
     config_offsets: tuple[str, ...] = ()
+    wide_layer_type: str | None = None  # HEAD_WIDTH_QKV_KINDS: the layer type of global_head_dim
 
 
 def _config_value(config, name: str):
@@ -421,6 +429,13 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
     def shifted(hf: str) -> str:  # the Hugging Face expert index of an offset pool
         return hf.replace("{expert}", "{expert+" + offset + "}") if offset else hf
 
+    def add_parts(megatron: str, hf: str | list[str], ops: str = "", **options: str) -> None:
+        hf_tuple = (hf,) if isinstance(hf, str) else tuple(hf)
+        rules.append(GeneratedRule(megatron, _rule(megatron, hf, ops, **options), offset is not None, hf_tuple, ops,
+                                   tuple(options.items())))
+
+    wide_layer_type = None
+
     for mapping in mappings:
         name = mapping.megatron_param
         if name.startswith(MTP_PREFIXES) or (name.startswith(LEFT_OUT_PREFIXES) and model_type not in TOWERS_GENERATED):
@@ -443,7 +458,12 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                              "expert index")
         if offset and offset not in offsets:
             offsets.append(offset)
-        if _path(type(mapping)) in HEAD_GROUP_QKV_KINDS:
+        if _path(type(mapping)) in HEAD_WIDTH_QKV_KINDS:
+            wide_layer_type = HEAD_WIDTH_QKV_KINDS[_path(type(mapping))]
+            hf = [hf_pattern(mapping.hf_param[part], mapping) for part in ("q", "k", "v")]
+            add_parts(megatron, hf, ', SplitQKVHeadDims("num_attention_heads", "num_query_groups", "head_dim", '
+                                    '"global_head_dim")', lora_parts='("q", "k", "v")' if name.endswith(".weight") else "")
+        elif _path(type(mapping)) in HEAD_GROUP_QKV_KINDS:
             hf = [hf_pattern(mapping.hf_param[part], mapping) for part in ("q", "k", "v")]
             add(megatron, _rule(megatron, hf, ', SplitHeadGroups("num_attention_heads", "head_dim", "v_head_dim")',
                                 lora_parts='("q", "k", "v")' if name.endswith(".weight") else ""))
@@ -474,7 +494,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                 add(megatron, _rule(megatron, fused([hf], parameter), ops, tp=_quoted(tp),
                                     stack='"expert"', variant='EXPERTS.variant("fused")'))
             else:
-                add(megatron, _rule(megatron, hf, ops, tp=_quoted(tp) if tp != "column" else ""))
+                add_parts(megatron, hf, ops, tp=_quoted(tp) if tp != "column" else "")
         elif kind is pm.QKVMapping:
             hf = [hf_pattern(mapping.hf_param[part], mapping) for part in ("q", "k", "v")]
             parts = '("q", "k", "v")' if name.endswith(".weight") else ""
@@ -523,7 +543,7 @@ def translate(mappings, resolver: Resolver, expert_parameters: tuple[str, ...] |
                              f"module parameters {list(expert_parameters or ())}")
     rules = [each for each in rules if each.offset] + [each for each in rules if not each.offset]
     return _Translation(rules, absent, expert_parameters if uses_experts else None, tuple(sized_splits),
-                        vision_sizes, tuple(offsets))
+                        vision_sizes, tuple(offsets), wide_layer_type)
 
 
 def _vision_sizes(model_type: str | None, mapping):
@@ -681,10 +701,51 @@ def _renamed_prefixes(saved: str, loaded: str, narrowed: int) -> tuple[str, str]
             ".".join(loaded_parts[:len(loaded_parts) - common]) + ".")
 
 
+def _without_outputs(each: GeneratedRule, dropped: tuple[str, ...]) -> str | None:
+    """``each`` keeping only the outputs that no ``dropped`` infix names (``KeepParts``), or None
+    where it keeps them all."""
+    import ast
+
+    if not each.hf:
+        if any(infix in each.text for infix in dropped):
+            raise TableError(f"{each.megatron}: outputs to drop on some layers, in a rule of a kind that cannot drop them")
+        return None
+    kept = [index for index, name in enumerate(each.hf) if not any(infix in name for infix in dropped)]
+    if len(kept) == len(each.hf):
+        return None
+    options = dict(each.options)
+    if options.get("lora_parts"):
+        parts = [ast.literal_eval(options["lora_parts"])[index] for index in kept]
+        options["lora_parts"] = "(" + ", ".join(_quoted(part) for part in parts) + ("," if len(parts) == 1 else "") + ")"
+        options["lora_parts"] = options["lora_parts"] if parts else ""
+    ops = each.ops + f", KeepParts({', '.join(str(index) for index in kept)})"
+    return _rule(each.megatron, [each.hf[index] for index in kept], ops, **options)
+
+
+def _checked_builder(model_type: str, translation: _Translation) -> list[str]:
+    """The source of a ``TableBuilder`` over ``_TABLE``: the reviewed config check of
+    :data:`CONFIG_CHECKS` and, for :data:`LAST_LAYERS_WITHOUT`, the last layers' rules."""
+    check = CONFIG_CHECKS[model_type].partition(":")[2]
+    lines = ["", "TABLE = TableBuilder(", f"    model_types=({_quoted(model_type)},),", f"    build=CheckedTable(_TABLE, {check}"]
+    if model_type in LAST_LAYERS_WITHOUT:
+        count_key, dropped = LAST_LAYERS_WITHOUT[model_type]
+        reduced = [text for text in (_without_outputs(each, dropped) for each in translation.rules) if text]
+        if not reduced:
+            raise TableError(f"{model_type}: no rule has outputs {list(dropped)} to drop on the last layers")
+        lines[-1] += f", LastLayersRules({_quoted(count_key)}, ("
+        lines += [f"        {text}," for text in reduced]
+        lines.append("    ))),")
+    else:
+        lines[-1] += "),"
+    lines += ["    description=_TABLE.description,", ")", ""]
+    return lines
+
+
 def _sizes_imports(translation: _Translation) -> list[str]:
     blocks = sorted({name for sized in translation.sized_splits for name in (sized.parts, sized.stored_parts)})
     sizes = sorted({sized.sizes_class for sized in translation.sized_splits}
-                   | ({"VisionSizes"} if translation.vision_sizes else set()))
+                   | ({"VisionSizes"} if translation.vision_sizes else set())
+                   | ({"LayerTypeSizes"} if translation.wide_layer_type else set()))
     return [*([f"from bridge_ext.tables.blocks import {', '.join(blocks)}"] if blocks else []),
             *([f"from bridge_ext.tables.sizes import {', '.join(sizes)}"] if sizes else [])]
 
@@ -728,11 +789,15 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
                   "left out so that such a weight is refused as unmapped:"]
         lines += [f"    {name}" for name in translation.absent]
     ops = ["AddOne", "Concat", "SplitGroupedRows", "SplitRows", "TrimVocab"]
-    ops += [op for op in ("SplitHeadGroups", "Transpose") if any(f"{op}(" in each.text for each in translation.rules)]
+    ops += [op for op in ("SplitHeadGroups", "SplitQKVHeadDims", "Transpose")
+            if any(f"{op}(" in each.text for each in translation.rules)]
+    ops += ["KeepParts"] if model_type in LAST_LAYERS_WITHOUT else []
     ops += [re.match(r"\w+", op)[0] for each in KINDS_WITH_OPS.values() for op in each[1:]
             if any(op in rule.text for rule in translation.rules)]
     ops += ["Transpose"] if any("Transpose()" in each.text for each in translation.rules) else []
     ops_import = f"from bridge_ext.ops import {', '.join(sorted(set(ops)))}  # noqa: F401"
+    checked = model_type in CONFIG_CHECKS
+    check_module, _, check = CONFIG_CHECKS.get(model_type, "").partition(":")
     shipped = SHIPPED_REMOTE_CODE.get(model_type)
     if shipped:  # reviewed by hand: bridge_ext.tables.architecture_notes.SHIPPED_REMOTE_CODE
         lines += ["", *textwrap.wrap(f"transformers has no {entry.source}: the key set is that of Megatron-Bridge's "
@@ -740,7 +805,10 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
                                      f"classes by importing {shipped} (register_hf_config).", 96)]
     lines += ['"""', "", *(["from functools import partial", "from importlib import import_module", ""] if shipped else []),
               ops_import,
-              "from bridge_ext.table import ExpertFamily, MappingTable, rule",
+              ("from bridge_ext.table import ExpertFamily, MappingTable, TableBuilder, rule" if checked else
+               "from bridge_ext.table import ExpertFamily, MappingTable, rule"),
+              *([f"from {check_module} import {check}", "from bridge_ext.tables.layer_rules import CheckedTable, "
+                 "LastLayersRules"] if checked else []),
               *([f"from bridge_ext.tables.remote_code import {HF_LOAD_REPAIRS[model_type]}"]
                 if model_type in HF_LOAD_REPAIRS else []),
               *_sizes_imports(translation),
@@ -754,7 +822,8 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
         parameters += "," if len(translation.expert_parameters) == 1 else ""
         lines.append(f'EXPERTS = ExpertFamily("experts", ({parameters}))')
         families = "(EXPERTS,)"
-    lines += ["", "TABLE = MappingTable(", f"    model_types=({_quoted(model_type)},),", "    rules=("]
+    lines += ["", f"{'_TABLE' if checked else 'TABLE'} = MappingTable(", f"    model_types=({_quoted(model_type)},),",
+              "    rules=("]
     lines += [f"        {each.text}," for each in translation.rules]
     description = f"{entry.source} (generated from Megatron-Bridge {megatron_bridge_version()})"
     lines += ["    ),", f'    description="{description}",',
@@ -765,7 +834,10 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
     if translation.config_offsets:  # expert indices offset by these config fields (an expert pool after another)
         lines.append(f"    config_offsets=({', '.join(_quoted(name) for name in translation.config_offsets)},),")
     sizes = [*sorted({_split_sizes(bridge, sized) for sized in translation.sized_splits}),
-             *([_vision_sizes_source(translation.vision_sizes)] if translation.vision_sizes else [])]
+             *([_vision_sizes_source(translation.vision_sizes)] if translation.vision_sizes else []),
+             # SplitQKVHeadDims' global_head_dim: that layer type's, per layer
+             *([f'LayerTypeSizes({_quoted(translation.wide_layer_type)}, (("global_head_dim", "head_dim"),))']
+               if translation.wide_layer_type else [])]
     if sizes:  # the rules' operations name these sizes
         lines += ["    sizes=(", *(f"        {each}," for each in sizes), "    ),"]
     if translation.sized_splits:  # torch_dist stores the mixer's parts apart
@@ -828,4 +900,6 @@ def render(model_type: str, entry: RegisteredBridge, translation: _Translation,
             lines += [f"        ConfigField({', '.join(_quoted(part) for part in field)})," for field in extra_fields]
             lines.append("    ),")
     lines += [")", ""]
+    if checked:
+        lines += _checked_builder(model_type, translation)[1:]
     return "\n".join(lines)

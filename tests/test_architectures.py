@@ -51,10 +51,12 @@ def test_generated_tables_are_proven_or_say_why(rows):
     from bridge_ext_testing.tiny_generated import TINY
     from bridge_ext.tables import generated_model_types
 
-    from bridge_ext.tables.architecture_notes import PROVEN_GENERATED
+    from bridge_ext.tables.architecture_notes import PROVEN_GENERATED, PROVEN_SCOPE
 
     proven = sorted(row.model_type for row in rows if row.status.startswith("generated+proven"))
     assert proven == sorted(set(TINY) & generated_model_types())
+    # a table proven for some configs only (its check refuses the others) says which
+    assert sorted(row.model_type for row in rows if row.status.startswith("generated+proven: ")) == sorted(PROVEN_SCOPE)
     assert sorted(PROVEN_GENERATED) == sorted(TINY)  # the library's list is the conformance module's
     assert len(proven) >= 9
 
@@ -85,6 +87,7 @@ def test_generated_tables_name_the_megatron_bridge_version_and_leave_out_mtp_and
     from importlib.metadata import version
 
     from bridge_ext.table_generate import LEFT_OUT_PREFIXES, MTP_PREFIXES
+    from bridge_ext.table import MappingTable
     from bridge_ext.tables.architecture_notes import PROVEN_GENERATED, TOWERS_GENERATED
     from bridge_ext.tables.generated import GENERATED
 
@@ -93,10 +96,16 @@ def test_generated_tables_name_the_megatron_bridge_version_and_leave_out_mtp_and
     for path in files:
         assert f'MEGATRON_BRIDGE_VERSION = "{version("megatron-bridge")}"' in path.read_text(), path.name
     towers = tuple(prefix for prefix in LEFT_OUT_PREFIXES if prefix not in MTP_PREFIXES)
+
+    def rules(table):  # a CheckedTable builder's table and its last layers' rules
+        if isinstance(table, MappingTable):
+            return table.rules
+        return (*table.build.table.rules, *(table.build.last_layers.rules if table.build.last_layers else ()))
+
     for table in GENERATED:
-        assert [each.megatron for each in table.rules if each.megatron.startswith(MTP_PREFIXES)] == []
+        assert [each.megatron for each in rules(table) if each.megatron.startswith(MTP_PREFIXES)] == []
     covered = {table.model_types[0] for table in GENERATED
-               if any(each.megatron.startswith(towers) for each in table.rules)}
+               if any(each.megatron.startswith(towers) for each in rules(table))}
     assert covered == TOWERS_GENERATED and TOWERS_GENERATED <= PROVEN_GENERATED
 
 
@@ -414,9 +423,10 @@ def test_a_class_transformers_lacks_must_be_registered_under_its_name():
 
 # hy_v3: in_memory_renames; falcon_h1: Mamba; qwen3_asr: HF_NAME_RENAMES, refused_config_fields;
 # glm4v_moe: a tower, EXTRA_CONFIG_FIELDS; minimax_m3_vl: lora_fused, renamed expert parameters, HF_DEFAULTS;
-# bailing_moe_v2: shipped remote code (register / repair)
+# bailing_moe_v2: shipped remote code (register / repair); gemma4_text: per-layer head widths, KV-shared layers,
+# a config check
 @pytest.mark.parametrize("model_type", ["mistral", "hy_v3", "falcon_h1", "qwen3_asr", "glm4v_moe", "minimax_m3_vl",
-                                        "bailing_moe_v2"])
+                                        "bailing_moe_v2", "gemma4_text"])
 def test_regenerating_a_table_gives_the_checked_in_file(megatron_cpu, model_type):
     from bridge_ext_testing.generate_tables import generate
 
@@ -456,7 +466,7 @@ def _gemma4_provider(config):
 
 
 def test_gemma4_text_head_dims_are_per_layer_in_transformers_so_megatron_bridge_reads_none():
-    """REFUSED's reason for Gemma4ForCausalLM: transformers 5.23 keeps global_head_dim only in
+    """PROVEN_SCOPE of gemma4_text (why the flag): transformers 5.23 keeps global_head_dim only in
     per_layer_config, and Megatron-Bridge's bridge reads config.head_dim (the published E2B / E4B: 256 / 512)."""
     from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
@@ -513,29 +523,24 @@ def test_gemma4_vision_language_provider_needs_the_flag_in_its_text_config(tmp_p
         "Gemma4DenseVLProvider", 256, 512)
 
 
-def test_gemma4_text_e2b_like_builds_on_cpu_and_bridge_ext_refuses_it(megatron_cpu, tmp_path):
-    """REFUSED's reason: with allow_global_per_layer_attribute_access passed to from_hf_pretrained,
-    Megatron-Bridge's dense provider builds an E2B-like tiny model on the CPU (head dims 16 / 512, KV
-    shared by the last two layers, double-wide MLP there, per-layer embeddings) and its export gives
-    back the files, its LoRA split raises on global layers; bridge_ext has no table for it and refuses
-    before the first tensor."""
+def test_gemma4_text_flag_passed_to_megatron_bridge_only_needs_it_in_the_config_bridge_ext_reads(megatron_cpu, tmp_path):
+    """With allow_global_per_layer_attribute_access passed to from_hf_pretrained (not in config.json),
+    Megatron-Bridge's dense provider builds the E2B-like tiny model (head dims 16 / 512, KV shared by
+    the last two layers) and its base export gives back the files; bridge_ext reads config.json, so it
+    refuses before the first tensor, naming the flag, and exports the files exactly once given a config
+    with it. Megatron-Bridge's LoRA split raises on global layers (tests/test_conformance_generated.py)."""
     import torch
     from megatron.bridge import AutoBridge
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from bridge_ext import export_hf_weights
-    from bridge_ext.errors import ExportError
+    from bridge_ext.errors import TableError
     from bridge_ext_testing.qwen35 import cpu_current_device
+    from bridge_ext_testing.tiny_generated import tiny_generated
 
-    config = _gemma4_text_config(flag=False, vocab_size=128, hidden_size=64, intermediate_size=96,
-                                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                 layer_types=GEMMA4_LAYERS, sliding_window=4, num_kv_shared_layers=2,
-                                 hidden_size_per_layer_input=8, vocab_size_per_layer_input=128,
-                                 use_double_wide_mlp=True, final_logit_softcapping=30.0)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).float().save_pretrained(tmp_path)
-    bridge = AutoBridge.from_hf_pretrained(str(tmp_path), allow_global_per_layer_attribute_access=True)
+    hf_dir = tiny_generated(tmp_path, "gemma4_text", overrides={"allow_global_per_layer_attribute_access": False})
+    bridge = AutoBridge.from_hf_pretrained(str(hf_dir), allow_global_per_layer_attribute_access=True)
     provider = bridge.to_megatron_provider(load_weights=False)
     assert (provider.kv_channels, provider.global_kv_channels) == (16, 512)
     provider.params_dtype, provider.bf16, provider.use_cpu_initialization = torch.float32, False, True
@@ -543,19 +548,58 @@ def test_gemma4_text_e2b_like_builds_on_cpu_and_bridge_ext_refuses_it(megatron_c
     with cpu_current_device():
         chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
     bridge.load_hf_weights(chunks)
-    original = load_file(str(tmp_path / "model.safetensors"))
+    original = load_file(str(hf_dir / "model.safetensors"))
     assert not any(".layers.3.self_attn.k_" in name for name in original)  # a KV-shared layer: no k_proj / k_norm
     theirs = dict(bridge.export_hf_weights(chunks, cpu=True, show_progress=False))
     assert sorted(theirs) == sorted(original)
     assert [name for name in original if not torch.equal(theirs[name], original[name])] == []
-    with pytest.raises(ExportError, match="no mapping table for model_type 'gemma4_text'"):
+    with pytest.raises(TableError, match="needs allow_global_per_layer_attribute_access=True"):
         next(iter(export_hf_weights(chunks, base_only=True)))
+    config = AutoConfig.from_pretrained(str(hf_dir), allow_global_per_layer_attribute_access=True)
+    ours = dict(export_hf_weights(chunks, base_only=True, hf_config=config))
+    assert sorted(ours) == sorted(original)
+    assert [name for name in original if not torch.equal(ours[name], original[name])] == []
     # its LoRA exports (adapters, merged) split a global layer's linear_qkv lora_B with the sliding
     # layout: the bridge's global branch asks for global_head_dim, which the dense provider names global_kv_channels
     assert not hasattr(chunks[0].config, "global_head_dim") and chunks[0].config.global_kv_channels == 512
     global_lora_b = torch.zeros((4 + 2 * 2) * 512, 4)
     with pytest.raises(RuntimeError, match="is invalid for input of size 16384"):
         bridge._model_bridge._split_qkv_linear_out_weight(chunks, global_lora_b)
+
+
+@pytest.mark.parametrize(("fields", "refused"), [
+    (dict(enable_moe_block=True), "enable_moe_block: Megatron-Bridge 0.6.2's MoE provider needs Transformer Engine"),
+    (dict(attention_k_eq_v=True, num_global_key_value_heads=1), "attention_k_eq_v"),
+    (dict(global_head_dim=1024), r"layer 1 \(full_attention\): head dim 1024 and 2 KV heads, where Megatron-Bridge "
+                                 r"0.6.2 builds 512 and 2"),
+    (dict(global_head_dim=16), r"layer 1 \(full_attention\): head dim 16 and 2 KV heads"),  # equal head dims
+    (dict(allow_global_per_layer_attribute_access=False), "needs allow_global_per_layer_attribute_access=True"),
+])
+def test_gemma4_text_table_refuses_configs_it_is_not_proven_for(fields, refused):
+    """The generated table's check (bridge_ext.tables.gemma4): only dense configs whose global layers
+    are Megatron-Bridge 0.6.2's defaults (512 wide, num_key_value_heads KV heads), with the flag."""
+    from bridge_ext.errors import TableError
+    from bridge_ext.tables import table_for
+    from bridge_ext_testing.tiny_generated import tiny_config
+
+    assert table_for(tiny_config("gemma4_text")).model_types == ("gemma4_text",)  # the proven tiny config
+    with pytest.raises(TableError, match=refused):
+        table_for(tiny_config("gemma4_text", fields))
+
+
+def test_gemma4_text_kv_shared_layers_drop_k_v_and_k_norm_from_the_config():
+    """num_kv_shared_layers decides, before export, which layers' linear_qkv give q_proj only and
+    whose k_layernorm becomes nothing; the other layers keep the table's own rules."""
+    from bridge_ext.tables import table_for
+    from bridge_ext_testing.tiny_generated import tiny_config
+
+    for shared in (0, 1, 3):
+        table = table_for(tiny_config("gemma4_text", {"num_kv_shared_layers": shared}))
+        qkv = {layer: table.match(f"decoder.layers.{layer}.self_attention.linear_qkv.weight").rule.hf for layer in range(4)}
+        k_norm = {layer: table.match(f"decoder.layers.{layer}.self_attention.k_layernorm.weight").rule.hf
+                  for layer in range(4)}
+        assert [layer for layer in range(4) if len(qkv[layer]) == 1] == list(range(4 - shared, 4))
+        assert [layer for layer in range(4) if not k_norm[layer]] == list(range(4 - shared, 4))
 
 
 #: Step-3.7's published config.json spelling (stepfun-ai's remote-code fields, which Megatron-Bridge's

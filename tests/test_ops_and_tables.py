@@ -15,8 +15,10 @@ from bridge_ext.ops import (
     AddOne,
     Concat,
     GroupRows,
+    KeepParts,
     SplitGroupedRows,
     SplitHeadGroups,
+    SplitQKVHeadDims,
     SplitRows,
     Transpose,
     TrimVocab,
@@ -66,6 +68,67 @@ def test_head_group_split_reads_each_layer_s_group_count_off_its_rows():
         assert torch.equal(split.reverse([q, k, v], dims)[0], tensor)
     with pytest.raises(ValueError, match="13 rows are not 4 query heads of 2"):
         split.forward([rows(13)], dims)
+
+
+def test_head_width_split_reads_each_layer_s_head_width_off_its_rows():
+    dims = ModelDims({"heads": 4, "groups": 2, "narrow": 2, "wide": 3})
+    split = SplitQKVHeadDims("heads", "groups", "narrow", "wide")
+    for width in (2, 3):  # per group [q (2 heads); k; v], each head `width` rows
+        tensor = rows(8 * width)
+        q, k, v = split.forward([tensor], dims)
+        group = 4 * width
+        assert torch.equal(q, torch.cat([tensor[g * group:g * group + 2 * width] for g in range(2)]))
+        assert torch.equal(k, torch.cat([tensor[g * group + 2 * width:g * group + 3 * width] for g in range(2)]))
+        assert torch.equal(v, torch.cat([tensor[g * group + 3 * width:(g + 1) * group] for g in range(2)]))
+        assert torch.equal(split.reverse([q, k, v], dims)[0], tensor)
+    with pytest.raises(ValueError, match=r"32 rows are not 4 query heads and 2 key and value heads of one of the "
+                                         r"widths \[2, 3\]"):
+        split.forward([rows(32)], dims)
+
+
+def test_keep_parts_drops_the_others_and_refuses_to_restore_them():
+    parts = [rows(1), rows(2), rows(3)]
+    assert KeepParts(0).forward(parts, DIMS) == [parts[0]]
+    assert KeepParts().forward(parts, DIMS) == []
+    with pytest.raises(ValueError, match="got 3 parts"):
+        KeepParts(3).forward(parts, DIMS)
+    with pytest.raises(ValueError, match="cannot be restored"):
+        KeepParts(0).reverse([parts[0]], DIMS)
+
+
+def test_layer_type_sizes_read_per_layer_config_and_refuse_disagreeing_layers():
+    from types import SimpleNamespace
+
+    from bridge_ext.errors import TableError
+    from bridge_ext.tables.sizes import LayerTypeSizes
+
+    def config(widths):
+        return SimpleNamespace(layer_types=["sliding_attention", "full_attention", "full_attention"],
+                               per_layer_config=[SimpleNamespace(head_dim=width) for width in widths])
+
+    sizes = LayerTypeSizes("full_attention", (("global_head_dim", "head_dim"),))
+    assert sizes.read(config([16, 512, 512])) == {"global_head_dim": 512}
+    assert LayerTypeSizes("other", (("x", "head_dim"),)).read(config([16, 512, 512])) == {}
+    with pytest.raises(TableError, match=r"the full_attention layers differ in head_dim \(\[256, 512\]\)"):
+        sizes.read(config([16, 512, 256]))
+
+
+def test_last_layers_rules_come_first_on_the_config_s_last_layers_only():
+    from types import SimpleNamespace
+
+    from bridge_ext.errors import TableError
+    from bridge_ext.tables.layer_rules import CheckedTable, LastLayersRules
+
+    base = MappingTable(model_types=("x",), rules=(rule("decoder.layers.{layer}.w", "model.layers.{layer}.w"),))
+    last = LastLayersRules("shared", (rule("decoder.layers.{layer}.w", [], KeepParts()),))
+    refused = []
+    build = CheckedTable(base, refused.append, last)
+    table = build(SimpleNamespace(num_hidden_layers=4, shared=1))
+    assert len(refused) == 1  # the check saw the config
+    assert [len(table.match(f"decoder.layers.{layer}.w").rule.hf) for layer in range(4)] == [1, 1, 1, 0]
+    assert build(SimpleNamespace(num_hidden_layers=4, shared=0)).rules == base.rules
+    with pytest.raises(TableError, match="shared=5 with 4 layers"):
+        build(SimpleNamespace(num_hidden_layers=4, shared=5))
 
 
 def test_group_rows_inverts_grouped_split():

@@ -160,12 +160,44 @@ FUSED_EXPERT_NAMES: dict[str, dict[str, str]] = {"minimax_m3_vl": {"w2": "down_p
 #: full ones): the generator writes them as ``SplitHeadGroups``.
 HEAD_GROUP_QKV_KINDS = frozenset({"megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge.MiMoV2FlashQKVMapping"})
 
+#: Bridge-private QKV mappings of models whose layers differ in head width, not in head counts (read
+#: in Megatron-Bridge's source): class -> the layer type whose layers are the wider ones. The generator
+#: writes ``SplitQKVHeadDims`` over ``head_dim`` and ``global_head_dim``, that layer type's width
+#: (``LayerTypeSizes``: transformers 5.15+ keeps it per layer). Gemma 4's dense mapping also tolerates
+#: the missing k_proj / v_proj of KV-shared layers (:data:`LAST_LAYERS_WITHOUT`).
+HEAD_WIDTH_QKV_KINDS = {"megatron.bridge.models.gemma.gemma4_bridge._Gemma4DenseQKVMapping": "full_attention"}
+
+#: model type -> (config field counting the last layers, name infixes transformers builds no tensor
+#: for there): Gemma 4's KV-shared layers read earlier layers' keys and values (Megatron-Bridge 0.6.2's
+#: ``_is_synthesized_kv_projection``: k_proj / v_proj; transformers 5.23's ``Gemma4TextAttention``
+#: builds no k_norm there either). The generated table drops those outputs on those layers
+#: (``LastLayersRules``, ``KeepParts``), decided from the config before export.
+LAST_LAYERS_WITHOUT = {"gemma4_text": ("num_kv_shared_layers",
+                                       (".self_attn.k_proj.", ".self_attn.v_proj.", ".self_attn.k_norm."))}
+
+#: model type -> the reviewed check (``module:function``) that refuses configs its generated table is
+#: not proven for (a ``CheckedTable``): Gemma 4's global layers as Megatron-Bridge 0.6.2 builds them.
+CONFIG_CHECKS = {"gemma4_text": "bridge_ext.tables.gemma4:check_text_config"}
+
 #: Generated tables with an entry in the generated-tables conformance module (its tiny configs
 #: live in the test-support package; a test keeps the two equal).
 PROVEN_GENERATED = frozenset({"bailing_moe_v2", "deepseek_v2", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone4", "exaone4_5", "exaone_moe",
-                              "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text", "glm4v_moe", "hy_v3",
+                              "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text", "gemma4_text", "glm4v_moe", "hy_v3",
                               "mimo_v2_flash", "minimax_m3_vl", "mistral", "mistral3", "nemotron", "olmoe",
                               "qwen2_5_omni", "qwen2_audio", "qwen3_asr", "qwen3_omni_moe"})
+
+#: What a generated+proven table is proven for, where that is narrower than every config of its
+#: model type (its table's config check refuses the rest): shown after the status.
+PROVEN_SCOPE = {
+    "gemma4_text": "dense E2B / E4B-shaped configs (global layers 512 wide with num_key_value_heads KV heads, "
+                   "Megatron-Bridge 0.6.2's defaults; KV-shared layers, double-wide MLP, per-layer embeddings) with "
+                   "allow_global_per_layer_attribute_access=True in the config bridge_ext reads (transformers 5.15+ "
+                   "keeps the head dims per layer; Megatron-Bridge needs the flag to read them). Refused up front: "
+                   "MoE (26B-A4B: its provider needs Transformer Engine), attention_k_eq_v (31B), any other global "
+                   "head dim or KV-head count. Megatron-Bridge's LoRA exports raise on its global layers (its split "
+                   "asks for global_head_dim, the dense provider has global_kv_channels): adapters are proven by "
+                   "PEFT's strict load and logits and vLLM 0.34's loader",
+}
 
 REMOTE = "remote-code model (transformers 5.23 has no such class): no key set to prove names against"
 
@@ -218,7 +250,10 @@ REMOTE_MODEL_TYPES = {"KimiK25ForConditionalGeneration": "kimi_k25"}
 #: Classes Megatron-Bridge registers that get no generated table: why.
 REFUSED: dict[str, str] = {
     # vision / audio models
-    "NemotronH_Nano_Omni_Reasoning_V3": REMOTE,
+    "NemotronH_Nano_Omni_Reasoning_V3": "remote-code class (the model type Megatron-Bridge 0.6.2 registers is the class "
+                                        "name): transformers 5.23 has no such class; its own port of the model is "
+                                        "another class and model type (NemotronH_Omni_Reasoning_V3, nemotron_h_omni), "
+                                        "for which Megatron-Bridge registers no bridge: no key set to prove names against",
     "NemotronH_Nano_VL_V2": REMOTE,
     # remote code
     "DeciLMForCausalLM": REMOTE,
@@ -226,29 +261,14 @@ REFUSED: dict[str, str] = {
     "SarvamMoEForCausalLM": REMOTE,
     "Step3p5ForCausalLM": REMOTE,
     # their bridges read in Megatron-Bridge 0.6.2's source, or tried on a tiny model
-    "Gemma4ForCausalLM": "transformers 5.15 and later (5.23 here) keep global_head_dim / num_global_key_value_heads "
-                         "only in per_layer_config; Megatron-Bridge 0.6.2 (which requires transformers <= 5.12.1, "
-                         "where they are fields) reads config.head_dim, per-layer wherever the head dims "
-                         "differ (AmbiguousGlobalPerLayerAttributeError; the published E2B / E4B / 31B: 256 / 512). "
-                         "With allow_global_per_layer_attribute_access=True passed to AutoBridge.from_hf_pretrained "
-                         "its provider takes its own defaults for the global layers (512 wide, num_key_value_heads "
-                         "KV heads): right for E2B / E4B, whose dense provider builds and loads on the CPU (a tiny "
-                         "model with head dims 16 / 512, KV sharing, double-wide MLP, per-layer embeddings: "
-                         "Megatron-Bridge's base export gives back its files, its LoRA exports raise on global layers: "
-                         "its split looks for global_head_dim, which the dense provider names global_kv_channels); wrong for any other global_head_dim, "
-                         "equal head dims included, and for 31B's K=V layers with 4 global KV heads of 16 (its load "
-                         "raises). The MoE provider (26B-A4B) needs Transformer Engine (TE attention, fused "
-                         "permutation): no CPU build. A table needs each layer's head dim and KV heads in the QKV "
-                         "split and to drop the k / v / k_norm outputs of KV-shared layers (v of K=V layers), which "
-                         "the rule vocabulary lacks: none generated, an export is refused (no mapping table)",
     # vision-language bridges tried on a tiny model (Megatron-Bridge 0.6.2, transformers 5.23)
-    "Gemma4ForConditionalGeneration": "as Gemma4ForCausalLM, whose table its language model would need: Megatron-Bridge "
-                                      "0.6.2 reads text_config.head_dim (per-layer in transformers 5.15+); "
-                                      "allow_global_per_layer_attribute_access passed to from_hf_pretrained reaches "
-                                      "only the outer config, set in config.json's text_config it gives a dense VL "
-                                      "provider (global layers as for Gemma4ForCausalLM). Its towers (vision_tower, "
-                                      "embed_vision, audio_tower, embed_audio: Hugging Face modules, prefix.**) wait "
-                                      "for that table. vLLM 0.34 has both classes",
+    "Gemma4ForConditionalGeneration": "its language model is gemma4_text's (generated+proven for E2B / E4B-shaped "
+                                      "dense configs); Megatron-Bridge 0.6.2 reads text_config.head_dim (per-layer "
+                                      "in transformers 5.15+): allow_global_per_layer_attribute_access passed to "
+                                      "from_hf_pretrained reaches only the outer config, set in config.json's "
+                                      "text_config it gives a dense VL provider. Its towers (vision_tower, "
+                                      "embed_vision, audio_tower, embed_audio: Hugging Face modules, prefix.**) are "
+                                      "neither generated nor proven. vLLM 0.34 has both classes",
     "Step3p7ForConditionalGeneration": "transformers 5.23 gates every attention output by a per-head g_proj, "
                                        "which the Megatron model of Megatron-Bridge 0.6.2's Step37Bridge cannot "
                                        "hold on megatron-core 0.19.2: the bridge sets head_wise_attn_gate (no "

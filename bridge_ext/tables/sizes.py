@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bridge_ext.dims import text_config, vision_config
+from bridge_ext.errors import TableError
 
 
 @dataclass(frozen=True)
@@ -80,3 +81,26 @@ class VisionSizes:
 # Where Qwen3-Next / Qwen3.5 configs keep the Gated DeltaNet sizes
 GATED_DELTANET_SIZES = GatedDeltaNetSizes(key_heads="linear_num_key_heads", value_heads="linear_num_value_heads",
                                           key_head_dim="linear_key_head_dim", value_head_dim="linear_value_head_dim")
+
+
+@dataclass(frozen=True)
+class LayerTypeSizes:
+    """Sizes of the layers of one ``layer_types`` kind where transformers keeps them per layer
+    (``per_layer_config``, transformers 5.15 and later: Gemma 4's global layers' head dim):
+    ``sizes`` pairs a size name with the per-layer field. Every layer of the kind must agree
+    (else refused); nothing where the config has no such layer."""
+
+    layer_type: str
+    sizes: tuple[tuple[str, str], ...]
+
+    def read(self, config) -> dict[str, int]:
+        text = text_config(config)
+        layers = getattr(text, "per_layer_config", None) or ()
+        chosen = [layer for layer, kind in zip(layers, getattr(text, "layer_types", None) or ()) if kind == self.layer_type]
+        found: dict[str, int] = {}
+        for name, field in self.sizes if chosen else ():
+            values = sorted({getattr(layer, field) for layer in chosen})
+            if len(values) != 1:
+                raise TableError(f"the {self.layer_type} layers differ in {field} ({values}): one {name} expected")
+            found[name] = values[0]
+        return found

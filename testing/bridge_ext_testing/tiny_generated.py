@@ -82,6 +82,15 @@ TINY: dict[str, dict] = {
                      vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=2, head_dim=16, image_size=16, patch_size=4),
                      image_token_index=122, tie_word_embeddings=False),
+    # Gemma 4 E2B / E4B-shaped: sliding layers of head dim 16 (window 4 < the 11 test tokens), global
+    # ones of 512 (Megatron-Bridge's default, E2B / E4B's), as many KV heads; the last two layers read
+    # the keys / values of earlier ones (no k_proj / v_proj / k_norm), double-wide MLP there,
+    # per-layer embeddings, logit softcapping; transformers 5.23 reads the head dims only with
+    # allow_global_per_layer_attribute_access (in config.json, where every reader finds it)
+    "gemma4_text": dict(num_hidden_layers=4, global_head_dim=512, layer_types=["sliding_attention", "full_attention"] * 2,
+                        sliding_window=4, num_kv_shared_layers=2, hidden_size_per_layer_input=8,
+                        vocab_size_per_layer_input=128, use_double_wide_mlp=True, final_logit_softcapping=30.0,
+                        tie_word_embeddings=True, allow_global_per_layer_attribute_access=True),
     # Falcon-H1: every layer parallel Mamba-2 + attention + MLP; mixer of 8 heads of 8 in 2 groups,
     # its gated norm on (after the gate, as the published configs and megatron-core have it); muP multipliers away from 1 (both sides apply them in the forward)
     "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,

@@ -217,7 +217,7 @@ GENERATED = {"mistral": GQA_TARGETS, "gemma": GQA_TARGETS, "gemma2": POST_NORM_T
              "ernie4_5_moe": GQA_TARGETS, "hy_v3": GQA_TARGETS, "qwen2_audio": GQA_TARGETS,
              "qwen3_omni_moe": LANGUAGE_MODEL_TARGETS, "qwen2_5_omni": GQA_TARGETS,
              "falcon_h1": (*GQA_TARGETS, "in_proj"), "qwen3_asr": GQA_TARGETS, "glm4v_moe": GQA_TARGETS,
-             "minimax_m3_vl": GQA_TARGETS, "bailing_moe_v2": GQA_TARGETS,
+             "gemma4_text": GQA_TARGETS, "minimax_m3_vl": GQA_TARGETS, "bailing_moe_v2": GQA_TARGETS,
              "ernie4_5_vl_moe": GQA_TARGETS,
              # its tower's linears too (none normalises its output)
              "exaone4_5": (*POST_NORM_TARGETS, "*vision_model*.linear_proj", "*vision_model*.linear_fc2")}
