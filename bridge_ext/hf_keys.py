@@ -111,7 +111,7 @@ def model_class_for(config):
 
 def build_meta_model(config, model_class=None):
     """Instantiate the model for ``config`` on the meta device (no weight memory)."""
-    register_transformers_configs()  # e.g. Kimi-K2's checkpoint conversion (fused experts in memory)
+    register_transformers_configs(config.model_type)  # e.g. Kimi-K2's checkpoint conversion (fused experts in memory)
     cls = model_class or model_class_for(config)
     config = copy.deepcopy(config)
     with torch.device("meta"):

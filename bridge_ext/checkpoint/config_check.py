@@ -62,7 +62,6 @@ def load_hf_config(folder_or_file: Path):
     """``(config, folder)`` for a config.json or its folder, its sizes checked before transformers sees it."""
     from transformers import CONFIG_MAPPING, AutoConfig
 
-    register_transformers_configs()
     path = folder_or_file.parent if folder_or_file.name == "config.json" else folder_or_file
     file = path / "config.json"
     if not file.exists():
@@ -72,6 +71,7 @@ def load_hf_config(folder_or_file: Path):
         raise ConfigFieldError(f"{file}: expected a JSON object, found {type(settings).__name__}")
     check_config_fields(settings, file)
     model_type = settings.get("model_type")
+    register_transformers_configs(model_type if isinstance(model_type, str) else "")
     if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
         raise ConvertError(f"{file}: unknown architecture: transformers has no model type {_shown(model_type)}")
     try:

@@ -78,13 +78,14 @@ def register_table(table: Table, *, overwrite: bool = False) -> None:
         _REGISTERED[model_type] = table
 
 
-def register_transformers_configs() -> None:
+def register_transformers_configs(model_type: str | None = None) -> None:
     """Configs of model types transformers does not know but whose checkpoints the tables read
     (MiMo's ``mimo``, Kimi-K2's ``kimi_k2``): registered for ``AutoConfig`` before a config is
     loaded, not at import (importing bridge_ext does not import transformers). Each table
-    declares its own (``register_hf_config``), registered tables included."""
+    declares its own (``register_hf_config``), registered tables included. ``model_type``: only
+    the tables of that model type (a conversion: some registrations import Megatron-Bridge)."""
     for table in (*built_in_tables(), *GENERATED, *_REGISTERED.values()):
-        if table.register_hf_config is not None:
+        if table.register_hf_config is not None and (model_type is None or model_type in table.model_types):
             table.register_hf_config()
 
 
