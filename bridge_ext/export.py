@@ -386,7 +386,7 @@ def quantization_config(model_or_config, quantize: str = "fp8", *, hf_config=Non
     if not isinstance(model_or_config, PretrainedConfig):
         source, plan = prepare(model_or_config, hf_config, expert_layout)
         return fp8_plan(source, plan, Mode.BASE, quantize, engine_tp_size).config()
-    register_transformers_configs()
+    register_transformers_configs(model_or_config.model_type)
     table = table_for(model_or_config)
     extra = table.extra_weights
     if extra is not None and extra.count(model_or_config) > 0:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bridge_ext.checkpoint.control_files import SMALL_JSON_LIMIT, read_json_file
 from bridge_ext.errors import SafetensorsFolderError, VerificationError
 from bridge_ext.hf_files import SINGLE_FILE, list_safetensors
 from bridge_ext.peft_keys import PEFT_PREFIX
@@ -57,11 +58,20 @@ def _table_or_none(config):
     return table_for(config) if config.model_type in known_model_types() else None
 
 
+def _register_config_of(model_dir: str | Path) -> None:
+    """Register the transformers config of the folder's model type only (one table's registration
+    imports Megatron-Bridge); a folder without a readable config.json is left to transformers' error."""
+    file = Path(model_dir) / "config.json"
+    settings = read_json_file(file, SMALL_JSON_LIMIT) if file.is_file() else None
+    model_type = settings.get("model_type") if isinstance(settings, dict) else None
+    register_transformers_configs(model_type if isinstance(model_type, str) else "")
+
+
 def check_model_folder(model_dir: str | Path, report: Report, *, expert_layout: str | None = None) -> dict[str, tuple[int, ...]]:
     """Every name and shape in ``model_dir`` equals the architecture's checkpoint key set."""
     from transformers import AutoConfig
 
-    register_transformers_configs()
+    _register_config_of(model_dir)
     from bridge_ext.hf_keys import hf_checkpoint_keys
 
     config = AutoConfig.from_pretrained(str(model_dir))
@@ -106,7 +116,7 @@ def load_hf_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """The folder loaded with transformers' Auto class for its architecture (:func:`auto_model_class`)."""
     from transformers import AutoConfig
 
-    register_transformers_configs()
+    _register_config_of(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
     model = auto_model_class(config).from_pretrained(str(model_dir), dtype=dtype).eval()
     table = _table_or_none(config)
